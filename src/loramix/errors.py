@@ -1,0 +1,28 @@
+"""Exception types. Every error loramix raises on bad input is one of these, and its message says what was
+wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class LoramixError(Exception):
+    """Base class for every error loramix raises on purpose."""
+
+
+class ConfigError(LoramixError, ValueError):
+    """A configuration field is missing, unknown or has a value outside what is allowed."""
+
+
+class InjectionError(LoramixError, ValueError):
+    """A target matched nothing, matched a module kind loramix cannot wrap, or the model is in the wrong state."""
+
+
+class RoutingError(LoramixError, ValueError):
+    """A side input a router needs (task ids, a gate) is missing or malformed."""
+
+
+class DataError(LoramixError, ValueError):
+    """A data file or task specification is malformed; the message names the file and line."""
+
+
+class CheckpointError(LoramixError, ValueError):
+    """An adapter file or checkpoint is missing, corrupted, truncated or does not fit the model."""
