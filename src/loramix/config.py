@@ -37,8 +37,12 @@ class AdapterConfig(BaseModel):
         "all-linear",
         description="Module names to adapt: an exact name or a dotted suffix; 'all-linear' for every Linear/Conv1D.",
     )
-    target_regex: str | None = Field(None, description="A regex that module names must fully match (instead of targets).")
-    exclude: list[str] = Field(default_factory=list, description="Names or suffixes never adapted (e.g. heads).")
+    target_regex: str | None = Field(
+        None, description="A regex that module names must fully match (instead of targets)."
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Names or suffixes never adapted (e.g. heads)."
+    )
     router: RouterKind = Field(
         "none",
         description="'none': one expert, gate of ones (plain LoRA); 'task': hard routing by task id (MoLA-Grad); "
@@ -47,14 +51,19 @@ class AdapterConfig(BaseModel):
     )
     num_tasks: int | None = Field(None, ge=1, description="Number of task ids (needed by 'task' and 'poly').")
     task_to_expert: list[int] | None = Field(None, description="Expert index of each task (router 'task').")
-    top_k: int | None = Field(None, ge=1, description="Keep the k largest gates and renormalise (token, sample).")
+    top_k: int | None = Field(
+        None, ge=1, description="Keep the k largest gates and renormalise (token, sample)."
+    )
     noisy: bool = Field(False, description="Add Gaussian noise to router logits in training (noisy top-k).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of learned routers.")
     router_hidden: int = Field(64, ge=1, description="Hidden width of the sample router's MLP.")
     router_input: str | None = Field(
-        None, description="Module whose output the sample router pools; default: the model's input embeddings."
+        None,
+        description="Module whose output the sample router pools; default: the model's input embeddings.",
     )
-    train_backbone: bool = Field(False, description="Train the base weights jointly (MoLA does); else frozen.")
+    train_backbone: bool = Field(
+        False, description="Train the base weights jointly (MoLA does); else frozen."
+    )
     modules_to_save: list[str] = Field(
         default_factory=list, description="Extra modules (heads) trained in full and saved with the adapters."
     )
@@ -95,7 +104,9 @@ class AdapterConfig(BaseModel):
             if self.top_k > self.num_experts:
                 raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.targets != "all-linear" and not self.targets and self.target_regex is None:
-            raise ValueError("targets is empty: name at least one module, use 'all-linear', or set target_regex")
+            raise ValueError(
+                "targets is empty: name at least one module, use 'all-linear', or set target_regex"
+            )
         return self
 
     @property

@@ -1,0 +1,75 @@
+"""Experts on `nn.Linear` and Hugging Face `Conv1D` (GPT-2 style, weight stored as `(in, out)`).
+
+Legend: n samples, t tokens, e experts, r rank, i / o in / out features.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from loramix.config import AdapterConfig
+from loramix.experts import ops
+from loramix.experts.layer import AdaptedLayer
+from loramix.routers import Gate
+
+
+class LinearExperts(AdaptedLayer):
+    """Experts around a linear map whose input is `(n, ..., i)`."""
+
+    def __init__(self, base_layer: nn.Module, *, config: AdapterConfig, name: str) -> None:
+        in_features, out_features = self.features_of(base_layer)
+        super().__init__(
+            base_layer, config=config, name=name, in_features=in_features, out_features=out_features
+        )
+
+    @staticmethod
+    def features_of(layer: nn.Module) -> tuple[int, int]:
+        return layer.in_features, layer.out_features
+
+    def delta(self, x: Tensor, gate: Gate | None) -> Tensor:
+        A, B = self.experts.weights()
+        A, B = A.to(x.dtype), B.to(x.dtype)
+        if gate is None:
+            return ops.single(x, A, B, self.scaling, self.adapter_dropout)
+        batch = x.shape[0]
+        self._check_batch(gate, batch)
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
+        if gate.hard:
+            out = ops.hard(x3, A, B, gate.indices, self.scaling, self.adapter_dropout)  # type: ignore[arg-type]
+        else:
+            weights = gate.weights
+            if weights.dim() > 2:
+                weights = weights.reshape(batch, -1, weights.shape[-1])  # (n, t, e)
+            out = ops.dense(x3, A, B, weights, self.scaling, self.adapter_dropout)
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)
+
+    def _add_to_base_weight(self, delta: Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.add_(delta.to(weight.dtype))
+
+
+class Conv1DExperts(LinearExperts):
+    """Hugging Face `Conv1D`: a linear map with its weight stored transposed, `(in, out)`."""
+
+    @staticmethod
+    def features_of(layer: nn.Module) -> tuple[int, int]:
+        in_features, out_features = layer.weight.shape
+        return in_features, out_features
+
+    def _add_to_base_weight(self, delta: Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.add_(delta.t().to(weight.dtype))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and not isinstance(
+        module, nn.modules.linear.NonDynamicallyQuantizableLinear
+    )

@@ -1,0 +1,306 @@
+"""Injection: find target modules in any `nn.Module`, wrap them with experts, freeze what should be frozen, undo.
+
+A short list of builders decides how a module is wrapped; the first that accepts it wins. Injection reports what
+it matched, never edits the caller's config, and a target that matches nothing is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loramix.config import AdapterConfig
+from loramix.errors import InjectionError
+from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts, LinearExperts
+from loramix.experts.conv import is_conv2d
+from loramix.experts.linear import is_conv1d, is_linear
+from loramix.routers import build_model_router
+
+Builder = tuple[str, Callable[[nn.Module], bool], Callable[..., AdaptedLayer]]
+
+# (kind, accepts, build): the first that accepts a module wraps it.
+BUILDERS: list[Builder] = [
+    ("Linear", is_linear, LinearExperts),
+    ("Conv1D", is_conv1d, Conv1DExperts),
+    ("Conv2d", is_conv2d, Conv2dExperts),
+]
+
+INFO_ATTR = "_loramix_info"
+
+
+@dataclass
+class InjectionInfo:
+    """What loramix keeps on an injected model (a plain attribute, not a module: it holds no parameters)."""
+
+    config: AdapterConfig
+    layers: list[AdaptedLayer]
+    names: list[str]
+    original_requires_grad: dict[str, bool]
+    router_input: str | None = None  # module whose output the sample router pools; "" means the model's input
+
+    @property
+    def model_router(self) -> nn.Module | None:
+        """The one router that runs per forward, kept as a submodule of the first adapted layer so that it moves,
+        trains and saves with the model without adding a child to the user's model (an `nn.Sequential` would
+        call it)."""
+        return getattr(self.layers[0], "model_router", None)
+
+    def router_source(self, model: nn.Module) -> nn.Module | None:
+        if not self.router_input:
+            return None
+        return model.get_submodule(self.router_input)
+
+
+@dataclass
+class InjectionReport:
+    """What `inject` did: the adapted modules, and the parameter counts."""
+
+    matched: list[tuple[str, str, int, int]] = field(default_factory=list)  # (name, kind, in, out)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+    adapter_parameters: int = 0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"loramix adapted {len(self.matched)} modules:"]
+        lines += [f"  {name:<50} {kind:<7} {i:>6} -> {o:<6}" for name, kind, i, o in self.matched]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
+        pct = 100 * self.trainable_parameters / max(self.total_parameters, 1)
+        lines.append(
+            f"adapter parameters: {self.adapter_parameters:,}; trainable: {self.trainable_parameters:,} of "
+            f"{self.total_parameters:,} ({pct:.2f}%)"
+        )
+        return "\n".join(lines)
+
+
+def get_info(model: nn.Module) -> InjectionInfo:
+    info = getattr(model, INFO_ATTR, None)
+    if info is None:
+        raise InjectionError("this model has no loramix adapters: call loramix.inject(model, config) first")
+    return info
+
+
+def is_injected(model: nn.Module) -> bool:
+    return getattr(model, INFO_ATTR, None) is not None
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """The modules the config asks for, checked against the builders and the excludes."""
+    candidates = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, AdaptedLayer)]
+    excluded = set(config.exclude) | set(config.modules_to_save)
+
+    def is_excluded(name: str) -> bool:
+        return any(_matches(name, e) or name.startswith(e + ".") for e in excluded)
+
+    if config.target_regex is not None:
+        regex = re.compile(config.target_regex)
+        chosen = [(n, m) for n, m in candidates if regex.fullmatch(n) and not is_excluded(n)]
+        if not chosen:
+            raise InjectionError(f"target_regex {config.target_regex!r} matched no module of the model")
+    elif config.targets == "all-linear":
+        head = _output_head_name(model)
+        chosen = [
+            (n, m)
+            for n, m in candidates
+            if (is_linear(m) or is_conv1d(m)) and n != head and not is_excluded(n)
+        ]
+        if not chosen:
+            raise InjectionError("targets 'all-linear' found no nn.Linear or Conv1D module in the model")
+    else:
+        chosen = []
+        for target in config.targets:
+            hits = [(n, m) for n, m in candidates if _matches(n, target) and not is_excluded(n)]
+            if not hits:
+                close = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in candidates if any(b[1](m) for b in BUILDERS)}
+                )
+                raise InjectionError(
+                    f"target {target!r} matched no module; adaptable module names end in: {', '.join(close[:20])}"
+                )
+            chosen += [hit for hit in hits if hit not in chosen]
+    for name, module in chosen:
+        if not any(accepts(module) for _, accepts, _ in BUILDERS):
+            kinds = ", ".join(kind for kind, _, _ in BUILDERS)
+            raise InjectionError(
+                f"module '{name}' ({type(module).__name__}) matched a target but loramix can only adapt: {kinds}"
+            )
+    return chosen
+
+
+def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str | None, int | None]:
+    """Where the sample router looks, and its width."""
+    if config.router != "sample":
+        return None, None
+    if config.router_input is not None:
+        try:
+            module = model.get_submodule(config.router_input)
+        except AttributeError:
+            raise InjectionError(
+                f"router_input {config.router_input!r} is not a module of the model"
+            ) from None
+        name = config.router_input
+    else:
+        get_in = getattr(model, "get_input_embeddings", None)
+        module = get_in() if callable(get_in) else None
+        if module is None:
+            first = next((m for m in model.modules() if is_linear(m) or isinstance(m, nn.Conv2d)), None)
+            if first is None:
+                raise InjectionError("cannot tell the sample router's input width; set router_input")
+            width = first.in_features if is_linear(first) else first.in_channels
+            return "", width
+        name = next(n for n, m in model.named_modules() if m is module)
+    if isinstance(module, nn.Embedding):
+        return name, module.embedding_dim
+    width = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None)
+    if width is None:
+        config_obj = getattr(model, "config", None)
+        width = getattr(config_obj, "hidden_size", None)
+    if width is None:
+        raise InjectionError(f"cannot tell the output width of router_input {name!r}")
+    return name, int(width)
+
+
+def inject(
+    model: nn.Module, config: AdapterConfig | dict[str, Any], *, router_network: nn.Module | None = None
+) -> InjectionReport:
+    """Wrap the target modules of `model` with experts, in place, and return a report of what was done.
+
+    The base is frozen unless `config.train_backbone`; `modules_to_save` (e.g. heads) stay trainable.
+
+    Example:
+        >>> report = loramix.inject(model, {"num_experts": 4, "rank": 8, "router": "task", "num_tasks": 4})
+        >>> print(report)
+    """
+    if isinstance(config, dict):
+        config = AdapterConfig.from_dict(config)
+    if is_injected(model):
+        raise InjectionError("this model already has loramix adapters; call loramix.remove(model) first")
+    targets = _select_targets(model, config)
+    router_input, router_width = _resolve_router_input(model, config)
+    original = {n: p.requires_grad for n, p in model.named_parameters()}
+    report = InjectionReport()
+    layers, names = [], []
+    for name, module in targets:
+        kind, build = next((kind, build) for kind, accepts, build in BUILDERS if accepts(module))
+        wrapped = build(module, config=config, name=name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+        layers.append(wrapped)
+        names.append(name)
+        report.matched.append((name, kind, wrapped.in_features, wrapped.out_features))
+    router = build_model_router(config, router_width, router_network)
+    if router is not None:
+        layers[0].model_router = router.to(layers[0].experts.A.device)
+    if not config.train_backbone:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for layer in layers:
+        for sub_name, p in layer.named_parameters():
+            if not sub_name.startswith("base_layer."):
+                p.requires_grad_(True)
+    if router is not None:
+        router.requires_grad_(True)
+    for target in config.modules_to_save:
+        hits = [m for n, m in model.named_modules() if _matches(n, target)]
+        if not hits:
+            raise InjectionError(f"modules_to_save entry {target!r} matched no module")
+        for module in hits:
+            module.requires_grad_(True)
+    setattr(model, INFO_ATTR, InjectionInfo(config, layers, names, original, router_input))
+    report.adapter_parameters = sum(p.numel() for n, p in adapter_state(model).items())
+    report.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.total_parameters = sum(p.numel() for p in model.parameters())
+    return report
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters loramix owns (experts, routers), by their stable names in `model.state_dict()`."""
+    info = get_info(model)
+    return {
+        f"{name}.{sub}": p
+        for name, layer in zip(info.names, info.layers)
+        for sub, p in layer.named_parameters()
+        if not sub.startswith("base_layer.")
+    }
+
+
+def _unwrap(model: nn.Module) -> None:
+    info = get_info(model)
+    for name, layer in zip(info.names, info.layers):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    if info.model_router is not None:
+        del info.layers[0].model_router
+    delattr(model, INFO_ATTR)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Put the original modules back (unmerging any merged layer) and restore each parameter's requires_grad."""
+    info = get_info(model)
+    for layer in info.layers:
+        layer.unmerge()
+    _unwrap(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(info.original_requires_grad.get(n, p.requires_grad))
+    return model
+
+
+def fixed_gate(
+    model: nn.Module, layer: AdaptedLayer, *, task: int | None, gate: torch.Tensor | None
+) -> torch.Tensor:
+    """The `(e,)` gate a layer uses for one task (or the given fixed mixture), for merging and export."""
+    info = get_info(model)
+    config = info.config
+    if gate is not None:
+        gate = torch.as_tensor(gate, dtype=torch.float32).flatten()
+        if gate.numel() != config.num_experts:
+            raise InjectionError(
+                f"gate has {gate.numel()} entries but the model has {config.num_experts} experts"
+            )
+        return gate
+    if config.router == "none":
+        return torch.ones(1)
+    if config.router not in ("task", "poly"):
+        raise InjectionError(
+            f"router '{config.router}' decides per input: pass gate=[...] (one weight per expert) to fix a mixture"
+        )
+    assert config.num_tasks is not None
+    if task is None or not 0 <= task < config.num_tasks:
+        raise InjectionError(f"task must be an integer in 0..{config.num_tasks - 1}, got {task!r}")
+    if config.router == "poly":
+        return layer.router.weights_for_task(task).detach()  # type: ignore[union-attr,operator]
+    expert = int(info.model_router.task_to_expert[task])  # type: ignore[union-attr,index]
+    return torch.nn.functional.one_hot(torch.tensor(expert), config.num_experts).float()
+
+
+def merge_and_unload(
+    model: nn.Module, *, task: int | None = None, gate: torch.Tensor | None = None
+) -> nn.Module:
+    """Bake one task's expert (or a fixed mixture) into plain layers and drop everything loramix added.
+
+    Example:
+        >>> plain = loramix.merge_and_unload(model, task=2)  # the model now runs task 2 with no routing
+    """
+    info = get_info(model)
+    for layer in info.layers:
+        layer.unmerge()
+        layer.merge(fixed_gate(model, layer, task=task, gate=gate))
+    _unwrap(model)
+    return model
