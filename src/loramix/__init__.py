@@ -11,6 +11,8 @@ from loramix.errors import (
     RoutingError,
 )
 from loramix.inject import InjectionReport, adapter_state, get_info, inject, merge_and_unload, remove
+from loramix.io import export_peft, import_peft, load, save
+from loramix.wrapper import LoramixModel
 
 __version__ = "0.1.0"
 
@@ -22,12 +24,17 @@ __all__ = [
     "InjectionError",
     "InjectionReport",
     "LoramixError",
+    "LoramixModel",
     "RoutingError",
     "RoutingState",
     "adapter_state",
+    "export_peft",
     "get_info",
+    "import_peft",
+    "load",
     "inject",
     "merge_and_unload",
     "remove",
     "routing",
+    "save",
 ]

@@ -30,6 +30,7 @@ class RoutingState:
     attention_mask: Tensor | None = None
     model_gate: Gate | None = None
     record: bool = True
+    keep_model_gate: bool = False  # generation: the sample router decides on the prompt, later steps reuse it
     records: list[tuple[str, Gate]] = field(default_factory=list)
 
     def add(self, name: str, gate: Gate) -> None:
@@ -58,6 +59,8 @@ def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
 def _run_sample_router(
     state: RoutingState, router: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: Any
 ) -> None:
+    if state.keep_model_gate and state.model_gate is not None:
+        return
     hidden = output[0] if isinstance(output, tuple) else output
     state.model_gate = router(hidden=masked_mean(hidden, state.attention_mask))
     state.add("model", state.model_gate)

@@ -1,0 +1,154 @@
+"""Save and load adapters: `loramix_config.json` + `adapters.safetensors`.
+
+Only what loramix adds (experts, routers), the modules named in `modules_to_save`, and, when the backbone is
+trained, the backbone's trainable weights are written, under their names in `model.state_dict()`. The weights are
+written first and the JSON last, with the weights' sha256 inside it, so a crash between the two leaves a pair
+that refuses to load instead of a silent mix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loramix.config import AdapterConfig
+from loramix.errors import CheckpointError, ConfigError
+from loramix.inject import adapter_state, get_info, inject
+from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "loramix_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a save holds: loramix's parameters plus whatever else is trainable (heads, backbone)."""
+    info = get_info(model)
+    for layer in info.layers:
+        layer.experts.sync_frozen_into_parameters()
+    state = dict(adapter_state(model))
+    for name, param in model.named_parameters():
+        if param.requires_grad and name not in state:
+            state[name] = param
+    return state
+
+
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the model's adapters to `directory` (created if needed); returns the directory.
+
+    `metadata` (JSON-able) and `extra_tensors` (e.g. task heads kept outside the model) travel with the adapters.
+
+    Example:
+        >>> loramix.save(model, "runs/mola")
+    """
+    directory = Path(directory)
+    info = get_info(model)
+    tensors = saved_state(model)
+    for key, value in (extra_tensors or {}).items():
+        tensors[f"extra.{key}"] = value
+    for layer in info.layers:  # merged layers would save a shifted base weight
+        if layer.merged_gate is not None:
+            raise CheckpointError(f"layer '{layer.layer_name}' is merged; unmerge before saving")
+    digest = atomic_save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "loramix"})
+    atomic_write_json(
+        directory / CONFIG_FILE,
+        {
+            "library": "loramix",
+            "format_version": FORMAT_VERSION,
+            "config": info.config.to_dict(),
+            "layers": info.names,
+            "frozen_experts": {
+                name: layer.experts.frozen_experts
+                for name, layer in zip(info.names, info.layers)
+                if layer.experts.frozen_experts
+            },
+            "weights_sha256": digest,
+            "tensors": sorted(tensors),
+            "metadata": metadata or {},
+        },
+    )
+    return directory
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The verified JSON record and tensors of a save, without touching any model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such adapter directory")
+    record = read_json(directory / CONFIG_FILE)
+    version = record.get("format_version")
+    if record.get("library") != "loramix" or not isinstance(version, int):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: not a loramix adapter config")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: format version {version} is newer than this loramix reads "
+            f"({FORMAT_VERSION}); upgrade loramix"
+        )
+    tensors = read_tensors(directory / WEIGHTS_FILE, record.get("weights_sha256"))
+    listed = set(record.get("tensors", tensors))
+    if listed != set(tensors):
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: holds other tensors than {CONFIG_FILE} lists")
+    return record, tensors
+
+
+def config_of(record: dict[str, Any], where: Path) -> AdapterConfig:
+    try:
+        return AdapterConfig.from_dict(record.get("config", {}))
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def load(model: nn.Module, directory: str | Path, *, router_network: nn.Module | None = None) -> nn.Module:
+    """Inject the saved adapters into an untouched `model` and load their weights; returns the model.
+
+    Example:
+        >>> model = loramix.load(AutoModel.from_pretrained(name), "runs/mola")
+    """
+    directory = Path(directory)
+    record, tensors = read_checkpoint(directory)
+    config = config_of(record, directory / CONFIG_FILE)
+    inject(model, config, router_network=router_network)
+    info = get_info(model)
+    if record.get("layers") != info.names:
+        missing = sorted(set(record.get("layers", [])) - set(info.names))
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: the adapters were saved for other layers than this model has"
+            + (f" (not found here: {', '.join(missing[:5])})" if missing else "")
+        )
+    load_tensors(
+        model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, directory / WEIGHTS_FILE
+    )
+    for name, experts in record.get("frozen_experts", {}).items():
+        info.layers[info.names.index(name)].experts.freeze_experts(experts)
+    return model
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy tensors into the model's parameters by name, checking names and shapes first."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{where}: tensors that this model has no parameter for: {', '.join(unknown[:5])}"
+        )
+    missing = sorted(set(adapter_state(model)) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: adapter tensors missing from the file: {', '.join(missing[:5])}")
+    for name, value in tensors.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(params[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))

@@ -1,0 +1,172 @@
+"""Exchange with PEFT: export one task's expert (or a fixed mixture) as a standard PEFT LoRA directory, and
+import PEFT LoRA directories as experts.
+
+A fixed mixture `s * sum_e g_e B_e A_e` is written as one LoRA of rank up to E*r (the experts' A rows stacked,
+their gated and scaled B columns stacked). Every layer is padded to the same rank with zero rows and the scale is
+folded into B, so the PEFT config needs no per-module patterns: `r = lora_alpha`, scaling 1.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from loramix.errors import CheckpointError, InjectionError
+from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
+from loramix.inject import InjectionReport, fixed_gate, get_info, inject
+from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _low_rank_factors(layer: AdaptedLayer, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """`(A, B)` with `B @ A == s * sum_e g_e B_e A_e`, keeping only experts with a non-zero gate."""
+    A, B = (w.detach().float() for w in layer.experts.weights())
+    gate = gate.to(A.device)
+    s = layer.scaling
+    if A.shape[0] == 1 and B.shape[0] == 1:  # one expert
+        return A[0], s * gate.sum() * B[0]
+    if A.shape[0] == 1:  # shared A: sum the B's
+        return A[0], s * torch.einsum("e,eor->or", gate, B)
+    if B.shape[0] == 1:  # shared B: sum the A's
+        return torch.einsum("e,eri->ri", gate, A), s * B[0]
+    used = [e for e in range(gate.numel()) if float(gate[e]) != 0.0]
+    A_stack = torch.cat([A[e] for e in used], dim=0)  # (k*r, i)
+    B_stack = torch.cat([s * float(gate[e]) * B[e] for e in used], dim=1)  # (o, k*r)
+    return A_stack, B_stack
+
+
+def export_peft(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    task: int | None = None,
+    gate: Tensor | list[float] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write one task's expert (or the fixed mixture `gate`) as a PEFT LoRA adapter directory.
+
+    Example:
+        >>> loramix.export_peft(model, "exported/task2", task=2)
+        >>> peft_model = PeftModel.from_pretrained(base_model, "exported/task2")
+    """
+    from peft import LoraConfig
+
+    info = get_info(model)
+    factors = {}
+    for name, layer in zip(info.names, info.layers):
+        g = fixed_gate(model, layer, task=task, gate=None if gate is None else torch.as_tensor(gate))
+        factors[name] = _low_rank_factors(layer, g)
+    rank = max(A.shape[0] for A, _ in factors.values())
+    tensors = {}
+    for name, (A, B) in factors.items():
+        layer = info.layers[info.names.index(name)]
+        pad = rank - A.shape[0]
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+        if isinstance(layer, Conv2dExperts):
+            conv = layer.base_layer
+            A = A.reshape(rank, conv.in_channels, *conv.kernel_size)
+            B = B[..., None, None]
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules="^(?:" + "|".join(re.escape(n) for n in info.names) + ")$",
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=any(isinstance(layer, Conv1DExperts) for layer in info.layers),
+        base_model_name_or_path=base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None),
+        inference_mode=True,
+    )
+    directory = Path(directory)
+    atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(directory / "adapter_config.json", config.to_dict())
+    return directory
+
+
+def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor]]]:
+    """A PEFT LoRA directory as its config and `{module name: (A, B * scaling)}`."""
+    config = read_json(directory / "adapter_config.json")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{directory / 'adapter_config.json'}: peft_type is {config.get('peft_type')!r}, not 'LORA'"
+        )
+    weights_path = directory / "adapter_model.safetensors"
+    if not weights_path.is_file() and (directory / "adapter_model.bin").is_file():
+        raise CheckpointError(
+            f"{directory}: only adapter_model.bin is there; loramix reads safetensors only (a .bin file is a "
+            "pickle that could run code). Convert it with PEFT's save_pretrained(safe_serialization=True)"
+        )
+    tensors = read_tensors(weights_path)
+    alpha = float(config.get("lora_alpha", 8))
+    rslora = bool(config.get("use_rslora", False))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    layers = {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
+        B = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if B is None:
+            raise CheckpointError(f"{weights_path}: {key} has no matching lora_B weight")
+        r = A.shape[0]
+        a = next((float(v) for k, v in alpha_pattern.items() if re.fullmatch(rf"(.*\.)?{k}", name)), alpha)
+        scale = a / (r**0.5 if rslora else r)
+        layers[name] = (A.float(), B.float() * scale)
+    if not layers:
+        raise CheckpointError(f"{weights_path}: no lora_A / lora_B weights found")
+    return config, layers
+
+
+def import_peft(model: nn.Module, directories: list[str | Path], **config: Any) -> InjectionReport:
+    """Inject experts into `model`, one per PEFT LoRA directory, routed by task id (expert d for task d).
+
+    `config` overrides adapter settings (e.g. `router="sample"`); rank and scale are taken from the adapters.
+
+    Example:
+        >>> loramix.import_peft(model, ["adapters/sst2", "adapters/trec"])
+    """
+    if not directories:
+        raise InjectionError("import_peft needs at least one PEFT adapter directory")
+    read = [(Path(d), *_read_peft(Path(d))) for d in directories]
+    names = sorted(read[0][2])
+    for path, _, layers in read[1:]:
+        if sorted(layers) != names:
+            raise CheckpointError(
+                f"{path}: adapts other modules than {read[0][0]}; experts must share their layers"
+            )
+    rank = max(A.shape[0] for _, _, layers in read for A, _ in layers.values())
+    settings = {
+        "num_experts": len(read),
+        "rank": rank,
+        "alpha": float(rank),
+        "router": "task",
+        "num_tasks": len(read),
+        "target_regex": "^(?:" + "|".join(re.escape(n) for n in names) + ")$",
+    }
+    settings.update(config)
+    if settings.get("share", "none") != "none":
+        raise InjectionError("import_peft builds independent experts; share must be 'none'")
+    if settings["router"] == "none" and len(read) == 1:
+        settings.pop("num_tasks")
+    report = inject(model, settings)
+    info = get_info(model)
+    with torch.no_grad():
+        for name, layer in zip(info.names, info.layers):
+            s = layer.scaling
+            for expert, (_, _, layers) in enumerate(read):
+                A, B = layers[name]
+                r = A.shape[0]
+                bank = layer.experts
+                bank.A[expert].zero_()
+                bank.B[expert].zero_()
+                bank.A[expert, :r] = A.reshape(r, -1).to(bank.A.dtype)
+                bank.B[expert, :, :r] = (B.reshape(B.shape[0], r) / s).to(bank.B.dtype)
+    return report

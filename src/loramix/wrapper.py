@@ -1,0 +1,47 @@
+"""A thin wrapper that takes the routing side inputs as forward keyword arguments, so that code which only
+calls `model(**batch)`, such as Hugging Face `Trainer` and `generate()`, routes correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from loramix.context import routing
+from loramix.inject import get_info
+
+
+class LoramixModel(nn.Module):
+    """`LoramixModel(model)(input_ids=..., task_ids=...)` runs `model` inside `loramix.routing`.
+
+    Attributes the wrapper lacks (`config`, `device`, ...) are looked up on the wrapped model.
+
+    Example:
+        >>> wrapped = loramix.LoramixModel(model)
+        >>> out = wrapped(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 2]))
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        get_info(model)  # fail early on a model without adapters
+        self.model = model
+
+    def forward(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
+        with routing(self.model, task_ids=task_ids, attention_mask=kwargs.get("attention_mask")):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
+        """Generate with each sequence routed by its task; the sample router decides once, on the prompt."""
+        num_return = max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
+        if task_ids is not None and num_return > 1:
+            task_ids = task_ids.repeat_interleave(num_return)
+        with routing(self.model, task_ids=task_ids, attention_mask=kwargs.get("attention_mask")) as state:
+            state.keep_model_gate = True
+            return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
