@@ -9,6 +9,7 @@ from loramix.errors import (
     InjectionError,
     LoramixError,
     RoutingError,
+    TrainingError,
 )
 from loramix.inject import InjectionReport, adapter_state, get_info, inject, merge_and_unload, remove
 from loramix.io import export_peft, import_peft, load, save
@@ -27,6 +28,7 @@ __all__ = [
     "LoramixModel",
     "RoutingError",
     "RoutingState",
+    "TrainingError",
     "adapter_state",
     "export_peft",
     "get_info",

@@ -47,9 +47,14 @@ def _pass_state(state: RoutingState, module: nn.Module, args: tuple, kwargs: dic
 
 
 def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over tokens `(n, t, d) -> (n, d)`, counting only positions where `mask` is non-zero."""
+    """Mean over tokens `(n, t, d) -> (n, d)`, counting only positions where `mask` is non-zero.
+
+    An image batch `(n, c, h, w)` (a CNN's input or a conv layer's output) is channels-first: mean over space.
+    """
     if hidden.dim() == 2:
         return hidden
+    if hidden.dim() > 3:
+        return hidden.flatten(2).mean(-1)  # (n, c)
     if mask is None or mask.shape != hidden.shape[:2]:
         return hidden.mean(1)
     weights = mask.to(hidden.dtype)[..., None]  # (n, t, 1)

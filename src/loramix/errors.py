@@ -26,3 +26,7 @@ class DataError(LoramixError, ValueError):
 
 class CheckpointError(LoramixError, ValueError):
     """An adapter file or checkpoint is missing, corrupted, truncated or does not fit the model."""
+
+
+class TrainingError(LoramixError, RuntimeError):
+    """Training cannot go on (a NaN or infinite loss); the message names the step and the last good checkpoint."""

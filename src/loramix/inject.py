@@ -197,9 +197,12 @@ def inject(
     original = {n: p.requires_grad for n, p in model.named_parameters()}
     report = InjectionReport()
     layers, names = [], []
+    built = []  # build every wrapper before installing any, so a builder that refuses leaves the model untouched
     for name, module in targets:
         kind, build = next((kind, build) for kind, accepts, build in BUILDERS if accepts(module))
         wrapped = build(module, config=config, name=name)
+        built.append((name, kind, wrapped.train(module.training)))  # new submodules follow the model's mode
+    for name, kind, wrapped in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
         layers.append(wrapped)
@@ -207,7 +210,7 @@ def inject(
         report.matched.append((name, kind, wrapped.in_features, wrapped.out_features))
     router = build_model_router(config, router_width, router_network)
     if router is not None:
-        layers[0].model_router = router.to(layers[0].experts.A.device)
+        layers[0].model_router = router.to(layers[0].experts.A.device).train(layers[0].training)
     if not config.train_backbone:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -56,6 +56,8 @@ class AdaptedLayer(nn.Module):
         weight = getattr(base_layer, "weight", None)
         if isinstance(weight, Tensor):
             self.experts.to(device=weight.device)
+            if self.router is not None:
+                self.router.to(device=weight.device)
 
     # ---- routing -------------------------------------------------------------------------------------------
     def gate(self, x: Tensor, routing: RoutingState | None) -> Gate | None:

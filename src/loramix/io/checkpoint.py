@@ -16,7 +16,7 @@ from torch import nn
 
 from loramix.config import AdapterConfig
 from loramix.errors import CheckpointError, ConfigError
-from loramix.inject import adapter_state, get_info, inject
+from loramix.inject import adapter_state, get_info, inject, remove
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 
 FORMAT_VERSION = 1
@@ -117,18 +117,22 @@ def load(model: nn.Module, directory: str | Path, *, router_network: nn.Module |
     record, tensors = read_checkpoint(directory)
     config = config_of(record, directory / CONFIG_FILE)
     inject(model, config, router_network=router_network)
-    info = get_info(model)
-    if record.get("layers") != info.names:
-        missing = sorted(set(record.get("layers", [])) - set(info.names))
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE}: the adapters were saved for other layers than this model has"
-            + (f" (not found here: {', '.join(missing[:5])})" if missing else "")
+    try:
+        info = get_info(model)
+        if record.get("layers") != info.names:
+            missing = sorted(set(record.get("layers", [])) - set(info.names))
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE}: the adapters were saved for other layers than this model has"
+                + (f" (not found here: {', '.join(missing[:5])})" if missing else "")
+            )
+        load_tensors(
+            model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, directory / WEIGHTS_FILE
         )
-    load_tensors(
-        model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, directory / WEIGHTS_FILE
-    )
-    for name, experts in record.get("frozen_experts", {}).items():
-        info.layers[info.names.index(name)].experts.freeze_experts(experts)
+        for name, experts in record.get("frozen_experts", {}).items():
+            info.layers[info.names.index(name)].experts.freeze_experts(experts)
+    except BaseException:
+        remove(model)  # a load that fails leaves the model as it was, so the caller can retry or fall back
+        raise
     return model
 
 

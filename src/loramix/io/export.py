@@ -34,7 +34,7 @@ def _low_rank_factors(layer: AdaptedLayer, gate: Tensor) -> tuple[Tensor, Tensor
         return A[0], s * torch.einsum("e,eor->or", gate, B)
     if B.shape[0] == 1:  # shared B: sum the A's
         return torch.einsum("e,eri->ri", gate, A), s * B[0]
-    used = [e for e in range(gate.numel()) if float(gate[e]) != 0.0]
+    used = [e for e in range(gate.numel()) if float(gate[e]) != 0.0] or [0]  # all-zero gate: one zero LoRA
     A_stack = torch.cat([A[e] for e in used], dim=0)  # (k*r, i)
     B_stack = torch.cat([s * float(gate[e]) * B[e] for e in used], dim=1)  # (o, k*r)
     return A_stack, B_stack

@@ -1,0 +1,167 @@
+"""The run configuration: what `loramix train` reads from YAML. Flat, typed, validated before any work.
+
+Every field is documented once, here; a wrong key or value names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from loramix.config import format_validation_error
+from loramix.errors import ConfigError
+
+Method = Literal["lora", "lora-wide", "per-task-lora", "mola-grad", "mola-router", "token-router", "elrea"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+
+class RunConfig(BaseModel):
+    """One training run: model, data, method and optimisation.
+
+    Example:
+        >>> run = RunConfig(method="mola-grad", model="minilm", tasks_dir="data", tasks=["sst2", "trec"])
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train
+    method: Method = Field("mola-grad", description="The method; see the README's table of methods.")
+    model: str = Field(
+        "minilm", description="'minilm' (offline all-MiniLM-L6-v2), a local path or a hub name."
+    )
+    tasks_dir: str | None = Field(
+        None, description="A directory laid out like shared/data (one folder per task)."
+    )
+    tasks: list[str] | list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Task names in tasks_dir, or full task specs (name, train, test, ...).",
+    )
+    max_train_examples: int | None = Field(
+        None, ge=1, description="Subsample each task's train split to this."
+    )
+    max_eval_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many per task.")
+    # adapters
+    rank: int = Field(8, ge=1, description="Rank r of every expert (lora-wide uses E*r).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale alpha/r (alpha*E for lora-wide).")
+    num_experts: int | None = Field(None, ge=1, description="E; default: one per task (elrea: the clusters).")
+    task_to_expert: list[int] | None = Field(None, description="mola-grad: the expert of each task.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Adapter dropout (on the r-dimensional hidden).")
+    targets: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
+    share: Literal["none", "A", "B"] = Field(
+        "none", description="Share A or B across experts (MoSLD, HydraLoRA)."
+    )
+    shared_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the shared matrix.")
+    top_k: int | None = Field(None, ge=1, description="Top-k routing (token-router default 2).")
+    train_backbone: bool = Field(False, description="Train the base model jointly (MoLA does).")
+    pooling: Literal["mean", "cls"] = Field("mean", description="How heads read the encoder output.")
+    # auxiliary losses (weighted in train/step.py only)
+    twd_weight: float = Field(0.1, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
+    twd_projection: bool = Field(
+        True, description="TwD: project router logits with a trainable Linear(E, 32)."
+    )
+    balance_weight: float | None = Field(
+        None, ge=0, description="Load balance weight (token-router default 0.01)."
+    )
+    z_loss_weight: float = Field(0.0, ge=0, description="Router z-loss weight.")
+    # ELREA
+    elrea_base_fraction: float = Field(
+        0.5, gt=0, lt=1, description="elrea: share of steps for the base adapter."
+    )
+    elrea_clusters: int | None = Field(
+        None, ge=2, description="elrea: clusters; default: chosen by silhouette."
+    )
+    elrea_feature_dim: int = Field(2048, ge=16, description="elrea: random projection dimension.")
+    elrea_feature_examples: int = Field(
+        2000, ge=10, description="elrea: train examples featurised for clustering."
+    )
+    elrea_temperature: float = Field(
+        1.0, gt=0, description="elrea: softmax temperature of the ensemble weights."
+    )
+    elrea_mode: Literal["ensemble", "top1"] = Field("ensemble", description="elrea inference mode.")
+    # optimisation
+    steps: int = Field(500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Samples per step (before accumulation).")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
+    max_length: int = Field(128, ge=8, description="Tokens per input (pairs together).")
+    lr: float = Field(5e-4, gt=0, description="Learning rate of the adapters.")
+    router_lr: float = Field(1e-3, gt=0, description="Learning rate of routers (and the TwD projection).")
+    head_lr: float = Field(2e-3, gt=0, description="Learning rate of the task heads.")
+    backbone_lr: float = Field(2e-5, gt=0, description="Learning rate of the backbone when trained.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="Linear warm-up share of steps, then cosine decay."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null turns it off.")
+    sampling: Literal["proportional", "uniform", "temperature"] = Field(
+        "temperature", description="Task mixing."
+    )
+    sampling_temperature: float = Field(2.0, gt=0, description="T of temperature sampling (p ~ n^(1/T)).")
+    single_task_batches: bool = Field(False, description="One task per batch instead of mixed batches.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
+    seed: int = Field(0, ge=0, description="Seed for data order, initialisation and dropout.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    # bookkeeping
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines.")
+    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if not self.tasks:
+            raise ValueError("tasks is empty: list task names (with tasks_dir) or task specs")
+        names_only = all(isinstance(t, str) for t in self.tasks)
+        if names_only and self.tasks_dir is None:
+            raise ValueError("tasks lists names but tasks_dir is not set")
+        if not names_only and not all(isinstance(t, dict) for t in self.tasks):
+            raise ValueError("tasks must be all names or all specs, not a mix")
+        if self.method == "per-task-lora" and self.train_backbone:
+            raise ValueError("per-task-lora shares nothing but the frozen base: train_backbone must be false")
+        if self.task_to_expert is not None and self.method != "mola-grad":
+            raise ValueError("task_to_expert is only used by method mola-grad")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "run config") -> RunConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, where)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        """Read a YAML file and apply `key=value` overrides (values parsed as YAML)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        data = apply_overrides(data, overrides or [])
+        if isinstance(data.get("tasks_dir"), str) and not Path(data["tasks_dir"]).is_absolute():
+            data["tasks_dir"] = str((path.parent / data["tasks_dir"]).resolve())
+        return cls.from_dict(data, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            data[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({exc})") from None
+    return data

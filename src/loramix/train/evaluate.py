@@ -1,0 +1,85 @@
+"""Evaluation: per-task accuracy and macro-F1, and what the routers did on the evaluated inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+
+from loramix.data import MultiTaskData
+from loramix.train.heads import MultiTaskModel
+from loramix.train.routing_stats import per_layer_summary, routing_summary
+from loramix.train.step import forward_routed
+
+
+def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A per-token gate `(n, t, e)` averaged over real tokens -> `(n, e)`."""
+    if mask is None or mask.shape != weights.shape[:2]:
+        return weights.mean(1)
+    m = mask.to(weights.dtype)[..., None]
+    return (weights * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiTaskModel,
+    data: MultiTaskData,
+    collator: Any,
+    *,
+    split: str = "test",
+    batch_size: int = 64,
+    max_examples: int | None = None,
+) -> dict[str, Any]:
+    """`{"tasks": {name: {"accuracy", "macro_f1", "n"}}, "mean_accuracy", "routing"}` on `split`."""
+    model.eval()
+    device = next(model.parameters()).device
+    tasks: dict[str, Any] = {}
+    model_gates, layer_gates, gate_tasks = [], {}, []
+    for task in data.tasks:
+        examples = data.examples(split, task.task_id)[:max_examples]
+        preds, labels = [], []
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
+            logits, state = forward_routed(model, batch)
+            preds.append(model.heads.predict(logits, batch["task_ids"]).cpu())
+            labels.append(batch["labels"].cpu())
+            learned = [(name, g) for name, g in state.records if not g.hard]
+            if learned:
+                gate_tasks.append(batch["task_ids"].cpu())
+            for name, gate in learned:
+                weights = (
+                    _token_mean(gate.weights, batch.get("attention_mask")) if gate.per_token else gate.weights
+                )
+                if name == "model":
+                    model_gates.append(weights.float().cpu())
+                else:
+                    layer_gates.setdefault(name, []).append(weights.float().cpu())
+        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+        if task.task_type == "regression":
+            tasks[task.name] = {"mse": float(np.mean((y_pred - y_true) ** 2)), "n": len(y_true)}
+        else:
+            tasks[task.name] = {
+                "accuracy": float(np.mean(y_pred == y_true)),
+                "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+                "n": len(y_true),
+            }
+    accuracies = [m["accuracy"] for m in tasks.values() if "accuracy" in m]
+    routing: dict[str, Any] = {}
+    if gate_tasks:
+        task_ids = torch.cat(gate_tasks).numpy()
+        if model_gates:
+            routing["model"] = routing_summary(torch.cat(model_gates).numpy(), task_ids, data.task_names)
+        if layer_gates:
+            routing.update(
+                per_layer_summary(
+                    {k: torch.cat(v).numpy() for k, v in layer_gates.items()}, task_ids, data.task_names
+                )
+            )
+    model.train()
+    return {
+        "tasks": tasks,
+        "mean_accuracy": float(np.mean(accuracies)) if accuracies else None,
+        "routing": routing,
+    }

@@ -1,0 +1,188 @@
+"""The training loop: short enough to read top to bottom and copy. Logging, progress and checkpoints are callbacks.
+
+`accelerate` sits underneath, so `accelerate launch` or `torchrun` run it on several GPUs or processes unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from loramix.data import MultiTaskData, TaskBalancedSampler
+from loramix.errors import TrainingError
+from loramix.inject import get_info
+from loramix.losses import TwDProjection
+from loramix.methods.mola import loss_weights
+from loramix.train.callbacks import Callback
+from loramix.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from loramix.train.config import RunConfig
+from loramix.train.heads import MultiTaskModel
+from loramix.train.step import compute_loss
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def parameter_groups(
+    run: RunConfig, model: MultiTaskModel, extra: torch.nn.Module | None
+) -> list[dict[str, Any]]:
+    """AdamW groups: adapters, routers (with the TwD projection), heads and, when trained, the backbone."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "router": [], "head": [], "backbone": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("heads."):
+            groups["head"].append(param)
+        elif "router." in name:
+            groups["router"].append(param)
+        elif ".experts." in name:
+            groups["adapter"].append(param)
+        else:
+            groups["backbone"].append(param)
+    if extra is not None:
+        groups["router"] += list(extra.parameters())
+    lrs = {"adapter": run.lr, "router": run.router_lr, "head": run.head_lr, "backbone": run.backbone_lr}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+class Trainer:
+    """Trains a :class:`MultiTaskModel` on :class:`MultiTaskData` as `run` says."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        model: MultiTaskModel,
+        data: MultiTaskData,
+        collator: Any,
+        *,
+        output_dir: Path,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.run, self.data, self.output_dir = run, data, Path(output_dir)
+        self.callbacks = list(callbacks)
+        self.accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
+        self.weights = loss_weights(run)
+        num_experts = get_info(model.backbone).config.num_experts
+        self.twd_projection = (
+            TwDProjection(num_experts)
+            if self.weights["twd"] > 0 and run.twd_projection and num_experts
+            else None
+        )
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(run, model, self.twd_projection), weight_decay=run.weight_decay
+        )
+        warmup = max(1, int(run.warmup_ratio * run.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, run.steps, warmup)
+        )
+        self.sampler = TaskBalancedSampler(
+            data.task_ids("train"),
+            batch_size=run.batch_size,
+            mode=run.sampling,
+            temperature=run.sampling_temperature,
+            single_task_batches=run.single_task_batches,
+            seed=run.seed,
+            num_tasks=data.num_tasks,
+        )
+        loader = DataLoader(data.split("train"), batch_sampler=self.sampler, collate_fn=collator)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
+        if self.twd_projection is not None:
+            self.twd_projection.to(self.accelerator.device)
+        self.step, self.history, self.last_checkpoint = 0, [], None
+
+    @property
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"model": self.accelerator.unwrap_model(self.model)}
+        if self.twd_projection is not None:
+            modules["twd"] = self.twd_projection
+        return modules
+
+    def save_checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            self.last_checkpoint = save_training_checkpoint(
+                self.output_dir / "checkpoints",
+                self.step,
+                self.checkpoint_modules,
+                self.optimizer,
+                {"history": self.history},
+            )
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in the output directory; False when there is none."""
+        path = latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            return False
+        state = load_training_checkpoint(path, self.checkpoint_modules, self.optimizer)
+        self.step, self.history, self.last_checkpoint = int(state["step"]), state.get("history", []), path
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()
+        consumed = self.step * self.run.grad_accum
+        self.sampler.load_state_dict(
+            {
+                "seed": self.run.seed,
+                "epoch": consumed // len(self.sampler),
+                "batches_consumed": consumed % len(self.sampler),
+            }
+        )
+        return True
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # the sampler moves to its next epoch by itself
+            yield from self.loader
+
+    def train(self) -> list[dict[str, Any]]:
+        run, model = self.run, self.model
+        model.train()
+        batches = self.batches()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        started, seen = time.perf_counter(), 0
+        while self.step < run.steps:
+            sums: dict[str, float] = {}
+            for micro in range(run.grad_accum):
+                batch = next(batches)
+                result = compute_loss(model, batch, self.weights, twd_projection=self.twd_projection)
+                if micro < run.grad_accum - 1:
+                    with self.accelerator.no_sync(model):
+                        self.accelerator.backward(result.loss / run.grad_accum)
+                else:
+                    self.accelerator.backward(result.loss / run.grad_accum)
+                for key, value in {"loss": result.loss, **result.parts}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / run.grad_accum
+                seen += batch["task_ids"].shape[0]
+            if not math.isfinite(sums["loss"]):
+                last = self.last_checkpoint or "none written yet"
+                raise TrainingError(
+                    f"loss is {sums['loss']} at step {self.step + 1}; last good checkpoint: {last}"
+                )
+            if run.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            logs: dict[str, Any] = {"step": self.step}
+            if self.step % run.log_every == 0 or self.step == run.steps:
+                elapsed = time.perf_counter() - started
+                logs.update(
+                    loss=sums["loss"], lr=self.scheduler.get_last_lr()[0], samples_per_s=seen / elapsed
+                )
+                logs.update({f"{k}_loss": v for k, v in sums.items() if k != "loss"})
+                self.history.append(logs)
+            for cb in self.callbacks:
+                cb.on_step_end(self, logs)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.history

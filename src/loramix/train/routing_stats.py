@@ -1,0 +1,280 @@
+"""What did the router learn? Summaries of recorded gates against the task each sample came from.
+
+Every function here is pure numpy / scikit-learn and returns plain JSON-able Python (lists, floats, None), so the
+result can go straight into `metrics.json` and `loramix.report.write_report`.
+
+Legend: n samples, e experts, t tasks, l layers.
+
+Thresholds behind the warnings (module constants, so a test or a caller can read them):
+
+- `COLLAPSE_SHARE = 0.8`: with more than one expert, one expert is the argmax of more than 80 % of samples.
+  A balanced router over e experts gives each about 1/e, so 80 % means the others are nearly idle.
+- `UNUSED_GATE_FRACTION = 0.1`: an expert is "never used" when it is the argmax of no sample *and* its mean gate
+  is below 0.1 / e, a tenth of its uniform share (a soft router may still mix in an expert that never wins).
+- `UNIFORM_ENTROPY = 0.98`: with more than one expert, a normalised gate entropy above 0.98 means the gates are
+  close to uniform: the router mixes every expert equally and has not specialised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from loramix.errors import RoutingError
+
+COLLAPSE_SHARE = 0.8
+UNUSED_GATE_FRACTION = 0.1
+UNIFORM_ENTROPY = 0.98
+PROBE_FOLDS = 5
+_TIE_ATOL = 1e-6
+
+
+def _check_inputs(gates: Any, task_ids: Any, task_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    gates = np.asarray(gates, dtype=np.float64)
+    task_ids = np.asarray(task_ids)
+    if gates.ndim != 2 or gates.shape[0] == 0 or gates.shape[1] == 0:
+        raise RoutingError(
+            f"gates must have shape (n, e) with n >= 1 samples and e >= 1 experts, got {gates.shape}; "
+            "average per-token gates over tokens first (or use per_layer_summary for several layers)"
+        )
+    if not np.all(np.isfinite(gates)):
+        raise RoutingError(
+            "gates contain NaN or infinite values; check the router outputs before summarising"
+        )
+    if task_ids.shape != (gates.shape[0],):
+        raise RoutingError(
+            f"task_ids must have shape (n,) = ({gates.shape[0]},) to match gates {gates.shape}, "
+            f"got {task_ids.shape}"
+        )
+    if not np.issubdtype(task_ids.dtype, np.integer):
+        if not (np.issubdtype(task_ids.dtype, np.number) and np.all(task_ids == np.round(task_ids))):
+            raise RoutingError(f"task_ids must be integer task indices, got dtype {task_ids.dtype}")
+        task_ids = task_ids.astype(np.int64)
+    if len(task_names) == 0:
+        raise RoutingError("task_names is empty; pass one name per task index")
+    if task_ids.min() < 0 or task_ids.max() >= len(task_names):
+        raise RoutingError(
+            f"task_ids must lie in [0, {len(task_names)}) to index task_names {list(task_names)}, "
+            f"got values from {task_ids.min()} to {task_ids.max()}"
+        )
+    return gates, task_ids.astype(np.int64)
+
+
+def _argmax_share(gates: np.ndarray) -> np.ndarray:
+    """Fraction of samples whose argmax is each expert, `(e,)`; a tie splits the sample among the tied experts.
+
+    Splitting ties keeps a constant (for example uniform) gate from looking like a collapse onto expert 0.
+    """
+    is_top = np.isclose(gates, gates.max(axis=1, keepdims=True), rtol=0.0, atol=_TIE_ATOL)  # (n, e)
+    return (is_top / is_top.sum(axis=1, keepdims=True)).mean(axis=0)  # (e,)
+
+
+def _purity(argmax: np.ndarray, task_ids: np.ndarray, num_experts: int) -> tuple[float, list[int | None]]:
+    """Accuracy of the best many-to-one map expert -> task, and that map (None for an expert nobody picks)."""
+    num_tasks = int(task_ids.max()) + 1
+    counts = np.zeros((num_experts, num_tasks), dtype=np.int64)  # (e, t)
+    np.add.at(counts, (argmax, task_ids), 1)
+    expert_task = [int(row.argmax()) if row.sum() > 0 else None for row in counts]
+    return float(counts.max(axis=1).sum() / len(task_ids)), expert_task
+
+
+def _normalised_entropy(gates: np.ndarray) -> float | None:
+    """Mean over samples of the gate entropy divided by log e (1 = uniform, 0 = one-hot); None when e == 1.
+
+    Rows are renormalised to sum to one first, so sigmoid or top-k gates are measured as distributions too.
+    """
+    num_experts = gates.shape[1]
+    if num_experts == 1:
+        return None
+    totals = gates.sum(axis=1, keepdims=True)  # (n, 1)
+    probs = np.divide(gates, totals, out=np.zeros_like(gates), where=totals > 0)  # (n, e)
+    logs = np.log(probs, out=np.zeros_like(probs), where=probs > 0)
+    return float((-(probs * logs).sum(axis=1)).mean() / math.log(num_experts))
+
+
+def _probe(features: np.ndarray, task_ids: np.ndarray, seed: int) -> tuple[float | None, int]:
+    """Stratified k-fold accuracy of a logistic-regression probe features -> task, and the number of folds.
+
+    Tasks with a single sample cannot be both trained on and tested, so they are left out; the number of folds
+    drops to the smallest remaining task count (at most PROBE_FOLDS). With fewer than two tasks of two or more
+    samples there is nothing to probe and the accuracy is None (folds 0).
+    """
+    labels, counts = np.unique(task_ids, return_counts=True)
+    keep_labels = labels[counts >= 2]
+    if len(keep_labels) < 2:
+        return None, 0
+    keep = np.isin(task_ids, keep_labels)
+    folds = int(min(PROBE_FOLDS, counts[counts >= 2].min()))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_score(probe, features[keep], task_ids[keep], cv=splitter, scoring="accuracy")
+    return float(scores.mean()), folds
+
+
+def _warnings(argmax_share: np.ndarray, load: np.ndarray, entropy: float | None) -> list[str]:
+    num_experts = len(load)
+    found = []
+    if num_experts > 1:
+        top = int(argmax_share.argmax())
+        if argmax_share[top] > COLLAPSE_SHARE:
+            found.append(f"collapse: expert {top} takes {100 * argmax_share[top]:.1f}% of samples")
+        for expert in range(num_experts):
+            if argmax_share[expert] == 0 and load[expert] < UNUSED_GATE_FRACTION / num_experts:
+                found.append(f"expert {expert} is never used (mean gate {load[expert]:.4f})")
+        if entropy is not None and entropy > UNIFORM_ENTROPY:
+            found.append(
+                f"near-uniform gates: normalised entropy {entropy:.3f}, the router has not specialised"
+            )
+    return found
+
+
+def routing_summary(
+    gates: np.ndarray,
+    task_ids: np.ndarray,
+    task_names: Sequence[str],
+    *,
+    seed: int = 0,
+    probe: bool = True,
+    probe_features: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Summarise how a router's gates relate to the task of each sample.
+
+    Args:
+        gates: `(n, e)` gate per sample and expert (per-token routers: average over tokens first).
+        task_ids: `(n,)` integer task index per sample, indexing `task_names`.
+        task_names: one name per task index.
+        seed: shuffles the probe's folds.
+        probe: fit the linear probe; False skips it (`probe_accuracy` is None) for speed.
+        probe_features: `(n, f)` features for the probe instead of `gates` (per_layer_summary passes every
+            layer's gates side by side).
+
+    Returns:
+        A JSON-able dict:
+        `task_names`, `num_experts`, `num_samples`, `task_counts` (t,);
+        `gate_mean` (t x e): mean gate per task and expert, a row of None for a task without samples;
+        `load` (e,): mean gate per expert over all samples;
+        `argmax_share` (e,): fraction of samples whose largest gate is each expert (ties split evenly);
+        `purity`: accuracy of the best many-to-one map expert -> task (each expert predicts the majority task
+        of the samples whose argmax it is); 1.0 when every expert serves one task. Compare with
+        `majority_share`, the share of the largest task, which any routing reaches;
+        `expert_task` (e,): that map, the task name per expert or None for an expert that is never the argmax;
+        `nmi`: normalised mutual information between argmax expert and task (sklearn);
+        `probe_accuracy`, `probe_folds`: stratified-k-fold accuracy of a logistic-regression probe gates -> task
+        (None / 0 when skipped or when fewer than two tasks have two samples);
+        `entropy`: mean gate entropy / log e (None for a single expert);
+        `warnings`: list of strings, see the module docstring for the thresholds.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> task_ids = rng.integers(0, 2, size=200)
+        >>> gates = np.eye(4)[task_ids] * 0.9 + 0.025
+        >>> routing_summary(gates, task_ids, ["sst2", "rte"])["purity"]
+        1.0
+    """
+    gates, task_ids = _check_inputs(gates, task_ids, task_names)
+    num_samples, num_experts = gates.shape
+    num_tasks = len(task_names)
+    task_counts = np.bincount(task_ids, minlength=num_tasks)  # (t,)
+    gate_mean: list[list[float] | list[None]] = []
+    for task in range(num_tasks):
+        rows = gates[task_ids == task]  # (n_task, e)
+        gate_mean.append(rows.mean(axis=0).tolist() if len(rows) else [None] * num_experts)
+
+    load = gates.mean(axis=0)  # (e,)
+    argmax_share = _argmax_share(gates)  # (e,)
+    argmax = gates.argmax(axis=1)  # (n,)
+    purity, expert_task = _purity(argmax, task_ids, num_experts)
+    entropy = _normalised_entropy(gates)
+    if probe:
+        features = gates if probe_features is None else np.asarray(probe_features, dtype=np.float64)
+        probe_accuracy, probe_folds = _probe(features, task_ids, seed)
+    else:
+        probe_accuracy, probe_folds = None, 0
+
+    return {
+        "task_names": list(task_names),
+        "num_experts": int(num_experts),
+        "num_samples": int(num_samples),
+        "task_counts": task_counts.tolist(),
+        "gate_mean": gate_mean,
+        "load": load.tolist(),
+        "argmax_share": argmax_share.tolist(),
+        "purity": purity,
+        "majority_share": float(task_counts.max() / num_samples),
+        "expert_task": [None if task is None else task_names[task] for task in expert_task],
+        "nmi": float(normalized_mutual_info_score(task_ids, argmax)),
+        "probe_accuracy": probe_accuracy,
+        "probe_folds": probe_folds,
+        "entropy": entropy,
+        "warnings": _warnings(argmax_share, load, entropy),
+    }
+
+
+def per_layer_summary(
+    gates_by_layer: Mapping[str, np.ndarray],
+    task_ids: np.ndarray,
+    task_names: Sequence[str],
+    *,
+    probe: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`routing_summary` for every layer of a per-layer (or per-token) router, plus one aggregate summary.
+
+    The aggregate summarises the layer-mean gate `(n, e)` when every layer has the same number of experts, or
+    else every layer's gates side by side divided by the number of layers `(n, sum e)` (still a distribution).
+    Its probe always runs, on all layers' gates side by side: can the task be read from the routing anywhere?
+    Its extra keys `num_layers`, `mean_layer_purity`, `mean_layer_nmi`, `mean_layer_entropy` average the layers,
+    and its `warnings` end with every layer's warnings prefixed by the layer name.
+
+    Args:
+        gates_by_layer: layer name -> `(n, e)` gates per sample (per-token gates averaged over tokens).
+        task_ids: `(n,)` integer task index per sample.
+        task_names: one name per task index.
+        probe: also fit a probe per layer (slower); the aggregate probe runs regardless.
+        seed: shuffles the probes' folds.
+
+    Returns:
+        `{"layers": {layer: routing_summary}, "aggregate": routing_summary + extra keys}`.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> task_ids = rng.integers(0, 2, size=100)
+        >>> layers = {f"layer{i}": rng.dirichlet(np.ones(4), size=100) for i in range(3)}
+        >>> sorted(per_layer_summary(layers, task_ids, ["sst2", "rte"]))
+        ['aggregate', 'layers']
+    """
+    if len(gates_by_layer) == 0:
+        raise RoutingError("gates_by_layer is empty; pass at least one layer name -> (n, e) gates")
+    layers = {name: _check_inputs(gates, task_ids, task_names)[0] for name, gates in gates_by_layer.items()}
+    summaries = {
+        name: routing_summary(gates, task_ids, task_names, seed=seed, probe=probe)
+        for name, gates in layers.items()
+    }
+    stacked = list(layers.values())
+    side_by_side = np.concatenate(stacked, axis=1)  # (n, sum e)
+    if len({gates.shape[1] for gates in stacked}) == 1:
+        combined = np.mean(stacked, axis=0)  # (n, e)
+    else:
+        combined = side_by_side / len(stacked)  # (n, sum e)
+    aggregate = routing_summary(combined, task_ids, task_names, seed=seed, probe_features=side_by_side)
+
+    def mean_of(key: str) -> float | None:
+        values = [summary[key] for summary in summaries.values() if summary[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    aggregate["num_layers"] = len(summaries)
+    aggregate["mean_layer_purity"] = mean_of("purity")
+    aggregate["mean_layer_nmi"] = mean_of("nmi")
+    aggregate["mean_layer_entropy"] = mean_of("entropy")
+    aggregate["warnings"] += [
+        f"{name}: {warning}" for name, summary in summaries.items() for warning in summary["warnings"]
+    ]
+    return {"layers": summaries, "aggregate": aggregate}

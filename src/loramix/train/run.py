@@ -1,0 +1,113 @@
+"""A whole run, as `loramix train` does it: data, model, training, evaluation, saved adapters, metrics, report."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
+from loramix.data.spec import TaskSpec
+from loramix.inject import inject
+from loramix.io import save
+from loramix.io.files import atomic_write_bytes, atomic_write_json
+from loramix.methods.mola import adapter_config
+from loramix.models import load_backbone
+from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
+from loramix.train.config import RunConfig
+from loramix.train.evaluate import evaluate
+from loramix.train.heads import MultiTaskModel, TaskHeads
+from loramix.train.loop import Trainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def task_specs(run: RunConfig) -> list[TaskSpec]:
+    if all(isinstance(t, str) for t in run.tasks):
+        assert run.tasks_dir is not None
+        return tasks_from_directory(
+            run.tasks_dir, list(run.tasks), max_train_examples=run.max_train_examples, seed=run.seed
+        )  # type: ignore[arg-type]
+    specs = load_task_specs(run.tasks)  # type: ignore[arg-type]
+    if run.max_train_examples is not None:
+        specs = [s.model_copy(update={"max_train_examples": run.max_train_examples}) for s in specs]
+    return specs
+
+
+def build_model(run: RunConfig, data: MultiTaskData) -> tuple[MultiTaskModel, Any]:
+    """The backbone with the method's adapters, plus one head per task; and the tokenizer."""
+    backbone, tokenizer = load_backbone(run.model)
+    inject(backbone, adapter_config(run, data.num_tasks))
+    hidden = backbone.config.hidden_size
+    regression = [t.task_type == "regression" for t in data.tasks]
+    heads = TaskHeads(hidden, data.num_labels, regression)
+    return MultiTaskModel(backbone, heads, pooling=run.pooling), tokenizer
+
+
+def eval_split(data: MultiTaskData) -> str:
+    return "test" if all(s > 0 for s in data.sizes("test")) else "validation"
+
+
+def run_training(run: RunConfig, output_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate and save one run into `output_dir`; returns its metrics (also in metrics.json)."""
+    output_dir = Path(output_dir)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    seed_everything(run.seed)
+    data = MultiTaskData(task_specs(run))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False).encode())
+    if run.method == "elrea":
+        from loramix.methods.elrea.pipeline import run_elrea
+
+        return run_elrea(run, data, output_dir, resume=resume)
+    model, tokenizer = build_model(run, data)
+    collator = TextCollator(tokenizer, max_length=run.max_length)
+    callbacks = [
+        JsonlLogger(output_dir / "metrics.jsonl"),
+        TensorBoardLogger(output_dir / "tensorboard"),
+        Checkpointer(run.checkpoint_every),
+    ]
+    if run.progress:
+        callbacks.insert(0, ProgressBar())
+    trainer = Trainer(run, model, data, collator, output_dir=output_dir, callbacks=callbacks)
+    if resume and not trainer.resume():
+        print(f"no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
+    history = trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    metrics = evaluate(
+        model,
+        data,
+        collator,
+        split=eval_split(data),
+        batch_size=run.eval_batch_size,
+        max_examples=run.max_eval_examples,
+    )
+    metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
+    save_run(output_dir, run, data, model, metrics)
+    return metrics
+
+
+def save_run(
+    output_dir: Path, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, metrics: dict
+) -> None:
+    """Adapters (with the heads and task metadata), metrics.json and the report."""
+    from loramix.report import write_report
+
+    tasks_meta = [{"name": t.name, "labels": t.label_names, "task_type": t.task_type} for t in data.tasks]
+    save(
+        model.backbone,
+        output_dir / "adapter",
+        metadata={"tasks": tasks_meta, "run": run.to_dict(), "pooling": run.pooling},
+        extra_tensors={f"heads.{k}": v for k, v in model.heads.state_dict().items()},
+    )
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    write_report(output_dir, [metrics])

@@ -1,0 +1,275 @@
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loramix.data import Example, HFSource, MultiTaskData, TaskSpec, infer_label_names, read_rows, to_examples
+from loramix.errors import DataError
+
+
+def read(spec: TaskSpec) -> list[Example]:
+    raw = read_rows(spec.train)
+    names = infer_label_names(raw, spec) if spec.task_type == "classification" else None
+    return to_examples(raw, spec, label_names=names, task=3)
+
+
+def test_jsonl_single_texts(jsonl):
+    path = jsonl("t.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    examples = read(TaskSpec(name="t", train=path, labels=["neg", "pos"]))
+    assert examples == [Example("good", None, 1, 3), Example("bad", None, 0, 3)]
+
+
+def test_jsonl_pairs_blank_lines_bom_and_json_suffix(tmp_path: Path):
+    path = tmp_path / "pairs.json"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"a": "x", "b": "y", "y": "yes"}\n\n  \n{"a": "p", "b": "q", "y": "no"}\r\n'
+    )
+    spec = TaskSpec(name="p", train=str(path), text_field="a", text_pair_field="b", label_field="y")
+    examples = read(spec)
+    assert [(e.text, e.text_pair, e.label) for e in examples] == [("x", "y", 1), ("p", "q", 0)]
+
+
+def test_integer_labels_infer_names_up_to_the_largest(jsonl):
+    path = jsonl("t.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
+    spec = TaskSpec(name="t", train=path)
+    assert infer_label_names(read_rows(path), spec) == ["0", "1", "2", "3"]
+
+
+def test_string_labels_infer_their_sorted_set(jsonl):
+    path = jsonl(
+        "t.jsonl",
+        [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}, {"text": "c", "label": "pos"}],
+    )
+    spec = TaskSpec(name="t", train=path)
+    assert infer_label_names(read_rows(path), spec) == ["neg", "pos"]
+    assert [e.label for e in read(spec)] == [1, 0, 1]
+
+
+def test_csv_with_header_quotes_and_integer_labels(tmp_path: Path):
+    path = tmp_path / "t.csv"
+    path.write_text('sentence,label\n"hello, world",1\nbye,0\n', encoding="utf-8")
+    spec = TaskSpec(name="t", train=str(path), text_field="sentence", labels=["neg", "pos"])
+    assert [(e.text, e.label) for e in read(spec)] == [("hello, world", 1), ("bye", 0)]
+
+
+def test_csv_labels_may_be_names(tmp_path: Path):
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\nhi,pos\nho,neg\n", encoding="utf-8")
+    assert [e.label for e in read(TaskSpec(name="t", train=str(path), labels=["neg", "pos"]))] == [1, 0]
+
+
+def test_tsv_keeps_bare_quotes(tmp_path: Path):
+    path = tmp_path / "t.tsv"
+    path.write_text('text\tlabel\nsay "hi\t0\nok\t1\n', encoding="utf-8")
+    assert [e.text for e in read(TaskSpec(name="t", train=str(path)))] == ['say "hi', "ok"]
+
+
+def test_regression_labels_are_floats(tmp_path: Path, jsonl):
+    path = jsonl("r.jsonl", [{"text": "a", "label": 0.5}, {"text": "b", "label": 4}])
+    assert [e.label for e in read(TaskSpec(name="r", train=path, task_type="regression"))] == [0.5, 4.0]
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text("text,label\na,2.25\n", encoding="utf-8")
+    assert read(TaskSpec(name="r", train=str(csv_path), task_type="regression"))[0].label == 2.25
+
+
+# (case, file name, file bytes, extra spec fields, substrings the message must contain besides the file name)
+BAD_DATA: list[tuple[str, str, bytes, dict[str, Any], list[str]]] = [
+    (
+        "invalid json",
+        "a.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "c",\n',
+        {},
+        ["line 3", "not valid JSON"],
+    ),
+    (
+        "not utf-8",
+        "b.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": "caf\xe9", "label": 1}\n',
+        {},
+        ["line 2", "UTF-8"],
+    ),
+    (
+        "missing text",
+        "c.jsonl",
+        b'{"text": "a", "label": 0}\n{"sentence": "b", "label": 1}\n',
+        {},
+        ["line 2", "'text'", "text_field"],
+    ),
+    (
+        "missing label",
+        "d.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": "b"}\n',
+        {"labels": ["n", "p"]},
+        ["line 2", "'label'"],
+    ),
+    (
+        "unknown label",
+        "e.jsonl",
+        b'{"text": "a", "label": "pos"}\n{"text": "b", "label": "maybe"}\n',
+        {"labels": ["neg", "pos"]},
+        ["line 2", "unknown label 'maybe'", "neg, pos"],
+    ),
+    (
+        "label out of range",
+        "f.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": "b", "label": 2}\n',
+        {"labels": ["n", "p"]},
+        ["line 2", "outside 0..1"],
+    ),
+    (
+        "non-string text",
+        "g.jsonl",
+        b'{"text": 5, "label": 0}\n',
+        {"labels": ["n", "p"]},
+        ["line 1", "'text'", "must be a string", "int 5"],
+    ),
+    (
+        "null text",
+        "h.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": null, "label": 1}\n',
+        {},
+        ["line 2", "null"],
+    ),
+    (
+        "array instead of object",
+        "i.jsonl",
+        b'{"text": "a", "label": 0}\n["b", 1]\n',
+        {},
+        ["line 2", "JSON object"],
+    ),
+    (
+        "boolean label",
+        "j.jsonl",
+        b'{"text": "a", "label": true}\n',
+        {"labels": ["n", "p"]},
+        ["line 1", "label must be"],
+    ),
+    (
+        "mixed label kinds",
+        "k.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": "b", "label": "pos"}\n',
+        {},
+        ["line 2", "line 1"],
+    ),
+    (
+        "negative label",
+        "l.jsonl",
+        b'{"text": "a", "label": 1}\n{"text": "b", "label": -1}\n',
+        {},
+        ["line 2", "negative"],
+    ),
+    (
+        "one label only",
+        "m.jsonl",
+        b'{"text": "a", "label": 0}\n{"text": "b", "label": 0}\n',
+        {},
+        ["at least two labels"],
+    ),
+    ("empty file", "n.jsonl", b"\n\n", {}, ["no examples"]),
+    (
+        "missing pair text",
+        "o.jsonl",
+        b'{"text_a": "a", "text_b": "b", "label": 0}\n{"text_a": "c", "label": 1}\n',
+        {"text_field": "text_a", "text_pair_field": "text_b"},
+        ["line 2", "'text_b'"],
+    ),
+    (
+        "regression text label",
+        "p.jsonl",
+        b'{"text": "a", "label": 0.5}\n{"text": "b", "label": "high"}\n',
+        {"task_type": "regression"},
+        ["line 2", "finite number"],
+    ),
+    ("csv short row", "q.csv", b"text,label\na,0\nb\n", {}, ["line 3", "1 fields", "header has 2"]),
+    (
+        "csv unknown label",
+        "r.csv",
+        b"text,label\na,pos\nb,meh\n",
+        {"labels": ["neg", "pos"]},
+        ["line 3", "unknown label 'meh'"],
+    ),
+    ("csv repeated header", "s.csv", b"text,text,label\na,b,0\n", {}, ["line 1", "repeated column names"]),
+    (
+        "csv index out of range",
+        "t.csv",
+        b"text,label\na,0\nb,7\n",
+        {"labels": ["n", "p"]},
+        ["line 3", "outside 0..1"],
+    ),
+    ("tsv missing column", "u.tsv", b"sentence\tlabel\na\t0\n", {"labels": ["n", "p"]}, ["line 2", "'text'"]),
+    ("csv not utf-8", "v.csv", b"text,label\na,0\nb,1\n\xff\xfe,0\n", {}, ["line 4", "UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content", "fields", "expected"),
+    [case[1:] for case in BAD_DATA],
+    ids=[case[0] for case in BAD_DATA],
+)
+def test_bad_data_names_file_and_line(
+    tmp_path: Path, file_name: str, content: bytes, fields: dict[str, Any], expected: list[str]
+):
+    path = tmp_path / file_name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        MultiTaskData([TaskSpec(name="bad", train=str(path), **fields)])
+    message = str(info.value)
+    assert file_name in message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_test_split_labels_are_checked_against_the_train_names(jsonl):
+    train = jsonl("train.jsonl", [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}])
+    test = jsonl("test.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "neutral"}])
+    with pytest.raises(DataError, match=r"test\.jsonl, line 2: unknown label 'neutral'"):
+        MultiTaskData([TaskSpec(name="t", train=train, test=test)])
+
+
+def test_missing_file_is_a_data_error(tmp_path: Path):
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_rows(str(tmp_path / "nope.jsonl"))
+
+
+class _Labels:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+
+class _FakeDataset(list):
+    features = {"label": _Labels(["neg", "pos"]), "sentence": object()}
+
+
+def test_hugging_face_source_reads_rows_and_class_names(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+
+    def load_dataset(name: str, config: str | None, split: str) -> _FakeDataset:
+        calls.append((name, config, split))
+        return _FakeDataset([{"sentence": "fine", "label": 1}, {"sentence": "awful", "label": 0}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    spec = TaskSpec(name="sst2", train={"hf_dataset": "glue", "config": "sst2"}, text_field="sentence")
+    assert isinstance(spec.train, HFSource)
+    data = MultiTaskData([spec])
+    assert calls == [("glue", "sst2", "train")]
+    assert data.label_names == [["neg", "pos"]]
+    assert [e.label for e in data.split("train")] == [1, 0]
+
+
+def test_hugging_face_row_errors_name_the_dataset_and_row(monkeypatch: pytest.MonkeyPatch):
+    def load_dataset(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+        return [{"text": "a", "label": 0}, {"text": 7, "label": 1}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match=r"imdb \[test\], row 1: field 'text' must be a string"):
+        read(TaskSpec(name="imdb", train={"hf_dataset": "imdb", "split": "test"}))
+
+
+def test_hugging_face_source_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ImportError, match=r"pip install 'loramix\[hub\]'"):
+        read_rows(HFSource(hf_dataset="glue", config="sst2"))

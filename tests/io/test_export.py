@@ -1,0 +1,277 @@
+"""Exchange with PEFT: an exported task (or fixed mixture) loaded by `PeftModel.from_pretrained` into an
+untouched base computes what loramix computes; PEFT LoRA directories imported as experts compute what PEFT
+computes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import SmallCNN, randomize_adapters, task_settings, tiny_bert, tiny_gpt2, token_ids
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+import loramix
+from loramix import CheckpointError, InjectionError
+from loramix.inject import is_injected
+
+ATOL = 1e-5
+
+# peft asks transformers a deprecated question; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+def images() -> Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def bert_out(model: nn.Module) -> Tensor:
+    return model(input_ids=token_ids()).last_hidden_state
+
+
+def gpt2_out(model: nn.Module) -> Tensor:
+    return model(input_ids=token_ids()).logits
+
+
+def cnn_out(model: nn.Module) -> Tensor:
+    return model(images())
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], list[str], Callable[[nn.Module], Tensor]]] = {
+    "bert": (tiny_bert, ["query", "value"], bert_out),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], gpt2_out),
+    "cnn": (SmallCNN, ["conv1", "conv2"], cnn_out),
+}
+
+
+def adapted(kind: str, router: str = "task", share: str = "none", **settings: Any):
+    """(adapted model with random adapters in eval mode, untouched base copy, forward)."""
+    make, targets, forward = MODELS[kind]
+    torch.manual_seed(0)
+    model = make().eval()
+    base = copy.deepcopy(model)
+    config = {"rank": 4, "targets": targets, "share": share, **task_settings(router), **settings}
+    loramix.inject(model, config)
+    randomize_adapters(model)
+    return model.eval(), base, forward
+
+
+def peft_outputs(base: nn.Module, directory: Path, forward: Callable[[nn.Module], Tensor]) -> Tensor:
+    peft_model = PeftModel.from_pretrained(base, str(directory)).eval()
+    with torch.no_grad():
+        return forward(peft_model)
+
+
+def loramix_outputs(model: nn.Module, forward: Callable, task: int) -> Tensor:
+    with torch.no_grad(), loramix.routing(model, task_ids=torch.tensor([task, task])):
+        return forward(model)
+
+
+def assert_close(actual: Tensor, expected: Tensor, reference: Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(expected, reference, atol=1e-3), "the adapters do not change the output"
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "share"),
+    [("bert", "none"), ("bert", "A"), ("bert", "B"), ("gpt2", "none"), ("gpt2", "A")]
+    + [("cnn", "none"), ("cnn", "A"), ("cnn", "B")],
+)
+def test_exported_task_equals_routing_to_it(tmp_path: Path, kind: str, share: str) -> None:
+    model, base, forward = adapted(kind, "task", share)
+    task = 1
+    expected = loramix_outputs(model, forward, task)
+    with torch.no_grad():
+        plain = forward(copy.deepcopy(base))
+
+    loramix.export_peft(model, tmp_path, task=task)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["fan_in_fan_out"] == (kind == "gpt2")
+    assert_close(peft_outputs(base, tmp_path, forward), expected, plain)
+
+
+def test_export_follows_task_to_expert(tmp_path: Path) -> None:
+    model, base, forward = adapted("bert", "task", num_experts=2, num_tasks=3, task_to_expert=[0, 1, 1])
+    expected = loramix_outputs(model, forward, 2)
+    other_expert = loramix_outputs(model, forward, 0)
+    loramix.export_peft(model, tmp_path, task=2)
+    assert_close(peft_outputs(base, tmp_path, forward), expected, other_expert)
+
+
+def test_plain_lora_exports_without_task(tmp_path: Path) -> None:
+    model, base, forward = adapted("gpt2", "none")
+    with torch.no_grad(), loramix.routing(model):
+        expected = forward(model)
+        plain = forward(copy.deepcopy(base))
+    loramix.export_peft(model, tmp_path)
+    assert_close(peft_outputs(base, tmp_path, forward), expected, plain)
+
+
+@pytest.mark.parametrize(
+    ("kind", "router", "share", "gate", "rank"),
+    [
+        ("bert", "sample", "none", [0.2, 0.0, 0.8], 8),  # only the experts with a non-zero gate are stacked
+        ("bert", "token", "none", [0.5, 0.3, 0.2], 12),
+        ("bert", "sample", "A", [0.6, 0.1, 0.3], 4),
+        ("bert", "sample", "B", [0.6, 0.1, 0.3], 4),
+        ("cnn", "sample", "none", [0.1, 0.6, 0.3], 12),
+        ("bert", "sample", "none", [0.0, 0.0, 0.0], 4),
+    ],
+)
+def test_fixed_mixture_exports_as_one_lora(
+    tmp_path: Path, kind: str, router: str, share: str, gate: list[float], rank: int
+) -> None:
+    model, base, forward = adapted(kind, router, share)
+    loramix.export_peft(model, tmp_path, gate=gate)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == rank <= 3 * 4
+    merged = loramix.merge_and_unload(model, gate=torch.tensor(gate))
+    assert not is_injected(merged)
+    with torch.no_grad():
+        expected = forward(merged)
+        plain = forward(copy.deepcopy(base))
+    if any(gate):
+        assert_close(peft_outputs(base, tmp_path, forward), expected, plain)
+    else:
+        torch.testing.assert_close(peft_outputs(base, tmp_path, forward), plain, atol=ATOL, rtol=0)
+
+
+def test_poly_task_export_equals_eval_routing(tmp_path: Path) -> None:
+    model, base, forward = adapted("bert", "poly", num_experts=4, num_tasks=3)
+    with torch.no_grad():
+        for layer in loramix.get_info(model).layers:
+            layer.router.table.normal_(std=2.0)
+    expected = loramix_outputs(model, forward, 2)
+    other_task = loramix_outputs(model, forward, 0)
+    loramix.export_peft(model, tmp_path, task=2)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 16
+    assert_close(peft_outputs(base, tmp_path, forward), expected, other_task)
+
+
+@pytest.mark.parametrize(
+    ("router", "kwargs", "problem"),
+    [
+        ("sample", {"task": 0}, "pass gate="),
+        ("task", {}, "task must be an integer in 0..2"),
+        ("task", {"task": 3}, "task must be an integer in 0..2"),
+        ("task", {"gate": [1.0, 0.0]}, "gate has 2 entries but the model has 3 experts"),
+    ],
+)
+def test_export_refuses_what_it_cannot_fix(tmp_path: Path, router: str, kwargs: dict, problem: str) -> None:
+    model, _, _ = adapted("bert", router)
+    with pytest.raises(InjectionError, match=problem):
+        loramix.export_peft(model, tmp_path, **kwargs)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+# ---- import -------------------------------------------------------------------------------------------------
+
+ADAPTERS = [
+    {"r": 4, "lora_alpha": 8},
+    {"r": 2, "lora_alpha": 7},
+    {"r": 8, "lora_alpha": 4, "use_rslora": True},
+]
+
+
+def write_peft_adapters(
+    directory: Path, settings: list[dict[str, Any]], targets: list[str] | None = None, **save_kwargs: Any
+) -> list[Path]:
+    """One PEFT LoRA directory per settings dict, each with its own random non-zero lora_A and lora_B."""
+    paths = []
+    for index, kwargs in enumerate(settings):
+        torch.manual_seed(100 + index)
+        model = get_peft_model(
+            tiny_bert(),  # same seed-free weights are irrelevant: only the adapter is saved
+            LoraConfig(target_modules=targets or ["query", "value"], lora_dropout=0.0, **kwargs),
+        )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(std=0.3)
+        path = directory / f"adapter{index}"
+        model.save_pretrained(str(path), **save_kwargs)
+        paths.append(path)
+    return paths
+
+
+def bert_base() -> nn.Module:
+    torch.manual_seed(0)
+    return tiny_bert()
+
+
+def test_imported_adapters_match_peft(tmp_path: Path) -> None:
+    paths = write_peft_adapters(tmp_path, ADAPTERS)
+    model = bert_base()
+    report = loramix.import_peft(model, paths)
+    model.eval()
+    assert len(report.matched) == 4
+    assert loramix.get_info(model).config.rank == 8
+
+    with torch.no_grad():
+        plain = bert_out(bert_base())
+    expected = [peft_outputs(bert_base(), path, bert_out) for path in paths]
+    for task in range(len(paths)):
+        assert_close(loramix_outputs(model, bert_out, task), expected[task], plain)
+    # a batch that mixes tasks routes each sample to its own adapter
+    with torch.no_grad(), loramix.routing(model, task_ids=torch.tensor([2, 0])):
+        mixed = bert_out(model)
+    torch.testing.assert_close(mixed[0], expected[2][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(mixed[1], expected[0][1], atol=ATOL, rtol=0)
+
+
+def test_import_then_export_gives_back_the_adapter(tmp_path: Path) -> None:
+    paths = write_peft_adapters(tmp_path, ADAPTERS[1:2])
+    model = bert_base()
+    loramix.import_peft(model, paths, router="none")
+    loramix.export_peft(model, tmp_path / "again")
+    with torch.no_grad():
+        plain = bert_out(bert_base())
+    assert_close(
+        peft_outputs(bert_base(), tmp_path / "again", bert_out),
+        peft_outputs(bert_base(), paths[0], bert_out),
+        plain,
+    )
+
+
+def test_import_of_mismatched_targets_names_the_directory(tmp_path: Path) -> None:
+    first = write_peft_adapters(tmp_path / "a", ADAPTERS[:1], targets=["query", "value"])
+    second = write_peft_adapters(tmp_path / "b", ADAPTERS[:1], targets=["query"])
+    model = bert_base()
+    with pytest.raises(CheckpointError, match="adapts other modules than") as caught:
+        loramix.import_peft(model, first + second)
+    assert str(second[0]) in str(caught.value)
+    assert not is_injected(model)
+
+
+def test_import_of_pickle_only_directory_asks_for_safetensors(tmp_path: Path) -> None:
+    paths = write_peft_adapters(tmp_path, ADAPTERS[:1], safe_serialization=False)
+    assert (paths[0] / "adapter_model.bin").is_file()
+    assert not (paths[0] / "adapter_model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="safetensors") as caught:
+        loramix.import_peft(bert_base(), paths)
+    assert str(paths[0]) in str(caught.value)
+
+
+def test_import_of_a_non_lora_adapter_is_refused(tmp_path: Path) -> None:
+    paths = write_peft_adapters(tmp_path, ADAPTERS[:1])
+    config_path = paths[0] / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="not 'LORA'") as caught:
+        loramix.import_peft(bert_base(), paths)
+    assert str(config_path) in str(caught.value)
+
+
+def test_import_needs_a_directory() -> None:
+    with pytest.raises(InjectionError, match="at least one"):
+        loramix.import_peft(bert_base(), [])

@@ -1,0 +1,201 @@
+"""Routers: gates sum to one, top-k keeps exactly k, noise only in training, Poly's relaxed Bernoulli, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix import AdapterConfig
+from loramix.routers import (
+    Gate,
+    PolyRouter,
+    Router,
+    SampleRouter,
+    TaskRouter,
+    TokenRouter,
+    build_layer_router,
+    build_model_router,
+)
+
+NUM_EXPERTS = 5
+FEATURES = 8
+
+
+def hidden(per_token: bool, seed: int = 0) -> torch.Tensor:
+    shape = (4, 6, FEATURES) if per_token else (4, FEATURES)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def make_router(kind: str, **kwargs) -> Router:
+    torch.manual_seed(0)
+    if kind == "task":
+        return TaskRouter(NUM_EXPERTS, NUM_EXPERTS)
+    if kind == "poly":
+        router = PolyRouter(3, NUM_EXPERTS)
+        with torch.no_grad():
+            router.table.normal_()
+        return router
+    if kind == "token":
+        return TokenRouter(FEATURES, NUM_EXPERTS, **kwargs)
+    return SampleRouter(FEATURES, NUM_EXPERTS, hidden=16, **kwargs)
+
+
+def route(router: Router, kind: str) -> Gate:
+    if kind in ("task", "poly"):
+        return router(task_ids=torch.tensor([0, 2, 1, 2]))
+    return router(hidden=hidden(per_token=kind == "token"))
+
+
+ALL = ["task", "poly", "token", "sample"]
+
+
+def assert_rows_sum_to_one(gate: Gate) -> None:
+    sums = gate.weights.sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0)
+    assert (gate.weights >= 0).all()
+
+
+@pytest.mark.parametrize("kind", ALL)
+@pytest.mark.parametrize("training", [False, True])
+def test_gates_sum_to_one(kind: str, training: bool) -> None:
+    router = make_router(kind, noisy=True) if kind in ("token", "sample") else make_router(kind)
+    gate = route(router.train(training), kind)
+    assert gate.weights.dtype == torch.float32
+    assert gate.weights.shape == ((4, 6, NUM_EXPERTS) if kind == "token" else (4, NUM_EXPERTS))
+    assert gate.per_token == (kind == "token")
+    assert_rows_sum_to_one(gate)
+
+
+@pytest.mark.parametrize("kind", ["token", "sample"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("noisy", [False, True])
+def test_top_k_keeps_exactly_k(kind: str, k: int, noisy: bool) -> None:
+    router = make_router(kind, top_k=k, noisy=noisy).train()
+    gate = route(router, kind)
+    assert_rows_sum_to_one(gate)
+    assert ((gate.weights != 0).sum(-1) == k).all()
+    assert gate.indices is not None and gate.indices.shape == (*gate.weights.shape[:-1], k)
+    kept = torch.zeros_like(gate.weights, dtype=torch.bool).scatter(-1, gate.indices, True)
+    assert torch.equal(kept, gate.weights != 0)
+    # the kept experts are the k largest logits (without noise, in eval)
+    gate = route(router.eval(), kind)
+    assert gate.logits is not None and gate.indices is not None
+    want = gate.logits.topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(gate.indices.sort(-1).values, want)
+
+
+def test_top_k_renormalises_the_kept_probabilities() -> None:
+    router = make_router("token", top_k=2).eval()
+    gate = route(router, "token")
+    probs = torch.softmax(gate.logits, dim=-1)  # type: ignore[arg-type]
+    kept = probs.gather(-1, gate.indices)  # type: ignore[arg-type]
+    torch.testing.assert_close(gate.weights.gather(-1, gate.indices), kept / kept.sum(-1, keepdim=True))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["token", "sample"])
+def test_noise_only_in_training(kind: str) -> None:
+    router = make_router(kind, noisy=True)
+    x = hidden(per_token=kind == "token")
+    clean = torch.softmax(router.eval()(hidden=x).logits, dim=-1)  # type: ignore[arg-type]
+    eval_1, eval_2 = router.eval()(hidden=x), router(hidden=x)
+    assert torch.equal(eval_1.weights, clean)
+    assert torch.equal(eval_1.weights, eval_2.weights)
+    train_1, train_2 = router.train()(hidden=x), router(hidden=x)
+    assert not torch.allclose(train_1.weights, clean, atol=1e-4)
+    assert not torch.allclose(train_1.weights, train_2.weights, atol=1e-4)
+    assert torch.equal(train_1.logits, eval_1.logits)  # logits stay clean: the losses see them  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["token", "sample"])
+def test_without_noise_training_equals_eval(kind: str) -> None:
+    router = make_router(kind)
+    x = hidden(per_token=kind == "token")
+    assert torch.equal(router.train()(hidden=x).weights, router.eval()(hidden=x).weights)
+
+
+def test_temperature_divides_the_logits() -> None:
+    x = hidden(per_token=True)
+    hot, cold = make_router("token", temperature=2.0), make_router("token", temperature=1.0)
+    gate = hot(hidden=x)
+    torch.testing.assert_close(gate.weights, torch.softmax(cold(hidden=x).logits / 2.0, dim=-1))  # type: ignore[operator]
+
+
+def test_poly_relaxed_bernoulli_in_training_sigmoid_in_eval() -> None:
+    router = make_router("poly")
+    task_ids = torch.tensor([0, 2, 1, 2])
+    scores = torch.sigmoid(router.table[task_ids].detach())
+    want = scores / scores.sum(-1, keepdim=True)
+    eval_1, eval_2 = router.eval()(task_ids=task_ids), router(task_ids=task_ids)
+    torch.testing.assert_close(eval_1.weights, want)
+    assert torch.equal(eval_1.weights, eval_2.weights)
+    torch.testing.assert_close(router.weights_for_task(2), want[1])
+    torch.manual_seed(1)
+    train_1, train_2 = router.train()(task_ids=task_ids), router(task_ids=task_ids)
+    assert not torch.allclose(train_1.weights, want, atol=1e-3)
+    assert not torch.allclose(train_1.weights, train_2.weights, atol=1e-3)
+    # samples of the same task get independent draws
+    assert not torch.allclose(train_1.weights[1], train_1.weights[3], atol=1e-3)
+    # the relaxed Bernoulli is centred on the table: its mean over many draws is close to the sigmoid
+    many = torch.stack([router(task_ids=torch.tensor([0])).weights[0] for _ in range(2000)])
+    relaxed = torch.sigmoid(router.table[0].detach() + torch.logit(torch.rand(20000, NUM_EXPERTS)))
+    torch.testing.assert_close(many.mean(0), (relaxed / relaxed.sum(-1, keepdim=True)).mean(0), atol=0.02, rtol=0)
+
+
+def test_poly_gate_is_differentiable_in_training() -> None:
+    router = make_router("poly").train()
+    router(task_ids=torch.tensor([0, 1])).weights[:, 0].sum().backward()
+    assert router.table.grad is not None
+    assert router.table.grad[:2].abs().sum() > 0
+    assert torch.equal(router.table.grad[2], torch.zeros(NUM_EXPERTS))  # task 2 was not in the batch
+
+
+def test_task_router_maps_tasks_to_experts() -> None:
+    router = TaskRouter(4, 3, task_to_expert=[0, 2, 2, 1])
+    gate = router(task_ids=torch.tensor([3, 1, 0, 2]))
+    assert gate.hard
+    assert torch.equal(gate.indices, torch.tensor([1, 2, 0, 2]))  # type: ignore[arg-type]
+    assert torch.equal(gate.weights, torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 2]), 3).float())
+
+
+@pytest.mark.parametrize("kind", ["token", "sample"])
+def test_routing_maths_runs_in_fp32(kind: str) -> None:
+    router = make_router(kind, top_k=2)
+    if kind == "sample":
+        router.network.to(torch.bfloat16)  # type: ignore[union-attr]
+    gate = router(hidden=hidden(per_token=kind == "token").bfloat16())
+    assert gate.weights.dtype == torch.float32
+    assert gate.logits is not None and gate.logits.dtype == torch.float32
+    assert_rows_sum_to_one(gate)
+
+
+def test_sample_router_accepts_a_custom_network() -> None:
+    network = torch.nn.Linear(FEATURES, NUM_EXPERTS)
+    router = SampleRouter(FEATURES, NUM_EXPERTS, network=network)
+    x = hidden(per_token=False)
+    torch.testing.assert_close(router(hidden=x).logits, network(x))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("router", "layer_type", "model_type"),
+    [
+        ("none", None, None),
+        ("task", None, TaskRouter),
+        ("poly", PolyRouter, None),
+        ("token", TokenRouter, None),
+        ("sample", None, SampleRouter),
+    ],
+)
+def test_builders_place_each_router(router: str, layer_type: type | None, model_type: type | None) -> None:
+    config = AdapterConfig(
+        num_experts=1 if router == "none" else 3,
+        num_tasks=3 if router in ("task", "poly") else None,
+        router=router,
+    )
+    layer_router = build_layer_router(config, FEATURES)
+    model_router = build_model_router(config, FEATURES)
+    assert (layer_router is None) == (layer_type is None)
+    assert (model_router is None) == (model_type is None)
+    if layer_type is not None:
+        assert isinstance(layer_router, layer_type) and layer_router.scope == "layer"
+    if model_type is not None:
+        assert isinstance(model_router, model_type) and model_router.scope == "model"

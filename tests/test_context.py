@@ -1,0 +1,226 @@
+"""The routing context: task ids are required and checked, hooks always go away, the sample router pools only real
+tokens, and the routing decisions are recorded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loramix
+from loramix.context import masked_mean
+from loramix.inject import get_info
+from tests.models import (
+    adapter_config,
+    call,
+    cnn_inputs,
+    mlp_inputs,
+    randomize_adapters,
+    run,
+    text_inputs,
+    tiny_bert,
+    tiny_cnn,
+    tiny_mlp,
+)
+
+
+def adapted_mlp(router: str, **overrides) -> torch.nn.Module:
+    model = tiny_mlp()
+    loramix.inject(model, adapter_config(router, **overrides))
+    randomize_adapters(model)
+    return model
+
+
+def all_hooks(model: torch.nn.Module) -> list:
+    return [
+        hook
+        for module in model.modules()
+        for hooks in (module._forward_pre_hooks, module._forward_hooks)
+        for hook in hooks.values()
+    ]
+
+
+# ---- task ids -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["task", "poly"])
+def test_missing_task_ids_is_a_routing_error(router: str) -> None:
+    model = adapted_mlp(router)
+    with pytest.raises(loramix.RoutingError, match="task_ids"):
+        with loramix.routing(model):
+            pass
+    with pytest.raises(loramix.RoutingError, match="task_ids"):
+        model(mlp_inputs())  # outside the context there is no silent default task
+
+
+@pytest.mark.parametrize("router", ["task", "poly"])
+@pytest.mark.parametrize(
+    ("task_ids", "match"),
+    [
+        (torch.tensor([0, 1, 3, 0]), "0..2"),
+        (torch.tensor([0, -1, 1, 0]), "0..2"),
+        ([0, 1, 5, 2], "0..2"),
+        (torch.tensor([0.0, 1.0, 1.0, 0.0]), "integer"),
+        (torch.tensor([[0, 1], [1, 0]]), "shape"),
+    ],
+    ids=["too-large", "negative", "list", "float", "2d"],
+)
+def test_bad_task_ids_are_routing_errors(router: str, task_ids, match: str) -> None:
+    model = adapted_mlp(router, num_experts=3, num_tasks=3)
+    with pytest.raises(loramix.RoutingError, match=match):
+        with loramix.routing(model, task_ids=task_ids):
+            model(mlp_inputs())
+    assert all_hooks(model) == []
+
+
+def test_task_ids_as_a_list_route_like_a_tensor() -> None:
+    model = adapted_mlp("task").eval()
+    x = mlp_inputs()
+    with loramix.routing(model, task_ids=[2, 0, 1, 2]):
+        from_list = model(x)
+    with loramix.routing(model, task_ids=torch.tensor([2, 0, 1, 2])):
+        from_tensor = model(x)
+    assert torch.equal(from_list, from_tensor)
+
+
+def test_task_ids_select_experts_per_sample() -> None:
+    model = adapted_mlp("task").eval()
+    x = mlp_inputs()
+    mixed, _ = run(model, x, task_ids=torch.tensor([2, 0, 1, 2]))
+    for row, task in enumerate([2, 0, 1, 2]):
+        alone, _ = run(model, x, task_ids=torch.full((4,), task))
+        torch.testing.assert_close(mixed[row], alone[row], atol=1e-6, rtol=0)
+    other, _ = run(model, x, task_ids=torch.tensor([0, 0, 1, 2]))
+    assert not torch.allclose(other[0], mixed[0], atol=1e-4)
+
+
+# ---- hooks ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["none", "task", "poly", "token", "sample"])
+def test_hooks_are_removed_after_the_block(router: str) -> None:
+    model = adapted_mlp(router)
+    layers = get_info(model).layers
+    task_ids = torch.arange(4) % 2
+    with loramix.routing(model, task_ids=task_ids):
+        assert all(layer._forward_pre_hooks for layer in layers)
+        model(mlp_inputs())
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    assert all_hooks(model) == []
+
+
+@pytest.mark.parametrize("router", ["task", "sample"])
+def test_hooks_are_removed_when_the_block_raises(router: str) -> None:
+    model = adapted_mlp(router)
+    layers = get_info(model).layers
+    with pytest.raises(KeyError, match="boom"):
+        with loramix.routing(model, task_ids=torch.arange(4) % 3):
+            assert all(layer._forward_pre_hooks for layer in layers)
+            model(mlp_inputs())
+            raise KeyError("boom")
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    assert all_hooks(model) == []
+    # a forward that fails inside the model (inputs of the wrong width) cleans up too
+    with pytest.raises(RuntimeError):
+        with loramix.routing(model, task_ids=torch.arange(4) % 3):
+            model(mlp_inputs()[..., :4])
+    assert all_hooks(model) == []
+
+
+def test_sample_router_hooks_on_bert_embeddings_are_removed() -> None:
+    model = tiny_bert()
+    loramix.inject(model, adapter_config("sample", targets=["query", "value"]))
+    embeddings = model.get_input_embeddings()
+    inputs = text_inputs()
+    with pytest.raises(RuntimeError, match="stop"):
+        with loramix.routing(model, attention_mask=inputs["attention_mask"]):
+            assert embeddings._forward_hooks
+            call(model, inputs)
+            raise RuntimeError("stop")
+    assert all_hooks(model) == []
+
+
+# ---- the sample router's pooling ------------------------------------------------------------------------------
+
+
+def bert_gate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], *, mask: bool = True) -> torch.Tensor:
+    with loramix.routing(model, attention_mask=inputs["attention_mask"] if mask else None) as state:
+        call(model, inputs)
+    assert state.model_gate is not None
+    return state.model_gate.weights
+
+
+def test_sample_router_on_bert_ignores_padding() -> None:
+    model = tiny_bert()
+    loramix.inject(model, adapter_config("sample", targets=["query", "value"]))
+    inputs = text_inputs()
+    mask = inputs["attention_mask"]
+    assert (mask == 0).any()
+    gate = bert_gate(model, inputs)
+
+    repadded = dict(inputs, input_ids=torch.where(mask.bool(), inputs["input_ids"], (inputs["input_ids"] + 7) % 99))
+    assert not torch.equal(repadded["input_ids"], inputs["input_ids"])
+    torch.testing.assert_close(bert_gate(model, repadded), gate, atol=1e-6, rtol=0)
+
+    # the mask is what makes the difference: without it the padded tokens count
+    assert not torch.allclose(bert_gate(model, repadded, mask=False), bert_gate(model, inputs, mask=False))
+    # and a real token does change the gate
+    changed = dict(inputs, input_ids=inputs["input_ids"].clone())
+    changed["input_ids"][1, 0] = (changed["input_ids"][1, 0] + 7) % 99
+    changed_gate = bert_gate(model, changed)
+    assert not torch.allclose(changed_gate[1], gate[1])
+    torch.testing.assert_close(changed_gate[0], gate[0], atol=1e-6, rtol=0)
+
+
+def test_sample_router_pools_the_embeddings() -> None:
+    model = tiny_bert()
+    loramix.inject(model, adapter_config("sample", targets=["query"]))
+    inputs = text_inputs()
+    gate = bert_gate(model, inputs)
+    router = get_info(model).model_router
+    embedded = model.get_input_embeddings()(inputs["input_ids"])
+    torch.testing.assert_close(gate, router(hidden=masked_mean(embedded, inputs["attention_mask"])).weights)
+
+
+def test_sample_router_on_a_cnn_pools_over_space() -> None:
+    model = tiny_cnn()
+    loramix.inject(model, adapter_config("sample", targets=["conv1", "conv2"]))
+    x = cnn_inputs()
+    with loramix.routing(model) as state:
+        out = model(x)
+    assert out.shape == (4, 4)
+    router = get_info(model).model_router
+    torch.testing.assert_close(state.model_gate.weights, router(hidden=x.mean((2, 3))).weights)
+
+
+def test_masked_mean() -> None:
+    hidden = torch.arange(24.0).reshape(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    want = torch.stack([hidden[0, :2].mean(0), hidden[1, 0]])
+    torch.testing.assert_close(masked_mean(hidden, mask), want)
+    torch.testing.assert_close(masked_mean(hidden, None), hidden.mean(1))
+    assert torch.equal(masked_mean(hidden[:, 0], mask), hidden[:, 0])
+    images = torch.randn(2, 3, 5, 4)
+    torch.testing.assert_close(masked_mean(images, None), images.mean((2, 3)))
+    all_padding = masked_mean(hidden, torch.zeros(2, 3))
+    assert torch.isfinite(all_padding).all()
+
+
+# ---- records --------------------------------------------------------------------------------------------------
+
+
+def test_records_hold_each_routing_decision() -> None:
+    model = adapted_mlp("token")
+    names = get_info(model).names
+    _, state = run(model, mlp_inputs())
+    assert [name for name, _ in state.records] == names
+    assert all(gate.weights.shape == (4, 5, 3) for gate in state.gates())
+    with loramix.routing(model, record=False) as state:
+        model(mlp_inputs())
+    assert state.records == []
+
+
+def test_model_router_runs_once_per_forward() -> None:
+    model = adapted_mlp("sample")
+    _, state = run(model, mlp_inputs())
+    assert [name for name, _ in state.records] == ["model"]
+    assert state.model_gate is state.records[0][1]
