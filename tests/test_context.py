@@ -157,7 +157,9 @@ def test_sample_router_on_bert_ignores_padding() -> None:
     assert (mask == 0).any()
     gate = bert_gate(model, inputs)
 
-    repadded = dict(inputs, input_ids=torch.where(mask.bool(), inputs["input_ids"], (inputs["input_ids"] + 7) % 99))
+    repadded = dict(
+        inputs, input_ids=torch.where(mask.bool(), inputs["input_ids"], (inputs["input_ids"] + 7) % 99)
+    )
     assert not torch.equal(repadded["input_ids"], inputs["input_ids"])
     torch.testing.assert_close(bert_gate(model, repadded), gate, atol=1e-6, rtol=0)
 
@@ -224,3 +226,12 @@ def test_model_router_runs_once_per_forward() -> None:
     _, state = run(model, mlp_inputs())
     assert [name for name, _ in state.records] == ["model"]
     assert state.model_gate is state.records[0][1]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_top_k_gates_in_a_model_keep_k_experts(k: int) -> None:
+    model = adapted_mlp("token", top_k=k)
+    _, state = run(model, mlp_inputs())
+    assert len(state.records) == 3
+    for gate in state.gates():
+        assert ((gate.weights != 0).sum(-1) == k).all()

@@ -54,6 +54,17 @@ def test_bert_query_value() -> None:
     assert "adapted 4 modules" in str(report)
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("share", SHARES)
+def test_bert_identity_at_init(router: str, share: str) -> None:
+    model = tiny_bert()
+    inputs = text_inputs()
+    base = call(model, inputs)
+    loramix.inject(model, adapter_config(router, share, targets="all-linear"))
+    out, _ = run(model, inputs)
+    assert (out - base).abs().max() < 1e-6
+
+
 def test_bert_all_linear() -> None:
     model = tiny_bert()
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -70,7 +81,11 @@ def test_gpt2_conv1d_layers() -> None:
     inputs = {"input_ids": text_inputs()["input_ids"]}
     base = call(model, inputs)
     report = loramix.inject(model, adapter_config("poly", share="A"))
-    conv1d = {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    conv1d = {
+        f"transformer.h.{i}.{m}"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert set(adapted_names(model)) == conv1d  # the (tied) lm_head is an output head: never adapted
     assert {kind for _, kind, *_ in report.matched} == {"Conv1D"}
     assert all(isinstance(m, Conv1DExperts) for m in get_info(model).layers)
@@ -179,7 +194,11 @@ def test_base_frozen_adapters_trainable(router: str) -> None:
     adapter = set(adapter_state(model))
     for name, p in model.named_parameters():
         assert p.requires_grad == (name in adapter), name
-    assert report.adapter_parameters == report.trainable_parameters == sum(p.numel() for p in adapter_state(model).values())
+    assert (
+        report.adapter_parameters
+        == report.trainable_parameters
+        == sum(p.numel() for p in adapter_state(model).values())
+    )
     assert report.total_parameters == sum(p.numel() for p in model.parameters())
     if router in ("poly", "token"):
         assert any(".router." in name for name in adapter)
@@ -270,7 +289,9 @@ def test_merge_and_unload_checks_its_task() -> None:
 # ---- one expert with a gate of ones is PEFT's LoRA ------------------------------------------------------------
 
 
-def peft_twin(model: nn.Module, targets: list[str], rank: int, alpha: float, rslora: bool, **kwargs) -> nn.Module:
+def peft_twin(
+    model: nn.Module, targets: list[str], rank: int, alpha: float, rslora: bool, **kwargs
+) -> nn.Module:
     """A PEFT LoRA on a copy of the (not yet injected) model."""
     config = peft.LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora, **kwargs
@@ -287,6 +308,7 @@ def copy_into_peft(model: nn.Module, twin: nn.Module) -> None:
         target.lora_B["default"].weight.copy_(layer.experts.B[0])
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 @pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("model_kind", ["mlp", "bert", "gpt2"])
 def test_single_expert_equals_peft_lora(model_kind: str, rslora: bool) -> None:

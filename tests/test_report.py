@@ -33,6 +33,7 @@ def results() -> list[dict]:
     collapsed = np.tile([0.7, 0.1, 0.1, 0.1], (90, 1))
     layers = {f"layers.{index}.attn": rng.dirichlet(np.ones(4), size=90) for index in range(8)}
     layers["layers.7.attn"] = 0.95 * np.eye(4)[task_ids] + 0.05 * rng.dirichlet(np.ones(4), size=90)
+    per_layer = per_layer_summary(layers, task_ids, TASKS)
     return [
         {
             "method": "lora",
@@ -52,12 +53,19 @@ def results() -> list[dict]:
         {
             "method": "mole/token",  # a character that cannot go in a file name
             "tasks": {"sst2": {"accuracy": 0.9}},  # only one task, no macro-F1
-            "routing": per_layer_summary(layers, task_ids, TASKS),
+            "routing": per_layer,
             "history": [],
         },
         {
             "method": "collapsed",
             "routing": {"model": routing_summary(collapsed, task_ids, TASKS, probe=False)},
+        },
+        {  # a model-level router and per-layer routers at once, as evaluation records them
+            "method": "both",
+            "routing": {
+                "model": routing_summary(specialised, task_ids, TASKS, probe=False),
+                **per_layer_summary({"a": specialised, "b": collapsed}, task_ids, TASKS),
+            },
         },
     ]
 
@@ -80,10 +88,10 @@ def test_report_names_every_method_and_task(report, results):
 def test_best_value_per_row_is_bold_and_mean_row_is_last(report):
     lines = report.read_text(encoding="utf-8").split("## Macro-F1")[0].splitlines()
     table = [line for line in lines if line.startswith("| ")]
-    assert table[0] == "| task | n | lora | mola-router | mole/token | collapsed |"
-    assert table[1].startswith("| sst2 | 30 | 0.700 | 0.800 | **0.900** | – |")
+    assert table[0] == "| task | n | lora | mola-router | mole/token | collapsed | both |"
+    assert table[1] == "| sst2 | 30 | 0.700 | 0.800 | **0.900** | – | – |"
     assert table[-1].startswith("| **mean** |")
-    assert table[-1] == "| **mean** |  | 0.710 | **0.800** | 0.900 (1/3 tasks) | – |"  # partial: not ranked
+    assert table[-1] == "| **mean** |  | 0.710 | **0.800** | 0.900 (1/3 tasks) | – | – |"  # partial: unranked
 
 
 def test_every_linked_plot_is_a_png(report):
@@ -91,10 +99,12 @@ def test_every_linked_plot_is_a_png(report):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     names = {Path(link).name for link in links}
     assert {
-        "mola-router-gates.png",
-        "mola-router-load.png",
-        "mole_token-gates.png",
-        "mole_token-load.png",
+        "mola-router-model-gates.png",
+        "mola-router-model-load.png",
+        "mole_token-layers-gates.png",
+        "mole_token-layers-load.png",
+        "both-model-gates.png",
+        "both-layers-gates.png",
     } <= names
     assert {"loss.png", "aux_losses.png"} <= names
     for link in links:
@@ -114,6 +124,9 @@ def test_routing_section_shows_metrics_and_warnings(report):
     per_layer = text.split("### mole/token")[1].split("###")[0]
     assert "8 layers" in per_layer and "layers.7.attn: expert 3 is never used" in per_layer
     assert "No routing statistics" in text.split("### lora")[1].split("###")[0]
+    both = text.split("### both")[1].split("##")[0]
+    assert "Model-level router" in both and "Per-layer routers, 2 layers" in both
+    assert "b: collapse: expert 0 takes 100.0% of samples" in both
 
 
 def test_report_survives_sparse_results(tmp_path):
@@ -128,6 +141,6 @@ def test_print_table_has_every_method_and_the_mean(results):
     lines = table.splitlines()
     for result in results:
         assert result["method"] in lines[0]
-    assert lines[-1].split() == ["mean", "0.710", "0.800", "0.900", "(1/3", "tasks)", "-"]
+    assert lines[-1].split() == ["mean", "0.710", "0.800", "0.900", "(1/3", "tasks)", "-", "-"]
     assert [line.split()[0] for line in lines[2:-2]] == TASKS
     assert len({len(line.rstrip()) for line in lines}) == 1  # fixed-width columns

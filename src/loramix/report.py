@@ -200,19 +200,20 @@ def _heatmap(axes: Any, summary: Mapping[str, Any], title: str, vmax: float) -> 
     return image
 
 
-def _plot_gates(path: Path, method: str, routing: Mapping[str, Any]) -> None:
-    """One heatmap for a model-level router; a grid of up to MAX_LAYER_HEATMAPS layers plus the aggregate.
+def _layer_panels(routing: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Up to MAX_LAYER_HEATMAPS layers, evenly spaced with the first and last included, then the aggregate."""
+    layers = list((routing.get("layers") or {}).items())
+    if len(layers) > MAX_LAYER_HEATMAPS:
+        picks = np.linspace(0, len(layers) - 1, MAX_LAYER_HEATMAPS).round().astype(int)
+        layers = [layers[index] for index in sorted(set(picks.tolist()))]
+    return [*layers, ("aggregate", routing.get("aggregate") or {})]
+
+
+def _plot_gates(path: Path, method: str, panels: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """A grid of mean-gate heatmaps, one per (title, summary) panel, at most four a row.
 
     All panels share one colour scale, so a layer that barely specialises looks flat next to one that does.
     """
-    if "layers" in routing:
-        layers = list((routing.get("layers") or {}).items())
-        if len(layers) > MAX_LAYER_HEATMAPS:  # evenly spaced, first and last included
-            picks = np.linspace(0, len(layers) - 1, MAX_LAYER_HEATMAPS).round().astype(int)
-            layers = [layers[index] for index in sorted(set(picks.tolist()))]
-        panels = [*layers, ("aggregate", routing.get("aggregate") or {})]
-    else:
-        panels = [("model", routing.get("model") or {})]
     columns = min(len(panels), 4)
     rows = math.ceil(len(panels) / columns)
     matrices = [matrix for _, summary in panels if (matrix := _gate_matrix(summary)) is not None]
@@ -368,31 +369,39 @@ def _warning_lines(warnings: Sequence[str]) -> list[str]:
 
 
 def _routing_section(plots: Path, slug: str, method: str, routing: Mapping[str, Any]) -> list[str]:
+    """The model-level router's part, then the per-layer routers' part, each where present."""
+    parts = []
+    if isinstance(routing.get("model"), Mapping) and routing["model"]:
+        parts.append(("model", "Model-level router", routing["model"], [("model", routing["model"])]))
+    if isinstance(routing.get("layers"), Mapping) and routing["layers"]:
+        title = f"Per-layer routers, {len(routing['layers'])} layers (metrics of the aggregate)"
+        parts.append(("layers", title, routing.get("aggregate") or {}, _layer_panels(routing)))
     lines = [f"### {method}", ""]
-    if "layers" in routing and routing.get("layers"):
-        summary = routing.get("aggregate") or {}
-        kind = f"per-layer router, {len(routing['layers'])} layers (aggregate below)"
-    elif isinstance(routing.get("model"), Mapping) and routing["model"]:
-        summary = routing["model"]
-        kind = "model-level router"
-    else:
+    if not parts:
         return [*lines, "No routing statistics (no learned router, or none recorded).", ""]
-    gates_png, load_png = plots / f"{slug}-gates.png", plots / f"{slug}-load.png"
-    _plot_gates(gates_png, method, routing)
-    _plot_load(load_png, method, summary)
-    lines += [
-        f"{kind}.",
+    for kind, title, summary, panels in parts:
+        gates_png, load_png = plots / f"{slug}-{kind}-gates.png", plots / f"{slug}-{kind}-load.png"
+        _plot_gates(gates_png, method, panels)
+        _plot_load(load_png, method, summary)
+        lines += _part_lines(f"{method} ({kind})", title, summary, gates_png.name, load_png.name)
+    return lines
+
+
+def _part_lines(
+    label: str, title: str, summary: Mapping[str, Any], gates_png: str, load_png: str
+) -> list[str]:
+    return [
+        f"**{title}**",
         "",
         *_summary_lines(summary),
         "",
         *_warning_lines(list(summary.get("warnings") or [])),
         "",
-        f"![{method}: mean gate per task and expert](plots/{gates_png.name})",
+        f"![{label}: mean gate per task and expert](plots/{gates_png})",
         "",
-        f"![{method}: expert load](plots/{load_png.name})",
+        f"![{label}: expert load](plots/{load_png})",
         "",
     ]
-    return lines
 
 
 def write_report(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> Path:

@@ -36,7 +36,9 @@ def test_unknown_share_is_a_config_error() -> None:
 
 def train_steps(bank: ExpertBank, steps: int = 5) -> None:
     """AdamW with weight decay, every expert in every sample (a dense uniform gate), so all would change."""
-    optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in bank.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1
+    )
     generator = torch.Generator().manual_seed(3)
     gate = torch.full((4, bank.num_experts), 1 / bank.num_experts)
     for _ in range(steps):

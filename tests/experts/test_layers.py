@@ -119,7 +119,10 @@ def test_conv2d_delta_equals_per_expert_loop(geometry: tuple, share: str, gate_k
     num_experts = 1 if gate_kind == "none" else NUM_EXPERTS
     router = "none" if gate_kind == "none" else ("task" if gate_kind == "hard" else "sample")
     config = AdapterConfig(
-        num_experts=num_experts, num_tasks=NUM_EXPERTS if router == "task" else None, router=router, share=share
+        num_experts=num_experts,
+        num_tasks=NUM_EXPERTS if router == "task" else None,
+        router=router,
+        share=share,
     )
     torch.manual_seed(0)
     base = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)

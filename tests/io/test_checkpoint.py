@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import randomize_adapters, routed, task_settings, tiny_bert, token_ids
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,6 +22,7 @@ from loramix import CheckpointError
 from loramix.inject import is_injected
 from loramix.io import read_checkpoint
 from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from tests.io.toys import bert_pair, randomize_adapters, routed, task_settings, tiny_bert, token_ids
 
 TASK_IDS = torch.tensor([0, 2])
 
@@ -33,7 +33,7 @@ def outputs(model: nn.Module, task_ids: torch.Tensor = TASK_IDS) -> torch.Tensor
     return torch.cat([out.last_hidden_state.flatten(1), out.pooler_output], dim=1)
 
 
-def adapted_bert(bert_pair: Callable, router: str = "task", share: str = "none", **settings: Any):
+def adapted_bert(router: str = "task", share: str = "none", **settings: Any):
     """(adapted model with random adapters, untouched copy of its base)."""
     model, fresh = bert_pair()
     config = {"rank": 4, "targets": ["query", "value"], "share": share, **task_settings(router), **settings}
@@ -47,8 +47,8 @@ def adapted_bert(bert_pair: Callable, router: str = "task", share: str = "none",
 
 @pytest.mark.parametrize("share", ["none", "A", "B"])
 @pytest.mark.parametrize("router", ["none", "task", "poly", "token", "sample"])
-def test_save_load_gives_identical_outputs(bert_pair, tmp_path: Path, router: str, share: str) -> None:
-    model, fresh = adapted_bert(bert_pair, router, share)
+def test_save_load_gives_identical_outputs(tmp_path: Path, router: str, share: str) -> None:
+    model, fresh = adapted_bert(router, share)
     expected = outputs(model)
     base_out = fresh(input_ids=token_ids()).last_hidden_state
     assert not torch.allclose(expected[:, : base_out[0].numel()], base_out.flatten(1), atol=1e-3)
@@ -60,8 +60,8 @@ def test_save_load_gives_identical_outputs(bert_pair, tmp_path: Path, router: st
     assert torch.equal(outputs(loaded), expected)
 
 
-def test_frozen_experts_stay_frozen_after_load(bert_pair, tmp_path: Path) -> None:
-    model, fresh = adapted_bert(bert_pair, "task")
+def test_frozen_experts_stay_frozen_after_load(tmp_path: Path) -> None:
+    model, fresh = adapted_bert("task")
     for layer in loramix.get_info(model).layers:
         layer.experts.freeze_experts([1])
         with torch.no_grad():  # what an optimizer's weight decay does to the parameter behind a frozen expert
@@ -83,8 +83,8 @@ def test_frozen_experts_stay_frozen_after_load(bert_pair, tmp_path: Path) -> Non
     assert torch.count_nonzero(grad_A[0]) > 0 and torch.count_nonzero(grad_A[2]) > 0
 
 
-def test_modules_to_save_round_trip(bert_pair, tmp_path: Path) -> None:
-    model, fresh = adapted_bert(bert_pair, "sample", modules_to_save=["pooler"])
+def test_modules_to_save_round_trip(tmp_path: Path) -> None:
+    model, fresh = adapted_bert("sample", modules_to_save=["pooler"])
     with torch.no_grad():
         model.pooler.dense.weight.normal_()
     expected = outputs(model)
@@ -100,8 +100,8 @@ def test_modules_to_save_round_trip(bert_pair, tmp_path: Path) -> None:
     assert torch.equal(outputs(fresh), expected)
 
 
-def test_trained_backbone_round_trips(bert_pair, tmp_path: Path) -> None:
-    model, fresh = adapted_bert(bert_pair, "token", train_backbone=True)
+def test_trained_backbone_round_trips(tmp_path: Path) -> None:
+    model, fresh = adapted_bert("token", train_backbone=True)
     with torch.no_grad():
         model.embeddings.word_embeddings.weight.add_(0.5)
         model.encoder.layer[0].attention.self.query.base_layer.weight.mul_(-1)
@@ -115,8 +115,8 @@ def test_trained_backbone_round_trips(bert_pair, tmp_path: Path) -> None:
     assert all(p.requires_grad for p in fresh.parameters())
 
 
-def test_extra_tensors_and_metadata_round_trip(bert_pair, tmp_path: Path) -> None:
-    model, _ = adapted_bert(bert_pair, "task")
+def test_extra_tensors_and_metadata_round_trip(tmp_path: Path) -> None:
+    model, _ = adapted_bert("task")
     heads = {"head.0": torch.randn(3, 32), "head.1": torch.arange(6, dtype=torch.int64)}
     metadata = {"step": 120, "tasks": ["sst2", "trec", "qnli"], "nested": {"lr": 1e-3}}
 
@@ -131,8 +131,8 @@ def test_extra_tensors_and_metadata_round_trip(bert_pair, tmp_path: Path) -> Non
     loramix.load(tiny_bert(), tmp_path)  # extra tensors are not taken for model parameters
 
 
-def test_saving_a_merged_model_is_refused(bert_pair, tmp_path: Path) -> None:
-    model, _ = adapted_bert(bert_pair, "task")
+def test_saving_a_merged_model_is_refused(tmp_path: Path) -> None:
+    model, _ = adapted_bert("task")
     loramix.get_info(model).layers[0].merge(torch.tensor([1.0, 0.0, 0.0]))
     with pytest.raises(CheckpointError, match="merged"):
         loramix.save(model, tmp_path)
@@ -258,8 +258,18 @@ BROKEN = {
     "invalid adapter config": (_invalid_adapter_config, tiny_bert, "rank", CONFIG_FILE),
     "missing weights": (_no_weights, tiny_bert, "file not found", WEIGHTS_FILE),
     "truncated weights": (_truncated, tiny_bert, "checksum does not match", WEIGHTS_FILE),
-    "truncated, no checksum": (_truncated_without_checksum, tiny_bert, "not a readable safetensors", WEIGHTS_FILE),
-    "weights of another save": (_weights_from_another_save, tiny_bert, "checksum does not match", WEIGHTS_FILE),
+    "truncated, no checksum": (
+        _truncated_without_checksum,
+        tiny_bert,
+        "not a readable safetensors",
+        WEIGHTS_FILE,
+    ),
+    "weights of another save": (
+        _weights_from_another_save,
+        tiny_bert,
+        "checksum does not match",
+        WEIGHTS_FILE,
+    ),
     "unlisted tensor": (_unlisted_tensor, tiny_bert, "other tensors than", WEIGHTS_FILE),
     "unknown tensor": (_unknown_tensor, tiny_bert, "no parameter for: encoder.layer.9", WEIGHTS_FILE),
     "missing tensor": (_missing_tensor, tiny_bert, "missing from the file: encoder.layer.1", WEIGHTS_FILE),
@@ -275,9 +285,9 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_directory_fails_clearly(bert_pair, tmp_path: Path, case: str) -> None:
+def test_broken_directory_fails_clearly(tmp_path: Path, case: str) -> None:
     break_it, make_target, problem, file_name = BROKEN[case]
-    model, _ = adapted_bert(bert_pair, "task", modules_to_save=["pooler"])
+    model, _ = adapted_bert("task", modules_to_save=["pooler"])
     loramix.save(model, tmp_path / "good")
     randomize_adapters(model)
     loramix.save(model, tmp_path / "other")
@@ -297,8 +307,8 @@ def test_broken_directory_fails_clearly(bert_pair, tmp_path: Path, case: str) ->
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
 
 
-def test_failed_load_can_be_retried(bert_pair, tmp_path: Path) -> None:
-    model, fresh = adapted_bert(bert_pair, "task")
+def test_failed_load_can_be_retried(tmp_path: Path) -> None:
+    model, fresh = adapted_bert("task")
     loramix.save(model, tmp_path)
     good = (tmp_path / WEIGHTS_FILE).read_bytes()
     _truncated(tmp_path, tmp_path)
@@ -335,9 +345,9 @@ def failing_replace(src: Any, dst: Any) -> None:
     ],
 )
 def test_crash_during_save_keeps_previous_save(
-    bert_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: tuple
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: tuple
 ) -> None:
-    model, fresh = adapted_bert(bert_pair, "task")
+    model, fresh = adapted_bert("task")
     expected = outputs(model)
     loramix.save(model, tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
@@ -354,9 +364,9 @@ def test_crash_during_save_keeps_previous_save(
 
 
 def test_crash_writing_the_config_leaves_no_temp_file(
-    bert_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, _ = adapted_bert(bert_pair, "task")
+    model, _ = adapted_bert("task")
     loramix.save(model, tmp_path)
     old_config = (tmp_path / CONFIG_FILE).read_bytes()
     randomize_adapters(model)
@@ -378,9 +388,9 @@ def test_crash_writing_the_config_leaves_no_temp_file(
 
 
 def test_crash_between_weights_and_config_refuses_to_load(
-    bert_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, fresh = adapted_bert(bert_pair, "task")
+    model, fresh = adapted_bert("task")
     loramix.save(model, tmp_path)
     randomize_adapters(model)
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SmallCNN, randomize_adapters, task_settings, tiny_bert, tiny_gpt2, token_ids
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 import loramix
 from loramix import CheckpointError, InjectionError
 from loramix.inject import is_injected
+from tests.io.toys import SmallCNN, randomize_adapters, task_settings, tiny_bert, tiny_gpt2, token_ids
 
 ATOL = 1e-5
 
@@ -173,6 +173,16 @@ def test_export_refuses_what_it_cannot_fix(tmp_path: Path, router: str, kwargs: 
     with pytest.raises(InjectionError, match=problem):
         loramix.export_peft(model, tmp_path, **kwargs)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_export_refuses_dilated_convolutions(tmp_path: Path) -> None:
+    model = SmallCNN()
+    model.conv2 = nn.Conv2d(8, 6, 3, dilation=2, padding=2)  # PEFT's LoRA conv would ignore the dilation
+    loramix.inject(model, {"rank": 4, "targets": ["conv1", "conv2"]})
+    with pytest.raises(CheckpointError, match="dilat") as caught:
+        loramix.export_peft(model, tmp_path)
+    assert "conv2" in str(caught.value) and "conv1" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- import -------------------------------------------------------------------------------------------------

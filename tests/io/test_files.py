@@ -80,7 +80,10 @@ def test_atomic_write_json_is_deterministic(tmp_path: Path) -> None:
 
 def test_atomic_save_tensors_returns_the_file_digest(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    tensors = {"x": torch.arange(6.0).reshape(2, 3).t(), "y": torch.ones(2, dtype=torch.int64)}  # x not contiguous
+    tensors = {
+        "x": torch.arange(6.0).reshape(2, 3).t(),
+        "y": torch.ones(2, dtype=torch.int64),
+    }  # x not contiguous
     digest = files.atomic_save_tensors(path, tensors, metadata={"format": "pt"})
 
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest() == files.sha256_of(path)

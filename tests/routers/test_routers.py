@@ -87,23 +87,23 @@ def test_top_k_keeps_exactly_k(kind: str, k: int, noisy: bool) -> None:
 def test_top_k_renormalises_the_kept_probabilities() -> None:
     router = make_router("token", top_k=2).eval()
     gate = route(router, "token")
-    probs = torch.softmax(gate.logits, dim=-1)  # type: ignore[arg-type]
-    kept = probs.gather(-1, gate.indices)  # type: ignore[arg-type]
-    torch.testing.assert_close(gate.weights.gather(-1, gate.indices), kept / kept.sum(-1, keepdim=True))  # type: ignore[arg-type]
+    probs = torch.softmax(gate.logits, dim=-1)
+    kept = probs.gather(-1, gate.indices)
+    torch.testing.assert_close(gate.weights.gather(-1, gate.indices), kept / kept.sum(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("kind", ["token", "sample"])
 def test_noise_only_in_training(kind: str) -> None:
     router = make_router(kind, noisy=True)
     x = hidden(per_token=kind == "token")
-    clean = torch.softmax(router.eval()(hidden=x).logits, dim=-1)  # type: ignore[arg-type]
+    clean = torch.softmax(router.eval()(hidden=x).logits, dim=-1)
     eval_1, eval_2 = router.eval()(hidden=x), router(hidden=x)
     assert torch.equal(eval_1.weights, clean)
     assert torch.equal(eval_1.weights, eval_2.weights)
     train_1, train_2 = router.train()(hidden=x), router(hidden=x)
     assert not torch.allclose(train_1.weights, clean, atol=1e-4)
     assert not torch.allclose(train_1.weights, train_2.weights, atol=1e-4)
-    assert torch.equal(train_1.logits, eval_1.logits)  # logits stay clean: the losses see them  # type: ignore[arg-type]
+    assert torch.equal(train_1.logits, eval_1.logits)  # logits stay clean: the losses see them
 
 
 @pytest.mark.parametrize("kind", ["token", "sample"])
@@ -117,7 +117,7 @@ def test_temperature_divides_the_logits() -> None:
     x = hidden(per_token=True)
     hot, cold = make_router("token", temperature=2.0), make_router("token", temperature=1.0)
     gate = hot(hidden=x)
-    torch.testing.assert_close(gate.weights, torch.softmax(cold(hidden=x).logits / 2.0, dim=-1))  # type: ignore[operator]
+    torch.testing.assert_close(gate.weights, torch.softmax(cold(hidden=x).logits / 2.0, dim=-1))
 
 
 def test_poly_relaxed_bernoulli_in_training_sigmoid_in_eval() -> None:
@@ -138,7 +138,9 @@ def test_poly_relaxed_bernoulli_in_training_sigmoid_in_eval() -> None:
     # the relaxed Bernoulli is centred on the table: its mean over many draws is close to the sigmoid
     many = torch.stack([router(task_ids=torch.tensor([0])).weights[0] for _ in range(2000)])
     relaxed = torch.sigmoid(router.table[0].detach() + torch.logit(torch.rand(20000, NUM_EXPERTS)))
-    torch.testing.assert_close(many.mean(0), (relaxed / relaxed.sum(-1, keepdim=True)).mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        many.mean(0), (relaxed / relaxed.sum(-1, keepdim=True)).mean(0), atol=0.02, rtol=0
+    )
 
 
 def test_poly_gate_is_differentiable_in_training() -> None:
@@ -153,7 +155,7 @@ def test_task_router_maps_tasks_to_experts() -> None:
     router = TaskRouter(4, 3, task_to_expert=[0, 2, 2, 1])
     gate = router(task_ids=torch.tensor([3, 1, 0, 2]))
     assert gate.hard
-    assert torch.equal(gate.indices, torch.tensor([1, 2, 0, 2]))  # type: ignore[arg-type]
+    assert torch.equal(gate.indices, torch.tensor([1, 2, 0, 2]))
     assert torch.equal(gate.weights, torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 2]), 3).float())
 
 
@@ -161,7 +163,7 @@ def test_task_router_maps_tasks_to_experts() -> None:
 def test_routing_maths_runs_in_fp32(kind: str) -> None:
     router = make_router(kind, top_k=2)
     if kind == "sample":
-        router.network.to(torch.bfloat16)  # type: ignore[union-attr]
+        router.network.to(torch.bfloat16)
     gate = router(hidden=hidden(per_token=kind == "token").bfloat16())
     assert gate.weights.dtype == torch.float32
     assert gate.logits is not None and gate.logits.dtype == torch.float32
@@ -172,7 +174,7 @@ def test_sample_router_accepts_a_custom_network() -> None:
     network = torch.nn.Linear(FEATURES, NUM_EXPERTS)
     router = SampleRouter(FEATURES, NUM_EXPERTS, network=network)
     x = hidden(per_token=False)
-    torch.testing.assert_close(router(hidden=x).logits, network(x))  # type: ignore[arg-type]
+    torch.testing.assert_close(router(hidden=x).logits, network(x))
 
 
 @pytest.mark.parametrize(

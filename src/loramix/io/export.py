@@ -57,6 +57,15 @@ def export_peft(
     from peft import LoraConfig
 
     info = get_info(model)
+    dilated = [
+        name
+        for name, layer in zip(info.names, info.layers)
+        if isinstance(layer, Conv2dExperts) and tuple(layer.base_layer.dilation) != (1, 1)
+    ]
+    if dilated:  # PEFT's LoRA conv has no dilation: its lora_A would not see what loramix's A sees
+        raise CheckpointError(
+            f"cannot export dilated Conv2d layers as a PEFT LoRA (PEFT ignores dilation): {', '.join(dilated[:5])}"
+        )
     factors = {}
     for name, layer in zip(info.names, info.layers):
         g = fixed_gate(model, layer, task=task, gate=None if gate is None else torch.as_tensor(gate))

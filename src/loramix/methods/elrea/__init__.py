@@ -32,10 +32,15 @@ The pipeline, and the part of this package behind each step:
    `mode="top1"`).
 
 Example:
-    >>> from loramix.methods.elrea import GradientFeaturizer, cluster_features, routing_weights, ensemble_logits
-    >>> featurizer = GradientFeaturizer(base_model, projection_dim=2048, seed=0)
-    >>> train_feats = featurizer.featurize(loader, lambda b: prompt_lm_loss(base_model(**b).logits, ...))
-    >>> clusters = cluster_features(train_feats, seed=0)
+    >>> from loramix.methods import elrea
+    >>> featurizer = elrea.GradientFeaturizer(base_model, projection_dim=2048, seed=0)
+    >>> def loss(b):
+    ...     logits = base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    ...     return elrea.prompt_lm_loss(logits, b["input_ids"], b["prompt_mask"])
+    >>> train_feats = featurizer.featurize(loader, loss)  # (N, 2048)
+    >>> clusters = elrea.cluster_features(train_feats, seed=0)  # C by silhouette; train expert c + 1 on cluster c
+    >>> w = elrea.routing_weights(test_feats, clusters.centroids, base_centroid=elrea.base_centroid(train_feats))
+    >>> logits = elrea.ensemble_logits(elrea.routed_forward(bank_model), test_inputs, w)
 """
 
 from loramix.methods.elrea.cluster import Clustering, cluster_centroids, cluster_features

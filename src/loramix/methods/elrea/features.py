@@ -183,7 +183,7 @@ class GradientFeaturizer:
     # ---- the backward pass ---------------------------------------------------------------------------------
     def _capture(
         self, calls: list[_Call], index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ):
+    ) -> None:
         layer = self.targets[index].layer
         if layer.merged_gate is not None or layer.disabled:
             raise InjectionError(f"layer '{layer.layer_name}' is merged or disabled: unmerge/enable it first")

@@ -1,14 +1,14 @@
-"""Toy models shared by the io tests: a tiny BERT (Linear), a tiny GPT-2 (Conv1D) and a small CNN (Conv2d), all
-built from configs with random weights, plus helpers to give adapters random non-zero weights and to route."""
+"""Toy models for the io tests: a tiny BERT (Linear, with a choice of width and depth), a tiny GPT-2 (Conv1D) and a
+small CNN (Conv2d without dilation, which PEFT's LoRA conv cannot express), all built from configs with random
+weights; plus helpers that give adapters random non-zero weights and route."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 import transformers
 from torch import Tensor, nn
@@ -87,13 +87,8 @@ def token_ids(batch: int = 2, length: int = 7, seed: int = 0) -> Tensor:
     return torch.randint(0, 99, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def bert_pair() -> Callable[..., tuple[nn.Module, nn.Module]]:
-    """`make(**bert_kwargs)` -> (model, untouched copy with the same weights)."""
-
-    def make(**kwargs: Any) -> tuple[nn.Module, nn.Module]:
-        torch.manual_seed(0)
-        model = tiny_bert(**kwargs)
-        return model, copy.deepcopy(model)
-
-    return make
+def bert_pair(**kwargs: Any) -> tuple[nn.Module, nn.Module]:
+    """(tiny BERT, an untouched copy with the same weights)."""
+    torch.manual_seed(0)
+    model = tiny_bert(**kwargs)
+    return model, copy.deepcopy(model)

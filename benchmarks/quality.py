@@ -1,0 +1,123 @@
+"""Quality benchmark: every method on the ten real tasks in shared/data with all-MiniLM-L6-v2.
+
+Every run uses the same steps, batch size, sequence length, subsample and evaluation set. Results are appended to
+benchmarks/results/quality.json after each run (so a long run can be stopped and resumed with --skip-done).
+
+    python benchmarks/quality.py                      # all methods, seeds 0 and 1 (about an hour on 2 cores)
+    python benchmarks/quality.py --methods lora mola-grad --seeds 0 --steps 50   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from loramix.io.files import atomic_write_json  # noqa: E402
+from loramix.train.config import RunConfig  # noqa: E402
+from loramix.train.run import run_training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+TASKS = ["sst2", "subj", "trec", "sms_spam", "ag_news", "emotion", "cola", "banking77", "mrpc", "rte"]
+# name -> run settings beyond the shared ones
+VARIANTS: dict[str, dict] = {
+    "lora": {"method": "lora"},
+    "mola-grad": {"method": "mola-grad"},
+    "mola-router": {"method": "mola-router", "twd_weight": 0.1},
+    "mola-router-no-twd": {"method": "mola-router", "twd_weight": 0.0},
+    "lora-wide": {"method": "lora-wide"},
+    "token-router": {"method": "token-router"},
+    "per-task-lora": {"method": "per-task-lora"},
+    "elrea": {"method": "elrea"},
+}
+
+
+def default_data_dir() -> Path:
+    return ROOT.parent.parent / "shared" / "data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-train", type=int, default=2000, help="train examples kept per task (seeded)")
+    parser.add_argument("--max-eval", type=int, default=500, help="test examples per task (first N)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=default_data_dir())
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/loramix-quality"))
+    parser.add_argument("--skip-done", action="store_true", help="keep runs already in --out and skip them")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = json.loads(args.out.read_text()) if args.skip_done and args.out.is_file() else []
+    done = {(r["name"], r["seed"]) for r in results}
+    for seed in args.seeds:
+        for name in args.methods:
+            if (name, seed) in done:
+                continue
+            settings = {
+                "model": "minilm", "tasks_dir": str(args.data), "tasks": TASKS, "steps": args.steps,
+                "batch_size": args.batch_size, "max_length": args.max_length, "max_train_examples": args.max_train,
+                "max_eval_examples": args.max_eval, "seed": seed, "threads": args.threads, "progress": False,
+                "log_every": 25, **VARIANTS[name],
+            }
+            run = RunConfig.from_dict(settings)
+            started = time.perf_counter()
+            metrics = run_training(run, args.work / f"{name}-seed{seed}")
+            entry = {
+                "name": name, "method": run.method, "seed": seed,
+                "tasks": {t: m["accuracy"] for t, m in metrics["tasks"].items()},
+                "mean_accuracy": metrics["mean_accuracy"],
+                "steps": args.steps, "batch_size": args.batch_size, "max_train_examples": args.max_train,
+                "max_eval_examples": args.max_eval, "seconds": round(time.perf_counter() - started, 1),
+            }
+            if run.method == "mola-router":
+                entry["twd_weight"] = run.twd_weight
+            routing = metrics.get("routing", {})
+            summary = routing.get("model") or routing.get("aggregate")
+            if summary:
+                entry["routing_purity"] = summary["purity"]
+                entry["routing_probe_accuracy"] = summary.get("probe_accuracy")
+            for key in ("ari", "nmi"):
+                if key in metrics:
+                    entry[key] = metrics[key]
+            results.append(entry)
+            atomic_write_json(args.out, results)
+            print(f"{name} seed {seed}: mean accuracy {entry['mean_accuracy']:.4f} ({entry['seconds']} s)", flush=True)
+    print(summarise(results))
+    return 0
+
+
+def summarise(results: list[dict]) -> str:
+    """A markdown table: per-task accuracy averaged over seeds, one column per method."""
+    names = list(dict.fromkeys(r["name"] for r in results))
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task in TASKS + ["mean"]:
+        cells = []
+        for name in names:
+            runs = [r for r in results if r["name"] == name]
+            values = [r["mean_accuracy"] if task == "mean" else r["tasks"].get(task) for r in runs]
+            values = [v for v in values if v is not None]
+            cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    purity = []
+    for name in names:
+        runs = [r["routing_purity"] for r in results if r["name"] == name and "routing_purity" in r]
+        purity.append(f"{sum(runs) / len(runs):.2f}" if runs else "")
+    lines.append("| routing purity | " + " | ".join(purity) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

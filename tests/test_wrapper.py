@@ -1,0 +1,176 @@
+"""LoramixModel: routing side inputs as forward keyword arguments, so `model(**batch)` and `generate()` route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import transformers
+from torch import Tensor, nn
+
+import loramix
+from loramix import InjectionError, LoramixModel, RoutingError
+from loramix.inject import adapter_state
+
+TASK_IDS = torch.tensor([0, 1])
+
+
+def tiny_gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=99,
+        n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def adapted_gpt2(router: str) -> nn.Module:
+    model = tiny_gpt2()
+    settings = {"num_tasks": 2} if router in ("task", "poly") else {}
+    loramix.inject(
+        model, {"num_experts": 2, "rank": 4, "router": router, "targets": ["c_attn", "c_proj"], **settings}
+    )
+    with torch.no_grad():
+        for param in adapter_state(model).values():
+            param.normal_(std=0.5)
+    return model.eval()
+
+
+def prompt(length: int = 5) -> Tensor:
+    return torch.randint(0, 99, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("router", ["task", "poly"])
+def test_forward_with_task_ids_equals_routing_context(router: str) -> None:
+    model = adapted_gpt2(router)
+    wrapped = LoramixModel(model)
+    ids = prompt()
+    with torch.no_grad():
+        with loramix.routing(model, task_ids=TASK_IDS):
+            expected = model(input_ids=ids).logits
+        with loramix.routing(model, task_ids=TASK_IDS.flip(0)):
+            swapped = model(input_ids=ids).logits
+        got = wrapped(input_ids=ids, task_ids=TASK_IDS).logits
+        positional = wrapped(ids, task_ids=TASK_IDS).logits
+    assert torch.equal(got, expected)
+    assert torch.equal(positional, expected)
+    assert not torch.allclose(got, swapped, atol=1e-3)
+
+
+def test_forward_passes_the_attention_mask_to_the_sample_router() -> None:
+    model = adapted_gpt2("sample")
+    wrapped = LoramixModel(model)
+    ids = prompt()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        with loramix.routing(model, attention_mask=mask):
+            expected = model(input_ids=ids, attention_mask=mask).logits
+        with loramix.routing(model):
+            unmasked_gate = model(input_ids=ids, attention_mask=mask).logits
+        got = wrapped(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got[1], unmasked_gate[1], atol=1e-4)
+
+
+def test_missing_task_ids_raise_routing_error() -> None:
+    wrapped = LoramixModel(adapted_gpt2("task"))
+    with pytest.raises(RoutingError, match="task_ids"):
+        wrapped(input_ids=prompt())
+    with pytest.raises(RoutingError, match="task_ids"):
+        wrapped.generate(input_ids=prompt(), max_new_tokens=1, do_sample=False)
+    with pytest.raises(RoutingError, match="0..1"):
+        wrapped(input_ids=prompt(), task_ids=torch.tensor([0, 2]))
+
+
+def test_wrapping_a_model_without_adapters_fails() -> None:
+    with pytest.raises(InjectionError, match="inject"):
+        LoramixModel(tiny_gpt2())
+
+
+def test_attributes_fall_through_to_the_model() -> None:
+    model = adapted_gpt2("task")
+    wrapped = LoramixModel(model)
+    assert wrapped.config is model.config
+    assert wrapped.config.n_embd == 32
+    assert wrapped.device == model.device
+    assert wrapped.model is model
+    assert wrapped.get_output_embeddings() is model.lm_head
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute  # noqa: B018
+    assert all(name.startswith("model.") for name in wrapped.state_dict())
+
+
+def greedy(next_logits: Callable[[Tensor], Tensor], ids: Tensor, steps: int) -> Tensor:
+    """Greedy decoding by hand, without a cache: the reference that `generate` must reproduce."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = next_logits(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_generate_routes_each_sequence_by_its_task() -> None:
+    model = adapted_gpt2("task")
+    wrapped = LoramixModel(model)
+    ids = prompt()
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 3}
+
+    first = wrapped.generate(input_ids=ids, task_ids=TASK_IDS, **kwargs)
+    again = wrapped.generate(input_ids=ids, task_ids=TASK_IDS, **kwargs)
+
+    assert first.shape == (2, 8)
+    assert torch.equal(first, again)
+
+    def by_task(ids: Tensor) -> Tensor:
+        with loramix.routing(model, task_ids=TASK_IDS):
+            return model(input_ids=ids).logits
+
+    assert torch.equal(first, greedy(by_task, ids, 3))
+
+
+def test_generate_with_sample_router_decides_on_the_prompt() -> None:
+    model = adapted_gpt2("sample")
+    wrapped = LoramixModel(model)
+    ids = prompt()
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 3}
+
+    first = wrapped.generate(input_ids=ids, **kwargs)
+    again = wrapped.generate(input_ids=ids, **kwargs)
+    assert first.shape == (2, 8)
+    assert torch.equal(first, again)
+
+    with torch.no_grad(), loramix.routing(model) as state:
+        model(input_ids=ids)
+    prompt_gate = state.model_gate
+
+    def by_prompt_gate(ids: Tensor) -> Tensor:
+        with loramix.routing(model) as state:
+            state.model_gate, state.keep_model_gate = prompt_gate, True
+            return model(input_ids=ids).logits
+
+    assert torch.equal(first, greedy(by_prompt_gate, ids, 3))
+
+
+def test_generate_with_beams_repeats_task_ids() -> None:
+    model = adapted_gpt2("task")
+    wrapped = LoramixModel(model)
+    out = wrapped.generate(
+        input_ids=prompt(), task_ids=TASK_IDS, do_sample=False, max_new_tokens=2, num_beams=2
+    )
+    assert out.shape == (2, 7)
+
+
+def test_wrapped_model_trains_only_the_experts() -> None:
+    wrapped = LoramixModel(adapted_gpt2("task")).train()
+    ids = prompt()
+    wrapped(input_ids=ids, labels=ids, task_ids=TASK_IDS).loss.backward()
+    trainable = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(".experts." in n for n in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
