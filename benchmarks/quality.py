@@ -45,7 +45,9 @@ def default_data_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=300)
@@ -67,20 +69,34 @@ def main(argv: list[str] | None = None) -> int:
             if (name, seed) in done:
                 continue
             settings = {
-                "model": "minilm", "tasks_dir": str(args.data), "tasks": TASKS, "steps": args.steps,
-                "batch_size": args.batch_size, "max_length": args.max_length, "max_train_examples": args.max_train,
-                "max_eval_examples": args.max_eval, "seed": seed, "threads": args.threads, "progress": False,
-                "log_every": 25, **VARIANTS[name],
+                "model": "minilm",
+                "tasks_dir": str(args.data),
+                "tasks": TASKS,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "max_train_examples": args.max_train,
+                "max_eval_examples": args.max_eval,
+                "seed": seed,
+                "threads": args.threads,
+                "progress": False,
+                "log_every": 25,
+                **VARIANTS[name],
             }
             run = RunConfig.from_dict(settings)
             started = time.perf_counter()
             metrics = run_training(run, args.work / f"{name}-seed{seed}")
             entry = {
-                "name": name, "method": run.method, "seed": seed,
+                "name": name,
+                "method": run.method,
+                "seed": seed,
                 "tasks": {t: m["accuracy"] for t, m in metrics["tasks"].items()},
                 "mean_accuracy": metrics["mean_accuracy"],
-                "steps": args.steps, "batch_size": args.batch_size, "max_train_examples": args.max_train,
-                "max_eval_examples": args.max_eval, "seconds": round(time.perf_counter() - started, 1),
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "max_train_examples": args.max_train,
+                "max_eval_examples": args.max_eval,
+                "seconds": round(time.perf_counter() - started, 1),
             }
             if run.method == "mola-router":
                 entry["twd_weight"] = run.twd_weight
@@ -94,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                     entry[key] = metrics[key]
             results.append(entry)
             atomic_write_json(args.out, results)
-            print(f"{name} seed {seed}: mean accuracy {entry['mean_accuracy']:.4f} ({entry['seconds']} s)", flush=True)
+            print(
+                f"{name} seed {seed}: mean accuracy {entry['mean_accuracy']:.4f} ({entry['seconds']} s)",
+                flush=True,
+            )
     print(summarise(results))
     return 0
 

@@ -73,10 +73,10 @@ def test_forward_passes_the_attention_mask_to_the_sample_router() -> None:
         with loramix.routing(model, attention_mask=mask):
             expected = model(input_ids=ids, attention_mask=mask).logits
         with loramix.routing(model):
-            unmasked_gate = model(input_ids=ids, attention_mask=mask).logits
+            unmasked = model(input_ids=ids, attention_mask=mask).logits
         got = wrapped(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, expected)
-    assert not torch.allclose(got[1], unmasked_gate[1], atol=1e-4)
+    assert not torch.allclose(got[1], unmasked[1], atol=1e-4)
 
 
 def test_missing_task_ids_raise_routing_error() -> None:

@@ -5,12 +5,18 @@ Legend: n samples, t tokens, e experts, r rank, i / o in / out features.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 from torch import Tensor, nn
 
 from loramix.config import AdapterConfig
 from loramix.experts import ops
 from loramix.experts.layer import AdaptedLayer
 from loramix.routers import Gate
+
+if TYPE_CHECKING:
+    from loramix.context import RoutingState
 
 
 class LinearExperts(AdaptedLayer):
@@ -25,6 +31,69 @@ class LinearExperts(AdaptedLayer):
     @staticmethod
     def features_of(layer: nn.Module) -> tuple[int, int]:
         return layer.in_features, layer.out_features
+
+    def forward(self, x: Tensor, *args, routing: RoutingState | None = None, **kwargs) -> Tensor:
+        """The base output plus the mixture. A plain `nn.Linear` or `Conv1D` base runs fused with the experts
+        (`ops.linear`: one GEMM accumulates the mixture into the base output); anything else runs as
+        `base_layer(x) + delta(x)`."""
+        if args or kwargs or self.merged_gate is not None or self.disabled or not self._fusable(x):
+            return super().forward(x, *args, routing=routing, **kwargs)
+        gate = self.gate(x, routing)
+        A, B = self.experts.weights()
+        A, B = A.to(x.dtype), B.to(x.dtype)
+        base = self.base_layer
+        input_major = not isinstance(base, nn.Linear)
+        if gate is None:
+            return ops.linear(
+                x,
+                base.weight,
+                base.bias,
+                A,
+                B,
+                self.scaling,
+                dropout=self.adapter_dropout,
+                input_major=input_major,
+            )
+        batch = x.shape[0]
+        self._check_batch(gate, batch)
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
+        out = ops.linear(
+            x3,
+            base.weight,
+            base.bias,
+            A,
+            B,
+            self.scaling,
+            gate=self._op_gate(gate, batch),
+            dropout=self.adapter_dropout,
+            input_major=input_major,
+        )
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the base is a plain linear map whose forward `ops.linear` reproduces exactly: an exact
+        `nn.Linear` or `Conv1D` (not a subclass, which may compute something else), no hooks on it, the input's
+        dtype, no autocast (whose casts a custom autograd node would not replay in backward)."""
+        base = self.base_layer
+        weight = getattr(base, "weight", None)
+        return (
+            type(base) in _FUSABLE_BASES
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and isinstance(weight, Tensor)
+            and weight.dtype == x.dtype
+            and x.dim() >= 2
+            and x.is_contiguous()
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    @staticmethod
+    def _op_gate(gate: Gate, batch: int) -> Tensor:
+        if gate.hard:
+            return gate.indices  # type: ignore[return-value]
+        weights = gate.weights
+        if weights.dim() > 2:
+            weights = weights.reshape(batch, -1, weights.shape[-1])  # (n, t, e)
+        return weights
 
     def delta(self, x: Tensor, gate: Gate | None) -> Tensor:
         A, B = self.experts.weights()
@@ -59,6 +128,17 @@ class Conv1DExperts(LinearExperts):
     def _add_to_base_weight(self, delta: Tensor) -> None:
         weight = self.base_layer.weight
         weight.add_(delta.t().to(weight.dtype))
+
+
+def _fusable_bases() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+_FUSABLE_BASES = _fusable_bases()
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -69,7 +69,11 @@ class Trainer:
         *,
         output_dir: Path,
         callbacks: Sequence[Callback] = (),
+        train_examples: Sequence[Any] | None = None,
+        sampler_ids: Sequence[int] | None = None,
     ) -> None:
+        """`train_examples` and `sampler_ids` replace the data's train split and the ids that balance it (ELREA
+        trains its experts on clusters instead of tasks)."""
         self.run, self.data, self.output_dir = run, data, Path(output_dir)
         self.callbacks = list(callbacks)
         self.accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
@@ -88,15 +92,15 @@ class Trainer:
             self.optimizer, lambda s: warmup_cosine(s, run.steps, warmup)
         )
         self.sampler = TaskBalancedSampler(
-            data.task_ids("train"),
+            data.task_ids("train") if sampler_ids is None else sampler_ids,
             batch_size=run.batch_size,
             mode=run.sampling,
             temperature=run.sampling_temperature,
             single_task_batches=run.single_task_batches,
             seed=run.seed,
-            num_tasks=data.num_tasks,
         )
-        loader = DataLoader(data.split("train"), batch_sampler=self.sampler, collate_fn=collator)
+        examples = data.split("train") if train_examples is None else train_examples
+        loader = DataLoader(examples, batch_sampler=self.sampler, collate_fn=collator)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
         if self.twd_projection is not None:
             self.twd_projection.to(self.accelerator.device)

@@ -97,7 +97,12 @@ def run_training(run: RunConfig, output_dir: str | Path, *, resume: bool = False
 
 
 def save_run(
-    output_dir: Path, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, metrics: dict
+    output_dir: Path,
+    run: RunConfig,
+    data: MultiTaskData,
+    model: MultiTaskModel,
+    metrics: dict,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Adapters (with the heads and task metadata), metrics.json and the report."""
     from loramix.report import write_report
@@ -107,7 +112,32 @@ def save_run(
         model.backbone,
         output_dir / "adapter",
         metadata={"tasks": tasks_meta, "run": run.to_dict(), "pooling": run.pooling},
-        extra_tensors={f"heads.{k}": v for k, v in model.heads.state_dict().items()},
+        extra_tensors={**{f"heads.{k}": v for k, v in model.heads.state_dict().items()}, **(extra or {})},
     )
     atomic_write_json(output_dir / "metrics.json", metrics)
     write_report(output_dir, [metrics])
+
+
+def load_trained(
+    run_dir: str | Path, config_path: str | Path | None = None
+) -> tuple[RunConfig, MultiTaskModel, Any, list[dict]]:
+    """A finished run's config, model (backbone + adapters + heads), tokenizer and task metadata."""
+    from loramix.errors import CheckpointError
+    from loramix.io import load, read_checkpoint
+
+    run_dir = Path(run_dir)
+    run = RunConfig.from_yaml(config_path or run_dir / "config.yaml")
+    record, tensors = read_checkpoint(run_dir / "adapter")
+    tasks_meta = record["metadata"].get("tasks")
+    if not tasks_meta:
+        raise CheckpointError(f"{run_dir / 'adapter'}: no task metadata; was it written by loramix train?")
+    backbone, tokenizer = load_backbone(run.model)
+    load(backbone, run_dir / "adapter")
+    num_labels = [1 if t["task_type"] == "regression" else len(t["labels"]) for t in tasks_meta]
+    heads = TaskHeads(
+        backbone.config.hidden_size, num_labels, [t["task_type"] == "regression" for t in tasks_meta]
+    )
+    heads.load_state_dict(
+        {k.removeprefix("extra.heads."): v for k, v in tensors.items() if k.startswith("extra.heads.")}
+    )
+    return run, MultiTaskModel(backbone, heads, pooling=run.pooling), tokenizer, tasks_meta
