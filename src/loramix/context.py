@@ -55,8 +55,13 @@ def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
         return hidden
     if hidden.dim() > 3:
         return hidden.flatten(2).mean(-1)  # (n, c)
-    if mask is None or mask.shape != hidden.shape[:2]:
+    if mask is None:
         return hidden.mean(1)
+    if mask.shape != hidden.shape[:2]:
+        raise RoutingError(
+            f"attention_mask has shape {tuple(mask.shape)} but the router's input has (batch, tokens) = "
+            f"{tuple(hidden.shape[:2])}"
+        )
     weights = mask.to(hidden.dtype)[..., None]  # (n, t, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

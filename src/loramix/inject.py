@@ -306,4 +306,6 @@ def merge_and_unload(
         layer.unmerge()
         layer.merge(fixed_gate(model, layer, task=task, gate=gate))
     _unwrap(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(info.original_requires_grad.get(name, param.requires_grad))
     return model

@@ -49,7 +49,8 @@ class LearnedRouter(Router):
     """Template for routers that score experts from features: `logits()` differs, the rest is shared.
 
     softmax(logits / temperature), optional noise in training (noisy top-k, Shazeer et al. 2017, with a learned
-    noise scale), optional top-k with renormalisation.
+    noise scale), optional top-k with renormalisation. Top-1 keeps a gate of exactly 1 whose gradient is the
+    chosen probability's (a straight-through estimate), so the router still learns from the task loss.
     """
 
     needs_hidden = True
@@ -85,6 +86,9 @@ class LearnedRouter(Router):
             if self.top_k is None or self.top_k >= self.num_experts:
                 return Gate(weights=probs, logits=logits)
             top_p, top_i = probs.topk(self.top_k, dim=-1)  # (..., k)
-            top_p = top_p / top_p.sum(-1, keepdim=True)
+            if self.top_k == 1:  # value 1, gradient of p: renormalising alone would give the router none
+                top_p = top_p - top_p.detach() + 1.0
+            else:
+                top_p = top_p / top_p.sum(-1, keepdim=True)
             weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
             return Gate(weights=weights, indices=top_i, logits=logits)
