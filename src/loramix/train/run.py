@@ -92,7 +92,9 @@ def run_training(run: RunConfig, output_dir: str | Path, *, resume: bool = False
         max_examples=run.max_eval_examples,
     )
     metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
-    save_run(output_dir, run, data, model, metrics)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:  # one writer when several processes train
+        save_run(output_dir, run, data, model, metrics)
     return metrics
 
 
