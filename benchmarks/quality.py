@@ -42,7 +42,6 @@ VARIANTS: dict[str, dict] = {
 # per-task-lora is left out of the default run: with the backbone frozen (as here) it builds exactly the adapters
 # mola-grad builds (one expert per task, hard routing by task id), so it would repeat mola-grad's runs.
 DEFAULT_METHODS = ["lora", "mola-grad", "mola-router", "mola-router-no-twd", "lora-wide", "token-router", "elrea"]
-SHARED = {"lr": 1e-3, "head_lr": 3e-3, "sampling": "temperature", "eval_batch_size": 100}
 
 
 def default_data_dir() -> Path:
