@@ -6,8 +6,12 @@ MoLA: Zhou et al., "MoLA: Mixture of LoRA experts for heterogeneous multi-task l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loramix.config import AdapterConfig
-from loramix.train.config import RunConfig
+
+if TYPE_CHECKING:  # a run-time import would be circular: loramix.train's loop imports this module
+    from loramix.train.config import RunConfig
 
 
 def adapter_config(run: RunConfig, num_tasks: int) -> AdapterConfig:

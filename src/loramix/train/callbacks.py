@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +52,27 @@ class JsonlLogger(Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Drop lines of steps after the trainer's step (a resumed run logs them again) and half-written lines."""
+        if self.path.is_file() and trainer.accelerator.is_main_process:
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= trainer.step]
+            if len(kept) != len(lines):
+                self.path.write_text("".join(kept), encoding="utf-8")
+
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if "loss" in logs and trainer.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(logs) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    """The step of one `metrics.jsonl` line; infinity for a line that is not a complete record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class TensorBoardLogger(Callback):

@@ -100,7 +100,14 @@ class Trainer:
             seed=run.seed,
         )
         examples = data.split("train") if train_examples is None else train_examples
-        loader = DataLoader(examples, batch_sampler=self.sampler, collate_fn=collator)
+        # Its own generator: a new DataLoader iterator draws a seed, which must not come from the global RNG that
+        # dropout uses (a resumed run creates its iterator after restoring that RNG, an uninterrupted one before).
+        loader = DataLoader(
+            examples,
+            batch_sampler=self.sampler,
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(run.seed),
+        )
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
         if self.twd_projection is not None:
             self.twd_projection.to(self.accelerator.device)
@@ -140,6 +147,10 @@ class Trainer:
                 "batches_consumed": consumed % len(self.sampler),
             }
         )
+        # accelerate's loader calls `sampler.set_epoch(its own pass count)` on every pass; from 0 it would undo the
+        # resume point of any epoch after the first.
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.sampler.epoch)
         return True
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:

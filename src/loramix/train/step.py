@@ -21,10 +21,12 @@ class StepResult:
 
 
 def forward_routed(model: MultiTaskModel, batch: dict[str, Tensor]) -> tuple[Tensor, RoutingState]:
-    """Run the model with the batch's task ids and attention mask routed to every adapted layer."""
-    with routing(
-        model.backbone, task_ids=batch["task_ids"], attention_mask=batch.get("attention_mask")
-    ) as state:
+    """Run the model with the batch's task ids and attention mask routed to every adapted layer.
+
+    A batch with `route_ids` (ELREA's cluster experts) is routed by them; heads still read `task_ids`.
+    """
+    route = batch.get("route_ids", batch["task_ids"])
+    with routing(model.backbone, task_ids=route, attention_mask=batch.get("attention_mask")) as state:
         logits = model(batch)
     return logits, state
 

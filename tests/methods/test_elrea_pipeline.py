@@ -1,0 +1,144 @@
+"""ELREA as one `loramix train` run (`method: elrea`) on the tiny tasks: base adapter, gradient features,
+clusters, cluster experts and the ensemble, saved so that `loramix.load` rebuilds the same bank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import loramix
+from loramix.io import read_checkpoint
+from loramix.methods.elrea import pipeline
+from loramix.train import run as run_module
+from loramix.train.config import RunConfig
+from loramix.train.run import run_training
+from tests.train import toys
+
+CLUSTERS, FEATURE_EXAMPLES, FEATURE_DIM, STEPS = len(toys.TASK_NAMES), 60, 256, 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.tasks_dir(tmp_path_factory)
+
+
+def elrea_settings(model_dir: Path, tasks_dir: Path) -> dict[str, Any]:
+    return toys.settings(
+        model_dir,
+        tasks_dir,
+        method="elrea",
+        steps=STEPS,
+        lr=1e-2,
+        head_lr=1e-1,
+        elrea_clusters=CLUSTERS,
+        elrea_feature_examples=FEATURE_EXAMPLES,
+        elrea_feature_dim=FEATURE_DIM,
+    )
+
+
+def traced_run(run: RunConfig, output_dir: Path) -> dict[str, Any]:
+    """`run_training`, keeping the clustering and the trained model that the pipeline computes on the way."""
+    seen: dict[str, Any] = {}
+    cluster, save_run = pipeline.cluster_features, run_module.save_run
+
+    def record_clusters(*args, **kwargs):
+        seen["clusters"] = cluster(*args, **kwargs)
+        return seen["clusters"]
+
+    def record_model(output_dir, run, data, model, *args, **kwargs):
+        seen["model"] = model
+        return save_run(output_dir, run, data, model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "cluster_features", record_clusters)
+        patch.setattr(run_module, "save_run", record_model)
+        metrics = run_training(run, output_dir)
+    return {"metrics": metrics, "dir": output_dir, **seen}
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two ELREA runs with the same seed: their metrics, folders, cluster labels and trained models."""
+    root = tmp_path_factory.mktemp("elrea")
+    run = RunConfig.from_dict(elrea_settings(model_dir, tasks_dir))
+    return [traced_run(run, root / f"run{index}") for index in range(2)]
+
+
+def test_elrea_runs_end_to_end(runs: list[dict[str, Any]]):
+    metrics, run_dir = runs[0]["metrics"], runs[0]["dir"]
+    assert metrics["method"] == "elrea"
+    assert list(metrics["tasks"]) == toys.TASK_NAMES
+    for scores in metrics["tasks"].values():
+        assert set(scores) == {"accuracy", "macro_f1", "n"} and scores["n"] == 24
+    assert -1.0 <= metrics["ari"] <= 1.0 and 0.0 <= metrics["nmi"] <= 1.0
+
+    clusters = metrics["clusters"]
+    assert clusters["n_clusters"] == CLUSTERS and clusters["task_names"] == toys.TASK_NAMES
+    assert len(clusters["sizes"]) == CLUSTERS and sum(clusters["sizes"]) == FEATURE_EXAMPLES
+    assert clusters["sizes"] == sorted(clusters["sizes"], reverse=True)  # cluster ids by size
+    contingency = np.array(clusters["contingency"])
+    assert contingency.shape == (CLUSTERS, len(toys.TASK_NAMES))
+    assert contingency.sum(1).tolist() == clusters["sizes"]
+    labels = runs[0]["clusters"].labels
+    assert np.bincount(labels.numpy()).tolist() == clusters["sizes"]
+
+    weights = metrics["routing"]["model"]
+    assert weights["num_experts"] == CLUSTERS + 1  # the base adapter and one expert per cluster
+    assert weights["num_samples"] == 24 * len(toys.TASK_NAMES)
+    assert np.allclose(np.array(weights["gate_mean"]).sum(1), 1.0)
+    assert 0.0 <= metrics["routing"]["majority_cluster_rate"] <= 1.0
+
+    steps = [h["step"] for h in metrics["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+    assert json.loads((run_dir / "metrics.json").read_text())["clusters"] == clusters
+    assert (run_dir / "report.md").is_file()
+
+
+def test_the_saved_adapter_rebuilds_the_trained_bank(runs: list[dict[str, Any]], model_dir: Path):
+    run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval()
+    record, tensors = read_checkpoint(run_dir / "adapter")
+    centroids, centroid0 = tensors["extra.elrea.centroids"], tensors["extra.elrea.base_centroid"]
+    assert torch.equal(centroids, runs[0]["clusters"].centroids)
+    assert centroids.shape == (CLUSTERS, FEATURE_DIM) and centroid0.shape == (FEATURE_DIM,)
+    torch.testing.assert_close(centroids.norm(dim=1), torch.ones(CLUSTERS))
+    assert record["config"]["num_experts"] == CLUSTERS + 1 and record["config"]["router"] == "task"
+    assert set(map(tuple, record["frozen_experts"].values())) == {(0,)}  # the base stays the base
+
+    fresh = loramix.load(AutoModel.from_pretrained(model_dir), run_dir / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = dict(
+        tokenizer(
+            ["the good film", "a cat in the yard near a tree", "blue"], padding=True, return_tensors="pt"
+        )
+    )
+    outputs = []
+    with torch.no_grad():
+        for expert in range(CLUSTERS + 1):
+            route = torch.full((3,), expert)
+            with loramix.routing(trained, task_ids=route):
+                expected = trained(**inputs).last_hidden_state
+            with loramix.routing(fresh, task_ids=route):
+                got = fresh(**inputs).last_hidden_state
+            assert torch.equal(got, expected), f"expert {expert}"
+            outputs.append(got)
+    for expert in range(1, CLUSTERS + 1):  # every cluster expert trained away from the base
+        assert (outputs[expert] - outputs[0]).abs().max() > 1e-4, f"expert {expert} is still the base"
+
+
+def test_the_clustering_is_deterministic_for_a_seed(runs: list[dict[str, Any]]):
+    first, second = runs
+    assert torch.equal(first["clusters"].labels, second["clusters"].labels)
+    assert torch.equal(first["clusters"].centroids, second["clusters"].centroids)
+    for key in ("ari", "nmi", "clusters", "tasks", "mean_accuracy"):
+        assert first["metrics"][key] == second["metrics"][key], key

@@ -1,0 +1,357 @@
+"""The `loramix` command end to end on a tiny offline model: train, eval, inspect, export (checked against PEFT),
+and a table of bad configs and bad data files, each with its documented message and exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModel
+
+import loramix
+from loramix.cli import main
+from loramix.train.run import load_trained
+from tests.train import toys
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.tasks_dir(tmp_path_factory)
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-step mola-grad run, to evaluate, inspect, export and break."""
+    root = tmp_path_factory.mktemp("trained")
+    config = write_config(root / "run.yaml", toys.settings(model_dir, tasks_dir, method="mola-grad", steps=2))
+    assert main(["train", config, "--output-dir", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_train_eval_inspect_export_end_to_end(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # tasks_dir relative to the config file, as a config kept beside its data would say it
+    settings = toys.settings(model_dir, tasks_dir, method="mola-grad", steps=50, lr=2e-2)
+    settings["tasks_dir"] = os.path.relpath(tasks_dir, tmp_path)
+    config = write_config(tmp_path / "run.yaml", settings)
+    run_dir, peft_dir = tmp_path / "run", tmp_path / "peft"
+
+    assert main(["train", config, "--output-dir", str(run_dir), "--set", "steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "mola-grad" in out and "animals" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["history"][-1]["step"] == 4  # --set won over the file's 50
+    assert (run_dir / "report.md").is_file()
+    assert (run_dir / "adapter" / "adapters.safetensors").is_file()
+
+    assert main(["eval", str(run_dir)]) == 0
+    evaluated = json.loads((run_dir / "eval-test.json").read_text())
+    assert evaluated["split"] == "test"
+    assert evaluated["tasks"] == metrics["tasks"]  # the saved model scores what the trained one scored
+    capsys.readouterr()
+
+    assert main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "method: mola-grad" in out
+    assert "tasks: sentiment (2 labels), animals (2 labels), colors (3 labels)" in out
+
+    assert main(["export", str(run_dir), "--task", "animals", "--out", str(peft_dir)]) == 0
+    assert "'animals'" in capsys.readouterr().out
+    _, model, tokenizer, _ = load_trained(run_dir)
+    backbone = model.backbone.eval()
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(model_dir), str(peft_dir)).eval()
+    plain = AutoModel.from_pretrained(model_dir).eval()
+    texts = ["the good film with music", "a cat near the river", "some blue car and a hat", "dog"]
+    inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    animals = toys.TASK_NAMES.index("animals")
+    with torch.no_grad():
+        exported = peft_model(**inputs).last_hidden_state
+        base = plain(**inputs).last_hidden_state
+        routed = {}
+        for task in range(len(toys.TASK_NAMES)):
+            with loramix.routing(backbone, task_ids=torch.full((len(texts),), task)):
+                routed[task] = backbone(**inputs).last_hidden_state
+    torch.testing.assert_close(exported, routed[animals], atol=1e-5, rtol=0)
+    assert (routed[animals] - base).abs().max() > 1e-3  # the adapter does something...
+    assert (routed[animals] - routed[0]).abs().max() > 1e-4  # ...and it is the animals expert's
+
+
+def test_set_with_an_unknown_key_exits_with_code_2(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    config = write_config(tmp_path / "run.yaml", toys.settings(model_dir, tasks_dir, steps=1))
+    assert main(["train", config, "--output-dir", str(tmp_path / "run"), "--set", "stepz=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loramix: error:") and "stepz" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_module_runs_as_a_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "loramix.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "eval", "export", "inspect", "demo"):
+        assert command in done.stdout
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+
+
+@dataclass
+class Scene:
+    """What a bad case builds on: the tiny model and tasks, a finished run and a fresh folder."""
+
+    model_dir: Path
+    tasks_dir: Path
+    trained_run: Path
+    root: Path
+
+    def config(self, **overrides: Any) -> str:
+        return write_config(
+            self.root / "run.yaml", toys.settings(self.model_dir, self.tasks_dir, **overrides)
+        )
+
+    def train(self, config: str, *extra: str) -> list[str]:
+        return ["train", config, "--output-dir", str(self.root / "out"), *extra]
+
+    def broken_task(
+        self, train: bytes | str, *, test: bytes | str | None = None, meta: dict | None = None
+    ) -> list[str]:
+        """A task folder `data/broken` with these files, and the argv that trains on it."""
+        folder = self.root / "data" / "broken"
+        folder.mkdir(parents=True)
+        good = '{"text": "a good film", "label": 1}\n{"text": "a bad film", "label": 0}\n'
+        for name, content in (("train.jsonl", train), ("test.jsonl", good if test is None else test)):
+            data = content.encode() if isinstance(content, str) else content
+            (folder / name).write_bytes(data)
+        (folder / "meta.json").write_text(json.dumps(meta or {"labels": ["no", "yes"]}))
+        return self.train(self.config(tasks_dir=str(self.root / "data"), tasks=["broken"]))
+
+    def copy_of_run(self) -> Path:
+        return Path(shutil.copytree(self.trained_run, self.root / "copy"))
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])
+    path.write_bytes(bytes(data))
+
+
+def corrupted_adapter(scene: Scene) -> list[str]:
+    run = scene.copy_of_run()
+    _flip_bytes(run / "adapter" / "adapters.safetensors")
+    return ["eval", str(run)]
+
+
+def adapter_without_its_config(scene: Scene) -> list[str]:
+    run = scene.copy_of_run()
+    (run / "adapter" / "loramix_config.json").unlink()
+    return ["inspect", str(run)]
+
+
+def run_without_adapter(command: str) -> Callable[[Scene], list[str]]:
+    def build(scene: Scene) -> list[str]:
+        run = scene.copy_of_run()
+        shutil.rmtree(run / "adapter")
+        return [command, str(run)]
+
+    return build
+
+
+def resume_from_a_missing_checkpoint(scene: Scene) -> list[str]:
+    checkpoints = scene.root / "out" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest").write_text("step-000099")
+    return scene.train(scene.config(steps=1), "--resume")
+
+
+def file_config(content: bytes) -> Callable[[Scene], list[str]]:
+    def build(scene: Scene) -> list[str]:
+        path = scene.root / "run.yaml"
+        path.write_bytes(content)
+        return scene.train(str(path))
+
+    return build
+
+
+def spec(name: str, scene: Scene) -> dict[str, str]:
+    folder = scene.tasks_dir / "sentiment"
+    return {"name": name, "train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}
+
+
+@dataclass
+class Bad:
+    id: str
+    build: Callable[[Scene], list[str]]
+    code: int
+    says: list[str]  # each must appear in the message
+
+
+ROW = '{"text": "a good film", "label": 1}\n'
+BAD = [
+    # 2: config and usage
+    Bad("unknown-key", lambda s: s.train(s.config(stepz=3)), 2, ["run.yaml", "stepz", "not permitted"]),
+    Bad("wrong-type", lambda s: s.train(s.config(steps="many")), 2, ["steps", "valid integer", "'many'"]),
+    Bad("negative-steps", lambda s: s.train(s.config(steps=-1)), 2, ["steps", "greater than or equal to 1"]),
+    Bad("unknown-method", lambda s: s.train(s.config(method="magic")), 2, ["method", "'mola-grad'", "magic"]),
+    Bad("bad-dropout", lambda s: s.train(s.config(dropout=1.0)), 2, ["dropout", "less than 1"]),
+    Bad("one-elrea-cluster", lambda s: s.train(s.config(elrea_clusters=1)), 2, ["elrea_clusters"]),
+    Bad("empty-tasks", lambda s: s.train(s.config(tasks=[])), 2, ["tasks is empty"]),
+    Bad("names-without-dir", lambda s: s.train(s.config(tasks_dir=None)), 2, ["tasks_dir is not set"]),
+    Bad(
+        "per-task-lora-trains-backbone",
+        lambda s: s.train(s.config(method="per-task-lora", train_backbone=True)),
+        2,
+        ["per-task-lora", "train_backbone must be false"],
+    ),
+    Bad(
+        "task-to-expert-without-mola-grad",
+        lambda s: s.train(s.config(method="mola-router", task_to_expert=[0, 0, 1])),
+        2,
+        ["task_to_expert is only used by method mola-grad"],
+    ),
+    Bad("missing-config", lambda s: s.train(str(s.root / "nowhere.yaml")), 2, ["nowhere.yaml", "not found"]),
+    Bad("not-yaml", file_config(b"steps: [1, 2\n"), 2, ["run.yaml", "not valid YAML"]),
+    Bad("yaml-list", file_config(b"- steps\n- 3\n"), 2, ["run.yaml", "top level must be a mapping"]),
+    Bad("config-not-utf8", file_config(b"steps: 3 # caf\xe9\n"), 2, ["run.yaml", "not UTF-8"]),
+    Bad(
+        "set-without-equals", lambda s: s.train(s.config(), "--set", "steps"), 2, ["--set expects key=value"]
+    ),
+    Bad(
+        "set-bad-yaml",
+        lambda s: s.train(s.config(), "--set", "steps=[1"),
+        2,
+        ["--set steps", "not valid YAML"],
+    ),
+    Bad(
+        "duplicate-task-specs",
+        lambda s: s.train(s.config(tasks_dir=None, tasks=[spec("twice", s), spec("twice", s)])),
+        2,
+        ["both named 'twice'", "unique"],
+    ),
+    Bad(
+        "spec-with-unknown-suffix",
+        lambda s: s.train(s.config(tasks_dir=None, tasks=[{"name": "x", "train": "x.txt"}])),
+        2,
+        ["train", ".jsonl"],
+    ),
+    Bad(
+        "export-unknown-task",
+        lambda s: ["export", str(s.trained_run), "--task", "nope", "--out", str(s.root / "peft")],
+        2,
+        ["--task 'nope'", "sentiment, animals, colors"],
+    ),
+    Bad("eval-without-config", lambda s: ["eval", str(s.root)], 2, ["config.yaml", "not found"]),
+    # 3: data
+    Bad(
+        "unknown-task-name",
+        lambda s: s.train(s.config(tasks=["sentiment", "nope"])),
+        3,
+        ["unknown tasks ['nope']", "animals"],
+    ),
+    Bad("missing-tasks-dir", lambda s: s.train(s.config(tasks_dir="/no/such/dir")), 3, ["/no/such/dir"]),
+    Bad(
+        "meta-without-labels",
+        lambda s: s.broken_task(ROW, meta={"name": "broken"}),
+        3,
+        ["broken/meta.json", "'labels' list"],
+    ),
+    Bad(
+        "line-not-json",
+        lambda s: s.broken_task(ROW + '{"text": "x", "label": 0\n'),
+        3,
+        ["train.jsonl, line 2", "not valid JSON"],
+    ),
+    Bad(
+        "line-not-an-object",
+        lambda s: s.broken_task(ROW + "[1, 2]\n"),
+        3,
+        ["train.jsonl, line 2", "one JSON object per line"],
+    ),
+    Bad(
+        "not-utf8",
+        lambda s: s.broken_task(ROW.encode() * 2 + b'{"text": "caf\xe9", "label": 0}\n'),
+        3,
+        ["train.jsonl, line 3", "not valid UTF-8"],
+    ),
+    Bad(
+        "missing-text-field",
+        lambda s: s.broken_task('{"sentence": "a good film", "label": 1}\n'),
+        3,
+        ["train.jsonl, line 1", "missing field 'text'"],
+    ),
+    Bad(
+        "text-not-a-string",
+        lambda s: s.broken_task(ROW + '{"text": 42, "label": 0}\n'),
+        3,
+        ["train.jsonl, line 2", "must be a string"],
+    ),
+    Bad(
+        "label-out-of-range",
+        lambda s: s.broken_task(ROW + '{"text": "x", "label": 5}\n'),
+        3,
+        ["train.jsonl, line 2", "label 5 is outside 0..1"],
+    ),
+    Bad(
+        "unknown-string-label",
+        lambda s: s.broken_task(ROW + '{"text": "x", "label": "maybe"}\n'),
+        3,
+        ["train.jsonl, line 2", "unknown label 'maybe'", "no, yes"],
+    ),
+    Bad("empty-train-file", lambda s: s.broken_task(""), 3, ["train.jsonl", "no examples"]),
+    Bad(
+        "bad-test-file",
+        lambda s: s.broken_task(ROW, test=ROW + ROW + "oops\n"),
+        3,
+        ["test.jsonl, line 3", "not valid JSON"],
+    ),
+    # 4: adapters and checkpoints
+    Bad("eval-without-adapter", run_without_adapter("eval"), 4, ["adapter", "no such adapter directory"]),
+    Bad("inspect-without-adapter", run_without_adapter("inspect"), 4, ["no such adapter directory"]),
+    Bad("corrupted-adapter", corrupted_adapter, 4, ["adapters.safetensors"]),
+    Bad("adapter-without-config", adapter_without_its_config, 4, ["loramix_config.json"]),
+    Bad("resume-missing-checkpoint", resume_from_a_missing_checkpoint, 4, ["step-000099", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b.id for b in BAD])
+def test_bad_input_gives_one_message_and_its_exit_code(
+    bad: Bad,
+    model_dir: Path,
+    tasks_dir: Path,
+    trained_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+):
+    argv = bad.build(Scene(model_dir, tasks_dir, trained_run, tmp_path))
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == bad.code, err
+    assert err.startswith("loramix: error:"), err
+    assert "Traceback" not in err
+    for needle in bad.says:
+        assert needle in err, f"{needle!r} not in {err!r}"

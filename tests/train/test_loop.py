@@ -1,0 +1,73 @@
+"""The loop stops on a non-finite loss with a message that names the step and the last good checkpoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loramix.cli import main
+from loramix.errors import TrainingError
+from loramix.train.config import RunConfig
+from loramix.train.heads import TaskHeads
+from loramix.train.run import run_training
+from tests.train import toys
+
+
+def poison_loss_from_call(monkeypatch: pytest.MonkeyPatch, first_bad_call: int) -> None:
+    """Make the task loss NaN from its `first_bad_call`-th call on (one call per step here)."""
+    original, calls = TaskHeads.loss, [0]
+
+    def loss(self, logits, labels, task_ids):
+        calls[0] += 1
+        value = original(self, logits, labels, task_ids)
+        return value * float("nan") if calls[0] >= first_bad_call else value
+
+    monkeypatch.setattr(TaskHeads, "loss", loss)
+
+
+def test_a_nan_loss_names_the_step_and_the_last_checkpoint(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    poison_loss_from_call(monkeypatch, 7)
+    run = RunConfig.from_dict(
+        toys.settings(model_dir, tasks_dir, method="mola-grad", steps=10, checkpoint_every=4)
+    )
+    with pytest.raises(TrainingError) as error:
+        run_training(run, tmp_path)
+    message = str(error.value)
+    assert "loss is nan at step 7" in message
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'step-000004'}" in message
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000004"
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_nan_loss_before_any_checkpoint_says_so(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    poison_loss_from_call(monkeypatch, 1)
+    run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method="lora", steps=3))
+    with pytest.raises(TrainingError, match=r"at step 1; last good checkpoint: none written yet"):
+        run_training(run, tmp_path)
+
+
+def test_a_diverging_run_exits_with_code_5(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """No patching: a learning rate of 1e30 without clipping overflows the weights within a few steps."""
+    config = tmp_path / "diverge.yaml"
+    settings = toys.settings(model_dir, tasks_dir, method="lora", steps=6, checkpoint_every=1)
+    config.write_text(yaml.safe_dump({**settings, "lr": 1e30, "head_lr": 1e30, "max_grad_norm": None}))
+    code = main(["train", str(config), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 5, err
+    match = re.search(
+        r"loramix: error: loss is (nan|inf|-inf) at step (\d+); last good checkpoint: (\S+)", err
+    )
+    assert match, err
+    step = int(match.group(2))
+    assert 2 <= step <= 6
+    assert match.group(3).endswith(f"step-{step - 1:06d}")
+    assert "Traceback" not in err

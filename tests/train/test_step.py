@@ -1,0 +1,29 @@
+"""The step routes the adapters by `route_ids` when a batch has them (ELREA's cluster experts), by task otherwise;
+the heads always read the task ids."""
+
+from __future__ import annotations
+
+import torch
+
+import loramix
+from loramix.train.heads import MultiTaskModel, TaskHeads
+from loramix.train.step import forward_routed
+from tests.models import randomize_adapters, text_inputs, tiny_bert
+
+
+def test_route_ids_choose_the_experts_and_task_ids_the_heads():
+    backbone = tiny_bert()
+    loramix.inject(backbone, {"num_experts": 3, "router": "task", "num_tasks": 3, "rank": 2})
+    randomize_adapters(backbone)
+    model = MultiTaskModel(backbone, TaskHeads(32, [2, 3, 2])).eval()
+    batch = {**text_inputs(4), "task_ids": torch.tensor([0, 1, 2, 0])}
+    routes = torch.tensor([2, 2, 0, 1])
+
+    with torch.no_grad():
+        by_route, _ = forward_routed(model, {**batch, "route_ids": routes})
+        by_task, _ = forward_routed(model, batch)
+        with loramix.routing(backbone, task_ids=routes, attention_mask=batch["attention_mask"]):
+            expected = model(batch)
+    assert torch.equal(by_route, expected)
+    assert not torch.allclose(by_route, by_task)
+    assert torch.equal(torch.isinf(by_route), torch.isinf(by_task))  # the same task's head columns
