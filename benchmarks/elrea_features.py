@@ -58,7 +58,9 @@ def loop(model, head, ids, mask, sketch: CountSketch, names: list[str]) -> torch
     for i in range(ids.shape[0]):
         loss = loss_fn(model, head, ids[i : i + 1], mask[i : i + 1])().sum()
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        grads = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)]  # e.g. the pooler
+        grads = [
+            torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)
+        ]  # e.g. the pooler
         rows.append(sketch({n: g[None] for n, g in zip(names, grads)}))
     return torch.cat(rows)
 
@@ -103,7 +105,9 @@ def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)

@@ -41,7 +41,15 @@ VARIANTS: dict[str, dict] = {
 }
 # per-task-lora is left out of the default run: with the backbone frozen (as here) it builds exactly the adapters
 # mola-grad builds (one expert per task, hard routing by task id), so it would repeat mola-grad's runs.
-DEFAULT_METHODS = ["lora", "mola-grad", "mola-router", "mola-router-no-twd", "lora-wide", "token-router", "elrea"]
+DEFAULT_METHODS = [
+    "lora",
+    "mola-grad",
+    "mola-router",
+    "mola-router-no-twd",
+    "lora-wide",
+    "token-router",
+    "elrea",
+]
 
 
 def default_data_dir() -> Path:

@@ -169,6 +169,10 @@ def _negativity(s: Scene) -> int:
     return sum(negative(a) for a in (s.agent_adj, s.patient_adj, s.place_adj))
 
 
+def _mood_match(s: Scene) -> int:
+    return int(negative(s.agent_adj) != negative(s.patient_adj))
+
+
 def _time(s: Scene) -> int:
     if s.time is None:
         return 0
@@ -185,13 +189,14 @@ class SyntheticTask:
 
 _TASKS: list[tuple[str, list[str], int, Callable[[Scene], int]]] = [
     ("agent_mood", ["positive", "negative"], 1500, _agent_mood),
-    ("first_mood", ["positive", "negative"], 600, _first_mood),
     ("patient_kind", KIND_NAMES, 3000, _patient_kind),
-    ("kinship", ["same", "same_realm", "different_realm"], 1200, _kinship),
     ("negativity", ["zero", "one", "two", "three"], 2000, _negativity),
+    ("kinship", ["same", "same_realm", "different_realm"], 1200, _kinship),
+    ("mood_match", ["agree", "disagree"], 800, _mood_match),
     ("time", ["none", "a", "b"], 300, _time),
 ]
 TEST_SIZE = 400
+LABEL_NOISE = 0.08
 
 
 def make_suite(seed: int = 0, scale: float = 1.0) -> list[SyntheticTask]:
@@ -212,7 +217,10 @@ def make_suite(seed: int = 0, scale: float = 1.0) -> list[SyntheticTask]:
             if text in seen:
                 continue
             seen.add(text)
-            rows.append((text, target))
+            label = target
+            if rng.random() < LABEL_NOISE:
+                label = rng.choice([k for k in range(len(labels)) if k != target])
+            rows.append((text, label))
         rng.shuffle(rows)
         tasks.append(SyntheticTask(name, list(labels), rows[:n_train], rows[n_train:]))
     return tasks

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _global_hooks
 
 from loramix.config import AdapterConfig
 from loramix.experts import ops
@@ -57,33 +58,53 @@ class LinearExperts(AdaptedLayer):
         batch = x.shape[0]
         self._check_batch(gate, batch)
         x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
-        out = ops.linear(
-            x3,
-            base.weight,
-            base.bias,
-            A,
-            B,
-            self.scaling,
-            gate=self._op_gate(gate, batch),
-            dropout=self.adapter_dropout,
-            input_major=input_major,
-        )
+        top = self._topk(x3, A, B, gate)
+        if top is not None and top[0].dim() == 3:  # per-token top-k: base, plus the grouped-GEMM op
+            out = base(x3) + ops.topk(x3, A, B, *top, self.scaling, self.adapter_dropout)
+        else:
+            out = ops.linear(
+                x3,
+                base.weight,
+                base.bias,
+                A,
+                B,
+                self.scaling,
+                gate=self._op_gate(gate, batch) if top is None else top[1],
+                indices=None if top is None else top[0],
+                dropout=self.adapter_dropout,
+                input_major=input_major,
+            )
         return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)
+
+    @staticmethod
+    def _topk(x3: Tensor, A: Tensor, B: Tensor, gate: Gate) -> tuple[Tensor, Tensor] | None:
+        """A top-k gate's `(indices, weights at them)`, `(n, k)` or `(n, t, k)`, when `ops.topk` pays."""
+        if gate.hard or gate.indices is None:
+            return None
+        batch, k = x3.shape[0], gate.indices.shape[-1]
+        indices = gate.indices if gate.indices.dim() == 2 else gate.indices.reshape(batch, -1, k)
+        if not ops.prefers_topk(x3, A, B, indices):
+            return None
+        weights = gate.weights if gate.weights.dim() == 2 else gate.weights.reshape(batch, -1, A.shape[0])
+        return indices, weights.gather(-1, indices)
 
     def _fusable(self, x: Tensor) -> bool:
         """Whether the base is a plain linear map whose forward `ops.linear` reproduces exactly: an exact
-        `nn.Linear` or `Conv1D` (not a subclass, which may compute something else), no hooks on it, the input's
-        dtype, no autocast (whose casts a custom autograd node would not replay in backward)."""
+        `nn.Linear` or `Conv1D` (not a subclass, which may compute something else), no hooks that its call would
+        run, the input's dtype, no autocast (whose casts a custom autograd node would not replay in backward), no
+        `torch.func` transform (the fused nodes write in place, which those transforms do not support)."""
         base = self.base_layer
         weight = getattr(base, "weight", None)
         return (
             type(base) in _FUSABLE_BASES
             and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
             and isinstance(weight, Tensor)
             and weight.dtype == x.dtype
             and x.dim() >= 2
             and x.is_contiguous()
             and not torch.is_autocast_enabled(x.device.type)
+            and not ops.transforms_active()
         )
 
     @staticmethod
@@ -103,7 +124,10 @@ class LinearExperts(AdaptedLayer):
         batch = x.shape[0]
         self._check_batch(gate, batch)
         x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
-        if gate.hard:
+        top = self._topk(x3, A, B, gate)
+        if top is not None:
+            out = ops.topk(x3, A, B, *top, self.scaling, self.adapter_dropout)
+        elif gate.hard:
             out = ops.hard(x3, A, B, gate.indices, self.scaling, self.adapter_dropout)  # type: ignore[arg-type]
         else:
             weights = gate.weights

@@ -6,7 +6,10 @@ All fast ops compute `s * sum_e g_e B_e A_e x` with no Python loop over experts 
 - `single`: one expert, gate of ones (a plain LoRA);
 - `hard`: one expert per sample (a task id): gather each sample's A and B, then `bmm`;
 - `dense`: a soft or top-k gate per sample `(n, e)` or per token `(n, t, e)`: one stacked matmul into `e*r`
-  features, scale by the gate, one matmul back.
+  features, scale by the gate, one matmul back;
+- `topk`: a top-k gate given by its indices, computing only the k chosen experts: per sample, each sample's k
+  experts gathered into one rank-k*r LoRA (`bmm`); per token, the (token, expert) pairs sorted by expert and run as
+  one grouped GEMM (`torch._grouped_mm`). `prefers_topk` says when that beats `dense` (large e*r next to k*r).
 Scaling and dropout act on the r-dimensional hidden, which is e*r wide at most, never on x.
 `loop_reference` is the obvious per-expert loop; the tests hold every fast op equal to it.
 
@@ -37,32 +40,40 @@ def stacked_B(B: Tensor) -> Tensor:
     return B.permute(1, 0, 2).reshape(o, e * r)
 
 
+# Layouts. The second projection is applied as `h @ Bt` with `Bt = B^T` stored `(r, o)` contiguous, and the first
+# as `x @ A^T` with A `(r, i)`: with these, every matmul of forward and backward whose result has only r (or e*r)
+# columns reads its narrow operand transposed, the case CPU BLAS handles at memory speed (measured with MKL, r = 8:
+# `g @ B` with B `(o, r)` contiguous takes 2.4x as long as with B `(r, o)` transposed, `g^T h` 3x as long as
+# `(h^T g)^T`).
+
+
 def _project_single(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    return A[0], B[0]  # (r, i), (o, r)
+    return A[0], B[0].t().contiguous()  # (r, i), (r, o)
+
+
+def _project_hard(A: Tensor, B: Tensor, expert_index: Tensor) -> tuple[Tensor, Tensor]:
+    """A shared A (`A.shape[0] == 1`) or B stays one matrix; the others are gathered per sample."""
+    A_in = A[0] if A.shape[0] == 1 else A[expert_index]  # (r, i) or (n, r, i)
+    if B.shape[0] == 1:
+        return A_in, B[0].t().contiguous()  # (r, o)
+    return A_in, B.transpose(1, 2)[expert_index].contiguous()  # (n, r, o)
+
+
+def _project_dense(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    num_experts, r = max(A.shape[0], B.shape[0]), A.shape[1]
+    A_in = A[0] if A.shape[0] == 1 else A.reshape(num_experts * r, -1)  # (r or e*r, i)
+    Bt = B[0].t().contiguous() if B.shape[0] == 1 else B.transpose(1, 2).reshape(num_experts * r, -1)
+    return A_in, Bt  # (r or e*r, o), the transpose of stacked_B(B)
 
 
 def _mix_single(h: Tensor, scaling: float, dropout: Dropout) -> Tensor:
     return dropout(h) * scaling  # (..., r)
 
 
-def _project_hard(A: Tensor, B: Tensor, expert_index: Tensor) -> tuple[Tensor, Tensor]:
-    """A shared A (`A.shape[0] == 1`) or B stays one matrix; the others are gathered per sample."""
-    A_in = A[0] if A.shape[0] == 1 else A[expert_index]  # (r, i) or (n, r, i)
-    B_out = B[0] if B.shape[0] == 1 else B[expert_index]  # (o, r) or (n, o, r)
-    return A_in, B_out
-
-
-def _project_dense(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    num_experts, r = max(A.shape[0], B.shape[0]), A.shape[1]
-    A_in = A[0] if A.shape[0] == 1 else A.reshape(num_experts * r, -1)  # (r or e*r, i)
-    B_out = B[0] if B.shape[0] == 1 else stacked_B(B)  # (o, r or e*r)
-    return A_in, B_out
-
-
 def _mix_dense(
     h: Tensor, gate: Tensor, num_experts: int, shared: str, scaling: float, dropout: Dropout
 ) -> Tensor:
-    """The gated hidden that the second projection reads: `h` `(n, t, r)` if A is shared, else `(n, t, e*r)`."""
+    """The gated hidden that the second projection reads: `h` `(n, t, r)` if B is shared, else `(n, t, e*r)`."""
     gate = gate.to(h.dtype)
     gate = gate[:, None, :] if gate.dim() == 2 else gate  # (n, 1 or t, e)
     h = dropout(h) * scaling
@@ -82,16 +93,16 @@ def _shared(A: Tensor, B: Tensor) -> str:
     return "none"
 
 
-def _matmul_t(h: Tensor, W: Tensor) -> Tensor:
-    """`h W^T` for one matrix `(k, j)` or one per sample `(n, k, j)` (then h is `(n, t, j)`)."""
-    return h @ W.t() if W.dim() == 2 else torch.bmm(h, W.transpose(1, 2))
+def _times(h: Tensor, W: Tensor) -> Tensor:
+    """`h W` for one matrix W `(k, j)`, or one per sample `(n, k, j)` (then h is `(n, t, k)`)."""
+    return h @ W if W.dim() == 2 else torch.bmm(h, W)
 
 
 def single(x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: Dropout = _identity) -> Tensor:
     """One expert with a gate of ones: `s * B A x`. x `(..., i)`, A `(1, r, i)`, B `(1, o, r)`."""
-    A_in, B_out = _project_single(A, B)
+    A_in, Bt = _project_single(A, B)
     h = _mix_single(x @ A_in.t(), scaling, dropout)  # (..., r)
-    return h @ B_out.t()  # (..., o)
+    return h @ Bt  # (..., o)
 
 
 def hard(
@@ -101,9 +112,9 @@ def hard(
 
     A shared A (`A.shape[0] == 1`) or B is applied as one plain matmul instead of a gather.
     """
-    A_in, B_out = _project_hard(A, B, expert_index)
-    h = _mix_single(_matmul_t(x, A_in), scaling, dropout)  # (n, t, r)
-    return _matmul_t(h, B_out)  # (n, t, o)
+    A_in, Bt = _project_hard(A, B, expert_index)
+    h = _mix_single(_times(x, A_in.transpose(-1, -2)), scaling, dropout)  # (n, t, r)
+    return _times(h, Bt)  # (n, t, o)
 
 
 def dense(
@@ -114,10 +125,93 @@ def dense(
     A top-k gate is a dense gate with zeros: it costs what a dense one costs, which is the right trade while
     e*r stays small next to the layer's width.
     """
-    A_in, B_out = _project_dense(A, B)
+    A_in, Bt = _project_dense(A, B)
     h = x @ A_in.t()  # (n, t, r or e*r)
-    h = _mix_dense(h, gate.to(x.dtype), max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
-    return h @ B_out.t()  # (n, t, o)
+    h = _mix_dense(h, gate, max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
+    return h @ Bt  # (n, t, o)
+
+
+def _grouped_mm_ok(x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """`torch._grouped_mm` runs on CPU for fp32 and bf16 and needs every row stride a multiple of 16 bytes."""
+    align = 16 // x.element_size()
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and all(size % align == 0 for size in (x.shape[-1], A.shape[1], B.shape[1]))
+    )
+
+
+def transforms_active() -> bool:
+    """Whether a `torch.func` transform (vmap, grad, ...) is running: the fused nodes and the grouped GEMM are
+    not written for them, so the plain ops run instead."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
+
+
+def prefers_topk(x: Tensor, A: Tensor, B: Tensor, indices: Tensor) -> bool:
+    """Whether `topk` beats `dense` for this top-k gate. Per sample: whenever k < e/2 (k*r columns instead of e*r
+    for a gather of k*r rows per sample). Per token: when e*r >= 64*k, on CPU (measured at d = 768, r = 8, k = 2:
+    the grouped GEMM's gathers and scatter cost what a dense e*r of about 100 costs; at e = 64 it is 5x faster).
+    Shared A or B keeps the dense op."""
+    num_experts, rank, k = A.shape[0], A.shape[1], indices.shape[-1]
+    if A.shape[0] != B.shape[0] or num_experts < 2 * k or transforms_active():
+        return False
+    if indices.dim() == 2:
+        return True
+    return num_experts * rank >= 64 * k and _grouped_mm_ok(x, A, B)
+
+
+def _project_topk_per_sample(A: Tensor, B: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample's k experts as one LoRA of rank k*r: `(n, k*r, i)` and `(n, k*r, o)`."""
+    n, k = indices.shape
+    A_in = A[indices].reshape(n, k * A.shape[1], A.shape[2])  # (n, k*r, i)
+    Bt = B.transpose(1, 2)[indices].reshape(n, k * B.shape[2], B.shape[1])  # (n, k*r, o)
+    return A_in, Bt
+
+
+def _mix_topk_per_sample(h: Tensor, weights: Tensor, scaling: float, dropout: Dropout) -> Tensor:
+    h = dropout(h) * scaling  # (n, t, k*r)
+    k = weights.shape[-1]
+    return (h.unflatten(-1, (k, h.shape[-1] // k)) * weights.to(h.dtype)[:, None, :, None]).flatten(-2)
+
+
+def topk(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    scaling: float,
+    dropout: Dropout = _identity,
+) -> Tensor:
+    """Only the k chosen experts: `s * sum_j w_j B_{e_j} A_{e_j} x`. x `(n, t, i)`; `indices` long and `weights`
+    the gate at them, `(n, k)` per sample or `(n, t, k)` per token; returns `(n, t, o)`. Equal to `dense` with
+    the gate that is `weights` at `indices` and zero elsewhere. A and B hold one matrix per expert (no sharing).
+
+    Per sample, the k experts of each sample are gathered into one LoRA of rank k*r (`bmm`). Per token, the
+    (token, expert) pairs are sorted by expert, their rows gathered, both projections run as grouped GEMMs over
+    the experts' segments (`torch._grouped_mm`, no host synchronisation) and the results `index_add`-ed back.
+
+    Example:
+        >>> probs = router_logits.softmax(-1); w, idx = probs.topk(2, dim=-1)  # (n, t, 2)
+        >>> delta = topk(x, A, B, idx, w / w.sum(-1, keepdim=True), 2.0)
+    """
+    if indices.dim() == 2:
+        A_in, Bt = _project_topk_per_sample(A, B, indices)
+        h = _mix_topk_per_sample(torch.bmm(x, A_in.transpose(1, 2)), weights, scaling, dropout)  # (n, t, k*r)
+        return torch.bmm(h, Bt)  # (n, t, o)
+    n, t, i = x.shape
+    num_experts, k = A.shape[0], indices.shape[-1]
+    experts = indices.reshape(-1)  # (n*t*k,): pair p is token p // k
+    order = torch.argsort(experts, stable=True)  # pairs grouped by expert
+    tokens = torch.div(order, k, rounding_mode="floor")  # (n*t*k,)
+    ends = torch.bincount(experts, minlength=num_experts).cumsum(0).to(torch.int32)  # (e,) segment ends
+    rows = x.reshape(n * t, i)[tokens]  # (n*t*k, i)
+    h = torch._grouped_mm(rows, A.transpose(1, 2), offs=ends)  # (n*t*k, r)
+    h = dropout(h) * scaling * weights.reshape(-1)[order].to(h.dtype)[:, None]
+    y = torch._grouped_mm(h, B.transpose(1, 2), offs=ends)  # (n*t*k, o)
+    return x.new_zeros(n * t, B.shape[1]).index_add(0, tokens, y).view(n, t, B.shape[1])
 
 
 # ---- the base layer and the mixture in one pass ----------------------------------------------------------------
@@ -151,20 +245,17 @@ class _BaseAndProjectIn(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = grad_A = None
         flat_in = x.view(-1, x.shape[-1])  # (n*t, i)
         if grad_h is not None and A.dim() == 3:
-            grad_h = grad_h.view(*x.shape[:-1], A.shape[1])  # (n, t, r)
+            grad_h = grad_h.reshape(*x.shape[:-1], A.shape[1])  # (n, t, r)
         if ctx.needs_input_grad[0]:
             if grad_base is not None:
                 grad_x = grad_base @ weight.t() if ctx.input_major else grad_base @ weight  # (n*t, i)
             if grad_h is not None:
-                if A.dim() == 3:
-                    if grad_x is None:
-                        grad_x = torch.bmm(grad_h, A).view(flat_in.shape)
-                    else:
-                        grad_x.view(x.shape).baddbmm_(grad_h, A)
-                elif grad_x is None:
-                    grad_x = grad_h @ A
+                if grad_x is None:
+                    grad_x = _times(grad_h, A)
+                elif A.dim() == 2:
+                    grad_x.addmm_(grad_h, A)  # the experts' part accumulates into the base's
                 else:
-                    grad_x.addmm_(grad_h, A)
+                    grad_x.view(x.shape).baddbmm_(grad_h, A)
             if grad_x is not None:
                 grad_x = grad_x.view(x.shape)
         if grad_base is not None and ctx.needs_input_grad[1]:
@@ -172,45 +263,48 @@ class _BaseAndProjectIn(torch.autograd.Function):
         if grad_base is not None and ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_base.sum(0)
         if grad_h is not None and ctx.needs_input_grad[3]:
-            grad_A = grad_h.t() @ flat_in if A.dim() == 2 else torch.bmm(grad_h.transpose(1, 2), x)
+            if A.dim() == 2:
+                grad_A = grad_h.t() @ flat_in  # (r, i)
+            else:
+                grad_A = torch.bmm(grad_h.transpose(1, 2), x)  # (n, r, i)
         return grad_x, grad_weight, grad_bias, grad_A, None
 
 
 class _AddProjectOut(torch.autograd.Function):
-    """`base += h B^T` in place: the GEMM accumulates into the base output instead of adding a new tensor to it.
+    """`base += h Bt` in place: the GEMM accumulates into the base output instead of adding a new tensor to it.
 
-    base `(n*t, o)` from `_BaseAndProjectIn`; h `(n, t, r)`; B one matrix `(o, r)` or one per sample `(n, o, r)`.
+    base `(n*t, o)` from `_BaseAndProjectIn`; h `(n, t, r)`; Bt one matrix `(r, o)` or one per sample `(n, r, o)`.
     """
 
     @staticmethod
-    def forward(ctx, base, h, B):  # type: ignore[override]
+    def forward(ctx, base, h, Bt):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h, B)
-        if B.dim() == 2:
-            base.addmm_(h.reshape(-1, h.shape[-1]), B.t())
+        ctx.save_for_backward(h, Bt)
+        if Bt.dim() == 2:
+            base.addmm_(h.reshape(-1, h.shape[-1]), Bt)
         else:
-            base.view(*h.shape[:-1], B.shape[1]).baddbmm_(h, B.transpose(1, 2))
+            base.view(*h.shape[:-1], Bt.shape[2]).baddbmm_(h, Bt)
         ctx.mark_dirty(base)
         return base
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        h, B = ctx.saved_tensors
+        h, Bt = ctx.saved_tensors
         if grad is None:
             return None, None, None
-        grad_h = grad_B = None
-        if B.dim() == 2:
+        grad_h = grad_Bt = None
+        if Bt.dim() == 2:
             if ctx.needs_input_grad[1]:
-                grad_h = (grad @ B).view(h.shape)  # (n, t, r)
+                grad_h = (grad @ Bt.t()).view(h.shape)  # (n, t, r)
             if ctx.needs_input_grad[2]:
-                grad_B = grad.t() @ h.reshape(-1, h.shape[-1])  # (o, r)
+                grad_Bt = h.reshape(-1, h.shape[-1]).t() @ grad  # (r, o)
         else:
-            grad3 = grad.view(*h.shape[:-1], B.shape[1])  # (n, t, o)
+            grad3 = grad.reshape(*h.shape[:-1], Bt.shape[2])  # (n, t, o)
             if ctx.needs_input_grad[1]:
-                grad_h = torch.bmm(grad3, B)  # (n, t, r)
+                grad_h = torch.bmm(grad3, Bt.transpose(1, 2))  # (n, t, r)
             if ctx.needs_input_grad[2]:
-                grad_B = torch.bmm(grad3.transpose(1, 2), h)  # (n, o, r)
-        return grad, grad_h, grad_B
+                grad_Bt = torch.bmm(h.transpose(1, 2), grad3)  # (n, r, o)
+        return grad, grad_h, grad_Bt
 
 
 def linear(
@@ -222,33 +316,39 @@ def linear(
     scaling: float,
     *,
     gate: Tensor | None = None,
+    indices: Tensor | None = None,
     dropout: Dropout = _identity,
     input_major: bool = False,
 ) -> Tensor:
     """The base linear map plus the mixture, `x W^T + b + s * sum_e g_e B_e A_e x`, in one pass.
 
     x `(n, t, i)`; `weight` `(o, i)`, or `(i, o)` with `input_major` (Hugging Face `Conv1D`); `gate` None for a
-    plain LoRA (as `single`), a long `(n,)` tensor of expert indices (as `hard`), or weights `(n, e)` or
-    `(n, t, e)` (as `dense`). Returns `(n, t, o)`: for a contiguous x, the base layer's output bit for bit plus
-    the matching op's mixture.
+    plain LoRA (as `single`), a long `(n,)` tensor of expert indices (as `hard`), weights `(n, e)` or `(n, t, e)`
+    (as `dense`), or with `indices` `(n, k)` the per-sample top-k weights `(n, k)` at them (as `topk`). Returns
+    `(n, t, o)`: for a contiguous x, the base layer's output bit for bit plus the matching op's mixture.
 
     Example:
         >>> y = linear(x, layer.weight, layer.bias, A, B, 2.0, gate=torch.tensor([0, 3]))  # x (2, t, i)
     """
-    if gate is None:
-        A_in, B_out = _project_single(A, B)
+    if indices is not None:
+        A_in, Bt = _project_topk_per_sample(A, B, indices)
+    elif gate is None:
+        A_in, Bt = _project_single(A, B)
     elif gate.dtype == torch.long:
-        A_in, B_out = _project_hard(A, B, gate)
+        A_in, Bt = _project_hard(A, B, gate)
     else:
-        A_in, B_out = _project_dense(A, B)
+        A_in, Bt = _project_dense(A, B)
     x = x.contiguous()
     base, h = _BaseAndProjectIn.apply(x, weight, bias, A_in, input_major)  # (n*t, o), (n*t or n, [t,] r)
     h = h.view(*x.shape[:-1], h.shape[-1])  # (n, t, r or e*r)
-    if gate is None or gate.dtype == torch.long:
+    if indices is not None:
+        assert gate is not None
+        h = _mix_topk_per_sample(h, gate, scaling, dropout)
+    elif gate is None or gate.dtype == torch.long:
         h = _mix_single(h, scaling, dropout)
     else:
         h = _mix_dense(h, gate, max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
-    out = _AddProjectOut.apply(base, h, B_out)  # (n*t, o)
+    out = _AddProjectOut.apply(base, h, Bt)  # (n*t, o)
     return out.view(*x.shape[:-1], out.shape[-1])  # (n, t, o)
 
 
