@@ -1,0 +1,56 @@
+"""The methods as adapter configurations."""
+
+from __future__ import annotations
+
+import pytest
+
+from loramix.methods.mola import adapter_config, loss_weights
+from loramix.train.config import RunConfig
+
+
+def run(**kw) -> RunConfig:
+    return RunConfig(tasks_dir="data", tasks=["a", "b", "c"], **kw)
+
+
+def test_mola_grad_routes_each_task_to_its_own_expert():
+    cfg = adapter_config(run(method="mola-grad"), num_tasks=3)
+    assert (cfg.num_experts, cfg.router, cfg.num_tasks, cfg.task_to_expert) == (3, "task", 3, None)
+
+
+def test_per_task_lora_is_mola_grad_with_a_frozen_backbone():
+    """Documented in the README and the quality benchmark: the two build identical adapters."""
+    assert adapter_config(run(method="per-task-lora"), 3) == adapter_config(run(method="mola-grad"), 3)
+    assert adapter_config(run(method="mola-grad", train_backbone=True), 3).train_backbone
+
+
+def test_task_to_expert_lets_tasks_share_experts():
+    cfg = adapter_config(run(method="mola-grad", num_experts=2, task_to_expert=[0, 1, 1]), 3)
+    assert (cfg.num_experts, cfg.task_to_expert) == (2, [0, 1, 1])
+
+
+def test_lora_wide_has_the_mixture_parameter_count_and_the_same_scale():
+    narrow, wide = adapter_config(run(method="lora"), 3), adapter_config(run(method="lora-wide"), 3)
+    assert wide.rank == 3 * narrow.rank and wide.num_experts == 1
+    assert wide.scaling == pytest.approx(narrow.scaling)
+
+
+@pytest.mark.parametrize(
+    ("method", "router", "top_k"),
+    [
+        ("mola-router", "sample", None),
+        ("token-router", "token", 2),
+        ("lora", "none", None),
+        ("elrea", "none", None),
+    ],
+)
+def test_routers_of_each_method(method, router, top_k):
+    cfg = adapter_config(run(method=method), 3)
+    assert (cfg.router, cfg.top_k) == (router, top_k)
+
+
+def test_auxiliary_loss_weights():
+    assert loss_weights(run(method="mola-router"))["twd"] == 0.1
+    assert loss_weights(run(method="mola-router", twd_weight=0))["twd"] == 0
+    assert loss_weights(run(method="mola-grad"))["twd"] == 0  # no learned router, no TwD
+    assert loss_weights(run(method="token-router"))["balance"] == 0.01
+    assert loss_weights(run(method="token-router", balance_weight=0.5))["balance"] == 0.5
