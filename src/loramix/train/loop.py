@@ -137,8 +137,9 @@ class Trainer:
             return False
         state = load_training_checkpoint(path, self.checkpoint_modules, self.optimizer)
         self.step, self.history, self.last_checkpoint = int(state["step"]), state.get("history", []), path
-        self.scheduler.last_epoch = self.step - 1
-        self.scheduler.step()
+        # the optimizer state restored each group's learning rate; the schedule only needs to know the step
+        self.scheduler.last_epoch = self.step
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
         consumed = self.step * self.run.grad_accum
         self.sampler.load_state_dict(
             {
