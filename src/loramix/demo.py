@@ -16,7 +16,7 @@ from loramix.io.files import atomic_write_json
 
 DEMO_SETTINGS: dict[str, Any] = {
     "model": "minilm",
-    "steps": 300,
+    "steps": 200,
     "batch_size": 32,
     "max_length": 32,
     "lr": 1e-3,
@@ -35,6 +35,7 @@ def run_demo(
     methods: list[str] | None = None,
     threads: int | None = None,
     seed: int = 0,
+    scale: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Train every method in `methods` on the synthetic suite; returns their metrics."""
     from loramix.report import print_table, write_report
@@ -43,7 +44,7 @@ def run_demo(
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     methods = methods or ["lora", "mola-grad", "mola-router"]
-    task_dirs = write_suite(output_dir / "data", seed=seed)
+    task_dirs = write_suite(output_dir / "data", seed=seed, scale=scale)
     results = []
     for method in methods:
         settings = {
