@@ -329,3 +329,20 @@ def test_single_expert_equals_peft_lora(model_kind: str, rslora: bool) -> None:
     want = call(twin, inputs)
     assert not torch.allclose(out, base, atol=1e-3)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_sample_router_can_pool_a_conv_layers_output():
+    """`router_input` may name a Conv2d: the router reads its output channels, pooled over space."""
+    from tests.models import tiny_cnn
+
+    model = tiny_cnn()
+    loramix.inject(
+        model,
+        {"num_experts": 3, "rank": 2, "router": "sample", "targets": ["conv2"], "router_input": "conv1"},
+    )
+    router = get_info(model).model_router
+    assert router.network[1].in_features == model.conv1.out_channels  # conv1 is not a target
+    with loramix.routing(model) as state:
+        out = model(cnn_inputs())
+    assert out.shape[0] == cnn_inputs().shape[0]
+    assert state.model_gate is not None and state.model_gate.weights.shape[-1] == 3

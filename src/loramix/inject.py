@@ -168,7 +168,10 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
         name = next(n for n, m in model.named_modules() if m is module)
     if isinstance(module, nn.Embedding):
         return name, module.embedding_dim
-    width = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None)
+    width = next(
+        (getattr(module, a) for a in ("out_features", "out_channels", "embedding_dim") if hasattr(module, a)),
+        None,
+    )
     if width is None:
         config_obj = getattr(model, "config", None)
         width = getattr(config_obj, "hidden_size", None)
