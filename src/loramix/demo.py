@@ -16,7 +16,7 @@ from loramix.io.files import atomic_write_json
 
 DEMO_SETTINGS: dict[str, Any] = {
     "model": "minilm",
-    "steps": 200,
+    "steps": 300,
     "batch_size": 32,
     "max_length": 32,
     "lr": 1e-3,
