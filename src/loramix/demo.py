@@ -63,7 +63,7 @@ def run_demo(
         metrics = run_training(run, output_dir / method)
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         results.append(metrics)
-    print("\nTest accuracy per task (%), same steps and batches for every method:\n")
+    print("\nTest accuracy per task, same steps and batches for every method:\n")
     print(print_table(results))
     write_report(output_dir, results)
     atomic_write_json(
