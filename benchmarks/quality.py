@@ -39,8 +39,6 @@ VARIANTS: dict[str, dict] = {
     # as many clusters as tasks; top-1 routing keeps inference at one pass (the ensemble costs C+1 passes)
     "elrea": {"method": "elrea", "elrea_clusters": 10, "elrea_mode": "top1", "elrea_feature_examples": 2000},
 }
-# per-task-lora is left out of the default run: with the backbone frozen (as here) it builds exactly the adapters
-# mola-grad builds (one expert per task, hard routing by task id), so it would repeat mola-grad's runs.
 DEFAULT_METHODS = [
     "lora",
     "mola-grad",
