@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_METHODS = [
     "lora",
     "mola-grad",
+    "per-task-lora",
     "mola-router",
     "mola-router-no-twd",
     "lora-wide",
