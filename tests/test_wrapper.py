@@ -6,29 +6,19 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import transformers
 from torch import Tensor, nn
 
 import loramix
 from loramix import InjectionError, LoramixModel, RoutingError
 from loramix.inject import adapter_state
+from tests.io import toys
 
 TASK_IDS = torch.tensor([0, 1])
 
 
 def tiny_gpt2() -> nn.Module:
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=99,
-        n_positions=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return toys.tiny_gpt2()
 
 
 def adapted_gpt2(router: str) -> nn.Module:
