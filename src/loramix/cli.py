@@ -47,14 +47,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     data = MultiTaskData(task_specs(run))
     split = args.split or eval_split(data)
-    metrics = evaluate(
-        model,
-        data,
-        TextCollator(tokenizer, max_length=run.max_length),
-        split=split,
-        batch_size=run.eval_batch_size,
-        max_examples=run.max_eval_examples,
-    )
+    collator = TextCollator(tokenizer, max_length=run.max_length)
+    if run.method == "elrea":  # the gradient-routed ensemble, with the centroids saved beside the experts
+        from loramix.methods.elrea.evaluate import evaluate_elrea, saved_centroids
+
+        centroids, centroid0 = saved_centroids(args.run_dir)
+        metrics, _, _ = evaluate_elrea(model, data, collator, run, centroids, centroid0, split=split)
+    else:
+        metrics = evaluate(
+            model,
+            data,
+            collator,
+            split=split,
+            batch_size=run.eval_batch_size,
+            max_examples=run.max_eval_examples,
+        )
     metrics = {"method": run.method, "split": split, **metrics}
     atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
     print(print_table([metrics]))

@@ -10,11 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 import loramix
+from loramix.errors import CheckpointError
 from loramix.io import read_checkpoint
 from loramix.methods.elrea import pipeline
+from loramix.train import callbacks
 from loramix.train import run as run_module
 from loramix.train.config import RunConfig
 from loramix.train.run import run_training
@@ -142,3 +145,59 @@ def test_the_clustering_is_deterministic_for_a_seed(runs: list[dict[str, Any]]):
     assert torch.equal(first["clusters"].centroids, second["clusters"].centroids)
     for key in ("ari", "nmi", "clusters", "tasks", "mean_accuracy"):
         assert first["metrics"][key] == second["metrics"][key], key
+
+
+def test_loramix_eval_scores_what_the_run_scored(runs: list[dict[str, Any]]):
+    from loramix.cli import main
+
+    run_dir, metrics = runs[0]["dir"], runs[0]["metrics"]
+    assert main(["eval", str(run_dir)]) == 0
+    evaluated = json.loads((run_dir / "eval-test.json").read_text())
+    assert evaluated["method"] == "elrea" and evaluated["split"] == "test"
+    assert evaluated["tasks"] == metrics["tasks"]  # the gradient-routed ensemble, rebuilt from the files
+    assert evaluated["routing"]["model"]["num_experts"] == CLUSTERS + 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    history = [{k: v for k, v in h.items() if k != "samples_per_s"} for h in metrics["history"]]
+    return {**metrics, "history": history}
+
+
+@pytest.mark.parametrize("phase", ["base", "experts"])
+def test_an_interrupted_elrea_run_resumes_exactly(
+    phase: str, runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    every = 4
+    run = RunConfig.from_dict({**elrea_settings(model_dir, tasks_dir), "checkpoint_every": every})
+    checkpoint_step = callbacks.Checkpointer.on_step_end
+
+    def crash_after_a_checkpoint(self, trainer, logs):
+        checkpoint_step(self, trainer, logs)
+        if trainer.output_dir.name == phase and trainer.step == every + 1:
+            raise Interrupted
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_after_a_checkpoint)
+        with pytest.raises(Interrupted):
+            run_training(run, tmp_path)
+    assert (tmp_path / pipeline.STAGE_FILE).is_file() == (phase == "experts")
+    assert not (tmp_path / "adapter").exists()
+
+    resumed = run_training(run, tmp_path, resume=True)
+    straight = runs[0]["metrics"]
+    assert without_timings(resumed) == without_timings(straight)
+    a = load_file(runs[0]["dir"] / "adapter" / "adapters.safetensors")
+    b = load_file(tmp_path / "adapter" / "adapters.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_damaged_stage_file_is_named(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    (tmp_path / pipeline.STAGE_FILE).write_bytes(b"not a safetensors file")
+    run = RunConfig.from_dict(elrea_settings(model_dir, tasks_dir))
+    with pytest.raises(CheckpointError, match=pipeline.STAGE_FILE):
+        run_training(run, tmp_path, resume=True)

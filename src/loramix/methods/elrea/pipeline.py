@@ -5,32 +5,42 @@
    predicted label; the task id only picks the head, as in MoLA-Router);
 3. clusters of those features (k-means; the number by silhouette unless `elrea_clusters` is set);
 4. one expert per cluster, initialised from the base adapter, trained on its cluster for the remaining steps, in
-   one bank whose expert 0 is the frozen base (heads frozen too, so the base stays the base);
+   one bank whose expert 0 is the frozen base (the heads go on training);
 5. test inputs featurised on expert 0 and answered by the ELREA logit ensemble (or the top-1 expert).
 Task labels never choose clusters or experts; they are used only to score the clusters (ARI, NMI).
+
+A run is resumable: both training phases write checkpoints (`checkpoint_every`), and the outcome of steps 1-3 is
+saved atomically to `clusters.safetensors` (base adapter, heads, features, clusters, RNG state), so a resumed run
+skips straight to the experts and ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import adjusted_rand_score, f1_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from loramix.data import MultiTaskData, TextCollator
+from loramix.errors import CheckpointError
 from loramix.inject import adapter_state, inject, remove
+from loramix.io.files import atomic_save_tensors
 from loramix.methods.elrea.cluster import cluster_features
-from loramix.methods.elrea.ensemble import base_centroid, ensemble_logits, routing_weights
+from loramix.methods.elrea.ensemble import base_centroid
+from loramix.methods.elrea.evaluate import BASE_CENTROID, CENTROIDS, evaluate_elrea, featurize
 from loramix.methods.elrea.experts import init_experts_from_base
-from loramix.methods.elrea.features import GradientFeaturizer, self_label_cross_entropy
+from loramix.methods.elrea.features import GradientFeaturizer
 from loramix.methods.mola import adapter_config
-from loramix.train.callbacks import JsonlLogger, ProgressBar
+from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
 from loramix.train.loop import Trainer
-from loramix.train.routing_stats import routing_summary
+
+STAGE_FILE = "clusters.safetensors"
 
 
 class RoutedCollator:
@@ -45,41 +55,100 @@ class RoutedCollator:
         return batch
 
 
-def _label_free_loss(model: MultiTaskModel, batch: dict[str, torch.Tensor]):
-    def loss() -> torch.Tensor:
-        return self_label_cross_entropy(model(batch))  # (n,) against the model's own predictions
+@dataclass
+class Stage:
+    """What the base phase, the features and the clustering leave for the experts (saved in `STAGE_FILE`)."""
 
-    return loss
+    base_state: dict[str, torch.Tensor]  # the base adapter, as `adapter_state` names it
+    heads_state: dict[str, torch.Tensor]
+    chosen: np.ndarray  # indices of the featurised training examples
+    features: torch.Tensor  # (n, k)
+    labels: np.ndarray  # (n,) cluster of each featurised example
+    centroids: torch.Tensor  # (C, k)
+    silhouette: float
+    history: list[dict[str, Any]]  # the base phase's log
+    rng_state: torch.Tensor  # the global torch RNG when the stage ended
 
+    def save(self, output_dir: Path) -> None:
+        tensors = {
+            **{f"base.{k}": v for k, v in self.base_state.items()},
+            **{f"heads.{k}": v for k, v in self.heads_state.items()},
+            "chosen": torch.from_numpy(self.chosen),
+            "features": self.features,
+            "labels": torch.from_numpy(self.labels),
+            "centroids": self.centroids,
+            "rng_state": self.rng_state,
+        }
+        meta = {"silhouette": self.silhouette, "history": self.history}
+        atomic_save_tensors(output_dir / STAGE_FILE, tensors, metadata={"elrea": json.dumps(meta)})
 
-def featurize(
-    model: MultiTaskModel,
-    featurizer: GradientFeaturizer,
-    examples: list,
-    collator: TextCollator,
-    batch_size: int,
-    expert: int | None,
-) -> torch.Tensor:
-    """Gradient features `(n, k)` of `examples`, routed to `expert` when the model is a bank."""
-    from loramix.context import routing
+    @classmethod
+    def load(cls, output_dir: Path) -> Stage | None:
+        from safetensors import safe_open
 
-    device = next(model.parameters()).device
-    feats = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-        if expert is None:
-            feats.append(featurizer(_label_free_loss(model, batch)).cpu())
-            continue
-        route = torch.full_like(batch["task_ids"], expert)
-        with routing(model.backbone, task_ids=route, attention_mask=batch["attention_mask"]):
-            feats.append(featurizer(_label_free_loss(model, batch)).cpu())
-    return torch.cat(feats)
+        path = output_dir / STAGE_FILE
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})["elrea"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except Exception as error:  # a foreign or damaged file: say which and why
+            raise CheckpointError(f"{path}: not a readable ELREA stage file ({error})") from error
+        return cls(
+            base_state={k[5:]: v for k, v in tensors.items() if k.startswith("base.")},
+            heads_state={k[6:]: v for k, v in tensors.items() if k.startswith("heads.")},
+            chosen=tensors["chosen"].numpy(),
+            features=tensors["features"],
+            labels=tensors["labels"].numpy(),
+            centroids=tensors["centroids"],
+            silhouette=float(meta["silhouette"]),
+            history=meta["history"],
+            rng_state=tensors["rng_state"],
+        )
 
 
 def _trainer(run: RunConfig, model, data, collator, output_dir: Path, steps: int, **kwargs) -> Trainer:
     phase = run.model_copy(update={"steps": steps})
-    callbacks = [JsonlLogger(output_dir / "metrics.jsonl")] + ([ProgressBar()] if run.progress else [])
+    callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
+    if run.progress:
+        callbacks.insert(0, ProgressBar())
     return Trainer(phase, model, data, collator, output_dir=output_dir, callbacks=callbacks, **kwargs)
+
+
+def _base_stage(
+    run: RunConfig,
+    model: MultiTaskModel,
+    data: MultiTaskData,
+    collator: TextCollator,
+    output_dir: Path,
+    base_steps: int,
+    resume: bool,
+) -> Stage:
+    """Steps 1-3: the base adapter, the features of a seeded sample of training examples, their clusters."""
+    trainer = _trainer(run, model, data, collator, output_dir / "base", base_steps)
+    if resume:
+        trainer.resume()
+    history = trainer.train()
+    model.eval()
+    train = data.split("train")
+    rng = np.random.default_rng(run.seed)
+    chosen = np.sort(rng.choice(len(train), size=min(run.elrea_feature_examples, len(train)), replace=False))
+    examples = [train[i] for i in chosen]
+    featurizer = GradientFeaturizer(model.backbone, projection_dim=run.elrea_feature_dim, seed=run.seed)
+    features = featurize(model, featurizer, examples, collator, run.eval_batch_size, expert=None)
+    clusters = cluster_features(features, run.elrea_clusters, seed=run.seed)
+    return Stage(
+        base_state={k: v.detach().clone() for k, v in adapter_state(model.backbone).items()},
+        heads_state={k: v.detach().clone() for k, v in model.heads.state_dict().items()},
+        chosen=chosen,
+        features=features,
+        labels=clusters.labels.numpy(),
+        centroids=clusters.centroids,
+        silhouette=clusters.silhouette,
+        history=history,
+        rng_state=torch.get_rng_state(),
+    )
 
 
 def run_elrea(
@@ -90,31 +159,25 @@ def run_elrea(
     model, tokenizer = build_model(run, data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
-    # 1. base adapter
-    history = _trainer(run, model, data, collator, output_dir / "base", base_steps).train()
-    model.eval()
-    # 2. features of a seeded sample of training examples
-    train = data.split("train")
-    rng = np.random.default_rng(run.seed)
-    chosen = np.sort(rng.choice(len(train), size=min(run.elrea_feature_examples, len(train)), replace=False))
-    examples = [train[i] for i in chosen]
-    featurizer = GradientFeaturizer(model.backbone, projection_dim=run.elrea_feature_dim, seed=run.seed)
-    train_feats = featurize(model, featurizer, examples, collator, run.eval_batch_size, expert=None)
-    # 3. clusters
-    clusters = cluster_features(train_feats, run.elrea_clusters, seed=run.seed)
-    true_tasks = np.array([e.task for e in examples])
-    labels = clusters.labels.numpy()
+    stage = Stage.load(output_dir) if resume else None
+    if stage is None:
+        stage = _base_stage(run, model, data, collator, output_dir, base_steps, resume)
+        stage.save(output_dir)
+    else:
+        print(f"resuming from {output_dir / STAGE_FILE}: the base adapter and its clusters are done")
+        model.heads.load_state_dict(stage.heads_state)
+    torch.set_rng_state(stage.rng_state)  # the experts start from the same RNG state, resumed or not
+    n_clusters = len(stage.centroids)
     # 4. experts from the base adapter, one per cluster; expert 0 is the frozen base
-    base_state = {k: v.detach().clone() for k, v in adapter_state(model.backbone).items()}
     remove(model.backbone)
-    n_experts = clusters.n_clusters + 1
     bank = adapter_config(run, data.num_tasks).model_copy(
-        update={"num_experts": n_experts, "router": "task", "num_tasks": n_experts}
+        update={"num_experts": n_clusters + 1, "router": "task", "num_tasks": n_clusters + 1}
     )
     inject(model.backbone, bank)
-    init_experts_from_base(model.backbone, base_state, freeze_base=True)
-    model.heads.requires_grad_(False)
-    routes = [int(c) + 1 for c in labels]
+    init_experts_from_base(model.backbone, stage.base_state, freeze_base=True)
+    train = data.split("train")
+    examples = [train[i] for i in stage.chosen]
+    routes = [int(c) + 1 for c in stage.labels]
     expert_trainer = _trainer(
         run,
         model,
@@ -125,112 +188,46 @@ def run_elrea(
         train_examples=list(zip(examples, routes)),
         sampler_ids=[r - 1 for r in routes],
     )
-    history += (
-        [{**h, "step": h["step"] + base_steps} for h in expert_trainer.train()]
-        if run.steps > base_steps
-        else []
-    )
+    if resume:
+        expert_trainer.resume()
+    history = stage.history + [{**h, "step": h["step"] + base_steps} for h in expert_trainer.train()]
     model = expert_trainer.accelerator.unwrap_model(expert_trainer.model)
     # 5. ensemble inference
-    centroid0 = base_centroid(train_feats)
-    metrics = evaluate_elrea(
-        model, data, collator, run, clusters.centroids, centroid0, split=eval_split(data)
+    centroid0 = base_centroid(stage.features)
+    metrics, weights, test_tasks = evaluate_elrea(
+        model, data, collator, run, stage.centroids, centroid0, split=eval_split(data)
     )
-    contingency = np.zeros((clusters.n_clusters, data.num_tasks), dtype=int)
-    np.add.at(contingency, (labels, true_tasks), 1)
+    true_tasks = np.array([e.task for e in examples])
+    contingency = np.zeros((n_clusters, data.num_tasks), dtype=int)
+    np.add.at(contingency, (stage.labels, true_tasks), 1)
     metrics.update(
         method="elrea",
         seed=run.seed,
         history=history,
-        ari=float(adjusted_rand_score(true_tasks, labels)),
-        nmi=float(normalized_mutual_info_score(true_tasks, labels)),
+        ari=float(adjusted_rand_score(true_tasks, stage.labels)),
+        nmi=float(normalized_mutual_info_score(true_tasks, stage.labels)),
         clusters={
-            "n_clusters": clusters.n_clusters,
-            "sizes": np.bincount(labels).tolist(),
-            "silhouette": clusters.silhouette,
+            "n_clusters": n_clusters,
+            "sizes": np.bincount(stage.labels, minlength=n_clusters).tolist(),
+            "silhouette": stage.silhouette,
             "contingency": contingency.tolist(),
             "task_names": data.task_names,
         },
     )
-    metrics["routing"]["majority_cluster_rate"] = _majority_rate(
-        metrics.pop("_weights"), metrics.pop("_tasks"), contingency
-    )
-    model.heads.requires_grad_(True)
+    metrics["routing"]["majority_cluster_rate"] = majority_rate(weights, test_tasks, contingency)
     save_run(
         output_dir,
         run,
         data,
         model,
         metrics,
-        extra={"elrea.centroids": clusters.centroids, "elrea.base_centroid": centroid0},
+        extra={CENTROIDS: stage.centroids, BASE_CENTROID: centroid0},
     )
     return metrics
 
 
-def _majority_rate(weights: np.ndarray, tasks: np.ndarray, contingency: np.ndarray) -> float:
+def majority_rate(weights: np.ndarray, tasks: np.ndarray, contingency: np.ndarray) -> float:
     """How often a test input's best cluster expert is the cluster that holds most of its task's examples."""
     majority = contingency.argmax(0)  # (T,) cluster of each task
     best = weights[:, 1:].argmax(1)  # best cluster expert, base excluded
     return float(np.mean(best == majority[tasks]))
-
-
-@torch.no_grad()
-def _predict(
-    model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
-) -> torch.Tensor:
-    from loramix.context import routing
-
-    def forward(inputs: dict[str, torch.Tensor], route_ids: torch.Tensor) -> torch.Tensor:
-        with routing(model.backbone, task_ids=route_ids, attention_mask=inputs["attention_mask"]):
-            logits = model(inputs)
-        return logits.masked_fill(torch.isinf(logits), 0.0)  # other tasks' columns; masked again below
-
-    logits = ensemble_logits(forward, batch, weights, mode=mode)  # type: ignore[arg-type]
-    return model.heads.predict(
-        logits.masked_fill(~model.heads.own[batch["task_ids"]], float("-inf")), batch["task_ids"]
-    )
-
-
-def evaluate_elrea(
-    model: MultiTaskModel,
-    data: MultiTaskData,
-    collator: TextCollator,
-    run: RunConfig,
-    centroids: torch.Tensor,
-    centroid0: torch.Tensor,
-    *,
-    split: str,
-) -> dict[str, Any]:
-    """Per-task accuracy of the ELREA ensemble, and the routing weights it used."""
-    model.eval()
-    device = next(model.parameters()).device
-    featurizer = GradientFeaturizer(
-        model.backbone, projection_dim=run.elrea_feature_dim, seed=run.seed, expert=0
-    )
-    tasks, all_weights, all_tasks = {}, [], []
-    for task in data.tasks:
-        examples = data.examples(split, task.task_id)[: run.max_eval_examples]
-        preds, gold = [], []
-        for start in range(0, len(examples), run.eval_batch_size):
-            chunk = examples[start : start + run.eval_batch_size]
-            feats = featurize(model, featurizer, chunk, collator, len(chunk), expert=0)
-            weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
-            batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            preds.append(_predict(model, batch, weights.to(device), run.elrea_mode).cpu())
-            gold.append(batch["labels"].cpu())
-            all_weights.append(weights)
-            all_tasks.append(batch["task_ids"].cpu())
-        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(gold).numpy()
-        tasks[task.name] = {
-            "accuracy": float(np.mean(y_pred == y_true)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "n": len(y_true),
-        }
-    weights_np, tasks_np = torch.cat(all_weights).numpy(), torch.cat(all_tasks).numpy()
-    return {
-        "tasks": tasks,
-        "mean_accuracy": float(np.mean([m["accuracy"] for m in tasks.values()])),
-        "routing": {"model": routing_summary(weights_np, tasks_np, data.task_names)},
-        "_weights": weights_np,
-        "_tasks": tasks_np,
-    }

@@ -1,0 +1,127 @@
+"""Evaluating a trained ELREA bank: featurize each test input on the base adapter (expert 0), weight the experts by
+gradient similarity to the saved centroids, and answer with the logit ensemble or the top-1 expert.
+
+`loramix eval` on an ELREA run comes here, with the centroids read back from the run's adapter file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+
+from loramix.context import routing
+from loramix.data import MultiTaskData, TextCollator
+from loramix.errors import CheckpointError
+from loramix.methods.elrea.ensemble import ensemble_logits, routing_weights
+from loramix.methods.elrea.features import GradientFeaturizer, self_label_cross_entropy
+from loramix.train.config import RunConfig
+from loramix.train.heads import MultiTaskModel
+from loramix.train.routing_stats import routing_summary
+
+CENTROIDS, BASE_CENTROID = "elrea.centroids", "elrea.base_centroid"
+
+
+def featurize(
+    model: MultiTaskModel,
+    featurizer: GradientFeaturizer,
+    examples: list,
+    collator: TextCollator,
+    batch_size: int,
+    expert: int | None,
+) -> torch.Tensor:
+    """Label-free gradient features `(n, k)` of `examples` (the loss against the model's own predicted label; the
+    task id only picks the head), routed to `expert` when the model is a bank."""
+    device = next(model.parameters()).device
+    feats = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
+
+        def loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+            return self_label_cross_entropy(model(batch))  # (n,)
+
+        if expert is None:
+            feats.append(featurizer(loss).cpu())
+            continue
+        route = torch.full_like(batch["task_ids"], expert)
+        with routing(model.backbone, task_ids=route, attention_mask=batch["attention_mask"]):
+            feats.append(featurizer(loss).cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def _predict(
+    model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
+) -> torch.Tensor:
+    def forward(inputs: dict[str, torch.Tensor], route_ids: torch.Tensor) -> torch.Tensor:
+        with routing(model.backbone, task_ids=route_ids, attention_mask=inputs["attention_mask"]):
+            logits = model(inputs)
+        return logits.masked_fill(torch.isinf(logits), 0.0)  # other tasks' columns; masked again below
+
+    logits = ensemble_logits(forward, batch, weights, mode=mode)  # type: ignore[arg-type]
+    return model.heads.predict(
+        logits.masked_fill(~model.heads.own[batch["task_ids"]], float("-inf")), batch["task_ids"]
+    )
+
+
+def evaluate_elrea(
+    model: MultiTaskModel,
+    data: MultiTaskData,
+    collator: TextCollator,
+    run: RunConfig,
+    centroids: torch.Tensor,
+    centroid0: torch.Tensor,
+    *,
+    split: str,
+    mode: str | None = None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The metrics of the ELREA bank on `split` (per-task accuracy and macro-F1, the routing summary), and the
+    expert weights `(n, C + 1)` it used with each input's task id `(n,)`, for the caller's cluster statistics."""
+    model.eval()
+    device = next(model.parameters()).device
+    featurizer = GradientFeaturizer(
+        model.backbone, projection_dim=run.elrea_feature_dim, seed=run.seed, expert=0
+    )
+    tasks, all_weights, all_tasks = {}, [], []
+    for task in data.tasks:
+        examples = data.examples(split, task.task_id)[: run.max_eval_examples]
+        preds, gold = [], []
+        for start in range(0, len(examples), run.eval_batch_size):
+            chunk = examples[start : start + run.eval_batch_size]
+            feats = featurize(model, featurizer, chunk, collator, len(chunk), expert=0)
+            weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
+            preds.append(_predict(model, batch, weights.to(device), mode or run.elrea_mode).cpu())
+            gold.append(batch["labels"].cpu())
+            all_weights.append(weights)
+            all_tasks.append(batch["task_ids"].cpu())
+        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(gold).numpy()
+        tasks[task.name] = {
+            "accuracy": float(np.mean(y_pred == y_true)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "n": len(y_true),
+        }
+    weights_np, tasks_np = torch.cat(all_weights).numpy(), torch.cat(all_tasks).numpy()
+    metrics = {
+        "tasks": tasks,
+        "mean_accuracy": float(np.mean([m["accuracy"] for m in tasks.values()])),
+        "routing": {"model": routing_summary(weights_np, tasks_np, data.task_names)},
+    }
+    return metrics, weights_np, tasks_np
+
+
+def saved_centroids(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cluster centroids `(C, k)` and the base adapter's centroid `(k,)` saved with an ELREA run's adapter."""
+    from loramix.io import read_checkpoint
+
+    adapter = Path(run_dir) / "adapter"
+    _, tensors = read_checkpoint(adapter)
+    missing = [name for name in (CENTROIDS, BASE_CENTROID) if f"extra.{name}" not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{adapter}: no {', '.join(missing)} tensor; was this adapter written by an ELREA run?"
+        )
+    return tensors[f"extra.{CENTROIDS}"], tensors[f"extra.{BASE_CENTROID}"]
