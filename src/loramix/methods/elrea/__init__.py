@@ -59,20 +59,30 @@ from loramix.methods.elrea.features import (
     prompt_lm_loss,
     self_label_cross_entropy,
 )
+from loramix.methods.elrea.model import (
+    ElreaModel,
+    classifier_self_label_loss,
+    expand_to_bank,
+    lm_prompt_loss,
+)
 from loramix.methods.elrea.projection import CountSketch, project_gradients
 
 __all__ = [
     "Clustering",
     "CountSketch",
+    "ElreaModel",
     "GradientFeaturizer",
     "adam_state_by_name",
     "base_centroid",
     "causal_lm_loss",
+    "classifier_self_label_loss",
     "cluster_centroids",
     "cluster_features",
     "cluster_task_ids",
     "ensemble_logits",
+    "expand_to_bank",
     "init_experts_from_base",
+    "lm_prompt_loss",
     "project_gradients",
     "prompt_lm_loss",
     "replicate_batch",

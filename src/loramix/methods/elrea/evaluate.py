@@ -18,11 +18,10 @@ from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import CheckpointError
 from loramix.methods.elrea.ensemble import ensemble_logits, routing_weights
 from loramix.methods.elrea.features import GradientFeaturizer, self_label_cross_entropy
+from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
 from loramix.train.routing_stats import routing_summary
-
-CENTROIDS, BASE_CENTROID = "elrea.centroids", "elrea.base_centroid"
 
 
 def featurize(

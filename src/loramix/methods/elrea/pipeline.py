@@ -27,14 +27,13 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import CheckpointError
-from loramix.inject import adapter_state, inject, remove
+from loramix.inject import adapter_state
 from loramix.io.files import atomic_save_tensors
 from loramix.methods.elrea.cluster import cluster_features
 from loramix.methods.elrea.ensemble import base_centroid
-from loramix.methods.elrea.evaluate import BASE_CENTROID, CENTROIDS, evaluate_elrea, featurize
-from loramix.methods.elrea.experts import init_experts_from_base
+from loramix.methods.elrea.evaluate import evaluate_elrea, featurize
 from loramix.methods.elrea.features import GradientFeaturizer
-from loramix.methods.mola import adapter_config
+from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
@@ -169,12 +168,10 @@ def run_elrea(
     torch.set_rng_state(stage.rng_state)  # the experts start from the same RNG state, resumed or not
     n_clusters = len(stage.centroids)
     # 4. experts from the base adapter, one per cluster; expert 0 is the frozen base
-    remove(model.backbone)
-    bank = adapter_config(run, data.num_tasks).model_copy(
-        update={"num_experts": n_clusters + 1, "router": "task", "num_tasks": n_clusters + 1}
-    )
-    inject(model.backbone, bank)
-    init_experts_from_base(model.backbone, stage.base_state, freeze_base=True)
+    with torch.no_grad():
+        for name, param in adapter_state(model.backbone).items():
+            param.copy_(stage.base_state[name])  # a no-op unless resumed
+    expand_to_bank(model.backbone, n_clusters)
     train = data.split("train")
     examples = [train[i] for i in stage.chosen]
     routes = [int(c) + 1 for c in stage.labels]
