@@ -49,10 +49,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = args.split or eval_split(data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
     if run.method == "elrea":  # the gradient-routed ensemble, with the centroids saved beside the experts
-        from loramix.methods.elrea.evaluate import evaluate_elrea, saved_centroids
+        from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
 
-        centroids, centroid0 = saved_centroids(args.run_dir)
-        metrics, _, _ = evaluate_elrea(model, data, collator, run, centroids, centroid0, split=split)
+        centroids, centroid0, heads = saved_elrea(args.run_dir)
+        metrics, _, _ = evaluate_elrea(
+            model, data, collator, run, centroids, centroid0, split=split, feature_heads=heads
+        )
     else:
         metrics = evaluate(
             model,

@@ -201,3 +201,19 @@ def test_a_damaged_stage_file_is_named(model_dir: Path, tasks_dir: Path, tmp_pat
     run = RunConfig.from_dict(elrea_settings(model_dir, tasks_dir))
     with pytest.raises(CheckpointError, match=pipeline.STAGE_FILE):
         run_training(run, tmp_path, resume=True)
+
+
+def test_adam_preconditioned_features(
+    runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`elrea_precondition` takes the features as one Adam step from the base run's state (the BERT pooler's
+    adapter, which the heads never read, has no state and counts as fresh)."""
+    run = RunConfig.from_dict({**elrea_settings(model_dir, tasks_dir), "elrea_precondition": True})
+    metrics = run_training(run, tmp_path)
+    assert metrics["clusters"]["n_clusters"] == CLUSTERS
+    plain = pipeline.Stage.load(runs[0]["dir"])
+    preconditioned = pipeline.Stage.load(tmp_path)
+    assert plain is not None and preconditioned is not None
+    assert np.array_equal(plain.chosen, preconditioned.chosen)  # the same examples, featurised differently
+    torch.testing.assert_close(preconditioned.features.norm(dim=1), torch.ones(FEATURE_EXAMPLES))
+    assert (preconditioned.features - plain.features).abs().max() > 0.1

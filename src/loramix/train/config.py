@@ -77,6 +77,9 @@ class RunConfig(BaseModel):
     elrea_feature_examples: int = Field(
         2000, ge=10, description="elrea: train examples featurised for clustering."
     )
+    elrea_precondition: bool = Field(
+        False, description="elrea: precondition the features by the base run's Adam state (as LESS does)."
+    )
     elrea_temperature: float = Field(
         1.0, gt=0, description="elrea: softmax temperature of the ensemble weights."
     )

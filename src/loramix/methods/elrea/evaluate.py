@@ -6,6 +6,8 @@ gradient similarity to the saved centroids, and answer with the logit ensemble o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
 from loramix.train.routing_stats import routing_summary
+
+FEATURE_HEADS = "elrea.feature_heads"
 
 
 def featurize(
@@ -51,6 +55,20 @@ def featurize(
     return torch.cat(feats)
 
 
+@contextmanager
+def heads_swapped(model: MultiTaskModel, state: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Run the block with the heads set to `state` (None: as they are), and put the current heads back after."""
+    if state is None:
+        yield
+        return
+    current = {k: v.detach().clone() for k, v in model.heads.state_dict().items()}
+    model.heads.load_state_dict(state)
+    try:
+        yield
+    finally:
+        model.heads.load_state_dict(current)
+
+
 @torch.no_grad()
 def _predict(
     model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
@@ -75,10 +93,14 @@ def evaluate_elrea(
     centroid0: torch.Tensor,
     *,
     split: str,
+    feature_heads: dict[str, torch.Tensor] | None = None,
     mode: str | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The metrics of the ELREA bank on `split` (per-task accuracy and macro-F1, the routing summary), and the
-    expert weights `(n, C + 1)` it used with each input's task id `(n,)`, for the caller's cluster statistics."""
+    expert weights `(n, C + 1)` it used with each input's task id `(n,)`, for the caller's cluster statistics.
+
+    `feature_heads` is the heads' state when the training features were taken: the test features are taken with
+    the same heads (the heads go on training with the experts), so that both come from the same function."""
     model.eval()
     device = next(model.parameters()).device
     featurizer = GradientFeaturizer(
@@ -90,7 +112,8 @@ def evaluate_elrea(
         preds, gold = [], []
         for start in range(0, len(examples), run.eval_batch_size):
             chunk = examples[start : start + run.eval_batch_size]
-            feats = featurize(model, featurizer, chunk, collator, len(chunk), expert=0)
+            with heads_swapped(model, feature_heads):
+                feats = featurize(model, featurizer, chunk, collator, len(chunk), expert=0)
             weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
             preds.append(_predict(model, batch, weights.to(device), mode or run.elrea_mode).cpu())
@@ -112,8 +135,9 @@ def evaluate_elrea(
     return metrics, weights_np, tasks_np
 
 
-def saved_centroids(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cluster centroids `(C, k)` and the base adapter's centroid `(k,)` saved with an ELREA run's adapter."""
+def saved_elrea(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """What an ELREA run saved beside its adapter: the cluster centroids `(C, k)`, the base adapter's centroid
+    `(k,)` and the heads that made the training features."""
     from loramix.io import read_checkpoint
 
     adapter = Path(run_dir) / "adapter"
@@ -123,4 +147,6 @@ def saved_centroids(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise CheckpointError(
             f"{adapter}: no {', '.join(missing)} tensor; was this adapter written by an ELREA run?"
         )
-    return tensors[f"extra.{CENTROIDS}"], tensors[f"extra.{BASE_CENTROID}"]
+    prefix = f"extra.{FEATURE_HEADS}."
+    heads = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    return tensors[f"extra.{CENTROIDS}"], tensors[f"extra.{BASE_CENTROID}"], heads

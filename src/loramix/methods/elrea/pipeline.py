@@ -31,8 +31,8 @@ from loramix.inject import adapter_state
 from loramix.io.files import atomic_save_tensors
 from loramix.methods.elrea.cluster import cluster_features
 from loramix.methods.elrea.ensemble import base_centroid
-from loramix.methods.elrea.evaluate import evaluate_elrea, featurize
-from loramix.methods.elrea.features import GradientFeaturizer
+from loramix.methods.elrea.evaluate import FEATURE_HEADS, evaluate_elrea, featurize
+from loramix.methods.elrea.features import GradientFeaturizer, adam_state_by_name
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
@@ -115,6 +115,18 @@ def _trainer(run: RunConfig, model, data, collator, output_dir: Path, steps: int
     return Trainer(phase, model, data, collator, output_dir=output_dir, callbacks=callbacks, **kwargs)
 
 
+def _adam_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The base run's Adam moments by parameter name; an adapter that never had a gradient (a pooler the heads
+    do not read) gets zero moments, as a fresh Adam would."""
+    state = adam_state_by_name(model, optimizer)
+    for name, param in adapter_state(model).items():
+        zeros = torch.zeros_like(param)
+        state.setdefault(name, {"exp_avg": zeros, "exp_avg_sq": zeros})
+    return state
+
+
 def _base_stage(
     run: RunConfig,
     model: MultiTaskModel,
@@ -134,7 +146,13 @@ def _base_stage(
     rng = np.random.default_rng(run.seed)
     chosen = np.sort(rng.choice(len(train), size=min(run.elrea_feature_examples, len(train)), replace=False))
     examples = [train[i] for i in chosen]
-    featurizer = GradientFeaturizer(model.backbone, projection_dim=run.elrea_feature_dim, seed=run.seed)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
+    featurizer = GradientFeaturizer(
+        model.backbone,
+        projection_dim=run.elrea_feature_dim,
+        seed=run.seed,
+        optimizer_state=_adam_state(model.backbone, optimizer) if run.elrea_precondition else None,
+    )
     features = featurize(model, featurizer, examples, collator, run.eval_batch_size, expert=None)
     clusters = cluster_features(features, run.elrea_clusters, seed=run.seed)
     return Stage(
@@ -192,7 +210,14 @@ def run_elrea(
     # 5. ensemble inference
     centroid0 = base_centroid(stage.features)
     metrics, weights, test_tasks = evaluate_elrea(
-        model, data, collator, run, stage.centroids, centroid0, split=eval_split(data)
+        model,
+        data,
+        collator,
+        run,
+        stage.centroids,
+        centroid0,
+        split=eval_split(data),
+        feature_heads=stage.heads_state,
     )
     true_tasks = np.array([e.task for e in examples])
     contingency = np.zeros((n_clusters, data.num_tasks), dtype=int)
@@ -218,7 +243,11 @@ def run_elrea(
         data,
         model,
         metrics,
-        extra={CENTROIDS: stage.centroids, BASE_CENTROID: centroid0},
+        extra={
+            CENTROIDS: stage.centroids,
+            BASE_CENTROID: centroid0,
+            **{f"{FEATURE_HEADS}.{k}": v for k, v in stage.heads_state.items()},
+        },
     )
     return metrics
 
