@@ -74,8 +74,11 @@ class RunConfig(BaseModel):
         None, ge=2, description="elrea: clusters; default: chosen by silhouette."
     )
     elrea_feature_dim: int = Field(2048, ge=16, description="elrea: random projection dimension.")
-    elrea_feature_examples: int = Field(
-        2000, ge=10, description="elrea: train examples featurised for clustering."
+    elrea_feature_examples: int | None = Field(
+        None,
+        ge=10,
+        description="elrea: train examples featurised, clustered and used to train the experts; default: as many "
+        "as the expert phase draws (its steps x batch_size x grad_accum).",
     )
     elrea_precondition: bool = Field(
         False, description="elrea: precondition the features by the base run's Adam state (as LESS does)."

@@ -144,7 +144,8 @@ def _base_stage(
     model.eval()
     train = data.split("train")
     rng = np.random.default_rng(run.seed)
-    chosen = np.sort(rng.choice(len(train), size=min(run.elrea_feature_examples, len(train)), replace=False))
+    wanted = run.elrea_feature_examples or (run.steps - base_steps) * run.batch_size * run.grad_accum
+    chosen = np.sort(rng.choice(len(train), size=min(max(wanted, 10), len(train)), replace=False))
     examples = [train[i] for i in chosen]
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
     featurizer = GradientFeaturizer(
