@@ -27,17 +27,28 @@ from loramix.methods.elrea.projection import CountSketch  # noqa: E402
 from loramix.models import load_backbone  # noqa: E402
 
 
-def build(seq: int, batch: int, seed: int = 0):
+def build(seq: int, batch: int, seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
     model, _ = load_backbone("minilm")
     loramix.inject(model, {"num_experts": 1, "rank": 8, "router": "none"})
     for layer in loramix.get_info(model).layers:
         torch.nn.init.normal_(layer.experts.B, std=0.02)
     head = torch.nn.Linear(model.config.hidden_size, 4)
-    model.eval()
-    ids = torch.randint(1000, 20000, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
+    model.eval().to(device)
+    head.to(device)
+    ids = torch.randint(1000, 20000, (batch, seq), device=device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     return model, head, ids, mask
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def loss_fn(model, head, ids, mask):
@@ -65,8 +76,8 @@ def loop(model, head, ids, mask, sketch: CountSketch, names: list[str]) -> torch
     return torch.cat(rows)
 
 
-def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048) -> dict:
-    model, head, ids, mask = build(seq, batch)
+def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048, device: str = "cpu") -> dict:
+    model, head, ids, mask = build(seq, batch, device=device)
     featurizer = GradientFeaturizer(model, projection_dim=dim, seed=0)
     sketch = CountSketch(dim, seed=0)
     names = featurizer.parameter_names
@@ -75,12 +86,8 @@ def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048) -> dic
     assert max_diff < 1e-4, f"batched and loop features differ by {max_diff}"
     ratios, times = [], {"batched": [], "loop": []}
     for _ in range(rounds):
-        start = time.perf_counter()
-        batched(featurizer, model, head, ids, mask)
-        t_fast = time.perf_counter() - start
-        start = time.perf_counter()
-        loop(model, head, ids, mask, sketch, names)
-        t_slow = time.perf_counter() - start
+        t_fast = timed(lambda: batched(featurizer, model, head, ids, mask), device)
+        t_slow = timed(lambda: loop(model, head, ids, mask, sketch, names), device)
         times["batched"].append(t_fast)
         times["loop"].append(t_slow)
         ratios.append(t_slow / t_fast)
@@ -99,7 +106,9 @@ def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048) -> dic
         "projection_dim": dim,
         "max_abs_diff": max_diff,
         "model": "all-MiniLM-L6-v2, LoRA r=8 on all linear layers",
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "load_average": os.getloadavg()[0],
     }
 
@@ -112,10 +121,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the entry as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    entry = run(args.batch, args.seq, args.rounds)
+    entry = run(args.batch, args.seq, args.rounds, device=args.device)
     print(json.dumps(entry, indent=1))
     if args.out:
         args.out.write_text(json.dumps(entry, indent=1) + "\n")

@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict] = {
     "token-router": {"method": "token-router"},
     "per-task-lora": {"method": "per-task-lora"},
     # as many clusters as tasks; top-1 routing keeps inference at one pass (the ensemble costs C+1 passes)
-    "elrea": {"method": "elrea", "elrea_clusters": 10, "elrea_mode": "top1", "elrea_feature_examples": 2000},
+    "elrea": {"method": "elrea", "elrea_clusters": 10, "elrea_mode": "top1"},
 }
 DEFAULT_METHODS = [
     "lora",
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = json.loads(args.out.read_text()) if args.skip_done and args.out.is_file() else []
-    done = {(r["name"], r["seed"]) for r in results}
+    done = {(r["name"], r["seed"], r["steps"]) for r in results}
     for seed in args.seeds:
         for name in args.methods:
-            if (name, seed) in done:
+            if (name, seed, args.steps) in done:
                 continue
             settings = {
                 "model": "minilm",
@@ -116,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             if summary:
                 entry["routing_purity"] = summary["purity"]
                 entry["routing_probe_accuracy"] = summary.get("probe_accuracy")
-            for key in ("ari", "nmi"):
-                if key in metrics:
-                    entry[key] = metrics[key]
+            if run.method == "elrea":
+                entry.update(
+                    ari=metrics["ari"],
+                    nmi=metrics["nmi"],
+                    elrea_mode=run.elrea_mode,
+                    elrea_base_fraction=run.elrea_base_fraction,
+                    majority_cluster_rate=routing["majority_cluster_rate"],
+                )
             results.append(entry)
             atomic_write_json(args.out, results)
             print(
@@ -129,21 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def column(entry: dict) -> str:
+    """A method's column: its name, with the steps when they are not the default 150."""
+    return entry["name"] if entry["steps"] == 150 else f"{entry['name']} ({entry['steps']} steps)"
+
+
 def summarise(results: list[dict]) -> str:
-    """A markdown table: per-task accuracy averaged over seeds, one column per method."""
-    names = list(dict.fromkeys(r["name"] for r in results))
+    """A markdown table: per-task accuracy averaged over seeds, one column per method and step budget."""
+    names = list(dict.fromkeys(column(r) for r in results))
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task in TASKS + ["mean"]:
         cells = []
         for name in names:
-            runs = [r for r in results if r["name"] == name]
+            runs = [r for r in results if column(r) == name]
             values = [r["mean_accuracy"] if task == "mean" else r["tasks"].get(task) for r in runs]
             values = [v for v in values if v is not None]
             cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     purity = []
     for name in names:
-        runs = [r["routing_purity"] for r in results if r["name"] == name and "routing_purity" in r]
+        runs = [r["routing_purity"] for r in results if column(r) == name and "routing_purity" in r]
         purity.append(f"{sum(runs) / len(runs):.2f}" if runs else "")
     lines.append("| routing purity | " + " | ".join(purity) + " |")
     return "\n".join(lines)

@@ -73,16 +73,24 @@ ROOT = Path(__file__).resolve().parent
 # ---- main -----------------------------------------------------------------------------------------------------
 
 
-def run_elrea_section(results: Results, *, quick: bool) -> None:
-    """ELREA's per-example gradient features: one batched backward pass against a batch-size-1 loop."""
+def run_elrea_section(results: Results, device: torch.device, *, quick: bool) -> None:
+    """ELREA's per-example gradient features: one batched backward pass against a batch-size-1 loop, at 64
+    tokens and at 16 (about the length of the ten tasks' sentences)."""
     from elrea_features import run as run_features
 
-    entry = run_features(batch=8 if quick else 32, seq=64, rounds=2 if quick else 3)
-    stats = {k: entry.pop(k) for k in ("ratio_median",)}
-    stats.update(ratio_q25=1 / entry["speedup_q75"], ratio_q75=1 / entry["speedup_q25"])
-    fields = {k: v for k, v in entry.items() if k not in ("name", "baseline")}
-    results.add("features/elrea-batched", entry["baseline"], stats, section="elrea", **fields)
-    print(f"  elrea features: {entry['speedup_median']:.2f}x faster than the batch-size-1 loop", flush=True)
+    shapes = [(8, 64)] if quick else [(32, 64), (64, 16)]
+    for batch, seq in shapes:
+        entry = run_features(batch=batch, seq=seq, rounds=2 if quick else 3, device=device.type)
+        stats = {k: entry.pop(k) for k in ("ratio_median",)}
+        stats.update(ratio_q25=1 / entry["speedup_q75"], ratio_q75=1 / entry["speedup_q25"])
+        fields = {k: v for k, v in entry.items() if k not in ("name", "baseline")}
+        results.add(
+            f"features/elrea-batched/{batch}x{seq}", entry["baseline"], stats, section="elrea", **fields
+        )
+        print(
+            f"  elrea features {batch}x{seq}: {entry['speedup_median']:.2f}x faster than the batch-size-1 loop",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         ("model", lambda: run_model_section(results, plan, device, dtype)),
         ("inference", lambda: run_inference_section(results, plan, device, dtype)),
         ("memory", lambda: run_memory_section(results, plan, device, args.threads)),
-        ("elrea", lambda: run_elrea_section(results, quick=mode == "quick")),
+        ("elrea", lambda: run_elrea_section(results, device, quick=mode == "quick")),
     ]
     for name, run in sections:
         if name in args.sections:

@@ -109,6 +109,22 @@ TARGETS: list[tuple[str, str, str, dict[str, Any], float, str]] = [
         "increment_ratio",
     ),
     (
+        "ELREA features: batched >= 10x the batch-size-1 loop (32 x 64 tokens)",
+        "features/elrea-batched/32x64",
+        "batch-size-1 autograd loop",
+        {},
+        0.1,
+        "ratio_median",
+    ),
+    (
+        "ELREA features: batched >= 10x the batch-size-1 loop (64 x 16 tokens)",
+        "features/elrea-batched/64x16",
+        "batch-size-1 autograd loop",
+        {},
+        0.1,
+        "ratio_median",
+    ),
+    (
         "GPU: hard routing <= 1.10x one LoRA, d=4096",
         "layer/loramix",
         "peft-lora-r16",

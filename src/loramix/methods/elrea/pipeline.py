@@ -5,7 +5,8 @@
    predicted label; the task id only picks the head, as in MoLA-Router);
 3. clusters of those features (k-means; the number by silhouette unless `elrea_clusters` is set);
 4. one expert per cluster, initialised from the base adapter, trained on its cluster for the remaining steps, in
-   one bank whose expert 0 is the frozen base (the heads go on training);
+   one bank whose expert 0 is the frozen base (the heads go on training); the featurised examples are drawn
+   uniformly, so a cluster gets the share of the steps that it has of the data;
 5. test inputs featurised on expert 0 and answered by the ELREA logit ensemble (or the top-1 expert).
 Task labels never choose clusters or experts; they are used only to score the clusters (ARI, NMI).
 
@@ -194,8 +195,9 @@ def run_elrea(
     train = data.split("train")
     examples = [train[i] for i in stage.chosen]
     routes = [int(c) + 1 for c in stage.labels]
+    # Clusters are a partition of the data, not tasks to rebalance: each expert draws its share of the examples.
     expert_trainer = _trainer(
-        run,
+        run.model_copy(update={"sampling": "proportional"}),
         model,
         data,
         RoutedCollator(collator),
