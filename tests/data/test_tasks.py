@@ -101,6 +101,22 @@ def test_max_train_examples_is_a_seeded_order_keeping_subsample(jsonl):
     assert first != texts(1)
 
 
+def test_eval_examples_are_a_fixed_sample_across_labels(jsonl):
+    """A test file sorted by label must not give "the first N" of one label: the sample spans the file."""
+    sorted_rows = sorted(rows(60, labels=(0, 1, 2)), key=lambda row: row["label"])
+    path = jsonl("a.jsonl", sorted_rows)
+    data = MultiTaskData([TaskSpec(name="a", train=path, test=path)])
+    chosen = data.eval_examples("test", "a", 15)
+    assert len(chosen) == 15 and len({e.label for e in chosen}) == 3
+    positions = [int(e.text.split()[1]) for e in chosen]
+    order = [int(r["text"].split()[1]) for r in sorted_rows]
+    assert [order.index(p) for p in positions] == sorted(order.index(p) for p in positions)  # file order kept
+    other = MultiTaskData([TaskSpec(name="a", train=path, test=path, seed=5)])
+    assert [e.text for e in other.eval_examples("test", "a", 15)] == [e.text for e in chosen]  # not the run seed
+    assert data.eval_examples("test", "a", 100) == data.examples("test", "a")
+    assert data.eval_examples("test", "a") == data.examples("test", "a")
+
+
 def test_load_task_specs_resolves_paths_against_the_spec_file(tmp_path: Path, jsonl):
     jsonl("a.jsonl", rows(4))
     spec_file = tmp_path / "tasks.yaml"

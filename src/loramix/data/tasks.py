@@ -113,6 +113,15 @@ class MultiTaskData:
             raise DataError(f"task id {task_id} is outside 0..{self.num_tasks - 1}")
         return self._per_task(split)[task_id]
 
+    def eval_examples(self, split: str, task: int | str, limit: int | None = None) -> list[Example]:
+        """At most `limit` of one task's examples in `split`, the same for every run and method: a sample drawn
+        with a fixed seed, kept in file order (files sorted by label would make "the first N" one-sided)."""
+        examples = self.examples(split, task)
+        if limit is None or len(examples) <= limit:
+            return examples
+        chosen = sorted(random.Random(0).sample(range(len(examples)), limit))
+        return [examples[i] for i in chosen]
+
     def split(self, split: str) -> list[Example]:
         """All tasks' examples in ``split``, task 0's first; index it with a sampler's global indices."""
         if split not in self._joined:

@@ -42,7 +42,11 @@ class RunConfig(BaseModel):
     max_train_examples: int | None = Field(
         None, ge=1, description="Subsample each task's train split to this."
     )
-    max_eval_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many per task.")
+    max_eval_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate on at most this many per task (a fixed-seed sample, the same every run).",
+    )
     # adapters
     rank: int = Field(8, ge=1, description="Rank r of every expert (lora-wide uses E*r).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale alpha/r (alpha*E for lora-wide).")

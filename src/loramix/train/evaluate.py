@@ -38,7 +38,7 @@ def evaluate(
     tasks: dict[str, Any] = {}
     model_gates, layer_gates, gate_tasks = [], {}, []
     for task in data.tasks:
-        examples = data.examples(split, task.task_id)[:max_examples]
+        examples = data.eval_examples(split, task.task_id, max_examples)
         preds, labels = [], []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}

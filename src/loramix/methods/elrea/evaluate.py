@@ -108,7 +108,7 @@ def evaluate_elrea(
     )
     tasks, all_weights, all_tasks = {}, [], []
     for task in data.tasks:
-        examples = data.examples(split, task.task_id)[: run.max_eval_examples]
+        examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
         preds, gold = [], []
         for start in range(0, len(examples), run.eval_batch_size):
             chunk = examples[start : start + run.eval_batch_size]
