@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--max-train", type=int, default=2000, help="train examples kept per task (seeded)")
-    parser.add_argument("--max-eval", type=int, default=300, help="test examples per task (first N)")
+    parser.add_argument(
+        "--max-eval",
+        type=int,
+        default=300,
+        help="test examples per task (a fixed-seed sample, the same for every run)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=default_data_dir())
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")

@@ -112,7 +112,9 @@ def test_eval_examples_are_a_fixed_sample_across_labels(jsonl):
     order = [int(r["text"].split()[1]) for r in sorted_rows]
     assert [order.index(p) for p in positions] == sorted(order.index(p) for p in positions)  # file order kept
     other = MultiTaskData([TaskSpec(name="a", train=path, test=path, seed=5)])
-    assert [e.text for e in other.eval_examples("test", "a", 15)] == [e.text for e in chosen]  # not the run seed
+    assert [e.text for e in other.eval_examples("test", "a", 15)] == [
+        e.text for e in chosen
+    ]  # not the run seed
     assert data.eval_examples("test", "a", 100) == data.examples("test", "a")
     assert data.eval_examples("test", "a") == data.examples("test", "a")
 

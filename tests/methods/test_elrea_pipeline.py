@@ -196,6 +196,14 @@ def test_an_interrupted_elrea_run_resumes_exactly(
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_a_stage_from_other_settings_is_refused(runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path):
+    other = RunConfig.from_dict(
+        {**elrea_settings(model_dir, tasks_dir), "elrea_feature_dim": 128, "threads": 2}
+    )
+    with pytest.raises(CheckpointError, match=r"other settings \(elrea_feature_dim\)"):
+        pipeline.Stage.load(runs[0]["dir"], other)
+
+
 def test_a_damaged_stage_file_is_named(model_dir: Path, tasks_dir: Path, tmp_path: Path):
     (tmp_path / pipeline.STAGE_FILE).write_bytes(b"not a safetensors file")
     run = RunConfig.from_dict(elrea_settings(model_dir, tasks_dir))
@@ -211,8 +219,8 @@ def test_adam_preconditioned_features(
     run = RunConfig.from_dict({**elrea_settings(model_dir, tasks_dir), "elrea_precondition": True})
     metrics = run_training(run, tmp_path)
     assert metrics["clusters"]["n_clusters"] == CLUSTERS
-    plain = pipeline.Stage.load(runs[0]["dir"])
-    preconditioned = pipeline.Stage.load(tmp_path)
+    plain = pipeline.Stage.load(runs[0]["dir"], RunConfig.from_dict(elrea_settings(model_dir, tasks_dir)))
+    preconditioned = pipeline.Stage.load(tmp_path, run)
     assert plain is not None and preconditioned is not None
     assert np.array_equal(plain.chosen, preconditioned.chosen)  # the same examples, featurised differently
     torch.testing.assert_close(preconditioned.features.norm(dim=1), torch.ones(FEATURE_EXAMPLES))

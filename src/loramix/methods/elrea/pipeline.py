@@ -68,6 +68,7 @@ class Stage:
     silhouette: float
     history: list[dict[str, Any]]  # the base phase's log
     rng_state: torch.Tensor  # the global torch RNG when the stage ended
+    run: dict[str, Any]  # the settings that made it (see `settings`)
 
     def save(self, output_dir: Path) -> None:
         tensors = {
@@ -79,11 +80,12 @@ class Stage:
             "centroids": self.centroids,
             "rng_state": self.rng_state,
         }
-        meta = {"silhouette": self.silhouette, "history": self.history}
+        meta = {"silhouette": self.silhouette, "history": self.history, "run": self.run}
         atomic_save_tensors(output_dir / STAGE_FILE, tensors, metadata={"elrea": json.dumps(meta)})
 
     @classmethod
-    def load(cls, output_dir: Path) -> Stage | None:
+    def load(cls, output_dir: Path, run: RunConfig) -> Stage | None:
+        """The stage a run with these settings saved in `output_dir`; None when there is none."""
         from safetensors import safe_open
 
         path = output_dir / STAGE_FILE
@@ -93,19 +95,37 @@ class Stage:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {})["elrea"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            stage = cls(
+                base_state={k.removeprefix("base."): v for k, v in tensors.items() if k.startswith("base.")},
+                heads_state={
+                    k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")
+                },
+                chosen=tensors["chosen"].numpy(),
+                features=tensors["features"],
+                labels=tensors["labels"].numpy(),
+                centroids=tensors["centroids"],
+                silhouette=float(meta["silhouette"]),
+                history=meta["history"],
+                rng_state=tensors["rng_state"],
+                run=meta["run"],
+            )
         except Exception as error:  # a foreign or damaged file: say which and why
             raise CheckpointError(f"{path}: not a readable ELREA stage file ({error})") from error
-        return cls(
-            base_state={k[5:]: v for k, v in tensors.items() if k.startswith("base.")},
-            heads_state={k[6:]: v for k, v in tensors.items() if k.startswith("heads.")},
-            chosen=tensors["chosen"].numpy(),
-            features=tensors["features"],
-            labels=tensors["labels"].numpy(),
-            centroids=tensors["centroids"],
-            silhouette=float(meta["silhouette"]),
-            history=meta["history"],
-            rng_state=tensors["rng_state"],
+        changed = sorted(
+            k for k in set(stage.run) | set(settings(run)) if stage.run.get(k) != settings(run).get(k)
         )
+        if changed:
+            raise CheckpointError(
+                f"{path} was written by a run with other settings ({', '.join(changed)}): resume with the same "
+                "config, or delete the file to start the experts' stage over"
+            )
+        return stage
+
+
+def settings(run: RunConfig) -> dict[str, Any]:
+    """The settings a saved stage must share with the run that resumes it (bookkeeping may change)."""
+    bookkeeping = {"progress", "log_every", "checkpoint_every", "threads"}
+    return {k: v for k, v in run.to_dict().items() if k not in bookkeeping}
 
 
 def _trainer(run: RunConfig, model, data, collator, output_dir: Path, steps: int, **kwargs) -> Trainer:
@@ -167,6 +187,7 @@ def _base_stage(
         silhouette=clusters.silhouette,
         history=history,
         rng_state=torch.get_rng_state(),
+        run=settings(run),
     )
 
 
@@ -178,7 +199,7 @@ def run_elrea(
     model, tokenizer = build_model(run, data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
-    stage = Stage.load(output_dir) if resume else None
+    stage = Stage.load(output_dir, run) if resume else None
     if stage is None:
         stage = _base_stage(run, model, data, collator, output_dir, base_steps, resume)
         stage.save(output_dir)
