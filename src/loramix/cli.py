@@ -71,12 +71,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from loramix.inject import get_info
     from loramix.io import export_peft
     from loramix.models import resolve_model_path
     from loramix.train.run import load_trained
 
     run, model, _, tasks = load_trained(args.run_dir)
+    if run.method == "elrea":  # experts belong to gradient clusters, not tasks
+        if args.expert is None:
+            raise ConfigError(
+                "an ELREA run's experts belong to gradient clusters, not tasks: pass --expert N (0 is the base "
+                "adapter, c + 1 the expert of cluster c; `loramix inspect` lists them)"
+            )
+        experts = get_info(model.backbone).config.num_experts
+        if not 0 <= args.expert < experts:
+            raise ConfigError(f"--expert {args.expert} is not an expert of this run: 0..{experts - 1}")
+        out = export_peft(
+            model.backbone,
+            args.out,
+            gate=[float(e == args.expert) for e in range(experts)],
+            base_model_name_or_path=resolve_model_path(run.model),
+        )
+        print(f"wrote a PEFT LoRA adapter for expert {args.expert} to {out}")
+        return 0
     names = [t["name"] for t in tasks]
+    if args.task is None:
+        raise ConfigError(f"pass --task, one of this run's tasks: {', '.join(names)}")
     if args.task not in names:
         raise ConfigError(
             f"--task {args.task!r} is not a task of this run; its tasks are: {', '.join(names)}"
@@ -146,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write one task's expert as a PEFT LoRA adapter")
     p.add_argument("run_dir")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", help="the task whose expert to export")
+    p.add_argument("--expert", type=int, help="ELREA runs: the expert to export (0: the base adapter)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="show a run's config, experts and routing summary")

@@ -225,3 +225,29 @@ def test_adam_preconditioned_features(
     assert np.array_equal(plain.chosen, preconditioned.chosen)  # the same examples, featurised differently
     torch.testing.assert_close(preconditioned.features.norm(dim=1), torch.ones(FEATURE_EXAMPLES))
     assert (preconditioned.features - plain.features).abs().max() > 0.1
+
+
+def test_loramix_export_writes_one_cluster_expert_for_peft(
+    runs: list[dict[str, Any]], model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from peft import PeftModel
+
+    from loramix.cli import main
+
+    run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval()
+    assert main(["export", str(run_dir), "--task", "animals", "--out", str(tmp_path / "x")]) == 2
+    assert "--expert" in capsys.readouterr().err  # experts belong to clusters, not tasks
+    assert main(["export", str(run_dir), "--expert", str(CLUSTERS + 1), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", str(run_dir), "--expert", "2", "--out", str(tmp_path / "peft")]) == 0
+    peft_model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(model_dir), str(tmp_path / "peft")
+    ).eval()
+    inputs = dict(
+        AutoTokenizer.from_pretrained(model_dir)(
+            ["a cat near the river", "blue"], padding=True, return_tensors="pt"
+        )
+    )
+    with torch.no_grad(), loramix.routing(trained, task_ids=torch.full((2,), 2)):
+        want = trained(**inputs).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).last_hidden_state, want, atol=1e-5, rtol=0)
