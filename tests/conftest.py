@@ -1,8 +1,24 @@
-"""Suite-wide settings. The toy models live in `tests/models.py`."""
+"""Suite-wide settings and fixtures. The toy models live in `tests/models.py`; the tiny offline model directory and
+tasks that whole training runs use, in `tests/train/toys.py`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+
+from tests.train import toys
 
 # Every tensor in these tests is tiny: thread start-up costs more than the maths (10-100x on small CPUs).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.tasks_dir(tmp_path_factory)

@@ -59,33 +59,62 @@ class CNN(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
+def tiny_bert(
+    seed: int | None = 0,
+    *,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    dropout: float = 0.0,
+    num_labels: int | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """A tiny BERT encoder (or, with `num_labels`, a sequence classifier), in eval mode; `seed=None` draws its
+    weights from torch's generator as it stands."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         intermediate_size=37,
         vocab_size=99,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **extra,
     )
-    return transformers.BertModel(config).eval()
+    model_class = transformers.BertModel if num_labels is None else transformers.BertForSequenceClassification
+    return model_class(config).eval()
 
 
-def tiny_gpt2(seed: int = 0, *, lm_head: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
+def tiny_gpt2(
+    seed: int | None = 0,
+    *,
+    lm_head: bool = False,
+    dropout: float = 0.0,
+    special_token_id: int | None = 0,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """A tiny GPT-2 (Conv1D layers), with or without its LM head, in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    extra: dict[str, Any] = (
+        {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    )
     config = transformers.GPT2Config(
         n_embd=32,
         n_layer=2,
         n_head=2,
         vocab_size=99,
         n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        bos_token_id=special_token_id,
+        eos_token_id=special_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        **extra,
     )
     model = transformers.GPT2LMHeadModel(config) if lm_head else transformers.GPT2Model(config)
     return model.eval()

@@ -25,16 +25,6 @@ from loramix.train.run import load_trained
 from tests.train import toys
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return toys.model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return toys.tasks_dir(tmp_path_factory)
-
-
 def write_config(path: Path, settings: dict[str, Any]) -> str:
     path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     return str(path)

@@ -10,38 +10,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import transformers
 from torch import Tensor, nn
 
 import loramix
 from loramix.inject import adapter_state
+from tests import models
 
 NUM_TASKS = 3
 
 
 def tiny_bert(*, hidden_size: int = 32, num_hidden_layers: int = 2) -> nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=99,
-    )
-    return transformers.BertModel(config).eval()
+    """BERT's default dropout, weights from torch's generator as it stands (see `bert_pair`)."""
+    return models.tiny_bert(None, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, dropout=0.1)
 
 
 def tiny_gpt2() -> nn.Module:
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=99,
-        n_positions=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    """A language model without special token ids (PEFT's export must not depend on them)."""
+    return models.tiny_gpt2(None, lm_head=True, dropout=0.1, special_token_id=None)
 
 
 class SmallCNN(nn.Module):

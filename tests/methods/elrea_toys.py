@@ -10,6 +10,7 @@ import transformers
 from torch import Tensor, nn
 
 import loramix
+from tests import models
 
 transformers.logging.set_verbosity_error()
 
@@ -17,34 +18,13 @@ VOCAB = 99
 
 
 def tiny_bert(num_labels: int = 3, seed: int = 0) -> nn.Module:
-    """A 2-layer BERT with a linear classification head, in eval mode (dropout off)."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-        num_labels=num_labels,
-        attn_implementation="eager",
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    """A 2-layer BERT with a linear classification head, eager attention (for `torch.func.vmap`)."""
+    return models.tiny_bert(seed, num_labels=num_labels, dropout=0.1, attn_implementation="eager")
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
-    """A 2-layer GPT-2 language model (Conv1D layers), in eval mode."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    """A 2-layer GPT-2 language model (Conv1D layers), eager attention."""
+    return models.tiny_gpt2(seed, lm_head=True, dropout=0.1, attn_implementation="eager")
 
 
 def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:

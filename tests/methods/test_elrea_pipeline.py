@@ -26,16 +26,6 @@ from tests.train import toys
 CLUSTERS, FEATURE_EXAMPLES, FEATURE_DIM, STEPS = len(toys.TASK_NAMES), 60, 256, 20
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return toys.model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return toys.tasks_dir(tmp_path_factory)
-
-
 def elrea_settings(model_dir: Path, tasks_dir: Path) -> dict[str, Any]:
     return toys.settings(
         model_dir,
