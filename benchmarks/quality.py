@@ -38,7 +38,11 @@ VARIANTS: dict[str, dict] = {
     "per-task-lora": {"method": "per-task-lora"},
     # as many clusters as tasks; top-1 routing keeps inference at one pass (the ensemble costs C+1 passes)
     "elrea": {"method": "elrea", "elrea_clusters": 10, "elrea_mode": "top1"},
-    "elrea-ensemble": {"method": "elrea", "elrea_clusters": 10, "elrea_mode": "ensemble"},  # 11 passes per input
+    "elrea-ensemble": {
+        "method": "elrea",
+        "elrea_clusters": 10,
+        "elrea_mode": "ensemble",
+    },  # 11 passes per input
 }
 DEFAULT_METHODS = [
     "lora",

@@ -275,13 +275,15 @@ def write_markdown(
     if elrea:
         lines += ["ELREA per-example gradient features (MiniLM, LoRA r=8 on all linear layers):", ""]
         lines += [
-            "| batch x seq | batched (s) | batch-size-1 loop (s) | speedup (median [q25, q75]) |",
-            "|---|---|---|---|",
+            "| batch x seq | batched (s) | batch-size-1 loop (s) | speedup (median [q25, q75]) | "
+            "one summed backward (s) |",
+            "|---|---|---|---|---|",
         ]
         for e in elrea:
             lines.append(
                 f"| {e['batch']} x {e['seq']} | {e['batched_s_median']:.2f} | {e['loop_s_median']:.2f} | "
-                f"{e['speedup_median']:.2f}x [{e['speedup_q25']:.2f}, {e['speedup_q75']:.2f}] |"
+                f"{e['speedup_median']:.2f}x [{e['speedup_q25']:.2f}, {e['speedup_q75']:.2f}] | "
+                f"{e.get('summed_backward_s_median', float('nan')):.2f} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))
