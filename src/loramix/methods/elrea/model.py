@@ -5,9 +5,10 @@ and the feature settings. It featurizes inputs on the base adapter, weights the 
 ensemble's logits or with generated text; it saves to, and loads from, one loramix adapter directory (safetensors
 and JSON, the centroids among the tensors).
 
-Generation with the ensemble keeps every Hugging Face `generate` feature that greedy decoding allows (KV cache,
-stopping criteria, padding): the batch runs as C + 1 copies, copy e routed to expert e, and a logits processor
-combines the copies' next-token logits with the input's weights and makes every copy take the same token.
+Generation with the ensemble runs through Hugging Face `generate` with greedy decoding (KV cache, stopping
+criteria and the rest come with it): the batch runs as C + 1 copies, copy e routed to expert e, and a logits
+processor combines the copies' next-token logits with the input's weights and makes every copy take the same
+token. The tests check it against a step-by-step loop on prompts of one length.
 
 Legend: n samples, E = C + 1 experts, k feature dimension, v vocabulary.
 """
@@ -205,9 +206,8 @@ class ElreaModel:
         if generate_kwargs.get("do_sample") or generate_kwargs.get("num_beams", 1) != 1:
             raise ConfigError("ensemble generation decodes greedily: leave do_sample and num_beams unset")
         n, experts = weights.shape
-        copies = {
-            k: v.repeat(experts, 1) for k, v in prompt.items()
-        }  # copy-major: copy e is rows e n..(e+1) n
+        # copy-major: copy e holds rows e n .. (e + 1) n - 1, routed to expert e
+        copies = {k: v.repeat(experts, 1) for k, v in prompt.items()}
         route = torch.arange(experts, device=input_ids.device).repeat_interleave(n)
         processors = list(generate_kwargs.pop("logits_processor", []))
         processors.append(_SameTokenForEveryCopy(weights))
@@ -240,11 +240,11 @@ class ElreaModel:
         directory = Path(directory)
         record, tensors = read_checkpoint(directory)
         settings = record.get("metadata", {}).get("elrea")
-        missing = [k for k in (CENTROIDS, BASE_CENTROID) if f"extra.{k}" not in tensors]
-        if settings is None or missing:
-            raise CheckpointError(
-                f"{directory}: not an ELREA model (no 'elrea' metadata or no {', '.join(missing) or 'settings'})"
-            )
+        missing = [f"tensor '{k}'" for k in (CENTROIDS, BASE_CENTROID) if f"extra.{k}" not in tensors]
+        if settings is None:
+            missing.insert(0, "'elrea' metadata")
+        if missing:
+            raise CheckpointError(f"{directory}: not an ELREA model (no {', '.join(missing)})")
         load(model, directory)
         return cls(
             model,
