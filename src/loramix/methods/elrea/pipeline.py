@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from loramix.data import MultiTaskData, TextCollator
@@ -198,11 +199,13 @@ def run_elrea(
 
     model, tokenizer = build_model(run, data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
+    processes = PartialState()
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
     stage = Stage.load(output_dir, run) if resume else None
     if stage is None:
         stage = _base_stage(run, model, data, collator, output_dir, base_steps, resume)
-        stage.save(output_dir)
+        if processes.is_main_process:  # one writer when several processes train
+            stage.save(output_dir)
     else:
         print(f"resuming from {output_dir / STAGE_FILE}: the base adapter and its clusters are done")
         model.heads.load_state_dict(stage.heads_state)
@@ -261,6 +264,9 @@ def run_elrea(
         },
     )
     metrics["routing"]["majority_cluster_rate"] = majority_rate(weights, test_tasks, contingency)
+    processes.wait_for_everyone()
+    if not processes.is_main_process:
+        return metrics
     save_run(
         output_dir,
         run,
