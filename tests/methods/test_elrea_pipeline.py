@@ -22,6 +22,7 @@ from loramix.train import run as run_module
 from loramix.train.config import RunConfig
 from loramix.train.run import run_training
 from tests.train import toys
+from tests.train.test_checkpoint import Interrupted, without_timings
 
 CLUSTERS, FEATURE_EXAMPLES, FEATURE_DIM, STEPS = len(toys.TASK_NAMES), 60, 256, 20
 
@@ -146,15 +147,6 @@ def test_loramix_eval_scores_what_the_run_scored(runs: list[dict[str, Any]]):
     assert evaluated["method"] == "elrea" and evaluated["split"] == "test"
     assert evaluated["tasks"] == metrics["tasks"]  # the gradient-routed ensemble, rebuilt from the files
     assert evaluated["routing"]["model"]["num_experts"] == CLUSTERS + 1
-
-
-class Interrupted(Exception):
-    pass
-
-
-def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
-    history = [{k: v for k, v in h.items() if k != "samples_per_s"} for h in metrics["history"]]
-    return {**metrics, "history": history}
 
 
 @pytest.mark.parametrize("phase", ["base", "experts"])

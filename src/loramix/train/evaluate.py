@@ -56,16 +56,7 @@ def evaluate(
                     model_gates.append(weights.float().cpu())
                 else:
                     layer_gates.setdefault(name, []).append(weights.float().cpu())
-        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-        if task.task_type == "regression":
-            tasks[task.name] = {"mse": float(np.mean((y_pred - y_true) ** 2)), "n": len(y_true)}
-        else:
-            tasks[task.name] = {
-                "accuracy": float(np.mean(y_pred == y_true)),
-                "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-                "n": len(y_true),
-            }
-    accuracies = [m["accuracy"] for m in tasks.values() if "accuracy" in m]
+        tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type)
     routing: dict[str, Any] = {}
     if gate_tasks:
         task_ids = torch.cat(gate_tasks).numpy()
@@ -78,8 +69,21 @@ def evaluate(
                 )
             )
     model.train()
+    return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks), "routing": routing}
+
+
+def task_scores(y_pred: np.ndarray, y_true: np.ndarray, task_type: str) -> dict[str, Any]:
+    """One task's scores: accuracy and macro-F1 for classification, mean squared error for regression."""
+    if task_type == "regression":
+        return {"mse": float(np.mean((y_pred - y_true) ** 2)), "n": len(y_true)}
     return {
-        "tasks": tasks,
-        "mean_accuracy": float(np.mean(accuracies)) if accuracies else None,
-        "routing": routing,
+        "accuracy": float(np.mean(y_pred == y_true)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "n": len(y_true),
     }
+
+
+def mean_accuracy(tasks: dict[str, dict[str, Any]]) -> float | None:
+    """The mean accuracy over the classification tasks; None when there are none."""
+    accuracies = [m["accuracy"] for m in tasks.values() if "accuracy" in m]
+    return float(np.mean(accuracies)) if accuracies else None

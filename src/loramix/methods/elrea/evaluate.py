@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
 from loramix.context import routing
 from loramix.data import MultiTaskData, TextCollator
@@ -22,6 +21,7 @@ from loramix.methods.elrea.ensemble import ensemble_logits, routing_weights
 from loramix.methods.elrea.features import GradientFeaturizer, self_label_cross_entropy
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS
 from loramix.train.config import RunConfig
+from loramix.train.evaluate import mean_accuracy, task_scores
 from loramix.train.heads import MultiTaskModel
 from loramix.train.routing_stats import routing_summary
 
@@ -42,17 +42,23 @@ def featurize(
     feats = []
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-
-        def loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
-            return self_label_cross_entropy(model(batch))  # (n,)
-
-        if expert is None:
-            feats.append(featurizer(loss).cpu())
-            continue
-        route = torch.full_like(batch["task_ids"], expert)
-        with routing(model.backbone, task_ids=route, attention_mask=batch["attention_mask"]):
-            feats.append(featurizer(loss).cpu())
+        feats.append(batch_features(model, featurizer, batch, expert).cpu())
     return torch.cat(feats)
+
+
+def batch_features(
+    model: MultiTaskModel, featurizer: GradientFeaturizer, batch: dict[str, torch.Tensor], expert: int | None
+) -> torch.Tensor:
+    """The features `(n, k)` of one collated batch."""
+
+    def loss() -> torch.Tensor:
+        return self_label_cross_entropy(model(batch))  # (n,)
+
+    if expert is None:
+        return featurizer(loss)
+    route = torch.full_like(batch["task_ids"], expert)
+    with routing(model.backbone, task_ids=route, attention_mask=batch["attention_mask"]):
+        return featurizer(loss)
 
 
 @contextmanager
@@ -112,24 +118,19 @@ def evaluate_elrea(
         preds, gold = [], []
         for start in range(0, len(examples), run.eval_batch_size):
             chunk = examples[start : start + run.eval_batch_size]
-            with heads_swapped(model, feature_heads):
-                feats = featurize(model, featurizer, chunk, collator, len(chunk), expert=0)
-            weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            preds.append(_predict(model, batch, weights.to(device), mode or run.elrea_mode).cpu())
+            with heads_swapped(model, feature_heads):
+                feats = batch_features(model, featurizer, batch, expert=0)
+            weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
+            preds.append(_predict(model, batch, weights, mode or run.elrea_mode).cpu())
             gold.append(batch["labels"].cpu())
-            all_weights.append(weights)
+            all_weights.append(weights.cpu())
             all_tasks.append(batch["task_ids"].cpu())
-        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(gold).numpy()
-        tasks[task.name] = {
-            "accuracy": float(np.mean(y_pred == y_true)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "n": len(y_true),
-        }
+        tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(gold).numpy(), task.task_type)
     weights_np, tasks_np = torch.cat(all_weights).numpy(), torch.cat(all_tasks).numpy()
     metrics = {
         "tasks": tasks,
-        "mean_accuracy": float(np.mean([m["accuracy"] for m in tasks.values()])),
+        "mean_accuracy": mean_accuracy(tasks),
         "routing": {"model": routing_summary(weights_np, tasks_np, data.task_names)},
     }
     return metrics, weights_np, tasks_np
