@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _timing import device_name, time_once  # noqa: E402
 
 import loramix  # noqa: E402
 from loramix.methods.elrea import GradientFeaturizer, self_label_cross_entropy  # noqa: E402
@@ -39,16 +38,6 @@ def build(seq: int, batch: int, seed: int = 0, device: str = "cpu"):
     ids = torch.randint(1000, 20000, (batch, seq), device=device)
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     return model, head, ids, mask
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def loss_fn(model, head, ids, mask):
@@ -85,6 +74,7 @@ def summed_backward(model, head, ids, mask, names: list[str]) -> None:
 
 def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048, device: str = "cpu") -> dict:
     model, head, ids, mask = build(seq, batch, device=device)
+    where = torch.device(device)
     featurizer = GradientFeaturizer(model, projection_dim=dim, seed=0)
     sketch = CountSketch(dim, seed=0)
     names = featurizer.parameter_names
@@ -93,9 +83,9 @@ def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048, device
     assert max_diff < 1e-4, f"batched and loop features differ by {max_diff}"
     ratios, times = [], {"batched": [], "loop": [], "summed": []}
     for _ in range(rounds):
-        t_fast = timed(lambda: batched(featurizer, model, head, ids, mask), device)
-        t_slow = timed(lambda: loop(model, head, ids, mask, sketch, names), device)
-        times["summed"].append(timed(lambda: summed_backward(model, head, ids, mask, names), device))
+        t_fast = time_once(lambda: batched(featurizer, model, head, ids, mask), where)
+        t_slow = time_once(lambda: loop(model, head, ids, mask, sketch, names), where)
+        times["summed"].append(time_once(lambda: summed_backward(model, head, ids, mask, names), where))
         times["batched"].append(t_fast)
         times["loop"].append(t_slow)
         ratios.append(t_slow / t_fast)
@@ -115,9 +105,7 @@ def run(batch: int = 32, seq: int = 64, rounds: int = 5, dim: int = 2048, device
         "projection_dim": dim,
         "max_abs_diff": max_diff,
         "model": "all-MiniLM-L6-v2, LoRA r=8 on all linear layers",
-        "device": torch.cuda.get_device_name(device)
-        if device.startswith("cuda")
-        else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": f"{device_name(where)}, {torch.get_num_threads()} threads",
         "load_average": os.getloadavg()[0],
     }
 
