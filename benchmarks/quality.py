@@ -5,6 +5,7 @@ benchmarks/results/quality.json after each run (so a long run can be stopped and
 
     python benchmarks/quality.py                      # all methods, seeds 0 and 1 (about an hour on 2 quiet cores)
     python benchmarks/quality.py --methods lora mola-grad --seeds 0 --steps 50   # a quick look
+    python benchmarks/quality.py --methods elrea --set elrea_base_fraction=0.7 --out /tmp/ablation.json
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
@@ -81,13 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/loramix-quality"))
     parser.add_argument("--skip-done", action="store_true", help="keep runs already in --out and skip them")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override run settings (YAML values) for an ablation; recorded in each entry and its column",
+    )
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     results = json.loads(args.out.read_text()) if args.skip_done and args.out.is_file() else []
-    done = {(r["name"], r["seed"], r["steps"]) for r in results}
+    done = {(r["name"], r["seed"], r["steps"], json.dumps(r.get("overrides", {}))) for r in results}
     for seed in args.seeds:
         for name in args.methods:
-            if (name, seed, args.steps) in done:
+            if (name, seed, args.steps, json.dumps(overrides)) in done:
                 continue
             settings = {
                 "model": "minilm",
@@ -103,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 "progress": False,
                 "log_every": 25,
                 **VARIANTS[name],
+                **overrides,
             }
             run = RunConfig.from_dict(settings)
             started = time.perf_counter()
@@ -118,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 "max_train_examples": args.max_train,
                 "max_eval_examples": args.max_eval,
                 "seconds": round(time.perf_counter() - started, 1),
+                "device": device_name(),
             }
+            if overrides:
+                entry["overrides"] = overrides
             if run.method == "mola-router":
                 entry["twd_weight"] = run.twd_weight
             routing = metrics.get("routing", {})
@@ -144,9 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in RunConfig.model_fields:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a run setting (see RunConfig)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def column(entry: dict) -> str:
-    """A method's column: its name, with the steps when they are not the default 150."""
-    return entry["name"] if entry["steps"] == 150 else f"{entry['name']} ({entry['steps']} steps)"
+    """A method's column: its name, with the steps when they are not the default 150 and any overrides."""
+    name = entry["name"] if entry["steps"] == 150 else f"{entry['name']} ({entry['steps']} steps)"
+    overrides = entry.get("overrides", {})
+    return name + "".join(f" {k}={v}" for k, v in overrides.items())
 
 
 def summarise(results: list[dict]) -> str:

@@ -237,6 +237,19 @@ def test_featurize_runs_batch_by_batch():
     torch.testing.assert_close(parts, whole, **TOL)
 
 
+def test_sign_invariant_features_agree_for_a_gradient_and_its_negation():
+    model = base_bert()
+    ids, mask = padded_batch(LENGTHS)
+    signed = GradientFeaturizer(model, projection_dim=256, seed=0)
+    axial = GradientFeaturizer(model, projection_dim=256, seed=0, sign_invariant=True)
+    for featurizer, sign in ((signed, -1.0), (axial, 1.0)):
+        plus = featurizer(lambda: bert_batch_loss(model, ids, mask))
+        minus = featurizer(lambda: -bert_batch_loss(model, ids, mask))
+        torch.testing.assert_close(minus, sign * plus, **TOL)
+    with pytest.raises(ConfigError, match="projection_dim"):
+        GradientFeaturizer(model, projection_dim=None, sign_invariant=True)
+
+
 def test_self_label_cross_entropy_uses_the_predicted_label():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
     want = F.cross_entropy(logits, torch.tensor([0, 1]), reduction="none")

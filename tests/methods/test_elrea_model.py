@@ -153,12 +153,35 @@ def test_save_and_load_keep_the_centroids_and_the_outputs(trained: dict, tmp_pat
     loaded = ElreaModel.load(tiny_gpt2(seed=0), tmp_path / "elrea", feature_loss=lm_prompt_loss)
     assert torch.equal(loaded.centroids, elrea.centroids)
     assert torch.equal(loaded.base_centroid, elrea.base_centroid)
-    assert (loaded.projection_dim, loaded.seed, loaded.mode) == (DIM, 0, "ensemble")
+    assert (loaded.projection_dim, loaded.seed, loaded.sign_invariant, loaded.mode) == (
+        DIM,
+        0,
+        False,
+        "ensemble",
+    )
     inputs, _ = prompts()
     assert torch.equal(loaded.weights(inputs), elrea.weights(inputs))
     assert torch.equal(loaded.logits(inputs), elrea.logits(inputs))
     kwargs = {"max_new_tokens": RESPONSE, "pad_token_id": 0}
     assert torch.equal(loaded.generate(**inputs, **kwargs), elrea.generate(**inputs, **kwargs))
+
+
+def test_save_and_load_keep_sign_invariant_features(trained: dict, tmp_path: Path):
+    elrea = trained["elrea"]
+    axial = ElreaModel(
+        elrea.model,
+        elrea.centroids,
+        elrea.base_centroid,
+        feature_loss=lm_prompt_loss,
+        projection_dim=DIM,
+        sign_invariant=True,
+    )
+    axial.save(tmp_path / "axial")
+    loaded = ElreaModel.load(tiny_gpt2(seed=0), tmp_path / "axial", feature_loss=lm_prompt_loss)
+    assert loaded.sign_invariant
+    inputs, _ = prompts()
+    assert not torch.equal(axial.features(inputs), elrea.features(inputs))
+    assert torch.equal(loaded.features(inputs), axial.features(inputs))
 
 
 def test_errors_name_the_problem(trained: dict, tmp_path: Path):

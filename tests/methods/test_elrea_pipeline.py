@@ -61,6 +61,20 @@ def traced_run(run: RunConfig, output_dir: Path) -> dict[str, Any]:
     return {"metrics": metrics, "dir": output_dir, **seen}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def deterministic_on_a_gpu():
+    """Same seed, same bits: on CUDA `scatter_add_` (the gradient sketch) sums in a nondeterministic order unless
+    deterministic algorithms are asked for; on CPU this changes nothing."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.fixture(scope="module")
 def runs(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Two ELREA runs with the same seed: their metrics, folders, cluster labels and trained models."""
@@ -100,7 +114,7 @@ def test_elrea_runs_end_to_end(runs: list[dict[str, Any]]):
 
 
 def test_the_saved_adapter_rebuilds_the_trained_bank(runs: list[dict[str, Any]], model_dir: Path):
-    run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval()
+    run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval().cpu()  # trained on a GPU if any
     record, tensors = read_checkpoint(run_dir / "adapter")
     centroids, centroid0 = tensors["extra.elrea.centroids"], tensors["extra.elrea.base_centroid"]
     assert torch.equal(centroids, runs[0]["clusters"].centroids)
@@ -216,7 +230,7 @@ def test_loramix_export_writes_one_cluster_expert_for_peft(
 
     from loramix.cli import main
 
-    run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval()
+    run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval().cpu()  # trained on a GPU if any
     assert main(["export", str(run_dir), "--task", "animals", "--out", str(tmp_path / "x")]) == 2
     assert "--expert" in capsys.readouterr().err  # experts belong to clusters, not tasks
     assert main(["export", str(run_dir), "--expert", str(CLUSTERS + 1), "--out", str(tmp_path / "x")]) == 2

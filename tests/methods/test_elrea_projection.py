@@ -1,4 +1,5 @@
-"""CountSketch projection: keeps cosine similarities, is seeded and linear, and equals its dense-matrix form."""
+"""CountSketch projection: keeps cosine similarities, is seeded and linear, and equals its dense-matrix form. The
+sign-invariant map: a feature and its negation agree, and inner products estimate squared cosines."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loramix.errors import ConfigError
-from loramix.methods.elrea import CountSketch, project_gradients
+from loramix.methods.elrea import CountSketch, SignInvariantMap, project_gradients
 
 
 def correlated_pairs(pairs: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,3 +78,17 @@ def test_errors_name_the_problem():
     sketch.project("w", torch.randn(2, 10))
     with pytest.raises(ConfigError, match="coordinates"):
         sketch.project("w", torch.randn(2, 11))
+
+
+def test_sign_invariant_map_keeps_squared_cosines_and_drops_the_sign():
+    u, v = (F.normalize(x, dim=-1) for x in correlated_pairs(40, 4096, seed=1))
+    axial = SignInvariantMap(4096, seed=0)
+    mapped_u, mapped_v = axial(u), axial(v)
+    exact = F.cosine_similarity(u, v, dim=-1) ** 2
+    assert (((mapped_u * mapped_v).sum(-1)) - exact).abs().max() < 0.05
+    torch.testing.assert_close(mapped_u.norm(dim=-1), torch.ones(40))
+    torch.testing.assert_close(axial(-u), mapped_u, rtol=0, atol=0)
+    torch.testing.assert_close(SignInvariantMap(4096, seed=0)(u), mapped_u, rtol=0, atol=0)  # seeded
+    assert not torch.allclose(SignInvariantMap(4096, seed=1)(u), mapped_u)
+    with pytest.raises(ConfigError, match="4096 dimensions"):
+        SignInvariantMap(128)(u)

@@ -84,6 +84,14 @@ class RunConfig(BaseModel):
         description="elrea: train examples featurised, clustered and used to train the experts; default: as many "
         "as the expert phase draws (its steps x batch_size x grad_accum).",
     )
+    elrea_sign_invariant: bool = Field(
+        True,
+        description="elrea: cluster and route by gradient axis, not direction (a feature and its negation agree); "
+        "the self-label gradient of a classifier flips sign with the predicted class.",
+    )
+    elrea_expert_lr: float | None = Field(
+        None, gt=0, description="elrea: learning rate of the experts' phase; default: lr."
+    )
     elrea_precondition: bool = Field(
         False, description="elrea: precondition the features by the base run's Adam state (as LESS does)."
     )

@@ -16,7 +16,9 @@ The pipeline, and the part of this package behind each step:
    consistency with test time: the prompt tokens only for causal LMs (:func:`prompt_lm_loss`), the model's own
    predicted label for classifiers (:func:`self_label_cross_entropy`).
 3. Sketch the gradients to k dimensions (:class:`CountSketch`: a seeded sparse sign hash per parameter, never a
-   dense P x k matrix), sum over layers and L2-normalise: f in R^k, |f| = 1.
+   dense P x k matrix), sum over layers and L2-normalise: f in R^k, |f| = 1. For classifiers, optionally map f
+   to a sign-invariant feature (:class:`SignInvariantMap`, `sign_invariant=True`, what `method: elrea` does):
+   the self-label gradient flips sign with the predicted class, so signed directions split a task by class.
 4. Cluster the training features by direction (:func:`cluster_features`: k-means on unit vectors or BIRCH, the
    number of clusters C by cosine silhouette when not given). Centroids mu_c are normalised cluster means.
 5. Train expert c + 1 on cluster c, starting from the base adapter, in one bank of C + 1 experts routed by task id
@@ -65,13 +67,14 @@ from loramix.methods.elrea.model import (
     expand_to_bank,
     lm_prompt_loss,
 )
-from loramix.methods.elrea.projection import CountSketch, project_gradients
+from loramix.methods.elrea.projection import CountSketch, SignInvariantMap, project_gradients
 
 __all__ = [
     "Clustering",
     "CountSketch",
     "ElreaModel",
     "GradientFeaturizer",
+    "SignInvariantMap",
     "adam_state_by_name",
     "base_centroid",
     "causal_lm_loss",

@@ -110,7 +110,11 @@ def evaluate_elrea(
     model.eval()
     device = next(model.parameters()).device
     featurizer = GradientFeaturizer(
-        model.backbone, projection_dim=run.elrea_feature_dim, seed=run.seed, expert=0
+        model.backbone,
+        projection_dim=run.elrea_feature_dim,
+        seed=run.seed,
+        expert=0,
+        sign_invariant=run.elrea_sign_invariant,
     )
     tasks, all_weights, all_tasks = {}, [], []
     for task in data.tasks:

@@ -36,7 +36,7 @@ from loramix.errors import ConfigError, InjectionError, RoutingError
 from loramix.experts.layer import AdaptedLayer
 from loramix.experts.linear import LinearExperts
 from loramix.inject import get_info
-from loramix.methods.elrea.projection import CountSketch
+from loramix.methods.elrea.projection import CountSketch, SignInvariantMap
 
 LossPerSample = Callable[[], Tensor]
 Batch = TypeVar("Batch")
@@ -78,6 +78,8 @@ class GradientFeaturizer:
         params: which adapter matrices make the feature: "AB" (both), "A" or "B".
         expert: which expert of the bank is the base adapter.
         adam_betas, adam_eps: the optimizer's betas and the eps of m' / sqrt(v' + eps) (LESS uses 1e-8).
+        sign_invariant: map each feature through :class:`SignInvariantMap`, so that a gradient and its negation
+            give the same feature (clusters of gradient axes, not directions); needs `projection_dim`.
 
     The model runs in eval mode (dropout off: the gradient formula assumes it) and each module's training flag is
     restored afterwards. Gradient checkpointing must be off (a recomputed forward would be captured twice).
@@ -99,8 +101,11 @@ class GradientFeaturizer:
         expert: int = 0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        sign_invariant: bool = False,
     ) -> None:
         info = get_info(model)
+        if sign_invariant and projection_dim is None:
+            raise ConfigError("sign_invariant features need a projection_dim")
         if params not in ("AB", "A", "B"):
             raise ConfigError(f"params must be 'AB', 'A' or 'B', got {params!r}")
         num_experts = info.config.num_experts
@@ -124,6 +129,7 @@ class GradientFeaturizer:
                 )
             self.targets.append(_Target(layer, names[id(layer.experts.A)], names[id(layer.experts.B)]))
         self.sketch = CountSketch(projection_dim, seed=seed) if projection_dim is not None else None
+        self.axial = SignInvariantMap(projection_dim, seed=seed) if sign_invariant else None
         self.adam_betas, self.adam_eps = adam_betas, adam_eps
         self.optimizer_state = (
             self._check_adam_state(optimizer_state) if optimizer_state is not None else None
@@ -153,13 +159,15 @@ class GradientFeaturizer:
         return dict(self._gradients(loss_per_sample, preconditioned=preconditioned))
 
     def __call__(self, loss_per_sample: LossPerSample) -> Tensor:
-        """Features `(n, k)` of one batch: (preconditioned) gradients, sketched, summed over layers, L2-normalised.
+        """Features `(n, k)` of one batch: (preconditioned) gradients, sketched, summed over layers, L2-normalised
+        (then sign-invariant if asked).
 
         `loss_per_sample` runs the model and returns the per-sample losses `(n,)` (not reduced over the batch).
         """
         grads = self._gradients(loss_per_sample, preconditioned=self.optimizer_state is not None)
         if self.sketch is not None:
-            return self.sketch(grads)
+            features = self.sketch(grads)
+            return self.axial(features) if self.axial is not None else features
         flat = [g.reshape(g.shape[0], -1) for _, g in grads]
         return F.normalize(torch.cat(flat, dim=1), dim=-1)  # (n, P)
 

@@ -100,7 +100,8 @@ class ElreaModel:
         base_centroid: `(k,)` the base adapter's centroid (:func:`base_centroid` of the training features).
         feature_loss: `feature_loss(model, inputs) -> (n,)`, label-free and per sample; the same as the one that
             made the training features (:func:`lm_prompt_loss`, :func:`classifier_self_label_loss`).
-        projection_dim, seed: the projection of the training features.
+        projection_dim, seed, sign_invariant: how the training features were made (see
+            :class:`GradientFeaturizer`).
         temperature: of the softmax over the standardised cosine similarities.
         mode: "ensemble" (weighted logits of all experts) or "top1" (the best expert alone).
 
@@ -119,6 +120,7 @@ class ElreaModel:
         feature_loss: FeatureLoss,
         projection_dim: int | None = 2048,
         seed: int = 0,
+        sign_invariant: bool = False,
         temperature: float = 1.0,
         mode: Mode = "ensemble",
     ) -> None:
@@ -140,8 +142,10 @@ class ElreaModel:
             raise ConfigError(f"mode must be 'ensemble' or 'top1', got {mode!r}")
         self.model, self.centroids, self.base_centroid = model, centroids.float(), base_centroid.float()
         self.feature_loss, self.temperature, self.mode = feature_loss, temperature, mode
-        self.projection_dim, self.seed = projection_dim, seed
-        self.featurizer = GradientFeaturizer(model, projection_dim=projection_dim, seed=seed, expert=0)
+        self.projection_dim, self.seed, self.sign_invariant = projection_dim, seed, sign_invariant
+        self.featurizer = GradientFeaturizer(
+            model, projection_dim=projection_dim, seed=seed, expert=0, sign_invariant=sign_invariant
+        )
 
     @property
     def num_experts(self) -> int:
@@ -222,6 +226,7 @@ class ElreaModel:
         settings = {
             "projection_dim": self.projection_dim,
             "seed": self.seed,
+            "sign_invariant": self.sign_invariant,
             "temperature": self.temperature,
             "mode": self.mode,
         }

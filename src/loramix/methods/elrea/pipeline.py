@@ -175,6 +175,7 @@ def _base_stage(
         projection_dim=run.elrea_feature_dim,
         seed=run.seed,
         optimizer_state=_adam_state(model.backbone, optimizer) if run.elrea_precondition else None,
+        sign_invariant=run.elrea_sign_invariant,
     )
     features = featurize(model, featurizer, examples, collator, run.eval_batch_size, expert=None)
     clusters = cluster_features(features, run.elrea_clusters, seed=run.seed)
@@ -221,7 +222,7 @@ def run_elrea(
     routes = [int(c) + 1 for c in stage.labels]
     # Clusters are a partition of the data, not tasks to rebalance: each expert draws its share of the examples.
     expert_trainer = _trainer(
-        run.model_copy(update={"sampling": "proportional"}),
+        run.model_copy(update={"sampling": "proportional", "lr": run.elrea_expert_lr or run.lr}),
         model,
         data,
         RoutedCollator(collator),
