@@ -144,6 +144,15 @@ def test_the_saved_adapter_rebuilds_the_trained_bank(runs: list[dict[str, Any]],
         assert (outputs[expert] - outputs[0]).abs().max() > 1e-4, f"expert {expert} is still the base"
 
 
+def test_the_experts_phase_has_its_own_learning_rate(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    run = RunConfig.from_dict({**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "log_every": 1})
+    history = run_training(run, tmp_path)["history"]
+    base_steps = round(run.elrea_base_fraction * run.steps)
+    base_lr = max(h["lr"] for h in history if h["step"] <= base_steps)
+    expert_lr = max(h["lr"] for h in history if h["step"] > base_steps)
+    assert base_lr == pytest.approx(1e-2, rel=0.05) and expert_lr == pytest.approx(3e-2, rel=0.05)
+
+
 def test_the_clustering_is_deterministic_for_a_seed(runs: list[dict[str, Any]]):
     first, second = runs
     assert torch.equal(first["clusters"].labels, second["clusters"].labels)
