@@ -145,7 +145,9 @@ def test_the_saved_adapter_rebuilds_the_trained_bank(runs: list[dict[str, Any]],
 
 
 def test_the_experts_phase_has_its_own_learning_rate(model_dir: Path, tasks_dir: Path, tmp_path: Path):
-    run = RunConfig.from_dict({**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "log_every": 1})
+    run = RunConfig.from_dict(
+        {**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "log_every": 1}
+    )
     history = run_training(run, tmp_path)["history"]
     base_steps = round(run.elrea_base_fraction * run.steps)
     base_lr = max(h["lr"] for h in history if h["step"] <= base_steps)
