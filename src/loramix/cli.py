@@ -30,6 +30,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = RunConfig.from_yaml(args.config, args.set)
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     metrics = run_training(run, output_dir, resume=args.resume)
+    from loramix.train.loop import processes
+
+    if not processes().is_main_process:  # under `accelerate launch` / `torchrun`: one report
+        return 0
     print(print_table([metrics]))
     print(
         f"\nwrote {output_dir}/metrics.json, {output_dir}/report.md and the adapters in {output_dir}/adapter"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from torch.utils.data import DataLoader
 
 from loramix.data import MultiTaskData, TaskBalancedSampler
@@ -57,6 +57,12 @@ def parameter_groups(
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
 
 
+def processes() -> PartialState:
+    """This process's place among those `accelerate launch` or `torchrun` started (one, without them). CPU-only
+    machines must say so: without `cpu=True` accelerate leaves several CPU processes unaware of each other."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 class Trainer:
     """Trains a :class:`MultiTaskModel` on :class:`MultiTaskData` as `run` says."""
 
@@ -76,7 +82,12 @@ class Trainer:
         trains its experts on clusters instead of tasks)."""
         self.run, self.data, self.output_dir = run, data, Path(output_dir)
         self.callbacks = list(callbacks)
-        self.accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
+        # Several processes: an adapter whose output no head reads (a pooler's) gets no gradient, which DDP must know.
+        self.accelerator = Accelerator(
+            mixed_precision=run.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         self.weights = loss_weights(run)
         num_experts = get_info(model.backbone).config.num_experts
         self.twd_projection = (

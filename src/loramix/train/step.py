@@ -20,19 +20,32 @@ class StepResult:
     state: RoutingState
 
 
-def forward_routed(model: MultiTaskModel, batch: dict[str, Tensor]) -> tuple[Tensor, RoutingState]:
-    """Run the model with the batch's task ids and attention mask routed to every adapted layer.
+def unwrapped(model: torch.nn.Module) -> MultiTaskModel:
+    """The :class:`MultiTaskModel` inside the wrapper that several processes put around it
+    (`DistributedDataParallel`): routing hooks and heads live there, while the forward pass must go through the
+    wrapper so that gradients are synchronised."""
+    while not isinstance(model, MultiTaskModel) and isinstance(
+        getattr(model, "module", None), torch.nn.Module
+    ):
+        model = model.module
+    return model  # type: ignore[return-value]
+
+
+def forward_routed(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, RoutingState]:
+    """Run the model (a :class:`MultiTaskModel`, wrapped or not) with the batch's task ids and attention mask routed
+    to every adapted layer.
 
     A batch with `route_ids` (ELREA's cluster experts) is routed by them; heads still read `task_ids`.
     """
     route = batch.get("route_ids", batch["task_ids"])
-    with routing(model.backbone, task_ids=route, attention_mask=batch.get("attention_mask")) as state:
+    backbone = unwrapped(model).backbone
+    with routing(backbone, task_ids=route, attention_mask=batch.get("attention_mask")) as state:
         logits = model(batch)
     return logits, state
 
 
 def compute_loss(
-    model: MultiTaskModel,
+    model: torch.nn.Module,
     batch: dict[str, Tensor],
     weights: dict[str, float],
     *,
@@ -44,7 +57,7 @@ def compute_loss(
     every recorded learned gate (one for a sample router, one per layer for token routers).
     """
     logits, state = forward_routed(model, batch)
-    task_loss = model.heads.loss(logits, batch["labels"], batch["task_ids"])
+    task_loss = unwrapped(model).heads.loss(logits, batch["labels"], batch["task_ids"])
     parts = {"task": task_loss}
     total = task_loss
     learned = [gate for gate in state.gates() if gate.logits is not None and not gate.hard]

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from loramix.data import MultiTaskData, TextCollator
@@ -40,6 +39,7 @@ from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
 from loramix.train.loop import Trainer
+from loramix.train.loop import processes as current_processes
 
 STAGE_FILE = "clusters.safetensors"
 
@@ -200,7 +200,7 @@ def run_elrea(
 
     model, tokenizer = build_model(run, data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
-    processes = PartialState()
+    processes = current_processes()
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
     stage = Stage.load(output_dir, run) if resume else None
     if stage is None:
