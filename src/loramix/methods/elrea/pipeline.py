@@ -39,7 +39,7 @@ from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
 from loramix.train.loop import Trainer
-from loramix.train.loop import processes as current_processes
+from loramix.train.loop import processes as current_processes  # `processes` names the state below
 
 STAGE_FILE = "clusters.safetensors"
 
