@@ -223,6 +223,12 @@ BAD = [
         2,
         ["task_to_expert is only used by method mola-grad"],
     ),
+    Bad(
+        "elrea-top-labels-signed",
+        lambda s: s.train(s.config(method="elrea", elrea_top_labels=3, elrea_sign_invariant=False)),
+        2,
+        ["elrea_top_labels > 1 needs elrea_sign_invariant"],
+    ),
     Bad("missing-config", lambda s: s.train(str(s.root / "nowhere.yaml")), 2, ["nowhere.yaml", "not found"]),
     Bad("not-yaml", file_config(b"steps: [1, 2\n"), 2, ["run.yaml", "not valid YAML"]),
     Bad("yaml-list", file_config(b"- steps\n- 3\n"), 2, ["run.yaml", "top level must be a mapping"]),

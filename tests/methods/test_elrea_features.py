@@ -18,6 +18,7 @@ from loramix.methods.elrea import (
     GradientFeaturizer,
     adam_state_by_name,
     init_experts_from_base,
+    label_averaged_features,
     prompt_lm_loss,
     self_label_cross_entropy,
 )
@@ -248,6 +249,50 @@ def test_sign_invariant_features_agree_for_a_gradient_and_its_negation():
         torch.testing.assert_close(minus, sign * plus, **TOL)
     with pytest.raises(ConfigError, match="projection_dim"):
         GradientFeaturizer(model, projection_dim=None, sign_invariant=True)
+
+
+def test_label_averaged_features_equal_the_weighted_loop_reference():
+    model = base_bert()
+    ids, mask = padded_batch(LENGTHS)
+    axial = GradientFeaturizer(model, projection_dim=256, seed=0, sign_invariant=True)
+    params = adapter_params(model)
+
+    def logits() -> Tensor:
+        return model(input_ids=ids, attention_mask=mask).logits.float()  # (n, 3)
+
+    got = label_averaged_features(axial, logits, top_labels=2)
+    probs = torch.softmax(logits().detach(), -1)
+    rows = []
+    for k in range(len(LENGTHS)):  # one example, one label at a time: autograd, sketch, map, weight, sum
+        p, labels = probs[k].topk(2)
+        total = 0
+        for weight, label in zip(p, labels):
+            one = model(input_ids=ids[k : k + 1, : LENGTHS[k]]).logits.float()  # unpadded
+            grads = torch.autograd.grad(F.cross_entropy(one, label[None]), list(params.values()))
+            sketched = axial.sketch({n: g[None] for n, g in zip(params, grads)})
+            total = total + weight * axial.axial(sketched)
+        rows.append(F.normalize(total, dim=-1))
+    torch.testing.assert_close(got, torch.cat(rows), **TOL)
+    one_label = label_averaged_features(axial, logits, top_labels=1)
+    torch.testing.assert_close(one_label, axial(lambda: self_label_cross_entropy(logits())), **TOL)
+    assert not torch.allclose(got, one_label, atol=1e-3)
+
+
+def test_label_averaging_adds_nothing_for_two_classes_and_skips_impossible_labels():
+    model = base_bert()
+    ids, mask = padded_batch(LENGTHS)
+    axial = GradientFeaturizer(model, projection_dim=256, seed=0, sign_invariant=True)
+
+    def two_classes() -> Tensor:  # the third column belongs to another task: probability 0
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        return logits.masked_fill(torch.tensor([False, False, True]), float("-inf"))
+
+    both = label_averaged_features(axial, two_classes, top_labels=3)
+    assert torch.isfinite(both).all()
+    # with two labels, the gradient for the other label is the same axis, opposite sign
+    torch.testing.assert_close(both, label_averaged_features(axial, two_classes, top_labels=1), **TOL)
+    with pytest.raises(ConfigError, match="sign-invariant"):
+        label_averaged_features(GradientFeaturizer(model, projection_dim=256), two_classes)
 
 
 def test_self_label_cross_entropy_uses_the_predicted_label():

@@ -89,6 +89,12 @@ class RunConfig(BaseModel):
         description="elrea: cluster and route by gradient axis, not direction (a feature and its negation agree); "
         "the self-label gradient of a classifier flips sign with the predicted class.",
     )
+    elrea_top_labels: int = Field(
+        3,
+        ge=1,
+        description="elrea: features averaged over the model's most likely labels, weighted by probability (one "
+        "backward pass each; needs elrea_sign_invariant); 1: the predicted label alone.",
+    )
     elrea_expert_lr: float | None = Field(
         None, gt=0, description="elrea: learning rate of the experts' phase; default: lr."
     )
@@ -138,6 +144,10 @@ class RunConfig(BaseModel):
             raise ValueError("tasks must be all names or all specs, not a mix")
         if self.method == "per-task-lora" and self.train_backbone:
             raise ValueError("per-task-lora shares nothing but the frozen base: train_backbone must be false")
+        if self.elrea_top_labels > 1 and not self.elrea_sign_invariant:
+            raise ValueError(
+                "elrea_top_labels > 1 needs elrea_sign_invariant: true (signed features of the likely labels cancel)"
+            )
         if self.task_to_expert is not None and self.method != "mola-grad":
             raise ValueError("task_to_expert is only used by method mola-grad")
         return self

@@ -58,6 +58,7 @@ from loramix.methods.elrea.features import (
     GradientFeaturizer,
     adam_state_by_name,
     causal_lm_loss,
+    label_averaged_features,
     prompt_lm_loss,
     self_label_cross_entropy,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "ensemble_logits",
     "expand_to_bank",
     "init_experts_from_base",
+    "label_averaged_features",
     "lm_prompt_loss",
     "project_gradients",
     "prompt_lm_loss",

@@ -18,7 +18,11 @@ from loramix.context import routing
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import CheckpointError
 from loramix.methods.elrea.ensemble import ensemble_logits, routing_weights
-from loramix.methods.elrea.features import GradientFeaturizer, self_label_cross_entropy
+from loramix.methods.elrea.features import (
+    GradientFeaturizer,
+    label_averaged_features,
+    self_label_cross_entropy,
+)
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import mean_accuracy, task_scores
@@ -35,30 +39,38 @@ def featurize(
     collator: TextCollator,
     batch_size: int,
     expert: int | None,
+    top_labels: int = 1,
 ) -> torch.Tensor:
-    """Label-free gradient features `(n, k)` of `examples` (the loss against the model's own predicted label; the
+    """Label-free gradient features `(n, k)` of `examples` (the loss against the model's own predicted labels; the
     task id only picks the head), routed to `expert` when the model is a bank."""
     device = next(model.parameters()).device
     feats = []
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-        feats.append(batch_features(model, featurizer, batch, expert).cpu())
+        feats.append(batch_features(model, featurizer, batch, expert, top_labels).cpu())
     return torch.cat(feats)
 
 
 def batch_features(
-    model: MultiTaskModel, featurizer: GradientFeaturizer, batch: dict[str, torch.Tensor], expert: int | None
+    model: MultiTaskModel,
+    featurizer: GradientFeaturizer,
+    batch: dict[str, torch.Tensor],
+    expert: int | None,
+    top_labels: int = 1,
 ) -> torch.Tensor:
-    """The features `(n, k)` of one collated batch."""
+    """The features `(n, k)` of one collated batch: of the loss against the predicted label, or averaged over the
+    `top_labels` most likely labels (:func:`label_averaged_features`)."""
 
-    def loss() -> torch.Tensor:
-        return self_label_cross_entropy(model(batch))  # (n,)
+    def features() -> torch.Tensor:
+        if top_labels > 1:
+            return label_averaged_features(featurizer, lambda: model(batch), top_labels)
+        return featurizer(lambda: self_label_cross_entropy(model(batch)))  # (n,) losses
 
     if expert is None:
-        return featurizer(loss)
+        return features()
     route = torch.full_like(batch["task_ids"], expert)
     with routing(model.backbone, task_ids=route, attention_mask=batch["attention_mask"]):
-        return featurizer(loss)
+        return features()
 
 
 @contextmanager
@@ -124,7 +136,7 @@ def evaluate_elrea(
             chunk = examples[start : start + run.eval_batch_size]
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
             with heads_swapped(model, feature_heads):
-                feats = batch_features(model, featurizer, batch, expert=0)
+                feats = batch_features(model, featurizer, batch, 0, run.elrea_top_labels)
             weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
             preds.append(_predict(model, batch, weights, mode or run.elrea_mode).cpu())
             gold.append(batch["labels"].cpu())

@@ -352,6 +352,43 @@ def self_label_cross_entropy(logits: Tensor) -> Tensor:
     return F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="none")
 
 
+def label_averaged_features(
+    featurizer: GradientFeaturizer, logits_fn: Callable[[], Tensor], top_labels: int = 3
+) -> Tensor:
+    """Classifier features `(n, k)` averaged over the model's `top_labels` most likely labels, each weighted by its
+    probability: normalise(sum_j p_j f(y_j)), with f(y) the sign-invariant feature of the loss against label y.
+
+    Why: the self-label gradient of a many-class task points along a different axis for each predicted class, so
+    examples of one task scatter. Summed over the likely labels, the feature becomes the sketch of the example's
+    Fisher information restricted to them, sum_j p_j g_j g_j^T (the degree-2 map is linear in g g^T), which shares
+    its subspace across the task's examples. With `top_labels=1` it is the plain self-label feature. It costs one
+    backward pass per label. The featurizer must be sign-invariant: sum_y p_y g_y = 0, so signed features cancel.
+
+    Args:
+        logits_fn: runs the model and returns logits `(n, c)`; columns of other tasks may be -inf (zero
+            probability; such labels get weight 0).
+
+    Example:
+        >>> feats = label_averaged_features(featurizer, lambda: model(**inputs).logits, top_labels=3)
+    """
+    if featurizer.axial is None:
+        raise ConfigError("label-averaged features need a sign-invariant featurizer (signed ones cancel)")
+    if top_labels < 1:
+        raise ConfigError(f"top_labels must be at least 1, got {top_labels}")
+    with torch.no_grad():
+        probs = torch.softmax(logits_fn().float(), dim=-1)  # (n, c)
+    top_p, top_i = probs.topk(min(top_labels, probs.shape[-1]), dim=-1)  # (n, j)
+    top_i = torch.where(top_p > 0, top_i, top_i[:, :1])  # a label of probability 0 gets weight 0 anyway
+    total = None
+    for j in range(top_i.shape[1]):
+        label = top_i[:, j]
+        part = top_p[:, j : j + 1] * featurizer(
+            lambda label=label: F.cross_entropy(logits_fn().float(), label, reduction="none")
+        )
+        total = part if total is None else total + part
+    return F.normalize(total, dim=-1)  # type: ignore[arg-type]
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-sample next-token loss `(n,)`: mean over the sample's labelled tokens (labels -100 are ignored).
 

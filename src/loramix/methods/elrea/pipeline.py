@@ -177,7 +177,15 @@ def _base_stage(
         optimizer_state=_adam_state(model.backbone, optimizer) if run.elrea_precondition else None,
         sign_invariant=run.elrea_sign_invariant,
     )
-    features = featurize(model, featurizer, examples, collator, run.eval_batch_size, expert=None)
+    features = featurize(
+        model,
+        featurizer,
+        examples,
+        collator,
+        run.eval_batch_size,
+        expert=None,
+        top_labels=run.elrea_top_labels,
+    )
     clusters = cluster_features(features, run.elrea_clusters, seed=run.seed)
     return Stage(
         base_state={k: v.detach().clone() for k, v in adapter_state(model.backbone).items()},
