@@ -1,8 +1,9 @@
 """ELREA end to end, as one `loramix train` run with `method: elrea`.
 
 1. a base LoRA on all the data (`elrea_base_fraction` of the steps) with per-task heads;
-2. label-free gradient features of `elrea_feature_examples` training examples (the loss against the model's own
-   predicted label; the task id only picks the head, as in MoLA-Router);
+2. label-free gradient features of `elrea_feature_examples` training examples: the losses against the model's own
+   `elrea_top_labels` most likely labels, sign-invariant and weighted by their probabilities (the task id only
+   picks the head, as in MoLA-Router);
 3. clusters of those features (k-means; the number by silhouette unless `elrea_clusters` is set);
 4. one expert per cluster, initialised from the base adapter, trained on its cluster for the remaining steps, in
    one bank whose expert 0 is the frozen base (the heads go on training); the featurised examples are drawn
