@@ -144,7 +144,7 @@ class RunConfig(BaseModel):
             raise ValueError("tasks must be all names or all specs, not a mix")
         if self.method == "per-task-lora" and self.train_backbone:
             raise ValueError("per-task-lora shares nothing but the frozen base: train_backbone must be false")
-        if self.elrea_top_labels > 1 and not self.elrea_sign_invariant:
+        if self.method == "elrea" and self.elrea_top_labels > 1 and not self.elrea_sign_invariant:
             raise ValueError(
                 "elrea_top_labels > 1 needs elrea_sign_invariant: true (signed features of the likely labels cancel)"
             )
