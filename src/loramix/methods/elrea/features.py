@@ -366,7 +366,8 @@ def label_averaged_features(
 
     Args:
         logits_fn: runs the model and returns logits `(n, c)`; columns of other tasks may be -inf (zero
-            probability; such labels get weight 0).
+            probability; such labels get weight 0). The probabilities come from one call outside the featurizer:
+            put the whole model (heads included) in eval mode first.
 
     Example:
         >>> feats = label_averaged_features(featurizer, lambda: model(**inputs).logits, top_labels=3)
