@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from _timing import device_name  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_train_examples": args.max_train,
                 "max_eval_examples": args.max_eval,
                 "seconds": round(time.perf_counter() - started, 1),
-                "device": device_name(),
+                "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             }
             if overrides:
                 entry["overrides"] = overrides
@@ -166,10 +167,6 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a run setting (see RunConfig)")
         overrides[key] = yaml.safe_load(value)
     return overrides
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def column(entry: dict) -> str:

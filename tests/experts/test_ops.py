@@ -53,8 +53,21 @@ def fast(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor) 
 
 
 def assert_matches_reference(
-    n: int, t: int, i: int, o: int, e: int, r: int, share: str, kind: str, seed: int = 0
+    n: int,
+    t: int,
+    i: int,
+    o: int,
+    e: int,
+    r: int,
+    share: str,
+    kind: str,
+    seed: int = 0,
+    *,
+    device: str = "cpu",
+    atol: float = 1e-5,
+    rtol: float = 0.0,
 ) -> None:
+    """The fast op on `device` against the loop reference on CPU: outputs and every input's gradient."""
     A, B = make_weights(e, r, i, o, share, seed)
     x = torch.randn(n, t, i, generator=torch.Generator().manual_seed(seed + 7))
     gate = make_gate(kind, n, t, e, seed + 3)
@@ -63,18 +76,18 @@ def assert_matches_reference(
     leaves = [x, A, B] + ([gate] if gate.is_floating_point() else [])
     grads = []
     outputs = []
-    for op in (fast, lambda *args: ops.loop_reference(*args, SCALING)):
-        inputs = [leaf.clone().requires_grad_(True) for leaf in leaves]
-        g = inputs[3] if len(inputs) == 4 else gate
+    for op, where in ((fast, device), (lambda *args: ops.loop_reference(*args, SCALING), "cpu")):
+        inputs = [leaf.to(where, copy=True).requires_grad_(True) for leaf in leaves]  # fresh leaves per op
+        g = inputs[3] if len(inputs) == 4 else gate.to(where)
         out = op(inputs[0], inputs[1], inputs[2], g)
-        (out * w).sum().backward()
-        outputs.append(out.detach())
-        grads.append([leaf.grad for leaf in inputs])
+        (out * w.to(where)).sum().backward()
+        outputs.append(out.detach().cpu())
+        grads.append([leaf.grad.cpu() for leaf in inputs])
 
     assert outputs[0].shape == (n, t, o)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=atol, rtol=rtol)
     for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

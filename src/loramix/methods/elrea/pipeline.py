@@ -39,8 +39,7 @@ from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
 from loramix.train.heads import MultiTaskModel
-from loramix.train.loop import Trainer
-from loramix.train.loop import processes as current_processes  # `processes` names the state below
+from loramix.train.loop import Trainer, processes
 
 STAGE_FILE = "clusters.safetensors"
 
@@ -209,12 +208,12 @@ def run_elrea(
 
     model, tokenizer = build_model(run, data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
-    processes = current_processes()
+    group = processes()
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
     stage = Stage.load(output_dir, run) if resume else None
     if stage is None:
         stage = _base_stage(run, model, data, collator, output_dir, base_steps, resume)
-        if processes.is_main_process:  # one writer when several processes train
+        if group.is_main_process:  # one writer when several processes train
             stage.save(output_dir)
     else:
         print(f"resuming from {output_dir / STAGE_FILE}: the base adapter and its clusters are done")
@@ -274,8 +273,8 @@ def run_elrea(
         },
     )
     metrics["routing"]["majority_cluster_rate"] = majority_rate(weights, test_tasks, contingency)
-    processes.wait_for_everyone()
-    if not processes.is_main_process:
+    group.wait_for_everyone()
+    if not group.is_main_process:
         return metrics
     save_run(
         output_dir,
