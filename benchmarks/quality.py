@@ -25,8 +25,8 @@ import yaml  # noqa: E402
 from _timing import device_name  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
+from loramix.methods import run_training  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
-from loramix.train.run import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ["sst2", "subj", "trec", "sms_spam", "ag_news", "emotion", "cola", "banking77", "mrpc", "rte"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from loramix import AdapterConfig, RoutingState
 from loramix.experts import LinearExperts
+from loramix.inject import build_layer
 from loramix.routers import Gate
 
 # ---- the naive per-expert loop (MixLoRA / MoE-PEFT style) ---------------------------------------------------------
@@ -106,7 +107,7 @@ def layer_cases(
         else:
             config = AdapterConfig(num_experts=experts, rank=rank, router="token", top_k=min(2, experts))
             state = None
-        layer = LinearExperts(base(), config=config, name="layer").to(device, dtype)
+        layer = build_layer(LinearExperts, base(), config, "layer").to(device, dtype)
         with torch.no_grad():
             layer.experts.B.normal_(std=0.02)
         return layer, state

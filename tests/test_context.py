@@ -180,7 +180,7 @@ def test_sample_router_pools_the_embeddings() -> None:
     gate = bert_gate(model, inputs)
     router = get_info(model).model_router
     embedded = model.get_input_embeddings()(inputs["input_ids"])
-    torch.testing.assert_close(gate, router(hidden=masked_mean(embedded, inputs["attention_mask"])).weights)
+    torch.testing.assert_close(gate, router(None, masked_mean(embedded, inputs["attention_mask"])).weights)
 
 
 def test_sample_router_on_a_cnn_pools_over_space() -> None:
@@ -191,7 +191,7 @@ def test_sample_router_on_a_cnn_pools_over_space() -> None:
         out = model(x)
     assert out.shape == (4, 4)
     router = get_info(model).model_router
-    torch.testing.assert_close(state.model_gate.weights, router(hidden=x.mean((2, 3))).weights)
+    torch.testing.assert_close(state.model_gate.weights, router(None, x.mean((2, 3))).weights)
 
 
 def test_masked_mean() -> None:

@@ -11,6 +11,7 @@ from loramix.errors import (
     RoutingError,
     TrainingError,
 )
+from loramix.growth import grow
 from loramix.inject import InjectionReport, adapter_state, get_info, inject, merge_and_unload, remove
 from loramix.io import export_peft, import_peft, load, save
 from loramix.wrapper import LoramixModel
@@ -32,6 +33,7 @@ __all__ = [
     "adapter_state",
     "export_peft",
     "get_info",
+    "grow",
     "import_peft",
     "load",
     "inject",

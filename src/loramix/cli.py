@@ -23,15 +23,13 @@ EXIT_CODES: list[tuple[type[LoramixError], int]] = [
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loramix.methods import load_run_config, run_training
     from loramix.report import print_table
-    from loramix.train.config import RunConfig
-    from loramix.train.run import run_training
-
-    run = RunConfig.from_yaml(args.config, args.set)
-    output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
-    metrics = run_training(run, output_dir, resume=args.resume)
     from loramix.train.loop import processes
 
+    run = load_run_config(args.config, args.set)
+    output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
+    metrics = run_training(run, output_dir, resume=args.resume)
     if not processes().is_main_process:  # under `accelerate launch` / `torchrun`: one report
         return 0
     print(print_table([metrics]))
@@ -44,30 +42,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.data import MultiTaskData, TextCollator
     from loramix.io.files import atomic_write_json
+    from loramix.methods import get_method
     from loramix.report import print_table
-    from loramix.train.evaluate import evaluate
     from loramix.train.run import eval_split, load_trained, task_specs
 
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     data = MultiTaskData(task_specs(run))
     split = args.split or eval_split(data)
     collator = TextCollator(tokenizer, max_length=run.max_length)
-    if run.method == "elrea":  # the gradient-routed ensemble, with the centroids saved beside the experts
-        from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
-
-        centroids, centroid0, heads = saved_elrea(args.run_dir)
-        metrics, _, _ = evaluate_elrea(
-            model, data, collator, run, centroids, centroid0, split=split, feature_heads=heads
-        )
-    else:
-        metrics = evaluate(
-            model,
-            data,
-            collator,
-            split=split,
-            batch_size=run.eval_batch_size,
-            max_examples=run.max_eval_examples,
-        )
+    metrics = get_method(run.method).evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
     atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
     print(print_table([metrics]))
@@ -75,43 +58,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from loramix.inject import get_info
-    from loramix.io import export_peft
-    from loramix.models import resolve_model_path
+    from loramix.methods import get_method
     from loramix.train.run import load_trained
 
     run, model, _, tasks = load_trained(args.run_dir)
-    if run.method == "elrea":  # experts belong to gradient clusters, not tasks
-        if args.expert is None:
-            raise ConfigError(
-                "an ELREA run's experts belong to gradient clusters, not tasks: pass --expert N (0 is the base "
-                "adapter, c + 1 the expert of cluster c; `loramix inspect` lists them)"
-            )
-        experts = get_info(model.backbone).config.num_experts
-        if not 0 <= args.expert < experts:
-            raise ConfigError(f"--expert {args.expert} is not an expert of this run: 0..{experts - 1}")
-        out = export_peft(
-            model.backbone,
-            args.out,
-            gate=[float(e == args.expert) for e in range(experts)],
-            base_model_name_or_path=resolve_model_path(run.model),
-        )
-        print(f"wrote a PEFT LoRA adapter for expert {args.expert} to {out}")
-        return 0
-    names = [t["name"] for t in tasks]
-    if args.task is None:
-        raise ConfigError(f"pass --task, one of this run's tasks: {', '.join(names)}")
-    if args.task not in names:
-        raise ConfigError(
-            f"--task {args.task!r} is not a task of this run; its tasks are: {', '.join(names)}"
-        )
-    out = export_peft(
-        model.backbone,
-        args.out,
-        task=names.index(args.task),
-        base_model_name_or_path=resolve_model_path(run.model),
-    )
-    print(f"wrote a PEFT LoRA adapter for task {args.task!r} to {out}")
+    print(f"wrote {get_method(run.method).export(run, model, tasks, args)}")
     return 0
 
 

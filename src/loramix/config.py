@@ -12,8 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loramix.errors import ConfigError
+from loramix.experts.base import EXPERT_KINDS
+from loramix.routers.base import ROUTERS
 
-RouterKind = Literal["none", "task", "poly", "token", "sample"]
 ShareKind = Literal["none", "A", "B"]
 
 
@@ -43,11 +44,24 @@ class AdapterConfig(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="Names or suffixes never adapted (e.g. heads)."
     )
-    router: RouterKind = Field(
+    experts: str = Field(
+        "lora",
+        description="The expert kind: 'lora' (B A x) or 'adapter' (a bottleneck adapter: s W_up ReLU(W_down x + b) "
+        "+ b_up, width `rank`, scale `adapter_scale`); any kind registered in loramix.experts.",
+    )
+    placement: Literal["wrap", "parallel"] = Field(
+        "wrap",
+        description="'wrap': the experts read a target Linear/Conv's input and add to its output; 'parallel': "
+        "targets may be any module (e.g. a transformer block's MLP), the experts read its first input and add to "
+        "its output (AdaptFormer, MoE-Adapters).",
+    )
+    adapter_scale: float = Field(0.1, gt=0, description="Scale s of 'adapter' experts.")
+    router: str = Field(
         "none",
         description="'none': one expert, gate of ones (plain LoRA); 'task': hard routing by task id (MoLA-Grad); "
         "'poly': learned per-task table per layer (Poly/MHR); 'token': per-layer, per-token router; "
-        "'sample': one router for the whole model on the pooled input (MoLA-Router).",
+        "'sample': one router for the whole model on the pooled input (MoLA-Router); 'per-task': one learned "
+        "router per task in each layer (MoE-Adapters); any kind registered in loramix.routers.",
     )
     num_tasks: int | None = Field(None, ge=1, description="Number of task ids (needed by 'task' and 'poly').")
     task_to_expert: list[int] | None = Field(None, description="Expert index of each task (router 'task').")
@@ -80,29 +94,15 @@ class AdapterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterConfig:
-        if self.router == "none" and self.num_experts != 1:
-            raise ValueError("router 'none' gives a plain LoRA and needs num_experts=1")
-        if self.router in ("task", "poly") and self.num_tasks is None:
-            raise ValueError(f"router '{self.router}' needs num_tasks")
-        if self.task_to_expert is not None:
-            if self.router != "task":
-                raise ValueError("task_to_expert is only used with router 'task'")
-            if len(self.task_to_expert) != self.num_tasks:
-                raise ValueError(
-                    f"task_to_expert has {len(self.task_to_expert)} entries but num_tasks is {self.num_tasks}"
-                )
-            bad = [e for e in self.task_to_expert if not 0 <= e < self.num_experts]
-            if bad:
-                raise ValueError(f"task_to_expert names experts {bad} outside 0..{self.num_experts - 1}")
-        elif self.router == "task" and self.num_tasks != self.num_experts:
-            raise ValueError(
-                f"router 'task' with num_tasks={self.num_tasks} != num_experts={self.num_experts} needs task_to_expert"
-            )
-        if self.top_k is not None:
-            if self.router not in ("token", "sample"):
-                raise ValueError("top_k is only used with routers 'token' and 'sample'")
-            if self.top_k > self.num_experts:
-                raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router {self.router!r} is not one of: {', '.join(ROUTERS)}")
+        if self.experts not in EXPERT_KINDS:
+            raise ValueError(f"experts {self.experts!r} is not one of: {', '.join(EXPERT_KINDS)}")
+        ROUTERS[self.router].check_config(self)
+        if self.top_k is not None and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.task_to_expert is not None and self.num_tasks is None:
+            raise ValueError("task_to_expert needs num_tasks")
         if self.targets != "all-linear" and not self.targets and self.target_regex is None:
             raise ValueError(
                 "targets is empty: name at least one module, use 'all-linear', or set target_regex"
@@ -111,7 +111,8 @@ class AdapterConfig(BaseModel):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+        """s in `y = W0 x + s * sum_e g_e E_e(x)`: alpha / r (or alpha / sqrt(r)) for LoRA, as the kind says."""
+        return EXPERT_KINDS[self.experts].scaling_of(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from loramix.errors import RoutingError
-from loramix.routers.base import Gate
+from loramix.inject import get_info
+from loramix.routers.gate import Gate
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RoutingState:
 
     task_ids: Tensor | None = None
     attention_mask: Tensor | None = None
+    keep_base: Tensor | None = None  # (n,) bool: these samples get no expert (bit-exact base output)
     model_gate: Gate | None = None
     record: bool = True
     keep_model_gate: bool = False  # generation: the sample router decides on the prompt, later steps reuse it
@@ -41,8 +43,11 @@ class RoutingState:
         return [gate for _, gate in self.records]
 
 
-def _pass_state(state: RoutingState, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    kwargs["routing"] = state
+def _pass_state(
+    state: RoutingState, active: list[RoutingState], module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    if active and active[-1] is state:  # an inner routing block on the same model wins while it is open
+        kwargs["routing"] = state
     return args, kwargs
 
 
@@ -66,27 +71,43 @@ def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def _run_sample_router(
-    state: RoutingState, router: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: Any
-) -> None:
-    if state.keep_model_gate and state.model_gate is not None:
-        return
-    hidden = output[0] if isinstance(output, tuple) else output
-    state.model_gate = router(hidden=masked_mean(hidden, state.attention_mask))
+def _set_model_gate(state: RoutingState, router: nn.Module, hidden: Tensor | None) -> None:
+    state.model_gate = router(state, hidden).keep_base(state.keep_base)
     state.add("model", state.model_gate)
 
 
-def _run_sample_router_on_input(
-    state: RoutingState, router: nn.Module, module: nn.Module, args: tuple, kwargs: dict
+def _run_router_on_output(
+    state: RoutingState,
+    active: list[RoutingState],
+    router: nn.Module,
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Any,
 ) -> None:
+    if not active or active[-1] is not state or (state.keep_model_gate and state.model_gate is not None):
+        return
+    hidden = output[0] if isinstance(output, tuple) else output
+    _set_model_gate(state, router, masked_mean(hidden, state.attention_mask))
+
+
+def _run_router_on_input(
+    state: RoutingState,
+    active: list[RoutingState],
+    router: nn.Module,
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+) -> None:
+    if not active or active[-1] is not state or (state.keep_model_gate and state.model_gate is not None):
+        return
     hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
     if not torch.is_floating_point(hidden):
         raise RoutingError(
             "the sample router pools the model's input, but it is not a float tensor; set router_input to the "
             "name of a module (e.g. the embeddings) whose output it should pool"
         )
-    state.model_gate = router(hidden=masked_mean(hidden, state.attention_mask))
-    state.add("model", state.model_gate)
+    _set_model_gate(state, router, masked_mean(hidden, state.attention_mask))
 
 
 def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
@@ -104,57 +125,71 @@ def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
     return task_ids.long()
 
 
+def check_keep_base(keep_base: Tensor | list[bool], batch: int | None) -> Tensor:
+    keep_base = torch.as_tensor(keep_base)
+    if keep_base.dtype != torch.bool or keep_base.dim() != 1:
+        raise RoutingError(
+            f"keep_base must be a bool tensor of shape (batch,), got {keep_base.dtype} {tuple(keep_base.shape)}"
+        )
+    if batch is not None and keep_base.shape[0] != batch:
+        raise RoutingError(f"keep_base has {keep_base.shape[0]} entries but task_ids has {batch}")
+    return keep_base
+
+
 @contextmanager
 def routing(
     model: nn.Module,
     *,
     task_ids: Tensor | list[int] | None = None,
     attention_mask: Tensor | None = None,
+    keep_base: Tensor | list[bool] | None = None,
     record: bool = True,
 ) -> Iterator[RoutingState]:
     """Route every forward pass of `model` inside the block by these side inputs.
 
-    `task_ids` `(n,)` is required when the model routes by task (routers 'task' and 'poly'); `attention_mask`
-    `(n, t)` lets the sample router pool only real tokens. The hooks are removed when the block ends, even on error.
+    `task_ids` `(n,)` is required when the model routes by task (e.g. routers 'task', 'poly', 'per-task');
+    `attention_mask` `(n, t)` lets the sample router pool only real tokens; `keep_base` `(n,)` bool sends the
+    marked samples to the untouched base model (their outputs equal the base model's bit for bit, in the same
+    batched pass). The hooks are removed when the block ends, even on error. A routing block opened inside another
+    on the same model takes over until it ends.
     """
-    from loramix.inject import get_info  # local: inject imports this module
-
     info = get_info(model)
     config = info.config
-    if config.router in ("task", "poly"):
+    device = info.layers[0].experts.device
+    if info.router_class.needs_task_ids:
         if task_ids is None:
             raise RoutingError(
                 f"this model routes by task (router '{config.router}') but no task_ids were given: "
                 "use loramix.routing(model, task_ids=...) or pass task_ids= to the wrapped model"
             )
         assert config.num_tasks is not None
-        task_ids = check_task_ids(task_ids, config.num_tasks)
-        device = info.layers[0].experts.A.device
-        task_ids = task_ids.to(device, non_blocking=True)
+        task_ids = check_task_ids(task_ids, config.num_tasks).to(device, non_blocking=True)
     elif task_ids is not None:
         task_ids = torch.as_tensor(task_ids).long()
-    state = RoutingState(task_ids=task_ids, attention_mask=attention_mask, record=record)  # type: ignore[arg-type]
+    if keep_base is not None:
+        keep_base = check_keep_base(keep_base, None if task_ids is None else len(task_ids)).to(device)
+    state = RoutingState(task_ids=task_ids, attention_mask=attention_mask, keep_base=keep_base, record=record)  # type: ignore[arg-type]
+    active = info.active_states
     handles = []
     router = info.model_router
+    active.append(state)
     try:
-        if router is not None and router.needs_task_ids:
-            state.model_gate = router(task_ids=task_ids)
-            state.add("model", state.model_gate)
+        if router is not None and not router.pools_model_input:
+            _set_model_gate(state, router, None)
         elif router is not None:
             source = info.router_source(model)
             if source is None:
-                handles.append(
-                    model.register_forward_pre_hook(
-                        partial(_run_sample_router_on_input, state, router), with_kwargs=True
-                    )
-                )
+                hook = partial(_run_router_on_input, state, active, router)
+                handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                handles.append(
-                    source.register_forward_hook(partial(_run_sample_router, state, router), with_kwargs=True)
-                )
+                hook = partial(_run_router_on_output, state, active, router)
+                handles.append(source.register_forward_hook(hook, with_kwargs=True))
         for layer in info.layers:
-            handles.append(layer.register_forward_pre_hook(partial(_pass_state, state), with_kwargs=True))
+            handles.append(
+                layer.register_forward_pre_hook(partial(_pass_state, state, active), with_kwargs=True)
+            )
         yield state
     finally:
         for handle in handles:
             handle.remove()
+        active.remove(state)

@@ -38,9 +38,9 @@ def run_demo(
     scale: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Train every method in `methods` on the synthetic suite; returns their metrics."""
+    from loramix.methods import run_training
     from loramix.report import print_table, write_report
     from loramix.train.config import RunConfig
-    from loramix.train.run import run_training
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     methods = methods or ["lora", "mola-grad", "mola-router"]

@@ -16,19 +16,28 @@ from torch import nn
 
 from loramix.config import AdapterConfig
 from loramix.errors import InjectionError
-from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts, LinearExperts
+from loramix.experts import (
+    AdaptedLayer,
+    Conv1DExperts,
+    Conv2dExperts,
+    LinearExperts,
+    ParallelExperts,
+    build_experts,
+)
 from loramix.experts.conv import is_conv2d
 from loramix.experts.linear import is_conv1d, is_linear
-from loramix.routers import build_model_router
+from loramix.routers import Router, router_class
 
-Builder = tuple[str, Callable[[nn.Module], bool], Callable[..., AdaptedLayer]]
+Builder = tuple[str, Callable[[nn.Module], bool], type[AdaptedLayer]]
 
-# (kind, accepts, build): the first that accepts a module wraps it.
+# (kind, accepts, layer class): the first that accepts a module wraps it (placement 'wrap').
 BUILDERS: list[Builder] = [
     ("Linear", is_linear, LinearExperts),
     ("Conv1D", is_conv1d, Conv1DExperts),
     ("Conv2d", is_conv2d, Conv2dExperts),
 ]
+# placement 'parallel': any module, the experts beside it
+PARALLEL: Builder = ("parallel", lambda module: True, ParallelExperts)
 
 INFO_ATTR = "_loramix_info"
 
@@ -42,9 +51,14 @@ class InjectionInfo:
     names: list[str]
     original_requires_grad: dict[str, bool]
     router_input: str | None = None  # module whose output the sample router pools; "" means the model's input
+    active_states: list[Any] = field(default_factory=list)  # open routing blocks, innermost last
 
     @property
-    def model_router(self) -> nn.Module | None:
+    def router_class(self) -> type[Router]:
+        return router_class(self.config.router)
+
+    @property
+    def model_router(self) -> Router | None:
         """The one router that runs per forward, kept as a submodule of the first adapted layer so that it moves,
         trains and saves with the model without adding a child to the user's model (an `nn.Sequential` would
         call it)."""
@@ -101,8 +115,18 @@ def _output_head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
+def builders_for(config: AdapterConfig) -> list[Builder]:
+    return [PARALLEL] if config.placement == "parallel" else BUILDERS
+
+
 def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """The modules the config asks for, checked against the builders and the excludes."""
+    builders = builders_for(config)
+    if config.placement == "parallel" and config.targets == "all-linear" and config.target_regex is None:
+        raise InjectionError(
+            "placement 'parallel' puts experts beside whole modules: name them in targets (e.g. ['mlp']) or "
+            "target_regex"
+        )
     candidates = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, AdaptedLayer)]
     excluded = set(config.exclude) | set(config.modules_to_save)
 
@@ -129,15 +153,15 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
             hits = [(n, m) for n, m in candidates if _matches(n, target) and not is_excluded(n)]
             if not hits:
                 close = sorted(
-                    {n.rsplit(".", 1)[-1] for n, m in candidates if any(b[1](m) for b in BUILDERS)}
+                    {n.rsplit(".", 1)[-1] for n, m in candidates if any(b[1](m) for b in builders)}
                 )
                 raise InjectionError(
                     f"target {target!r} matched no module; adaptable module names end in: {', '.join(close[:20])}"
                 )
             chosen += [hit for hit in hits if hit not in chosen]
     for name, module in chosen:
-        if not any(accepts(module) for _, accepts, _ in BUILDERS):
-            kinds = ", ".join(kind for kind, _, _ in BUILDERS)
+        if not any(accepts(module) for _, accepts, _ in builders):
+            kinds = ", ".join(kind for kind, _, _ in builders)
             raise InjectionError(
                 f"module '{name}' ({type(module).__name__}) matched a target but loramix can only adapt: {kinds}"
             )
@@ -145,8 +169,8 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
 
 
 def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str | None, int | None]:
-    """Where the sample router looks, and its width."""
-    if config.router != "sample":
+    """Where a model-wide router that pools the input looks, and its width."""
+    if not router_class(config.router).pools_model_input:
         return None, None
     if config.router_input is not None:
         try:
@@ -202,8 +226,10 @@ def inject(
     layers, names = [], []
     built = []  # build every wrapper before installing any, so a builder that refuses leaves the model untouched
     for name, module in targets:
-        kind, build = next((kind, build) for kind, accepts, build in BUILDERS if accepts(module))
-        wrapped = build(module, config=config, name=name)
+        kind, layer_class = next(
+            (kind, cls) for kind, accepts, cls in builders_for(config) if accepts(module)
+        )
+        wrapped = build_layer(layer_class, module, config, name)
         built.append((name, kind, wrapped.train(module.training)))  # new submodules follow the model's mode
     for name, kind, wrapped in built:
         parent_name, _, child = name.rpartition(".")
@@ -211,9 +237,13 @@ def inject(
         layers.append(wrapped)
         names.append(name)
         report.matched.append((name, kind, wrapped.in_features, wrapped.out_features))
-    router = build_model_router(config, router_width, router_network)
-    if router is not None:
-        layers[0].model_router = router.to(layers[0].experts.A.device).train(layers[0].training)
+    cls = router_class(config.router)
+    router = None
+    if cls.scope == "model":
+        network = {"network": router_network} if router_network is not None else {}
+        router = cls.from_config(config, router_width, **network)
+        assert router is not None
+        layers[0].model_router = router.to(layers[0].experts.device).train(layers[0].training)
     if not config.train_backbone:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -236,6 +266,28 @@ def inject(
     return report
 
 
+def build_layer(
+    layer_class: type[AdaptedLayer], module: nn.Module, config: AdapterConfig, name: str
+) -> AdaptedLayer:
+    """One adapted layer: its bank of the config's expert kind, and its own router if the kind lives per layer."""
+    in_features, out_features, expert_in = layer_class.features_of(module)
+    cls = router_class(config.router)
+    check = getattr(layer_class, "check", None)
+    if check is not None:
+        check(module, name, per_token=cls.per_token, expert_kind=config.experts)
+    return layer_class(
+        module,
+        experts=build_experts(config, expert_in, out_features),
+        router=cls.from_config(config, in_features) if cls.scope == "layer" else None,
+        gate_source=cls.scope or "none",
+        name=name,
+        in_features=in_features,
+        out_features=out_features,
+        scaling=config.scaling,
+        dropout=config.dropout,
+    )
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters loramix owns (experts, routers), by their stable names in `model.state_dict()`."""
     info = get_info(model)
@@ -244,6 +296,18 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, layer in zip(info.names, info.layers)
         for sub, p in layer.named_parameters()
         if not sub.startswith("base_layer.")
+    }
+
+
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers loramix owns (a task router's task-to-expert map, which experts a per-task router
+    may use), by their names in `model.state_dict()`: saved with the adapters, since growth changes them."""
+    info = get_info(model)
+    return {
+        f"{name}.{sub}": b
+        for name, layer in zip(info.names, info.layers)
+        for sub, b in layer.state_dict(keep_vars=True).items()
+        if not sub.startswith("base_layer.") and not isinstance(b, nn.Parameter)
     }
 
 
@@ -281,19 +345,19 @@ def fixed_gate(
                 f"gate has {gate.numel()} entries but the model has {config.num_experts} experts"
             )
         return gate
-    if config.router == "none":
+    if info.router_class.scope is None:
         return torch.ones(1)
-    if config.router not in ("task", "poly"):
+    router = info.model_router or layer.router
+    assert router is not None
+    num_tasks = config.num_tasks
+    if num_tasks is not None and (task is None or not 0 <= task < num_tasks):
+        raise InjectionError(f"task must be an integer in 0..{num_tasks - 1}, got {task!r}")
+    fixed = router.task_gate(task) if task is not None else None
+    if fixed is None:
         raise InjectionError(
             f"router '{config.router}' decides per input: pass gate=[...] (one weight per expert) to fix a mixture"
         )
-    assert config.num_tasks is not None
-    if task is None or not 0 <= task < config.num_tasks:
-        raise InjectionError(f"task must be an integer in 0..{config.num_tasks - 1}, got {task!r}")
-    if config.router == "poly":
-        return layer.router.weights_for_task(task).detach()  # type: ignore[union-attr,operator]
-    expert = int(info.model_router.task_to_expert[task])  # type: ignore[union-attr,index]
-    return torch.nn.functional.one_hot(torch.tensor(expert), config.num_experts).float()
+    return fixed.detach().float()
 
 
 def merge_and_unload(

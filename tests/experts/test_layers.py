@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from loramix import AdapterConfig, RoutingState
 from loramix.errors import InjectionError, RoutingError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts, LinearExperts, ops
+from loramix.inject import build_layer
 from loramix.routers import Gate, TaskRouter
 
 SHARES = ["none", "A", "B"]
@@ -22,13 +23,13 @@ NUM_EXPERTS = 3
 def make_layer(kind: str, config: AdapterConfig, seed: int = 0) -> AdaptedLayer:
     torch.manual_seed(seed)
     if kind == "linear":
-        layer: AdaptedLayer = LinearExperts(nn.Linear(6, 5), config=config, name="layer")
+        layer: AdaptedLayer = build_layer(LinearExperts, nn.Linear(6, 5), config, "layer")
     elif kind == "conv1d":
         base = Conv1D(5, 6)  # nf=out, nx=in: weight (6, 5)
         nn.init.normal_(base.weight, std=0.3)
-        layer = Conv1DExperts(base, config=config, name="layer")
+        layer = build_layer(Conv1DExperts, base, config, "layer")
     else:
-        layer = Conv2dExperts(nn.Conv2d(3, 5, 3, padding=1), config=config, name="layer")
+        layer = build_layer(Conv2dExperts, nn.Conv2d(3, 5, 3, padding=1), config, "layer")
     with torch.no_grad():
         layer.experts.B.normal_(std=0.5)
     return layer
@@ -44,7 +45,7 @@ def task_state(task_ids: list[int], task_to_expert: list[int] | None = None) -> 
     ids = torch.tensor(task_ids)
     num_tasks = len(task_to_expert) if task_to_expert else NUM_EXPERTS
     router = TaskRouter(num_tasks, NUM_EXPERTS, task_to_expert=task_to_expert)
-    return RoutingState(task_ids=ids, model_gate=router(task_ids=ids))
+    return RoutingState(task_ids=ids, model_gate=router(RoutingState(task_ids=ids), None))
 
 
 # ---- gradient isolation ----------------------------------------------------------------------------------------
@@ -126,14 +127,14 @@ def test_conv2d_delta_equals_per_expert_loop(geometry: tuple, share: str, gate_k
     )
     torch.manual_seed(0)
     base = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
-    layer = Conv2dExperts(base, config=config, name="conv").eval()
+    layer = build_layer(Conv2dExperts, base, config, "conv").eval()
     with torch.no_grad():
         layer.experts.B.normal_()
     x = torch.randn(4, 3, 8, 7)
     if gate_kind == "none":
         gate, weights = None, None
     elif gate_kind == "hard":
-        gate = TaskRouter(NUM_EXPERTS, NUM_EXPERTS)(task_ids=torch.tensor([2, 0, 2, 1]))
+        gate = TaskRouter(NUM_EXPERTS, NUM_EXPERTS)(RoutingState(task_ids=torch.tensor([2, 0, 2, 1])), None)
         weights = gate.weights
     else:
         weights = torch.softmax(torch.randn(4, NUM_EXPERTS), dim=-1)
@@ -154,7 +155,7 @@ def test_linear_delta_with_token_router_equals_loop(share: str, shape: tuple[int
     layer = make_layer("linear", config).eval()
     x = torch.randn(shape)
     out = layer(x)
-    gate = layer.router(hidden=x)
+    gate = layer.router(None, x)
     assert gate.weights.shape == (*shape[:-1], NUM_EXPERTS)
     A, B = layer.experts.weights()
     x3 = x.reshape(shape[0], -1, 6)
@@ -226,15 +227,15 @@ def test_merged_plain_lora_equals_unmerged(kind: str) -> None:
 
 def test_conv2d_refuses_groups_and_token_router() -> None:
     with pytest.raises(InjectionError, match="groups"):
-        Conv2dExperts(nn.Conv2d(4, 4, 3, groups=2), config=AdapterConfig(), name="conv")
+        build_layer(Conv2dExperts, nn.Conv2d(4, 4, 3, groups=2), AdapterConfig(), "conv")
     with pytest.raises(InjectionError, match="per-token"):
-        Conv2dExperts(nn.Conv2d(4, 4, 3), config=AdapterConfig(num_experts=2, router="token"), name="conv")
+        build_layer(Conv2dExperts, nn.Conv2d(4, 4, 3), AdapterConfig(num_experts=2, router="token"), "conv")
 
 
 @pytest.mark.parametrize("router", ["token", "poly"])
 def test_adapter_parameters_follow_the_base_device(router: str) -> None:
     config = AdapterConfig(num_experts=2, num_tasks=2 if router == "poly" else None, router=router)
-    layer = LinearExperts(nn.Linear(6, 5, device="meta"), config=config, name="layer")
+    layer = build_layer(LinearExperts, nn.Linear(6, 5, device="meta"), config, "layer")
     assert {p.device.type for p in layer.parameters()} == {"meta"}
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from loramix import AdapterConfig, RoutingState
 from loramix.experts import LinearExperts, ops
+from loramix.inject import build_layer
 from loramix.routers import Gate
 
 
@@ -58,7 +59,7 @@ def test_layer_with_top_k_router_equals_loop(router: str) -> None:
     torch.manual_seed(0)
     config = AdapterConfig(num_experts=32, rank=4, router=router, top_k=2)
     assert 32 * 4 >= 64 * 2  # the per-token rule in ops.prefers_topk picks ops.topk here
-    layer = LinearExperts(nn.Linear(16, 8), config=config, name="layer").train()
+    layer = build_layer(LinearExperts, nn.Linear(16, 8), config, "layer").train()
     with torch.no_grad():
         layer.experts.B.normal_()
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -69,7 +70,7 @@ def test_layer_with_top_k_router_equals_loop(router: str) -> None:
         out = layer(x, routing=state)
     else:
         out = layer(x)
-        gate_weights = layer.router(hidden=x).weights
+        gate_weights = layer.router(None, x).weights
     indices_shape = (3, 2) if router == "sample" else (3, 5, 2)
     assert ops.prefers_topk(x, *layer.experts.weights(), torch.zeros(indices_shape, dtype=torch.long))
     A, B = layer.experts.weights()

@@ -16,11 +16,10 @@ from transformers import AutoModel, AutoTokenizer
 import loramix
 from loramix.errors import CheckpointError
 from loramix.io import read_checkpoint
+from loramix.methods import run_training
 from loramix.methods.elrea import pipeline
 from loramix.train import callbacks
-from loramix.train import run as run_module
 from loramix.train.config import RunConfig
-from loramix.train.run import run_training
 from tests.train import toys
 from tests.train.test_checkpoint import Interrupted, without_timings
 
@@ -44,7 +43,7 @@ def elrea_settings(model_dir: Path, tasks_dir: Path) -> dict[str, Any]:
 def traced_run(run: RunConfig, output_dir: Path) -> dict[str, Any]:
     """`run_training`, keeping the clustering and the trained model that the pipeline computes on the way."""
     seen: dict[str, Any] = {}
-    cluster, save_run = pipeline.cluster_features, run_module.save_run
+    cluster, save_run = pipeline.cluster_features, pipeline.save_run
 
     def record_clusters(*args, **kwargs):
         seen["clusters"] = cluster(*args, **kwargs)
@@ -56,7 +55,7 @@ def traced_run(run: RunConfig, output_dir: Path) -> dict[str, Any]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "cluster_features", record_clusters)
-        patch.setattr(run_module, "save_run", record_model)
+        patch.setattr(pipeline, "save_run", record_model)
         metrics = run_training(run, output_dir)
     return {"metrics": metrics, "dir": output_dir, **seen}
 

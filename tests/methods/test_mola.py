@@ -1,15 +1,39 @@
-"""The methods as adapter configurations."""
+"""The methods as adapter configurations and auxiliary losses, found by name in the registry."""
 
 from __future__ import annotations
 
 import pytest
 
-from loramix.methods.mola import adapter_config, loss_weights
+from loramix.errors import ConfigError
+from loramix.methods import METHODS, get_method
 from loramix.train.config import RunConfig
 
 
 def run(**kw) -> RunConfig:
     return RunConfig(tasks_dir="data", tasks=["a", "b", "c"], **kw)
+
+
+def adapter_config(run: RunConfig, num_tasks: int):
+    return get_method(run.method).adapter_config(run, num_tasks)
+
+
+def loss_weights(run: RunConfig) -> dict[str, float]:
+    adapters = adapter_config(run, 3)
+    return {term.name: term.weight for term in get_method(run.method).aux_losses(run, adapters)}
+
+
+def test_every_method_is_registered_and_an_unknown_one_is_named():
+    assert set(METHODS) >= {
+        "lora",
+        "lora-wide",
+        "per-task-lora",
+        "mola-grad",
+        "mola-router",
+        "token-router",
+        "elrea",
+    }
+    with pytest.raises(ConfigError, match="'magic' is not a method.*'mola-grad'"):
+        get_method("magic")
 
 
 def test_mola_grad_routes_each_task_to_its_own_expert():
@@ -51,6 +75,6 @@ def test_routers_of_each_method(method, router, top_k):
 def test_auxiliary_loss_weights():
     assert loss_weights(run(method="mola-router"))["twd"] == 0.1
     assert loss_weights(run(method="mola-router", twd_weight=0))["twd"] == 0
-    assert loss_weights(run(method="mola-grad"))["twd"] == 0  # no learned router, no TwD
+    assert "twd" not in loss_weights(run(method="mola-grad"))  # no learned router, no TwD
     assert loss_weights(run(method="token-router"))["balance"] == 0.01
     assert loss_weights(run(method="token-router", balance_weight=0.5))["balance"] == 0.5

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix import AdapterConfig
+from loramix import AdapterConfig, ConfigError
+from loramix.context import RoutingState
 from loramix.routers import (
     Gate,
+    PerTaskRouter,
     PolyRouter,
     Router,
     SampleRouter,
     TaskRouter,
     TokenRouter,
-    build_layer_router,
-    build_model_router,
+    router_class,
 )
 
 NUM_EXPERTS = 5
@@ -42,8 +43,8 @@ def make_router(kind: str, **kwargs) -> Router:
 
 def route(router: Router, kind: str) -> Gate:
     if kind in ("task", "poly"):
-        return router(task_ids=torch.tensor([0, 2, 1, 2]))
-    return router(hidden=hidden(per_token=kind == "token"))
+        return router(RoutingState(task_ids=torch.tensor([0, 2, 1, 2])), None)
+    return router(None, hidden(per_token=kind == "token"))
 
 
 ALL = ["task", "poly", "token", "sample"]
@@ -96,11 +97,11 @@ def test_top_k_renormalises_the_kept_probabilities() -> None:
 def test_noise_only_in_training(kind: str) -> None:
     router = make_router(kind, noisy=True)
     x = hidden(per_token=kind == "token")
-    clean = torch.softmax(router.eval()(hidden=x).logits, dim=-1)
-    eval_1, eval_2 = router.eval()(hidden=x), router(hidden=x)
+    clean = torch.softmax(router.eval()(None, x).logits, dim=-1)
+    eval_1, eval_2 = router.eval()(None, x), router(None, x)
     assert torch.equal(eval_1.weights, clean)
     assert torch.equal(eval_1.weights, eval_2.weights)
-    train_1, train_2 = router.train()(hidden=x), router(hidden=x)
+    train_1, train_2 = router.train()(None, x), router(None, x)
     assert not torch.allclose(train_1.weights, clean, atol=1e-4)
     assert not torch.allclose(train_1.weights, train_2.weights, atol=1e-4)
     assert torch.equal(train_1.logits, eval_1.logits)  # logits stay clean: the losses see them
@@ -110,14 +111,14 @@ def test_noise_only_in_training(kind: str) -> None:
 def test_without_noise_training_equals_eval(kind: str) -> None:
     router = make_router(kind)
     x = hidden(per_token=kind == "token")
-    assert torch.equal(router.train()(hidden=x).weights, router.eval()(hidden=x).weights)
+    assert torch.equal(router.train()(None, x).weights, router.eval()(None, x).weights)
 
 
 def test_temperature_divides_the_logits() -> None:
     x = hidden(per_token=True)
     hot, cold = make_router("token", temperature=2.0), make_router("token", temperature=1.0)
-    gate = hot(hidden=x)
-    torch.testing.assert_close(gate.weights, torch.softmax(cold(hidden=x).logits / 2.0, dim=-1))
+    gate = hot(None, x)
+    torch.testing.assert_close(gate.weights, torch.softmax(cold(None, x).logits / 2.0, dim=-1))
 
 
 def test_poly_relaxed_bernoulli_in_training_sigmoid_in_eval() -> None:
@@ -125,18 +126,26 @@ def test_poly_relaxed_bernoulli_in_training_sigmoid_in_eval() -> None:
     task_ids = torch.tensor([0, 2, 1, 2])
     scores = torch.sigmoid(router.table[task_ids].detach())
     want = scores / scores.sum(-1, keepdim=True)
-    eval_1, eval_2 = router.eval()(task_ids=task_ids), router(task_ids=task_ids)
+    eval_1, eval_2 = (
+        router.eval()(RoutingState(task_ids=task_ids), None),
+        router(RoutingState(task_ids=task_ids), None),
+    )
     torch.testing.assert_close(eval_1.weights, want)
     assert torch.equal(eval_1.weights, eval_2.weights)
     torch.testing.assert_close(router.weights_for_task(2), want[1])
     torch.manual_seed(1)
-    train_1, train_2 = router.train()(task_ids=task_ids), router(task_ids=task_ids)
+    train_1, train_2 = (
+        router.train()(RoutingState(task_ids=task_ids), None),
+        router(RoutingState(task_ids=task_ids), None),
+    )
     assert not torch.allclose(train_1.weights, want, atol=1e-3)
     assert not torch.allclose(train_1.weights, train_2.weights, atol=1e-3)
     # samples of the same task get independent draws
     assert not torch.allclose(train_1.weights[1], train_1.weights[3], atol=1e-3)
     # the relaxed Bernoulli is centred on the table: its mean over many draws is close to the sigmoid
-    many = torch.stack([router(task_ids=torch.tensor([0])).weights[0] for _ in range(2000)])
+    many = torch.stack(
+        [router(RoutingState(task_ids=torch.tensor([0])), None).weights[0] for _ in range(2000)]
+    )
     relaxed = torch.sigmoid(router.table[0].detach() + torch.logit(torch.rand(20000, NUM_EXPERTS)))
     torch.testing.assert_close(
         many.mean(0), (relaxed / relaxed.sum(-1, keepdim=True)).mean(0), atol=0.02, rtol=0
@@ -145,7 +154,7 @@ def test_poly_relaxed_bernoulli_in_training_sigmoid_in_eval() -> None:
 
 def test_poly_gate_is_differentiable_in_training() -> None:
     router = make_router("poly").train()
-    router(task_ids=torch.tensor([0, 1])).weights[:, 0].sum().backward()
+    router(RoutingState(task_ids=torch.tensor([0, 1])), None).weights[:, 0].sum().backward()
     assert router.table.grad is not None
     assert router.table.grad[:2].abs().sum() > 0
     assert torch.equal(router.table.grad[2], torch.zeros(NUM_EXPERTS))  # task 2 was not in the batch
@@ -153,7 +162,7 @@ def test_poly_gate_is_differentiable_in_training() -> None:
 
 def test_task_router_maps_tasks_to_experts() -> None:
     router = TaskRouter(4, 3, task_to_expert=[0, 2, 2, 1])
-    gate = router(task_ids=torch.tensor([3, 1, 0, 2]))
+    gate = router(RoutingState(task_ids=torch.tensor([3, 1, 0, 2])), None)
     assert gate.hard
     assert torch.equal(gate.indices, torch.tensor([1, 2, 0, 2]))
     assert torch.equal(gate.weights, torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 2]), 3).float())
@@ -164,7 +173,7 @@ def test_routing_maths_runs_in_fp32(kind: str) -> None:
     router = make_router(kind, top_k=2)
     if kind == "sample":
         router.network.to(torch.bfloat16)
-    gate = router(hidden=hidden(per_token=kind == "token").bfloat16())
+    gate = router(None, hidden(per_token=kind == "token").bfloat16())
     assert gate.weights.dtype == torch.float32
     assert gate.logits is not None and gate.logits.dtype == torch.float32
     assert_rows_sum_to_one(gate)
@@ -174,30 +183,36 @@ def test_sample_router_accepts_a_custom_network() -> None:
     network = torch.nn.Linear(FEATURES, NUM_EXPERTS)
     router = SampleRouter(FEATURES, NUM_EXPERTS, network=network)
     x = hidden(per_token=False)
-    torch.testing.assert_close(router(hidden=x).logits, network(x))
+    torch.testing.assert_close(router(None, x).logits, network(x))
 
 
 @pytest.mark.parametrize(
-    ("router", "layer_type", "model_type"),
+    ("router", "router_type", "scope"),
     [
         ("none", None, None),
-        ("task", None, TaskRouter),
-        ("poly", PolyRouter, None),
-        ("token", TokenRouter, None),
-        ("sample", None, SampleRouter),
+        ("task", TaskRouter, "model"),
+        ("poly", PolyRouter, "layer"),
+        ("token", TokenRouter, "layer"),
+        ("sample", SampleRouter, "model"),
+        ("per-task", PerTaskRouter, "layer"),
     ],
 )
-def test_builders_place_each_router(router: str, layer_type: type | None, model_type: type | None) -> None:
+def test_the_registry_builds_each_router_kind(
+    router: str, router_type: type | None, scope: str | None
+) -> None:
     config = AdapterConfig(
         num_experts=1 if router == "none" else 3,
-        num_tasks=3 if router in ("task", "poly") else None,
+        num_tasks=3 if router in ("task", "poly", "per-task") else None,
         router=router,
     )
-    layer_router = build_layer_router(config, FEATURES)
-    model_router = build_model_router(config, FEATURES)
-    assert (layer_router is None) == (layer_type is None)
-    assert (model_router is None) == (model_type is None)
-    if layer_type is not None:
-        assert isinstance(layer_router, layer_type) and layer_router.scope == "layer"
-    if model_type is not None:
-        assert isinstance(model_router, model_type) and model_router.scope == "model"
+    cls = router_class(router)
+    built = cls.from_config(config, FEATURES)
+    assert cls.scope == scope
+    assert (built is None) == (router_type is None)
+    if router_type is not None:
+        assert type(built) is router_type and built.kind == router
+
+
+def test_an_unknown_router_kind_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="per-task"):
+        AdapterConfig.from_dict({"router": "magic"})

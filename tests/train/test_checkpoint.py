@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loramix.methods import run_training
 from loramix.train import callbacks
 from loramix.train.config import RunConfig
-from loramix.train.run import run_training
 from tests.train import toys
 
 

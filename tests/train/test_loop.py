@@ -10,9 +10,9 @@ import yaml
 
 from loramix.cli import main
 from loramix.errors import TrainingError
+from loramix.heads import TaskHeads
+from loramix.methods import run_training
 from loramix.train.config import RunConfig
-from loramix.train.heads import TaskHeads
-from loramix.train.run import run_training
 from tests.train import toys
 
 
@@ -20,9 +20,9 @@ def poison_loss_from_call(monkeypatch: pytest.MonkeyPatch, first_bad_call: int) 
     """Make the task loss NaN from its `first_bad_call`-th call on (one call per step here)."""
     original, calls = TaskHeads.loss, [0]
 
-    def loss(self, logits, labels, task_ids):
+    def loss(self, outputs, batch):
         calls[0] += 1
-        value = original(self, logits, labels, task_ids)
+        value = original(self, outputs, batch)
         return value * float("nan") if calls[0] >= first_bad_call else value
 
     monkeypatch.setattr(TaskHeads, "loss", loss)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from loramix.methods import run_training
 from loramix.train.config import RunConfig
-from loramix.train.run import run_training
 from tests.train import toys
 
 METHODS = ["lora", "lora-wide", "per-task-lora", "mola-grad", "mola-router", "token-router"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 import loramix
-from loramix.train.heads import MultiTaskModel, TaskHeads
+from loramix.heads import TaskHeads
+from loramix.train.model import MultiTaskModel
 from loramix.train.step import forward_routed
 from tests.models import randomize_adapters, text_inputs, tiny_bert
 

@@ -1,8 +1,22 @@
-"""Experts: stacked parameters, the ops that apply them, and the layers that wrap base modules."""
+"""Experts: stacked parameters of several kinds (a registry, :data:`EXPERT_KINDS`), the ops that apply them, and
+the layers that wrap base modules (a Linear, a GPT-2 Conv1D, a Conv2d, or any module in parallel)."""
 
-from loramix.experts.bank import ExpertBank
+from loramix.experts.base import EXPERT_KINDS, StackedExperts, build_experts, register_expert_kind
 from loramix.experts.conv import Conv2dExperts
 from loramix.experts.layer import AdaptedLayer
 from loramix.experts.linear import Conv1DExperts, LinearExperts
+from loramix.experts.lora import LoraExperts
+from loramix.experts.parallel import ParallelExperts
 
-__all__ = ["AdaptedLayer", "Conv1DExperts", "Conv2dExperts", "ExpertBank", "LinearExperts"]
+__all__ = [
+    "EXPERT_KINDS",
+    "AdaptedLayer",
+    "Conv1DExperts",
+    "Conv2dExperts",
+    "LinearExperts",
+    "LoraExperts",
+    "ParallelExperts",
+    "StackedExperts",
+    "build_experts",
+    "register_expert_kind",
+]

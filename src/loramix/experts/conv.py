@@ -9,35 +9,33 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loramix.config import AdapterConfig
 from loramix.errors import InjectionError
 from loramix.experts.layer import AdaptedLayer
 from loramix.experts.ops import stacked_B
-from loramix.routers import Gate
+from loramix.routers.gate import Gate
 
 
 class Conv2dExperts(AdaptedLayer):
-    """Experts around an `nn.Conv2d` (groups 1, zero padding). Gates are per sample; a hard gate runs densely."""
+    """LoRA experts around an `nn.Conv2d` (groups 1, zero padding). Gates are per sample; a hard gate runs
+    densely."""
 
-    def __init__(self, base_layer: nn.Conv2d, *, config: AdapterConfig, name: str) -> None:
-        if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
+    @staticmethod
+    def features_of(layer: nn.Module) -> tuple[int, int, int]:
+        kh, kw = layer.kernel_size
+        return layer.in_channels, layer.out_channels, layer.in_channels * kh * kw
+
+    @staticmethod
+    def check(layer: nn.Module, name: str, *, per_token: bool, expert_kind: str) -> None:
+        """Refuse what this wrapper cannot run, naming the module."""
+        if layer.groups != 1 or layer.padding_mode != "zeros":
             raise InjectionError(
                 f"'{name}': only Conv2d with groups=1 and zero padding can be adapted "
-                f"(got groups={base_layer.groups}, padding_mode={base_layer.padding_mode!r})"
+                f"(got groups={layer.groups}, padding_mode={layer.padding_mode!r})"
             )
-        if config.router == "token":
-            raise InjectionError(
-                f"'{name}': a per-token router cannot route a Conv2d; use 'sample', 'task' or 'poly'"
-            )
-        kh, kw = base_layer.kernel_size
-        super().__init__(
-            base_layer,
-            config=config,
-            name=name,
-            in_features=base_layer.in_channels,
-            out_features=base_layer.out_channels,
-            expert_in_features=base_layer.in_channels * kh * kw,
-        )
+        if per_token:
+            raise InjectionError(f"'{name}': a per-token router cannot route a Conv2d; route per sample")
+        if expert_kind != "lora":
+            raise InjectionError(f"'{name}': a Conv2d takes LoRA experts in conv form, not '{expert_kind}'")
 
     def delta(self, x: Tensor, gate: Gate | None) -> Tensor:
         conv = self.base_layer
@@ -49,7 +47,7 @@ class Conv2dExperts(AdaptedLayer):
         h = self.adapter_dropout(h) * self.scaling
         if gate is None:
             return F.conv2d(h, B[0][..., None, None])  # (n, o, h, w)
-        self._check_batch(gate, x.shape[0])
+        self._check_batch(gate, x.shape[0])  # a hard gate (keep-base included) is its one-hot weights
         weights = gate.weights.to(x.dtype)[:, :, None, None, None]  # (n, e, 1, 1, 1)
         if num_a == 1:  # shared A: e gated copies of one projection
             h = (h[:, None] * weights).flatten(1, 2)  # (n, e*r, h, w)

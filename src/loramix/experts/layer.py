@@ -1,95 +1,87 @@
 """The base of every adapted layer: base output once, plus the expert mixture chosen by the gate.
 
-    y = W0 x + s * sum_e g_e * B_e A_e x
+    y = base(x) + s * sum_e g_e * E_e(x)
 
-Subclasses say how to apply the experts to their kind of input (`delta`) and how a fixed mixture folds into the
-base weight (`_add_to_base_weight`).
+The layer receives its expert bank (built by the bank kind's `from_config`) and, for per-layer routing, its router
+(built by the router kind's); it never reads a router's name. Subclasses say how to run the base and the experts on
+their kind of input (`delta`) and how a fixed mixture folds into the base weight (`_add_to_base_weight`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from loramix.config import AdapterConfig
-from loramix.errors import RoutingError
-from loramix.experts.bank import ExpertBank
-from loramix.routers import Gate, build_layer_router
+from loramix.errors import InjectionError, RoutingError
+from loramix.experts.base import StackedExperts
+from loramix.routers.base import Router
+from loramix.routers.gate import Gate
 
 if TYPE_CHECKING:
     from loramix.context import RoutingState
 
 
 class AdaptedLayer(nn.Module):
-    """Wraps a base layer with a bank of experts and, for per-layer routing, its own router."""
+    """Wraps a base module with a bank of experts and, for per-layer routing, its own router.
+
+    `gate_source` says where the gate comes from: "none" (a single expert, gate of ones), "layer" (this layer's
+    own router) or "model" (the routing state's model-wide gate).
+    """
 
     def __init__(
         self,
         base_layer: nn.Module,
         *,
-        config: AdapterConfig,
+        experts: StackedExperts,
+        router: Router | None,
+        gate_source: str,
         name: str,
         in_features: int,
         out_features: int,
-        expert_in_features: int | None = None,
+        scaling: float,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.layer_name = name
         self.in_features, self.out_features = in_features, out_features
-        self.router_kind = config.router
-        self.scaling = config.scaling
-        self.experts = ExpertBank(
-            expert_in_features or in_features,
-            out_features,
-            num_experts=config.num_experts,
-            rank=config.rank,
-            share=config.share,
-            shared_dropout=config.shared_dropout,
-        )
-        self.router = build_layer_router(config, in_features)
-        self.adapter_dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.experts = experts
+        self.router = router
+        self.gate_source = gate_source
+        self.adapter_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged_gate: Tensor | None = None
         self.disabled = False
-        weight = getattr(base_layer, "weight", None)
-        if isinstance(weight, Tensor):
+        weight = next((p for p in base_layer.parameters()), None)
+        if weight is not None:
             self.experts.to(device=weight.device)
             if self.router is not None:
                 self.router.to(device=weight.device)
 
     # ---- routing -------------------------------------------------------------------------------------------
     def gate(self, x: Tensor, routing: RoutingState | None) -> Gate | None:
-        """The gate for this call: None for a plain LoRA, the layer's own router's, or the model-wide one."""
-        if self.router_kind == "none":
+        """The gate for this call: None for a plain LoRA, the layer's own router's, or the model-wide one; with
+        the routing state's keep-base mask applied."""
+        if self.gate_source == "none":
             return None
-        if self.router is not None:
-            if self.router.needs_task_ids:
-                if routing is None or routing.task_ids is None:
-                    raise RoutingError(
-                        f"layer '{self.layer_name}' routes by task but got no task_ids: call the model inside "
-                        "loramix.routing(model, task_ids=...)"
-                    )
-                gate = self.router(task_ids=routing.task_ids)
-            else:
-                gate = self.router(hidden=x)
+        if self.gate_source == "layer":
+            assert self.router is not None
+            gate = self.router(routing, x)
             if routing is not None:
+                gate = gate.keep_base(routing.keep_base)
                 routing.add(self.layer_name, gate)
             return gate
         if routing is None or routing.model_gate is None:
-            need = "task_ids" if self.router_kind == "task" else "the sample router's gate"
             raise RoutingError(
-                f"layer '{self.layer_name}' needs {need}: call the model inside loramix.routing(model, ...)"
-                + (
-                    ""
-                    if self.router_kind == "task"
-                    else " and check that router_input runs before this layer"
-                )
+                f"layer '{self.layer_name}' is routed by a model-wide router but got no gate: call the model "
+                "inside loramix.routing(model, ...) (with task_ids when it routes by task), and check that "
+                "router_input runs before this layer"
             )
         return routing.model_gate
 
-    def forward(self, x: Tensor, *args, routing: RoutingState | None = None, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, *args: Any, routing: RoutingState | None = None, **kwargs: Any) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.merged_gate is not None or self.disabled:
             return out
@@ -97,7 +89,14 @@ class AdaptedLayer(nn.Module):
         return out + self.delta(x, gate).to(out.dtype)
 
     def delta(self, x: Tensor, gate: Gate | None) -> Tensor:
-        raise NotImplementedError
+        """The mixture for input `x` `(n, ..., i)`: `(n, ..., o)`."""
+        if gate is None:
+            return self.experts(x, None, self.scaling, self.adapter_dropout)
+        batch = x.shape[0]
+        self._check_batch(gate, batch)
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
+        out = self.experts(x3, gate, self.scaling, self.adapter_dropout)
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)
 
     def _check_batch(self, gate: Gate, batch: int) -> None:
         if gate.weights.shape[0] != batch:
@@ -108,15 +107,25 @@ class AdaptedLayer(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------------------------
     def _add_to_base_weight(self, delta: Tensor) -> None:
-        raise NotImplementedError
+        raise InjectionError(
+            f"layer '{self.layer_name}' wraps a {type(self.base_layer).__name__}: it cannot merge"
+        )
+
+    def _check_mergeable(self) -> None:
+        if not self.experts.mergeable:
+            raise InjectionError(
+                f"layer '{self.layer_name}' has '{self.experts.kind}' experts, which do not fold into a base "
+                "weight: merging and PEFT export need LoRA experts"
+            )
 
     @torch.no_grad()
     def merge(self, gate: Tensor) -> None:
         """Fold a fixed mixture `gate` `(e,)` into the base weight; the layer then runs as its base alone."""
+        self._check_mergeable()
         if self.merged_gate is not None:
             raise RoutingError(f"layer '{self.layer_name}' is already merged; unmerge it first")
         gate = gate.detach().float().to(self.experts.A.device)
-        self._add_to_base_weight(self.experts.delta_weight(gate, self.scaling))
+        self._add_to_base_weight(self.experts.delta_weight(gate, self.scaling))  # type: ignore[operator]
         self.merged_gate = gate
 
     @torch.no_grad()
@@ -124,8 +133,8 @@ class AdaptedLayer(nn.Module):
         """Subtract the merged mixture again (equal to the original weight up to rounding)."""
         if self.merged_gate is None:
             return
-        self._add_to_base_weight(-self.experts.delta_weight(self.merged_gate, self.scaling))
+        self._add_to_base_weight(-self.experts.delta_weight(self.merged_gate, self.scaling))  # type: ignore[operator]
         self.merged_gate = None
 
     def extra_repr(self) -> str:
-        return f"name={self.layer_name}, router={self.router_kind}, scaling={self.scaling:g}"
+        return f"name={self.layer_name}, gate={self.gate_source}, scaling={self.scaling:g}"

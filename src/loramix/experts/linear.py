@@ -11,10 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _global_hooks
 
-from loramix.config import AdapterConfig
 from loramix.experts import ops
 from loramix.experts.layer import AdaptedLayer
-from loramix.routers import Gate
+from loramix.experts.lora import LoraExperts, gate_weights, topk_gate
 
 if TYPE_CHECKING:
     from loramix.context import RoutingState
@@ -23,21 +22,23 @@ if TYPE_CHECKING:
 class LinearExperts(AdaptedLayer):
     """Experts around a linear map whose input is `(n, ..., i)`."""
 
-    def __init__(self, base_layer: nn.Module, *, config: AdapterConfig, name: str) -> None:
-        in_features, out_features = self.features_of(base_layer)
-        super().__init__(
-            base_layer, config=config, name=name, in_features=in_features, out_features=out_features
-        )
-
     @staticmethod
-    def features_of(layer: nn.Module) -> tuple[int, int]:
-        return layer.in_features, layer.out_features
+    def features_of(layer: nn.Module) -> tuple[int, int, int]:
+        """`(in, out, expert in)` features of the base layer."""
+        return layer.in_features, layer.out_features, layer.in_features
 
     def forward(self, x: Tensor, *args, routing: RoutingState | None = None, **kwargs) -> Tensor:
-        """The base output plus the mixture. A plain `nn.Linear` or `Conv1D` base runs fused with the experts
-        (`ops.linear`: one GEMM accumulates the mixture into the base output); anything else runs as
+        """The base output plus the mixture. LoRA experts on a plain `nn.Linear` or `Conv1D` base run fused with
+        it (`ops.linear`: one GEMM accumulates the mixture into the base output); anything else runs as
         `base_layer(x) + delta(x)`."""
-        if args or kwargs or self.merged_gate is not None or self.disabled or not self._fusable(x):
+        if (
+            args
+            or kwargs
+            or self.merged_gate is not None
+            or self.disabled
+            or not isinstance(self.experts, LoraExperts)
+            or not self._fusable(x)
+        ):
             return super().forward(x, *args, routing=routing, **kwargs)
         gate = self.gate(x, routing)
         A, B = self.experts.weights()
@@ -58,7 +59,7 @@ class LinearExperts(AdaptedLayer):
         batch = x.shape[0]
         self._check_batch(gate, batch)
         x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
-        top = self._topk(x3, A, B, gate)
+        top = topk_gate(x3, A, B, gate)
         if top is not None and top[0].dim() == 3:  # per-token top-k: base, plus the grouped-GEMM op
             out = base(x3) + ops.topk(x3, A, B, *top, self.scaling, self.adapter_dropout)
         else:
@@ -69,24 +70,13 @@ class LinearExperts(AdaptedLayer):
                 A,
                 B,
                 self.scaling,
-                gate=self._op_gate(gate, batch) if top is None else top[1],
+                gate=(gate.indices if gate.hard else gate_weights(gate, batch)) if top is None else top[1],
                 indices=None if top is None else top[0],
                 dropout=self.adapter_dropout,
                 input_major=input_major,
+                keep=gate.keep if gate.hard else None,
             )
         return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)
-
-    @staticmethod
-    def _topk(x3: Tensor, A: Tensor, B: Tensor, gate: Gate) -> tuple[Tensor, Tensor] | None:
-        """A top-k gate's `(indices, weights at them)`, `(n, k)` or `(n, t, k)`, when `ops.topk` pays."""
-        if gate.hard or gate.indices is None:
-            return None
-        batch, k = x3.shape[0], gate.indices.shape[-1]
-        indices = gate.indices if gate.indices.dim() == 2 else gate.indices.reshape(batch, -1, k)
-        if not ops.prefers_topk(x3, A, B, indices):
-            return None
-        weights = gate.weights if gate.weights.dim() == 2 else gate.weights.reshape(batch, -1, A.shape[0])
-        return indices, weights.gather(-1, indices)
 
     def _fusable(self, x: Tensor) -> bool:
         """Whether the base is a plain linear map whose forward `ops.linear` reproduces exactly: an exact
@@ -107,35 +97,6 @@ class LinearExperts(AdaptedLayer):
             and not ops.transforms_active()
         )
 
-    @staticmethod
-    def _op_gate(gate: Gate, batch: int) -> Tensor:
-        if gate.hard:
-            return gate.indices  # type: ignore[return-value]
-        weights = gate.weights
-        if weights.dim() > 2:
-            weights = weights.reshape(batch, -1, weights.shape[-1])  # (n, t, e)
-        return weights
-
-    def delta(self, x: Tensor, gate: Gate | None) -> Tensor:
-        A, B = self.experts.weights()
-        A, B = A.to(x.dtype), B.to(x.dtype)
-        if gate is None:
-            return ops.single(x, A, B, self.scaling, self.adapter_dropout)
-        batch = x.shape[0]
-        self._check_batch(gate, batch)
-        x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
-        top = self._topk(x3, A, B, gate)
-        if top is not None:
-            out = ops.topk(x3, A, B, *top, self.scaling, self.adapter_dropout)
-        elif gate.hard:
-            out = ops.hard(x3, A, B, gate.indices, self.scaling, self.adapter_dropout)  # type: ignore[arg-type]
-        else:
-            weights = gate.weights
-            if weights.dim() > 2:
-                weights = weights.reshape(batch, -1, weights.shape[-1])  # (n, t, e)
-            out = ops.dense(x3, A, B, weights, self.scaling, self.adapter_dropout)
-        return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)
-
     def _add_to_base_weight(self, delta: Tensor) -> None:
         weight = self.base_layer.weight
         weight.add_(delta.to(weight.dtype))
@@ -145,9 +106,9 @@ class Conv1DExperts(LinearExperts):
     """Hugging Face `Conv1D`: a linear map with its weight stored transposed, `(in, out)`."""
 
     @staticmethod
-    def features_of(layer: nn.Module) -> tuple[int, int]:
+    def features_of(layer: nn.Module) -> tuple[int, int, int]:
         in_features, out_features = layer.weight.shape
-        return in_features, out_features
+        return in_features, out_features, in_features
 
     def _add_to_base_weight(self, delta: Tensor) -> None:
         weight = self.base_layer.weight

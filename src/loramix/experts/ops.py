@@ -66,8 +66,12 @@ def _project_dense(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return A_in, Bt  # (r or e*r, o), the transpose of stacked_B(B)
 
 
-def _mix_single(h: Tensor, scaling: float, dropout: Dropout) -> Tensor:
-    return dropout(h) * scaling  # (..., r)
+def _mix_single(h: Tensor, scaling: float, dropout: Dropout, keep: Tensor | None = None) -> Tensor:
+    """The scaled hidden; `keep` `(n,)` bool zeroes the samples whose output stays the base's."""
+    h = dropout(h) * scaling  # (..., r)
+    if keep is not None:
+        h = h * (~keep).to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
+    return h
 
 
 def _mix_dense(
@@ -106,14 +110,22 @@ def single(x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: Dropout = _
 
 
 def hard(
-    x: Tensor, A: Tensor, B: Tensor, expert_index: Tensor, scaling: float, dropout: Dropout = _identity
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    expert_index: Tensor,
+    scaling: float,
+    dropout: Dropout = _identity,
+    *,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Each sample through its own expert. x `(n, t, i)`, expert_index `(n,)` long; returns `(n, t, o)`.
 
-    A shared A (`A.shape[0] == 1`) or B is applied as one plain matmul instead of a gather.
+    A shared A (`A.shape[0] == 1`) or B is applied as one plain matmul instead of a gather. `keep` `(n,)` bool
+    marks samples that get exactly zero (their layer output stays the base's).
     """
     A_in, Bt = _project_hard(A, B, expert_index)
-    h = _mix_single(_times(x, A_in.transpose(-1, -2)), scaling, dropout)  # (n, t, r)
+    h = _mix_single(_times(x, A_in.transpose(-1, -2)), scaling, dropout, keep)  # (n, t, r)
     return _times(h, Bt)  # (n, t, o)
 
 
@@ -319,11 +331,12 @@ def linear(
     indices: Tensor | None = None,
     dropout: Dropout = _identity,
     input_major: bool = False,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """The base linear map plus the mixture, `x W^T + b + s * sum_e g_e B_e A_e x`, in one pass.
 
     x `(n, t, i)`; `weight` `(o, i)`, or `(i, o)` with `input_major` (Hugging Face `Conv1D`); `gate` None for a
-    plain LoRA (as `single`), a long `(n,)` tensor of expert indices (as `hard`), weights `(n, e)` or `(n, t, e)`
+    plain LoRA (as `single`), a long `(n,)` tensor of expert indices (as `hard`, with its `keep` mask), weights `(n, e)` or `(n, t, e)`
     (as `dense`), or with `indices` `(n, k)` the per-sample top-k weights `(n, k)` at them (as `topk`). Returns
     `(n, t, o)`: for a contiguous x, the base layer's output bit for bit plus the matching op's mixture.
 
@@ -345,11 +358,18 @@ def linear(
         assert gate is not None
         h = _mix_topk_per_sample(h, gate, scaling, dropout)
     elif gate is None or gate.dtype == torch.long:
-        h = _mix_single(h, scaling, dropout)
+        h = _mix_single(h, scaling, dropout, keep)
     else:
         h = _mix_dense(h, gate, max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
     out = _AddProjectOut.apply(base, h, Bt)  # (n*t, o)
     return out.view(*x.shape[:-1], out.shape[-1])  # (n, t, o)
+
+
+def as_dense_gate(gate: Tensor, num_experts: int) -> Tensor:
+    """A long `(n,)` tensor of expert indices as its one-hot `(n, e)` float gate; other gates as they are."""
+    if gate.dtype == torch.long:
+        return F.one_hot(gate, num_experts).float()
+    return gate
 
 
 def loop_reference(x: Tensor, A: Tensor, B: Tensor, gate: Tensor, scaling: float) -> Tensor:
@@ -358,8 +378,7 @@ def loop_reference(x: Tensor, A: Tensor, B: Tensor, gate: Tensor, scaling: float
     x `(n, t, i)`; gate `(n, e)`, `(n, t, e)`, or a long tensor `(n,)` of expert indices (a hard gate).
     """
     num_experts = max(A.shape[0], B.shape[0])
-    if gate.dtype == torch.long:
-        gate = torch.nn.functional.one_hot(gate, num_experts)
+    gate = as_dense_gate(gate, num_experts)
     gate = gate.to(x.dtype)
     gate = gate[:, None, :] if gate.dim() == 2 else gate
     out = torch.zeros(*x.shape[:-1], B.shape[1], dtype=x.dtype, device=x.device)

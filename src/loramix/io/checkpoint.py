@@ -16,7 +16,7 @@ from torch import nn
 
 from loramix.config import AdapterConfig
 from loramix.errors import CheckpointError, ConfigError
-from loramix.inject import adapter_state, get_info, inject, remove
+from loramix.inject import adapter_buffers, adapter_state, get_info, inject, remove
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 
 FORMAT_VERSION = 1
@@ -29,7 +29,7 @@ def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     info = get_info(model)
     for layer in info.layers:
         layer.experts.sync_frozen_into_parameters()
-    state = dict(adapter_state(model))
+    state = {**adapter_state(model), **adapter_buffers(model)}
     for name, param in model.named_parameters():
         if param.requires_grad and name not in state:
             state[name] = param
@@ -137,8 +137,9 @@ def load(model: nn.Module, directory: str | Path, *, router_network: nn.Module |
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Copy tensors into the model's parameters by name, checking names and shapes first."""
-    params = dict(model.named_parameters())
+    """Copy tensors into the model's parameters (and loramix's buffers) by name, checking names and shapes first.
+    Buffers are optional: adapters saved before they were written load with the defaults."""
+    params = {**dict(model.named_parameters()), **adapter_buffers(model)}
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise CheckpointError(
@@ -155,4 +156,4 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path
             )
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].dtype))
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))

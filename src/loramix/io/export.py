@@ -19,12 +19,14 @@ from loramix.errors import CheckpointError, InjectionError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
 from loramix.inject import InjectionReport, fixed_gate, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from loramix.routers import router_class
 
 PEFT_PREFIX = "base_model.model."
 
 
 def _low_rank_factors(layer: AdaptedLayer, gate: Tensor) -> tuple[Tensor, Tensor]:
     """`(A, B)` with `B @ A == s * sum_e g_e B_e A_e`, keeping only experts with a non-zero gate."""
+    layer._check_mergeable()
     A, B = (w.detach().float() for w in layer.experts.weights())
     gate = gate.to(A.device)
     s = layer.scaling
@@ -163,7 +165,7 @@ def import_peft(model: nn.Module, directories: list[str | Path], **config: Any) 
     settings.update(config)
     if settings.get("share", "none") != "none":
         raise InjectionError("import_peft builds independent experts; share must be 'none'")
-    if settings["router"] == "none" and len(read) == 1:
+    if not router_class(settings["router"]).needs_num_tasks:
         settings.pop("num_tasks")
     report = inject(model, settings)
     info = get_info(model)

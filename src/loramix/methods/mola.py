@@ -1,61 +1,151 @@
-"""The multi-task methods as adapter configurations: one LoRA, a wide LoRA, per-task LoRAs, MoLA-Grad,
-MoLA-Router (with TwD) and a per-token router.
+"""The multi-task methods that differ only in their adapters and losses: one LoRA, a wide LoRA, per-task LoRAs,
+MoLA-Grad, MoLA-Router (with the TwD loss) and a per-token router.
 
 MoLA: Zhou et al., "MoLA: Mixture of LoRA experts for heterogeneous multi-task learning", ICML 2024.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
+
+from torch import Tensor, nn
 
 from loramix.config import AdapterConfig
+from loramix.context import RoutingState
+from loramix.errors import ConfigError
+from loramix.losses import TwDProjection, twd_loss
+from loramix.methods.base import Method, register_method
+from loramix.train.aux_losses import AuxLoss, LoadBalance, ZLoss, learned_gates
+from loramix.train.config import RunConfig
 
-if TYPE_CHECKING:  # a run-time import would be circular: loramix.train's loop imports this module
-    from loramix.train.config import RunConfig
 
-
-def adapter_config(run: RunConfig, num_tasks: int) -> AdapterConfig:
-    """The adapters `run.method` injects into the backbone."""
-    experts = run.num_experts or num_tasks
-    common = {
+def common(run: RunConfig) -> dict[str, Any]:
+    return {
         "rank": run.rank,
         "alpha": run.alpha,
         "dropout": run.dropout,
         "targets": run.targets,
         "train_backbone": run.train_backbone,
     }
-    method = run.method
-    if method in ("lora", "elrea"):  # elrea starts from one base adapter; its experts come later
-        return AdapterConfig(num_experts=1, router="none", **common)
-    if method == "lora-wide":  # the parameter count of the mixture in one adapter
-        common.update(rank=run.rank * experts, alpha=run.alpha * experts)
-        return AdapterConfig(num_experts=1, router="none", **common)
-    sharing = {"share": run.share, "shared_dropout": run.shared_dropout}
-    if method == "per-task-lora":
-        return AdapterConfig(num_experts=num_tasks, router="task", num_tasks=num_tasks, **common)
-    if method == "mola-grad":
+
+
+def sharing(run: RunConfig) -> dict[str, Any]:
+    return {"share": run.share, "shared_dropout": run.shared_dropout}
+
+
+def balance_and_z(run: RunConfig, default_balance: float = 0.0, z: bool = True) -> list[AuxLoss]:
+    balance = run.balance_weight if run.balance_weight is not None else default_balance
+    return [LoadBalance(balance), ZLoss(run.z_loss_weight if z else 0.0)]
+
+
+@register_method
+class Lora(Method):
+    name = "lora"
+    description = "one LoRA for every task (Hu et al. 2021)"
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        return AdapterConfig(num_experts=1, router="none", **common(run))
+
+    def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
+        return balance_and_z(run, z=False)
+
+
+@register_method
+class LoraWide(Lora):
+    name = "lora-wide"
+    description = "one LoRA of rank E*r: the mixture's parameter count in one adapter"
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        experts = run.num_experts or num_tasks
+        settings = {**common(run), "rank": run.rank * experts, "alpha": run.alpha * experts}
+        return AdapterConfig(num_experts=1, router="none", **settings)
+
+
+@register_method
+class PerTaskLora(Lora):
+    name = "per-task-lora"
+    description = "one LoRA per task on the frozen base, trained in one run"
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        if run.train_backbone:
+            raise ConfigError(
+                "per-task-lora shares nothing but the frozen base: train_backbone must be false"
+            )
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        return AdapterConfig(num_experts=num_tasks, router="task", num_tasks=num_tasks, **common(run))
+
+
+@register_method
+class MolaGrad(Lora):
+    name = "mola-grad"
+    description = "one expert per task (or task_to_expert), hard routing by task id (MoLA-Grad)"
+
+    def validate(self, run: RunConfig) -> None:
+        pass  # task_to_expert is this method's
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        experts = run.num_experts or num_tasks
         return AdapterConfig(
             num_experts=experts if run.task_to_expert else num_tasks,
             router="task",
             num_tasks=num_tasks,
             task_to_expert=run.task_to_expert,
-            **common,
-            **sharing,
+            **common(run),
+            **sharing(run),
         )
-    if method == "mola-router":
-        return AdapterConfig(num_experts=experts, router="sample", top_k=run.top_k, **common, **sharing)
-    if method == "token-router":
+
+
+class TwD(nn.Module):
+    """MoLA's Task-wise Decorrelation on the model-wide router's logits (Zhou et al. 2024, Sec. 3.3), with its
+    optional trainable projection; its parameters are the method's own."""
+
+    loramix_role = "method"
+    name = "twd"
+
+    def __init__(self, weight: float, num_experts: int, projection: bool) -> None:
+        super().__init__()
+        self.weight = weight
+        self.projection = TwDProjection(num_experts) if projection and weight > 0 else None
+
+    def forward(self, state: RoutingState, batch: dict[str, Any]) -> Tensor | None:
+        gates = learned_gates(state)
+        if not gates:
+            return None
+        gate = gates[0] if state.model_gate is None else state.model_gate
+        return twd_loss(gate.logits, batch["task_ids"], projection=self.projection)  # type: ignore[arg-type]
+
+
+@register_method
+class MolaRouter(Method):
+    name = "mola-router"
+    description = "E experts, one learned router on the pooled input, plus the TwD loss (MoLA-Router)"
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        experts = run.num_experts or num_tasks
         return AdapterConfig(
-            num_experts=experts, router="token", top_k=run.top_k or min(2, experts), **common, **sharing
+            num_experts=experts, router="sample", top_k=run.top_k, **common(run), **sharing(run)
         )
-    raise ValueError(f"unknown method {method!r}")
+
+    def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
+        return [TwD(run.twd_weight, adapters.num_experts, run.twd_projection), *balance_and_z(run)]
 
 
-def loss_weights(run: RunConfig) -> dict[str, float]:
-    """Weights of the auxiliary losses for this run (0 means not computed)."""
-    default_balance = 0.01 if run.method == "token-router" else 0.0
-    return {
-        "twd": run.twd_weight if run.method == "mola-router" else 0.0,
-        "balance": run.balance_weight if run.balance_weight is not None else default_balance,
-        "z": run.z_loss_weight if run.method in ("mola-router", "token-router") else 0.0,
-    }
+@register_method
+class TokenRouter(Method):
+    name = "token-router"
+    description = "a linear top-k router per layer and token, with load balance (MixLoRA style)"
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        experts = run.num_experts or num_tasks
+        return AdapterConfig(
+            num_experts=experts,
+            router="token",
+            top_k=run.top_k or min(2, experts),
+            **common(run),
+            **sharing(run),
+        )
+
+    def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
+        return balance_and_z(run, default_balance=0.01)

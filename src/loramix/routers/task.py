@@ -1,30 +1,39 @@
-"""Routing by task id: hard (MoLA-Grad) and a learned per-task table (Poly / MHR).
+"""Routing by task id, hard (MoLA-Grad, Zhou et al. 2024, Sec. 3.2): the gradients of tasks never meet.
 
 Legend: n samples, e experts, T tasks.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from loramix.routers.base import Gate, Router
+from loramix.errors import ConfigError
+from loramix.routers.base import Router, register_router
+from loramix.routers.gate import Gate
+
+if TYPE_CHECKING:
+    from loramix.config import AdapterConfig
 
 
+@register_router
 class TaskRouter(Router):
-    """Task id -> one expert (MoLA-Grad, Zhou et al. 2024, Sec. 3.2): the gradients of tasks never meet.
-
-    `task_to_expert` lets several tasks share an expert; by default task t uses expert t.
+    """Task id -> one expert. `task_to_expert` lets several tasks share an expert; by default task t uses expert t.
     Runs once per model forward; every adapted layer uses its gate.
 
     Example:
-        >>> TaskRouter(3, 2, task_to_expert=[0, 1, 1])(task_ids=torch.tensor([2, 0])).indices
+        >>> TaskRouter(3, 2, task_to_expert=[0, 1, 1])(RoutingState(task_ids=torch.tensor([2, 0])), None).indices
         tensor([1, 0])
     """
 
+    kind = "task"
     scope = "model"
     needs_task_ids = True
+    needs_num_tasks = True
+    uses_task_to_expert = True
 
     def __init__(self, num_tasks: int, num_experts: int, *, task_to_expert: list[int] | None = None) -> None:
         super().__init__()
@@ -32,40 +41,57 @@ class TaskRouter(Router):
         mapping = torch.arange(num_tasks) if task_to_expert is None else torch.tensor(task_to_expert)
         self.register_buffer("task_to_expert", mapping.long())
 
-    def forward(self, *, hidden: Tensor | None = None, task_ids: Tensor | None = None) -> Gate:
-        assert task_ids is not None
-        experts = self.task_to_expert[task_ids]  # (n,)
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:
+        super().check_config(config)
+        if config.task_to_expert is not None:
+            if len(config.task_to_expert) != config.num_tasks:
+                raise ValueError(
+                    f"task_to_expert has {len(config.task_to_expert)} entries but num_tasks is {config.num_tasks}"
+                )
+            bad = [e for e in config.task_to_expert if not 0 <= e < config.num_experts]
+            if bad:
+                raise ValueError(f"task_to_expert names experts {bad} outside 0..{config.num_experts - 1}")
+        elif config.num_tasks != config.num_experts:
+            raise ValueError(
+                f"router 'task' with num_tasks={config.num_tasks} != num_experts={config.num_experts} needs "
+                "task_to_expert"
+            )
+
+    @classmethod
+    def from_config(cls, config: AdapterConfig, in_features: int | None, **kwargs: Any) -> Router | None:
+        assert config.num_tasks is not None
+        return cls(config.num_tasks, config.num_experts, task_to_expert=config.task_to_expert)
+
+    def forward(self, state: Any, hidden: Tensor | None) -> Gate:
+        experts = self.task_to_expert[self.task_ids(state)]  # (n,)
         return Gate(weights=F.one_hot(experts, self.num_experts).float(), indices=experts, hard=True)
 
-
-class PolyRouter(Router):
-    """A learned table of task -> expert mixing weights in each layer (Poly, Ponti et al. 2023; MHR).
-
-    Training samples the table through a relaxed Bernoulli (logistic noise, temperature 1); evaluation uses the
-    sigmoid. The weights are then normalised to sum to one.
-    """
-
-    scope = "layer"
-    needs_task_ids = True
-
-    def __init__(
-        self, num_tasks: int, num_experts: int, *, temperature: float = 1.0, eps: float = 1e-12
-    ) -> None:
-        super().__init__()
-        self.num_experts, self.temperature, self.eps = num_experts, temperature, eps
-        self.table = nn.Parameter(torch.empty(num_tasks, num_experts).uniform_(-1e-3, 1e-3))
-
-    def forward(self, *, hidden: Tensor | None = None, task_ids: Tensor | None = None) -> Gate:
-        assert task_ids is not None
-        logits = self.table.float()[task_ids]  # (n, e)
-        if self.training:
-            u = torch.rand_like(logits).clamp(self.eps, 1 - self.eps)
-            scores = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
+    @torch.no_grad()
+    def grow(self, num_experts: int, num_tasks: int | None, task_to_expert: list[int] | None = None) -> None:
+        """New task `T + j` goes to new expert `E + j` unless `task_to_expert` (for every task) says otherwise."""
+        num_tasks = num_tasks or self.num_tasks
+        if task_to_expert is None:
+            new = torch.arange(num_tasks - self.num_tasks) + self.num_experts
+            if new.numel() and int(new.max()) >= num_experts:
+                raise ConfigError(
+                    f"{num_tasks - self.num_tasks} new tasks but only {num_experts - self.num_experts} new experts: "
+                    "pass task_to_expert for every task"
+                )
+            mapping = torch.cat([self.task_to_expert.cpu(), new])
         else:
-            scores = torch.sigmoid(logits)
-        return Gate(weights=scores / (scores.sum(-1, keepdim=True) + self.eps), logits=logits)
+            mapping = torch.tensor(task_to_expert)
+            if len(mapping) != num_tasks or not torch.equal(
+                mapping[: self.num_tasks], self.task_to_expert.cpu()
+            ):
+                raise ConfigError(
+                    f"task_to_expert must have {num_tasks} entries and keep the old tasks' experts "
+                    f"{self.task_to_expert.tolist()}"
+                )
+            if int(mapping.max()) >= num_experts or int(mapping.min()) < 0:
+                raise ConfigError(f"task_to_expert names experts outside 0..{num_experts - 1}")
+        self.task_to_expert = mapping.long().to(self.task_to_expert.device)
+        self.num_tasks, self.num_experts = num_tasks, num_experts
 
-    def weights_for_task(self, task: int) -> Tensor:
-        """The evaluation gate of one task, `(e,)`, used to merge or export that task."""
-        scores = torch.sigmoid(self.table.float()[task])
-        return scores / (scores.sum() + self.eps)
+    def task_gate(self, task: int) -> Tensor:
+        return F.one_hot(self.task_to_expert[task].cpu(), self.num_experts).float()

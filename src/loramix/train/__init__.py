@@ -2,8 +2,8 @@
 
 from loramix.train.callbacks import Callback, Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
 from loramix.train.config import RunConfig
-from loramix.train.heads import MultiTaskModel, TaskHeads
 from loramix.train.loop import Trainer
+from loramix.train.model import MultiTaskModel
 from loramix.train.step import compute_loss
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "MultiTaskModel",
     "ProgressBar",
     "RunConfig",
-    "TaskHeads",
     "Trainer",
     "TensorBoardLogger",
     "compute_loss",

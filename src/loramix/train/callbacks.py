@@ -9,12 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loramix.train.loop import Trainer
+    from loramix.train.step import StepResult
 
 
 class Callback:
     """Override what you need; every hook is optional."""
 
     def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_batch_end(self, trainer: Trainer, batch: dict[str, Any], result: StepResult) -> None:
+        """After each (micro-)batch's backward: `result.state.records` holds every gate the routers chose."""
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
 

@@ -9,9 +9,9 @@ import torch
 from sklearn.metrics import f1_score
 
 from loramix.data import MultiTaskData
-from loramix.train.heads import MultiTaskModel
+from loramix.train.model import MultiTaskModel
 from loramix.train.routing_stats import per_layer_summary, routing_summary
-from loramix.train.step import forward_routed
+from loramix.train.step import routed
 
 
 def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -42,8 +42,8 @@ def evaluate(
         preds, labels = [], []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-            logits, state = forward_routed(model, batch)
-            preds.append(model.heads.predict(logits, batch["task_ids"]).cpu())
+            with routed(model, batch) as state:
+                preds.append(model.heads.predict(model, batch).cpu())
             labels.append(batch["labels"].cpu())
             learned = [(name, g) for name, g in state.records if not g.hard]
             if learned:

@@ -17,13 +17,12 @@ from torch.utils.data import DataLoader
 
 from loramix.data import MultiTaskData, TaskBalancedSampler
 from loramix.errors import TrainingError
-from loramix.inject import get_info
-from loramix.losses import TwDProjection
-from loramix.methods.mola import loss_weights
+from loramix.roles import parameters_by_role
+from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import Callback
 from loramix.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from loramix.train.config import RunConfig
-from loramix.train.heads import MultiTaskModel
+from loramix.train.model import MultiTaskModel
 from loramix.train.step import compute_loss
 
 
@@ -35,26 +34,18 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def parameter_groups(
-    run: RunConfig, model: MultiTaskModel, extra: torch.nn.Module | None
-) -> list[dict[str, Any]]:
-    """AdamW groups: adapters, routers (with the TwD projection), heads and, when trained, the backbone."""
-    groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "router": [], "head": [], "backbone": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("heads."):
-            groups["head"].append(param)
-        elif "router." in name:
-            groups["router"].append(param)
-        elif ".experts." in name:
-            groups["adapter"].append(param)
-        else:
-            groups["backbone"].append(param)
-    if extra is not None:
-        groups["router"] += list(extra.parameters())
-    lrs = {"adapter": run.lr, "router": run.router_lr, "head": run.head_lr, "backbone": run.backbone_lr}
-    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+def parameter_groups(run: RunConfig, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups by parameter role: experts, routers, heads, method-owned modules (at the routers' rate) and,
+    when trained, the backbone."""
+    lrs = {
+        "expert": run.lr,
+        "router": run.router_lr,
+        "method": run.router_lr,
+        "head": run.head_lr,
+        "backbone": run.backbone_lr,
+    }
+    groups = parameters_by_role(model)
+    return [{"params": ps, "lr": lrs[role], "name": role} for role, ps in groups.items() if ps]
 
 
 def processes() -> PartialState:
@@ -74,12 +65,14 @@ class Trainer:
         collator: Any,
         *,
         output_dir: Path,
+        aux_losses: Sequence[AuxLoss] = (),
         callbacks: Sequence[Callback] = (),
         train_examples: Sequence[Any] | None = None,
         sampler_ids: Sequence[int] | None = None,
     ) -> None:
-        """`train_examples` and `sampler_ids` replace the data's train split and the ids that balance it (ELREA
-        trains its experts on clusters instead of tasks)."""
+        """`aux_losses` are the method's auxiliary terms (those that are modules are trained and checkpointed with
+        the model). `train_examples` and `sampler_ids` replace the data's train split and the ids that balance it
+        (a method may train experts on groups other than tasks)."""
         self.run, self.data, self.output_dir = run, data, Path(output_dir)
         self.callbacks = list(callbacks)
         # Several processes: an adapter whose output no head reads (a pooler's) gets no gradient, which DDP must know.
@@ -88,16 +81,12 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        self.weights = loss_weights(run)
-        num_experts = get_info(model.backbone).config.num_experts
-        self.twd_projection = (
-            TwDProjection(num_experts)
-            if self.weights["twd"] > 0 and run.twd_projection and num_experts
-            else None
+        self.aux_losses = list(aux_losses)
+        self.aux_modules = torch.nn.ModuleDict(
+            {term.name: term for term in self.aux_losses if isinstance(term, torch.nn.Module)}
         )
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(run, model, self.twd_projection), weight_decay=run.weight_decay
-        )
+        groups = parameter_groups(run, torch.nn.ModuleDict({"model": model, "aux": self.aux_modules}))
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=run.weight_decay)
         warmup = max(1, int(run.warmup_ratio * run.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, run.steps, warmup)
@@ -120,15 +109,13 @@ class Trainer:
             generator=torch.Generator().manual_seed(run.seed),
         )
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
-        if self.twd_projection is not None:
-            self.twd_projection.to(self.accelerator.device)
+        self.aux_modules.to(self.accelerator.device)
         self.step, self.history, self.last_checkpoint = 0, [], None
 
     @property
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"model": self.accelerator.unwrap_model(self.model)}
-        if self.twd_projection is not None:
-            modules["twd"] = self.twd_projection
+        modules.update(self.aux_modules.items())
         return modules
 
     def save_checkpoint(self) -> None:
@@ -180,7 +167,7 @@ class Trainer:
             sums: dict[str, float] = {}
             for micro in range(run.grad_accum):
                 batch = next(batches)
-                result = compute_loss(model, batch, self.weights, twd_projection=self.twd_projection)
+                result = compute_loss(model, batch, self.aux_losses)
                 if micro < run.grad_accum - 1:
                     with self.accelerator.no_sync(model):
                         self.accelerator.backward(result.loss / run.grad_accum)
@@ -189,6 +176,8 @@ class Trainer:
                 for key, value in {"loss": result.loss, **result.parts}.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / run.grad_accum
                 seen += batch["task_ids"].shape[0]
+                for cb in self.callbacks:
+                    cb.on_batch_end(self, batch, result)
             if not math.isfinite(sums["loss"]):
                 last = self.last_checkpoint or "none written yet"
                 raise TrainingError(

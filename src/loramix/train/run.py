@@ -1,8 +1,10 @@
-"""A whole run, as `loramix train` does it: data, model, training, evaluation, saved adapters, metrics, report."""
+"""The parts of a `loramix train` run that every method shares: data, model, one training phase, evaluation, the
+saved run and its reload. A method (`loramix.methods`) composes them into its schedule."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +12,22 @@ import numpy as np
 import torch
 import yaml
 
+from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
 from loramix.data.spec import TaskSpec
+from loramix.errors import CheckpointError
+from loramix.heads import TaskHeads
 from loramix.inject import inject
-from loramix.io import save
+from loramix.io import load, read_checkpoint, save
 from loramix.io.files import atomic_write_bytes, atomic_write_json
-from loramix.methods.mola import adapter_config
 from loramix.models import load_backbone
+from loramix.report import write_report
+from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import evaluate
-from loramix.train.heads import MultiTaskModel, TaskHeads
 from loramix.train.loop import Trainer
+from loramix.train.model import MultiTaskModel
 
 
 def seed_everything(seed: int) -> None:
@@ -42,10 +48,10 @@ def task_specs(run: RunConfig) -> list[TaskSpec]:
     return specs
 
 
-def build_model(run: RunConfig, data: MultiTaskData) -> tuple[MultiTaskModel, Any]:
-    """The backbone with the method's adapters, plus one head per task; and the tokenizer."""
+def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) -> tuple[MultiTaskModel, Any]:
+    """The backbone with these adapters, plus one head per task; and the tokenizer."""
     backbone, tokenizer = load_backbone(run.model)
-    inject(backbone, adapter_config(run, data.num_tasks))
+    inject(backbone, adapters)
     hidden = backbone.config.hidden_size
     regression = [t.task_type == "regression" for t in data.tasks]
     heads = TaskHeads(hidden, data.num_labels, regression)
@@ -56,29 +62,48 @@ def eval_split(data: MultiTaskData) -> str:
     return "test" if all(s > 0 for s in data.sizes("test")) else "validation"
 
 
-def run_training(run: RunConfig, output_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate and save one run into `output_dir`; returns its metrics (also in metrics.json)."""
-    output_dir = Path(output_dir)
+def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:
+    """Threads and seeds set, the data read, the output directory made and the config written."""
     if run.threads:
         torch.set_num_threads(run.threads)
     seed_everything(run.seed)
     data = MultiTaskData(task_specs(run))
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False).encode())
-    if run.method == "elrea":
-        from loramix.methods.elrea.pipeline import run_elrea
+    return data
 
-        return run_elrea(run, data, output_dir, resume=resume)
-    model, tokenizer = build_model(run, data)
-    collator = TextCollator(tokenizer, max_length=run.max_length)
-    callbacks = [
-        JsonlLogger(output_dir / "metrics.jsonl"),
-        TensorBoardLogger(output_dir / "tensorboard"),
-        Checkpointer(run.checkpoint_every),
-    ]
+
+def callbacks_for(run: RunConfig, output_dir: Path, *, tensorboard: bool = True) -> list:
+    callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
+    if tensorboard:
+        callbacks.insert(1, TensorBoardLogger(output_dir / "tensorboard"))
     if run.progress:
         callbacks.insert(0, ProgressBar())
-    trainer = Trainer(run, model, data, collator, output_dir=output_dir, callbacks=callbacks)
+    return callbacks
+
+
+def train_one_phase(
+    run: RunConfig,
+    data: MultiTaskData,
+    output_dir: Path,
+    *,
+    adapters: AdapterConfig,
+    make_aux_losses: Callable[[], Sequence[AuxLoss]] = list,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Build, train, evaluate and save one run with these adapters and the auxiliary losses `make_aux_losses()`
+    makes (after the model, so that seeded initialisation runs in one order); returns its metrics."""
+    model, tokenizer = build_model(run, data, adapters)
+    collator = TextCollator(tokenizer, max_length=run.max_length)
+    trainer = Trainer(
+        run,
+        model,
+        data,
+        collator,
+        output_dir=output_dir,
+        aux_losses=make_aux_losses(),
+        callbacks=callbacks_for(run, output_dir),
+    )
     if resume and not trainer.resume():
         print(f"no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
     history = trainer.train()
@@ -107,8 +132,6 @@ def save_run(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Adapters (with the heads and task metadata), metrics.json and the report."""
-    from loramix.report import write_report
-
     tasks_meta = [{"name": t.name, "labels": t.label_names, "task_type": t.task_type} for t in data.tasks]
     save(
         model.backbone,
@@ -124,9 +147,6 @@ def load_trained(
     run_dir: str | Path, config_path: str | Path | None = None
 ) -> tuple[RunConfig, MultiTaskModel, Any, list[dict]]:
     """A finished run's config, model (backbone + adapters + heads), tokenizer and task metadata."""
-    from loramix.errors import CheckpointError
-    from loramix.io import load, read_checkpoint
-
     run_dir = Path(run_dir)
     run = RunConfig.from_yaml(config_path or run_dir / "config.yaml")
     record, tensors = read_checkpoint(run_dir / "adapter")

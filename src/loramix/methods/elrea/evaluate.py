@@ -26,7 +26,7 @@ from loramix.methods.elrea.features import (
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import mean_accuracy, task_scores
-from loramix.train.heads import MultiTaskModel
+from loramix.train.model import MultiTaskModel
 from loramix.train.routing_stats import routing_summary
 
 FEATURE_HEADS = "elrea.feature_heads"
@@ -97,7 +97,7 @@ def _predict(
         return logits.masked_fill(torch.isinf(logits), 0.0)  # other tasks' columns; masked again below
 
     logits = ensemble_logits(forward, batch, weights, mode=mode)  # type: ignore[arg-type]
-    return model.heads.predict(
+    return model.heads.decide(
         logits.masked_fill(~model.heads.own[batch["task_ids"]], float("-inf")), batch["task_ids"]
     )
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import CheckpointError
 from loramix.inject import adapter_state
@@ -38,8 +39,9 @@ from loramix.methods.elrea.features import GradientFeaturizer, adam_state_by_nam
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import RunConfig
-from loramix.train.heads import MultiTaskModel
 from loramix.train.loop import Trainer, processes
+from loramix.train.model import MultiTaskModel
+from loramix.train.run import build_model, eval_split, save_run
 
 STAGE_FILE = "clusters.safetensors"
 
@@ -202,11 +204,9 @@ def _base_stage(
 
 
 def run_elrea(
-    run: RunConfig, data: MultiTaskData, output_dir: Path, *, resume: bool = False
+    run: RunConfig, data: MultiTaskData, output_dir: Path, adapters: AdapterConfig, *, resume: bool = False
 ) -> dict[str, Any]:
-    from loramix.train.run import build_model, eval_split, save_run
-
-    model, tokenizer = build_model(run, data)
+    model, tokenizer = build_model(run, data, adapters)
     collator = TextCollator(tokenizer, max_length=run.max_length)
     group = processes()
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))

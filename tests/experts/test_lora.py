@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from loramix.errors import ConfigError
-from loramix.experts import ExpertBank, ops
+from loramix.experts import LoraExperts, ops
 
 SHARES = ["none", "A", "B"]
 
 
-def make_bank(share: str = "none", num_experts: int = 4, **kwargs) -> ExpertBank:
+def make_bank(share: str = "none", num_experts: int = 4, **kwargs) -> LoraExperts:
     torch.manual_seed(0)
-    bank = ExpertBank(6, 5, num_experts=num_experts, rank=3, share=share, **kwargs)
+    bank = LoraExperts(6, 5, num_experts=num_experts, rank=3, share=share, **kwargs)
     with torch.no_grad():
         bank.B.normal_()
     return bank
@@ -21,7 +21,7 @@ def make_bank(share: str = "none", num_experts: int = 4, **kwargs) -> ExpertBank
 
 @pytest.mark.parametrize("share", SHARES)
 def test_shapes_and_init(share: str) -> None:
-    bank = ExpertBank(6, 5, num_experts=4, rank=3, share=share)
+    bank = LoraExperts(6, 5, num_experts=4, rank=3, share=share)
     assert bank.A.shape == (1 if share == "A" else 4, 3, 6)
     assert bank.B.shape == (1 if share == "B" else 4, 5, 3)
     assert torch.equal(bank.B, torch.zeros_like(bank.B))
@@ -31,10 +31,10 @@ def test_shapes_and_init(share: str) -> None:
 
 def test_unknown_share_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="share"):
-        ExpertBank(6, 5, num_experts=2, rank=3, share="AB")
+        LoraExperts(6, 5, num_experts=2, rank=3, share="AB")
 
 
-def train_steps(bank: ExpertBank, steps: int = 5) -> None:
+def train_steps(bank: LoraExperts, steps: int = 5) -> None:
     """AdamW with weight decay, every expert in every sample (a dense uniform gate), so all would change."""
     optimizer = torch.optim.AdamW(
         [p for p in bank.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1
@@ -50,7 +50,7 @@ def train_steps(bank: ExpertBank, steps: int = 5) -> None:
         optimizer.step()
 
 
-def per_expert(bank: ExpertBank) -> tuple[torch.Tensor, torch.Tensor]:
+def per_expert(bank: LoraExperts) -> tuple[torch.Tensor, torch.Tensor]:
     A, B = bank.weights()
     return (
         A.detach().expand(bank.num_experts, -1, -1).clone(),

@@ -1,0 +1,7 @@
+"""Heads behind one interface (`loss(outputs, batch)`, `predict(model, batch)`): per-task classification and
+regression, and label prompts (cosine to encoded class texts)."""
+
+from loramix.heads.base import Head, pool
+from loramix.heads.classification import TaskHeads
+
+__all__ = ["Head", "TaskHeads", "pool"]

@@ -1,0 +1,113 @@
+"""The method interface: what a method plugs into the shared parts, and the registry of methods.
+
+A method gives its adapter config, its auxiliary loss terms, and its schedule (`train`: one phase by default;
+ELREA's phases; a task-by-task sequence), and says how a finished run is evaluated and exported. The CLI runs
+whatever method the config names through :func:`get_method`, without branching on it; `loramix.train` knows no
+method by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, ClassVar
+
+from loramix.config import AdapterConfig
+from loramix.data import MultiTaskData, TextCollator
+from loramix.errors import ConfigError
+from loramix.io import export_peft
+from loramix.models import resolve_model_path
+from loramix.train.aux_losses import AuxLoss
+from loramix.train.config import RunConfig
+from loramix.train.evaluate import evaluate
+from loramix.train.model import MultiTaskModel
+from loramix.train.run import prepare_run, train_one_phase
+
+
+class Method:
+    """Base of methods. A subclass sets `name` and overrides what differs."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def validate(self, run: RunConfig) -> None:
+        """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
+        before any data or model is read."""
+        if run.task_to_expert is not None:
+            raise ConfigError(f"task_to_expert is only used by method mola-grad, not {self.name}")
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        raise NotImplementedError
+
+    def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
+        """The auxiliary terms the trainer adds to the task loss (weighted in the step)."""
+        return []
+
+    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+        """The whole run into `output_dir`; returns its metrics. One phase unless the method says otherwise."""
+        data = prepare_run(run, output_dir)
+        adapters = self.adapter_config(run, data.num_tasks)
+        return train_one_phase(
+            run,
+            data,
+            output_dir,
+            adapters=adapters,
+            make_aux_losses=lambda: self.aux_losses(run, adapters),
+            resume=resume,
+        )
+
+    def evaluate(
+        self,
+        run_dir: Path,
+        run: RunConfig,
+        model: MultiTaskModel,
+        data: MultiTaskData,
+        collator: TextCollator,
+        split: str,
+    ) -> dict[str, Any]:
+        """A finished run's metrics on `split`."""
+        return evaluate(
+            model,
+            data,
+            collator,
+            split=split,
+            batch_size=run.eval_batch_size,
+            max_examples=run.max_eval_examples,
+        )
+
+    def export(
+        self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace
+    ) -> str:
+        """Write one task's expert as a PEFT LoRA adapter (`args.task`, `args.out`); returns what was written."""
+        names = [t["name"] for t in tasks]
+        if args.task is None:
+            raise ConfigError(f"pass --task, one of this run's tasks: {', '.join(names)}")
+        if args.task not in names:
+            raise ConfigError(
+                f"--task {args.task!r} is not a task of this run; its tasks are: {', '.join(names)}"
+            )
+        out = export_peft(
+            model.backbone,
+            args.out,
+            task=names.index(args.task),
+            base_model_name_or_path=resolve_model_path(run.model),
+        )
+        return f"a PEFT LoRA adapter for task {args.task!r} to {out}"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to run configs by its `name`."""
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    """The registered method of this name; a ConfigError names the key and lists the methods."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        allowed = ", ".join(repr(m) for m in METHODS)
+        raise ConfigError(f"method: {name!r} is not a method; the methods are: {allowed}") from None

@@ -1,0 +1,79 @@
+"""`method: elrea` for `loramix train`, `loramix eval` and `loramix export` (see :mod:`.pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from loramix.config import AdapterConfig
+from loramix.data import MultiTaskData, TextCollator
+from loramix.errors import ConfigError
+from loramix.inject import get_info
+from loramix.io import export_peft
+from loramix.methods.base import Method, register_method
+from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
+from loramix.methods.elrea.pipeline import run_elrea
+from loramix.methods.mola import common
+from loramix.models import resolve_model_path
+from loramix.train.config import RunConfig
+from loramix.train.model import MultiTaskModel
+from loramix.train.run import prepare_run
+
+
+@register_method
+class Elrea(Method):
+    name = "elrea"
+    description = "a base LoRA, then one expert per gradient cluster, routed by gradient similarity (ELREA)"
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        if run.elrea_top_labels > 1 and not run.elrea_sign_invariant:
+            raise ConfigError(
+                "elrea_top_labels > 1 needs elrea_sign_invariant: true (signed features of the likely labels cancel)"
+            )
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        return AdapterConfig(
+            num_experts=1, router="none", **common(run)
+        )  # the experts come after the clusters
+
+    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+        data = prepare_run(run, output_dir)
+        return run_elrea(run, data, output_dir, self.adapter_config(run, data.num_tasks), resume=resume)
+
+    def evaluate(
+        self,
+        run_dir: Path,
+        run: RunConfig,
+        model: MultiTaskModel,
+        data: MultiTaskData,
+        collator: TextCollator,
+        split: str,
+    ) -> dict[str, Any]:
+        """The gradient-routed ensemble, with the centroids saved beside the experts."""
+        centroids, centroid0, heads = saved_elrea(run_dir)
+        metrics, _, _ = evaluate_elrea(
+            model, data, collator, run, centroids, centroid0, split=split, feature_heads=heads
+        )
+        return metrics
+
+    def export(
+        self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace
+    ) -> str:
+        """One expert (`--expert N`): the experts belong to gradient clusters, not tasks."""
+        if args.expert is None:
+            raise ConfigError(
+                "an ELREA run's experts belong to gradient clusters, not tasks: pass --expert N (0 is the base "
+                "adapter, c + 1 the expert of cluster c; `loramix inspect` lists them)"
+            )
+        experts = get_info(model.backbone).config.num_experts
+        if not 0 <= args.expert < experts:
+            raise ConfigError(f"--expert {args.expert} is not an expert of this run: 0..{experts - 1}")
+        out = export_peft(
+            model.backbone,
+            args.out,
+            gate=[float(e == args.expert) for e in range(experts)],
+            base_model_name_or_path=resolve_model_path(run.model),
+        )
+        return f"a PEFT LoRA adapter for expert {args.expert} to {out}"

@@ -1,0 +1,40 @@
+"""The gate type every router returns. Legend: n samples, t tokens, e experts, k experts kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A routing decision.
+
+    weights: `(n, e)` per sample or `(n, t, e)` per token, fp32; each row sums to 1, or to 0 where `keep` is set.
+    indices: for a hard gate, the expert of each sample `(n,)`; for top-k, the kept experts `(..., k)`.
+    logits: the router's raw scores where it has them (TwD and the z-loss need them).
+    hard: one expert per sample, applied by gather + bmm instead of the dense op.
+    keep: `(n,)` bool, True for samples that get no expert at all: the mixture adds exactly zero, so their output
+        is the base model's bit for bit, in the same batched op as the other samples.
+    """
+
+    weights: Tensor
+    indices: Tensor | None = None
+    logits: Tensor | None = None
+    hard: bool = False
+    keep: Tensor | None = None
+
+    @property
+    def per_token(self) -> bool:
+        return self.weights.dim() == 3
+
+    def keep_base(self, keep: Tensor | None) -> Gate:
+        """This gate with the samples where `keep` `(n,)` is True sent to the base model (weights zeroed)."""
+        if keep is None:
+            return self
+        keep = keep.to(device=self.weights.device, dtype=bool)
+        if self.keep is not None:
+            keep = keep | self.keep
+        shape = (-1,) + (1,) * (self.weights.dim() - 1)
+        return replace(self, weights=self.weights * (~keep).to(self.weights.dtype).view(shape), keep=keep)

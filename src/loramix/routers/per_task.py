@@ -1,0 +1,113 @@
+"""A bank of routers, one per task, in each adapted layer (MoE-Adapters4CL, Yu et al., CVPR 2024).
+
+Sample i is scored by the router of its task `t_i`, from the layer's input at the first token (the CLS token of an
+encoder; the pooled channels of an image feature map): noisy top-k, every router zero-initialised (uniform at
+start), noise only in training. A new task adds a router without touching the old ones; old routers can be frozen
+(:meth:`PerTaskRouter.freeze_tasks`) and then stay bit-identical through any optimizer. Experts added after a task
+stay out of that task's choice (`allowed`), so growing never changes an old task's gate.
+
+Legend: n samples, t tokens, e experts, d router input features, T tasks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loramix.frozen_rows import FrozenRows
+from loramix.routers.base import LearnedRouter, Router, register_router
+
+if TYPE_CHECKING:
+    from loramix.config import AdapterConfig
+
+
+def first_token(hidden: Tensor) -> Tensor:
+    """`(n, t, d) -> (n, d)` at token 0; `(n, c, h, w) -> (n, c)` by the spatial mean; `(n, d)` as it is."""
+    if hidden.dim() == 3:
+        return hidden[:, 0]
+    if hidden.dim() > 3:
+        return hidden.flatten(2).mean(-1)
+    return hidden
+
+
+@register_router
+class PerTaskRouter(LearnedRouter, FrozenRows):
+    """`logits_i = W[t_i] x_i`, `W` `(T, e, d)`; noise scale `softplus(W_noise[t_i] x_i) + 0.01` when noisy."""
+
+    kind = "per-task"
+    scope = "layer"
+    needs_task_ids = True
+    needs_num_tasks = True
+
+    def __init__(self, in_features: int, num_experts: int, *, num_tasks: int, **kwargs: Any) -> None:
+        noisy = kwargs.pop("noisy", False)
+        super().__init__(in_features, num_experts, noisy=False, **kwargs)
+        self.num_tasks, self.noisy = num_tasks, noisy
+        self.stacked = ("weight", "noise_weight") if noisy else ("weight",)
+        self.weight = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features))
+        if noisy:
+            self.noise_weight = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features))
+        self.register_buffer("allowed", torch.ones(num_tasks, num_experts, dtype=torch.bool))
+        self._init_frozen()
+
+    @classmethod
+    def from_config(cls, config: AdapterConfig, in_features: int | None, **kwargs: Any) -> Router | None:
+        assert config.num_tasks is not None
+        return super().from_config(config, in_features, num_tasks=config.num_tasks, **kwargs)
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_tasks
+
+    def reset_rows(self, rows: slice) -> None:
+        for name in self.stacked:
+            getattr(self, name)[rows] = 0.0
+
+    def features(self, hidden: Tensor) -> Tensor:
+        return first_token(hidden)
+
+    def _per_task(self, name: str, hidden: Tensor, task_ids: Tensor) -> Tensor:
+        """Every task's scores in one matmul, then each sample's own: `(n, d) -> (n, T, e) -> (n, e)`."""
+        weight = self.effective()[name].float()  # (T, e, d)
+        scores = (hidden @ weight.reshape(-1, weight.shape[-1]).t()).view(-1, *weight.shape[:2])
+        return scores[torch.arange(hidden.shape[0], device=hidden.device), task_ids]
+
+    def logits(self, hidden: Tensor, state: Any) -> Tensor:
+        task_ids = self.task_ids(state)
+        logits = self._per_task("weight", hidden, task_ids)  # (n, e)
+        return logits.masked_fill(~self.allowed[task_ids], torch.finfo(logits.dtype).min)
+
+    def noise_scale(self, hidden: Tensor, state: Any) -> Tensor:
+        return F.softplus(self._per_task("noise_weight", hidden, self.task_ids(state))) + 0.01
+
+    def freeze_tasks(self, tasks: list[int] | Tensor) -> None:
+        """Freeze these tasks' routers: bit-identical from now on, whatever the optimizer does."""
+        self.freeze_rows(tasks)
+
+    @torch.no_grad()
+    def grow(self, num_experts: int, num_tasks: int | None) -> None:
+        num_tasks = num_tasks or self.num_tasks
+        if num_experts > self.num_experts:
+            self.sync_frozen_into_parameters()
+            frozen = self.frozen_rows
+            for name in self.stacked:
+                param = getattr(self, name)
+                extra = param.new_zeros(param.shape[0], num_experts - self.num_experts, param.shape[2])
+                setattr(self, name, nn.Parameter(torch.cat([param, extra], 1), param.requires_grad))
+            self._init_frozen_rows(self.num_tasks)
+            if frozen:
+                self.freeze_rows(frozen)
+            allowed = torch.zeros(self.num_tasks, num_experts, dtype=torch.bool, device=self.allowed.device)
+            allowed[:, : self.num_experts] = self.allowed
+            self.allowed = allowed
+            self.num_experts = num_experts
+        if num_tasks > self.num_tasks:
+            self.grow_rows(num_tasks)
+            extra = torch.ones(
+                num_tasks - self.num_tasks, num_experts, dtype=torch.bool, device=self.allowed.device
+            )
+            self.allowed = torch.cat([self.allowed, extra])
+            self.num_tasks = num_tasks
