@@ -28,3 +28,19 @@ def test_route_ids_choose_the_experts_and_task_ids_the_heads():
     assert torch.equal(by_route, expected)
     assert not torch.allclose(by_route, by_task)
     assert torch.equal(torch.isinf(by_route), torch.isinf(by_task))  # the same task's head columns
+
+
+def test_a_batch_with_keep_base_sends_those_samples_to_the_base_model_bit_for_bit():
+    """One batched forward through the fused Linear path: kept samples equal the plain base model's output."""
+    plain = tiny_bert()
+    backbone = tiny_bert()
+    loramix.inject(backbone, {"num_experts": 3, "router": "task", "num_tasks": 3, "rank": 2})
+    randomize_adapters(backbone)
+    inputs = text_inputs(4)
+    keep = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        base = plain(**inputs).last_hidden_state
+        with loramix.routing(backbone, task_ids=torch.tensor([0, 1, 2, 1]), keep_base=keep):
+            mixed = backbone(**inputs).last_hidden_state
+    assert torch.equal(mixed[keep], base[keep])
+    assert not torch.allclose(mixed[~keep], base[~keep])

@@ -37,6 +37,7 @@ from loramix.experts.layer import AdaptedLayer
 from loramix.experts.linear import LinearExperts
 from loramix.inject import get_info
 from loramix.methods.elrea.projection import CountSketch, SignInvariantMap
+from loramix.routers import TaskRouter
 
 LossPerSample = Callable[[], Tensor]
 Batch = TypeVar("Batch")
@@ -109,7 +110,7 @@ class GradientFeaturizer:
         if params not in ("AB", "A", "B"):
             raise ConfigError(f"params must be 'AB', 'A' or 'B', got {params!r}")
         num_experts = info.config.num_experts
-        if num_experts > 1 and info.config.router != "task":
+        if num_experts > 1 and not isinstance(info.model_router, TaskRouter):
             raise ConfigError(
                 f"gradient features need the base adapter as a single expert (router 'none') or as one expert of a "
                 f"bank routed by task (router 'task'); this model has {num_experts} experts and router "

@@ -24,10 +24,12 @@ from torch import Tensor, nn
 
 from loramix.context import routing
 from loramix.errors import CheckpointError, ConfigError
-from loramix.inject import adapter_state, get_info, inject, remove
+from loramix.growth import grow
+from loramix.inject import adapter_state, get_info
 from loramix.methods.elrea.ensemble import Mode, ensemble_logits, routed_forward, routing_weights
 from loramix.methods.elrea.experts import init_experts_from_base
 from loramix.methods.elrea.features import GradientFeaturizer, prompt_lm_loss, self_label_cross_entropy
+from loramix.routers import TaskRouter
 
 FeatureLoss = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 CENTROIDS, BASE_CENTROID = "elrea.centroids", "elrea.base_centroid"
@@ -55,8 +57,9 @@ def classifier_self_label_loss(model: nn.Module, inputs: Mapping[str, Tensor]) -
 
 @torch.no_grad()
 def expand_to_bank(model: nn.Module, n_clusters: int, *, freeze_base: bool = True) -> nn.Module:
-    """Turn a model holding one base adapter into the ELREA bank, in place: C + 1 experts routed by task id, every
-    one starting as the base adapter, expert 0 frozen (it stays the base). Returns the model.
+    """Turn a model holding one base adapter into the ELREA bank, in place (:func:`loramix.grow`): C + 1 experts
+    routed by task id, every one starting as the base adapter, expert 0 frozen (it stays the base). Returns the
+    model; build the optimizer after it.
 
     Example:
         >>> loramix.inject(model, {"num_experts": 1, "rank": 8, "router": "none"})  # train it: the base adapter
@@ -68,9 +71,8 @@ def expand_to_bank(model: nn.Module, n_clusters: int, *, freeze_base: bool = Tru
     if n_clusters < 1:
         raise ConfigError(f"n_clusters must be at least 1, got {n_clusters}")
     base = {k: v.detach().clone() for k, v in adapter_state(model).items()}
-    remove(model)
     experts = n_clusters + 1
-    inject(model, config.model_copy(update={"num_experts": experts, "router": "task", "num_tasks": experts}))
+    grow(model, num_experts=experts, num_tasks=experts, router="task")
     init_experts_from_base(model, base, freeze_base=freeze_base)
     return model
 
@@ -124,8 +126,9 @@ class ElreaModel:
         temperature: float = 1.0,
         mode: Mode = "ensemble",
     ) -> None:
-        config = get_info(model).config
-        if config.router != "task" or config.num_experts != len(centroids) + 1:
+        info = get_info(model)
+        config = info.config
+        if not isinstance(info.model_router, TaskRouter) or config.num_experts != len(centroids) + 1:
             raise ConfigError(
                 f"the bank must route by task with one expert per centroid plus the base: {len(centroids) + 1} "
                 f"experts; this model has {config.num_experts} with router '{config.router}'"
