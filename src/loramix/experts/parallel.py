@@ -49,4 +49,5 @@ class ParallelExperts(AdaptedLayer):
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
 
     def merge(self, gate: Tensor) -> None:
+        self._check_mergeable()
         raise InjectionError(f"'{self.layer_name}' holds experts in parallel to a module: they cannot merge")

@@ -12,7 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any, ClassVar
 
-from loramix.config import AdapterConfig
+from pydantic import ValidationError
+
+from loramix.config import AdapterConfig, format_validation_error
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
 from loramix.io import export_peft
@@ -32,9 +34,16 @@ class Method:
 
     def validate(self, run: RunConfig) -> None:
         """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
-        before any data or model is read."""
+        before any data or model is read: the adapter settings are built here once, for as many tasks as the
+        config lists."""
         if run.task_to_expert is not None:
             raise ConfigError(f"task_to_expert is only used by method mola-grad, not {self.name}")
+        try:
+            self.adapter_config(run, len(run.tasks))
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, f"adapter settings of method {self.name}")
+            ) from None
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         raise NotImplementedError

@@ -1,0 +1,165 @@
+"""Bottleneck adapter experts (AdaptFormer, Chen et al. 2022; MoE-Adapters4CL, Yu et al. 2024): expert e computes
+`E_e(x) = W_up_e Dropout(ReLU(W_down_e x + b_down_e)) + b_up_e`, and the bank returns `s * sum_e g_e E_e(x)`.
+
+Legend: n samples, t tokens, e experts, w bottleneck width (`config.rank`), i / o in / out features.
+
+The ReLU sits between the two projections, so a mixture does not fold into one weight (no merge, no PEFT export),
+and each expert's hidden must be computed on its own. Every gate still runs as a few batched ops with no Python
+loop over experts and no host synchronisation:
+- no gate: expert 0 as two `F.linear`;
+- hard gate: each sample's expert gathered, then two `bmm` (`baddbmm`, the biases as their addends);
+- soft or top-k gate: one stacked matmul into `e*w` hidden features, ReLU, dropout, each expert's hidden scaled
+  by its gate, one stacked matmul back. The gate multiplies the whole expert output, up bias included:
+  `sum_e g_e (W_up_e h_e + b_up_e) = sum_e W_up_e (g_e h_e) + g @ b_up`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loramix.errors import ConfigError
+from loramix.experts import ops
+from loramix.experts.base import StackedExperts, register_expert_kind
+from loramix.experts.lora import gate_weights
+
+if TYPE_CHECKING:
+    from loramix.config import AdapterConfig
+    from loramix.routers.gate import Gate
+
+
+@register_expert_kind
+class AdapterExperts(StackedExperts):
+    """E bottleneck adapters of width w for one layer with `in_features` inputs and `out_features` outputs.
+
+    Parameters, experts along dim 0: `down (E, w, i)`, `down_bias (E, w)`, `up (E, o, w)`, `up_bias (E, o)`.
+    A new expert starts with `up` and `up_bias` zero, so it adds exactly nothing (the adapted model is the base at
+    init) while `down` already gives `up` a gradient. Frozen experts are substituted by `effective()` and stay
+    bit-identical whatever the optimizer does.
+
+    Example:
+        >>> bank = AdapterExperts(16, 16, num_experts=4, width=64)
+        >>> delta = bank(x, gate, 0.1, nn.Identity())  # x (n, t, 16) -> (n, t, 16)
+    """
+
+    kind = "adapter"
+    mergeable = False
+    stacked = ("down", "down_bias", "up", "up_bias")
+
+    def __init__(self, in_features: int, out_features: int, *, num_experts: int, width: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.width = num_experts, width
+        self.share = "none"  # growth reads it: every parameter holds one row per expert
+        self.down = nn.Parameter(torch.empty(num_experts, width, in_features))
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, width))
+        self.up = nn.Parameter(torch.zeros(num_experts, out_features, width))
+        self.up_bias = nn.Parameter(torch.zeros(num_experts, out_features))
+        self._init_frozen()
+        self.reset_rows(slice(0, num_experts))
+
+    @classmethod
+    def from_config(cls, config: AdapterConfig, in_features: int, out_features: int) -> AdapterExperts:
+        if config.share != "none":
+            raise ConfigError(
+                f"share={config.share!r}: 'adapter' experts share no matrix, share must be 'none'"
+            )
+        return cls(in_features, out_features, num_experts=config.num_experts, width=config.rank)
+
+    @staticmethod
+    def scaling_of(config: AdapterConfig) -> float:
+        """An adapter's scale is set directly (AdaptFormer's 0.1 by default), not derived from the width."""
+        return config.adapter_scale
+
+    @torch.no_grad()
+    def reset_rows(self, rows: slice) -> None:
+        """`down` kaiming-uniform (as nn.Linear initialises weights); `down_bias` zero, as the adapters this kind
+        follows initialise it (an nn.Linear-style uniform bias would only shift which units start active);
+        `up` and `up_bias` zero, so a new expert adds nothing."""
+        for d in self.down[rows]:
+            nn.init.kaiming_uniform_(d, a=math.sqrt(5))
+        for name in ("down_bias", "up", "up_bias"):
+            nn.init.zeros_(getattr(self, name)[rows])
+
+    def weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The effective `(down, down_bias, up, up_bias)`, frozen experts substituted, cast to `dtype`."""
+        effective = self.effective()
+        values = [effective[name] if dtype is None else effective[name].to(dtype) for name in self.stacked]
+        return tuple(values)  # type: ignore[return-value]
+
+    def forward(self, x: Tensor, gate: Gate | None, scaling: float, dropout: ops.Dropout) -> Tensor:
+        """`s * sum_e g_e E_e(x)` by the op that fits the gate: x `(..., i)` without a gate, else `(n, t, i)`."""
+        down, down_bias, up, up_bias = self.weights(x.dtype)
+        if gate is None:  # one expert, gate of ones
+            h = dropout(F.relu(F.linear(x, down[0], down_bias[0])))  # (..., w)
+            return F.linear(h * scaling, up[0], up_bias[0] * scaling)  # (..., o)
+        if gate.hard:
+            return self._hard(x, down, down_bias, up, up_bias, gate, scaling, dropout)
+        return self._dense(x, down, down_bias, up, up_bias, gate_weights(gate, x.shape[0]), scaling, dropout)
+
+    @staticmethod
+    def _hard(
+        x: Tensor,
+        down: Tensor,
+        down_bias: Tensor,
+        up: Tensor,
+        up_bias: Tensor,
+        gate: Gate,
+        scaling: float,
+        dropout: ops.Dropout,
+    ) -> Tensor:
+        """Each sample through its own expert, gathered by `gate.indices` `(n,)`: an expert gets gradient only from
+        the samples routed to it. Samples in `gate.keep` are multiplied by zero (hidden and bias), so their output
+        is exactly zero in the same batched op."""
+        index = gate.indices
+        assert index is not None
+        scale = x.new_full((x.shape[0],), scaling)  # (n,)
+        if gate.keep is not None:
+            scale = scale * (~gate.keep).to(x.dtype)
+        scale = scale[:, None, None]  # (n, 1, 1)
+        h = torch.baddbmm(down_bias[index][:, None, :], x, down[index].transpose(1, 2))  # (n, t, w)
+        h = dropout(F.relu(h)) * scale
+        bias = up_bias[index][:, None, :] * scale  # (n, 1, o)
+        return torch.baddbmm(bias, h, up[index].transpose(1, 2))  # (n, t, o)
+
+    @staticmethod
+    def _dense(
+        x: Tensor,
+        down: Tensor,
+        down_bias: Tensor,
+        up: Tensor,
+        up_bias: Tensor,
+        weights: Tensor,
+        scaling: float,
+        dropout: ops.Dropout,
+    ) -> Tensor:
+        """A gate over all experts, per sample `(n, e)` or per token `(n, t, e)` (a top-k gate is one with zeros):
+        one matmul into the `e*w` stacked hidden, one back. Rows of zero weight (kept samples) give exactly
+        zero."""
+        num_experts, width = down.shape[0], down.shape[1]
+        g = weights.to(x.dtype) * scaling
+        g = g[:, None, :] if g.dim() == 2 else g  # (n, 1 or t, e)
+        h = F.relu(F.linear(x, down.reshape(num_experts * width, -1), down_bias.reshape(-1)))  # (n, t, e*w)
+        h = dropout(h).unflatten(-1, (num_experts, width)) * g[..., None]  # (n, t, e, w)
+        up_t = up.transpose(1, 2).reshape(num_experts * width, -1)  # (e*w, o)
+        return torch.matmul(h.flatten(-2), up_t) + g @ up_bias  # (n, t, o)
+
+    def loop_reference(self, x: Tensor, gate: Tensor, scaling: float) -> Tensor:
+        """The obvious form, one expert at a time (tests only). gate `(n, e)`, `(n, t, e)` or long `(n,)`."""
+        down, down_bias, up, up_bias = self.weights(x.dtype)
+        gate = ops.as_dense_gate(gate, self.num_experts).to(x.dtype)
+        gate = gate[:, None, :] if gate.dim() == 2 else gate  # (n, 1 or t, e)
+        out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for e in range(self.num_experts):
+            h = torch.relu(x @ down[e].t() + down_bias[e])  # (n, t, w)
+            out = out + gate[..., e : e + 1] * (scaling * (h @ up[e].t() + up_bias[e]))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, width={self.width}"
+        )
