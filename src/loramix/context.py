@@ -23,7 +23,7 @@ from loramix.inject import get_info
 from loramix.routers.gate import Gate
 
 
-@dataclass
+@dataclass(eq=False)  # identity: an open block is found and removed as itself, never by comparing tensors
 class RoutingState:
     """What one forward pass needs to route, and what its routers decided."""
 

@@ -71,6 +71,11 @@ class TaskSpec(BaseModel):
         description="Label names; an integer label indexes this list, a string label must be one of them. "
         "Default: read from the train split (integers 0..K-1 give names '0'..'K-1'; strings give their sorted set).",
     )
+    label_prompts: list[str] | None = Field(
+        None,
+        description="One text per label, in label order, that a label-prompt head encodes as the class; default: "
+        "each label name through the run's label_template.",
+    )
     task_type: Literal["classification", "regression"] = Field(
         "classification", description="'regression': one float output per example; labels are numbers."
     )
@@ -107,10 +112,30 @@ class TaskSpec(BaseModel):
             raise ValueError(f"label names repeat: {repeated}")
         return value
 
+    @field_validator("label_prompts")
+    @classmethod
+    def _prompts_non_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not text.strip() for text in value)):
+            raise ValueError("label_prompts must be a list of non-empty strings, one per label")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
         if self.task_type == "regression" and self.labels is not None:
             raise ValueError("a regression task has no label names; remove `labels`")
+        if self.task_type == "regression" and self.label_prompts is not None:
+            raise ValueError(
+                f"task {self.name!r}: a regression task has no classes to describe; remove `label_prompts`"
+            )
+        if (
+            self.label_prompts is not None
+            and self.labels is not None
+            and len(self.label_prompts) != len(self.labels)
+        ):
+            raise ValueError(
+                f"task {self.name!r}: label_prompts has {len(self.label_prompts)} texts but labels has "
+                f"{len(self.labels)}; give one text per label, in label order"
+            )
         fields = [self.text_field, self.text_pair_field, self.label_field]
         named = [f for f in fields if f is not None]
         if len(set(named)) != len(named):
@@ -184,7 +209,8 @@ def tasks_from_directory(
 ) -> list[TaskSpec]:
     """Task specs for a folder laid out like ``shared/data``: ``<task>/train.jsonl``, optional
     ``validation.jsonl`` and ``test.jsonl``, and ``<task>/meta.json`` with ``"labels"`` (and ``"input": "pair"``
-    for pair tasks, whose rows hold ``text_a`` and ``text_b``).
+    for pair tasks, whose rows hold ``text_a`` and ``text_b``; and optionally ``"label_prompts"``, one text per
+    label).
 
     Tasks come in the order of ``names``, or of ``tasks.json`` when present, else sorted by folder name.
 
@@ -228,6 +254,8 @@ def _spec_from_folder(folder: Path, max_train_examples: int | None, seed: int) -
         "max_train_examples": max_train_examples,
         "seed": seed,
     }
+    if meta.get("label_prompts") is not None:
+        fields["label_prompts"] = meta["label_prompts"]
     for split in SPLITS:
         path = folder / f"{split}.jsonl"
         if path.is_file():

@@ -61,6 +61,16 @@ class RunConfig(BaseModel):
     top_k: int | None = Field(None, ge=1, description="Top-k routing (token-router default 2).")
     train_backbone: bool = Field(False, description="Train the base model jointly (MoLA does).")
     pooling: Literal["mean", "cls"] = Field("mean", description="How heads read the encoder output.")
+    head: Literal["classification", "label-prompt"] = Field(
+        "classification",
+        description="'classification': a weight row per class; 'label-prompt': cosine to each class's encoded text.",
+    )
+    label_template: str = Field(
+        "{label}", description="label-prompt: the class text of a label ({label}, optionally {task})."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="label-prompt: label smoothing over the task's own classes."
+    )
     # auxiliary losses (weighted in train/step.py only)
     twd_weight: float = Field(0.1, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
     twd_projection: bool = Field(
@@ -142,6 +152,16 @@ class RunConfig(BaseModel):
             raise ValueError("tasks lists names but tasks_dir is not set")
         if not names_only and not all(isinstance(t, dict) for t in self.tasks):
             raise ValueError("tasks must be all names or all specs, not a mix")
+        try:
+            filled = {self.label_template.format(label=name, task="task") for name in ("a", "b")}
+        except (KeyError, IndexError, ValueError):
+            filled = set()
+        if len(filled) != 2:
+            raise ValueError(
+                f"label_template must contain {{label}} and no field but {{task}} (got {self.label_template!r})"
+            )
+        if self.head == "classification" and self.label_smoothing > 0:
+            raise ValueError("label_smoothing is used only by head 'label-prompt'; remove it or set head")
         return self
 
     @classmethod

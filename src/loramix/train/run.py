@@ -16,7 +16,8 @@ from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
 from loramix.data.spec import TaskSpec
 from loramix.errors import CheckpointError
-from loramix.heads import TaskHeads
+from loramix.heads import Head, LabelPromptHead, TaskHeads
+from loramix.heads.label_prompt import prompt_texts
 from loramix.inject import inject
 from loramix.io import load, read_checkpoint, save
 from loramix.io.files import atomic_write_bytes, atomic_write_json
@@ -49,13 +50,37 @@ def task_specs(run: RunConfig) -> list[TaskSpec]:
 
 
 def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) -> tuple[MultiTaskModel, Any]:
-    """The backbone with these adapters, plus one head per task; and the tokenizer."""
+    """The backbone with these adapters, plus the run's head (`run.head`) over every task; and the tokenizer."""
     backbone, tokenizer = load_backbone(run.model)
     inject(backbone, adapters)
-    hidden = backbone.config.hidden_size
-    regression = [t.task_type == "regression" for t in data.tasks]
-    heads = TaskHeads(hidden, data.num_labels, regression)
+    heads: Head
+    if run.head == "label-prompt":
+        heads = label_prompt_head(run, label_prompts(run, data), tokenizer)
+    else:
+        hidden = backbone.config.hidden_size
+        regression = [t.task_type == "regression" for t in data.tasks]
+        heads = TaskHeads(hidden, data.num_labels, regression)
     return MultiTaskModel(backbone, heads, pooling=run.pooling), tokenizer
+
+
+def label_prompts(run: RunConfig, data: MultiTaskData) -> list[list[str]]:
+    """Each task's class texts: its spec's `label_prompts`, else its label names through `run.label_template`."""
+    return [
+        prompt_texts(
+            task.name,
+            task.label_names,
+            template=run.label_template,
+            prompts=spec.label_prompts,
+            task_type=task.task_type,
+        )
+        for task, spec in zip(data.tasks, data.specs)
+    ]
+
+
+def label_prompt_head(run: RunConfig, texts: list[list[str]], tokenizer: Any) -> LabelPromptHead:
+    return LabelPromptHead(
+        texts, tokenizer=tokenizer, label_smoothing=run.label_smoothing, max_length=run.max_length
+    )
 
 
 def eval_split(data: MultiTaskData) -> str:
@@ -133,6 +158,9 @@ def save_run(
 ) -> None:
     """Adapters (with the heads and task metadata), metrics.json and the report."""
     tasks_meta = [{"name": t.name, "labels": t.label_names, "task_type": t.task_type} for t in data.tasks]
+    if run.head == "label-prompt":  # the class texts the head encodes; the reload tokenizes them again
+        for meta, texts in zip(tasks_meta, label_prompts(run, data)):
+            meta["label_prompts"] = texts
     save(
         model.backbone,
         output_dir / "adapter",
@@ -155,10 +183,20 @@ def load_trained(
         raise CheckpointError(f"{run_dir / 'adapter'}: no task metadata; was it written by loramix train?")
     backbone, tokenizer = load_backbone(run.model)
     load(backbone, run_dir / "adapter")
-    num_labels = [1 if t["task_type"] == "regression" else len(t["labels"]) for t in tasks_meta]
-    heads = TaskHeads(
-        backbone.config.hidden_size, num_labels, [t["task_type"] == "regression" for t in tasks_meta]
-    )
+    heads: Head
+    if run.head == "label-prompt":
+        missing = [t["name"] for t in tasks_meta if not t.get("label_prompts")]
+        if missing:
+            raise CheckpointError(
+                f"{run_dir / 'adapter'}: a label-prompt run, but tasks {missing} have no label_prompts in the "
+                "task metadata"
+            )
+        heads = label_prompt_head(run, [t["label_prompts"] for t in tasks_meta], tokenizer)
+    else:
+        num_labels = [1 if t["task_type"] == "regression" else len(t["labels"]) for t in tasks_meta]
+        heads = TaskHeads(
+            backbone.config.hidden_size, num_labels, [t["task_type"] == "regression" for t in tasks_meta]
+        )
     heads.load_state_dict(
         {k.removeprefix("extra.heads."): v for k, v in tensors.items() if k.startswith("extra.heads.")}
     )

@@ -28,6 +28,10 @@ class Elrea(Method):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
+        if run.head != "classification":
+            raise ConfigError(
+                f"head: elrea featurizes the per-task classification heads' gradients; {run.head!r} is not supported"
+            )
         if run.elrea_top_labels > 1 and not run.elrea_sign_invariant:
             raise ConfigError(
                 "elrea_top_labels > 1 needs elrea_sign_invariant: true (signed features of the likely labels cancel)"
