@@ -53,6 +53,13 @@ def grow(
         update["task_to_expert"] = task_to_expert
     elif config.task_to_expert is not None and num_tasks is not None:
         raise ConfigError("this model maps tasks to experts with task_to_expert: pass it for every task")
+    elif old_class.uses_task_to_expert and config.num_tasks is not None:
+        # the router's default (task t -> expert t, new task T + j -> new expert E + j), written out unless it is
+        # still one task per expert: a config cannot leave any other mapping implicit
+        new_tasks = (num_tasks or config.num_tasks) - config.num_tasks
+        default = list(range(config.num_tasks)) + [config.num_experts + j for j in range(new_tasks)]
+        if default != list(range(num_experts)) and max(default) < num_experts:
+            task_to_expert = update["task_to_expert"] = default
     new_config = config.model_copy(update=update)
     new_config = type(config).from_dict(new_config.to_dict())  # validated as any config is
     new_class = router_class(new_config.router)

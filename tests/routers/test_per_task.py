@@ -93,3 +93,19 @@ def test_growth_keeps_old_tasks_decisions_and_adds_zero_routers() -> None:
     new = router(state([TASKS, TASKS + 1]), x[:2])
     assert torch.equal(new.logits, torch.zeros(2, EXPERTS + 3))  # a new task's router starts at zero
     assert ((new.weights > 0).sum(-1) == 2).all()
+
+
+def test_frozen_task_routers_stay_frozen_after_save_and_load(tmp_path) -> None:
+    import loramix
+    from loramix.inject import get_info
+    from tests.models import tiny_bert
+
+    model = tiny_bert()
+    loramix.inject(
+        model, {"num_experts": 4, "num_tasks": 2, "router": "per-task", "top_k": 2, "targets": ["query"]}
+    )
+    get_info(model).layers[0].router.freeze_tasks([1])
+    loramix.save(model, tmp_path / "saved")
+    loaded = loramix.load(tiny_bert(), tmp_path / "saved")
+    assert get_info(loaded).layers[0].router.frozen_rows == [1]
+    assert get_info(loaded).layers[1].router.frozen_rows == []

@@ -62,10 +62,17 @@ class AdaptedLayer(nn.Module):
 
     # ---- routing -------------------------------------------------------------------------------------------
     def gate(self, x: Tensor, routing: RoutingState | None) -> Gate | None:
-        """The gate for this call: None for a plain LoRA, the layer's own router's, or the model-wide one; with
-        the routing state's keep-base mask applied."""
+        """The gate for this call: None for a plain LoRA (a hard gate on its one expert when samples are kept on
+        the base), the layer's own router's, or the model-wide one; with the routing state's keep-base mask
+        applied."""
         if self.gate_source == "none":
-            return None
+            keep = None if routing is None else routing.keep_base
+            if keep is None:
+                return None
+            # the single expert as a hard gate, so that the kept samples get exactly zero
+            expert = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            ones = torch.ones(x.shape[0], 1, device=x.device)
+            return Gate(weights=ones, indices=expert, hard=True).keep_base(keep)
         if self.gate_source == "layer":
             assert self.router is not None
             gate = self.router(routing, x)

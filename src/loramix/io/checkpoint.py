@@ -16,6 +16,7 @@ from torch import nn
 
 from loramix.config import AdapterConfig
 from loramix.errors import CheckpointError, ConfigError
+from loramix.frozen_rows import FrozenRows
 from loramix.inject import adapter_buffers, adapter_state, get_info, inject, remove
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 
@@ -27,8 +28,10 @@ WEIGHTS_FILE = "adapters.safetensors"
 def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor a save holds: loramix's parameters plus whatever else is trainable (heads, backbone)."""
     info = get_info(model)
-    for layer in info.layers:
-        layer.experts.sync_frozen_into_parameters()
+    for layer in info.layers:  # frozen experts and frozen task routers alike
+        for module in layer.modules():
+            if isinstance(module, FrozenRows):
+                module.sync_frozen_into_parameters()
     state = {**adapter_state(model), **adapter_buffers(model)}
     for name, param in model.named_parameters():
         if param.requires_grad and name not in state:
@@ -70,6 +73,11 @@ def save(
                 name: layer.experts.frozen_experts
                 for name, layer in zip(info.names, info.layers)
                 if layer.experts.frozen_experts
+            },
+            "frozen_routers": {
+                name: layer.router.frozen_rows
+                for name, layer in zip(info.names, info.layers)
+                if isinstance(layer.router, FrozenRows) and layer.router.frozen_rows
             },
             "weights_sha256": digest,
             "tensors": sorted(tensors),
@@ -130,6 +138,11 @@ def load(model: nn.Module, directory: str | Path, *, router_network: nn.Module |
         )
         for name, experts in record.get("frozen_experts", {}).items():
             info.layers[info.names.index(name)].experts.freeze_experts(experts)
+        for name, rows in record.get("frozen_routers", {}).items():
+            router = info.layers[info.names.index(name)].router
+            if not isinstance(router, FrozenRows):
+                raise CheckpointError(f"{directory / CONFIG_FILE}: layer '{name}' has no router whose rows freeze")
+            router.freeze_rows(rows)
     except BaseException:
         remove(model)  # a load that fails leaves the model as it was, so the caller can retry or fall back
         raise

@@ -70,10 +70,11 @@ class PerTaskRouter(LearnedRouter, FrozenRows):
         return first_token(hidden)
 
     def _per_task(self, name: str, hidden: Tensor, task_ids: Tensor) -> Tensor:
-        """Every task's scores in one matmul, then each sample's own: `(n, d) -> (n, T, e) -> (n, e)`."""
-        weight = self.effective()[name].float()  # (T, e, d)
-        scores = (hidden @ weight.reshape(-1, weight.shape[-1]).t()).view(-1, *weight.shape[:2])
-        return scores[torch.arange(hidden.shape[0], device=hidden.device), task_ids]
+        """Each sample's scores by its own task's router, `(n, d) -> (n, e)`: a product and a sum over `d`, whose
+        rounding does not depend on how many tasks and experts there are (a matmul's does), so that growing leaves
+        old tasks' logits bit-identical."""
+        weight = self.effective()[name].float()[task_ids]  # (n, e, d)
+        return (hidden[:, None, :] * weight).sum(-1)
 
     def logits(self, hidden: Tensor, state: Any) -> Tensor:
         task_ids = self.task_ids(state)
