@@ -3,6 +3,7 @@ and a table of bad configs and bad data files, each with its documented message 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import loramix
-from loramix.cli import main
+from loramix.cli import build_parser, main
 from loramix.train.run import load_trained
 from tests.train import toys
 
@@ -192,6 +193,35 @@ def spec(name: str, scene: Scene) -> dict[str, str]:
     return {"name": name, "train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}
 
 
+def output_dir_is_a_file(scene: Scene) -> list[str]:
+    (scene.root / "out").write_text("not a folder")
+    return scene.train(scene.config(steps=1))
+
+
+def output_dir_under_a_file(scene: Scene) -> list[str]:
+    (scene.root / "blocker").write_text("not a folder")
+    return ["train", scene.config(steps=1), "--output-dir", str(scene.root / "blocker" / "run")]
+
+
+def model_dir_with(*names: str) -> Callable[[Scene], list[str]]:
+    """A model folder holding only these files of the tiny model (none: an empty folder)."""
+
+    def build(scene: Scene) -> list[str]:
+        folder = scene.root / "half-model"
+        folder.mkdir()
+        for name in names:
+            shutil.copy(scene.model_dir / name, folder / name)
+        return scene.train(scene.config(model=str(folder), steps=1))
+
+    return build
+
+
+def model_of_unknown_type(scene: Scene) -> list[str]:
+    folder = Path(shutil.copytree(scene.model_dir, scene.root / "half-model"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "nonsense"}))
+    return scene.train(scene.config(model=str(folder), steps=1))
+
+
 @dataclass
 class Bad:
     id: str
@@ -201,6 +231,7 @@ class Bad:
 
 
 ROW = '{"text": "a good film", "label": 1}\n'
+ROW_NO = '{"text": "a bad film", "label": 0}\n'
 BAD = [
     # 2: config and usage
     Bad("unknown-key", lambda s: s.train(s.config(stepz=3)), 2, ["run.yaml", "stepz", "not permitted"]),
@@ -279,6 +310,29 @@ BAD = [
         ["--task 'nope'", "sentiment, animals, colors"],
     ),
     Bad("eval-without-config", lambda s: ["eval", str(s.root)], 2, ["config.yaml", "not found"]),
+    Bad("output-dir-is-a-file", output_dir_is_a_file, 2, ["--output-dir", "out", "is a file"]),
+    Bad("output-dir-under-a-file", output_dir_under_a_file, 2, ["--output-dir", "blocker", "is a file"]),
+    Bad("model-dir-empty", model_dir_with(), 2, ["model", "half-model", "config.json"]),
+    Bad(
+        "model-dir-without-tokenizer-or-weights",
+        model_dir_with("config.json"),
+        2,
+        ["model", "half-model", "could not be loaded"],
+    ),
+    Bad("model-dir-unknown-architecture", model_of_unknown_type, 2, ["model", "half-model", "nonsense"]),
+    Bad(
+        "model-path-missing", lambda s: s.train(s.config(model=str(s.root / "gone"))), 2, ["gone", "no such"]
+    ),
+    Bad("unknown-target", lambda s: s.train(s.config(targets=["no_such_module"])), 2, ["no_such_module"]),
+    Bad("infinite-lr", lambda s: s.train(s.config(lr=float("inf"))), 2, ["lr", "finite number"]),
+    Bad("nan-alpha", lambda s: s.train(s.config(alpha=float("nan"))), 2, ["alpha", "finite number"]),
+    Bad("infinite-lr-set", lambda s: s.train(s.config(), "--set", "lr=.inf"), 2, ["lr", "finite number"]),
+    Bad(
+        "export-without-task",
+        lambda s: ["export", str(s.trained_run), "--out", str(s.root / "peft")],
+        2,
+        ["pass --task", "sentiment, animals, colors"],
+    ),
     # 3: data
     Bad(
         "unknown-task-name",
@@ -338,7 +392,7 @@ BAD = [
     Bad("empty-train-file", lambda s: s.broken_task(""), 3, ["train.jsonl", "no examples"]),
     Bad(
         "bad-test-file",
-        lambda s: s.broken_task(ROW, test=ROW + ROW + "oops\n"),
+        lambda s: s.broken_task(ROW + ROW_NO, test=ROW + ROW + "oops\n"),  # a train file with both labels
         3,
         ["test.jsonl, line 3", "not valid JSON"],
     ),
@@ -369,3 +423,165 @@ def test_bad_input_gives_one_message_and_its_exit_code(
     assert "Traceback" not in err
     for needle in bad.says:
         assert needle in err, f"{needle!r} not in {err!r}"
+
+
+# ------------------------------------------------------------------------ unreadable and unwritable paths
+# Tests run as root, where file permissions do not block reads or writes, so these make the file system refuse
+# by patching the one call that touches the path.
+
+
+def refuse(monkeypatch: pytest.MonkeyPatch, method: str, path: Path) -> None:
+    """Make `Path.<method>` raise PermissionError for `path` (as a chmod 000 file would for a normal user)."""
+    real = getattr(Path, method)
+
+    def patched(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.resolve() == path.resolve():
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, patched)
+
+
+def test_an_unreadable_config_exits_2_naming_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    config = write_config(tmp_path / "run.yaml", toys.settings(model_dir, tasks_dir, steps=1))
+    refuse(monkeypatch, "read_text", Path(config))
+    assert main(["train", config, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loramix: error:") and "run.yaml" in err and "ermission denied" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_data_file_exits_3_naming_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    data = Path(shutil.copytree(tasks_dir, tmp_path / "data"))
+    config = write_config(tmp_path / "run.yaml", toys.settings(model_dir, data, steps=1))
+    refuse(monkeypatch, "read_bytes", data / "animals" / "train.jsonl")
+    assert main(["train", config, "--output-dir", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("loramix: error:") and "animals/train.jsonl" in err and "ermission denied" in err
+
+
+def test_an_unwritable_output_dir_exits_2_before_any_work(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw)
+    )
+    config = write_config(tmp_path / "run.yaml", toys.settings(model_dir, tasks_dir, steps=1))
+    assert main(["train", config, "--output-dir", str(locked / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "locked" in err and "not writable" in err
+    assert not (locked / "run").exists()
+
+
+# ----------------------------------------------------------------------------------- fast answers, display
+
+
+CHECK = """
+import sys
+from loramix.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # --help
+    code = exc.code
+print("torch loaded" if "torch" in sys.modules else "torch not loaded", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_light(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", CHECK, *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_config_errors_answer_without_loading_torch(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    done = run_light("--help")
+    assert done.returncode == 0 and "torch not loaded" in done.stderr, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "loramix.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "train" in done.stdout
+    bad = {
+        "unknown-key": toys.settings(model_dir, tasks_dir, stepz=3),
+        "infinite-lr": toys.settings(model_dir, tasks_dir, lr=float("inf")),
+        "missing-model": toys.settings(model_dir, tasks_dir, model=str(tmp_path / "gone")),
+    }
+    for name, settings in bad.items():
+        config = write_config(tmp_path / f"{name}.yaml", settings)
+        done = run_light("train", config, "--output-dir", str(tmp_path / name))
+        assert done.returncode == 2, (name, done.stderr)
+        assert "loramix: error:" in done.stderr and "torch not loaded" in done.stderr, (name, done.stderr)
+    file_in_the_way = tmp_path / "file"
+    file_in_the_way.write_text("")
+    config = write_config(tmp_path / "good.yaml", toys.settings(model_dir, tasks_dir))
+    done = run_light("train", config, "--output-dir", str(file_in_the_way))
+    assert done.returncode == 2 and "torch not loaded" in done.stderr, done.stderr
+
+
+def test_export_without_task_answers_before_loading_the_model(trained_run: Path, tmp_path: Path):
+    done = run_light("export", str(trained_run), "--out", str(tmp_path / "peft"))
+    assert done.returncode == 2, done.stderr
+    assert "pass --task" in done.stderr and "sentiment, animals, colors" in done.stderr
+    assert "torch not loaded" in done.stderr
+    done = run_light("export", str(trained_run), "--task", "nope", "--out", str(tmp_path / "peft"))
+    assert done.returncode == 2 and "torch not loaded" in done.stderr, done.stderr
+    assert not (tmp_path / "peft").exists()
+
+
+def test_inspect_rounds_numbers_for_display(trained_run: Path, tmp_path: Path, capsys):
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["mean_accuracy"] = 0.5700000000000001
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "mean accuracy: 0.57\n" in out
+    assert "0000000" not in out
+
+
+def test_every_option_of_every_command_has_help_and_demo_says_where_it_writes():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"loramix {name}: {action.dest} has no help text"
+    demo_help = commands.choices["demo"].format_help()
+    for fragment in ("report.md", "summary.json", "data"):
+        assert fragment in demo_help, demo_help
+
+
+def test_config_yaml_keeps_a_relative_tasks_dir_relative(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys
+):
+    project = tmp_path / "project"
+    data = Path(shutil.copytree(tasks_dir, project / "data"))
+    (project / "configs").mkdir()
+    settings = toys.settings(model_dir, data, steps=1, tasks=["animals"])
+    settings["tasks_dir"] = "../data"
+    config = write_config(project / "configs" / "run.yaml", settings)
+    assert main(["train", config, "--output-dir", str(project / "runs" / "x")]) == 0
+    saved = yaml.safe_load((project / "runs" / "x" / "config.yaml").read_text())
+    assert saved["tasks_dir"] == "../../data"  # the same folder, seen from the run directory
+    moved = Path(shutil.move(project, tmp_path / "moved"))  # the project moves as a whole
+    capsys.readouterr()
+    assert main(["eval", str(moved / "runs" / "x")]) == 0
+    assert "animals" in capsys.readouterr().out
+
+
+def test_data_warnings_print_as_one_line_and_the_run_goes_on(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    argv = Scene(model_dir, tasks_dir, tmp_path, tmp_path).broken_task(ROW * 3)  # labels no, yes; only yes
+    argv[1] = write_config(tmp_path / "run.yaml", {**yaml.safe_load(Path(argv[1]).read_text()), "steps": 1})
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "loramix: warning: " in err and "broken/train.jsonl" in err and "no example of 'no'" in err
+    assert "warnings.warn" not in err  # not Python's two-line form with the source line

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from loramix.errors import CheckpointError, ConfigError, DataError, LoramixError, TrainingError
+from loramix.errors import CheckpointError, ConfigError, DataError, DataWarning, LoramixError, TrainingError
 
 EXIT_CODES: list[tuple[type[LoramixError], int]] = [
     (ConfigError, 2),
@@ -23,13 +24,22 @@ EXIT_CODES: list[tuple[type[LoramixError], int]] = [
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loramix.models import check_model_path
+    from loramix.preflight import check_output_dir
+    from loramix.train.config import RunConfig
+
+    # before torch loads: the config's keys and values, the model path and the output folder
+    run = RunConfig.from_yaml(args.config, args.set)
+    check_model_path(run.model)
+    output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
+    check_output_dir(output_dir)
+
     from loramix.methods import load_run_config, run_training
     from loramix.report import print_table
     from loramix.train.loop import processes
 
-    run = load_run_config(args.config, args.set)
-    output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
-    metrics = run_training(run, output_dir, resume=args.resume)
+    run = load_run_config(args.config, args.set)  # and the method's own checks (its registry needs torch)
+    metrics = run_training(run, output_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     if not processes().is_main_process:  # under `accelerate launch` / `torchrun`: one report
         return 0
     print(print_table([metrics]))
@@ -58,6 +68,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from loramix.preflight import check_export_request, check_output_dir
+
+    check_export_request(args.run_dir, args.task, args.expert)  # before torch and the model load
+    check_output_dir(args.out, "--out")
+
     from loramix.methods import get_method
     from loramix.train.run import load_trained
 
@@ -74,7 +89,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = record["config"]
     print(f"run: {run_dir}")
     print(f"method: {record['metadata'].get('run', {}).get('method', '?')}")
-    print("adapter config: " + ", ".join(f"{k}={v}" for k, v in config.items() if v not in (None, [], False)))
+    print(
+        "adapter config: "
+        + ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v not in (None, [], False))
+    )
     print(f"adapted layers: {len(record['layers'])} (e.g. {', '.join(record['layers'][:3])})")
     print(f"tensors: {len(tensors)}, parameters: {sum(t.numel() for t in tensors.values()):,}")
     tasks = record["metadata"].get("tasks", [])
@@ -82,7 +100,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        print(f"mean accuracy: {metrics.get('mean_accuracy')}")
+        print(f"mean accuracy: {shown(metrics.get('mean_accuracy'))}")
         for scope, summary in metrics.get("routing", {}).items():
             if isinstance(summary, dict) and "purity" in summary:
                 print(
@@ -94,7 +112,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def shown(value: object) -> str:
+    """A value for display: floats to 4 significant digits (0.57, not 0.5700000000000001), also inside lists."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return str(value)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from loramix.preflight import check_output_dir
+
+    check_output_dir(args.output_dir)
     from loramix.demo import run_demo
 
     run_demo(Path(args.output_dir), steps=args.steps, methods=args.methods, threads=args.threads)
@@ -113,41 +143,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the output dir"
     )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept settings that differ from the run's config.yaml (recorded in "
+        "config-changes.jsonl)",
+    )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate a finished run on its tasks")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.add_argument("--config", help="evaluate with another config (e.g. other data)")
-    p.add_argument("--split", choices=["test", "validation", "train"])
+    p.add_argument(
+        "--split",
+        choices=["test", "validation", "train"],
+        help="default: test when every task has one, else validation; writes RUN_DIR/eval-SPLIT.json",
+    )
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write one task's expert as a PEFT LoRA adapter")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.add_argument("--task", help="the task whose expert to export")
     p.add_argument("--expert", type=int, help="ELREA runs: the expert to export (0: the base adapter)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder to write the PEFT adapter into")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="show a run's config, experts and routing summary")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("demo", help="lora vs mola-grad vs mola-router on built-in synthetic tasks (offline)")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method")
-    p.add_argument("--methods", nargs="+", default=["lora", "mola-grad", "mola-router"])
-    p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser(
+        "demo",
+        help="lora vs mola-grad vs mola-router on built-in synthetic tasks (offline)",
+        description="Train each method on built-in synthetic tasks with the offline all-MiniLM-L6-v2 encoder, "
+        "the same steps and batches for each, and compare them. Writes into the output folder: data/ (the "
+        "tasks), one folder per method (its run, as `loramix train` writes it), report.md (the comparison) "
+        "and summary.json (each method's accuracy and seconds).",
+    )
+    p.add_argument(
+        "--output-dir",
+        default="runs/demo",
+        help="where the tasks, the runs, report.md and summary.json go (default: %(default)s)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: 300)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lora", "mola-grad", "mola-router"],
+        help="the methods to compare, any of the run config's methods (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """loramix's own warnings (data that loads but looks wrong) as one line like the errors, without the source
+    line Python shows; others as Python shows them."""
+    if issubclass(category, DataWarning):
+        print(f"loramix: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except LoramixError as exc:
-        code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
-        print(f"loramix: error: {exc}", file=sys.stderr)
-        return code
-    except KeyboardInterrupt:
-        print("loramix: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args)
+        except LoramixError as exc:
+            code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+            print(f"loramix: error: {exc}", file=sys.stderr)
+            return code
+        except KeyboardInterrupt:
+            print("loramix: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The adapter configuration: one flat, typed, validated record, round-trippable to JSON and YAML.
 
 Every field is documented once, here. A wrong field fails at construction with the field's name and what is
-allowed (a :class:`~loramix.errors.ConfigError`).
+allowed (a :class:`~loramix.errors.ConfigError`); a float field takes finite numbers only.
+
+The registries of routers and expert kinds (which import torch) are read when a config is checked, not when this
+module is imported, so that a run config can be validated before torch loads.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loramix.errors import ConfigError
-from loramix.experts.base import EXPERT_KINDS
-from loramix.routers.base import ROUTERS
 
 ShareKind = Literal["none", "A", "B"]
 
@@ -25,7 +26,7 @@ class AdapterConfig(BaseModel):
         >>> cfg = AdapterConfig(num_experts=4, rank=8, router="task", num_tasks=4, targets=["query", "value"])
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     num_experts: int = Field(1, ge=1, description="E, the number of experts in every adapted layer.")
     rank: int = Field(8, ge=1, description="r, the rank of each expert.")
@@ -94,6 +95,9 @@ class AdapterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterConfig:
+        from loramix.experts.base import EXPERT_KINDS
+        from loramix.routers.base import ROUTERS
+
         if self.router not in ROUTERS:
             raise ValueError(f"router {self.router!r} is not one of: {', '.join(ROUTERS)}")
         if self.experts not in EXPERT_KINDS:
@@ -112,6 +116,8 @@ class AdapterConfig(BaseModel):
     @property
     def scaling(self) -> float:
         """s in `y = W0 x + s * sum_e g_e E_e(x)`: alpha / r (or alpha / sqrt(r)) for LoRA, as the kind says."""
+        from loramix.experts.base import EXPERT_KINDS
+
         return EXPERT_KINDS[self.experts].scaling_of(self)
 
     @classmethod

@@ -30,3 +30,8 @@ class CheckpointError(LoramixError, ValueError):
 
 class TrainingError(LoramixError, RuntimeError):
     """Training cannot go on (a NaN or infinite loss); the message names the step and the last good checkpoint."""
+
+
+class DataWarning(UserWarning):
+    """Data that loads but is probably not what was meant (a class with no train example); the message names the
+    file and the labels. Turn it into an error with `warnings.simplefilter("error", DataWarning)`."""

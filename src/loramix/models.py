@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from loramix.errors import ConfigError
@@ -24,14 +25,46 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def check_model_path(name: str) -> None:
+    """Refuse, before any data is read or torch is imported, a `model` that names a local path which cannot be a
+    model: a path that does not exist, a file, a folder without `config.json`. A bare or `org/name` hub name that
+    is no folder here is left to the loader (it may be in the hub cache or downloaded)."""
+    if name in ALIASES:
+        return
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2
+    if not path.exists():
+        if looks_local:
+            raise ConfigError(
+                f"model: {name!r}: no such folder; point `model` at a folder that save_pretrained wrote (with "
+                "config.json, the weights and the tokenizer files) or at a hub name"
+            )
+        return
+    if not path.is_dir():
+        raise ConfigError(
+            f"model: {name!r} is a file; point `model` at the folder holding config.json, the weights and the "
+            "tokenizer files"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model: {name!r} has no config.json, so it is not a Hugging Face model folder; point `model` at the "
+            "folder that save_pretrained wrote (config.json, the weights and the tokenizer files)"
+        )
+
+
 def load_backbone(name: str) -> tuple[Any, Any]:
     """`(model, tokenizer)` for an encoder or decoder from Hugging Face `transformers`."""
+    check_model_path(name)
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
-    except OSError as exc:
-        raise ConfigError(f"model {name!r} could not be loaded: {exc}") from None
+    except (OSError, ValueError) as exc:  # a missing file is an OSError; an unusable one, a ValueError
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"model {name!r} could not be loaded: {reason} (`model` must name a folder with config.json, weights "
+            "and tokenizer files, or a hub name)"
+        ) from None
     return model, tokenizer

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from loramix.data import MultiTaskData, TaskSpec, load_task_specs, tasks_from_directory
-from loramix.errors import ConfigError, DataError
+from loramix.errors import ConfigError, DataError, DataWarning
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -174,3 +174,26 @@ def test_real_shared_data_counts_match_the_index():
     assert data.label_names[1] == ["not_equivalent", "equivalent"]
     assert all(e.text_pair for e in data.examples("train", "mrpc"))
     assert all(e.text_pair is None for e in data.examples("test", "sst2"))
+
+
+def test_integer_labels_that_skip_classes_warn_naming_the_file_and_the_empty_classes(jsonl):
+    path = jsonl("t.jsonl", rows(6) + [{"text": "stray", "label": 7}])
+    with pytest.warns(DataWarning) as caught:
+        data = MultiTaskData([TaskSpec(name="t", train=path)])
+    assert data.num_labels == [8]  # what the file says, kept; the warning says why it may be wrong
+    message = str(caught[0].message)
+    assert path in message and "2, 3, 4, 5, 6" in message and "labels" in message
+
+
+def test_declared_labels_missing_from_the_train_file_warn_naming_them(jsonl):
+    path = jsonl("t.jsonl", rows(4, labels=("pos",)))
+    with pytest.warns(DataWarning) as caught:
+        MultiTaskData([TaskSpec(name="t", train=path, labels=["neg", "pos", "mixed"])])
+    message = str(caught[0].message)
+    assert path in message and "'neg', 'mixed'" in message and "'pos'" not in message
+
+
+def test_train_files_that_cover_their_labels_load_without_a_warning(jsonl, recwarn):
+    MultiTaskData([TaskSpec(name="t", train=jsonl("t.jsonl", rows(4)), labels=["neg", "pos"])])
+    MultiTaskData([TaskSpec(name="u", train=jsonl("u.jsonl", rows(6, labels=(0, 1, 2))))])
+    assert not [w for w in recwarn if issubclass(w.category, DataWarning)]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,25 @@ def test_read_tensors_rejects_truncated_files(tmp_path: Path, keep: int) -> None
     path.write_bytes(data[:keep])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         files.read_tensors(path)
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o077])
+def umask(request: pytest.FixtureRequest):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_saved_files_get_the_users_usual_modes(tmp_path: Path, umask: int) -> None:
+    """Not mkstemp's 0600: a team sharing a run directory reads what each member writes, as the umask says."""
+    files.atomic_write_bytes(tmp_path / "a.bin", b"x")
+    files.atomic_write_json(tmp_path / "b.json", {"a": 1})
+    files.atomic_save_tensors(tmp_path / "c.safetensors", {"x": torch.ones(2)})
+    folder = files.make_temp_dir(tmp_path, ".step-000001.")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(["a.bin", "b.json", "c.safetensors"], 0o666 & ~umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert folder.name.startswith(".step-000001.") and folder.name.endswith(".tmp")
+    assert files.current_umask() == umask

@@ -1,17 +1,27 @@
-"""Exact resumption: a run interrupted after a checkpoint and resumed ends bitwise where an uninterrupted run ends."""
+"""Exact resumption: a run interrupted after a checkpoint and resumed ends bitwise where an uninterrupted run ends.
+Checkpoints are checked file by file before use: a damaged one is skipped (a warning says which and why) for the
+newest that verifies, a foreign optimizer file is a checkpoint error, interrupted saves are cleaned up, and a resume
+with another config (outside bookkeeping) is refused unless allowed, and then recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from loramix.cli import main
+from loramix.errors import CheckpointError, ConfigError
 from loramix.methods import run_training
 from loramix.train import callbacks
+from loramix.train import checkpoint as ckpt
 from loramix.train.config import RunConfig
 from tests.train import toys
 
@@ -92,3 +102,294 @@ def test_resuming_without_a_checkpoint_starts_from_step_zero(
     metrics = run_training(run, tmp_path, resume=True)
     assert "no checkpoint" in capsys.readouterr().out
     assert [h["step"] for h in metrics["history"]] == [2]
+
+
+# ------------------------------------------------------------------------- damaged and foreign checkpoints
+
+
+def overwrite_in_place(path: Path, size: int = 4096) -> None:
+    """Replace up to `size` bytes of a file's payload with other plausible bytes, keeping its length: what a bad
+    disk, a stray write or a half-synced copy leaves, and what no parser notices. A safetensors file keeps its
+    header (so it still reads); any other file is overwritten from its middle."""
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".safetensors":
+        start = 8 + int.from_bytes(data[:8], "little")
+    else:
+        start = max(0, len(data) // 2 - size // 2)
+    end = min(len(data), start + size)
+    noise = torch.randn((end - start) // 4 + 1, generator=torch.Generator().manual_seed(7)) * 1e-2
+    data[start:end] = noise.numpy().tobytes()[: end - start]
+    assert len(data) == path.stat().st_size
+    path.write_bytes(bytes(data))
+
+
+def refresh_manifest(checkpoint: Path) -> None:
+    """Record the files' current checksums, as someone who rewrote a file on purpose would."""
+    manifest = checkpoint / "manifest.json"
+    if manifest.is_file():
+        record = json.loads(manifest.read_text())
+        for name in record["files"]:
+            record["files"][name] = {
+                "sha256": hashlib.sha256((checkpoint / name).read_bytes()).hexdigest(),
+                "size": (checkpoint / name).stat().st_size,
+            }
+        manifest.write_text(json.dumps(record))
+
+
+class _Exploit:
+    """Unpickling this would create a file: proof that a reader ran code from the checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_an_optimizer_file_with_a_class_in_it_is_a_checkpoint_error(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(toys.settings(model_dir, tasks_dir, method="lora", steps=2)))
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(out)]) == 0
+    checkpoint = out / "checkpoints" / "step-000002"
+    marker = tmp_path / "pwned"
+    torch.save({"state": {0: _Exploit(marker)}, "param_groups": []}, checkpoint / "optimizer.pt")
+    refresh_manifest(checkpoint)  # the checksums vouch for the file: only the reader stands in the way
+    capsys.readouterr()
+
+    code = main(["train", str(config), "--output-dir", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert err.startswith("loramix: error:") and "Traceback" not in err
+    assert str(checkpoint / "optimizer.pt") in err
+    assert not marker.exists()
+
+
+def test_a_checkpoint_overwritten_in_place_is_refused(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method="mola-grad", steps=2))
+    run_training(run, tmp_path)
+    weights = tmp_path / "checkpoints" / "step-000002" / "weights.safetensors"
+    overwrite_in_place(weights)
+    with pytest.raises(CheckpointError, match="checksum") as caught:
+        run_training(run, tmp_path, resume=True)
+    assert str(weights) in str(caught.value)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_still_ends_exactly(
+    model_dir: Path,
+    tasks_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    settings = toys.settings(model_dir, tasks_dir, method="mola-router", steps=6, log_every=1, dropout=0.2)
+    straight = run_training(RunConfig.from_dict(settings), tmp_path / "straight")
+    run = RunConfig.from_dict({**settings, "checkpoint_every": 2, "keep_checkpoints": 2})
+    checkpoint_step = callbacks.Checkpointer.on_step_end
+
+    def crash_at_step_5(self, trainer, logs):
+        checkpoint_step(self, trainer, logs)
+        if trainer.step == 5:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_at_step_5)
+        with pytest.raises(Interrupted):
+            run_training(run, tmp_path / "resumed")
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000002", "step-000004"]
+    overwrite_in_place(checkpoints / "step-000004" / "optimizer.pt")
+    capsys.readouterr()
+
+    resumed = run_training(run, tmp_path / "resumed", resume=True)
+    err = capsys.readouterr().err
+    assert "step-000004" in err and "optimizer.pt" in err and "checksum" in err
+    assert "step-000002" in err  # where it went on from
+    assert without_timings(resumed) == without_timings(straight)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapters.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapters.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # the newest two are kept; the older one went once a newer one was safely written
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000004", "step-000006"]
+
+
+def test_no_checkpoint_that_verifies_is_an_error_that_lists_each(tmp_path: Path):
+    root = tmp_path / "checkpoints"
+    model, optimizer = tiny_model_and_optimizer()
+    for step in (1, 2):
+        ckpt.save_training_checkpoint(root, step, {"model": model}, optimizer, {})
+    (root / "step-000002" / "state.json").unlink()
+    overwrite_in_place(root / "step-000001" / "weights.safetensors")
+    with pytest.raises(CheckpointError) as caught:
+        ckpt.newest_good_checkpoint(root)
+    message = str(caught.value)
+    assert str(root / "step-000002" / "state.json") in message
+    assert str(root / "step-000001" / "weights.safetensors") in message and "checksum" in message
+
+
+def test_a_pointer_to_a_missing_checkpoint_falls_back(tmp_path: Path):
+    root = tmp_path / "checkpoints"
+    model, optimizer = tiny_model_and_optimizer()
+    ckpt.save_training_checkpoint(root, 3, {"model": model}, optimizer, {})
+    (root / "latest").write_text("step-000009")
+    path, skipped = ckpt.newest_good_checkpoint(root)
+    assert path == root / "step-000003"
+    assert len(skipped) == 1 and "step-000009" in skipped[0] and "does not exist" in skipped[0]
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_only_the_newest_checkpoints_are_kept(tmp_path: Path, keep: int):
+    root = tmp_path / "checkpoints"
+    model, optimizer = tiny_model_and_optimizer()
+    for step in range(1, 6):
+        ckpt.save_training_checkpoint(root, step, {"model": model}, optimizer, {}, keep=keep)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(
+        [f"step-{s:06d}" for s in range(6 - keep, 6)] + ["latest"]
+    )
+    # a run that starts over in the same folder: checkpoints of later steps belong to the run it replaces
+    ckpt.save_training_checkpoint(root, 1, {"model": model}, optimizer, {}, keep=keep)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000001"]
+
+
+def test_resume_removes_the_folders_an_interrupted_save_left(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method="lora", steps=2))
+    run_training(run, tmp_path)
+    root = tmp_path / "checkpoints"
+    for leftover in (".step-000003.k2j4x1.tmp", ".step-000003.a8b7c6"):  # the latter: an older loramix's name
+        (root / leftover).mkdir()
+        (root / leftover / "weights.safetensors").write_bytes(b"half")
+    (root / ".latest.q1w2e3.tmp").write_bytes(b"step-")
+    run_training(run, tmp_path, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_run_directory_gets_the_users_usual_modes(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, umask: int
+):
+    """A team that shares a run directory reads it as it reads any file its members write."""
+    old = os.umask(umask)
+    try:
+        run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method="lora", steps=2))
+        run_training(run, tmp_path)
+    finally:
+        os.umask(old)
+    checkpoint = tmp_path / "checkpoints" / "step-000002"
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o777 & ~umask
+    written = [*checkpoint.iterdir(), tmp_path / "checkpoints" / "latest", tmp_path / "config.yaml"]
+    written += [*(tmp_path / "adapter").iterdir(), tmp_path / "metrics.json"]
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def tiny_model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+# ------------------------------------------------------------------------------- resuming with another config
+
+
+@pytest.mark.parametrize(
+    "change", [{"lr": 1e-2}, {"seed": 3}, {"method": "per-task-lora"}, {"lr": 1e-2, "dropout": 0.0}]
+)
+def test_a_resume_with_another_config_is_refused_before_anything_is_written(
+    change: dict[str, Any], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    settings = toys.settings(model_dir, tasks_dir, method="mola-grad", steps=2)
+    run_training(RunConfig.from_dict(settings), tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as caught:
+        run_training(RunConfig.from_dict({**settings, **change}), tmp_path, resume=True)
+    message = str(caught.value)
+    assert str(tmp_path / "config.yaml") in message and "--allow-config-change" in message
+    for key in change:
+        assert key in message
+    assert "log_every (" not in message  # bookkeeping is only listed as what may change
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_bookkeeping_may_change_on_resume(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    settings = toys.settings(model_dir, tasks_dir, method="mola-grad", steps=2)
+    run_training(RunConfig.from_dict(settings), tmp_path)
+    changed = {
+        "log_every": 1,
+        "checkpoint_every": 1,
+        "progress": True,
+        "eval_batch_size": 5,
+        "keep_checkpoints": 4,
+    }
+    metrics = run_training(RunConfig.from_dict({**settings, **changed}), tmp_path, resume=True)
+    assert metrics["history"][-1]["step"] == 2
+    assert not (tmp_path / "config-changes.jsonl").exists()
+
+
+def test_allow_config_change_resumes_and_records_what_changed(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(toys.settings(model_dir, tasks_dir, method="mola-grad", steps=2)))
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+
+    argv = [
+        "train",
+        str(config),
+        "--output-dir",
+        str(out),
+        "--resume",
+        "--set",
+        "lr=0.02",
+        "--set",
+        "log_every=1",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lr (0.005 -> 0.02)" in err and "--allow-config-change" in err and "log_every (" not in err
+
+    assert main([*argv, "--allow-config-change"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.02
+    records = [json.loads(line) for line in (out / "config-changes.jsonl").read_text().splitlines()]
+    assert len(records) == 1
+    assert records[0]["changed"] == {"lr": {"from": 0.005, "to": 0.02}}
+
+    assert main(["train", str(config), "--output-dir", str(out), "--allow-config-change"]) == 2
+    assert "--allow-config-change" in capsys.readouterr().err
+
+
+def test_a_relative_tasks_dir_is_the_same_config_on_resume(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The saved config.yaml may name the data relative to the run folder, the config file relative to itself:
+    the same folder either way, so no change."""
+    settings = toys.settings(model_dir, tasks_dir, method="lora", steps=2)
+    settings["tasks_dir"] = os.path.relpath(tasks_dir, tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "deeper" / "run"
+    assert main(["train", str(config), "--output-dir", str(out)]) == 0
+    monkeypatch.chdir(out)
+    assert main(["train", str(config), "--output-dir", str(out), "--resume"]) == 0
+    assert not (out / "config-changes.jsonl").exists()
+
+
+def test_each_process_gets_its_own_random_state_back(tmp_path: Path):
+    model, optimizer = tiny_model_and_optimizer()
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(ckpt.rng_state())
+    path = ckpt.save_training_checkpoint(tmp_path, 4, {"model": model}, optimizer, {}, rng_states=states)
+    for rank in (0, 1):
+        ckpt.load_training_checkpoint(path, {"model": model}, optimizer, process_index=rank, processes=2)
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+    with pytest.raises(CheckpointError, match=r"2 process\(es\), and this one has 1"):
+        ckpt.load_training_checkpoint(path, {"model": model}, optimizer)

@@ -1,15 +1,18 @@
 """`loramix train` under `torchrun` with two CPU processes (gloo): the model wrapped for distributed training
-trains, every method's forward reaches the routing hooks inside the wrapper, and only the main process writes."""
+trains, every method's forward reaches the routing hooks inside the wrapper, only the main process writes, and a
+resumed run ends bitwise where the uninterrupted one does."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -18,11 +21,11 @@ from tests.train import toys
 STEPS = 12
 
 
-def launch(config: dict, output_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def launch(config: dict, output_dir: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "loramix.cli", "train", str(path), "--output-dir", str(output_dir)]
+    command += ["-m", "loramix.cli", "train", str(path), "--output-dir", str(output_dir), *extra]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -60,3 +63,45 @@ def test_two_processes_train_and_one_writes(method: str, model_dir: Path, tasks_
         assert len(metrics["clusters"]["sizes"]) == 3
     adapters = load_file(out / "adapter" / "adapters.safetensors")
     assert any(name.endswith(".B") and bool(t.abs().max() > 0) for name, t in adapters.items())
+
+
+def test_two_processes_resume_exactly(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    """A two-process run resumed from a mid-run checkpoint ends bitwise where it ends uninterrupted: each step takes
+    one batch per process, and each process has its own dropout RNG. 24 examples in batches of 8 make 3 batches an
+    epoch, which two processes cannot split evenly: the last of each epoch is paired with the epoch's first."""
+    config = toys.settings(
+        model_dir,
+        tasks_dir,
+        method="mola-router",
+        steps=7,
+        log_every=1,
+        dropout=0.2,
+        max_train_examples=8,
+        checkpoint_every=3,
+        keep_checkpoints=3,
+    )
+    out = tmp_path / "run"
+    done = launch(config, out, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight = json.loads((out / "metrics.json").read_text())
+    adapters = load_file(out / "adapter" / "adapters.safetensors")
+
+    # back to step 3 (epoch 1, in the middle of it): the later checkpoints and everything after go
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000003", "step-000006", "step-000007"]
+    for later in ("step-000006", "step-000007"):
+        shutil.rmtree(checkpoints / later)
+    (checkpoints / "latest").write_text("step-000003")
+    shutil.rmtree(out / "adapter")
+    (out / "metrics.json").unlink()
+    done = launch(config, out, tmp_path, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((out / "metrics.json").read_text())
+
+    timings = ("samples_per_s",)
+    assert [{k: v for k, v in h.items() if k not in timings} for h in resumed["history"]] == [
+        {k: v for k, v in h.items() if k not in timings} for h in straight["history"]
+    ]
+    again = load_file(out / "adapter" / "adapters.safetensors")
+    different = [name for name in adapters if not torch.equal(adapters[name], again[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

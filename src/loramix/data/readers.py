@@ -22,6 +22,8 @@ from loramix.data.spec import HFSource, Source, TaskSpec
 from loramix.errors import DataError
 
 _INTEGER = re.compile(r"[+-]?\d+")
+# Classes inferred from integer labels run 0..max: a stray id like 10**12 must be an error, not a task that size.
+MAX_INFERRED_LABELS = 100_000
 _MISSING = object()
 
 
@@ -113,6 +115,12 @@ def infer_label_names(raw: RawSplit, spec: TaskSpec) -> list[str]:
         if isinstance(value, int):
             if value < 0:
                 raise DataError(f"{row.location}: label {value} is negative; class indices start at 0")
+            if value >= MAX_INFERRED_LABELS:
+                raise DataError(
+                    f"{row.location}: label {value} would make a task of {value + 1} classes (class indices run "
+                    f"0..K-1 when `labels` is not declared; at most {MAX_INFERRED_LABELS} are inferred); fix the "
+                    "label, or declare the label names with `labels` in the task spec"
+                )
             integers.append(value)
         else:
             strings.add(value)
@@ -151,7 +159,12 @@ def to_examples(
 
 
 def _decode(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a folder named like a file, an I/O error
+        raise DataError(
+            f"{path}: cannot read the file ({exc.strerror or exc}); check that it is a readable file"
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -172,6 +185,8 @@ def _json_lines(path: Path, text: str) -> list[Row]:
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}, line {number}: JSON nested too deeply to read") from None
         except json.JSONDecodeError as exc:
             hint = (
                 " (a JSON array? loramix reads one JSON object per line)" if line.lstrip()[:1] == "[" else ""

@@ -4,12 +4,15 @@ concatenated in task order (so one index space serves a sampler and a DataLoader
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loramix.data.readers import Example, infer_label_names, read_rows, to_examples
+from loramix.data.readers import Example, RawSplit, infer_label_names, read_rows, to_examples
 from loramix.data.spec import SPLITS, TaskSpec
-from loramix.errors import ConfigError, DataError
+from loramix.errors import ConfigError, DataError, DataWarning
+
+MAX_LABELS_SHOWN = 20  # in a warning about labels without examples
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class MultiTaskData:
             raw = train if split == "train" else None if source is None else read_rows(source, split=split)
             examples = [] if raw is None else to_examples(raw, spec, label_names=names, task=task_id)
             if split == "train":
+                if names:
+                    _warn_of_unseen_labels(train, spec, names, examples)
                 examples = _subsample(examples, spec.max_train_examples, spec.seed)
             self._examples[split].append(examples)
             sizes[split] = len(examples)
@@ -136,6 +141,34 @@ class MultiTaskData:
         if split not in self._examples:
             raise DataError(f"split {split!r} was not loaded; loaded: {', '.join(self._examples)}")
         return self._examples[split]
+
+
+def _warn_of_unseen_labels(
+    raw: RawSplit, spec: TaskSpec, names: Sequence[str], examples: list[Example]
+) -> None:
+    """A :class:`DataWarning` when a class of the task has no train example: its head row never learns. Without
+    declared labels this is a stray integer label (7 in a two-class file makes classes 2..6 empty); with them, a
+    train file that holds only some of the labels (all one label, say). Loading goes on: a rare class may be
+    missing on purpose."""
+    seen = {example.label for example in examples}
+    unseen = [i for i in range(len(names)) if i not in seen]
+    if not unseen:
+        return
+    declared = spec.labels is not None or spec.label_field in raw.class_names
+    shown = [repr(names[i]) if declared else str(i) for i in unseen[:MAX_LABELS_SHOWN]]
+    listing = ", ".join(shown) + (f", ... ({len(unseen)} in all)" if len(unseen) > MAX_LABELS_SHOWN else "")
+    if declared:
+        message = (
+            f"{raw.name}: task {spec.name!r} declares {len(names)} labels but its train split has no example of "
+            f"{listing}; the model cannot learn to predict them"
+        )
+    else:
+        message = (
+            f"{raw.name}: integer labels up to {len(names) - 1} make task {spec.name!r} a {len(names)}-class task, "
+            f"but classes {listing} never occur in its train split; fix the stray labels if the task has fewer "
+            "classes, else declare the label names with `labels` in the task spec"
+        )
+    warnings.warn(message, DataWarning, stacklevel=4)
 
 
 def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:

@@ -8,7 +8,9 @@ and each expert's hidden must be computed on its own. Every gate still runs as a
 loop over experts and no host synchronisation:
 - no gate: expert 0 as two `F.linear`;
 - hard gate: each sample's expert gathered, then two `bmm` (`baddbmm`, the biases as their addends);
-- soft or top-k gate: one stacked matmul into `e*w` hidden features, ReLU, dropout, each expert's hidden scaled
+- per-sample top-k gate (k at most half the experts): each sample's k experts gathered into one `k*w`-wide
+  adapter, two `bmm`;
+- soft gate (or per-token top-k): one stacked matmul into `e*w` hidden features, ReLU, dropout, each expert's hidden scaled
   by its gate, one stacked matmul back. The gate multiplies the whole expert output, up bias included:
   `sum_e g_e (W_up_e h_e + b_up_e) = sum_e W_up_e (g_e h_e) + g @ b_up`.
 """
@@ -99,6 +101,8 @@ class AdapterExperts(StackedExperts):
             return F.linear(h * scaling, up[0], up_bias[0] * scaling)  # (..., o)
         if gate.hard:
             return self._hard(x, down, down_bias, up, up_bias, gate, scaling, dropout)
+        if gate.indices is not None and gate.indices.dim() == 2 and 2 * gate.indices.shape[-1] <= self.num_experts:
+            return self._topk(x, down, down_bias, up, up_bias, gate, scaling, dropout)
         return self._dense(x, down, down_bias, up, up_bias, gate_weights(gate, x.shape[0]), scaling, dropout)
 
     @staticmethod
@@ -125,6 +129,31 @@ class AdapterExperts(StackedExperts):
         h = dropout(F.relu(h)) * scale
         bias = up_bias[index][:, None, :] * scale  # (n, 1, o)
         return torch.baddbmm(bias, h, up[index].transpose(1, 2))  # (n, t, o)
+
+    @staticmethod
+    def _topk(
+        x: Tensor,
+        down: Tensor,
+        down_bias: Tensor,
+        up: Tensor,
+        up_bias: Tensor,
+        gate: Gate,
+        scaling: float,
+        dropout: ops.Dropout,
+    ) -> Tensor:
+        """A per-sample top-k gate: each sample's k experts gathered into one `k*w`-wide adapter, two `bmm`; the
+        other experts cost nothing (the dense op computes all e). Kept samples have zero weights: exactly zero."""
+        indices = gate.indices
+        assert indices is not None
+        n, k = indices.shape
+        width = down.shape[1]
+        g = gate.weights.gather(-1, indices).to(x.dtype) * scaling  # (n, k)
+        down_k = down[indices].reshape(n, k * width, -1)  # (n, k*w, i)
+        h = torch.baddbmm(down_bias[indices].reshape(n, 1, k * width), x, down_k.transpose(1, 2))  # (n, t, k*w)
+        h = (dropout(F.relu(h)).unflatten(-1, (k, width)) * g[:, None, :, None]).flatten(-2)  # (n, t, k*w)
+        up_k = up[indices].transpose(2, 3).reshape(n, k * width, -1)  # (n, k*w, o)
+        bias = torch.bmm(g[:, None, :], up_bias[indices])  # (n, 1, o)
+        return torch.baddbmm(bias, h, up_k)  # (n, t, o)
 
     @staticmethod
     def _dense(

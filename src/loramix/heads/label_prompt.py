@@ -147,6 +147,8 @@ class LabelPromptHead(Head):
             )
         return input_ids, attention_mask, sizes
 
+    learned: Tensor | None = None
+
     def _layout(self, input_ids: Tensor, attention_mask: Tensor, sizes: list[int]) -> None:
         self.num_labels = sizes
         self.is_regression = [False] * len(sizes)
@@ -169,20 +171,39 @@ class LabelPromptHead(Head):
         self.register_buffer("own_columns", slots.clamp_max(total - 1).to(device), persistent=False)
         self.register_buffer("own_valid", valid.to(device), persistent=False)
 
-    def label_embeddings(self, model: Any) -> Tensor:
-        """Every class text encoded by `model` (each routed by its own task id), L2-normalised: `(L, d)`."""
+    def label_embeddings(self, model: Any, task_ids: Tensor | None = None) -> Tensor:
+        """The class texts encoded by `model` (each routed by its own task id), L2-normalised: `(L, d)`. With
+        `task_ids`, only the classes of those tasks are encoded (the other rows are zero: their columns are -inf in
+        every logit that reads them), so a batch of one task encodes one task's texts."""
         if model is None or not hasattr(model, "encode"):
             raise ConfigError(
                 "LabelPromptHead encodes its class texts with the model: call it as head(pooled, batch, model) "
                 "with a MultiTaskModel (model(batch) does this)"
             )
-        inputs = {"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask}
-        embedded = model.encode(inputs, route_ids=self.label_task_ids)  # (L, d)
-        return F.normalize(embedded.float(), dim=-1)
+        rows = None
+        if task_ids is not None:
+            rows = self.own[task_ids].any(0).nonzero().squeeze(1)  # (L',) the classes this batch can need
+        ids, mask, route = self.label_input_ids, self.label_attention_mask, self.label_task_ids
+        if rows is not None:
+            ids, mask, route = ids[rows], mask[rows], route[rows]
+        keep = None
+        if self.learned is not None:  # tasks the adapters have not learned: their classes come from the base
+            known = self.learned.to(route.device)[route]  # (L',)
+            route, keep = torch.where(known, route, torch.zeros_like(route)), ~known
+        embedded = model.encode({"input_ids": ids, "attention_mask": mask}, route_ids=route, keep_base=keep)
+        embedded = F.normalize(embedded.float(), dim=-1)  # (L', d)
+        if rows is None:
+            return embedded
+        return embedded.new_zeros(self.label_input_ids.shape[0], embedded.shape[1]).index_copy(0, rows, embedded)
+
+    def set_learned(self, learned: Sequence[bool] | None) -> None:
+        """Which tasks the adapters have learned (continual learning): the class texts of the others are encoded
+        by the untouched base model, routed nowhere. None (the default): every task is learned."""
+        self.learned = None if learned is None else torch.tensor(list(learned), dtype=torch.bool)
 
     def forward(self, pooled: Tensor, batch: dict[str, Tensor], model: Any = None) -> Tensor:
         """Logits `(n, L)`: exp(logit_scale) * cosine, with every column outside the sample's task set to -inf."""
-        classes = self.label_embeddings(model)  # (L, d)
+        classes = self.label_embeddings(model, batch["task_ids"])  # (L, d)
         inputs = F.normalize(pooled.float(), dim=-1)  # (n, d)
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         logits = scale * inputs @ classes.T  # (n, L)

@@ -1,4 +1,9 @@
-"""Atomic file writes and safe reads: a crash never leaves a half-written file under the final name."""
+"""Atomic file writes and safe reads: a crash never leaves a half-written file under the final name.
+
+Temporary files and folders come from `mkstemp`/`mkdtemp`, which make them private (0600, 0700); what is renamed
+into place gets the modes any other file of the user's gets (0666 and 0777 less the umask), so that a team sharing a
+run directory can read it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,57 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loramix.errors import CheckpointError
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc where it can be: setting it to read it back (the only portable way)
+    changes it for every thread for a moment, so there it is set to the strictest mask meanwhile."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a file the user creates gets: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode a folder the user creates gets: 0777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new folder `parent/<prefix>XXXX.tmp` with the user's usual folder mode, to fill and then rename into
+    place. Its name says it is unfinished, so that what a crash leaves behind can be found and removed."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
+    os.chmod(path, folder_mode())
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -25,6 +82,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,6 +105,7 @@ def atomic_save_tensors(
         digest = sha256_of(Path(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

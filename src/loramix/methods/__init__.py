@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loramix.methods import mola
+from loramix.errors import ConfigError
+from loramix.methods import continual, mola
 from loramix.methods.base import METHODS, Method, get_method, register_method
 from loramix.methods.elrea.method import Elrea
 from loramix.train.config import RunConfig
+from loramix.train.loop import processes
+from loramix.train.resume import check_resume_config
 
 __all__ = [
     "METHODS",
@@ -17,6 +20,7 @@ __all__ = [
     "Method",
     "get_method",
     "load_run_config",
+    "continual",
     "mola",
     "register_method",
     "run_training",
@@ -30,8 +34,20 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     return run
 
 
-def run_training(run: RunConfig, output_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate and save one run into `output_dir` with the method it names; returns its metrics."""
+def run_training(
+    run: RunConfig, output_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False
+) -> dict[str, Any]:
+    """Train, evaluate and save one run into `output_dir` with the method it names; returns its metrics. A resume
+    must keep the config the run was started with, but for bookkeeping, unless `allow_config_change` (then the
+    changes are recorded in the run directory); this is checked before anything is written."""
     method = get_method(run.method)
     method.validate(run)
+    if allow_config_change and not resume:
+        raise ConfigError(
+            "--allow-config-change applies only to a resume: pass --resume too, or leave it out"
+        )
+    if resume:
+        check_resume_config(
+            run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process
+        )
     return method.train(run, Path(output_dir), resume=resume)

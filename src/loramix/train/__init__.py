@@ -1,10 +1,33 @@
-"""Training: run config, per-task heads, the step (the only place losses are combined), the loop, callbacks."""
+"""Training: run config, per-task heads, the step (the only place losses are combined), the loop, callbacks.
 
-from loramix.train.callbacks import Callback, Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
+Only the run config is imported with the package; the rest (torch, accelerate) on first use, so that
+`loramix.train.config` validates a run config before torch loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from loramix.train.config import RunConfig
-from loramix.train.loop import Trainer
-from loramix.train.model import MultiTaskModel
-from loramix.train.step import compute_loss
+
+if TYPE_CHECKING:
+    from loramix.train.callbacks import Callback, Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
+    from loramix.train.loop import Trainer
+    from loramix.train.model import MultiTaskModel
+    from loramix.train.step import compute_loss
+
+# name -> the module that defines it
+_LAZY = {
+    "Callback": "loramix.train.callbacks",
+    "Checkpointer": "loramix.train.callbacks",
+    "JsonlLogger": "loramix.train.callbacks",
+    "ProgressBar": "loramix.train.callbacks",
+    "TensorBoardLogger": "loramix.train.callbacks",
+    "Trainer": "loramix.train.loop",
+    "MultiTaskModel": "loramix.train.model",
+    "compute_loss": "loramix.train.step",
+}
 
 __all__ = [
     "Callback",
@@ -17,3 +40,12 @@ __all__ = [
     "TensorBoardLogger",
     "compute_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loramix.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -5,14 +5,21 @@ Every field is documented once, here; a wrong key or value names the key and wha
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from loramix.config import format_validation_error
 from loramix.errors import ConfigError
+
+# Keys that change how a run is watched and saved, not what it computes: a resumed run may change them freely, and
+# everything else must match the run it resumes (`loramix train --resume --allow-config-change` overrides that).
+BOOKKEEPING_KEYS = frozenset(
+    {"progress", "log_every", "checkpoint_every", "keep_checkpoints", "threads", "eval_batch_size"}
+)
 
 
 class RunConfig(BaseModel):
@@ -22,7 +29,10 @@ class RunConfig(BaseModel):
         >>> run = RunConfig(method="mola-grad", model="minilm", tasks_dir="data", tasks=["sst2", "trec"])
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a float is finite: `lr: .inf` stops here
+    # tasks_dir as the YAML file wrote it (before it was resolved against the file's folder): a saved run
+    # keeps a relative path relative (see to_saved_dict)
+    _tasks_dir_as_written: str | None = PrivateAttr(None)
 
     # what to train
     method: str = Field(
@@ -115,7 +125,22 @@ class RunConfig(BaseModel):
         1.0, gt=0, description="elrea: softmax temperature of the ensemble weights."
     )
     elrea_mode: Literal["ensemble", "top1"] = Field("ensemble", description="elrea inference mode.")
-    # optimisation
+    # continual learning (tasks learned in the order of `tasks`, without the earlier tasks' data)
+    steps_per_task: int | None = Field(
+        None, ge=1, description="Continual methods: optimizer steps on each task in turn (joint: times the tasks)."
+    )
+    moe_experts: int = Field(22, ge=2, description="moe-adapters: experts per block.")
+    moe_freeze: int = Field(2, ge=0, description="moe-adapters: most-used experts per block frozen after a task.")
+    adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")
+    ddas_hidden: int = Field(64, ge=1, description="Auto-selector: width of each task's autoencoder.")
+    ddas_percentile: float = Field(
+        95.0, gt=0, le=100, description="Auto-selector: a task's threshold, this percentile of its held-out errors."
+    )
+    ddas_examples: int = Field(1000, ge=10, description="Auto-selector: training inputs a task's autoencoder fits.")
+    ddas_features: Literal["embeddings", "encoder"] = Field(
+        "embeddings", description="Auto-selector: the base model's pooled input embeddings, or its encoder output."
+    )
+    lae_decay: float = Field(0.9999, gt=0, lt=1, description="lae: EMA decay of the offline adapter, per step.")
     steps: int = Field(500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Samples per step (before accumulation).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
@@ -141,6 +166,9 @@ class RunConfig(BaseModel):
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation.")
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Newest checkpoints kept: a resume falls back to an older one if one is damaged."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
 
     @model_validator(mode="after")
@@ -154,7 +182,7 @@ class RunConfig(BaseModel):
             raise ValueError("tasks must be all names or all specs, not a mix")
         try:
             filled = {self.label_template.format(label=name, task="task") for name in ("a", "b")}
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # e.g. {label.x}, {label[x]}
             filled = set()
         if len(filled) != 2:
             raise ValueError(
@@ -183,15 +211,44 @@ class RunConfig(BaseModel):
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text") from None
+        except OSError as exc:  # unreadable: permissions, a folder, an I/O error
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        except (ValueError, RecursionError) as exc:  # a value YAML cannot build (`2020-02-30`), deep nesting
+            raise ConfigError(f"{path}: a value is not valid YAML ({exc or type(exc).__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         data = apply_overrides(data, overrides or [])
-        if isinstance(data.get("tasks_dir"), str) and not Path(data["tasks_dir"]).is_absolute():
-            data["tasks_dir"] = str((path.parent / data["tasks_dir"]).resolve())
-        return cls.from_dict(data, where=str(path))
+        written = data.get("tasks_dir")
+        if isinstance(written, str) and not Path(written).is_absolute():
+            data["tasks_dir"] = str((path.parent / written).resolve())
+        run = cls.from_dict(data, where=str(path))
+        run._tasks_dir_as_written = written if isinstance(written, str) else None
+        return run
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def __eq__(self, other: object) -> bool:
+        """Configs with the same settings are equal; how `tasks_dir` was written (relative to which file) does
+        not count, only the folder it names."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def to_saved_dict(self, folder: str | Path) -> dict[str, Any]:
+        """What a run's `config.yaml` in `folder` stores: :meth:`to_dict` with a relative `tasks_dir`
+        rewritten relative to `folder`. A config file's relative paths are read against its own folder; the
+        path the user wrote was relative to theirs, so the saved copy names the same data from the run
+        directory, holds no absolute path of this machine, and stays valid when the run and its data move
+        together. An absolute path is kept as written."""
+        data = self.to_dict()
+        written = self._tasks_dir_as_written or self.tasks_dir
+        if self.tasks_dir is not None and written is not None and not Path(written).is_absolute():
+            try:
+                data["tasks_dir"] = os.path.relpath(Path(self.tasks_dir).resolve(), Path(folder).resolve())
+            except ValueError:  # no relative path between them (another drive): keep it absolute
+                data["tasks_dir"] = str(Path(self.tasks_dir).resolve())
+        return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -202,6 +259,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
             data[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: value is not valid YAML ({exc})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({exc or type(exc).__name__})") from None
     return data

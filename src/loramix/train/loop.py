@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,14 +14,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from loramix.data import MultiTaskData, TaskBalancedSampler
 from loramix.errors import TrainingError
 from loramix.roles import parameters_by_role
 from loramix.train.aux_losses import AuxLoss
+from loramix.train.batches import EpochBatches
 from loramix.train.callbacks import Callback
-from loramix.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from loramix.train.checkpoint import (
+    load_training_checkpoint,
+    newest_good_checkpoint,
+    remove_unfinished,
+    rng_state,
+    save_training_checkpoint,
+)
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
 from loramix.train.step import compute_loss
@@ -100,11 +109,13 @@ class Trainer:
             seed=run.seed,
         )
         examples = data.split("train") if train_examples is None else train_examples
+        # One batch per process per step, in an order a resumed run can enter part-way (see train/batches.py).
+        self.batch_order = EpochBatches(self.sampler, self.accelerator.num_processes)
         # Its own generator: a new DataLoader iterator draws a seed, which must not come from the global RNG that
         # dropout uses (a resumed run creates its iterator after restoring that RNG, an uninterrupted one before).
         loader = DataLoader(
             examples,
-            batch_sampler=self.sampler,
+            batch_sampler=self.batch_order,
             collate_fn=collator,
             generator=torch.Generator().manual_seed(run.seed),
         )
@@ -119,38 +130,74 @@ class Trainer:
         return modules
 
     def save_checkpoint(self) -> None:
+        """Every process takes part, handing in its random state (dropout draws differ between processes); the main
+        process writes."""
+        states = [rng_state()]
+        if self.accelerator.num_processes > 1:
+            states = gather_object(states)
+        root = self.output_dir / "checkpoints"
         if self.accelerator.is_main_process:
             self.last_checkpoint = save_training_checkpoint(
-                self.output_dir / "checkpoints",
+                root,
                 self.step,
                 self.checkpoint_modules,
                 self.optimizer,
                 {"history": self.history},
+                rng_states=states,
+                keep=self.run.keep_checkpoints,
             )
+        else:
+            self.last_checkpoint = root / f"step-{self.step:06d}"
 
     def resume(self) -> bool:
-        """Continue from the newest checkpoint in the output directory; False when there is none."""
-        path = latest_checkpoint(self.output_dir / "checkpoints")
+        """Continue from the newest checkpoint in the output directory that verifies; False when there is none.
+        Checkpoints that do not verify are skipped, each named with the reason."""
+        root = self.output_dir / "checkpoints"
+        main = self.accelerator.is_main_process
+        if main:
+            remove_unfinished(root)
+        path, skipped = newest_good_checkpoint(root)
+        if main:
+            for reason in skipped:
+                print(f"loramix: warning: skipping a checkpoint: {reason}", file=sys.stderr)
+            if skipped and path is not None:
+                print(f"loramix: resuming from the newest checkpoint that verifies, {path}", file=sys.stderr)
         if path is None:
             return False
-        state = load_training_checkpoint(path, self.checkpoint_modules, self.optimizer)
+        state = load_training_checkpoint(
+            path,
+            self.checkpoint_modules,
+            self.optimizer,
+            process_index=self.accelerator.process_index,
+            processes=self.accelerator.num_processes,
+            verified=True,
+        )
         self.step, self.history, self.last_checkpoint = int(state["step"]), state.get("history", []), path
         # the optimizer state restored each group's learning rate; the schedule only needs to know the step
         self.scheduler.last_epoch = self.step
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
-        consumed = self.step * self.run.grad_accum
-        self.sampler.load_state_dict(
-            {
-                "seed": self.run.seed,
-                "epoch": consumed // len(self.sampler),
-                "batches_consumed": consumed % len(self.sampler),
-            }
-        )
-        # accelerate's loader calls `sampler.set_epoch(its own pass count)` on every pass; from 0 it would undo the
-        # resume point of any epoch after the first.
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(self.sampler.epoch)
+        self.batch_order.resume(self.step * self.run.grad_accum)
         return True
+
+    def average_aux_gradients(self) -> None:
+        """Average the gradients of the method's own modules (a TwD projection) over the processes, as the wrapper
+        does the model's. They sit outside it: unsynchronised, each process's copy would drift from the others, and
+        a checkpoint (which holds the main process's) could not restore the rest."""
+        params = [p for p in self.aux_modules.parameters() if p.requires_grad]
+        if not params:
+            return
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=params[0].dtype)
+        flat = torch.cat(
+            [has_grad.to(params[0].device)]
+            + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
+        flat = self.accelerator.reduce(flat, reduction="sum")
+        offset = len(params)
+        for index, p in enumerate(params):
+            grad = flat[offset : offset + p.numel()].view_as(p) / self.accelerator.num_processes
+            offset += p.numel()
+            if bool(flat[index] > 0):  # some process has a gradient for it
+                p.grad = grad.to(p.dtype).clone()
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:  # the sampler moves to its next epoch by itself
@@ -183,6 +230,8 @@ class Trainer:
                 raise TrainingError(
                     f"loss is {sums['loss']} at step {self.step + 1}; last good checkpoint: {last}"
                 )
+            if self.accelerator.num_processes > 1:
+                self.average_aux_gradients()
             if run.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
             self.optimizer.step()

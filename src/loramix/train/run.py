@@ -15,13 +15,14 @@ import yaml
 from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
 from loramix.data.spec import TaskSpec
-from loramix.errors import CheckpointError
+from loramix.errors import CheckpointError, ConfigError, InjectionError
 from loramix.heads import Head, LabelPromptHead, TaskHeads
 from loramix.heads.label_prompt import prompt_texts
 from loramix.inject import inject
 from loramix.io import load, read_checkpoint, save
 from loramix.io.files import atomic_write_bytes, atomic_write_json
-from loramix.models import load_backbone
+from loramix.models import check_model_path, load_backbone
+from loramix.preflight import check_output_dir
 from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
@@ -52,7 +53,13 @@ def task_specs(run: RunConfig) -> list[TaskSpec]:
 def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) -> tuple[MultiTaskModel, Any]:
     """The backbone with these adapters, plus the run's head (`run.head`) over every task; and the tokenizer."""
     backbone, tokenizer = load_backbone(run.model)
-    inject(backbone, adapters)
+    try:
+        inject(backbone, adapters)
+    except InjectionError as exc:  # the targets came from the run config: a config error, named as one
+        raise ConfigError(
+            f"the run config's adapter settings do not fit model {run.model!r}: {exc} (set `targets` in the run "
+            "config)"
+        ) from None
     heads: Head
     if run.head == "label-prompt":
         heads = label_prompt_head(run, label_prompts(run, data), tokenizer)
@@ -88,13 +95,22 @@ def eval_split(data: MultiTaskData) -> str:
 
 
 def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:
-    """Threads and seeds set, the data read, the output directory made and the config written."""
+    """Threads and seeds set, the data read, the output directory made and the config written. The model path
+    and the output folder are checked first, so that neither fails after the data was read."""
+    check_model_path(run.model)
+    check_output_dir(output_dir)
     if run.threads:
         torch.set_num_threads(run.threads)
     seed_everything(run.seed)
     data = MultiTaskData(task_specs(run))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False).encode())
+    saved = yaml.safe_dump(run.to_saved_dict(output_dir), sort_keys=False).encode()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output_dir / "config.yaml", saved)
+    except OSError as exc:
+        raise ConfigError(
+            f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); pass another --output-dir"
+        ) from None
     return data
 
 

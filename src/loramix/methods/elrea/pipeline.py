@@ -38,7 +38,7 @@ from loramix.methods.elrea.evaluate import FEATURE_HEADS, evaluate_elrea, featur
 from loramix.methods.elrea.features import GradientFeaturizer, adam_state_by_name
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
-from loramix.train.config import RunConfig
+from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import build_model, eval_split, save_run
@@ -127,8 +127,7 @@ class Stage:
 
 def settings(run: RunConfig) -> dict[str, Any]:
     """The settings a saved stage must share with the run that resumes it (bookkeeping may change)."""
-    bookkeeping = {"progress", "log_every", "checkpoint_every", "threads"}
-    return {k: v for k, v in run.to_dict().items() if k not in bookkeeping}
+    return {k: v for k, v in run.to_dict().items() if k not in BOOKKEEPING_KEYS}
 
 
 def _trainer(run: RunConfig, model, data, collator, output_dir: Path, steps: int, **kwargs) -> Trainer:

@@ -1,0 +1,23 @@
+"""Continual learning: tasks learned one after another without the earlier tasks' data (see :mod:`.sequence`).
+
+Methods: `moe-adapters` (and `moe-adapters-task-id`, `joint`), `continual-mola-grad`, `lae`, and the references
+`zero-shot` and `sequential-lora`.
+"""
+
+from loramix.methods.continual.baselines import Lae, SequentialLora, ZeroShot
+from loramix.methods.continual.moe_adapters import JointMoEAdapters, MoEAdapters, MoEAdaptersTaskId
+from loramix.methods.continual.mola_grad import ContinualMolaGrad
+from loramix.methods.continual.sequence import Continual, Learner, continual_metrics
+
+__all__ = [
+    "Continual",
+    "ContinualMolaGrad",
+    "JointMoEAdapters",
+    "Lae",
+    "Learner",
+    "MoEAdapters",
+    "MoEAdaptersTaskId",
+    "SequentialLora",
+    "ZeroShot",
+    "continual_metrics",
+]

@@ -1,0 +1,128 @@
+"""MoE-Adapters for continual learning (Yu et al., "Boosting continual learning of vision-language models via
+mixture-of-experts adapters", CVPR 2024), on a text encoder, and its true-task-id variant.
+
+- Experts: bottleneck adapters (width `adapter_width`, 64; scale 0.1; up-projection zero-initialised),
+  `moe_experts` (22) in every transformer block, on the block's MLP: around its output projection by default
+  (`...layer.N.output.dense` in BERT-style encoders, whose post-LayerNorm blocks leave no seam beside the whole MLP;
+  `mlp.c_proj` / `mlp.down_proj` / `mlp.fc2` elsewhere), or wherever `targets` says.
+- Routing: one router per task in every block (`router: per-task`), noisy top-2 on the first token, zero-initialised;
+  while task t trains only task t's routers run, and the older ones are frozen (bit-identical from then on).
+- Activate-freeze: while task t trains, each block counts how often each expert is chosen; after task t the
+  `moe_freeze` (2) most chosen experts of each block are frozen, and the frozen set only grows.
+- DDAS: after task t an autoencoder is fitted on the base model's embeddings of task t's training inputs; at
+  inference it routes each input to a learned task's routers or to the untouched base model (see
+  :mod:`loramix.routers.selector`). The `-task-id` variant routes by the true task id instead, which separates
+  routing errors from forgetting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loramix.config import AdapterConfig
+from loramix.growth import grow
+from loramix.inject import get_info
+from loramix.methods.base import register_method
+from loramix.methods.continual.sequence import Continual, Learner
+from loramix.routers import PerTaskRouter
+from loramix.train.callbacks import Callback
+from loramix.train.config import RunConfig
+
+MLP_OUTPUTS = r"(.*\.)?(layer\.\d+\.output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
+
+
+class ExpertUse(Callback):
+    """Counts, per adapted layer, how often each expert is among a sample's chosen experts."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Tensor] = {}
+
+    def on_batch_end(self, trainer: Any, batch: dict[str, Any], result: Any) -> None:
+        for name, gate in result.state.records:
+            if gate.indices is None or name == "model":
+                continue
+            chosen = torch.bincount(gate.indices.flatten(), minlength=gate.weights.shape[-1]).cpu()
+            self.counts[name] = self.counts.get(name, torch.zeros_like(chosen)) + chosen
+
+
+@register_method
+class MoEAdapters(Continual):
+    name = "moe-adapters"
+    description = "experts added to a frozen encoder task by task, most-used frozen, per-task routers, DDAS"
+    uses_selector = True
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        where: dict[str, Any] = (
+            {"target_regex": MLP_OUTPUTS, "targets": "all-linear"}
+            if run.targets == "all-linear"
+            else {"targets": run.targets}
+        )
+        return AdapterConfig(
+            experts="adapter",
+            rank=run.adapter_width,
+            adapter_scale=0.1,
+            num_experts=run.moe_experts,
+            router="per-task",
+            num_tasks=self.initial_tasks(num_tasks),
+            top_k=run.top_k or 2,
+            noisy=True,
+            dropout=run.dropout,
+            **where,
+        )
+
+    def initial_tasks(self, num_tasks: int) -> int:
+        return 1  # a router per task is added as its task arrives
+
+    def begin_task(self, learner: Learner, task: int) -> None:
+        info = get_info(learner.backbone)
+        if task >= (info.config.num_tasks or 0):
+            grow(learner.backbone, num_tasks=task + 1)
+        for layer in info.layers:  # the older routers never change again
+            assert isinstance(layer.router, PerTaskRouter)
+            if task:
+                layer.router.freeze_tasks(list(range(task)))
+        self.use = ExpertUse()
+
+    def task_callbacks(self, learner: Learner, task: int | None) -> list[Callback]:
+        return [self.use] if task is not None else []
+
+    def end_task(self, learner: Learner, task: int) -> None:
+        info = get_info(learner.backbone)
+        frozen, use = {}, {}
+        for name, layer in zip(info.names, info.layers):
+            counts = self.use.counts.get(name, torch.zeros(layer.experts.num_experts, dtype=torch.long))
+            top = counts.argsort(descending=True, stable=True)[: learner.run.moe_freeze].tolist()
+            if top:
+                layer.experts.freeze_experts(top)
+            frozen[name], use[name] = sorted(top), counts.tolist()
+        learner.records["frozen"][str(task)] = frozen
+        learner.records["expert_use"][str(task)] = use
+        super().end_task(learner, task)
+
+
+@register_method
+class MoEAdaptersTaskId(MoEAdapters):
+    name = "moe-adapters-task-id"
+    description = "moe-adapters routed by the true task id instead of DDAS (tasks not learned yet: the base)"
+    uses_selector = False
+
+
+@register_method
+class JointMoEAdapters(MoEAdapters):
+    name = "joint"
+    description = (
+        "the moe-adapters experts trained on all tasks at once, as many steps as the sequence (upper bound)"
+    )
+    uses_selector = False
+    per_task_steps = False
+
+    def initial_tasks(self, num_tasks: int) -> int:
+        return num_tasks
+
+    def train_task(self, learner: Learner, task: int | None, output_dir: Any, resume: bool) -> list:
+        learner.learned = [True] * learner.data.num_tasks
+        self.mark_learned(learner)
+        return super().train_task(learner, task, output_dir, resume)

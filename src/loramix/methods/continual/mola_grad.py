@@ -1,0 +1,33 @@
+"""Continual MoLA-Grad: one LoRA expert per task, added when its task arrives (:func:`loramix.grow`), trained on
+that task alone and frozen after; at inference the auto-selector (DDAS) picks each input's expert, or the untouched
+base model when the input is unfamiliar. Task gradients never meet, and a later task cannot move an earlier one's
+expert: forgetting comes only from the selector's mistakes."""
+
+from __future__ import annotations
+
+from loramix.config import AdapterConfig
+from loramix.growth import grow
+from loramix.inject import get_info
+from loramix.methods.base import register_method
+from loramix.methods.continual.sequence import Continual, Learner
+from loramix.methods.mola import common
+from loramix.train.config import RunConfig
+
+
+@register_method
+class ContinualMolaGrad(Continual):
+    name = "continual-mola-grad"
+    description = "one LoRA expert per task, trained when it arrives and frozen after; DDAS picks the expert"
+    uses_selector = True
+
+    def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
+        return AdapterConfig(num_experts=1, router="task", num_tasks=1, **common(run))
+
+    def begin_task(self, learner: Learner, task: int) -> None:
+        info = get_info(learner.backbone)
+        if task >= info.config.num_experts:
+            grow(learner.backbone, num_experts=task + 1, num_tasks=task + 1)
+        for layer in info.layers:
+            if task:
+                layer.experts.freeze_experts(list(range(task)))
+        learner.records["frozen"][str(task)] = list(range(task))

@@ -1,0 +1,338 @@
+"""Learning tasks one after another, without the earlier tasks' data: the schedule every continual method shares,
+the accuracy matrix and its metrics (the ZSCL / MTIL protocol).
+
+A run trains the tasks of `tasks` in their order, `steps_per_task` optimizer steps each, on that task's training
+data alone, and after each task evaluates every task of the sequence, learned or not. Row 0 of the accuracy matrix
+is the model before any training; row i is after task i. A method says what happens before and after each task
+(grow, freeze, fit the auto-selector) and how inputs are routed at inference (by the auto-selector, by the true
+task id, or not at all). Classes are scored by the label-prompt head, so a task not learned yet is answered by the
+base model from its label names.
+
+Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically); a run that dies inside task
+t reloads the state after task t - 1 and resumes task t from its newest checkpoint (`task-<t>/checkpoints`).
+
+Legend: T tasks, n samples, d feature width.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from loramix.data import MultiTaskData, TextCollator
+from loramix.errors import ConfigError
+from loramix.inject import get_info
+from loramix.io import load, read_checkpoint
+from loramix.io.files import atomic_write_json
+from loramix.methods.base import Method
+from loramix.models import load_backbone
+from loramix.routers.selector import AutoSelector
+from loramix.train.callbacks import Callback
+from loramix.train.config import RunConfig
+from loramix.train.loop import Trainer
+from loramix.train.model import MultiTaskModel
+from loramix.train.run import build_model, callbacks_for, eval_split, prepare_run, save_run, seed_everything
+from loramix.train.step import routed as routing_block
+
+STATE_FILE = "learner.safetensors"
+
+
+class Learner:
+    """What a continual run carries from task to task: the model, the auto-selector, and the method's records."""
+
+    def __init__(
+        self, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, collator: TextCollator
+    ) -> None:
+        self.run, self.data, self.model, self.collator = run, data, model, collator
+        self.selector: AutoSelector | None = None
+        self.learned = [False] * data.num_tasks
+        self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
+        self.device = next(model.parameters()).device
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.model.backbone
+
+    def batches(self, examples: list, batch_size: int) -> Any:
+        for start in range(0, len(examples), batch_size):
+            yield {
+                k: v.to(self.device) for k, v in self.collator(examples[start : start + batch_size]).items()
+            }
+
+    @torch.no_grad()
+    def base_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """The auto-selector's feature of each input `(n, d)`, from the untouched base model: its input embeddings
+        mean-pooled over real tokens (`ddas_features: embeddings`, the default: an embedding lookup, nearly free,
+        and on the ten tasks it told them apart better than the encoder's output did), or the base encoder's
+        mean-pooled output (`encoder`: one more forward pass, every sample kept on the base)."""
+        mask = batch["attention_mask"]
+        if self.run.ddas_features == "encoder":
+            keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+            return self.model.encode(batch, route_ids=torch.zeros_like(keep, dtype=torch.long), keep_base=keep)
+        embedded = self.backbone.get_input_embeddings()(batch["input_ids"])  # (n, t, d)
+        weights = mask.to(embedded.dtype)[..., None]
+        return (embedded * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class Continual(Method):
+    """Base of continual methods; subclasses give the adapters and override the hooks they need."""
+
+    uses_selector: ClassVar[bool] = False  # the auto-selector (DDAS) routes inputs at inference
+    base_for_unlearned: ClassVar[bool] = (
+        True  # tasks not learned yet (inputs, class texts) go to the base model
+    )
+    per_task_steps: ClassVar[bool] = True  # False: one joint phase on all tasks (the upper bound)
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        if run.steps_per_task is None:
+            raise ConfigError(
+                f"steps_per_task: method {self.name} learns the tasks in turn; set the steps per task"
+            )
+        if run.head != "label-prompt":
+            raise ConfigError(
+                f"head: method {self.name} scores classes by their label texts so that tasks not learned yet are "
+                "answered zero-shot by the base model; set head: label-prompt"
+            )
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def begin_task(self, learner: Learner, task: int) -> None:
+        """Before task `task` trains: grow, set what trains."""
+
+    def end_task(self, learner: Learner, task: int) -> None:
+        """After task `task` trained: freeze, record."""
+        if self.uses_selector:
+            assert learner.selector is not None
+            learner.selector.add_task(self.task_features(learner, task), seed=learner.run.seed)
+
+    def task_callbacks(self, learner: Learner, task: int) -> list[Callback]:
+        return []
+
+    def route(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """`(route ids, keep-base mask)` of an evaluation batch: by the auto-selector when the method has one."""
+        task_ids = batch["task_ids"]
+        if self.uses_selector:
+            assert learner.selector is not None
+            return learner.selector(learner.base_features(batch))
+        if not self.base_for_unlearned:
+            return task_ids, torch.zeros_like(task_ids, dtype=torch.bool)
+        known = torch.tensor(learner.learned, device=task_ids.device)[task_ids]
+        return torch.where(known, task_ids, torch.zeros_like(task_ids)), ~known
+
+    def mark_learned(self, learner: Learner) -> None:
+        """Tell the head which tasks' class texts the adapters may encode (the others: the base model)."""
+        learner.model.heads.set_learned(learner.learned if self.base_for_unlearned else None)
+
+    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Tensor:
+        """Label indices within each sample's task `(n,)`, routed by `route` with `keep` on the base."""
+        routed = {**batch, "route_ids": route, "keep_base": keep}
+        with routing_block(learner.model, routed):
+            return learner.model.heads.predict(learner.model, routed)
+
+    def task_features(self, learner: Learner, task: int) -> Tensor:
+        examples = learner.data.split("train")
+        own = [e for e in examples if e.task == task]
+        rng = np.random.default_rng(learner.run.seed)
+        chosen = rng.choice(len(own), size=min(len(own), learner.run.ddas_examples), replace=False)
+        feats = [learner.base_features(b) for b in learner.batches([own[i] for i in sorted(chosen)], 64)]
+        return torch.cat(feats).cpu()
+
+    # ---- the schedule ---------------------------------------------------------------------------------------
+    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+        data = prepare_run(run, output_dir)
+        model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
+        learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
+        self.mark_learned(learner)
+        if self.uses_selector:
+            width = (
+                model.backbone.get_input_embeddings().embedding_dim
+                if run.ddas_features == "embeddings"
+                else model.backbone.config.hidden_size
+            )
+            learner.selector = AutoSelector(width, hidden=run.ddas_hidden, percentile=run.ddas_percentile)
+        progress = output_dir / "progress.json"
+        done = json.loads(progress.read_text())["done"] if resume and progress.is_file() else -1
+        matrix: list[list[float]] = []
+        if done >= 0:
+            learner = self.restore(learner, output_dir / f"after-task-{done}")
+            matrix = json.loads(progress.read_text())["matrix"]
+        else:
+            matrix.append(self.evaluate_all(learner))
+        tasks = range(data.num_tasks) if self.per_task_steps else [None]
+        for task in tasks:
+            if task is not None and task <= done:
+                continue
+            history = self.train_task(learner, task, output_dir, resume)
+            if task is None:  # the joint phase: the one row of the matrix after it
+                matrix.append(self.evaluate_all(learner))
+                break
+            self.end_task(learner, task)
+            learner.learned[task] = True
+            self.mark_learned(learner)
+            learner.records.setdefault("history", {})[str(task)] = history
+            self.snapshot(learner, output_dir / f"after-task-{task}")
+            matrix.append(self.evaluate_all(learner))
+            atomic_write_json(progress, {"done": task, "matrix": matrix})
+        metrics = self.report(learner, matrix)
+        save_run(output_dir, run, data, learner.model, metrics, extra=self.extra_tensors(learner))
+        return metrics
+
+    def train_task(self, learner: Learner, task: int | None, output_dir: Path, resume: bool) -> list:
+        run, data = learner.run, learner.data
+        seed_everything(run.seed + (0 if task is None else task))
+        if task is None:  # every task at once, as many steps as the sequence has
+            phase = run.model_copy(update={"steps": run.steps_per_task * data.num_tasks})
+            examples, ids, folder = data.split("train"), None, output_dir / "joint"
+        else:
+            self.begin_task(learner, task)
+            phase = run.model_copy(update={"steps": run.steps_per_task})
+            examples = [e for e in data.split("train") if e.task == task]
+            ids, folder = [task] * len(examples), output_dir / f"task-{task}"
+        callbacks = callbacks_for(phase, folder, tensorboard=False) + self.task_callbacks(learner, task)
+        trainer = Trainer(
+            phase,
+            learner.model,
+            data,
+            learner.collator,
+            output_dir=folder,
+            aux_losses=self.aux_losses(run, get_info(learner.backbone).config),
+            callbacks=callbacks,
+            train_examples=examples,
+            sampler_ids=ids,
+        )
+        if resume:
+            trainer.resume()
+        history = trainer.train()
+        learner.model = trainer.accelerator.unwrap_model(trainer.model)
+        return history
+
+    @torch.no_grad()
+    def evaluate_all(self, learner: Learner) -> list[float]:
+        """Accuracy on every task of the sequence (a fixed sample of each test split), as the method routes."""
+        model, data, run = learner.model, learner.data, learner.run
+        model.eval()
+        split = eval_split(data)
+        row, own, seen, base, unseen = [], 0, 0, 0, 0
+        for task in data.tasks:
+            examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
+            correct = 0
+            for batch in learner.batches(examples, run.eval_batch_size):
+                route, keep = self.route(learner, batch)
+                correct += int((self.predict(learner, batch, route, keep) == batch["labels"].float()).sum())
+                if learner.learned[task.task_id]:
+                    own, seen = own + int(((route == task.task_id) & ~keep).sum()), seen + len(keep)
+                else:
+                    base, unseen = base + int(keep.sum()), unseen + len(keep)
+            row.append(correct / max(len(examples), 1))
+        if self.uses_selector:  # where the selector sent learned and not yet learned tasks' inputs, per row
+            learner.records.setdefault("selector_rows", []).append(
+                {
+                    "own_task_rate": own / seen if seen else None,
+                    "base_rate_unlearned": base / unseen if unseen else None,
+                }
+            )
+        model.train()
+        return row
+
+    # ---- state between tasks -------------------------------------------------------------------------------
+    def extra_tensors(self, learner: Learner, *, head: bool = False) -> dict[str, Tensor]:
+        """The selector's tensors (and the head's, for a snapshot: a finished run's save holds the head already)."""
+        extra = {f"head.{k}": v for k, v in learner.model.heads.state_dict().items()} if head else {}
+        if learner.selector is not None:
+            extra.update({f"selector.{k}": v for k, v in learner.selector.state().items()})
+        return extra
+
+    def snapshot(self, learner: Learner, directory: Path) -> None:
+        """The learner after a task: adapters (with frozen experts and routers), head, selector, records."""
+        from loramix.io import save
+
+        save(
+            learner.backbone,
+            directory / "adapter",
+            metadata={"records": learner.records, "learned": learner.learned},
+            extra_tensors=self.extra_tensors(learner),
+        )
+
+    def restore(self, learner: Learner, directory: Path) -> Learner:
+        """A fresh model with the adapters, head and selector saved after a task."""
+        record, tensors = read_checkpoint(directory / "adapter")
+        backbone, _ = load_backbone(learner.run.model)
+        load(backbone, directory / "adapter")
+        learner.model.backbone = backbone
+        head = {k.removeprefix("extra.head."): v for k, v in tensors.items() if k.startswith("extra.head.")}
+        learner.model.heads.load_state_dict(head)
+        learner.model.to(learner.device)
+        if learner.selector is not None:
+            learner.selector.load_state(
+                {
+                    k.removeprefix("extra.selector."): v
+                    for k, v in tensors.items()
+                    if k.startswith("extra.selector.")
+                }
+            )
+        learner.records = record["metadata"]["records"]
+        learner.learned = record["metadata"]["learned"]
+        self.mark_learned(learner)
+        return learner
+
+    # ---- the report ---------------------------------------------------------------------------------------------
+    def report(self, learner: Learner, matrix: list[list[float]]) -> dict[str, Any]:
+        names = learner.data.task_names
+        metrics: dict[str, Any] = {"method": self.name, "seed": learner.run.seed, "tasks_in_order": names}
+        metrics["accuracy_matrix"] = matrix
+        metrics.update(
+            continual_metrics(np.array(matrix))
+            if self.per_task_steps
+            else {"Last": float(np.mean(matrix[-1]))}
+        )
+        metrics["tasks"] = {n: {"accuracy": a} for n, a in zip(names, matrix[-1])}
+        metrics["mean_accuracy"] = float(np.mean(matrix[-1]))
+        metrics["routing"] = {}
+        if learner.selector is not None:
+            metrics["selector"] = self.selector_confusion(learner)
+        metrics["continual"] = learner.records
+        return metrics
+
+    @torch.no_grad()
+    def selector_confusion(self, learner: Learner) -> dict[str, Any]:
+        """Where the auto-selector sends each task's test inputs: `confusion[true task][chosen task]`, with a last
+        column for the base model; and the rates the targets read (own task for learned tasks, base for the rest)."""
+        assert learner.selector is not None
+        data, run = learner.data, learner.run
+        tasks = data.num_tasks
+        confusion = np.zeros((tasks, tasks + 1), dtype=int)
+        for task in data.tasks:
+            for batch in learner.batches(
+                data.eval_examples(eval_split(data), task.task_id, run.max_eval_examples), 64
+            ):
+                chosen, keep = learner.selector(learner.base_features(batch))
+                column = torch.where(keep, torch.full_like(chosen, tasks), chosen).cpu()
+                np.add.at(confusion[task.task_id], column.numpy(), 1)
+        own = np.diag(confusion[:, :tasks]).sum() / max(confusion.sum(), 1)
+        return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": data.task_names}
+
+
+def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
+    """Transfer, Average, Last and BWT of a `(T + 1, T)` accuracy matrix (row 0 before training, row i after task
+    i; column j is task j):
+
+    - Transfer: the mean over tasks j of their accuracy in the rows before task j is learned (rows 0..j);
+    - Average: the mean of all entries of rows 1..T;
+    - Last: the mean of the last row;
+    - BWT: the mean over j of (last-row accuracy of j - accuracy right after learning j, row j + 1).
+    Tasks whose "before" set is empty do not exist here, since row 0 always precedes.
+    """
+    tasks = matrix.shape[1]
+    transfer = [matrix[: j + 1, j].mean() for j in range(tasks)]
+    bwt = [matrix[-1, j] - matrix[j + 1, j] for j in range(tasks - 1)]  # the last task has no later row
+    return {
+        "Transfer": float(np.mean(transfer)),
+        "Average": float(matrix[1:].mean()),
+        "Last": float(matrix[-1].mean()),
+        "BWT": float(np.mean(bwt)) if bwt else 0.0,
+    }

@@ -1,0 +1,54 @@
+"""Checks the command line runs before it imports torch or reads data: paths it will write, and what `export` was
+asked for. Loading torch and transformers takes seconds; a mistake in a path or an argument should be named at
+once, not after the imports, the data and the model. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from loramix.errors import ConfigError
+
+
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+    """Refuse an output folder that cannot be made or written: the path, or a folder on the way to it, is a file;
+    or the nearest existing folder is not writable. Makes nothing, so that a run refused later leaves no trace."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise ConfigError(
+            f"{flag} {path} {where}, not a folder; pass another {flag} or move the file out of the way"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == path else f"cannot be made: {existing} is not writable"
+        raise ConfigError(
+            f"{flag} {path} {where} (by this user); pass another {flag} or change the folder's permissions"
+        )
+
+
+def check_export_request(run_dir: str | Path, task: str | None, expert: int | None) -> None:
+    """What `loramix export` can tell from the run's JSON files before it loads a model: that a task was named and
+    is one of the run's (read from `adapter/loramix_config.json`). `--expert` (experts that are not tasks, as in
+    an ELREA run) is the method's to check. When the file is missing or unreadable, nothing is decided here: the
+    full load reports it with its own message."""
+    if expert is not None:
+        return
+    try:
+        record = json.loads((Path(run_dir) / "adapter" / "loramix_config.json").read_text(encoding="utf-8"))
+        names = [str(meta["name"]) for meta in record["metadata"]["tasks"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not names:
+        return
+    if task is None:
+        raise ConfigError(
+            f"pass --task, one of this run's tasks: {', '.join(names)} (or --expert N for a run whose experts are "
+            "not tasks, as in an ELREA run)"
+        )
+    if task not in names:
+        raise ConfigError(f"--task {task!r} is not a task of this run; its tasks are: {', '.join(names)}")

@@ -1,0 +1,98 @@
+"""What a resumed run may change: only bookkeeping (`BOOKKEEPING_KEYS`). A resume that changed the learning rate, the
+seed or the method would end somewhere neither config leads to, and then overwrite `config.yaml`, which would no
+longer say how the run was made. So a changed config is refused, naming each key, before anything is written;
+`--allow-config-change` lets it through and appends the changes to `config-changes.jsonl` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loramix.errors import CheckpointError, ConfigError
+from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
+
+CONFIG_FILE = "config.yaml"
+CHANGES_FILE = "config-changes.jsonl"
+_ABSENT = object()
+
+
+def config_changes(
+    saved: dict[str, Any], run: RunConfig, saved_in: Path | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """The keys outside bookkeeping whose values differ: key -> (saved value, this run's value). A key the saved
+    config lacks counts with its default (added since: the saved run had that default). `tasks_dir` counts by the
+    folder it names: a saved config may hold it relative to its own folder `saved_in`, a run relative to here."""
+    defaults = RunConfig.model_construct().model_dump(mode="json")
+    now = run.to_dict()
+    saved = dict(saved)
+    if isinstance(saved.get("tasks_dir"), str) and isinstance(now.get("tasks_dir"), str):
+        saved["tasks_dir"] = str(((saved_in or Path.cwd()) / saved["tasks_dir"]).resolve())
+        now["tasks_dir"] = str(Path(now["tasks_dir"]).resolve())
+    changed = {}
+    for key in sorted((set(saved) | set(now)) - BOOKKEEPING_KEYS):
+        before = saved.get(key, defaults.get(key, _ABSENT))
+        after = now.get(key, _ABSENT)
+        if before != after:
+            changed[key] = (None if before is _ABSENT else before, None if after is _ABSENT else after)
+    return changed
+
+
+def check_resume_config(
+    run: RunConfig, output_dir: Path, *, allow_change: bool = False, main_process: bool = True
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume the run in `output_dir` with a config that differs from its `config.yaml` outside
+    bookkeeping (a ConfigError names each key, from what to what), unless `allow_change`: then the changes are
+    appended to `config-changes.jsonl` (by the main process) and returned. Nothing to compare (no `config.yaml`
+    yet) is no change."""
+    path = Path(output_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable run config ({exc}), so what the run was started with is unknown; restore it "
+            "or train into another --output-dir"
+        ) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: expected a mapping of keys to values at the top level")
+    changed = config_changes(saved, run, path.parent)
+    if not changed:
+        return {}
+    listing = ", ".join(
+        f"{key} ({_show(before)} -> {_show(after)})" for key, (before, after) in changed.items()
+    )
+    if not allow_change:
+        raise ConfigError(
+            f"{path}: the run being resumed was started with other settings: {listing}. Resume with the config it "
+            f"was started with; or pass --allow-config-change to resume anyway (the changes are recorded in "
+            f"{CHANGES_FILE}); or train into another --output-dir. Only "
+            f"{', '.join(sorted(BOOKKEEPING_KEYS))} may change freely"
+        )
+    if main_process:
+        from loramix.io.files import atomic_write_bytes  # here: the check above runs before torch loads
+
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "changed": {key: {"from": before, "to": after} for key, (before, after) in changed.items()},
+        }
+        log = Path(output_dir) / CHANGES_FILE
+        previous = log.read_bytes() if log.is_file() else b""
+        if previous and not previous.endswith(b"\n"):
+            previous += b"\n"
+        atomic_write_bytes(log, previous + (json.dumps(record) + "\n").encode())
+        print(
+            f"loramix: warning: resuming with changed settings: {listing}; recorded in {log}", file=sys.stderr
+        )
+    return changed
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,159 @@
+"""Continual learning on the tiny tasks: every method runs the sequence and writes its accuracy matrix; MoE-Adapters
+keeps exactly k experts per routed sample, selects routers by task, freezes the most-used experts, and leaves frozen
+experts and old routers bit-identical through later tasks; DDAS-rejected samples get the base output; resuming
+inside a task equals an uninterrupted run; the metrics follow their definitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from loramix.errors import ConfigError
+from loramix.inject import get_info
+from loramix.methods import get_method, run_training
+from loramix.methods.continual import Learner, continual_metrics
+from loramix.routers.selector import AutoSelector
+from loramix.train.config import RunConfig
+from tests.train import toys
+
+
+def specs(tasks_dir: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "train": str(tasks_dir / name / "train.jsonl"),
+            "test": str(tasks_dir / name / "test.jsonl"),
+            "labels": toys.TASKS[name][2],
+            **({"label_prompts": ["bad", "good"]} if name == "sentiment" else {}),
+        }
+        for name in toys.TASK_NAMES
+    ]
+
+
+def continual_run(model_dir: Path, tasks_dir: Path, method: str, **overrides: Any) -> RunConfig:
+    settings = {**toys.settings(model_dir, tasks_dir), "tasks_dir": None, "tasks": specs(tasks_dir)}
+    return RunConfig.from_dict(
+        {
+            **settings,
+            "method": method,
+            "head": "label-prompt",
+            "label_smoothing": 0.2,
+            "steps_per_task": 12,
+            "lr": 1e-2,
+            "router_lr": 1e-2,
+            "moe_experts": 6,
+            "adapter_width": 8,
+            "ddas_hidden": 8,
+            "ddas_examples": 40,
+            "log_every": 1,
+            **overrides,
+        }
+    )
+
+
+def test_metrics_follow_their_definitions():
+    matrix = np.array([[0.5, 0.4, 0.3], [0.9, 0.45, 0.35], [0.8, 0.95, 0.3], [0.7, 0.9, 0.99]])
+    metrics = continual_metrics(matrix)
+    assert metrics["Transfer"] == pytest.approx(np.mean([0.5, np.mean([0.4, 0.45]), np.mean([0.3, 0.35, 0.3])]))
+    assert metrics["Average"] == pytest.approx(matrix[1:].mean())
+    assert metrics["Last"] == pytest.approx(np.mean([0.7, 0.9, 0.99]))
+    assert metrics["BWT"] == pytest.approx(np.mean([0.7 - 0.9, 0.9 - 0.95]))
+
+
+def test_a_continual_method_needs_steps_per_task_and_label_prompts(model_dir: Path, tasks_dir: Path):
+    run = continual_run(model_dir, tasks_dir, "moe-adapters", steps_per_task=None)
+    with pytest.raises(ConfigError, match="steps_per_task"):
+        get_method(run.method).validate(run)
+    run = continual_run(model_dir, tasks_dir, "moe-adapters", head="classification", label_smoothing=0.0)
+    with pytest.raises(ConfigError, match="head: method moe-adapters"):
+        get_method(run.method).validate(run)
+
+
+def test_the_selector_batched_errors_equal_the_loop_and_unfamiliar_inputs_go_to_the_base():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 16) * 3
+    selector = AutoSelector(16, hidden=4)
+    for c in centres:
+        selector.add_task(c + 0.1 * torch.randn(200, 16), epochs=300)
+    probe = torch.cat([centres + 0.1 * torch.randn(3, 16), torch.randn(2, 16) * 3])
+    torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
+    tasks, keep = selector(probe)
+    assert tasks[:3].tolist() == [0, 1, 2] and not keep[:3].any()
+    assert keep[3:].all()  # far from every task's data
+
+
+@pytest.fixture(scope="module")
+def moe_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run = continual_run(model_dir, tasks_dir, "moe-adapters")
+    output = tmp_path_factory.mktemp("moe")
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    method = get_method("moe-adapters")
+    original_end = type(method).end_task
+
+    def record_end(self, learner: Learner, task: int) -> None:
+        original_end(self, learner, task)
+        layer = get_info(learner.backbone).layers[0]
+        snapshots[task] = {
+            "experts": {k: v.detach().clone() for k, v in layer.experts.effective().items()},
+            "frozen": layer.experts.frozen_experts,
+            "router": layer.router.effective()["weight"].detach().clone(),
+        }
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(method), "end_task", record_end)
+        metrics = run_training(run, output)
+    return {"metrics": metrics, "dir": output, "snapshots": snapshots, "run": run}
+
+
+def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[str, Any]):
+    metrics, tasks = moe_run["metrics"], len(toys.TASK_NAMES)
+    matrix = np.array(metrics["accuracy_matrix"])
+    assert matrix.shape == (tasks + 1, tasks)
+    assert set(continual_metrics(matrix)) <= set(metrics)
+    assert ((matrix >= 0) & (matrix <= 1)).all()
+    confusion = np.array(metrics["selector"]["confusion"])
+    assert confusion.shape == (tasks, tasks + 1) and confusion.sum() > 0
+    assert (Path(moe_run["dir"]) / "after-task-2" / "adapter" / "adapters.safetensors").is_file()
+
+
+def test_frozen_experts_and_old_routers_stay_bit_identical_through_later_tasks(moe_run: dict[str, Any]):
+    snaps = moe_run["snapshots"]
+    first, last = snaps[0], snaps[max(snaps)]
+    assert len(first["frozen"]) == 2 and set(first["frozen"]) <= set(last["frozen"])
+    for name, value in first["experts"].items():
+        if value.shape[0] == len(first["frozen"]) or name in ("down", "down_bias", "up", "up_bias"):
+            assert torch.equal(last["experts"][name][first["frozen"]], value[first["frozen"]]), name
+    assert torch.equal(last["router"][0], first["router"][0])  # task 0's router never changed again
+    assert not torch.equal(last["router"][-1], torch.zeros_like(last["router"][-1]))  # the last one trained
+
+
+def test_the_most_used_experts_are_the_ones_frozen(moe_run: dict[str, Any]):
+    records = moe_run["metrics"]["continual"]
+    for task, layers in records["frozen"].items():
+        for name, frozen in layers.items():
+            use = torch.tensor(records["expert_use"][task][name])
+            assert sorted(frozen) == sorted(use.argsort(descending=True, stable=True)[:2].tolist())
+
+
+@pytest.mark.parametrize("method", ["continual-mola-grad", "sequential-lora", "lae", "zero-shot", "moe-adapters-task-id"])
+def test_every_continual_method_runs_the_sequence(method: str, model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    metrics = run_training(continual_run(model_dir, tasks_dir, method, steps_per_task=6), tmp_path)
+    matrix = np.array(metrics["accuracy_matrix"])
+    assert matrix.shape == (len(toys.TASK_NAMES) + 1, len(toys.TASK_NAMES))
+    if method == "zero-shot":
+        assert (matrix == matrix[0]).all()
+
+
+def test_continual_mola_grad_keeps_learned_tasks_exactly_when_routed_by_task(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """With the true task id (the selector aside), a task's accuracy never moves once it is learned: its expert is
+    frozen and later experts are other tasks'."""
+    metrics = run_training(continual_run(model_dir, tasks_dir, "moe-adapters-task-id", steps_per_task=8), tmp_path)
+    matrix = np.array(metrics["accuracy_matrix"])
+    for task in range(matrix.shape[1]):
+        assert np.all(matrix[task + 1 :, task] == matrix[task + 1, task])
