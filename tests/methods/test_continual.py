@@ -58,7 +58,9 @@ def continual_run(model_dir: Path, tasks_dir: Path, method: str, **overrides: An
 def test_metrics_follow_their_definitions():
     matrix = np.array([[0.5, 0.4, 0.3], [0.9, 0.45, 0.35], [0.8, 0.95, 0.3], [0.7, 0.9, 0.99]])
     metrics = continual_metrics(matrix)
-    assert metrics["Transfer"] == pytest.approx(np.mean([0.5, np.mean([0.4, 0.45]), np.mean([0.3, 0.35, 0.3])]))
+    assert metrics["Transfer"] == pytest.approx(
+        np.mean([0.5, np.mean([0.4, 0.45]), np.mean([0.3, 0.35, 0.3])])
+    )
     assert metrics["Average"] == pytest.approx(matrix[1:].mean())
     assert metrics["Last"] == pytest.approx(np.mean([0.7, 0.9, 0.99]))
     assert metrics["BWT"] == pytest.approx(np.mean([0.7 - 0.9, 0.9 - 0.95]))
@@ -139,8 +141,12 @@ def test_the_most_used_experts_are_the_ones_frozen(moe_run: dict[str, Any]):
             assert sorted(frozen) == sorted(use.argsort(descending=True, stable=True)[:2].tolist())
 
 
-@pytest.mark.parametrize("method", ["continual-mola-grad", "sequential-lora", "lae", "zero-shot", "moe-adapters-task-id"])
-def test_every_continual_method_runs_the_sequence(method: str, model_dir: Path, tasks_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    "method", ["continual-mola-grad", "sequential-lora", "lae", "zero-shot", "moe-adapters-task-id"]
+)
+def test_every_continual_method_runs_the_sequence(
+    method: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
     metrics = run_training(continual_run(model_dir, tasks_dir, method, steps_per_task=6), tmp_path)
     matrix = np.array(metrics["accuracy_matrix"])
     assert matrix.shape == (len(toys.TASK_NAMES) + 1, len(toys.TASK_NAMES))
@@ -153,7 +159,48 @@ def test_continual_mola_grad_keeps_learned_tasks_exactly_when_routed_by_task(
 ):
     """With the true task id (the selector aside), a task's accuracy never moves once it is learned: its expert is
     frozen and later experts are other tasks'."""
-    metrics = run_training(continual_run(model_dir, tasks_dir, "moe-adapters-task-id", steps_per_task=8), tmp_path)
+    metrics = run_training(
+        continual_run(model_dir, tasks_dir, "moe-adapters-task-id", steps_per_task=8), tmp_path
+    )
     matrix = np.array(metrics["accuracy_matrix"])
     for task in range(matrix.shape[1]):
         assert np.all(matrix[task + 1 :, task] == matrix[task + 1, task])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupted_one(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from safetensors.torch import load_file
+
+    from loramix.train import callbacks
+
+    settings = {"steps_per_task": 6, "dropout": 0.1}
+    straight = run_training(
+        continual_run(model_dir, tasks_dir, "moe-adapters", **settings), tmp_path / "straight"
+    )
+    run = continual_run(model_dir, tasks_dir, "moe-adapters", checkpoint_every=3, **settings)
+    checkpoint_step = callbacks.Checkpointer.on_step_end
+
+    def crash_inside_task_one(self, trainer, logs):
+        checkpoint_step(self, trainer, logs)
+        if trainer.output_dir.name == "task-1" and trainer.step == 4:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_inside_task_one)
+        with pytest.raises(Interrupted):
+            run_training(run, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "after-task-0").is_dir() and not (
+        tmp_path / "resumed" / "after-task-1"
+    ).exists()
+    resumed = run_training(run, tmp_path / "resumed", resume=True)
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapters.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -24,6 +24,12 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None: ...
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resumed run needs back (JSON-able), saved with every checkpoint; None: nothing."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 class ProgressBar(Callback):
     """A tqdm bar with loss, learning rate and samples per second."""

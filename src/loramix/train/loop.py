@@ -129,6 +129,10 @@ class Trainer:
         modules.update(self.aux_modules.items())
         return modules
 
+    def callback_states(self) -> dict[str, Any]:
+        """The JSON-able state of callbacks that keep one (counts across steps), saved with each checkpoint."""
+        return {type(cb).__name__: state for cb in self.callbacks if (state := cb.state_dict()) is not None}
+
     def save_checkpoint(self) -> None:
         """Every process takes part, handing in its random state (dropout draws differ between processes); the main
         process writes."""
@@ -142,7 +146,7 @@ class Trainer:
                 self.step,
                 self.checkpoint_modules,
                 self.optimizer,
-                {"history": self.history},
+                {"history": self.history, "callbacks": self.callback_states()},
                 rng_states=states,
                 keep=self.run.keep_checkpoints,
             )
@@ -173,6 +177,10 @@ class Trainer:
             verified=True,
         )
         self.step, self.history, self.last_checkpoint = int(state["step"]), state.get("history", []), path
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if type(cb).__name__ in saved:
+                cb.load_state_dict(saved[type(cb).__name__])
         # the optimizer state restored each group's learning rate; the schedule only needs to know the step
         self.scheduler.last_epoch = self.step
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]

@@ -47,6 +47,12 @@ class ExpertUse(Callback):
             chosen = torch.bincount(gate.indices.flatten(), minlength=gate.weights.shape[-1]).cpu()
             self.counts[name] = self.counts.get(name, torch.zeros_like(chosen)) + chosen
 
+    def state_dict(self) -> dict[str, Any]:
+        return {name: counts.tolist() for name, counts in self.counts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = {name: torch.tensor(counts) for name, counts in state.items()}
+
 
 @register_method
 class MoEAdapters(Continual):

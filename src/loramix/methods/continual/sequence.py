@@ -73,7 +73,9 @@ class Learner:
         mask = batch["attention_mask"]
         if self.run.ddas_features == "encoder":
             keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-            return self.model.encode(batch, route_ids=torch.zeros_like(keep, dtype=torch.long), keep_base=keep)
+            return self.model.encode(
+                batch, route_ids=torch.zeros_like(keep, dtype=torch.long), keep_base=keep
+            )
         embedded = self.backbone.get_input_embeddings()(batch["input_ids"])  # (n, t, d)
         weights = mask.to(embedded.dtype)[..., None]
         return (embedded * weights).sum(1) / weights.sum(1).clamp_min(1.0)
@@ -255,7 +257,7 @@ class Continual(Method):
             learner.backbone,
             directory / "adapter",
             metadata={"records": learner.records, "learned": learner.learned},
-            extra_tensors=self.extra_tensors(learner),
+            extra_tensors=self.extra_tensors(learner, head=True),
         )
 
     def restore(self, learner: Learner, directory: Path) -> Learner:
