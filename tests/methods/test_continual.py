@@ -204,3 +204,37 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unchanged(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """The user story: a finished run learns one more task from a config that names only that task; with their
+    experts frozen, the earlier tasks' outputs (routed by their task ids) are bit-identical afterwards."""
+    import loramix
+    from loramix.train.run import load_trained
+
+    every = specs(tasks_dir)
+    first = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=6)
+    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
+    run_training(first, tmp_path / "first")
+    later = RunConfig.from_dict(
+        {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
+    )
+    metrics = run_training(later, tmp_path / "later")
+    assert np.array(metrics["accuracy_matrix"]).shape == (2, 1)
+    assert len(metrics["selector"]["confusion"][0]) == 3 + 1  # three autoencoders and the base
+
+    def outputs(run_dir: Path) -> torch.Tensor:
+        _, model, tokenizer, tasks = load_trained(run_dir)
+        texts = ["the film was good", "a dog near the tree", "a cat in the yard", "the plot is bad"]
+        inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+        with torch.no_grad(), loramix.routing(model.backbone, task_ids=torch.tensor([0, 1, 1, 0])):
+            return model.pooled(inputs), [t["name"] for t in tasks]
+
+    before, names_before = outputs(tmp_path / "first")
+    after, names_after = outputs(tmp_path / "later")
+    assert names_after == names_before + [every[2]["name"]]
+    assert torch.equal(before, after)
+    with pytest.raises(ConfigError, match="continue_from"):
+        get_method("mola-grad").validate(RunConfig.from_dict({**later.to_dict(), "method": "mola-grad"}))

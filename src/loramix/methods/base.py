@@ -17,13 +17,13 @@ from pydantic import ValidationError
 from loramix.config import AdapterConfig, format_validation_error
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
-from loramix.io import export_peft
 from loramix.models import resolve_model_path
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import evaluate
 from loramix.train.model import MultiTaskModel
-from loramix.train.run import prepare_run, train_one_phase
+from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
+from loramix.train.task_export import export_task
 
 
 class Method:
@@ -31,6 +31,7 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    continual: ClassVar[bool] = False  # learns tasks one after another (`steps_per_task`, `continue_from`)
 
     def validate(self, run: RunConfig) -> None:
         """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
@@ -38,6 +39,8 @@ class Method:
         config lists."""
         if run.task_to_expert is not None:
             raise ConfigError(f"task_to_expert is only used by method mola-grad, not {self.name}")
+        if run.continue_from is not None and not self.continual:
+            raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
         try:
             self.adapter_config(run, len(run.tasks))
         except ValidationError as exc:
@@ -82,12 +85,15 @@ class Method:
             split=split,
             batch_size=run.eval_batch_size,
             max_examples=run.max_eval_examples,
+            progress=run.progress,
         )
 
     def export(
         self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace
     ) -> str:
-        """Write one task's expert as a PEFT LoRA adapter (`args.task`, `args.out`); returns what was written."""
+        """Write one task's expert as a PEFT LoRA adapter (`args.task`, `args.out`), with the task's head rows and a
+        note (`loramix.train.task_export`); returns what was written, and for a router that decides per input, that
+        the adapter is the task's mean gate and how far it is from the routed model."""
         names = [t["name"] for t in tasks]
         if args.task is None:
             raise ConfigError(f"pass --task, one of this run's tasks: {', '.join(names)}")
@@ -95,13 +101,18 @@ class Method:
             raise ConfigError(
                 f"--task {args.task!r} is not a task of this run; its tasks are: {', '.join(names)}"
             )
-        out = export_peft(
-            model.backbone,
-            args.out,
-            task=names.index(args.task),
-            base_model_name_or_path=resolve_model_path(run.model),
+
+        def load_data() -> tuple[MultiTaskData, TextCollator, str]:
+            from transformers import AutoTokenizer
+
+            data = MultiTaskData(task_specs(run))
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.model))
+            return data, TextCollator(tokenizer, max_length=run.max_length), eval_split(data)
+
+        written = export_task(
+            run, model, tasks, names.index(args.task), args.out, load_data=load_data, method=self.name
         )
-        return f"a PEFT LoRA adapter for task {args.task!r} to {out}"
+        return written.summary()
 
 
 METHODS: dict[str, Method] = {}

@@ -84,6 +84,8 @@ class MolaGrad(Lora):
     description = "one expert per task (or task_to_expert), hard routing by task id (MoLA-Grad)"
 
     def validate(self, run: RunConfig) -> None:
+        if run.continue_from is not None:
+            raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
         if run.num_experts is not None and run.task_to_expert is None and run.num_experts != len(run.tasks):
             raise ConfigError(
                 f"num_experts: mola-grad gives each of the {len(run.tasks)} tasks its own expert; to share "

@@ -129,6 +129,11 @@ class RunConfig(BaseModel):
     steps_per_task: int | None = Field(
         None, ge=1, description="Continual methods: optimizer steps on each task in turn (joint: times the tasks)."
     )
+    continue_from: str | None = Field(
+        None,
+        description="Continual methods: a finished continual run whose learned tasks are kept (experts, routers, "
+        "selector, class texts); this config's tasks are learned after them, without the earlier tasks' data.",
+    )
     moe_experts: int = Field(22, ge=2, description="moe-adapters: experts per block.")
     moe_freeze: int = Field(2, ge=0, description="moe-adapters: most-used experts per block frozen after a task.")
     adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")

@@ -156,6 +156,7 @@ def train_one_phase(
         split=eval_split(data),
         batch_size=run.eval_batch_size,
         max_examples=run.max_eval_examples,
+        progress=run.progress and trainer.accelerator.is_main_process,
     )
     metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
     trainer.accelerator.wait_for_everyone()
@@ -171,12 +172,15 @@ def save_run(
     model: MultiTaskModel,
     metrics: dict,
     extra: dict[str, torch.Tensor] | None = None,
+    prior_tasks: list[dict] | None = None,
 ) -> None:
-    """Adapters (with the heads and task metadata), metrics.json and the report."""
+    """Adapters (with the heads and task metadata), metrics.json and the report. `prior_tasks`: the metadata of
+    tasks the model learned in an earlier run (a continued continual run), recorded before this run's."""
     tasks_meta = [{"name": t.name, "labels": t.label_names, "task_type": t.task_type} for t in data.tasks]
     if run.head == "label-prompt":  # the class texts the head encodes; the reload tokenizes them again
         for meta, texts in zip(tasks_meta, label_prompts(run, data)):
             meta["label_prompts"] = texts
+    tasks_meta = list(prior_tasks or []) + tasks_meta
     save(
         model.backbone,
         output_dir / "adapter",

@@ -36,22 +36,49 @@ from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer
 from loramix.train.model import MultiTaskModel
-from loramix.train.run import build_model, callbacks_for, eval_split, prepare_run, save_run, seed_everything
+from loramix.train.run import (
+    build_model,
+    callbacks_for,
+    eval_split,
+    label_prompt_head,
+    label_prompts,
+    prepare_run,
+    save_run,
+    seed_everything,
+)
 from loramix.train.step import routed as routing_block
 
 STATE_FILE = "learner.safetensors"
 
 
+class OffsetCollator:
+    """The collator's batches with `offset` added to their task ids: a continued run's tasks come after the ones
+    its model learned before."""
+
+    def __init__(self, collator: Any, offset: int) -> None:
+        self.collator, self.offset = collator, offset
+
+    def __call__(self, items: list) -> dict[str, Tensor]:
+        batch = self.collator(items)
+        batch["task_ids"] = batch["task_ids"] + self.offset
+        return batch
+
+
 class Learner:
-    """What a continual run carries from task to task: the model, the auto-selector, and the method's records."""
+    """What a continual run carries from task to task: the model, the auto-selector, and the method's records.
+    `offset` is the number of tasks learned in an earlier run (`continue_from`): this run's task i is task
+    `offset + i` for the model, its routers, its head and its selector."""
 
     def __init__(
-        self, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, collator: TextCollator
+        self, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, collator: Any, offset: int = 0
     ) -> None:
-        self.run, self.data, self.model, self.collator = run, data, model, collator
+        self.run, self.data, self.model = run, data, model
+        self.collator = OffsetCollator(collator, offset) if offset else collator
+        self.offset = offset
         self.selector: AutoSelector | None = None
-        self.learned = [False] * data.num_tasks
+        self.learned = [True] * offset + [False] * data.num_tasks
         self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
+        self.prior_tasks: list[dict] = []
         self.device = next(model.parameters()).device
 
     @property
@@ -84,6 +111,7 @@ class Learner:
 class Continual(Method):
     """Base of continual methods; subclasses give the adapters and override the hooks they need."""
 
+    continual = True
     uses_selector: ClassVar[bool] = False  # the auto-selector (DDAS) routes inputs at inference
     base_for_unlearned: ClassVar[bool] = (
         True  # tasks not learned yet (inputs, class texts) go to the base model
@@ -92,6 +120,10 @@ class Continual(Method):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
+        if run.continue_from is not None and not (Path(run.continue_from) / "adapter").is_dir():
+            raise ConfigError(
+                f"continue_from: {run.continue_from} holds no finished run (no adapter/ folder)"
+            )
         if run.steps_per_task is None:
             raise ConfigError(
                 f"steps_per_task: method {self.name} learns the tasks in turn; set the steps per task"
@@ -138,7 +170,7 @@ class Continual(Method):
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
         examples = learner.data.split("train")
-        own = [e for e in examples if e.task == task]
+        own = [e for e in examples if e.task == task - learner.offset]
         rng = np.random.default_rng(learner.run.seed)
         chosen = rng.choice(len(own), size=min(len(own), learner.run.ddas_examples), replace=False)
         feats = [learner.base_features(b) for b in learner.batches([own[i] for i in sorted(chosen)], 64)]
@@ -147,14 +179,17 @@ class Continual(Method):
     # ---- the schedule ---------------------------------------------------------------------------------------
     def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
         data = prepare_run(run, output_dir)
-        model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
-        learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
+        if run.continue_from:
+            learner = self.continued(run, data)
+        else:
+            model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
+            learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
         self.mark_learned(learner)
-        if self.uses_selector:
+        if self.uses_selector and learner.selector is None:
             width = (
-                model.backbone.get_input_embeddings().embedding_dim
+                learner.backbone.get_input_embeddings().embedding_dim
                 if run.ddas_features == "embeddings"
-                else model.backbone.config.hidden_size
+                else learner.backbone.config.hidden_size
             )
             learner.selector = AutoSelector(width, hidden=run.ddas_hidden, percentile=run.ddas_percentile)
         progress = output_dir / "progress.json"
@@ -173,16 +208,68 @@ class Continual(Method):
             if task is None:  # the joint phase: the one row of the matrix after it
                 matrix.append(self.evaluate_all(learner))
                 break
-            self.end_task(learner, task)
-            learner.learned[task] = True
+            self.end_task(learner, learner.offset + task)
+            learner.learned[learner.offset + task] = True
             self.mark_learned(learner)
-            learner.records.setdefault("history", {})[str(task)] = history
+            learner.records.setdefault("history", {})[str(learner.offset + task)] = history
             self.snapshot(learner, output_dir / f"after-task-{task}")
             matrix.append(self.evaluate_all(learner))
             atomic_write_json(progress, {"done": task, "matrix": matrix})
         metrics = self.report(learner, matrix)
-        save_run(output_dir, run, data, learner.model, metrics, extra=self.extra_tensors(learner))
+        save_run(
+            output_dir,
+            run,
+            data,
+            learner.model,
+            metrics,
+            extra=self.extra_tensors(learner),
+            prior_tasks=learner.prior_tasks,
+        )
         return metrics
+
+    def continued(self, run: RunConfig, data: MultiTaskData) -> Learner:
+        """A learner that goes on from the finished continual run `run.continue_from`: its model (experts, routers,
+        frozen state), selector and class texts, with this config's tasks appended after its tasks."""
+        prior = Path(run.continue_from or "")
+        record, tensors = read_checkpoint(prior / "adapter")
+        tasks = record["metadata"].get("tasks") or []
+        missing = [t.get("name") for t in tasks if not t.get("label_prompts")]
+        if not tasks or missing:
+            raise ConfigError(
+                f"continue_from: {prior} is not a finished continual run with label prompts (tasks without them: "
+                f"{missing})"
+            )
+        clash = sorted({t["name"] for t in tasks} & set(data.task_names))
+        if clash:
+            raise ConfigError(f"continue_from: {prior} has learned {clash} already; name only new tasks")
+        backbone, tokenizer = load_backbone(run.model)
+        load(backbone, prior / "adapter")
+        texts = [t["label_prompts"] for t in tasks] + label_prompts(run, data)
+        head = label_prompt_head(run, texts, tokenizer)
+        head.load_state_dict(
+            {k.removeprefix("extra.heads."): v for k, v in tensors.items() if k.startswith("extra.heads.")}
+        )
+        model = MultiTaskModel(backbone, head, pooling=run.pooling)
+        learner = Learner(
+            run, data, model, TextCollator(tokenizer, max_length=run.max_length), offset=len(tasks)
+        )
+        learner.prior_tasks = tasks
+        if self.uses_selector:
+            state = {
+                k.removeprefix("extra.selector."): v
+                for k, v in tensors.items()
+                if k.startswith("extra.selector.")
+            }
+            if not state:
+                raise ConfigError(
+                    f"continue_from: {prior} has no auto-selector; continue it with its own method"
+                )
+            learner.selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1])
+            learner.selector.load_state(state)
+        metrics_file = prior / "metrics.json"
+        if metrics_file.is_file():
+            learner.records = json.loads(metrics_file.read_text()).get("continual", learner.records)
+        return learner
 
     def train_task(self, learner: Learner, task: int | None, output_dir: Path, resume: bool) -> list:
         run, data = learner.run, learner.data
@@ -191,7 +278,7 @@ class Continual(Method):
             phase = run.model_copy(update={"steps": run.steps_per_task * data.num_tasks})
             examples, ids, folder = data.split("train"), None, output_dir / "joint"
         else:
-            self.begin_task(learner, task)
+            self.begin_task(learner, learner.offset + task)
             phase = run.model_copy(update={"steps": run.steps_per_task})
             examples = [e for e in data.split("train") if e.task == task]
             ids, folder = [task] * len(examples), output_dir / f"task-{task}"
@@ -226,8 +313,9 @@ class Continual(Method):
             for batch in learner.batches(examples, run.eval_batch_size):
                 route, keep = self.route(learner, batch)
                 correct += int((self.predict(learner, batch, route, keep) == batch["labels"].float()).sum())
-                if learner.learned[task.task_id]:
-                    own, seen = own + int(((route == task.task_id) & ~keep).sum()), seen + len(keep)
+                if learner.learned[learner.offset + task.task_id]:
+                    global_id = learner.offset + task.task_id
+                    own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
                 else:
                     base, unseen = base + int(keep.sum()), unseen + len(keep)
             row.append(correct / max(len(examples), 1))
@@ -302,21 +390,23 @@ class Continual(Method):
 
     @torch.no_grad()
     def selector_confusion(self, learner: Learner) -> dict[str, Any]:
-        """Where the auto-selector sends each task's test inputs: `confusion[true task][chosen task]`, with a last
-        column for the base model; and the rates the targets read (own task for learned tasks, base for the rest)."""
+        """Where the auto-selector sends this run's tasks' test inputs once every task is learned:
+        `confusion[task][chosen]`, one column per task the selector knows (earlier runs' first) and a last one for
+        the base model; and the share of inputs sent to their own task."""
         assert learner.selector is not None
-        data, run = learner.data, learner.run
-        tasks = data.num_tasks
-        confusion = np.zeros((tasks, tasks + 1), dtype=int)
+        data, run, offset = learner.data, learner.run, learner.offset
+        known = learner.selector.num_tasks
+        confusion = np.zeros((data.num_tasks, known + 1), dtype=int)
         for task in data.tasks:
             for batch in learner.batches(
                 data.eval_examples(eval_split(data), task.task_id, run.max_eval_examples), 64
             ):
                 chosen, keep = learner.selector(learner.base_features(batch))
-                column = torch.where(keep, torch.full_like(chosen, tasks), chosen).cpu()
+                column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
                 np.add.at(confusion[task.task_id], column.numpy(), 1)
-        own = np.diag(confusion[:, :tasks]).sum() / max(confusion.sum(), 1)
-        return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": data.task_names}
+        own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
+        names = [t["name"] for t in learner.prior_tasks] + data.task_names
+        return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": names}
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
