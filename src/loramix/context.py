@@ -76,6 +76,14 @@ def _set_model_gate(state: RoutingState, router: nn.Module, hidden: Tensor | Non
     state.add("model", state.model_gate)
 
 
+def _decides(state: RoutingState, active: list[RoutingState]) -> bool:
+    """Whether this block's model-wide router runs now: its block is the innermost open one, and no gate is kept
+    from an earlier step (generation decides on the prompt)."""
+    return (
+        bool(active) and active[-1] is state and not (state.keep_model_gate and state.model_gate is not None)
+    )
+
+
 def _run_router_on_output(
     state: RoutingState,
     active: list[RoutingState],
@@ -85,7 +93,7 @@ def _run_router_on_output(
     kwargs: dict,
     output: Any,
 ) -> None:
-    if not active or active[-1] is not state or (state.keep_model_gate and state.model_gate is not None):
+    if not _decides(state, active):
         return
     hidden = output[0] if isinstance(output, tuple) else output
     _set_model_gate(state, router, masked_mean(hidden, state.attention_mask))
@@ -99,7 +107,7 @@ def _run_router_on_input(
     args: tuple,
     kwargs: dict,
 ) -> None:
-    if not active or active[-1] is not state or (state.keep_model_gate and state.model_gate is not None):
+    if not _decides(state, active):
         return
     hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
     if not torch.is_floating_point(hidden):

@@ -39,6 +39,10 @@ class Method:
         config lists."""
         if run.task_to_expert is not None:
             raise ConfigError(f"task_to_expert is only used by method mola-grad, not {self.name}")
+        self.check_sequence_and_adapters(run)
+
+    def check_sequence_and_adapters(self, run: RunConfig) -> None:
+        """`continue_from` only for continual methods; the adapter config this method builds, as any is checked."""
         if run.continue_from is not None and not self.continual:
             raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
         try:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
 from torch import Tensor, nn
 
-from loramix.config import AdapterConfig, format_validation_error
+from loramix.config import AdapterConfig
 from loramix.context import RoutingState
 from loramix.errors import ConfigError
 from loramix.losses import TwDProjection, twd_loss
@@ -83,20 +82,13 @@ class MolaGrad(Lora):
     name = "mola-grad"
     description = "one expert per task (or task_to_expert), hard routing by task id (MoLA-Grad)"
 
-    def validate(self, run: RunConfig) -> None:
-        if run.continue_from is not None:
-            raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
+    def validate(self, run: RunConfig) -> None:  # task_to_expert is this method's
         if run.num_experts is not None and run.task_to_expert is None and run.num_experts != len(run.tasks):
             raise ConfigError(
                 f"num_experts: mola-grad gives each of the {len(run.tasks)} tasks its own expert; to share "
                 f"{run.num_experts} experts among them set task_to_expert (one expert index per task)"
             )
-        try:  # task_to_expert is this method's; the rest as every method checks it
-            self.adapter_config(run, len(run.tasks))
-        except ValidationError as exc:
-            raise ConfigError(
-                format_validation_error(exc, f"adapter settings of method {self.name}")
-            ) from None
+        self.check_sequence_and_adapters(run)
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         experts = run.num_experts or num_tasks
