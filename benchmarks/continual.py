@@ -4,6 +4,7 @@ label-prompt head (label smoothing 0.2), so tasks not learned yet are answered z
 
     python benchmarks/continual.py                                   # every method (hours on 2 CPU cores)
     python benchmarks/continual.py --methods moe-adapters lae --steps-per-task 30 --max-eval 100
+    python benchmarks/continual.py --speed            # DDAS routing vs given task ids on a mixed batch
 
 Writes benchmarks/results/continual.json (one entry per method: the accuracy matrix, Transfer / Average / Last /
 BWT, the auto-selector's routing rates after each task, seconds), appending after each method (`--skip-done`).
@@ -22,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _timing import device_name  # noqa: E402
+from _timing import device_name, interleaved, ratio_stats  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import run_training  # noqa: E402
@@ -39,6 +40,75 @@ METHODS = [
     "lae",
     "joint",
 ]
+
+
+def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
+    """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block):
+    with the auto-selector choosing each input's task (or the base) from the pooled input embeddings, against the
+    same model given the true task ids; one process, interleaved rounds, the median of per-round ratios."""
+    import loramix
+    from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
+    from loramix.models import load_backbone
+    from loramix.routers.selector import AutoSelector
+
+    tasks = len(ORDER)
+    model, _ = load_backbone("minilm")
+    model.eval()
+    config = {
+        "experts": "adapter",
+        "rank": 64,
+        "adapter_scale": 0.1,
+        "num_experts": experts,
+        "router": "per-task",
+        "num_tasks": tasks,
+        "top_k": 2,
+        "noisy": True,
+        "target_regex": MLP_OUTPUTS,
+    }
+    loramix.inject(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in loramix.adapter_state(model).values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    embeddings = model.get_input_embeddings()
+    selector = AutoSelector(embeddings.embedding_dim)
+    for task in range(tasks):  # autoencoders fitted on each task's share of a vocabulary
+        ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (200, seq), generator=generator)
+        selector.add_task(embeddings(ids).mean(1).detach(), epochs=50)
+    task_ids = torch.arange(batch) % tasks
+    input_ids = torch.stack(
+        [
+            torch.randint(1000 + 2000 * t, 3000 + 2000 * t, (seq,), generator=generator)
+            for t in task_ids.tolist()
+        ]
+    )
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    @torch.inference_mode()
+    def given() -> None:
+        with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
+            model(**inputs)
+
+    @torch.inference_mode()
+    def selected() -> None:
+        mask = inputs["attention_mask"][..., None].float()
+        feats = (embeddings(inputs["input_ids"]) * mask).sum(1) / mask.sum(1)
+        chosen, keep = selector(feats)
+        with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
+            model(**inputs)
+
+    timings = interleaved({"ddas": selected, "task-ids": given}, device=torch.device("cpu"), rounds=rounds)
+    return {
+        "name": "ddas-vs-task-ids",
+        "batch": batch,
+        "seq": seq,
+        "experts": experts,
+        "tasks": tasks,
+        "rounds": rounds,
+        "seconds_task_ids": sorted(timings.wall["task-ids"])[rounds // 2],
+        **ratio_stats(timings.wall["ddas"], timings.wall["task-ids"]),
+        "target": "<= 1.15",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-done", action="store_true", help="keep entries already in --out and skip them"
     )
+    parser.add_argument(
+        "--speed", action="store_true", help="only time DDAS routing against given task ids (a mixed batch)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.speed:
+        entry = {**selector_speed(rounds=15, batch=64, seq=args.max_length, experts=22), "threads": args.threads}
+        entry["device"] = device_name(torch.device("cpu"))
+        atomic_write_json(args.out.with_name("continual-speed.json"), entry)
+        print(json.dumps(entry))
+        return 0
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     done = {(r["method"], r["seed"], r["steps_per_task"]) for r in results} if args.skip_done else set()
     for method in args.methods:
