@@ -5,6 +5,7 @@ inside a task equals an uninterrupted run; the metrics follow their definitions.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,13 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     assert torch.equal(before, after)
     with pytest.raises(ConfigError, match="continue_from"):
         get_method("mola-grad").validate(RunConfig.from_dict({**later.to_dict(), "method": "mola-grad"}))
+
+
+def test_loramix_eval_of_a_continual_run_routes_by_the_saved_selector(moe_run: dict[str, Any]):
+    from loramix.cli import main
+
+    assert main(["eval", str(moe_run["dir"])]) == 0
+    evaluated = json.loads((Path(moe_run["dir"]) / "eval-test.json").read_text())
+    last_row = moe_run["metrics"]["accuracy_matrix"][-1]
+    assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == last_row
+    assert evaluated["selector"]["confusion"] == moe_run["metrics"]["selector"]["confusion"]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from loramix.data import MultiTaskData, TextCollator
-from loramix.errors import ConfigError
+from loramix.errors import CheckpointError, ConfigError
 from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
@@ -300,12 +300,41 @@ class Continual(Method):
         learner.model = trainer.accelerator.unwrap_model(trainer.model)
         return history
 
+    def evaluate(
+        self,
+        run_dir: Path,
+        run: RunConfig,
+        model: MultiTaskModel,
+        data: MultiTaskData,
+        collator: TextCollator,
+        split: str,
+    ) -> dict[str, Any]:
+        """`loramix eval` of a finished continual run: every task routed as the method routes at inference (by the
+        saved auto-selector, or by task id), the selector's confusion matrix with it."""
+        record, tensors = read_checkpoint(Path(run_dir) / "adapter")
+        offset = len(record["metadata"]["tasks"]) - data.num_tasks
+        learner = Learner(run, data, model, collator, offset=offset)
+        learner.learned = [True] * (offset + data.num_tasks)
+        learner.prior_tasks = record["metadata"]["tasks"][:offset]
+        self.mark_learned(learner)
+        if self.uses_selector:
+            learner.selector = saved_selector(tensors, Path(run_dir))
+        row = self.evaluate_all(learner, split)
+        metrics: dict[str, Any] = {
+            "tasks": {name: {"accuracy": acc} for name, acc in zip(data.task_names, row)},
+            "mean_accuracy": float(np.mean(row)),
+            "routing": {},
+        }
+        if learner.selector is not None:
+            metrics["selector"] = self.selector_confusion(learner, split)
+        return metrics
+
     @torch.no_grad()
-    def evaluate_all(self, learner: Learner) -> list[float]:
+    def evaluate_all(self, learner: Learner, split: str | None = None) -> list[float]:
         """Accuracy on every task of the sequence (a fixed sample of each test split), as the method routes."""
         model, data, run = learner.model, learner.data, learner.run
         model.eval()
-        split = eval_split(data)
+        split = split or eval_split(data)
         row, own, seen, base, unseen = [], 0, 0, 0, 0
         for task in data.tasks:
             examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
@@ -389,7 +418,7 @@ class Continual(Method):
         return metrics
 
     @torch.no_grad()
-    def selector_confusion(self, learner: Learner) -> dict[str, Any]:
+    def selector_confusion(self, learner: Learner, split: str | None = None) -> dict[str, Any]:
         """Where the auto-selector sends this run's tasks' test inputs once every task is learned:
         `confusion[task][chosen]`, one column per task the selector knows (earlier runs' first) and a last one for
         the base model; and the share of inputs sent to their own task."""
@@ -399,7 +428,7 @@ class Continual(Method):
         confusion = np.zeros((data.num_tasks, known + 1), dtype=int)
         for task in data.tasks:
             for batch in learner.batches(
-                data.eval_examples(eval_split(data), task.task_id, run.max_eval_examples), 64
+                data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples), 64
             ):
                 chosen, keep = learner.selector(learner.base_features(batch))
                 column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
@@ -407,6 +436,20 @@ class Continual(Method):
         own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
         names = [t["name"] for t in learner.prior_tasks] + data.task_names
         return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": names}
+
+
+def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
+    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`)."""
+    state = {
+        k.removeprefix("extra.selector."): v for k, v in tensors.items() if k.startswith("extra.selector.")
+    }
+    if not state:
+        raise CheckpointError(
+            f"{where / 'adapter'}: no auto-selector saved; was it written by a DDAS method?"
+        )
+    selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1])
+    selector.load_state(state)
+    return selector
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
