@@ -101,6 +101,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         print(f"mean accuracy: {shown(metrics.get('mean_accuracy'))}")
+        if "accuracy_matrix" in metrics:  # a continual run
+            order = metrics.get("tasks_in_order", [])
+            print(f"continual: {len(order)} tasks in order {', '.join(order)}")
+            print(
+                "  "
+                + ", ".join(
+                    f"{k} {shown(metrics[k])}" for k in ("Transfer", "Average", "Last", "BWT") if k in metrics
+                )
+            )
+            selector = metrics.get("selector")
+            if selector:
+                print(
+                    f"  auto-selector: {shown(selector.get('own_task_rate'))} of test inputs to their own task"
+                )
+            for task, layers in metrics.get("continual", {}).get("frozen", {}).items():
+                frozen = sorted(
+                    {
+                        e
+                        for experts in (layers.values() if isinstance(layers, dict) else [layers])
+                        for e in experts
+                    }
+                )
+                print(f"  after task {task}: experts frozen somewhere {frozen}")
         for scope, summary in metrics.get("routing", {}).items():
             if isinstance(summary, dict) and "purity" in summary:
                 print(
@@ -159,7 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: test when every task has one, else validation; writes RUN_DIR/eval-SPLIT.json",
     )
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("export", help="write one task's expert as a PEFT LoRA adapter")
+    p = sub.add_parser(
+        "export",
+        help="write one task's expert as a PEFT LoRA adapter",
+        description="Write one task's adapter as a PEFT LoRA directory, with the task's head rows "
+        "(head.safetensors: weight and bias of its classes, applied to the pooled output) and a note "
+        "(loramix_export.json: labels, pooling, base model, how the adapter was made). A router that routes by "
+        "task exports exactly; one that chooses per input (sample, token, per-task) exports the task's mean gate "
+        "over a fixed sample of its training inputs, an approximation that the command measures against the routed "
+        "model on the task's test inputs and reports.",
+    )
     p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.add_argument("--task", help="the task whose expert to export")
     p.add_argument("--expert", type=int, help="ELREA runs: the expert to export (0: the base adapter)")

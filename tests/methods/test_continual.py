@@ -249,3 +249,12 @@ def test_loramix_eval_of_a_continual_run_routes_by_the_saved_selector(moe_run: d
     last_row = moe_run["metrics"]["accuracy_matrix"][-1]
     assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == last_row
     assert evaluated["selector"]["confusion"] == moe_run["metrics"]["selector"]["confusion"]
+
+
+def test_loramix_inspect_shows_a_continual_runs_metrics(moe_run: dict[str, Any], capsys: pytest.CaptureFixture):
+    from loramix.cli import main
+
+    assert main(["inspect", str(moe_run["dir"])]) == 0
+    shown = capsys.readouterr().out
+    assert "continual: 3 tasks in order sentiment, animals, colors" in shown
+    assert "Transfer" in shown and "BWT" in shown and "auto-selector" in shown and "after task 0" in shown
