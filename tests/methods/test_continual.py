@@ -121,6 +121,10 @@ def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[s
     confusion = np.array(metrics["selector"]["confusion"])
     assert confusion.shape == (tasks, tasks + 1) and confusion.sum() > 0
     assert (Path(moe_run["dir"]) / "after-task-2" / "adapter" / "adapters.safetensors").is_file()
+    report = (Path(moe_run["dir"]) / "continual.md").read_text()
+    for picture in ("accuracy_matrix.png", "selector_confusion.png"):
+        assert picture in report and (Path(moe_run["dir"]) / picture).is_file()
+    assert "expert use" in report and "experts frozen" in report
 
 
 def test_frozen_experts_and_old_routers_stay_bit_identical_through_later_tasks(moe_run: dict[str, Any]):

@@ -30,6 +30,7 @@ from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method
+from loramix.methods.continual.report import write_continual_report
 from loramix.models import load_backbone
 from loramix.routers.selector import AutoSelector
 from loramix.train.callbacks import Callback
@@ -225,6 +226,7 @@ class Continual(Method):
             extra=self.extra_tensors(learner),
             prior_tasks=learner.prior_tasks,
         )
+        write_continual_report(output_dir, metrics)
         return metrics
 
     def continued(self, run: RunConfig, data: MultiTaskData) -> Learner:

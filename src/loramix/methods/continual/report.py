@@ -1,0 +1,100 @@
+"""What a continual run shows a reader: `continual.md` beside `report.md`, with the accuracy matrix as a heatmap,
+the auto-selector's confusion matrix (true task x chosen task or the base), each task's expert use in the first and
+last adapted block, and which experts were frozen after which task.
+
+Legend: T tasks, E experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from loramix.io.files import atomic_write_bytes
+
+
+def _heatmap(
+    path: Path, values: np.ndarray, rows: list[str], columns: list[str], title: str, fmt: str
+) -> None:
+    figure = Figure(figsize=(max(5.0, 0.55 * len(columns) + 2.5), max(3.0, 0.4 * len(rows) + 1.5)))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(len(rows)), rows, fontsize=7)
+    for (i, j), value in np.ndenumerate(values):
+        axes.text(j, i, format(value, fmt), ha="center", va="center", fontsize=6, color="white")
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Plots and `continual.md` for one finished continual run; returns the markdown's path."""
+    names = metrics.get("tasks_in_order") or list(metrics.get("tasks", {}))
+    matrix = np.array(metrics["accuracy_matrix"], dtype=float)
+    lines = [f"# {metrics.get('method', 'continual run')}: tasks learned in turn", ""]
+    summary = ", ".join(
+        f"{k} {100 * metrics[k]:.2f}" for k in ("Transfer", "Average", "Last", "BWT") if k in metrics
+    )
+    lines += [f"{summary} (accuracy in %).", ""]
+    rows = ["before"] + [f"after {name}" for name in names][: matrix.shape[0] - 1]
+    _heatmap(
+        output_dir / "accuracy_matrix.png",
+        matrix,
+        rows,
+        names,
+        "accuracy (row: after task; column: task)",
+        ".2f",
+    )
+    lines += ["![accuracy matrix](accuracy_matrix.png)", ""]
+    selector = metrics.get("selector")
+    if selector:
+        confusion = np.array(selector["confusion"], dtype=float)
+        shares = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+        columns = list(selector.get("task_names", names)) + ["base"]
+        _heatmap(
+            output_dir / "selector_confusion.png", shares, names, columns, "auto-selector: share sent", ".2f"
+        )
+        lines += [
+            f"The auto-selector sent {100 * selector['own_task_rate']:.1f}% of the test inputs to their own task once "
+            "every task was learned.",
+            "",
+            "![selector confusion](selector_confusion.png)",
+            "",
+        ]
+    rates = metrics.get("continual", {}).get("selector_rows")
+    if rates:
+        lines += ["| after | own task (learned tasks) | base (tasks not learned yet) |", "|---|---|---|"]
+        for after, rate in zip(["nothing"] + names, rates):
+            own, base = rate.get("own_task_rate"), rate.get("base_rate_unlearned")
+            lines.append(
+                f"| {after} | {'' if own is None else f'{own:.3f}'} | {'' if base is None else f'{base:.3f}'} |"
+            )
+        lines.append("")
+    use = metrics.get("continual", {}).get("expert_use", {})
+    if use:
+        layers = list(next(iter(use.values())))
+        for layer in dict.fromkeys([layers[0], layers[-1]]):
+            grid = np.array([use[task][layer] for task in use], dtype=float)
+            grid = grid / np.maximum(grid.sum(1, keepdims=True), 1)
+            file = f"expert_use_{layer.replace('.', '_')}.png"
+            tasks = [names[int(task)] if int(task) < len(names) else task for task in use]
+            experts = [str(e) for e in range(grid.shape[1])]
+            _heatmap(output_dir / file, grid, tasks, experts, f"expert use while training, {layer}", ".2f")
+            lines += [f"![expert use {layer}]({file})", ""]
+    frozen = metrics.get("continual", {}).get("frozen", {})
+    if frozen:
+        lines += ["| after task | experts frozen (first adapted block) |", "|---|---|"]
+        for task, layers in frozen.items():
+            experts = next(iter(layers.values())) if isinstance(layers, dict) and layers else layers
+            label = names[int(task)] if int(task) < len(names) else task
+            lines.append(f"| {label} | {experts} |")
+    path = output_dir / "continual.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
