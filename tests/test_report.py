@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loramix.report import print_table, write_report
+from loramix import report as report_module
+from loramix.report import print_table, running_mean, write_report
 from loramix.train.routing_stats import per_layer_summary, routing_summary
 
 TASKS = ["sst2", "rte", "mnli"]
@@ -144,3 +145,106 @@ def test_print_table_has_every_method_and_the_mean(results):
     assert lines[-1].split() == ["mean", "0.710", "0.800", "0.900", "(1/3", "tasks)", "-", "-"]
     assert [line.split()[0] for line in lines[2:-2]] == TASKS
     assert len({len(line.rstrip()) for line in lines}) == 1  # fixed-width columns
+
+
+# ------------------------------------------------------------------------------- routers that route nothing
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def routes_nothing(summary: dict) -> list[str]:
+    return [w for w in summary["warnings"] if w.startswith("routes nothing")]
+
+
+def test_a_router_with_constant_logits_raises_the_alarm(tmp_path):
+    """Logits that do not depend on the input: every sample gets the same, uneven gate (5 experts at 0.158, 3 at
+    0.071: entropy 0.970 of the maximum, below the near-uniform line; no collapse, since the top is a 5-way tie)."""
+    task_ids = np.random.default_rng(0).integers(0, len(TASKS), size=300)
+    logits = np.tile([0.8] * 5 + [0.0] * 3, (300, 1))
+    summary = routing_summary(softmax(logits), task_ids, TASKS)
+    assert routes_nothing(summary) and "every input gets nearly the same gate" in routes_nothing(summary)[0]
+    assert any(
+        "3 of 8 experts are never the top choice of any sample: 5, 6, 7" in w for w in summary["warnings"]
+    )
+    assert summary["entropy"] == pytest.approx(0.970, abs=1e-3) and summary["spread"] == pytest.approx(0.0)
+    text = write_report(tmp_path, [{"method": "flat", "routing": {"model": summary}}]).read_text(
+        encoding="utf-8"
+    )
+    assert "> ⚠️ **This router routes nothing: every input gets nearly the same gate" in text
+    assert "No routing warnings" not in text
+
+
+def test_a_near_uniform_router_that_never_chooses_some_experts_raises_the_alarm(tmp_path):
+    """What a report once passed without a word: gates that vary a little with the input but not with the task
+    (entropy 0.978 of the maximum, NMI 0.002), three of eight experts never the top choice."""
+    rng = np.random.default_rng(0)
+    task_ids = rng.integers(0, len(TASKS), size=600)
+    logits = np.concatenate([0.4 + 0.3 * rng.standard_normal((600, 5)), np.zeros((600, 3))], axis=1)
+    summary = routing_summary(softmax(logits), task_ids, TASKS)
+    assert routes_nothing(summary), summary["warnings"]
+    assert "near-uniform gates (normalised entropy 0.978 >= 0.95)" in routes_nothing(summary)[0]
+    assert any("3 of 8 experts are never the top choice" in w for w in summary["warnings"])
+    assert 0.97 < summary["entropy"] < 0.98 and summary["nmi"] < 0.01 and summary["spread"] > 0.05
+    layers = per_layer_summary({"a": softmax(logits), "b": np.eye(8)[task_ids]}, task_ids, TASKS)
+    text = write_report(tmp_path, [{"method": "flat", "routing": layers}]).read_text(encoding="utf-8")
+    assert "> ⚠️ **In 1 of 2 layers the router routes nothing** (a)" in text
+
+
+def test_a_router_that_follows_the_tasks_raises_no_alarm():
+    rng = np.random.default_rng(0)
+    task_ids = rng.integers(0, len(TASKS), size=300)
+    gates = 0.6 * np.eye(3)[task_ids] + 0.4 * rng.dirichlet(np.ones(3), size=300)
+    summary = routing_summary(gates, task_ids, TASKS)
+    assert summary["warnings"] == [] and summary["spread"] > 0.3  # spread 0: every input gets one gate
+
+
+# ------------------------------------------------------------------------------------------------- curves
+
+
+def test_running_mean_is_the_trailing_mean_of_the_last_window():
+    assert running_mean([4.0, 2.0, 6.0, 0.0], window=2) == [4.0, 3.0, 4.0, 3.0]
+    assert running_mean([1.0, 2.0, 3.0], window=10) == [1.0, 1.5, 2.0]
+
+
+def test_loss_curves_show_the_running_mean_over_faint_batches_and_label_the_total(tmp_path, monkeypatch):
+    figures = {}
+    real = report_module._plot_curves
+
+    def keep(path, panels, title):
+        figures[path.name] = real(path, panels, title)
+        return figures[path.name]
+
+    monkeypatch.setattr(report_module, "_plot_curves", keep)
+    rng = np.random.default_rng(0)
+    noisy = [
+        {"step": s, "loss": 1 / s + rng.random(), "task_loss": 1 / s + rng.random()} for s in range(1, 41)
+    ]
+    with_twd = [{**entry, "twd_loss": 0.5} for entry in noisy]
+    text = write_report(
+        tmp_path, [{"method": "lora", "history": noisy}, {"method": "mola-router", "history": with_twd}]
+    ).read_text()
+
+    task_panel, total_panel = figures["loss.png"].axes[:2]
+    assert task_panel.get_title() == "task loss"
+    assert total_panel.get_title() == "total loss: task + weighted twd"
+    assert [line.get_label() for line in total_panel.lines if not line.get_label().startswith("_")] == [
+        "mola-router"
+    ]
+    dots, mean = task_panel.lines[:2]  # lora: faint raw points, then the running mean
+    assert dots.get_alpha() < 0.5 and dots.get_linestyle() == "None"
+    np.testing.assert_allclose(mean.get_ydata(), running_mean([e["task_loss"] for e in noisy]))
+    assert "running mean of the last 10 logged batches" in text
+    assert "adds weighted auxiliary terms to the task loss: mola-router: twd" in text
+    assert [a.get_title() for a in figures["aux_losses.png"].axes if a.get_visible() and a.lines] == [
+        "twd (unweighted)"
+    ]
+
+
+def test_no_auxiliary_panel_for_methods_without_auxiliary_losses(tmp_path):
+    history = [{"step": s, "loss": 1 / s, "task_loss": 1 / s} for s in range(1, 11)]
+    text = write_report(tmp_path, [{"method": "lora", "history": history}]).read_text()
+    assert "plots/loss.png" in text and "auxiliary" not in text and "total loss" not in text
+    assert not (tmp_path / "plots" / "aux_losses.png").exists()

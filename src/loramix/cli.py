@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/demo",
         help="where the tasks, the runs, report.md and summary.json go (default: %(default)s)",
     )
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: 300)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per method (default: 200, of batch 16)"
+    )
     p.add_argument(
         "--methods",
         nargs="+",

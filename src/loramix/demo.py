@@ -2,6 +2,12 @@
 
 It writes the task suite (see `loramix.data.synthetic`), trains each method with the same steps and batches,
 prints a per-task table side by side and writes a combined report. No downloads.
+
+Why these sizes: the demo is the first thing a new user runs, on whatever CPU they have, so it must finish in
+minutes (under five on two cores) and still show its point, the gap between one shared LoRA and an expert per task.
+Each method trains 200 steps of 16 (3,200 sentences, a third of the 300 steps of 32 it once took, when it ran for
+ten minutes) and is scored on a fixed sample of 200 test rows per task. Measured with seed 0: `lora` 0.636 and
+`mola-grad` 0.804 mean accuracy, a gap of 0.168 (300 steps of 32 on all 400 test rows: 0.738 and 0.895, 0.157).
 """
 
 from __future__ import annotations
@@ -16,15 +22,16 @@ from loramix.io.files import atomic_write_json
 
 DEMO_SETTINGS: dict[str, Any] = {
     "model": "minilm",
-    "steps": 300,
-    "batch_size": 32,
+    "steps": 200,
+    "batch_size": 16,
     "max_length": 32,
     "lr": 1e-3,
     "head_lr": 3e-3,
     "rank": 8,
-    "log_every": 20,
+    "log_every": 5,  # each logged loss is one batch: enough points for the report's running mean
     "sampling": "uniform",
     "eval_batch_size": 128,
+    "max_eval_examples": 200,  # per task, a fixed sample of the 400 test rows
 }
 
 

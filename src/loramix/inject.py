@@ -7,7 +7,7 @@ it matched, never edits the caller's config, and a target that matches nothing i
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,16 +333,33 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def fixed_gate(
-    model: nn.Module, layer: AdaptedLayer, *, task: int | None, gate: torch.Tensor | None
+    model: nn.Module,
+    layer: AdaptedLayer,
+    *,
+    task: int | None,
+    gate: torch.Tensor | Mapping[str, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The `(e,)` gate a layer uses for one task (or the given fixed mixture), for merging and export."""
+    """The `(e,)` gate a layer uses for one task (or the given fixed mixture), for merging and export.
+
+    `gate` is one mixture for every layer, or `{layer name: mixture}` for routers that choose per layer (a mean of
+    per-layer gates is per layer too); a mapping must name every adapted layer."""
     info = get_info(model)
     config = info.config
+    if isinstance(gate, Mapping):
+        if layer.layer_name not in gate:
+            raise InjectionError(
+                f"gate is a per-layer mapping but has no entry for layer '{layer.layer_name}'; give one mixture "
+                f"per adapted layer (loramix.get_info(model).names lists them), or one mixture for all"
+            )
+        where = f" for layer '{layer.layer_name}'"
+        gate = gate[layer.layer_name]
+    else:
+        where = ""
     if gate is not None:
         gate = torch.as_tensor(gate, dtype=torch.float32).flatten()
         if gate.numel() != config.num_experts:
             raise InjectionError(
-                f"gate has {gate.numel()} entries but the model has {config.num_experts} experts"
+                f"gate{where} has {gate.numel()} entries but the model has {config.num_experts} experts"
             )
         return gate
     if info.router_class.scope is None:
@@ -355,7 +372,8 @@ def fixed_gate(
     fixed = router.task_gate(task) if task is not None else None
     if fixed is None:
         raise InjectionError(
-            f"router '{config.router}' decides per input: pass gate=[...] (one weight per expert) to fix a mixture"
+            f"router '{config.router}' decides per input: pass gate=[...] (one weight per expert) to fix a mixture, "
+            "e.g. the task's mean gate over its inputs from loramix.io.export.mean_gate(model, inputs, task=...)"
         )
     return fixed.detach().float()
 

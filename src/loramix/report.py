@@ -12,7 +12,13 @@ A result dict (missing keys are fine: a method without routing, an empty history
      "routing": {"model": summary} | {"layers": {layer: summary}, "aggregate": summary} | {},
      "history": [{"step": 10, "loss": 1.2, "lr": 1e-4, "task_loss": 1.1, "twd_loss": 0.1}, ...]}
 
-where each `summary` comes from `loramix.train.routing_stats.routing_summary`.
+where each `summary` comes from `loramix.train.routing_stats.routing_summary`. A router whose warnings say it
+routes nothing gets that line above its numbers, where a reader skimming the metrics sees it.
+
+Training curves: each logged loss is one batch's, so a curve of them is mostly noise. The loss plot draws each
+logged value as a faint dot and its running mean as a line; its first panel is every method's task loss (the one
+quantity all methods share), and a method that adds auxiliary terms gets its total in a panel titled with them.
+The auxiliary terms get a plot of their own only when some method logs one.
 
 Plots are drawn on `matplotlib.figure.Figure` objects and saved with the Agg renderer, never through pyplot,
 so writing a report leaves the caller's matplotlib backend and global state alone.
@@ -30,8 +36,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from loramix.train.routing_stats import ROUTES_NOTHING
+
 MAX_LAYER_HEATMAPS = 6
 MAX_WARNINGS_SHOWN = 30
+SMOOTHING_WINDOW = 10  # logged batches in the running mean of a loss curve
+TASK_LOSS = "task_loss"
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -270,7 +280,8 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def _loss_keys(histories: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
-    """Numeric history keys naming a loss other than the total (`task_loss`, `twd_loss`, ...), first seen first."""
+    """Numeric history keys naming an auxiliary loss (`twd_loss`, `balance_loss`, ...): every loss but the total
+    and the task loss, first seen first. Empty for methods that log none."""
     keys: dict[str, None] = {}
     for history in histories:
         for entry in history:
@@ -278,44 +289,108 @@ def _loss_keys(histories: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
                 {
                     key: None
                     for key, value in entry.items()
-                    if "loss" in key and key != "loss" and _number(value) is not None
+                    if "loss" in key and key not in ("loss", TASK_LOSS) and _number(value) is not None
                 }
             )
     return list(keys)
 
 
-def _plot_curves(
-    path: Path, curves: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], keys: Sequence[str], title: str
-) -> None:
-    """One panel per key, one line per method; a log scale when a panel spans more than two decades."""
-    columns = min(len(keys), 3)
-    rows = math.ceil(len(keys) / columns)
+def running_mean(values: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[float]:
+    """The trailing mean of the last `window` values at each point (fewer at the start). Each logged loss is one
+    batch's, so the raw curve is mostly batch-to-batch noise; the running mean shows the trend."""
+    sums = np.cumsum(np.asarray(values, dtype=float))
+    means = []
+    for index in range(len(values)):
+        low = max(0, index + 1 - window)
+        total = sums[index] - (sums[low - 1] if low > 0 else 0.0)
+        means.append(float(total / (index + 1 - low)))
+    return means
+
+
+def _task_series(history: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """The task loss; the total where a history has no task loss (it then has no auxiliary terms either)."""
+    series = _series(history, TASK_LOSS)
+    return series if series[1] else _series(history, "loss")
+
+
+Series = tuple[str, list[float], list[float]]  # (method, steps, values)
+
+
+def _plot_curves(path: Path, panels: Sequence[tuple[str, Sequence[Series]]], title: str) -> Figure:
+    """One panel per `(panel title, series)`, one colour per method (the same in every panel): each logged value
+    as a faint dot, its running mean as a line; a log scale when a panel spans more than two decades. Returns the
+    figure (saved to `path`)."""
+    columns = min(len(panels), 3)
+    rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(4.6 * columns, 3.2 * rows))
     figure.suptitle(title, fontsize=10)
     grid = figure.subplots(rows, columns, squeeze=False)
+    methods = list(dict.fromkeys(method for _, series in panels for method, _, _ in series))
+    colours = {method: f"C{index % 10}" for index, method in enumerate(methods)}
     for index, axes in enumerate(grid.flat):
-        if index >= len(keys):
+        if index >= len(panels):
             axes.set_axis_off()
             continue
-        key = keys[index]
+        panel_title, series = panels[index]
         drawn = []
-        for method, history in curves:
-            steps, values = _series(history, key)
-            if values:
-                axes.plot(
-                    steps, values, label=method, linewidth=1.2, marker="." if len(values) < 30 else None
-                )
-                drawn += values
+        for method, steps, values in series:
+            if not values:
+                continue
+            colour = colours[method]
+            axes.plot(steps, values, linestyle="none", marker=".", markersize=3, alpha=0.25, color=colour)
+            axes.plot(steps, running_mean(values), label=method, linewidth=1.4, color=colour)
+            drawn += values
         positive = [value for value in drawn if value > 0]
         if positive and len(positive) == len(drawn) and max(positive) / min(positive) > 100:
             axes.set_yscale("log")
-        axes.set_title(key, fontsize=9)
+        axes.set_title(panel_title, fontsize=9)
         axes.set_xlabel("step", fontsize=8)
         axes.grid(alpha=0.3)
         if drawn:
             axes.legend(fontsize=7)
     figure.tight_layout()
     _save(figure, path)
+    return figure
+
+
+def _aux_names(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The auxiliary terms one method logged (`twd`, `balance`, ...)."""
+    return [key.removesuffix("_loss") for key in _loss_keys([history])]
+
+
+def _curve_lines(plots: Path, curves: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> list[str]:
+    """The training-curve plots and their captions: the task loss of every method; the total where a method adds
+    auxiliary terms to it, labelled with them; the auxiliary terms alone, only when some method has any."""
+    task = [(method, *_task_series(history)) for method, history in curves]
+    if not any(values for _, _, values in task):
+        return ["No training history recorded.", ""]
+    mixed = [(method, history) for method, history in curves if _aux_names(history)]
+    panels: list[tuple[str, Sequence[Series]]] = [("task loss", task)]
+    if mixed:
+        terms = sorted({name for _, history in mixed for name in _aux_names(history)})
+        total = [(method, *_series(history, "loss")) for method, history in mixed]
+        panels.append((f"total loss: task + weighted {', '.join(terms)}", total))
+    _plot_curves(plots / "loss.png", panels, "training loss")
+    caption = (
+        f"Each dot is one logged batch's loss; each line, the running mean of the last {SMOOTHING_WINDOW} logged "
+        "batches."
+    )
+    if mixed:
+        caption += (
+            " The total loss, the one optimised, adds weighted auxiliary terms to the task loss: "
+            + "; ".join(f"{method}: {', '.join(_aux_names(history))}" for method, history in mixed)
+            + "."
+        )
+    lines = ["![training loss](plots/loss.png)", "", caption, ""]
+    aux_keys = _loss_keys([history for _, history in curves])
+    if aux_keys:
+        aux_panels = [
+            (f"{key.removesuffix('_loss')} (unweighted)", [(m, *_series(h, key)) for m, h in mixed])
+            for key in aux_keys
+        ]
+        _plot_curves(plots / "aux_losses.png", aux_panels, "auxiliary losses")
+        lines += ["![auxiliary losses](plots/aux_losses.png)", ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -346,6 +421,10 @@ def _summary_lines(summary: Mapping[str, Any]) -> list[str]:
         f"- linear probe accuracy (gates → task): {probe}",
         f"- normalised gate entropy: {_format(summary.get('entropy'))} (1 = uniform, 0 = one expert)",
     ]
+    if summary.get("spread") is not None:
+        lines.append(
+            f"- gate spread over inputs: {_format(summary.get('spread'))} (0 = the same gate for every input)"
+        )
     if summary.get("num_layers") is not None:
         lines.append(
             f"- over {summary['num_layers']} layers: mean purity {_format(summary.get('mean_layer_purity'))}, "
@@ -387,12 +466,32 @@ def _routing_section(plots: Path, slug: str, method: str, routing: Mapping[str, 
     return lines
 
 
+def _alarm_lines(summary: Mapping[str, Any]) -> list[str]:
+    """One line above the metrics when the router routes nothing (its own warning, or that of some of its layers):
+    the failure that matters most, and the one a reader skimming the numbers misses."""
+    warnings = [str(w) for w in summary.get("warnings") or []]
+    own = [w for w in warnings if w.startswith(ROUTES_NOTHING)]
+    layers = [w.split(":", 1)[0] for w in warnings if f": {ROUTES_NOTHING}" in w and w not in own]
+    if own:
+        return [f"> ⚠️ **This router {_cell(own[0])}.**", ""]
+    if layers:
+        shown = ", ".join(layers[:5]) + (", …" if len(layers) > 5 else "")
+        of = f" of {summary['num_layers']}" if summary.get("num_layers") else ""
+        return [
+            f"> ⚠️ **In {len(layers)}{of} layers the router routes nothing** ({_cell(shown)}): those layers give "
+            "every input nearly the same mixture.",
+            "",
+        ]
+    return []
+
+
 def _part_lines(
     label: str, title: str, summary: Mapping[str, Any], gates_png: str, load_png: str
 ) -> list[str]:
     return [
         f"**{title}**",
         "",
+        *_alarm_lines(summary),
         *_summary_lines(summary),
         "",
         *_warning_lines(list(summary.get("warnings") or [])),
@@ -443,15 +542,7 @@ def write_report(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> Path:
         lines += ["## Training curves", ""]
         curves = [(method, result.get("history") or []) for method, result in zip(methods, results)]
         curves = [(method, history) for method, history in curves if history]
-        if any(_series(history, "loss")[1] for _, history in curves):
-            _plot_curves(plots / "loss.png", curves, ["loss"], "training loss")
-            lines += ["![training loss](plots/loss.png)", ""]
-        else:
-            lines += ["No training history recorded.", ""]
-        aux_keys = _loss_keys([history for _, history in curves])
-        if aux_keys:
-            _plot_curves(plots / "aux_losses.png", curves, aux_keys, "auxiliary losses")
-            lines += ["![auxiliary losses](plots/aux_losses.png)", ""]
+        lines += _curve_lines(plots, curves)
 
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 import loramix
 from loramix import CheckpointError, InjectionError
+from loramix.errors import RoutingError
 from loramix.inject import is_injected
+from loramix.io.export import mean_gate
 from tests.io.toys import SmallCNN, randomize_adapters, task_settings, tiny_bert, tiny_gpt2, token_ids
 
 ATOL = 1e-5
@@ -159,10 +161,70 @@ def test_poly_task_export_equals_eval_routing(tmp_path: Path) -> None:
     assert_close(peft_outputs(base, tmp_path, forward), expected, other_task)
 
 
+def test_per_layer_mixtures_export_as_one_lora(tmp_path: Path) -> None:
+    model, base, forward = adapted("bert", "token")
+    names = loramix.get_info(model).names
+    rng = torch.Generator().manual_seed(1)
+    gates = {name: torch.rand(3, generator=rng).softmax(0) for name in names}  # a different mixture per layer
+    loramix.export_peft(model, tmp_path, gate=gates)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 12
+    one = copy.deepcopy(model)
+    merged = loramix.merge_and_unload(model, gate=gates)  # type: ignore[arg-type]
+    with torch.no_grad():
+        expected = forward(merged)
+        first_layers_mixture = forward(loramix.merge_and_unload(one, gate=gates[names[0]]))
+    assert_close(peft_outputs(base, tmp_path, forward), expected, first_layers_mixture)
+
+
+def test_mean_gate_averages_what_the_routers_chose(tmp_path: Path) -> None:
+    """The model-wide router's gate averaged over samples; per-layer per-token gates over real tokens only."""
+    ids = token_ids(batch=3, length=6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    batches = [
+        {"input_ids": ids[:2], "attention_mask": mask[:2]},
+        {"input_ids": ids[2:], "attention_mask": mask[2:]},
+    ]
+
+    model, _, _ = adapted("bert", "sample")
+    with torch.no_grad(), loramix.routing(model, attention_mask=mask) as state:
+        model(input_ids=ids, attention_mask=mask)
+    (name, gate), *_ = state.records
+    assert name == "model"
+    torch.testing.assert_close(mean_gate(model, batches), gate.weights.mean(0), atol=1e-6, rtol=0)
+
+    model, _, _ = adapted("bert", "token")
+    with torch.no_grad(), loramix.routing(model, attention_mask=mask) as state:
+        model(input_ids=ids, attention_mask=mask)
+    means = mean_gate(model, batches)
+    assert isinstance(means, dict) and sorted(means) == sorted(loramix.get_info(model).names)
+    real = mask.bool()
+    for name, gate in state.records:
+        torch.testing.assert_close(means[name], gate.weights[real].mean(0), atol=1e-6, rtol=0)
+
+    with torch.no_grad():  # a router that scores every input alike has the mean gate it gives each input
+        for layer in loramix.get_info(model).layers:
+            layer.router.weight.zero_()
+    for mixture in mean_gate(model, batches).values():  # type: ignore[union-attr]
+        torch.testing.assert_close(mixture, torch.full((3,), 1 / 3), atol=1e-6, rtol=0)
+
+
+def test_mean_gate_routes_a_per_task_router_by_the_task(tmp_path: Path) -> None:
+    model, _, _ = adapted("bert", "per-task", num_tasks=3)
+    batches = [{"input_ids": token_ids(batch=4)}]
+    assert mean_gate(model, batches, task=1).keys() == set(loramix.get_info(model).names)  # type: ignore[union-attr]
+    with pytest.raises(RoutingError, match="no task_ids"):
+        mean_gate(model, batches)
+    model, _, _ = adapted("bert", "sample")
+    with pytest.raises(InjectionError, match="pass at least one batch"):
+        mean_gate(model, [])
+
+
 @pytest.mark.parametrize(
     ("router", "kwargs", "problem"),
     [
         ("sample", {"task": 0}, "pass gate="),
+        ("token", {"gate": {"encoder.layer.0.attention.self.query": [1.0, 0.0, 0.0]}}, "no entry for layer"),
+        ("token", {"gate": {"encoder.layer.0.attention.self.query": [1.0, 0.0]}}, "gate for layer 'encoder"),
         ("task", {}, "task must be an integer in 0..2"),
         ("task", {"task": 3}, "task must be an integer in 0..2"),
         ("task", {"gate": [1.0, 0.0]}, "gate has 2 entries but the model has 3 experts"),

@@ -3,25 +3,57 @@ import PEFT LoRA directories as experts.
 
 A fixed mixture `s * sum_e g_e B_e A_e` is written as one LoRA of rank up to E*r (the experts' A rows stacked,
 their gated and scaled B columns stacked). Every layer is padded to the same rank with zero rows and the scale is
-folded into B, so the PEFT config needs no per-module patterns: `r = lora_alpha`, scaling 1.
+folded into B, so the PEFT config needs no per-module patterns: `r = lora_alpha`, scaling 1. The mixture may differ
+per layer (`gate={layer name: mixture}`), as the mean gate of routers that live in each layer does.
+
+A router that chooses per input (per sample or per token) has no fixed mixture; :func:`mean_gate` gives the one
+that its gates average to over some inputs, which is what such a model can be exported as: an approximation of
+per-input routing, exact only when the router gives every input the same gate.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from loramix.context import routing
 from loramix.errors import CheckpointError, InjectionError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
 from loramix.inject import InjectionReport, fixed_gate, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from loramix.models import ALIASES
 from loramix.routers import router_class
 
 PEFT_PREFIX = "base_model.model."
+# The hub name of each built-in model alias: what an exported adapter records as its base, so that it loads on
+# another machine (the alias's offline copy lives in a folder inside this installation).
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_name(name: str) -> str:
+    """The base model name a PEFT adapter should record for `name`: the hub name of a built-in alias, or of a path
+    that is an alias's offline copy; any other name or path as it is (a local model has no hub name to give)."""
+    if name in HUB_NAMES:
+        return HUB_NAMES[name]
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    for alias, package in ALIASES.items():
+        if alias not in HUB_NAMES:
+            continue
+        try:
+            copy = Path(importlib.import_module(package).get_model_path())
+        except (ImportError, AttributeError):
+            continue
+        if copy.resolve() == path.resolve():
+            return HUB_NAMES[alias]
+    return name
 
 
 def _low_rank_factors(layer: AdaptedLayer, gate: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,10 +79,14 @@ def export_peft(
     directory: str | Path,
     *,
     task: int | None = None,
-    gate: Tensor | list[float] | None = None,
+    gate: Tensor | list[float] | Mapping[str, Tensor | list[float]] | None = None,
     base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write one task's expert (or the fixed mixture `gate`) as a PEFT LoRA adapter directory.
+
+    `gate` is one mixture `(e,)` for every layer or `{layer name: mixture}`, e.g. what :func:`mean_gate` returns.
+    The recorded base model is `base_model_name_or_path`, else the model's own `_name_or_path`; a built-in alias or
+    its offline copy is recorded by its hub name (:func:`hub_name`).
 
     Example:
         >>> loramix.export_peft(model, "exported/task2", task=2)
@@ -70,7 +106,7 @@ def export_peft(
         )
     factors = {}
     for name, layer in zip(info.names, info.layers):
-        g = fixed_gate(model, layer, task=task, gate=None if gate is None else torch.as_tensor(gate))
+        g = fixed_gate(model, layer, task=task, gate=gate)  # type: ignore[arg-type]
         factors[name] = _low_rank_factors(layer, g)
     rank = max(A.shape[0] for A, _ in factors.values())
     tensors = {}
@@ -85,6 +121,7 @@ def export_peft(
             B = B[..., None, None]
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -92,14 +129,70 @@ def export_peft(
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=any(isinstance(layer, Conv1DExperts) for layer in info.layers),
-        base_model_name_or_path=base_model_name_or_path
-        or getattr(getattr(model, "config", None), "_name_or_path", None),
+        base_model_name_or_path=hub_name(base) if base else base,
         inference_mode=True,
     )
     directory = Path(directory)
     atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     atomic_write_json(directory / "adapter_config.json", config.to_dict())
     return directory
+
+
+@torch.no_grad()
+def mean_gate(
+    model: nn.Module, inputs: Iterable[Mapping[str, Any]], *, task: int | None = None
+) -> Tensor | dict[str, Tensor]:
+    """The gates the model's learned routers give these inputs, averaged: the fixed mixture that stands in for
+    per-input routing when one LoRA must do (export, merge).
+
+    Each element of `inputs` is one batch of keyword arguments to `model` (e.g. `input_ids`, `attention_mask`),
+    run in eval mode inside `loramix.routing` with `task_ids` all `task` (routers that read the task id need it).
+    A per-token gate is averaged over real tokens (those the batch's `attention_mask` marks), a per-sample gate
+    over samples. Returns the model-wide router's mean `(e,)`, or `{layer name: (e,)}` for routers that live in
+    each layer (each layer chooses on its own, so each gets its own mixture): either form goes to
+    `export_peft(model, directory, gate=...)`.
+
+    Why a mean: the model's output is linear in each layer's gate only layer by layer and input by input, so the
+    mean gate is exact when the router gives every input the same gate and an approximation otherwise; measure
+    the exported model against the routed one on held-out inputs before relying on it.
+
+    Example:
+        >>> gate = mean_gate(model, [tokenizer(texts, padding=True, return_tensors="pt")], task=2)
+        >>> loramix.export_peft(model, "exported/task2", gate=gate)
+    """
+    info = get_info(model)
+    device = info.layers[0].experts.device
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in inputs:
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            mask = batch.get("attention_mask")
+            size = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+            task_ids = None if task is None else torch.full((size,), task, dtype=torch.long)
+            with routing(model, task_ids=task_ids, attention_mask=mask) as state:
+                model(**batch)
+            for name, gate in state.records:
+                weights = gate.weights.detach().float()
+                if gate.per_token and mask is not None and mask.shape == weights.shape[:2]:
+                    real = mask.to(weights.dtype)[..., None]  # (n, t, 1)
+                    total, count = (weights * real).sum((0, 1)), float(real.sum())
+                else:
+                    flat = weights.reshape(-1, weights.shape[-1])
+                    total, count = flat.sum(0), float(flat.shape[0])
+                sums[name] = sums.get(name, 0) + total.cpu()
+                counts[name] = counts.get(name, 0.0) + count
+    finally:
+        model.train(was_training)
+    if not sums:
+        raise InjectionError(
+            f"no router recorded a gate on these inputs (router '{info.config.router}'): pass at least one batch; "
+            "a model without a learned router needs no mean gate (export it by task, or without one)"
+        )
+    means = {name: sums[name] / max(counts[name], 1.0) for name in sums}
+    return means["model"] if "model" in means else means
 
 
 def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor]]]:

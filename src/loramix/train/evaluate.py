@@ -1,7 +1,13 @@
-"""Evaluation: per-task accuracy and macro-F1, and what the routers did on the evaluated inputs."""
+"""Evaluation: per-task accuracy and macro-F1, and what the routers did on the evaluated inputs.
+
+A progress bar counts the batches (on a large test split, evaluation runs for minutes after training ends, and a
+silent terminal looks hung); like the training bar, it shows only on a terminal and when the run's `progress` is
+on.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -31,14 +37,28 @@ def evaluate(
     split: str = "test",
     batch_size: int = 64,
     max_examples: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """`{"tasks": {name: {"accuracy", "macro_f1", "n"}}, "mean_accuracy", "routing"}` on `split`."""
+    """`{"tasks": {name: {"accuracy", "macro_f1", "n"}}, "mean_accuracy", "routing"}` on `split`.
+
+    `progress`: a bar over the batches on stderr, shown only when stderr is a terminal (False: never)."""
+    from tqdm.auto import tqdm
+
     model.eval()
     device = next(model.parameters()).device
     tasks: dict[str, Any] = {}
     model_gates, layer_gates, gate_tasks = [], {}, []
-    for task in data.tasks:
-        examples = data.eval_examples(split, task.task_id, max_examples)
+    chosen = [data.eval_examples(split, task.task_id, max_examples) for task in data.tasks]
+    bar = tqdm(
+        total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
+        desc=f"eval {split}",
+        unit="batch",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None if progress else True,  # None: tqdm's own check, off when stderr is not a terminal
+    )
+    for task, examples in zip(data.tasks, chosen):
+        bar.set_postfix(task=task.name)
         preds, labels = [], []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
@@ -56,7 +76,9 @@ def evaluate(
                     model_gates.append(weights.float().cpu())
                 else:
                     layer_gates.setdefault(name, []).append(weights.float().cpu())
+            bar.update(1)
         tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type)
+    bar.close()
     routing: dict[str, Any] = {}
     if gate_tasks:
         task_ids = torch.cat(gate_tasks).numpy()

@@ -11,8 +11,23 @@ Thresholds behind the warnings (module constants, so a test or a caller can read
   A balanced router over e experts gives each about 1/e, so 80 % means the others are nearly idle.
 - `UNUSED_GATE_FRACTION = 0.1`: an expert is "never used" when it is the argmax of no sample *and* its mean gate
   is below 0.1 / e, a tenth of its uniform share (a soft router may still mix in an expert that never wins).
-- `UNIFORM_ENTROPY = 0.98`: with more than one expert, a normalised gate entropy above 0.98 means the gates are
-  close to uniform: the router mixes every expert equally and has not specialised.
+  An expert that wins no sample but keeps a larger mean gate is reported as "never the top choice" (when there are
+  at least as many samples as experts, so that every expert could have won one).
+- `UNIFORM_ENTROPY = 0.95`: with more than one expert, a normalised gate entropy of 0.95 or more means the gates
+  are close to uniform: the router mixes every expert nearly equally and has not specialised. (Over 8 experts, a
+  gate that gives its top expert 0.3, 2.4 times its uniform share, and the rest alike is just below 0.95.)
+- `FLAT_SPREAD = 0.05`: `spread` is the mean over samples of the total-variation distance between a sample's gate
+  and the mean gate (0: every input gets the same gate; a router that sends each input to its own expert is near
+  1 - 1/e). Below 0.05 the router gives every input nearly the same mixture: it routes nothing, and the experts act
+  as one LoRA.
+- `TASK_BLIND_NMI = 0.05`: near-uniform gates (above) whose top expert shares less than 0.05 normalised mutual
+  information with the task also route nothing: what little the gate varies does not follow the tasks.
+  Both "routes nothing" cases give one warning that starts with `ROUTES_NOTHING`, so that a report can raise the
+  alarm above the rest.
+
+Why two signals for "routes nothing": a router whose logits do not depend on the input gives the same gate to
+every sample, near-uniform or not, and then no expert specialises; the entropy alone misses such a gate when it is
+uneven (0.97 of the maximum for 8 experts, 3 of them never chosen), the spread does not.
 """
 
 from __future__ import annotations
@@ -32,7 +47,10 @@ from loramix.errors import RoutingError
 
 COLLAPSE_SHARE = 0.8
 UNUSED_GATE_FRACTION = 0.1
-UNIFORM_ENTROPY = 0.98
+UNIFORM_ENTROPY = 0.95
+FLAT_SPREAD = 0.05
+TASK_BLIND_NMI = 0.05
+ROUTES_NOTHING = "routes nothing"
 PROBE_FOLDS = 5
 _TIE_ATOL = 1e-6
 
@@ -119,19 +137,57 @@ def _probe(features: np.ndarray, task_ids: np.ndarray, seed: int) -> tuple[float
     return float(scores.mean()), folds
 
 
-def _warnings(argmax_share: np.ndarray, load: np.ndarray, entropy: float | None) -> list[str]:
+def _spread(gates: np.ndarray) -> float:
+    """Mean over samples of the total-variation distance between a sample's gate and the mean gate, rows
+    renormalised to sum to one first (as for the entropy)."""
+    totals = gates.sum(axis=1, keepdims=True)  # (n, 1)
+    probs = np.divide(gates, totals, out=np.zeros_like(gates), where=totals > 0)  # (n, e)
+    mean = probs.mean(axis=0)  # (e,)
+    return float(0.5 * np.abs(probs - mean).sum(axis=1).mean())
+
+
+def _warnings(
+    argmax_share: np.ndarray,
+    load: np.ndarray,
+    entropy: float | None,
+    spread: float,
+    nmi: float,
+    num_samples: int,
+) -> list[str]:
     num_experts = len(load)
     found = []
     if num_experts > 1:
+        flat = spread < FLAT_SPREAD
+        uniform = entropy is not None and entropy >= UNIFORM_ENTROPY
+        if flat or (uniform and nmi < TASK_BLIND_NMI):
+            reasons = []
+            if flat:
+                reasons.append(f"every input gets nearly the same gate (spread {spread:.3f} < {FLAT_SPREAD})")
+            if uniform:
+                reasons.append(f"near-uniform gates (normalised entropy {entropy:.3f} >= {UNIFORM_ENTROPY})")
+            reasons.append(f"NMI of the top expert with the task {nmi:.3f}")
+            found.append(f"{ROUTES_NOTHING}: {'; '.join(reasons)}; the experts act as one LoRA")
+        elif uniform:
+            found.append(
+                f"near-uniform gates: normalised entropy {entropy:.3f} >= {UNIFORM_ENTROPY}, the router has not "
+                "specialised"
+            )
         top = int(argmax_share.argmax())
         if argmax_share[top] > COLLAPSE_SHARE:
             found.append(f"collapse: expert {top} takes {100 * argmax_share[top]:.1f}% of samples")
-        for expert in range(num_experts):
-            if argmax_share[expert] == 0 and load[expert] < UNUSED_GATE_FRACTION / num_experts:
-                found.append(f"expert {expert} is never used (mean gate {load[expert]:.4f})")
-        if entropy is not None and entropy > UNIFORM_ENTROPY:
+        unused = [
+            e
+            for e in range(num_experts)
+            if argmax_share[e] == 0 and load[e] < UNUSED_GATE_FRACTION / num_experts
+        ]
+        for expert in unused:
+            found.append(f"expert {expert} is never used (mean gate {load[expert]:.4f})")
+        unchosen = [e for e in range(num_experts) if argmax_share[e] == 0 and e not in unused]
+        if unchosen and num_samples >= num_experts:
+            gates = ", ".join(f"{load[e]:.3f}" for e in unchosen)
             found.append(
-                f"near-uniform gates: normalised entropy {entropy:.3f}, the router has not specialised"
+                f"{len(unchosen)} of {num_experts} experts are never the top choice of any sample: "
+                f"{', '.join(map(str, unchosen))} (mean gates {gates})"
             )
     return found
 
@@ -170,6 +226,8 @@ def routing_summary(
         `probe_accuracy`, `probe_folds`: stratified-k-fold accuracy of a logistic-regression probe gates -> task
         (None / 0 when skipped or when fewer than two tasks have two samples);
         `entropy`: mean gate entropy / log e (None for a single expert);
+        `spread`: mean total-variation distance of a sample's gate from the mean gate (0: the same gate for every
+        input);
         `warnings`: list of strings, see the module docstring for the thresholds.
 
     Example:
@@ -193,6 +251,8 @@ def routing_summary(
     argmax = gates.argmax(axis=1)  # (n,)
     purity, expert_task = _purity(argmax, task_ids, num_experts)
     entropy = _normalised_entropy(gates)
+    spread = _spread(gates)
+    nmi = float(normalized_mutual_info_score(task_ids, argmax))
     if probe:
         features = gates if probe_features is None else np.asarray(probe_features, dtype=np.float64)
         probe_accuracy, probe_folds = _probe(features, task_ids, seed)
@@ -210,11 +270,12 @@ def routing_summary(
         "purity": purity,
         "majority_share": float(task_counts.max() / num_samples),
         "expert_task": [None if task is None else task_names[task] for task in expert_task],
-        "nmi": float(normalized_mutual_info_score(task_ids, argmax)),
+        "nmi": nmi,
         "probe_accuracy": probe_accuracy,
         "probe_folds": probe_folds,
         "entropy": entropy,
-        "warnings": _warnings(argmax_share, load, entropy),
+        "spread": spread,
+        "warnings": _warnings(argmax_share, load, entropy, spread, nmi, num_samples),
     }
 
 
