@@ -512,6 +512,7 @@ def test_help_and_config_errors_answer_without_loading_torch(
         "unknown-key": toys.settings(model_dir, tasks_dir, stepz=3),
         "infinite-lr": toys.settings(model_dir, tasks_dir, lr=float("inf")),
         "missing-model": toys.settings(model_dir, tasks_dir, model=str(tmp_path / "gone")),
+        "unknown-method": toys.settings(model_dir, tasks_dir, method="magic"),
     }
     for name, settings in bad.items():
         config = write_config(tmp_path / f"{name}.yaml", settings)
@@ -585,3 +586,11 @@ def test_data_warnings_print_as_one_line_and_the_run_goes_on(
     err = capsys.readouterr().err
     assert "loramix: warning: " in err and "broken/train.jsonl" in err and "no example of 'no'" in err
     assert "warnings.warn" not in err  # not Python's two-line form with the source line
+
+
+def test_the_light_list_of_method_names_is_the_registry():
+    """The CLI checks a method's name before torch loads, against a list that must name every registered method."""
+    from loramix.methods import METHODS
+    from loramix.preflight import METHOD_NAMES
+
+    assert sorted(METHOD_NAMES) == sorted(METHODS)

@@ -25,11 +25,12 @@ EXIT_CODES: list[tuple[type[LoramixError], int]] = [
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loramix.models import check_model_path
-    from loramix.preflight import check_output_dir
+    from loramix.preflight import check_method_name, check_output_dir
     from loramix.train.config import RunConfig
 
-    # before torch loads: the config's keys and values, the model path and the output folder
+    # before torch loads: the config's keys and values, the method's name, the model path and the output folder
     run = RunConfig.from_yaml(args.config, args.set)
+    check_method_name(run.method)
     check_model_path(run.model)
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     check_output_dir(output_dir)

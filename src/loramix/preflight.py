@@ -11,6 +11,32 @@ from pathlib import Path
 
 from loramix.errors import ConfigError
 
+# The registered methods' names, read before torch loads so that a misspelt method answers at once;
+# tests/test_cli.py holds this tuple equal to `loramix.methods.METHODS`.
+METHOD_NAMES = (
+    "lora",
+    "lora-wide",
+    "per-task-lora",
+    "mola-grad",
+    "mola-router",
+    "token-router",
+    "sequential-lora",
+    "zero-shot",
+    "lae",
+    "continual-mola-grad",
+    "moe-adapters",
+    "moe-adapters-task-id",
+    "joint",
+    "elrea",
+)
+
+
+def check_method_name(name: str) -> None:
+    """An unknown method, named with the known ones (the message `loramix.methods.get_method` gives)."""
+    if name not in METHOD_NAMES:
+        allowed = ", ".join(repr(m) for m in METHOD_NAMES)
+        raise ConfigError(f"method: {name!r} is not a method; the methods are: {allowed}")
+
 
 def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
     """Refuse an output folder that cannot be made or written: the path, or a folder on the way to it, is a file;
