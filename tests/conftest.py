@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from tests.train import toys
 
 # Every tensor in these tests is tiny: thread start-up costs more than the maths (10-100x on small CPUs).
 torch.set_num_threads(1)
+
+# The fuzz tests draw the same examples on every CI run, so that a failure there is one anyone can replay.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

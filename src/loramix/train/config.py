@@ -6,6 +6,7 @@ Every field is documented once, here; a wrong key or value names the key and wha
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,13 +186,10 @@ class RunConfig(BaseModel):
             raise ValueError("tasks lists names but tasks_dir is not set")
         if not names_only and not all(isinstance(t, dict) for t in self.tasks):
             raise ValueError("tasks must be all names or all specs, not a mix")
-        try:
-            filled = {self.label_template.format(label=name, task="task") for name in ("a", "b")}
-        except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # e.g. {label.x}, {label[x]}
-            filled = set()
-        if len(filled) != 2:
+        if not _plain_template(self.label_template):
             raise ValueError(
-                f"label_template must contain {{label}} and no field but {{task}} (got {self.label_template!r})"
+                f"label_template must contain {{label}} and no field but {{task}}, without format specs or "
+                f"conversions (got {self.label_template!r})"
             )
         if self.head == "classification" and self.label_smoothing > 0:
             raise ValueError("label_smoothing is used only by head 'label-prompt'; remove it or set head")
@@ -254,6 +252,18 @@ class RunConfig(BaseModel):
             except ValueError:  # no relative path between them (another drive): keep it absolute
                 data["tasks_dir"] = str(Path(self.tasks_dir).resolve())
         return data
+
+
+def _plain_template(template: str) -> bool:
+    """Whether `template` names `{label}` (and maybe `{task}`) and nothing else: no other field, no format spec
+    or conversion (a width such as `{label:>9999999999}` would build a string of that size when filled)."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError:  # an unmatched brace
+        return False
+    named = [name for name, _, _ in fields if name is not None]
+    plain = all(not spec and conversion is None for name, spec, conversion in fields if name is not None)
+    return plain and "label" in named and set(named) <= {"label", "task"}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
