@@ -3,9 +3,8 @@ tasks that whole training runs use, in `tests/train/toys.py`."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import pytest
 import torch
