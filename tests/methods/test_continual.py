@@ -255,7 +255,9 @@ def test_loramix_eval_of_a_continual_run_routes_by_the_saved_selector(moe_run: d
     assert evaluated["selector"]["confusion"] == moe_run["metrics"]["selector"]["confusion"]
 
 
-def test_loramix_inspect_shows_a_continual_runs_metrics(moe_run: dict[str, Any], capsys: pytest.CaptureFixture):
+def test_loramix_inspect_shows_a_continual_runs_metrics(
+    moe_run: dict[str, Any], capsys: pytest.CaptureFixture
+):
     from loramix.cli import main
 
     assert main(["inspect", str(moe_run["dir"])]) == 0

@@ -101,7 +101,11 @@ class AdapterExperts(StackedExperts):
             return F.linear(h * scaling, up[0], up_bias[0] * scaling)  # (..., o)
         if gate.hard:
             return self._hard(x, down, down_bias, up, up_bias, gate, scaling, dropout)
-        if gate.indices is not None and gate.indices.dim() == 2 and 2 * gate.indices.shape[-1] <= self.num_experts:
+        if (
+            gate.indices is not None
+            and gate.indices.dim() == 2
+            and 2 * gate.indices.shape[-1] <= self.num_experts
+        ):
             return self._topk(x, down, down_bias, up, up_bias, gate, scaling, dropout)
         return self._dense(x, down, down_bias, up, up_bias, gate_weights(gate, x.shape[0]), scaling, dropout)
 
@@ -149,7 +153,9 @@ class AdapterExperts(StackedExperts):
         width = down.shape[1]
         g = gate.weights.gather(-1, indices).to(x.dtype) * scaling  # (n, k)
         down_k = down[indices].reshape(n, k * width, -1)  # (n, k*w, i)
-        h = torch.baddbmm(down_bias[indices].reshape(n, 1, k * width), x, down_k.transpose(1, 2))  # (n, t, k*w)
+        h = torch.baddbmm(
+            down_bias[indices].reshape(n, 1, k * width), x, down_k.transpose(1, 2)
+        )  # (n, t, k*w)
         h = (dropout(F.relu(h)).unflatten(-1, (k, width)) * g[:, None, :, None]).flatten(-2)  # (n, t, k*w)
         up_k = up[indices].transpose(2, 3).reshape(n, k * width, -1)  # (n, k*w, o)
         bias = torch.bmm(g[:, None, :], up_bias[indices])  # (n, 1, o)

@@ -194,7 +194,9 @@ class LabelPromptHead(Head):
         embedded = F.normalize(embedded.float(), dim=-1)  # (L', d)
         if rows is None:
             return embedded
-        return embedded.new_zeros(self.label_input_ids.shape[0], embedded.shape[1]).index_copy(0, rows, embedded)
+        return embedded.new_zeros(self.label_input_ids.shape[0], embedded.shape[1]).index_copy(
+            0, rows, embedded
+        )
 
     def set_learned(self, learned: Sequence[bool] | None) -> None:
         """Which tasks the adapters have learned (continual learning): the class texts of the others are encoded

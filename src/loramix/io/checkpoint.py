@@ -141,7 +141,9 @@ def load(model: nn.Module, directory: str | Path, *, router_network: nn.Module |
         for name, rows in record.get("frozen_routers", {}).items():
             router = info.layers[info.names.index(name)].router
             if not isinstance(router, FrozenRows):
-                raise CheckpointError(f"{directory / CONFIG_FILE}: layer '{name}' has no router whose rows freeze")
+                raise CheckpointError(
+                    f"{directory / CONFIG_FILE}: layer '{name}' has no router whose rows freeze"
+                )
             router.freeze_rows(rows)
     except BaseException:
         remove(model)  # a load that fails leaves the model as it was, so the caller can retry or fall back

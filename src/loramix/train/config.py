@@ -128,7 +128,9 @@ class RunConfig(BaseModel):
     elrea_mode: Literal["ensemble", "top1"] = Field("ensemble", description="elrea inference mode.")
     # continual learning (tasks learned in the order of `tasks`, without the earlier tasks' data)
     steps_per_task: int | None = Field(
-        None, ge=1, description="Continual methods: optimizer steps on each task in turn (joint: times the tasks)."
+        None,
+        ge=1,
+        description="Continual methods: optimizer steps on each task in turn (joint: times the tasks).",
     )
     continue_from: str | None = Field(
         None,
@@ -136,17 +138,27 @@ class RunConfig(BaseModel):
         "selector, class texts); this config's tasks are learned after them, without the earlier tasks' data.",
     )
     moe_experts: int = Field(22, ge=2, description="moe-adapters: experts per block.")
-    moe_freeze: int = Field(2, ge=0, description="moe-adapters: most-used experts per block frozen after a task.")
+    moe_freeze: int = Field(
+        2, ge=0, description="moe-adapters: most-used experts per block frozen after a task."
+    )
     adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")
     ddas_hidden: int = Field(64, ge=1, description="Auto-selector: width of each task's autoencoder.")
     ddas_percentile: float = Field(
-        95.0, gt=0, le=100, description="Auto-selector: a task's threshold, this percentile of its held-out errors."
+        95.0,
+        gt=0,
+        le=100,
+        description="Auto-selector: a task's threshold, this percentile of its held-out errors.",
     )
-    ddas_examples: int = Field(1000, ge=10, description="Auto-selector: training inputs a task's autoencoder fits.")
+    ddas_examples: int = Field(
+        1000, ge=10, description="Auto-selector: training inputs a task's autoencoder fits."
+    )
     ddas_features: Literal["embeddings", "encoder"] = Field(
-        "embeddings", description="Auto-selector: the base model's pooled input embeddings, or its encoder output."
+        "embeddings",
+        description="Auto-selector: the base model's pooled input embeddings, or its encoder output.",
     )
-    lae_decay: float = Field(0.9999, gt=0, lt=1, description="lae: EMA decay of the offline adapter, per step.")
+    lae_decay: float = Field(
+        0.9999, gt=0, lt=1, description="lae: EMA decay of the offline adapter, per step."
+    )
     steps: int = Field(500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Samples per step (before accumulation).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
@@ -258,7 +270,9 @@ def _plain_template(template: str) -> bool:
     """Whether `template` names `{label}` (and maybe `{task}`) and nothing else: no other field, no format spec
     or conversion (a width such as `{label:>9999999999}` would build a string of that size when filled)."""
     try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+        fields = [
+            (name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+        ]
     except ValueError:  # an unmatched brace
         return False
     named = [name for name, _, _ in fields if name is not None]
