@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -20,27 +19,7 @@ from torch import Tensor, nn
 
 from loramix.errors import RoutingError
 from loramix.inject import get_info
-from loramix.routers.gate import Gate
-
-
-@dataclass(eq=False)  # identity: an open block is found and removed as itself, never by comparing tensors
-class RoutingState:
-    """What one forward pass needs to route, and what its routers decided."""
-
-    task_ids: Tensor | None = None
-    attention_mask: Tensor | None = None
-    keep_base: Tensor | None = None  # (n,) bool: these samples get no expert (bit-exact base output)
-    model_gate: Gate | None = None
-    record: bool = True
-    keep_model_gate: bool = False  # generation: the sample router decides on the prompt, later steps reuse it
-    records: list[tuple[str, Gate]] = field(default_factory=list)
-
-    def add(self, name: str, gate: Gate) -> None:
-        if self.record:
-            self.records.append((name, gate))
-
-    def gates(self) -> list[Gate]:
-        return [gate for _, gate in self.records]
+from loramix.routers.state import RoutingState
 
 
 def _pass_state(

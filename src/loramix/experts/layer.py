@@ -20,7 +20,7 @@ from loramix.routers.base import Router
 from loramix.routers.gate import Gate
 
 if TYPE_CHECKING:
-    from loramix.context import RoutingState
+    from loramix.routers.state import RoutingState
 
 
 class AdaptedLayer(nn.Module):

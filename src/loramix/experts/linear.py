@@ -16,7 +16,7 @@ from loramix.experts.layer import AdaptedLayer
 from loramix.experts.lora import LoraExperts, gate_weights, topk_gate
 
 if TYPE_CHECKING:
-    from loramix.context import RoutingState
+    from loramix.routers.state import RoutingState
 
 
 class LinearExperts(AdaptedLayer):

@@ -17,7 +17,7 @@ from loramix.experts.layer import AdaptedLayer
 from loramix.experts.linear import is_conv1d, is_linear
 
 if TYPE_CHECKING:
-    from loramix.context import RoutingState
+    from loramix.routers.state import RoutingState
 
 
 class ParallelExperts(AdaptedLayer):

@@ -1,0 +1,31 @@
+"""The routing state of one forward pass: what the routers read (task ids, the attention mask, the keep-base mask)
+and what they decided. A data type like :class:`Gate`, so that routers and adapted layers can name it without
+depending on the routing context that fills it (`loramix.context`, which re-exports it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from loramix.routers.gate import Gate
+
+
+@dataclass(eq=False)  # identity: an open block is found and removed as itself, never by comparing tensors
+class RoutingState:
+    """What one forward pass needs to route, and what its routers decided."""
+
+    task_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    keep_base: Tensor | None = None  # (n,) bool: these samples get no expert (bit-exact base output)
+    model_gate: Gate | None = None
+    record: bool = True
+    keep_model_gate: bool = False  # generation: the sample router decides on the prompt, later steps reuse it
+    records: list[tuple[str, Gate]] = field(default_factory=list)
+
+    def add(self, name: str, gate: Gate) -> None:
+        if self.record:
+            self.records.append((name, gate))
+
+    def gates(self) -> list[Gate]:
+        return [gate for _, gate in self.records]
