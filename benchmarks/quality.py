@@ -1,11 +1,15 @@
 """Quality benchmark: every method on the ten real tasks in shared/data with all-MiniLM-L6-v2.
 
-Every run uses the same steps, batch size, sequence length, subsample and evaluation set. Results are appended to
-benchmarks/results/quality.json after each run (so a long run can be stopped and resumed with --skip-done).
+Every run uses the same steps, batch size, sequence length, subsample and evaluation set. The default budget, 800
+steps of batch 32, is where the methods have converged enough for their ranking to hold (at 150 steps it flips
+with the budget). Results are appended to benchmarks/results/quality.json after each run, keyed by method, seed,
+steps and overrides (so a long run can be stopped and resumed with --skip-done, and the earlier 150- and 400-step
+entries stay readable); each entry records its seconds.
 
-    python benchmarks/quality.py                      # all methods, seeds 0 and 1 (about an hour on 2 quiet cores)
-    python benchmarks/quality.py --methods lora mola-grad --seeds 0 --steps 50   # a quick look
+    python benchmarks/quality.py --skip-done          # every method, seeds 0 1 2, 800 steps (many hours on a CPU)
+    python benchmarks/quality.py --methods lora mola-grad --seeds 0 --steps 150   # a quick look
     python benchmarks/quality.py --methods elrea --set elrea_base_fraction=0.7 --out /tmp/ablation.json
+    python benchmarks/quality.py --summary-only --steps 800     # the table of what is in --out
 """
 
 from __future__ import annotations
@@ -31,10 +35,18 @@ from loramix.train.config import RunConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 TASKS = ["sst2", "subj", "trec", "sms_spam", "ag_news", "emotion", "cola", "banking77", "mrpc", "rte"]
 # name -> run settings beyond the shared ones
+DEFAULT_STEPS = 800
+# The backbone's learning rate in the variants that train it (MoLA's setting) and in full fine-tuning: the usual
+# rate for fine-tuning a BERT-sized encoder at batch 32 (the range 2e-5 to 5e-5 of Devlin et al.), at its top
+# because 800 steps are about one pass over the 20,000 training examples.
+BACKBONE_LR = 5e-5
+BACKBONE = {"train_backbone": True, "backbone_lr": BACKBONE_LR}
+# name -> run settings beyond the shared ones; the rest are RunConfig's defaults (mola-router: TwD on the gate
+# probabilities at temperature 0.1, see the README)
 VARIANTS: dict[str, dict] = {
     "lora": {"method": "lora"},
     "mola-grad": {"method": "mola-grad"},
-    "mola-router": {"method": "mola-router", "twd_weight": 0.1},
+    "mola-router": {"method": "mola-router"},
     "mola-router-no-twd": {"method": "mola-router", "twd_weight": 0.0},
     "lora-wide": {"method": "lora-wide"},
     "token-router": {"method": "token-router"},
@@ -46,16 +58,37 @@ VARIANTS: dict[str, dict] = {
         "elrea_clusters": 10,
         "elrea_mode": "ensemble",
     },  # 11 passes per input
+    # MoLA's own setting: the backbone trained jointly, against full fine-tuning with per-task heads
+    "full-finetune": {"method": "full-finetune", "backbone_lr": BACKBONE_LR},
+    "lora+backbone": {"method": "lora", **BACKBONE},
+    "mola-grad+backbone": {"method": "mola-grad", **BACKBONE},
+    "mola-router+backbone": {"method": "mola-router", **BACKBONE},
 }
+# most informative first: a stopped run leaves the comparisons that matter most
 DEFAULT_METHODS = [
-    "lora",
-    "mola-grad",
-    "per-task-lora",
     "mola-router",
-    "mola-router-no-twd",
+    "mola-grad",
+    "lora",
     "lora-wide",
+    "mola-router-no-twd",
     "token-router",
     "elrea",
+    "full-finetune",
+    "mola-grad+backbone",
+    "mola-router+backbone",
+    "lora+backbone",
+]
+# run settings recorded in each entry besides its variant's (they decide what a variant measures)
+RECORDED = [
+    "twd_weight",
+    "twd_space",
+    "twd_temperature",
+    "twd_projection",
+    "router_input",
+    "router_lr",
+    "top_k",
+    "train_backbone",
+    "backbone_lr",
 ]
 
 
@@ -68,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--max-train", type=int, default=2000, help="train examples kept per task (seeded)")
@@ -85,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/loramix-quality"))
     parser.add_argument("--skip-done", action="store_true", help="keep runs already in --out and skip them")
     parser.add_argument(
+        "--summary-only", action="store_true", help="print the table of --out's runs at --steps and stop"
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -93,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
+    if args.summary_only:
+        print(summarise(json.loads(args.out.read_text()), steps=args.steps))
+        return 0
     torch.set_num_threads(args.threads)
     results = json.loads(args.out.read_text()) if args.skip_done and args.out.is_file() else []
     done = {(r["name"], r["seed"], r["steps"], json.dumps(r.get("overrides", {}))) for r in results}
@@ -134,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if overrides:
                 entry["overrides"] = overrides
+            entry["settings"] = {key: getattr(run, key) for key in RECORDED}
             if run.method == "mola-router":
                 entry["twd_weight"] = run.twd_weight
             routing = metrics.get("routing", {})
@@ -155,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} seed {seed}: mean accuracy {entry['mean_accuracy']:.4f} ({entry['seconds']} s)",
                 flush=True,
             )
-    print(summarise(results))
+    print(summarise(results, steps=args.steps))
     return 0
 
 
@@ -169,30 +209,43 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def column(entry: dict) -> str:
-    """A method's column: its name, with the steps when they are not the default 150 and any overrides."""
-    name = entry["name"] if entry["steps"] == 150 else f"{entry['name']} ({entry['steps']} steps)"
+def column(entry: dict, steps: int | None = DEFAULT_STEPS) -> str:
+    """A method's column: its name, with the steps when they are not `steps`, and any overrides."""
+    name = entry["name"] if entry["steps"] == steps else f"{entry['name']} ({entry['steps']} steps)"
     overrides = entry.get("overrides", {})
     return name + "".join(f" {k}={v}" for k, v in overrides.items())
 
 
-def summarise(results: list[dict]) -> str:
-    """A markdown table: per-task accuracy averaged over seeds, one column per method and step budget."""
-    names = list(dict.fromkeys(column(r) for r in results))
+def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """Mean over seeds, with the range (min-max) when there are several: `80.2 (79.5-81.0)`."""
+    if not values:
+        return ""
+    mean = f"{scale * sum(values) / len(values):.{digits}f}"
+    if len(values) == 1:
+        return mean
+    return f"{mean} ({scale * min(values):.{digits}f}-{scale * max(values):.{digits}f})"
+
+
+def summarise(results: list[dict], steps: int | None = None) -> str:
+    """A markdown table: per-task accuracy, mean over seeds (min-max), one column per method (and step budget,
+    when `steps` is None; else only the runs of that budget). Then routing purity, seeds and seconds per run."""
+    if steps is not None:
+        results = [r for r in results if r["steps"] == steps]
+    names = list(dict.fromkeys(column(r, steps or DEFAULT_STEPS) for r in results))
+    runs = {name: [r for r in results if column(r, steps or DEFAULT_STEPS) == name] for name in names}
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task in TASKS + ["mean"]:
         cells = []
         for name in names:
-            runs = [r for r in results if column(r) == name]
-            values = [r["mean_accuracy"] if task == "mean" else r["tasks"].get(task) for r in runs]
-            values = [v for v in values if v is not None]
-            cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "")
+            values = [r["mean_accuracy"] if task == "mean" else r["tasks"].get(task) for r in runs[name]]
+            cells.append(cell([v for v in values if v is not None]))
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    purity = []
-    for name in names:
-        runs = [r["routing_purity"] for r in results if column(r) == name and "routing_purity" in r]
-        purity.append(f"{sum(runs) / len(runs):.2f}" if runs else "")
+    purity = [cell([r["routing_purity"] for r in runs[n] if "routing_purity" in r], 1.0, 2) for n in names]
     lines.append("| routing purity | " + " | ".join(purity) + " |")
+    seeds = [" ".join(str(r["seed"]) for r in runs[n]) for n in names]
+    lines.append("| seeds | " + " | ".join(seeds) + " |")
+    seconds = [f"{sum(r['seconds'] for r in runs[n]) / len(runs[n]):.0f}" for n in names]
+    lines.append("| seconds per run | " + " | ".join(seconds) + " |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ style, at the layer level, for a whole training step, for mixed-task inference, 
     python benchmarks/speed.py            # the default run: about 10-15 minutes on 2 quiet CPU cores
     python benchmarks/speed.py --quick    # small shapes, every section, under 2 minutes
     python benchmarks/speed.py --full     # the whole layer grid and every model-level baseline (hours on CPU)
+    python benchmarks/speed.py --sections generate --threads 1   # generation only (about 10 minutes on 2 cores)
 
 Every comparison is measured in one process: one warm-up round, then interleaved rounds that run every case once in
 a shuffled order; a case is compared with its baseline by the median (and quartiles) of the per-round ratios of
@@ -12,7 +13,8 @@ the load average is recorded with every entry.
 
 Results: `benchmarks/results/speed.json` (a list of entries: name, baseline, ratio_median/q25/q75, times, shape
 parameters, device) and `benchmarks/results/speed.md` (the tables for README.md). `--quick` writes
-`speed-quick.json` / `speed-quick.md` instead, so it never overwrites a full run.
+`speed-quick.json` / `speed-quick.md` instead, so it never overwrites a full run. The generation section run on
+its own writes `speed-generate.json` / `speed-generate.md` (`speed-generate-quick.*` with `--quick`).
 
 What is measured (ratios are time(candidate) / time(baseline): below 1 is faster):
 1. Layer level, frozen `nn.Linear(d, d)`, tokens split into samples of 64: forward (inference) and forward +
@@ -28,6 +30,9 @@ What is measured (ratios are time(candidate) / time(baseline): below 1 is faster
    model per task run in turn; and a one-task batch against one merged LoRA model.
 4. Peak memory of the training step, each case in a fresh process: RSS on CPU, `max_memory_allocated` on CUDA.
 5. On a GPU (`--device cuda`, or auto): the same in bf16, plus Llama-shaped layers at d = 4096.
+6. Generation (`--sections generate`, not in the default run): greedy generation of a mixed-task batch in tokens
+   per second, loramix's task router against PEFT mixed batches and one merged model per task run in turn, at 4
+   and 16 tasks, on a tiny GPT-2 and a GPT-2-small-shaped model (`speed_generate.py`).
 """
 
 # The benchmark lives in a few modules beside this file, one job each; this one is the command line and the run:
@@ -35,6 +40,7 @@ What is measured (ratios are time(candidate) / time(baseline): below 1 is faster
 #   speed_layer.py   section 1, layer level (and the naive per-expert loop)
 #   speed_model.py   sections 2 and 3, the training step on a model and mixed-task inference
 #   speed_memory.py  section 4, peak memory (`--memory-probe` runs one case of it in a fresh process)
+#   speed_generate.py section 6, mixed-task generation
 #   speed_report.py  the targets and the markdown tables
 #   _timing.py       interleaved rounds, ratios, memory probes; elrea_features.py, the ELREA section's measurement
 
@@ -59,6 +65,7 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as timing  # noqa: E402
+from speed_generate import generate_plan, generate_table, run_generate_section  # noqa: E402
 from speed_layer import run_layer_section  # noqa: E402
 from speed_memory import memory_probe, run_memory_section  # noqa: E402
 from speed_model import run_inference_section, run_model_section  # noqa: E402
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         nargs="+",
         default=["layer", "model", "inference", "memory", "elrea"],
-        choices=["layer", "model", "inference", "memory", "elrea"],
+        choices=["layer", "model", "inference", "memory", "elrea", "generate"],
     )
     parser.add_argument(
         "--cases", nargs="+", help="model-level and memory cases to run (default: all of the run mode's)"
@@ -137,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.memory = [
             (m, b, s, tuple(c for c in cases if c in args.cases)) for m, b, s, cases in plan.memory
         ]
-    out = args.out or ROOT / "results" / ("speed-quick.json" if args.quick else "speed.json")
+    stem = "speed-generate" if args.sections == ["generate"] else "speed"
+    out = args.out or ROOT / "results" / (f"{stem}-quick.json" if args.quick else f"{stem}.json")
     command = "python benchmarks/speed.py" + {"quick": " --quick", "full": " --full", "default": ""}[mode]
+    if args.sections != parser.get_default("sections"):
+        command += " --sections " + " ".join(args.sections)
     if args.threads != 2:
         command += f" --threads {args.threads}"
     meta = {
@@ -164,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ("inference", lambda: run_inference_section(results, plan, device, dtype)),
         ("memory", lambda: run_memory_section(results, plan, device, args.threads)),
         ("elrea", lambda: run_elrea_section(results, device, quick=mode == "quick")),
+        ("generate", lambda: run_generate_section(results, generate_plan(mode, device), device, dtype)),
     ]
     for name, run in sections:
         if name in args.sections:
@@ -177,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     results.save()
     write_markdown(results, targets, out.with_suffix(".md"), command, meta)
     print(f"wrote {out} and {out.with_suffix('.md')} in {meta['wall_s']:.0f} s")
+    if "generate" in args.sections:
+        print("\n".join(generate_table(results.entries)))
     for row in targets:
         print(
             f"  {'met ' if row['met'] else 'MISS'} {row['label']}: {row['value']:.3f} (<= {row['threshold']:.3f})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from speed_generate import generate_table
 from speed_plan import Results
 
 # ---- targets and the README table --------------------------------------------------------------------------------
@@ -124,6 +125,17 @@ TARGETS: list[tuple[str, str, str, dict[str, Any], float, str]] = [
         0.1,
         "ratio_median",
     ),
+    *[
+        (
+            f"mixed-task generation >= 1.5x PEFT mixed-batch tokens/s (16 tasks, {model})",
+            f"generate/{model}/loramix",
+            "peft-mixed-batch",
+            {"num_tasks": 16},
+            1 / 1.5,
+            "ratio_median",
+        )
+        for model in ("tiny-gpt2", "gpt2-small")
+    ],
     (
         "GPU: hard routing <= 1.10x one LoRA, d=4096",
         "layer/loramix",
@@ -256,6 +268,7 @@ def write_markdown(
                 f"| {e['name'].removeprefix('inference/')} | {e['sequences_per_s']:.1f} | {_fmt(e)} vs {e['baseline']} |"
             )
         lines.append("")
+    lines += generate_table(results.entries)
     memory_rows = [e for e in results.entries if e["section"] == "memory" and e["baseline"] == "peft-lora-d0"]
     if memory_rows:
         lines += [

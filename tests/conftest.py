@@ -29,3 +29,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return toys.tasks_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.lm_dir(tmp_path_factory, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.lm_dir(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def gen_tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toys.gen_tasks_dir(tmp_path_factory)

@@ -33,3 +33,13 @@ def test_the_demo_fits_its_time_budget():
     evaluated = len(TASK_RULES) * min(TEST_SIZE, DEMO_SETTINGS.get("max_eval_examples") or TEST_SIZE)
     assert trained <= 300 * 32 / 3
     assert evaluated <= len(TASK_RULES) * TEST_SIZE / 2
+
+
+def test_the_generative_demo_trains_a_tiny_causal_lm_on_the_string_tasks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))  # where `tiny-gpt2` is written on first use
+    results = run_demo(tmp_path / "demo", steps=2, threads=1, scale=0.01, generative=True)
+    assert [r["method"] for r in results] == ["lora", "mola-grad"]
+    assert set(results[0]["tasks"]) == {"reverse", "sort", "shift", "rotate"}
+    assert {"exact_match", "f1", "perplexity"} <= set(results[0]["tasks"]["reverse"])
+    assert "exact match of the generated answer" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "tiny-gpt2-seed0" / "config.json").is_file()

@@ -1,8 +1,9 @@
-"""LoramixModel: routing side inputs as forward keyword arguments, so `model(**batch)` and `generate()` route."""
+"""LoramixModel: routing side inputs as forward keyword arguments, so `model(**batch)` and `generate()` route.
+
+Generation itself (mixed-task batches, the hand-written greedy reference) is tested in `tests/test_generate.py`.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -95,66 +96,6 @@ def test_attributes_fall_through_to_the_model() -> None:
     with pytest.raises(AttributeError):
         wrapped.no_such_attribute  # noqa: B018
     assert all(name.startswith("model.") for name in wrapped.state_dict())
-
-
-def greedy(next_logits: Callable[[Tensor], Tensor], ids: Tensor, steps: int) -> Tensor:
-    """Greedy decoding by hand, without a cache: the reference that `generate` must reproduce."""
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = next_logits(ids)
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
-
-
-def test_generate_routes_each_sequence_by_its_task() -> None:
-    model = adapted_gpt2("task")
-    wrapped = LoramixModel(model)
-    ids = prompt()
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 3}
-
-    first = wrapped.generate(input_ids=ids, task_ids=TASK_IDS, **kwargs)
-    again = wrapped.generate(input_ids=ids, task_ids=TASK_IDS, **kwargs)
-
-    assert first.shape == (2, 8)
-    assert torch.equal(first, again)
-
-    def by_task(ids: Tensor) -> Tensor:
-        with loramix.routing(model, task_ids=TASK_IDS):
-            return model(input_ids=ids).logits
-
-    assert torch.equal(first, greedy(by_task, ids, 3))
-
-
-def test_generate_with_sample_router_decides_on_the_prompt() -> None:
-    model = adapted_gpt2("sample")
-    wrapped = LoramixModel(model)
-    ids = prompt()
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 3}
-
-    first = wrapped.generate(input_ids=ids, **kwargs)
-    again = wrapped.generate(input_ids=ids, **kwargs)
-    assert first.shape == (2, 8)
-    assert torch.equal(first, again)
-
-    with torch.no_grad(), loramix.routing(model) as state:
-        model(input_ids=ids)
-    prompt_gate = state.model_gate
-
-    def by_prompt_gate(ids: Tensor) -> Tensor:
-        with loramix.routing(model) as state:
-            state.model_gate, state.keep_model_gate = prompt_gate, True
-            return model(input_ids=ids).logits
-
-    assert torch.equal(first, greedy(by_prompt_gate, ids, 3))
-
-
-def test_generate_with_beams_repeats_task_ids() -> None:
-    model = adapted_gpt2("task")
-    wrapped = LoramixModel(model)
-    out = wrapped.generate(
-        input_ids=prompt(), task_ids=TASK_IDS, do_sample=False, max_new_tokens=2, num_beams=2
-    )
-    assert out.shape == (2, 7)
 
 
 def test_wrapped_model_trains_only_the_experts() -> None:

@@ -51,16 +51,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loramix.data import MultiTaskData, TextCollator
+    from loramix.data import MultiTaskData
     from loramix.io.files import atomic_write_json
     from loramix.methods import get_method
     from loramix.report import print_table
-    from loramix.train.run import eval_split, load_trained, task_specs
+    from loramix.train.run import eval_split, load_trained, make_collator, task_specs
 
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     data = MultiTaskData(task_specs(run))
     split = args.split or eval_split(data)
-    collator = TextCollator(tokenizer, max_length=run.max_length)
+    collator = make_collator(run, data, tokenizer)
     metrics = get_method(run.method).evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
     atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
@@ -69,10 +69,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from loramix.preflight import check_export_request, check_output_dir
+    from loramix.preflight import check_export_out, check_export_request, check_output_dir
 
-    check_export_request(args.run_dir, args.task, args.expert)  # before torch and the model load
-    check_output_dir(args.out, "--out")
+    # before torch and the model load: the tasks asked for, and an output folder that can be written whole
+    check_export_request(args.run_dir, args.task, args.expert, all_tasks=args.all_tasks)
+    if args.expert is None:
+        check_export_out(args.out, "--out")
+    else:
+        check_output_dir(args.out, "--out")
 
     from loramix.methods import get_method
     from loramix.train.run import load_trained
@@ -148,10 +152,17 @@ def shown(value: object) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from loramix.preflight import check_output_dir
 
-    check_output_dir(args.output_dir)
+    output_dir = args.output_dir or ("runs/demo-generative" if args.generative else "runs/demo")
+    check_output_dir(output_dir)
     from loramix.demo import run_demo
 
-    run_demo(Path(args.output_dir), steps=args.steps, methods=args.methods, threads=args.threads)
+    run_demo(
+        Path(output_dir),
+        steps=args.steps,
+        methods=args.methods,
+        threads=args.threads,
+        generative=args.generative,
+    )
     return 0
 
 
@@ -185,18 +196,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser(
         "export",
-        help="write one task's expert as a PEFT LoRA adapter",
-        description="Write one task's adapter as a PEFT LoRA directory, with the task's head rows "
-        "(head.safetensors: weight and bias of its classes, applied to the pooled output) and a note "
-        "(loramix_export.json: labels, pooling, base model, how the adapter was made). A router that routes by "
-        "task exports exactly; one that chooses per input (sample, token, per-task) exports the task's mean gate "
-        "over a fixed sample of its training inputs, an approximation that the command measures against the routed "
-        "model on the task's test inputs and reports.",
+        help="write tasks' experts as PEFT LoRA adapters (one task, several, or all with a serving manifest)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Write a task's adapter as a PEFT LoRA directory, with the task's head rows (head.safetensors: weight and
+bias of its classes, applied to the pooled output; none for a generation task, whose causal LM answers
+itself) and a note (loramix_export.json: labels, pooling, base model, how the adapter was made).
+
+  loramix export RUN --task T --out DIR              task T's adapter in DIR
+  loramix export RUN --task A --task B --out DIR     DIR/A/, DIR/B/ and DIR/manifest.json
+  loramix export RUN --all-tasks --out DIR           every task: DIR/<task>/ and DIR/manifest.json
+  ... --merged                                       also each task's merged model: DIR/<task>/merged/
+                                                     (one --task: DIR/merged/)
+
+manifest.json lists each task's adapter folder, the base model, the rank and the adapted modules, and for
+generation tasks the serving commands: vLLM, with every task's adapter registered at start (a request's
+`model` names its task):
+  vllm serve BASE --enable-lora --lora-modules A=DIR/A B=DIR/B --max-lora-rank R --max-loras 2
+(R: the adapters' rank rounded up to a value vLLM accepts: 8, 16, 32, 64, ...), and LoRAX, which loads a
+local adapter on the first request that names it:
+  lorax-launcher --model-id BASE
+  request: {"inputs": "...", "parameters": {"adapter_id": "DIR/A", "adapter_source": "local"}}
+
+What a static multi-LoRA server can serve: one fixed LoRA per request. A run that routes by task
+(mola-grad, per-task-lora), by a Poly table (a fixed mixture per task) or shares one adapter (lora)
+exports exactly. A router that chooses per input (mola-router, token-router, per-task routers) cannot be
+served that way: a classification task is exported as its mean gate over a fixed sample of its training
+inputs, an approximation that the command measures against the routed model on the task's test inputs
+and reports (and the manifest records per task); a generation task is refused. DIR must be new, empty
+or an earlier export: it is written whole beside its place and renamed into it, so an error leaves
+nothing half-written, and an earlier export in DIR is replaced only by a complete one.""",
     )
     p.add_argument("run_dir", help="the output folder of `loramix train`")
-    p.add_argument("--task", help="the task whose expert to export")
+    p.add_argument(
+        "--task",
+        action="append",
+        help="a task whose expert to export; repeat it for several (then DIR/<task>/ and DIR/manifest.json)",
+    )
+    p.add_argument(
+        "--all-tasks",
+        action="store_true",
+        help="export every task of the run into DIR/<task>/, with DIR/manifest.json for multi-LoRA serving",
+    )
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="also write each task's merged model (base + its adapter, save_pretrained with the tokenizer)",
+    )
     p.add_argument("--expert", type=int, help="ELREA runs: the expert to export (0: the base adapter)")
-    p.add_argument("--out", required=True, help="the folder to write the PEFT adapter into")
+    p.add_argument("--out", required=True, help="the folder to write the adapters (and manifest) into")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="show a run's config, experts and routing summary")
     p.add_argument("run_dir", help="the output folder of `loramix train`")
@@ -211,17 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output-dir",
-        default="runs/demo",
-        help="where the tasks, the runs, report.md and summary.json go (default: %(default)s)",
+        default=None,
+        help="where the tasks, the runs, report.md and summary.json go (default: runs/demo, or "
+        "runs/demo-generative with --generative)",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps per method (default: 200, of batch 16)"
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per method (default: 200, of batch 16; with --generative, 800 of 32)",
     )
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["lora", "mola-grad", "mola-router"],
-        help="the methods to compare, any of the run config's methods (default: %(default)s)",
+        default=None,
+        help="the methods to compare, any of the run config's methods (default: lora mola-grad mola-router; "
+        "with --generative: lora mola-grad)",
+    )
+    p.add_argument(
+        "--generative",
+        action="store_true",
+        help="string tasks (reverse, sort, shift, rotate) answered by a tiny GPT-2 trained from scratch with a "
+        "character tokenizer, scored by exact match of the generated answer (800 steps of 32 per method)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_demo)

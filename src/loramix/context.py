@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from loramix.errors import RoutingError
 from loramix.inject import get_info
+from loramix.recompute import route_checkpoints
 from loramix.routers.state import RoutingState
 
 
@@ -175,6 +176,7 @@ def routing(
             handles.append(
                 layer.register_forward_pre_hook(partial(_pass_state, state, active), with_kwargs=True)
             )
+        handles.append(route_checkpoints(model, active))  # recomputed blocks route as their first forward
         yield state
     finally:
         for handle in handles:

@@ -26,12 +26,15 @@ from loramix.experts import (
 )
 from loramix.experts.conv import is_conv2d
 from loramix.experts.linear import is_conv1d, is_linear
+from loramix.experts.quantized import QuantizedLinearExperts, is_quantized_linear, quantized_kind
 from loramix.routers import Router, router_class
 
 Builder = tuple[str, Callable[[nn.Module], bool], type[AdaptedLayer]]
 
 # (kind, accepts, layer class): the first that accepts a module wraps it (placement 'wrap').
 BUILDERS: list[Builder] = [
+    # a quantized linear first: bitsandbytes' layers are nn.Linear subclasses that the next builder would take
+    ("QLinear", is_quantized_linear, QuantizedLinearExperts),
     ("Linear", is_linear, LinearExperts),
     ("Conv1D", is_conv1d, Conv1DExperts),
     ("Conv2d", is_conv2d, Conv2dExperts),
@@ -219,6 +222,13 @@ def inject(
         config = AdapterConfig.from_dict(config)
     if is_injected(model):
         raise InjectionError("this model already has loramix adapters; call loramix.remove(model) first")
+    if config.train_backbone:
+        quantized = next(((n, m) for n, m in model.named_modules() if is_quantized_linear(m)), None)
+        if quantized is not None:
+            raise InjectionError(
+                f"train_backbone is set but module '{quantized[0]}' is quantized ({quantized_kind(quantized[1])}): "
+                "quantized weights cannot be trained; set train_backbone false, or load the base unquantized"
+            )
     targets = _select_targets(model, config)
     router_input, router_width = _resolve_router_input(model, config)
     original = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -58,20 +58,31 @@ def check_model_path(name: str) -> None:
         )
 
 
-def load_backbone(name: str, *, causal_lm: bool = False) -> tuple[Any, Any]:
+def load_backbone(
+    name: str, *, causal_lm: bool = False, quantize: str | None = None, gradient_checkpointing: bool = False
+) -> tuple[Any, Any]:
     """`(model, tokenizer)` for an encoder or decoder from Hugging Face `transformers`; `causal_lm`: the model
-    with its language-modelling head (`AutoModelForCausalLM`), for generation tasks."""
+    with its language-modelling head (`AutoModelForCausalLM`), for generation tasks. `quantize` ("8bit", "4bit"):
+    its linear layers quantized by bitsandbytes (`loramix.quantize`); `gradient_checkpointing`: its blocks
+    recomputed in backward (non-reentrant, `loramix.recompute`)."""
     check_model_path(name)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from loramix.quantize import quantization_config
+    from loramix.recompute import enable_checkpointing
+
+    quantized = quantization_config(quantize)
+    options = {} if quantized is None else {"quantization_config": quantized}
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path)
+        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path, **options)
     except (OSError, ValueError) as exc:  # a missing file is an OSError; an unusable one, a ValueError
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError(
             f"model {name!r} could not be loaded: {reason} (`model` must name a folder with config.json, weights "
             "and tokenizer files, or a hub name)"
         ) from None
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     return model, tokenizer

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from loramix.errors import ConfigError
@@ -28,6 +29,7 @@ METHOD_NAMES = (
     "moe-adapters-task-id",
     "joint",
     "elrea",
+    "full-finetune",
 )
 
 
@@ -57,11 +59,41 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
         )
 
 
-def check_export_request(run_dir: str | Path, task: str | None, expert: int | None) -> None:
-    """What `loramix export` can tell from the run's JSON files before it loads a model: that a task was named and
-    is one of the run's (read from `adapter/loramix_config.json`). `--expert` (experts that are not tasks, as in
-    an ELREA run) is the method's to check. When the file is missing or unreadable, nothing is decided here: the
-    full load reports it with its own message."""
+# What `loramix export` writes, named here so that the folder it may replace is recognised before torch loads.
+EXPORT_NOTE_FILE = "loramix_export.json"  # beside each exported task's adapter
+MANIFEST_FILE = "manifest.json"  # beside the task folders of a several-task export
+MANIFEST_FORMAT = "loramix-multi-lora"
+
+
+def select_tasks(
+    names: Sequence[str], requested: str | Sequence[str] | None, all_tasks: bool = False
+) -> list[str]:
+    """The tasks `loramix export` is asked for, in the order asked: `--task` (repeatable) or `--all-tasks`."""
+    requested = [requested] if isinstance(requested, str) else list(requested or [])
+    listed = ", ".join(names)
+    if all_tasks and requested:
+        raise ConfigError("--all-tasks exports every task: drop --task, or name the tasks with --task alone")
+    if all_tasks:
+        return list(names)
+    if not requested:
+        raise ConfigError(
+            f"pass --task, one of this run's tasks: {listed} (repeat --task for several, or pass --all-tasks for "
+            "every task and a serving manifest; --expert N for a run whose experts are not tasks, as in an ELREA "
+            "run)"
+        )
+    for task in requested:
+        if task not in names:
+            raise ConfigError(f"--task {task!r} is not a task of this run; its tasks are: {listed}")
+    return list(dict.fromkeys(requested))
+
+
+def check_export_request(
+    run_dir: str | Path, tasks: str | Sequence[str] | None, expert: int | None, *, all_tasks: bool = False
+) -> None:
+    """What `loramix export` can tell from the run's JSON files before it loads a model: that tasks were named
+    (`--task`, or `--all-tasks`) and are the run's (read from `adapter/loramix_config.json`). `--expert` (experts
+    that are not tasks, as in an ELREA run) is the method's to check. When the file is missing or unreadable,
+    nothing is decided here: the full load reports it with its own message."""
     if expert is not None:
         return
     try:
@@ -69,12 +101,29 @@ def check_export_request(run_dir: str | Path, task: str | None, expert: int | No
         names = [str(meta["name"]) for meta in record["metadata"]["tasks"]]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if not names:
-        return
-    if task is None:
+    if names:
+        select_tasks(names, tasks, all_tasks)
+
+
+def is_earlier_export(folder: str | Path) -> bool:
+    """Whether `folder` holds what `loramix export` wrote: one task's note, or a several-task manifest."""
+    folder = Path(folder)
+    if (folder / EXPORT_NOTE_FILE).is_file():
+        return True
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
+def check_export_out(path: str | Path, flag: str = "--out") -> None:
+    """An export is written whole beside its folder and renamed into place, so the folder must be new, empty, or
+    an earlier export (which is then replaced whole); anything else is refused before any work."""
+    check_output_dir(path, flag)
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not is_earlier_export(path):
         raise ConfigError(
-            f"pass --task, one of this run's tasks: {', '.join(names)} (or --expert N for a run whose experts are "
-            "not tasks, as in an ELREA run)"
+            f"{flag} {path} holds files that are not a loramix export; pass a new or empty folder (an export is "
+            "written beside it and renamed into place whole, replacing only an earlier export)"
         )
-    if task not in names:
-        raise ConfigError(f"--task {task!r} is not a task of this run; its tasks are: {', '.join(names)}")

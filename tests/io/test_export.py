@@ -19,7 +19,7 @@ import loramix
 from loramix import CheckpointError, InjectionError
 from loramix.errors import RoutingError
 from loramix.inject import is_injected
-from loramix.io.export import mean_gate
+from loramix.io.export import mean_gate, serving_commands, vllm_max_lora_rank
 from tests.io.toys import SmallCNN, randomize_adapters, task_settings, tiny_bert, tiny_gpt2, token_ids
 
 ATOL = 1e-5
@@ -348,3 +348,31 @@ def test_import_of_a_non_lora_adapter_is_refused(tmp_path: Path) -> None:
 def test_import_needs_a_directory() -> None:
     with pytest.raises(InjectionError, match="at least one"):
         loramix.import_peft(bert_base(), [])
+
+
+def test_serving_commands_register_every_adapter_with_a_rank_vllm_accepts(tmp_path: Path) -> None:
+    adapters = {"sql": tmp_path / "sql", "chat": tmp_path / "my adapters" / "chat"}
+    commands = serving_commands("org/base", adapters, 12)
+    vllm = commands["vllm"]
+    assert vllm["max_lora_rank"] == 16
+    assert vllm["lora_modules"] == f"sql={tmp_path / 'sql'} 'chat={tmp_path / 'my adapters' / 'chat'}'"
+    assert vllm["command"] == (
+        f"vllm serve org/base --enable-lora --lora-modules {vllm['lora_modules']} --max-lora-rank 16 --max-loras 2"
+    )
+    assert commands["lorax"]["command"] == "lorax-launcher --model-id org/base"
+    assert commands["lorax"]["requests"]["sql"] == {
+        "adapter_id": str(tmp_path / "sql"),
+        "adapter_source": "local",
+    }
+    too_wide = serving_commands("org/base", adapters, 600)["vllm"]
+    assert too_wide["command"] is None and "512" in too_wide["note"]
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 320, 321, 512, 513)] == [
+        1,
+        8,
+        8,
+        16,
+        320,
+        512,
+        512,
+        None,
+    ]

@@ -181,3 +181,30 @@ def test_saved_files_get_the_users_usual_modes(tmp_path: Path, umask: int) -> No
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert folder.name.startswith(".step-000001.") and folder.name.endswith(".tmp")
     assert files.current_umask() == umask
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="half-way"), files.atomic_folder(target) as tmp:
+        (tmp / "a.json").write_text("{}")
+        raise RuntimeError("half-way")
+    assert names(tmp_path) == []  # neither the folder nor its temporary twin
+    with files.atomic_folder(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.json").write_text("1")
+    assert (target / "sub" / "a.json").read_text() == "1" and names(tmp_path) == ["out"]
+    assert stat.S_IMODE(target.stat().st_mode) == files.folder_mode()
+
+    with pytest.raises(CheckpointError, match="not an empty folder"), files.atomic_folder(target):
+        pass
+    with pytest.raises(RuntimeError), files.atomic_folder(target, replace=True) as tmp:
+        (tmp / "b.json").write_text("2")
+        raise RuntimeError
+    assert names(target) == ["sub"]  # a failed replacement keeps the earlier folder
+    with files.atomic_folder(target, replace=True) as tmp:
+        (tmp / "b.json").write_text("2")
+    assert names(target) == ["b.json"] and names(tmp_path) == ["out"]
+    (tmp_path / "empty").mkdir()
+    with files.atomic_folder(tmp_path / "empty") as tmp:  # an empty folder is simply taken
+        (tmp / "c").write_text("3")
+    assert names(tmp_path / "empty") == ["c"]

@@ -181,3 +181,25 @@ def test_bad_inputs_raise() -> None:
         twd_loss(logits, torch.tensor([0, 1, 0, 1]), tau=0.0)
     with pytest.raises(ConfigError):
         TwDProjection(num_experts=0)
+
+
+def test_gates_space_is_the_loss_on_the_softmax() -> None:
+    torch.manual_seed(6)
+    logits, task_ids = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    got = twd_loss(logits, task_ids, space="gates", tau=0.1)
+    assert got.item() == pytest.approx(twd_reference(logits.softmax(-1), task_ids, tau=0.1), abs=1e-5)
+
+
+def test_gates_space_asks_for_different_top_experts() -> None:
+    """Two tasks whose logits point apart but share their top expert fool TwD on logits, not on gates."""
+    task_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    shared_top = torch.tensor([[3.0, 3.0, -3.0]] * 3 + [[3.0, -3.0, 3.0]] * 3)  # cosine -1/3, both expert 0
+    own_expert = torch.tensor([[4.0, 0.0, 0.0]] * 3 + [[0.0, 4.0, 0.0]] * 3)  # cosine 0, experts 0 and 1
+    assert twd_loss(shared_top, task_ids, tau=0.5) < twd_loss(own_expert, task_ids, tau=0.5) - 0.05
+    gates_shared = twd_loss(shared_top, task_ids, tau=0.5, space="gates")
+    assert twd_loss(own_expert, task_ids, tau=0.5, space="gates") < gates_shared - 0.2
+
+
+def test_unknown_space_raises() -> None:
+    with pytest.raises(ConfigError, match="space"):
+        twd_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), space="probs")  # type: ignore[arg-type]

@@ -78,3 +78,25 @@ def test_auxiliary_loss_weights():
     assert "twd" not in loss_weights(run(method="mola-grad"))  # no learned router, no TwD
     assert loss_weights(run(method="token-router"))["balance"] == 0.01
     assert loss_weights(run(method="token-router", balance_weight=0.5))["balance"] == 0.5
+
+
+def test_twd_defaults_compare_gates_at_a_low_temperature():
+    """TwD on gate probabilities (tasks pushed apart take different experts), tau 0.1, no projection."""
+    run_config = run(method="mola-router")
+    twd = get_method("mola-router").aux_losses(run_config, adapter_config(run_config, 3))[0]
+    assert (twd.name, twd.space, twd.temperature, twd.projection) == ("twd", "gates", 0.1, None)
+    logits_run = run(method="mola-router", twd_space="logits", twd_projection=True, twd_temperature=1.0)
+    twd = get_method("mola-router").aux_losses(logits_run, adapter_config(logits_run, 3))[0]
+    assert (twd.space, twd.temperature, twd.projection is not None) == ("logits", 1.0, True)
+
+
+def test_a_projection_on_gates_is_refused():
+    with pytest.raises(ConfigError, match="twd_projection"):
+        get_method("mola-router").validate(run(method="mola-router", twd_projection=True))
+
+
+def test_router_input_reaches_the_adapter_config():
+    assert adapter_config(run(method="mola-router"), 3).router_input is None
+    assert (
+        adapter_config(run(method="mola-router", router_input="embeddings"), 3).router_input == "embeddings"
+    )

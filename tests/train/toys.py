@@ -137,3 +137,43 @@ def tasks_dir(factory: pytest.TempPathFactory) -> Path:
 def settings(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]:
     """A run config dict on the tiny model and the tasks in `data`; `overrides` may replace any key."""
     return {**BASE_SETTINGS, "model": str(model), "tasks_dir": str(data), "tasks": TASK_NAMES, **overrides}
+
+
+# ------------------------------------------------------------------ generation: tiny causal LMs and string tasks
+
+# initializer_range 0.1, not 0.02: a random LM's logits are then wide enough for adapters on a frozen base to move
+# (with 0.02 and tied embeddings they span about +-0.6, and the loss cannot fall below about 4.4 nats)
+LM_SIZES: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_positions": 64,
+    "initializer_range": 0.1,
+}
+GEN_TASKS = ["reverse", "sort", "shift"]
+
+
+def lm_dir(factory: pytest.TempPathFactory, kind: str = "gpt2") -> Path:
+    """A tiny causal LM of `kind` with the character tokenizer, written once per session."""
+    from loramix.tiny_lm import write_tiny_lm
+
+    directory = shared_dir(factory, f"tiny-{kind}")
+    if not (directory / "config.json").is_file():
+        write_tiny_lm(directory, kind, **LM_SIZES)
+    return directory
+
+
+def gen_tasks_dir(factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic string tasks (reverse, sort, shift), small, written once per session."""
+    from loramix.data.synthetic_generation import write_generation_suite
+
+    directory = shared_dir(factory, "tiny-gen-tasks")
+    if not (directory / GEN_TASKS[-1] / "meta.json").is_file():
+        write_generation_suite(directory, train_size=64, test_size=8)
+    return directory
+
+
+def gen_settings(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]:
+    """A run config dict for generation tasks on a tiny causal LM."""
+    base = {**BASE_SETTINGS, "max_length": 24, "eval_batch_size": 8}
+    return {**base, "model": str(model), "tasks_dir": str(data), "tasks": GEN_TASKS, **overrides}

@@ -76,8 +76,26 @@ class TaskSpec(BaseModel):
         description="One text per label, in label order, that a label-prompt head encodes as the class; default: "
         "each label name through the run's label_template.",
     )
-    task_type: Literal["classification", "regression"] = Field(
-        "classification", description="'regression': one float output per example; labels are numbers."
+    task_type: Literal["classification", "regression", "generation"] = Field(
+        "classification",
+        description="'regression': one float output per example; labels are numbers. 'generation': a prompt and "
+        "its response (or a chat in `messages_field`), trained on a causal LM with the loss on the response.",
+    )
+    prompt_field: str = Field("prompt", min_length=1, description="generation: the field holding the prompt.")
+    response_field: str = Field(
+        "response", min_length=1, description="generation: the field holding the reference response."
+    )
+    messages_field: str = Field(
+        "messages",
+        min_length=1,
+        description="generation: a row with this field is a chat, a list of {role, content} ending with the "
+        "assistant's turn (the response), rendered with the tokenizer's chat template.",
+    )
+    scorer: Literal["exact", "number", "label"] = Field(
+        "exact",
+        description="generation: what makes a generated answer right: 'exact' (equal after normalising case, "
+        "punctuation and spaces), 'number' (the first number in it equals the reference's), 'label' (the first "
+        "of `labels` it names is the reference's).",
     )
     max_train_examples: int | None = Field(
         None,
@@ -121,6 +139,8 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
+        if self.task_type == "generation":
+            return self._generation_consistent()
         if self.task_type == "regression" and self.labels is not None:
             raise ValueError("a regression task has no label names; remove `labels`")
         if self.task_type == "regression" and self.label_prompts is not None:
@@ -141,6 +161,24 @@ class TaskSpec(BaseModel):
         if len(set(named)) != len(named):
             raise ValueError(f"text_field, text_pair_field and label_field must differ (got {named})")
         return self
+
+    def _generation_consistent(self) -> TaskSpec:
+        if self.text_pair_field is not None or self.label_prompts is not None:
+            raise ValueError(
+                f"task {self.name!r}: a generation task reads prompt_field and response_field (or "
+                "messages_field); remove text_pair_field and label_prompts"
+            )
+        if self.scorer == "label" and self.labels is None:
+            raise ValueError(f"task {self.name!r}: scorer 'label' needs `labels`, the label words to look for")
+        if self.scorer != "label" and self.labels is not None:
+            raise ValueError(f"task {self.name!r}: `labels` of a generation task are for scorer 'label' only")
+        if self.prompt_field == self.response_field:
+            raise ValueError(f"prompt_field and response_field must differ (both {self.prompt_field!r})")
+        return self
+
+    @property
+    def is_generation(self) -> bool:
+        return self.task_type == "generation"
 
     @property
     def is_pair(self) -> bool:
@@ -210,7 +248,8 @@ def tasks_from_directory(
     """Task specs for a folder laid out like ``shared/data``: ``<task>/train.jsonl``, optional
     ``validation.jsonl`` and ``test.jsonl``, and ``<task>/meta.json`` with ``"labels"`` (and ``"input": "pair"``
     for pair tasks, whose rows hold ``text_a`` and ``text_b``; and optionally ``"label_prompts"``, one text per
-    label).
+    label). A generation task's ``meta.json`` holds ``"task_type": "generation"`` and optionally its
+    ``prompt_field``, ``response_field``, ``messages_field``, ``scorer`` and ``labels``.
 
     Tasks come in the order of ``names``, or of ``tasks.json`` when present, else sorted by folder name.
 
@@ -241,21 +280,24 @@ def _task_names(root: Path) -> list[str]:
 def _spec_from_folder(folder: Path, max_train_examples: int | None, seed: int) -> TaskSpec:
     meta_path = folder / "meta.json"
     meta = _read_json(meta_path)
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
-        raise DataError(f"{meta_path}: expected a JSON object with a 'labels' list")
+    generation = isinstance(meta, dict) and meta.get("task_type") == "generation"
+    if not isinstance(meta, dict) or not (generation or isinstance(meta.get("labels"), list)):
+        raise DataError(
+            f"{meta_path}: expected a JSON object with a 'labels' list (or \"task_type\": \"generation\")"
+        )
     if not (folder / "train.jsonl").is_file():
         raise DataError(f"{folder}: no train.jsonl")
-    pair = meta.get("input") == "pair"
-    fields: dict[str, Any] = {
-        "name": folder.name,
-        "labels": meta["labels"],
-        "text_field": "text_a" if pair else "text",
-        "text_pair_field": "text_b" if pair else None,
-        "max_train_examples": max_train_examples,
-        "seed": seed,
-    }
-    if meta.get("label_prompts") is not None:
-        fields["label_prompts"] = meta["label_prompts"]
+    fields: dict[str, Any] = {"name": folder.name, "max_train_examples": max_train_examples, "seed": seed}
+    if generation:
+        keys = ("task_type", "prompt_field", "response_field", "messages_field", "scorer", "labels")
+        fields.update({key: meta[key] for key in keys if key in meta})
+    else:
+        pair = meta.get("input") == "pair"
+        fields["labels"] = meta["labels"]
+        fields["text_field"] = "text_a" if pair else "text"
+        fields["text_pair_field"] = "text_b" if pair else None
+        if meta.get("label_prompts") is not None:
+            fields["label_prompts"] = meta["label_prompts"]
     for split in SPLITS:
         path = folder / f"{split}.jsonl"
         if path.is_file():

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from loramix.data.generation import to_generation_examples
 from loramix.data.readers import Example, RawSplit, infer_label_names, read_rows, to_examples
 from loramix.data.spec import SPLITS, TaskSpec
 from loramix.errors import ConfigError, DataError, DataWarning
@@ -17,7 +18,8 @@ MAX_LABELS_SHOWN = 20  # in a warning about labels without examples
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """What a head and a sampler need to know about one task. Regression: no label names, ``num_labels`` 1."""
+    """What a head and a sampler need to know about one task. Regression: no label names, ``num_labels`` 1.
+    Generation: ``label_names`` are the label words of a 'label' scorer (or none), ``num_labels`` 0."""
 
     task_id: int
     name: str
@@ -27,6 +29,8 @@ class TaskInfo:
 
     @property
     def num_labels(self) -> int:
+        if self.task_type == "generation":
+            return 0
         return 1 if self.task_type == "regression" else len(self.label_names)
 
 
@@ -72,13 +76,20 @@ class MultiTaskData:
         for split in splits:
             source = spec.source(split)
             raw = train if split == "train" else None if source is None else read_rows(source, split=split)
-            examples = [] if raw is None else to_examples(raw, spec, label_names=names, task=task_id)
+            if raw is None:
+                examples = []
+            elif spec.is_generation:
+                examples = to_generation_examples(raw, spec, task=task_id)
+            else:
+                examples = to_examples(raw, spec, label_names=names, task=task_id)
             if split == "train":
                 if names:
                     _warn_of_unseen_labels(train, spec, names, examples)
                 examples = _subsample(examples, spec.max_train_examples, spec.seed)
             self._examples[split].append(examples)
             sizes[split] = len(examples)
+        if spec.is_generation:
+            names = spec.labels
         self.tasks.append(TaskInfo(task_id, spec.name, spec.task_type, tuple(names or ()), sizes))
 
     @property

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from loramix.errors import InjectionError, RoutingError
 from loramix.experts.base import StackedExperts
+from loramix.recompute import checkpointed_routing
 from loramix.routers.base import Router
 from loramix.routers.gate import Gate
 
@@ -64,7 +65,11 @@ class AdaptedLayer(nn.Module):
     def gate(self, x: Tensor, routing: RoutingState | None) -> Gate | None:
         """The gate for this call: None for a plain LoRA (a hard gate on its one expert when samples are kept on
         the base), the layer's own router's, or the model-wide one; with the routing state's keep-base mask
-        applied."""
+        applied. A block that activation checkpointing recomputes in backward gets no state from the routing
+        block's hooks: it reads the state its first forward had (`loramix.recompute`) and records nothing."""
+        checkpointed, recomputing = checkpointed_routing()
+        if routing is None:
+            routing = checkpointed
         if self.gate_source == "none":
             keep = None if routing is None else routing.keep_base
             if keep is None:
@@ -78,13 +83,15 @@ class AdaptedLayer(nn.Module):
             gate = self.router(routing, x)
             if routing is not None:
                 gate = gate.keep_base(routing.keep_base)
-                routing.add(self.layer_name, gate)
+                if not recomputing:
+                    routing.add(self.layer_name, gate)
             return gate
         if routing is None or routing.model_gate is None:
             raise RoutingError(
                 f"layer '{self.layer_name}' is routed by a model-wide router but got no gate: call the model "
                 "inside loramix.routing(model, ...) (with task_ids when it routes by task), and check that "
-                "router_input runs before this layer"
+                "router_input runs before this layer (a block checkpointed by other means than transformers' "
+                "gradient_checkpointing_enable is recomputed in backward without it)"
             )
         return routing.model_gate
 

@@ -1,7 +1,7 @@
 """The head interface: what turns the adapted encoder's output into a task's answer, and its loss.
 
-A head is called by the multi-task model as `head(pooled, batch, model)` and returns the outputs its `loss` and
-`predict` read. `loss(outputs, batch)` is the task loss of a training step; `predict(model, batch)` runs the model
+A head is called by the multi-task model as `head.outputs(model, batch)`, by default `head(pooled, batch, model)`,
+and returns the outputs its `loss` and `predict` read. `loss(outputs, batch)` is the task loss of a training step; `predict(model, batch)` runs the model
 on the batch (inside the caller's routing block) and returns one prediction per sample: a label index within the
 sample's task, or a value for regression. Heads declare the "head" role for their parameters.
 
@@ -19,6 +19,11 @@ class Head(nn.Module):
     """Base of heads; see the module docstring for the contract."""
 
     loramix_role: ClassVar[str] = "head"
+
+    def outputs(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
+        """What `loss` and `predict` read, from the multi-task model and a batch: by default this head on the
+        pooled encoder output; a head that reads every token (a causal LM's) overrides it."""
+        return self(model.pooled(batch), batch, model)
 
     def forward(self, pooled: Tensor, batch: dict[str, Tensor], model: Any = None) -> Tensor:
         raise NotImplementedError

@@ -9,12 +9,16 @@ per layer (`gate={layer name: mixture}`), as the mean gate of routers that live 
 A router that chooses per input (per sample or per token) has no fixed mixture; :func:`mean_gate` gives the one
 that its gates average to over some inputs, which is what such a model can be exported as: an approximation of
 per-input routing, exact only when the router gives every input the same gate.
+
+Several exported adapters on one base are what multi-LoRA servers load; :func:`serving_commands` writes the vLLM
+command line and the LoRAX request parameters for a set of them.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,20 +31,25 @@ from loramix.errors import CheckpointError, InjectionError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
 from loramix.inject import InjectionReport, fixed_gate, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
-from loramix.models import ALIASES
+from loramix.models import ALIASES, resolve_model_path
 from loramix.routers import router_class
 
 PEFT_PREFIX = "base_model.model."
 # The hub name of each built-in model alias: what an exported adapter records as its base, so that it loads on
 # another machine (the alias's offline copy lives in a folder inside this installation).
 HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# The values vLLM's `--max-lora-rank` accepts (its LoRA config refuses any other).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def hub_name(name: str) -> str:
     """The base model name a PEFT adapter should record for `name`: the hub name of a built-in alias, or of a path
-    that is an alias's offline copy; any other name or path as it is (a local model has no hub name to give)."""
+    that is an alias's offline copy; the local folder of an alias that has no hub name (the tiny random causal LMs:
+    only that folder holds their weights); any other name or path as it is (a local model has no hub name)."""
     if name in HUB_NAMES:
         return HUB_NAMES[name]
+    if name in ALIASES:
+        return resolve_model_path(name)
     path = Path(name).expanduser()
     if not path.is_dir():
         return name
@@ -136,6 +145,42 @@ def export_peft(
     atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     atomic_write_json(directory / "adapter_config.json", config.to_dict())
     return directory
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that holds adapters of rank `rank`; None above its largest."""
+    return next((allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank), None)
+
+
+def serving_commands(base_model: str, adapters: Mapping[str, str | Path], rank: int) -> dict[str, Any]:
+    """How vLLM and LoRAX serve these PEFT LoRA adapters (`{served name: adapter folder}`, of rank up to `rank`) on
+    `base_model`: vLLM's command line (every adapter registered at start, requests name one as their `model`) and
+    LoRAX's launch line and per-request parameters (a local adapter is loaded by its folder on first use).
+
+    Example:
+        >>> serving_commands("meta-llama/Llama-3.2-1B", {"sql": "/srv/out/sql"}, 8)["vllm"]["command"]
+        'vllm serve meta-llama/Llama-3.2-1B --enable-lora --lora-modules sql=/srv/out/sql --max-lora-rank 8 --max-loras 1'
+    """
+    lora_modules = " ".join(shlex.quote(f"{name}={path}") for name, path in adapters.items())
+    max_rank = vllm_max_lora_rank(rank)
+    vllm: dict[str, Any] = {"max_lora_rank": max_rank, "lora_modules": lora_modules}
+    if max_rank is None:
+        vllm["command"] = None
+        vllm["note"] = (
+            f"rank {rank} is above the largest --max-lora-rank vLLM accepts ({VLLM_MAX_LORA_RANKS[-1]})"
+        )
+    else:
+        vllm["command"] = (
+            f"vllm serve {shlex.quote(base_model)} --enable-lora --lora-modules {lora_modules} "
+            f"--max-lora-rank {max_rank} --max-loras {len(adapters)}"
+        )
+    lorax = {
+        "command": f"lorax-launcher --model-id {shlex.quote(base_model)}",
+        "requests": {
+            name: {"adapter_id": str(path), "adapter_source": "local"} for name, path in adapters.items()
+        },
+    }
+    return {"vllm": vllm, "lorax": lorax}
 
 
 @torch.no_grad()

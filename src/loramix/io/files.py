@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +149,41 @@ def read_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+@contextmanager
+def atomic_folder(path: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; renamed to `path` when the block ends without error and removed
+    when it does not, so that a reader (or a crash) never finds a half-written `path`.
+
+    `path` may be missing or an empty folder. A folder with entries is swapped out whole only when `replace` is
+    true (the caller has checked it holds an earlier copy of the same kind); it is renamed aside before the new one
+    is renamed in, and removed after.
+
+    Example:
+        >>> with atomic_folder(Path("exported")) as tmp:
+        ...     (tmp / "a.json").write_text("{}")
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not replace)):
+        raise CheckpointError(f"{path} exists and is not an empty folder; pass a new or empty folder")
+    tmp = make_temp_dir(path.parent, f".{path.name}-")
+    old: Path | None = None
+    try:
+        yield tmp
+        if path.is_dir() and any(path.iterdir()):
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-", suffix=".old"))
+            os.replace(path, old)  # onto the empty folder mkdtemp made
+        elif path.is_dir():
+            path.rmdir()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():  # the swap failed half-way: put the earlier copy back
+            os.replace(old, path)
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

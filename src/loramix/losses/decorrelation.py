@@ -5,10 +5,18 @@ adds TwD to MoLA-Router so that samples of one task get similar routing and samp
 dissimilar routing. Each sample's router logits are (optionally) projected, L2-normalised, and pulled towards
 the other samples of its task against all other samples in the batch, as in supervised contrastive learning.
 
+On logits the loss is blind to what the router decides: it is invariant to the logits' scale (gates may stay
+near uniform) and two tasks may point in different directions yet share their largest logit (the same top
+expert). With `space="gates"` it compares the gate probabilities instead. They are non-negative, so two gates
+are orthogonal only when they share no expert: pushing tasks apart then gives them different experts, and
+pulling a task together makes its gates agree on them.
+
 Legend: n samples, t tokens, e experts, d projection width.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +82,12 @@ def twd_loss(
     projection: nn.Module | None = None,
     tau: float = 1.0,
     mask: Tensor | None = None,
+    space: Literal["logits", "gates"] = "logits",
 ) -> Tensor:
     """Task-wise Decorrelation loss of MoLA (Zhou et al., ICML 2024), computed in fp32.
 
-    With `h_i = normalize(P z_i)` (P the projection, identity when None) and `S_ij = exp(h_i . h_j / tau)`,
+    With `h_i = normalize(P z_i)` (P the projection, identity when None; `z_i` the logits, or with
+    `space="gates"` their softmax over experts) and `S_ij = exp(h_i . h_j / tau)`,
     `S_ii = 0`, the loss is the mean over ordered same-task pairs `(i, j)`, `i != j`, of
 
         -log( S_ij / sum_{k != i} S_ik ),
@@ -91,15 +101,23 @@ def twd_loss(
         projection: maps `(n, e)` to `(n, d)`, e.g. :class:`TwDProjection`; None for the identity.
         tau: temperature, > 0.
         mask: `(n, t)` with per-token logits only; true (or 1) for real tokens, false (or 0) for padding.
+        space: "logits" (MoLA's code) or "gates": compare softmax(logits), so that tasks pushed apart take
+            different experts (see the module docstring); use it without a projection to keep that property.
 
     Example:
         >>> logits, task_ids = torch.randn(8, 4, requires_grad=True), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
         >>> loss = twd_loss(logits, task_ids, projection=TwDProjection(num_experts=4), tau=0.5)
         >>> loss.backward()
+        >>> twd_loss(logits, task_ids, space="gates", tau=0.1).shape
+        torch.Size([])
     """
     if tau <= 0:
         raise ConfigError(f"tau must be > 0, got {tau}")
+    if space not in ("logits", "gates"):
+        raise ConfigError(f"space must be 'logits' or 'gates', got {space!r}")
     z = _sample_logits(router_logits, mask)  # (n, e)
+    if space == "gates":
+        z = torch.softmax(z, dim=-1)  # (n, e)
     n = z.shape[0]
     if task_ids.shape != (n,):
         raise RoutingError(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.errors import ConfigError
-from loramix.methods import continual, mola
+from loramix.methods import continual, full, mola
 from loramix.methods.base import METHODS, Method, get_method, register_method
 from loramix.methods.elrea.method import Elrea
 from loramix.train.config import RunConfig
@@ -21,6 +21,7 @@ __all__ = [
     "get_method",
     "load_run_config",
     "continual",
+    "full",
     "mola",
     "register_method",
     "run_training",

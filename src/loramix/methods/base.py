@@ -18,12 +18,13 @@ from loramix.config import AdapterConfig, format_validation_error
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
 from loramix.models import resolve_model_path
+from loramix.preflight import select_tasks
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import evaluate
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
-from loramix.train.task_export import export_task
+from loramix.train.serve_export import export_tasks
 
 
 class Method:
@@ -90,21 +91,18 @@ class Method:
             batch_size=run.eval_batch_size,
             max_examples=run.max_eval_examples,
             progress=run.progress,
+            max_new_tokens=run.max_new_tokens,
         )
 
     def export(
         self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace
     ) -> str:
-        """Write one task's expert as a PEFT LoRA adapter (`args.task`, `args.out`), with the task's head rows and a
-        note (`loramix.train.task_export`); returns what was written, and for a router that decides per input, that
-        the adapter is the task's mean gate and how far it is from the routed model."""
-        names = [t["name"] for t in tasks]
-        if args.task is None:
-            raise ConfigError(f"pass --task, one of this run's tasks: {', '.join(names)}")
-        if args.task not in names:
-            raise ConfigError(
-                f"--task {args.task!r} is not a task of this run; its tasks are: {', '.join(names)}"
-            )
+        """Write the tasks `args` asks for (`--task`, repeatable, or `--all-tasks`) into `args.out`: one task as a PEFT
+        LoRA adapter with its head rows and a note, several as a folder each with a serving manifest, and each
+        task's merged model under `--merged` (`loramix.train.serve_export`); returns what was written, and for a
+        router that decides per input, that the adapters are mean gates and how far they are from the routed model."""
+        all_tasks = getattr(args, "all_tasks", False)
+        names = select_tasks([t["name"] for t in tasks], args.task, all_tasks)
 
         def load_data() -> tuple[MultiTaskData, TextCollator, str]:
             from transformers import AutoTokenizer
@@ -113,8 +111,16 @@ class Method:
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.model))
             return data, TextCollator(tokenizer, max_length=run.max_length), eval_split(data)
 
-        written = export_task(
-            run, model, tasks, names.index(args.task), args.out, load_data=load_data, method=self.name
+        written = export_tasks(
+            run,
+            model,
+            tasks,
+            names,
+            args.out,
+            load_data=load_data,
+            method=self.name,
+            several=all_tasks or len(names) > 1,
+            merged=getattr(args, "merged", False),
         )
         return written.summary()
 

@@ -6,7 +6,7 @@ MoLA: Zhou et al., "MoLA: Mixture of LoRA experts for heterogeneous multi-task l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -103,15 +103,24 @@ class MolaGrad(Lora):
 
 
 class TwD(nn.Module):
-    """MoLA's Task-wise Decorrelation on the model-wide router's logits (Zhou et al. 2024, Sec. 3.3), with its
-    optional trainable projection; its parameters are the method's own."""
+    """MoLA's Task-wise Decorrelation on the model-wide router's output (Zhou et al. 2024, Sec. 3.3), with its
+    optional trainable projection; its parameters are the method's own. `space` says what it compares: the gate
+    probabilities (the default: tasks pushed apart must take different experts) or the logits, as MoLA's code."""
 
     loramix_role = "method"
     name = "twd"
 
-    def __init__(self, weight: float, num_experts: int, projection: bool) -> None:
+    def __init__(
+        self,
+        weight: float,
+        num_experts: int,
+        projection: bool,
+        *,
+        space: Literal["gates", "logits"] = "logits",
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight, self.space, self.temperature = weight, space, temperature
         self.projection = TwDProjection(num_experts) if projection and weight > 0 else None
 
     def forward(self, state: RoutingState, batch: dict[str, Any]) -> Tensor | None:
@@ -119,7 +128,13 @@ class TwD(nn.Module):
         if not gates:
             return None
         gate = gates[0] if state.model_gate is None else state.model_gate
-        return twd_loss(gate.logits, batch["task_ids"], projection=self.projection)  # type: ignore[arg-type]
+        return twd_loss(
+            gate.logits,  # type: ignore[arg-type]
+            batch["task_ids"],
+            projection=self.projection,
+            tau=self.temperature,
+            space=self.space,
+        )
 
 
 @register_method
@@ -127,14 +142,34 @@ class MolaRouter(Method):
     name = "mola-router"
     description = "E experts, one learned router on the pooled input, plus the TwD loss (MoLA-Router)"
 
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        if run.twd_projection and run.twd_space == "gates":
+            raise ConfigError(
+                "twd_projection: a projection would mix the gate probabilities and lose what twd_space 'gates' "
+                "is for (tasks on disjoint experts); set twd_space: logits to use it, or twd_projection: false"
+            )
+
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         experts = run.num_experts or num_tasks
         return AdapterConfig(
-            num_experts=experts, router="sample", top_k=run.top_k, **common(run), **sharing(run)
+            num_experts=experts,
+            router="sample",
+            top_k=run.top_k,
+            router_input=run.router_input,
+            **common(run),
+            **sharing(run),
         )
 
     def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
-        return [TwD(run.twd_weight, adapters.num_experts, run.twd_projection), *balance_and_z(run)]
+        twd = TwD(
+            run.twd_weight,
+            adapters.num_experts,
+            run.twd_projection,
+            space=run.twd_space,
+            temperature=run.twd_temperature,
+        )
+        return [twd, *balance_and_z(run)]
 
 
 @register_method

@@ -71,6 +71,16 @@ class RunConfig(BaseModel):
     shared_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the shared matrix.")
     top_k: int | None = Field(None, ge=1, description="Top-k routing (token-router default 2).")
     train_backbone: bool = Field(False, description="Train the base model jointly (MoLA does).")
+    quantize: Literal["8bit", "4bit"] | None = Field(
+        None,
+        description="Load the backbone quantized by bitsandbytes (CUDA, or its CPU backend; pip install "
+        "'loramix[quantize]'): '8bit' LLM.int8, '4bit' NF4. The experts stay in float; not with train_backbone.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in backward (transformers' non-reentrant activation "
+        "checkpointing): less memory for about a third more compute; routing is unchanged.",
+    )
     pooling: Literal["mean", "cls"] = Field("mean", description="How heads read the encoder output.")
     head: Literal["classification", "label-prompt"] = Field(
         "classification",
@@ -84,8 +94,18 @@ class RunConfig(BaseModel):
     )
     # auxiliary losses (weighted in train/step.py only)
     twd_weight: float = Field(0.1, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
+    twd_space: Literal["gates", "logits"] = Field(
+        "gates",
+        description="TwD: compare the router's gate probabilities (tasks pushed apart take different experts) or "
+        "its logits (MoLA's code: scale-blind, so gates may stay uniform).",
+    )
+    twd_temperature: float = Field(0.1, gt=0, description="TwD: temperature tau of the similarities.")
     twd_projection: bool = Field(
-        True, description="TwD: project router logits with a trainable Linear(E, 32)."
+        False, description="TwD: project router logits with a trainable Linear(E, 32) (twd_space 'logits')."
+    )
+    router_input: str | None = Field(
+        None,
+        description="mola-router: the module whose output the router pools; null: the input embeddings.",
     )
     balance_weight: float | None = Field(
         None, ge=0, description="Load balance weight (token-router default 0.01)."
@@ -152,9 +172,22 @@ class RunConfig(BaseModel):
     ddas_examples: int = Field(
         1000, ge=10, description="Auto-selector: training inputs a task's autoencoder fits."
     )
-    ddas_features: Literal["embeddings", "encoder"] = Field(
-        "embeddings",
-        description="Auto-selector: the base model's pooled input embeddings, or its encoder output.",
+    ddas_features: Literal["hidden", "embeddings", "encoder"] = Field(
+        "hidden",
+        description="Auto-selector: the base model's hidden state after `ddas_layer` blocks, mean-pooled and "
+        "L2-normalised, with the log token count and a sentence-pair flag; or its pooled input embeddings; or its "
+        "pooled encoder output.",
+    )
+    ddas_layer: int = Field(
+        3, ge=0, description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature."
+    )
+    ddas_normalize: Literal["whiten", "l2"] = Field(
+        "whiten",
+        description="Auto-selector: whiten each task's features by its own mean and shrunk covariance and pick "
+        "by z-scored log error (whiten), or the paper's L2-normalised features and error/threshold (l2).",
+    )
+    ddas_shrinkage: float = Field(
+        0.1, gt=0, le=1, description="Auto-selector (whiten): covariance shrinkage towards its mean variance."
     )
     lae_decay: float = Field(
         0.9999, gt=0, lt=1, description="lae: EMA decay of the offline adapter, per step."
@@ -162,7 +195,17 @@ class RunConfig(BaseModel):
     steps: int = Field(500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Samples per step (before accumulation).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
-    max_length: int = Field(128, ge=8, description="Tokens per input (pairs together).")
+    max_length: int = Field(
+        128,
+        ge=8,
+        description="Tokens per input (pairs together; a generation task's prompt and response together).",
+    )
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Generation tasks: tokens generated per answer at evaluation; default: the task's longest "
+        "reference plus 8.",
+    )
     lr: float = Field(5e-4, gt=0, description="Learning rate of the adapters.")
     router_lr: float = Field(1e-3, gt=0, description="Learning rate of routers (and the TwD projection).")
     head_lr: float = Field(2e-3, gt=0, description="Learning rate of the task heads.")
@@ -203,6 +246,8 @@ class RunConfig(BaseModel):
                 f"label_template must contain {{label}} and no field but {{task}}, without format specs or "
                 f"conversions (got {self.label_template!r})"
             )
+        if self.quantize is not None and self.train_backbone:
+            raise ValueError("quantize cannot go with train_backbone: quantized weights do not train")
         if self.head == "classification" and self.label_smoothing > 0:
             raise ValueError("label_smoothing is used only by head 'label-prompt'; remove it or set head")
         return self

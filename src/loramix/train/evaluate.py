@@ -28,6 +28,41 @@ def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (weights * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+class GateLog:
+    """What the learned routers did on evaluated batches: `add(state, batch)` after each routed forward,
+    `summary(task_names)` at the end (the routing part of the metrics; empty for hard, task-given gates)."""
+
+    def __init__(self) -> None:
+        self.model: list[torch.Tensor] = []
+        self.layers: dict[str, list[torch.Tensor]] = {}
+        self.task_ids: list[torch.Tensor] = []
+
+    def add(self, state: Any, batch: dict[str, torch.Tensor]) -> None:
+        learned = [(name, g) for name, g in state.records if not g.hard]
+        if learned:
+            self.task_ids.append(batch["task_ids"].cpu())
+        mask = batch.get("prompt_mask", batch.get("attention_mask"))
+        for name, gate in learned:
+            weights = _token_mean(gate.weights, mask) if gate.per_token else gate.weights
+            target = self.model if name == "model" else self.layers.setdefault(name, [])
+            target.append(weights.float().cpu())
+
+    def summary(self, task_names: list[str]) -> dict[str, Any]:
+        if not self.task_ids:
+            return {}
+        task_ids = torch.cat(self.task_ids).numpy()
+        routing: dict[str, Any] = {}
+        if self.model:
+            routing["model"] = routing_summary(torch.cat(self.model).numpy(), task_ids, task_names)
+        if self.layers:
+            routing.update(
+                per_layer_summary(
+                    {k: torch.cat(v).numpy() for k, v in self.layers.items()}, task_ids, task_names
+                )
+            )
+        return routing
+
+
 @torch.no_grad()
 def evaluate(
     model: MultiTaskModel,
@@ -38,16 +73,34 @@ def evaluate(
     batch_size: int = 64,
     max_examples: int | None = None,
     progress: bool = True,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """`{"tasks": {name: {"accuracy", "macro_f1", "n"}}, "mean_accuracy", "routing"}` on `split`.
+    """`{"tasks": {name: {"accuracy", "macro_f1", "n"}}, "mean_accuracy", "routing"}` on `split`; generation
+    tasks are scored by their generated text instead (:func:`~loramix.train.generation_eval.evaluate_generation`,
+    which `max_new_tokens` goes to).
 
     `progress`: a bar over the batches on stderr, shown only when stderr is a terminal (False: never)."""
     from tqdm.auto import tqdm
 
+    gates = GateLog()
+    if any(task.task_type == "generation" for task in data.tasks):
+        from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
+
+        metrics = evaluate_generation(
+            model,
+            data,
+            collator,
+            split=split,
+            batch_size=batch_size,
+            max_examples=max_examples,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            answers=RoutedAnswers(model, collator, gates),
+        )
+        return {**metrics, "routing": gates.summary(data.task_names)}
     model.eval()
     device = next(model.parameters()).device
     tasks: dict[str, Any] = {}
-    model_gates, layer_gates, gate_tasks = [], {}, []
     chosen = [data.eval_examples(split, task.task_id, max_examples) for task in data.tasks]
     bar = tqdm(
         total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
@@ -65,33 +118,12 @@ def evaluate(
             with routed(model, batch) as state:
                 preds.append(model.heads.predict(model, batch).cpu())
             labels.append(batch["labels"].cpu())
-            learned = [(name, g) for name, g in state.records if not g.hard]
-            if learned:
-                gate_tasks.append(batch["task_ids"].cpu())
-            for name, gate in learned:
-                weights = (
-                    _token_mean(gate.weights, batch.get("attention_mask")) if gate.per_token else gate.weights
-                )
-                if name == "model":
-                    model_gates.append(weights.float().cpu())
-                else:
-                    layer_gates.setdefault(name, []).append(weights.float().cpu())
+            gates.add(state, batch)
             bar.update(1)
         tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type)
     bar.close()
-    routing: dict[str, Any] = {}
-    if gate_tasks:
-        task_ids = torch.cat(gate_tasks).numpy()
-        if model_gates:
-            routing["model"] = routing_summary(torch.cat(model_gates).numpy(), task_ids, data.task_names)
-        if layer_gates:
-            routing.update(
-                per_layer_summary(
-                    {k: torch.cat(v).numpy() for k, v in layer_gates.items()}, task_ids, data.task_names
-                )
-            )
     model.train()
-    return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks), "routing": routing}
+    return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks), "routing": gates.summary(data.task_names)}
 
 
 def task_scores(y_pred: np.ndarray, y_true: np.ndarray, task_type: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The multi-task model: an encoder with loramix adapters, pooled, then a head. Routing is set up by the caller."""
+"""The multi-task model: an encoder with loramix adapters, pooled, then a head (or a causal LM whose own output layer
+is the head, for generation tasks). Routing is set up by the caller."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class MultiTaskModel(nn.Module):
-    """`model(batch)` runs the backbone, pools its last hidden state and hands it to the head.
+    """`model(batch)` runs the backbone, pools its last hidden state and hands it to the head (the head decides:
+    a language-model head reads the backbone's logits instead).
 
     `encode(inputs, route_ids)` is the same encoder for other texts (a label-prompt head's class texts), routed by
     `route_ids` in a routing block of its own.
@@ -31,7 +33,7 @@ class MultiTaskModel(nn.Module):
         return pool(hidden, inputs.get("attention_mask"), self.pooling)  # (n, d)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.heads(self.pooled(batch), batch, self)
+        return self.heads.outputs(self, batch)
 
     def encode(self, inputs: dict[str, Tensor], route_ids: Tensor, keep_base: Tensor | None = None) -> Tensor:
         """Pooled embeddings `(n, d)` of `inputs`, each routed by its id in `route_ids`."""

@@ -14,9 +14,10 @@ import yaml
 
 from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
+from loramix.data.generation import GenerationCollator
 from loramix.data.spec import TaskSpec
 from loramix.errors import CheckpointError, ConfigError, InjectionError
-from loramix.heads import Head, LabelPromptHead, TaskHeads
+from loramix.heads import Head, LabelPromptHead, LanguageModelHead, TaskHeads
 from loramix.heads.label_prompt import prompt_texts
 from loramix.inject import inject
 from loramix.io import load, read_checkpoint, save
@@ -50,9 +51,32 @@ def task_specs(run: RunConfig) -> list[TaskSpec]:
     return specs
 
 
+def is_generative(run: RunConfig, task_types: Sequence[str]) -> bool:
+    """Whether the run trains generation tasks (on a causal LM); a run does not mix them with classifiers."""
+    generation = [t == "generation" for t in task_types]
+    if any(generation) and not all(generation):
+        raise ConfigError(
+            "tasks: a run's tasks are all generation tasks or none are (a causal LM answers in text, a classifier "
+            "in classes); a classification task can become a generation task whose responses are its label words "
+            "(scorer: label)"
+        )
+    if any(generation) and run.head != "classification":
+        raise ConfigError(
+            f"head: {run.head!r} is for classification; generation tasks use the causal LM's head"
+        )
+    return any(generation)
+
+
 def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) -> tuple[MultiTaskModel, Any]:
-    """The backbone with these adapters, plus the run's head (`run.head`) over every task; and the tokenizer."""
-    backbone, tokenizer = load_backbone(run.model)
+    """The backbone with these adapters, plus the run's head (`run.head`) over every task; and the tokenizer.
+    A run of generation tasks loads the causal LM, whose own output layer is the head."""
+    generative = is_generative(run, [t.task_type for t in data.tasks])
+    backbone, tokenizer = load_backbone(
+        run.model,
+        causal_lm=generative,
+        quantize=run.quantize,
+        gradient_checkpointing=run.gradient_checkpointing,
+    )
     try:
         inject(backbone, adapters)
     except InjectionError as exc:  # the targets came from the run config: a config error, named as one
@@ -61,13 +85,28 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
             "config)"
         ) from None
     heads: Head
-    if run.head == "label-prompt":
+    if generative:
+        heads = LanguageModelHead(data.num_tasks)
+    elif run.head == "label-prompt":
         heads = label_prompt_head(run, label_prompts(run, data), tokenizer)
     else:
         hidden = backbone.config.hidden_size
         regression = [t.task_type == "regression" for t in data.tasks]
         heads = TaskHeads(hidden, data.num_labels, regression)
     return MultiTaskModel(backbone, heads, pooling=run.pooling), tokenizer
+
+
+def make_collator(run: RunConfig, data: MultiTaskData, tokenizer: Any) -> TextCollator | GenerationCollator:
+    """The batches of this run's tasks: tokenized texts, or prompts with responses for a causal LM (whose rows
+    were checked against `max_length` here: an error names a prompt with no room for its response, a warning
+    counts cut responses)."""
+    if not any(task.task_type == "generation" for task in data.tasks):
+        return TextCollator(tokenizer, max_length=run.max_length)
+    collator = GenerationCollator(tokenizer, max_length=run.max_length)
+    for task in data.tasks:
+        for split in ("train", eval_split(data)):
+            collator.check(data.examples(split, task.task_id), f"{task.name} ({split})")
+    return collator
 
 
 def label_prompts(run: RunConfig, data: MultiTaskData) -> list[list[str]]:
@@ -130,12 +169,16 @@ def train_one_phase(
     *,
     adapters: AdapterConfig,
     make_aux_losses: Callable[[], Sequence[AuxLoss]] = list,
+    prepare_model: Callable[[MultiTaskModel], None] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Build, train, evaluate and save one run with these adapters and the auxiliary losses `make_aux_losses()`
-    makes (after the model, so that seeded initialisation runs in one order); returns its metrics."""
+    makes (after the model, so that seeded initialisation runs in one order); returns its metrics.
+    `prepare_model` may change the built model before training (freeze experts, say)."""
     model, tokenizer = build_model(run, data, adapters)
-    collator = TextCollator(tokenizer, max_length=run.max_length)
+    if prepare_model is not None:
+        prepare_model(model)
+    collator = make_collator(run, data, tokenizer)
     trainer = Trainer(
         run,
         model,
@@ -157,6 +200,7 @@ def train_one_phase(
         batch_size=run.eval_batch_size,
         max_examples=run.max_eval_examples,
         progress=run.progress and trainer.accelerator.is_main_process,
+        max_new_tokens=run.max_new_tokens,
     )
     metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
     trainer.accelerator.wait_for_everyone()
@@ -177,6 +221,9 @@ def save_run(
     """Adapters (with the heads and task metadata), metrics.json and the report. `prior_tasks`: the metadata of
     tasks the model learned in an earlier run (a continued continual run), recorded before this run's."""
     tasks_meta = [{"name": t.name, "labels": t.label_names, "task_type": t.task_type} for t in data.tasks]
+    for meta, spec in zip(tasks_meta, data.specs):
+        if spec.is_generation:
+            meta["scorer"] = spec.scorer
     if run.head == "label-prompt":  # the class texts the head encodes; the reload tokenizes them again
         for meta, texts in zip(tasks_meta, label_prompts(run, data)):
             meta["label_prompts"] = texts
@@ -201,10 +248,13 @@ def load_trained(
     tasks_meta = record["metadata"].get("tasks")
     if not tasks_meta:
         raise CheckpointError(f"{run_dir / 'adapter'}: no task metadata; was it written by loramix train?")
-    backbone, tokenizer = load_backbone(run.model)
+    generative = is_generative(run, [t["task_type"] for t in tasks_meta])
+    backbone, tokenizer = load_backbone(run.model, causal_lm=generative, quantize=run.quantize)
     load(backbone, run_dir / "adapter")
     heads: Head
-    if run.head == "label-prompt":
+    if generative:
+        heads = LanguageModelHead(len(tasks_meta))
+    elif run.head == "label-prompt":
         missing = [t["name"] for t in tasks_meta if not t.get("label_prompts")]
         if missing:
             raise CheckpointError(

@@ -25,12 +25,14 @@ class StepResult:
 @contextmanager
 def routed(model: torch.nn.Module, batch: dict[str, Tensor]) -> Iterator[RoutingState]:
     """A routing block for this batch on the model's backbone (the model wrapped by DDP or not): `route_ids` (or
-    the task ids), the attention mask, and `keep_base` when the batch carries one."""
+    the task ids), the mask a sample router pools (`prompt_mask` when the batch has one, so that a generation
+    task routes by its prompt alone, as it will when generating; else the attention mask), and `keep_base` when
+    the batch carries one."""
     backbone = unwrapped(model).backbone
     with routing(
         backbone,
         task_ids=route_of(batch),
-        attention_mask=batch.get("attention_mask"),
+        attention_mask=batch.get("prompt_mask", batch.get("attention_mask")),
         keep_base=batch.get("keep_base"),
     ) as state:
         yield state

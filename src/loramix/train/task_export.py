@@ -11,8 +11,15 @@ Why the head: a PEFT adapter carries no classifier, so without the task's head r
 answer the task. `head.safetensors` holds `weight` `(k, d)` (and `bias` `(k,)` for a classification head) for the
 task's k classes (one row for regression), to apply to the pooled encoder output as the note describes.
 
+A generation task (a causal LM's, `task_type: generation`) has no head and no labels: the language model's own
+output layer answers it, so the adapter alone serves the task; the note says so instead of naming a head file. Its
+router must give the task a fixed gate: the mean-gate approximation is measured on pooled outputs and head decisions,
+which a generation task does not have, so it is refused there (`loramix.train.serve_export` says what can be served
+statically).
+
 Files written into the output folder: `adapter_model.safetensors` and `adapter_config.json` (PEFT), `head.safetensors`
-and `loramix_export.json` (the task, its labels, the pooling, the head's formula and the gate).
+(not for a generation task) and `loramix_export.json` (the task, its labels, the pooling, the head's formula and the
+gate).
 """
 
 from __future__ import annotations
@@ -28,20 +35,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loramix.data import MultiTaskData
-from loramix.errors import DataError
+from loramix.errors import ConfigError, DataError
 from loramix.heads import LabelPromptHead, TaskHeads
 from loramix.heads.label_prompt import MAX_LOGIT_SCALE
 from loramix.inject import fixed_gate, get_info
 from loramix.io.export import export_peft, hub_name, mean_gate
-from loramix.io.files import atomic_save_tensors, atomic_write_json
+from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json
+from loramix.preflight import EXPORT_NOTE_FILE
 from loramix.train.config import RunConfig
 from loramix.train.model import MODEL_INPUTS, MultiTaskModel
 from loramix.train.step import routed
 
 GATE_EXAMPLES = 256  # training inputs of the task whose gates are averaged (a fixed, seeded sample)
 CHECK_EXAMPLES = 256  # evaluation inputs of the task on which the export is compared with the routed model
-NOTE_FILE = "loramix_export.json"
+NOTE_FILE = EXPORT_NOTE_FILE
 HEAD_FILE = "head.safetensors"
+GENERATION = "generation"  # a causal LM's task: no head, no labels
 
 Gate = Tensor | dict[str, Tensor]
 
@@ -57,8 +66,13 @@ class TaskExport:
     def approximate(self) -> bool:
         return self.note["gate"]["kind"] == "mean"
 
+    @property
+    def rank(self) -> int:
+        """The exported LoRA's rank (every layer padded to it)."""
+        return int(self.note["rank"])
+
     def summary(self) -> str:
-        task, gate = self.note["task"], self.note["gate"]
+        task = self.note["task"]
         first = f"a PEFT LoRA adapter for task {task!r} to {self.directory}, with "
         if self.note.get("head"):
             first += f"its head rows ({HEAD_FILE}) and a note ({NOTE_FILE})"
@@ -66,22 +80,25 @@ class TaskExport:
             first += f"a note ({NOTE_FILE}); no head file: {self.note['head_missing']}"
         lines = [first]
         if self.approximate:
-            lines.append(f"note: {gate['note']}")
-            check = gate["check"]
-            line = (
-                f"check on {check['examples']} {check['split']} inputs of {task!r}: pooled outputs differ from the "
-                f"routed model's by {100 * check['relative_l2']:.2g}% (relative L2"
-            )
-            if check.get("of_adapter_change") is not None:
-                line += f"; {100 * check['of_adapter_change']:.2g}% of what the adapters change"
-            line += ")"
-            if check.get("agreement") is not None:
-                line += (
-                    f"; the head's predictions agree on {100 * check['agreement']:.1f}% (accuracy routed "
-                    f"{check['accuracy_routed']:.3f}, exported {check['accuracy_exported']:.3f})"
-                )
-            lines.append(line)
+            lines += [f"note: {self.note['gate']['note']}", self.check_line()]
         return "\n".join(lines)
+
+    def check_line(self) -> str:
+        """How far a mean-gate export is from the routed model, as measured on the task's evaluation inputs."""
+        task, check = self.note["task"], self.note["gate"]["check"]
+        line = (
+            f"check on {check['examples']} {check['split']} inputs of {task!r}: pooled outputs differ from the "
+            f"routed model's by {100 * check['relative_l2']:.2g}% (relative L2"
+        )
+        if check.get("of_adapter_change") is not None:
+            line += f"; {100 * check['of_adapter_change']:.2g}% of what the adapters change"
+        line += ")"
+        if check.get("agreement") is not None:
+            line += (
+                f"; the head's predictions agree on {100 * check['agreement']:.1f}% (accuracy routed "
+                f"{check['accuracy_routed']:.3f}, exported {check['accuracy_exported']:.3f})"
+            )
+        return line
 
 
 def needs_mean_gate(model: MultiTaskModel, task: int) -> bool:
@@ -245,13 +262,16 @@ def export_task(
     method: str,
 ) -> TaskExport:
     """Write task `task` of a finished run into `out` (see the module docstring). `load_data()` gives the run's
-    data, a collator and the evaluation split; it is called only when the router decides per input."""
+    data, a collator and the evaluation split; it is called only when the router decides per input. The files are
+    written one by one: callers that want the folder whole or not at all write into `io.files.atomic_folder`."""
     out = Path(out)
     info = get_info(model.backbone)
     for layer in info.layers:  # refuse experts that do not fold into a LoRA before any data is read
         layer._check_mergeable()
     meta = tasks[task]
     name = str(meta["name"])
+    task_type = str(meta.get("task_type", "classification"))
+    generation = task_type == GENERATION
     gate: Gate | None = None
     note: dict[str, Any] = {
         "task": name,
@@ -259,17 +279,26 @@ def export_task(
         "method": method,
         "router": info.config.router,
         "base_model": hub_name(run.model),
-        "task_type": meta.get("task_type", "classification"),
+        "task_type": task_type,
         "labels": list(meta.get("labels") or []),
-        "pooling": model.pooling,
+        "pooling": None if generation else model.pooling,
     }
     if needs_mean_gate(model, task):
+        if generation:
+            raise ConfigError(
+                f"task {name!r} is a generation task and router '{info.config.router}' chooses experts per input: "
+                "no fixed LoRA computes that routing, so no static server (vLLM, LoRAX, one PEFT adapter) can serve "
+                "it, and the mean-gate approximation that classification tasks get (the gate averaged over the "
+                "task's inputs, its gap measured on pooled outputs) is not available for generation tasks; serve "
+                "this run with loramix itself, or train it with a router that routes by task (mola-grad, "
+                "per-task-lora) or a Poly table, which export exactly"
+            )
         data, collator, split = load_data()
         own, size = _data_task(data, name), run.eval_batch_size
         train = _batches(data.eval_examples("train", own, GATE_EXAMPLES), collator, size, task)
         gate = mean_gate(model.backbone, _model_inputs(train), task=task)
         check_batches = _batches(data.eval_examples(split, own, CHECK_EXAMPLES), collator, size, task)
-        check = compare(model, task, gate, check_batches, note["task_type"])
+        check = compare(model, task, gate, check_batches, task_type)
         check["split"] = split
         values = gate.tolist() if isinstance(gate, Tensor) else {k: v.tolist() for k, v in gate.items()}
         note["gate"] = {
@@ -285,7 +314,7 @@ def export_task(
             "check": check,
         }
     else:
-        note["gate"] = {"kind": "task", "note": "the task's own fixed gate: exact"}
+        note["gate"] = {"kind": "task", "note": fixed_gate_note(model, task)}
     export_peft(
         model.backbone,
         out,
@@ -293,12 +322,35 @@ def export_task(
         gate=gate,
         base_model_name_or_path=note["base_model"],
     )
-    tensors, head = head_rows(model, task, gate)
-    if tensors is not None:
-        atomic_save_tensors(out / HEAD_FILE, tensors, metadata={"format": "pt"})
-        note["head"] = {"file": HEAD_FILE, **head}
-    else:
+    note["rank"] = int(read_json(out / "adapter_config.json")["r"])
+    if generation:
         note["head"] = None
-        note["head_missing"] = head["missing"]
+        note["head_missing"] = (
+            "a generation task: the causal LM's own output layer gives its tokens, so there are no head rows to "
+            "save; the adapter alone serves the task"
+        )
+    else:
+        tensors, head = head_rows(model, task, gate)
+        if tensors is not None:
+            atomic_save_tensors(out / HEAD_FILE, tensors, metadata={"format": "pt"})
+            note["head"] = {"file": HEAD_FILE, **head}
+        else:
+            note["head"] = None
+            note["head_missing"] = head["missing"]
     atomic_write_json(out / NOTE_FILE, note)
     return TaskExport(out, note)
+
+
+def fixed_gate_note(model: MultiTaskModel, task: int) -> str:
+    """What a task's fixed gate is, in words: why its export is exact."""
+    info = get_info(model.backbone)
+    if info.router_class.scope is None:
+        return "one adapter shared by every task (no router): exact"
+    gates = [fixed_gate(model.backbone, layer, task=task, gate=None) for layer in info.layers]
+    used = max(int((g != 0).sum()) for g in gates)
+    if used == 1:
+        return "the task's own expert, chosen by task id: exact"
+    return (
+        f"router '{info.config.router}' gives the task a fixed mixture of {used} experts (the same for every input "
+        "of the task), folded into one LoRA: exact"
+    )

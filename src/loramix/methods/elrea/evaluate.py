@@ -21,9 +21,10 @@ from loramix.methods.elrea.ensemble import ensemble_logits, routing_weights
 from loramix.methods.elrea.features import (
     GradientFeaturizer,
     label_averaged_features,
+    prompt_lm_loss,
     self_label_cross_entropy,
 )
-from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS
+from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, ElreaModel, lm_prompt_loss
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import mean_accuracy, task_scores
 from loramix.train.model import MultiTaskModel
@@ -59,9 +60,12 @@ def batch_features(
     top_labels: int = 1,
 ) -> torch.Tensor:
     """The features `(n, k)` of one collated batch: of the loss against the predicted label, or averaged over the
-    `top_labels` most likely labels (:func:`label_averaged_features`)."""
+    `top_labels` most likely labels (:func:`label_averaged_features`); for a generation batch, of the next-token
+    loss on its prompt (the response is never read: the same feature at test time, before any answer)."""
 
     def features() -> torch.Tensor:
+        if "lm_labels" in batch:
+            return featurizer(lambda: prompt_lm_loss(model(batch), batch["input_ids"], batch["prompt_mask"]))
         if top_labels > 1:
             return label_averaged_features(featurizer, lambda: model(batch), top_labels)
         return featurizer(lambda: self_label_cross_entropy(model(batch)))  # (n,) losses
@@ -119,6 +123,8 @@ def evaluate_elrea(
 
     `feature_heads` is the heads' state when the training features were taken: the test features are taken with
     the same heads (the heads go on training with the experts), so that both come from the same function."""
+    if any(task.task_type == "generation" for task in data.tasks):
+        return _evaluate_generation(model, data, collator, run, centroids, centroid0, split=split, mode=mode)
     model.eval()
     device = next(model.parameters()).device
     featurizer = GradientFeaturizer(
@@ -149,6 +155,81 @@ def evaluate_elrea(
         "mean_accuracy": mean_accuracy(tasks),
         "routing": {"model": routing_summary(weights_np, tasks_np, data.task_names)},
     }
+    return metrics, weights_np, tasks_np
+
+
+class ElreaAnswers:
+    """ELREA's answers to generation batches: each prompt's experts weighted by its gradient feature (taken on the
+    same right-padded batch as the training features), then the ensemble of their logits or the top-1 expert, in
+    teacher forcing and in greedy generation. Keeps the weights it used, for the routing summary."""
+
+    def __init__(self, elrea: ElreaModel, collator: Any, mode: str) -> None:
+        self.elrea, self.collator, self.mode = elrea, collator, mode
+        self.weights: list[torch.Tensor] = []
+        self.task_ids: list[torch.Tensor] = []
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.enable_grad():
+            weights = self.elrea.weights({**inputs, "prompt_mask": batch["prompt_mask"]})
+        self.weights.append(weights)
+        self.task_ids.append(batch["task_ids"].cpu())
+        return self.elrea.logits(inputs, weights=weights, mode=self.mode)  # type: ignore[arg-type]
+
+    def generate(
+        self, batch: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor], max_new_tokens: int
+    ) -> torch.Tensor:
+        out = self.elrea.generate(
+            prompts["input_ids"],
+            prompts["attention_mask"],
+            weights=self.weights[-1],
+            mode=self.mode,  # type: ignore[arg-type]
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.collator.pad_id,
+            eos_token_id=self.collator.tokenizer.eos_token_id,
+        )
+        return out[:, prompts["input_ids"].shape[1] :]
+
+
+def _evaluate_generation(
+    model: MultiTaskModel,
+    data: MultiTaskData,
+    collator: Any,
+    run: RunConfig,
+    centroids: torch.Tensor,
+    centroid0: torch.Tensor,
+    *,
+    split: str,
+    mode: str | None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    from loramix.train.generation_eval import evaluate_generation
+
+    elrea = ElreaModel(
+        model.backbone,
+        centroids,
+        centroid0,
+        feature_loss=lm_prompt_loss,
+        projection_dim=run.elrea_feature_dim,
+        seed=run.seed,
+        sign_invariant=run.elrea_sign_invariant,
+        temperature=run.elrea_temperature,
+        mode=mode or run.elrea_mode,  # type: ignore[arg-type]
+    )
+    answers = ElreaAnswers(elrea, collator, mode or run.elrea_mode)
+    metrics = evaluate_generation(
+        model,
+        data,
+        collator,
+        split=split,
+        batch_size=run.eval_batch_size,
+        max_examples=run.max_eval_examples,
+        max_new_tokens=run.max_new_tokens,
+        progress=run.progress,
+        answers=answers,
+    )
+    weights_np = torch.cat(answers.weights).float().cpu().numpy()
+    tasks_np = torch.cat(answers.task_ids).numpy()
+    metrics["routing"] = {"model": routing_summary(weights_np, tasks_np, data.task_names)}
     return metrics, weights_np, tasks_np
 
 

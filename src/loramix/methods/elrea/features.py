@@ -36,6 +36,7 @@ from loramix.errors import ConfigError, InjectionError, RoutingError
 from loramix.experts.layer import AdaptedLayer
 from loramix.experts.linear import LinearExperts
 from loramix.inject import get_info
+from loramix.losses.language_model import causal_lm_loss
 from loramix.methods.elrea.projection import CountSketch, SignInvariantMap
 from loramix.routers import TaskRouter
 
@@ -389,21 +390,6 @@ def label_averaged_features(
         )
         total = part if total is None else total + part
     return F.normalize(total, dim=-1)  # type: ignore[arg-type]
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-sample next-token loss `(n,)`: mean over the sample's labelled tokens (labels -100 are ignored).
-
-    `logits` `(n, t, v)` at position t predict `labels[:, t + 1]` (the Hugging Face convention). A sample with no
-    labelled token has loss 0.
-    """
-    targets = labels[:, 1:]  # (n, t-1)
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none"
-    )  # (n, t-1)
-    mask = targets != -100
-    total = torch.where(mask, nll, torch.zeros_like(nll)).sum(1)
-    return total / mask.sum(1).clamp_min(1)
 
 
 def prompt_lm_loss(logits: Tensor, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:

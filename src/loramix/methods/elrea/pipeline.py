@@ -41,7 +41,7 @@ from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
-from loramix.train.run import build_model, eval_split, save_run
+from loramix.train.run import build_model, eval_split, make_collator, save_run
 
 STAGE_FILE = "clusters.safetensors"
 
@@ -206,7 +206,7 @@ def run_elrea(
     run: RunConfig, data: MultiTaskData, output_dir: Path, adapters: AdapterConfig, *, resume: bool = False
 ) -> dict[str, Any]:
     model, tokenizer = build_model(run, data, adapters)
-    collator = TextCollator(tokenizer, max_length=run.max_length)
+    collator = make_collator(run, data, tokenizer)
     group = processes()
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
     stage = Stage.load(output_dir, run) if resume else None

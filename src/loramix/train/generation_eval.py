@@ -1,0 +1,184 @@
+"""Evaluation of generation tasks: greedy generation under each sample's routing, scored against the reference.
+
+Per task: `exact_match` (equal after normalising), `f1` (token overlap, the SQuAD measure), `accuracy` (the task's
+own `scorer`: exact match, the first number, or the label word), and, teacher-forced on the reference, `loss` (the
+mean next-token loss per response token) and `perplexity` (its exp). A batch mixes whatever rows it holds; each
+row is generated with its own expert in the same pass.
+
+Normalising: lower case, punctuation dropped, runs of white space made one space, the ends stripped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from loramix.data import MultiTaskData
+from loramix.data.generation import GenerationCollator, GenerationExample
+from loramix.losses.language_model import token_nll
+from loramix.train.model import MultiTaskModel
+from loramix.train.step import routed
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+EXTRA_TOKENS = (
+    8  # generated beyond the task's longest reference, so that a wrong, longer answer shows as wrong
+)
+SAMPLES_KEPT = (
+    3  # per task, in metrics.json: prompt, reference and generated text, to read what the model does
+)
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_number(text: str) -> float | None:
+    match = _NUMBER.search(text)
+    return None if match is None else float(match.group().replace(",", ""))
+
+
+def first_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label word that comes first in `text` (whole words, after normalising), or None."""
+    words = normalize(text)
+    found = []
+    for label in labels:
+        match = re.search(rf"\b{re.escape(normalize(label))}\b", words)
+        if match:
+            found.append((match.start(), label))
+    return min(found)[1] if found else None
+
+
+def score(prediction: str, reference: str, scorer: str, labels: Sequence[str] = ()) -> bool:
+    """Whether a generated answer is right by the task's scorer (see the module docstring)."""
+    if scorer == "number":
+        got = first_number(prediction)
+        return got is not None and got == first_number(reference)
+    if scorer == "label":
+        got = first_label(prediction, labels)
+        return got is not None and got == first_label(reference, labels)
+    return normalize(prediction) == normalize(reference)
+
+
+class RoutedAnswers:
+    """How a routed multi-task model answers: teacher-forced logits and greedy continuations, each row under its
+    own routing (a sample router decides once, on the prompt). `gates` (optional) collects the routing of each
+    teacher-forced batch. Other ways to answer (ELREA's gradient-routed experts) give the same two methods."""
+
+    def __init__(self, model: MultiTaskModel, collator: GenerationCollator, gates: Any = None) -> None:
+        self.model, self.collator, self.gates = model, collator, gates
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with routed(self.model, batch) as state:
+            logits = self.model(batch)
+        if self.gates is not None:
+            self.gates.add(state, batch)
+        return logits
+
+    def generate(
+        self, batch: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor], max_new_tokens: int
+    ) -> torch.Tensor:
+        with routed(self.model, prompts) as state:
+            state.keep_model_gate = True
+            return self.model.heads.generate(
+                self.model,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.collator.pad_id,
+                eos_token_id=self.collator.tokenizer.eos_token_id,
+            )
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model: MultiTaskModel,
+    data: MultiTaskData,
+    collator: GenerationCollator,
+    *,
+    split: str = "test",
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    answers: Any = None,
+) -> dict[str, Any]:
+    """`{"tasks": {name: {"exact_match", "f1", "accuracy", "loss", "perplexity", "n", "samples"}},
+    "mean_accuracy"}` on `split`. `max_new_tokens`: default, per task, its longest reference plus a few tokens.
+    `answers`: what answers each batch (its `logits(batch)` and `generate(batch, prompts, max_new_tokens)`, the
+    new tokens); default :class:`RoutedAnswers`."""
+    from tqdm.auto import tqdm
+
+    answers = answers or RoutedAnswers(model, collator)
+    model.eval()
+    device = next(model.parameters()).device
+    chosen: list[list[GenerationExample]] = [
+        data.eval_examples(split, task.task_id, max_examples)  # type: ignore[misc]
+        for task in data.tasks
+    ]
+    bar = tqdm(
+        total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
+        desc=f"eval {split}",
+        unit="batch",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None if progress else True,
+    )
+    tasks: dict[str, Any] = {}
+    for task, examples, spec in zip(data.tasks, chosen, data.specs):
+        bar.set_postfix(task=task.name)
+        longest = max((len(collator.token_ids(e)[1]) for e in examples), default=1)
+        new_tokens = max_new_tokens or longest + EXTRA_TOKENS
+        nll, count, right, exact, f1s, samples = 0.0, 0, 0, 0, [], []
+        for start in range(0, len(examples), batch_size):
+            part = examples[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collator(part).items()}
+            total, tokens = token_nll(answers.logits(batch), batch["lm_labels"])
+            nll, count = nll + float(total.sum()), count + int(tokens.sum())
+            prompts = {k: v.to(device) for k, v in collator.prompts(part).items()}
+            generated = answers.generate(batch, prompts, new_tokens)
+            texts = collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for example, text in zip(part, texts):
+                text = text.strip()
+                right += score(text, example.response, spec.scorer, spec.labels or ())
+                exact += normalize(text) == normalize(example.response)
+                f1s.append(token_f1(text, example.response))
+                if len(samples) < SAMPLES_KEPT:
+                    samples.append(
+                        {
+                            "prompt": collator.prompt_text(example),
+                            "reference": example.response,
+                            "generated": text,
+                        }
+                    )
+            bar.update(1)
+        n = len(examples)
+        loss = nll / max(count, 1)
+        tasks[task.name] = {
+            "accuracy": right / max(n, 1),
+            "exact_match": exact / max(n, 1),
+            "f1": sum(f1s) / max(n, 1),
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "n": n,
+            "samples": samples,
+        }
+    bar.close()
+    model.train()
+    return {"tasks": tasks, "mean_accuracy": sum(t["accuracy"] for t in tasks.values()) / max(len(tasks), 1)}

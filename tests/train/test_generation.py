@@ -1,0 +1,172 @@
+"""Generation tasks through `loramix train`: every method trains a tiny causal LM on prompt/response tasks, is
+scored by greedy generation under each sample's routing, saves, reloads and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loramix.cli import main
+from loramix.data import MultiTaskData
+from loramix.errors import ConfigError
+from loramix.methods import get_method, run_training
+from loramix.train import callbacks
+from loramix.train.config import RunConfig
+from loramix.train.run import build_model, load_trained, make_collator, task_specs
+from loramix.train.step import routed
+from tests.train import toys
+from tests.train.test_checkpoint import Interrupted, without_timings
+from tests.train.test_run import window_means
+
+METHODS = ["lora", "lora-wide", "per-task-lora", "mola-grad", "mola-router", "token-router"]
+SCORES = {"accuracy", "exact_match", "f1", "loss", "perplexity", "n", "samples"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_a_causal_lm_on_generation_tasks(
+    method: str, gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    run = RunConfig.from_dict(
+        toys.gen_settings(gpt2_dir, gen_tasks_dir, method=method, steps=30, log_every=1, lr=5e-2)
+    )
+    metrics = run_training(run, tmp_path)
+    first, last = window_means(metrics["history"], "task_loss")
+    assert last < 0.95 * first, f"{method}: loss went from {first:.3f} to {last:.3f}"
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["tasks"]) == toys.GEN_TASKS
+    for task, scores in saved["tasks"].items():
+        assert set(scores) == SCORES and scores["n"] == 8
+        assert 0 <= scores["exact_match"] <= scores["f1"] + 1e-9 <= 1 + 1e-9
+        assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
+        assert all(sample["prompt"].startswith(f"{task}: ") for sample in scores["samples"])
+    assert saved["mean_accuracy"] == pytest.approx(sum(s["accuracy"] for s in saved["tasks"].values()) / 3)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "adapter" / "adapters.safetensors").is_file()
+
+
+def test_a_llama_model_trains_with_mola_grad_and_reloads_for_eval(
+    llama_dir: Path, gen_tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    run = RunConfig.from_dict(toys.gen_settings(llama_dir, gen_tasks_dir, method="mola-grad", steps=6))
+    metrics = run_training(run, tmp_path)
+    assert main(["eval", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "eval-test.json").read_text())
+    for task in toys.GEN_TASKS:  # the reloaded run generates the same answers
+        assert again["tasks"][task]["samples"] == metrics["tasks"][task]["samples"]
+        assert again["tasks"][task]["loss"] == pytest.approx(metrics["tasks"][task]["loss"], rel=1e-5)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "reverse" in capsys.readouterr().out
+
+
+def test_the_sample_router_reads_the_prompt_alone(gpt2_dir: Path, gen_tasks_dir: Path):
+    """In training the batch holds prompt and response; the router must decide from the prompt, as it does when
+    generating from the prompt alone (left-padded): the two gates agree."""
+    run = RunConfig.from_dict(toys.gen_settings(gpt2_dir, gen_tasks_dir, method="mola-router"))
+    data = MultiTaskData(task_specs(run))
+    method = get_method(run.method)
+    model, tokenizer = build_model(run, data, method.adapter_config(run, data.num_tasks))
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.5)  # a router that is not uniform
+    model.eval()
+    collator = make_collator(run, data, tokenizer)
+    examples = [data.examples("test", t)[i] for t in range(3) for i in range(2)]
+    with torch.no_grad():
+        with routed(model, collator(examples)) as state:
+            model(collator(examples))
+        training_gate = state.model_gate.weights
+        with routed(model, collator.prompts(examples)) as state:
+            model(collator.prompts(examples))
+        prompt_gate = state.model_gate.weights
+    assert training_gate.std(0).sum() > 1e-3  # the gates differ between samples
+    torch.testing.assert_close(training_gate, prompt_gate, rtol=1e-5, atol=1e-6)
+
+
+def test_a_generation_run_resumes_exactly(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    settings = toys.gen_settings(
+        gpt2_dir, gen_tasks_dir, method="mola-router", steps=8, log_every=1, dropout=0.2
+    )
+    straight = run_training(RunConfig.from_dict(settings), tmp_path / "straight")
+    run = RunConfig.from_dict({**settings, "checkpoint_every": 4})
+    checkpoint_step = callbacks.Checkpointer.on_step_end
+
+    def crash_after_the_checkpoint(self, trainer, logs):
+        checkpoint_step(self, trainer, logs)
+        if trainer.step == 5:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_after_the_checkpoint)
+        with pytest.raises(Interrupted):
+            run_training(run, tmp_path / "resumed")
+    resumed = run_training(run, tmp_path / "resumed", resume=True)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapters.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapters.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timings(resumed) == without_timings(straight)
+
+
+def test_generation_and_classification_tasks_do_not_mix(
+    gpt2_dir: Path, gen_tasks_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    specs = [
+        {
+            "name": "reverse",
+            "task_type": "generation",
+            "train": str(gen_tasks_dir / "reverse" / "train.jsonl"),
+        },
+        {
+            "name": "colors",
+            "train": str(tasks_dir / "colors" / "train.jsonl"),
+            "labels": ["red", "green", "blue"],
+        },
+    ]
+    settings = {**toys.gen_settings(gpt2_dir, gen_tasks_dir, steps=1), "tasks_dir": None, "tasks": specs}
+    with pytest.raises(ConfigError, match="all generation tasks or none"):
+        run_training(RunConfig.from_dict(settings), tmp_path)
+
+
+def test_load_trained_rebuilds_the_causal_lm(gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path):
+    run_training(
+        RunConfig.from_dict(toys.gen_settings(gpt2_dir, gen_tasks_dir, method="lora", steps=1)), tmp_path
+    )
+    _, model, _, tasks = load_trained(tmp_path)
+    assert type(model.backbone).__name__ == "GPT2LMHeadModel"
+    assert [t["task_type"] for t in tasks] == ["generation"] * 3 and tasks[0]["scorer"] == "exact"
+
+
+@pytest.mark.parametrize("mode", ["top1", "ensemble"])
+def test_elrea_runs_end_to_end_on_generation_tasks(
+    mode: str, gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    """Prompt-loss gradient features, clusters, experts, and generation by the top-1 expert or the ensemble;
+    `loramix eval` reloads the bank and its centroids and answers the same."""
+    settings = toys.gen_settings(
+        gpt2_dir,
+        gen_tasks_dir,
+        method="elrea",
+        steps=8,
+        lr=5e-2,
+        elrea_clusters=3,
+        elrea_mode=mode,
+        elrea_feature_dim=64,
+        elrea_feature_examples=48,
+    )
+    metrics = run_training(RunConfig.from_dict(settings), tmp_path)
+    assert metrics["clusters"]["n_clusters"] == 3 and sum(metrics["clusters"]["sizes"]) == 48
+    assert set(metrics["tasks"]) == set(toys.GEN_TASKS)
+    for scores in metrics["tasks"].values():
+        assert set(scores) == SCORES and scores["n"] == 8
+    weights = metrics["routing"]["model"]
+    assert weights["task_names"] == toys.GEN_TASKS
+    assert main(["eval", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "eval-test.json").read_text())
+    for task in toys.GEN_TASKS:
+        assert again["tasks"][task]["samples"] == metrics["tasks"][task]["samples"]
+        assert again["tasks"][task]["loss"] == pytest.approx(metrics["tasks"][task]["loss"], rel=1e-4)
