@@ -16,7 +16,6 @@ Legend: n samples, d feature width, T tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
