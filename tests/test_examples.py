@@ -23,3 +23,21 @@ def test_example_config_validates(path):
         assert len(load_task_specs(run.tasks)) == len(run.tasks)  # specs are well formed
     elif Path(run.tasks_dir).is_dir():
         assert [s.name for s in tasks_from_directory(run.tasks_dir, run.tasks)] == run.tasks
+
+
+def test_the_generative_example_trains_on_the_tasks_the_demo_writes(tmp_path, monkeypatch):
+    """As its comment says: `loramix demo --generative` writes the tasks under runs/, then the example trains on
+    them (sizes shrunk: one demo step on a few rows, two training steps)."""
+    from loramix.cli import main
+
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").mkdir()
+    source = Path(__file__).resolve().parents[1] / "examples" / "generative_tasks.yaml"
+    (tmp_path / "examples" / source.name).write_text(source.read_text())
+    from loramix.demo import run_demo
+
+    run_demo(tmp_path / "runs" / "demo-generative", steps=1, threads=1, scale=0.01, generative=True)
+    args = ["train", "examples/generative_tasks.yaml", "--set", "steps=2", "--output-dir", "runs/gen"]
+    assert main(args) == 0
+    assert (tmp_path / "runs" / "gen" / "adapter" / "adapters.safetensors").is_file()

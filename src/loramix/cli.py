@@ -101,11 +101,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"adapted layers: {len(record['layers'])} (e.g. {', '.join(record['layers'][:3])})")
     print(f"tensors: {len(tensors)}, parameters: {sum(t.numel() for t in tensors.values()):,}")
     tasks = record["metadata"].get("tasks", [])
-    print("tasks: " + ", ".join(f"{t['name']} ({len(t['labels'])} labels)" for t in tasks))
+    print("tasks: " + ", ".join(f"{t['name']} ({task_kind(t)})" for t in tasks))
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         print(f"mean accuracy: {shown(metrics.get('mean_accuracy'))}")
+        for name, scores in metrics.get("tasks", {}).items():
+            if isinstance(scores, dict) and "exact_match" in scores:  # a generation task
+                print(
+                    f"  {name}: exact match {shown(scores['exact_match'])}, F1 {shown(scores['f1'])}, "
+                    f"perplexity {shown(scores['perplexity'])}"
+                )
         if "accuracy_matrix" in metrics:  # a continual run
             order = metrics.get("tasks_in_order", [])
             print(f"continual: {len(order)} tasks in order {', '.join(order)}")
@@ -138,6 +144,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 for warning in summary.get("warnings", []):
                     print(f"  warning: {warning}")
     return 0
+
+
+def task_kind(task: dict) -> str:
+    if task.get("task_type") == "generation":
+        return f"generation, scorer {task.get('scorer', 'exact')}"
+    return f"{len(task.get('labels') or [])} labels"
 
 
 def shown(value: object) -> str:

@@ -58,7 +58,8 @@ def test_a_llama_model_trains_with_mola_grad_and_reloads_for_eval(
         assert again["tasks"][task]["samples"] == metrics["tasks"][task]["samples"]
         assert again["tasks"][task]["loss"] == pytest.approx(metrics["tasks"][task]["loss"], rel=1e-5)
     assert main(["inspect", str(tmp_path)]) == 0
-    assert "reverse" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reverse (generation, scorer exact)" in out and "reverse: exact match" in out
 
 
 def test_the_sample_router_reads_the_prompt_alone(gpt2_dir: Path, gen_tasks_dir: Path):
