@@ -66,7 +66,11 @@ def _turns(row: Row, key: str) -> list[tuple[str, str]]:
         )
     turns = []
     for number, turn in enumerate(value, 1):
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+        if not (
+            isinstance(turn, dict)
+            and isinstance(turn.get("role"), str)
+            and isinstance(turn.get("content"), str)
+        ):
             raise DataError(
                 f"{row.location}: turn {number} of {key!r} must be an object with string 'role' and 'content', "
                 f"got {_shown(turn)}"
@@ -110,6 +114,17 @@ class GenerationCollator:
             return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
 
+    def fitted(self, example: GenerationExample) -> tuple[list[int], list[int]]:
+        """`(prompt ids, response ids + EOS)` cut to `max_length`; a prompt with no room for its response is an
+        error naming its row."""
+        prompt, response = self.token_ids(example)
+        if len(prompt) >= self.max_length:
+            raise DataError(
+                f"{example.location}: the prompt is {len(prompt)} tokens, which leaves no room for the "
+                f"response within max_length {self.max_length}; raise max_length or shorten the prompt"
+            )
+        return prompt, response[: self.max_length - len(prompt)]
+
     def token_ids(self, example: GenerationExample) -> tuple[list[int], list[int]]:
         """`(prompt ids, response ids + EOS)`, before any cut to `max_length`."""
         cached = self._cache.get(example)
@@ -126,13 +141,7 @@ class GenerationCollator:
         responses that will be cut. Returns how many are cut."""
         cut, first = 0, None
         for example in examples:
-            prompt, response = self.token_ids(example)
-            if len(prompt) >= self.max_length:
-                raise DataError(
-                    f"{example.location}: the prompt is {len(prompt)} tokens, which leaves no room for the "
-                    f"response within max_length {self.max_length}; raise max_length or shorten the prompt"
-                )
-            if len(prompt) + len(response) > self.max_length:
+            if len(self.fitted(example)[1]) < len(self.token_ids(example)[1]):
                 cut += 1
                 first = first or example.location
         if cut:
@@ -147,15 +156,7 @@ class GenerationCollator:
     def __call__(self, examples: Sequence[GenerationExample]) -> dict[str, torch.Tensor]:
         if not examples:
             raise DataError("cannot collate an empty batch")
-        rows = []
-        for example in examples:
-            prompt, response = self.token_ids(example)
-            if len(prompt) >= self.max_length:
-                raise DataError(
-                    f"{example.location}: the prompt is {len(prompt)} tokens, which leaves no room for the "
-                    f"response within max_length {self.max_length}"
-                )
-            rows.append((prompt, response[: self.max_length - len(prompt)]))
+        rows = [self.fitted(example) for example in examples]
         width = max(len(p) + len(r) for p, r in rows)
         n = len(rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)

@@ -179,7 +179,9 @@ class RunConfig(BaseModel):
         "pooled encoder output.",
     )
     ddas_layer: int = Field(
-        3, ge=0, description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature."
+        3,
+        ge=0,
+        description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature.",
     )
     ddas_normalize: Literal["whiten", "l2"] = Field(
         "whiten",

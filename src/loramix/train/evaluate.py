@@ -1,13 +1,8 @@
-"""Evaluation: per-task accuracy and macro-F1, and what the routers did on the evaluated inputs.
-
-A progress bar counts the batches (on a large test split, evaluation runs for minutes after training ends, and a
-silent terminal looks hung); like the training bar, it shows only on a terminal and when the run's `progress` is
-on.
-"""
+"""Evaluation: per-task accuracy and macro-F1 (generation tasks: scores of their generated text, see
+:mod:`loramix.train.generation_eval`), and what the routers did on the evaluated inputs."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -15,52 +10,10 @@ import torch
 from sklearn.metrics import f1_score
 
 from loramix.data import MultiTaskData
+from loramix.train.eval_log import GateLog, progress_bar
+from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
 from loramix.train.model import MultiTaskModel
-from loramix.train.routing_stats import per_layer_summary, routing_summary
 from loramix.train.step import routed
-
-
-def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A per-token gate `(n, t, e)` averaged over real tokens -> `(n, e)`."""
-    if mask is None or mask.shape != weights.shape[:2]:
-        return weights.mean(1)
-    m = mask.to(weights.dtype)[..., None]
-    return (weights * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-class GateLog:
-    """What the learned routers did on evaluated batches: `add(state, batch)` after each routed forward,
-    `summary(task_names)` at the end (the routing part of the metrics; empty for hard, task-given gates)."""
-
-    def __init__(self) -> None:
-        self.model: list[torch.Tensor] = []
-        self.layers: dict[str, list[torch.Tensor]] = {}
-        self.task_ids: list[torch.Tensor] = []
-
-    def add(self, state: Any, batch: dict[str, torch.Tensor]) -> None:
-        learned = [(name, g) for name, g in state.records if not g.hard]
-        if learned:
-            self.task_ids.append(batch["task_ids"].cpu())
-        mask = batch.get("prompt_mask", batch.get("attention_mask"))
-        for name, gate in learned:
-            weights = _token_mean(gate.weights, mask) if gate.per_token else gate.weights
-            target = self.model if name == "model" else self.layers.setdefault(name, [])
-            target.append(weights.float().cpu())
-
-    def summary(self, task_names: list[str]) -> dict[str, Any]:
-        if not self.task_ids:
-            return {}
-        task_ids = torch.cat(self.task_ids).numpy()
-        routing: dict[str, Any] = {}
-        if self.model:
-            routing["model"] = routing_summary(torch.cat(self.model).numpy(), task_ids, task_names)
-        if self.layers:
-            routing.update(
-                per_layer_summary(
-                    {k: torch.cat(v).numpy() for k, v in self.layers.items()}, task_ids, task_names
-                )
-            )
-        return routing
 
 
 @torch.no_grad()
@@ -80,12 +33,8 @@ def evaluate(
     which `max_new_tokens` goes to).
 
     `progress`: a bar over the batches on stderr, shown only when stderr is a terminal (False: never)."""
-    from tqdm.auto import tqdm
-
     gates = GateLog()
     if any(task.task_type == "generation" for task in data.tasks):
-        from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
-
         metrics = evaluate_generation(
             model,
             data,
@@ -102,14 +51,7 @@ def evaluate(
     device = next(model.parameters()).device
     tasks: dict[str, Any] = {}
     chosen = [data.eval_examples(split, task.task_id, max_examples) for task in data.tasks]
-    bar = tqdm(
-        total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
-        desc=f"eval {split}",
-        unit="batch",
-        dynamic_ncols=True,
-        leave=False,
-        disable=None if progress else True,  # None: tqdm's own check, off when stderr is not a terminal
-    )
+    bar = progress_bar(chosen, batch_size, split, progress)
     for task, examples in zip(data.tasks, chosen):
         bar.set_postfix(task=task.name)
         preds, labels = [], []

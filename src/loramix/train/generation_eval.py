@@ -22,6 +22,7 @@ import torch
 from loramix.data import MultiTaskData
 from loramix.data.generation import GenerationCollator, GenerationExample
 from loramix.losses.language_model import token_nll
+from loramix.train.eval_log import progress_bar
 from loramix.train.model import MultiTaskModel
 from loramix.train.step import routed
 
@@ -123,8 +124,6 @@ def evaluate_generation(
     "mean_accuracy"}` on `split`. `max_new_tokens`: default, per task, its longest reference plus a few tokens.
     `answers`: what answers each batch (its `logits(batch)` and `generate(batch, prompts, max_new_tokens)`, the
     new tokens); default :class:`RoutedAnswers`."""
-    from tqdm.auto import tqdm
-
     answers = answers or RoutedAnswers(model, collator)
     model.eval()
     device = next(model.parameters()).device
@@ -132,14 +131,7 @@ def evaluate_generation(
         data.eval_examples(split, task.task_id, max_examples)  # type: ignore[misc]
         for task in data.tasks
     ]
-    bar = tqdm(
-        total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
-        desc=f"eval {split}",
-        unit="batch",
-        dynamic_ncols=True,
-        leave=False,
-        disable=None if progress else True,
-    )
+    bar = progress_bar(chosen, batch_size, split, progress)
     tasks: dict[str, Any] = {}
     for task, examples, spec in zip(data.tasks, chosen, data.specs):
         bar.set_postfix(task=task.name)

@@ -1,0 +1,74 @@
+"""What every evaluation shares: a progress bar over its batches, and the log of what the learned routers did on
+the evaluated inputs (the `routing` part of the metrics).
+
+A progress bar counts the batches (on a large test split, evaluation runs for minutes after training ends, and a
+silent terminal looks hung); like the training bar, it shows only on a terminal and when the run's `progress` is
+on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from loramix.train.routing_stats import per_layer_summary, routing_summary
+
+
+def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A per-token gate `(n, t, e)` averaged over real tokens -> `(n, e)`."""
+    if mask is None or mask.shape != weights.shape[:2]:
+        return weights.mean(1)
+    m = mask.to(weights.dtype)[..., None]
+    return (weights * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class GateLog:
+    """What the learned routers did on evaluated batches: `add(state, batch)` after each routed forward,
+    `summary(task_names)` at the end (the routing part of the metrics; empty for hard, task-given gates)."""
+
+    def __init__(self) -> None:
+        self.model: list[torch.Tensor] = []
+        self.layers: dict[str, list[torch.Tensor]] = {}
+        self.task_ids: list[torch.Tensor] = []
+
+    def add(self, state: Any, batch: dict[str, torch.Tensor]) -> None:
+        learned = [(name, g) for name, g in state.records if not g.hard]
+        if learned:
+            self.task_ids.append(batch["task_ids"].cpu())
+        mask = batch.get("prompt_mask", batch.get("attention_mask"))
+        for name, gate in learned:
+            weights = _token_mean(gate.weights, mask) if gate.per_token else gate.weights
+            target = self.model if name == "model" else self.layers.setdefault(name, [])
+            target.append(weights.float().cpu())
+
+    def summary(self, task_names: list[str]) -> dict[str, Any]:
+        if not self.task_ids:
+            return {}
+        task_ids = torch.cat(self.task_ids).numpy()
+        routing: dict[str, Any] = {}
+        if self.model:
+            routing["model"] = routing_summary(torch.cat(self.model).numpy(), task_ids, task_names)
+        if self.layers:
+            routing.update(
+                per_layer_summary(
+                    {k: torch.cat(v).numpy() for k, v in self.layers.items()}, task_ids, task_names
+                )
+            )
+        return routing
+
+
+def progress_bar(chosen: list[list[Any]], batch_size: int, split: str, progress: bool) -> Any:
+    """A bar over the batches of every task's chosen examples, on stderr; shown only when stderr is a terminal
+    and `progress` is on (tqdm's own check decides the first)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
+        desc=f"eval {split}",
+        unit="batch",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None if progress else True,
+    )
