@@ -21,7 +21,8 @@ from loramix.methods.elrea import pipeline
 from loramix.train import callbacks
 from loramix.train.config import RunConfig
 from tests.train import toys
-from tests.train.test_checkpoint import Interrupted, without_timings
+from tests.train.test_checkpoint import without_timings
+from tests.train.toys import Interrupted
 
 CLUSTERS, FEATURE_EXAMPLES, FEATURE_DIM, STEPS = len(toys.TASK_NAMES), 60, 256, 20
 

@@ -20,14 +20,9 @@ from safetensors.torch import load_file
 from loramix.cli import main
 from loramix.errors import CheckpointError, ConfigError
 from loramix.methods import run_training
-from loramix.train import callbacks
 from loramix.train import checkpoint as ckpt
 from loramix.train.config import RunConfig
 from tests.train import toys
-
-
-class Interrupted(Exception):
-    pass
 
 
 def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -65,17 +60,7 @@ def test_an_interrupted_run_resumes_exactly(
     straight = run_training(RunConfig.from_dict(settings), tmp_path / "straight")
 
     run = RunConfig.from_dict({**settings, "checkpoint_every": every})
-    checkpoint_step = callbacks.Checkpointer.on_step_end
-
-    def crash_one_step_after_the_checkpoint(self, trainer, logs):
-        checkpoint_step(self, trainer, logs)
-        if trainer.step == every + 1:
-            raise Interrupted
-
-    with monkeypatch.context() as patch:
-        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_one_step_after_the_checkpoint)
-        with pytest.raises(Interrupted):
-            run_training(run, tmp_path / "resumed")
+    toys.crash_at(monkeypatch, every + 1, run_training, run, tmp_path / "resumed")
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert (checkpoints / "latest").read_text() == f"step-{every:06d}"
     assert not (tmp_path / "resumed" / "adapter").exists()
@@ -187,17 +172,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_still_ends
     settings = toys.settings(model_dir, tasks_dir, method="mola-router", steps=6, log_every=1, dropout=0.2)
     straight = run_training(RunConfig.from_dict(settings), tmp_path / "straight")
     run = RunConfig.from_dict({**settings, "checkpoint_every": 2, "keep_checkpoints": 2})
-    checkpoint_step = callbacks.Checkpointer.on_step_end
-
-    def crash_at_step_5(self, trainer, logs):
-        checkpoint_step(self, trainer, logs)
-        if trainer.step == 5:
-            raise Interrupted
-
-    with monkeypatch.context() as patch:
-        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_at_step_5)
-        with pytest.raises(Interrupted):
-            run_training(run, tmp_path / "resumed")
+    toys.crash_at(monkeypatch, 5, run_training, run, tmp_path / "resumed")
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000002", "step-000004"]
     overwrite_in_place(checkpoints / "step-000004" / "optimizer.pt")

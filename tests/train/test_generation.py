@@ -14,12 +14,11 @@ from loramix.cli import main
 from loramix.data import MultiTaskData
 from loramix.errors import ConfigError
 from loramix.methods import get_method, run_training
-from loramix.train import callbacks
 from loramix.train.config import RunConfig
 from loramix.train.run import build_model, load_trained, make_collator, task_specs
 from loramix.train.step import routed
 from tests.train import toys
-from tests.train.test_checkpoint import Interrupted, without_timings
+from tests.train.test_checkpoint import without_timings
 from tests.train.test_run import window_means
 
 METHODS = ["lora", "lora-wide", "per-task-lora", "mola-grad", "mola-router", "token-router"]
@@ -95,17 +94,7 @@ def test_a_generation_run_resumes_exactly(
     )
     straight = run_training(RunConfig.from_dict(settings), tmp_path / "straight")
     run = RunConfig.from_dict({**settings, "checkpoint_every": 4})
-    checkpoint_step = callbacks.Checkpointer.on_step_end
-
-    def crash_after_the_checkpoint(self, trainer, logs):
-        checkpoint_step(self, trainer, logs)
-        if trainer.step == 5:
-            raise Interrupted
-
-    with monkeypatch.context() as patch:
-        patch.setattr(callbacks.Checkpointer, "on_step_end", crash_after_the_checkpoint)
-        with pytest.raises(Interrupted):
-            run_training(run, tmp_path / "resumed")
+    toys.crash_at(monkeypatch, 5, run_training, run, tmp_path / "resumed")
     resumed = run_training(run, tmp_path / "resumed", resume=True)
     a = load_file(tmp_path / "straight" / "adapter" / "adapters.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapters.safetensors")

@@ -177,3 +177,24 @@ def gen_settings(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]
     """A run config dict for generation tasks on a tiny causal LM."""
     base = {**BASE_SETTINGS, "max_length": 24, "eval_batch_size": 8}
     return {**base, "model": str(model), "tasks_dir": str(data), "tasks": GEN_TASKS, **overrides}
+
+
+class Interrupted(Exception):
+    """What a test raises to stop a run as a crash would."""
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int, train: Any, *args: Any, **kwargs: Any) -> None:
+    """Run `train(*args, **kwargs)` and crash it right after step `step` (after that step's checkpoint, if any)."""
+    from loramix.train import callbacks
+
+    checkpoint_step = callbacks.Checkpointer.on_step_end
+
+    def crash(self, trainer, logs):  # type: ignore[no-untyped-def]
+        checkpoint_step(self, trainer, logs)
+        if trainer.step == step:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.Checkpointer, "on_step_end", crash)
+        with pytest.raises(Interrupted):
+            train(*args, **kwargs)
