@@ -169,7 +169,9 @@ class TaskSpec(BaseModel):
                 "messages_field); remove text_pair_field and label_prompts"
             )
         if self.scorer == "label" and self.labels is None:
-            raise ValueError(f"task {self.name!r}: scorer 'label' needs `labels`, the label words to look for")
+            raise ValueError(
+                f"task {self.name!r}: scorer 'label' needs `labels`, the label words to look for"
+            )
         if self.scorer != "label" and self.labels is not None:
             raise ValueError(f"task {self.name!r}: `labels` of a generation task are for scorer 'label' only")
         if self.prompt_field == self.response_field:
@@ -283,7 +285,7 @@ def _spec_from_folder(folder: Path, max_train_examples: int | None, seed: int) -
     generation = isinstance(meta, dict) and meta.get("task_type") == "generation"
     if not isinstance(meta, dict) or not (generation or isinstance(meta.get("labels"), list)):
         raise DataError(
-            f"{meta_path}: expected a JSON object with a 'labels' list (or \"task_type\": \"generation\")"
+            f'{meta_path}: expected a JSON object with a \'labels\' list (or "task_type": "generation")'
         )
     if not (folder / "train.jsonl").is_file():
         raise DataError(f"{folder}: no train.jsonl")

@@ -57,11 +57,15 @@ def write_generation_suite(
         rng = random.Random(seed * 1000 + index)
         test = make_rows(task, test_size, rng)
         seen = {row["prompt"] for row in test}
-        train = [row for row in make_rows(task, 2 * train_size, rng) if row["prompt"] not in seen][:train_size]
+        train = [row for row in make_rows(task, 2 * train_size, rng) if row["prompt"] not in seen][
+            :train_size
+        ]
         folder = root / task
         folder.mkdir(parents=True, exist_ok=True)
         for split, rows in (("train", train), ("test", test)):
-            atomic_write_bytes(folder / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+            atomic_write_bytes(
+                folder / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+            )
         atomic_write_bytes(folder / "meta.json", json.dumps({"task_type": "generation"}).encode())
         folders.append(folder)
     return folders
