@@ -1,0 +1,55 @@
+"""Scoring generated answers: normalised exact match, token F1, and the task scorers (number, label word)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loramix.train.generation_eval import first_label, first_number, normalize, score, token_f1
+
+
+def test_normalize_drops_case_punctuation_and_extra_spaces():
+    assert normalize("  The  Answer, is: 42!\n") == "the answer is 42"
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "f1"),
+    [
+        ("the cat sat", "the cat sat", 1.0),
+        ("cat the", "the cat sat", 0.8),  # precision 1, recall 2/3
+        ("dog", "the cat", 0.0),
+        ("", "", 1.0),
+        ("", "cat", 0.0),
+        ("a a b", "a b b", 2 / 3),  # repeated tokens count once each time they match
+    ],
+)
+def test_token_f1(prediction: str, reference: str, f1: float):
+    assert token_f1(prediction, reference) == pytest.approx(f1)
+
+
+def test_first_number_reads_signs_decimals_and_thousands():
+    assert first_number("so the total is -1,234.5 apples, not 7") == -1234.5
+    assert first_number("no digits here") is None
+
+
+def test_first_label_is_the_earliest_whole_word():
+    labels = ["positive", "negative", "neutral"]
+    assert first_label("I'd say Negative, maybe neutral.", labels) == "negative"
+    assert first_label("nonpositive", labels) is None  # whole words only
+    assert first_label("", labels) is None
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "scorer", "right"),
+    [
+        ("Paris.", "paris", "exact", True),
+        ("Paris, France", "paris", "exact", False),
+        ("The answer is 12.", "#### 12", "number", True),
+        ("The answer is 12.5", "12", "number", False),
+        ("no idea", "12", "number", False),
+        ("Sentiment: positive", "positive", "label", True),
+        ("positive or negative", "negative", "label", False),
+        ("unsure", "negative", "label", False),
+    ],
+)
+def test_score_by_the_tasks_scorer(prediction: str, reference: str, scorer: str, right: bool):
+    assert score(prediction, reference, scorer, ["positive", "negative"]) is right
