@@ -243,3 +243,37 @@ def test_a_learned_router_exports_every_task_as_its_mean_gate_and_the_manifest_s
     with torch.no_grad():
         expected = peft_model(**inputs).last_hidden_state
         torch.testing.assert_close(merged(**inputs).last_hidden_state, expected, atol=ATOL, rtol=0)
+
+
+def test_a_run_that_trained_its_backbone_exports_the_trained_base_beside_its_adapters(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    """The adapters of a `train_backbone` run are right only on the trained base: the export writes it as
+    `base/`, names it in every adapter and in the serving commands, and base + adapter computes the routed task."""
+    from loramix.methods import run_training
+    from loramix.train.config import RunConfig
+
+    settings = toys.gen_settings(
+        gpt2_dir, gen_tasks_dir, method="mola-grad", steps=3, train_backbone=True, backbone_lr=5e-2
+    )
+    run_training(RunConfig.from_dict(settings), tmp_path / "run")
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "run"), "--all-tasks", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"] == str((out / "base").resolve())
+    assert f"vllm serve {(out / 'base').resolve()} " in manifest["vllm"]["command"]
+    _, model, _, _ = load_trained(tmp_path / "run")
+    model.eval()
+    ids = token_ids()
+    for task_id, task in enumerate(toys.GEN_TASKS):
+        note = json.loads((out / task / "adapter_config.json").read_text())
+        assert note["base_model_name_or_path"] == str((out / "base").resolve())
+        base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
+        served = PeftModel.from_pretrained(base, out / task).eval()
+        with torch.no_grad(), loramix.routing(model.backbone, task_ids=torch.full((2,), task_id)):
+            want = model.backbone(input_ids=ids).logits
+        with torch.no_grad():
+            torch.testing.assert_close(served(input_ids=ids).logits, want, atol=ATOL, rtol=0)
+            untouched = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+            wrong = PeftModel.from_pretrained(untouched, out / task).eval()(input_ids=ids).logits
+        assert (wrong - want).abs().max() > 100 * ATOL  # the untrained base would not do

@@ -15,6 +15,10 @@ such a run is refused (see `task_export`).
 saved by `save_pretrained` with the tokenizer, which `AutoModelForCausalLM.from_pretrained` (or `AutoModel`, for an
 encoder) loads as a plain model. Building it holds a second copy of the model in memory, one task at a time.
 
+A run that trained its backbone (`train_backbone: true`) changed the base itself: its adapters compute the run's
+tasks only on top of that trained base, so the export writes it too, as `base/` (`save_pretrained`, with the
+tokenizer, the adapters removed), and every adapter, the manifest and the serving commands name it as the base.
+
 The output folder is written whole beside its final place and renamed into it at the end: an error or a crash leaves
 no half-written export, and an earlier export there is replaced only once the new one is complete.
 """
@@ -34,8 +38,8 @@ import torch
 
 from loramix.data import MultiTaskData
 from loramix.errors import ConfigError
-from loramix.inject import get_info, merge_and_unload
-from loramix.io.export import hub_name, serving_commands
+from loramix.inject import get_info, merge_and_unload, remove
+from loramix.io.export import serving_commands
 from loramix.io.files import atomic_folder, atomic_write_bytes
 from loramix.models import resolve_model_path
 from loramix.preflight import MANIFEST_FILE, MANIFEST_FORMAT, is_earlier_export
@@ -45,6 +49,7 @@ from loramix.train.task_export import GENERATION, HEAD_FILE, TaskExport, export_
 
 MANIFEST_VERSION = 1
 MERGED_FOLDER = "merged"
+BASE_FOLDER = "base"
 
 
 @dataclass
@@ -55,10 +60,19 @@ class RunExport:
     exports: list[TaskExport]
     manifest: dict[str, Any] | None = None
     merged: list[Path] = field(default_factory=list)
+    trained_base: Path | None = None
+
+    def trained_base_line(self) -> str:
+        return (
+            f"the run trained its backbone: the trained base is in {self.trained_base}, and the adapters name it as "
+            "their base (they compute the run's tasks only on top of it)"
+        )
 
     def summary(self) -> str:
         if self.manifest is None:  # one task, in the output folder itself
             lines = [self.exports[0].summary()]
+            if self.trained_base:
+                lines.append(self.trained_base_line())
             if self.merged:
                 lines.append(f"and the base model with this adapter merged into it, in {self.merged[0]}")
             return "\n".join(lines)
@@ -68,6 +82,8 @@ class RunExport:
             f"{len(self.exports)} PEFT LoRA adapters to {out}/<task>/ ({names}), with {out / MANIFEST_FILE}",
             manifest["static_serving"],
         ]
+        if self.trained_base:
+            lines.append(self.trained_base_line())
         for written in self.exports:
             if written.approximate:
                 lines.append(f"  {written.note['task']}: {written.check_line()}")
@@ -129,6 +145,16 @@ def write_merged(
     return out
 
 
+def write_trained_base(model: MultiTaskModel, out: Path, tokenizer: Any) -> Path:
+    """The backbone as it was trained, without its adapters, as a plain `save_pretrained` folder with the
+    tokenizer; the model itself is left as it was."""
+    plain = copy.deepcopy(model.backbone)
+    remove(plain)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def static_serving(model: MultiTaskModel, exports: Sequence[TaskExport]) -> str:
     """What a static multi-LoRA server computes for these exports, in one sentence."""
     info = get_info(model.backbone)
@@ -158,7 +184,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest of a several-task export (see the module docstring); `final` is where the folder ends up."""
     info = get_info(model.backbone)
-    base = hub_name(run.model)
+    base = exports[0].note["base_model"]
     rank = max(written.rank for written in exports)
     adapters: dict[str, Any] = {}
     for written in exports:
@@ -229,16 +255,23 @@ def export_tasks(
     folders = task_folders(names) if several else {names[0]: ""}
     order = [str(meta["name"]) for meta in tasks]
     load_once = functools.cache(load_data)  # read once, for every task whose router decides per input
+    trained_base = get_info(model.backbone).config.train_backbone
     tokenizer = None
-    if merged:
+    if merged or trained_base:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.model))
     exports, merged_dirs = [], []
     with atomic_folder(out, replace=is_earlier_export(out)) as tmp:
+        base = None
+        if trained_base:
+            write_trained_base(model, tmp / BASE_FOLDER, tokenizer)
+            base = str(final / BASE_FOLDER)
         for name in names:
             task, where = order.index(name), tmp / folders[name]
-            written = export_task(run, model, tasks, task, where, load_data=load_once, method=method)
+            written = export_task(
+                run, model, tasks, task, where, load_data=load_once, method=method, base_model=base
+            )
             if merged:
                 write_merged(model, task, _gate_of(written.note), where / MERGED_FOLDER, tokenizer)
                 merged_dirs.append(final / folders[name] / MERGED_FOLDER)
@@ -250,4 +283,5 @@ def export_tasks(
                 json.dumps(manifest, indent=2) + "\n"
             )  # keys in the order written: tasks in the run's order
             atomic_write_bytes(tmp / MANIFEST_FILE, text.encode("utf-8"))
-    return RunExport(final if several else exports[0].directory, exports, manifest, merged_dirs)
+    directory = final if several else exports[0].directory
+    return RunExport(directory, exports, manifest, merged_dirs, final / BASE_FOLDER if trained_base else None)

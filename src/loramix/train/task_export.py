@@ -260,10 +260,13 @@ def export_task(
     *,
     load_data: Callable[[], tuple[MultiTaskData, Any, str]],
     method: str,
+    base_model: str | None = None,
 ) -> TaskExport:
     """Write task `task` of a finished run into `out` (see the module docstring). `load_data()` gives the run's
-    data, a collator and the evaluation split; it is called only when the router decides per input. The files are
-    written one by one: callers that want the folder whole or not at all write into `io.files.atomic_folder`."""
+    data, a collator and the evaluation split; it is called only when the router decides per input. `base_model`:
+    what the adapter names as its base (default: the run's model; a run that trained its backbone names the trained
+    base written beside it). The files are written one by one: callers that want the folder whole or not at all
+    write into `io.files.atomic_folder`."""
     out = Path(out)
     info = get_info(model.backbone)
     for layer in info.layers:  # refuse experts that do not fold into a LoRA before any data is read
@@ -278,7 +281,7 @@ def export_task(
         "task_id": task,
         "method": method,
         "router": info.config.router,
-        "base_model": hub_name(run.model),
+        "base_model": base_model or hub_name(run.model),
         "task_type": task_type,
         "labels": list(meta.get("labels") or []),
         "pooling": None if generation else model.pooling,
