@@ -44,10 +44,12 @@ METHODS = [
 
 def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block):
-    with the auto-selector choosing each input's task (or the base) from the pooled input embeddings, against the
+    with the auto-selector choosing each input's task (or the base) from its default feature (the base model's
+    hidden state after three blocks, mean-pooled, with two token statistics), against the
     same model given the true task ids; one process, interleaved rounds, the median of per-round ratios."""
     import loramix
     from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
+    from loramix.methods.continual.sequence import selector_features, selector_width
     from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 
@@ -70,11 +72,11 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
     with torch.no_grad():
         for param in loramix.adapter_state(model).values():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    embeddings = model.get_input_embeddings()
-    selector = AutoSelector(embeddings.embedding_dim)
+    selector = AutoSelector(selector_width(model, "hidden"))
     for task in range(tasks):  # autoencoders fitted on each task's share of a vocabulary
         ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (200, seq), generator=generator)
-        selector.add_task(embeddings(ids).mean(1).detach(), epochs=50)
+        sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        selector.add_task(selector_features(model, sample, "hidden", 3), epochs=50)
     task_ids = torch.arange(batch) % tasks
     input_ids = torch.stack(
         [
@@ -91,9 +93,7 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
 
     @torch.inference_mode()
     def selected() -> None:
-        mask = inputs["attention_mask"][..., None].float()
-        feats = (embeddings(inputs["input_ids"]) * mask).sum(1) / mask.sum(1)
-        chosen, keep = selector(feats)
+        chosen, keep = selector(selector_features(model, inputs, "hidden", 3))
         with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
             model(**inputs)
 

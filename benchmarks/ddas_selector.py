@@ -4,7 +4,7 @@ tasks 1..t and every task's test inputs are routed. A seen task's inputs should 
 >= 90%), a task not learned yet should go to the base model (target >= 80%).
 
     python benchmarks/ddas_selector.py --threads 1                 # every variant, writes results/ddas-selector.*
-    python benchmarks/ddas_selector.py --threads 1 --variants default paper
+    python benchmarks/ddas_selector.py --threads 1 --variants "default: whiten, block-3 features + token stats, log-z"
 
 Features: the same train sample `Continual.task_features` takes (`ddas_examples` of the run's training inputs, the
 benchmark's `max_train_examples` 2000, seed 0) and the fixed test sample of `max_eval_examples`, tokenised at the
@@ -32,19 +32,44 @@ ROOT = Path(__file__).resolve().parent
 ORDER = ["ag_news", "sst2", "trec", "emotion", "sms_spam", "subj", "banking77", "cola", "mrpc", "rte"]
 
 
+FEATURES = {  # name -> (ddas_features, ddas_layer)
+    "embeddings": ("embeddings", 0),
+    "hidden0": ("hidden", 0),
+    "hidden3": ("hidden", 3),
+    "hidden6": ("hidden", 6),
+}
+# name -> (features, AutoSelector options, add_task options, how the harness changes it)
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
+    "paper (old default): input embeddings, l2, err/thr": ("embeddings", {"normalize": "l2"}, {}, ""),
+    "l2 rule, block-3 features + token stats": ("hidden3", {"normalize": "l2"}, {}, ""),
+    "whiten, input embeddings": ("embeddings", {}, {}, ""),
+    "whiten, block-0 features + token stats": ("hidden0", {}, {}, ""),
+    "whiten, block-3 features, no token stats": ("hidden3", {}, {}, "no-stats"),
+    "whiten, block-6 (last) features + token stats": ("hidden6", {}, {}, ""),
+    "default: whiten, block-3 features + token stats, log-z": ("hidden3", {}, {}, ""),
+    "default but err/thr to choose the task": ("hidden3", {}, {}, "ratio"),
+    "default, percentile 90": ("hidden3", {"percentile": 90.0}, {}, ""),
+    "default, percentile 99": ("hidden3", {"percentile": 99.0}, {}, ""),
+    "default, shrinkage 0.01": ("hidden3", {"shrinkage": 0.01}, {}, ""),
+    "default, shrinkage 0.5": ("hidden3", {"shrinkage": 0.5}, {}, ""),
+    "default, autoencoder width 16": ("hidden3", {"hidden": 16}, {}, ""),
+    "default, denoising (noise 0.5)": ("hidden3", {}, {"noise": 0.5}, ""),
+    "default, 50 epochs": ("hidden3", {}, {"epochs": 50}, ""),
+}
+
+
 @torch.no_grad()
 def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """`features[task][split][kind]`, each `(n, d)`: kinds `embeddings` (input embeddings mean-pooled over real
-    tokens, the library's default), `embeddings_std` (their spread over the tokens), and `layer<k>` (hidden state
-    k mean-pooled, k = 0 the embedding block's output, the last one the encoder output)."""
+    """`features[task][split][kind]`, each `(n, d)`, computed by the library's `selector_features` for every kind
+    of `FEATURES` (cached: one file per task)."""
     from loramix.data import MultiTaskData, TextCollator
+    from loramix.methods.continual.sequence import selector_features
     from loramix.models import load_backbone
     from loramix.train.config import RunConfig
     from loramix.train.run import task_specs
 
     out: dict[str, Any] = {}
-    missing = [t for t in ORDER if not (args.cache / f"{t}.pt").is_file()]
-    if missing:
+    if any(not (args.cache / f"{t}.pt").is_file() for t in ORDER):
         run = RunConfig.from_dict(
             {
                 "method": "moe-adapters",
@@ -64,7 +89,6 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
         model, tokenizer = load_backbone("minilm")
         model.eval()
         collate = TextCollator(tokenizer, max_length=args.max_length)
-        embed = model.get_input_embeddings()
     for name in ORDER:
         path = args.cache / f"{name}.pt"
         if path.is_file():
@@ -75,22 +99,17 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
         own = [e for e in data.split("train") if e.task == task]
         rng = np.random.default_rng(args.seed)  # as Continual.task_features draws them
         chosen = rng.choice(len(own), size=min(len(own), args.train_examples), replace=False)
-        splits = {"train": [own[i] for i in sorted(chosen)], "test": data.eval_examples("test", task, args.max_eval)}
+        splits = {
+            "train": [own[i] for i in sorted(chosen)],
+            "test": data.eval_examples("test", task, args.max_eval),
+        }
         out[name] = {}
         for split, examples in splits.items():
-            kinds: dict[str, list[torch.Tensor]] = {}
+            kinds: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
             for start in range(0, len(examples), 64):
                 batch = collate(examples[start : start + 64])
-                mask = batch["attention_mask"].float()[..., None]  # (n, t, 1)
-                count = mask.sum(1).clamp_min(1.0)
-                words = embed(batch["input_ids"])  # (n, t, d)
-                mean = (words * mask).sum(1) / count
-                spread = (((words - mean[:, None]) ** 2 * mask).sum(1) / count).sqrt()
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-                hidden = model(**inputs, output_hidden_states=True).hidden_states
-                pooled = {f"layer{k}": (h * mask).sum(1) / count for k, h in enumerate(hidden)}
-                for kind, value in {"embeddings": mean, "embeddings_std": spread, **pooled}.items():
-                    kinds.setdefault(kind, []).append(value)
+                for kind, (features, layer) in FEATURES.items():
+                    kinds[kind].append(selector_features(model, batch, features, layer))
             out[name][split] = {k: torch.cat(v) for k, v in kinds.items()}
         args.cache.mkdir(parents=True, exist_ok=True)
         torch.save(out[name], path)
@@ -98,21 +117,122 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
     return out
 
 
+def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
+    """One variant over the sequence: an autoencoder per task (each depends on its own task only, so the
+    selector after task t is the first t of them), every task's test inputs routed after each task."""
+    from loramix.routers.selector import AutoSelector
+
+    kind, options, fit_options, change = VARIANTS[name]
+
+    def pick(task: str, split: str) -> torch.Tensor:
+        x = features[task][split][kind]
+        return x[:, :-2] if change == "no-stats" else x
+
+    started = time.perf_counter()
+    full = AutoSelector(pick(ORDER[0], "train").shape[1], **options)
+    for task in ORDER:
+        full.add_task(pick(task, "train"), seed=seed, **fit_options)
+    if change == "ratio":  # without the held-out log-error statistics the selector chooses by err / thr
+        full.log_error_stats = full.log_error_stats[:0]
+    test = torch.cat([pick(task, "test") for task in ORDER])  # (n, d)
+    labels = torch.cat([torch.full((len(pick(t, "test")),), i) for i, t in enumerate(ORDER)])
+    own_rates, base_rates, rows = [], [], []
+    for learned in range(1, len(ORDER) + 1):
+        selector = AutoSelector(full.in_features, **options)
+        selector.load_state(
+            {k: v[:learned] if v.dim() and k != "rule" else v for k, v in full.state().items()}
+        )
+        chosen, keep = selector(test)
+        seen = labels < learned
+        own = float(((chosen == labels) & ~keep)[seen].float().mean())
+        base = float(keep[~seen].float().mean()) if (~seen).any() else None
+        own_rates.append(own)
+        base_rates.append(base)
+        rows.append({"learned": learned, "own_task_rate": own, "base_rate_unlearned": base})
+    confusion = np.zeros((len(ORDER), len(ORDER) + 1), dtype=int)
+    np.add.at(confusion, (labels.numpy(), torch.where(keep, len(ORDER), chosen).numpy()), 1)
+    unseen = [b for b in base_rates if b is not None]
+    return {
+        "variant": name,
+        "features": kind,
+        "options": {**options, **fit_options, **({"change": change} if change else {})},
+        "own_task_mean": float(np.mean(own_rates)),
+        "own_task_last": own_rates[-1],
+        "own_task_min": min(own_rates),
+        "unseen_base_mean": float(np.mean(unseen)),
+        "unseen_base_min": min(unseen),
+        "rows": rows,
+        "confusion_after_all": confusion.tolist(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        "# DDAS auto-selector on the ten tasks (no training: base-model features only)",
+        "",
+        f"Order {', '.join(ORDER)}; {args.train_examples} training inputs per task (a fifth held out for the "
+        f"threshold), {args.max_eval} test inputs per task, MiniLM, max_length {args.max_length}. Own-task: a seen "
+        "task's test inputs routed to their own task (mean over the ten rows; last row; worst row). Unseen→base: "
+        "inputs of tasks not learned yet sent to the base model (mean over rows 1–9; worst row). Targets: own "
+        "≥ 90%, unseen→base ≥ 80%.",
+        "",
+        "| variant | own mean | own last | own min | unseen→base mean | unseen→base min |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['variant']} | {100 * r['own_task_mean']:.1f} | {100 * r['own_task_last']:.1f} | "
+            f"{100 * r['own_task_min']:.1f} | {100 * r['unseen_base_mean']:.1f} | {100 * r['unseen_base_min']:.1f} |"
+        )
+    default = next(r for r in results if r["variant"].startswith("default:"))
+    lines += ["", "Default, after each task (own-task %, unseen→base %):", ""]
+    lines += [
+        f"- after {ORDER[r['learned'] - 1]}: {100 * r['own_task_rate']:.1f}, "
+        + ("-" if r["base_rate_unlearned"] is None else f"{100 * r['base_rate_unlearned']:.1f}")
+        for r in default["rows"]
+    ]
+    lines += ["", "Default, confusion after all ten (rows: true task; columns: chosen task, then base):", ""]
+    lines += ["| | " + " | ".join(ORDER) + " | base |", "|---" * (len(ORDER) + 2) + "|"]
+    lines += [
+        f"| {t} | " + " | ".join(map(str, row)) + " |"
+        for t, row in zip(ORDER, default["confusion_after_all"])
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train", type=int, default=2000)
-    parser.add_argument("--train-examples", type=int, default=1000, help="ddas_examples: inputs fitted per task")
+    parser.add_argument(
+        "--train-examples", type=int, default=1000, help="ddas_examples: inputs fitted per task"
+    )
     parser.add_argument("--max-eval", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/loramix-ddas-features"))
-    parser.add_argument("--features-only", action="store_true")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/loramix-ddas-selector"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "ddas-selector.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     features = task_features(args)
-    print({k: tuple(v["train"]["embeddings"].shape) for k, v in features.items()})
+    results = []
+    for name in args.variants:
+        results.append(measure(features, name, args.seed))
+        r = results[-1]
+        print(
+            f"{name}: own {100 * r['own_task_mean']:.1f} (last {100 * r['own_task_last']:.1f}), unseen->base "
+            f"{100 * r['unseen_base_mean']:.1f} (min {100 * r['unseen_base_min']:.1f}) [{r['seconds']} s]",
+            flush=True,
+        )
+    from loramix.io.files import atomic_write_json
+
+    atomic_write_json(args.out, {"order": ORDER, "train_examples": args.train_examples, "results": results})
+    args.out.with_suffix(".md").write_text(markdown(results, args))
     return 0
 
 

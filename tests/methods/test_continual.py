@@ -89,6 +89,74 @@ def test_the_selector_batched_errors_equal_the_loop_and_unfamiliar_inputs_go_to_
     assert keep[3:].all()  # far from every task's data
 
 
+def test_the_whitened_selector_sends_far_inputs_to_the_base_where_the_l2_rule_cannot():
+    """Two tasks around the same centre, one spread 10 times wider: every direction is as likely in both, so the
+    paper's rule, which sees L2-normalised features only, accepts inputs 10 times further out still; whitened by
+    each task's own statistics, they are unfamiliar to both and go to the base, and the wide task keeps its own."""
+    generator = torch.Generator().manual_seed(0)
+    broad, narrow = (
+        torch.randn(400, 8, generator=generator) * 3,
+        torch.randn(400, 8, generator=generator) * 0.3,
+    )
+    own, far = torch.randn(100, 8, generator=generator) * 3, torch.randn(100, 8, generator=generator) * 30
+    kept = {}
+    for normalize in ("whiten", "l2"):
+        selector = AutoSelector(8, hidden=4, normalize=normalize)
+        selector.add_task(broad, epochs=300)
+        selector.add_task(narrow, epochs=300)
+        torch.testing.assert_close(selector.errors(far), selector.errors_loop(far))
+        tasks, keep = selector(own)
+        kept[normalize] = selector(far)[1].float().mean()
+        if normalize == "whiten":
+            assert keep.float().mean() <= 0.2 and (tasks[~keep] == 0).all()
+    assert kept["whiten"] == 1.0 and kept["l2"] <= 0.1
+
+
+def test_the_selector_keeps_its_rule_through_save_and_load_and_old_states_load_as_l2():
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(200, 16, generator=generator) + 2
+    probe = torch.cat(
+        [torch.randn(20, 16, generator=generator) + 2, torch.randn(20, 16, generator=generator) * 5]
+    )
+    for normalize in ("whiten", "l2"):
+        selector = AutoSelector(16, hidden=4, normalize=normalize)
+        selector.add_task(train, epochs=100)
+        loaded = AutoSelector(16, hidden=4)
+        loaded.load_state(selector.state())
+        assert loaded.normalize == normalize
+        for a, b in zip(selector(probe), loaded(probe)):
+            assert torch.equal(a, b)
+    old = {
+        k: v for k, v in selector.state().items() if k in ("enc_w", "enc_b", "dec_w", "dec_b", "thresholds")
+    }
+    loaded = AutoSelector(16, hidden=4)
+    loaded.load_state(old)  # saved before the whiten rule existed
+    assert loaded.normalize == "l2"
+    for a, b in zip(selector(probe), loaded(probe)):
+        assert torch.equal(a, b)
+
+
+def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(model_dir: Path):
+    from loramix.methods.continual.sequence import base_hidden_state, selector_features
+    from loramix.models import load_backbone
+
+    backbone, tokenizer = load_backbone(str(model_dir))
+    backbone.eval()
+    inputs = dict(tokenizer(["a b c", "a"], ["d e", "f g h"], return_tensors="pt", padding=True))
+    with torch.no_grad():
+        reference = backbone(**inputs, output_hidden_states=True).hidden_states
+    for layer in (0, 1, 2, None):
+        torch.testing.assert_close(
+            base_hidden_state(backbone, inputs, layer), reference[-1 if layer is None else layer]
+        )
+    assert not any(module._forward_pre_hooks for module in backbone.modules())
+    features = selector_features(backbone, inputs, "hidden", 1)
+    assert features.shape == (2, backbone.config.hidden_size + 2)
+    assert features[:, -1].tolist() == [1.0, 1.0]  # both are pairs
+    single = dict(tokenizer(["a b c"], return_tensors="pt"))
+    assert selector_features(backbone, single, "hidden", 1)[0, -1] == 0.0
+
+
 @pytest.fixture(scope="module")
 def moe_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = continual_run(model_dir, tasks_dir, "moe-adapters")

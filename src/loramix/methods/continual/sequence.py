@@ -145,7 +145,7 @@ def selector_features(
 
 def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], layer: int | None) -> Tensor:
     """The base model's hidden state `(n, t, d)` entering block `layer` (None, or at least the number of blocks:
-    the last hidden state); a hook stops the forward pass there, so the later blocks never run."""
+    the last hidden state), in eval mode; a hook stops the forward pass there, so the later blocks never run."""
     mask = inputs["attention_mask"]
     keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     blocks = encoder_blocks(backbone) if layer is not None else torch.nn.ModuleList()
@@ -160,6 +160,8 @@ def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], laye
         if layer is not None and layer < len(blocks)
         else None
     )
+    training = backbone.training
+    backbone.eval()  # the base model's feature, without dropout, whatever mode the caller left the model in
     try:
         on_base = (
             routing(
@@ -178,6 +180,7 @@ def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], laye
     except _Reached:
         return reached[0]
     finally:
+        backbone.train(training)
         if hook is not None:
             hook.remove()
 
