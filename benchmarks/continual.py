@@ -42,11 +42,11 @@ METHODS = [
 ]
 
 
-def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
+def selector_speed(rounds: int, batch: int, seq: int, experts: int, layer: int) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block):
-    with the auto-selector choosing each input's task (or the base) from its default feature (the base model's
-    hidden state after three blocks, mean-pooled, with two token statistics), against the
-    same model given the true task ids; one process, interleaved rounds, the median of per-round ratios."""
+    with the auto-selector choosing each input's task (or the base) from its `hidden` feature (the base model's
+    hidden state entering block `layer`, mean-pooled, with two token statistics), against the same model given the
+    true task ids; one process, interleaved rounds, the median of per-round ratios."""
     import loramix
     from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
     from loramix.methods.continual.sequence import selector_features, selector_width
@@ -76,7 +76,7 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
     for task in range(tasks):  # autoencoders fitted on each task's share of a vocabulary
         ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (200, seq), generator=generator)
         sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        selector.add_task(selector_features(model, sample, "hidden", 3), epochs=50)
+        selector.add_task(selector_features(model, sample, "hidden", layer), epochs=50)
     task_ids = torch.arange(batch) % tasks
     input_ids = torch.stack(
         [
@@ -93,13 +93,14 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int) -> dict:
 
     @torch.inference_mode()
     def selected() -> None:
-        chosen, keep = selector(selector_features(model, inputs, "hidden", 3))
+        chosen, keep = selector(selector_features(model, inputs, "hidden", layer))
         with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
             model(**inputs)
 
     timings = interleaved({"ddas": selected, "task-ids": given}, device=torch.device("cpu"), rounds=rounds)
     return {
         "name": "ddas-vs-task-ids",
+        "ddas_layer": layer,
         "batch": batch,
         "seq": seq,
         "experts": experts,
@@ -137,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.speed:
-        entry = {
-            **selector_speed(rounds=15, batch=64, seq=args.max_length, experts=22),
-            "threads": args.threads,
-        }
-        entry["device"] = device_name(torch.device("cpu"))
-        atomic_write_json(args.out.with_name("continual-speed.json"), entry)
-        print(json.dumps(entry))
+    if args.speed:  # the feature entering block 0 (embeddings) and block 3 (the default)
+        entries = []
+        for layer in (0, 3):
+            entry = {
+                **selector_speed(rounds=15, batch=64, seq=args.max_length, experts=22, layer=layer),
+                "threads": args.threads,
+                "device": device_name(torch.device("cpu")),
+            }
+            entries.append(entry)
+            print(json.dumps(entry), flush=True)
+        atomic_write_json(args.out.with_name("continual-speed.json"), entries)
         return 0
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     done = {(r["method"], r["seed"], r["steps_per_task"]) for r in results} if args.skip_done else set()

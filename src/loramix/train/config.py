@@ -93,7 +93,7 @@ class RunConfig(BaseModel):
         0.0, ge=0, lt=1, description="label-prompt: label smoothing over the task's own classes."
     )
     # auxiliary losses (weighted in train/step.py only)
-    twd_weight: float = Field(0.1, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
+    twd_weight: float = Field(1.0, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
     twd_space: Literal["gates", "logits"] = Field(
         "gates",
         description="TwD: compare the router's gate probabilities (tasks pushed apart take different experts) or "
@@ -179,9 +179,10 @@ class RunConfig(BaseModel):
         "pooled encoder output.",
     )
     ddas_layer: int = Field(
-        3,
+        0,
         ge=0,
-        description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature.",
+        description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature; 0 reads "
+        "the embeddings' output (free at inference), 3 selects better at about 1.5x the cost of a given task id.",
     )
     ddas_normalize: Literal["whiten", "l2"] = Field(
         "whiten",
