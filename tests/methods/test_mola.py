@@ -73,7 +73,7 @@ def test_routers_of_each_method(method, router, top_k):
 
 
 def test_auxiliary_loss_weights():
-    assert loss_weights(run(method="mola-router"))["twd"] == 0.1
+    assert loss_weights(run(method="mola-router"))["twd"] == 1.0
     assert loss_weights(run(method="mola-router", twd_weight=0))["twd"] == 0
     assert "twd" not in loss_weights(run(method="mola-grad"))  # no learned router, no TwD
     assert loss_weights(run(method="token-router"))["balance"] == 0.01
