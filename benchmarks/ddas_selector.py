@@ -92,7 +92,7 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
     for name in ORDER:
         path = args.cache / f"{name}.pt"
         if path.is_file():
-            out[name] = torch.load(path)
+            out[name] = torch.load(path, weights_only=True)
             continue
         started = time.perf_counter()
         task = data.task_names.index(name)

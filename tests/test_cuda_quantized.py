@@ -16,6 +16,7 @@ from loramix.experts.quantized import QuantizedLinearExperts
 from loramix.inject import adapter_state, get_info
 from loramix.models import load_backbone
 from loramix.tiny_lm import char_tokenizer, write_tiny_lm
+from tests.test_quantize import train_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 bnb = pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install 'loramix[quantize]')")
@@ -80,14 +81,6 @@ def test_cuda_quantized_tiny_causal_lm_trains_with_checkpointing(bits: str, tmp_
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     task_ids = torch.tensor([0, 1, 0, 1], device=CUDA)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        with loramix.routing(model, task_ids=task_ids, attention_mask=batch["attention_mask"]):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, task_ids, optimizer)
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(p.dtype == torch.float32 for p in adapter_state(model).values())

@@ -87,15 +87,7 @@ def test_a_quantized_tiny_causal_lm_trains_its_experts(bits: str, tiny_llama_dir
 
     batch, task_ids = lm_batch(char_tokenizer()), torch.tensor([0, 1, 0, 1])
     optimizer = torch.optim.AdamW(trainable, lr=2e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        with loramix.routing(model, task_ids=task_ids, attention_mask=batch["attention_mask"]):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, task_ids, optimizer)
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(p.dtype == torch.float32 for p in adapter_state(model).values())
     with pytest.raises(InjectionError, match="quantized"):
@@ -124,3 +116,17 @@ def test_a_run_builds_a_quantized_checkpointed_backbone_and_trains_it(
     losses = [h["loss"] for h in metrics["history"]]
     assert len(losses) == 16 and sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses
     assert (tmp_path / "adapter" / "adapters.safetensors").is_file()
+
+
+def train_steps(model, batch, task_ids, optimizer, steps: int = 8) -> list[float]:
+    """`steps` routed training steps on one batch; the losses."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with loramix.routing(model, task_ids=task_ids, attention_mask=batch["attention_mask"]):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

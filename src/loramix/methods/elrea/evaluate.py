@@ -163,8 +163,8 @@ class ElreaAnswers:
     same right-padded batch as the training features), then the ensemble of their logits or the top-1 expert, in
     teacher forcing and in greedy generation. Keeps the weights it used, for the routing summary."""
 
-    def __init__(self, elrea: ElreaModel, collator: Any, mode: str) -> None:
-        self.elrea, self.collator, self.mode = elrea, collator, mode
+    def __init__(self, elrea: ElreaModel, collator: Any) -> None:
+        self.elrea, self.collator = elrea, collator
         self.weights: list[torch.Tensor] = []
         self.task_ids: list[torch.Tensor] = []
 
@@ -174,7 +174,7 @@ class ElreaAnswers:
             weights = self.elrea.weights({**inputs, "prompt_mask": batch["prompt_mask"]})
         self.weights.append(weights)
         self.task_ids.append(batch["task_ids"].cpu())
-        return self.elrea.logits(inputs, weights=weights, mode=self.mode)  # type: ignore[arg-type]
+        return self.elrea.logits(inputs, weights=weights)
 
     def generate(
         self, batch: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor], max_new_tokens: int
@@ -183,7 +183,6 @@ class ElreaAnswers:
             prompts["input_ids"],
             prompts["attention_mask"],
             weights=self.weights[-1],
-            mode=self.mode,  # type: ignore[arg-type]
             max_new_tokens=max_new_tokens,
             pad_token_id=self.collator.pad_id,
             eos_token_id=self.collator.tokenizer.eos_token_id,
@@ -215,7 +214,7 @@ def _evaluate_generation(
         temperature=run.elrea_temperature,
         mode=mode or run.elrea_mode,  # type: ignore[arg-type]
     )
-    answers = ElreaAnswers(elrea, collator, mode or run.elrea_mode)
+    answers = ElreaAnswers(elrea, collator)
     metrics = evaluate_generation(
         model,
         data,
