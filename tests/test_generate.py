@@ -183,3 +183,27 @@ def test_beam_search_repeats_task_ids_per_beam() -> None:
     for row, text in enumerate(PROMPTS[:3]):
         alone = wrapped.generate(**left_padded([text]), task_ids=TASK_IDS[row : row + 1], **settings)
         assert torch.equal(out[row, -3:], alone[0, -3:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_layer_gets_a_contiguous_input_while_routed(kind: str) -> None:
+    """Generation's first step slices the last position; inside a routing block the output layer sees it
+    contiguous (a frozen weight would otherwise be broadcast over the rows), with the same logits."""
+    model = adapted_lm(kind, "task")
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+
+    def call(hidden: Tensor) -> Tensor:  # the probe runs after any hook already on the layer
+        probe = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        try:
+            return head(hidden)
+        finally:
+            probe.remove()
+
+    hidden = torch.randn(3, 5, head.in_features)[:, -1:]
+    assert not hidden.is_contiguous()
+    expected = call(hidden)
+    with loramix.routing(model, task_ids=torch.tensor([0, 1, 2])):
+        torch.testing.assert_close(call(hidden), expected, rtol=1e-6, atol=1e-6)
+    call(hidden)
+    assert seen == [False, True, False]  # the hook lives as long as the block

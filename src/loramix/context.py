@@ -98,6 +98,25 @@ def _run_router_on_input(
     _set_model_gate(state, router, masked_mean(hidden, state.attention_mask))
 
 
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def contiguous_output_layer(model: nn.Module) -> Any | None:
+    """A hook that hands the output layer of a language model a contiguous input; its handle, or None.
+
+    Generation computes the first step's logits on the last position alone, `hidden[:, -1:]`, a view that
+    `torch.matmul` cannot fold into one matrix; with a frozen weight (every adapted model's) it then runs a batched
+    matmul over a broadcast weight, which reads the whole vocabulary matrix once per row. Measured on GPT-2 small
+    (vocab 50257), 16 rows, one CPU thread: 298 ms against 69 ms for the copy and one matmul.
+    """
+    get_output = getattr(model, "get_output_embeddings", None)
+    layer = get_output() if callable(get_output) else None
+    return layer.register_forward_pre_hook(_contiguous_input) if isinstance(layer, nn.Linear) else None
+
+
 def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
     """Task ids must be a 1-d integer tensor inside 0..num_tasks-1 (checked where it costs no device sync)."""
     if not isinstance(task_ids, Tensor):
@@ -177,6 +196,9 @@ def routing(
                 layer.register_forward_pre_hook(partial(_pass_state, state, active), with_kwargs=True)
             )
         handles.append(route_checkpoints(model, active))  # recomputed blocks route as their first forward
+        output_hook = contiguous_output_layer(model)
+        if output_hook is not None:
+            handles.append(output_hook)
         yield state
     finally:
         for handle in handles:
