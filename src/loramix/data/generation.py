@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from loramix.data.readers import RawSplit, Row, _get, _shown, _text
+from loramix.data.readers import RawSplit, Row, field_value, shown, text_value
 from loramix.data.spec import TaskSpec
 from loramix.errors import DataError, DataWarning
 from loramix.losses.language_model import IGNORE
@@ -50,19 +50,19 @@ def _example(row: Row, spec: TaskSpec, task: int) -> GenerationExample:
     if spec.messages_field in row.fields and spec.prompt_field not in row.fields:
         turns = _turns(row, spec.messages_field)
         return GenerationExample("", turns[-1][1], task, row.location, tuple(turns[:-1]))
-    prompt = _text(row, spec.prompt_field, "prompt_field")
-    response = _text(row, spec.response_field, "response_field")
+    prompt = text_value(row, spec.prompt_field, "prompt_field")
+    response = text_value(row, spec.response_field, "response_field")
     if not response.strip():
         raise DataError(f"{row.location}: field {spec.response_field!r} is empty; a response needs text")
     return GenerationExample(prompt, response, task, row.location)
 
 
 def _turns(row: Row, key: str) -> list[tuple[str, str]]:
-    value = _get(row, key, "messages_field")
+    value = field_value(row, key, "messages_field")
     if not isinstance(value, list) or len(value) < 2:
         raise DataError(
             f"{row.location}: field {key!r} must be a list of at least two turns (the prompt's and the "
-            f"assistant's answer), got {_shown(value)}"
+            f"assistant's answer), got {shown(value)}"
         )
     turns = []
     for number, turn in enumerate(value, 1):
@@ -73,7 +73,7 @@ def _turns(row: Row, key: str) -> list[tuple[str, str]]:
         ):
             raise DataError(
                 f"{row.location}: turn {number} of {key!r} must be an object with string 'role' and 'content', "
-                f"got {_shown(turn)}"
+                f"got {shown(turn)}"
             )
         turns.append((turn["role"], turn["content"]))
     if turns[-1][0] != "assistant" or not turns[-1][1].strip():

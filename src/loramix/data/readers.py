@@ -95,14 +95,14 @@ def infer_label_names(raw: RawSplit, spec: TaskSpec) -> list[str]:
     integers: list[int] = []
     strings: set[str] = set()
     for row in raw.rows:
-        value = _get(row, spec.label_field, "label_field")
+        value = field_value(row, spec.label_field, "label_field")
         if row.all_strings and isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
             value = int(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise DataError(
-                f"{row.location}: label must be an integer index or a label name, got {_shown(value)}"
+                f"{row.location}: label must be an integer index or a label name, got {shown(value)}"
             )
         kind = int if isinstance(value, int) else str
         if first is None:
@@ -147,9 +147,11 @@ def to_examples(
     index_of = {name: i for i, name in enumerate(label_names or ())}
     examples = []
     for row in raw.rows:
-        text = _text(row, spec.text_field, "text_field")
-        pair = None if spec.text_pair_field is None else _text(row, spec.text_pair_field, "text_pair_field")
-        value = _get(row, spec.label_field, "label_field")
+        text = text_value(row, spec.text_field, "text_field")
+        pair = (
+            None if spec.text_pair_field is None else text_value(row, spec.text_pair_field, "text_pair_field")
+        )
+        value = field_value(row, spec.label_field, "label_field")
         if spec.task_type == "regression":
             label: int | float = _regression_label(row, value)
         else:
@@ -195,7 +197,7 @@ def _json_lines(path: Path, text: str) -> list[Row]:
                 f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}){hint}"
             ) from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected one JSON object per line, got {_shown(record)}")
+            raise DataError(f"{path}, line {number}: expected one JSON object per line, got {shown(record)}")
         rows.append(Row(f"{path}, line {number}", record))
     return rows
 
@@ -255,7 +257,8 @@ def _read_hf(source: HFSource, split: str) -> RawSplit:
     return RawSplit(name, rows, class_names)
 
 
-def _get(row: Row, key: str, spec_field: str) -> Any:
+def field_value(row: Row, key: str, spec_field: str) -> Any:
+    """The row's `key`; a missing one is an error naming the file, the line and the spec field to set."""
     value = row.fields.get(key, _MISSING)
     if value is _MISSING:
         present = ", ".join(map(str, row.fields)) or "none"
@@ -265,10 +268,11 @@ def _get(row: Row, key: str, spec_field: str) -> Any:
     return value
 
 
-def _text(row: Row, key: str, spec_field: str) -> str:
-    value = _get(row, key, spec_field)
+def text_value(row: Row, key: str, spec_field: str) -> str:
+    """`field_value`, which must be a string."""
+    value = field_value(row, key, spec_field)
     if not isinstance(value, str):
-        raise DataError(f"{row.location}: field {key!r} must be a string, got {_shown(value)}")
+        raise DataError(f"{row.location}: field {key!r} must be a string, got {shown(value)}")
     return value
 
 
@@ -284,9 +288,7 @@ def _class_index(row: Row, value: Any, index_of: Mapping[str, int]) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise DataError(
-            f"{row.location}: label must be an integer index or a label name, got {_shown(value)}"
-        )
+        raise DataError(f"{row.location}: label must be an integer index or a label name, got {shown(value)}")
     if not 0 <= value < count:
         raise DataError(
             f"{row.location}: label {value} is outside 0..{count - 1} (the task has {count} labels); "
@@ -305,11 +307,12 @@ def _regression_label(row: Row, value: Any) -> float:
         except ValueError:
             number = None
     if number is None or not math.isfinite(number):
-        raise DataError(f"{row.location}: a regression label must be a finite number, got {_shown(value)}")
+        raise DataError(f"{row.location}: a regression label must be a finite number, got {shown(value)}")
     return number
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as an error message shows it: its type and a repr cut at 60 characters."""
     if value is None:
         return "null"
     text = repr(value)

@@ -21,7 +21,7 @@ from loramix.models import resolve_model_path
 from loramix.preflight import select_tasks
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
-from loramix.train.evaluate import evaluate
+from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
 from loramix.train.serve_export import export_tasks
@@ -83,16 +83,7 @@ class Method:
         split: str,
     ) -> dict[str, Any]:
         """A finished run's metrics on `split`."""
-        return evaluate(
-            model,
-            data,
-            collator,
-            split=split,
-            batch_size=run.eval_batch_size,
-            max_examples=run.max_eval_examples,
-            progress=run.progress,
-            max_new_tokens=run.max_new_tokens,
-        )
+        return evaluate(model, data, collator, split=split, **eval_options(run))
 
     def export(
         self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace

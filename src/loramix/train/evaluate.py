@@ -10,10 +10,21 @@ import torch
 from sklearn.metrics import f1_score
 
 from loramix.data import MultiTaskData
+from loramix.train.config import RunConfig
 from loramix.train.eval_log import GateLog, progress_bar
 from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
 from loramix.train.model import MultiTaskModel
 from loramix.train.step import routed
+
+
+def eval_options(run: RunConfig) -> dict[str, Any]:
+    """A run's evaluation settings, as keyword arguments of `evaluate` and `evaluate_generation`."""
+    return {
+        "batch_size": run.eval_batch_size,
+        "max_examples": run.max_eval_examples,
+        "progress": run.progress,
+        "max_new_tokens": run.max_new_tokens,
+    }
 
 
 @torch.no_grad()

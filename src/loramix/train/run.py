@@ -28,7 +28,7 @@ from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
 from loramix.train.config import RunConfig
-from loramix.train.evaluate import evaluate
+from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.loop import Trainer
 from loramix.train.model import MultiTaskModel
 
@@ -197,10 +197,7 @@ def train_one_phase(
         data,
         collator,
         split=eval_split(data),
-        batch_size=run.eval_batch_size,
-        max_examples=run.max_eval_examples,
-        progress=run.progress and trainer.accelerator.is_main_process,
-        max_new_tokens=run.max_new_tokens,
+        **{**eval_options(run), "progress": run.progress and trainer.accelerator.is_main_process},
     )
     metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
     trainer.accelerator.wait_for_everyone()

@@ -26,7 +26,7 @@ from loramix.methods.elrea.features import (
 )
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, ElreaModel, lm_prompt_loss
 from loramix.train.config import RunConfig
-from loramix.train.evaluate import mean_accuracy, task_scores
+from loramix.train.evaluate import eval_options, mean_accuracy, task_scores
 from loramix.train.model import MultiTaskModel
 from loramix.train.routing_stats import routing_summary
 
@@ -215,17 +215,7 @@ def _evaluate_generation(
         mode=mode or run.elrea_mode,  # type: ignore[arg-type]
     )
     answers = ElreaAnswers(elrea, collator)
-    metrics = evaluate_generation(
-        model,
-        data,
-        collator,
-        split=split,
-        batch_size=run.eval_batch_size,
-        max_examples=run.max_eval_examples,
-        max_new_tokens=run.max_new_tokens,
-        progress=run.progress,
-        answers=answers,
-    )
+    metrics = evaluate_generation(model, data, collator, split=split, answers=answers, **eval_options(run))
     weights_np = torch.cat(answers.weights).float().cpu().numpy()
     tasks_np = torch.cat(answers.task_ids).numpy()
     metrics["routing"] = {"model": routing_summary(weights_np, tasks_np, data.task_names)}
