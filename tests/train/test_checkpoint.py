@@ -300,6 +300,7 @@ def test_bookkeeping_may_change_on_resume(model_dir: Path, tasks_dir: Path, tmp_
         "progress": True,
         "eval_batch_size": 5,
         "keep_checkpoints": 4,
+        "gradient_checkpointing": True,  # e.g. turned on to fit memory on another machine
     }
     metrics = run_training(RunConfig.from_dict({**settings, **changed}), tmp_path, resume=True)
     assert metrics["history"][-1]["step"] == 2

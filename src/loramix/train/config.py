@@ -16,10 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from loramix.config import format_validation_error
 from loramix.errors import ConfigError
 
-# Keys that change how a run is watched and saved, not what it computes: a resumed run may change them freely, and
-# everything else must match the run it resumes (`loramix train --resume --allow-config-change` overrides that).
+# Keys that change how a run is watched, saved or held in memory, not what it computes (gradient checkpointing
+# gives the same gradients, tests/test_recompute.py): a resumed run may change them freely, and everything else must
+# match the run it resumes (`loramix train --resume --allow-config-change` overrides that).
 BOOKKEEPING_KEYS = frozenset(
-    {"progress", "log_every", "checkpoint_every", "keep_checkpoints", "threads", "eval_batch_size"}
+    {
+        "progress",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "threads",
+        "eval_batch_size",
+        "gradient_checkpointing",
+    }
 )
 
 
