@@ -6,6 +6,7 @@ inside a task equals an uninterrupted run; the metrics follow their definitions.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,14 @@ def test_a_continual_method_needs_steps_per_task_and_label_prompts(model_dir: Pa
         get_method(run.method).validate(run)
 
 
-def test_the_selector_batched_errors_equal_the_loop_and_unfamiliar_inputs_go_to_the_base():
+@pytest.mark.parametrize("rule", ["gaussian", "whiten", "l2"])
+def test_the_selector_batched_errors_equal_the_loop_and_unfamiliar_inputs_go_to_the_base(rule: str):
     torch.manual_seed(0)
     centres = torch.randn(3, 16) * 3
-    selector = AutoSelector(16, hidden=4)
+    selector = AutoSelector(16, hidden=4, normalize=rule)
     for c in centres:
         selector.add_task(c + 0.1 * torch.randn(200, 16), epochs=300)
-    probe = torch.cat([centres + 0.1 * torch.randn(3, 16), torch.randn(2, 16) * 3])
+    probe = torch.cat([centres + 0.03 * torch.randn(3, 16), torch.randn(2, 16) * 3])  # near each centre; far
     torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
     tasks, keep = selector(probe)
     assert tasks[:3].tolist() == [0, 1, 2] and not keep[:3].any()
@@ -110,6 +112,47 @@ def test_the_whitened_selector_sends_far_inputs_to_the_base_where_the_l2_rule_ca
         if normalize == "whiten":
             assert keep.float().mean() <= 0.2 and (tasks[~keep] == 0).all()
     assert kept["whiten"] == 1.0 and kept["l2"] <= 0.1
+
+
+def test_the_gaussian_selector_is_each_task_s_likelihood_and_picks_the_likeliest_accepting_task():
+    """Two tasks with the same centre, one 10 times wider, plus a third far away. The Gaussian rule's score is
+    each task's negative log-likelihood (doubled, up to a constant), as scipy computes it; the narrow task wins
+    the inputs near the centre (more likely there), the broad one those out where only it accepts, and inputs far
+    from every task go to the base."""
+    from scipy.stats import multivariate_normal
+
+    generator = torch.Generator().manual_seed(0)
+    broad = torch.randn(600, 6, generator=generator) * 3
+    narrow = torch.randn(600, 6, generator=generator) * 0.3
+    other = torch.randn(600, 6, generator=generator) * 0.3 + 20
+    selector = AutoSelector(6, normalize="gaussian", shrinkage=0.05)
+    for features in (broad, narrow, other):
+        selector.add_task(features)
+    assert selector.enc_w.shape[0] == 0  # no autoencoder is fitted
+    probe = torch.cat(
+        [
+            torch.randn(50, 6, generator=generator) * 0.3,  # the narrow task's own
+            torch.randn(50, 6, generator=generator) * 0.3 + 20,  # the third's
+            torch.full((1, 6), 3.0),  # outside the narrow task, inside the broad one
+            torch.full((1, 6), -60.0),  # far from all
+        ]
+    )
+    errors = selector.errors(probe)
+    torch.testing.assert_close(errors, selector.errors_loop(probe))
+    for t in range(3):
+        covariance = torch.linalg.inv(selector.whitening[t].double() @ selector.whitening[t].double())
+        density = multivariate_normal(selector.center[t].double().numpy(), covariance.numpy())
+        expected = -2 * density.logpdf(probe.double().numpy()) - 6 * math.log(2 * math.pi)
+        torch.testing.assert_close(errors[:, t].double(), torch.as_tensor(expected), rtol=1e-4, atol=1e-3)
+    tasks, keep = selector(probe)
+    assert (tasks[:50] == 1).float().mean() >= 0.9 and (tasks[50:100] == 2).float().mean() >= 0.9
+    assert tasks[100] == 0 and not keep[100]
+    assert keep[101]
+    loaded = AutoSelector(6)
+    loaded.load_state(selector.state())
+    assert loaded.normalize == "gaussian"
+    for a, b in zip(selector(probe), loaded(probe)):
+        assert torch.equal(a, b)
 
 
 def test_the_selector_keeps_its_rule_through_save_and_load_and_old_states_load_as_l2():

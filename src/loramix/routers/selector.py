@@ -1,26 +1,32 @@
 """The Distribution Discriminative Auto-Selector (DDAS; Yu et al., CVPR 2024, Sec. 3.3): per sample, which learned
 task an input belongs to, or none (then it goes to the untouched base model).
 
-One small autoencoder per learned task is fitted on features of that task's training inputs. At inference every
-autoencoder reconstructs the sample's feature, and a task *accepts* the sample when its error is at most its
-threshold: a percentile (`percentile`, 95 by default) of its errors on held-out training features of that task (a
-fifth of them, never fitted on). About 5% of a learned task's inputs are refused by their own autoencoder by
-construction, the price of sending unfamiliar inputs to the base. A sample no task accepts goes to the base model.
+After each task, a model of that task's input distribution is fitted on features of its training inputs, and each
+input gets an *error* from every learned task (how unfamiliar it is to that task). A task *accepts* the input when
+its error is at most its threshold: a percentile (`percentile`, 95 by default) of its errors on held-out training
+features of that task (a fifth of them, never fitted on). About 5% of a learned task's inputs are refused by their
+own task by construction, the price of sending unfamiliar inputs to the base. Among the accepting tasks the input
+goes to the most familiar one; an input no task accepts goes to the base model.
 
-Two rules, chosen by `normalize` (saved with the tensors, so a loaded selector decides as it did when fitted):
+Three rules, chosen by `normalize` (saved with the tensors, so a loaded selector decides as it did when fitted):
 
-- `whiten` (the default): inside each autoencoder, the feature is first whitened with the mean and the shrunk
-  covariance of that task's own training features, `z_t = (f - mu_t) W_t`, `W_t = ((1 - a) C_t + a c_t I)^(-1/2)`
-  (`a` = `shrinkage`, `c_t` the mean variance), and the autoencoder fits `z_t`. A direction in which task t
-  hardly varies weighs as much as one in which it varies a lot, so an input of another task that sits inside t's
-  principal subspace but far along it is still unfamiliar; on mean-pooled text features, where every task shares
-  most of its variance with the others, this is what makes the errors tell tasks apart. Among the tasks that
-  accept a sample, it goes to the one whose error is lowest relative to that task's own held-out errors, as a
-  z-score of the log error: `task = argmin_t (log err_t - m_t) / s_t`.
-- `l2`: the paper's rule on L2-normalised features, `task = argmin_t err_t / thr_t`, base if that ratio is above 1.
+- `gaussian` (the default): each task is the Gaussian of its features' mean and covariance, shrunk towards its
+  mean variance, `C_t = (1 - a) S_t + a c_t I` (`a` = `shrinkage`); the error is the negative log-likelihood,
+  doubled and up to a constant: `||z_t||^2 + log det C_t` with `z_t = (f - mu_t) C_t^(-1/2)`. The most likely
+  accepting task wins. No autoencoder is fitted.
+- `whiten`: the paper's autoencoders, one per task, each fitting the features whitened as `z_t` above; the error is
+  the reconstruction error, and the input goes to the accepting task whose error is lowest relative to its own
+  held-out errors, as a z-score of the log error: `task = argmin_t (log err_t - m_t) / s_t`.
+- `l2`: the paper's rule: autoencoders on L2-normalised features, `task = argmin_t err_t / thr_t`, base if that
+  ratio is above 1.
+
+Whitening by each task's own statistics is what makes these features tell tasks apart: mean-pooled text features
+of every task share most of their variance, and an input of another task that sits inside t's principal subspace
+but far along it is still unfamiliar to t. On the ten text tasks of the selector benchmark the Gaussian names a
+seen task's inputs more often than either autoencoder rule (`benchmarks/results/ddas-selector.md`).
 
 The released code hard-codes one threshold for all tasks (0.0655) and decides per batch; this decides per sample,
-inside the same batched pass. The autoencoders are stacked tensors and run as one batched op for all tasks.
+inside the same batched pass. The tasks' models are stacked tensors and run as one batched op for all tasks.
 
 Legend: n samples, d feature width, h autoencoder width, T learned tasks.
 """
@@ -35,11 +41,11 @@ from torch import Tensor, nn
 
 from loramix.errors import ConfigError
 
-NORMALIZE = ("l2", "whiten")
+NORMALIZE = ("l2", "whiten", "gaussian")  # saved by index: append only
 
 
 class AutoSelector(nn.Module):
-    """Per-task autoencoders `d -> h -> d` (tanh) with calibrated thresholds.
+    """Per-task Gaussians, or autoencoders `d -> h -> d` (tanh), with calibrated thresholds.
 
     Example:
         >>> selector = AutoSelector(386)
@@ -55,7 +61,7 @@ class AutoSelector(nn.Module):
         *,
         hidden: int = 64,
         percentile: float = 95.0,
-        normalize: str = "whiten",
+        normalize: str = "gaussian",
         shrinkage: float = 0.1,
     ) -> None:
         super().__init__()
@@ -78,6 +84,9 @@ class AutoSelector(nn.Module):
             "whitening", torch.zeros(0, in_features, in_features)
         )  # (T, d, d); `whiten` only
         self.register_buffer("log_error_stats", torch.zeros(0, 2))  # (T, 2): mean, std of log held-out errors
+        self.register_buffer(
+            "log_det", torch.zeros(0)
+        )  # (T,): log det of each shrunk covariance; `gaussian` only
 
     @property
     def normalize(self) -> str:
@@ -95,8 +104,11 @@ class AutoSelector(nn.Module):
         return torch.einsum("ntd,tde->nte", x[:, None] - self.center, self.whitening)
 
     def errors(self, features: Tensor) -> Tensor:
-        """Every autoencoder's mean squared reconstruction error of each feature: `(n, d) -> (n, T)`."""
+        """Every autoencoder's mean squared reconstruction error of each feature (`gaussian`: every task's negative
+        log-likelihood, doubled, up to a constant): `(n, d) -> (n, T)`."""
         z = self.inputs(features)  # (n, T or 1, d)
+        if self.normalize == "gaussian":
+            return z.pow(2).sum(-1) + self.log_det  # (n, T)
         h = torch.tanh(torch.einsum("ntd,thd->nth", z, self.enc_w) + self.enc_b)  # (n, T, h)
         recon = torch.einsum("nth,tdh->ntd", h, self.dec_w) + self.dec_b  # (n, T, d)
         return (recon - z).pow(2).mean(-1)  # (n, T)
@@ -107,13 +119,19 @@ class AutoSelector(nn.Module):
         columns = []
         for t in range(self.num_tasks):
             z = F.normalize(x, dim=-1) if self.normalize == "l2" else (x - self.center[t]) @ self.whitening[t]
+            if self.normalize == "gaussian":
+                columns.append(z.pow(2).sum(-1) + self.log_det[t])
+                continue
             h = torch.tanh(z @ self.enc_w[t].t() + self.enc_b[t])
             columns.append((h @ self.dec_w[t].t() + self.dec_b[t] - z).pow(2).mean(-1))
         return torch.stack(columns, 1)
 
     def scores(self, errors: Tensor) -> Tensor:
         """How unfamiliar each sample is to each task, comparable across tasks (lower: more familiar):
-        `err / thr` (`l2`) or the z-score of the log error among the task's held-out errors (`whiten`)."""
+        `err / thr` (`l2`), the z-score of the log error among the task's held-out errors (`whiten`), or the
+        negative log-likelihood itself (`gaussian`)."""
+        if self.normalize == "gaussian":
+            return errors
         if self.normalize == "l2" or self.log_error_stats.shape[0] != errors.shape[1]:
             return errors / self.thresholds
         mean, std = self.log_error_stats.unbind(-1)
@@ -145,24 +163,55 @@ class AutoSelector(nn.Module):
         holdout: float = 0.2,
         noise: float = 0.0,
     ) -> int:
-        """Fit a new autoencoder on one task's training features `(n, d)` and calibrate its threshold on the
-        held-out part; returns the new task's index. Full-batch Adam on the mean squared error; `noise`: the
-        standard deviation of Gaussian noise added to its inputs while fitting (a denoising autoencoder)."""
+        """Fit a new task's model on its training features `(n, d)` and calibrate its threshold on the held-out
+        part; returns the new task's index. An autoencoder is fitted by full-batch Adam on the mean squared error
+        (`noise`: the standard deviation of Gaussian noise added to its inputs, a denoising autoencoder); the
+        `gaussian` rule fits only the mean and covariance, and `epochs`, `lr` and `noise` do not apply."""
         features = features.detach().float().cpu()
         if features.shape[0] < 10 or features.shape[1] != self.in_features:
             raise ConfigError(
-                f"a DDAS autoencoder needs at least 10 features of width {self.in_features}; got "
+                f"a DDAS selector needs at least 10 features of width {self.in_features} per task; got "
                 f"{tuple(features.shape)}"
             )
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(features.shape[0], generator=generator)
         cut = max(1, int(round(holdout * features.shape[0])))
         held, fit = features[order[:cut]], features[order[cut:]]
-        center, whitening = self._whitening(fit)
+        center, whitening, log_det = self._whitening(fit)
         if self.normalize == "l2":
             held, fit = F.normalize(held, dim=-1), F.normalize(fit, dim=-1)
         else:
             held, fit = (held - center) @ whitening, (fit - center) @ whitening
+        new: dict[str, Tensor] = {"center": center, "whitening": whitening}
+        if self.normalize == "gaussian":
+            held_errors = held.pow(2).sum(-1) + log_det
+            new["log_det"] = log_det
+        else:
+            encoder, decoder = self._fit_autoencoder(
+                fit, epochs=epochs, lr=lr, noise=noise, generator=generator
+            )
+            with torch.no_grad():
+                held_errors = (decoder(torch.tanh(encoder(held))) - held).pow(2).mean(-1).clamp_min(1e-30)
+            logs = held_errors.log()
+            spread = logs.std().clamp_min(1e-6) if len(logs) > 1 else logs.new_ones(())
+            new.update(
+                enc_w=encoder.weight.detach(),
+                enc_b=encoder.bias.detach(),
+                dec_w=decoder.weight.detach(),
+                dec_b=decoder.bias.detach(),
+                log_error_stats=torch.stack([logs.mean(), spread]),
+            )
+        new["thresholds"] = torch.quantile(held_errors, self.percentile / 100.0)
+        device = self.thresholds.device
+        for name, value in new.items():
+            if name in ("center", "whitening") and self.normalize == "l2":
+                continue
+            setattr(self, name, torch.cat([getattr(self, name), value[None].to(device)]))
+        return self.num_tasks - 1
+
+    def _fit_autoencoder(
+        self, fit: Tensor, *, epochs: int, lr: float, noise: float, generator: torch.Generator
+    ) -> tuple[nn.Linear, nn.Linear]:
         encoder, decoder = nn.Linear(self.in_features, self.hidden), nn.Linear(self.hidden, self.in_features)
         with torch.no_grad():
             for layer in (encoder, decoder):
@@ -176,35 +225,14 @@ class AutoSelector(nn.Module):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            held_errors = (decoder(torch.tanh(encoder(held))) - held).pow(2).mean(-1).clamp_min(1e-30)
-            threshold = torch.quantile(held_errors, self.percentile / 100.0)
-            logs = held_errors.log()
-            stats = torch.stack(
-                [logs.mean(), logs.std().clamp_min(1e-6) if len(logs) > 1 else logs.new_ones(())]
-            )
-        device = self.thresholds.device
-        new = {
-            "enc_w": encoder.weight.detach(),
-            "enc_b": encoder.bias.detach(),
-            "dec_w": decoder.weight.detach(),
-            "dec_b": decoder.bias.detach(),
-            "thresholds": threshold,
-            "center": center,
-            "whitening": whitening,
-            "log_error_stats": stats,
-        }
-        for name, value in new.items():
-            if name in ("center", "whitening") and self.normalize == "l2":
-                continue
-            setattr(self, name, torch.cat([getattr(self, name), value[None].to(device)]))
-        return self.num_tasks - 1
+        return encoder, decoder
 
-    def _whitening(self, fit: Tensor) -> tuple[Tensor, Tensor]:
-        """`(mu (d,), W (d, d))`: the task's mean and inverse square root of its covariance, shrunk towards its mean
-        variance (`shrinkage`) so that it stays well conditioned with fewer samples than dimensions."""
+    def _whitening(self, fit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`(mu (d,), W (d, d), log det C)`: the task's mean, the inverse square root of its covariance C, shrunk
+        towards its mean variance (`shrinkage`) so that it stays well conditioned with fewer samples than
+        dimensions, and the log-determinant of that C."""
         if self.normalize == "l2":
-            return fit.new_zeros(()), fit.new_zeros(())
+            return fit.new_zeros(()), fit.new_zeros(()), fit.new_zeros(())
         fit = fit.double()
         center = fit.mean(0)
         covariance = (fit - center).t() @ (fit - center) / fit.shape[0]  # (d, d)
@@ -213,8 +241,9 @@ class AutoSelector(nn.Module):
             fit.shape[1]
         ).double()
         values, vectors = torch.linalg.eigh(covariance)
-        whitening = vectors @ torch.diag(values.clamp_min(floor * 1e-6).rsqrt()) @ vectors.t()
-        return center.float(), whitening.float()
+        values = values.clamp_min(floor * 1e-6)
+        whitening = vectors @ torch.diag(values.rsqrt()) @ vectors.t()
+        return center.float(), whitening.float(), values.log().sum().float()
 
     def state(self) -> dict[str, Tensor]:
         """Its tensors, for saving beside the adapters (`load_state` restores them)."""

@@ -193,13 +193,17 @@ class RunConfig(BaseModel):
         description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature; 0 reads "
         "the embeddings' output (free at inference), 3 selects better at about 1.5x the cost of a given task id.",
     )
-    ddas_normalize: Literal["whiten", "l2"] = Field(
-        "whiten",
-        description="Auto-selector: whiten each task's features by its own mean and shrunk covariance and pick "
-        "by z-scored log error (whiten), or the paper's L2-normalised features and error/threshold (l2).",
+    ddas_normalize: Literal["gaussian", "whiten", "l2"] = Field(
+        "gaussian",
+        description="Auto-selector: each task's Gaussian of its features' mean and shrunk covariance, the most "
+        "likely accepting task (gaussian); an autoencoder per task on features whitened by those, the lowest "
+        "z-scored log error (whiten); or the paper's autoencoders on L2-normalised features, error/threshold (l2).",
     )
     ddas_shrinkage: float = Field(
-        0.1, gt=0, le=1, description="Auto-selector (whiten): covariance shrinkage towards its mean variance."
+        0.1,
+        gt=0,
+        le=1,
+        description="Auto-selector (whiten, gaussian): covariance shrinkage towards its mean variance.",
     )
     lae_decay: float = Field(
         0.9999, gt=0, lt=1, description="lae: EMA decay of the offline adapter, per step."
