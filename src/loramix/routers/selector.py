@@ -79,14 +79,11 @@ class AutoSelector(nn.Module):
         self.register_buffer("dec_w", torch.zeros(0, in_features, hidden))  # (T, d, h)
         self.register_buffer("dec_b", torch.zeros(0, in_features))
         self.register_buffer("thresholds", torch.zeros(0))  # (T,)
-        self.register_buffer("center", torch.zeros(0, in_features))  # (T, d); `whiten` only
-        self.register_buffer(
-            "whitening", torch.zeros(0, in_features, in_features)
-        )  # (T, d, d); `whiten` only
+        # `whiten` and `gaussian`: each task's mean (T, d) and inverse square root of its covariance (T, d, d)
+        self.register_buffer("center", torch.zeros(0, in_features))
+        self.register_buffer("whitening", torch.zeros(0, in_features, in_features))
         self.register_buffer("log_error_stats", torch.zeros(0, 2))  # (T, 2): mean, std of log held-out errors
-        self.register_buffer(
-            "log_det", torch.zeros(0)
-        )  # (T,): log det of each shrunk covariance; `gaussian` only
+        self.register_buffer("log_det", torch.zeros(0))  # (T,): log det of each covariance; `gaussian` only
 
     @property
     def normalize(self) -> str:
