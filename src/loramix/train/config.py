@@ -171,7 +171,9 @@ class RunConfig(BaseModel):
         2, ge=0, description="moe-adapters: most-used experts per block frozen after a task."
     )
     adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")
-    ddas_hidden: int = Field(64, ge=1, description="Auto-selector: width of each task's autoencoder.")
+    ddas_hidden: int = Field(
+        64, ge=1, description="Auto-selector (whiten, l2): width of each task's autoencoder."
+    )
     ddas_percentile: float = Field(
         95.0,
         gt=0,
@@ -179,7 +181,7 @@ class RunConfig(BaseModel):
         description="Auto-selector: a task's threshold, this percentile of its held-out errors.",
     )
     ddas_examples: int = Field(
-        1000, ge=10, description="Auto-selector: training inputs a task's autoencoder fits."
+        1000, ge=10, description="Auto-selector: training inputs each task's model is fitted on."
     )
     ddas_features: Literal["hidden", "embeddings", "encoder"] = Field(
         "hidden",

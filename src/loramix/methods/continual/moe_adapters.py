@@ -9,9 +9,9 @@ mixture-of-experts adapters", CVPR 2024), on a text encoder, and its true-task-i
   while task t trains only task t's routers run, and the older ones are frozen (bit-identical from then on).
 - Activate-freeze: while task t trains, each block counts how often each expert is chosen; after task t the
   `moe_freeze` (2) most chosen experts of each block are frozen, and the frozen set only grows.
-- DDAS: after task t an autoencoder is fitted on the base model's embeddings of task t's training inputs; at
-  inference it routes each input to a learned task's routers or to the untouched base model (see
-  :mod:`loramix.routers.selector`). The `-task-id` variant routes by the true task id instead, which separates
+- DDAS: after task t a model of task t's inputs (a Gaussian by default; the paper's autoencoder with
+  `ddas_normalize: whiten`) is fitted on the base model's features of its training inputs; at inference it routes
+  each input to a learned task's routers or to the untouched base model (see :mod:`loramix.routers.selector`). The `-task-id` variant routes by the true task id instead, which separates
   routing errors from forgetting.
 """
 
