@@ -211,6 +211,31 @@ def test_a_stage_from_other_settings_is_refused(runs: list[dict[str, Any]], mode
         pipeline.Stage.load(runs[0]["dir"], other)
 
 
+def test_a_stage_serves_a_run_that_changes_only_the_experts(
+    runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """Another expert learning rate from a finished run's clusters: its stage file copied into a new output
+    directory, `--resume` goes straight to the experts, which train at the new rate."""
+    (tmp_path / pipeline.STAGE_FILE).write_bytes((runs[0]["dir"] / pipeline.STAGE_FILE).read_bytes())
+    run = RunConfig.from_dict(
+        {**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "elrea_mode": "top1", "log_every": 1}
+    )
+
+    def no_base_stage(*args, **kwargs):
+        raise AssertionError("the base adapter and the clusters were computed again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "_base_stage", no_base_stage)
+        metrics = run_training(run, tmp_path, resume=True)
+    straight = runs[0]["metrics"]
+    assert metrics["clusters"] == straight["clusters"] and metrics["ari"] == straight["ari"]
+    base_steps = round(run.elrea_base_fraction * run.steps)
+    assert max(h["lr"] for h in metrics["history"] if h["step"] > base_steps) == pytest.approx(3e-2, rel=0.05)
+    before = load_file(runs[0]["dir"] / "adapter" / "adapters.safetensors")
+    after = load_file(tmp_path / "adapter" / "adapters.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the experts trained again, at 3e-2
+
+
 def test_a_damaged_stage_file_is_named(model_dir: Path, tasks_dir: Path, tmp_path: Path):
     (tmp_path / pipeline.STAGE_FILE).write_bytes(b"not a safetensors file")
     run = RunConfig.from_dict(elrea_settings(model_dir, tasks_dir))

@@ -114,8 +114,9 @@ class Stage:
             )
         except Exception as error:  # a foreign or damaged file: say which and why
             raise CheckpointError(f"{path}: not a readable ELREA stage file ({error})") from error
+        now = settings(run)
         changed = sorted(
-            k for k in set(stage.run) | set(settings(run)) if stage.run.get(k) != settings(run).get(k)
+            k for k in (set(stage.run) | set(now)) - EXPERT_PHASE_KEYS if stage.run.get(k) != now.get(k)
         )
         if changed:
             raise CheckpointError(
@@ -125,9 +126,15 @@ class Stage:
         return stage
 
 
+# Settings only the experts and the answers read: a stage (base adapter, features, clusters) serves a run that
+# changes them, so that another expert learning rate or routing can be tried without featurising again.
+EXPERT_PHASE_KEYS = frozenset({"elrea_expert_lr", "elrea_mode", "elrea_temperature"})
+
+
 def settings(run: RunConfig) -> dict[str, Any]:
-    """The settings a saved stage must share with the run that resumes it (bookkeeping may change)."""
-    return {k: v for k, v in run.to_dict().items() if k not in BOOKKEEPING_KEYS}
+    """The settings a saved stage must share with the run that resumes it (bookkeeping and the expert-phase
+    settings may change)."""
+    return {k: v for k, v in run.to_dict().items() if k not in BOOKKEEPING_KEYS | EXPERT_PHASE_KEYS}
 
 
 def _trainer(run: RunConfig, model, data, collator, output_dir: Path, steps: int, **kwargs) -> Trainer:
