@@ -218,7 +218,12 @@ def test_a_stage_serves_a_run_that_changes_only_the_experts(
     directory, `--resume` goes straight to the experts, which train at the new rate."""
     (tmp_path / pipeline.STAGE_FILE).write_bytes((runs[0]["dir"] / pipeline.STAGE_FILE).read_bytes())
     run = RunConfig.from_dict(
-        {**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "elrea_mode": "top1", "log_every": 1}
+        {
+            **elrea_settings(model_dir, tasks_dir),
+            "elrea_expert_lr": 3e-2,
+            "elrea_mode": "top1",
+            "log_every": 1,
+        }
     )
 
     def no_base_stage(*args, **kwargs):
