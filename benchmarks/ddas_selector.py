@@ -65,9 +65,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "gaussian, block-6 (last) features + token stats": ("hidden6", {"normalize": "gaussian"}, {}, ""),
     "gaussian, block-0, percentile 99": ("hidden0", {"normalize": "gaussian", "percentile": 99.0}, {}, ""),
     "gaussian, block-0, shrinkage 0.3": ("hidden0", {"normalize": "gaussian", "shrinkage": 0.3}, {}, ""),
+    "gaussian, block-0, shrinkage 0.01": ("hidden0", {"normalize": "gaussian", "shrinkage": 0.01}, {}, ""),
+    "gaussian, block-0, percentile 90": ("hidden0", {"normalize": "gaussian", "percentile": 90.0}, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
-DETAILED = (REFERENCE, DEFAULT)
+DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats")
 
 
 @torch.no_grad()
@@ -163,6 +165,11 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
         rows.append({"learned": learned, "own_task_rate": own, "base_rate_unlearned": base})
     confusion = np.zeros((len(ORDER), len(ORDER) + 1), dtype=int)
     np.add.at(confusion, (labels.numpy(), torch.where(keep, len(ORDER), chosen).numpy()), 1)
+    # acceptance[i][j]: the share of task j's test inputs that task i's own threshold accepts, whatever the others do
+    accepted = (full.errors(test) <= full.thresholds).float()  # (n, T)
+    acceptance = [
+        [float(accepted[labels == j, i].mean()) for j in range(len(ORDER))] for i in range(len(ORDER))
+    ]
     unseen = [b for b in base_rates if b is not None]
     return {
         "variant": name,
@@ -175,6 +182,7 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
         "unseen_base_min": min(unseen),
         "rows": rows,
         "confusion_after_all": confusion.tolist(),
+        "acceptance": acceptance,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -214,6 +222,18 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines += [
             f"| {t} | " + " | ".join(map(str, row)) + " |"
             for t, row in zip(ORDER, shown["confusion_after_all"])
+        ]
+        lines += [
+            "",
+            f"{name}, which task accepts which (rows: the task whose threshold is applied; columns: the task whose "
+            "test inputs it sees; % accepted, all ten fitted). An input goes to the base only when no learned task "
+            "accepts it, so one broad task that accepts a later task's inputs keeps them from the base:",
+            "",
+        ]
+        lines += ["| | " + " | ".join(ORDER) + " |", "|---" * (len(ORDER) + 1) + "|"]
+        lines += [
+            f"| {t} | " + " | ".join(f"{100 * a:.0f}" for a in row) + " |"
+            for t, row in zip(ORDER, shown["acceptance"])
         ]
     return "\n".join(lines) + "\n"
 
