@@ -288,3 +288,21 @@ def test_loramix_export_writes_one_cluster_expert_for_peft(
         want = trained(**inputs).last_hidden_state
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**inputs).last_hidden_state, want, atol=1e-5, rtol=0)
+
+
+def test_the_routing_diagnosis_scores_the_run_as_the_run_scored(runs: list[dict[str, Any]]):
+    """`benchmarks/elrea_routing.py`: ELREA's own routing gives the run's own scores; the oracle sends each task to
+    one cluster expert; the base mode is the base adapter alone."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "elrea_routing.py"
+    spec = importlib.util.spec_from_file_location("elrea_routing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_dir, metrics = runs[0]["dir"], runs[0]["metrics"]
+    mode = RunConfig.from_yaml(run_dir / "config.yaml").elrea_mode
+    assert module.main([str(run_dir), "--modes", "base", "oracle", mode]) == 0
+    result = json.loads((run_dir / "routing.json").read_text())
+    assert result[mode]["tasks"] == {name: s["accuracy"] for name, s in metrics["tasks"].items()}
+    assert set(result["majority_expert"].values()) <= set(range(1, CLUSTERS + 1))
+    assert {"base", "oracle"} <= set(result)

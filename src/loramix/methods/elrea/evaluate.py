@@ -92,9 +92,12 @@ def heads_swapped(model: MultiTaskModel, state: dict[str, torch.Tensor] | None) 
 
 
 @torch.no_grad()
-def _predict(
+def predict(
     model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
 ) -> torch.Tensor:
+    """The classes the bank answers for a collated batch, given each input's expert weights `(n, E)`: the logit
+    ensemble, or the top-1 expert (`mode`)."""
+
     def forward(inputs: dict[str, torch.Tensor], route_ids: torch.Tensor) -> torch.Tensor:
         with routing(model.backbone, task_ids=route_ids, attention_mask=inputs["attention_mask"]):
             logits = model(inputs)
@@ -144,7 +147,7 @@ def evaluate_elrea(
             with heads_swapped(model, feature_heads):
                 feats = batch_features(model, featurizer, batch, 0, run.elrea_top_labels)
             weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
-            preds.append(_predict(model, batch, weights, mode or run.elrea_mode).cpu())
+            preds.append(predict(model, batch, weights, mode or run.elrea_mode).cpu())
             gold.append(batch["labels"].cpu())
             all_weights.append(weights.cpu())
             all_tasks.append(batch["task_ids"].cpu())
