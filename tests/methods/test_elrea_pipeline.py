@@ -301,7 +301,8 @@ def test_the_routing_diagnosis_scores_the_run_as_the_run_scored(runs: list[dict[
     spec.loader.exec_module(module)
     run_dir, metrics = runs[0]["dir"], runs[0]["metrics"]
     mode = RunConfig.from_yaml(run_dir / "config.yaml").elrea_mode
-    assert module.main([str(run_dir), "--modes", "base", "oracle", mode]) == 0
+    threads = str(torch.get_num_threads())  # main() sets the thread count: keep the suite's
+    assert module.main([str(run_dir), "--modes", "base", "oracle", mode, "--threads", threads]) == 0
     result = json.loads((run_dir / "routing.json").read_text())
     assert result[mode]["tasks"] == {name: s["accuracy"] for name, s in metrics["tasks"].items()}
     assert set(result["majority_expert"].values()) <= set(range(1, CLUSTERS + 1))
