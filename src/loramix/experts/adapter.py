@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import loramix.experts.ops as ops
 from loramix.errors import ConfigError
-from loramix.experts import ops
 from loramix.experts.base import StackedExperts, register_expert_kind
 from loramix.experts.lora import gate_weights
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _global_hooks
 
-from loramix.experts import ops
+import loramix.experts.ops as ops
 from loramix.experts.layer import AdaptedLayer
 from loramix.experts.lora import LoraExperts, gate_weights, topk_gate
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import loramix.experts.ops as ops
 from loramix.errors import ConfigError
-from loramix.experts import ops
 from loramix.experts.base import StackedExperts, register_expert_kind
 
 if TYPE_CHECKING:
