@@ -28,6 +28,7 @@ def naive_delta(layer: LinearExperts, x: Tensor, gate: Gate | None) -> Tensor:
     that expert, weighted, and `index_add_`-ed back. Host syncs (`where`) and E small matmuls per layer."""
     A, B = layer.experts.weights()
     assert gate is not None
+    x = x.to(A.dtype)  # the experts' dtype, as the fused path computes (float32 beside a bf16 base)
     n = x.shape[0]
     weights = gate.weights.to(x.dtype)
     if weights.dim() == 2:  # per sample (hard or soft): rows are samples
@@ -162,8 +163,9 @@ def _infer_call(module: nn.Module, kwargs: dict, x: Tensor) -> Callable[[], obje
 def run_layer_section(
     results: Results, plan: Plan, device: torch.device, dtype: torch.dtype, full: bool
 ) -> None:
-    points = [(d, d, tokens, e, r, gates, passes) for d, tokens, e, r, gates, passes in plan.layer_points]
-    points += [(di, do, tokens, e, r, gates, PASSES) for di, do, tokens, e, r, gates in plan.llama_points]
+    # the GPU's Llama-shaped points first: a run stopped early still has them
+    points = [(di, do, tokens, e, r, gates, PASSES) for di, do, tokens, e, r, gates in plan.llama_points]
+    points += [(d, d, tokens, e, r, gates, passes) for d, tokens, e, r, gates, passes in plan.layer_points]
     for d_in, d_out, tokens, experts, rank, gates, passes in points:
         for gate_kind in gates:
             for pass_kind in passes:
