@@ -85,7 +85,9 @@ def test_a_quantized_tiny_causal_lm_trains_its_experts(bits: str, tiny_llama_dir
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in adapter_state(model).values()}
 
-    batch, task_ids = lm_batch(char_tokenizer()), torch.tensor([0, 1, 0, 1])
+    device = trainable[0].device  # bitsandbytes puts a quantized model on the GPU where there is one
+    batch = {k: v.to(device) for k, v in lm_batch(char_tokenizer()).items()}
+    task_ids = torch.tensor([0, 1, 0, 1], device=device)
     optimizer = torch.optim.AdamW(trainable, lr=2e-2)
     losses = train_steps(model, batch, task_ids, optimizer)
     assert losses[-1] < 0.9 * losses[0], losses

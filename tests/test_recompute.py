@@ -6,6 +6,7 @@ gate, which it cannot carry into a block."""
 
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Any
 
@@ -170,11 +171,22 @@ def test_enable_checkpointing_turns_on_the_non_reentrant_form() -> None:
 
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
 def test_a_router_input_inside_a_checkpointed_block_is_refused(checkpointing: str) -> None:
-    """The router would run in the first forward but not in the recomputation (reentrant: without gradients)."""
+    """The router would run in the first forward but not in the recomputation (reentrant: without gradients).
+    The refusal leaves autograd clean: raised inside torch's non-reentrant checkpoint, it would leave that
+    checkpoint's saved-tensor hooks on until the garbage collector ran, and a later backward through an unrelated
+    model would fail."""
     source = {"router_input": "transformer.h.0.ln_1"}  # inside block 0, before its adapted layers
     gradients("gpt2", "sample", None, aux=True, **source)  # fine without checkpointing
-    with pytest.raises(RoutingError, match="router_input lies inside a block that activation checkpointing"):
-        gradients("gpt2", "sample", checkpointing, aux=False, **source)
+    gc.disable()
+    try:
+        with pytest.raises(
+            RoutingError, match="router_input lies inside a block that activation checkpointing"
+        ):
+            gradients("gpt2", "sample", checkpointing, aux=False, **source)
+        layer = nn.Linear(3, 2)
+        layer(torch.randn(4, 3)).pow(2).sum().backward()
+    finally:
+        gc.enable()
 
 
 def test_a_router_input_on_a_whole_block_runs_outside_the_checkpoint() -> None:

@@ -64,30 +64,34 @@ def _run_routed(
     state: RoutingState,
     grad_outside: bool,
     runs: list[int],
+    refused: list[str],
     function: Callable[..., Any],
     *args: Any,
     **kwargs: Any,
 ) -> Any:
     """Run the checkpointed `function` with `state` current; `runs` counts the runs (the first forward, then each
     recomputation). Reentrant checkpointing runs the first forward without gradients (`grad_outside` says whether
-    the caller had them)."""
+    the caller had them). What cannot run checkpointed is put in `refused`, raised once the checkpoint has returned
+    (an error raised inside torch's non-reentrant checkpoint leaves its saved-tensor hooks on until garbage
+    collection, in torch before 2.13, and a later unrelated backward then fails)."""
     recomputing = runs[0] > 0
     runs[0] += 1
     reentrant_first = not recomputing and grad_outside and not torch.is_grad_enabled()
     gate = state.model_gate
     if reentrant_first and gate is not None and gate.weights.requires_grad:
-        raise RoutingError(
+        refused.append(
             "reentrant activation checkpointing cannot hand the model-wide router's gate to a checkpointed block "
             "(it is computed outside the block, so backward would run through it once per block): enable "
             "checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
         )
+        return function(*args, **kwargs)
     recorded = len(state.records)
     with _current_state(state, recomputing):
         out = function(*args, **kwargs)
     # A router that pooled a module inside the block ran in the first forward; its recomputation would not run it
     # again once the routing block has ended (and reentrant checkpointing ran it without gradients).
     if not recomputing and state.model_gate is not gate:
-        raise RoutingError(
+        refused.append(
             "router_input lies inside a block that activation checkpointing recomputes: pool a module outside "
             "the checkpointed blocks (the input embeddings, the default, or a whole block's output) or turn "
             "checkpointing off"
@@ -113,8 +117,12 @@ class RoutedCheckpoint:
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self.active:
             return self.original(function, *args, **kwargs)
-        routed = partial(_run_routed, self.active[-1], torch.is_grad_enabled(), [0], function)
-        return self.original(routed, *args, **kwargs)
+        refused: list[str] = []
+        routed = partial(_run_routed, self.active[-1], torch.is_grad_enabled(), [0], refused, function)
+        out = self.original(routed, *args, **kwargs)
+        if refused:
+            raise RoutingError(refused[0])
+        return out
 
 
 class _Unwrap:

@@ -119,7 +119,7 @@ class LoraExperts(StackedExperts):
     def delta_weight(self, gate: Tensor, scaling: float) -> Tensor:
         """`s * sum_e g_e B_e A_e` as an `(out, in)` matrix, for a fixed gate `(e,)`."""
         A, B = self.weights()
-        gate = gate.to(A.dtype)
+        gate = gate.to(A.device, A.dtype)
         A_full = A.expand(self.num_experts, -1, -1)
         B_full = B.expand(self.num_experts, -1, -1)
         return scaling * torch.einsum("e,eor,eri->oi", gate, B_full, A_full)

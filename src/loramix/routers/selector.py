@@ -138,16 +138,16 @@ class AutoSelector(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`(task_ids (n,), keep_base (n,) bool)` for features `(n, d)`; with no task learned, all go to the base.
         Among the tasks that accept a sample, the most familiar one; no task accepts it: the base model."""
-        n = features.shape[0]
+        n, device = features.shape[0], features.device
         if self.num_tasks == 0:
-            zeros = torch.zeros(n, dtype=torch.long, device=features.device)
-            return zeros, torch.ones(n, dtype=torch.bool, device=features.device)
-        errors = self.errors(features)  # (n, T)
+            zeros = torch.zeros(n, dtype=torch.long, device=device)
+            return zeros, torch.ones(n, dtype=torch.bool, device=device)
+        errors = self.errors(features.to(self.thresholds.device))  # (n, T), where the selector lives
         accepted = errors <= self.thresholds  # (n, T)
         scores = self.scores(errors)
         task_ids = torch.where(accepted, scores, torch.full_like(scores, math.inf)).argmin(-1)
         task_ids = torch.where(accepted.any(-1), task_ids, scores.argmin(-1))  # (n,)
-        return task_ids, ~accepted.any(-1)
+        return task_ids.to(device), ~accepted.any(-1).to(device)
 
     @torch.enable_grad()
     def add_task(

@@ -83,7 +83,11 @@ class Learner:
         self.learned = [True] * offset + [False] * data.num_tasks
         self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
         self.prior_tasks: list[dict] = []
-        self.device = next(model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now (the trainer moves it to the accelerator when the first task trains)."""
+        return next(self.model.parameters()).device
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -471,12 +475,13 @@ class Continual(Method):
     def restore(self, learner: Learner, directory: Path) -> Learner:
         """A fresh model with the adapters, head and selector saved after a task."""
         record, tensors = read_checkpoint(directory / "adapter")
+        device = learner.device  # the model's now, before its backbone is replaced by one loaded on the CPU
         backbone, _ = load_backbone(learner.run.model)
         load(backbone, directory / "adapter")
         learner.model.backbone = backbone
         head = {k.removeprefix("extra.head."): v for k, v in tensors.items() if k.startswith("extra.head.")}
         learner.model.heads.load_state_dict(head)
-        learner.model.to(learner.device)
+        learner.model.to(device)
         if learner.selector is not None:
             learner.selector.load_state(
                 {
