@@ -86,7 +86,9 @@ def test_adding_a_task_head_leaves_the_other_heads_untouched() -> None:
     weight_before = heads.proj.weight.detach().clone()
     assert heads.add_task(4) == 2
     after = heads(pooled, batch)
-    assert torch.equal(after[:, :5], before)
+    # the old rows are bit-identical (below); their outputs agree to rounding, since a BLAS may block a matrix
+    # product with more output columns differently
+    torch.testing.assert_close(after[:, :5], before, rtol=1e-6, atol=1e-6)
     assert torch.isinf(after[:, 5:]).all()  # the new task's columns are no old task's
     assert torch.equal(heads.proj.weight[:5], weight_before)
     new = heads(pooled[:1], {"task_ids": torch.tensor([2])})

@@ -93,8 +93,8 @@ def _run_routed(
     if not recomputing and state.model_gate is not gate:
         refused.append(
             "router_input lies inside a block that activation checkpointing recomputes: pool a module outside "
-            "the checkpointed blocks (the input embeddings, the default, or a whole block's output) or turn "
-            "checkpointing off"
+            "the checkpointed blocks (the input embeddings, the default, or a whole block's output where "
+            "transformers checkpoints the block's forward rather than its __call__) or turn checkpointing off"
         )
     if reentrant_first and any(made.logits is not None for _, made in state.records[recorded:]):
         warnings.warn(
