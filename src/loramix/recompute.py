@@ -84,7 +84,6 @@ def _run_routed(
             "(it is computed outside the block, so backward would run through it once per block): enable "
             "checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
         )
-        return function(*args, **kwargs)
     recorded = len(state.records)
     with _current_state(state, recomputing):
         out = function(*args, **kwargs)
@@ -96,7 +95,11 @@ def _run_routed(
             "the checkpointed blocks (the input embeddings, the default, or a whole block's output where "
             "transformers checkpoints the block's forward rather than its __call__) or turn checkpointing off"
         )
-    if reentrant_first and any(made.logits is not None for _, made in state.records[recorded:]):
+    if (
+        reentrant_first
+        and not refused
+        and any(made.logits is not None for _, made in state.records[recorded:])
+    ):
         warnings.warn(
             "reentrant activation checkpointing runs a block's first forward without gradients, so the router "
             "decisions it records carry none: auxiliary router losses (load balance, z-loss, TwD) will not train "
