@@ -1,0 +1,46 @@
+#!/bin/bash
+# Everything that needs a GPU, in one go, each part in its own process under its own time limit, so that a short
+# session on a GPU machine still brings back what finished:
+#
+#     bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS]      # SECONDS: the whole budget (default 570)
+#
+# 1. tests/test_cuda.py and tests/test_cuda_quantized.py (with the quantized CPU-backend tests beside them);
+# 2. the speed benchmark's CUDA sections, one process each, in this order: generate, layer (the Llama-shaped
+#    d = 4096 points first), model, inference, memory, elrea; each writes OUT_DIR/speed-cuda-SECTION.json and .md
+#    after every point or model, so a section stopped at its limit keeps what it measured;
+# 3. the whole test suite on the GPU, with what time is left (pytest-xdist's -n when it is installed).
+#
+# Each part's log is OUT_DIR/PART.log; the console shows its last lines. Run from the repository root.
+set -u
+OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS]}
+BUDGET=${2:-570}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+part() {  # part NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, and never past the budget
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: skipped, $left s of the budget left"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (at most $limit s), started at ${SECONDS} s"
+  timeout -k 5 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  echo "== $name: exit $? at ${SECONDS} s"
+  tail -n 25 "$OUT_DIR/$name.log"
+}
+
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" ||
+  exit 1
+SPEED=(python benchmarks/speed.py --device cuda)
+part cuda-tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_quantized.py \
+  tests/test_quantize.py tests/experts/test_quantized.py
+for section in generate layer model inference memory elrea; do
+  part "speed-$section" 120 "${SPEED[@]}" --sections "$section" --out "$OUT_DIR/speed-cuda-$section.json"
+done
+workers=()
+python -c "import xdist" 2>/dev/null && workers=(-n 8)
+part suite 600 python -m pytest -q -p no:cacheprovider "${workers[@]}"
+echo "== done at ${SECONDS} s"
