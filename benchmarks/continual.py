@@ -5,6 +5,7 @@ label-prompt head (label smoothing 0.2), so tasks not learned yet are answered z
     python benchmarks/continual.py                                   # every method (hours on 2 CPU cores)
     python benchmarks/continual.py --methods moe-adapters lae --steps-per-task 30 --max-eval 100
     python benchmarks/continual.py --speed            # DDAS routing vs given task ids on a mixed batch
+    python benchmarks/continual.py --methods moe-adapters --set ddas_layer=3   # a run setting changed
 
 Writes benchmarks/results/continual.json (one entry per method: the accuracy matrix, Transfer / Average / Last /
 BWT, the auto-selector's routing rates after each task, seconds), appending after each method (`--skip-done`).
@@ -24,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from _timing import device_name, interleaved, ratio_stats  # noqa: E402
+from quality import parse_overrides  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import run_training  # noqa: E402
@@ -136,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speed", action="store_true", help="only time DDAS routing against given task ids (a mixed batch)"
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run settings to change (for example ddas_layer=3); kept in each entry as `overrides`",
+    )
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     if args.speed:  # the feature entering block 0 (embeddings) and block 3 (the default)
         entries = []
@@ -151,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out.with_name("continual-speed.json"), entries)
         return 0
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
-    done = {(r["method"], r["seed"], r["steps_per_task"]) for r in results} if args.skip_done else set()
+
+    def key(r: dict) -> tuple:
+        return r["method"], r["seed"], r["steps_per_task"], json.dumps(r.get("overrides", {}))
+
+    this = {"seed": args.seed, "steps_per_task": args.steps_per_task, "overrides": overrides}
+    done = {key(r) for r in results} if args.skip_done else set()
     for method in args.methods:
-        if (method, args.seed, args.steps_per_task) in done:
+        if key({"method": method, **this}) in done:
             continue
         run = RunConfig.from_dict(
             {
@@ -177,10 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                 "progress": False,
                 "log_every": 25,
                 "checkpoint_every": 0,
+                **overrides,
             }
         )
         started = time.perf_counter()
-        metrics = run_training(run, args.work / f"{method}-seed{args.seed}")
+        folder = f"{method}-seed{args.seed}" + "".join(f"-{k}={v}" for k, v in overrides.items())
+        metrics = run_training(run, args.work / folder)
         entry = {
             "method": method,
             "seed": args.seed,
@@ -197,11 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started, 1),
             "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         }
-        results = [
-            r
-            for r in results
-            if (r["method"], r["seed"], r["steps_per_task"]) != (method, args.seed, args.steps_per_task)
-        ]
+        if overrides:
+            entry["overrides"] = overrides
+        results = [r for r in results if key(r) != key(entry)]
         results.append(entry)
         atomic_write_json(args.out, results)
         print(
