@@ -43,16 +43,19 @@ MODES = ("base", "oracle", "top1", "ensemble")
 def fixed_expert_scores(model, data, collator, run, split: str, expert_of_task: list[int]) -> dict:
     """Every input of task t answered by expert `expert_of_task[t]` alone."""
     experts = get_info(model.backbone).config.num_experts
+    device = next(model.parameters()).device
     tasks = {}
     for task in data.tasks:
         examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
         preds, gold = [], []
         for start in range(0, len(examples), run.eval_batch_size):
-            batch = collator(examples[start : start + run.eval_batch_size])
-            weights = torch.zeros(len(batch["labels"]), experts)
+            batch = {
+                k: v.to(device) for k, v in collator(examples[start : start + run.eval_batch_size]).items()
+            }
+            weights = torch.zeros(len(batch["labels"]), experts, device=device)
             weights[:, expert_of_task[task.task_id]] = 1.0
-            preds.append(predict(model, batch, weights, "top1"))
-            gold.append(batch["labels"])
+            preds.append(predict(model, batch, weights, "top1").cpu())
+            gold.append(batch["labels"].cpu())
         tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(gold).numpy(), task.task_type)
     return tasks
 

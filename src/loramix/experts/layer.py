@@ -138,7 +138,7 @@ class AdaptedLayer(nn.Module):
         self._check_mergeable()
         if self.merged_gate is not None:
             raise RoutingError(f"layer '{self.layer_name}' is already merged; unmerge it first")
-        gate = gate.detach().float().to(self.experts.A.device)
+        gate = gate.detach().clone()  # delta_weight puts it on the experts' device and dtype
         self._add_to_base_weight(self.experts.delta_weight(gate, self.scaling))  # type: ignore[operator]
         self.merged_gate = gate
 
