@@ -33,31 +33,18 @@ import torch  # noqa: E402
 from loramix.data import MultiTaskData  # noqa: E402
 from loramix.inject import get_info  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
-from loramix.methods.elrea.evaluate import evaluate_elrea, predict, saved_elrea  # noqa: E402
-from loramix.train.evaluate import mean_accuracy, task_scores  # noqa: E402
+from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea  # noqa: E402
+from loramix.train.evaluate import mean_accuracy  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
 
 MODES = ("base", "oracle", "top1", "ensemble")
 
 
-def fixed_expert_scores(model, data, collator, run, split: str, expert_of_task: list[int]) -> dict:
-    """Every input of task t answered by expert `expert_of_task[t]` alone."""
+def one_expert_per_task(model, expert_of_task: list[int]):
+    """Expert weights that send every input of task t to expert `expert_of_task[t]` alone."""
     experts = get_info(model.backbone).config.num_experts
-    device = next(model.parameters()).device
-    tasks = {}
-    for task in data.tasks:
-        examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
-        preds, gold = [], []
-        for start in range(0, len(examples), run.eval_batch_size):
-            batch = {
-                k: v.to(device) for k, v in collator(examples[start : start + run.eval_batch_size]).items()
-            }
-            weights = torch.zeros(len(batch["labels"]), experts, device=device)
-            weights[:, expert_of_task[task.task_id]] = 1.0
-            preds.append(predict(model, batch, weights, "top1").cpu())
-            gold.append(batch["labels"].cpu())
-        tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(gold).numpy(), task.task_type)
-    return tasks
+    table = torch.eye(experts)[expert_of_task]  # (T, E)
+    return lambda batch: table.to(batch["task_ids"].device)[batch["task_ids"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,19 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     clusters = json.loads((args.run_dir / "metrics.json").read_text())["clusters"]
     contingency = np.asarray(clusters["contingency"])  # (clusters, tasks of the run, in its order)
     majority = [1 + int(contingency[:, clusters["task_names"].index(t.name)].argmax()) for t in data.tasks]
+    centroids, centroid0, heads = saved_elrea(args.run_dir)
     out_path = args.run_dir / "routing.json"
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for mode in args.modes:
         started = time.perf_counter()
         if mode in ("base", "oracle"):
             expert_of_task = [0] * len(data.tasks) if mode == "base" else majority
-            tasks = fixed_expert_scores(model, data, collator, run, split, expert_of_task)
+            weights_of, mode_used = one_expert_per_task(model, expert_of_task), "top1"
         else:
-            centroids, centroid0, heads = saved_elrea(args.run_dir)
-            metrics, _, _ = evaluate_elrea(
-                model, data, collator, run, centroids, centroid0, split=split, feature_heads=heads, mode=mode
-            )
-            tasks = metrics["tasks"]
+            weights_of, mode_used = None, mode
+        metrics, _, _ = evaluate_elrea(
+            model,
+            data,
+            collator,
+            run,
+            centroids,
+            centroid0,
+            split=split,
+            feature_heads=heads,
+            mode=mode_used,
+            weights_of=weights_of,
+        )
+        tasks = metrics["tasks"]
         results[mode] = {
             "mean_accuracy": mean_accuracy(tasks),
             "tasks": {name: scores["accuracy"] for name, scores in tasks.items()},

@@ -6,7 +6,7 @@ gradient similarity to the saved centroids, and answer with the logit ensemble o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ def heads_swapped(model: MultiTaskModel, state: dict[str, torch.Tensor] | None) 
 
 
 @torch.no_grad()
-def predict(
+def _predict(
     model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
 ) -> torch.Tensor:
     """The classes the bank answers for a collated batch, given each input's expert weights `(n, E)`: the logit
@@ -120,23 +120,35 @@ def evaluate_elrea(
     split: str,
     feature_heads: dict[str, torch.Tensor] | None = None,
     mode: str | None = None,
+    weights_of: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The metrics of the ELREA bank on `split` (per-task accuracy and macro-F1, the routing summary), and the
     expert weights `(n, C + 1)` it used with each input's task id `(n,)`, for the caller's cluster statistics.
 
     `feature_heads` is the heads' state when the training features were taken: the test features are taken with
-    the same heads (the heads go on training with the experts), so that both come from the same function."""
+    the same heads (the heads go on training with the experts), so that both come from the same function.
+    `weights_of` replaces the gradient routing by other expert weights for each collated batch (a diagnosis:
+    every input through one chosen expert, say); classification tasks only."""
     if any(task.task_type == "generation" for task in data.tasks):
+        if weights_of is not None:
+            raise ValueError("evaluate_elrea: weights_of applies to classification tasks only")
         return _evaluate_generation(model, data, collator, run, centroids, centroid0, split=split, mode=mode)
     model.eval()
     device = next(model.parameters()).device
-    featurizer = GradientFeaturizer(
-        model.backbone,
-        projection_dim=run.elrea_feature_dim,
-        seed=run.seed,
-        expert=0,
-        sign_invariant=run.elrea_sign_invariant,
-    )
+    if weights_of is None:
+        featurizer = GradientFeaturizer(
+            model.backbone,
+            projection_dim=run.elrea_feature_dim,
+            seed=run.seed,
+            expert=0,
+            sign_invariant=run.elrea_sign_invariant,
+        )
+
+        def weights_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with heads_swapped(model, feature_heads):
+                feats = batch_features(model, featurizer, batch, 0, run.elrea_top_labels)
+            return routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
+
     tasks, all_weights, all_tasks = {}, [], []
     for task in data.tasks:
         examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
@@ -144,10 +156,8 @@ def evaluate_elrea(
         for start in range(0, len(examples), run.eval_batch_size):
             chunk = examples[start : start + run.eval_batch_size]
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            with heads_swapped(model, feature_heads):
-                feats = batch_features(model, featurizer, batch, 0, run.elrea_top_labels)
-            weights = routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
-            preds.append(predict(model, batch, weights, mode or run.elrea_mode).cpu())
+            weights = weights_of(batch)
+            preds.append(_predict(model, batch, weights, mode or run.elrea_mode).cpu())
             gold.append(batch["labels"].cpu())
             all_weights.append(weights.cpu())
             all_tasks.append(batch["task_ids"].cpu())
