@@ -50,8 +50,8 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int, layer: int) 
     hidden state entering block `layer`, mean-pooled, with two token statistics), against the same model given the
     true task ids; one process, interleaved rounds, the median of per-round ratios."""
     import loramix
+    from loramix.methods.continual.features import selector_features, selector_width
     from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
-    from loramix.methods.continual.sequence import selector_features, selector_width
     from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 

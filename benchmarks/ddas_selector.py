@@ -77,7 +77,7 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
     """`features[task][split][kind]`, each `(n, d)`, computed by the library's `selector_features` for every kind
     of `FEATURES` (cached: one file per task)."""
     from loramix.data import MultiTaskData, TextCollator
-    from loramix.methods.continual.sequence import selector_features
+    from loramix.methods.continual.features import selector_features
     from loramix.models import load_backbone
     from loramix.train.config import RunConfig
     from loramix.train.run import task_specs

@@ -180,7 +180,7 @@ def test_the_selector_keeps_its_rule_through_save_and_load_and_old_states_load_a
 
 
 def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(model_dir: Path):
-    from loramix.methods.continual.sequence import base_hidden_state, selector_features
+    from loramix.methods.continual.features import base_hidden_state, selector_features
     from loramix.models import load_backbone
 
     backbone, tokenizer = load_backbone(str(model_dir))

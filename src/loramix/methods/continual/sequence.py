@@ -16,30 +16,28 @@ Legend: T tasks, n samples, d feature width.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from loramix.context import routing
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import CheckpointError, ConfigError
-from loramix.inject import get_info, is_injected
+from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method
+from loramix.methods.continual.features import selector_features, selector_width
 from loramix.methods.continual.report import write_continual_report
 from loramix.models import load_backbone
 from loramix.routers.selector import AutoSelector
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
-from loramix.train.loop import Trainer
-from loramix.train.model import MODEL_INPUTS, MultiTaskModel
+from loramix.train.loop import Trainer, processes
+from loramix.train.model import MultiTaskModel
 from loramix.train.run import (
     build_model,
     callbacks_for,
@@ -105,100 +103,11 @@ class Learner:
         :func:`selector_features`)."""
         return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer)
 
-
-def selector_width(backbone: torch.nn.Module, kind: str) -> int:
-    """The width of :func:`selector_features` of this kind."""
-    if kind == "embeddings":
-        return backbone.get_input_embeddings().embedding_dim
-    return backbone.config.hidden_size + (2 if kind == "hidden" else 0)
-
-
-class _Reached(Exception):
-    """Raised by the hook that stops a forward pass once the wanted hidden state exists."""
-
-
-@torch.no_grad()
-def selector_features(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], kind: str, layer: int = 3
-) -> Tensor:
-    """The auto-selector's feature of each input `(n, d)`, always from the untouched base model (every sample kept
-    on the base inside a routing block of its own), mean-pooled over real tokens and L2-normalised:
-
-    - `hidden` (the default): the hidden state entering transformer block `layer` (0: the embedding block's
-      output), with two token statistics appended: the log token count and whether the input is a sentence pair
-      (any token in the second segment). Only the first `layer` blocks run. On the ten-task benchmark a middle
-      block told the tasks apart better than the input embeddings or the last block, and the two statistics
-      separate pairs from single sentences (benchmarks/ddas_selector.py);
-    - `embeddings`: the input embedding lookup alone (nearly free);
-    - `encoder`: the encoder's last hidden state (one more forward pass)."""
-    mask = batch["attention_mask"]
-    weights = mask.float()[..., None]  # (n, t, 1)
-    if kind == "embeddings":
-        hidden = backbone.get_input_embeddings()(batch["input_ids"]).float()
-    else:
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        hidden = base_hidden_state(backbone, inputs, None if kind == "encoder" else layer).float()
-    pooled = F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)  # (n, d)
-    if kind != "hidden":
-        return pooled
-    count = weights.sum((1, 2)).clamp_min(1.0).log()  # (n,)
-    second = batch.get("token_type_ids")
-    pair = (second * mask).any(-1).float() if second is not None else torch.zeros_like(count)
-    return torch.cat([pooled, count[:, None], pair[:, None]], -1)  # (n, d + 2)
-
-
-def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], layer: int | None) -> Tensor:
-    """The base model's hidden state `(n, t, d)` entering block `layer` (None, or at least the number of blocks:
-    the last hidden state), in eval mode; a hook stops the forward pass there, so the later blocks never run."""
-    mask = inputs["attention_mask"]
-    keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-    blocks = encoder_blocks(backbone) if layer is not None else torch.nn.ModuleList()
-    reached: list[Tensor] = []
-
-    def stop(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        reached.append(args[0] if args else kwargs["hidden_states"])
-        raise _Reached
-
-    hook = (
-        blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
-        if layer is not None and layer < len(blocks)
-        else None
-    )
-    training = backbone.training
-    backbone.eval()  # the base model's feature, without dropout, whatever mode the caller left the model in
-    try:
-        on_base = (
-            routing(
-                backbone,
-                task_ids=torch.zeros_like(keep, dtype=torch.long),
-                attention_mask=mask,
-                keep_base=keep,
-                record=False,
-            )
-            if is_injected(backbone)
-            else contextlib.nullcontext()
-        )
-        with on_base:
-            output = backbone(**inputs)
-        return output.last_hidden_state
-    except _Reached:
-        return reached[0]
-    finally:
-        backbone.train(training)
-        if hook is not None:
-            hook.remove()
-
-
-def encoder_blocks(backbone: torch.nn.Module) -> torch.nn.ModuleList:
-    """The backbone's list of transformer blocks: the first module list as long as `config.num_hidden_layers`."""
-    count = getattr(backbone.config, "num_hidden_layers", None)
-    for module in backbone.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise ConfigError(
-        "ddas_features: hidden needs a model whose blocks form one list of config.num_hidden_layers modules; "
-        "set ddas_features: embeddings or encoder"
-    )
+    def select(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the
+        selector follows it to the accelerator; it is fitted on the CPU)."""
+        assert self.selector is not None
+        return self.selector.to(self.device)(self.base_features(batch))
 
 
 class Continual(Method):
@@ -244,8 +153,7 @@ class Continual(Method):
         """`(route ids, keep-base mask)` of an evaluation batch: by the auto-selector when the method has one."""
         task_ids = batch["task_ids"]
         if self.uses_selector:
-            assert learner.selector is not None
-            return learner.selector(learner.base_features(batch))
+            return learner.select(batch)
         if not self.base_for_unlearned:
             return task_ids, torch.zeros_like(task_ids, dtype=torch.bool)
         known = torch.tensor(learner.learned, device=task_ids.device)[task_ids]
@@ -277,6 +185,7 @@ class Continual(Method):
         else:
             model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
             learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
+        learner.model.to(processes().device)  # row 0 is evaluated where the tasks will train
         self.mark_learned(learner)
         if self.uses_selector and learner.selector is None:
             learner.selector = AutoSelector(
@@ -526,7 +435,7 @@ class Continual(Method):
             for batch in learner.batches(
                 data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples), 64
             ):
-                chosen, keep = learner.selector(learner.base_features(batch))
+                chosen, keep = learner.select(batch)
                 column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
                 np.add.at(confusion[task.task_id], column.numpy(), 1)
         own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
