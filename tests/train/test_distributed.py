@@ -105,3 +105,29 @@ def test_two_processes_resume_exactly(model_dir: Path, tasks_dir: Path, tmp_path
     again = load_file(out / "adapter" / "adapters.safetensors")
     different = [name for name in adapters if not torch.equal(adapters[name], again[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_a_continual_run_under_two_processes_learns_the_sequence_and_one_writes(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """MoE-Adapters with its auto-selector, task after task, under two processes: the experts' use that decides
+    which experts freeze is counted over both processes' batches (so both freeze the same ones), only the main
+    process writes, and the accuracy matrix has a row per task."""
+    from tests.methods.test_continual import continual_run
+
+    run = continual_run(model_dir, tasks_dir, "moe-adapters", steps_per_task=4)
+    config = {k: v for k, v in run.to_dict().items() if v is not None}
+    out = tmp_path / "run"
+    done = launch(config, out, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    tasks = len(toys.TASK_NAMES)
+    assert len(metrics["accuracy_matrix"]) == tasks + 1
+    for task in range(tasks):
+        lines = (out / f"task-{task}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, 5))
+        assert (out / f"after-task-{task}" / "adapter" / "adapters.safetensors").is_file()
+        # every layer: 4 steps of 8 samples in each of 2 processes, top-2 experts per sample
+        for counts in metrics["continual"]["expert_use"][str(task)].values():
+            assert sum(counts) == 4 * run.batch_size * 2 * 2

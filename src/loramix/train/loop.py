@@ -63,6 +63,17 @@ def processes() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed element-wise over every training process (itself when there is one), on its own device.
+    A collective: every process calls it at the same point, with a tensor of the same shape."""
+    state = processes()
+    if state.num_processes == 1:
+        return tensor
+    total = tensor.to(state.device).clone()
+    torch.distributed.all_reduce(total)
+    return total.to(tensor.device)
+
+
 class Trainer:
     """Trains a :class:`MultiTaskModel` on :class:`MultiTaskData` as `run` says."""
 

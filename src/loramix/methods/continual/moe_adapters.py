@@ -30,22 +30,30 @@ from loramix.methods.continual.sequence import Continual, Learner
 from loramix.routers import PerTaskRouter
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
+from loramix.train.loop import sum_over_processes
 
 MLP_OUTPUTS = r"(.*\.)?(layer\.\d+\.output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
 
 
 class ExpertUse(Callback):
-    """Counts, per adapted layer, how often each expert is among a sample's chosen experts."""
+    """Counts, per adapted layer, how often each expert is among a sample's chosen experts, over the batches of
+    every training process (so that all of them freeze the same experts)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, Tensor] = {}
 
     def on_batch_end(self, trainer: Any, batch: dict[str, Any], result: Any) -> None:
-        for name, gate in result.state.records:
-            if gate.indices is None or name == "model":
-                continue
-            chosen = torch.bincount(gate.indices.flatten(), minlength=gate.weights.shape[-1]).cpu()
-            self.counts[name] = self.counts.get(name, torch.zeros_like(chosen)) + chosen
+        gates = [
+            (name, gate)
+            for name, gate in result.state.records
+            if gate.indices is not None and name != "model"
+        ]
+        if not gates:
+            return
+        chosen = [torch.bincount(g.indices.flatten(), minlength=g.weights.shape[-1]) for _, g in gates]
+        total = sum_over_processes(torch.cat(chosen)).cpu()  # one transfer and one collective a batch
+        for (name, _), counts in zip(gates, total.split([len(c) for c in chosen])):
+            self.counts[name] = self.counts.get(name, torch.zeros_like(counts)) + counts
 
     def state_dict(self) -> dict[str, Any]:
         return {name: counts.tolist() for name, counts in self.counts.items()}

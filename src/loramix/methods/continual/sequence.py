@@ -185,7 +185,8 @@ class Continual(Method):
         else:
             model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
             learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
-        learner.model.to(processes().device)  # row 0 is evaluated where the tasks will train
+        group = processes()
+        learner.model.to(group.device)  # row 0 is evaluated where the tasks will train
         self.mark_learned(learner)
         if self.uses_selector and learner.selector is None:
             learner.selector = AutoSelector(
@@ -215,20 +216,25 @@ class Continual(Method):
             learner.learned[learner.offset + task] = True
             self.mark_learned(learner)
             learner.records.setdefault("history", {})[str(learner.offset + task)] = history
-            self.snapshot(learner, output_dir / f"after-task-{task}")
+            if group.is_main_process:  # one writer when several processes train
+                self.snapshot(learner, output_dir / f"after-task-{task}")
             matrix.append(self.evaluate_all(learner))
-            atomic_write_json(progress, {"done": task, "matrix": matrix})
+            if group.is_main_process:
+                atomic_write_json(progress, {"done": task, "matrix": matrix})
+            group.wait_for_everyone()
         metrics = self.report(learner, matrix)
-        save_run(
-            output_dir,
-            run,
-            data,
-            learner.model,
-            metrics,
-            extra=self.extra_tensors(learner),
-            prior_tasks=learner.prior_tasks,
-        )
-        write_continual_report(output_dir, metrics)
+        if group.is_main_process:
+            save_run(
+                output_dir,
+                run,
+                data,
+                learner.model,
+                metrics,
+                extra=self.extra_tensors(learner),
+                prior_tasks=learner.prior_tasks,
+            )
+            write_continual_report(output_dir, metrics)
+        group.wait_for_everyone()
         return metrics
 
     def continued(self, run: RunConfig, data: MultiTaskData) -> Learner:
