@@ -93,6 +93,45 @@ def test_logits_are_scaled_cosines_and_minus_inf_outside_the_task(model_dir: Pat
     assert ((predictions >= 0) & (predictions < sizes)).all()
 
 
+def test_class_texts_follow_each_samples_route_and_equal_a_per_sample_loop(model_dir: Path):
+    """With explicit routes (an auto-selector's choice), a sample's class texts go through the experts its input
+    goes through, or the base when it is kept there: the batched encoding equals encoding each sample's texts
+    alone along its route; with every route the task's own id it equals the task-routed head."""
+    model, tokenizer = tiny_model(model_dir, KEYWORDS)
+    head = model.heads
+    batch = toy_batch(tokenizer, [0, 1, 2, 0, 1, 2, 2])
+    same = {**batch, "route_ids": batch["task_ids"].clone()}
+    torch.testing.assert_close(forward(model, same), forward(model, batch))
+
+    route = torch.tensor([2, 1, 0, 0, 2, 1, 0])
+    keep = torch.tensor([False, True, False, False, False, True, False])
+    mixed = {**batch, "route_ids": route, "keep_base": keep}
+    logits = forward(model, mixed)
+    with routed(model, mixed):
+        pooled = F.normalize(model.pooled(mixed), dim=-1)  # (n, d)
+    for i, task in enumerate(batch["task_ids"].tolist()):
+        rows = head.own[task].nonzero().squeeze(1)
+        classes = model.encode(
+            {"input_ids": head.label_input_ids[rows], "attention_mask": head.label_attention_mask[rows]},
+            route_ids=route[i].repeat(len(rows)),
+            keep_base=keep[i].repeat(len(rows)),
+        )
+        want = np.exp(INITIAL_LOGIT_SCALE) * pooled[i] @ F.normalize(classes, dim=-1).T
+        torch.testing.assert_close(logits[i, rows], want, atol=1e-6, rtol=1e-5)
+        assert torch.isinf(logits[i, ~head.own[task]]).all()
+    # a sample kept on the base reads its classes from the base: the same logits as a head told nothing is learned
+    head.set_learned([False] * len(KEYWORDS))
+    torch.testing.assert_close(
+        logits[keep], forward(model, batch | {"keep_base": torch.ones(7, dtype=torch.bool)})[keep]
+    )
+    head.texts_follow_route = (
+        False  # the old rule: the texts of unlearned tasks on the base, whatever the route
+    )
+    head.set_learned(None)
+    by_task = forward(model, mixed)
+    assert not torch.allclose(by_task[~keep], logits[~keep])
+
+
 def test_pre_tokenized_class_texts_give_the_same_logits(model_dir: Path):
     model, tokenizer = tiny_model(model_dir, KEYWORDS)
     batch = toy_batch(tokenizer, [0, 1, 2, 2])

@@ -148,6 +148,7 @@ class LabelPromptHead(Head):
         return input_ids, attention_mask, sizes
 
     learned: Tensor | None = None
+    texts_follow_route = True  # see `forward`
 
     def _layout(self, input_ids: Tensor, attention_mask: Tensor, sizes: list[int]) -> None:
         self.num_labels = sizes
@@ -203,13 +204,56 @@ class LabelPromptHead(Head):
         by the untouched base model, routed nowhere. None (the default): every task is learned."""
         self.learned = None if learned is None else torch.tensor(list(learned), dtype=torch.bool)
 
+    def routed_label_embeddings(
+        self, model: Any, task_ids: Tensor, route_ids: Tensor, keep_base: Tensor | None
+    ) -> Tensor:
+        """Each sample's own task's class texts encoded along the sample's own route, L2-normalised: `(n, K, d)`
+        (slots past the task's class count are zero). Samples that share a task and a route share one encoding:
+        the texts of every distinct (task, route, kept on the base) triple go through the model in one pass."""
+        keep = torch.zeros_like(task_ids, dtype=torch.bool) if keep_base is None else keep_base.bool()
+        routes = route_ids.long()
+        span = int(routes.max()) + 1 if routes.numel() else 1
+        key = (task_ids.long() * span + routes) * 2 + keep.long()  # (n,)
+        unique, inverse = torch.unique(key, return_inverse=True)  # (U,), (n,)
+        u_keep, u_route, u_task = (unique % 2).bool(), (unique // 2) % span, unique // 2 // span  # (U,) each
+        valid = self.own_valid[u_task]  # (U, K)
+        rows = self.own_columns[u_task][valid]  # (R,) class rows of every triple, in triple order
+        embedded = model.encode(
+            {"input_ids": self.label_input_ids[rows], "attention_mask": self.label_attention_mask[rows]},
+            route_ids=u_route[:, None].expand_as(valid)[valid],
+            keep_base=u_keep[:, None].expand_as(valid)[valid],
+        )
+        embedded = F.normalize(embedded.float(), dim=-1)  # (R, d)
+        out = embedded.new_zeros(*valid.shape, embedded.shape[1])  # (U, K, d)
+        out[valid] = embedded
+        return out[inverse]  # (n, K, d)
+
     def forward(self, pooled: Tensor, batch: dict[str, Tensor], model: Any = None) -> Tensor:
-        """Logits `(n, L)`: exp(logit_scale) * cosine, with every column outside the sample's task set to -inf."""
-        classes = self.label_embeddings(model, batch["task_ids"])  # (L, d)
+        """Logits `(n, L)`: exp(logit_scale) * cosine, with every column outside the sample's task set to -inf.
+
+        When the batch routes its samples explicitly (`route_ids` or `keep_base`: an auto-selector's choice, a
+        cluster's expert), each sample's class texts are encoded along the sample's own route, so that the input
+        and its classes are compared in one embedding space, as MoE-Adapters' released code encodes the class
+        texts with the experts the selector chose (`texts_follow_route`; off: each task's texts go by the task's
+        own id, the base for tasks not learned yet)."""
+        task_ids = batch["task_ids"]
         inputs = F.normalize(pooled.float(), dim=-1)  # (n, d)
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        logits = scale * inputs @ classes.T  # (n, L)
-        return logits.masked_fill(~self.own[batch["task_ids"]], float("-inf"))
+        routed = batch.get("route_ids") is not None or batch.get("keep_base") is not None
+        if not (routed and self.texts_follow_route):
+            classes = self.label_embeddings(model, task_ids)  # (L, d)
+            logits = scale * inputs @ classes.T  # (n, L)
+            return logits.masked_fill(~self.own[task_ids], float("-inf"))
+        route = batch.get("route_ids")
+        classes = self.routed_label_embeddings(
+            model, task_ids, task_ids if route is None else route, batch.get("keep_base")
+        )  # (n, K, d)
+        own = scale * torch.einsum("nd,nkd->nk", inputs, classes)  # (n, K)
+        valid = self.own_valid[task_ids]  # (n, K)
+        samples = torch.arange(len(task_ids), device=task_ids.device)[:, None].expand_as(valid)
+        logits = own.new_full((len(task_ids), self.own.shape[1]), float("-inf"))
+        logits[samples[valid], self.own_columns[task_ids][valid]] = own[valid]
+        return logits
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Mean over samples of cross-entropy (with label smoothing over the sample's own task's classes)."""
