@@ -5,7 +5,9 @@ encoded captions, and MoE-Adapters continues to train that way).
 Why: the class embeddings come from the same adapted encoder as the inputs, so the head learns nothing per class.
 It classifies a task it never trained on from its label names alone (zero-shot: on a model whose adapters were
 never trained, every B is 0 and the outputs equal the base model's), and a new task needs no new parameters: its
-label texts are appended and routed by its own task id. The only parameter is one learned temperature.
+label texts are appended and routed by its own task id. The only parameter is one learned temperature. When the
+samples are routed explicitly (`route_ids` or `keep_base` in the batch: an auto-selector's choice), each sample's
+class texts go through the experts its input goes through, so that both are embedded by the same model.
 
 Class texts: by default each label name through a template, `"{label}"` (the name itself); a template may also
 name the task (`"{task}: {label}"`), or a task may give its own texts (`TaskSpec.label_prompts`, one per label).
