@@ -32,7 +32,7 @@ from loramix.methods import run_training
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import evaluate
 from loramix.train.model import MultiTaskModel
-from loramix.train.run import load_trained
+from loramix.train.run import label_prompt_head, load_trained
 from loramix.train.step import compute_loss, routed
 from tests.models import adapter_config, randomize_adapters
 from tests.train import toys
@@ -258,6 +258,10 @@ def test_the_run_config_names_the_head_and_checks_its_settings(model_dir: Path, 
     )
     assert (run.head, run.label_template, run.label_smoothing) == ("label-prompt", "{task} {label}", 0.2)
     assert RunConfig.from_dict(base).head == "classification"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert label_prompt_head(run, KEYWORDS, tokenizer).texts_follow_route
+    by_task = run.model_copy(update={"label_texts_follow_route": False})
+    assert not label_prompt_head(by_task, KEYWORDS, tokenizer).texts_follow_route
     for bad, match in [
         ({"head": "cosine"}, "head"),
         ({"head": "label-prompt", "label_smoothing": 1.0}, "label_smoothing"),

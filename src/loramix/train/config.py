@@ -101,6 +101,11 @@ class RunConfig(BaseModel):
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="label-prompt: label smoothing over the task's own classes."
     )
+    label_texts_follow_route: bool = Field(
+        True,
+        description="label-prompt: a sample routed explicitly (by an auto-selector) has its class texts encoded "
+        "along its own route; false: by its task's id (the base for tasks not learned yet).",
+    )
     # auxiliary losses (weighted in train/step.py only)
     twd_weight: float = Field(1.0, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
     twd_space: Literal["gates", "logits"] = Field(
