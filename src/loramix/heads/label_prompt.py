@@ -99,8 +99,10 @@ class LabelPromptHead(Head):
         label_smoothing: float = 0.0,
         logit_scale: float = INITIAL_LOGIT_SCALE,
         max_length: int = 64,
+        texts_follow_route: bool = True,
     ) -> None:
         super().__init__()
+        self.texts_follow_route = texts_follow_route  # see `forward`
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.tokenizer, self.max_length, self.label_smoothing = tokenizer, max_length, float(label_smoothing)
@@ -150,7 +152,6 @@ class LabelPromptHead(Head):
         return input_ids, attention_mask, sizes
 
     learned: Tensor | None = None
-    texts_follow_route = True  # see `forward`
 
     def _layout(self, input_ids: Tensor, attention_mask: Tensor, sizes: list[int]) -> None:
         self.num_labels = sizes

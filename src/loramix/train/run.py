@@ -124,11 +124,13 @@ def label_prompts(run: RunConfig, data: MultiTaskData) -> list[list[str]]:
 
 
 def label_prompt_head(run: RunConfig, texts: list[list[str]], tokenizer: Any) -> LabelPromptHead:
-    head = LabelPromptHead(
-        texts, tokenizer=tokenizer, label_smoothing=run.label_smoothing, max_length=run.max_length
+    return LabelPromptHead(
+        texts,
+        tokenizer=tokenizer,
+        label_smoothing=run.label_smoothing,
+        max_length=run.max_length,
+        texts_follow_route=run.label_texts_follow_route,
     )
-    head.texts_follow_route = run.label_texts_follow_route
-    return head
 
 
 def eval_split(data: MultiTaskData) -> str:
