@@ -211,13 +211,13 @@ def test_running_mean_is_the_trailing_mean_of_the_last_window():
 
 def test_loss_curves_show_the_running_mean_over_faint_batches_and_label_the_total(tmp_path, monkeypatch):
     figures = {}
-    real = report_module._plot_curves
+    real = report_module.plot_curves
 
     def keep(path, panels, title):
         figures[path.name] = real(path, panels, title)
         return figures[path.name]
 
-    monkeypatch.setattr(report_module, "_plot_curves", keep)
+    monkeypatch.setattr(report_module, "plot_curves", keep)
     rng = np.random.default_rng(0)
     noisy = [
         {"step": s, "loss": 1 / s + rng.random(), "task_loss": 1 / s + rng.random()} for s in range(1, 41)
