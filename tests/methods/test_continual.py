@@ -179,8 +179,47 @@ def test_the_selector_keeps_its_rule_through_save_and_load_and_old_states_load_a
         assert torch.equal(a, b)
 
 
+def test_a_two_stage_selector_accepts_by_its_last_columns_and_chooses_by_all_of_them():
+    """Features of 10 columns, the last 4 deciding acceptance. Two tasks share those 4 columns' distribution and
+    differ in the first 6: acceptance cannot tell them apart, the choice (all 10 columns) can. Moving an input's
+    first 6 columns far away changes its task but never its keep-base mask; moving its last 4 sends it to the base."""
+    generator = torch.Generator().manual_seed(0)
+
+    def task(shift: float, n: int = 400) -> torch.Tensor:
+        x = torch.randn(n, 10, generator=generator)
+        x[:, :6] += shift
+        return x
+
+    selector = AutoSelector(10, normalize="gaussian", accept_width=4)
+    for shift in (0.0, 4.0):
+        selector.add_task(task(shift))
+    assert selector.accept_width == 4 and selector.accept_center.shape == (2, 4)
+    probe = torch.cat([task(0.0, 50), task(4.0, 50)])
+    torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
+    torch.testing.assert_close(selector.accept_errors(probe), selector.errors_loop(probe, accept=True))
+    tasks, keep = selector(probe)
+    assert (tasks[:50] == 0).float().mean() >= 0.9 and (tasks[50:] == 1).float().mean() >= 0.9
+    assert keep.float().mean() <= 0.2  # each task's threshold is the 95th percentile of its held-out errors
+    assert torch.equal(
+        tasks, selector.scores(selector.errors(probe)).argmin(-1)
+    )  # the likeliest of all tasks
+    moved = probe.clone()
+    moved[:, :6] += 40.0
+    assert torch.equal(selector(moved)[1], keep)  # the first columns never decide acceptance
+    moved = probe.clone()
+    moved[:, 6:] += 40.0
+    assert selector(moved)[1].all()  # unfamiliar in the acceptance columns: the base
+    loaded = AutoSelector(10)
+    loaded.load_state(selector.state())
+    assert loaded.accept_width == 4
+    for a, b in zip(selector(probe), loaded(probe)):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="accept_width"):
+        AutoSelector(10, normalize="whiten", accept_width=4)
+
+
 def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(model_dir: Path):
-    from loramix.methods.continual.features import base_hidden_state, selector_features
+    from loramix.methods.continual.features import base_hidden_state, encoder_blocks, selector_features
     from loramix.models import load_backbone
 
     backbone, tokenizer = load_backbone(str(model_dir))
@@ -198,6 +237,16 @@ def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(mod
     assert features[:, -1].tolist() == [1.0, 1.0]  # both are pairs
     single = dict(tokenizer(["a b c"], return_tensors="pt"))
     assert selector_features(backbone, single, "hidden", 1)[0, -1] == 0.0
+    # two blocks from one pass: block 0's pooled state, then block 1's, then the statistics
+    width = backbone.config.hidden_size
+    both = selector_features(backbone, inputs, "hidden", 0, accept_layer=1)
+    torch.testing.assert_close(both[:, :width], selector_features(backbone, inputs, "hidden", 0)[:, :width])
+    torch.testing.assert_close(both[:, width:], features)
+    ran = []
+    last_block = encoder_blocks(backbone)[-1].register_forward_hook(lambda *args: ran.append(1))
+    selector_features(backbone, inputs, "hidden", 1, accept_layer=0)
+    last_block.remove()
+    assert not ran  # the pass stopped at block 1
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +403,34 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     assert torch.equal(before, after)
     with pytest.raises(ConfigError, match="continue_from"):
         get_method("mola-grad").validate(RunConfig.from_dict({**later.to_dict(), "method": "mola-grad"}))
+
+
+def test_a_two_stage_selector_run_evaluates_and_continues_only_on_the_features_it_was_fitted_on(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    from loramix.cli import main
+    from loramix.io import read_checkpoint
+
+    every = specs(tasks_dir)
+    first = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=6, ddas_accept_layer=1)
+    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
+    metrics = run_training(first, tmp_path / "first")
+    _, tensors = read_checkpoint(tmp_path / "first" / "adapter")
+    width = tensors["extra.selector.center"].shape[1]
+    assert (
+        int(tensors["extra.selector.accept_columns"]) == (width - 2) // 2 + 2
+    )  # block 1's state and statistics
+    assert main(["eval", str(tmp_path / "first")]) == 0
+    evaluated = json.loads((tmp_path / "first" / "eval-test.json").read_text())
+    assert [evaluated["tasks"][t["name"]]["accuracy"] for t in every[:2]] == metrics["accuracy_matrix"][-1]
+    later = {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
+    with pytest.raises(ConfigError, match="ddas_accept_layer: 1"):
+        run_training(RunConfig.from_dict({**later, "ddas_accept_layer": None}), tmp_path / "other")
+    metrics = run_training(RunConfig.from_dict(later), tmp_path / "later")
+    assert len(metrics["selector"]["confusion"][0]) == 3 + 1
+    whiten = RunConfig.from_dict({**first.to_dict(), "ddas_normalize": "whiten"})
+    with pytest.raises(ConfigError, match="ddas_accept_layer"):
+        get_method("moe-adapters").validate(whiten)
 
 
 def test_loramix_eval_of_a_continual_run_routes_by_the_saved_selector(moe_run: dict[str, Any]):

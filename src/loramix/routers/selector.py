@@ -20,6 +20,13 @@ Three rules, chosen by `normalize` (saved with the tensors, so a loaded selector
 - `l2`: the paper's rule: autoencoders on L2-normalised features, `task = argmin_t err_t / thr_t`, base if that
   ratio is above 1.
 
+Two stages (`accept_width`, `gaussian` only): acceptance and choice may read different features. The last
+`accept_width` columns of the features (for example a deeper block's pooled state) get a Gaussian of their own per
+task, and only those decide whether some learned task accepts an input; an accepted input then goes to the task most
+likely under the Gaussians of all the columns, whether or not that task accepted it. On the ten text tasks the
+block-3 state tells a familiar input from a new one better than the block-0 state, and both together name the task
+best (`benchmarks/results/ddas-selector.md`).
+
 Whitening by each task's own statistics is what makes these features tell tasks apart: mean-pooled text features
 of every task share most of their variance, and an input of another task that sits inside t's principal subspace
 but far along it is still unfamiliar to t. On the ten text tasks of the selector benchmark the Gaussian names a
@@ -63,6 +70,7 @@ class AutoSelector(nn.Module):
         percentile: float = 95.0,
         normalize: str = "gaussian",
         shrinkage: float = 0.1,
+        accept_width: int = 0,
     ) -> None:
         super().__init__()
         if not 0 < percentile <= 100:
@@ -71,6 +79,11 @@ class AutoSelector(nn.Module):
             raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
         if not 0 < shrinkage <= 1:
             raise ConfigError(f"shrinkage must lie in (0, 1], got {shrinkage}")
+        if accept_width and (normalize != "gaussian" or not 0 < accept_width < in_features):
+            raise ConfigError(
+                f"accept_width {accept_width}: a separate acceptance stage needs the gaussian rule and fewer "
+                f"columns than the {in_features} features"
+            )
         self.in_features, self.hidden, self.percentile = in_features, hidden, percentile
         self.shrinkage = shrinkage
         self.register_buffer("rule", torch.tensor(NORMALIZE.index(normalize)))  # saved: how it decides
@@ -84,10 +97,20 @@ class AutoSelector(nn.Module):
         self.register_buffer("whitening", torch.zeros(0, in_features, in_features))
         self.register_buffer("log_error_stats", torch.zeros(0, 2))  # (T, 2): mean, std of log held-out errors
         self.register_buffer("log_det", torch.zeros(0))  # (T,): log det of each covariance; `gaussian` only
+        # two stages: the width a of the acceptance columns (0: one stage), and each task's Gaussian of them
+        self.register_buffer("accept_columns", torch.tensor(accept_width))
+        self.register_buffer("accept_center", torch.zeros(0, accept_width))  # (T, a)
+        self.register_buffer("accept_whitening", torch.zeros(0, accept_width, accept_width))  # (T, a, a)
+        self.register_buffer("accept_log_det", torch.zeros(0))  # (T,)
 
     @property
     def normalize(self) -> str:
         return NORMALIZE[int(self.rule)]
+
+    @property
+    def accept_width(self) -> int:
+        """How many trailing feature columns decide acceptance on their own (0: all of them, one stage)."""
+        return int(self.accept_columns)
 
     @property
     def num_tasks(self) -> int:
@@ -110,11 +133,25 @@ class AutoSelector(nn.Module):
         recon = torch.einsum("nth,tdh->ntd", h, self.dec_w) + self.dec_b  # (n, T, d)
         return (recon - z).pow(2).mean(-1)  # (n, T)
 
-    def errors_loop(self, features: Tensor) -> Tensor:
-        """The same errors, one autoencoder at a time (the reference the tests hold `errors` to)."""
+    def accept_errors(self, features: Tensor) -> Tensor:
+        """The errors that decide acceptance `(n, T)`: with two stages, each task's negative log-likelihood (doubled,
+        up to a constant) of the last `accept_width` columns; else `errors`."""
+        if not self.accept_width:
+            return self.errors(features)
+        x = features.float()[:, -self.accept_width :]
+        z = torch.einsum("ntd,tde->nte", x[:, None] - self.accept_center, self.accept_whitening)
+        return z.pow(2).sum(-1) + self.accept_log_det  # (n, T)
+
+    def errors_loop(self, features: Tensor, accept: bool = False) -> Tensor:
+        """The same errors, one task at a time (the reference the tests hold `errors` and, with `accept`,
+        `accept_errors` to)."""
         x = features.float()
         columns = []
         for t in range(self.num_tasks):
+            if accept and self.accept_width:
+                z = (x[:, -self.accept_width :] - self.accept_center[t]) @ self.accept_whitening[t]
+                columns.append(z.pow(2).sum(-1) + self.accept_log_det[t])
+                continue
             z = F.normalize(x, dim=-1) if self.normalize == "l2" else (x - self.center[t]) @ self.whitening[t]
             if self.normalize == "gaussian":
                 columns.append(z.pow(2).sum(-1) + self.log_det[t])
@@ -137,14 +174,19 @@ class AutoSelector(nn.Module):
     @torch.no_grad()
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`(task_ids (n,), keep_base (n,) bool)` for features `(n, d)`; with no task learned, all go to the base.
-        Among the tasks that accept a sample, the most familiar one; no task accepts it: the base model."""
+        Among the tasks that accept a sample, the most familiar one (two stages: the most familiar of all learned
+        tasks); no task accepts it: the base model."""
         n, device = features.shape[0], features.device
         if self.num_tasks == 0:
             zeros = torch.zeros(n, dtype=torch.long, device=device)
             return zeros, torch.ones(n, dtype=torch.bool, device=device)
-        errors = self.errors(features.to(self.thresholds.device))  # (n, T), where the selector lives
-        accepted = errors <= self.thresholds  # (n, T)
+        features = features.to(self.thresholds.device)  # where the selector lives
+        errors = self.errors(features)  # (n, T)
         scores = self.scores(errors)
+        if self.accept_width:
+            accepted = self.accept_errors(features) <= self.thresholds  # (n, T)
+            return scores.argmin(-1).to(device), ~accepted.any(-1).to(device)
+        accepted = errors <= self.thresholds  # (n, T)
         task_ids = torch.where(accepted, scores, torch.full_like(scores, math.inf)).argmin(-1)
         task_ids = torch.where(accepted.any(-1), task_ids, scores.argmin(-1))  # (n,)
         return task_ids.to(device), ~accepted.any(-1).to(device)
@@ -180,7 +222,18 @@ class AutoSelector(nn.Module):
         else:
             held, fit = (held - center) @ whitening, (fit - center) @ whitening
         new: dict[str, Tensor] = {"center": center, "whitening": whitening}
-        if self.normalize == "gaussian":
+        if self.accept_width:  # the acceptance columns' own Gaussian sets the threshold
+            columns = features[order[cut:], -self.accept_width :]
+            accept_center, accept_whitening, accept_log_det = self._whitening(columns)
+            z = (features[order[:cut], -self.accept_width :] - accept_center) @ accept_whitening
+            held_errors = z.pow(2).sum(-1) + accept_log_det
+            new.update(
+                log_det=log_det,
+                accept_center=accept_center,
+                accept_whitening=accept_whitening,
+                accept_log_det=accept_log_det,
+            )
+        elif self.normalize == "gaussian":
             held_errors = held.pow(2).sum(-1) + log_det
             new["log_det"] = log_det
         else:

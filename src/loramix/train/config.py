@@ -200,6 +200,14 @@ class RunConfig(BaseModel):
         description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature; 0 reads "
         "the embeddings' output (free at inference), 3 selects better at about 1.5x the cost of a given task id.",
     )
+    ddas_accept_layer: int | None = Field(
+        None,
+        ge=0,
+        description="Auto-selector (`ddas_features: hidden`, `ddas_normalize: gaussian`): a second block whose "
+        "features alone decide whether an input is familiar to some learned task (else it goes to the base); the "
+        "task is then chosen on both blocks' features. 3 sends more unseen inputs to the base at the inference "
+        "cost of running 3 blocks. null: block `ddas_layer` decides both.",
+    )
     ddas_normalize: Literal["gaussian", "whiten", "l2"] = Field(
         "gaussian",
         description="Auto-selector: each task's Gaussian of its features' mean and shrunk covariance, the most "

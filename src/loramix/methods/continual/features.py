@@ -1,5 +1,6 @@
 """The auto-selector's feature of an input: always computed by the untouched base model, mean-pooled over real
-tokens, from the input embeddings, a given transformer block's input, or the last hidden state.
+tokens, from the input embeddings, a given transformer block's input (or two blocks' inputs, side by side), or the
+last hidden state.
 
 Legend: n samples, t tokens, d feature width.
 """
@@ -7,6 +8,7 @@ Legend: n samples, t tokens, d feature width.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +20,13 @@ from loramix.inject import is_injected
 from loramix.train.model import MODEL_INPUTS
 
 
-def selector_width(backbone: torch.nn.Module, kind: str) -> int:
-    """The width of :func:`selector_features` of this kind."""
+def selector_width(backbone: torch.nn.Module, kind: str, two_blocks: bool = False) -> int:
+    """The width of :func:`selector_features` of this kind (`two_blocks`: with an `accept_layer` of its own)."""
     if kind == "embeddings":
         return backbone.get_input_embeddings().embedding_dim
-    return backbone.config.hidden_size + (2 if kind == "hidden" else 0)
+    if kind == "hidden":
+        return (2 if two_blocks else 1) * backbone.config.hidden_size + 2
+    return backbone.config.hidden_size
 
 
 class _Reached(Exception):
@@ -31,7 +35,11 @@ class _Reached(Exception):
 
 @torch.no_grad()
 def selector_features(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], kind: str, layer: int = 3
+    backbone: torch.nn.Module,
+    batch: dict[str, Tensor],
+    kind: str,
+    layer: int = 3,
+    accept_layer: int | None = None,
 ) -> Tensor:
     """The auto-selector's feature of each input `(n, d)`, always from the untouched base model (every sample kept
     on the base inside a routing block of its own), mean-pooled over real tokens and L2-normalised:
@@ -40,44 +48,65 @@ def selector_features(
       output), with two token statistics appended: the log token count and whether the input is a sentence pair
       (any token in the second segment). Only the first `layer` blocks run. On the ten-task benchmark a middle
       block told the tasks apart better than the input embeddings or the last block, and the two statistics
-      separate pairs from single sentences (benchmarks/ddas_selector.py);
+      separate pairs from single sentences (benchmarks/ddas_selector.py). With `accept_layer` (another block),
+      the pooled state entering that block follows the first, before the two statistics: `(n, 2d + 2)`, both from
+      one pass through the blocks up to the later of the two (the selector's acceptance reads the last `d + 2`
+      columns, see `AutoSelector(accept_width=...)`);
     - `embeddings`: the input embedding lookup alone (nearly free);
     - `encoder`: the encoder's last hidden state (one more forward pass)."""
     mask = batch["attention_mask"]
     weights = mask.float()[..., None]  # (n, t, 1)
+
+    def pool(hidden: Tensor) -> Tensor:
+        return F.normalize(
+            (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1
+        )  # (n, d)
+
     if kind == "embeddings":
-        hidden = backbone.get_input_embeddings()(batch["input_ids"]).float()
-    else:
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        hidden = base_hidden_state(backbone, inputs, None if kind == "encoder" else layer).float()
-    pooled = F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)  # (n, d)
+        return pool(backbone.get_input_embeddings()(batch["input_ids"]))
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if kind != "hidden":
-        return pooled
+        return pool(base_hidden_state(backbone, inputs, None))
+    layers = [layer] if accept_layer is None or accept_layer == layer else [layer, accept_layer]
+    pooled = torch.cat([pool(h) for h in base_hidden_states(backbone, inputs, layers)], -1)  # (n, d or 2d)
     count = weights.sum((1, 2)).clamp_min(1.0).log()  # (n,)
     second = batch.get("token_type_ids")
     pair = (second * mask).any(-1).float() if second is not None else torch.zeros_like(count)
-    return torch.cat([pooled, count[:, None], pair[:, None]], -1)  # (n, d + 2)
+    return torch.cat([pooled, count[:, None], pair[:, None]], -1)  # (n, d + 2) or (n, 2d + 2)
 
 
 def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], layer: int | None) -> Tensor:
     """The base model's hidden state `(n, t, d)` entering block `layer` (None, or at least the number of blocks:
     the last hidden state), in eval mode; a hook stops the forward pass there, so the later blocks never run."""
+    return base_hidden_states(backbone, inputs, [layer])[0]
+
+
+def base_hidden_states(
+    backbone: torch.nn.Module, inputs: dict[str, Tensor], layers: list[int | None]
+) -> list[Tensor]:
+    """The base model's hidden states `(n, t, d)` entering each block of `layers` (see `base_hidden_state`), from
+    one forward pass that stops once the last of them exists."""
     mask = inputs["attention_mask"]
     keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-    blocks = encoder_blocks(backbone) if layer is not None else torch.nn.ModuleList()
-    reached: list[Tensor] = []
+    blocks = encoder_blocks(backbone) if any(layer is not None for layer in layers) else torch.nn.ModuleList()
+    inside = {layer for layer in layers if layer is not None and layer < len(blocks)}
+    stop = set(layers) <= inside  # no wanted state is the last one: stop once all exist
+    reached: dict[int, Tensor] = {}
 
-    def stop(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        reached.append(args[0] if args else kwargs["hidden_states"])
-        raise _Reached
+    def hook(index: int) -> Any:
+        def keep_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            reached[index] = args[0] if args else kwargs["hidden_states"]
+            if stop and len(reached) == len(inside):
+                raise _Reached
 
-    hook = (
-        blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
-        if layer is not None and layer < len(blocks)
-        else None
-    )
+        return keep_input
+
+    hooks = [
+        blocks[index].register_forward_pre_hook(hook(index), with_kwargs=True) for index in sorted(inside)
+    ]
     training = backbone.training
     backbone.eval()  # the base model's feature, without dropout, whatever mode the caller left the model in
+    last = None
     try:
         on_base = (
             routing(
@@ -91,14 +120,14 @@ def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], laye
             else contextlib.nullcontext()
         )
         with on_base:
-            output = backbone(**inputs)
-        return output.last_hidden_state
+            last = backbone(**inputs).last_hidden_state
     except _Reached:
-        return reached[0]
+        pass
     finally:
         backbone.train(training)
-        if hook is not None:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
+    return [reached[layer] if layer in inside else last for layer in layers]  # type: ignore[misc]
 
 
 def encoder_blocks(backbone: torch.nn.Module) -> torch.nn.ModuleList:

@@ -100,8 +100,11 @@ class Learner:
     @torch.no_grad()
     def base_features(self, batch: dict[str, Tensor]) -> Tensor:
         """The auto-selector's feature of each input `(n, d)`, from the untouched base model (see
-        :func:`selector_features`)."""
-        return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer)
+        :func:`selector_features`); the second block's too where the selector has an acceptance stage (a run
+        saved before `ddas_accept_layer` existed has none)."""
+        two_stage = self.selector is not None and self.selector.accept_width > 0
+        accept = self.run.ddas_accept_layer if two_stage else None
+        return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer, accept)
 
     def select(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the
@@ -129,6 +132,13 @@ class Continual(Method):
         if run.steps_per_task is None:
             raise ConfigError(
                 f"steps_per_task: method {self.name} learns the tasks in turn; set the steps per task"
+            )
+        if run.ddas_accept_layer not in (None, run.ddas_layer) and (
+            run.ddas_features != "hidden" or run.ddas_normalize != "gaussian"
+        ):
+            raise ConfigError(
+                "ddas_accept_layer: a second block for the auto-selector needs ddas_features: hidden and "
+                "ddas_normalize: gaussian; set ddas_accept_layer: null"
             )
         if run.head != "label-prompt":
             raise ConfigError(
@@ -189,12 +199,14 @@ class Continual(Method):
         learner.model.to(group.device)  # row 0 is evaluated where the tasks will train
         self.mark_learned(learner)
         if self.uses_selector and learner.selector is None:
+            two_stage = run.ddas_accept_layer not in (None, run.ddas_layer)
             learner.selector = AutoSelector(
-                selector_width(learner.backbone, run.ddas_features),
+                selector_width(learner.backbone, run.ddas_features, two_stage),
                 hidden=run.ddas_hidden,
                 percentile=run.ddas_percentile,
                 normalize=run.ddas_normalize,
                 shrinkage=run.ddas_shrinkage,
+                accept_width=selector_width(learner.backbone, run.ddas_features) if two_stage else 0,
             )
         progress = output_dir / "progress.json"
         done = json.loads(progress.read_text())["done"] if resume and progress.is_file() else -1
@@ -265,21 +277,28 @@ class Continual(Method):
         )
         learner.prior_tasks = tasks
         if self.uses_selector:
-            state = {
-                k.removeprefix("extra.selector."): v
-                for k, v in tensors.items()
-                if k.startswith("extra.selector.")
-            }
-            if not state:
+            if not any(k.startswith("extra.selector.") for k in tensors):
                 raise ConfigError(
                     f"continue_from: {prior} has no auto-selector; continue it with its own method"
                 )
-            learner.selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1])
-            learner.selector.load_state(state)
+            learner.selector = saved_selector(tensors, prior)
+            self.check_selector_features(run, prior)
         metrics_file = prior / "metrics.json"
         if metrics_file.is_file():
             learner.records = json.loads(metrics_file.read_text()).get("continual", learner.records)
         return learner
+
+    @staticmethod
+    def check_selector_features(run: RunConfig, prior: Path) -> None:
+        """A continued run's new tasks must give the earlier run's selector the features it was fitted on."""
+        saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
+        keys = ("ddas_features", "ddas_layer", "ddas_accept_layer")
+        changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
+        if changed:
+            raise ConfigError(
+                f"continue_from: {prior}'s auto-selector was fitted on other features: set "
+                + ", ".join(f"{k}: {getattr(saved, k)}" for k in changed)
+            )
 
     def train_task(self, learner: Learner, task: int | None, output_dir: Path, resume: bool) -> list:
         run, data = learner.run, learner.data
