@@ -44,11 +44,14 @@ METHODS = [
 ]
 
 
-def selector_speed(rounds: int, batch: int, seq: int, experts: int, layer: int) -> dict:
+def selector_speed(
+    rounds: int, batch: int, seq: int, experts: int, layer: int, accept_layer: int | None = None
+) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block):
     with the auto-selector choosing each input's task (or the base) from its `hidden` feature (the base model's
-    hidden state entering block `layer`, mean-pooled, with two token statistics), against the same model given the
-    true task ids; one process, interleaved rounds, the median of per-round ratios."""
+    hidden state entering block `layer`, mean-pooled, with two token statistics; with `accept_layer`, block
+    `accept_layer`'s too, which alone decides acceptance), against the same model given the true task ids; one
+    process, interleaved rounds, the median of per-round ratios."""
     import loramix
     from loramix.methods.continual.features import selector_features, selector_width
     from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
@@ -74,11 +77,15 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int, layer: int) 
     with torch.no_grad():
         for param in loramix.adapter_state(model).values():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    selector = AutoSelector(selector_width(model, "hidden"))
-    for task in range(tasks):  # autoencoders fitted on each task's share of a vocabulary
+    two_stage = accept_layer is not None
+    selector = AutoSelector(
+        selector_width(model, "hidden", two_stage),
+        accept_width=selector_width(model, "hidden") if two_stage else 0,
+    )
+    for task in range(tasks):  # Gaussians fitted on each task's share of a vocabulary
         ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (200, seq), generator=generator)
         sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        selector.add_task(selector_features(model, sample, "hidden", layer), epochs=50)
+        selector.add_task(selector_features(model, sample, "hidden", layer, accept_layer))
     task_ids = torch.arange(batch) % tasks
     input_ids = torch.stack(
         [
@@ -95,7 +102,7 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int, layer: int) 
 
     @torch.inference_mode()
     def selected() -> None:
-        chosen, keep = selector(selector_features(model, inputs, "hidden", layer))
+        chosen, keep = selector(selector_features(model, inputs, "hidden", layer, accept_layer))
         with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
             model(**inputs)
 
@@ -103,6 +110,8 @@ def selector_speed(rounds: int, batch: int, seq: int, experts: int, layer: int) 
     return {
         "name": "ddas-vs-task-ids",
         "ddas_layer": layer,
+        "ddas_accept_layer": accept_layer,
+        "ddas_normalize": selector.normalize,
         "batch": batch,
         "seq": seq,
         "experts": experts,
@@ -148,17 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
-    if args.speed:  # the feature entering block 0 (embeddings) and block 3 (the default)
-        entries = []
-        for layer in (0, 3):
+    if args.speed:  # block 0's feature (the default), block 3's, and block 3 accepting with both choosing
+        path = args.out.with_name("continual-speed.json")
+        entries = json.loads(path.read_text()) if path.is_file() else []
+
+        def case(entry: dict) -> tuple:
+            return entry["ddas_layer"], entry.get("ddas_accept_layer"), entry.get("ddas_normalize")
+
+        for layer, accept_layer in ((0, None), (3, None), (0, 3)):
             entry = {
-                **selector_speed(rounds=15, batch=64, seq=args.max_length, experts=22, layer=layer),
+                **selector_speed(
+                    15, batch=64, seq=args.max_length, experts=22, layer=layer, accept_layer=accept_layer
+                ),
                 "threads": args.threads,
                 "device": device_name(torch.device("cpu")),
             }
-            entries.append(entry)
+            entries = [e for e in entries if case(e) != case(entry)] + [entry]  # the other rules' rows stay
+            atomic_write_json(path, entries)
             print(json.dumps(entry), flush=True)
-        atomic_write_json(args.out.with_name("continual-speed.json"), entries)
         return 0
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
 

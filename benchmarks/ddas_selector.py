@@ -44,6 +44,8 @@ REFERENCE = (
     "whiten, block-3 features + token stats, log-z"  # the autoencoder variant the others change one thing of
 )
 DEFAULT = "gaussian, block-0 features + token stats"  # the library's default
+# `ddas_accept_layer: 3`: block 3's features (with the token stats) decide acceptance, blocks 0 and 3 the task
+TWO_STAGE = "gaussian, block 3 accepts, blocks 0 + 3 choose"
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "paper: input embeddings, l2, err/thr": ("embeddings", {"normalize": "l2"}, {}, ""),
     "l2 rule, block-3 features + token stats": ("hidden3", {"normalize": "l2"}, {}, ""),
@@ -67,9 +69,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "gaussian, block-0, shrinkage 0.3": ("hidden0", {"normalize": "gaussian", "shrinkage": 0.3}, {}, ""),
     "gaussian, block-0, shrinkage 0.01": ("hidden0", {"normalize": "gaussian", "shrinkage": 0.01}, {}, ""),
     "gaussian, block-0, percentile 90": ("hidden0", {"normalize": "gaussian", "percentile": 90.0}, {}, ""),
+    TWO_STAGE: ("hidden0+3", {"normalize": "gaussian"}, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
-DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats")
+DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats", TWO_STAGE)
 
 
 @torch.no_grad()
@@ -139,9 +142,13 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     kind, options, fit_options, change = VARIANTS[name]
 
     def pick(task: str, split: str) -> torch.Tensor:
+        if kind == "hidden0+3":  # the library's layout: block 0's pooled state, block 3's, the statistics
+            return torch.cat([features[task][split]["hidden0"][:, :-2], features[task][split]["hidden3"]], 1)
         x = features[task][split][kind]
         return x[:, :-2] if change == "no-stats" else x
 
+    if kind == "hidden0+3":
+        options = {**options, "accept_width": features[ORDER[0]]["train"]["hidden3"].shape[1]}
     started = time.perf_counter()
     full = AutoSelector(pick(ORDER[0], "train").shape[1], **options)
     for task in ORDER:
@@ -166,7 +173,7 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     confusion = np.zeros((len(ORDER), len(ORDER) + 1), dtype=int)
     np.add.at(confusion, (labels.numpy(), torch.where(keep, len(ORDER), chosen).numpy()), 1)
     # acceptance[i][j]: the share of task j's test inputs that task i's own threshold accepts, whatever the others do
-    accepted = (full.errors(test) <= full.thresholds).float()  # (n, T)
+    accepted = (full.accept_errors(test) <= full.thresholds).float()  # (n, T)
     acceptance = [
         [float(accepted[labels == j, i].mean()) for j in range(len(ORDER))] for i in range(len(ORDER))
     ]

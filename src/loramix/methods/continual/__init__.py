@@ -5,9 +5,10 @@ Methods: `moe-adapters` (and `moe-adapters-task-id`, `joint`), `continual-mola-g
 """
 
 from loramix.methods.continual.baselines import Lae, SequentialLora, ZeroShot
+from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.moe_adapters import JointMoEAdapters, MoEAdapters, MoEAdaptersTaskId
 from loramix.methods.continual.mola_grad import ContinualMolaGrad
-from loramix.methods.continual.sequence import Continual, Learner, continual_metrics
+from loramix.methods.continual.sequence import Continual, continual_metrics
 
 __all__ = [
     "Continual",

@@ -16,7 +16,8 @@ from torch import Tensor
 from loramix.config import AdapterConfig
 from loramix.inject import get_info
 from loramix.methods.base import register_method
-from loramix.methods.continual.sequence import Continual, Learner
+from loramix.methods.continual.learner import Learner
+from loramix.methods.continual.sequence import Continual
 from loramix.methods.mola import common
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig

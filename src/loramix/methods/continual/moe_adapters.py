@@ -26,7 +26,8 @@ from loramix.config import AdapterConfig
 from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
-from loramix.methods.continual.sequence import Continual, Learner
+from loramix.methods.continual.learner import Learner
+from loramix.methods.continual.sequence import Continual
 from loramix.routers import PerTaskRouter
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig

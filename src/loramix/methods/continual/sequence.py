@@ -25,15 +25,14 @@ import torch
 from torch import Tensor
 
 from loramix.data import MultiTaskData, TextCollator
-from loramix.errors import CheckpointError, ConfigError
+from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method
-from loramix.methods.continual.features import selector_features, selector_width
+from loramix.methods.continual.learner import Learner, check_selector_features, new_selector, saved_selector
 from loramix.methods.continual.report import write_continual_report
 from loramix.models import load_backbone
-from loramix.routers.selector import AutoSelector
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer, processes
@@ -49,68 +48,6 @@ from loramix.train.run import (
     seed_everything,
 )
 from loramix.train.step import routed as routing_block
-
-STATE_FILE = "learner.safetensors"
-
-
-class OffsetCollator:
-    """The collator's batches with `offset` added to their task ids: a continued run's tasks come after the ones
-    its model learned before."""
-
-    def __init__(self, collator: Any, offset: int) -> None:
-        self.collator, self.offset = collator, offset
-
-    def __call__(self, items: list) -> dict[str, Tensor]:
-        batch = self.collator(items)
-        batch["task_ids"] = batch["task_ids"] + self.offset
-        return batch
-
-
-class Learner:
-    """What a continual run carries from task to task: the model, the auto-selector, and the method's records.
-    `offset` is the number of tasks learned in an earlier run (`continue_from`): this run's task i is task
-    `offset + i` for the model, its routers, its head and its selector."""
-
-    def __init__(
-        self, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, collator: Any, offset: int = 0
-    ) -> None:
-        self.run, self.data, self.model = run, data, model
-        self.collator = OffsetCollator(collator, offset) if offset else collator
-        self.offset = offset
-        self.selector: AutoSelector | None = None
-        self.learned = [True] * offset + [False] * data.num_tasks
-        self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
-        self.prior_tasks: list[dict] = []
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model is now (the trainer moves it to the accelerator when the first task trains)."""
-        return next(self.model.parameters()).device
-
-    @property
-    def backbone(self) -> torch.nn.Module:
-        return self.model.backbone
-
-    def batches(self, examples: list, batch_size: int) -> Any:
-        for start in range(0, len(examples), batch_size):
-            yield {
-                k: v.to(self.device) for k, v in self.collator(examples[start : start + batch_size]).items()
-            }
-
-    @torch.no_grad()
-    def base_features(self, batch: dict[str, Tensor]) -> Tensor:
-        """The auto-selector's feature of each input `(n, d)`, from the untouched base model (see
-        :func:`selector_features`); the second block's too where the selector has an acceptance stage (a run
-        saved before `ddas_accept_layer` existed has none)."""
-        two_stage = self.selector is not None and self.selector.accept_width > 0
-        accept = self.run.ddas_accept_layer if two_stage else None
-        return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer, accept)
-
-    def select(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the
-        selector follows it to the accelerator; it is fitted on the CPU)."""
-        assert self.selector is not None
-        return self.selector.to(self.device)(self.base_features(batch))
 
 
 class Continual(Method):
@@ -199,15 +136,7 @@ class Continual(Method):
         learner.model.to(group.device)  # row 0 is evaluated where the tasks will train
         self.mark_learned(learner)
         if self.uses_selector and learner.selector is None:
-            two_stage = run.ddas_accept_layer not in (None, run.ddas_layer)
-            learner.selector = AutoSelector(
-                selector_width(learner.backbone, run.ddas_features, two_stage),
-                hidden=run.ddas_hidden,
-                percentile=run.ddas_percentile,
-                normalize=run.ddas_normalize,
-                shrinkage=run.ddas_shrinkage,
-                accept_width=selector_width(learner.backbone, run.ddas_features) if two_stage else 0,
-            )
+            learner.selector = new_selector(run, learner.backbone)
         progress = output_dir / "progress.json"
         done = json.loads(progress.read_text())["done"] if resume and progress.is_file() else -1
         matrix: list[list[float]] = []
@@ -282,23 +211,11 @@ class Continual(Method):
                     f"continue_from: {prior} has no auto-selector; continue it with its own method"
                 )
             learner.selector = saved_selector(tensors, prior)
-            self.check_selector_features(run, prior)
+            check_selector_features(run, prior)
         metrics_file = prior / "metrics.json"
         if metrics_file.is_file():
             learner.records = json.loads(metrics_file.read_text()).get("continual", learner.records)
         return learner
-
-    @staticmethod
-    def check_selector_features(run: RunConfig, prior: Path) -> None:
-        """A continued run's new tasks must give the earlier run's selector the features it was fitted on."""
-        saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
-        keys = ("ddas_features", "ddas_layer", "ddas_accept_layer")
-        changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
-        if changed:
-            raise ConfigError(
-                f"continue_from: {prior}'s auto-selector was fitted on other features: set "
-                + ", ".join(f"{k}: {getattr(saved, k)}" for k in changed)
-            )
 
     def train_task(self, learner: Learner, task: int | None, output_dir: Path, resume: bool) -> list:
         run, data = learner.run, learner.data
@@ -466,20 +383,6 @@ class Continual(Method):
         own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
         names = [t["name"] for t in learner.prior_tasks] + data.task_names
         return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": names}
-
-
-def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
-    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`)."""
-    state = {
-        k.removeprefix("extra.selector."): v for k, v in tensors.items() if k.startswith("extra.selector.")
-    }
-    if not state:
-        raise CheckpointError(
-            f"{where / 'adapter'}: no auto-selector saved; was it written by a DDAS method?"
-        )
-    selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1])
-    selector.load_state(state)
-    return selector
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:

@@ -1,0 +1,120 @@
+"""What a continual run carries from task to task (`Learner`), and its auto-selector: made from the run's settings,
+read back from a saved run, and the features it reads.
+
+Legend: n samples, d feature width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loramix.data import MultiTaskData
+from loramix.errors import CheckpointError, ConfigError
+from loramix.methods.continual.features import selector_features, selector_width
+from loramix.routers.selector import AutoSelector
+from loramix.train.config import RunConfig
+from loramix.train.model import MultiTaskModel
+
+
+class OffsetCollator:
+    """The collator's batches with `offset` added to their task ids: a continued run's tasks come after the ones
+    its model learned before."""
+
+    def __init__(self, collator: Any, offset: int) -> None:
+        self.collator, self.offset = collator, offset
+
+    def __call__(self, items: list) -> dict[str, Tensor]:
+        batch = self.collator(items)
+        batch["task_ids"] = batch["task_ids"] + self.offset
+        return batch
+
+
+class Learner:
+    """What a continual run carries from task to task: the model, the auto-selector, and the method's records.
+    `offset` is the number of tasks learned in an earlier run (`continue_from`): this run's task i is task
+    `offset + i` for the model, its routers, its head and its selector."""
+
+    def __init__(
+        self, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, collator: Any, offset: int = 0
+    ) -> None:
+        self.run, self.data, self.model = run, data, model
+        self.collator = OffsetCollator(collator, offset) if offset else collator
+        self.offset = offset
+        self.selector: AutoSelector | None = None
+        self.learned = [True] * offset + [False] * data.num_tasks
+        self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
+        self.prior_tasks: list[dict] = []
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now (the trainer moves it to the accelerator when the first task trains)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.model.backbone
+
+    def batches(self, examples: list, batch_size: int) -> Any:
+        for start in range(0, len(examples), batch_size):
+            yield {
+                k: v.to(self.device) for k, v in self.collator(examples[start : start + batch_size]).items()
+            }
+
+    @torch.no_grad()
+    def base_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """The auto-selector's feature of each input `(n, d)`, from the untouched base model (see
+        :func:`selector_features`); the second block's too where the selector has an acceptance stage (a run
+        saved before `ddas_accept_layer` existed has none)."""
+        two_stage = self.selector is not None and self.selector.accept_width > 0
+        accept = self.run.ddas_accept_layer if two_stage else None
+        return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer, accept)
+
+    def select(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the
+        selector follows it to the accelerator; it is fitted on the CPU)."""
+        assert self.selector is not None
+        return self.selector.to(self.device)(self.base_features(batch))
+
+
+def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
+    """An empty auto-selector for the run's features and rule (`ddas_*`); two stages with a `ddas_accept_layer` of
+    its own."""
+    two_stage = run.ddas_accept_layer not in (None, run.ddas_layer)
+    return AutoSelector(
+        selector_width(backbone, run.ddas_features, two_stage),
+        hidden=run.ddas_hidden,
+        percentile=run.ddas_percentile,
+        normalize=run.ddas_normalize,
+        shrinkage=run.ddas_shrinkage,
+        accept_width=selector_width(backbone, run.ddas_features) if two_stage else 0,
+    )
+
+
+def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
+    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`)."""
+    state = {
+        k.removeprefix("extra.selector."): v for k, v in tensors.items() if k.startswith("extra.selector.")
+    }
+    if not state:
+        raise CheckpointError(
+            f"{where / 'adapter'}: no auto-selector saved; was it written by a DDAS method?"
+        )
+    selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1])
+    selector.load_state(state)
+    return selector
+
+
+def check_selector_features(run: RunConfig, prior: Path) -> None:
+    """A continued run's new tasks must give the earlier run's selector the features it was fitted on."""
+    saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
+    keys = ("ddas_features", "ddas_layer", "ddas_accept_layer")
+    changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
+    if changed:
+        raise ConfigError(
+            f"continue_from: {prior}'s auto-selector was fitted on other features: set "
+            + ", ".join(f"{k}: {getattr(saved, k)}" for k in changed)
+        )
