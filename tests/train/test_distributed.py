@@ -47,6 +47,7 @@ def test_two_processes_train_and_one_writes(method: str, model_dir: Path, tasks_
         elrea_clusters=3,
         elrea_feature_examples=60,
         elrea_feature_dim=256,
+        elrea_base_fraction=0.5,
     )
     out = tmp_path / "run"
     done = launch(config, out, tmp_path)
