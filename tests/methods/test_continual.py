@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from loramix import adapter_state
 from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.methods import get_method, run_training
@@ -452,3 +454,81 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     shown = capsys.readouterr().out
     assert "continual: 3 tasks in order sentiment, animals, colors" in shown
     assert "Transfer" in shown and "BWT" in shown and "auto-selector" in shown and "after task 0" in shown
+
+
+def test_the_experts_start_at_moe_first_block_and_other_targets_refuse_it(model_dir: Path, tasks_dir: Path):
+    from loramix.methods.continual.moe_adapters import mlp_outputs
+
+    pattern = re.compile(mlp_outputs(3))
+    names = {
+        "encoder.layer.2.output.dense": False,
+        "encoder.layer.3.output.dense": True,
+        "encoder.layer.13.output.dense": True,
+        "encoder.layer.3.attention.output.dense": False,
+        "transformer.h.1.mlp.c_proj": False,
+        "transformer.h.10.mlp.c_proj": True,
+        "model.layers.0.mlp.down_proj": False,
+        "model.layers.4.mlp.down_proj": True,
+    }
+    assert {name: bool(pattern.fullmatch(name)) for name in names} == names
+    run = continual_run(model_dir, tasks_dir, "moe-adapters", moe_first_block=1, targets=["output.dense"])
+    with pytest.raises(ConfigError, match="moe_first_block: 1"):
+        get_method("moe-adapters").validate(run)
+
+
+def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    from loramix.methods.continual.features import first_adapted_block, routed_by_selector
+
+    method = get_method("moe-adapters")
+    kept: list[Learner] = []
+    original_end = type(method).end_task
+
+    def keep_learner(self, learner: Learner, task: int) -> None:
+        original_end(self, learner, task)
+        kept.append(learner)
+
+    run = continual_run(
+        model_dir, tasks_dir, "moe-adapters", steps_per_task=6, moe_first_block=1, ddas_accept_layer=1
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(method), "end_task", keep_learner)
+        run_training(run, tmp_path / "run")
+    learner = kept[-1]
+    assert first_adapted_block(learner.backbone) == 1  # block 0 runs as the base model
+    assert learner.in_pass_layers() == [0, 1]
+    model = learner.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts far from zero, so that a wrong route shows in every output
+        for param in adapter_state(learner.backbone).values():
+            param.add_(torch.randn(param.shape, generator=generator))
+    learner.selector.thresholds[
+        1
+    ] = -1.0  # the second task accepts nothing: its inputs go elsewhere or to the base
+    examples = [e for t in range(3) for e in learner.data.eval_examples("test", t, 8)]
+    batch = next(learner.batches(examples, 24))
+    with torch.no_grad():
+        route, keep, predicted = method.route_and_predict(learner, batch)
+        reference_route, reference_keep = learner.select(batch)  # a base pass of its own, then the model's
+        reference = method.predict(learner, batch, reference_route, reference_keep)
+        with routed_by_selector(learner.backbone, batch, learner.selector, [0, 1]) as chosen:
+            pooled = model.pooled(batch)
+        expected = model.encode(batch, route_ids=reference_route, keep_base=reference_keep)
+        base = model.encode(batch, route_ids=reference_route, keep_base=torch.ones_like(keep))
+    assert torch.equal(route, reference_route) and torch.equal(keep, reference_keep)
+    assert keep.any() and not keep.all()
+    assert torch.equal(chosen["route"], route) and torch.equal(pooled, expected)
+    assert (
+        torch.equal(pooled[keep], base[keep]) and not torch.isclose(pooled[~keep], base[~keep]).all(-1).any()
+    )
+    assert torch.equal(predicted, reference)
+    # with the selector reading a block after an adapted one, routing needs its own pass
+    default = continual_run(model_dir, tasks_dir, "moe-adapters", steps_per_task=2, ddas_layer=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(method), "end_task", keep_learner)
+        run_training(default, tmp_path / "default")
+    assert kept[-1].in_pass_layers() is None
+    with pytest.raises(ConfigError, match="first adapted block is 0"):
+        with routed_by_selector(kept[-1].backbone, batch, kept[-1].selector, [1]):
+            pass

@@ -180,6 +180,13 @@ class RunConfig(BaseModel):
         2, ge=0, description="moe-adapters: most-used experts per block frozen after a task."
     )
     adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")
+    moe_first_block: int = Field(
+        0,
+        ge=0,
+        description="moe-adapters (default placement): experts only in transformer blocks from this one on. With "
+        "`ddas_layer` and `ddas_accept_layer` at most this block, the auto-selector reads the inference pass's own "
+        "states (the blocks before it are the base model's), so selecting costs no pass of its own.",
+    )
     ddas_hidden: int = Field(
         64, ge=1, description="Auto-selector (whiten, l2): width of each task's autoencoder."
     )
@@ -202,7 +209,8 @@ class RunConfig(BaseModel):
         0,
         ge=0,
         description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature; 0 reads "
-        "the embeddings' output (free at inference), 3 selects better at about 1.5x the cost of a given task id.",
+        "the embeddings' output (free at inference), 3 selects better at about 1.5x the cost of a given task id "
+        "(free with `moe_first_block: 3`).",
     )
     ddas_accept_layer: int | None = Field(
         None,

@@ -8,6 +8,7 @@ Legend: n samples, t tokens, d feature width.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from loramix.context import routing
 from loramix.errors import ConfigError
-from loramix.inject import is_injected
+from loramix.inject import get_info, is_injected
 from loramix.train.model import MODEL_INPUTS
 
 
@@ -55,24 +56,34 @@ def selector_features(
     - `embeddings`: the input embedding lookup alone (nearly free);
     - `encoder`: the encoder's last hidden state (one more forward pass)."""
     mask = batch["attention_mask"]
-    weights = mask.float()[..., None]  # (n, t, 1)
-
-    def pool(hidden: Tensor) -> Tensor:
-        return F.normalize(
-            (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1
-        )  # (n, d)
-
     if kind == "embeddings":
-        return pool(backbone.get_input_embeddings()(batch["input_ids"]))
+        return _pool(backbone.get_input_embeddings()(batch["input_ids"]), mask)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if kind != "hidden":
-        return pool(base_hidden_state(backbone, inputs, None))
-    layers = [layer] if accept_layer is None or accept_layer == layer else [layer, accept_layer]
-    pooled = torch.cat([pool(h) for h in base_hidden_states(backbone, inputs, layers)], -1)  # (n, d or 2d)
-    count = weights.sum((1, 2)).clamp_min(1.0).log()  # (n,)
+        return _pool(base_hidden_state(backbone, inputs, None), mask)
+    return hidden_features(batch, base_hidden_states(backbone, inputs, selector_layers(layer, accept_layer)))
+
+
+def selector_layers(layer: int, accept_layer: int | None = None) -> list[int]:
+    """The blocks whose input states a `hidden` feature reads, in the feature's order."""
+    return [layer] if accept_layer is None or accept_layer == layer else [layer, accept_layer]
+
+
+def _pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens, in float32, L2-normalised: `(n, t, d) -> (n, d)`."""
+    weights = mask.float()[..., None]  # (n, t, 1)
+    return F.normalize((hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)
+
+
+def hidden_features(batch: dict[str, Tensor], states: list[Tensor]) -> Tensor:
+    """The `hidden` feature `(n, k*d + 2)` from the states `(n, t, d)` entering k blocks: each pooled, then the log
+    token count and whether the input is a sentence pair."""
+    mask = batch["attention_mask"]
+    pooled = torch.cat([_pool(h, mask) for h in states], -1)  # (n, k*d)
+    count = mask.float().sum(1).clamp_min(1.0).log()  # (n,)
     second = batch.get("token_type_ids")
     pair = (second * mask).any(-1).float() if second is not None else torch.zeros_like(count)
-    return torch.cat([pooled, count[:, None], pair[:, None]], -1)  # (n, d + 2) or (n, 2d + 2)
+    return torch.cat([pooled, count[:, None], pair[:, None]], -1)
 
 
 def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], layer: int | None) -> Tensor:
@@ -140,3 +151,76 @@ def encoder_blocks(backbone: torch.nn.Module) -> torch.nn.ModuleList:
         "ddas_features: hidden needs a model whose blocks form one list of config.num_hidden_layers modules; "
         "set ddas_features: embeddings or encoder"
     )
+
+
+def first_adapted_block(backbone: torch.nn.Module) -> int | None:
+    """The index of the first transformer block that holds an adapted layer; None when the model has no list of
+    blocks or some adapted layer lies outside every block (it may run before block 0)."""
+    try:
+        blocks = encoder_blocks(backbone)
+    except ConfigError:
+        return None
+    adapted = {id(layer) for layer in get_info(backbone).layers}
+    first, inside = None, 0
+    for index, block in enumerate(blocks):
+        found = sum(id(module) in adapted for module in block.modules())
+        if found and first is None:
+            first = index
+        inside += found
+    return first if inside == len(adapted) else None
+
+
+@contextlib.contextmanager
+def routed_by_selector(
+    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int]
+) -> Iterator[dict[str, Tensor]]:
+    """A routing block in which `selector` routes each input during the forward pass itself, from the states
+    entering `layers` (a `hidden` feature, see :func:`hidden_features`). Every block before the last of `layers`
+    must hold no adapted layer (:func:`first_adapted_block`): those blocks then compute the base model's states
+    whatever the route, so the selector reads exactly what a separate base pass would give it, and the pass goes on
+    through the adapted blocks along the route it chose. Yields a dict that holds `route` and `keep` `(n,)` once
+    the pass has reached the last of `layers`.
+
+    Example:
+        >>> with routed_by_selector(backbone, batch, selector, [0, 3]) as chosen:
+        ...     hidden = backbone(**inputs).last_hidden_state
+        >>> chosen["route"], chosen["keep"]
+    """
+    blocks = encoder_blocks(backbone)
+    first = first_adapted_block(backbone)
+    if first is None or max(layers) > first or max(layers) >= len(blocks):
+        raise ConfigError(
+            f"the auto-selector reads blocks {layers} in the pass itself only when no adapted layer runs before "
+            f"block {max(layers)} (the first adapted block is {first}); select in a base pass of its own instead"
+        )
+    mask = batch["attention_mask"]
+    keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    reached: dict[int, Tensor] = {}
+    chosen: dict[str, Tensor] = {}
+    with routing(
+        backbone,
+        task_ids=torch.zeros_like(keep, dtype=torch.long),
+        attention_mask=mask,
+        keep_base=keep,
+        record=False,
+    ) as state:
+
+        def hook(index: int) -> Any:
+            def read_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                reached[index] = args[0] if args else kwargs["hidden_states"]
+                if len(reached) == len(set(layers)) and not chosen:
+                    with torch.no_grad():
+                        route, kept = selector(hidden_features(batch, [reached[i] for i in layers]))
+                    state.task_ids, state.keep_base = route.to(keep.device), kept.to(keep.device)
+                    chosen["route"], chosen["keep"] = state.task_ids, state.keep_base
+
+            return read_input
+
+        handles = [
+            blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in sorted(set(layers))
+        ]
+        try:
+            yield chosen
+        finally:
+            for handle in handles:
+                handle.remove()

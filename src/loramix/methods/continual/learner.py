@@ -14,7 +14,12 @@ from torch import Tensor
 
 from loramix.data import MultiTaskData
 from loramix.errors import CheckpointError, ConfigError
-from loramix.methods.continual.features import selector_features, selector_width
+from loramix.methods.continual.features import (
+    first_adapted_block,
+    selector_features,
+    selector_layers,
+    selector_width,
+)
 from loramix.routers.selector import AutoSelector
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
@@ -72,6 +77,16 @@ class Learner:
         two_stage = self.selector is not None and self.selector.accept_width > 0
         accept = self.run.ddas_accept_layer if two_stage else None
         return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer, accept)
+
+    def in_pass_layers(self) -> list[int] | None:
+        """The blocks whose input states the auto-selector reads, where it can read them inside the inference pass
+        itself (no adapted layer before the last of them: see :func:`routed_by_selector`); else None."""
+        if self.selector is None or self.run.ddas_features != "hidden":
+            return None
+        accept = self.run.ddas_accept_layer if self.selector.accept_width > 0 else None
+        layers = selector_layers(self.run.ddas_layer, accept)
+        first = first_adapted_block(self.backbone)
+        return layers if first is not None and max(layers) <= first else None
 
     def select(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the

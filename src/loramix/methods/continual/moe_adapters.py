@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from loramix.config import AdapterConfig
+from loramix.errors import ConfigError
 from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
@@ -34,6 +35,15 @@ from loramix.train.config import RunConfig
 from loramix.train.loop import sum_over_processes
 
 MLP_OUTPUTS = r"(.*\.)?(layer\.\d+\.output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
+
+
+def mlp_outputs(first_block: int = 0) -> str:
+    """A regex of the MLP output projections (`MLP_OUTPUTS`) of the transformer blocks from `first_block` on: the
+    block's index, the number before the projection's name, may not be one of 0..first_block-1."""
+    if not first_block:
+        return MLP_OUTPUTS
+    earlier = "|".join(str(i) for i in range(first_block))
+    return rf"(.*\.)?(?!(?:{earlier})\.)\d+\.(output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
 
 
 class ExpertUse(Callback):
@@ -71,7 +81,7 @@ class MoEAdapters(Continual):
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         where: dict[str, Any] = (
-            {"target_regex": MLP_OUTPUTS, "targets": "all-linear"}
+            {"target_regex": mlp_outputs(run.moe_first_block), "targets": "all-linear"}
             if run.targets == "all-linear"
             else {"targets": run.targets}
         )
@@ -87,6 +97,14 @@ class MoEAdapters(Continual):
             dropout=run.dropout,
             **where,
         )
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        if run.moe_first_block and run.targets != "all-linear":
+            raise ConfigError(
+                f"moe_first_block: {run.moe_first_block} places the default experts; with targets of your own, "
+                "name only the modules of the blocks you want adapted and set moe_first_block: 0"
+            )
 
     def initial_tasks(self, num_tasks: int) -> int:
         return 1  # a router per task is added as its task arrives

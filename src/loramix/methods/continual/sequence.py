@@ -30,6 +30,7 @@ from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method
+from loramix.methods.continual.features import routed_by_selector
 from loramix.methods.continual.learner import Learner, check_selector_features, new_selector, saved_selector
 from loramix.methods.continual.report import write_continual_report
 from loramix.models import load_backbone
@@ -115,6 +116,22 @@ class Continual(Method):
         routed = {**batch, "route_ids": route, "keep_base": keep}
         with routing_block(learner.model, routed):
             return learner.model.heads.predict(learner.model, routed)
+
+    def route_and_predict(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """`(route ids, keep-base mask, label indices)` of an evaluation batch. Where the selector's blocks come
+        before every adapted one, it routes inside the inference pass itself (:func:`routed_by_selector`: the same
+        routes as a base pass of its own, without that pass); otherwise routing comes first, then the pass."""
+        layers = learner.in_pass_layers() if self.uses_selector else None
+        if layers is None:
+            route, keep = self.route(learner, batch)
+            return route, keep, self.predict(learner, batch, route, keep)
+        model = learner.model
+        selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
+        with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
+            pooled = model.pooled(batch)
+        routed = {**batch, "route_ids": chosen["route"], "keep_base": chosen["keep"]}
+        logits = model.heads(pooled, routed, model)
+        return chosen["route"], chosen["keep"], model.heads.decide(logits, batch["task_ids"])
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
         examples = learner.data.split("train")
@@ -286,8 +303,8 @@ class Continual(Method):
             examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
             correct = 0
             for batch in learner.batches(examples, run.eval_batch_size):
-                route, keep = self.route(learner, batch)
-                correct += int((self.predict(learner, batch, route, keep) == batch["labels"].float()).sum())
+                route, keep, predicted = self.route_and_predict(learner, batch)
+                correct += int((predicted == batch["labels"].float()).sum())
                 if learner.learned[learner.offset + task.task_id]:
                     global_id = learner.offset + task.task_id
                     own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
