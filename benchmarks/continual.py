@@ -45,16 +45,29 @@ METHODS = [
 
 
 def selector_speed(
-    rounds: int, batch: int, seq: int, experts: int, layer: int, accept_layer: int | None = None
+    rounds: int,
+    batch: int,
+    seq: int,
+    experts: int,
+    layer: int,
+    accept_layer: int | None = None,
+    first_block: int = 0,
 ) -> dict:
-    """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block):
-    with the auto-selector choosing each input's task (or the base) from its `hidden` feature (the base model's
-    hidden state entering block `layer`, mean-pooled, with two token statistics; with `accept_layer`, block
-    `accept_layer`'s too, which alone decides acceptance), against the same model given the true task ids; one
-    process, interleaved rounds, the median of per-round ratios."""
+    """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
+    from `first_block` on): with the auto-selector choosing each input's task (or the base) from its `hidden`
+    feature (the base model's hidden state entering block `layer`, mean-pooled, with two token statistics; with
+    `accept_layer`, block `accept_layer`'s too, which alone decides acceptance), against the same model given the
+    true task ids; one process, interleaved rounds, the median of per-round ratios. The selector routes inside the
+    pass itself where its blocks come no later than the first adapted one (as a continual run does), else from a
+    base pass of its own first."""
     import loramix
-    from loramix.methods.continual.features import selector_features, selector_width
-    from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
+    from loramix.methods.continual.features import (
+        routed_by_selector,
+        selector_features,
+        selector_layers,
+        selector_width,
+    )
+    from loramix.methods.continual.moe_adapters import mlp_outputs
     from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 
@@ -70,7 +83,7 @@ def selector_speed(
         "num_tasks": tasks,
         "top_k": 2,
         "noisy": True,
-        "target_regex": MLP_OUTPUTS,
+        "target_regex": mlp_outputs(first_block),
     }
     loramix.inject(model, config)
     generator = torch.Generator().manual_seed(0)
@@ -100,8 +113,15 @@ def selector_speed(
         with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
             model(**inputs)
 
+    layers = selector_layers(layer, accept_layer)
+    in_pass = max(layers) <= first_block
+
     @torch.inference_mode()
     def selected() -> None:
+        if in_pass:
+            with routed_by_selector(model, inputs, selector, layers):
+                model(**inputs)
+            return
         chosen, keep = selector(selector_features(model, inputs, "hidden", layer, accept_layer))
         with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
             model(**inputs)
@@ -112,6 +132,8 @@ def selector_speed(
         "ddas_layer": layer,
         "ddas_accept_layer": accept_layer,
         "ddas_normalize": selector.normalize,
+        "moe_first_block": first_block,
+        "in_pass": in_pass,
         "batch": batch,
         "seq": seq,
         "experts": experts,
@@ -157,17 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
-    if args.speed:  # block 0's feature (the default), block 3's, and block 3 accepting with both choosing
+    if (
+        args.speed
+    ):  # block 0's feature (the default), block 3's, block 3 accepting with both choosing; and the
+        # last two with the experts from block 3 on, where the selector routes inside the pass
         path = args.out.with_name("continual-speed.json")
         entries = json.loads(path.read_text()) if path.is_file() else []
 
         def case(entry: dict) -> tuple:
-            return entry["ddas_layer"], entry.get("ddas_accept_layer"), entry.get("ddas_normalize")
+            return (
+                entry["ddas_layer"],
+                entry.get("ddas_accept_layer"),
+                entry.get("ddas_normalize"),
+                entry.get("moe_first_block", 0),
+            )
 
-        for layer, accept_layer in ((0, None), (3, None), (0, 3)):
+        cases = ((0, None, 0), (3, None, 0), (0, 3, 0), (3, None, 3), (0, 3, 3))
+        for layer, accept_layer, first_block in cases:
             entry = {
                 **selector_speed(
-                    15, batch=64, seq=args.max_length, experts=22, layer=layer, accept_layer=accept_layer
+                    15,
+                    batch=64,
+                    seq=args.max_length,
+                    experts=22,
+                    layer=layer,
+                    accept_layer=accept_layer,
+                    first_block=first_block,
                 ),
                 "threads": args.threads,
                 "device": device_name(torch.device("cpu")),
