@@ -474,6 +474,9 @@ def test_the_experts_start_at_moe_first_block_and_other_targets_refuse_it(model_
     run = continual_run(model_dir, tasks_dir, "moe-adapters", moe_first_block=1, targets=["output.dense"])
     with pytest.raises(ConfigError, match="moe_first_block: 1"):
         get_method("moe-adapters").validate(run)
+    beyond = continual_run(model_dir, tasks_dir, "moe-adapters", moe_first_block=2)  # the tiny model has 2
+    with pytest.raises(ConfigError, match="moe_first_block: 2 leaves no block"):
+        get_method("moe-adapters").validate(beyond)
 
 
 def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(

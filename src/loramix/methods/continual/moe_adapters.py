@@ -29,6 +29,7 @@ from loramix.inject import get_info
 from loramix.methods.base import register_method
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.sequence import Continual
+from loramix.models import resolve_model_path
 from loramix.routers import PerTaskRouter
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
@@ -105,6 +106,17 @@ class MoEAdapters(Continual):
                 f"moe_first_block: {run.moe_first_block} places the default experts; with targets of your own, "
                 "name only the modules of the blocks you want adapted and set moe_first_block: 0"
             )
+        if run.moe_first_block:
+            from transformers import AutoConfig
+
+            blocks = getattr(
+                AutoConfig.from_pretrained(resolve_model_path(run.model)), "num_hidden_layers", None
+            )
+            if blocks is not None and run.moe_first_block >= blocks:
+                raise ConfigError(
+                    f"moe_first_block: {run.moe_first_block} leaves no block for the experts: model {run.model!r} "
+                    f"has {blocks} (0 to {blocks - 1})"
+                )
 
     def initial_tasks(self, num_tasks: int) -> int:
         return 1  # a router per task is added as its task arrives
