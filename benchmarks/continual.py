@@ -67,7 +67,7 @@ def selector_speed(
         selector_layers,
         selector_width,
     )
-    from loramix.methods.continual.moe_adapters import mlp_outputs
+    from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
     from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 
@@ -83,7 +83,10 @@ def selector_speed(
         "num_tasks": tasks,
         "top_k": 2,
         "noisy": True,
-        "target_regex": mlp_outputs(first_block),
+        "target_regex": MLP_OUTPUTS,
+        "layers_to_transform": list(range(first_block, model.config.num_hidden_layers))
+        if first_block
+        else None,
     }
     loramix.inject(model, config)
     generator = torch.Generator().manual_seed(0)
@@ -132,7 +135,7 @@ def selector_speed(
         "ddas_layer": layer,
         "ddas_accept_layer": accept_layer,
         "ddas_normalize": selector.normalize,
-        "moe_first_block": first_block,
+        "layers_to_transform": config["layers_to_transform"],
         "in_pass": in_pass,
         "batch": batch,
         "seq": seq,
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["ddas_layer"],
                 entry.get("ddas_accept_layer"),
                 entry.get("ddas_normalize"),
-                entry.get("moe_first_block", 0),
+                json.dumps(entry.get("layers_to_transform")),
             )
 
         cases = ((0, None, 0), (3, None, 0), (0, 3, 0), (3, None, 3), (0, 3, 3))

@@ -118,6 +118,45 @@ def test_mlp_targets_and_exclude() -> None:
     assert adapted_names(model) == ["fc1", "fc2"]
 
 
+def test_layers_to_transform_keeps_the_targets_of_those_blocks_as_peft_does() -> None:
+    model = tiny_bert()
+    second = [n for n, m in model.named_modules() if ".layer.1." in n and isinstance(m, nn.Linear)]
+    loramix.inject(model, adapter_config("none", targets="all-linear", layers_to_transform=[1]))
+    assert adapted_names(model) == second and len(second) == 6  # not block 0's, nor the pooler
+    reference = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(target_modules=["query", "value"], layers_to_transform=[1])
+    )
+    ours = tiny_bert()
+    loramix.inject(ours, adapter_config("none", targets=["query", "value"], layers_to_transform=[1]))
+    lora = {
+        n.removeprefix("base_model.model.")
+        for n, m in reference.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert (
+        set(adapted_names(ours))
+        == lora
+        == {f"encoder.layer.1.attention.self.{m}" for m in ("query", "value")}
+    )
+    gpt2 = tiny_gpt2()
+    loramix.inject(gpt2, adapter_config("none", target_regex=r".*mlp\.c_proj", layers_to_transform=[0]))
+    assert adapted_names(gpt2) == ["h.0.mlp.c_proj"]
+
+
+@pytest.mark.parametrize(
+    ("make", "layers", "message"),
+    [
+        (tiny_bert, [2], r"layers_to_transform: \[2\] are not blocks of the model, which has 2 \(0 to 1\)"),
+        (tiny_mlp, [0], "one list of config.num_hidden_layers modules; this one has none"),
+    ],
+)
+def test_layers_to_transform_outside_the_blocks_is_refused_by_name(make, layers, message) -> None:
+    model = make()
+    with pytest.raises(loramix.InjectionError, match=message):
+        loramix.inject(model, adapter_config("none", targets="all-linear", layers_to_transform=layers))
+    assert adapted_names(model) == []
+
+
 # ---- errors ---------------------------------------------------------------------------------------------------
 
 

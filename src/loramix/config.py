@@ -45,6 +45,11 @@ class AdapterConfig(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="Names or suffixes never adapted (e.g. heads)."
     )
+    layers_to_transform: list[int] | None = Field(
+        None,
+        description="Adapt only the targets inside these transformer blocks (indices into the model's list of "
+        "config.num_hidden_layers blocks, from 0), as PEFT's option of the same name; None: every target.",
+    )
     experts: str = Field(
         "lora",
         description="The expert kind: 'lora' (B A x) or 'adapter' (a bottleneck adapter: s W_up ReLU(W_down x + b) "

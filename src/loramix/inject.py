@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loramix.blocks import transformer_blocks
 from loramix.config import AdapterConfig
 from loramix.errors import InjectionError
 from loramix.experts import (
@@ -162,6 +163,8 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
                     f"target {target!r} matched no module; adaptable module names end in: {', '.join(close[:20])}"
                 )
             chosen += [hit for hit in hits if hit not in chosen]
+    if config.layers_to_transform is not None:
+        chosen = _inside_blocks(model, chosen, config.layers_to_transform)
     for name, module in chosen:
         if not any(accepts(module) for _, accepts, _ in builders):
             kinds = ", ".join(kind for kind, _, _ in builders)
@@ -169,6 +172,29 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
                 f"module '{name}' ({type(module).__name__}) matched a target but loramix can only adapt: {kinds}"
             )
     return chosen
+
+
+def _inside_blocks(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], layers: list[int]
+) -> list[tuple[str, nn.Module]]:
+    """The chosen targets that lie inside the transformer blocks `layers`."""
+    blocks = transformer_blocks(model)
+    if blocks is None:
+        raise InjectionError(
+            "layers_to_transform needs a model whose blocks form one list of config.num_hidden_layers modules; "
+            "this one has none: name the modules to adapt in targets instead"
+        )
+    wrong = [i for i in layers if not 0 <= i < len(blocks)]
+    if wrong:
+        raise InjectionError(
+            f"layers_to_transform: {wrong} are not blocks of the model, which has {len(blocks)} (0 to "
+            f"{len(blocks) - 1})"
+        )
+    inside = {id(module) for i in layers for module in blocks[i].modules()}
+    kept = [(name, module) for name, module in chosen if id(module) in inside]
+    if not kept:
+        raise InjectionError(f"layers_to_transform: blocks {layers} hold none of the targets")
+    return kept
 
 
 def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str | None, int | None]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -456,29 +455,6 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     assert "Transfer" in shown and "BWT" in shown and "auto-selector" in shown and "after task 0" in shown
 
 
-def test_the_experts_start_at_moe_first_block_and_other_targets_refuse_it(model_dir: Path, tasks_dir: Path):
-    from loramix.methods.continual.moe_adapters import mlp_outputs
-
-    pattern = re.compile(mlp_outputs(3))
-    names = {
-        "encoder.layer.2.output.dense": False,
-        "encoder.layer.3.output.dense": True,
-        "encoder.layer.13.output.dense": True,
-        "encoder.layer.3.attention.output.dense": False,
-        "transformer.h.1.mlp.c_proj": False,
-        "transformer.h.10.mlp.c_proj": True,
-        "model.layers.0.mlp.down_proj": False,
-        "model.layers.4.mlp.down_proj": True,
-    }
-    assert {name: bool(pattern.fullmatch(name)) for name in names} == names
-    run = continual_run(model_dir, tasks_dir, "moe-adapters", moe_first_block=1, targets=["output.dense"])
-    with pytest.raises(ConfigError, match="moe_first_block: 1"):
-        get_method("moe-adapters").validate(run)
-    beyond = continual_run(model_dir, tasks_dir, "moe-adapters", moe_first_block=2)  # the tiny model has 2
-    with pytest.raises(ConfigError, match="moe_first_block: 2 leaves no block"):
-        get_method("moe-adapters").validate(beyond)
-
-
 def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
@@ -493,7 +469,7 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
         kept.append(learner)
 
     run = continual_run(
-        model_dir, tasks_dir, "moe-adapters", steps_per_task=6, moe_first_block=1, ddas_accept_layer=1
+        model_dir, tasks_dir, "moe-adapters", steps_per_task=6, layers_to_transform=[1], ddas_accept_layer=1
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(method), "end_task", keep_learner)

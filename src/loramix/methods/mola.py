@@ -25,6 +25,7 @@ def common(run: RunConfig) -> dict[str, Any]:
         "alpha": run.alpha,
         "dropout": run.dropout,
         "targets": run.targets,
+        "layers_to_transform": run.layers_to_transform,
         "train_backbone": run.train_backbone,
     }
 

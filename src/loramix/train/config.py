@@ -74,6 +74,12 @@ class RunConfig(BaseModel):
     task_to_expert: list[int] | None = Field(None, description="mola-grad: the expert of each task.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Adapter dropout (on the r-dimensional hidden).")
     targets: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
+    layers_to_transform: list[int] | None = Field(
+        None,
+        description="Adapt only the targets inside these transformer blocks (from 0), as PEFT's option. A continual "
+        "run's auto-selector routes inside the inference pass when no block before the one it reads is adapted: "
+        "[3, 4, 5] on a 6-block model with `ddas_layer` or `ddas_accept_layer` 3.",
+    )
     share: Literal["none", "A", "B"] = Field(
         "none", description="Share A or B across experts (MoSLD, HydraLoRA)."
     )
@@ -180,13 +186,6 @@ class RunConfig(BaseModel):
         2, ge=0, description="moe-adapters: most-used experts per block frozen after a task."
     )
     adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")
-    moe_first_block: int = Field(
-        0,
-        ge=0,
-        description="moe-adapters (default placement): experts only in transformer blocks from this one on. With "
-        "`ddas_layer` and `ddas_accept_layer` at most this block, the auto-selector reads the inference pass's own "
-        "states (the blocks before it are the base model's), so selecting costs no pass of its own.",
-    )
     ddas_hidden: int = Field(
         64, ge=1, description="Auto-selector (whiten, l2): width of each task's autoencoder."
     )
@@ -210,7 +209,7 @@ class RunConfig(BaseModel):
         ge=0,
         description="Auto-selector (`ddas_features: hidden`): transformer blocks run for the feature; 0 reads "
         "the embeddings' output (free at inference), 3 selects better at about 1.5x the cost of a given task id "
-        "(free with `moe_first_block: 3`).",
+        "(free with the experts in blocks 3 and later only: `layers_to_transform`).",
     )
     ddas_accept_layer: int | None = Field(
         None,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from loramix.blocks import transformer_blocks
 from loramix.context import routing
 from loramix.errors import ConfigError
 from loramix.inject import get_info, is_injected
@@ -142,15 +143,14 @@ def base_hidden_states(
 
 
 def encoder_blocks(backbone: torch.nn.Module) -> torch.nn.ModuleList:
-    """The backbone's list of transformer blocks: the first module list as long as `config.num_hidden_layers`."""
-    count = getattr(backbone.config, "num_hidden_layers", None)
-    for module in backbone.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise ConfigError(
-        "ddas_features: hidden needs a model whose blocks form one list of config.num_hidden_layers modules; "
-        "set ddas_features: embeddings or encoder"
-    )
+    """The backbone's list of transformer blocks (:func:`loramix.blocks.transformer_blocks`)."""
+    blocks = transformer_blocks(backbone)
+    if blocks is None:
+        raise ConfigError(
+            "ddas_features: hidden needs a model whose blocks form one list of config.num_hidden_layers modules; "
+            "set ddas_features: embeddings or encoder"
+        )
+    return blocks
 
 
 def first_adapted_block(backbone: torch.nn.Module) -> int | None:

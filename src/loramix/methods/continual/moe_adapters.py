@@ -23,28 +23,17 @@ import torch
 from torch import Tensor
 
 from loramix.config import AdapterConfig
-from loramix.errors import ConfigError
 from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.sequence import Continual
-from loramix.models import resolve_model_path
 from loramix.routers import PerTaskRouter
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import sum_over_processes
 
 MLP_OUTPUTS = r"(.*\.)?(layer\.\d+\.output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
-
-
-def mlp_outputs(first_block: int = 0) -> str:
-    """A regex of the MLP output projections (`MLP_OUTPUTS`) of the transformer blocks from `first_block` on: the
-    block's index, the number before the projection's name, may not be one of 0..first_block-1."""
-    if not first_block:
-        return MLP_OUTPUTS
-    earlier = "|".join(str(i) for i in range(first_block))
-    return rf"(.*\.)?(?!(?:{earlier})\.)\d+\.(output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
 
 
 class ExpertUse(Callback):
@@ -82,7 +71,7 @@ class MoEAdapters(Continual):
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         where: dict[str, Any] = (
-            {"target_regex": mlp_outputs(run.moe_first_block), "targets": "all-linear"}
+            {"target_regex": MLP_OUTPUTS, "targets": "all-linear"}
             if run.targets == "all-linear"
             else {"targets": run.targets}
         )
@@ -96,27 +85,9 @@ class MoEAdapters(Continual):
             top_k=run.top_k or 2,
             noisy=True,
             dropout=run.dropout,
+            layers_to_transform=run.layers_to_transform,
             **where,
         )
-
-    def validate(self, run: RunConfig) -> None:
-        super().validate(run)
-        if run.moe_first_block and run.targets != "all-linear":
-            raise ConfigError(
-                f"moe_first_block: {run.moe_first_block} places the default experts; with targets of your own, "
-                "name only the modules of the blocks you want adapted and set moe_first_block: 0"
-            )
-        if run.moe_first_block:
-            from transformers import AutoConfig
-
-            blocks = getattr(
-                AutoConfig.from_pretrained(resolve_model_path(run.model)), "num_hidden_layers", None
-            )
-            if blocks is not None and run.moe_first_block >= blocks:
-                raise ConfigError(
-                    f"moe_first_block: {run.moe_first_block} leaves no block for the experts: model {run.model!r} "
-                    f"has {blocks} (0 to {blocks - 1})"
-                )
 
     def initial_tasks(self, num_tasks: int) -> int:
         return 1  # a router per task is added as its task arrives
