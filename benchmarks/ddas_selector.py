@@ -35,6 +35,7 @@ ORDER = ["ag_news", "sst2", "trec", "emotion", "sms_spam", "subj", "banking77", 
 FEATURES = {  # name -> (ddas_features, ddas_layer)
     "embeddings": ("embeddings", 0),
     "hidden0": ("hidden", 0),
+    "hidden1": ("hidden", 1),
     "hidden3": ("hidden", 3),
     "hidden6": ("hidden", 6),
 }
@@ -70,6 +71,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "gaussian, block-0, shrinkage 0.01": ("hidden0", {"normalize": "gaussian", "shrinkage": 0.01}, {}, ""),
     "gaussian, block-0, percentile 90": ("hidden0", {"normalize": "gaussian", "percentile": 90.0}, {}, ""),
     TWO_STAGE: ("hidden0+3", {"normalize": "gaussian"}, {}, ""),
+    "gaussian, block-1 features + token stats": ("hidden1", {"normalize": "gaussian"}, {}, ""),
+    "gaussian, block 1 accepts, blocks 0 + 1 choose": ("hidden0+1", {"normalize": "gaussian"}, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
 DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats", TWO_STAGE)
@@ -142,13 +145,17 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     kind, options, fit_options, change = VARIANTS[name]
 
     def pick(task: str, split: str) -> torch.Tensor:
-        if kind == "hidden0+3":  # the library's layout: block 0's pooled state, block 3's, the statistics
-            return torch.cat([features[task][split]["hidden0"][:, :-2], features[task][split]["hidden3"]], 1)
+        if kind.startswith(
+            "hidden0+"
+        ):  # the library's layout: block 0's pooled state, block k's, the statistics
+            later = features[task][split]["hidden" + kind.split("+")[1]]
+            return torch.cat([features[task][split]["hidden0"][:, :-2], later], 1)
         x = features[task][split][kind]
         return x[:, :-2] if change == "no-stats" else x
 
-    if kind == "hidden0+3":
-        options = {**options, "accept_width": features[ORDER[0]]["train"]["hidden3"].shape[1]}
+    if kind.startswith("hidden0+"):
+        later = "hidden" + kind.split("+")[1]
+        options = {**options, "accept_width": features[ORDER[0]]["train"][later].shape[1]}
     started = time.perf_counter()
     full = AutoSelector(pick(ORDER[0], "train").shape[1], **options)
     for task in ORDER:
