@@ -458,6 +458,7 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
 def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
+    from loramix.cli import main
     from loramix.methods.continual.features import first_adapted_block, routed_by_selector
 
     method = get_method("moe-adapters")
@@ -473,7 +474,12 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(method), "end_task", keep_learner)
-        run_training(run, tmp_path / "run")
+        metrics = run_training(run, tmp_path / "run")
+    assert (
+        main(["eval", str(tmp_path / "run")]) == 0
+    )  # the saved run places its experts and selects as it did
+    evaluated = json.loads((tmp_path / "run" / "eval-test.json").read_text())
+    assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == metrics["accuracy_matrix"][-1]
     learner = kept[-1]
     assert first_adapted_block(learner.backbone) == 1  # block 0 runs as the base model
     assert learner.in_pass_layers() == [0, 1]
