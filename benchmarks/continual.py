@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
-    if (
-        args.speed
-    ):  # block 0's feature (the default), block 3's, block 3 accepting with both choosing; and the
-        # last two with the experts from block 3 on, where the selector routes inside the pass
+    if args.speed:
+        # block 0's feature (the default), block 3's, block 3 accepting with both choosing; the last two with the
+        # experts from block 3 on, and block 1 accepting with the experts from block 1 on: the selector routes
+        # inside the pass there
         path = args.out.with_name("continual-speed.json")
         entries = json.loads(path.read_text()) if path.is_file() else []
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps(entry.get("layers_to_transform")),
             )
 
-        cases = ((0, None, 0), (3, None, 0), (0, 3, 0), (3, None, 3), (0, 3, 3))
+        cases = ((0, None, 0), (3, None, 0), (0, 3, 0), (3, None, 3), (0, 3, 3), (0, 1, 1))
         for layer, accept_layer, first_block in cases:
             entry = {
                 **selector_speed(
