@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -178,6 +179,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from pydantic_core import PydanticUndefined
+
+    from loramix.train.config import RunConfig
+
+    word = (args.word or "").lower()
+    shown_any = False
+    for key, field in RunConfig.model_fields.items():
+        description = field.description or ""
+        if word and word not in key.lower() and word not in description.lower():
+            continue
+        kind = field.annotation
+        kind_text = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+        if field.default_factory is not None:
+            default = field.default_factory()  # type: ignore[call-arg]
+        else:
+            default = field.default
+        default_text = "required" if default is PydanticUndefined else f"default {shown(default)}"
+        print(f"{key}: {kind_text}, {default_text}")
+        if description:
+            print(textwrap.fill(description, width=100, initial_indent="    ", subsequent_indent="    "))
+        shown_any = True
+    if not shown_any:
+        raise ConfigError(f"no run setting names or mentions {args.word!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loramix", description="Mixtures of LoRA experts for multi-task data."
@@ -197,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         "config-changes.jsonl)",
     )
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser(
+        "settings",
+        help="list the run config's keys with their types, defaults and meanings (all, or those about WORD)",
+    )
+    p.add_argument("word", nargs="?", help="show only the keys whose name or description contains this word")
+    p.set_defaults(func=cmd_settings)
     p = sub.add_parser("eval", help="evaluate a finished run on its tasks")
     p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.add_argument("--config", help="evaluate with another config (e.g. other data)")
@@ -328,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("loramix: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader went away (`loramix settings | head`): stop quietly, as a shell tool
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+            return 141
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""`loramix settings`: every run config key with its type, default and meaning, or those about one word."""
+
+from __future__ import annotations
+
+import pytest
+
+from loramix.cli import main
+from loramix.train.config import RunConfig
+
+
+def test_every_run_setting_is_listed_with_its_type_default_and_meaning(capsys: pytest.CaptureFixture):
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert listed == list(RunConfig.model_fields)
+    assert "layers_to_transform: list[int] | None, default None\n    Adapt only the targets" in out
+    assert "lr: float, default 0.001" in out
+
+
+def test_a_word_keeps_the_settings_that_name_or_mention_it(capsys: pytest.CaptureFixture):
+    assert main(["settings", "ddas_accept"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert listed == ["layers_to_transform", "ddas_accept_layer"]  # the first mentions it in its description
+    assert main(["settings", "no-such-word"]) == 2
+    assert "no run setting names or mentions 'no-such-word'" in capsys.readouterr().err
