@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("loramix: interrupted", file=sys.stderr)
             return 130
-        except BrokenPipeError:  # the reader went away (`loramix settings | head`): stop quietly, as a shell tool
+        except (
+            BrokenPipeError
+        ):  # the reader went away (`loramix settings | head`): stop quietly, as a shell tool
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
             return 141
 
