@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import loramix
@@ -100,6 +101,17 @@ def test_exported_task_equals_routing_to_it(tmp_path: Path, kind: str, share: st
     assert config["peft_type"] == "LORA" and config["r"] == 4
     assert config["fan_in_fan_out"] == (kind == "gpt2")
     assert_close(peft_outputs(base, tmp_path, forward), expected, plain)
+
+
+def test_experts_in_some_blocks_only_export_to_those_blocks(tmp_path: Path) -> None:
+    model, base, forward = adapted("bert", "task", "none", layers_to_transform=[1])
+    expected = loramix_outputs(model, forward, 1)
+    with torch.no_grad():
+        plain = forward(copy.deepcopy(base))
+    loramix.export_peft(model, tmp_path, task=1)
+    assert_close(peft_outputs(base, tmp_path, forward), expected, plain)
+    names = load_file(tmp_path / "adapter_model.safetensors")
+    assert names and all(".layer.1." in name for name in names)
 
 
 def test_export_follows_task_to_expert(tmp_path: Path) -> None:
