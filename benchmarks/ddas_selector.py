@@ -5,6 +5,7 @@ tasks 1..t and every task's test inputs are routed. A seen task's inputs should 
 
     python benchmarks/ddas_selector.py --threads 1                 # every variant, writes results/ddas-selector.*
     python benchmarks/ddas_selector.py --threads 1 --variants "gaussian, block-0 features + token stats"
+    python benchmarks/ddas_selector.py --threads 1 --bound         # what classifiers that see unseen tasks allow
 
 Features: the same train sample `Continual.task_features` takes (`ddas_examples` of the run's training inputs, the
 benchmark's `max_train_examples` 2000, seed 0) and the fixed test sample of `max_eval_examples`, tokenised at the
@@ -201,6 +202,50 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     }
 
 
+def supervised_bound(features: dict, kind: str, model: str, seed: int) -> dict[str, Any]:
+    """How well the features could send unseen inputs to the base if the selector knew the unseen tasks: after
+    each task t, a classifier trained on both sides (tasks 1..t against t+1..10, their training features, the
+    sides weighted equally; what no selector has) keeps 95% of the learned tasks' held-out inputs, and the share
+    of unseen test inputs it rejects is the rate it allows. `model`: logistic regression or a one-hidden-layer
+    MLP (256 units, early stopping), on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    def pick(task: str, split: str) -> np.ndarray:
+        if kind == "hidden0+3":
+            block0, block3 = features[task][split]["hidden0"], features[task][split]["hidden3"]
+            return torch.cat([block0[:, :-2], block3], 1).double().numpy()
+        return features[task][split][kind].double().numpy()
+
+    rng = np.random.default_rng(seed)
+    train = {t: pick(t, "train") for t in ORDER}
+    test = {t: pick(t, "test") for t in ORDER}
+    held_out = {t: rng.permutation(len(train[t]))[: len(train[t]) // 5] for t in ORDER}
+    fitted = {t: np.setdiff1d(np.arange(len(train[t])), held_out[t]) for t in ORDER}
+    rates = []
+    for learned in range(1, len(ORDER)):
+        seen, unseen = ORDER[:learned], ORDER[learned:]
+        x_seen = np.concatenate([train[t][fitted[t]] for t in seen])
+        x_unseen = np.concatenate([train[t][fitted[t]] for t in unseen])
+        x = np.concatenate([x_seen, x_unseen])
+        y = np.r_[np.ones(len(x_seen)), np.zeros(len(x_unseen))]
+        scaler = StandardScaler().fit(x)
+        if model == "logistic":
+            weights = np.r_[
+                np.full(len(x_seen), 0.5 / len(x_seen)), np.full(len(x_unseen), 0.5 / len(x_unseen))
+            ]
+            classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(x), y, weights * len(x))
+        else:
+            classifier = MLPClassifier((256,), early_stopping=True, random_state=seed, max_iter=300)
+            classifier.fit(scaler.transform(x), y)
+        held = np.concatenate([train[t][held_out[t]] for t in seen])
+        threshold = np.percentile(classifier.predict_proba(scaler.transform(held))[:, 1], 5)
+        rejected = [classifier.predict_proba(scaler.transform(test[t]))[:, 1] < threshold for t in unseen]
+        rates.append(float(np.mean([r.mean() for r in rejected])))
+    return {"features": kind, "model": model, "unseen_base_mean": float(np.mean(rates)), "rows": rates}
+
+
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# DDAS auto-selector on the ten tasks (no training: base-model features only)",
@@ -268,9 +313,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/loramix-ddas-selector"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ddas-selector.json")
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="only the supervised bound on unseen->base (classifiers that see the unseen tasks); writes "
+        "results/ddas-selector-bound.json",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     features = task_features(args)
+    if args.bound:
+        from loramix.io.files import atomic_write_json
+
+        bounds = []
+        for kind in ("hidden0", "hidden3", "hidden0+3"):
+            for model in ("logistic", "mlp"):
+                bounds.append(supervised_bound(features, kind, model, args.seed))
+                rows = " ".join(f"{100 * r:.0f}" for r in bounds[-1]["rows"])
+                print(
+                    f"{kind} {model}: unseen->base {100 * bounds[-1]['unseen_base_mean']:.1f} (rows {rows})"
+                )
+        atomic_write_json(args.out.with_name("ddas-selector-bound.json"), bounds)
+        return 0
     results = []
     for name in args.variants:
         results.append(measure(features, name, args.seed))
