@@ -364,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("loramix: interrupted", file=sys.stderr)
             return 130
-        except (
-            BrokenPipeError
-        ):  # the reader went away (`loramix settings | head`): stop quietly, as a shell tool
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+        except BrokenPipeError:
+            # the reader went away (`loramix settings | head`): stop quietly, as shell tools do, and let the exit
+            # flush into /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
 
 
