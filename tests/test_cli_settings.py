@@ -24,3 +24,16 @@ def test_a_word_keeps_the_settings_that_name_or_mention_it(capsys: pytest.Captur
     assert listed == ["layers_to_transform", "ddas_accept_layer"]  # the first mentions it in its description
     assert main(["settings", "no-such-word"]) == 2
     assert "no run setting names or mentions 'no-such-word'" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_stops_the_listing_quietly(monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head -1` does once it has its line
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr("sys.stdout", closed)
+    try:
+        assert main(["settings"]) == 141
+    finally:
+        closed.close()
