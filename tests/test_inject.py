@@ -123,6 +123,11 @@ def test_layers_to_transform_keeps_the_targets_of_those_blocks_as_peft_does() ->
     second = [n for n, m in model.named_modules() if ".layer.1." in n and isinstance(m, nn.Linear)]
     loramix.inject(model, adapter_config("none", targets="all-linear", layers_to_transform=[1]))
     assert adapted_names(model) == second and len(second) == 6  # not block 0's, nor the pooler
+    one = tiny_bert()
+    loramix.inject(
+        one, adapter_config("none", targets="all-linear", layers_to_transform=1)
+    )  # one index, as PEFT
+    assert adapted_names(one) == second
     reference = peft.get_peft_model(
         tiny_bert(), peft.LoraConfig(target_modules=["query", "value"], layers_to_transform=[1])
     )

@@ -10,13 +10,29 @@ module is imported, so that a run config can be validated before torch loads.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loramix.errors import ConfigError
 
 ShareKind = Literal["none", "A", "B"]
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# transformer block indices: one index or a list of them, as PEFT's `layers_to_transform` takes
+BlockIndices = Annotated[list[int] | None, BeforeValidator(_as_list)]
 
 
 class AdapterConfig(BaseModel):
@@ -45,10 +61,10 @@ class AdapterConfig(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="Names or suffixes never adapted (e.g. heads)."
     )
-    layers_to_transform: list[int] | None = Field(
+    layers_to_transform: BlockIndices = Field(
         None,
         description="Adapt only the targets inside these transformer blocks (indices into the model's list of "
-        "config.num_hidden_layers blocks, from 0), as PEFT's option of the same name; None: every target.",
+        "config.num_hidden_layers blocks, from 0), as PEFT's option of the same name (one index or a list); None: every target.",
     )
     experts: str = Field(
         "lora",

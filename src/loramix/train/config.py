@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from loramix.config import format_validation_error
+from loramix.config import BlockIndices, format_validation_error
 from loramix.errors import ConfigError
 
 # Keys that change how a run is watched, saved or held in memory, not what it computes (gradient checkpointing
@@ -74,9 +74,10 @@ class RunConfig(BaseModel):
     task_to_expert: list[int] | None = Field(None, description="mola-grad: the expert of each task.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Adapter dropout (on the r-dimensional hidden).")
     targets: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
-    layers_to_transform: list[int] | None = Field(
+    layers_to_transform: BlockIndices = Field(
         None,
-        description="Adapt only the targets inside these transformer blocks (from 0), as PEFT's option. A continual "
+        description="Adapt only the targets inside these transformer blocks (from 0; one index or a list), as "
+        "PEFT's option. A continual "
         "run's auto-selector routes inside the inference pass when no block before the one it reads is adapted: "
         "[3, 4, 5] on a 6-block model with `ddas_layer` or `ddas_accept_layer` 3.",
     )
