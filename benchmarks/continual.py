@@ -62,6 +62,7 @@ def selector_speed(
     base pass of its own first."""
     import loramix
     from loramix.methods.continual.features import (
+        reads_in_pass,
         routed_by_selector,
         selector_features,
         selector_layers,
@@ -117,7 +118,7 @@ def selector_speed(
             model(**inputs)
 
     layers = selector_layers(layer, accept_layer)
-    in_pass = max(layers) <= first_block
+    in_pass = reads_in_pass(model, layers)
 
     @torch.inference_mode()
     def selected() -> None:

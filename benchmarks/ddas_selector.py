@@ -138,6 +138,15 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
     return out
 
 
+def picked(features: dict, task: str, split: str, kind: str) -> torch.Tensor:
+    """One kind of feature of a task's split; `hidden0+k`: the library's two-block layout (block 0's pooled state,
+    then block k's, then the two statistics)."""
+    if kind.startswith("hidden0+"):
+        later = features[task][split]["hidden" + kind.split("+")[1]]
+        return torch.cat([features[task][split]["hidden0"][:, :-2], later], 1)
+    return features[task][split][kind]
+
+
 def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     """One variant over the sequence: an autoencoder per task (each depends on its own task only, so the
     selector after task t is the first t of them), every task's test inputs routed after each task."""
@@ -146,12 +155,7 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     kind, options, fit_options, change = VARIANTS[name]
 
     def pick(task: str, split: str) -> torch.Tensor:
-        if kind.startswith(
-            "hidden0+"
-        ):  # the library's layout: block 0's pooled state, block k's, the statistics
-            later = features[task][split]["hidden" + kind.split("+")[1]]
-            return torch.cat([features[task][split]["hidden0"][:, :-2], later], 1)
-        x = features[task][split][kind]
+        x = picked(features, task, split, kind)
         return x[:, :-2] if change == "no-stats" else x
 
     if kind.startswith("hidden0+"):
@@ -212,15 +216,9 @@ def supervised_bound(features: dict, kind: str, model: str, seed: int) -> dict[s
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    def pick(task: str, split: str) -> np.ndarray:
-        if kind == "hidden0+3":
-            block0, block3 = features[task][split]["hidden0"], features[task][split]["hidden3"]
-            return torch.cat([block0[:, :-2], block3], 1).double().numpy()
-        return features[task][split][kind].double().numpy()
-
     rng = np.random.default_rng(seed)
-    train = {t: pick(t, "train") for t in ORDER}
-    test = {t: pick(t, "test") for t in ORDER}
+    train = {t: picked(features, t, "train", kind).double().numpy() for t in ORDER}
+    test = {t: picked(features, t, "test", kind).double().numpy() for t in ORDER}
     held_out = {t: rng.permutation(len(train[t]))[: len(train[t]) // 5] for t in ORDER}
     fitted = {t: np.setdiff1d(np.arange(len(train[t])), held_out[t]) for t in ORDER}
     rates = []

@@ -64,7 +64,8 @@ class AdapterConfig(BaseModel):
     layers_to_transform: BlockIndices = Field(
         None,
         description="Adapt only the targets inside these transformer blocks (indices into the model's list of "
-        "config.num_hidden_layers blocks, from 0), as PEFT's option of the same name (one index or a list); None: every target.",
+        "config.num_hidden_layers blocks, from 0; one index or a list), as PEFT's option of the same name; None: "
+        "every target.",
     )
     experts: str = Field(
         "lora",

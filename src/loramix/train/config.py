@@ -77,9 +77,8 @@ class RunConfig(BaseModel):
     layers_to_transform: BlockIndices = Field(
         None,
         description="Adapt only the targets inside these transformer blocks (from 0; one index or a list), as "
-        "PEFT's option. A continual "
-        "run's auto-selector routes inside the inference pass when no block before the one it reads is adapted: "
-        "[3, 4, 5] on a 6-block model with `ddas_layer` or `ddas_accept_layer` 3.",
+        "PEFT's option. A continual run's auto-selector routes inside the inference pass when no block before the "
+        "one it reads is adapted: [3, 4, 5] on a 6-block model with `ddas_layer` or `ddas_accept_layer` 3.",
     )
     share: Literal["none", "A", "B"] = Field(
         "none", description="Share A or B across experts (MoSLD, HydraLoRA)."

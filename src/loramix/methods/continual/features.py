@@ -170,6 +170,13 @@ def first_adapted_block(backbone: torch.nn.Module) -> int | None:
     return first if inside == len(adapted) else None
 
 
+def reads_in_pass(backbone: torch.nn.Module, layers: list[int]) -> bool:
+    """Whether a selector that reads the states entering `layers` can read them inside the inference pass: no
+    adapted layer runs before the last of them (see :func:`routed_by_selector`)."""
+    first = first_adapted_block(backbone)
+    return first is not None and max(layers) <= first
+
+
 @contextlib.contextmanager
 def routed_by_selector(
     backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int]
@@ -186,13 +193,13 @@ def routed_by_selector(
         ...     hidden = backbone(**inputs).last_hidden_state
         >>> chosen["route"], chosen["keep"]
     """
-    blocks = encoder_blocks(backbone)
-    first = first_adapted_block(backbone)
-    if first is None or max(layers) > first or max(layers) >= len(blocks):
+    if not reads_in_pass(backbone, layers):
         raise ConfigError(
             f"the auto-selector reads blocks {layers} in the pass itself only when no adapted layer runs before "
-            f"block {max(layers)} (the first adapted block is {first}); select in a base pass of its own instead"
+            f"block {max(layers)} (the first adapted block is {first_adapted_block(backbone)}); select in a base "
+            "pass of its own instead"
         )
+    blocks = encoder_blocks(backbone)
     mask = batch["attention_mask"]
     keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     reached: dict[int, Tensor] = {}

@@ -15,7 +15,7 @@ from torch import Tensor
 from loramix.data import MultiTaskData
 from loramix.errors import CheckpointError, ConfigError
 from loramix.methods.continual.features import (
-    first_adapted_block,
+    reads_in_pass,
     selector_features,
     selector_layers,
     selector_width,
@@ -85,8 +85,7 @@ class Learner:
             return None
         accept = self.run.ddas_accept_layer if self.selector.accept_width > 0 else None
         layers = selector_layers(self.run.ddas_layer, accept)
-        first = first_adapted_block(self.backbone)
-        return layers if first is not None and max(layers) <= first else None
+        return layers if reads_in_pass(self.backbone, layers) else None
 
     def select(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the
