@@ -115,7 +115,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 )
         if "accuracy_matrix" in metrics:  # a continual run
             order = metrics.get("tasks_in_order", [])
-            print(f"continual: {len(order)} tasks in order {', '.join(order)}")
+            known = metrics.get("continual", {}).get("task_names") or order
+            earlier = known[: len(known) - len(order)]
+            print(
+                f"continual: {len(order)} tasks in order {', '.join(order)}"
+                + (f", after {', '.join(earlier)} learned by the run it continued" if earlier else "")
+            )
             print(
                 "  "
                 + ", ".join(
@@ -135,7 +140,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                         for e in experts
                     }
                 )
-                print(f"  after task {task}: experts frozen somewhere {frozen}")
+                label = known[int(task)] if int(task) < len(known) else task
+                print(f"  after task {task} ({label}): experts frozen somewhere {frozen}")
         for scope, summary in metrics.get("routing", {}).items():
             if isinstance(summary, dict) and "purity" in summary:
                 print(

@@ -365,6 +365,11 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     ).exists()
     resumed = run_training(run, tmp_path / "resumed", resume=True)
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    rows = straight["continual"]["selector_rows"]
+    assert len(rows) == len(toys.TASK_NAMES) + 1 and resumed["continual"]["selector_rows"] == rows
+    assert (tmp_path / "resumed" / "continual.md").read_text() == (
+        tmp_path / "straight" / "continual.md"
+    ).read_text()
     a = load_file(tmp_path / "straight" / "adapter" / "adapters.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapters.safetensors")
     assert a.keys() == b.keys()
@@ -373,7 +378,7 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
 
 
 def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unchanged(
-    model_dir: Path, tasks_dir: Path, tmp_path: Path
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     """The user story: a finished run learns one more task from a config that names only that task; with their
     experts frozen, the earlier tasks' outputs (routed by their task ids) are bit-identical afterwards."""
@@ -390,6 +395,18 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     metrics = run_training(later, tmp_path / "later")
     assert np.array(metrics["accuracy_matrix"]).shape == (2, 1)
     assert len(metrics["selector"]["confusion"][0]) == 3 + 1  # three autoencoders and the base
+    names = [spec["name"] for spec in every]
+    rows = metrics["continual"]["selector_rows"]  # the first run's three, then this run's two
+    assert [row["after"] for row in rows] == [None, names[0], names[1], names[1], names[2]]
+    assert metrics["continual"]["frozen"] == {"0": [0], "1": [0, 1], "2": [0, 1, 2]}  # after each task
+    report = (tmp_path / "later" / "continual.md").read_text()
+    assert f"| {names[2]} | " in report and f"| {names[0]} | " in report
+    from loramix.cli import main
+
+    assert main(["inspect", str(tmp_path / "later")]) == 0
+    shown = capsys.readouterr().out
+    assert f"1 tasks in order {names[2]}, after {names[0]}, {names[1]} learned by the run it continued" in shown
+    assert f"after task 2 ({names[2]})" in shown
 
     def outputs(run_dir: Path) -> torch.Tensor:
         _, model, tokenizer, tasks = load_trained(run_dir)

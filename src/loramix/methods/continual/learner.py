@@ -55,6 +55,11 @@ class Learner:
         self.prior_tasks: list[dict] = []
 
     @property
+    def task_names(self) -> list[str]:
+        """Every task the model knows, in the order learned: an earlier run's first, then this run's."""
+        return [t["name"] for t in self.prior_tasks] + self.data.task_names
+
+    @property
     def device(self) -> torch.device:
         """Where the model is now (the trainer moves it to the accelerator when the first task trains)."""
         return next(self.model.parameters()).device

@@ -31,4 +31,7 @@ class ContinualMolaGrad(Continual):
         for layer in info.layers:
             if task:
                 layer.experts.freeze_experts(list(range(task)))
-        learner.records["frozen"][str(task)] = list(range(task))
+
+    def end_task(self, learner: Learner, task: int) -> None:
+        super().end_task(learner, task)
+        learner.records["frozen"][str(task)] = list(range(task + 1))  # its expert never trains again

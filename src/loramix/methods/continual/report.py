@@ -68,32 +68,42 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             "![selector confusion](selector_confusion.png)",
             "",
         ]
-    rates = metrics.get("continual", {}).get("selector_rows")
+    records = metrics.get("continual", {})
+    known = records.get("task_names") or names  # with `continue_from`, the earlier run's tasks first
+    rates = records.get("selector_rows")
     if rates:
-        lines += ["| after | own task (learned tasks) | base (tasks not learned yet) |", "|---|---|---|"]
-        for after, rate in zip(["nothing"] + names, rates):
+        lines += [
+            "Where the auto-selector sent the test inputs of this run's tasks after each task (a run that continues "
+            "another carries that run's rows first):",
+            "",
+            "| after | own task (learned tasks) | base (tasks not learned yet) |",
+            "|---|---|---|",
+        ]
+        unlabelled = ["nothing"] + names  # rows saved before they carried their own label
+        for i, rate in enumerate(rates):
+            after = (rate["after"] or "nothing") if "after" in rate else unlabelled[min(i, len(names))]
             own, base = rate.get("own_task_rate"), rate.get("base_rate_unlearned")
             lines.append(
                 f"| {after} | {'' if own is None else f'{own:.3f}'} | {'' if base is None else f'{base:.3f}'} |"
             )
         lines.append("")
-    use = metrics.get("continual", {}).get("expert_use", {})
+    use = records.get("expert_use", {})
     if use:
         layers = list(next(iter(use.values())))
         for layer in dict.fromkeys([layers[0], layers[-1]]):
             grid = np.array([use[task][layer] for task in use], dtype=float)
             grid = grid / np.maximum(grid.sum(1, keepdims=True), 1)
             file = f"expert_use_{layer.replace('.', '_')}.png"
-            tasks = [names[int(task)] if int(task) < len(names) else task for task in use]
+            tasks = [known[int(task)] if int(task) < len(known) else task for task in use]
             experts = [str(e) for e in range(grid.shape[1])]
             _heatmap(output_dir / file, grid, tasks, experts, f"expert use while training, {layer}", ".2f")
             lines += [f"![expert use {layer}]({file})", ""]
-    frozen = metrics.get("continual", {}).get("frozen", {})
+    frozen = records.get("frozen", {})
     if frozen:
         lines += ["| after task | experts frozen (first adapted block) |", "|---|---|"]
         for task, layers in frozen.items():
             experts = next(iter(layers.values())) if isinstance(layers, dict) and layers else layers
-            label = names[int(task)] if int(task) < len(names) else task
+            label = known[int(task)] if int(task) < len(known) else task
             lines.append(f"| {label} | {experts} |")
     path = output_dir / "continual.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())

@@ -174,10 +174,9 @@ class Continual(Method):
             learner.learned[learner.offset + task] = True
             self.mark_learned(learner)
             learner.records.setdefault("history", {})[str(learner.offset + task)] = history
+            matrix.append(self.evaluate_all(learner))  # first: its selector row goes into the snapshot
             if group.is_main_process:  # one writer when several processes train
                 self.snapshot(learner, output_dir / f"after-task-{task}")
-            matrix.append(self.evaluate_all(learner))
-            if group.is_main_process:
                 atomic_write_json(progress, {"done": task, "matrix": matrix})
             group.wait_for_everyone()
         metrics = self.report(learner, matrix)
@@ -312,8 +311,10 @@ class Continual(Method):
                     base, unseen = base + int(keep.sum()), unseen + len(keep)
             row.append(correct / max(len(examples), 1))
         if self.uses_selector:  # where the selector sent learned and not yet learned tasks' inputs, per row
+            learned = [i for i, done in enumerate(learner.learned) if done]
             learner.records.setdefault("selector_rows", []).append(
                 {
+                    "after": learner.task_names[learned[-1]] if learned else None,
                     "own_task_rate": own / seen if seen else None,
                     "base_rate_unlearned": base / unseen if unseen else None,
                 }
@@ -378,7 +379,7 @@ class Continual(Method):
         metrics["routing"] = {}
         if learner.selector is not None:
             metrics["selector"] = self.selector_confusion(learner)
-        metrics["continual"] = learner.records
+        metrics["continual"] = {**learner.records, "task_names": learner.task_names}
         return metrics
 
     @torch.no_grad()
@@ -398,8 +399,7 @@ class Continual(Method):
                 column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
                 np.add.at(confusion[task.task_id], column.numpy(), 1)
         own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
-        names = [t["name"] for t in learner.prior_tasks] + data.task_names
-        return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": names}
+        return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": learner.task_names}
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
