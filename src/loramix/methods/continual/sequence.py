@@ -399,7 +399,11 @@ class Continual(Method):
                 column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
                 np.add.at(confusion[task.task_id], column.numpy(), 1)
         own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
-        return {"confusion": confusion.tolist(), "own_task_rate": float(own), "task_names": learner.task_names}
+        return {
+            "confusion": confusion.tolist(),
+            "own_task_rate": float(own),
+            "task_names": learner.task_names,
+        }
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
