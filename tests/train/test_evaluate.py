@@ -61,3 +61,45 @@ def test_eval_is_silent_when_progress_is_off_or_stderr_is_a_file(
     assert "eval test" not in eval_stderr(
         monkeypatch, ["eval", str(run_dir), "--config", str(config)], io.StringIO()
     )
+
+
+def without_test_split(tasks_dir: Path, root: Path, task: str) -> Path:
+    """A copy of the tiny tasks in which `task` has its train split alone."""
+    import shutil
+
+    copy = shutil.copytree(tasks_dir, root / "tasks")
+    (copy / task / "test.jsonl").unlink()
+    return copy
+
+
+def test_a_task_without_a_test_split_is_left_out_of_the_scores_by_name(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    from loramix.data import MultiTaskData
+    from loramix.errors import DataError, DataWarning
+    from loramix.methods import run_training
+    from loramix.train.config import RunConfig
+    from loramix.train.run import task_specs
+    from tests.methods.test_continual import continual_run
+    from tests.methods.test_continual import specs as continual_specs
+
+    first, *others = toys.TASK_NAMES
+    data = without_test_split(tasks_dir, tmp_path, first)
+    run = RunConfig.from_dict(toys.settings(model_dir, data, method="mola-grad", steps=2))
+    with pytest.warns(DataWarning, match=f"{first} have no 'test' split"):
+        metrics = run_training(run, tmp_path / "run")
+    assert list(metrics["tasks"]) == others and metrics["unscored_tasks"] == [first]
+    assert all(metrics["tasks"][name]["n"] == 24 for name in others)
+    # a split only some tasks have is scored on those; one that no task has is refused by name
+    assert main(["eval", str(tmp_path / "run"), "--split", "test"]) == 0
+    assert f"warning: task(s) {first} have no 'test' split" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run"), "--split", "validation"]) == 3
+    assert "no task has a 'validation' split" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no task has a 'validation' split"):
+        MultiTaskData(task_specs(run)).scored_tasks("validation")
+    # a continual run scores every task after every task: it says which task has no test split
+    specs = continual_specs(tasks_dir)
+    del specs[0]["test"]
+    continual = continual_run(model_dir, tasks_dir, "continual-mola-grad", tasks=specs, steps_per_task=2)
+    with pytest.raises(DataError, match=f"{first} have none"):
+        run_training(continual, tmp_path / "continual")

@@ -25,6 +25,20 @@ METHODS = ["lora", "lora-wide", "per-task-lora", "mola-grad", "mola-router", "to
 SCORES = {"accuracy", "exact_match", "f1", "loss", "perplexity", "n", "samples"}
 
 
+def test_a_generation_task_with_a_train_split_alone_leaves_the_others_scored(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    import shutil
+
+    data = shutil.copytree(gen_tasks_dir, tmp_path / "tasks")
+    chat, *others = toys.GEN_TASKS
+    (data / chat / "test.jsonl").unlink()
+    run = RunConfig.from_dict(toys.gen_settings(gpt2_dir, data, method="mola-grad", steps=2))
+    metrics = run_training(run, tmp_path / "run")
+    assert list(metrics["tasks"]) == others and metrics["unscored_tasks"] == [chat]
+    assert all(metrics["tasks"][task]["n"] == 8 for task in others)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_a_causal_lm_on_generation_tasks(
     method: str, gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path

@@ -118,6 +118,26 @@ class MultiTaskData:
         """Whether any task has examples in ``split``."""
         return any(self._per_task(split))
 
+    def missing(self, split: str) -> list[str]:
+        """The names of the tasks with no example in ``split``."""
+        return [task.name for task, size in zip(self.tasks, self.sizes(split)) if not size]
+
+    def scored_tasks(self, split: str) -> list[TaskInfo]:
+        """The tasks an evaluation on ``split`` scores: those with examples in it. A warning names the others (a
+        task may come with a train split alone); a `DataError` when no task has any."""
+        missing = self.missing(split)
+        if len(missing) == self.num_tasks:
+            raise DataError(
+                f"no task has a {split!r} split to evaluate on (tasks: {', '.join(self.task_names)})"
+            )
+        if missing:
+            warnings.warn(
+                f"task(s) {', '.join(missing)} have no {split!r} split: left out of the scores",
+                DataWarning,
+                stacklevel=2,
+            )
+        return [task for task in self.tasks if task.name not in missing]
+
     def sizes(self, split: str) -> list[int]:
         """Number of examples of each task in ``split`` (0 where a task has none)."""
         return [len(examples) for examples in self._per_task(split)]

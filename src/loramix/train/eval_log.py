@@ -72,3 +72,10 @@ def progress_bar(chosen: list[list[Any]], batch_size: int, split: str, progress:
         leave=False,
         disable=None if progress else True,
     )
+
+
+def with_unscored(metrics: dict[str, Any], data: Any, split: str) -> dict[str, Any]:
+    """`metrics`, with the tasks of `data` (a `MultiTaskData`) that have no example in `split` listed under
+    `unscored_tasks` if there are any."""
+    missing = data.missing(split)
+    return {**metrics, "unscored_tasks": missing} if missing else metrics

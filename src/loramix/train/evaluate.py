@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score
 
 from loramix.data import MultiTaskData
 from loramix.train.config import RunConfig
-from loramix.train.eval_log import GateLog, progress_bar
+from loramix.train.eval_log import GateLog, progress_bar, with_unscored
 from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
 from loramix.train.model import MultiTaskModel
 from loramix.train.step import routed
@@ -61,9 +61,10 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     tasks: dict[str, Any] = {}
-    chosen = [data.eval_examples(split, task.task_id, max_examples) for task in data.tasks]
+    scored = data.scored_tasks(split)
+    chosen = [data.eval_examples(split, task.task_id, max_examples) for task in scored]
     bar = progress_bar(chosen, batch_size, split, progress)
-    for task, examples in zip(data.tasks, chosen):
+    for task, examples in zip(scored, chosen):
         bar.set_postfix(task=task.name)
         preds, labels = [], []
         for start in range(0, len(examples), batch_size):
@@ -76,7 +77,12 @@ def evaluate(
         tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type)
     bar.close()
     model.train()
-    return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks), "routing": gates.summary(data.task_names)}
+    metrics = {
+        "tasks": tasks,
+        "mean_accuracy": mean_accuracy(tasks),
+        "routing": gates.summary(data.task_names),
+    }
+    return with_unscored(metrics, data, split)
 
 
 def task_scores(y_pred: np.ndarray, y_true: np.ndarray, task_type: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 from loramix.data import MultiTaskData
 from loramix.data.generation import GenerationCollator, GenerationExample
 from loramix.losses.language_model import token_nll
-from loramix.train.eval_log import progress_bar
+from loramix.train.eval_log import progress_bar, with_unscored
 from loramix.train.model import MultiTaskModel
 from loramix.train.step import routed
 
@@ -127,13 +127,15 @@ def evaluate_generation(
     answers = answers or RoutedAnswers(model, collator)
     model.eval()
     device = next(model.parameters()).device
+    scored = data.scored_tasks(split)
     chosen: list[list[GenerationExample]] = [
         data.eval_examples(split, task.task_id, max_examples)  # type: ignore[misc]
-        for task in data.tasks
+        for task in scored
     ]
     bar = progress_bar(chosen, batch_size, split, progress)
     tasks: dict[str, Any] = {}
-    for task, examples, spec in zip(data.tasks, chosen, data.specs):
+    for task, examples in zip(scored, chosen):
+        spec = data.specs[task.task_id]
         bar.set_postfix(task=task.name)
         longest = max((len(collator.token_ids(e)[1]) for e in examples), default=1)
         new_tokens = max_new_tokens or longest + EXTRA_TOKENS
@@ -173,4 +175,8 @@ def evaluate_generation(
         }
     bar.close()
     model.train()
-    return {"tasks": tasks, "mean_accuracy": sum(t["accuracy"] for t in tasks.values()) / max(len(tasks), 1)}
+    metrics = {
+        "tasks": tasks,
+        "mean_accuracy": sum(t["accuracy"] for t in tasks.values()) / max(len(tasks), 1),
+    }
+    return with_unscored(metrics, data, split)

@@ -134,7 +134,9 @@ def label_prompt_head(run: RunConfig, texts: list[list[str]], tokenizer: Any) ->
 
 
 def eval_split(data: MultiTaskData) -> str:
-    return "test" if all(s > 0 for s in data.sizes("test")) else "validation"
+    """The split a run is scored on unless told otherwise: `test`, or `validation` where more tasks have one.
+    Tasks with no example in it are left out of the scores (`MultiTaskData.scored_tasks`)."""
+    return max(("test", "validation"), key=lambda split: len(data.tasks) - len(data.missing(split)))
 
 
 def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:

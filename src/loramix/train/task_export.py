@@ -300,6 +300,7 @@ def export_task(
         own, size = _data_task(data, name), run.eval_batch_size
         train = _batches(data.eval_examples("train", own, GATE_EXAMPLES), collator, size, task)
         gate = mean_gate(model.backbone, _model_inputs(train), task=task)
+        split = split if data.examples(split, own) else "train"  # a task may come with a train split alone
         check_batches = _batches(data.eval_examples(split, own, CHECK_EXAMPLES), collator, size, task)
         check = compare(model, task, gate, check_batches, task_type)
         check["split"] = split

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from loramix.data import MultiTaskData, TextCollator
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, DataError
 from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
@@ -296,7 +296,7 @@ class Continual(Method):
         """Accuracy on every task of the sequence (a fixed sample of each test split), as the method routes."""
         model, data, run = learner.model, learner.data, learner.run
         model.eval()
-        split = split or eval_split(data)
+        split = every_task_has(data, split or eval_split(data))
         row, own, seen, base, unseen = [], 0, 0, 0, 0
         for task in data.tasks:
             examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
@@ -404,6 +404,17 @@ class Continual(Method):
             "own_task_rate": float(own),
             "task_names": learner.task_names,
         }
+
+
+def every_task_has(data: MultiTaskData, split: str) -> str:
+    """`split`, once every task is known to have examples in it: the accuracy matrix scores every task."""
+    missing = data.missing(split)
+    if missing:
+        raise DataError(
+            f"a continual run scores every task after every task, on its {split!r} split; task(s) "
+            f"{', '.join(missing)} have none: give them a {split} file"
+        )
+    return split
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:

@@ -26,6 +26,7 @@ from loramix.methods.elrea.features import (
 )
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, ElreaModel, lm_prompt_loss
 from loramix.train.config import RunConfig
+from loramix.train.eval_log import with_unscored
 from loramix.train.evaluate import eval_options, mean_accuracy, task_scores
 from loramix.train.model import MultiTaskModel
 from loramix.train.routing_stats import routing_summary
@@ -150,7 +151,7 @@ def evaluate_elrea(
             return routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
 
     tasks, all_weights, all_tasks = {}, [], []
-    for task in data.tasks:
+    for task in data.scored_tasks(split):
         examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
         preds, gold = [], []
         for start in range(0, len(examples), run.eval_batch_size):
@@ -168,7 +169,7 @@ def evaluate_elrea(
         "mean_accuracy": mean_accuracy(tasks),
         "routing": {"model": routing_summary(weights_np, tasks_np, data.task_names)},
     }
-    return metrics, weights_np, tasks_np
+    return with_unscored(metrics, data, split), weights_np, tasks_np
 
 
 class ElreaAnswers:
