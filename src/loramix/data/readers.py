@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.data.spec import HFSource, Source, TaskSpec
-from loramix.errors import DataError
+from loramix.errors import ConfigError, DataError
 
 _INTEGER = re.compile(r"[+-]?\d+")
 # Classes inferred from integer labels run 0..max: a stray id like 10**12 must be an error, not a task that size.
@@ -237,11 +237,11 @@ def _table(path: Path, text: str, delimiter: str) -> list[Row]:
 def _read_hf(source: HFSource, split: str) -> RawSplit:
     try:
         import datasets
-    except ImportError as exc:
-        raise ImportError(
+    except ImportError:
+        raise ConfigError(
             f"reading the Hugging Face dataset {source.hf_dataset!r} needs the `datasets` package: "
             "pip install 'loramix[hub]' (or use a local .jsonl/.csv file)"
-        ) from exc
+        ) from None
     split = source.split or split
     name = f"{source.hf_dataset}" + (f"/{source.config}" if source.config else "") + f" [{split}]"
     try:
