@@ -577,6 +577,30 @@ def test_config_yaml_keeps_a_relative_tasks_dir_relative(
     assert "animals" in capsys.readouterr().out
 
 
+def test_task_spec_files_are_read_against_the_config_and_set_paths_against_the_working_folder(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    project = tmp_path / "project"
+    shutil.copytree(tasks_dir / "animals", project / "data" / "animals")
+    spec = {"name": "animals", "train": "data/animals/train.jsonl", "test": "data/animals/test.jsonl"}
+    settings = {**toys.settings(model_dir, tasks_dir, steps=1), "tasks_dir": None, "tasks": [spec]}
+    config = write_config(project / "run.yaml", settings)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the config's paths are relative to its own folder, not to this one
+    assert main(["train", config, "--output-dir", "runs/x"]) == 0
+    saved = yaml.safe_load((elsewhere / "runs" / "x" / "config.yaml").read_text())
+    assert saved["tasks"][0]["train"] == "../../../project/data/animals/train.jsonl"  # seen from the run
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "elsewhere/runs/x"]) == 0 and "animals" in capsys.readouterr().out
+    # a path given with --set is relative to the folder the command runs in
+    runs_from_project = ["train", config, "--output-dir", "runs/y", "--set", "tasks_dir=project/data"]
+    assert main([*runs_from_project, "--set", "tasks=[animals]"]) == 0
+    saved = yaml.safe_load((tmp_path / "runs" / "y" / "config.yaml").read_text())
+    assert saved["tasks_dir"] == "../../project/data" and saved["tasks"] == ["animals"]
+
+
 def test_data_warnings_print_as_one_line_and_the_run_goes_on(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

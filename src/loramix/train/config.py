@@ -40,9 +40,9 @@ class RunConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a float is finite: `lr: .inf` stops here
-    # tasks_dir as the YAML file wrote it (before it was resolved against the file's folder): a saved run
-    # keeps a relative path relative (see to_saved_dict)
-    _tasks_dir_as_written: str | None = PrivateAttr(None)
+    # the paths (see `path_slots`) written relative in a YAML file or a `--set`, resolved since: a saved run keeps
+    # them relative (see to_saved_dict)
+    _written_relative: frozenset[str] = PrivateAttr(frozenset())
 
     # what to train
     method: str = Field(
@@ -319,38 +319,63 @@ class RunConfig(BaseModel):
             raise ConfigError(f"{path}: a value is not valid YAML ({exc or type(exc).__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        relative = resolve_paths(data, path.parent)  # the file's paths, against its folder
         data = apply_overrides(data, overrides or [])
-        written = data.get("tasks_dir")
-        if isinstance(written, str) and not Path(written).is_absolute():
-            data["tasks_dir"] = str((path.parent / written).resolve())
+        replaced = {item.partition("=")[0].strip() for item in overrides or []}
+        relative = {slot for slot in relative if slot.split(".")[0] not in replaced}
+        relative |= resolve_paths(data, Path.cwd())  # a `--set` path, against the folder it was typed in
         run = cls.from_dict(data, where=str(path))
-        run._tasks_dir_as_written = written if isinstance(written, str) else None
+        run._written_relative = frozenset(relative)
         return run
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def __eq__(self, other: object) -> bool:
-        """Configs with the same settings are equal; how `tasks_dir` was written (relative to which file) does
-        not count, only the folder it names."""
+        """Configs with the same settings are equal; how a path was written (relative to which file) does not
+        count, only what it names."""
         if type(other) is not type(self):
             return NotImplemented
         return self.__dict__ == other.__dict__
 
     def to_saved_dict(self, folder: str | Path) -> dict[str, Any]:
-        """What a run's `config.yaml` in `folder` stores: :meth:`to_dict` with a relative `tasks_dir`
-        rewritten relative to `folder`. A config file's relative paths are read against its own folder; the
-        path the user wrote was relative to theirs, so the saved copy names the same data from the run
-        directory, holds no absolute path of this machine, and stays valid when the run and its data move
-        together. An absolute path is kept as written."""
+        """What a run's `config.yaml` in `folder` stores: :meth:`to_dict` with every path that was written
+        relative (`path_slots`) rewritten relative to `folder`. A config file's relative paths are read against
+        its own folder; the path the user wrote was relative to theirs, so the saved copy names the same files
+        from the run directory, holds no absolute path of this machine, and stays valid when the run and its data
+        move together. An absolute path is kept as written."""
         data = self.to_dict()
-        written = self._tasks_dir_as_written or self.tasks_dir
-        if self.tasks_dir is not None and written is not None and not Path(written).is_absolute():
-            try:
-                data["tasks_dir"] = os.path.relpath(Path(self.tasks_dir).resolve(), Path(folder).resolve())
-            except ValueError:  # no relative path between them (another drive): keep it absolute
-                data["tasks_dir"] = str(Path(self.tasks_dir).resolve())
+        for slot, (holder, key) in path_slots(data).items():
+            value = Path(holder[key])
+            if slot in self._written_relative or not value.is_absolute():
+                try:
+                    holder[key] = os.path.relpath(value.resolve(), Path(folder).resolve())
+                except ValueError:  # no relative path between them (another drive): keep it absolute
+                    holder[key] = str(value.resolve())
         return data
+
+
+def path_slots(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
+    """Where a config dict holds a file or folder path, by name (`tasks_dir`, `continue_from`, `tasks.2.test`):
+    `(the dict holding it, its key)`. A task spec's split given as a Hugging Face dataset is no path."""
+    slots = {key: (data, key) for key in ("tasks_dir", "continue_from") if isinstance(data.get(key), str)}
+    tasks = data.get("tasks")
+    for i, spec in enumerate(tasks if isinstance(tasks, list) else []):
+        if isinstance(spec, dict):
+            for split in ("train", "validation", "test"):
+                if isinstance(spec.get(split), str):
+                    slots[f"tasks.{i}.{split}"] = (spec, split)
+    return slots
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> set[str]:
+    """Resolve `data`'s relative paths against `base` in place; returns the names of those that were relative."""
+    relative = set()
+    for slot, (holder, key) in path_slots(data).items():
+        if not Path(holder[key]).is_absolute():
+            holder[key] = str((base / holder[key]).resolve())
+            relative.add(slot)
+    return relative
 
 
 def _plain_template(template: str) -> bool:
