@@ -536,3 +536,25 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     with pytest.raises(ConfigError, match="first adapted block is 0"):
         with routed_by_selector(kept[-1].backbone, batch, kept[-1].selector, [1]):
             pass
+
+
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [
+        ("lae", "the online adapter alone (expert 0)"),
+        ("continual-mola-grad", "routes each input by its auto-selector"),
+        ("sequential-lora", "one adapter shared by every task (no router): exact"),
+    ],
+)
+def test_a_continual_export_says_how_far_one_lora_is_from_what_the_run_predicts(
+    method: str, says: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    from loramix.cli import main
+
+    run = continual_run(model_dir, tasks_dir, method, steps_per_task=2)
+    run = RunConfig.from_dict({**run.to_dict(), "tasks": specs(tasks_dir)[:2]})
+    run_training(run, tmp_path / "run")
+    name = toys.TASK_NAMES[1]
+    assert main(["export", str(tmp_path / "run"), "--task", name, "--out", str(tmp_path / "out")]) == 0
+    note = json.loads((tmp_path / "out" / "loramix_export.json").read_text())
+    assert says in note["gate"]["note"]

@@ -25,6 +25,7 @@ from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
 from loramix.train.serve_export import export_tasks
+from loramix.train.task_export import fixed_gate_note
 
 
 class Method:
@@ -112,8 +113,13 @@ class Method:
             method=self.name,
             several=all_tasks or len(names) > 1,
             merged=getattr(args, "merged", False),
+            gate_note=self.gate_note,
         )
         return written.summary()
+
+    def gate_note(self, model: MultiTaskModel, task: int) -> str:
+        """What the export of a task with a fixed gate is, in words (see `loramix.train.task_export`)."""
+        return fixed_gate_note(model, task)
 
 
 METHODS: dict[str, Method] = {}

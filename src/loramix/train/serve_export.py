@@ -239,10 +239,11 @@ def export_tasks(
     method: str,
     several: bool | None = None,
     merged: bool = False,
+    gate_note: Callable[[MultiTaskModel, int], str] | None = None,
 ) -> RunExport:
     """Write the tasks `names` of a finished run into `out`, whole or not at all: one folder per task and a serving
     manifest when `several` (default: when more than one task is named), else the one task into `out` itself.
-    `merged` adds each task's merged model. `load_data` is as for :func:`export_task`.
+    `merged` adds each task's merged model. `load_data` and `gate_note` are as for :func:`export_task`.
 
     Example:
         >>> export_tasks(run, model, tasks, ["sql", "chat"], "exported", load_data=load_data, method="mola-grad")
@@ -270,7 +271,15 @@ def export_tasks(
         for name in names:
             task, where = order.index(name), tmp / folders[name]
             written = export_task(
-                run, model, tasks, task, where, load_data=load_once, method=method, base_model=base
+                run,
+                model,
+                tasks,
+                task,
+                where,
+                load_data=load_once,
+                method=method,
+                base_model=base,
+                gate_note=gate_note,
             )
             if merged:
                 write_merged(model, task, _gate_of(written.note), where / MERGED_FOLDER, tokenizer)

@@ -261,12 +261,14 @@ def export_task(
     load_data: Callable[[], tuple[MultiTaskData, Any, str]],
     method: str,
     base_model: str | None = None,
+    gate_note: Callable[[MultiTaskModel, int], str] | None = None,
 ) -> TaskExport:
     """Write task `task` of a finished run into `out` (see the module docstring). `load_data()` gives the run's
     data, a collator and the evaluation split; it is called only when the router decides per input. `base_model`:
     what the adapter names as its base (default: the run's model; a run that trained its backbone names the trained
-    base written beside it). The files are written one by one: callers that want the folder whole or not at all
-    write into `io.files.atomic_folder`."""
+    base written beside it). `gate_note(model, task)`: what a fixed gate's export is, in words (default
+    :func:`fixed_gate_note`; a method that predicts otherwise than through that gate says how). The files are
+    written one by one: callers that want the folder whole or not at all write into `io.files.atomic_folder`."""
     out = Path(out)
     info = get_info(model.backbone)
     for layer in info.layers:  # refuse experts that do not fold into a LoRA before any data is read
@@ -318,7 +320,7 @@ def export_task(
             "check": check,
         }
     else:
-        note["gate"] = {"kind": "task", "note": fixed_gate_note(model, task)}
+        note["gate"] = {"kind": "task", "note": (gate_note or fixed_gate_note)(model, task)}
     export_peft(
         model.backbone,
         out,

@@ -21,6 +21,7 @@ from loramix.methods.continual.sequence import Continual
 from loramix.methods.mola import common
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
+from loramix.train.model import MultiTaskModel
 from loramix.train.step import routed
 
 
@@ -83,6 +84,12 @@ class Lae(EverythingAdapted):
 
     def task_callbacks(self, learner: Learner, task: int | None) -> list[Callback]:
         return [OfflineEma(learner.run.lae_decay)]
+
+    def gate_note(self, model: MultiTaskModel, task: int) -> str:
+        return (
+            "the online adapter alone (expert 0): LAE predicts with the element-wise max of the online and the "
+            "offline (EMA) adapters' softmaxes, which no single LoRA computes; not exact"
+        )
 
     def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Tensor:
         """`argmax max(softmax(online), softmax(offline))` within each sample's task."""

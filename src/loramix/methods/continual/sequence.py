@@ -97,6 +97,15 @@ class Continual(Method):
     def task_callbacks(self, learner: Learner, task: int) -> list[Callback]:
         return []
 
+    def gate_note(self, model: MultiTaskModel, task: int) -> str:
+        if not self.uses_selector:
+            return super().gate_note(model, task)
+        return (
+            "the task's own expert, chosen by task id: exact for inputs known to be this task's; the run itself "
+            "routes each input by its auto-selector, which may send it to another task's expert or to the base "
+            "model (its confusion matrix is in metrics.json)"
+        )
+
     def route(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """`(route ids, keep-base mask)` of an evaluation batch: by the auto-selector when the method has one."""
         task_ids = batch["task_ids"]
