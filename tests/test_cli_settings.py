@@ -17,11 +17,17 @@ def test_every_run_setting_is_listed_with_its_type_default_and_meaning(capsys: p
     assert "lr: float, default 0.001" in out
 
 
-def test_a_word_keeps_the_settings_that_name_or_mention_it(capsys: pytest.CaptureFixture):
+def test_a_word_keeps_the_settings_that_name_or_mention_it_the_closest_first(capsys: pytest.CaptureFixture):
     assert main(["settings", "ddas_accept"]) == 0
     out = capsys.readouterr().out
     listed = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
-    assert listed == ["layers_to_transform", "ddas_accept_layer"]  # the first mentions it in its description
+    assert listed == ["ddas_accept_layer", "layers_to_transform"]  # named, then mentioned in a description
+    assert main(["settings", "lr"]) == 0
+    listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert listed[0] == "lr" and {"router_lr", "head_lr", "backbone_lr"} < set(listed)
+    assert not any(
+        key.startswith("elrea") and not key.endswith("_lr") for key in listed
+    )  # no "lr" in "elrea"
     assert main(["settings", "no-such-word"]) == 2
     assert "no run setting names or mentions 'no-such-word'" in capsys.readouterr().err
 

@@ -194,9 +194,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
     word = (args.word or "").lower()
     shown_any = False
-    for key, field in RunConfig.model_fields.items():
+    for key, field in sorted(RunConfig.model_fields.items(), key=lambda item: setting_rank(word, *item)):
         description = field.description or ""
-        if word and word not in key.lower() and word not in description.lower():
+        if setting_rank(word, key, field) == NOT_SHOWN:
             continue
         kind = field.annotation
         kind_text = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
@@ -212,6 +212,29 @@ def cmd_settings(args: argparse.Namespace) -> int:
     if not shown_any:
         raise ConfigError(f"no run setting names or mentions {args.word!r}")
     return 0
+
+
+NOT_SHOWN = 4
+
+
+def setting_rank(word: str, key: str, field: object) -> int:
+    """How closely a run setting matches `loramix settings WORD`: 0 it is WORD, 1 a part of its name is (`lr` in
+    `router_lr`), 2 a part of its name starts with it, 3 a word of its description does; `NOT_SHOWN` otherwise.
+    Without a word every setting shows, in the order the config declares them."""
+    import re
+
+    if not word:
+        return 0
+    parts = key.lower().split("_")
+    if key.lower() == word:
+        return 0
+    if word in parts:
+        return 1
+    if any(part.startswith(word) for part in parts) or key.lower().startswith(word):
+        return 2
+    if re.search(rf"\b{re.escape(word)}", (getattr(field, "description", None) or "").lower()):
+        return 3
+    return NOT_SHOWN
 
 
 def build_parser() -> argparse.ArgumentParser:
