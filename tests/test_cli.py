@@ -599,6 +599,11 @@ def test_task_spec_files_are_read_against_the_config_and_set_paths_against_the_w
     assert main([*runs_from_project, "--set", "tasks=[animals]"]) == 0
     saved = yaml.safe_load((tmp_path / "runs" / "y" / "config.yaml").read_text())
     assert saved["tasks_dir"] == "../../project/data" and saved["tasks"] == ["animals"]
+    capsys.readouterr()
+    assert (
+        main([*runs_from_project, "--set", "tasks=[animals]"]) == 0
+    )  # a run there already: said, then replaced
+    assert "runs/y holds a run already; this one replaces it" in capsys.readouterr().err
 
 
 def test_data_warnings_print_as_one_line_and_the_run_goes_on(

@@ -35,6 +35,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_model_path(run.model)
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     check_output_dir(output_dir)
+    if not args.resume and (output_dir / "config.yaml").is_file():
+        print(
+            f"loramix: note: {output_dir} holds a run already; this one replaces it (--resume would continue it)",
+            file=sys.stderr,
+        )
 
     from loramix.methods import load_run_config, run_training
     from loramix.report import print_table
