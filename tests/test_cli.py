@@ -270,7 +270,7 @@ BAD = [
         "top-k-above-experts",
         lambda s: s.train(s.config(method="mola-router", num_experts=2, top_k=3)),
         2,
-        ["adapter settings of method mola-router", "top_k=3 exceeds num_experts=2"],
+        ["adapter settings of method mola-router", "top_k: top_k=3 exceeds num_experts=2"],
     ),
     Bad(
         "task-to-expert-out-of-range",

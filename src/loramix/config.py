@@ -10,6 +10,7 @@ module is imported, so that a run config can be validated before torch loads.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -148,18 +149,23 @@ class AdapterConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "adapter config")) from None
+            raise ConfigError(format_validation_error(exc, "adapter config", cls.model_fields)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    """One line per problem: `field: message (got value)`."""
+def format_validation_error(exc: ValidationError, where: str, fields: Iterable[str] = ()) -> str:
+    """One line per problem: `field: message (got value)`. A check of several fields together names the one of
+    `fields` its message starts with (`top_k=12 exceeds ...` is `top_k`'s problem), else `(top level)`."""
     lines = [f"invalid {where}:"]
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        field = ".".join(str(p) for p in err["loc"])
+        if not field:
+            named = re.match(r"\w+", message)
+            field = named.group(0) if named and named.group(0) in set(fields) else "(top level)"
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {field}: {err['msg']}{shown}")
+        lines.append(f"  {field}: {message}{shown}")
     return "\n".join(lines)

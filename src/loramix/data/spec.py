@@ -198,7 +198,7 @@ class TaskSpec(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, where)) from None
+            raise ConfigError(format_validation_error(exc, where, cls.model_fields)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

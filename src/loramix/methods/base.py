@@ -51,7 +51,9 @@ class Method:
             self.adapter_config(run, len(run.tasks))
         except ValidationError as exc:
             raise ConfigError(
-                format_validation_error(exc, f"adapter settings of method {self.name}")
+                format_validation_error(
+                    exc, f"adapter settings of method {self.name}", AdapterConfig.model_fields
+                )
             ) from None
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:

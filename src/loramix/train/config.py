@@ -299,7 +299,7 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, where)) from None
+            raise ConfigError(format_validation_error(exc, where, cls.model_fields)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -324,7 +324,8 @@ class RunConfig(BaseModel):
         replaced = {item.partition("=")[0].strip() for item in overrides or []}
         relative = {slot for slot in relative if slot.split(".")[0] not in replaced}
         relative |= resolve_paths(data, Path.cwd())  # a `--set` path, against the folder it was typed in
-        run = cls.from_dict(data, where=str(path))
+        where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+        run = cls.from_dict(data, where=where)
         run._written_relative = frozenset(relative)
         return run
 
