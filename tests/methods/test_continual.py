@@ -558,3 +558,14 @@ def test_a_continual_export_says_how_far_one_lora_is_from_what_the_run_predicts(
     assert main(["export", str(tmp_path / "run"), "--task", name, "--out", str(tmp_path / "out")]) == 0
     note = json.loads((tmp_path / "out" / "loramix_export.json").read_text())
     assert says in note["gate"]["note"]
+
+
+def test_a_run_whose_experts_do_not_fold_into_a_lora_is_refused_by_export_as_a_usage_error(
+    moe_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    from loramix.cli import main
+
+    argv = ["export", str(moe_run["dir"]), "--task", toys.TASK_NAMES[0], "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "'adapter' experts do not fold into a LoRA" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -271,8 +271,12 @@ def export_task(
     written one by one: callers that want the folder whole or not at all write into `io.files.atomic_folder`."""
     out = Path(out)
     info = get_info(model.backbone)
-    for layer in info.layers:  # refuse experts that do not fold into a LoRA before any data is read
-        layer._check_mergeable()
+    unfolded = sorted({layer.experts.kind for layer in info.layers if not layer.experts.mergeable})
+    if unfolded:  # refused before any data is read
+        raise ConfigError(
+            f"method {method}: its {', '.join(map(repr, unfolded))} experts do not fold into a LoRA, so the run "
+            "cannot be exported as PEFT adapters; load it with loramix (`loramix.load`, `loramix eval`) instead"
+        )
     meta = tasks[task]
     name = str(meta["name"])
     task_type = str(meta.get("task_type", "classification"))
