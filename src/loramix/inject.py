@@ -6,6 +6,7 @@ it matched, never edits the caller's config, and a target that matches nothing i
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -403,7 +404,14 @@ def fixed_gate(
     router = info.model_router or layer.router
     assert router is not None
     num_tasks = config.num_tasks
-    if num_tasks is not None and (task is None or not 0 <= task < num_tasks):
+    if task is not None and not isinstance(task, bool):
+        try:
+            task = operator.index(task)  # an int or a numpy integer; not 1.5 or "2"
+        except TypeError:
+            pass
+    if num_tasks is not None and (
+        not isinstance(task, int) or isinstance(task, bool) or not 0 <= task < num_tasks
+    ):
         raise InjectionError(f"task must be an integer in 0..{num_tasks - 1}, got {task!r}")
     fixed = router.task_gate(task) if task is not None else None
     if fixed is None:

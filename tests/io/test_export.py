@@ -239,6 +239,8 @@ def test_mean_gate_routes_a_per_task_router_by_the_task(tmp_path: Path) -> None:
         ("token", {"gate": {"encoder.layer.0.attention.self.query": [1.0, 0.0]}}, "gate for layer 'encoder"),
         ("task", {}, "task must be an integer in 0..2"),
         ("task", {"task": 3}, "task must be an integer in 0..2"),
+        ("task", {"task": 1.5}, "task must be an integer in 0..2, got 1.5"),
+        ("task", {"task": "2"}, "task must be an integer in 0..2, got '2'"),
         ("task", {"gate": [1.0, 0.0]}, "gate has 2 entries but the model has 3 experts"),
     ],
 )
