@@ -175,8 +175,6 @@ class Trainer:
         if main:
             for reason in skipped:
                 print(f"loramix: warning: skipping a checkpoint: {reason}", file=sys.stderr)
-            if skipped and path is not None:
-                print(f"loramix: resuming from the newest checkpoint that verifies, {path}", file=sys.stderr)
         if path is None:
             return False
         state = load_training_checkpoint(
@@ -188,6 +186,12 @@ class Trainer:
             verified=True,
         )
         self.step, self.history, self.last_checkpoint = int(state["step"]), state.get("history", []), path
+        if main:
+            verified = "the newest checkpoint that verifies, " if skipped else ""
+            print(
+                f"loramix: resuming at step {self.step} of {self.run.steps} from {verified}{path}",
+                file=sys.stderr,
+            )
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             if type(cb).__name__ in saved:
