@@ -569,3 +569,13 @@ def test_a_run_whose_experts_do_not_fold_into_a_lora_is_refused_by_export_as_a_u
     assert main(argv) == 2
     assert "'adapter' experts do not fold into a LoRA" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_progress_bars_name_each_task_of_the_sequence(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    run = continual_run(model_dir, tasks_dir, "sequential-lora", steps_per_task=1, progress=True)
+    run_training(run, tmp_path)
+    err = capsys.readouterr().err
+    for i, name in enumerate(toys.TASK_NAMES):
+        assert f"sequential-lora: task {i + 1}/{len(toys.TASK_NAMES)} {name}" in err

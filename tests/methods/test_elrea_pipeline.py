@@ -144,11 +144,16 @@ def test_the_saved_adapter_rebuilds_the_trained_bank(runs: list[dict[str, Any]],
         assert (outputs[expert] - outputs[0]).abs().max() > 1e-4, f"expert {expert} is still the base"
 
 
-def test_the_experts_phase_has_its_own_learning_rate(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+def test_the_experts_phase_has_its_own_learning_rate_and_every_phase_says_what_it_is(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     run = RunConfig.from_dict(
-        {**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "log_every": 1}
+        {**elrea_settings(model_dir, tasks_dir), "elrea_expert_lr": 3e-2, "log_every": 1, "progress": True}
     )
     history = run_training(run, tmp_path)["history"]
+    err = capsys.readouterr().err
+    for phase in ("elrea: 1/3 base adapter", "elrea: 2/3 gradient features of", "elrea: 3/3 "):
+        assert phase in err
     base_steps = round(run.elrea_base_fraction * run.steps)
     base_lr = max(h["lr"] for h in history if h["step"] <= base_steps)
     expert_lr = max(h["lr"] for h in history if h["step"] > base_steps)

@@ -32,7 +32,11 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar with loss, learning rate and samples per second."""
+    """A tqdm bar with loss, learning rate and samples per second, labelled `desc` (default: the method's name;
+    a method of several phases names the phase)."""
+
+    def __init__(self, desc: str | None = None) -> None:
+        self.desc = desc
 
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -40,7 +44,7 @@ class ProgressBar(Callback):
         self.bar = tqdm(
             total=trainer.run.steps,
             initial=trainer.step,
-            desc=trainer.run.method,
+            desc=self.desc or trainer.run.method,
             dynamic_ncols=True,
             disable=not trainer.accelerator.is_main_process,
         )

@@ -159,12 +159,16 @@ def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:
     return data
 
 
-def callbacks_for(run: RunConfig, output_dir: Path, *, tensorboard: bool = True) -> list:
+def callbacks_for(
+    run: RunConfig, output_dir: Path, *, tensorboard: bool = True, phase: str | None = None
+) -> list:
+    """The callbacks of one training phase: the log, checkpoints, TensorBoard, and a progress bar labelled by the
+    method and `phase` (such as `task 2/10 trec`)."""
     callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
     if tensorboard:
         callbacks.insert(1, TensorBoardLogger(output_dir / "tensorboard"))
     if run.progress:
-        callbacks.insert(0, ProgressBar())
+        callbacks.insert(0, ProgressBar(f"{run.method}: {phase}" if phase else None))
     return callbacks
 
 

@@ -253,7 +253,9 @@ class Continual(Method):
             phase = run.model_copy(update={"steps": run.steps_per_task})
             examples = [e for e in data.split("train") if e.task == task]
             ids, folder = [task] * len(examples), output_dir / f"task-{task}"
-        callbacks = callbacks_for(phase, folder, tensorboard=False) + self.task_callbacks(learner, task)
+        label = "all tasks" if task is None else f"task {task + 1}/{data.num_tasks} {data.task_names[task]}"
+        callbacks = callbacks_for(phase, folder, tensorboard=False, phase=label)
+        callbacks += self.task_callbacks(learner, task)
         trainer = Trainer(
             phase,
             learner.model,

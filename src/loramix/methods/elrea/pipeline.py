@@ -19,6 +19,7 @@ skips straight to the experts and ends where an uninterrupted run ends.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,20 @@ def settings(run: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in run.to_dict().items() if k not in BOOKKEEPING_KEYS | EXPERT_PHASE_KEYS}
 
 
-def _trainer(run: RunConfig, model, data, collator, output_dir: Path, steps: int, **kwargs) -> Trainer:
+def _trainer(
+    run: RunConfig, model, data, collator, output_dir: Path, steps: int, label: str, **kwargs
+) -> Trainer:
     phase = run.model_copy(update={"steps": steps})
     callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
     if run.progress:
-        callbacks.insert(0, ProgressBar())
+        callbacks.insert(0, ProgressBar(f"elrea: {label}"))
     return Trainer(phase, model, data, collator, output_dir=output_dir, callbacks=callbacks, **kwargs)
+
+
+def _say(run: RunConfig, message: str) -> None:
+    """A line on stderr between the phases (which show progress bars of their own), when progress is on."""
+    if run.progress and processes().is_main_process:
+        print(f"elrea: {message}", file=sys.stderr, flush=True)
 
 
 def _adam_state(
@@ -167,7 +176,7 @@ def _base_stage(
     resume: bool,
 ) -> Stage:
     """Steps 1-3: the base adapter, the features of a seeded sample of training examples, their clusters."""
-    trainer = _trainer(run, model, data, collator, output_dir / "base", base_steps)
+    trainer = _trainer(run, model, data, collator, output_dir / "base", base_steps, "1/3 base adapter")
     if resume:
         trainer.resume()
     history = trainer.train()
@@ -177,6 +186,15 @@ def _base_stage(
     wanted = run.elrea_feature_examples or (run.steps - base_steps) * run.batch_size * run.grad_accum
     chosen = np.sort(rng.choice(len(train), size=min(max(wanted, 10), len(train)), replace=False))
     examples = [train[i] for i in chosen]
+    _say(
+        run,
+        f"2/3 gradient features of {len(examples)} training examples, then "
+        + (
+            f"{run.elrea_clusters} clusters"
+            if run.elrea_clusters
+            else "clusters (their number by silhouette)"
+        ),
+    )
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
     featurizer = GradientFeaturizer(
         model.backbone,
@@ -242,6 +260,7 @@ def run_elrea(
         RoutedCollator(collator),
         output_dir / "experts",
         run.steps - base_steps,
+        f"3/3 {n_clusters} experts",
         train_examples=list(zip(examples, routes)),
         sampler_ids=[r - 1 for r in routes],
     )
