@@ -396,6 +396,8 @@ BAD = [
         3,
         ["test.jsonl, line 3", "not valid JSON"],
     ),
+    Bad("eval-of-no-run", lambda s: ["eval", str(s.root / "nope")], 2, ["nope: no such run folder"]),
+    Bad("inspect-of-no-run", lambda s: ["inspect", str(s.root / "nope")], 2, ["nope: no such run folder"]),
     # 4: adapters and checkpoints
     Bad("eval-without-adapter", run_without_adapter("eval"), 4, ["adapter", "no such adapter directory"]),
     Bad("inspect-without-adapter", run_without_adapter("inspect"), 4, ["no such adapter directory"]),

@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
+            run_dir = getattr(args, "run_dir", None)
+            if run_dir is not None and not Path(run_dir).is_dir():  # eval, inspect, export: one message
+                raise ConfigError(f"{run_dir}: no such run folder (one that `loramix train` wrote)")
             return args.func(args)
         except LoramixError as exc:
             code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
