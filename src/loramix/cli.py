@@ -153,6 +153,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     f"routing ({scope}): purity {summary['purity']:.3f}, NMI {summary['nmi']:.3f}, "
                     f"load {[round(x, 3) for x in summary['load']]}"
                 )
+                majority = [
+                    f"{e}: {t}" for e, t in enumerate(summary.get("expert_task") or []) if t is not None
+                ]
+                if majority:
+                    print(f"  majority task of each expert's top-choice inputs: {', '.join(majority)}")
                 for warning in summary.get("warnings", []):
                     print(f"  warning: {warning}")
     return 0

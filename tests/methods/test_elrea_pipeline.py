@@ -279,6 +279,8 @@ def test_loramix_export_writes_one_cluster_expert_for_peft(
     run_dir, trained = runs[0]["dir"], runs[0]["model"].backbone.eval().cpu()  # trained on a GPU if any
     assert main(["export", str(run_dir), "--task", "animals", "--out", str(tmp_path / "x")]) == 2
     assert "--expert" in capsys.readouterr().err  # experts belong to clusters, not tasks
+    assert main(["inspect", str(run_dir)]) == 0  # which the error says lists them
+    assert "majority task of each expert's top-choice inputs: 1: " in capsys.readouterr().out
     assert main(["export", str(run_dir), "--expert", str(CLUSTERS + 1), "--out", str(tmp_path / "x")]) == 2
     assert main(["export", str(run_dir), "--expert", "2", "--out", str(tmp_path / "peft")]) == 0
     peft_model = PeftModel.from_pretrained(
