@@ -49,7 +49,11 @@ def test_train_eval_inspect_export_end_to_end(
     config = write_config(tmp_path / "run.yaml", settings)
     run_dir, peft_dir = tmp_path / "run", tmp_path / "peft"
 
+    from transformers.utils import logging as hub_logging
+
+    hub_logging.enable_progress_bar()
     assert main(["train", config, "--output-dir", str(run_dir), "--set", "steps=4"]) == 0
+    assert not hub_logging.is_progress_bar_enabled()  # `progress: false` silences transformers' bars too
     out = capsys.readouterr().out
     assert "mola-grad" in out and "animals" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -42,10 +42,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
 
     from loramix.methods import load_run_config, run_training
+    from loramix.models import show_loading_bars
     from loramix.report import print_table
     from loramix.train.loop import processes
 
     run = load_run_config(args.config, args.set)  # and the method's own checks (its registry needs torch)
+    show_loading_bars(run.progress)
     metrics = run_training(run, output_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     if not processes().is_main_process:  # under `accelerate launch` / `torchrun`: one report
         return 0
@@ -60,9 +62,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.data import MultiTaskData
     from loramix.io.files import atomic_write_json
     from loramix.methods import get_method
+    from loramix.models import show_loading_bars
     from loramix.report import print_table
+    from loramix.train.config import RunConfig
     from loramix.train.run import eval_split, load_trained, make_collator, task_specs
 
+    show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml").progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     data = MultiTaskData(task_specs(run))
     split = args.split or eval_split(data)

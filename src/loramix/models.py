@@ -58,6 +58,14 @@ def check_model_path(name: str) -> None:
         )
 
 
+def show_loading_bars(show: bool) -> None:
+    """Whether `transformers` shows its own progress bars (loading weights) in this process: a run with
+    `progress: false` shows none."""
+    from transformers.utils import logging
+
+    (logging.enable_progress_bar if show else logging.disable_progress_bar)()
+
+
 def load_backbone(
     name: str, *, causal_lm: bool = False, quantize: str | None = None, gradient_checkpointing: bool = False
 ) -> tuple[Any, Any]:
