@@ -185,6 +185,8 @@ BAD_DATA: list[tuple[str, str, bytes, dict[str, Any], list[str]]] = [
         ["line 2", "finite number"],
     ),
     ("csv short row", "q.csv", b"text,label\na,0\nb\n", {}, ["line 3", "1 fields", "header has 2"]),
+    ("csv quote left open", "q2.csv", b'text,label\na,0\n"b,1\nc,0\n', {}, ["line 3", "1 fields"]),
+    ("csv row after a two-line field", "q3.csv", b'text,label\n"a\nb",0\nc\n', {}, ["line 4", "1 fields"]),
     (
         "csv unknown label",
         "r.csv",

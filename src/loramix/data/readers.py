@@ -206,7 +206,7 @@ def _table(path: Path, text: str, delimiter: str) -> list[Row]:
     # TSV files in the wild (GLUE) carry bare quotes inside fields, so quoting is off for them.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    rows = []
+    rows, start = [], 1  # the line a record starts on (a quoted field may span lines)
     try:
         header = next(reader, None)
         if header is None:
@@ -218,19 +218,21 @@ def _table(path: Path, text: str, delimiter: str) -> list[Row]:
                 f"empty column names at positions {empty}" if empty else f"repeated column names {repeated}"
             )
             raise DataError(f"{path}, line 1: the header row has {problem}")
-        for cells in reader:
+        while True:
+            start = reader.line_num + 1
+            cells = next(reader, None)
+            if cells is None:
+                break
             if not cells or cells == [""]:
                 continue
             if len(cells) != len(header):
                 raise DataError(
-                    f"{path}, line {reader.line_num}: {len(cells)} fields but the header has {len(header)} "
+                    f"{path}, line {start}: {len(cells)} fields but the header has {len(header)} "
                     f"({', '.join(header)})"
                 )
-            rows.append(Row(f"{path}, line {reader.line_num}", dict(zip(header, cells)), all_strings=True))
+            rows.append(Row(f"{path}, line {start}", dict(zip(header, cells)), all_strings=True))
     except csv.Error as exc:
-        raise DataError(
-            f"{path}, line {reader.line_num}: malformed {path.suffix[1:].upper()} ({exc})"
-        ) from None
+        raise DataError(f"{path}, line {start}: malformed {path.suffix[1:].upper()} ({exc})") from None
     return rows
 
 
