@@ -597,6 +597,7 @@ def test_task_spec_files_are_read_against_the_config_and_set_paths_against_the_w
     assert main(["train", config, "--output-dir", "runs/x"]) == 0
     saved = yaml.safe_load((elsewhere / "runs" / "x" / "config.yaml").read_text())
     assert saved["tasks"][0]["train"] == "../../../project/data/animals/train.jsonl"  # seen from the run
+    assert main(["train", config, "--output-dir", "runs/x", "--resume"]) == 0  # the same files: no change
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert main(["eval", "elsewhere/runs/x"]) == 0 and "animals" in capsys.readouterr().out

@@ -6,6 +6,7 @@ longer say how the run was made. So a changed config is refused, naming each key
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from loramix.errors import CheckpointError, ConfigError
-from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
+from loramix.train.config import BOOKKEEPING_KEYS, RunConfig, resolve_paths
 
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config-changes.jsonl"
@@ -26,14 +27,13 @@ def config_changes(
     saved: dict[str, Any], run: RunConfig, saved_in: Path | None = None
 ) -> dict[str, tuple[Any, Any]]:
     """The keys outside bookkeeping whose values differ: key -> (saved value, this run's value). A key the saved
-    config lacks counts with its default (added since: the saved run had that default). `tasks_dir` counts by the
-    folder it names: a saved config may hold it relative to its own folder `saved_in`, a run relative to here."""
+    config lacks counts with its default (added since: the saved run had that default). Paths (`path_slots`: the
+    tasks folder, task spec files, `continue_from`) count by what they name: a saved config holds them relative to
+    its own folder `saved_in`, a run relative to here."""
     defaults = RunConfig.model_construct().model_dump(mode="json")
-    now = run.to_dict()
-    saved = dict(saved)
-    if isinstance(saved.get("tasks_dir"), str) and isinstance(now.get("tasks_dir"), str):
-        saved["tasks_dir"] = str(((saved_in or Path.cwd()) / saved["tasks_dir"]).resolve())
-        now["tasks_dir"] = str(Path(now["tasks_dir"]).resolve())
+    now, saved = run.to_dict(), copy.deepcopy(saved)
+    resolve_paths(saved, saved_in or Path.cwd())
+    resolve_paths(now, Path.cwd())
     changed = {}
     for key in sorted((set(saved) | set(now)) - BOOKKEEPING_KEYS):
         before = saved.get(key, defaults.get(key, _ABSENT))
