@@ -1,6 +1,7 @@
 """Generation with `LoramixModel.generate`: a mixed-task batch routes each row by its own task in one batched pass
 per step, exactly as each row generated alone, and exactly as the routed forward pass run step by step without a
-cache; the sample router decides once, on the prompt.
+cache; the sample router decides once, on the prompt, and so does a per-task router from a left-padded prompt's first
+real token.
 
 Tiny GPT-2 (Conv1D layers) and Llama (nn.Linear, grouped-query attention, rotary positions) from
 `loramix.tiny_lm`, with the character tokenizer and left-padded prompts of different lengths.
@@ -24,7 +25,7 @@ STEPS = 6
 PROMPTS = ["Translate: cat", "2+2=", "Hello, world", "q?", "The quick brown fox", "ab"]
 TASK_IDS = torch.tensor([0, 1, 2, 1, 0, 2])
 KINDS = ["gpt2", "llama"]
-ROUTERS = ["task", "sample"]
+ROUTERS = ["task", "sample", "per-task"]  # by task id; by the pooled prompt; by each layer's first real token
 
 # A next-token function for the hand-written loop: (ids, attention_mask, position_ids) -> logits (n, t, vocab).
 NextLogits = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -33,12 +34,21 @@ NextLogits = Callable[[Tensor, Tensor, Tensor], Tensor]
 def adapted_lm(kind: str, router: str) -> nn.Module:
     """A tiny causal LM with rank-4 experts on every linear layer, B random so that every expert changes it."""
     model = tiny_causal_lm(kind, hidden_size=32, num_layers=2, num_heads=2, seed=0)
-    settings = {"num_tasks": NUM_TASKS} if router == "task" else {"router_hidden": 8}
+    settings = {
+        "task": {"num_tasks": NUM_TASKS},
+        "sample": {"router_hidden": 8},
+        "per-task": {"num_tasks": NUM_TASKS, "top_k": 2},
+    }[router]
     loramix.inject(
         model,
         loramix.AdapterConfig(router=router, num_experts=NUM_TASKS, rank=4, targets="all-linear", **settings),
     )
     randomize_adapters(model, std=0.5)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in loramix.get_info(model).layers:
+            if router == "per-task":  # routers that tell tokens apart, so that reading the wrong one shows
+                layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=generator))
     return model.eval()
 
 
@@ -99,7 +109,7 @@ def routed_forward(model: nn.Module, task_ids: Tensor | None, prompt_mask: Tenso
 
 
 def task_ids_for(router: str) -> Tensor | None:
-    return TASK_IDS if router == "task" else None
+    return None if router == "sample" else TASK_IDS
 
 
 @pytest.mark.parametrize("kind", KINDS)

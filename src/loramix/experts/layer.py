@@ -80,9 +80,14 @@ class AdaptedLayer(nn.Module):
             return Gate(weights=ones, indices=expert, hard=True).keep_base(keep)
         if self.gate_source == "layer":
             assert self.router is not None
+            kept = routing is not None and routing.keep_model_gate and self.router.per_sample
+            if kept and self.layer_name in routing.layer_gates:  # type: ignore[union-attr]
+                return routing.layer_gates[self.layer_name]  # type: ignore[union-attr]  # decided on the prompt
             gate = self.router(routing, x)
             if routing is not None:
                 gate = gate.keep_base(routing.keep_base)
+                if kept:
+                    routing.layer_gates[self.layer_name] = gate
                 if not recomputing:
                     routing.add(self.layer_name, gate)
             return gate

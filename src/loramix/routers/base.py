@@ -35,7 +35,9 @@ class Router(nn.Module):
     - `needs_task_ids`: the routing context must be given task ids;
     - `needs_num_tasks`, `uses_top_k`, `uses_task_to_expert`: which config fields it reads (checked at the door);
     - `pools_model_input`: a model-scope router that scores the pooled model input (needs `router_input`);
-    - `per_token`: its gates are per token, `(n, t, e)` (a Conv2d cannot take them).
+    - `per_token`: its gates are per token, `(n, t, e)` (a Conv2d cannot take them);
+    - `per_sample`: a layer-scope router with one gate per sample, read from the whole sequence (generation decides
+      it on the prompt and keeps it for every later step, as a model-scope router's).
     """
 
     loramix_role: ClassVar[str] = "router"
@@ -47,6 +49,7 @@ class Router(nn.Module):
     uses_task_to_expert: ClassVar[bool] = False
     pools_model_input: ClassVar[bool] = False
     per_token: ClassVar[bool] = False
+    per_sample: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, config: AdapterConfig) -> None:
@@ -127,13 +130,13 @@ class LearnedRouter(Router):
         assert self.noise is not None
         return F.softplus(F.linear(hidden, self.noise.weight.float()))
 
-    def features(self, hidden: Tensor) -> Tensor:
+    def features(self, hidden: Tensor, state: Any = None) -> Tensor:
         """What the router scores, from what it is given (the identity; per-task routers take the first token)."""
         return hidden
 
     def forward(self, state: Any, hidden: Tensor | None) -> Gate:
         assert hidden is not None
-        hidden = self.features(hidden).float()
+        hidden = self.features(hidden, state).float()
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             logits = self.logits(hidden, state).float()  # (n, [t,] e)
             scores = logits

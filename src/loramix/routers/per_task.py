@@ -24,10 +24,17 @@ if TYPE_CHECKING:
     from loramix.config import AdapterConfig
 
 
-def first_token(hidden: Tensor) -> Tensor:
-    """`(n, t, d) -> (n, d)` at token 0; `(n, c, h, w) -> (n, c)` by the spatial mean; `(n, d)` as it is."""
+def first_token(hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """`(n, t, d) -> (n, d)` at each sample's first token: token 0, or with an `attention_mask` `(n, t)` the first
+    one it keeps (a left-padded prompt's first real token); `(n, c, h, w) -> (n, c)` by the spatial mean; `(n, d)`
+    as it is."""
     if hidden.dim() == 3:
-        return hidden[:, 0]
+        n, t = hidden.shape[:2]
+        if attention_mask is None or attention_mask.shape[0] != n or attention_mask.shape[1] > t:
+            return hidden[:, 0]
+        # (n,): 0 for right padding or none; a prompt's mask still names its first token once the sequence grew
+        first = attention_mask.ne(0).int().argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
     if hidden.dim() > 3:
         return hidden.flatten(2).mean(-1)
     return hidden
@@ -41,6 +48,7 @@ class PerTaskRouter(LearnedRouter, FrozenRows):
     scope = "layer"
     needs_task_ids = True
     needs_num_tasks = True
+    per_sample = True  # one gate per sample, from its first token: generation decides it on the prompt
 
     def __init__(self, in_features: int, num_experts: int, *, num_tasks: int, **kwargs: Any) -> None:
         noisy = kwargs.pop("noisy", False)
@@ -66,8 +74,8 @@ class PerTaskRouter(LearnedRouter, FrozenRows):
         for name in self.stacked:
             getattr(self, name)[rows] = 0.0
 
-    def features(self, hidden: Tensor) -> Tensor:
-        return first_token(hidden)
+    def features(self, hidden: Tensor, state: Any = None) -> Tensor:
+        return first_token(hidden, None if state is None else state.attention_mask)
 
     def _per_task(self, name: str, hidden: Tensor, task_ids: Tensor) -> Tensor:
         """Each sample's scores by its own task's router, `(n, d) -> (n, e)`: a product and a sum over `d`, whose
