@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import loramix
 from loramix.cli import main
 from loramix.data import MultiTaskData
 from loramix.errors import ConfigError
@@ -174,3 +175,40 @@ def test_elrea_runs_end_to_end_on_generation_tasks(
     for task in toys.GEN_TASKS:
         assert again["tasks"][task]["samples"] == metrics["tasks"][task]["samples"]
         assert again["tasks"][task]["loss"] == pytest.approx(metrics["tasks"][task]["loss"], rel=1e-4)
+
+
+def test_an_elrea_expert_export_of_a_run_that_trained_its_backbone_names_that_backbone(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    settings = toys.gen_settings(
+        gpt2_dir,
+        gen_tasks_dir,
+        method="elrea",
+        steps=4,
+        lr=5e-2,
+        train_backbone=True,
+        backbone_lr=1e-2,
+        elrea_clusters=2,
+        elrea_feature_dim=32,
+        elrea_feature_examples=24,
+    )
+    run_training(RunConfig.from_dict(settings), tmp_path / "run")
+    out = tmp_path / "expert"
+    assert main(["export", str(tmp_path / "run"), "--expert", "1", "--out", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    _, model, _, _ = load_trained(tmp_path / "run")
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    trained = {k: v for k, v in model.backbone.state_dict().items() if "base_layer" in k}
+    name = next(iter(trained))
+    plain = dict(base.named_parameters())[name.replace(".base_layer", "")]
+    assert torch.equal(plain, trained[name])  # the trained base, not the one the run started from
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), loramix.routing(model.backbone, task_ids=torch.tensor([1])):
+        want = model.backbone(input_ids=ids).logits
+        got = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

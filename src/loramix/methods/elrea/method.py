@@ -11,6 +11,7 @@ from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.io import export_peft
+from loramix.io.files import atomic_folder
 from loramix.methods.base import Method, register_method
 from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
 from loramix.methods.elrea.pipeline import run_elrea
@@ -19,6 +20,7 @@ from loramix.models import resolve_model_path
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import prepare_run
+from loramix.train.serve_export import BASE_FOLDER, write_trained_base
 
 
 @register_method
@@ -74,10 +76,20 @@ class Elrea(Method):
         experts = get_info(model.backbone).config.num_experts
         if not 0 <= args.expert < experts:
             raise ConfigError(f"--expert {args.expert} is not an expert of this run: 0..{experts - 1}")
-        out = export_peft(
-            model.backbone,
-            args.out,
-            gate=[float(e == args.expert) for e in range(experts)],
-            base_model_name_or_path=resolve_model_path(run.model),
-        )
-        return f"a PEFT LoRA adapter for expert {args.expert} to {out}"
+        gate = [float(e == args.expert) for e in range(experts)]
+        if not get_info(model.backbone).config.train_backbone:
+            out = export_peft(
+                model.backbone, args.out, gate=gate, base_model_name_or_path=resolve_model_path(run.model)
+            )
+            return f"a PEFT LoRA adapter for expert {args.expert} to {out}"
+        # the backbone trained too: the adapter names that trained base, written beside it, as task exports do
+        from transformers import AutoTokenizer
+
+        out = Path(args.out)
+        with atomic_folder(out) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.model))
+            write_trained_base(model, tmp / BASE_FOLDER, tokenizer)
+            export_peft(
+                model.backbone, tmp, gate=gate, base_model_name_or_path=str(out.resolve() / BASE_FOLDER)
+            )
+        return f"a PEFT LoRA adapter for expert {args.expert} to {out}, on the trained base model in {out / BASE_FOLDER}"
