@@ -607,10 +607,22 @@ def test_task_spec_files_are_read_against_the_config_and_set_paths_against_the_w
     saved = yaml.safe_load((tmp_path / "runs" / "y" / "config.yaml").read_text())
     assert saved["tasks_dir"] == "../../project/data" and saved["tasks"] == ["animals"]
     capsys.readouterr()
-    assert (
-        main([*runs_from_project, "--set", "tasks=[animals]"]) == 0
-    )  # a run there already: said, then replaced
+    # a run there already: said, then replaced
+    assert main([*runs_from_project, "--set", "tasks=[animals]"]) == 0
     assert "runs/y holds a run already; this one replaces it" in capsys.readouterr().err
+    # a run refused once its config was written (targets matching nothing) leaves nothing that a resume compares
+    broken = [
+        "train",
+        config,
+        "--output-dir",
+        "runs/z",
+        "--set",
+        "tasks_dir=project/data",
+        "--set",
+        "tasks=[animals]",
+    ]
+    assert main([*broken, "--set", "targets=[nothing]"]) == 2
+    assert main([*broken, "--resume"]) == 0
 
 
 def test_data_warnings_print_as_one_line_and_the_run_goes_on(

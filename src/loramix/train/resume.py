@@ -49,10 +49,10 @@ def check_resume_config(
     """Refuse to resume the run in `output_dir` with a config that differs from its `config.yaml` outside
     bookkeeping (a ConfigError names each key, from what to what), unless `allow_change`: then the changes are
     appended to `config-changes.jsonl` (by the main process) and returned. Nothing to compare (no `config.yaml`
-    yet) is no change."""
+    yet, or nothing beside it) is no change."""
     path = Path(output_dir) / CONFIG_FILE
-    if not path.is_file():
-        return {}
+    if not path.is_file() or {p.name for p in path.parent.iterdir()} == {CONFIG_FILE}:
+        return {}  # nothing ran with it: a run stopped after writing its config, before it built the model
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
