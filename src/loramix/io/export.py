@@ -274,14 +274,19 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, tuple[Tensor,
     return config, layers
 
 
-def import_peft(model: nn.Module, directories: list[str | Path], **config: Any) -> InjectionReport:
-    """Inject experts into `model`, one per PEFT LoRA directory, routed by task id (expert d for task d).
+def import_peft(
+    model: nn.Module, directories: str | Path | list[str | Path], **config: Any
+) -> InjectionReport:
+    """Inject experts into `model`, one per PEFT LoRA directory (one directory: one expert), routed by task id
+    (expert d for task d).
 
     `config` overrides adapter settings (e.g. `router="sample"`); rank and scale are taken from the adapters.
 
     Example:
         >>> loramix.import_peft(model, ["adapters/sst2", "adapters/trec"])
     """
+    if isinstance(directories, (str, Path)):
+        directories = [directories]
     if not directories:
         raise InjectionError("import_peft needs at least one PEFT adapter directory")
     read = [(Path(d), *_read_peft(Path(d))) for d in directories]
