@@ -276,6 +276,12 @@ def moe_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathF
 def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[str, Any]):
     metrics, tasks = moe_run["metrics"], len(toys.TASK_NAMES)
     matrix = np.array(metrics["accuracy_matrix"])
+    for name, accuracy in zip(toys.TASK_NAMES, matrix[-1]):  # the last row, with macro-F1 and n as other runs
+        scores = metrics["tasks"][name]
+        assert set(scores) == {"accuracy", "macro_f1", "n"} and scores["accuracy"] == accuracy
+    steps = [entry["step"] for entry in metrics["history"]]  # every task's steps, in the order learned
+    assert steps == list(range(1, 12 * tasks + 1)) and metrics["history"][-1]["task"] == tasks - 1
+    assert "No training history" not in (Path(moe_run["dir"]) / "report.md").read_text()
     assert matrix.shape == (tasks + 1, tasks)
     assert set(continual_metrics(matrix)) <= set(metrics)
     assert ((matrix >= 0) & (matrix <= 1)).all()

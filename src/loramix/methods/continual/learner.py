@@ -53,6 +53,9 @@ class Learner:
         self.learned = [True] * offset + [False] * data.num_tasks
         self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
         self.prior_tasks: list[dict] = []
+        self.scores: dict[
+            str, dict
+        ] = {}  # each task's scores in the latest evaluation (accuracy, macro-F1, n)
 
     @property
     def task_names(self) -> list[str]:

@@ -36,6 +36,7 @@ from loramix.methods.continual.report import write_continual_report
 from loramix.models import load_backbone
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
+from loramix.train.evaluate import task_scores
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import (
@@ -309,18 +310,24 @@ class Continual(Method):
         model.eval()
         split = every_task_has(data, split or eval_split(data))
         row, own, seen, base, unseen = [], 0, 0, 0, 0
+        learner.scores = {}
         for task in data.tasks:
             examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
-            correct = 0
+            correct, predictions, labels = 0, [], []
             for batch in learner.batches(examples, run.eval_batch_size):
                 route, keep, predicted = self.route_and_predict(learner, batch)
                 correct += int((predicted == batch["labels"].float()).sum())
+                predictions.append(predicted.cpu())
+                labels.append(batch["labels"].float().cpu())
                 if learner.learned[learner.offset + task.task_id]:
                     global_id = learner.offset + task.task_id
                     own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
                 else:
                     base, unseen = base + int(keep.sum()), unseen + len(keep)
             row.append(correct / max(len(examples), 1))
+            learner.scores[task.name] = task_scores(
+                torch.cat(predictions).numpy(), torch.cat(labels).numpy(), task.task_type
+            )
         if self.uses_selector:  # where the selector sent learned and not yet learned tasks' inputs, per row
             learned = [i for i, done in enumerate(learner.learned) if done]
             learner.records.setdefault("selector_rows", []).append(
@@ -385,8 +392,9 @@ class Continual(Method):
             if self.per_task_steps
             else {"Last": float(np.mean(matrix[-1]))}
         )
-        metrics["tasks"] = {n: {"accuracy": a} for n, a in zip(names, matrix[-1])}
+        metrics["tasks"] = learner.scores or {n: {"accuracy": a} for n, a in zip(names, matrix[-1])}
         metrics["mean_accuracy"] = float(np.mean(matrix[-1]))
+        metrics["history"] = sequence_history(learner.records.get("history", {}))
         metrics["routing"] = {}
         if learner.selector is not None:
             metrics["selector"] = self.selector_confusion(learner)
@@ -415,6 +423,17 @@ class Continual(Method):
             "own_task_rate": float(own),
             "task_names": learner.task_names,
         }
+
+
+def sequence_history(histories: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The logged steps of every task in the order learned, as one history: each entry with the task it trained
+    (`task`, its index) and its step counted from the start of the sequence."""
+    history, done = [], 0
+    for task in sorted(histories, key=int):
+        steps = histories[task]
+        history += [{**entry, "step": entry["step"] + done, "task": int(task)} for entry in steps]
+        done += max((entry["step"] for entry in steps), default=0)
+    return history
 
 
 def every_task_has(data: MultiTaskData, split: str) -> str:
