@@ -380,6 +380,14 @@ def test_serving_commands_register_every_adapter_with_a_rank_vllm_accepts(tmp_pa
     }
     too_wide = serving_commands("org/base", adapters, 600)["vllm"]
     assert too_wide["command"] is None and "512" in too_wide["note"]
+    assert "quantization_note" not in commands
+    # adapters trained on a quantized base: the servers quantize it too, and say that they come close, not equal
+    nf4 = serving_commands("org/base", adapters, 12, "4bit")
+    assert nf4["vllm"]["command"].startswith("vllm serve org/base --quantization bitsandbytes --enable-lora")
+    assert nf4["lorax"]["command"] == "lorax-launcher --model-id org/base --quantize bitsandbytes-nf4"
+    int8 = serving_commands("org/base", adapters, 12, "8bit")
+    assert "--quantization" not in int8["vllm"]["command"] and "4-bit only" in int8["quantization_note"]
+    assert int8["lorax"]["command"].endswith("--quantize bitsandbytes")
     assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 320, 321, 512, 513)] == [
         1,
         8,

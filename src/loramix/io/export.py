@@ -152,10 +152,15 @@ def vllm_max_lora_rank(rank: int) -> int | None:
     return next((allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank), None)
 
 
-def serving_commands(base_model: str, adapters: Mapping[str, str | Path], rank: int) -> dict[str, Any]:
+def serving_commands(
+    base_model: str, adapters: Mapping[str, str | Path], rank: int, quantize: str | None = None
+) -> dict[str, Any]:
     """How vLLM and LoRAX serve these PEFT LoRA adapters (`{served name: adapter folder}`, of rank up to `rank`) on
     `base_model`: vLLM's command line (every adapter registered at start, requests name one as their `model`) and
     LoRAX's launch line and per-request parameters (a local adapter is loaded by its folder on first use).
+    `quantize` ("4bit", "8bit"): the adapters were trained on that bitsandbytes quantization of the base, and the
+    servers quantize it as they can (vLLM in flight to 4 bits only), with a note that the numbers come close to
+    the run's rather than equal them.
 
     Example:
         >>> serving_commands("meta-llama/Llama-3.2-1B", {"sql": "/srv/out/sql"}, 8)["vllm"]["command"]
@@ -170,17 +175,26 @@ def serving_commands(base_model: str, adapters: Mapping[str, str | Path], rank: 
             f"rank {rank} is above the largest --max-lora-rank vLLM accepts ({VLLM_MAX_LORA_RANKS[-1]})"
         )
     else:
+        quantized = " --quantization bitsandbytes" if quantize == "4bit" else ""
         vllm["command"] = (
-            f"vllm serve {shlex.quote(base_model)} --enable-lora --lora-modules {lora_modules} "
+            f"vllm serve {shlex.quote(base_model)}{quantized} --enable-lora --lora-modules {lora_modules} "
             f"--max-lora-rank {max_rank} --max-loras {len(adapters)}"
         )
+    lorax_quantize = {"4bit": " --quantize bitsandbytes-nf4", "8bit": " --quantize bitsandbytes"}
     lorax = {
-        "command": f"lorax-launcher --model-id {shlex.quote(base_model)}",
+        "command": f"lorax-launcher --model-id {shlex.quote(base_model)}{lorax_quantize.get(quantize or '', '')}",
         "requests": {
             name: {"adapter_id": str(path), "adapter_source": "local"} for name, path in adapters.items()
         },
     }
-    return {"vllm": vllm, "lorax": lorax}
+    commands: dict[str, Any] = {"vllm": vllm, "lorax": lorax}
+    if quantize:
+        commands["quantization_note"] = (
+            f"the adapters were trained on a {quantize} bitsandbytes quantization of the base; the servers' "
+            "quantization (vLLM's in flight is 4-bit only: an 8-bit run is served on the full-precision base) "
+            "need not round as loramix's did, so their outputs come close to the run's rather than equal them"
+        )
+    return commands
 
 
 @torch.no_grad()

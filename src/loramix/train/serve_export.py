@@ -98,6 +98,8 @@ class RunExport:
                 f'or with LoRAX: {lorax["command"]}, and per request "parameters": '
                 f'{{"adapter_id": "{first["adapter_id"]}", "adapter_source": "local"}} (that task\'s folder)'
             )
+            if "quantization_note" in manifest:
+                lines.append(f"note: {manifest['quantization_note']}")
         else:
             lines.append(manifest["serving_note"])
         return "\n".join(lines)
@@ -218,7 +220,7 @@ def build_manifest(
     }
     if all(written.note["task_type"] == GENERATION for written in exports):
         served = {folders[written.note["task"]]: final / folders[written.note["task"]] for written in exports}
-        manifest.update(serving_commands(base, served, rank))
+        manifest.update(serving_commands(base, served, rank, run.quantize))
     else:
         manifest["serving_note"] = (
             "serving: these tasks answer through their head rows (head.safetensors) on the pooled output, which "
