@@ -137,6 +137,15 @@ def test_report_survives_sparse_results(tmp_path):
     assert write_report(tmp_path / "empty", []).read_text(encoding="utf-8").startswith("# loramix report")
 
 
+def test_the_tables_are_the_scores_the_tasks_have(tmp_path, report):
+    generated = {"reverse": {"accuracy": 0.5, "exact_match": 0.5, "f1": 0.75, "perplexity": 3.0, "n": 8}}
+    text = write_report(tmp_path, [{"method": "mola-grad", "tasks": generated}]).read_text(encoding="utf-8")
+    assert "## Exact match per task (generation)" in text and "## Token F1 per task (generation)" in text
+    assert "Macro-F1" not in text  # a generation task has none: no table of dashes
+    classified = report.read_text(encoding="utf-8")
+    assert "## Macro-F1 per task" in classified and "Exact match" not in classified
+
+
 def test_print_table_has_every_method_and_the_mean(results):
     table = print_table(results)
     lines = table.splitlines()

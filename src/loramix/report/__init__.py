@@ -166,6 +166,18 @@ def _summary_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+TASK_TABLES = (  # (section title, per-task key, the result's own mean of it); higher is better in each
+    ("Accuracy per task", "accuracy", "mean_accuracy"),
+    ("Macro-F1 per task", "macro_f1", "mean_macro_f1"),
+    ("Exact match per task (generation)", "exact_match", "mean_exact_match"),
+    ("Token F1 per task (generation)", "f1", "mean_f1"),
+)
+
+
+def _all_scores(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [s for r in results for s in (r.get("tasks") or {}).values() if isinstance(s, Mapping)]
+
+
 def _warning_lines(warnings: Sequence[str]) -> list[str]:
     if not warnings:
         return ["No routing warnings."]
@@ -261,8 +273,9 @@ def write_report(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> Path:
     else:
         tasks = task_names(results)
         lines += [f"{len(results)} methods on {len(tasks)} tasks: {', '.join(tasks) or 'none'}.", ""]
-        lines += ["## Accuracy per task", "", *markdown_table(results, "accuracy", "mean_accuracy"), ""]
-        lines += ["## Macro-F1 per task", "", *markdown_table(results, "macro_f1", "mean_macro_f1"), ""]
+        for title, metric, mean_key in TASK_TABLES:  # the scores some task has: classification, generation
+            if any(metric in scores for scores in _all_scores(results)):
+                lines += [f"## {title}", "", *markdown_table(results, metric, mean_key), ""]
 
         lines += ["## Routing", ""]
         for method, slug, result in zip(methods, slugs, results):
