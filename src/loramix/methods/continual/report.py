@@ -26,8 +26,20 @@ def _heatmap(
     image = axes.imshow(values, cmap="viridis", aspect="auto")
     axes.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
     axes.set_yticks(range(len(rows)), rows, fontsize=7)
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
     for (i, j), value in np.ndenumerate(values):
-        axes.text(j, i, format(value, fmt), ha="center", va="center", fontsize=6, color="white")
+        bright = (
+            high > low and (value - low) / (high - low) > 0.6
+        )  # viridis is light at its top: dark text there
+        axes.text(
+            j,
+            i,
+            format(value, fmt),
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="black" if bright else "white",
+        )
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
