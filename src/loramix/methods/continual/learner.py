@@ -53,9 +53,8 @@ class Learner:
         self.learned = [True] * offset + [False] * data.num_tasks
         self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
         self.prior_tasks: list[dict] = []
-        self.scores: dict[
-            str, dict
-        ] = {}  # each task's scores in the latest evaluation (accuracy, macro-F1, n)
+        # each task's scores in the latest evaluation (accuracy, macro-F1, n)
+        self.scores: dict[str, dict] = {}
 
     @property
     def task_names(self) -> list[str]:

@@ -28,18 +28,9 @@ def _heatmap(
     axes.set_yticks(range(len(rows)), rows, fontsize=7)
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
     for (i, j), value in np.ndenumerate(values):
-        bright = (
-            high > low and (value - low) / (high - low) > 0.6
-        )  # viridis is light at its top: dark text there
-        axes.text(
-            j,
-            i,
-            format(value, fmt),
-            ha="center",
-            va="center",
-            fontsize=6,
-            color="black" if bright else "white",
-        )
+        # viridis is light at its top: dark text there
+        color = "black" if high > low and (value - low) / (high - low) > 0.6 else "white"
+        axes.text(j, i, format(value, fmt), ha="center", va="center", fontsize=6, color=color)
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
