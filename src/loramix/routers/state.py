@@ -21,9 +21,8 @@ class RoutingState:
     model_gate: Gate | None = None
     record: bool = True
     keep_model_gate: bool = False  # generation: the sample router decides on the prompt, later steps reuse it
-    layer_gates: dict[str, Gate] = field(
-        default_factory=dict
-    )  # the same for per-sample layer routers, by layer
+    # generation: the same for per-sample layer routers, by layer name
+    layer_gates: dict[str, Gate] = field(default_factory=dict)
     records: list[tuple[str, Gate]] = field(default_factory=list)
 
     def add(self, name: str, gate: Gate) -> None:
