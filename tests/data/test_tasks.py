@@ -39,6 +39,14 @@ def test_bad_specs_name_the_field(fields: dict[str, object], message: str):
     assert message in str(info.value)
 
 
+def test_integer_label_names_are_the_names_integer_labels_get():
+    assert TaskSpec.from_dict({"name": "t", "train": "a.jsonl", "labels": [0, 1, 2]}).labels == [
+        "0",
+        "1",
+        "2",
+    ]
+
+
 def test_spec_accepts_paths_and_round_trips(tmp_path: Path):
     spec = TaskSpec(name="t", train=tmp_path / "a.jsonl", test={"hf_dataset": "glue", "config": "sst2"})
     assert spec.train == str(tmp_path / "a.jsonl")

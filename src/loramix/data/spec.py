@@ -116,6 +116,14 @@ class TaskSpec(BaseModel):
             raise ValueError(f"file must end in one of {', '.join(FILE_SUFFIXES)} (or be an hf_dataset dict)")
         return value
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_names(cls, value: Any) -> Any:
+        """`labels: [0, 1, 2]` names classes as integer labels do by default ('0', '1', '2')."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
     @field_validator("labels")
     @classmethod
     def _labels_unique(cls, value: list[str] | None) -> list[str] | None:
