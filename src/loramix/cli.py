@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -208,11 +209,18 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from loramix.train.config import RunConfig
 
     word = (args.word or "").lower()
-    shown_any = False
-    for key, field in sorted(RunConfig.model_fields.items(), key=lambda item: setting_rank(word, *item)):
+    ranked = sorted(  # the closest first; ties in the order the config declares them (a stable sort)
+        (
+            (rank, key, field)
+            for key, field in RunConfig.model_fields.items()
+            if (rank := setting_rank(word, key, field)) != NOT_SHOWN
+        ),
+        key=lambda match: match[0],
+    )
+    if not ranked:
+        raise ConfigError(f"no run setting names or mentions {args.word!r}")
+    for _, key, field in ranked:
         description = field.description or ""
-        if setting_rank(word, key, field) == NOT_SHOWN:
-            continue
         kind = field.annotation
         kind_text = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
         if field.default_factory is not None:
@@ -223,9 +231,6 @@ def cmd_settings(args: argparse.Namespace) -> int:
         print(f"{key}: {kind_text}, {default_text}")
         if description:
             print(textwrap.fill(description, width=100, initial_indent="    ", subsequent_indent="    "))
-        shown_any = True
-    if not shown_any:
-        raise ConfigError(f"no run setting names or mentions {args.word!r}")
     return 0
 
 
@@ -236,8 +241,6 @@ def setting_rank(word: str, key: str, field: object) -> int:
     """How closely a run setting matches `loramix settings WORD`: 0 it is WORD, 1 a part of its name is (`lr` in
     `router_lr`), 2 a part of its name starts with it, 3 a word of its description does; `NOT_SHOWN` otherwise.
     Without a word every setting shows, in the order the config declares them."""
-    import re
-
     if not word:
         return 0
     parts = key.lower().split("_")
