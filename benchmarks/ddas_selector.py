@@ -48,6 +48,8 @@ REFERENCE = (
 DEFAULT = "gaussian, block-0 features + token stats"  # the library's default
 # `ddas_accept_layer: 3`: block 3's features (with the token stats) decide acceptance, blocks 0 and 3 the task
 TWO_STAGE = "gaussian, block 3 accepts, blocks 0 + 3 choose"
+TWO_STAGE_POOLED = "gaussian, block 3 accepts (pooled threshold), blocks 0 + 3 choose"
+POOLED = {"normalize": "gaussian", "threshold": "pooled"}
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "paper: input embeddings, l2, err/thr": ("embeddings", {"normalize": "l2"}, {}, ""),
     "l2 rule, block-3 features + token stats": ("hidden3", {"normalize": "l2"}, {}, ""),
@@ -74,9 +76,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     TWO_STAGE: ("hidden0+3", {"normalize": "gaussian"}, {}, ""),
     "gaussian, block-1 features + token stats": ("hidden1", {"normalize": "gaussian"}, {}, ""),
     "gaussian, block 1 accepts, blocks 0 + 1 choose": ("hidden0+1", {"normalize": "gaussian"}, {}, ""),
+    # `ddas_threshold: pooled`: one acceptance level, a percentile of every learned task's held-out errors
+    "gaussian, block-0, pooled threshold": ("hidden0", POOLED, {}, ""),
+    "gaussian, block-3, pooled threshold": ("hidden3", POOLED, {}, ""),
+    TWO_STAGE_POOLED: ("hidden0+3", POOLED, {}, ""),
+    "gaussian, block 3 accepts (pooled), shrinkage 0.03": ("hidden0+3", {**POOLED, "shrinkage": 0.03}, {}, ""),
+    "gaussian, block 3 accepts (pooled), percentile 93": ("hidden0+3", {**POOLED, "percentile": 93.0}, {}, ""),
+    "gaussian, block 1 accepts (pooled), blocks 0 + 1 choose": ("hidden0+1", POOLED, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
-DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats", TWO_STAGE)
+DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats", TWO_STAGE, TWO_STAGE_POOLED)
 
 
 @torch.no_grad()
@@ -185,7 +194,7 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     confusion = np.zeros((len(ORDER), len(ORDER) + 1), dtype=int)
     np.add.at(confusion, (labels.numpy(), torch.where(keep, len(ORDER), chosen).numpy()), 1)
     # acceptance[i][j]: the share of task j's test inputs that task i's own threshold accepts, whatever the others do
-    accepted = (full.accept_errors(test) <= full.thresholds).float()  # (n, T)
+    accepted = (full.accept_errors(test) <= full.acceptance_thresholds()).float()  # (n, T)
     acceptance = [
         [float(accepted[labels == j, i].mean()) for j in range(len(ORDER))] for i in range(len(ORDER))
     ]

@@ -6,7 +6,6 @@ inside a task equals an uninterrupted run; the metrics follow their definitions.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.methods import get_method, run_training
 from loramix.methods.continual import Learner, continual_metrics
-from loramix.routers.selector import AutoSelector
 from loramix.train.config import RunConfig
 from tests.train import toys
 
@@ -76,147 +74,6 @@ def test_a_continual_method_needs_steps_per_task_and_label_prompts(model_dir: Pa
     run = continual_run(model_dir, tasks_dir, "moe-adapters", head="classification", label_smoothing=0.0)
     with pytest.raises(ConfigError, match="head: method moe-adapters"):
         get_method(run.method).validate(run)
-
-
-@pytest.mark.parametrize("rule", ["gaussian", "whiten", "l2"])
-def test_the_selector_batched_errors_equal_the_loop_and_unfamiliar_inputs_go_to_the_base(rule: str):
-    torch.manual_seed(0)
-    centres = torch.randn(3, 16) * 3
-    selector = AutoSelector(16, hidden=4, normalize=rule)
-    for c in centres:
-        selector.add_task(c + 0.1 * torch.randn(200, 16), epochs=300)
-    probe = torch.cat([centres + 0.03 * torch.randn(3, 16), torch.randn(2, 16) * 3])  # near each centre; far
-    torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
-    tasks, keep = selector(probe)
-    assert tasks[:3].tolist() == [0, 1, 2] and not keep[:3].any()
-    assert keep[3:].all()  # far from every task's data
-
-
-def test_the_whitened_selector_sends_far_inputs_to_the_base_where_the_l2_rule_cannot():
-    """Two tasks around the same centre, one spread 10 times wider: every direction is as likely in both, so the
-    paper's rule, which sees L2-normalised features only, accepts inputs 10 times further out still; whitened by
-    each task's own statistics, they are unfamiliar to both and go to the base, and the wide task keeps its own."""
-    generator = torch.Generator().manual_seed(0)
-    broad, narrow = (
-        torch.randn(400, 8, generator=generator) * 3,
-        torch.randn(400, 8, generator=generator) * 0.3,
-    )
-    own, far = torch.randn(100, 8, generator=generator) * 3, torch.randn(100, 8, generator=generator) * 30
-    kept = {}
-    for normalize in ("whiten", "l2"):
-        selector = AutoSelector(8, hidden=4, normalize=normalize)
-        selector.add_task(broad, epochs=300)
-        selector.add_task(narrow, epochs=300)
-        torch.testing.assert_close(selector.errors(far), selector.errors_loop(far))
-        tasks, keep = selector(own)
-        kept[normalize] = selector(far)[1].float().mean()
-        if normalize == "whiten":
-            assert keep.float().mean() <= 0.2 and (tasks[~keep] == 0).all()
-    assert kept["whiten"] == 1.0 and kept["l2"] <= 0.1
-
-
-def test_the_gaussian_selector_is_each_task_s_likelihood_and_picks_the_likeliest_accepting_task():
-    """Two tasks with the same centre, one 10 times wider, plus a third far away. The Gaussian rule's score is
-    each task's negative log-likelihood (doubled, up to a constant), as scipy computes it; the narrow task wins
-    the inputs near the centre (more likely there), the broad one those out where only it accepts, and inputs far
-    from every task go to the base."""
-    from scipy.stats import multivariate_normal
-
-    generator = torch.Generator().manual_seed(0)
-    broad = torch.randn(600, 6, generator=generator) * 3
-    narrow = torch.randn(600, 6, generator=generator) * 0.3
-    other = torch.randn(600, 6, generator=generator) * 0.3 + 20
-    selector = AutoSelector(6, normalize="gaussian", shrinkage=0.05)
-    for features in (broad, narrow, other):
-        selector.add_task(features)
-    assert selector.enc_w.shape[0] == 0  # no autoencoder is fitted
-    probe = torch.cat(
-        [
-            torch.randn(50, 6, generator=generator) * 0.3,  # the narrow task's own
-            torch.randn(50, 6, generator=generator) * 0.3 + 20,  # the third's
-            torch.full((1, 6), 3.0),  # outside the narrow task, inside the broad one
-            torch.full((1, 6), -60.0),  # far from all
-        ]
-    )
-    errors = selector.errors(probe)
-    torch.testing.assert_close(errors, selector.errors_loop(probe))
-    for t in range(3):
-        covariance = torch.linalg.inv(selector.whitening[t].double() @ selector.whitening[t].double())
-        density = multivariate_normal(selector.center[t].double().numpy(), covariance.numpy())
-        expected = -2 * density.logpdf(probe.double().numpy()) - 6 * math.log(2 * math.pi)
-        torch.testing.assert_close(errors[:, t].double(), torch.as_tensor(expected), rtol=1e-4, atol=1e-3)
-    tasks, keep = selector(probe)
-    assert (tasks[:50] == 1).float().mean() >= 0.9 and (tasks[50:100] == 2).float().mean() >= 0.9
-    assert tasks[100] == 0 and not keep[100]
-    assert keep[101]
-    loaded = AutoSelector(6)
-    loaded.load_state(selector.state())
-    assert loaded.normalize == "gaussian"
-    for a, b in zip(selector(probe), loaded(probe)):
-        assert torch.equal(a, b)
-
-
-def test_the_selector_keeps_its_rule_through_save_and_load_and_old_states_load_as_l2():
-    generator = torch.Generator().manual_seed(0)
-    train = torch.randn(200, 16, generator=generator) + 2
-    probe = torch.cat(
-        [torch.randn(20, 16, generator=generator) + 2, torch.randn(20, 16, generator=generator) * 5]
-    )
-    for normalize in ("whiten", "l2"):
-        selector = AutoSelector(16, hidden=4, normalize=normalize)
-        selector.add_task(train, epochs=100)
-        loaded = AutoSelector(16, hidden=4)
-        loaded.load_state(selector.state())
-        assert loaded.normalize == normalize
-        for a, b in zip(selector(probe), loaded(probe)):
-            assert torch.equal(a, b)
-    old = {
-        k: v for k, v in selector.state().items() if k in ("enc_w", "enc_b", "dec_w", "dec_b", "thresholds")
-    }
-    loaded = AutoSelector(16, hidden=4)
-    loaded.load_state(old)  # saved before the whiten rule existed
-    assert loaded.normalize == "l2"
-    for a, b in zip(selector(probe), loaded(probe)):
-        assert torch.equal(a, b)
-
-
-def test_a_two_stage_selector_accepts_by_its_last_columns_and_chooses_by_all_of_them():
-    """Features of 10 columns, the last 4 deciding acceptance. Two tasks share those 4 columns' distribution and
-    differ in the first 6: acceptance cannot tell them apart, the choice (all 10 columns) can. Moving an input's
-    first 6 columns far away changes its task but never its keep-base mask; moving its last 4 sends it to the base."""
-    generator = torch.Generator().manual_seed(0)
-
-    def task(shift: float, n: int = 400) -> torch.Tensor:
-        x = torch.randn(n, 10, generator=generator)
-        x[:, :6] += shift
-        return x
-
-    selector = AutoSelector(10, normalize="gaussian", accept_width=4)
-    for shift in (0.0, 4.0):
-        selector.add_task(task(shift))
-    assert selector.accept_width == 4 and selector.accept_center.shape == (2, 4)
-    probe = torch.cat([task(0.0, 50), task(4.0, 50)])
-    torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
-    torch.testing.assert_close(selector.accept_errors(probe), selector.errors_loop(probe, accept=True))
-    tasks, keep = selector(probe)
-    assert (tasks[:50] == 0).float().mean() >= 0.9 and (tasks[50:] == 1).float().mean() >= 0.9
-    assert keep.float().mean() <= 0.2  # each task's threshold is the 95th percentile of its held-out errors
-    assert torch.equal(
-        tasks, selector.scores(selector.errors(probe)).argmin(-1)
-    )  # the likeliest of all tasks
-    moved = probe.clone()
-    moved[:, :6] += 40.0
-    assert torch.equal(selector(moved)[1], keep)  # the first columns never decide acceptance
-    moved = probe.clone()
-    moved[:, 6:] += 40.0
-    assert selector(moved)[1].all()  # unfamiliar in the acceptance columns: the base
-    loaded = AutoSelector(10)
-    loaded.load_state(selector.state())
-    assert loaded.accept_width == 4
-    for a, b in zip(selector(probe), loaded(probe)):
-        assert torch.equal(a, b)
-    with pytest.raises(ConfigError, match="accept_width"):
-        AutoSelector(10, normalize="whiten", accept_width=4)
 
 
 def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(model_dir: Path):
@@ -431,14 +288,21 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
         get_method("mola-grad").validate(RunConfig.from_dict({**later.to_dict(), "method": "mola-grad"}))
 
 
-def test_a_two_stage_selector_run_evaluates_and_continues_only_on_the_features_it_was_fitted_on(
+def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_settings_it_was_fitted_with(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     from loramix.cli import main
     from loramix.io import read_checkpoint
 
     every = specs(tasks_dir)
-    first = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=6, ddas_accept_layer=1)
+    first = continual_run(
+        model_dir,
+        tasks_dir,
+        "continual-mola-grad",
+        steps_per_task=6,
+        ddas_accept_layer=1,
+        ddas_threshold="pooled",
+    )
     first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
     metrics = run_training(first, tmp_path / "first")
     _, tensors = read_checkpoint(tmp_path / "first" / "adapter")
@@ -446,16 +310,22 @@ def test_a_two_stage_selector_run_evaluates_and_continues_only_on_the_features_i
     assert (
         int(tensors["extra.selector.accept_columns"]) == (width - 2) // 2 + 2
     )  # block 1's state and statistics
+    assert float(tensors["extra.selector.pooled_level"]) == pytest.approx(0.95)
     assert main(["eval", str(tmp_path / "first")]) == 0
     evaluated = json.loads((tmp_path / "first" / "eval-test.json").read_text())
     assert [evaluated["tasks"][t["name"]]["accuracy"] for t in every[:2]] == metrics["accuracy_matrix"][-1]
     later = {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
     with pytest.raises(ConfigError, match="ddas_accept_layer: 1"):
         run_training(RunConfig.from_dict({**later, "ddas_accept_layer": None}), tmp_path / "other")
+    with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
+        run_training(RunConfig.from_dict({**later, "ddas_threshold": "task"}), tmp_path / "other")
     metrics = run_training(RunConfig.from_dict(later), tmp_path / "later")
     assert len(metrics["selector"]["confusion"][0]) == 3 + 1
     whiten = RunConfig.from_dict({**first.to_dict(), "ddas_normalize": "whiten"})
     with pytest.raises(ConfigError, match="ddas_accept_layer"):
+        get_method("moe-adapters").validate(whiten)
+    whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_accept_layer": None})
+    with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         get_method("moe-adapters").validate(whiten)
 
 

@@ -225,6 +225,12 @@ class RunConfig(BaseModel):
         "likely accepting task (gaussian); an autoencoder per task on features whitened by those, the lowest "
         "z-scored log error (whiten); or the paper's autoencoders on L2-normalised features, error/threshold (l2).",
     )
+    ddas_threshold: Literal["task", "pooled"] = Field(
+        "task",
+        description="Auto-selector: each task accepts up to the `ddas_percentile` of its own held-out errors "
+        "(task), or every task up to that percentile of all learned tasks' held-out errors together (pooled, "
+        "gaussian only: sends more unseen inputs to the base with block-3 features).",
+    )
     ddas_shrinkage: float = Field(
         0.1,
         gt=0,

@@ -112,6 +112,7 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
         normalize=run.ddas_normalize,
         shrinkage=run.ddas_shrinkage,
         accept_width=selector_width(backbone, run.ddas_features) if two_stage else 0,
+        threshold=run.ddas_threshold,
     )
 
 
@@ -132,10 +133,10 @@ def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
 def check_selector_features(run: RunConfig, prior: Path) -> None:
     """A continued run's new tasks must give the earlier run's selector the features it was fitted on."""
     saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
-    keys = ("ddas_features", "ddas_layer", "ddas_accept_layer")
+    keys = ("ddas_features", "ddas_layer", "ddas_accept_layer", "ddas_normalize", "ddas_threshold")
     changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
     if changed:
         raise ConfigError(
-            f"continue_from: {prior}'s auto-selector was fitted on other features: set "
+            f"continue_from: {prior}'s auto-selector was fitted with other settings: set "
             + ", ".join(f"{k}: {getattr(saved, k)}" for k in changed)
         )

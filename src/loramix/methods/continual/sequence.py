@@ -79,6 +79,11 @@ class Continual(Method):
                 "ddas_accept_layer: a second block for the auto-selector needs ddas_features: hidden and "
                 "ddas_normalize: gaussian; set ddas_accept_layer: null"
             )
+        if run.ddas_threshold == "pooled" and run.ddas_normalize != "gaussian":
+            raise ConfigError(
+                "ddas_threshold: pooled compares the tasks' Gaussian log-likelihoods on one scale and needs "
+                f"ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_threshold: task"
+            )
         if run.head != "label-prompt":
             raise ConfigError(
                 f"head: method {self.name} scores classes by their label texts so that tasks not learned yet are "

@@ -1,0 +1,232 @@
+"""The auto-selector (DDAS): every rule's batched errors equal a per-task loop, the Gaussian rule is each task's
+likelihood, unfamiliar inputs go to the base, two stages accept and choose on their own columns, pooled thresholds
+are one level over all learned tasks' held-out errors, and a saved selector decides as it did when fitted."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loramix.errors import ConfigError
+from loramix.routers.selector import AutoSelector
+
+
+@pytest.mark.parametrize("rule", ["gaussian", "whiten", "l2"])
+def test_the_selector_batched_errors_equal_the_loop_and_unfamiliar_inputs_go_to_the_base(rule: str):
+    torch.manual_seed(0)
+    centres = torch.randn(3, 16) * 3
+    selector = AutoSelector(16, hidden=4, normalize=rule)
+    for c in centres:
+        selector.add_task(c + 0.1 * torch.randn(200, 16), epochs=300)
+    probe = torch.cat([centres + 0.03 * torch.randn(3, 16), torch.randn(2, 16) * 3])  # near each centre; far
+    torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
+    tasks, keep = selector(probe)
+    assert tasks[:3].tolist() == [0, 1, 2] and not keep[:3].any()
+    assert keep[3:].all()  # far from every task's data
+
+
+def test_the_whitened_selector_sends_far_inputs_to_the_base_where_the_l2_rule_cannot():
+    """Two tasks around the same centre, one spread 10 times wider: every direction is as likely in both, so the
+    paper's rule, which sees L2-normalised features only, accepts inputs 10 times further out still; whitened by
+    each task's own statistics, they are unfamiliar to both and go to the base, and the wide task keeps its own."""
+    generator = torch.Generator().manual_seed(0)
+    broad, narrow = (
+        torch.randn(400, 8, generator=generator) * 3,
+        torch.randn(400, 8, generator=generator) * 0.3,
+    )
+    own, far = torch.randn(100, 8, generator=generator) * 3, torch.randn(100, 8, generator=generator) * 30
+    kept = {}
+    for normalize in ("whiten", "l2"):
+        selector = AutoSelector(8, hidden=4, normalize=normalize)
+        selector.add_task(broad, epochs=300)
+        selector.add_task(narrow, epochs=300)
+        torch.testing.assert_close(selector.errors(far), selector.errors_loop(far))
+        tasks, keep = selector(own)
+        kept[normalize] = selector(far)[1].float().mean()
+        if normalize == "whiten":
+            assert keep.float().mean() <= 0.2 and (tasks[~keep] == 0).all()
+    assert kept["whiten"] == 1.0 and kept["l2"] <= 0.1
+
+
+def test_the_gaussian_selector_is_each_task_s_likelihood_and_picks_the_likeliest_accepting_task():
+    """Two tasks with the same centre, one 10 times wider, plus a third far away. The Gaussian rule's score is
+    each task's negative log-likelihood (doubled, up to a constant), as scipy computes it; the narrow task wins
+    the inputs near the centre (more likely there), the broad one those out where only it accepts, and inputs far
+    from every task go to the base."""
+    from scipy.stats import multivariate_normal
+
+    generator = torch.Generator().manual_seed(0)
+    broad = torch.randn(600, 6, generator=generator) * 3
+    narrow = torch.randn(600, 6, generator=generator) * 0.3
+    other = torch.randn(600, 6, generator=generator) * 0.3 + 20
+    selector = AutoSelector(6, normalize="gaussian", shrinkage=0.05)
+    for features in (broad, narrow, other):
+        selector.add_task(features)
+    assert selector.enc_w.shape[0] == 0  # no autoencoder is fitted
+    probe = torch.cat(
+        [
+            torch.randn(50, 6, generator=generator) * 0.3,  # the narrow task's own
+            torch.randn(50, 6, generator=generator) * 0.3 + 20,  # the third's
+            torch.full((1, 6), 3.0),  # outside the narrow task, inside the broad one
+            torch.full((1, 6), -60.0),  # far from all
+        ]
+    )
+    errors = selector.errors(probe)
+    torch.testing.assert_close(errors, selector.errors_loop(probe))
+    for t in range(3):
+        covariance = torch.linalg.inv(selector.whitening[t].double() @ selector.whitening[t].double())
+        density = multivariate_normal(selector.center[t].double().numpy(), covariance.numpy())
+        expected = -2 * density.logpdf(probe.double().numpy()) - 6 * math.log(2 * math.pi)
+        torch.testing.assert_close(errors[:, t].double(), torch.as_tensor(expected), rtol=1e-4, atol=1e-3)
+    tasks, keep = selector(probe)
+    assert (tasks[:50] == 1).float().mean() >= 0.9 and (tasks[50:100] == 2).float().mean() >= 0.9
+    assert tasks[100] == 0 and not keep[100]
+    assert keep[101]
+    loaded = AutoSelector(6)
+    loaded.load_state(selector.state())
+    assert loaded.normalize == "gaussian"
+    for a, b in zip(selector(probe), loaded(probe)):
+        assert torch.equal(a, b)
+
+
+def test_the_selector_keeps_its_rule_through_save_and_load_and_old_states_load_as_l2():
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(200, 16, generator=generator) + 2
+    probe = torch.cat(
+        [torch.randn(20, 16, generator=generator) + 2, torch.randn(20, 16, generator=generator) * 5]
+    )
+    for normalize in ("whiten", "l2"):
+        selector = AutoSelector(16, hidden=4, normalize=normalize)
+        selector.add_task(train, epochs=100)
+        loaded = AutoSelector(16, hidden=4)
+        loaded.load_state(selector.state())
+        assert loaded.normalize == normalize
+        for a, b in zip(selector(probe), loaded(probe)):
+            assert torch.equal(a, b)
+    old = {
+        k: v for k, v in selector.state().items() if k in ("enc_w", "enc_b", "dec_w", "dec_b", "thresholds")
+    }
+    loaded = AutoSelector(16, hidden=4)
+    loaded.load_state(old)  # saved before the whiten rule existed
+    assert loaded.normalize == "l2"
+    for a, b in zip(selector(probe), loaded(probe)):
+        assert torch.equal(a, b)
+
+
+def test_a_two_stage_selector_accepts_by_its_last_columns_and_chooses_by_all_of_them():
+    """Features of 10 columns, the last 4 deciding acceptance. Two tasks share those 4 columns' distribution and
+    differ in the first 6: acceptance cannot tell them apart, the choice (all 10 columns) can. Moving an input's
+    first 6 columns far away changes its task but never its keep-base mask; moving its last 4 sends it to the base."""
+    generator = torch.Generator().manual_seed(0)
+
+    def task(shift: float, n: int = 400) -> torch.Tensor:
+        x = torch.randn(n, 10, generator=generator)
+        x[:, :6] += shift
+        return x
+
+    selector = AutoSelector(10, normalize="gaussian", accept_width=4)
+    for shift in (0.0, 4.0):
+        selector.add_task(task(shift))
+    assert selector.accept_width == 4 and selector.accept_center.shape == (2, 4)
+    probe = torch.cat([task(0.0, 50), task(4.0, 50)])
+    torch.testing.assert_close(selector.errors(probe), selector.errors_loop(probe))
+    torch.testing.assert_close(selector.accept_errors(probe), selector.errors_loop(probe, accept=True))
+    tasks, keep = selector(probe)
+    assert (tasks[:50] == 0).float().mean() >= 0.9 and (tasks[50:] == 1).float().mean() >= 0.9
+    assert keep.float().mean() <= 0.2  # each task's threshold is the 95th percentile of its held-out errors
+    assert torch.equal(
+        tasks, selector.scores(selector.errors(probe)).argmin(-1)
+    )  # the likeliest of all tasks
+    moved = probe.clone()
+    moved[:, :6] += 40.0
+    assert torch.equal(selector(moved)[1], keep)  # the first columns never decide acceptance
+    moved = probe.clone()
+    moved[:, 6:] += 40.0
+    assert selector(moved)[1].all()  # unfamiliar in the acceptance columns: the base
+    loaded = AutoSelector(10)
+    loaded.load_state(selector.state())
+    assert loaded.accept_width == 4
+    for a, b in zip(selector(probe), loaded(probe)):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="accept_width"):
+        AutoSelector(10, normalize="whiten", accept_width=4)
+
+
+def held_out_errors(selector: AutoSelector, features: torch.Tensor, task: int, seed: int = 0) -> torch.Tensor:
+    """Task `task`'s errors on the fifth of its features `add_task(seed=seed)` held out (the same draw), through the
+    per-task loop."""
+    order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
+    held = features[order[: round(0.2 * features.shape[0])]]
+    return selector.errors_loop(held, accept=True)[:, task]
+
+
+@pytest.mark.parametrize("accept_width", [0, 3])
+def test_a_pooled_threshold_is_one_level_over_every_learned_task_s_held_out_errors(accept_width: int):
+    """A broad task and a narrow one around different centres. Pooled, both accept up to the 95th percentile of
+    their held-out errors together (numpy's percentile of the per-task loop's errors), recomputed as tasks are
+    added; an input of the narrow task just beyond its own threshold but below that level goes to it pooled and to
+    the base with per-task thresholds; the pooled rule keeps its level through save and load."""
+    generator = torch.Generator().manual_seed(0)
+    broad = torch.randn(500, 6, generator=generator) * 3
+    narrow = torch.randn(300, 6, generator=generator) * 0.3 + 10
+    pooled = AutoSelector(6, threshold="pooled", accept_width=accept_width)
+    own = AutoSelector(6, accept_width=accept_width)
+    pooled.add_task(broad)
+    torch.testing.assert_close(pooled.acceptance_thresholds(), pooled.thresholds)  # one task: its own
+    pooled.add_task(narrow)
+    for features in (broad, narrow):
+        own.add_task(features)
+    held = torch.cat([held_out_errors(pooled, broad, 0), held_out_errors(pooled, narrow, 1)])
+    level = np.percentile(held.double().numpy(), 95)
+    torch.testing.assert_close(
+        pooled.acceptance_thresholds().double(), torch.full((2,), level, dtype=torch.double)
+    )
+    assert (
+        pooled.thresholds[1] < level < pooled.thresholds[0]
+    )  # the narrow task's own is lower, the broad one's higher
+    torch.testing.assert_close(
+        own.thresholds, pooled.thresholds
+    )  # per-task thresholds are fitted all the same
+    # along a ray out of the narrow task: the first point past its own threshold still under the pooled level
+    ray = 10 + torch.linspace(0, 3, 301)[:, None] * torch.ones(1, 6) / math.sqrt(6)
+    errors = pooled.accept_errors(ray)[:, 1]
+    between = (
+        (errors > pooled.thresholds[1]) & (errors <= level) & (pooled.accept_errors(ray)[:, 0] > level)
+    ).nonzero()
+    probe = ray[between[0]]
+    assert pooled(probe)[0].item() == 1 and not pooled(probe)[1].item()
+    assert own(probe)[1].item()  # per task: no task accepts it
+    loaded = AutoSelector(6)
+    loaded.load_state(pooled.state())
+    torch.testing.assert_close(loaded.acceptance_thresholds(), pooled.acceptance_thresholds())
+    tests = torch.cat([broad[:50], narrow[:50], ray])
+    for a, b in zip(pooled(tests), loaded(tests)):
+        assert torch.equal(a, b)
+
+
+def test_tasks_with_fewer_features_pool_their_held_out_errors_unpadded_and_old_states_stay_per_task():
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(60, 4, generator=generator), torch.randn(200, 4, generator=generator) + 3
+    selector = AutoSelector(4, threshold="pooled", percentile=90.0)
+    for features in (first, second):
+        selector.add_task(features)
+    assert selector.held_errors.shape == (2, 40) and selector.held_errors[0].isnan().sum() == 28
+    held = torch.cat([held_out_errors(selector, first, 0), held_out_errors(selector, second, 1)])
+    torch.testing.assert_close(selector.acceptance_thresholds()[0], torch.quantile(held, 0.9))
+    old = {k: v for k, v in selector.state().items() if k not in ("pooled_level", "held_errors")}
+    loaded = AutoSelector(4)
+    loaded.load_state(old)  # saved before pooled thresholds existed: each task's own
+    torch.testing.assert_close(loaded.acceptance_thresholds(), selector.thresholds)
+    loaded.add_task(torch.randn(50, 4, generator=generator) - 3)
+    assert loaded.num_tasks == 3 and loaded.held_errors.shape[0] == 3
+
+
+def test_a_pooled_threshold_needs_the_gaussian_rule():
+    for normalize in ("whiten", "l2"):
+        with pytest.raises(ConfigError, match="pooled"):
+            AutoSelector(6, normalize=normalize, threshold="pooled")
+    with pytest.raises(ConfigError, match="threshold must be one of"):
+        AutoSelector(6, threshold="global")
