@@ -80,8 +80,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "gaussian, block-0, pooled threshold": ("hidden0", POOLED, {}, ""),
     "gaussian, block-3, pooled threshold": ("hidden3", POOLED, {}, ""),
     TWO_STAGE_POOLED: ("hidden0+3", POOLED, {}, ""),
-    "gaussian, block 3 accepts (pooled), shrinkage 0.03": ("hidden0+3", {**POOLED, "shrinkage": 0.03}, {}, ""),
-    "gaussian, block 3 accepts (pooled), percentile 93": ("hidden0+3", {**POOLED, "percentile": 93.0}, {}, ""),
+    "gaussian, block 3 accepts (pooled), shrinkage 0.03": (
+        "hidden0+3",
+        {**POOLED, "shrinkage": 0.03},
+        {},
+        "",
+    ),
+    "gaussian, block 3 accepts (pooled), percentile 93": (
+        "hidden0+3",
+        {**POOLED, "percentile": 93.0},
+        {},
+        "",
+    ),
     "gaussian, block 1 accepts (pooled), blocks 0 + 1 choose": ("hidden0+1", POOLED, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
