@@ -12,7 +12,7 @@ A result dict (missing keys are fine: a method without routing, an empty history
      "routing": {"model": summary} | {"layers": {layer: summary}, "aggregate": summary} | {},
      "history": [{"step": 10, "loss": 1.2, "lr": 1e-4, "task_loss": 1.1, "twd_loss": 0.1}, ...]}
 
-where each `summary` comes from `loramix.train.routing_stats.routing_summary`. A router whose warnings say it
+where each `summary` comes from `loramix.report.routing_stats.routing_summary`. A router whose warnings say it
 routes nothing gets that line above its numbers, where a reader skimming the metrics sees it.
 
 Training curves: each logged loss is one batch's, so a curve of them is mostly noise. The loss plot draws each
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from loramix.report.plots import SMOOTHING_WINDOW, Series, plot_curves, plot_gates, plot_load, running_mean
+from loramix.report.routing_stats import ROUTES_NOTHING
 from loramix.report.tables import cell, markdown_table, method_names, number, print_table, task_names
-from loramix.train.routing_stats import ROUTES_NOTHING
 
 __all__ = ["print_table", "running_mean", "write_report"]
 

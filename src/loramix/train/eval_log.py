@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loramix.train.routing_stats import per_layer_summary, routing_summary
+from loramix.report.routing_stats import per_layer_summary, routing_summary
 
 
 def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

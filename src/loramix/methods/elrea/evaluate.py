@@ -25,11 +25,11 @@ from loramix.methods.elrea.features import (
     self_label_cross_entropy,
 )
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, ElreaModel, lm_prompt_loss
+from loramix.report.routing_stats import routing_summary
 from loramix.train.config import RunConfig
 from loramix.train.eval_log import with_unscored
 from loramix.train.evaluate import eval_options, mean_accuracy, task_scores
 from loramix.train.model import MultiTaskModel
-from loramix.train.routing_stats import routing_summary
 
 FEATURE_HEADS = "elrea.feature_heads"
 

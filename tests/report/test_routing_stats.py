@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loramix.errors import RoutingError
-from loramix.train.routing_stats import COLLAPSE_SHARE, per_layer_summary, routing_summary
+from loramix.report.routing_stats import COLLAPSE_SHARE, per_layer_summary, routing_summary
 
 TASKS = ["sst2", "rte", "mnli"]
 

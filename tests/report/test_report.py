@@ -10,7 +10,7 @@ import pytest
 
 from loramix import report as report_module
 from loramix.report import print_table, running_mean, write_report
-from loramix.train.routing_stats import per_layer_summary, routing_summary
+from loramix.report.routing_stats import per_layer_summary, routing_summary
 
 TASKS = ["sst2", "rte", "mnli"]
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
