@@ -193,7 +193,8 @@ class RunConfig(BaseModel):
         95.0,
         gt=0,
         le=100,
-        description="Auto-selector: a task's threshold, this percentile of its held-out errors.",
+        description="Auto-selector: a task accepts inputs up to this percentile of its held-out errors (of all "
+        "learned tasks' together with `ddas_threshold: pooled`).",
     )
     ddas_examples: int = Field(
         1000, ge=10, description="Auto-selector: training inputs each task's model is fitted on."
