@@ -286,6 +286,42 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     assert torch.equal(before, after)
     with pytest.raises(ConfigError, match="continue_from"):
         get_method("mola-grad").validate(RunConfig.from_dict({**later.to_dict(), "method": "mola-grad"}))
+    with pytest.raises(ConfigError, match="set method: continual-mola-grad"):  # before any model loads
+        get_method("moe-adapters").validate(
+            RunConfig.from_dict({**later.to_dict(), "method": "moe-adapters"})
+        )
+
+
+def test_loramix_eval_of_a_continued_run_scores_the_tasks_it_learned_by_name(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """A config listing every task learned, in order, scores them all (the last as the run itself did, with
+    macro-F1 and n); one that reorders them or names a task never learned is refused by name."""
+    import yaml
+
+    from loramix.cli import main
+
+    every = specs(tasks_dir)
+    first = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=4)
+    run_training(RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]}), tmp_path / "first")
+    later = {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
+    metrics = run_training(RunConfig.from_dict(later), tmp_path / "later")
+
+    def evaluate(tasks: list[dict[str, Any]]) -> int:
+        config = tmp_path / "eval.yaml"
+        config.write_text(yaml.safe_dump({**later, "tasks": tasks}))
+        return main(["eval", str(tmp_path / "later"), "--config", str(config)])
+
+    assert evaluate(every) == 0
+    scores = json.loads((tmp_path / "later" / "eval-test.json").read_text())["tasks"]
+    assert sorted(scores) == sorted(t["name"] for t in every)
+    last = every[2]["name"]
+    assert scores[last] == metrics["tasks"][last]  # accuracy, macro-F1 and n, as the run scored it
+    assert set(scores[every[0]["name"]]) == {"accuracy", "macro_f1", "n"}
+    capsys.readouterr()
+    assert evaluate([every[1], every[0], every[2]]) == 2
+    assert "learned " + ", ".join(t["name"] for t in every) + " in this order" in capsys.readouterr().err
+    assert evaluate([every[0], {**every[2], "name": "unseen"}]) == 2
 
 
 def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_settings_it_was_fitted_with(

@@ -130,13 +130,25 @@ def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
     return selector
 
 
-def check_selector_features(run: RunConfig, prior: Path) -> None:
-    """A continued run's new tasks must give the earlier run's selector the features it was fitted on."""
+def check_continued_settings(run: RunConfig, prior: Path, selector: bool) -> None:
+    """A continued run keeps the earlier run's method and, with an auto-selector, the settings it was fitted with
+    (its features, rule and threshold: the new tasks' models must be comparable with the earlier ones)."""
     saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
-    keys = ("ddas_features", "ddas_layer", "ddas_accept_layer", "ddas_normalize", "ddas_threshold")
+    keys = ("method",) + (
+        (
+            "ddas_features",
+            "ddas_layer",
+            "ddas_accept_layer",
+            "ddas_normalize",
+            "ddas_threshold",
+            "ddas_percentile",
+        )
+        if selector
+        else ()
+    )
     changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
     if changed:
         raise ConfigError(
-            f"continue_from: {prior}'s auto-selector was fitted with other settings: set "
+            f"continue_from: {prior} was trained with other settings: set "
             + ", ".join(f"{k}: {getattr(saved, k)}" for k in changed)
         )

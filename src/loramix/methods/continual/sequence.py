@@ -31,7 +31,12 @@ from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method
 from loramix.methods.continual.features import routed_by_selector
-from loramix.methods.continual.learner import Learner, check_selector_features, new_selector, saved_selector
+from loramix.methods.continual.learner import (
+    Learner,
+    check_continued_settings,
+    new_selector,
+    saved_selector,
+)
 from loramix.methods.continual.report import write_continual_report
 from loramix.models import load_backbone
 from loramix.train.callbacks import Callback
@@ -68,6 +73,8 @@ class Continual(Method):
             raise ConfigError(
                 f"continue_from: {run.continue_from} holds no finished run (no adapter/ folder)"
             )
+        if run.continue_from is not None:
+            check_continued_settings(run, Path(run.continue_from), self.uses_selector)
         if run.steps_per_task is None:
             raise ConfigError(
                 f"steps_per_task: method {self.name} learns the tasks in turn; set the steps per task"
@@ -242,7 +249,6 @@ class Continual(Method):
                     f"continue_from: {prior} has no auto-selector; continue it with its own method"
                 )
             learner.selector = saved_selector(tensors, prior)
-            check_selector_features(run, prior)
         metrics_file = prior / "metrics.json"
         if metrics_file.is_file():
             learner.records = json.loads(metrics_file.read_text()).get("continual", learner.records)
@@ -291,7 +297,13 @@ class Continual(Method):
         """`loramix eval` of a finished continual run: every task routed as the method routes at inference (by the
         saved auto-selector, or by task id), the selector's confusion matrix with it."""
         record, tensors = read_checkpoint(Path(run_dir) / "adapter")
-        offset = len(record["metadata"]["tasks"]) - data.num_tasks
+        learned_tasks = [t["name"] for t in record["metadata"]["tasks"]]
+        offset = len(learned_tasks) - data.num_tasks
+        if offset < 0 or learned_tasks[offset:] != list(data.task_names):
+            raise ConfigError(
+                f"tasks: {run_dir} learned {', '.join(learned_tasks)} in this order; a config for its evaluation "
+                f"lists them all, or its last ones, in that order (got {', '.join(data.task_names)})"
+            )
         learner = Learner(run, data, model, collator, offset=offset)
         learner.learned = [True] * (offset + data.num_tasks)
         learner.prior_tasks = record["metadata"]["tasks"][:offset]
@@ -300,7 +312,9 @@ class Continual(Method):
             learner.selector = saved_selector(tensors, Path(run_dir))
         row = self.evaluate_all(learner, split)
         metrics: dict[str, Any] = {
-            "tasks": {name: {"accuracy": acc} for name, acc in zip(data.task_names, row)},
+            "tasks": {
+                name: {**learner.scores[name], "accuracy": acc} for name, acc in zip(data.task_names, row)
+            },
             "mean_accuracy": float(np.mean(row)),
             "routing": {},
         }
