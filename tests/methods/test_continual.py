@@ -212,11 +212,13 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
         continual_run(model_dir, tasks_dir, "moe-adapters", **settings), tmp_path / "straight"
     )
     run = continual_run(model_dir, tasks_dir, "moe-adapters", checkpoint_every=3, **settings)
+    longer = RunConfig.from_dict({**run.to_dict(), "steps_per_task": 9})
+    run_training(longer, tmp_path / "resumed")  # an earlier run in the same folder: a resume must not read it
     checkpoint_step = callbacks.Checkpointer.on_step_end
 
     def crash_inside_task_one(self, trainer, logs):
         checkpoint_step(self, trainer, logs)
-        if trainer.output_dir.name == "task-1" and trainer.step == 4:
+        if trainer.output_dir.name == "task-1" and trainer.step == 2:  # before its first checkpoint
             raise Interrupted
 
     with monkeypatch.context() as patch:

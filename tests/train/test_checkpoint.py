@@ -89,6 +89,42 @@ def test_resuming_without_a_checkpoint_starts_from_step_zero(
     assert [h["step"] for h in metrics["history"]] == [2]
 
 
+def test_a_new_run_in_an_old_run_s_folder_leaves_nothing_for_a_resume_to_read(
+    model_dir: Path,
+    tasks_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A run of 8 steps leaves checkpoints; a new run of 4 steps in the same folder dies before its first one: a
+    resume starts that run from step 0 instead of at the old run's step 8. Checkpoints past a run's steps that are
+    there anyway (copied in by hand) are refused by name."""
+    settings = toys.settings(model_dir, tasks_dir, method="lora", checkpoint_every=3)
+    run_training(RunConfig.from_dict({**settings, "steps": 8}), tmp_path / "run")
+    assert any((tmp_path / "run" / "checkpoints").iterdir())  # the old run's
+    short = RunConfig.from_dict({**settings, "steps": 4})
+    from loramix.train import callbacks
+
+    def die_at_step_two(self, trainer, logs):
+        if trainer.step == 2:  # before its first checkpoint
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(callbacks.Checkpointer, "on_step_end", die_at_step_two)
+        run_training(short, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    capsys.readouterr()
+    resumed = run_training(short, tmp_path / "run", resume=True)
+    assert "no checkpoint" in capsys.readouterr().out
+    straight = run_training(short, tmp_path / "straight")
+    assert without_timings(resumed)["history"] == without_timings(straight)["history"]
+    run_training(RunConfig.from_dict({**settings, "steps": 8}), tmp_path / "long")
+    (tmp_path / "straight" / "checkpoints").rename(tmp_path / "kept")
+    (tmp_path / "long" / "checkpoints").rename(tmp_path / "straight" / "checkpoints")
+    with pytest.raises(CheckpointError, match="past this run's 4 steps"):
+        run_training(short, tmp_path / "straight", resume=True)
+
+
 # ------------------------------------------------------------------------- damaged and foreign checkpoints
 
 

@@ -3,6 +3,7 @@ found by name in :data:`METHODS`."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,4 +52,7 @@ def run_training(
         check_resume_config(
             run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process
         )
+    elif processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
+        for path in method.resume_state(Path(output_dir)):  # an earlier run's, replaced by this one
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return method.train(run, Path(output_dir), resume=resume)

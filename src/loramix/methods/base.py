@@ -59,6 +59,11 @@ class Method:
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         raise NotImplementedError
 
+    def resume_state(self, output_dir: Path) -> list[Path]:
+        """What `--resume` reads in `output_dir`: a fresh run there removes it first, so that a later resume cannot
+        continue an earlier run's checkpoints."""
+        return [output_dir / "checkpoints"]
+
     def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
         """The auxiliary terms the trainer adds to the task loss (weighted in the step)."""
         return []

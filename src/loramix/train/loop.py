@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from loramix.data import MultiTaskData, TaskBalancedSampler
-from loramix.errors import TrainingError
+from loramix.errors import CheckpointError, TrainingError
 from loramix.roles import parameters_by_role
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.batches import EpochBatches
@@ -186,6 +186,11 @@ class Trainer:
             verified=True,
         )
         self.step, self.history, self.last_checkpoint = int(state["step"]), state.get("history", []), path
+        if self.step > self.run.steps:
+            raise CheckpointError(
+                f"{path}: a checkpoint at step {self.step}, past this run's {self.run.steps} steps, was left by another "
+                f"run in {self.output_dir}; train without --resume to start over"
+            )
         if main:
             verified = "the newest checkpoint that verifies, " if skipped else ""
             print(

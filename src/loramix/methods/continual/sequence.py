@@ -67,6 +67,11 @@ class Continual(Method):
     )
     per_task_steps: ClassVar[bool] = True  # False: one joint phase on all tasks (the upper bound)
 
+    def resume_state(self, output_dir: Path) -> list[Path]:
+        """The tasks' checkpoints and the state after each task, with the record of how far the sequence got."""
+        numbered = [p for p in output_dir.glob("*task-*") if p.name.split("task-")[-1].isdigit()]
+        return [output_dir / "progress.json", output_dir / "joint", *numbered]
+
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
         if run.continue_from is not None and not (Path(run.continue_from) / "adapter").is_dir():

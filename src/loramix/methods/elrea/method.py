@@ -14,7 +14,7 @@ from loramix.io import export_peft
 from loramix.io.files import atomic_folder
 from loramix.methods.base import Method, register_method
 from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
-from loramix.methods.elrea.pipeline import run_elrea
+from loramix.methods.elrea.pipeline import STAGE_FILE, run_elrea
 from loramix.methods.mola import common
 from loramix.models import resolve_model_path
 from loramix.train.config import RunConfig
@@ -43,6 +43,14 @@ class Elrea(Method):
         return AdapterConfig(
             num_experts=1, router="none", **common(run)
         )  # the experts come after the clusters
+
+    def resume_state(self, output_dir: Path) -> list[Path]:
+        """The clusters of a finished first phase and each phase's checkpoints."""
+        return [
+            output_dir / STAGE_FILE,
+            output_dir / "base" / "checkpoints",
+            output_dir / "experts" / "checkpoints",
+        ]
 
     def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
         data = prepare_run(run, output_dir)
