@@ -367,6 +367,15 @@ def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_s
         get_method("moe-adapters").validate(whiten)
 
 
+def test_a_selector_block_past_the_model_s_last_is_refused_by_name(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    for key in ("ddas_layer", "ddas_accept_layer"):
+        run = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=1, **{key: 99})
+        with pytest.raises(ConfigError, match=f"{key}: 99 is past the model's 2 blocks"):
+            run_training(run, tmp_path / key)
+
+
 def test_loramix_eval_of_a_continual_run_routes_by_the_saved_selector(moe_run: dict[str, Any]):
     from loramix.cli import main
 

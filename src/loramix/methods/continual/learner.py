@@ -15,6 +15,7 @@ from torch import Tensor
 from loramix.data import MultiTaskData
 from loramix.errors import CheckpointError, ConfigError
 from loramix.methods.continual.features import (
+    encoder_blocks,
     reads_in_pass,
     selector_features,
     selector_layers,
@@ -105,6 +106,14 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
     """An empty auto-selector for the run's features and rule (`ddas_*`); two stages with a `ddas_accept_layer` of
     its own."""
     two_stage = run.ddas_accept_layer not in (None, run.ddas_layer)
+    if run.ddas_features == "hidden":
+        blocks = len(encoder_blocks(backbone))
+        for key in ("ddas_layer", "ddas_accept_layer"):
+            if (getattr(run, key) or 0) > blocks:
+                raise ConfigError(
+                    f"{key}: {getattr(run, key)} is past the model's {blocks} blocks; choose 0 (the embeddings' "
+                    f"output) to {blocks} (the last block's)"
+                )
     return AutoSelector(
         selector_width(backbone, run.ddas_features, two_stage),
         hidden=run.ddas_hidden,
