@@ -52,12 +52,12 @@ def test_train_eval_inspect_export_end_to_end(
     from transformers.utils import logging as hub_logging
 
     hub_logging.enable_progress_bar()
-    assert main(["train", config, "--output-dir", str(run_dir), "--set", "steps=4"]) == 0
+    assert main(["train", config, "--output-dir", str(run_dir), "--set", "steps=4", "log_every=2"]) == 0
     assert not hub_logging.is_progress_bar_enabled()  # `progress: false` silences transformers' bars too
     out = capsys.readouterr().out
     assert "mola-grad" in out and "animals" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["history"][-1]["step"] == 4  # --set won over the file's 50
+    assert [h["step"] for h in metrics["history"]] == [2, 4]  # --set won over the file's 50, twice in one
     assert (run_dir / "report.md").is_file()
     assert (run_dir / "adapter" / "adapters.safetensors").is_file()
 

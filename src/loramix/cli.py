@@ -262,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train, evaluate and save one run from a YAML config")
     p.add_argument("config", help="the run's YAML config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys (one or several after each --set)",
+    )
     p.add_argument("--output-dir", help="where the run goes (default: runs/<config>-<method>)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the output dir"
