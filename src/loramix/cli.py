@@ -53,8 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not processes().is_main_process:  # under `accelerate launch` / `torchrun`: one report
         return 0
     print(print_table([metrics]))
+    continual = f", {output_dir}/continual.md" if "continual" in metrics else ""
     print(
-        f"\nwrote {output_dir}/metrics.json, {output_dir}/report.md and the adapters in {output_dir}/adapter"
+        f"\nwrote {output_dir}/metrics.json, {output_dir}/report.md{continual} and the adapters in "
+        f"{output_dir}/adapter"
     )
     return 0
 
@@ -144,15 +146,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     f"  auto-selector: {shown(selector.get('own_task_rate'))} of test inputs to their own task"
                 )
             for task, layers in metrics.get("continual", {}).get("frozen", {}).items():
-                frozen = sorted(
-                    {
-                        e
-                        for experts in (layers.values() if isinstance(layers, dict) else [layers])
-                        for e in experts
-                    }
-                )
                 label = known[int(task)] if int(task) < len(known) else task
-                print(f"  after task {task} ({label}): experts frozen somewhere {frozen}")
+                if isinstance(layers, dict):  # per adapted block: every expert frozen so far
+                    count = sum(len(experts) for experts in layers.values())
+                    first = next(iter(layers.values()), [])
+                    frozen = f"{count} experts frozen over {len(layers)} blocks (first block: {first})"
+                else:
+                    frozen = f"experts {layers} frozen"
+                print(f"  after task {task} ({label}): {frozen}")
         for scope, summary in metrics.get("routing", {}).items():
             if isinstance(summary, dict) and "purity" in summary:
                 print(

@@ -138,7 +138,8 @@ def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[s
         assert set(scores) == {"accuracy", "macro_f1", "n"} and scores["accuracy"] == accuracy
     steps = [entry["step"] for entry in metrics["history"]]  # every task's steps, in the order learned
     assert steps == list(range(1, 12 * tasks + 1)) and metrics["history"][-1]["task"] == tasks - 1
-    assert "No training history" not in (Path(moe_run["dir"]) / "report.md").read_text()
+    summary = (Path(moe_run["dir"]) / "report.md").read_text()
+    assert "No training history" not in summary and "[continual.md](continual.md)" in summary
     assert matrix.shape == (tasks + 1, tasks)
     assert set(continual_metrics(matrix)) <= set(metrics)
     assert ((matrix >= 0) & (matrix <= 1)).all()
@@ -163,11 +164,32 @@ def test_frozen_experts_and_old_routers_stay_bit_identical_through_later_tasks(m
 
 
 def test_the_most_used_experts_are_the_ones_frozen(moe_run: dict[str, Any]):
+    """After each task a block's frozen set gains that task's two most used experts (those already frozen stay so):
+    `continual.frozen` holds every expert frozen so far."""
     records = moe_run["metrics"]["continual"]
+    before: dict[str, set[int]] = {}
     for task, layers in records["frozen"].items():
         for name, frozen in layers.items():
             use = torch.tensor(records["expert_use"][task][name])
-            assert sorted(frozen) == sorted(use.argsort(descending=True, stable=True)[:2].tolist())
+            top = set(use.argsort(descending=True, stable=True)[:2].tolist())
+            assert frozen == sorted(before.get(name, set()) | top)
+            before[name] = set(frozen)
+    last = records["frozen"]["2"]
+    count = sum(len(frozen) for frozen in last.values())
+    assert main_shows(moe_run, f"after task 2 (colors): {count} experts frozen over {len(last)} blocks")
+
+
+def main_shows(run: dict[str, Any], text: str) -> bool:
+    """Whether `loramix inspect` of the run prints `text`."""
+    import contextlib
+    import io
+
+    from loramix.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", str(run["dir"])]) == 0
+    return text in out.getvalue()
 
 
 @pytest.mark.parametrize(

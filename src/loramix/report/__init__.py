@@ -273,6 +273,12 @@ def write_report(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> Path:
     else:
         tasks = task_names(results)
         lines += [f"{len(results)} methods on {len(tasks)} tasks: {', '.join(tasks) or 'none'}.", ""]
+        if any("continual" in result for result in results):  # a sequence's own report lies beside this one
+            lines += [
+                "Tasks learned one after another: the accuracy after each task, the auto-selector's choices and "
+                "the experts each task used and froze are in [continual.md](continual.md).",
+                "",
+            ]
         for title, metric, mean_key in TASK_TABLES:  # the scores some task has: classification, generation
             if any(metric in scores for scores in _all_scores(results)):
                 lines += [f"## {title}", "", *markdown_table(results, metric, mean_key), ""]

@@ -113,7 +113,7 @@ class MoEAdapters(Continual):
             top = counts.argsort(descending=True, stable=True)[: learner.run.moe_freeze].tolist()
             if top:
                 layer.experts.freeze_experts(top)
-            frozen[name], use[name] = sorted(top), counts.tolist()
+            frozen[name], use[name] = sorted(layer.experts.frozen_experts), counts.tolist()  # all so far
         learner.records["frozen"][str(task)] = frozen
         learner.records["expert_use"][str(task)] = use
         super().end_task(learner, task)

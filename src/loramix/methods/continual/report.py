@@ -103,7 +103,7 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             lines += [f"![expert use {layer}]({file})", ""]
     frozen = records.get("frozen", {})
     if frozen:
-        lines += ["| after task | experts frozen (first adapted block) |", "|---|---|"]
+        lines += ["| after task | experts frozen so far (first adapted block) |", "|---|---|"]
         for task, layers in frozen.items():
             experts = next(iter(layers.values())) if isinstance(layers, dict) and layers else layers
             label = known[int(task)] if int(task) < len(known) else task
