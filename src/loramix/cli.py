@@ -131,8 +131,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             known = metrics.get("continual", {}).get("task_names") or order
             earlier = known[: len(known) - len(order)]
             print(
-                f"continual: {len(order)} tasks in order {', '.join(order)}"
-                + (f", after {', '.join(earlier)} learned by the run it continued" if earlier else "")
+                f"continual: {len(order)} task{'s' * (len(order) != 1)} in order {', '.join(order)}"
+                + (f", after {', '.join(earlier)} learned by the runs it continued" if earlier else "")
             )
             print(
                 "  "

@@ -293,7 +293,7 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     assert main(["inspect", str(tmp_path / "later")]) == 0
     shown = capsys.readouterr().out
     assert (
-        f"1 tasks in order {names[2]}, after {names[0]}, {names[1]} learned by the run it continued" in shown
+        f"1 task in order {names[2]}, after {names[0]}, {names[1]} learned by the runs it continued" in shown
     )
     assert f"after task 2 ({names[2]})" in shown
 
