@@ -288,6 +288,7 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     assert metrics["continual"]["frozen"] == {"0": [0], "1": [0, 1], "2": [0, 1, 2]}  # after each task
     report = (tmp_path / "later" / "continual.md").read_text()
     assert f"| {names[2]} | " in report and f"| {names[0]} | " in report
+    assert f"| {names[1]} | " in report and f"| {names[1]}, this run's tasks | " in report
     from loramix.cli import main
 
     assert main(["inspect", str(tmp_path / "later")]) == 0

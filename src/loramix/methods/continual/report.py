@@ -83,8 +83,11 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             "|---|---|---|",
         ]
         unlabelled = ["nothing"] + names  # rows saved before they carried their own label
+        start = len(rates) - len(names) - 1  # this run's first row (before its first task); > 0 when continued
         for i, rate in enumerate(rates):
             after = (rate["after"] or "nothing") if "after" in rate else unlabelled[min(i, len(names))]
+            if i == start and start > 0:
+                after += ", this run's tasks"  # the same state as the row before, scored on other tasks
             own, base = rate.get("own_task_rate"), rate.get("base_rate_unlearned")
             lines.append(
                 f"| {after} | {'' if own is None else f'{own:.3f}'} | {'' if base is None else f'{base:.3f}'} |"
