@@ -83,7 +83,9 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             "|---|---|---|",
         ]
         unlabelled = ["nothing"] + names  # rows saved before they carried their own label
-        start = len(rates) - len(names) - 1  # this run's first row (before its first task); > 0 when continued
+        start = (
+            len(rates) - len(names) - 1
+        )  # this run's first row (before its first task); > 0 when continued
         for i, rate in enumerate(rates):
             after = (rate["after"] or "nothing") if "after" in rate else unlabelled[min(i, len(names))]
             if i == start and start > 0:
