@@ -54,5 +54,8 @@ def run_training(
         )
     elif processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
         for path in method.resume_state(Path(output_dir)):  # an earlier run's, replaced by this one
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     return method.train(run, Path(output_dir), resume=resume)

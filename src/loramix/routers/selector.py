@@ -124,6 +124,9 @@ class AutoSelector(nn.Module):
             "pooled_level", torch.tensor(percentile / 100.0 if threshold == "pooled" else 0.0)
         )
         self.register_buffer("held_errors", torch.zeros(0, 0))
+        self.register_buffer(
+            "pooled", torch.zeros(0), persistent=False
+        )  # (T,): the common level, when pooled
 
     @property
     def normalize(self) -> str:
@@ -140,16 +143,21 @@ class AutoSelector(nn.Module):
 
     def acceptance_thresholds(self) -> Tensor:
         """`(T,)`: the error up to which each task accepts an input: its own (`task`), or the common level of all
-        learned tasks' held-out errors (`pooled`)."""
+        learned tasks' held-out errors (`pooled`, computed when tasks are added or loaded)."""
+        return self.pooled if self.pooled.shape[0] else self.thresholds
+
+    def _pool(self) -> None:
+        """Set the common level from every task's held-out errors (pooled rule only)."""
         level = float(self.pooled_level)
         if not level or not self.num_tasks:
-            return self.thresholds
+            self.pooled = self.thresholds.new_zeros(0)
+            return
         if self.held_errors.shape[0] != self.num_tasks:
             raise ConfigError(
                 "this auto-selector pools its tasks' held-out errors but holds them for "
                 f"{self.held_errors.shape[0]} of its {self.num_tasks} tasks"
             )
-        return torch.nanquantile(self.held_errors.flatten(), level).expand(self.num_tasks)
+        self.pooled = torch.nanquantile(self.held_errors.flatten(), level).expand(self.num_tasks).clone()
 
     def inputs(self, features: Tensor) -> Tensor:
         """What every autoencoder sees: `(n, d) -> (n, T, d)` (`whiten`) or `(n, 1, d)` (`l2`, shared)."""
@@ -297,6 +305,7 @@ class AutoSelector(nn.Module):
             if name in ("center", "whitening") and self.normalize == "l2":
                 continue
             setattr(self, name, torch.cat([getattr(self, name), value[None].to(device)]))
+        self._pool()
         return self.num_tasks - 1
 
     def _fit_autoencoder(
@@ -350,6 +359,7 @@ class AutoSelector(nn.Module):
             state["held_errors"] = torch.full((state["thresholds"].shape[0], 0), math.nan)
         for key, value in state.items():
             setattr(self, key, value.to(self.thresholds.device))
+        self._pool()
 
 
 def _pad(rows: Tensor, width: int) -> Tensor:

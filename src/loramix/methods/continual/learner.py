@@ -139,22 +139,21 @@ def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
     return selector
 
 
+# what an auto-selector was fitted with: a continued run's new tasks' models must be comparable with the earlier ones
+SELECTOR_SETTINGS = (
+    "ddas_features",
+    "ddas_layer",
+    "ddas_accept_layer",
+    "ddas_normalize",
+    "ddas_threshold",
+    "ddas_percentile",
+)
+
+
 def check_continued_settings(run: RunConfig, prior: Path, selector: bool) -> None:
-    """A continued run keeps the earlier run's method and, with an auto-selector, the settings it was fitted with
-    (its features, rule and threshold: the new tasks' models must be comparable with the earlier ones)."""
+    """A continued run keeps the earlier run's method and, with an auto-selector, the settings it was fitted with."""
     saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
-    keys = ("method",) + (
-        (
-            "ddas_features",
-            "ddas_layer",
-            "ddas_accept_layer",
-            "ddas_normalize",
-            "ddas_threshold",
-            "ddas_percentile",
-        )
-        if selector
-        else ()
-    )
+    keys = ("method", *SELECTOR_SETTINGS) if selector else ("method",)
     changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
     if changed:
         raise ConfigError(

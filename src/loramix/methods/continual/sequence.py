@@ -74,11 +74,11 @@ class Continual(Method):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
-        if run.continue_from is not None and not (Path(run.continue_from) / "adapter").is_dir():
-            raise ConfigError(
-                f"continue_from: {run.continue_from} holds no finished run (no adapter/ folder)"
-            )
         if run.continue_from is not None:
+            if not (Path(run.continue_from) / "adapter").is_dir():
+                raise ConfigError(
+                    f"continue_from: {run.continue_from} holds no finished run (no adapter/ folder)"
+                )
             check_continued_settings(run, Path(run.continue_from), self.uses_selector)
         if run.steps_per_task is None:
             raise ConfigError(
