@@ -5,30 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from loramix.train.loop import Trainer
-    from loramix.train.step import StepResult
+from loramix.train.loop import Callback, Trainer  # the trainer defines the hooks; these are its callbacks
 
-
-class Callback:
-    """Override what you need; every hook is optional."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-
-    def on_batch_end(self, trainer: Trainer, batch: dict[str, Any], result: StepResult) -> None:
-        """After each (micro-)batch's backward: `result.state.records` holds every gate the routers chose."""
-
-    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
-
-    def on_train_end(self, trainer: Trainer) -> None: ...
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """What a resumed run needs back (JSON-able), saved with every checkpoint; None: nothing."""
-        return None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+__all__ = ["Callback", "Checkpointer", "JsonlLogger", "ProgressBar", "TensorBoardLogger"]
 
 
 class ProgressBar(Callback):

@@ -22,7 +22,6 @@ from loramix.errors import CheckpointError, TrainingError
 from loramix.roles import parameters_by_role
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.batches import EpochBatches
-from loramix.train.callbacks import Callback
 from loramix.train.checkpoint import (
     load_training_checkpoint,
     newest_good_checkpoint,
@@ -32,7 +31,26 @@ from loramix.train.checkpoint import (
 )
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
-from loramix.train.step import compute_loss
+from loramix.train.step import StepResult, compute_loss
+
+
+class Callback:
+    """Override what you need; every hook is optional."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_batch_end(self, trainer: Trainer, batch: dict[str, Any], result: StepResult) -> None:
+        """After each (micro-)batch's backward: `result.state.records` holds every gate the routers chose."""
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resumed run needs back (JSON-able), saved with every checkpoint; None: nothing."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
