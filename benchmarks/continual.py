@@ -28,7 +28,8 @@ from _timing import device_name, interleaved, ratio_stats  # noqa: E402
 from quality import parse_overrides  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
-from loramix.methods import run_training  # noqa: E402
+from loramix.methods import get_method, run_training  # noqa: E402
+from loramix.methods.continual.features import STATS  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -55,7 +56,7 @@ def selector_speed(
 ) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
     from `first_block` on): with the auto-selector choosing each input's task (or the base) from its `hidden`
-    feature (the base model's hidden state entering block `layer`, mean-pooled, with two token statistics; with
+    feature (the base model's hidden state entering block `layer`, mean-pooled, with three token statistics; with
     `accept_layer`, block `accept_layer`'s too, which alone decides acceptance), against the same model given the
     true task ids; one process, interleaved rounds, the median of per-round ratios. The selector routes inside the
     pass itself where its blocks come no later than the first adapted one (as a continual run does), else from a
@@ -220,12 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
 
     def key(r: dict) -> tuple:
-        return r["method"], r["seed"], r["steps_per_task"], json.dumps(r.get("overrides", {}))
+        # `ddas_stats`: the token statistics of the auto-selector's feature (entries before it: 2, the log token
+        # count and a pair flag; since: 3, with a pair's segment lengths), so that both stay comparable
+        return (
+            r["method"],
+            r["seed"],
+            r["steps_per_task"],
+            json.dumps(r.get("overrides", {})),
+            r.get("ddas_stats", 2 if r.get("selector") else None),
+        )
 
     this = {"seed": args.seed, "steps_per_task": args.steps_per_task, "overrides": overrides}
     done = {key(r) for r in results} if args.skip_done else set()
     for method in args.methods:
-        if key({"method": method, **this}) in done:
+        stats = {"ddas_stats": STATS} if get_method(method).uses_selector else {}
+        if key({"method": method, **this, **stats}) in done:
             continue
         run = RunConfig.from_dict(
             {
@@ -273,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if overrides:
             entry["overrides"] = overrides
+        entry.update(stats)
         results = [r for r in results if key(r) != key(entry)]
         results.append(entry)
         atomic_write_json(args.out, results)

@@ -29,6 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from loramix.methods.continual.features import STATS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 ORDER = ["ag_news", "sst2", "trec", "emotion", "sms_spam", "subj", "banking77", "cola", "mrpc", "rte"]
 
@@ -159,10 +161,10 @@ def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, tor
 
 def picked(features: dict, task: str, split: str, kind: str) -> torch.Tensor:
     """One kind of feature of a task's split; `hidden0+k`: the library's two-block layout (block 0's pooled state,
-    then block k's, then the two statistics)."""
+    then block k's, then the token statistics)."""
     if kind.startswith("hidden0+"):
         later = features[task][split]["hidden" + kind.split("+")[1]]
-        return torch.cat([features[task][split]["hidden0"][:, :-2], later], 1)
+        return torch.cat([features[task][split]["hidden0"][:, :-STATS], later], 1)
     return features[task][split][kind]
 
 
@@ -175,7 +177,7 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
 
     def pick(task: str, split: str) -> torch.Tensor:
         x = picked(features, task, split, kind)
-        return x[:, :-2] if change == "no-stats" else x
+        return x[:, :-STATS] if change == "no-stats" else x
 
     if kind.startswith("hidden0+"):
         later = "hidden" + kind.split("+")[1]

@@ -91,10 +91,19 @@ def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(mod
         )
     assert not any(module._forward_pre_hooks for module in backbone.modules())
     features = selector_features(backbone, inputs, "hidden", 1)
-    assert features.shape == (2, backbone.config.hidden_size + 2)
-    assert features[:, -1].tolist() == [1.0, 1.0]  # both are pairs
+    assert features.shape == (2, backbone.config.hidden_size + 3)
+    # the log token count, then the log lengths of a pair's segments: [CLS] a b c [SEP] | d e [SEP], and
+    # [CLS] a [SEP] | f g h [SEP] (padded by one)
+    expected = torch.tensor([[8.0, 5.0, 3.0], [7.0, 3.0, 4.0]]).log()
+    torch.testing.assert_close(features[:, -3:], expected)
     single = dict(tokenizer(["a b c"], return_tensors="pt"))
-    assert selector_features(backbone, single, "hidden", 1)[0, -1] == 0.0
+    torch.testing.assert_close(
+        selector_features(backbone, single, "hidden", 1)[0, -3:], torch.tensor([5.0, 1.0, 1.0]).log()
+    )
+    old = selector_features(backbone, inputs, "hidden", 1, stats=2)  # as selectors fitted before segments
+    torch.testing.assert_close(
+        old[:, -2:], torch.stack([expected[:, 0], torch.ones(2)], 1)
+    )  # count, pair flag
     # two blocks from one pass: block 0's pooled state, then block 1's, then the statistics
     width = backbone.config.hidden_size
     both = selector_features(backbone, inputs, "hidden", 0, accept_layer=1)
@@ -105,6 +114,43 @@ def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(mod
     selector_features(backbone, inputs, "hidden", 1, accept_layer=0)
     last_block.remove()
     assert not ran  # the pass stopped at block 1
+
+
+def test_a_run_whose_selector_reads_two_token_statistics_is_still_evaluated_on_them(
+    moe_run: dict[str, Any], model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A selector fitted before the segments' lengths joined its feature reads the log token count and the pair
+    flag it was fitted on; a selector of any other width is refused by name."""
+    import shutil
+
+    from loramix.cli import main
+    from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint
+    from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json
+    from loramix.methods.continual import features
+    from loramix.models import load_backbone
+    from loramix.routers.selector import AutoSelector
+
+    run = tmp_path / "run"
+    shutil.copytree(moe_run["dir"], run)
+    record, tensors = read_checkpoint(run / "adapter")
+    width = tensors["extra.selector.center"].shape[1]
+    old = AutoSelector(width - 1)  # the pooled state, the log token count and the pair flag
+    for task in range(len(toys.TASK_NAMES)):
+        old.add_task(torch.randn(40, width - 1, generator=torch.Generator().manual_seed(task)))
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.selector.")}
+    tensors.update({f"extra.selector.{k}": v for k, v in old.state().items()})
+    record["weights_sha256"] = atomic_save_tensors(run / "adapter" / WEIGHTS_FILE, tensors)
+    record["tensors"] = sorted(tensors)
+    atomic_write_json(run / "adapter" / CONFIG_FILE, record)
+    read = []
+    original = features.hidden_features
+    monkeypatch.setattr(features, "hidden_features", lambda *a: read.append(a[-1]) or original(*a))
+    assert main(["eval", str(run)]) == 0
+    assert read and set(read) == {2}
+    assert read_json(run / "eval-test.json")["selector"]["confusion"]
+    backbone = load_backbone(str(model_dir))[0]
+    with pytest.raises(ConfigError, match="reads 7 features"):
+        features.selector_stats(7, backbone, False)
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +405,7 @@ def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_s
     _, tensors = read_checkpoint(tmp_path / "first" / "adapter")
     width = tensors["extra.selector.center"].shape[1]
     assert (
-        int(tensors["extra.selector.accept_columns"]) == (width - 2) // 2 + 2
+        int(tensors["extra.selector.accept_columns"]) == (width - 3) // 2 + 3
     )  # block 1's state and statistics
     assert float(tensors["extra.selector.pooled_level"]) == pytest.approx(0.95)
     assert main(["eval", str(tmp_path / "first")]) == 0

@@ -202,7 +202,8 @@ class RunConfig(BaseModel):
     ddas_features: Literal["hidden", "embeddings", "encoder"] = Field(
         "hidden",
         description="Auto-selector: the base model's hidden state after `ddas_layer` blocks, mean-pooled and "
-        "L2-normalised, with the log token count and a sentence-pair flag; or its pooled input embeddings; or its "
+        "L2-normalised, with the log token count and a sentence pair's segment lengths; or its pooled input "
+        "embeddings; or its "
         "pooled encoder output.",
     )
     ddas_layer: int = Field(

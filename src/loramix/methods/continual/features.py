@@ -21,14 +21,29 @@ from loramix.errors import ConfigError
 from loramix.inject import get_info, is_injected
 from loramix.train.model import MODEL_INPUTS
 
+# the token statistics a `hidden` feature ends with (2: selectors fitted before the segments' lengths were added)
+STATS = 3
 
-def selector_width(backbone: torch.nn.Module, kind: str, two_blocks: bool = False) -> int:
+
+def selector_width(backbone: torch.nn.Module, kind: str, two_blocks: bool = False, stats: int = STATS) -> int:
     """The width of :func:`selector_features` of this kind (`two_blocks`: with an `accept_layer` of its own)."""
     if kind == "embeddings":
         return backbone.get_input_embeddings().embedding_dim
     if kind == "hidden":
-        return (2 if two_blocks else 1) * backbone.config.hidden_size + 2
+        return (2 if two_blocks else 1) * backbone.config.hidden_size + stats
     return backbone.config.hidden_size
+
+
+def selector_stats(in_features: int, backbone: torch.nn.Module, two_blocks: bool) -> int:
+    """How many token statistics a selector of `in_features` columns reads after the pooled `hidden` states: 3, or
+    2 for one saved before the segments' lengths were added (it decides on the features it was fitted on)."""
+    stats = in_features - (2 if two_blocks else 1) * backbone.config.hidden_size
+    if stats not in (2, STATS):
+        raise ConfigError(
+            f"the auto-selector reads {in_features} features, not the pooled hidden states of this model "
+            f"({backbone.config.hidden_size} wide) and 2 or {STATS} token statistics"
+        )
+    return stats
 
 
 class _Reached(Exception):
@@ -42,18 +57,19 @@ def selector_features(
     kind: str,
     layer: int = 3,
     accept_layer: int | None = None,
+    stats: int = STATS,
 ) -> Tensor:
     """The auto-selector's feature of each input `(n, d)`, always from the untouched base model (every sample kept
     on the base inside a routing block of its own), mean-pooled over real tokens and L2-normalised:
 
     - `hidden` (the default): the hidden state entering transformer block `layer` (0: the embedding block's
-      output), with two token statistics appended: the log token count and whether the input is a sentence pair
-      (any token in the second segment). Only the first `layer` blocks run. On the ten-task benchmark a middle
-      block told the tasks apart better than the input embeddings or the last block, and the two statistics
-      separate pairs from single sentences (benchmarks/ddas_selector.py). With `accept_layer` (another block),
-      the pooled state entering that block follows the first, before the two statistics: `(n, 2d + 2)`, both from
-      one pass through the blocks up to the later of the two (the selector's acceptance reads the last `d + 2`
-      columns, see `AutoSelector(accept_width=...)`);
+      output), with three token statistics appended (:func:`hidden_features`). Only the first `layer` blocks
+      run. On the ten-task benchmark a middle block told the tasks apart better than the input embeddings or the
+      last block, and the statistics separate pairs from single sentences and one kind of pair from another
+      (benchmarks/ddas_selector.py). With `accept_layer` (another block), the pooled state entering that block
+      follows the first, before the statistics: `(n, 2d + 3)`, both from one pass through the blocks up to the
+      later of the two (the selector's acceptance reads the last `d + 3` columns, see
+      `AutoSelector(accept_width=...)`);
     - `embeddings`: the input embedding lookup alone (nearly free);
     - `encoder`: the encoder's last hidden state (one more forward pass)."""
     mask = batch["attention_mask"]
@@ -62,7 +78,8 @@ def selector_features(
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if kind != "hidden":
         return _pool(base_hidden_state(backbone, inputs, None), mask)
-    return hidden_features(batch, base_hidden_states(backbone, inputs, selector_layers(layer, accept_layer)))
+    states = base_hidden_states(backbone, inputs, selector_layers(layer, accept_layer))
+    return hidden_features(batch, states, stats)
 
 
 def selector_layers(layer: int, accept_layer: int | None = None) -> list[int]:
@@ -76,15 +93,22 @@ def _pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return F.normalize((hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)
 
 
-def hidden_features(batch: dict[str, Tensor], states: list[Tensor]) -> Tensor:
-    """The `hidden` feature `(n, k*d + 2)` from the states `(n, t, d)` entering k blocks: each pooled, then the log
-    token count and whether the input is a sentence pair."""
+def hidden_features(batch: dict[str, Tensor], states: list[Tensor], stats: int = STATS) -> Tensor:
+    """The `hidden` feature `(n, k*d + 3)` from the states `(n, t, d)` entering k blocks: each pooled, then the log
+    token count and, for a sentence pair, the log token counts of its first and second segment (0 and 0 for one
+    text, or a model without segment ids). The segments' lengths tell one kind of pair from another (paraphrase
+    pairs of two like sentences; a long premise and a short hypothesis) where the pooled states do not. `stats=2`:
+    the log token count and a sentence-pair flag, as selectors fitted before the segments' lengths read."""
     mask = batch["attention_mask"]
     pooled = torch.cat([_pool(h, mask) for h in states], -1)  # (n, k*d)
-    count = mask.float().sum(1).clamp_min(1.0).log()  # (n,)
-    second = batch.get("token_type_ids")
-    pair = (second * mask).any(-1).float() if second is not None else torch.zeros_like(count)
-    return torch.cat([pooled, count[:, None], pair[:, None]], -1)
+    count = mask.float().sum(1).clamp_min(1.0)  # (n,)
+    segment = batch.get("token_type_ids")
+    second = (segment * mask).sum(1).float() if segment is not None else torch.zeros_like(count)  # (n,)
+    pair = (second > 0).float()
+    if stats == 2:
+        return torch.cat([pooled, count.log()[:, None], pair[:, None]], -1)
+    first = (count - second).clamp_min(1.0).log() * pair
+    return torch.cat([pooled, count.log()[:, None], first[:, None], second.clamp_min(1.0).log()[:, None]], -1)
 
 
 def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], layer: int | None) -> Tensor:
@@ -179,7 +203,7 @@ def reads_in_pass(backbone: torch.nn.Module, layers: list[int]) -> bool:
 
 @contextlib.contextmanager
 def routed_by_selector(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int]
+    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int], stats: int = STATS
 ) -> Iterator[dict[str, Tensor]]:
     """A routing block in which `selector` routes each input during the forward pass itself, from the states
     entering `layers` (a `hidden` feature, see :func:`hidden_features`). Every block before the last of `layers`
@@ -217,7 +241,7 @@ def routed_by_selector(
                 reached[index] = args[0] if args else kwargs["hidden_states"]
                 if len(reached) == len(set(layers)) and not chosen:
                     with torch.no_grad():
-                        route, kept = selector(hidden_features(batch, [reached[i] for i in layers]))
+                        route, kept = selector(hidden_features(batch, [reached[i] for i in layers], stats))
                     state.task_ids, state.keep_base = route.to(keep.device), kept.to(keep.device)
                     chosen["route"], chosen["keep"] = state.task_ids, state.keep_base
 

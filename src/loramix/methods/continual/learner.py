@@ -15,10 +15,12 @@ from torch import Tensor
 from loramix.data import MultiTaskData
 from loramix.errors import CheckpointError, ConfigError
 from loramix.methods.continual.features import (
+    STATS,
     encoder_blocks,
     reads_in_pass,
     selector_features,
     selector_layers,
+    selector_stats,
     selector_width,
 )
 from loramix.routers.selector import AutoSelector
@@ -84,7 +86,15 @@ class Learner:
         saved before `ddas_accept_layer` existed has none)."""
         two_stage = self.selector is not None and self.selector.accept_width > 0
         accept = self.run.ddas_accept_layer if two_stage else None
-        return selector_features(self.backbone, batch, self.run.ddas_features, self.run.ddas_layer, accept)
+        kind, layer = self.run.ddas_features, self.run.ddas_layer
+        return selector_features(self.backbone, batch, kind, layer, accept, self.feature_stats())
+
+    def feature_stats(self) -> int:
+        """The token statistics the selector's `hidden` feature ends with: 3, or 2 for a selector an earlier
+        version fitted (see :func:`selector_stats`)."""
+        if self.selector is None or self.run.ddas_features != "hidden":
+            return STATS
+        return selector_stats(self.selector.in_features, self.backbone, self.selector.accept_width > 0)
 
     def in_pass_layers(self) -> list[int] | None:
         """The blocks whose input states the auto-selector reads, where it can read them inside the inference pass

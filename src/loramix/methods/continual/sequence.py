@@ -154,7 +154,8 @@ class Continual(Method):
             return route, keep, self.predict(learner, batch, route, keep)
         model = learner.model
         selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
-        with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
+        stats = learner.feature_stats()
+        with routed_by_selector(learner.backbone, batch, selector, layers, stats) as chosen:
             pooled = model.pooled(batch)
         routed = {**batch, "route_ids": chosen["route"], "keep_base": chosen["keep"]}
         logits = model.heads(pooled, routed, model)
