@@ -87,11 +87,20 @@ def select_tasks(
     return list(dict.fromkeys(requested))
 
 
+def unfolded_error(method: str, kinds: list[str]) -> ConfigError:
+    """The refusal of an export whose experts of these kinds do not fold into a LoRA."""
+    return ConfigError(
+        f"method {method}: its {', '.join(map(repr, kinds))} experts do not fold into a LoRA, so the run cannot be "
+        "exported as PEFT adapters; load it with loramix (`loramix.load`, `loramix eval`) instead"
+    )
+
+
 def check_export_request(
     run_dir: str | Path, tasks: str | Sequence[str] | None, expert: int | None, *, all_tasks: bool = False
 ) -> None:
     """What `loramix export` can tell from the run's JSON files before it loads a model: that tasks were named
-    (`--task`, or `--all-tasks`) and are the run's (read from `adapter/loramix_config.json`). `--expert` (experts
+    (`--task`, or `--all-tasks`) and are the run's (read from `adapter/loramix_config.json`), and that its experts
+    fold into a LoRA. `--expert` (experts
     that are not tasks, as in an ELREA run) is the method's to check. When the file is missing or unreadable,
     nothing is decided here: the full load reports it with its own message."""
     if expert is not None:
@@ -99,10 +108,15 @@ def check_export_request(
     try:
         record = json.loads((Path(run_dir) / "adapter" / "loramix_config.json").read_text(encoding="utf-8"))
         names = [str(meta["name"]) for meta in record["metadata"]["tasks"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        kind, method = str(record["config"].get("experts", "lora")), record["metadata"]["run"]["method"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     if names:
         select_tasks(names, tasks, all_tasks)
+    from loramix.experts import EXPERT_KINDS
+
+    if kind in EXPERT_KINDS and not EXPERT_KINDS[kind].mergeable:
+        raise unfolded_error(method, [kind])
 
 
 def is_earlier_export(folder: str | Path) -> bool:

@@ -259,7 +259,11 @@ class Interrupted(Exception):
 
 
 def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupted_one(
-    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path,
+    tasks_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ):
     from safetensors.torch import load_file
 
@@ -286,7 +290,11 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     assert (tmp_path / "resumed" / "after-task-0").is_dir() and not (
         tmp_path / "resumed" / "after-task-1"
     ).exists()
+    capsys.readouterr()
     resumed = run_training(run, tmp_path / "resumed", resume=True)
+    said = capsys.readouterr().err
+    assert f"tasks 1-1 of 3 are done; resuming with task 2 ({toys.TASK_NAMES[1]})" in said
+    assert "resuming at step" not in said  # task 1 died before its first checkpoint: it starts again
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     rows = straight["continual"]["selector_rows"]
     assert len(rows) == len(toys.TASK_NAMES) + 1 and resumed["continual"]["selector_rows"] == rows
@@ -426,6 +434,19 @@ def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_s
         get_method("moe-adapters").validate(whiten)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("steps_per_task", 5), ("ddas_layer", 3), ("ddas_threshold", "pooled")]
+)
+def test_continual_settings_on_a_method_that_trains_every_task_at_once_are_refused_by_name(
+    model_dir: Path, tasks_dir: Path, key: str, value: Any
+):
+    run = RunConfig.from_dict({**toys.settings(model_dir, tasks_dir), "method": "mola-grad", key: value})
+    with pytest.raises(ConfigError, match=f"{key}: method mola-grad .*moe-adapters"):
+        get_method("mola-grad").validate(run)
+    # a continual baseline without a selector takes the same config as the methods with one
+    get_method("moe-adapters-task-id").validate(continual_run(model_dir, tasks_dir, "moe-adapters-task-id"))
+
+
 def test_a_selector_block_past_the_model_s_last_is_refused_by_name(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
@@ -543,11 +564,16 @@ def test_a_continual_export_says_how_far_one_lora_is_from_what_the_run_predicts(
 
 
 def test_a_run_whose_experts_do_not_fold_into_a_lora_is_refused_by_export_as_a_usage_error(
-    moe_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+    moe_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ):
     from loramix.cli import main
+    from loramix.train import run
+
+    def no_load(*args: Any) -> None:
+        raise AssertionError("refused only after the model loaded")
 
     argv = ["export", str(moe_run["dir"]), "--task", toys.TASK_NAMES[0], "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(run, "load_trained", no_load)
     assert main(argv) == 2
     assert "'adapter' experts do not fold into a LoRA" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -34,6 +34,9 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     continual: ClassVar[bool] = False  # learns tasks one after another (`steps_per_task`, `continue_from`)
+    uses_selector: ClassVar[bool] = (
+        False  # an auto-selector (DDAS, the `ddas_*` settings) routes at inference
+    )
 
     def validate(self, run: RunConfig) -> None:
         """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
@@ -47,6 +50,22 @@ class Method:
         """`continue_from` only for continual methods; the adapter config this method builds, as any is checked."""
         if run.continue_from is not None and not self.continual:
             raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
+        if run.steps_per_task is not None and not self.continual:
+            continual = ", ".join(name for name, method in METHODS.items() if method.continual)
+            raise ConfigError(
+                f"steps_per_task: method {self.name} trains on every task at once for `steps`; steps per task are "
+                f"for the methods that learn tasks one after another ({continual})"
+            )
+        selector = [
+            k
+            for k, f in RunConfig.model_fields.items()
+            if k.startswith("ddas_") and getattr(run, k) != f.default
+        ]
+        if selector and not self.continual:  # a continual baseline may share its config with a DDAS method
+            users = ", ".join(name for name, method in METHODS.items() if method.uses_selector)
+            raise ConfigError(
+                f"{selector[0]}: method {self.name} has no auto-selector; the ddas_* settings are for {users}"
+            )
         try:
             self.adapter_config(run, len(run.tasks))
         except ValidationError as exc:

@@ -41,7 +41,7 @@ from loramix.heads.label_prompt import MAX_LOGIT_SCALE
 from loramix.inject import fixed_gate, get_info
 from loramix.io.export import export_peft, hub_name, mean_gate
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json
-from loramix.preflight import EXPORT_NOTE_FILE
+from loramix.preflight import EXPORT_NOTE_FILE, unfolded_error
 from loramix.train.config import RunConfig
 from loramix.train.model import MODEL_INPUTS, MultiTaskModel
 from loramix.train.step import routed
@@ -273,10 +273,7 @@ def export_task(
     info = get_info(model.backbone)
     unfolded = sorted({layer.experts.kind for layer in info.layers if not layer.experts.mergeable})
     if unfolded:  # refused before any data is read
-        raise ConfigError(
-            f"method {method}: its {', '.join(map(repr, unfolded))} experts do not fold into a LoRA, so the run "
-            "cannot be exported as PEFT adapters; load it with loramix (`loramix.load`, `loramix eval`) instead"
-        )
+        raise unfolded_error(method, unfolded)
     meta = tasks[task]
     name = str(meta["name"])
     task_type = str(meta.get("task_type", "classification"))

@@ -17,6 +17,7 @@ Legend: T tasks, n samples, d feature width.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -61,7 +62,6 @@ class Continual(Method):
     """Base of continual methods; subclasses give the adapters and override the hooks they need."""
 
     continual = True
-    uses_selector: ClassVar[bool] = False  # the auto-selector (DDAS) routes inputs at inference
     base_for_unlearned: ClassVar[bool] = (
         True  # tasks not learned yet (inputs, class texts) go to the base model
     )
@@ -188,6 +188,12 @@ class Continual(Method):
         if done >= 0:
             learner = self.restore(learner, output_dir / f"after-task-{done}")
             matrix = json.loads(progress.read_text())["matrix"]
+            if group.is_main_process and done + 1 < data.num_tasks:
+                print(
+                    f"loramix: tasks 1-{done + 1} of {data.num_tasks} are done; resuming with task {done + 2} "
+                    f"({data.task_names[done + 1]})",
+                    file=sys.stderr,
+                )
         else:
             matrix.append(self.evaluate_all(learner))
         tasks = range(data.num_tasks) if self.per_task_steps else [None]
