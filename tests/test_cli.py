@@ -226,6 +226,15 @@ def model_of_unknown_type(scene: Scene) -> list[str]:
     return scene.train(scene.config(model=str(folder), steps=1))
 
 
+def model_without_tokenizer(scene: Scene) -> list[str]:
+    """A causal LM saved without its tokenizer's files: transformers then gives GPT-2 an empty tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = scene.root / "half-model"
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(folder)
+    return scene.train(scene.config(model=str(folder), steps=1))
+
+
 @dataclass
 class Bad:
     id: str
@@ -324,6 +333,7 @@ BAD = [
         ["model", "half-model", "could not be loaded"],
     ),
     Bad("model-dir-unknown-architecture", model_of_unknown_type, 2, ["model", "half-model", "nonsense"]),
+    Bad("model-dir-without-tokenizer-files", model_without_tokenizer, 2, ["half-model", "no tokens"]),
     Bad(
         "model-path-missing", lambda s: s.train(s.config(model=str(s.root / "gone"))), 2, ["gone", "no such"]
     ),
@@ -542,6 +552,26 @@ def test_export_without_task_answers_before_loading_the_model(trained_run: Path,
     assert not (tmp_path / "peft").exists()
 
 
+def test_eval_with_a_config_of_other_tasks_or_another_order_is_refused_by_name(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """The experts and heads are the learned tasks' by position: a config for `loramix eval` must list the same
+    tasks in the same order (scored by position they would get another task's expert, silently)."""
+    settings = yaml.safe_load((trained_run / "config.yaml").read_text())
+    settings["tasks_dir"] = str((trained_run / settings["tasks_dir"]).resolve())
+    for tasks, says in (
+        (["animals", "sentiment", "colors"], "in another order"),
+        (["sentiment", "animals"], "colors missing"),
+    ):
+        config = write_config(tmp_path / "eval.yaml", {**settings, "tasks": tasks})
+        capsys.readouterr()
+        assert main(["eval", str(trained_run), "--config", config]) == 2
+        err = capsys.readouterr().err
+        assert "learned sentiment, animals, colors in this order" in err and says in err, err
+    config = write_config(tmp_path / "eval.yaml", {**settings, "tasks": ["sentiment", "animals", "colors"]})
+    assert main(["eval", str(trained_run), "--config", config]) == 0
+
+
 def test_inspect_rounds_numbers_for_display(trained_run: Path, tmp_path: Path, capsys):
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -571,12 +601,14 @@ def test_config_yaml_keeps_a_relative_tasks_dir_relative(
     project = tmp_path / "project"
     data = Path(shutil.copytree(tasks_dir, project / "data"))
     (project / "configs").mkdir()
+    shutil.copytree(model_dir, project / "models" / "tiny")
     settings = toys.settings(model_dir, data, steps=1, tasks=["animals"])
-    settings["tasks_dir"] = "../data"
+    settings["tasks_dir"], settings["model"] = "../data", "../models/tiny"  # a model written as a path is one
     config = write_config(project / "configs" / "run.yaml", settings)
     assert main(["train", config, "--output-dir", str(project / "runs" / "x")]) == 0
     saved = yaml.safe_load((project / "runs" / "x" / "config.yaml").read_text())
     assert saved["tasks_dir"] == "../../data"  # the same folder, seen from the run directory
+    assert saved["model"] == "../../models/tiny"
     moved = Path(shutil.move(project, tmp_path / "moved"))  # the project moves as a whole
     capsys.readouterr()
     assert main(["eval", str(moved / "runs" / "x")]) == 0
@@ -607,9 +639,16 @@ def test_task_spec_files_are_read_against_the_config_and_set_paths_against_the_w
     saved = yaml.safe_load((tmp_path / "runs" / "y" / "config.yaml").read_text())
     assert saved["tasks_dir"] == "../../project/data" and saved["tasks"] == ["animals"]
     capsys.readouterr()
-    # a run there already: said, then replaced
+    # a run there already: said, then replaced, its outputs first (none passes for the new run's)
+    assert main(["eval", "runs/y"]) == 0 and (tmp_path / "runs" / "y" / "eval-test.json").is_file()
+    (tmp_path / "runs" / "y" / "config-changes.jsonl").write_text("{}\n")
     assert main([*runs_from_project, "--set", "tasks=[animals]"]) == 0
     assert "runs/y holds a run already; this one replaces it" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "y" / "eval-test.json").exists()
+    assert not (tmp_path / "runs" / "y" / "config-changes.jsonl").exists()
+    # a replacing run that stops after its config is written leaves no earlier adapter to evaluate as its own
+    assert main([*runs_from_project, "--set", "tasks=[animals]", "--set", "targets=[nothing]"]) == 2
+    assert not (tmp_path / "runs" / "y" / "adapter").exists() and main(["eval", "runs/y"]) == 4
     # a run refused once its config was written (targets matching nothing) leaves nothing that a resume compares
     broken = [
         "train",

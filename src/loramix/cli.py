@@ -36,9 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_model_path(run.model)
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     check_output_dir(output_dir)
-    if not args.resume and (output_dir / "config.yaml").is_file():
+    if not args.resume and (output_dir / "config.yaml").is_file() and len(list(output_dir.iterdir())) > 1:
         print(
-            f"loramix: note: {output_dir} holds a run already; this one replaces it (--resume would continue it)",
+            f"loramix: note: {output_dir} holds a run already; this one replaces it, its outputs first (--resume "
+            "would continue it)",
             file=sys.stderr,
         )
 

@@ -91,6 +91,13 @@ def load_backbone(
             f"model {name!r} could not be loaded: {reason} (`model` must name a folder with config.json, weights "
             "and tokenizer files, or a hub name)"
         ) from None
+    if not tokenizer("a short text")[
+        "input_ids"
+    ]:  # no tokenizer files: transformers falls back to an empty one
+        raise ConfigError(
+            f"model {name!r}: its tokenizer turns text into no tokens; the folder needs the tokenizer's files "
+            "beside config.json and the weights (`tokenizer.save_pretrained(folder)`)"
+        )
     if gradient_checkpointing:
         enable_checkpointing(model)
     return model, tokenizer

@@ -53,6 +53,10 @@ def test_prompt_response_rows_and_chats_are_read(tmp_path: Path, tokenizer):
         ({"messages": [{"role": "user", "content": "hi"}]}, "at least two turns"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}, "assistant"),
         ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "turn 1"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+            "empty answer",
+        ),
     ],
 )
 def test_a_bad_row_names_its_file_and_line(tmp_path: Path, row: dict, message: str):

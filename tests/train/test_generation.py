@@ -207,6 +207,7 @@ def test_an_elrea_expert_export_of_a_run_that_trained_its_backbone_names_that_ba
     plain = dict(base.named_parameters())[name.replace(".base_layer", "")]
     assert torch.equal(plain, trained[name])  # the trained base, not the one the run started from
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    assert type(peft_model).__name__ == "PeftModelForCausalLM"  # the adapter says it is a causal LM's
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad(), loramix.routing(model.backbone, task_ids=torch.tensor([1])):
         want = model.backbone(input_ids=ids).logits

@@ -77,9 +77,10 @@ def _turns(row: Row, key: str) -> list[tuple[str, str]]:
             )
         turns.append((turn["role"], turn["content"]))
     if turns[-1][0] != "assistant" or not turns[-1][1].strip():
+        got = f"role {turns[-1][0]!r}" if turns[-1][0] != "assistant" else "an empty answer"
         raise DataError(
             f"{row.location}: the last turn of {key!r} must be the assistant's non-empty answer (the response "
-            f"to learn), got role {turns[-1][0]!r}"
+            f"to learn), got {got}"
         )
     return turns
 

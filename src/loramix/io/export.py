@@ -140,6 +140,10 @@ def export_peft(
         fan_in_fan_out=any(isinstance(layer, Conv1DExperts) for layer in info.layers),
         base_model_name_or_path=hub_name(base) if base else base,
         inference_mode=True,
+        # a causal LM's adapter loads as PEFT's causal-LM model (`generate` as on the base)
+        task_type="CAUSAL_LM"
+        if callable(getattr(model, "can_generate", None)) and model.can_generate()
+        else None,
     )
     directory = Path(directory)
     atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})

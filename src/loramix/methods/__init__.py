@@ -53,7 +53,8 @@ def run_training(
             run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process
         )
     elif processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
-        for path in method.resume_state(Path(output_dir)):  # an earlier run's, replaced by this one
+        earlier = [*method.resume_state(Path(output_dir)), *method.outputs(Path(output_dir))]
+        for path in earlier:  # an earlier run's, replaced by this one
             if path.is_dir():
                 shutil.rmtree(path)
             else:

@@ -17,12 +17,15 @@ from pydantic import ValidationError
 from loramix.config import AdapterConfig, format_validation_error
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
+from loramix.io.checkpoint import CONFIG_FILE
+from loramix.io.files import read_json
 from loramix.models import resolve_model_path
 from loramix.preflight import select_tasks
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
+from loramix.train.resume import CHANGES_FILE
 from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
 from loramix.train.serve_export import export_tasks
 from loramix.train.task_export import fixed_gate_note
@@ -34,9 +37,7 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     continual: ClassVar[bool] = False  # learns tasks one after another (`steps_per_task`, `continue_from`)
-    uses_selector: ClassVar[bool] = (
-        False  # an auto-selector (DDAS, the `ddas_*` settings) routes at inference
-    )
+    uses_selector: ClassVar[bool] = False  # an auto-selector (DDAS, `ddas_*`) routes at inference
 
     def validate(self, run: RunConfig) -> None:
         """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
@@ -47,7 +48,8 @@ class Method:
         self.check_sequence_and_adapters(run)
 
     def check_sequence_and_adapters(self, run: RunConfig) -> None:
-        """`continue_from` only for continual methods; the adapter config this method builds, as any is checked."""
+        """`continue_from`, `steps_per_task` and `ddas_*` only for continual methods; the adapter config this method
+        builds, as any is checked."""
         if run.continue_from is not None and not self.continual:
             raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
         if run.steps_per_task is not None and not self.continual:
@@ -83,6 +85,20 @@ class Method:
         continue an earlier run's checkpoints."""
         return [output_dir / "checkpoints"]
 
+    def outputs(self, output_dir: Path) -> list[Path]:
+        """What a finished run leaves in `output_dir` besides its config: a fresh run there removes an earlier run's
+        first, so that nothing of it (its adapters, metrics, evaluations, report) passes for this run's."""
+        names = (
+            "adapter",
+            "metrics.json",
+            "metrics.jsonl",
+            "report.md",
+            "plots",
+            "tensorboard",
+            CHANGES_FILE,
+        )
+        return [*(output_dir / n for n in names), *sorted(output_dir.glob("eval-*.json"))]
+
     def aux_losses(self, run: RunConfig, adapters: AdapterConfig) -> list[AuxLoss]:
         """The auxiliary terms the trainer adds to the task loss (weighted in the step)."""
         return []
@@ -110,6 +126,7 @@ class Method:
         split: str,
     ) -> dict[str, Any]:
         """A finished run's metrics on `split`."""
+        check_eval_tasks(run_dir, data)
         return evaluate(model, data, collator, split=split, **eval_options(run))
 
     def export(
@@ -146,6 +163,28 @@ class Method:
     def gate_note(self, model: MultiTaskModel, task: int) -> str:
         """What the export of a task with a fixed gate is, in words (see `loramix.train.task_export`)."""
         return fixed_gate_note(model, task)
+
+
+def check_eval_tasks(run_dir: Path, data: MultiTaskData) -> None:
+    """A run is evaluated on the tasks it learned, in its order: its experts and heads are the tasks' by position,
+    so a config for `loramix eval` that lists other tasks, or the same in another order, is refused by name."""
+    try:
+        learned = [
+            str(t["name"]) for t in read_json(Path(run_dir) / "adapter" / CONFIG_FILE)["metadata"]["tasks"]
+        ]
+    except (KeyError, TypeError):
+        return  # a record without task names: the loader has already refused it
+    if learned != list(data.task_names):
+        unknown = [name for name in data.task_names if name not in learned]
+        missing = [name for name in learned if name not in data.task_names]
+        if unknown:
+            why = f"{', '.join(unknown)} not among them"
+        else:
+            why = f"{', '.join(missing)} missing" if missing else "it lists them in another order"
+        raise ConfigError(
+            f"tasks: {run_dir} learned {', '.join(learned)} in this order; a config for its evaluation lists "
+            f"exactly those, in that order ({why})"
+        )
 
 
 METHODS: dict[str, Method] = {}

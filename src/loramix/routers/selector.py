@@ -13,8 +13,8 @@ the held-out errors of all learned tasks together, recomputed as tasks are added
 log-likelihoods, so this keeps the inputs where the learned tasks' densities are high, a level set of their mixture
 rather than a region per task: a task with a broad distribution (short chat messages, which resemble many other
 tasks' inputs) accepts less of the space around it than a percentile of its own would give it, and a narrow task
-more. On the ten text tasks, with block 3 deciding acceptance, it sends 73.5% of unseen inputs to the base against
-69.9% at the same rate of seen inputs reaching their own task; with the block-0 feature it gains about a point on
+more. On the ten text tasks, with block 3 deciding acceptance, it sends 78.0% of unseen inputs to the base against
+75.1% at the same rate of seen inputs reaching their own task; with the block-0 feature it gains about a point on
 both (`benchmarks/results/ddas-selector.md`).
 
 Three rules, chosen by `normalize` (saved with the tensors, so a loaded selector decides as it did when fitted):

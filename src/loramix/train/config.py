@@ -365,9 +365,15 @@ class RunConfig(BaseModel):
 
 
 def path_slots(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
-    """Where a config dict holds a file or folder path, by name (`tasks_dir`, `continue_from`, `tasks.2.test`):
-    `(the dict holding it, its key)`. A task spec's split given as a Hugging Face dataset is no path."""
+    """Where a config dict holds a file or folder path, by name (`tasks_dir`, `continue_from`, `tasks.2.test`,
+    `model`): `(the dict holding it, its key)`. A task spec's split given as a Hugging Face dataset is no path, and
+    `model` is one only when written as a path (`./tiny-gpt2`, `../models/x`, or absolute), not a hub name."""
     slots = {key: (data, key) for key in ("tasks_dir", "continue_from") if isinstance(data.get(key), str)}
+    model = data.get("model")
+    if isinstance(model, str) and (
+        model.startswith(("./", "../", ".\\", "..\\")) or Path(model).is_absolute()
+    ):
+        slots["model"] = (data, "model")
     tasks = data.get("tasks")
     for i, spec in enumerate(tasks if isinstance(tasks, list) else []):
         if isinstance(spec, dict):

@@ -4,6 +4,7 @@ saved run and its reload. A method (`loramix.methods`) composes them into its sc
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,9 @@ def train_one_phase(
         callbacks=callbacks_for(run, output_dir),
     )
     if resume and not trainer.resume():
-        print(f"no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
+        print(
+            f"loramix: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0", file=sys.stderr
+        )
     history = trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     metrics = evaluate(

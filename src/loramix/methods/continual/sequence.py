@@ -72,6 +72,10 @@ class Continual(Method):
         numbered = [p for p in output_dir.glob("*task-*") if p.name.split("task-")[-1].isdigit()]
         return [output_dir / "progress.json", output_dir / "joint", *numbered]
 
+    def outputs(self, output_dir: Path) -> list[Path]:
+        names = ("continual.md", "accuracy_matrix.png", "selector_confusion.png")
+        return [*super().outputs(output_dir), *(output_dir / n for n in names)]
+
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
         if run.continue_from is not None:

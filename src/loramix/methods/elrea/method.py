@@ -12,7 +12,7 @@ from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.io import export_peft
 from loramix.io.files import atomic_folder
-from loramix.methods.base import Method, register_method
+from loramix.methods.base import Method, check_eval_tasks, register_method
 from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
 from loramix.methods.elrea.pipeline import STAGE_FILE, run_elrea
 from loramix.methods.mola import common
@@ -66,6 +66,7 @@ class Elrea(Method):
         split: str,
     ) -> dict[str, Any]:
         """The gradient-routed ensemble, with the centroids saved beside the experts."""
+        check_eval_tasks(run_dir, data)
         centroids, centroid0, heads = saved_elrea(run_dir)
         metrics, _, _ = evaluate_elrea(
             model, data, collator, run, centroids, centroid0, split=split, feature_heads=heads
