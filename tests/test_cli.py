@@ -342,6 +342,12 @@ BAD = [
     Bad("nan-alpha", lambda s: s.train(s.config(alpha=float("nan"))), 2, ["alpha", "finite number"]),
     Bad("infinite-lr-set", lambda s: s.train(s.config(), "--set", "lr=.inf"), 2, ["lr", "finite number"]),
     Bad(
+        "export-expert-of-a-task-run",
+        lambda s: ["export", str(s.trained_run), "--expert", "1", "--out", str(s.root / "peft")],
+        2,
+        ["--expert", "experts are its tasks", "--task", "sentiment, animals, colors"],
+    ),
+    Bad(
         "export-without-task",
         lambda s: ["export", str(s.trained_run), "--out", str(s.root / "peft")],
         2,

@@ -44,6 +44,17 @@ def test_prompt_response_rows_and_chats_are_read(tmp_path: Path, tokenizer):
     assert collator.prompt_text(talk) == "<user>hi\n<assistant>"  # the tokenizer's chat template
 
 
+def test_a_chat_without_a_chat_template_is_rendered_as_lines_and_said_once(tmp_path: Path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    talk = load(tmp_path, [{"messages": chat}, {"messages": chat}]).split("train")
+    plain = char_tokenizer()
+    plain.chat_template = None
+    collator = GenerationCollator(plain, max_length=32)
+    with pytest.warns(DataWarning, match="no chat template") as said:
+        assert [collator.prompt_text(t) for t in talk] == ["user: hi\nassistant: "] * 2
+    assert len(said) == 1 and "line 1" in str(said[0].message)
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [

@@ -83,7 +83,7 @@ def test_tasks_get_ids_in_spec_order_and_report_sizes(jsonl):
 def test_duplicate_task_names_name_both(jsonl):
     path = jsonl("a.jsonl", rows(2))
     specs = [TaskSpec(name="a", train=path), TaskSpec(name="b", train=path), TaskSpec(name="a", train=path)]
-    with pytest.raises(ConfigError, match="task 0 and task 2 are both named 'a'"):
+    with pytest.raises(ConfigError, match="task 1 and task 3 are both named 'a'"):
         MultiTaskData(specs)
 
 
@@ -138,7 +138,7 @@ def test_load_task_specs_resolves_paths_against_the_spec_file(tmp_path: Path, js
     assert MultiTaskData([spec]).sizes("train") == [4]
     json_file = tmp_path / "tasks.json"
     json_file.write_text(json.dumps([{"name": "a", "train": "a.jsonl", "colour": "red"}]), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"task 0 \(a\)(.|\n)*colour: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"task 1 of 1 \(a\)(.|\n)*colour: Extra inputs"):
         load_task_specs(json_file)
     assert load_task_specs([{"name": "b", "train": "b.csv"}])[0].train == "b.csv"
 

@@ -106,6 +106,7 @@ class GenerationCollator:
         if self.pad_id is None:
             raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         self._cache: dict[GenerationExample, tuple[list[int], list[int]]] = {}
+        self._plain_chat_said = False  # a tokenizer without a chat template: said once
 
     def prompt_text(self, example: GenerationExample) -> str:
         if example.messages is None:
@@ -113,6 +114,14 @@ class GenerationCollator:
         turns = [{"role": role, "content": content} for role, content in example.messages]
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        if not self._plain_chat_said:
+            self._plain_chat_said = True
+            warnings.warn(
+                f"{example.location}: the tokenizer has no chat template; chats are rendered as 'role: content' "
+                "lines (set tokenizer.chat_template and save it with the model to use one)",
+                DataWarning,
+                stacklevel=2,
+            )
         return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
 
     def fitted(self, example: GenerationExample) -> tuple[list[int], list[int]]:

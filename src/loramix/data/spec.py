@@ -244,7 +244,8 @@ def load_task_specs(tasks: str | os.PathLike[str] | Sequence[Mapping[str, Any]])
             for split in SPLITS:
                 if isinstance(item.get(split), str) and not Path(item[split]).is_absolute():
                     item[split] = str(base / item[split])
-        specs.append(TaskSpec.from_dict(item, where=f"{where}, task {index} ({item.get('name', '?')})"))
+        name = item.get("name", "?")
+        specs.append(TaskSpec.from_dict(item, where=f"{where}, task {index + 1} of {len(items)} ({name})"))
     return specs
 
 

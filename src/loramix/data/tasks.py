@@ -58,7 +58,7 @@ class MultiTaskData:
         for index, spec in enumerate(specs):
             if spec.name in first_index:
                 raise ConfigError(
-                    f"task {first_index[spec.name]} and task {index} are both named {spec.name!r}; "
+                    f"tasks: task {first_index[spec.name] + 1} and task {index + 1} are both named {spec.name!r}; "
                     "task names must be unique"
                 )
             first_index[spec.name] = index

@@ -137,6 +137,11 @@ class Method:
         task's merged model under `--merged` (`loramix.train.serve_export`); returns what was written, and for a
         router that decides per input, that the adapters are mean gates and how far they are from the routed model."""
         all_tasks = getattr(args, "all_tasks", False)
+        if getattr(args, "expert", None) is not None:
+            raise ConfigError(
+                f"--expert: a {self.name} run's experts are its tasks; export them with --task (its tasks are: "
+                f"{', '.join(t['name'] for t in tasks)})"
+            )
         names = select_tasks([t["name"] for t in tasks], args.task, all_tasks)
 
         def load_data() -> tuple[MultiTaskData, TextCollator, str]:
