@@ -578,6 +578,23 @@ def test_eval_with_a_config_of_other_tasks_or_another_order_is_refused_by_name(
     assert main(["eval", str(trained_run), "--config", config]) == 0
 
 
+def test_an_interrupted_train_says_how_to_continue(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    import loramix.methods
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loramix.methods, "run_training", interrupted)
+    config = write_config(tmp_path / "run.yaml", toys.settings(model_dir, tasks_dir, steps=2))
+    assert main(["train", config, "--output-dir", str(tmp_path / "run")]) == 130
+    assert (
+        f"interrupted; add --resume to the same command to continue {tmp_path / 'run'}"
+        in capsys.readouterr().err
+    )
+
+
 def test_inspect_rounds_numbers_for_display(trained_run: Path, tmp_path: Path, capsys):
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     metrics = json.loads((run / "metrics.json").read_text())

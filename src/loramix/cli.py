@@ -36,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_model_path(run.model)
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     check_output_dir(output_dir)
+    args.training_into = output_dir
     if not args.resume and (output_dir / "config.yaml").is_file() and len(list(output_dir.iterdir())) > 1:
         print(
             f"loramix: note: {output_dir} holds a run already; this one replaces it, its outputs first (--resume "
@@ -421,7 +422,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loramix: error: {exc}", file=sys.stderr)
             return code
         except KeyboardInterrupt:
-            print("loramix: interrupted", file=sys.stderr)
+            folder = getattr(args, "training_into", None)  # set by `train` once its folder is known
+            hint = (
+                f"; add --resume to the same command to continue {folder} from its newest checkpoint"
+                if folder
+                else ""
+            )
+            print(f"loramix: interrupted{hint}", file=sys.stderr)
             return 130
         except BrokenPipeError:
             # the reader went away (`loramix settings | head`): stop quietly, as shell tools do, and let the exit

@@ -25,12 +25,12 @@ from loramix.train.model import MODEL_INPUTS
 STATS = 3
 
 
-def selector_width(backbone: torch.nn.Module, kind: str, two_blocks: bool = False, stats: int = STATS) -> int:
+def selector_width(backbone: torch.nn.Module, kind: str, two_blocks: bool = False) -> int:
     """The width of :func:`selector_features` of this kind (`two_blocks`: with an `accept_layer` of its own)."""
     if kind == "embeddings":
         return backbone.get_input_embeddings().embedding_dim
     if kind == "hidden":
-        return (2 if two_blocks else 1) * backbone.config.hidden_size + stats
+        return (2 if two_blocks else 1) * backbone.config.hidden_size + STATS
     return backbone.config.hidden_size
 
 
