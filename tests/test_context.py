@@ -163,8 +163,15 @@ def test_sample_router_on_bert_ignores_padding() -> None:
     assert not torch.equal(repadded["input_ids"], inputs["input_ids"])
     torch.testing.assert_close(bert_gate(model, repadded), gate, atol=1e-6, rtol=0)
 
-    # the mask is what makes the difference: without it the padded tokens count
-    assert not torch.allclose(bert_gate(model, repadded, mask=False), bert_gate(model, inputs, mask=False))
+    # without a mask given to the block, the model call's own `attention_mask` serves
+    torch.testing.assert_close(bert_gate(model, repadded, mask=False), gate, atol=1e-6, rtol=0)
+    # the mask is what makes the difference: a call without one counts the padded tokens
+    unmasked, unmasked_repadded = (
+        {k: v for k, v in batch.items() if k != "attention_mask"} for batch in (inputs, repadded)
+    )
+    assert not torch.allclose(
+        bert_gate(model, unmasked_repadded, mask=False), bert_gate(model, unmasked, mask=False)
+    )
     # and a real token does change the gate
     changed = dict(inputs, input_ids=inputs["input_ids"].clone())
     changed["input_ids"][1, 0] = (changed["input_ids"][1, 0] + 7) % 99

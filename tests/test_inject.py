@@ -171,6 +171,11 @@ def test_target_matching_nothing_names_the_target() -> None:
         loramix.inject(model, adapter_config("none", targets=["query", "quuery"]))
     assert adapted_names(model) == []
     assert not hasattr(model, "_loramix_info")
+    with pytest.raises(loramix.InjectionError, match="whole name"):  # a regex must match all of a name
+        loramix.inject(model, adapter_config("none", target_regex="query"))
+    mlp = tiny_mlp()
+    with pytest.raises(loramix.InjectionError, match="every nn.Linear .* is in exclude"):
+        loramix.inject(mlp, adapter_config("none", targets="all-linear", exclude=["fc1", "fc2", "head"]))
 
 
 @pytest.mark.parametrize("target", ["LayerNorm", "word_embeddings", "attention"])
@@ -329,6 +334,15 @@ def test_merge_and_unload_checks_its_task() -> None:
     loramix.inject(model, adapter_config("sample"))
     with pytest.raises(loramix.InjectionError, match="gate"):
         loramix.merge_and_unload(model, task=0)
+    # a gate that names some layers only is refused before any layer merges: the model runs as before
+    randomize_adapters(model)
+    inputs = mlp_inputs()
+    before, _ = run(model.eval(), inputs)
+    first = get_info(model).names[0]
+    with pytest.raises(loramix.InjectionError, match="no entry for layer"):
+        loramix.merge_and_unload(model, gate={first: torch.ones(get_info(model).config.num_experts)})
+    assert all(layer.merged_gate is None for layer in get_info(model).layers)
+    torch.testing.assert_close(run(model, inputs)[0], before, atol=0, rtol=0)
 
 
 # ---- one expert with a gate of ones is PEFT's LoRA ------------------------------------------------------------

@@ -63,11 +63,28 @@ def test_forward_passes_the_attention_mask_to_the_sample_router() -> None:
     with torch.no_grad():
         with loramix.routing(model, attention_mask=mask):
             expected = model(input_ids=ids, attention_mask=mask).logits
-        with loramix.routing(model):
+        with loramix.routing(model):  # a block without a mask pools with the model call's own
+            from_call = model(input_ids=ids, attention_mask=mask).logits
+        with loramix.routing(model, attention_mask=torch.ones_like(mask)):
             unmasked = model(input_ids=ids, attention_mask=mask).logits
         got = wrapped(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(got, expected)
+    assert torch.equal(got, expected) and torch.equal(from_call, expected)
     assert not torch.allclose(got[1], unmasked[1], atol=1e-4)
+
+
+def test_the_wrapped_model_inside_a_routing_block_routes_by_that_block_s_task_ids() -> None:
+    model = adapted_gpt2("task")
+    wrapped = LoramixModel(model)
+    ids = prompt()
+    with torch.no_grad():
+        expected = wrapped(input_ids=ids, task_ids=TASK_IDS).logits
+        with loramix.routing(model, task_ids=TASK_IDS):
+            assert torch.equal(wrapped(input_ids=ids).logits, expected)
+            out = wrapped.generate(input_ids=ids, max_new_tokens=2, do_sample=False, num_beams=2)
+    assert torch.equal(
+        out,
+        wrapped.generate(input_ids=ids, task_ids=TASK_IDS, max_new_tokens=2, do_sample=False, num_beams=2),
+    )
 
 
 def test_missing_task_ids_raise_routing_error() -> None:

@@ -51,6 +51,23 @@ def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+def _mask_from_call(state: RoutingState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a block opened without `attention_mask`: the model call's own `attention_mask` keyword,
+    so that a sample router pools real tokens only, as with `routing(model, attention_mask=...)`."""
+    mask = kwargs.get("attention_mask")
+    state.attention_mask = mask if isinstance(mask, Tensor) else None
+    state.mask_from_forward = True
+
+
+def _pooling_mask(state: RoutingState, hidden: Tensor) -> Tensor | None:
+    """The mask a model-wide router pools `hidden` with: the block's, or the call's own where it fits the router's
+    input (a generation step's cached call passes the whole sequence's mask for one new token: no mask then)."""
+    mask = state.attention_mask
+    if state.mask_from_forward and mask is not None and (hidden.dim() != 3 or mask.shape != hidden.shape[:2]):
+        return None
+    return mask
+
+
 def _set_model_gate(state: RoutingState, router: nn.Module, hidden: Tensor | None) -> None:
     state.model_gate = router(state, hidden).keep_base(state.keep_base)
     state.add("model", state.model_gate)
@@ -76,7 +93,7 @@ def _run_router_on_output(
     if not _decides(state, active):
         return
     hidden = output[0] if isinstance(output, tuple) else output
-    _set_model_gate(state, router, masked_mean(hidden, state.attention_mask))
+    _set_model_gate(state, router, masked_mean(hidden, _pooling_mask(state, hidden)))
 
 
 def _run_router_on_input(
@@ -95,7 +112,7 @@ def _run_router_on_input(
             "the sample router pools the model's input, but it is not a float tensor; set router_input to the "
             "name of a module (e.g. the embeddings) whose output it should pool"
         )
-    _set_model_gate(state, router, masked_mean(hidden, state.attention_mask))
+    _set_model_gate(state, router, masked_mean(hidden, _pooling_mask(state, hidden)))
 
 
 def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -155,7 +172,8 @@ def routing(
     """Route every forward pass of `model` inside the block by these side inputs.
 
     `task_ids` `(n,)` is required when the model routes by task (e.g. routers 'task', 'poly', 'per-task');
-    `attention_mask` `(n, t)` lets the sample router pool only real tokens; `keep_base` `(n,)` bool sends the
+    `attention_mask` `(n, t)` lets the sample router pool only real tokens (without it, the model call's own
+    `attention_mask` keyword serves); `keep_base` `(n,)` bool sends the
     marked samples to the untouched base model (their outputs equal the base model's bit for bit, in the same
     batched pass). The hooks are removed when the block ends, even on error. A routing block opened inside another
     on the same model takes over until it ends.
@@ -181,6 +199,8 @@ def routing(
     router = info.model_router
     active.append(state)
     try:
+        if attention_mask is None:  # the model call's own mask then; registered first, so routers read it
+            handles.append(model.register_forward_pre_hook(partial(_mask_from_call, state), with_kwargs=True))
         if router is not None and not router.pools_model_input:
             _set_model_gate(state, router, None)
         elif router is not None:

@@ -2,6 +2,8 @@
 
 A frozen row's values are kept in a buffer and substituted with `torch.where` in :meth:`FrozenRows.effective`, so
 it gets no gradient and stays bit-identical whatever the optimizer does to the parameter (weight decay, momentum).
+`state_dict()` holds those kept values too, so a checkpoint written by any tool (`torch.save(model.state_dict())`,
+accelerate, a trainer) reloads the frozen rows as they are used.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class FrozenRows(nn.Module):
         for name in self.stacked:
             self.register_buffer(f"frozen_{name}", torch.zeros(0, device=device), persistent=False)
         self._any_frozen = False
+        self.register_state_dict_post_hook(_effective_into_state_dict)
 
     def _is_shared(self, name: str) -> bool:
         return getattr(self, name).shape[0] == 1 and self.num_rows > 1
@@ -127,3 +130,14 @@ class FrozenRows(nn.Module):
         for name in self.stacked:
             setattr(self, f"frozen_{name}", torch.zeros(0, device=device))
         self._any_frozen = False
+
+
+def _effective_into_state_dict(module: FrozenRows, state: dict, prefix: str, local_metadata: dict) -> None:
+    """`state_dict()` post-hook: the frozen rows' kept values in place of the parameters' (which the optimizer may
+    have moved). With `keep_vars=True` the entries stay the live parameters."""
+    if not module._any_frozen:
+        return
+    for name, value in module.effective().items():
+        key = prefix + name
+        if key in state and not isinstance(state[key], nn.Parameter):
+            state[key] = value.detach()

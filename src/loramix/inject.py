@@ -98,6 +98,12 @@ class InjectionReport:
 
 
 def get_info(model: nn.Module) -> InjectionInfo:
+    """What :func:`inject` added to `model`: its config, the adapted layers and their names, the model-wide router.
+
+    Example:
+        >>> info = loramix.get_info(model)
+        >>> info.names[:2], info.config.num_experts
+    """
     info = getattr(model, INFO_ATTR, None)
     if info is None:
         raise InjectionError("this model has no loramix adapters: call loramix.inject(model, config) first")
@@ -142,7 +148,12 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         regex = re.compile(config.target_regex)
         chosen = [(n, m) for n, m in candidates if regex.fullmatch(n) and not is_excluded(n)]
         if not chosen:
-            raise InjectionError(f"target_regex {config.target_regex!r} matched no module of the model")
+            example = f", such as {candidates[-1][0]!r}" if candidates else ""
+            outside = ", outside exclude and modules_to_save" if excluded else ""
+            raise InjectionError(
+                f"target_regex {config.target_regex!r} matched no module of the model (it must match a module's "
+                f"whole name{example}{outside})"
+            )
     elif config.targets == "all-linear":
         head = _output_head_name(model)
         chosen = [
@@ -151,7 +162,13 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
             if (is_linear(m) or is_conv1d(m)) and n != head and not is_excluded(n)
         ]
         if not chosen:
-            raise InjectionError("targets 'all-linear' found no nn.Linear or Conv1D module in the model")
+            found = any(is_linear(m) or is_conv1d(m) for n, m in candidates if n != head)
+            raise InjectionError(
+                "targets 'all-linear': every nn.Linear and Conv1D module of the model is in exclude or "
+                "modules_to_save"
+                if found
+                else "targets 'all-linear' found no nn.Linear or Conv1D module in the model"
+            )
     else:
         chosen = []
         for target in config.targets:
@@ -431,9 +448,22 @@ def merge_and_unload(
         >>> plain = loramix.merge_and_unload(model, task=2)  # the model now runs task 2 with no routing
     """
     info = get_info(model)
+    # every layer's gate and mergeability first: a refusal leaves no layer merged
+    gates = [fixed_gate(model, layer, task=task, gate=gate) for layer in info.layers]
     for layer in info.layers:
-        layer.unmerge()
-        layer.merge(fixed_gate(model, layer, task=task, gate=gate))
+        layer._check_mergeable()
+    merged = []
+    try:
+        for layer, fixed in zip(info.layers, gates):
+            layer.unmerge()
+            layer.merge(fixed)
+            merged.append(layer)
+    except Exception:
+        for (
+            layer
+        ) in merged:  # a layer that cannot merge (its base has no weight to fold into): undo the others
+            layer.unmerge()
+        raise
     _unwrap(model)
     for name, param in model.named_parameters():
         param.requires_grad_(info.original_requires_grad.get(name, param.requires_grad))

@@ -27,12 +27,19 @@ class LoramixModel(nn.Module):
         get_info(model)  # fail early on a model without adapters
         self.model = model
 
+    def _task_ids(self, task_ids: Tensor | None) -> Tensor | None:
+        """The given task ids, else those of a `loramix.routing` block already open around the call."""
+        active = get_info(self.model).active_states
+        return active[-1].task_ids if task_ids is None and active else task_ids
+
     def forward(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
+        task_ids = self._task_ids(task_ids)
         with routing(self.model, task_ids=task_ids, attention_mask=kwargs.get("attention_mask")):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
         """Generate with each sequence routed by its task; the sample router decides once, on the prompt."""
+        task_ids = self._task_ids(task_ids)
         num_return = max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
         if task_ids is not None and num_return > 1:
             task_ids = task_ids.repeat_interleave(num_return)

@@ -79,6 +79,13 @@ def test_frozen_experts_stay_bit_identical_through_adamw(share: str) -> None:
         assert not torch.equal(A1[0], A0[0])
     if share == "B":
         assert not torch.equal(B1[0], B0[0])
+    # any tool's checkpoint, `state_dict()`, holds the frozen rows as they are used, not the moved parameters
+    state = bank.state_dict()
+    for name, value in bank.effective().items():
+        assert torch.equal(state[name], value), name
+    if share != "A":
+        assert not torch.equal(bank.A[0], A0[0])  # (the raw parameter row did move under weight decay)
+    assert bank.state_dict(keep_vars=True)["A"] is bank.A  # the live parameters stay what keep_vars gives
 
 
 @pytest.mark.parametrize("share", SHARES)

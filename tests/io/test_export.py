@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,32 @@ def test_experts_in_some_blocks_only_export_to_those_blocks(tmp_path: Path) -> N
     assert_close(peft_outputs(base, tmp_path, forward), expected, plain)
     names = load_file(tmp_path / "adapter_model.safetensors")
     assert names and all(".layer.1." in name for name in names)
+
+
+def test_modules_trained_whole_export_as_peft_modules_to_save(tmp_path: Path) -> None:
+    model, base, forward = adapted("bert", "task", "none", modules_to_save=["pooler.dense"])
+    with torch.no_grad():  # the module as trained: away from the base's
+        dense = model.pooler.dense
+        dense.weight.add_(torch.randn(dense.weight.shape, generator=torch.Generator().manual_seed(1)))
+
+    def pooled(m: nn.Module) -> Tensor:
+        return m(input_ids=token_ids()).pooler_output
+
+    expected = loramix_outputs(model, pooled, 1)
+    with torch.no_grad():
+        plain = pooled(copy.deepcopy(base))
+    loramix.export_peft(model, tmp_path, task=1)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["pooler.dense"]
+    assert_close(peft_outputs(base, tmp_path, pooled), expected, plain)
+
+
+def test_export_of_a_model_whose_backbone_trained_asks_for_the_trained_base(tmp_path: Path) -> None:
+    model, _, _ = adapted("bert", "task", "none", train_backbone=True)
+    with pytest.warns(UserWarning, match="base_model_name_or_path"):
+        loramix.export_peft(model, tmp_path / "a", task=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loramix.export_peft(model, tmp_path / "b", task=1, base_model_name_or_path=str(tmp_path / "trained"))
 
 
 def test_export_follows_task_to_expert(tmp_path: Path) -> None:

@@ -200,3 +200,49 @@ def test_errors_name_the_problem(trained: dict, tmp_path: Path):
     loramix.save(plain, tmp_path / "plain")
     with pytest.raises(CheckpointError, match="not an ELREA model"):
         ElreaModel.load(tiny_gpt2(), tmp_path / "plain", feature_loss=lm_prompt_loss)
+
+
+def test_elrea_serves_a_model_whose_inputs_are_not_token_ids():
+    """ "On any model": a plain MLP called as `model(x)`, its batches `{"x": ...}`; the ensemble's logits are the
+    weighted experts', computed here one expert at a time."""
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = MLP()
+    loramix.inject(model, {"num_experts": 1, "rank": 2, "router": "none", "targets": ["a", "b"]})
+    for param in loramix.adapter_state(model).values():
+        torch.nn.init.normal_(param, std=0.3)
+
+    def self_label_loss(m: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        out = m(batch["x"])
+        return torch.nn.functional.cross_entropy(out, out.argmax(-1), reduction="none")
+
+    x = torch.randn(40, 8)
+    featurizer = GradientFeaturizer(model, projection_dim=64, seed=0)
+    feats = featurizer.featurize(
+        [{"x": x[i : i + 10]} for i in range(0, 40, 10)], lambda b: self_label_loss(model, b)
+    )
+    clusters = cluster_features(feats, seed=0)
+    expand_to_bank(model, clusters.n_clusters)
+    for param in loramix.adapter_state(model).values():  # the experts apart from the base
+        param.data.add_(0.3 * torch.randn(param.shape))
+    bank = ElreaModel(
+        model, clusters.centroids, base_centroid(feats), feature_loss=self_label_loss, projection_dim=64
+    )
+    inputs = {"x": x[:4]}
+    weights = bank.weights(inputs)
+    assert weights.shape == (4, clusters.n_clusters + 1)
+    with torch.no_grad():
+        experts = []
+        for e in range(clusters.n_clusters + 1):
+            with loramix.routing(model, task_ids=torch.full((4,), e)):
+                experts.append(model(inputs["x"]))
+        expected = sum(weights[:, e, None] * out for e, out in enumerate(experts))
+    torch.testing.assert_close(bank.logits(inputs), expected, atol=1e-5, rtol=0)

@@ -85,7 +85,7 @@ def test_resuming_without_a_checkpoint_starts_from_step_zero(
 ):
     run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method="lora", steps=2))
     metrics = run_training(run, tmp_path, resume=True)
-    assert "no checkpoint" in capsys.readouterr().out
+    assert "loramix: no checkpoint" in capsys.readouterr().err
     assert [h["step"] for h in metrics["history"]] == [2]
 
 
@@ -115,7 +115,7 @@ def test_a_new_run_in_an_old_run_s_folder_leaves_nothing_for_a_resume_to_read(
     assert not (tmp_path / "run" / "checkpoints").exists()
     capsys.readouterr()
     resumed = run_training(short, tmp_path / "run", resume=True)
-    assert "no checkpoint" in capsys.readouterr().out
+    assert "loramix: no checkpoint" in capsys.readouterr().err
     straight = run_training(short, tmp_path / "straight")
     assert without_timings(resumed)["history"] == without_timings(straight)["history"]
     run_training(RunConfig.from_dict({**settings, "steps": 8}), tmp_path / "long")

@@ -121,7 +121,10 @@ class AdaptedLayer(nn.Module):
         if gate.weights.shape[0] != batch:
             raise RoutingError(
                 f"layer '{self.layer_name}' got an input with batch size {batch} but a gate for "
-                f"{gate.weights.shape[0]} samples: its input must keep the batch as its first dimension"
+                f"{gate.weights.shape[0]} samples: the routing block's task_ids (or keep_base, attention_mask) "
+                "must have one entry per sample of the batch (under `generate` with beams or several sequences "
+                "per prompt, use loramix.LoramixModel(model).generate, which repeats them), and the layer's "
+                "input must keep the batch as its first dimension"
             )
 
     # ---- merging -------------------------------------------------------------------------------------------

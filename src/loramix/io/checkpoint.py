@@ -91,6 +91,10 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, to
     """The verified JSON record and tensors of a save, without touching any model."""
     directory = Path(directory)
     if not directory.is_dir():
+        if directory.is_file():
+            raise CheckpointError(
+                f"{directory}: a file; pass the adapter directory that holds it ({directory.parent})"
+            )
         raise CheckpointError(f"{directory}: no such adapter directory")
     record = read_json(directory / CONFIG_FILE)
     version = record.get("format_version")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from loramix.context import routing
 from loramix.errors import CheckpointError, InjectionError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
-from loramix.inject import InjectionReport, fixed_gate, get_info, inject
+from loramix.inject import InjectionReport, _matches, fixed_gate, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from loramix.models import ALIASES, resolve_model_path
 from loramix.routers import router_class
@@ -130,6 +131,19 @@ def export_peft(
             B = B[..., None, None]
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    saved_modules = list(info.config.modules_to_save)  # trained whole: PEFT keeps them as modules_to_save
+    for module_name, module in model.named_modules():
+        if any(_matches(module_name, target) for target in saved_modules):
+            for param_name, param in module.named_parameters():
+                tensors.setdefault(f"{PEFT_PREFIX}{module_name}.{param_name}", param.detach().contiguous())
+    if info.config.train_backbone and base_model_name_or_path is None:
+        warnings.warn(
+            "export_peft: the backbone was trained with the adapters, so the adapter holds only their part; save "
+            "the trained model (`save_pretrained`) and pass that folder as base_model_name_or_path, the base that "
+            "PEFT must load it on (`loramix export` writes it as base/)",
+            UserWarning,
+            stacklevel=2,
+        )
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     config = LoraConfig(
         r=rank,
@@ -139,6 +153,7 @@ def export_peft(
         bias="none",
         fan_in_fan_out=any(isinstance(layer, Conv1DExperts) for layer in info.layers),
         base_model_name_or_path=hub_name(base) if base else base,
+        modules_to_save=saved_modules or None,
         inference_mode=True,
         # a causal LM's adapter loads as PEFT's causal-LM model (`generate` as on the base)
         task_type="CAUSAL_LM"

@@ -74,7 +74,8 @@ class Continual(Method):
 
     def outputs(self, output_dir: Path) -> list[Path]:
         names = ("continual.md", "accuracy_matrix.png", "selector_confusion.png")
-        return [*super().outputs(output_dir), *(output_dir / n for n in names)]
+        pictures = sorted(output_dir.glob("expert_use_*.png"))
+        return [*super().outputs(output_dir), *(output_dir / n for n in names), *pictures]
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)

@@ -139,7 +139,7 @@ class ElreaModel:
         if len(dims) != 1:
             raise ConfigError(
                 f"centroids ({centroids.shape[-1]}), base centroid ({base_centroid.shape[-1]}) and projection_dim "
-                f"({projection_dim}) must agree"
+                f"({projection_dim}) must agree: pass the projection_dim of the featurizer that made the centroids"
             )
         if mode not in ("ensemble", "top1"):
             raise ConfigError(f"mode must be 'ensemble' or 'top1', got {mode!r}")
@@ -156,7 +156,7 @@ class ElreaModel:
 
     def features(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Gradient features `(n, k)` of `inputs` on the base adapter (expert 0)."""
-        n = inputs["input_ids"].shape[0]
+        n = next(v for v in inputs.values() if isinstance(v, Tensor)).shape[0]  # any model's inputs
         device = next(self.model.parameters()).device
 
         def loss() -> Tensor:
