@@ -28,8 +28,11 @@ def test_a_word_keeps_the_settings_that_name_or_mention_it_the_closest_first(cap
     assert not any(
         key.startswith("elrea") and not key.endswith("_lr") for key in listed
     )  # no "lr" in "elrea"
+    assert main(["settings", "scorer"]) == 0  # no run setting: the keys of a task spec
+    out = capsys.readouterr().out
+    assert out.startswith("no run setting; keys of a task spec") and "\nscorer: " in out
     assert main(["settings", "no-such-word"]) == 2
-    assert "no run setting names or mentions 'no-such-word'" in capsys.readouterr().err
+    assert "no run setting or task spec key names or mentions 'no-such-word'" in capsys.readouterr().err
 
 
 def test_a_reader_that_goes_away_stops_the_listing_quietly(monkeypatch: pytest.MonkeyPatch):

@@ -212,16 +212,21 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from loramix.train.config import RunConfig
 
     word = (args.word or "").lower()
-    ranked = sorted(  # the closest first; ties in the order the config declares them (a stable sort)
-        (
-            (rank, key, field)
-            for key, field in RunConfig.model_fields.items()
-            if (rank := setting_rank(word, key, field)) != NOT_SHOWN
-        ),
-        key=lambda match: match[0],
-    )
+
+    def ranked_fields(fields: dict) -> list:
+        """`(rank, key, field)` of the fields that match `word`, the closest first; ties in declared order."""
+        ranks = [(setting_rank(word, key, field), key, field) for key, field in fields.items()]
+        return sorted((match for match in ranks if match[0] != NOT_SHOWN), key=lambda match: match[0])
+
+    ranked = ranked_fields(RunConfig.model_fields)
+    if not ranked and word:  # then a key of a task spec (an entry of `tasks`), such as prompt_field
+        from loramix.data.spec import TaskSpec
+
+        ranked = ranked_fields(TaskSpec.model_fields)
+        if ranked:
+            print("no run setting; keys of a task spec (an entry of `tasks`):")
     if not ranked:
-        raise ConfigError(f"no run setting names or mentions {args.word!r}")
+        raise ConfigError(f"no run setting or task spec key names or mentions {args.word!r}")
     for _, key, field in ranked:
         description = field.description or ""
         kind = field.annotation

@@ -355,6 +355,8 @@ def test_import_then_export_gives_back_the_adapter(tmp_path: Path) -> None:
         peft_outputs(bert_base(), paths[0], bert_out),
         plain,
     )
+    with pytest.raises(CheckpointError, match="a PEFT adapter, not a loramix save; .*import_peft"):
+        loramix.load(bert_base(), tmp_path / "again")
 
 
 def test_import_of_mismatched_targets_names_the_directory(tmp_path: Path) -> None:

@@ -96,6 +96,11 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, to
                 f"{directory}: a file; pass the adapter directory that holds it ({directory.parent})"
             )
         raise CheckpointError(f"{directory}: no such adapter directory")
+    if not (directory / CONFIG_FILE).is_file() and (directory / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{directory}: a PEFT adapter, not a loramix save; bring it in with loramix.import_peft(model, "
+            f"{str(directory)!r})"
+        )
     record = read_json(directory / CONFIG_FILE)
     version = record.get("format_version")
     if record.get("library") != "loramix" or not isinstance(version, int):
