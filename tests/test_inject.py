@@ -173,6 +173,10 @@ def test_target_matching_nothing_names_the_target() -> None:
     assert not hasattr(model, "_loramix_info")
     with pytest.raises(loramix.InjectionError, match="whole name"):  # a regex must match all of a name
         loramix.inject(model, adapter_config("none", target_regex="query"))
+    attention = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    attention.attn = torch.nn.MultiheadAttention(8, 2)
+    with pytest.raises(loramix.InjectionError, match="out_proj of an nn.MultiheadAttention"):
+        loramix.inject(attention, adapter_config("none", targets=["out_proj"]))
     mlp = tiny_mlp()
     with pytest.raises(loramix.InjectionError, match="every nn.Linear .* is in exclude"):
         loramix.inject(mlp, adapter_config("none", targets="all-linear", exclude=["fc1", "fc2", "head"]))

@@ -186,8 +186,14 @@ def _select_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
     for name, module in chosen:
         if not any(accepts(module) for _, accepts, _ in builders):
             kinds = ", ".join(kind for kind, _, _ in builders)
+            why = (  # nn.MultiheadAttention reads its out_proj's weight itself and never calls it
+                "; it is the out_proj of an nn.MultiheadAttention, which uses its weight without calling it"
+                if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+                else ""
+            )
             raise InjectionError(
                 f"module '{name}' ({type(module).__name__}) matched a target but loramix can only adapt: {kinds}"
+                f"{why}"
             )
     return chosen
 
