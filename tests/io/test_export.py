@@ -130,6 +130,10 @@ def test_modules_trained_whole_export_as_peft_modules_to_save(tmp_path: Path) ->
     loramix.export_peft(model, tmp_path, task=1)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["pooler.dense"]
     assert_close(peft_outputs(base, tmp_path, pooled), expected, plain)
+    with pytest.raises(CheckpointError, match="holds whole modules \\(pooler.dense; 2 tensors\\)"):
+        loramix.import_peft(
+            copy.deepcopy(base), tmp_path
+        )  # what one expert per adapter cannot carry: refused
 
 
 def test_export_of_a_model_whose_backbone_trained_asks_for_the_trained_base(tmp_path: Path) -> None:

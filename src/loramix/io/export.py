@@ -287,6 +287,13 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, tuple[Tensor,
             "pickle that could run code). Convert it with PEFT's save_pretrained(safe_serialization=True)"
         )
     tensors = read_tensors(weights_path)
+    whole = [k for k in tensors if ".lora_" not in k]  # modules trained whole (PEFT's modules_to_save)
+    if whole:
+        raise CheckpointError(
+            f"{weights_path}: besides its LoRA it holds whole modules ({', '.join(config.get('modules_to_save') or [])}"
+            f"; {len(whole)} tensors), which one expert per adapter cannot carry; load them into the base model "
+            "first (copy them from PeftModel.from_pretrained(base, ...)), then import an adapter without them"
+        )
     alpha = float(config.get("lora_alpha", 8))
     rslora = bool(config.get("use_rslora", False))
     alpha_pattern = config.get("alpha_pattern") or {}
