@@ -10,6 +10,7 @@ import loramix
 from loramix.context import masked_mean
 from loramix.inject import get_info
 from tests.models import (
+    FEATURES,
     adapter_config,
     call,
     cnn_inputs,
@@ -242,3 +243,14 @@ def test_top_k_gates_in_a_model_keep_k_experts(k: int) -> None:
     assert len(state.records) == 3
     for gate in state.gates():
         assert ((gate.weights != 0).sum(-1) == k).all()
+
+
+@pytest.mark.parametrize("router", ["none", "task", "sample", "token", "poly"])
+def test_an_empty_batch_gives_the_base_model_s_empty_output(router: str) -> None:
+    model = adapted_mlp(router)
+    for shape in ((0, 3, FEATURES), (0, FEATURES)):
+        x = torch.randn(*shape)
+        task_ids = torch.zeros(0, dtype=torch.long) if router in ("task", "poly") else None
+        with loramix.routing(model, task_ids=task_ids):
+            out = model(x)
+        assert out.shape == (*shape[:-1], 4)

@@ -102,7 +102,7 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, routing: RoutingState | None = None, **kwargs: Any) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if self.merged_gate is not None or self.disabled:
+        if self.merged_gate is not None or self.disabled or x.shape[0] == 0:  # an empty batch: nothing to add
             return out
         gate = self.gate(x, routing)
         return out + self.delta(x, gate).to(out.dtype)

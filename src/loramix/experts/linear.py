@@ -38,6 +38,7 @@ class LinearExperts(AdaptedLayer):
             or self.disabled
             or not isinstance(self.experts, LoraExperts)
             or not self._fusable(x)
+            or x.shape[0] == 0
         ):
             return super().forward(x, *args, routing=routing, **kwargs)
         gate = self.gate(x, routing)
