@@ -257,3 +257,11 @@ def test_no_auxiliary_panel_for_methods_without_auxiliary_losses(tmp_path):
     text = write_report(tmp_path, [{"method": "lora", "history": history}]).read_text()
     assert "plots/loss.png" in text and "auxiliary" not in text and "total loss" not in text
     assert not (tmp_path / "plots" / "aux_losses.png").exists()
+
+
+def test_a_generation_task_s_row_names_what_its_accuracy_counts():
+    results = [
+        {"method": "lora", "tasks": {"add": {"accuracy": 0.5, "scorer": "number"}, "sst2": {"accuracy": 0.8}}}
+    ]
+    rows = [line.split()[0:2] for line in print_table(results).splitlines()]
+    assert ["add", "(number)"] in rows and ["sst2", "0.800"] in rows

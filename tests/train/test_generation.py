@@ -23,7 +23,7 @@ from tests.train.test_checkpoint import without_timings
 from tests.train.test_run import window_means
 
 METHODS = ["lora", "lora-wide", "per-task-lora", "mola-grad", "mola-router", "token-router"]
-SCORES = {"accuracy", "exact_match", "f1", "loss", "perplexity", "n", "samples"}
+SCORES = {"accuracy", "scorer", "exact_match", "f1", "loss", "perplexity", "n", "samples"}
 
 
 def test_a_generation_task_with_a_train_split_alone_leaves_the_others_scored(

@@ -97,6 +97,12 @@ def markdown_table(results: Sequence[Mapping[str, Any]], metric: str, mean_key: 
     return lines
 
 
+def _scored_by(results: Sequence[Mapping[str, Any]], task: str) -> str:
+    """A task's row label: a generation task's names what its accuracy counts (`add (number)`)."""
+    scorers = {((r.get("tasks") or {}).get(task) or {}).get("scorer") for r in results} - {None}
+    return f"{task} ({', '.join(sorted(scorers))})" if scorers else task
+
+
 def print_table(results: Sequence[Mapping[str, Any]]) -> str:
     """Per-task accuracy as fixed-width plain text, one column per method, the mean on the last line.
 
@@ -113,7 +119,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> str:
     rows, grid, notes = _metric_grid(results, "accuracy", "mean_accuracy")
     header = ["task", *method_names(results)]
     body = [
-        [label] + ["-" if value is None else f"{value:.3f}" for value in values]
+        [_scored_by(results, label)] + ["-" if value is None else f"{value:.3f}" for value in values]
         for label, values in zip(rows, grid)
     ]
     body[-1] = [body[-1][0]] + [f"{cell} {note}" if note else cell for cell, note in zip(body[-1][1:], notes)]

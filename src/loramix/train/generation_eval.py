@@ -166,6 +166,7 @@ def evaluate_generation(
         loss = nll / max(count, 1)
         tasks[task.name] = {
             "accuracy": right / max(n, 1),
+            "scorer": spec.scorer,  # what `accuracy` counts: exact answers, the first number, or the label word
             "exact_match": exact / max(n, 1),
             "f1": sum(f1s) / max(n, 1),
             "loss": loss,
