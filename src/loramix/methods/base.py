@@ -170,26 +170,32 @@ class Method:
         return fixed_gate_note(model, task)
 
 
-def check_eval_tasks(run_dir: Path, data: MultiTaskData) -> None:
+def check_eval_tasks(run_dir: Path, data: MultiTaskData, *, last_ones: bool = False) -> int:
     """A run is evaluated on the tasks it learned, in its order: its experts and heads are the tasks' by position,
-    so a config for `loramix eval` that lists other tasks, or the same in another order, is refused by name."""
+    so a config for `loramix eval` that lists other tasks, or the same in another order, is refused by name. With
+    `last_ones` (a continual run) the config may list only the last ones; returns how many it leaves out."""
     try:
         learned = [
             str(t["name"]) for t in read_json(Path(run_dir) / "adapter" / CONFIG_FILE)["metadata"]["tasks"]
         ]
     except (KeyError, TypeError):
-        return  # a record without task names: the loader has already refused it
-    if learned != list(data.task_names):
-        unknown = [name for name in data.task_names if name not in learned]
-        missing = [name for name in learned if name not in data.task_names]
-        if unknown:
-            why = f"{', '.join(unknown)} not among them"
-        else:
-            why = f"{', '.join(missing)} missing" if missing else "it lists them in another order"
-        raise ConfigError(
-            f"tasks: {run_dir} learned {', '.join(learned)} in this order; a config for its evaluation lists "
-            f"exactly those, in that order ({why})"
-        )
+        return 0  # a record without task names: the loader has already refused it
+    offset = len(learned) - data.num_tasks if last_ones else 0
+    if offset >= 0 and learned[offset:] == list(data.task_names):
+        return offset
+    unknown = [name for name in data.task_names if name not in learned]
+    missing = [name for name in learned if name not in data.task_names]
+    if unknown:
+        why = f"{', '.join(unknown)} not among them"
+    elif missing and not last_ones:
+        why = f"{', '.join(missing)} missing"
+    else:
+        why = "it lists them in another order"
+    which = "them all, or its last ones," if last_ones else "exactly those,"
+    raise ConfigError(
+        f"tasks: {run_dir} learned {', '.join(learned)} in this order; a config for its evaluation lists {which} "
+        f"in that order ({why})"
+    )
 
 
 METHODS: dict[str, Method] = {}

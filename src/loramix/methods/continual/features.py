@@ -203,7 +203,7 @@ def reads_in_pass(backbone: torch.nn.Module, layers: list[int]) -> bool:
 
 @contextlib.contextmanager
 def routed_by_selector(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int], stats: int = STATS
+    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int]
 ) -> Iterator[dict[str, Tensor]]:
     """A routing block in which `selector` routes each input during the forward pass itself, from the states
     entering `layers` (a `hidden` feature, see :func:`hidden_features`). Every block before the last of `layers`
@@ -224,6 +224,7 @@ def routed_by_selector(
             "pass of its own instead"
         )
     blocks = encoder_blocks(backbone)
+    stats = selector_stats(selector.in_features, backbone, len(layers) > 1)  # as the selector was fitted
     mask = batch["attention_mask"]
     keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     reached: dict[int, Tensor] = {}

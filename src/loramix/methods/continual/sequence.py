@@ -30,7 +30,7 @@ from loramix.errors import ConfigError, DataError
 from loramix.inject import get_info
 from loramix.io import load, read_checkpoint
 from loramix.io.files import atomic_write_json
-from loramix.methods.base import Method
+from loramix.methods.base import Method, check_eval_tasks
 from loramix.methods.continual.features import routed_by_selector
 from loramix.methods.continual.learner import (
     Learner,
@@ -159,8 +159,7 @@ class Continual(Method):
             return route, keep, self.predict(learner, batch, route, keep)
         model = learner.model
         selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
-        stats = learner.feature_stats()
-        with routed_by_selector(learner.backbone, batch, selector, layers, stats) as chosen:
+        with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
             pooled = model.pooled(batch)
         routed = {**batch, "route_ids": chosen["route"], "keep_base": chosen["keep"]}
         logits = model.heads(pooled, routed, model)
@@ -313,14 +312,8 @@ class Continual(Method):
     ) -> dict[str, Any]:
         """`loramix eval` of a finished continual run: every task routed as the method routes at inference (by the
         saved auto-selector, or by task id), the selector's confusion matrix with it."""
+        offset = check_eval_tasks(run_dir, data, last_ones=True)
         record, tensors = read_checkpoint(Path(run_dir) / "adapter")
-        learned_tasks = [t["name"] for t in record["metadata"]["tasks"]]
-        offset = len(learned_tasks) - data.num_tasks
-        if offset < 0 or learned_tasks[offset:] != list(data.task_names):
-            raise ConfigError(
-                f"tasks: {run_dir} learned {', '.join(learned_tasks)} in this order; a config for its evaluation "
-                f"lists them all, or its last ones, in that order (got {', '.join(data.task_names)})"
-            )
         learner = Learner(run, data, model, collator, offset=offset)
         learner.learned = [True] * (offset + data.num_tasks)
         learner.prior_tasks = record["metadata"]["tasks"][:offset]
