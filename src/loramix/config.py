@@ -3,8 +3,9 @@
 Every field is documented once, here. A wrong field fails at construction with the field's name and what is
 allowed (a :class:`~loramix.errors.ConfigError`); a float field takes finite numbers only.
 
-The registries of routers and expert kinds (which import torch) are read when a config is checked, not when this
-module is imported, so that a run config can be validated before torch loads.
+Whether the router and expert kinds it names exist and fit it is checked where a config is built into a model, by
+:func:`loramix.kinds.check_kinds` (their registries live in `experts/` and `routers/`, which read this config), so
+this module imports no torch and no kind.
 """
 
 from __future__ import annotations
@@ -118,14 +119,6 @@ class AdapterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterConfig:
-        from loramix.experts.base import EXPERT_KINDS
-        from loramix.routers.base import ROUTERS
-
-        if self.router not in ROUTERS:
-            raise ValueError(f"router {self.router!r} is not one of: {', '.join(ROUTERS)}")
-        if self.experts not in EXPERT_KINDS:
-            raise ValueError(f"experts {self.experts!r} is not one of: {', '.join(EXPERT_KINDS)}")
-        ROUTERS[self.router].check_config(self)
         if self.top_k is not None and self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.task_to_expert is not None and self.num_tasks is None:
@@ -135,13 +128,6 @@ class AdapterConfig(BaseModel):
                 "targets is empty: name at least one module, use 'all-linear', or set target_regex"
             )
         return self
-
-    @property
-    def scaling(self) -> float:
-        """s in `y = W0 x + s * sum_e g_e E_e(x)`: alpha / r (or alpha / sqrt(r)) for LoRA, as the kind says."""
-        from loramix.experts.base import EXPERT_KINDS
-
-        return EXPERT_KINDS[self.experts].scaling_of(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
@@ -156,16 +142,20 @@ class AdapterConfig(BaseModel):
 
 
 def format_validation_error(exc: ValidationError, where: str, fields: Iterable[str] = ()) -> str:
-    """One line per problem: `field: message (got value)`. A check of several fields together names the one of
-    `fields` its message starts with (`top_k=12 exceeds ...` is `top_k`'s problem), else `(top level)`."""
+    """One line per problem: `field: message (got value)`."""
     lines = [f"invalid {where}:"]
     for err in exc.errors():
-        message = err["msg"].removeprefix("Value error, ")
-        field = ".".join(str(p) for p in err["loc"])
-        if not field:
-            named = re.match(r"\w+", message)
-            field = named.group(0) if named and named.group(0) in set(fields) else "(top level)"
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {field}: {message}{shown}")
+        field = ".".join(str(p) for p in err["loc"])
+        lines.append(problem_line(field, err["msg"].removeprefix("Value error, ") + shown, fields))
     return "\n".join(lines)
+
+
+def problem_line(field: str, message: str, fields: Iterable[str]) -> str:
+    """`  field: message`. A problem of several fields together (no `field`) is the problem of the one of `fields`
+    its message starts with (`top_k=12 exceeds ...` is `top_k`'s), else of `(top level)`."""
+    if not field:
+        named = re.match(r"\w+", message)
+        field = named.group(0) if named and named.group(0) in set(fields) else "(top level)"
+    return f"  {field}: {message}"

@@ -12,6 +12,7 @@ from torch import nn
 
 from loramix.errors import ConfigError
 from loramix.inject import get_info
+from loramix.kinds import check_kinds
 from loramix.routers import router_class
 
 
@@ -61,7 +62,7 @@ def grow(
         if default != list(range(num_experts)) and max(default) < num_experts:
             task_to_expert = update["task_to_expert"] = default
     new_config = config.model_copy(update=update)
-    new_config = type(config).from_dict(new_config.to_dict())  # validated as any config is
+    new_config = check_kinds(type(config).from_dict(new_config.to_dict()))  # validated as any config is
     new_class = router_class(new_config.router)
     for layer in info.layers:
         layer.experts.grow(num_experts)

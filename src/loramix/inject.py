@@ -29,6 +29,7 @@ from loramix.experts import (
 from loramix.experts.conv import is_conv2d
 from loramix.experts.linear import is_conv1d, is_linear
 from loramix.experts.quantized import QuantizedLinearExperts, is_quantized_linear, quantized_kind
+from loramix.kinds import check_kinds, scaling
 from loramix.routers import Router, router_class
 
 Builder = tuple[str, Callable[[nn.Module], bool], type[AdaptedLayer]]
@@ -268,8 +269,7 @@ def inject(
         >>> report = loramix.inject(model, {"num_experts": 4, "rank": 8, "router": "task", "num_tasks": 4})
         >>> print(report)
     """
-    if isinstance(config, dict):
-        config = AdapterConfig.from_dict(config)
+    config = check_kinds(AdapterConfig.from_dict(config) if isinstance(config, dict) else config)
     if is_injected(model):
         raise InjectionError("this model already has loramix adapters; call loramix.remove(model) first")
     if config.train_backbone:
@@ -343,7 +343,7 @@ def build_layer(
         name=name,
         in_features=in_features,
         out_features=out_features,
-        scaling=config.scaling,
+        scaling=scaling(config),
         dropout=config.dropout,
     )
 

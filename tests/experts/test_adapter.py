@@ -15,6 +15,7 @@ from loramix import AdapterConfig
 from loramix.errors import ConfigError, InjectionError
 from loramix.experts import AdapterExperts, LinearExperts, ParallelExperts
 from loramix.inject import build_layer, is_injected
+from loramix.kinds import scaling
 from loramix.routers import Gate
 from tests.models import mlp_inputs, text_inputs, tiny_gpt2, tiny_mlp
 
@@ -84,8 +85,8 @@ def test_shapes_and_zero_init() -> None:
 def test_config_gives_width_scale_and_refuses_sharing() -> None:
     """`rank` is the bottleneck width, `adapter_scale` the scale, and no matrix can be shared."""
     config = AdapterConfig(experts="adapter", router="token", num_experts=3, rank=16, adapter_scale=0.25)
-    assert config.scaling == 0.25
-    assert AdapterConfig(experts="adapter").scaling == 0.1
+    assert scaling(config) == 0.25
+    assert scaling(AdapterConfig(experts="adapter")) == 0.1
     bank = AdapterExperts.from_config(config, 8, 9)
     assert (bank.num_experts, bank.width, bank.in_features, bank.out_features) == (3, 16, 8, 9)
     with pytest.raises(ConfigError, match="share"):

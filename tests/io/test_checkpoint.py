@@ -246,6 +246,13 @@ def _wrong_rank(d: Path, other: Path) -> Path:
     return d
 
 
+def _unknown_router(d: Path, other: Path) -> Path:
+    record = json.loads((d / CONFIG_FILE).read_text())
+    record["config"]["router"] = "magic"  # a kind this loramix does not have (a plugin not imported, say)
+    (d / CONFIG_FILE).write_text(json.dumps(record))
+    return d
+
+
 BROKEN = {
     # case: (break the directory, model to load into, what the message must say, file it must name)
     "missing directory": (_no_directory, tiny_bert, "no such adapter directory", "never-saved"),
@@ -256,6 +263,7 @@ BROKEN = {
     "config of another library": (_other_library, tiny_bert, "not a loramix adapter config", CONFIG_FILE),
     "newer format_version": (_newer_format, tiny_bert, "newer than this loramix reads", CONFIG_FILE),
     "invalid adapter config": (_invalid_adapter_config, tiny_bert, "rank", CONFIG_FILE),
+    "unknown router kind": (_unknown_router, tiny_bert, "router: router 'magic' is not one of", CONFIG_FILE),
     "missing weights": (_no_weights, tiny_bert, "file not found", WEIGHTS_FILE),
     "truncated weights": (_truncated, tiny_bert, "checksum does not match", WEIGHTS_FILE),
     "truncated, no checksum": (

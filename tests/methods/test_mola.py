@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loramix.errors import ConfigError
+from loramix.kinds import scaling
 from loramix.methods import METHODS, get_method
 from loramix.train.config import RunConfig
 
@@ -55,7 +56,7 @@ def test_task_to_expert_lets_tasks_share_experts():
 def test_lora_wide_has_the_mixture_parameter_count_and_the_same_scale():
     narrow, wide = adapter_config(run(method="lora"), 3), adapter_config(run(method="lora-wide"), 3)
     assert wide.rank == 3 * narrow.rank and wide.num_experts == 1
-    assert wide.scaling == pytest.approx(narrow.scaling)
+    assert scaling(wide) == pytest.approx(scaling(narrow))
 
 
 @pytest.mark.parametrize(

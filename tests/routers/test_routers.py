@@ -7,6 +7,7 @@ import torch
 
 from loramix import AdapterConfig, ConfigError
 from loramix.context import RoutingState
+from loramix.kinds import check_kinds
 from loramix.routers import (
     Gate,
     PerTaskRouter,
@@ -214,5 +215,5 @@ def test_the_registry_builds_each_router_kind(
 
 
 def test_an_unknown_router_kind_names_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="per-task"):
-        AdapterConfig.from_dict({"router": "magic"})
+    with pytest.raises(ConfigError, match="router: router 'magic' is not one of: .*per-task"):
+        check_kinds(AdapterConfig.from_dict({"router": "magic"}))

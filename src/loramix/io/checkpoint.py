@@ -19,6 +19,7 @@ from loramix.errors import CheckpointError, ConfigError
 from loramix.frozen_rows import FrozenRows
 from loramix.inject import adapter_buffers, adapter_state, get_info, inject, remove
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from loramix.kinds import check_kinds
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "loramix_config.json"
@@ -119,7 +120,7 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, to
 
 def config_of(record: dict[str, Any], where: Path) -> AdapterConfig:
     try:
-        return AdapterConfig.from_dict(record.get("config", {}))
+        return check_kinds(AdapterConfig.from_dict(record.get("config", {})))
     except ConfigError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 

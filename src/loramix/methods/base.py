@@ -19,6 +19,7 @@ from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
 from loramix.io.checkpoint import CONFIG_FILE
 from loramix.io.files import read_json
+from loramix.kinds import check_kinds
 from loramix.models import resolve_model_path
 from loramix.preflight import select_tasks
 from loramix.train.aux_losses import AuxLoss
@@ -68,14 +69,11 @@ class Method:
             raise ConfigError(
                 f"{selector[0]}: method {self.name} has no auto-selector; the ddas_* settings are for {users}"
             )
+        where = f"adapter settings of method {self.name}"
         try:
-            self.adapter_config(run, len(run.tasks))
+            check_kinds(self.adapter_config(run, len(run.tasks)), where)
         except ValidationError as exc:
-            raise ConfigError(
-                format_validation_error(
-                    exc, f"adapter settings of method {self.name}", AdapterConfig.model_fields
-                )
-            ) from None
+            raise ConfigError(format_validation_error(exc, where, AdapterConfig.model_fields)) from None
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         raise NotImplementedError
