@@ -52,6 +52,7 @@ DEFAULT = "gaussian, block-0 features + token stats"  # the library's default
 TWO_STAGE = "gaussian, block 3 accepts, blocks 0 + 3 choose"
 TWO_STAGE_POOLED = "gaussian, block 3 accepts (pooled threshold), blocks 0 + 3 choose"
 POOLED = {"normalize": "gaussian", "threshold": "pooled"}
+NEIGHBOURS = "neighbours: block 3's 5th nearest accepts (pooled), blocks 0 + 3 choose"
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "paper: input embeddings, l2, err/thr": ("embeddings", {"normalize": "l2"}, {}, ""),
     "l2 rule, block-3 features + token stats": ("hidden3", {"normalize": "l2"}, {}, ""),
@@ -95,9 +96,37 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
         "",
     ),
     "gaussian, block 1 accepts (pooled), blocks 0 + 1 choose": ("hidden0+1", POOLED, {}, ""),
+    # `ddas_neighbours: k`: the distance to the k-th nearest of a task's fitting features decides acceptance
+    NEIGHBOURS: ("hidden0+3", {**POOLED, "neighbours": 5}, {}, ""),
+    "neighbours: block 3's 3rd nearest accepts (pooled), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {**POOLED, "neighbours": 3},
+        {},
+        "",
+    ),
+    "neighbours: block 3's 10th nearest accepts (pooled), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {**POOLED, "neighbours": 10},
+        {},
+        "",
+    ),
+    "neighbours: block 3's 5th nearest accepts (each task's threshold), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {"normalize": "gaussian", "neighbours": 5},
+        {},
+        "",
+    ),
+    "neighbours: block 0's 5th nearest accepts (pooled)": ("hidden0", {**POOLED, "neighbours": 5}, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
-DETAILED = (REFERENCE, DEFAULT, "gaussian, block-3 features + token stats", TWO_STAGE, TWO_STAGE_POOLED)
+DETAILED = (
+    REFERENCE,
+    DEFAULT,
+    "gaussian, block-3 features + token stats",
+    TWO_STAGE,
+    TWO_STAGE_POOLED,
+    NEIGHBOURS,
+)
 
 
 @torch.no_grad()

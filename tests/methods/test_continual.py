@@ -393,7 +393,7 @@ def test_loramix_eval_of_a_continued_run_scores_the_tasks_it_learned_by_name(
     assert evaluate([every[0], {**every[2], "name": "unseen"}]) == 2
 
 
-def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_settings_it_was_fitted_with(
+def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_with_the_settings_it_was_fitted_with(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     from loramix.cli import main
@@ -407,6 +407,7 @@ def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_s
         steps_per_task=6,
         ddas_accept_layer=1,
         ddas_threshold="pooled",
+        ddas_neighbours=2,
     )
     first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
     metrics = run_training(first, tmp_path / "first")
@@ -416,6 +417,10 @@ def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_s
         int(tensors["extra.selector.accept_columns"]) == (width - 3) // 2 + 3
     )  # block 1's state and statistics
     assert float(tensors["extra.selector.pooled_level"]) == pytest.approx(0.95)
+    assert (
+        int(tensors["extra.selector.neighbours"]) == 2
+    )  # block 1's columns of each task's fitting inputs kept
+    assert tensors["extra.selector.bank"].shape[::2] == (2, (width - 3) // 2 + 3)
     assert main(["eval", str(tmp_path / "first")]) == 0
     evaluated = json.loads((tmp_path / "first" / "eval-test.json").read_text())
     assert [evaluated["tasks"][t["name"]]["accuracy"] for t in every[:2]] == metrics["accuracy_matrix"][-1]
@@ -424,12 +429,17 @@ def test_a_two_stage_pooled_selector_run_evaluates_and_continues_only_with_the_s
         run_training(RunConfig.from_dict({**later, "ddas_accept_layer": None}), tmp_path / "other")
     with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         run_training(RunConfig.from_dict({**later, "ddas_threshold": "task"}), tmp_path / "other")
+    with pytest.raises(ConfigError, match="ddas_neighbours: 2"):
+        run_training(RunConfig.from_dict({**later, "ddas_neighbours": 0}), tmp_path / "other")
     metrics = run_training(RunConfig.from_dict(later), tmp_path / "later")
     assert len(metrics["selector"]["confusion"][0]) == 3 + 1
     whiten = RunConfig.from_dict({**first.to_dict(), "ddas_normalize": "whiten"})
     with pytest.raises(ConfigError, match="ddas_accept_layer"):
         get_method("moe-adapters").validate(whiten)
     whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_accept_layer": None})
+    with pytest.raises(ConfigError, match="ddas_neighbours: .*needs ddas_normalize: gaussian"):
+        get_method("moe-adapters").validate(whiten)
+    whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_neighbours": 0})
     with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         get_method("moe-adapters").validate(whiten)
 

@@ -230,3 +230,60 @@ def test_a_pooled_threshold_needs_the_gaussian_rule():
             AutoSelector(6, normalize=normalize, threshold="pooled")
     with pytest.raises(ConfigError, match="threshold must be one of"):
         AutoSelector(6, threshold="global")
+
+
+@pytest.mark.parametrize("accept_width", [0, 3])
+def test_nearest_neighbour_distances_equal_the_loop_over_tasks_of_unequal_sizes(accept_width: int):
+    """Batched k-th neighbour distances (padded banks) equal a per-task loop; held-out distances set the level."""
+    generator = torch.Generator().manual_seed(0)
+    selector = AutoSelector(6, accept_width=accept_width, neighbours=3, threshold="pooled")
+    for rows, centre in ((50, 0.0), (120, 4.0), (30, -4.0)):  # tasks of different sizes: padded banks
+        selector.add_task(centre + torch.randn(rows, 6, generator=generator), seed=1)
+    assert selector.bank.shape == (3, 96, accept_width or 6) and selector.bank_rows.tolist() == [40, 96, 24]
+    probe = torch.randn(20, 6, generator=generator) * 4
+    torch.testing.assert_close(selector.accept_errors(probe), selector.errors_loop(probe, accept=True))
+    # a task's own fitting row is its own nearest neighbour: distance 0, so its 3rd neighbour is its 2nd other one
+    own = selector.bank[1, :5]
+    columns = torch.cat([torch.zeros(5, 6 - own.shape[1]), own], 1)
+    distances = torch.cdist(own, selector.bank[1, :96]).sort(-1).values[:, 2]
+    torch.testing.assert_close(selector.accept_errors(columns)[:, 1], distances)
+    held = selector.held_errors[~selector.held_errors.isnan()]
+    torch.testing.assert_close(selector.acceptance_thresholds(), torch.quantile(held, 0.95).expand(3))
+
+
+def test_nearest_neighbours_refuse_the_gap_between_a_task_s_clusters_which_its_gaussian_accepts():
+    """A task whose inputs come in two clusters: its Gaussian spans both and accepts an input between them; the
+    k-th nearest neighbour sees that nothing of the task lies there and sends it to the base, while both clusters'
+    inputs keep their task."""
+    generator = torch.Generator().manual_seed(0)
+    clusters = torch.cat([torch.randn(200, 4, generator=generator) * 0.3 + s * 3 for s in (-1, 1)])
+    between = torch.randn(50, 4, generator=generator) * 0.3
+    own = torch.cat([torch.randn(50, 4, generator=generator) * 0.3 + s * 3 for s in (-1, 1)])
+    kept = {}
+    for k in (0, 5):
+        selector = AutoSelector(4, neighbours=k)
+        selector.add_task(clusters[torch.randperm(400, generator=generator)])
+        kept[k] = selector(between)[1].float().mean()
+        tasks, keep = selector(own)
+        assert keep.float().mean() <= 0.1 and (tasks == 0).all()
+    assert kept[0] <= 0.1 and kept[5] == 1.0
+
+
+def test_a_nearest_neighbour_selector_decides_the_same_after_save_and_load():
+    generator = torch.Generator().manual_seed(0)
+    selector = AutoSelector(5, neighbours=2, accept_width=2, threshold="pooled")
+    for centre in (0.0, 3.0):
+        selector.add_task(centre + torch.randn(60, 5, generator=generator))
+    probe = torch.randn(40, 5, generator=generator) * 3
+    loaded = AutoSelector(5)
+    loaded.load_state(selector.state())
+    assert loaded.k == 2
+    for got, want in zip(loaded(probe), selector(probe)):
+        assert torch.equal(got, want)
+
+
+def test_nearest_neighbours_need_the_gaussian_rule_and_enough_fitting_rows():
+    with pytest.raises(ConfigError, match="neighbours 3: .*gaussian rule"):
+        AutoSelector(4, normalize="whiten", neighbours=3)
+    with pytest.raises(ConfigError, match="neighbours 20: this task has 16 fitting features"):
+        AutoSelector(4, neighbours=20).add_task(torch.randn(20, 4))

@@ -233,6 +233,15 @@ class RunConfig(BaseModel):
         "(task), or every task up to that percentile of all learned tasks' held-out errors together (pooled, "
         "gaussian only: sends more unseen inputs to the base with block-3 features).",
     )
+    ddas_neighbours: int = Field(
+        0,
+        ge=0,
+        description="Auto-selector (gaussian): 0: each task's Gaussian of the acceptance features decides whether "
+        "it accepts an input; k: the input's distance to its k-th nearest among the task's fitting features does "
+        "(the threshold a percentile of held-out inputs' distances; the Gaussians still choose the task). 5, with "
+        "`ddas_accept_layer: 3` and `ddas_threshold: pooled`, sends the most unseen inputs to the base; each task "
+        "then keeps its fitting features with the adapters.",
+    )
     ddas_shrinkage: float = Field(
         0.1,
         gt=0,

@@ -132,6 +132,7 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
         shrinkage=run.ddas_shrinkage,
         accept_width=selector_width(backbone, run.ddas_features) if two_stage else 0,
         threshold=run.ddas_threshold,
+        neighbours=run.ddas_neighbours,
     )
 
 
@@ -157,6 +158,7 @@ SELECTOR_SETTINGS = (
     "ddas_normalize",
     "ddas_threshold",
     "ddas_percentile",
+    "ddas_neighbours",
 )
 
 

@@ -96,6 +96,11 @@ class Continual(Method):
                 "ddas_accept_layer: a second block for the auto-selector needs ddas_features: hidden and "
                 "ddas_normalize: gaussian; set ddas_accept_layer: null"
             )
+        if run.ddas_neighbours and run.ddas_normalize != "gaussian":
+            raise ConfigError(
+                "ddas_neighbours: acceptance by nearest neighbours leaves the choice of task to the tasks' "
+                f"Gaussians and needs ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_neighbours: 0"
+            )
         if run.ddas_threshold == "pooled" and run.ddas_normalize != "gaussian":
             raise ConfigError(
                 "ddas_threshold: pooled compares the tasks' Gaussian log-likelihoods on one scale and needs "
