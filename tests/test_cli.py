@@ -576,6 +576,17 @@ def test_eval_with_a_config_of_other_tasks_or_another_order_is_refused_by_name(
         assert "learned sentiment, animals, colors in this order" in err and says in err, err
     config = write_config(tmp_path / "eval.yaml", {**settings, "tasks": ["sentiment", "animals", "colors"]})
     assert main(["eval", str(trained_run), "--config", config]) == 0
+    # the same tasks, with one task's labels swapped: scored by position, every answer would flip
+    swapped = Path(shutil.copytree(settings["tasks_dir"], tmp_path / "swapped"))
+    meta = json.loads((swapped / "sentiment" / "meta.json").read_text())
+    learned = list(meta["labels"])
+    meta["labels"] = learned[::-1]
+    (swapped / "sentiment" / "meta.json").write_text(json.dumps(meta))
+    config = write_config(tmp_path / "eval.yaml", {**settings, "tasks_dir": str(swapped)})
+    capsys.readouterr()
+    assert main(["eval", str(trained_run), "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert f"learned task 'sentiment' with the labels [{', '.join(learned)}]" in err, err
 
 
 def test_an_interrupted_train_says_how_to_continue(

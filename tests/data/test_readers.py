@@ -62,6 +62,25 @@ def test_csv_labels_may_be_names(tmp_path: Path):
     assert [e.label for e in read(TaskSpec(name="t", train=str(path), labels=["neg", "pos"]))] == [1, 0]
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_integer_label_names_are_read_as_names_in_every_file_kind(tmp_path: Path, kind: str):
+    """Labels declared as 1, 2, 3: a 1 in the data is the label "1" (index 0), whether a JSON line stores the
+    number or a CSV cell the text, and a 0 is no label of the task, not the index of "1"."""
+    rows = [("a", 1), ("b", 2), ("c", 3)]
+    path = tmp_path / f"t.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(f'{{"text": "{t}", "label": {y}}}\n' for t, y in rows), encoding="utf-8")
+    else:
+        path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows), encoding="utf-8")
+    spec = TaskSpec(name="t", train=str(path), labels=[1, 2, 3])
+    assert [e.label for e in read(spec)] == [0, 1, 2]
+    path.write_text(path.read_text().replace("3", "0"), encoding="utf-8")
+    with pytest.raises(DataError, match="unknown label 0; the task's labels are: 1, 2, 3"):
+        read(spec)
+    names = TaskSpec(name="t", train=str(path), labels=["no", "yes", "maybe"])
+    assert [e.label for e in read(names)] == [1, 2, 0]  # names that are not integers: integers are indices
+
+
 def test_tsv_keeps_bare_quotes(tmp_path: Path):
     path = tmp_path / "t.tsv"
     path.write_text('text\tlabel\nsay "hi\t0\nok\t1\n', encoding="utf-8")

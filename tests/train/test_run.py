@@ -101,3 +101,16 @@ def test_twd_separates_the_tasks_in_the_router(model_dir: Path, tasks_dir: Path,
     with_twd = results[1.0]["routing"]["model"]["purity"]
     without = results[0.0]["routing"]["model"]["purity"]
     assert with_twd > without, f"purity with TwD {with_twd:.3f}, without {without:.3f}"
+
+
+def test_tasks_without_a_test_or_validation_split_are_refused_before_training(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """A run is scored when it ends: with nothing to score it on, it is refused before any step, not after."""
+    from loramix.errors import DataError
+
+    specs = [{"name": "sentiment", "train": str(tasks_dir / "sentiment" / "train.jsonl")}]
+    run = RunConfig.from_dict({**toys.settings(model_dir, tasks_dir), "tasks_dir": None, "tasks": specs})
+    with pytest.raises(DataError, match="no task has a 'test' or 'validation' split.*sentiment"):
+        run_training(run, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()

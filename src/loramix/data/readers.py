@@ -279,18 +279,28 @@ def text_value(row: Row, key: str, spec_field: str) -> str:
 
 
 def _class_index(row: Row, value: Any, index_of: Mapping[str, int]) -> int:
+    """A label's class index. A label is its name wherever it is one, whatever the file stores it as (`1` in a
+    JSON line and "1" in a CSV cell both name the label "1"); an integer that names no label is an index, unless
+    the labels' names are all integers (then it is an unknown label)."""
     count = len(index_of)
-    if isinstance(value, str):
-        if value in index_of:
-            return index_of[value]
-        if not (row.all_strings and _INTEGER.fullmatch(value.strip())):
-            known = ", ".join(list(index_of)[:20]) + (", ..." if count > 20 else "")
-            raise DataError(f"{row.location}: unknown label {value!r}; the task's labels are: {known}")
-        value = int(value)
+    known = ", ".join(list(index_of)[:20]) + (", ..." if count > 20 else "")
+    if isinstance(value, str) and value in index_of:
+        return index_of[value]
+    if isinstance(value, str) and row.all_strings and _INTEGER.fullmatch(value.strip()):
+        value = int(value)  # a cell of a table
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if isinstance(value, str):
+        raise DataError(f"{row.location}: unknown label {value!r}; the task's labels are: {known}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{row.location}: label must be an integer index or a label name, got {shown(value)}")
+    if str(value) in index_of:
+        return index_of[str(value)]
+    if index_of and all(_INTEGER.fullmatch(name.strip()) for name in index_of):
+        raise DataError(
+            f"{row.location}: unknown label {value}; the task's labels are: {known} (its label names are integers, "
+            "so integers in the data are read as names, not as indices)"
+        )
     if not 0 <= value < count:
         raise DataError(
             f"{row.location}: label {value} is outside 0..{count - 1} (the task has {count} labels); "

@@ -173,13 +173,20 @@ def check_eval_tasks(run_dir: Path, data: MultiTaskData, *, last_ones: bool = Fa
     so a config for `loramix eval` that lists other tasks, or the same in another order, is refused by name. With
     `last_ones` (a continual run) the config may list only the last ones; returns how many it leaves out."""
     try:
-        learned = [
-            str(t["name"]) for t in read_json(Path(run_dir) / "adapter" / CONFIG_FILE)["metadata"]["tasks"]
-        ]
+        metadata = read_json(Path(run_dir) / "adapter" / CONFIG_FILE)["metadata"]["tasks"]
+        learned = [str(t["name"]) for t in metadata]
     except (KeyError, TypeError):
         return 0  # a record without task names: the loader has already refused it
     offset = len(learned) - data.num_tasks if last_ones else 0
     if offset >= 0 and learned[offset:] == list(data.task_names):
+        for meta, task in zip(metadata[offset:], data.tasks):
+            saved = meta.get("labels") if isinstance(meta, dict) else None
+            if isinstance(saved, list) and saved != list(task.label_names):
+                raise ConfigError(
+                    f"tasks: {run_dir} learned task {task.name!r} with the labels {_listed(saved)}, in this order; "
+                    f"the evaluation config gives it {_listed(task.label_names)}. A task's classes are scored by "
+                    "position: declare the run's labels in its order"
+                )
         return offset
     unknown = [name for name in data.task_names if name not in learned]
     missing = [name for name in learned if name not in data.task_names]
@@ -194,6 +201,10 @@ def check_eval_tasks(run_dir: Path, data: MultiTaskData, *, last_ones: bool = Fa
         f"tasks: {run_dir} learned {', '.join(learned)} in this order; a config for its evaluation lists {which} "
         f"in that order ({why})"
     )
+
+
+def _listed(names: list, limit: int = 10) -> str:
+    return "[" + ", ".join(map(str, names[:limit])) + (", ..." if len(names) > limit else "") + "]"
 
 
 METHODS: dict[str, Method] = {}

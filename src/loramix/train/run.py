@@ -17,7 +17,7 @@ from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
 from loramix.data.generation import GenerationCollator
 from loramix.data.spec import TaskSpec
-from loramix.errors import CheckpointError, ConfigError, InjectionError
+from loramix.errors import CheckpointError, ConfigError, DataError, InjectionError
 from loramix.heads import Head, LabelPromptHead, LanguageModelHead, TaskHeads
 from loramix.heads.label_prompt import prompt_texts
 from loramix.inject import inject
@@ -149,6 +149,11 @@ def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:
         torch.set_num_threads(run.threads)
     seed_everything(run.seed)
     data = MultiTaskData(task_specs(run))
+    if len(data.missing(eval_split(data))) == data.num_tasks:  # found now, not after training
+        raise DataError(
+            f"no task has a 'test' or 'validation' split, and a run is scored on one when it ends (tasks: "
+            f"{', '.join(data.task_names)}); give at least one task a `test:` file"
+        )
     saved = yaml.safe_dump(run.to_saved_dict(output_dir), sort_keys=False).encode()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
