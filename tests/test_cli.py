@@ -680,6 +680,10 @@ def test_task_spec_files_are_read_against_the_config_and_set_paths_against_the_w
     assert "runs/y holds a run already; this one replaces it" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "y" / "eval-test.json").exists()
     assert not (tmp_path / "runs" / "y" / "config-changes.jsonl").exists()
+    # a replacing run whose data fails (a task name mistyped) leaves the earlier run whole
+    before = {p: p.read_bytes() for p in (tmp_path / "runs" / "y").rglob("*") if p.is_file()}
+    assert main([*runs_from_project, "--set", "tasks=[aminals]"]) == 3
+    assert {p: p.read_bytes() for p in (tmp_path / "runs" / "y").rglob("*") if p.is_file()} == before
     # a replacing run that stops after its config is written leaves no earlier adapter to evaluate as its own
     assert main([*runs_from_project, "--set", "tasks=[animals]", "--set", "targets=[nothing]"]) == 2
     assert not (tmp_path / "runs" / "y" / "adapter").exists() and main(["eval", "runs/y"]) == 4

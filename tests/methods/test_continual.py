@@ -431,6 +431,10 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
         run_training(RunConfig.from_dict({**later, "ddas_threshold": "task"}), tmp_path / "other")
     with pytest.raises(ConfigError, match="ddas_neighbours: 2"):
         run_training(RunConfig.from_dict({**later, "ddas_neighbours": 0}), tmp_path / "other")
+    before = {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="also the output folder"):  # it would replace the run it continues
+        run_training(RunConfig.from_dict(later), tmp_path / "first")
+    assert {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()} == before
     metrics = run_training(RunConfig.from_dict(later), tmp_path / "later")
     assert len(metrics["selector"]["confusion"][0]) == 3 + 1
     whiten = RunConfig.from_dict({**first.to_dict(), "ddas_normalize": "whiten"})

@@ -377,6 +377,32 @@ def test_allow_config_change_resumes_and_records_what_changed(
     assert "--allow-config-change" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("trouble", ["no checkpoint verifies", "another number of processes"])
+def test_a_resume_refused_for_its_checkpoints_writes_nothing_even_with_a_changed_config(
+    trouble: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """What the trainer would refuse once the model is built is refused first: the changed config allowed by
+    --allow-config-change is neither recorded nor written over the run's own."""
+    settings = toys.settings(model_dir, tasks_dir, method="mola-grad", steps=4, checkpoint_every=2)
+    run_training(RunConfig.from_dict(settings), tmp_path)
+    for step in sorted((tmp_path / "checkpoints").glob("step-*")):
+        if trouble == "no checkpoint verifies":
+            (step / "weights.safetensors").write_bytes(b"damaged")
+        else:
+            state = json.loads((step / "state.json").read_text())
+            (step / "state.json").write_text(json.dumps({**state, "processes": 2}))
+            manifest = json.loads((step / "manifest.json").read_text())
+            data = (step / "state.json").read_bytes()
+            manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            (step / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    changed = RunConfig.from_dict({**settings, "lr": 1e-2})
+    says = {"no checkpoint verifies": "can be resumed from", "another number of processes": "a run of 2 process"}
+    with pytest.raises(CheckpointError, match=says[trouble]):
+        run_training(changed, tmp_path, resume=True, allow_config_change=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_relative_tasks_dir_is_the_same_config_on_resume(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -3,7 +3,6 @@ found by name in :data:`METHODS`."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from loramix.errors import ConfigError
 from loramix.methods import continual, full, mola
 from loramix.methods.base import METHODS, Method, get_method, register_method
 from loramix.methods.elrea.method import Elrea
+from loramix.train.checkpoint import check_resumable
 from loramix.train.config import RunConfig
 from loramix.train.loop import processes
 from loramix.train.resume import check_resume_config
@@ -48,15 +48,27 @@ def run_training(
         raise ConfigError(
             "--allow-config-change applies only to a resume: pass --resume too, or leave it out"
         )
+    prior = run.continue_from
+    if prior is not None and Path(prior).resolve() == Path(output_dir).resolve():
+        raise ConfigError(
+            f"continue_from: {prior} is also the output folder; a continued run is written to a folder of its own "
+            "(the run it continues stays as it was): pass another --output-dir"
+        )
     if resume:
+        for root in checkpoint_roots(method.resume_state(Path(output_dir))):
+            check_resumable(root, processes().num_processes)
         check_resume_config(
             run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process
         )
-    elif processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
+    earlier: list[Path] = []  # an earlier run's files, replaced by this one once its data has been read
+    if not resume and processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
         earlier = [*method.resume_state(Path(output_dir)), *method.outputs(Path(output_dir))]
-        for path in earlier:  # an earlier run's, replaced by this one
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    return method.train(run, Path(output_dir), resume=resume)
+    return method.train(run, Path(output_dir), resume=resume, replaces=earlier)
+
+
+def checkpoint_roots(paths: list[Path]) -> list[Path]:
+    """The folders of training checkpoints among a method's resume state: `checkpoints` folders, or inside them."""
+    inside = [
+        c for p in paths if p.is_dir() and p.name != "checkpoints" for c in sorted(p.rglob("checkpoints"))
+    ]
+    return [p for p in paths if p.name == "checkpoints"] + [c for c in inside if c.is_dir()]

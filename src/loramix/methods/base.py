@@ -9,6 +9,7 @@ method by name.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -101,9 +102,12 @@ class Method:
         """The auxiliary terms the trainer adds to the task loss (weighted in the step)."""
         return []
 
-    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
-        """The whole run into `output_dir`; returns its metrics. One phase unless the method says otherwise."""
-        data = prepare_run(run, output_dir)
+    def train(
+        self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
+    ) -> dict[str, Any]:
+        """The whole run into `output_dir`; returns its metrics. One phase unless the method says otherwise.
+        `replaces`: an earlier run's files in `output_dir`, removed once this run's data has been read."""
+        data = prepare_run(run, output_dir, replaces=replaces)
         adapters = self.adapter_config(run, data.num_tasks)
         return train_one_phase(
             run,

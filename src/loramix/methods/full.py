@@ -8,6 +8,7 @@ fine-tuning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ class FullFinetune(Method):
             num_experts=1, router="none", rank=1, alpha=1.0, targets=run.targets, train_backbone=True
         )
 
-    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
-        data = prepare_run(run, output_dir)
+    def train(
+        self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
+    ) -> dict[str, Any]:
+        data = prepare_run(run, output_dir, replaces=replaces)
         return train_one_phase(
             run,
             data,

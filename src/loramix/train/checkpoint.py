@@ -216,6 +216,25 @@ def newest_good_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     return None, []
 
 
+def check_resumable(root: Path, processes: int) -> None:
+    """Refuse now what resuming from `root` would refuse once the model is built: checkpoints of which none
+    verifies, or a newest good one written by another number of processes; so that a refused resume has written
+    nothing (its changed config, say) by then."""
+    path = newest_good_checkpoint(root)[0] if root.is_dir() else None
+    if path is not None:
+        _check_processes(path, read_json(path / "state.json"), processes)
+
+
+def _check_processes(path: Path, state: dict[str, Any], processes: int) -> None:
+    saved_processes = int(state.get("processes", 1))
+    if saved_processes != processes:
+        raise CheckpointError(
+            f"{path} was written by a run of {saved_processes} process(es), and this one has {processes}: resume "
+            f"with {saved_processes} (each step takes one batch per process, and each process has its own random "
+            "state), or train from step 0 in another output directory"
+        )
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint in `root` that verifies (see :func:`newest_good_checkpoint`); None when none exists."""
     return newest_good_checkpoint(root)[0]
@@ -235,13 +254,7 @@ def load_training_checkpoint(
     if not verified:
         verify_checkpoint(path)
     state = read_json(path / "state.json")
-    saved_processes = int(state.get("processes", 1))
-    if saved_processes != processes:
-        raise CheckpointError(
-            f"{path} was written by a run of {saved_processes} process(es), and this one has {processes}: resume "
-            f"with {saved_processes} (each step takes one batch per process, and each process has its own random "
-            "state), or train from step 0 in another output directory"
-        )
+    _check_processes(path, state, processes)
     weights = read_tensors(path / "weights.safetensors")
     params = {
         f"{prefix}.{name}": p for prefix, module in modules.items() for name, p in module.named_parameters()

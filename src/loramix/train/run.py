@@ -4,6 +4,7 @@ saved run and its reload. A method (`loramix.methods`) composes them into its sc
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -140,9 +141,11 @@ def eval_split(data: MultiTaskData) -> str:
     return max(("test", "validation"), key=lambda split: len(data.tasks) - len(data.missing(split)))
 
 
-def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:
+def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = ()) -> MultiTaskData:
     """Threads and seeds set, the data read, the output directory made and the config written. The model path
-    and the output folder are checked first, so that neither fails after the data was read."""
+    and the output folder are checked first, so that neither fails after the data was read. `replaces`: an
+    earlier run's files in the output directory, removed once the data has been read and before the config is
+    written, so that a config whose data fails leaves the earlier run whole."""
     check_model_path(run.model)
     check_output_dir(output_dir)
     if run.threads:
@@ -154,6 +157,11 @@ def prepare_run(run: RunConfig, output_dir: Path) -> MultiTaskData:
             f"no task has a 'test' or 'validation' split, and a run is scored on one when it ends (tasks: "
             f"{', '.join(data.task_names)}); give at least one task a `test:` file"
         )
+    for path in replaces:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     saved = yaml.safe_dump(run.to_saved_dict(output_dir), sort_keys=False).encode()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)

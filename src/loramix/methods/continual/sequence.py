@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -179,8 +180,10 @@ class Continual(Method):
         return torch.cat(feats).cpu()
 
     # ---- the schedule ---------------------------------------------------------------------------------------
-    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
-        data = prepare_run(run, output_dir)
+    def train(
+        self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
+    ) -> dict[str, Any]:
+        data = prepare_run(run, output_dir, replaces=replaces)
         if run.continue_from:
             learner = self.continued(run, data)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ class Elrea(Method):
             output_dir / "experts" / "checkpoints",
         ]
 
-    def train(self, run: RunConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
-        data = prepare_run(run, output_dir)
+    def train(
+        self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
+    ) -> dict[str, Any]:
+        data = prepare_run(run, output_dir, replaces=replaces)
         return run_elrea(run, data, output_dir, self.adapter_config(run, data.num_tasks), resume=resume)
 
     def evaluate(
