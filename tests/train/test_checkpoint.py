@@ -397,7 +397,10 @@ def test_a_resume_refused_for_its_checkpoints_writes_nothing_even_with_a_changed
             (step / "manifest.json").write_text(json.dumps(manifest))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     changed = RunConfig.from_dict({**settings, "lr": 1e-2})
-    says = {"no checkpoint verifies": "can be resumed from", "another number of processes": "a run of 2 process"}
+    says = {
+        "no checkpoint verifies": "can be resumed from",
+        "another number of processes": "a run of 2 process",
+    }
     with pytest.raises(CheckpointError, match=says[trouble]):
         run_training(changed, tmp_path, resume=True, allow_config_change=True)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
