@@ -576,6 +576,11 @@ def test_eval_with_a_config_of_other_tasks_or_another_order_is_refused_by_name(
         assert "learned sentiment, animals, colors in this order" in err and says in err, err
     config = write_config(tmp_path / "eval.yaml", {**settings, "tasks": ["sentiment", "animals", "colors"]})
     assert main(["eval", str(trained_run), "--config", config]) == 0
+    # another method than the run's: its table would carry the other method's name, or it would fail half-way
+    config = write_config(tmp_path / "eval.yaml", {**settings, "method": "lora"})
+    capsys.readouterr()
+    assert main(["eval", str(trained_run), "--config", config]) == 2
+    assert "was trained with method mola-grad" in capsys.readouterr().err
     # the same tasks, with one task's labels swapped: scored by position, every answer would flip
     swapped = Path(shutil.copytree(settings["tasks_dir"], tmp_path / "swapped"))
     meta = json.loads((swapped / "sentiment" / "meta.json").read_text())
@@ -587,6 +592,17 @@ def test_eval_with_a_config_of_other_tasks_or_another_order_is_refused_by_name(
     assert main(["eval", str(trained_run), "--config", config]) == 2
     err = capsys.readouterr().err
     assert f"learned task 'sentiment' with the labels [{', '.join(learned)}]" in err, err
+
+
+def test_a_run_stopped_before_it_finished_says_how_to_finish_it(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    shutil.rmtree(run / "adapter")
+    for command in (["eval", str(run)], ["inspect", str(run)], ["export", str(run), "--task", "animals"]):
+        capsys.readouterr()
+        assert main([*command, *(["--out", str(tmp_path / "x")] if command[0] == "export" else [])]) == 4
+        assert f"{run}: the run has not finished (no adapter/ yet)" in capsys.readouterr().err
 
 
 def test_an_interrupted_train_says_how_to_continue(

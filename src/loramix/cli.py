@@ -104,9 +104,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
+    from loramix.preflight import finished_adapter
 
     run_dir = Path(args.run_dir)
-    record, tensors = read_checkpoint(run_dir / "adapter")
+    record, tensors = read_checkpoint(finished_adapter(run_dir))
     config = record["config"]
     print(f"run: {run_dir}")
     print(f"method: {record['metadata'].get('run', {}).get('method', '?')}")

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from loramix.errors import ConfigError
+from loramix.errors import CheckpointError, ConfigError
 
 # The registered methods' names, read before torch loads so that a misspelt method answers at once;
 # tests/test_cli.py holds this tuple equal to `loramix.methods.METHODS`.
@@ -117,6 +117,18 @@ def check_export_request(
 
     if kind in EXPERT_KINDS and not EXPERT_KINDS[kind].mergeable:
         raise unfolded_error(method, [kind])
+
+
+def finished_adapter(run_dir: str | Path) -> Path:
+    """A run's `adapter/` folder; a run that holds its config but no adapter yet was stopped before it finished,
+    and is told how to finish it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file():
+        raise CheckpointError(
+            f"{run_dir}: the run has not finished (no adapter/ yet); finish it with `loramix train CONFIG "
+            f"--output-dir {run_dir} --resume`, CONFIG the config it was started with"
+        )
+    return run_dir / "adapter"
 
 
 def is_earlier_export(folder: str | Path) -> bool:

@@ -431,6 +431,14 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
         run_training(RunConfig.from_dict({**later, "ddas_threshold": "task"}), tmp_path / "other")
     with pytest.raises(ConfigError, match="ddas_neighbours: 2"):
         run_training(RunConfig.from_dict({**later, "ddas_neighbours": 0}), tmp_path / "other")
+    for key, value in (
+        ("moe_experts", 10),
+        ("adapter_width", 32),
+        ("pooling", "cls"),
+        ("ddas_shrinkage", 0.5),
+    ):
+        with pytest.raises(ConfigError, match=f"continue_from: .* other settings: set {key}: "):
+            run_training(RunConfig.from_dict({**later, key: value}), tmp_path / "other")
     before = {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="also the output folder"):  # it would replace the run it continues
         run_training(RunConfig.from_dict(later), tmp_path / "first")
@@ -446,6 +454,26 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
     whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_neighbours": 0})
     with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         get_method("moe-adapters").validate(whiten)
+
+
+def test_lae_continues_with_a_new_task_slot_and_joint_cannot_continue(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """LAE's every task routes to the online adapter: a continued run gives its new tasks that slot too."""
+    every = specs(tasks_dir)
+    first = continual_run(model_dir, tasks_dir, "lae", steps_per_task=3)
+    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
+    run_training(first, tmp_path / "first")
+    later = RunConfig.from_dict(
+        {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
+    )
+    metrics = run_training(later, tmp_path / "later")
+    assert np.array(metrics["accuracy_matrix"]).shape == (2, 1)
+    record = json.loads((tmp_path / "later" / "adapter" / "loramix_config.json").read_text())
+    assert record["config"]["num_tasks"] == 3 and record["config"]["task_to_expert"] == [0, 0, 0]
+    joint = RunConfig.from_dict({**later.to_dict(), "method": "joint"})
+    with pytest.raises(ConfigError, match="continue_from: method joint trains every task at once"):
+        get_method("joint").validate(joint)
 
 
 @pytest.mark.parametrize(

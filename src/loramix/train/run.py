@@ -25,7 +25,7 @@ from loramix.inject import inject
 from loramix.io import load, read_checkpoint, save
 from loramix.io.files import atomic_write_bytes, atomic_write_json
 from loramix.models import check_model_path, load_backbone
-from loramix.preflight import check_output_dir
+from loramix.preflight import check_output_dir, finished_adapter
 from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
@@ -267,7 +267,13 @@ def load_trained(
     """A finished run's config, model (backbone + adapters + heads), tokenizer and task metadata."""
     run_dir = Path(run_dir)
     run = RunConfig.from_yaml(config_path or run_dir / "config.yaml")
-    record, tensors = read_checkpoint(run_dir / "adapter")
+    record, tensors = read_checkpoint(finished_adapter(run_dir))
+    trained_with = (record["metadata"].get("run") or {}).get("method")
+    if config_path is not None and trained_with not in (None, run.method):
+        raise ConfigError(
+            f"method: {run_dir} was trained with method {trained_with}, and {config_path} names {run.method}; a "
+            f"run is evaluated by the method that trained it: set method: {trained_with}"
+        )
     tasks_meta = record["metadata"].get("tasks")
     if not tasks_meta:
         raise CheckpointError(f"{run_dir / 'adapter'}: no task metadata; was it written by loramix train?")

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from loramix.config import AdapterConfig
+from loramix.data import MultiTaskData
+from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
 from loramix.methods.continual.learner import Learner
@@ -74,6 +76,13 @@ class Lae(EverythingAdapted):
         return AdapterConfig(
             num_experts=2, router="task", num_tasks=num_tasks, task_to_expert=[0] * num_tasks, **common(run)
         )
+
+    def continued(self, run: RunConfig, data: MultiTaskData) -> Learner:
+        """The finished run with a slot for each new task, routed to the online adapter as every task is."""
+        learner = super().continued(run, data)
+        total = learner.offset + data.num_tasks
+        grow(learner.backbone, num_tasks=total, task_to_expert=[0] * total)
+        return learner
 
     def begin_task(self, learner: Learner, task: int) -> None:
         if task == 0:  # the offline adapter starts as the online one

@@ -136,8 +136,9 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
     )
 
 
-def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
-    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`)."""
+def saved_selector(tensors: dict[str, Tensor], where: Path, run: RunConfig | None = None) -> AutoSelector:
+    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`); with the `run` that goes on
+    from it, fitting its new tasks with that run's percentile and shrinkage (which must be the earlier run's)."""
     state = {
         k.removeprefix("extra.selector."): v for k, v in tensors.items() if k.startswith("extra.selector.")
     }
@@ -145,11 +146,34 @@ def saved_selector(tensors: dict[str, Tensor], where: Path) -> AutoSelector:
         raise CheckpointError(
             f"{where / 'adapter'}: no auto-selector saved; was it written by a DDAS method?"
         )
-    selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1])
+    options = {} if run is None else {"percentile": run.ddas_percentile, "shrinkage": run.ddas_shrinkage}
+    selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1], **options)
     selector.load_state(state)
     return selector
 
 
+# what the earlier run's model was built and scored with: a continued run takes its model as it is, so a setting
+# given otherwise would be recorded in its config.yaml without being used
+MODEL_SETTINGS = (
+    "model",
+    "rank",
+    "alpha",
+    "dropout",
+    "num_experts",
+    "targets",
+    "layers_to_transform",
+    "share",
+    "top_k",
+    "quantize",
+    "train_backbone",
+    "moe_experts",
+    "adapter_width",
+    "head",
+    "pooling",
+    "label_template",
+    "label_texts_follow_route",
+    "max_length",
+)
 # what an auto-selector was fitted with: a continued run's new tasks' models must be comparable with the earlier ones
 SELECTOR_SETTINGS = (
     "ddas_features",
@@ -159,13 +183,15 @@ SELECTOR_SETTINGS = (
     "ddas_threshold",
     "ddas_percentile",
     "ddas_neighbours",
+    "ddas_shrinkage",
 )
 
 
 def check_continued_settings(run: RunConfig, prior: Path, selector: bool) -> None:
-    """A continued run keeps the earlier run's method and, with an auto-selector, the settings it was fitted with."""
+    """A continued run keeps the earlier run's method, the settings its model was built and scored with, and, with
+    an auto-selector, the settings that selector was fitted with."""
     saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
-    keys = ("method", *SELECTOR_SETTINGS) if selector else ("method",)
+    keys = ("method", *MODEL_SETTINGS, *(SELECTOR_SETTINGS if selector else ()))
     changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
     if changed:
         raise ConfigError(

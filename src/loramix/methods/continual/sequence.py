@@ -81,6 +81,11 @@ class Continual(Method):
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
         if run.continue_from is not None:
+            if not self.per_task_steps:
+                raise ConfigError(
+                    f"continue_from: method {self.name} trains every task at once, so it has no earlier run to go "
+                    "on from; train it on all the tasks"
+                )
             if not (Path(run.continue_from) / "adapter").is_dir():
                 raise ConfigError(
                     f"continue_from: {run.continue_from} holds no finished run (no adapter/ folder)"
@@ -272,7 +277,7 @@ class Continual(Method):
                 raise ConfigError(
                     f"continue_from: {prior} has no auto-selector; continue it with its own method"
                 )
-            learner.selector = saved_selector(tensors, prior)
+            learner.selector = saved_selector(tensors, prior, run)
         metrics_file = prior / "metrics.json"
         if metrics_file.is_file():
             learner.records = json.loads(metrics_file.read_text()).get("continual", learner.records)
