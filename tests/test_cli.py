@@ -419,8 +419,13 @@ BAD = [
     Bad("eval-of-no-run", lambda s: ["eval", str(s.root / "nope")], 2, ["nope: no such run folder"]),
     Bad("inspect-of-no-run", lambda s: ["inspect", str(s.root / "nope")], 2, ["nope: no such run folder"]),
     # 4: adapters and checkpoints
-    Bad("eval-without-adapter", run_without_adapter("eval"), 4, ["adapter", "no such adapter directory"]),
-    Bad("inspect-without-adapter", run_without_adapter("inspect"), 4, ["no such adapter directory"]),
+    Bad(
+        "eval-without-adapter",
+        run_without_adapter("eval"),
+        4,
+        ["has not finished (no adapter/ yet)", "--resume"],
+    ),
+    Bad("inspect-without-adapter", run_without_adapter("inspect"), 4, ["has not finished (no adapter/ yet)"]),
     Bad("corrupted-adapter", corrupted_adapter, 4, ["adapters.safetensors"]),
     Bad("adapter-without-config", adapter_without_its_config, 4, ["loramix_config.json"]),
     Bad("resume-missing-checkpoint", resume_from_a_missing_checkpoint, 4, ["step-000099", "does not exist"]),

@@ -85,14 +85,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from loramix.preflight import check_export_out, check_export_request, check_output_dir
+    from loramix.preflight import check_export_out, check_export_request
 
     # before torch and the model load: the tasks asked for, and an output folder that can be written whole
     check_export_request(args.run_dir, args.task, args.expert, all_tasks=args.all_tasks)
-    if args.expert is None:
-        check_export_out(args.out, "--out")
-    else:
-        check_output_dir(args.out, "--out")
+    check_export_out(args.out, "--out")
 
     from loramix.methods import get_method
     from loramix.train.run import load_trained

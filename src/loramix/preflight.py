@@ -100,13 +100,16 @@ def check_export_request(
 ) -> None:
     """What `loramix export` can tell from the run's JSON files before it loads a model: that tasks were named
     (`--task`, or `--all-tasks`) and are the run's (read from `adapter/loramix_config.json`), and that its experts
-    fold into a LoRA. `--expert` (experts
-    that are not tasks, as in an ELREA run) is the method's to check. When the file is missing or unreadable,
-    nothing is decided here: the full load reports it with its own message."""
-    if expert is not None:
-        return
+    fold into a LoRA; or that `--expert` (experts that are not tasks, as in an ELREA run) names one of its experts.
+    When the file is missing or unreadable, nothing is decided here: the full load reports it with its own
+    message."""
     try:
         record = json.loads((Path(run_dir) / "adapter" / "loramix_config.json").read_text(encoding="utf-8"))
+        if expert is not None:
+            experts = int(record["config"]["num_experts"])
+            if not 0 <= expert < experts:
+                raise ConfigError(f"--expert {expert} is not an expert of this run: 0..{experts - 1}")
+            return
         names = [str(meta["name"]) for meta in record["metadata"]["tasks"]]
         kind, method = str(record["config"].get("experts", "lora")), record["metadata"]["run"]["method"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -253,6 +253,23 @@ def test_a_damaged_stage_file_is_named(model_dir: Path, tasks_dir: Path, tmp_pat
         run_training(run, tmp_path, resume=True)
 
 
+def test_a_stage_file_whose_contents_changed_is_refused_before_use(
+    runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """A value changed in place (a flipped bit, a NaN) still reads as safetensors: the checksum saved inside finds
+    it before the experts train on it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(runs[0]["dir"] / pipeline.STAGE_FILE), framework="pt") as handle:
+        stored, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    tensors["centroids"][0, 0] += 1e-3
+    save_file(tensors, str(tmp_path / pipeline.STAGE_FILE), metadata=stored)
+    run = RunConfig.from_dict(elrea_settings(model_dir, tasks_dir))
+    with pytest.raises(CheckpointError, match="do not match the checksum saved with them"):
+        pipeline.Stage.load(tmp_path, run)
+
+
 def test_adam_preconditioned_features(
     runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
@@ -281,8 +298,16 @@ def test_loramix_export_writes_one_cluster_expert_for_peft(
     assert "--expert" in capsys.readouterr().err  # experts belong to clusters, not tasks
     assert main(["inspect", str(run_dir)]) == 0  # which the error says lists them
     assert "majority task of each expert's top-choice inputs: 1: " in capsys.readouterr().out
+    capsys.readouterr()
     assert main(["export", str(run_dir), "--expert", str(CLUSTERS + 1), "--out", str(tmp_path / "x")]) == 2
+    assert "is not an expert of this run: 0..3" in capsys.readouterr().err
+    # an earlier export in the folder (another run's task, with its head) is replaced whole, not mixed in
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "head.safetensors").write_bytes(b"an earlier task export's head")
+    (tmp_path / "peft" / "loramix_export.json").write_text('{"task": "animals"}')
     assert main(["export", str(run_dir), "--expert", "2", "--out", str(tmp_path / "peft")]) == 0
+    assert not (tmp_path / "peft" / "head.safetensors").exists()
+    assert json.loads((tmp_path / "peft" / "loramix_export.json").read_text())["expert"] == 2
     peft_model = PeftModel.from_pretrained(
         AutoModel.from_pretrained(model_dir), str(tmp_path / "peft")
     ).eval()

@@ -116,6 +116,17 @@ def atomic_save_tensors(
     return digest
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor], text: str = "") -> str:
+    """A digest of tensors (names, dtypes, shapes, bytes) and `text`, for the file that holds them to carry in its
+    own metadata, where a digest of the whole file cannot be."""
+    digest = hashlib.sha256(text.encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu().reshape(-1)
+        digest.update(f"|{key}|{tensor.dtype}|{tuple(tensors[key].shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -12,12 +12,13 @@ from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.io import export_peft
-from loramix.io.files import atomic_folder
+from loramix.io.files import atomic_folder, atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks, register_method
 from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
 from loramix.methods.elrea.pipeline import STAGE_FILE, run_elrea
 from loramix.methods.mola import common
 from loramix.models import resolve_model_path
+from loramix.preflight import EXPORT_NOTE_FILE, is_earlier_export
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import prepare_run
@@ -89,19 +90,25 @@ class Elrea(Method):
         if not 0 <= args.expert < experts:
             raise ConfigError(f"--expert {args.expert} is not an expert of this run: 0..{experts - 1}")
         gate = [float(e == args.expert) for e in range(experts)]
-        if not get_info(model.backbone).config.train_backbone:
-            out = export_peft(
-                model.backbone, args.out, gate=gate, base_model_name_or_path=resolve_model_path(run.model)
-            )
-            return f"a PEFT LoRA adapter for expert {args.expert} to {out}"
-        # the backbone trained too: the adapter names that trained base, written beside it, as task exports do
-        from transformers import AutoTokenizer
-
+        trained_base = get_info(model.backbone).config.train_backbone
         out = Path(args.out)
-        with atomic_folder(out) as tmp:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.model))
-            write_trained_base(model, tmp / BASE_FOLDER, tokenizer)
-            export_peft(
-                model.backbone, tmp, gate=gate, base_model_name_or_path=str(out.resolve() / BASE_FOLDER)
-            )
-        return f"a PEFT LoRA adapter for expert {args.expert} to {out}, on the trained base model in {out / BASE_FOLDER}"
+        which = "the base adapter" if args.expert == 0 else f"the expert of cluster {args.expert - 1}"
+        note = {
+            "expert": args.expert,
+            "method": self.name,
+            "run": str(Path(args.run_dir).resolve()),
+            "about": f"{which} of an ELREA run, alone; the run routes each input to its experts by the input's "
+            "gradient, which one adapter does not",
+        }
+        # written whole and renamed into place: an earlier export there is replaced, none of its files left
+        with atomic_folder(out, replace=is_earlier_export(out)) as tmp:
+            if trained_base:  # the adapter names the trained base, written beside it
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.model))
+                write_trained_base(model, tmp / BASE_FOLDER, tokenizer)
+            base = str(out.resolve() / BASE_FOLDER) if trained_base else resolve_model_path(run.model)
+            export_peft(model.backbone, tmp, gate=gate, base_model_name_or_path=base)
+            atomic_write_json(tmp / EXPORT_NOTE_FILE, note)
+        said = f"a PEFT LoRA adapter for expert {args.expert} to {out}"
+        return f"{said}, on the trained base model in {out / BASE_FOLDER}" if trained_base else said

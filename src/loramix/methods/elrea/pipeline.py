@@ -32,7 +32,7 @@ from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import CheckpointError
 from loramix.inject import adapter_state
-from loramix.io.files import atomic_save_tensors
+from loramix.io.files import atomic_save_tensors, tensors_sha256
 from loramix.methods.elrea.cluster import cluster_features
 from loramix.methods.elrea.ensemble import base_centroid
 from loramix.methods.elrea.evaluate import FEATURE_HEADS, evaluate_elrea, featurize
@@ -84,8 +84,9 @@ class Stage:
             "centroids": self.centroids,
             "rng_state": self.rng_state,
         }
-        meta = {"silhouette": self.silhouette, "history": self.history, "run": self.run}
-        atomic_save_tensors(output_dir / STAGE_FILE, tensors, metadata={"elrea": json.dumps(meta)})
+        meta = json.dumps({"silhouette": self.silhouette, "history": self.history, "run": self.run})
+        checksum = tensors_sha256(tensors, meta)  # checked before a resume uses the stage
+        atomic_save_tensors(output_dir / STAGE_FILE, tensors, metadata={"elrea": meta, "sha256": checksum})
 
     @classmethod
     def load(cls, output_dir: Path, run: RunConfig) -> Stage | None:
@@ -97,8 +98,9 @@ class Stage:
             return None
         try:
             with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})["elrea"])
+                stored = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            meta = json.loads(stored["elrea"])
             stage = cls(
                 base_state={k.removeprefix("base."): v for k, v in tensors.items() if k.startswith("base.")},
                 heads_state={
@@ -115,6 +117,11 @@ class Stage:
             )
         except Exception as error:  # a foreign or damaged file: say which and why
             raise CheckpointError(f"{path}: not a readable ELREA stage file ({error})") from error
+        if "sha256" in stored and tensors_sha256(tensors, stored["elrea"]) != stored["sha256"]:
+            raise CheckpointError(
+                f"{path}: its contents do not match the checksum saved with them; the file is damaged. Delete it "
+                "to train the base adapter and cluster again"
+            )
         now = settings(run)
         changed = sorted(
             k for k in (set(stage.run) | set(now)) - EXPERT_PHASE_KEYS if stage.run.get(k) != now.get(k)
