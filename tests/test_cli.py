@@ -293,6 +293,12 @@ BAD = [
     ),
     Bad("missing-config", lambda s: s.train(str(s.root / "nowhere.yaml")), 2, ["nowhere.yaml", "not found"]),
     Bad("not-yaml", file_config(b"steps: [1, 2\n"), 2, ["run.yaml", "not valid YAML"]),
+    Bad(
+        "key-twice",
+        file_config(b"steps: 3\nlr: 0.1\nsteps: 1\n"),
+        2,
+        ["run.yaml", "key 'steps' is given twice (first on line 1)", "line 3"],
+    ),
     Bad("yaml-list", file_config(b"- steps\n- 3\n"), 2, ["run.yaml", "top level must be a mapping"]),
     Bad("config-not-utf8", file_config(b"steps: 3 # caf\xe9\n"), 2, ["run.yaml", "not UTF-8"]),
     Bad(

@@ -338,6 +338,10 @@ def test_merge_and_unload_checks_its_task() -> None:
     loramix.inject(model, adapter_config("sample"))
     with pytest.raises(loramix.InjectionError, match="gate"):
         loramix.merge_and_unload(model, task=0)
+    with pytest.raises(loramix.InjectionError, match="not a finite number"):
+        loramix.merge_and_unload(model, gate=torch.tensor([float("nan"), 1.0, 0.0]))
+    with pytest.raises(loramix.InjectionError, match="pass task or gate, not both"):
+        loramix.merge_and_unload(model, task=0, gate=torch.tensor([0.0, 1.0, 0.0]))
     # a gate that names some layers only is refused before any layer merges: the model runs as before
     randomize_adapters(model)
     inputs = mlp_inputs()

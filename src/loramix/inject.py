@@ -421,6 +421,8 @@ def fixed_gate(
             raise InjectionError(
                 f"gate{where} has {gate.numel()} entries but the model has {config.num_experts} experts"
             )
+        if not torch.isfinite(gate).all():
+            raise InjectionError(f"gate{where} holds a value that is not a finite number: {gate.tolist()}")
         return gate
     if info.router_class.scope is None:
         return torch.ones(1)
@@ -445,6 +447,14 @@ def fixed_gate(
     return fixed.detach().float()
 
 
+def check_task_or_gate(task: object, gate: object) -> None:
+    """A fixed gate is asked for by a task or given as the mixture itself; both at once is ambiguous."""
+    if task is not None and gate is not None:
+        raise InjectionError(
+            "pass task or gate, not both: a gate is the mixture itself, a task names its own"
+        )
+
+
 def merge_and_unload(
     model: nn.Module, *, task: int | None = None, gate: torch.Tensor | None = None
 ) -> nn.Module:
@@ -454,6 +464,7 @@ def merge_and_unload(
         >>> plain = loramix.merge_and_unload(model, task=2)  # the model now runs task 2 with no routing
     """
     info = get_info(model)
+    check_task_or_gate(task, gate)
     # every layer's gate and mergeability first: a refusal leaves no layer merged
     gates = [fixed_gate(model, layer, task=task, gate=gate) for layer in info.layers]
     for layer in info.layers:

@@ -141,6 +141,9 @@ def test_load_task_specs_resolves_paths_against_the_spec_file(tmp_path: Path, js
     with pytest.raises(ConfigError, match=r"task 1 of 1 \(a\)(.|\n)*colour: Extra inputs"):
         load_task_specs(json_file)
     assert load_task_specs([{"name": "b", "train": "b.csv"}])[0].train == "b.csv"
+    spec_file.write_text("tasks:\n  - name: a\n    train: a.jsonl\n    train: b.jsonl\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="tasks.yaml.*key 'train' is given twice"):
+        load_task_specs(spec_file)
 
 
 def write_task(root: Path, name: str, labels: list[str], pair: bool, splits: dict[str, int]) -> None:

@@ -131,6 +131,14 @@ def test_extra_tensors_and_metadata_round_trip(tmp_path: Path) -> None:
     loramix.load(tiny_bert(), tmp_path)  # extra tensors are not taken for model parameters
 
 
+def test_saving_into_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    model, _ = adapted_bert("task")
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(CheckpointError, match="afile is a file; adapters are saved into a folder"):
+        loramix.save(model, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_saving_a_merged_model_is_refused(tmp_path: Path) -> None:
     model, _ = adapted_bert("task")
     loramix.get_info(model).layers[0].merge(torch.tensor([1.0, 0.0, 0.0]))

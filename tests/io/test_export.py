@@ -273,6 +273,9 @@ def test_mean_gate_routes_a_per_task_router_by_the_task(tmp_path: Path) -> None:
         ("task", {"task": 1.5}, "task must be an integer in 0..2, got 1.5"),
         ("task", {"task": "2"}, "task must be an integer in 0..2, got '2'"),
         ("task", {"gate": [1.0, 0.0]}, "gate has 2 entries but the model has 3 experts"),
+        ("task", {"gate": [float("nan"), 1.0, 0.0]}, "gate holds a value that is not a finite number"),
+        ("token", {"gate": [1.0, float("inf"), 0.0]}, "gate holds a value that is not a finite number"),
+        ("task", {"task": 1, "gate": [0.0, 1.0, 0.0]}, "pass task or gate, not both"),
     ],
 )
 def test_export_refuses_what_it_cannot_fix(tmp_path: Path, router: str, kwargs: dict, problem: str) -> None:
@@ -370,6 +373,16 @@ def test_import_of_mismatched_targets_names_the_directory(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="adapts other modules than") as caught:
         loramix.import_peft(model, first + second)
     assert str(second[0]) in str(caught.value)
+    assert not is_injected(model)
+
+
+def test_import_into_another_model_names_a_few_missing_modules(tmp_path: Path) -> None:
+    paths = write_peft_adapters(tmp_path, ADAPTERS[:1], targets=["query", "value"])
+    model = tiny_gpt2()
+    with pytest.raises(
+        CheckpointError, match=r"adapts modules this model does not have \(.* and \d+ more of"
+    ):
+        loramix.import_peft(model, paths)
     assert not is_injected(model)
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 import loramix
-from loramix.errors import CheckpointError
+from loramix.errors import CheckpointError, ConfigError
 from loramix.io import read_checkpoint
 from loramix.methods import run_training
 from loramix.methods.elrea import pipeline
@@ -339,3 +339,18 @@ def test_the_routing_diagnosis_scores_the_run_as_the_run_scored(runs: list[dict[
     assert result[mode]["tasks"] == {name: s["accuracy"] for name, s in metrics["tasks"].items()}
     assert set(result["majority_expert"].values()) <= set(range(1, CLUSTERS + 1))
     assert {"base", "oracle"} <= set(result)
+
+
+def test_more_clusters_than_featurised_examples_are_refused_before_the_base_adapter_trains(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    from loramix.methods import get_method
+
+    settings = {**elrea_settings(model_dir, tasks_dir), "elrea_clusters": 50, "elrea_feature_examples": 10}
+    with pytest.raises(ConfigError, match="elrea_clusters: 50 clusters of elrea_feature_examples=10"):
+        get_method("elrea").validate(RunConfig.from_dict(settings))
+    # the examples drawn by default (steps x batch of the expert phase), fewer than asked for: before training
+    settings = {**elrea_settings(model_dir, tasks_dir), "elrea_clusters": 500, "elrea_feature_examples": None}
+    with pytest.raises(ConfigError, match="elrea_clusters: 500 clusters of .* featurised examples"):
+        run_training(RunConfig.from_dict(settings), tmp_path)
+    assert not (tmp_path / "base" / "checkpoints").exists() and not (tmp_path / "base").exists()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loramix.config import format_validation_error
+from loramix.config import format_validation_error, read_yaml
 from loramix.errors import ConfigError, DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -228,7 +228,7 @@ def load_task_specs(tasks: str | os.PathLike[str] | Sequence[Mapping[str, Any]])
             raise ConfigError(f"task spec file {path} does not exist")
         try:
             text = path.read_text(encoding="utf-8")
-            loaded = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+            loaded = json.loads(text) if path.suffix.lower() == ".json" else read_yaml(text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read task spec file {path}: {exc}") from None
         items = loaded.get("tasks") if isinstance(loaded, dict) else loaded

@@ -55,6 +55,10 @@ def save(
         >>> loramix.save(model, "runs/mola")
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"{directory} is a file; adapters are saved into a folder: pass a folder's path"
+        )
     info = get_info(model)
     tensors = saved_state(model)
     for key, value in (extra_tensors or {}).items():

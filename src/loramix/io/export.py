@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from loramix.context import routing
 from loramix.errors import CheckpointError, InjectionError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
-from loramix.inject import InjectionReport, _matches, fixed_gate, get_info, inject
+from loramix.inject import InjectionReport, _matches, check_task_or_gate, fixed_gate, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from loramix.models import ALIASES, resolve_model_path
 from loramix.routers import router_class
@@ -105,6 +105,7 @@ def export_peft(
     from peft import LoraConfig
 
     info = get_info(model)
+    check_task_or_gate(task, gate)
     dilated = [
         name
         for name, layer in zip(info.names, info.layers)
@@ -336,6 +337,14 @@ def import_peft(
             raise CheckpointError(
                 f"{path}: adapts other modules than {read[0][0]}; experts must share their layers"
             )
+    present = {name for name, _ in model.named_modules()}
+    absent = [name for name in names if name not in present]
+    if absent:
+        shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+        raise CheckpointError(
+            f"{read[0][0]}: adapts modules this model does not have ({shown} of its {len(names)}); load it into "
+            "the base model it was trained on"
+        )
     rank = max(A.shape[0] for _, _, layers in read for A, _ in layers.values())
     settings = {
         "num_experts": len(read),

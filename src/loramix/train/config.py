@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from loramix.config import BlockIndices, format_validation_error
+from loramix.config import BlockIndices, format_validation_error, read_yaml
 from loramix.errors import ConfigError
 
 # Keys that change how a run is watched, saved or held in memory, not what it computes (gradient checkpointing
@@ -325,7 +325,7 @@ class RunConfig(BaseModel):
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = read_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         except UnicodeDecodeError:

@@ -36,6 +36,12 @@ class Elrea(Method):
             raise ConfigError(
                 f"head: elrea featurizes the per-task classification heads' gradients; {run.head!r} is not supported"
             )
+        examples = run.elrea_feature_examples
+        if run.elrea_clusters is not None and examples is not None and run.elrea_clusters > examples:
+            raise ConfigError(
+                f"elrea_clusters: {run.elrea_clusters} clusters of elrea_feature_examples={examples} examples; ask "
+                "for fewer clusters or featurise more examples"
+            )
         if run.elrea_top_labels > 1 and not run.elrea_sign_invariant:
             raise ConfigError(
                 "elrea_top_labels > 1 needs elrea_sign_invariant: true (signed features of the likely labels cancel)"

@@ -30,7 +30,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator
-from loramix.errors import CheckpointError
+from loramix.errors import CheckpointError, ConfigError
 from loramix.inject import adapter_state
 from loramix.io.files import atomic_save_tensors, tensors_sha256
 from loramix.methods.elrea.cluster import cluster_features
@@ -186,12 +186,19 @@ def _base_stage(
     trainer = _trainer(run, model, data, collator, output_dir / "base", base_steps, "1/3 base adapter")
     if resume:
         trainer.resume()
-    history = trainer.train()
-    model.eval()
     train = data.split("train")
     rng = np.random.default_rng(run.seed)
     wanted = run.elrea_feature_examples or (run.steps - base_steps) * run.batch_size * run.grad_accum
-    chosen = np.sort(rng.choice(len(train), size=min(max(wanted, 10), len(train)), replace=False))
+    size = min(max(wanted, 10), len(train))
+    if run.elrea_clusters is not None and run.elrea_clusters > size:  # before the base adapter trains
+        raise ConfigError(
+            f"elrea_clusters: {run.elrea_clusters} clusters of {size} featurised examples (elrea_feature_examples, "
+            f"else the examples the expert phase draws, at most the {len(train)} the data has); ask for fewer "
+            "clusters or featurise more examples"
+        )
+    history = trainer.train()
+    model.eval()
+    chosen = np.sort(rng.choice(len(train), size=size, replace=False))
     examples = [train[i] for i in chosen]
     _say(
         run,
