@@ -245,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
                 "tasks": ORDER,
                 "head": "label-prompt",
                 "label_smoothing": 0.2,
-                "steps": 1,  # unused: continual methods train steps_per_task on each task
                 "steps_per_task": args.steps_per_task,
                 "batch_size": args.batch_size,
                 "max_length": args.max_length,

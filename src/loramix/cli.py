@@ -143,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             selector = metrics.get("selector")
             if selector:
                 print(
-                    f"  auto-selector: {shown(selector.get('own_task_rate'))} of test inputs to their own task"
+                    f"  auto-selector: {percent(selector.get('own_task_rate'))} of test inputs to their own task"
                 )
             for task, layers in metrics.get("continual", {}).get("frozen", {}).items():
                 label = known[int(task)] if int(task) < len(known) else task
@@ -174,6 +174,15 @@ def task_kind(task: dict) -> str:
     if task.get("task_type") == "generation":
         return f"generation, scorer {task.get('scorer', 'exact')}"
     return f"{len(task.get('labels') or [])} labels"
+
+
+def percent(value: object) -> str:
+    """A rate in 0..1 as a percentage (`0.904` -> `90.4%`); anything else as `shown` gives it."""
+    return (
+        f"{100 * value:.1f}%"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else shown(value)
+    )
 
 
 def shown(value: object) -> str:

@@ -293,7 +293,7 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     capsys.readouterr()
     resumed = run_training(run, tmp_path / "resumed", resume=True)
     said = capsys.readouterr().err
-    assert f"tasks 1-1 of 3 are done; resuming with task 2 ({toys.TASK_NAMES[1]})" in said
+    assert f"task 1 of 3 is done; resuming with task 2 ({toys.TASK_NAMES[1]})" in said
     assert "resuming at step" not in said  # task 1 died before its first checkpoint: it starts again
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     rows = straight["continual"]["selector_rows"]

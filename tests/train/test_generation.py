@@ -125,10 +125,12 @@ def test_generation_and_classification_tasks_do_not_mix(
             "name": "reverse",
             "task_type": "generation",
             "train": str(gen_tasks_dir / "reverse" / "train.jsonl"),
+            "test": str(gen_tasks_dir / "reverse" / "test.jsonl"),
         },
         {
             "name": "colors",
             "train": str(tasks_dir / "colors" / "train.jsonl"),
+            "test": str(tasks_dir / "colors" / "test.jsonl"),
             "labels": ["red", "green", "blue"],
         },
     ]

@@ -194,9 +194,10 @@ def check_eval_tasks(run_dir: Path, data: MultiTaskData, *, last_ones: bool = Fa
         return offset
     unknown = [name for name in data.task_names if name not in learned]
     missing = [name for name in learned if name not in data.task_names]
+    given = list(data.task_names)
     if unknown:
         why = f"{', '.join(unknown)} not among them"
-    elif missing and not last_ones:
+    elif missing and (not last_ones or learned[: len(given)] == given):
         why = f"{', '.join(missing)} missing"
     else:
         why = "it lists them in another order"

@@ -90,6 +90,18 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
     if generative:
         heads = LanguageModelHead(data.num_tasks)
     elif run.head == "label-prompt":
+        numbered = [
+            t.name
+            for t, spec in zip(data.tasks, data.specs)
+            if not spec.label_prompts and t.label_names and all(n.strip().isdigit() for n in t.label_names)
+        ]
+        if numbered:
+            print(
+                f"loramix: warning: the labels of {', '.join(numbered)} are numbers ('0', '1', ...), which the "
+                "label-prompt head encodes as the classes' texts; name them (`labels` in the task spec) or give "
+                "`label_prompts`",
+                file=sys.stderr,
+            )
         heads = label_prompt_head(run, label_prompts(run, data), tokenizer)
     else:
         hidden = backbone.config.hidden_size

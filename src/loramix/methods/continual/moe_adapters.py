@@ -17,12 +17,14 @@ mixture-of-experts adapters", CVPR 2024), on a text encoder, and its true-task-i
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from loramix.config import AdapterConfig
+from loramix.errors import ConfigError
 from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
@@ -31,7 +33,7 @@ from loramix.methods.continual.sequence import Continual
 from loramix.routers import PerTaskRouter
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
-from loramix.train.loop import sum_over_processes
+from loramix.train.loop import processes, sum_over_processes
 
 MLP_OUTPUTS = r"(.*\.)?(layer\.\d+\.output\.dense|mlp\.c_proj|mlp\.down_proj|mlp\.fc2)"
 
@@ -92,6 +94,14 @@ class MoEAdapters(Continual):
     def initial_tasks(self, num_tasks: int) -> int:
         return 1  # a router per task is added as its task arrives
 
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        if run.moe_freeze > run.moe_experts:
+            raise ConfigError(
+                f"moe_freeze: {run.moe_freeze} experts frozen per block after each task, of moe_experts="
+                f"{run.moe_experts}; freeze at most as many as there are"
+            )
+
     def begin_task(self, learner: Learner, task: int) -> None:
         info = get_info(learner.backbone)
         if task >= (info.config.num_tasks or 0):
@@ -100,6 +110,18 @@ class MoEAdapters(Continual):
             assert isinstance(layer.router, PerTaskRouter)
             if task:
                 layer.router.freeze_tasks(list(range(task)))
+        every = [
+            n
+            for n, layer in zip(info.names, info.layers)
+            if len(layer.experts.frozen_experts) == layer.experts.num_experts
+        ]
+        if every and processes().is_main_process:
+            print(
+                f"loramix: warning: task {task + 1} ({learner.data.task_names[task - learner.offset]}): every expert "
+                f"of {len(every)} block(s) is frozen (moe_freeze {learner.run.moe_freeze} per task), so it trains "
+                "its routers only there",
+                file=sys.stderr,
+            )
         self.use = ExpertUse()
 
     def task_callbacks(self, learner: Learner, task: int | None) -> list[Callback]:

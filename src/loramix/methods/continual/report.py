@@ -18,15 +18,22 @@ from loramix.io.files import atomic_write_bytes
 
 
 def _heatmap(
-    path: Path, values: np.ndarray, rows: list[str], columns: list[str], title: str, fmt: str
+    path: Path,
+    values: np.ndarray,
+    rows: list[str],
+    columns: list[str],
+    title: str,
+    fmt: str,
+    full_scale: bool = True,
 ) -> None:
+    """`full_scale`: colours span 0..1 (accuracies and rates, comparable between runs); else the values' range."""
     figure = Figure(figsize=(max(5.0, 0.55 * len(columns) + 2.5), max(3.0, 0.4 * len(rows) + 1.5)))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    low, high = (0.0, 1.0) if full_scale else (float(np.nanmin(values)), float(np.nanmax(values)))
+    image = axes.imshow(values, cmap="viridis", aspect="auto", vmin=low, vmax=high)
     axes.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
     axes.set_yticks(range(len(rows)), rows, fontsize=7)
-    low, high = float(np.nanmin(values)), float(np.nanmax(values))
     for (i, j), value in np.ndenumerate(values):
         # viridis is light at its top: dark text there
         color = "black" if high > low and (value - low) / (high - low) > 0.6 else "white"
@@ -41,7 +48,9 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
     """Plots and `continual.md` for one finished continual run; returns the markdown's path."""
     names = metrics.get("tasks_in_order") or list(metrics.get("tasks", {}))
     matrix = np.array(metrics["accuracy_matrix"], dtype=float)
-    lines = [f"# {metrics.get('method', 'continual run')}: tasks learned in turn", ""]
+    at_once = matrix.shape[0] == 2 and len(names) > 1  # one row after training: every task in one phase
+    how = "every task at once" if at_once else "tasks learned in turn"
+    lines = [f"# {metrics.get('method', 'continual run')}: {how}", ""]
     summary = ", ".join(
         f"{k} {100 * metrics[k]:.2f}" for k in ("Transfer", "Average", "Last", "BWT") if k in metrics
     )
@@ -104,7 +113,8 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             file = f"expert_use_{layer.replace('.', '_')}.png"
             tasks = [known[int(task)] if int(task) < len(known) else task for task in use]
             experts = [str(e) for e in range(grid.shape[1])]
-            _heatmap(output_dir / file, grid, tasks, experts, f"expert use while training, {layer}", ".2f")
+            title = f"expert use while training, {layer}"
+            _heatmap(output_dir / file, grid, tasks, experts, title, ".2f", full_scale=False)
             lines += [f"![expert use {layer}]({file})", ""]
     frozen = records.get("frozen", {})
     if frozen:

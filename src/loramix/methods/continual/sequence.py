@@ -188,6 +188,12 @@ class Continual(Method):
     def train(
         self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
     ) -> dict[str, Any]:
+        if run.steps != RunConfig.model_fields["steps"].default and processes().is_main_process:
+            print(
+                f"loramix: warning: steps ({run.steps}) is not used by method {self.name}: each task trains "
+                f"steps_per_task ({run.steps_per_task}) steps",
+                file=sys.stderr,
+            )
         data = prepare_run(run, output_dir, replaces=replaces)
         if run.continue_from:
             learner = self.continued(run, data)
@@ -206,12 +212,18 @@ class Continual(Method):
             learner = self.restore(learner, output_dir / f"after-task-{done}")
             matrix = json.loads(progress.read_text())["matrix"]
             if group.is_main_process and done + 1 < data.num_tasks:
+                finished = (
+                    f"task 1 of {data.num_tasks} is"
+                    if done == 0
+                    else f"tasks 1-{done + 1} of {data.num_tasks} are"
+                )
                 print(
-                    f"loramix: tasks 1-{done + 1} of {data.num_tasks} are done; resuming with task {done + 2} "
-                    f"({data.task_names[done + 1]})",
+                    f"loramix: {finished} done; resuming with task {done + 2} ({data.task_names[done + 1]})",
                     file=sys.stderr,
                 )
         else:
+            if resume and group.is_main_process:
+                print(f"loramix: no task of {output_dir} was finished; starting with task 1", file=sys.stderr)
             matrix.append(self.evaluate_all(learner))
         tasks = range(data.num_tasks) if self.per_task_steps else [None]
         for task in tasks:
