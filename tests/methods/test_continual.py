@@ -35,6 +35,20 @@ def specs(tasks_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
+def continued_after_two(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, method: str, **overrides: Any
+) -> RunConfig:
+    """A finished run of `method` on the first two tasks in `tmp_path / "first"`; returns the config that continues
+    it with the third."""
+    every = specs(tasks_dir)
+    first = continual_run(model_dir, tasks_dir, method, **overrides)
+    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
+    run_training(first, tmp_path / "first")
+    return RunConfig.from_dict(
+        {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
+    )
+
+
 def continual_run(model_dir: Path, tasks_dir: Path, method: str, **overrides: Any) -> RunConfig:
     settings = {**toys.settings(model_dir, tasks_dir), "tasks_dir": None, "tasks": specs(tasks_dir)}
     return RunConfig.from_dict(
@@ -317,12 +331,7 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     from loramix.train.run import load_trained
 
     every = specs(tasks_dir)
-    first = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=6)
-    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
-    run_training(first, tmp_path / "first")
-    later = RunConfig.from_dict(
-        {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
-    )
+    later = continued_after_two(model_dir, tasks_dir, tmp_path, "continual-mola-grad", steps_per_task=6)
     metrics = run_training(later, tmp_path / "later")
     assert np.array(metrics["accuracy_matrix"]).shape == (2, 1)
     assert len(metrics["selector"]["confusion"][0]) == 3 + 1  # three autoencoders and the base
@@ -460,13 +469,7 @@ def test_lae_continues_with_a_new_task_slot_and_joint_cannot_continue(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     """LAE's every task routes to the online adapter: a continued run gives its new tasks that slot too."""
-    every = specs(tasks_dir)
-    first = continual_run(model_dir, tasks_dir, "lae", steps_per_task=3)
-    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
-    run_training(first, tmp_path / "first")
-    later = RunConfig.from_dict(
-        {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
-    )
+    later = continued_after_two(model_dir, tasks_dir, tmp_path, "lae", steps_per_task=3)
     metrics = run_training(later, tmp_path / "later")
     assert np.array(metrics["accuracy_matrix"]).shape == (2, 1)
     record = json.loads((tmp_path / "later" / "adapter" / "loramix_config.json").read_text())
