@@ -3,7 +3,9 @@ task's inputs are computed once (cached), then for the continual order, after ea
 tasks 1..t and every task's test inputs are routed. A seen task's inputs should choose their own task (target
 >= 90%), a task not learned yet should go to the base model (target >= 80%).
 
-    python benchmarks/ddas_selector.py --threads 1 --splits 6      # every variant, writes results/ddas-selector.*
+    python benchmarks/ddas_selector.py --threads 1                 # every variant, writes results/ddas-selector.*
+    python benchmarks/ddas_selector.py --threads 1 --splits 6 --variants ... --out results/ddas-selector-splits.json
+                                                                   # the same on six held-out splits: mean, range
     python benchmarks/ddas_selector.py --threads 1 --variants "gaussian, block-0 features + token stats"
     python benchmarks/ddas_selector.py --threads 1 --bound         # what classifiers that see unseen tasks allow
 
