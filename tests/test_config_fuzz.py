@@ -135,3 +135,11 @@ def test_adapter_config_refuses_non_finite_numbers_naming_the_key(key: str, valu
 def test_the_float_fields_are_found():
     assert {"lr", "alpha", "dropout", "warmup_ratio", "max_grad_norm"} <= set(float_fields(RunConfig))
     assert {"alpha", "dropout", "temperature", "adapter_scale"} <= set(float_fields(AdapterConfig))
+
+
+@pytest.mark.parametrize("key", ["lr", "router_lr", "head_lr", "backbone_lr", "elrea_expert_lr"])
+def test_a_learning_rate_past_any_use_is_refused_naming_the_key(key: str):
+    """`1e38` would overflow AdamW's float32 step mid-run (a traceback); anything above 1000 is a slip."""
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be less than or equal to 1000"):
+        RunConfig.from_dict({**VALID_RUN, key: 1e38})
+    assert getattr(RunConfig.from_dict({**VALID_RUN, key: 1e3}), key) == 1e3

@@ -8,6 +8,7 @@ and `loramix.inject(...)` work as usual.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if importlib.util.find_spec(f"loramix.{name}") is not None:  # a subpackage, as `loramix.io.export`
+            return importlib.import_module(f"loramix.{name}")
         raise AttributeError(f"module 'loramix' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -32,6 +32,10 @@ BOOKKEEPING_KEYS = frozenset(
 )
 
 
+# AdamW's learning rates above this are typing slips (`5e4` for `5e-4`); far above it its step overflows float32
+MAX_LR = 1e3
+
+
 class RunConfig(BaseModel):
     """One training run: model, data, method and optimisation.
 
@@ -161,7 +165,7 @@ class RunConfig(BaseModel):
         "backward pass each; needs elrea_sign_invariant); 1: the predicted label alone.",
     )
     elrea_expert_lr: float | None = Field(
-        None, gt=0, description="elrea: learning rate of the experts' phase; default: lr."
+        None, gt=0, le=MAX_LR, description="elrea: learning rate of the experts' phase; default: lr."
     )
     elrea_precondition: bool = Field(
         False, description="elrea: precondition the features by the base run's Adam state (as LESS does)."
@@ -265,10 +269,14 @@ class RunConfig(BaseModel):
         description="Generation tasks: tokens generated per answer at evaluation; default: the task's longest "
         "reference plus 8.",
     )
-    lr: float = Field(5e-4, gt=0, description="Learning rate of the adapters.")
-    router_lr: float = Field(1e-3, gt=0, description="Learning rate of routers (and the TwD projection).")
-    head_lr: float = Field(2e-3, gt=0, description="Learning rate of the task heads.")
-    backbone_lr: float = Field(2e-5, gt=0, description="Learning rate of the backbone when trained.")
+    lr: float = Field(5e-4, gt=0, le=MAX_LR, description="Learning rate of the adapters.")
+    router_lr: float = Field(
+        1e-3, gt=0, le=MAX_LR, description="Learning rate of routers (and the TwD projection)."
+    )
+    head_lr: float = Field(2e-3, gt=0, le=MAX_LR, description="Learning rate of the task heads.")
+    backbone_lr: float = Field(
+        2e-5, gt=0, le=MAX_LR, description="Learning rate of the backbone when trained."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(
         0.06, ge=0, lt=1, description="Linear warm-up share of steps, then cosine decay."
