@@ -53,6 +53,7 @@ def selector_speed(
     layer: int,
     accept_layer: int | None = None,
     first_block: int = 0,
+    neighbours: int = 0,
 ) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
     from `first_block` on): with the auto-selector choosing each input's task (or the base) from its `hidden`
@@ -60,7 +61,8 @@ def selector_speed(
     `accept_layer`, block `accept_layer`'s too, which alone decides acceptance), against the same model given the
     true task ids; one process, interleaved rounds, the median of per-round ratios. The selector routes inside the
     pass itself where its blocks come no later than the first adapted one (as a continual run does), else from a
-    base pass of its own first."""
+    base pass of its own first. `neighbours` k: the k-th nearest of each task's 800 fitting features decides
+    acceptance (pooled threshold), as `ddas_neighbours` with the run's 1000 `ddas_examples` keeps them."""
     import loramix
     from loramix.methods.continual.features import (
         reads_in_pass,
@@ -99,9 +101,12 @@ def selector_speed(
     selector = AutoSelector(
         selector_width(model, "hidden", two_stage),
         accept_width=selector_width(model, "hidden") if two_stage else 0,
+        neighbours=neighbours,
+        threshold="pooled" if neighbours else "task",
     )
-    for task in range(tasks):  # Gaussians fitted on each task's share of a vocabulary
-        ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (200, seq), generator=generator)
+    fitted = 1000 if neighbours else 200  # a Gaussian's cost does not depend on how many it was fitted on
+    for task in range(tasks):  # fitted on each task's share of a vocabulary
+        ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (fitted, seq), generator=generator)
         sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         selector.add_task(selector_features(model, sample, "hidden", layer, accept_layer))
     task_ids = torch.arange(batch) % tasks
@@ -137,6 +142,7 @@ def selector_speed(
         "ddas_layer": layer,
         "ddas_accept_layer": accept_layer,
         "ddas_normalize": selector.normalize,
+        **({"ddas_neighbours": neighbours} if neighbours else {}),
         "layers_to_transform": config["layers_to_transform"],
         "in_pass": in_pass,
         "batch": batch,
@@ -175,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         "--speed", action="store_true", help="only time DDAS routing against given task ids (a mixed batch)"
     )
     parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=int,
+        help="with --speed: only these of its cases, by position (6 and 7: the nearest-neighbour selector)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -197,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                 entry.get("ddas_accept_layer"),
                 entry.get("ddas_normalize"),
                 json.dumps(entry.get("layers_to_transform")),
+                entry.get("ddas_neighbours", 0),
             )
 
-        cases = ((0, None, 0), (3, None, 0), (0, 3, 0), (3, None, 3), (0, 3, 3), (0, 1, 1))
-        for layer, accept_layer, first_block in cases:
+        # (layer, accept_layer, first adapted block, neighbours)
+        cases = ((0, None, 0, 0), (3, None, 0, 0), (0, 3, 0, 0), (3, None, 3, 0), (0, 3, 3, 0), (0, 1, 1, 0))
+        cases += ((0, 3, 0, 3), (0, 3, 3, 3))
+        if args.cases:
+            cases = tuple(cases[i] for i in args.cases)
+        for layer, accept_layer, first_block, neighbours in cases:
             entry = {
                 **selector_speed(
                     15,
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     layer=layer,
                     accept_layer=accept_layer,
                     first_block=first_block,
+                    neighbours=neighbours,
                 ),
                 "threads": args.threads,
                 "device": device_name(torch.device("cpu")),

@@ -56,10 +56,13 @@ def test_a_nan_loss_before_any_checkpoint_says_so(
 def test_a_diverging_run_exits_with_code_5(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    """No patching: a learning rate of 1e30 without clipping overflows the weights within a few steps."""
+    """No patching: the largest learning rate with a weight decay of 100 and no clipping multiplies the weights by
+    about -1e5 a step, which overflows them within a few steps."""
     config = tmp_path / "diverge.yaml"
     settings = toys.settings(model_dir, tasks_dir, method="lora", steps=6, checkpoint_every=1)
-    config.write_text(yaml.safe_dump({**settings, "lr": 1e30, "head_lr": 1e30, "max_grad_norm": None}))
+    config.write_text(
+        yaml.safe_dump({**settings, "lr": 1e3, "head_lr": 1e3, "weight_decay": 100.0, "max_grad_norm": None})
+    )
     code = main(["train", str(config), "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 5, err
