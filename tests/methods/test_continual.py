@@ -200,6 +200,7 @@ def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[s
     assert steps == list(range(1, 12 * tasks + 1)) and metrics["history"][-1]["task"] == tasks - 1
     summary = (Path(moe_run["dir"]) / "report.md").read_text()
     assert "No training history" not in summary and "[continual.md](continual.md)" in summary
+    assert "No routing statistics" not in summary and "Routing per task: see [continual.md]" in summary
     assert matrix.shape == (tasks + 1, tasks)
     assert set(continual_metrics(matrix)) <= set(metrics)
     assert ((matrix >= 0) & (matrix <= 1)).all()
@@ -243,14 +244,19 @@ def test_the_most_used_experts_are_the_ones_frozen(moe_run: dict[str, Any], caps
 
 
 @pytest.mark.parametrize(
-    "method", ["continual-mola-grad", "sequential-lora", "lae", "zero-shot", "moe-adapters-task-id"]
+    "method", ["continual-mola-grad", "sequential-lora", "lae", "zero-shot", "moe-adapters-task-id", "joint"]
 )
 def test_every_continual_method_runs_the_sequence(
     method: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     metrics = run_training(continual_run(model_dir, tasks_dir, method, steps_per_task=6), tmp_path)
     matrix = np.array(metrics["accuracy_matrix"])
-    assert matrix.shape == (len(toys.TASK_NAMES) + 1, len(toys.TASK_NAMES))
+    tasks = len(toys.TASK_NAMES)
+    if method == "joint":  # every task at once: one row after it, the phase's log the run's history
+        assert matrix.shape == (2, tasks) and metrics["history"][-1]["step"] == 6 * tasks
+        assert (tmp_path / "continual.md").read_text().startswith("# joint: every task at once")
+        return
+    assert matrix.shape == (tasks + 1, tasks)
     if method == "zero-shot":
         assert (matrix == matrix[0]).all()
 

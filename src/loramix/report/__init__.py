@@ -285,6 +285,9 @@ def write_report(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> Path:
 
         lines += ["## Routing", ""]
         for method, slug, result in zip(methods, slugs, results):
+            if "continual" in result and not result.get("routing"):  # routed per task: continual.md shows it
+                lines += [f"### {method}", "", "Routing per task: see [continual.md](continual.md).", ""]
+                continue
             lines += _routing_section(plots, slug, method, result.get("routing") or {})
 
         lines += ["## Training curves", ""]

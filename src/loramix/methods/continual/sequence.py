@@ -230,7 +230,8 @@ class Continual(Method):
             if task is not None and task <= done:
                 continue
             history = self.train_task(learner, task, output_dir, resume)
-            if task is None:  # the joint phase: the one row of the matrix after it
+            if task is None:  # the joint phase: the one row of the matrix after it, its log the run's history
+                learner.records["joint_history"] = history
                 matrix.append(self.evaluate_all(learner))
                 break
             self.end_task(learner, learner.offset + task)
@@ -448,11 +449,14 @@ class Continual(Method):
         )
         metrics["tasks"] = learner.scores or {n: {"accuracy": a} for n, a in zip(names, matrix[-1])}
         metrics["mean_accuracy"] = float(np.mean(matrix[-1]))
-        metrics["history"] = sequence_history(learner.records.get("history", {}))
+        metrics["history"] = learner.records.get("joint_history") or sequence_history(
+            learner.records.get("history", {})
+        )
         metrics["routing"] = {}
         if learner.selector is not None:
             metrics["selector"] = self.selector_confusion(learner)
-        metrics["continual"] = {**learner.records, "task_names": learner.task_names}
+        records = {k: v for k, v in learner.records.items() if k != "joint_history"}  # `history` above
+        metrics["continual"] = {**records, "task_names": learner.task_names}
         return metrics
 
     @torch.no_grad()
