@@ -566,6 +566,9 @@ def test_export_without_task_answers_before_loading_the_model(trained_run: Path,
     assert "torch not loaded" in done.stderr
     done = run_light("export", str(trained_run), "--task", "nope", "--out", str(tmp_path / "peft"))
     assert done.returncode == 2 and "torch not loaded" in done.stderr, done.stderr
+    done = run_light("export", str(trained_run), "--expert", "7", "--out", str(tmp_path / "peft"))
+    assert done.returncode == 2 and "torch not loaded" in done.stderr, done.stderr
+    assert "--expert 7 is not an expert of this run: 0..2" in done.stderr
     assert not (tmp_path / "peft").exists()
 
 

@@ -148,6 +148,8 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by the loader, not a key
+                continue
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str | int | float | bool) and key in first:
                 raise yaml.constructor.ConstructorError(

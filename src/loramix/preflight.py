@@ -105,14 +105,14 @@ def check_export_request(
     message."""
     try:
         record = json.loads((Path(run_dir) / "adapter" / "loramix_config.json").read_text(encoding="utf-8"))
-        if expert is not None:
-            experts = int(record["config"]["num_experts"])
-            if not 0 <= expert < experts:
-                raise ConfigError(f"--expert {expert} is not an expert of this run: 0..{experts - 1}")
-            return
+        experts = int(record["config"]["num_experts"])
         names = [str(meta["name"]) for meta in record["metadata"]["tasks"]]
         kind, method = str(record["config"].get("experts", "lora")), record["metadata"]["run"]["method"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if expert is not None:
+        if not 0 <= expert < experts:
+            raise ConfigError(f"--expert {expert} is not an expert of this run: 0..{experts - 1}")
         return
     if names:
         select_tasks(names, tasks, all_tasks)

@@ -81,6 +81,20 @@ def test_integer_label_names_are_read_as_names_in_every_file_kind(tmp_path: Path
     assert [e.label for e in read(names)] == [1, 2, 0]  # names that are not integers: integers are indices
 
 
+def test_a_source_with_its_own_class_names_stores_indices_even_when_the_names_are_numbers():
+    """A Hugging Face ClassLabel (yelp_polarity's names are "1" and "2") stores each row's class index."""
+    from loramix.data.readers import RawSplit, Row
+
+    raw = RawSplit(
+        "yelp",
+        [Row(f"r{i}", {"text": "x", "label": y}) for i, y in enumerate([0, 1, 1])],
+        {"label": ["1", "2"]},
+    )
+    spec = TaskSpec(name="yelp", train="unused.jsonl")
+    names = infer_label_names(raw, spec)
+    assert names == ["1", "2"] and [e.label for e in to_examples(raw, spec, label_names=names)] == [0, 1, 1]
+
+
 def test_tsv_keeps_bare_quotes(tmp_path: Path):
     path = tmp_path / "t.tsv"
     path.write_text('text\tlabel\nsay "hi\t0\nok\t1\n', encoding="utf-8")

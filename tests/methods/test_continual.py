@@ -6,6 +6,7 @@ inside a task equals an uninterrupted run; the metrics follow their definitions.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -454,6 +455,10 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
     ):
         with pytest.raises(ConfigError, match=f"continue_from: .* other settings: set {key}: "):
             run_training(RunConfig.from_dict({**later, key: value}), tmp_path / "other")
+    from loramix.methods.continual.learner import check_continued_settings
+
+    written_otherwise = RunConfig.from_dict({**later, "model": os.path.relpath(later["model"])})
+    check_continued_settings(written_otherwise, tmp_path / "first", selector=True)  # the same model folder
     before = {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="also the output folder"):  # it would replace the run it continues
         run_training(RunConfig.from_dict(later), tmp_path / "first")
@@ -469,6 +474,15 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
     whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_neighbours": 0})
     with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         get_method("moe-adapters").validate(whiten)
+
+
+def test_a_resume_is_checked_against_the_checkpoints_it_will_load_only(tmp_path: Path):
+    """The first unfinished task's (a finished task's checkpoints are never read again), or the joint phase's."""
+    (tmp_path / "progress.json").write_text(json.dumps({"done": 1, "matrix": []}))
+    assert get_method("moe-adapters").resume_checkpoints(tmp_path) == tmp_path / "task-2" / "checkpoints"
+    assert get_method("joint").resume_checkpoints(tmp_path) == tmp_path / "joint" / "checkpoints"
+    (tmp_path / "progress.json").unlink()
+    assert get_method("lae").resume_checkpoints(tmp_path) == tmp_path / "task-0" / "checkpoints"
 
 
 def test_lae_continues_with_a_new_task_slot_and_joint_cannot_continue(

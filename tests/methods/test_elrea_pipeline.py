@@ -354,3 +354,12 @@ def test_more_clusters_than_featurised_examples_are_refused_before_the_base_adap
     with pytest.raises(ConfigError, match="elrea_clusters: 500 clusters of .* featurised examples"):
         run_training(RunConfig.from_dict(settings), tmp_path)
     assert not (tmp_path / "base" / "checkpoints").exists() and not (tmp_path / "base").exists()
+
+
+def test_a_resume_is_checked_against_the_phase_it_will_load(tmp_path: Path):
+    from loramix.methods import get_method
+
+    elrea = get_method("elrea")
+    assert elrea.resume_checkpoints(tmp_path) == tmp_path / "base" / "checkpoints"
+    (tmp_path / pipeline.STAGE_FILE).write_bytes(b"")  # the base phase and the clusters are done
+    assert elrea.resume_checkpoints(tmp_path) == tmp_path / "experts" / "checkpoints"

@@ -280,6 +280,16 @@ def test_a_nearest_neighbour_selector_decides_the_same_after_save_and_load():
     assert loaded.k == 2
     for got, want in zip(loaded(probe), selector(probe)):
         assert torch.equal(got, want)
+    # a selector saved before nearest neighbours existed keeps deciding by its Gaussians, whatever it is loaded into
+    gaussian = AutoSelector(5, accept_width=2, threshold="pooled")
+    for centre in (0.0, 3.0):
+        gaussian.add_task(centre + torch.randn(60, 5, generator=generator))
+    old = {k: v for k, v in gaussian.state().items() if k not in ("neighbours", "bank", "bank_rows")}
+    loaded = AutoSelector(5, neighbours=2, accept_width=2, threshold="pooled")
+    loaded.load_state(old)
+    assert loaded.k == 0
+    for got, want in zip(loaded(probe), gaussian(probe)):
+        assert torch.equal(got, want)
 
 
 def test_nearest_neighbours_need_the_gaussian_rule_and_enough_fitting_rows():

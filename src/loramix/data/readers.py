@@ -145,6 +145,7 @@ def to_examples(
     if spec.task_type == "classification" and not label_names:
         raise DataError(f"{raw.name}: a classification task needs label names (see infer_label_names)")
     index_of = {name: i for i, name in enumerate(label_names or ())}
+    by_index = spec.label_field in raw.class_names  # a source with class names (HF ClassLabel) stores indices
     examples = []
     for row in raw.rows:
         text = text_value(row, spec.text_field, "text_field")
@@ -155,7 +156,7 @@ def to_examples(
         if spec.task_type == "regression":
             label: int | float = _regression_label(row, value)
         else:
-            label = _class_index(row, value, index_of)
+            label = _class_index(row, value, index_of, by_index=by_index)
         examples.append(Example(text, pair, label, task))
     return examples
 
@@ -278,10 +279,12 @@ def text_value(row: Row, key: str, spec_field: str) -> str:
     return value
 
 
-def _class_index(row: Row, value: Any, index_of: Mapping[str, int]) -> int:
+def _class_index(row: Row, value: Any, index_of: Mapping[str, int], *, by_index: bool = False) -> int:
     """A label's class index. A label is its name wherever it is one, whatever the file stores it as (`1` in a
     JSON line and "1" in a CSV cell both name the label "1"); an integer that names no label is an index, unless
-    the labels' names are all integers (then it is an unknown label)."""
+    the labels' names are all integers (then it is an unknown label). `by_index`: the source stores class indices
+    beside its own class names (a Hugging Face `ClassLabel`, whose names may be "1" and "2"): integers are
+    indices."""
     count = len(index_of)
     known = ", ".join(list(index_of)[:20]) + (", ..." if count > 20 else "")
     if isinstance(value, str) and value in index_of:
@@ -294,9 +297,9 @@ def _class_index(row: Row, value: Any, index_of: Mapping[str, int]) -> int:
         raise DataError(f"{row.location}: unknown label {value!r}; the task's labels are: {known}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{row.location}: label must be an integer index or a label name, got {shown(value)}")
-    if str(value) in index_of:
+    if str(value) in index_of and not by_index:
         return index_of[str(value)]
-    if index_of and all(_INTEGER.fullmatch(name.strip()) for name in index_of):
+    if not by_index and index_of and all(_INTEGER.fullmatch(name.strip()) for name in index_of):
         raise DataError(
             f"{row.location}: unknown label {value}; the task's labels are: {known} (its label names are integers, "
             "so integers in the data are read as names, not as indices)"

@@ -55,8 +55,7 @@ def run_training(
             "(the run it continues stays as it was): pass another --output-dir"
         )
     if resume:
-        for root in checkpoint_roots(method.resume_state(Path(output_dir))):
-            check_resumable(root, processes().num_processes)
+        check_resumable(method.resume_checkpoints(Path(output_dir)), processes().num_processes)
         check_resume_config(
             run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process
         )
@@ -64,11 +63,3 @@ def run_training(
     if not resume and processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
         earlier = [*method.resume_state(Path(output_dir)), *method.outputs(Path(output_dir))]
     return method.train(run, Path(output_dir), resume=resume, replaces=earlier)
-
-
-def checkpoint_roots(paths: list[Path]) -> list[Path]:
-    """The folders of training checkpoints among a method's resume state: `checkpoints` folders, or inside them."""
-    inside = [
-        c for p in paths if p.is_dir() and p.name != "checkpoints" for c in sorted(p.rglob("checkpoints"))
-    ]
-    return [p for p in paths if p.name == "checkpoints"] + [c for c in inside if c.is_dir()]

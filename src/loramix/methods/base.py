@@ -84,6 +84,11 @@ class Method:
         continue an earlier run's checkpoints."""
         return [output_dir / "checkpoints"]
 
+    def resume_checkpoints(self, output_dir: Path) -> Path:
+        """The checkpoint folder `--resume` will load from (its trainer's refusals are checked before anything is
+        written)."""
+        return output_dir / "checkpoints"
+
     def outputs(self, output_dir: Path) -> list[Path]:
         """What a finished run leaves in `output_dir` besides its config: a fresh run there removes an earlier run's
         first, so that nothing of it (its adapters, metrics, evaluations, report) passes for this run's."""

@@ -410,6 +410,19 @@ class AutoSelector(nn.Module):
         if "pooled_level" not in state:  # saved before pooled thresholds: each task's own, no held-out errors
             state["pooled_level"] = torch.tensor(0.0)
             state["held_errors"] = torch.full((state["thresholds"].shape[0], 0), math.nan)
+        if "neighbours" not in state:  # saved before nearest neighbours: its Gaussians accept
+            width = int(state.get("accept_columns", torch.tensor(0))) or self.in_features
+            state.update(
+                neighbours=torch.tensor(0),
+                bank=torch.zeros(0, 0, width),
+                bank_rows=torch.zeros(0, dtype=torch.long),
+            )
+        tasks, banks = state["thresholds"].shape[0], state["bank_rows"].shape[0]
+        if int(state["neighbours"]) and banks != tasks:
+            raise ConfigError(
+                f"this auto-selector accepts by nearest neighbours but holds fitting features for {banks} of its "
+                f"{tasks} tasks"
+            )
         for key, value in state.items():
             setattr(self, key, value.to(self.thresholds.device))
         self._pool()

@@ -6,6 +6,7 @@ Legend: n samples, d feature width.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,17 @@ def check_continued_settings(run: RunConfig, prior: Path, selector: bool) -> Non
     an auto-selector, the settings that selector was fitted with."""
     saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
     keys = ("method", *MODEL_SETTINGS, *(SELECTOR_SETTINGS if selector else ()))
-    changed = [k for k in keys if saved is not None and getattr(saved, k) != getattr(run, k)]
+    changed = [k for k in keys if saved is not None and _compared(saved, k) != _compared(run, k)]
     if changed:
         raise ConfigError(
             f"continue_from: {prior} was trained with other settings: set "
             + ", ".join(f"{k}: {getattr(saved, k)}" for k in changed)
         )
+
+
+def _compared(run: RunConfig, key: str) -> object:
+    """A setting as the continued run compares it: a model folder by where it is, however it was written."""
+    value = getattr(run, key)
+    if key == "model" and os.path.exists(os.path.expanduser(value)):
+        return os.path.realpath(os.path.expanduser(value))
+    return value

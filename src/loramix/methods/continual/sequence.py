@@ -73,6 +73,14 @@ class Continual(Method):
         numbered = [p for p in output_dir.glob("*task-*") if p.name.split("task-")[-1].isdigit()]
         return [output_dir / "progress.json", output_dir / "joint", *numbered]
 
+    def resume_checkpoints(self, output_dir: Path) -> Path:
+        """The first task not finished (the joint phase for a method without tasks in turn)."""
+        if not self.per_task_steps:
+            return output_dir / "joint" / "checkpoints"
+        progress = output_dir / "progress.json"
+        done = json.loads(progress.read_text())["done"] if progress.is_file() else -1
+        return output_dir / f"task-{done + 1}" / "checkpoints"
+
     def outputs(self, output_dir: Path) -> list[Path]:
         names = ("continual.md", "accuracy_matrix.png", "selector_confusion.png")
         pictures = sorted(output_dir.glob("expert_use_*.png"))

@@ -60,6 +60,10 @@ class Elrea(Method):
             output_dir / "experts" / "checkpoints",
         ]
 
+    def resume_checkpoints(self, output_dir: Path) -> Path:
+        """The experts' phase once the stage file holds the base adapter and its clusters, else the base phase."""
+        return output_dir / ("experts" if (output_dir / STAGE_FILE).is_file() else "base") / "checkpoints"
+
     def train(
         self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
     ) -> dict[str, Any]:
