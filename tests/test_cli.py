@@ -608,6 +608,23 @@ def test_eval_with_a_config_of_other_tasks_or_another_order_is_refused_by_name(
     assert f"learned task 'sentiment' with the labels [{', '.join(learned)}]" in err, err
 
 
+def test_eval_refuses_a_task_of_another_kind_than_the_run_learned(tasks_dir: Path, tmp_path: Path):
+    """A generation task's name given to a classification task: said as such, not as missing labels."""
+    from loramix.data import MultiTaskData, TaskSpec
+    from loramix.errors import ConfigError
+    from loramix.methods.base import check_eval_tasks
+
+    (tmp_path / "adapter").mkdir()
+    record = {"metadata": {"tasks": [{"name": "up", "task_type": "generation", "labels": []}]}}
+    (tmp_path / "adapter" / "loramix_config.json").write_text(json.dumps(record))
+    files = {split: str(tasks_dir / "colors" / f"{split}.jsonl") for split in ("train", "test")}
+    data = MultiTaskData([TaskSpec(name="up", **files)])
+    with pytest.raises(
+        ConfigError, match="learned task 'up' as a generation task; .* as a classification task"
+    ):
+        check_eval_tasks(tmp_path, data)
+
+
 def test_a_run_stopped_before_it_finished_says_how_to_finish_it(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

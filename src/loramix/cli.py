@@ -39,8 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.training_into = output_dir
     if not args.resume and (output_dir / "config.yaml").is_file() and len(list(output_dir.iterdir())) > 1:
         print(
-            f"loramix: note: {output_dir} holds a run already; this one replaces it, its outputs first (--resume "
-            "would continue it)",
+            f"loramix: note: {output_dir} holds a run already; this one replaces it once its data has been read "
+            "(--resume would continue it)",
             file=sys.stderr,
         )
 
@@ -67,6 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.data import MultiTaskData
     from loramix.io.files import atomic_write_json
     from loramix.methods import get_method
+    from loramix.methods.base import check_eval_tasks
     from loramix.models import show_loading_bars
     from loramix.report import print_table
     from loramix.train.config import RunConfig
@@ -75,9 +76,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml").progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     data = MultiTaskData(task_specs(run))
+    method = get_method(run.method)
+    check_eval_tasks(Path(args.run_dir), data, last_ones=method.continual)  # before the data is batched
     split = args.split or eval_split(data)
     collator = make_collator(run, data, tokenizer)
-    metrics = get_method(run.method).evaluate(Path(args.run_dir), run, model, data, collator, split)
+    metrics = method.evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
     atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
     print(print_table([metrics]))

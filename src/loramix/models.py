@@ -101,3 +101,27 @@ def load_backbone(
     if gradient_checkpointing:
         enable_checkpointing(model)
     return model, tokenizer
+
+
+def position_limit(model: Any) -> int | None:
+    """How many positions a model with learned absolute position embeddings takes (BERT's
+    `max_position_embeddings`, GPT-2's `n_positions`); None for rotary or relative positions (Llama), which have
+    no table to run past."""
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    tables = (m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == limit)
+    return limit if next(tables, None) is not None else None
+
+
+def check_positions(model: Any, max_length: int, name: str) -> None:
+    """Refuse a `max_length` past the model's position table (it would fail inside the first step)."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"max_length: {max_length} tokens, but model {name!r} has {limit} positions; set max_length to at "
+            f"most {limit}"
+        )

@@ -60,6 +60,7 @@ def test_a_chat_without_a_chat_template_is_rendered_as_lines_and_said_once(tmp_p
     [
         ({"prompt": "a"}, "missing field 'response'"),
         ({"prompt": "a", "response": "  "}, "is empty"),
+        ({"prompt": " ", "response": "b"}, "field 'prompt' is empty; a prompt needs text"),
         ({"prompt": 3, "response": "b"}, "must be a string"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "at least two turns"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}, "assistant"),

@@ -406,6 +406,22 @@ def test_a_resume_refused_for_its_checkpoints_writes_nothing_even_with_a_changed
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_resume_whose_task_specs_are_refused_records_no_change(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """Task specs written in the config are checked with the data, after torch loads: still before a changed config
+    is recorded."""
+    spec = {"name": "colors", "train": str(tasks_dir / "colors" / "train.jsonl")}
+    spec["test"] = str(tasks_dir / "colors" / "test.jsonl")
+    settings = {**toys.settings(model_dir, tasks_dir, steps=2), "tasks_dir": None, "tasks": [spec]}
+    run_training(RunConfig.from_dict(settings), tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    broken = {**settings, "lr": 1e-2, "tasks": [{**spec, "colour": "red"}]}
+    with pytest.raises(ConfigError, match="colour"):
+        run_training(RunConfig.from_dict(broken), tmp_path, resume=True, allow_config_change=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_relative_tasks_dir_is_the_same_config_on_resume(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

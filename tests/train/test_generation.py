@@ -215,3 +215,19 @@ def test_an_elrea_expert_export_of_a_run_that_trained_its_backbone_names_that_ba
         want = model.backbone(input_ids=ids).logits
         got = peft_model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_max_length_past_the_position_table_is_refused_before_training(
+    gpt2_dir: Path, llama_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    """GPT-2 learns a table of positions (its step would fail past it); Llama's rotary positions have none."""
+    from transformers import AutoModelForCausalLM
+
+    from loramix.models import position_limit
+
+    assert position_limit(AutoModelForCausalLM.from_pretrained(gpt2_dir)) == 64
+    assert position_limit(AutoModelForCausalLM.from_pretrained(llama_dir)) is None
+    settings = toys.gen_settings(gpt2_dir, gen_tasks_dir, steps=1, max_length=100)
+    with pytest.raises(ConfigError, match="max_length: 100 tokens, but model .* has 64 positions"):
+        run_training(RunConfig.from_dict(settings), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from loramix.train.generation_eval import first_label, first_number, normalize, score, token_f1
+from loramix.train.generation_eval import first_label, first_number, fit_positions, normalize, score, token_f1
 
 
 def test_normalize_drops_case_punctuation_and_extra_spaces():
@@ -53,3 +54,21 @@ def test_first_label_is_the_earliest_whole_word():
 )
 def test_score_by_the_tasks_scorer(prediction: str, reference: str, scorer: str, right: bool):
     assert score(prediction, reference, scorer, ["positive", "negative"]) is right
+
+
+def test_prompts_and_answers_fit_the_position_table():
+    """Within the table nothing changes; past it the answer keeps its length up to half the table and the prompts
+    lose their oldest (leftmost: they are left-padded) tokens."""
+    prompts = {
+        "input_ids": torch.arange(20).repeat(2, 1),
+        "attention_mask": torch.ones(2, 20),
+        "task_ids": torch.zeros(2),
+    }
+    same, room = fit_positions(prompts, 10, 64)
+    assert same is prompts and room == 10
+    assert fit_positions(prompts, 10, None)[1] == 10
+    cut, room = fit_positions(prompts, 10, 24)
+    assert room == 10 and cut["input_ids"].shape == (2, 14) and cut["input_ids"][0, 0] == 6
+    assert cut["attention_mask"].shape == (2, 14) and cut["task_ids"].shape == (2,)
+    cut, room = fit_positions(prompts, 40, 24)  # a long answer keeps half the table
+    assert room == 12 and cut["input_ids"].shape == (2, 12)

@@ -52,6 +52,8 @@ def _example(row: Row, spec: TaskSpec, task: int) -> GenerationExample:
         return GenerationExample("", turns[-1][1], task, row.location, tuple(turns[:-1]))
     prompt = text_value(row, spec.prompt_field, "prompt_field")
     response = text_value(row, spec.response_field, "response_field")
+    if not prompt.strip():  # nothing to generate from: a batch of such prompts has no position to continue
+        raise DataError(f"{row.location}: field {spec.prompt_field!r} is empty; a prompt needs text")
     if not response.strip():
         raise DataError(f"{row.location}: field {spec.response_field!r} is empty; a response needs text")
     return GenerationExample(prompt, response, task, row.location)

@@ -14,6 +14,7 @@ from loramix.train.checkpoint import check_resumable
 from loramix.train.config import RunConfig
 from loramix.train.loop import processes
 from loramix.train.resume import check_resume_config
+from loramix.train.run import task_specs
 
 __all__ = [
     "METHODS",
@@ -55,6 +56,7 @@ def run_training(
             "(the run it continues stays as it was): pass another --output-dir"
         )
     if resume:
+        task_specs(run)  # a task spec's own problems, before a changed config is recorded
         check_resumable(method.resume_checkpoints(Path(output_dir)), processes().num_processes)
         check_resume_config(
             run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process

@@ -189,6 +189,12 @@ def check_eval_tasks(run_dir: Path, data: MultiTaskData, *, last_ones: bool = Fa
     offset = len(learned) - data.num_tasks if last_ones else 0
     if offset >= 0 and learned[offset:] == list(data.task_names):
         for meta, task in zip(metadata[offset:], data.tasks):
+            kind = meta.get("task_type") if isinstance(meta, dict) else None
+            if kind is not None and kind != task.task_type:
+                raise ConfigError(
+                    f"tasks: {run_dir} learned task {task.name!r} as a {kind} task; the evaluation config gives it "
+                    f"as a {task.task_type} task"
+                )
             saved = meta.get("labels") if isinstance(meta, dict) else None
             if isinstance(saved, list) and saved != list(task.label_names):
                 raise ConfigError(

@@ -22,6 +22,7 @@ import torch
 from loramix.data import MultiTaskData
 from loramix.data.generation import GenerationCollator, GenerationExample
 from loramix.losses.language_model import token_nll
+from loramix.models import position_limit
 from loramix.train.eval_log import progress_bar, with_unscored
 from loramix.train.model import MultiTaskModel
 from loramix.train.step import routed
@@ -132,6 +133,7 @@ def evaluate_generation(
         data.eval_examples(split, task.task_id, max_examples)  # type: ignore[misc]
         for task in scored
     ]
+    limit = position_limit(model.backbone)
     bar = progress_bar(chosen, batch_size, split, progress)
     tasks: dict[str, Any] = {}
     for task, examples in zip(scored, chosen):
@@ -146,7 +148,8 @@ def evaluate_generation(
             total, tokens = token_nll(answers.logits(batch), batch["lm_labels"])
             nll, count = nll + float(total.sum()), count + int(tokens.sum())
             prompts = {k: v.to(device) for k, v in collator.prompts(part).items()}
-            generated = answers.generate(batch, prompts, new_tokens)
+            prompts, room = fit_positions(prompts, new_tokens, limit)
+            generated = answers.generate(batch, prompts, room)
             texts = collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
             for example, text in zip(part, texts):
                 text = text.strip()
@@ -181,3 +184,16 @@ def evaluate_generation(
         "mean_accuracy": sum(t["accuracy"] for t in tasks.values()) / max(len(tasks), 1),
     }
     return with_unscored(metrics, data, split)
+
+
+def fit_positions(
+    prompts: dict[str, torch.Tensor], new_tokens: int, limit: int | None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Prompts (left-padded) and a number of new tokens that fit a position table of `limit`: the answer keeps up
+    to half of it, and the prompts lose their oldest tokens only when they would leave less."""
+    width = prompts["input_ids"].shape[1]
+    if limit is None or width + new_tokens <= limit:
+        return prompts, new_tokens
+    room = max(min(new_tokens, limit - width), min(new_tokens, limit // 2))
+    keep = limit - room
+    return {k: v[:, -keep:] if v.dim() == 2 else v for k, v in prompts.items()}, room

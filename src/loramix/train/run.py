@@ -24,7 +24,7 @@ from loramix.heads.label_prompt import prompt_texts
 from loramix.inject import inject
 from loramix.io import load, read_checkpoint, save
 from loramix.io.files import atomic_write_bytes, atomic_write_json
-from loramix.models import check_model_path, load_backbone
+from loramix.models import check_model_path, check_positions, load_backbone
 from loramix.preflight import check_output_dir, finished_adapter
 from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
@@ -79,6 +79,7 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
         quantize=run.quantize,
         gradient_checkpointing=run.gradient_checkpointing,
     )
+    check_positions(backbone, run.max_length, run.model)
     try:
         inject(backbone, adapters)
     except InjectionError as exc:  # the targets came from the run config: a config error, named as one
@@ -291,6 +292,7 @@ def load_trained(
         raise CheckpointError(f"{run_dir / 'adapter'}: no task metadata; was it written by loramix train?")
     generative = is_generative(run, [t["task_type"] for t in tasks_meta])
     backbone, tokenizer = load_backbone(run.model, causal_lm=generative, quantize=run.quantize)
+    check_positions(backbone, run.max_length, run.model)
     load(backbone, run_dir / "adapter")
     heads: Head
     if generative:
