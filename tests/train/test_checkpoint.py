@@ -422,6 +422,28 @@ def test_a_resume_whose_task_specs_are_refused_records_no_change(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_changed_task_spec_is_named_by_its_field():
+    """An edited task spec names the field that changed (`tasks[0].scorer`), not the whole list cut short."""
+    from loramix.train.resume import config_changes
+
+    spec = {
+        "name": "a",
+        "train": "/data/a.jsonl",
+        "task_type": "generation",
+        "scorer": "label",
+        "labels": ["y", "n"],
+    }
+    saved = RunConfig.from_dict({"tasks": [spec], "lr": 1e-3}).to_dict()
+    edited = {k: v for k, v in spec.items() if k != "labels"} | {"scorer": "exact"}
+    now = RunConfig.from_dict({"tasks": [edited], "lr": 2e-3, "targets": ["query"]})
+    assert config_changes(saved, now, Path("/")) == {
+        "lr": (1e-3, 2e-3),
+        "targets": ("all-linear", ["query"]),
+        "tasks[0].labels": (["y", "n"], None),
+        "tasks[0].scorer": ("label", "exact"),
+    }
+
+
 def test_a_relative_tasks_dir_is_the_same_config_on_resume(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

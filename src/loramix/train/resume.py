@@ -34,13 +34,27 @@ def config_changes(
     now, saved = run.to_dict(), copy.deepcopy(saved)
     resolve_paths(saved, saved_in or Path.cwd())
     resolve_paths(now, Path.cwd())
-    changed = {}
+    changed: dict[str, tuple[Any, Any]] = {}
     for key in sorted((set(saved) | set(now)) - BOOKKEEPING_KEYS):
         before = saved.get(key, defaults.get(key, _ABSENT))
         after = now.get(key, _ABSENT)
-        if before != after:
-            changed[key] = (None if before is _ABSENT else before, None if after is _ABSENT else after)
+        _differences(key, before, after, changed)
     return changed
+
+
+def _differences(path: str, before: Any, after: Any, changed: dict[str, tuple[Any, Any]]) -> None:
+    """Each place where `before` and `after` differ, by its path: into mappings by key and into lists of one length
+    by index (`tasks[2].scorer`), so that an edited task spec names the field that changed."""
+    if before == after:
+        return
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(set(before) | set(after), key=str):
+            _differences(f"{path}.{key}", before.get(key, _ABSENT), after.get(key, _ABSENT), changed)
+    elif isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for index, (one, other) in enumerate(zip(before, after)):
+            _differences(f"{path}[{index}]", one, other, changed)
+    else:
+        changed[path] = (None if before is _ABSENT else before, None if after is _ABSENT else after)
 
 
 def check_resume_config(
