@@ -95,6 +95,16 @@ def test_a_source_with_its_own_class_names_stores_indices_even_when_the_names_ar
     assert names == ["1", "2"] and [e.label for e in to_examples(raw, spec, label_names=names)] == [0, 1, 1]
 
 
+def test_yaml_booleans_as_labels_and_prompt_rows_in_a_classification_task_say_what_to_write(jsonl):
+    from loramix.data import load_task_specs
+
+    with pytest.raises(ConfigError, match="labels: .*YAML reads yes, no, on and off as booleans; quote them"):
+        load_task_specs([{"name": "t", "train": "t.jsonl", "labels": [True, False]}])
+    path = jsonl("g.jsonl", [{"prompt": "2+2=", "response": "4"}])
+    with pytest.raises(DataError, match="missing field 'label'.*`task_type: generation`"):
+        read(TaskSpec(name="g", train=path, labels=["a", "b"]))
+
+
 def test_tsv_keeps_bare_quotes(tmp_path: Path):
     path = tmp_path / "t.tsv"
     path.write_text('text\tlabel\nsay "hi\t0\nok\t1\n', encoding="utf-8")

@@ -52,6 +52,7 @@ def generation_run(root: Path, base_dir: Path, *, router: str = "task", method: 
     tasks = [{"name": name, "task_type": "generation"} for name in TASKS]
     loramix.save(model, run_dir / "adapter", metadata={"tasks": tasks, "run": {"method": method}})
     config = {"method": method, "model": str(base_dir), "tasks_dir": str(root / "data"), "tasks": TASKS}
+    config["max_length"] = 48  # within the tiny GPT-2's 64 positions, as a run trained on it has
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return run_dir
 

@@ -119,7 +119,12 @@ class TaskSpec(BaseModel):
     @field_validator("labels", mode="before")
     @classmethod
     def _integer_names(cls, value: Any) -> Any:
-        """`labels: [0, 1, 2]` names classes as integer labels do by default ('0', '1', '2')."""
+        """`labels: [0, 1, 2]` names classes as integer labels do by default ('0', '1', '2'); YAML reads a bare
+        yes/no/on/off as a boolean, which is no label name."""
+        if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+            raise ValueError(
+                f"{value} holds true/false: YAML reads yes, no, on and off as booleans; quote them ('yes', 'no')"
+            )
         if isinstance(value, list):
             return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         return value
