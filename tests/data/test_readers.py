@@ -101,7 +101,7 @@ def test_yaml_booleans_as_labels_and_prompt_rows_in_a_classification_task_say_wh
     with pytest.raises(ConfigError, match="labels: .*YAML reads yes, no, on and off as booleans; quote them"):
         load_task_specs([{"name": "t", "train": "t.jsonl", "labels": [True, False]}])
     path = jsonl("g.jsonl", [{"prompt": "2+2=", "response": "4"}])
-    with pytest.raises(DataError, match="missing field 'label'.*`task_type: generation`"):
+    with pytest.raises(DataError, match="missing field 'text'.*`task_type: generation`"):
         read(TaskSpec(name="g", train=path, labels=["a", "b"]))
 
 

@@ -266,7 +266,9 @@ def field_value(row: Row, key: str, spec_field: str) -> Any:
     if value is _MISSING:
         present = ", ".join(map(str, row.fields)) or "none"
         hint = ""
-        if spec_field == "label_field" and ({"prompt", "response", "messages"} & set(row.fields)):
+        if spec_field in ("text_field", "label_field") and {"prompt", "response", "messages"} & set(
+            row.fields
+        ):
             hint = " (or, for prompts and responses, `task_type: generation`)"
         raise DataError(
             f"{row.location}: missing field {key!r} (the row has: {present}); set {spec_field} in the task spec"
