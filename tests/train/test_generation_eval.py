@@ -72,3 +72,19 @@ def test_prompts_and_answers_fit_the_position_table():
     assert cut["attention_mask"].shape == (2, 14) and cut["task_ids"].shape == (2,)
     cut, room = fit_positions(prompts, 40, 24)  # a long answer keeps half the table
     assert room == 12 and cut["input_ids"].shape == (2, 12)
+
+
+def test_references_that_the_scorer_cannot_read_are_warned_of():
+    from loramix.errors import DataWarning
+    from loramix.train.generation_eval import warn_unscorable
+
+    with pytest.warns(DataWarning, match=r"task 'math': 1 of 2 references hold no number \(e.g. 'none'\)"):
+        warn_unscorable("math", "number", (), ["4", "none"])
+    with pytest.warns(DataWarning, match="1 of 2 references name none of the labels yes, no"):
+        warn_unscorable("qa", "label", ("yes", "no"), ["yes", "maybe"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unscorable("qa", "label", ("yes", "no"), ["yes", "No."])
+        warn_unscorable("free", "exact", (), ["anything"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from loramix.data import MultiTaskData
 from loramix.data.generation import GenerationCollator, GenerationExample
+from loramix.errors import DataWarning
 from loramix.losses.language_model import token_nll
 from loramix.models import position_limit
 from loramix.train.eval_log import progress_bar, with_unscored
@@ -139,6 +141,7 @@ def evaluate_generation(
     for task, examples in zip(scored, chosen):
         spec = data.specs[task.task_id]
         bar.set_postfix(task=task.name)
+        warn_unscorable(task.name, spec.scorer, spec.labels or (), [e.response for e in examples])
         longest = max((len(collator.token_ids(e)[1]) for e in examples), default=1)
         new_tokens = max_new_tokens or longest + EXTRA_TOKENS
         nll, count, right, exact, f1s, samples = 0.0, 0, 0, 0, [], []
@@ -197,3 +200,23 @@ def fit_positions(
     room = max(min(new_tokens, limit - width), min(new_tokens, limit // 2))
     keep = limit - room
     return {k: v[:, -keep:] if v.dim() == 2 else v for k, v in prompts.items()}, room
+
+
+def warn_unscorable(task: str, scorer: str, labels: Sequence[str], references: Sequence[str]) -> None:
+    """A DataWarning when some references give the scorer nothing to compare (a `number` task's reference without
+    a number, a `label` task's that names no label): no answer can be right on them."""
+    if scorer == "number":
+        empty = [r for r in references if first_number(r) is None]
+        what = "hold no number"
+    elif scorer == "label":
+        empty = [r for r in references if first_label(r, labels) is None]
+        what = f"name none of the labels {', '.join(labels)}"
+    else:
+        return
+    if empty:
+        warnings.warn(
+            f"task {task!r}: {len(empty)} of {len(references)} references {what} (e.g. {empty[0]!r}), so no answer "
+            f"is scored right on them by the {scorer!r} scorer",
+            DataWarning,
+            stacklevel=2,
+        )
