@@ -84,6 +84,12 @@ def test_spec_fields_of_a_generation_task_are_checked():
         TaskSpec.from_dict(
             {"name": "t", "train": "t.jsonl", "task_type": "generation", "text_pair_field": "b"}
         )
+    for key in (
+        "text_field",
+        "label_field",
+    ):  # a classification task's fields, which a generation task never reads
+        with pytest.raises(ConfigError, match=f"reads prompt_field and response_field .*remove {key}"):
+            TaskSpec.from_dict({"name": "t", "train": "t.jsonl", "task_type": "generation", key: "prompt"})
     spec = TaskSpec.from_dict(
         {
             "name": "t",

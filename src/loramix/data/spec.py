@@ -176,10 +176,13 @@ class TaskSpec(BaseModel):
         return self
 
     def _generation_consistent(self) -> TaskSpec:
-        if self.text_pair_field is not None or self.label_prompts is not None:
+        defaults = type(self).model_fields
+        unread = [key for key in ("text_field", "label_field") if getattr(self, key) != defaults[key].default]
+        if self.text_pair_field is not None or self.label_prompts is not None or unread:
+            given = ", ".join(unread + [k for k in ("text_pair_field", "label_prompts") if getattr(self, k)])
             raise ValueError(
                 f"task {self.name!r}: a generation task reads prompt_field and response_field (or "
-                "messages_field); remove text_pair_field and label_prompts"
+                f"messages_field); remove {given}"
             )
         if self.scorer == "label" and self.labels is None:
             raise ValueError(
