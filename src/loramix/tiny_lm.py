@@ -60,7 +60,7 @@ def tiny_causal_lm(
     **config: Any,
 ) -> Any:
     """A randomly initialised GPT-2 or Llama causal LM of these sizes (pad 0, bos 2, eos 3, as the char
-    tokenizer), in eval mode. Extra keywords go to the transformers config."""
+    tokenizer, unless given), in eval mode. Extra keywords go to the transformers config."""
     import torch
     import transformers
 
@@ -69,6 +69,7 @@ def tiny_causal_lm(
     if seed is not None:
         torch.manual_seed(seed)
     ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    ids.update({k: config.pop(k) for k in list(ids) if k in config})  # a keyword given replaces its default
     if kind == "gpt2":
         cfg = transformers.GPT2Config(
             vocab_size=vocab_size,
