@@ -131,6 +131,13 @@ def test_extra_tensors_and_metadata_round_trip(tmp_path: Path) -> None:
     loramix.load(tiny_bert(), tmp_path)  # extra tensors are not taken for model parameters
 
 
+def test_loading_a_run_folder_points_at_its_adapter_folder(tmp_path: Path) -> None:
+    model, _ = adapted_bert("task")
+    loramix.save(model, tmp_path / "run" / "adapter")
+    with pytest.raises(CheckpointError, match=r"run: a run folder; its adapters are in .*run/adapter"):
+        loramix.load(tiny_bert(), tmp_path / "run")
+
+
 def test_saving_into_a_file_is_refused_by_name(tmp_path: Path) -> None:
     model, _ = adapted_bert("task")
     (tmp_path / "afile").write_text("mine")

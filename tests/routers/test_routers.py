@@ -217,3 +217,17 @@ def test_the_registry_builds_each_router_kind(
 def test_an_unknown_router_kind_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="router: router 'magic' is not one of: .*per-task"):
         check_kinds(AdapterConfig.from_dict({"router": "magic"}))
+
+
+def test_task_ids_of_another_batch_size_are_a_routing_error_for_per_task_routers() -> None:
+    import loramix
+    from loramix.errors import RoutingError
+    from tests.models import mlp_inputs, tiny_mlp
+
+    model = tiny_mlp()
+    loramix.inject(
+        model, {"router": "per-task", "num_experts": 3, "num_tasks": 3, "top_k": 2, "targets": ["fc1"]}
+    )
+    with pytest.raises(RoutingError, match="got 4 inputs but task_ids for 2"):
+        with loramix.routing(model, task_ids=torch.tensor([0, 1])):
+            model(mlp_inputs())

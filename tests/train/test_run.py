@@ -114,3 +114,14 @@ def test_tasks_without_a_test_or_validation_split_are_refused_before_training(
     with pytest.raises(DataError, match="no task has a 'test' or 'validation' split.*sentiment"):
         run_training(run, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("targets", ["nothing"]), ("router_input", "encoder.nope")])
+def test_adapter_settings_that_fit_no_module_name_the_key_to_set(
+    key: str, value: object, model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    from loramix.errors import ConfigError
+
+    settings = toys.settings(model_dir, tasks_dir, method="mola-router" if key == "router_input" else "lora")
+    with pytest.raises(ConfigError, match=rf"do not fit model .*\(set `{key}` in the run config\)"):
+        run_training(RunConfig.from_dict({**settings, key: value, "steps": 1}), tmp_path)

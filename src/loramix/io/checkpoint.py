@@ -106,6 +106,10 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, to
             f"{directory}: a PEFT adapter, not a loramix save; bring it in with loramix.import_peft(model, "
             f"{str(directory)!r})"
         )
+    if not (directory / CONFIG_FILE).is_file() and (directory / "adapter" / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{directory}: a run folder; its adapters are in {directory / 'adapter'} (load that folder)"
+        )
     record = read_json(directory / CONFIG_FILE)
     version = record.get("format_version")
     if record.get("library") != "loramix" or not isinstance(version, int):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loramix.errors import RoutingError
 from loramix.frozen_rows import FrozenRows
 from loramix.routers.base import LearnedRouter, Router, register_router
 
@@ -81,6 +82,11 @@ class PerTaskRouter(LearnedRouter, FrozenRows):
         """Each sample's scores by its own task's router, `(n, d) -> (n, e)`: a product and a sum over `d`, whose
         rounding does not depend on how many tasks and experts there are (a matmul's does), so that growing leaves
         old tasks' logits bit-identical."""
+        if task_ids.shape[0] != hidden.shape[0]:
+            raise RoutingError(
+                f"router 'per-task' got {hidden.shape[0]} inputs but task_ids for {task_ids.shape[0]}: the routing "
+                "block's task_ids must have one entry per sample of the batch"
+            )
         weight = self.effective()[name].float()[task_ids]  # (n, e, d)
         return (hidden[:, None, :] * weight).sum(-1)
 
