@@ -30,6 +30,11 @@ def grow(
     becoming expert 0 (ELREA grows its base adapter this way). `task_to_expert` (task router) maps every task,
     old ones included, when the new tasks do not simply take the new experts in order.
 
+    New experts add nothing, so with routers that fix each task's experts (task, Poly, per-task) old tasks' outputs
+    are unchanged. A learned router over the inputs (sample, token) with a soft gate spreads its softmax over the new
+    experts too: the old experts' weights shrink and the outputs move until it is trained again (with top-1 they
+    do not).
+
     Example:
         >>> loramix.grow(model, num_experts=4, num_tasks=4)  # two more experts and tasks, old ones untouched
     """

@@ -69,7 +69,8 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def grow(self, num_experts: int, num_tasks: int | None) -> None:
-        """Make room for more experts and task slots in place; old decisions on old tasks stay as they were."""
+        """Make room for more experts and task slots in place; old decisions on old tasks stay as they were where
+        the router fixes them by task (a softmax over the inputs gives the new experts a share of it)."""
         raise NotImplementedError
 
     def task_gate(self, task: int) -> Tensor | None:
