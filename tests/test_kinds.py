@@ -32,6 +32,11 @@ BAD = {
         "has 2 entries but num_tasks is 3",
     ),
     "top_k unused": ({"router": "task", "num_experts": 2, "num_tasks": 2, "top_k": 1}, "top_k", "not used"),
+    "router_input unused": (
+        {"router": "token", "num_experts": 2, "router_input": "embeddings"},
+        "router_input",
+        "router_input is not used by router 'token'",
+    ),
 }
 
 
@@ -72,6 +77,13 @@ def test_a_method_door_check_names_the_method() -> None:
     )
     with pytest.raises(ConfigError, match="adapter settings of method mola-grad:\n  task_to_expert: .*3"):
         get_method("mola-grad").validate(run)
+
+
+def test_a_method_without_a_router_that_reads_router_input_refuses_it() -> None:
+    run = RunConfig(tasks_dir="data", tasks=["a", "b"], method="token-router", router_input="embeddings")
+    with pytest.raises(ConfigError, match="router_input: method token-router has no router that reads it"):
+        get_method("token-router").validate(run)
+    get_method("mola-router").validate(run.model_copy(update={"method": "mola-router"}))
 
 
 def test_a_config_is_checked_without_torch() -> None:

@@ -72,9 +72,13 @@ class Method:
             )
         where = f"adapter settings of method {self.name}"
         try:
-            check_kinds(self.adapter_config(run, len(run.tasks)), where)
+            adapters = check_kinds(self.adapter_config(run, len(run.tasks)), where)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, where, AdapterConfig.model_fields)) from None
+        if run.router_input is not None and adapters.router_input is None:
+            raise ConfigError(
+                f"router_input: method {self.name} has no router that reads it (mola-router's does); remove it"
+            )
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         raise NotImplementedError

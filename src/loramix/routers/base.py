@@ -60,6 +60,8 @@ class Router(nn.Module):
             raise ValueError(f"top_k is not used by router '{cls.kind}'")
         if config.task_to_expert is not None and not cls.uses_task_to_expert:
             raise ValueError(f"task_to_expert is not used by router '{cls.kind}'")
+        if config.router_input is not None and not cls.pools_model_input:
+            raise ValueError(f"router_input is not used by router '{cls.kind}'")
 
     @classmethod
     def from_config(cls, config: AdapterConfig, in_features: int | None, **kwargs: Any) -> Router | None:
