@@ -254,3 +254,19 @@ def test_an_empty_batch_gives_the_base_model_s_empty_output(router: str) -> None
         with loramix.routing(model, task_ids=task_ids):
             out = model(x)
         assert out.shape == (*shape[:-1], 4)
+
+
+def test_a_model_wide_router_whose_input_runs_too_late_says_so() -> None:
+    """Outside a routing block: call it inside one. Inside one, with router_input after the adapted layers: say that
+    the router's input must come first."""
+    from tests.models import mlp_inputs, tiny_mlp
+
+    model = tiny_mlp()
+    loramix.inject(model, {"router": "sample", "num_experts": 2, "targets": ["fc1"], "router_input": "fc2"})
+    with pytest.raises(loramix.RoutingError, match="call the model inside loramix.routing"):
+        model(mlp_inputs())
+    with pytest.raises(
+        loramix.RoutingError, match=r"ran before the model-wide router decided: its input \(router_input\)"
+    ):
+        with loramix.routing(model):
+            model(mlp_inputs())

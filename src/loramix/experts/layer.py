@@ -91,12 +91,17 @@ class AdaptedLayer(nn.Module):
                 if not recomputing:
                     routing.add(self.layer_name, gate)
             return gate
-        if routing is None or routing.model_gate is None:
+        if routing is None:
             raise RoutingError(
                 f"layer '{self.layer_name}' is routed by a model-wide router but got no gate: call the model "
-                "inside loramix.routing(model, ...) (with task_ids when it routes by task), and check that "
-                "router_input runs before this layer (a block checkpointed by other means than transformers' "
-                "gradient_checkpointing_enable is recomputed in backward without it)"
+                "inside loramix.routing(model, ...) (with task_ids when it routes by task)"
+            )
+        if routing.model_gate is None:
+            raise RoutingError(
+                f"layer '{self.layer_name}' ran before the model-wide router decided: its input (router_input) "
+                "must run before every adapted layer (the input embeddings do), or adapt only the blocks after it "
+                "(layers_to_transform); a block checkpointed by other means than transformers' "
+                "gradient_checkpointing_enable is recomputed in backward without it"
             )
         return routing.model_gate
 
