@@ -94,14 +94,14 @@ class AdaptedLayer(nn.Module):
         if routing is None:
             raise RoutingError(
                 f"layer '{self.layer_name}' is routed by a model-wide router but got no gate: call the model "
-                "inside loramix.routing(model, ...) (with task_ids when it routes by task)"
+                "inside loramix.routing(model, ...) (with task_ids when it routes by task); a block checkpointed by "
+                "other means than transformers' gradient_checkpointing_enable is recomputed in backward outside it"
             )
         if routing.model_gate is None:
             raise RoutingError(
                 f"layer '{self.layer_name}' ran before the model-wide router decided: its input (router_input) "
                 "must run before every adapted layer (the input embeddings do), or adapt only the blocks after it "
-                "(layers_to_transform); a block checkpointed by other means than transformers' "
-                "gradient_checkpointing_enable is recomputed in backward without it"
+                "(layers_to_transform)"
             )
         return routing.model_gate
 
