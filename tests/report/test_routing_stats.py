@@ -163,3 +163,21 @@ def test_per_layer_summary_with_different_expert_counts_and_probe():
     assert result["layers"]["a"]["probe_accuracy"] == 1.0
     with pytest.raises(RoutingError, match="empty"):
         per_layer_summary({}, task_ids, TASKS)
+
+
+def test_layers_that_each_route_make_no_routes_nothing_aggregate_and_flat_layers_do():
+    """Layer 0 sends task t to expert t, layer 1 to expert t + 1 (mod 3): each routes, while their mean gate is
+    nearly uniform. The aggregate judges by the layers, not by that mean; when every layer is flat it says so once."""
+    task_ids = task_ids_for(300)
+    first = perfect_gates(task_ids, 3, seed=1)
+    second = np.roll(first, 1, axis=1)
+    third = np.roll(first, 2, axis=1)
+    result = per_layer_summary({"a": first, "b": second, "c": third}, task_ids, TASKS)
+    assert routing_summary(np.mean([first, second, third], axis=0), task_ids, TASKS)["spread"] < 0.05
+    assert not any("routes nothing" in w for w in result["aggregate"]["warnings"])
+    flat = np.full((300, 3), 1 / 3)
+    result = per_layer_summary({"a": flat, "b": flat}, task_ids, TASKS)
+    assert (
+        result["aggregate"]["warnings"][0]
+        == "routes nothing in any of its 2 layers; the experts act as one LoRA"
+    )

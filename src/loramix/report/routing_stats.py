@@ -293,7 +293,8 @@ def per_layer_summary(
     else every layer's gates side by side divided by the number of layers `(n, sum e)` (still a distribution).
     Its probe always runs, on all layers' gates side by side: can the task be read from the routing anywhere?
     Its extra keys `num_layers`, `mean_layer_purity`, `mean_layer_nmi`, `mean_layer_entropy` average the layers,
-    and its `warnings` end with every layer's warnings prefixed by the layer name.
+    and its `warnings` are every layer's, prefixed by the layer name (after one that the router routes nothing when
+    every layer routes nothing): the layer-mean gate's own would judge a mixture that no layer computes.
 
     Args:
         gates_by_layer: layer name -> `(n, e)` gates per sample (per-token gates averaged over tokens).
@@ -335,6 +336,19 @@ def per_layer_summary(
     aggregate["mean_layer_purity"] = mean_of("purity")
     aggregate["mean_layer_nmi"] = mean_of("nmi")
     aggregate["mean_layer_entropy"] = mean_of("entropy")
+    if len(summaries) > 1:
+        # expert e of one layer is unrelated to expert e of another: the layer-mean gate's own warnings would judge
+        # a mixture no layer computes (a mean over layers that each route looks uniform). Only the layers speak,
+        # and the aggregate says "routes nothing" when all of them do.
+        flat = [
+            any(str(w).startswith(ROUTES_NOTHING) for w in summary["warnings"])
+            for summary in summaries.values()
+        ]
+        aggregate["warnings"] = (
+            [f"{ROUTES_NOTHING} in any of its {len(summaries)} layers; the experts act as one LoRA"]
+            if all(flat)
+            else []
+        )
     aggregate["warnings"] += [
         f"{name}: {warning}" for name, summary in summaries.items() for warning in summary["warnings"]
     ]
