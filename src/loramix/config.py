@@ -151,15 +151,16 @@ class _UniqueKeys(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by the loader, not a key
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in first:
+            if not isinstance(key, str | int | float | bool):  # a complex key: the loader's own checks apply
+                continue
+            if key in first:
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
                     f"key {key!r} is given twice (first on line {first[key] + 1}); keep one",
                     key_node.start_mark,
                 )
-            if isinstance(key, str | int | float | bool):
-                first[key] = key_node.start_mark.line
+            first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
 

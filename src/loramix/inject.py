@@ -475,10 +475,8 @@ def merge_and_unload(
             layer.unmerge()
             layer.merge(fixed)
             merged.append(layer)
-    except Exception:
-        for (
-            layer
-        ) in merged:  # a layer that cannot merge (its base has no weight to fold into): undo the others
+    except Exception:  # a layer that cannot merge (its base has no weight to fold into): undo the others
+        for layer in merged:
             layer.unmerge()
         raise
     _unwrap(model)

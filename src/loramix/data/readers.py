@@ -13,7 +13,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,12 @@ def text_value(row: Row, key: str, spec_field: str) -> str:
     return value
 
 
+def integer_names(names: Iterable[str]) -> bool:
+    """Whether some label names are given and every one is an integer ('1', '2', '-1')."""
+    names = list(names)
+    return bool(names) and all(_INTEGER.fullmatch(name.strip()) for name in names)
+
+
 def _class_index(row: Row, value: Any, index_of: Mapping[str, int], *, by_index: bool = False) -> int:
     """A label's class index. A label is its name wherever it is one, whatever the file stores it as (`1` in a
     JSON line and "1" in a CSV cell both name the label "1"); an integer that names no label is an index, unless
@@ -303,9 +309,9 @@ def _class_index(row: Row, value: Any, index_of: Mapping[str, int], *, by_index:
         raise DataError(f"{row.location}: unknown label {value!r}; the task's labels are: {known}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{row.location}: label must be an integer index or a label name, got {shown(value)}")
-    if str(value) in index_of and not by_index:
+    if not by_index and str(value) in index_of:
         return index_of[str(value)]
-    if not by_index and index_of and all(_INTEGER.fullmatch(name.strip()) for name in index_of):
+    if not by_index and integer_names(index_of):
         raise DataError(
             f"{row.location}: unknown label {value}; the task's labels are: {known} (its label names are integers, "
             "so integers in the data are read as names, not as indices)"

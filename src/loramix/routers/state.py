@@ -17,9 +17,8 @@ class RoutingState:
 
     task_ids: Tensor | None = None
     attention_mask: Tensor | None = None
-    mask_from_forward: bool = (
-        False  # the mask is the model call's own `attention_mask` (none given to the block)
-    )
+    # the mask is the model call's own `attention_mask` (none was given to the block)
+    mask_from_forward: bool = False
     keep_base: Tensor | None = None  # (n,) bool: these samples get no expert (bit-exact base output)
     model_gate: Gate | None = None
     record: bool = True

@@ -17,6 +17,7 @@ import yaml
 from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator, load_task_specs, tasks_from_directory
 from loramix.data.generation import GenerationCollator
+from loramix.data.readers import integer_names
 from loramix.data.spec import TaskSpec
 from loramix.errors import CheckpointError, ConfigError, DataError, InjectionError
 from loramix.heads import Head, LabelPromptHead, LanguageModelHead, TaskHeads
@@ -95,7 +96,7 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
         numbered = [
             t.name
             for t, spec in zip(data.tasks, data.specs)
-            if not spec.label_prompts and t.label_names and all(n.strip().isdigit() for n in t.label_names)
+            if not spec.label_prompts and integer_names(t.label_names)
         ]
         if numbered:
             print(
