@@ -55,6 +55,10 @@ TWO_STAGE = "gaussian, block 3 accepts, blocks 0 + 3 choose"
 TWO_STAGE_POOLED = "gaussian, block 3 accepts (pooled threshold), blocks 0 + 3 choose"
 POOLED = {"normalize": "gaussian", "threshold": "pooled"}
 NEIGHBOURS = "neighbours: block 3's 5th nearest accepts (pooled), blocks 0 + 3 choose"
+SHARED = {"normalize": "gaussian", "choice": "shared"}
+SHARED_NEIGHBOURS = (
+    "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94), blocks 0 + 3 choose"
+)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "paper: input embeddings, l2, err/thr": ("embeddings", {"normalize": "l2"}, {}, ""),
     "l2 rule, block-3 features + token stats": ("hidden3", {"normalize": "l2"}, {}, ""),
@@ -119,6 +123,27 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
         "",
     ),
     "neighbours: block 0's 5th nearest accepts (pooled)": ("hidden0", {**POOLED, "neighbours": 5}, {}, ""),
+    "neighbours: block 3's 3rd nearest accepts (pooled, percentile 94), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {**POOLED, "neighbours": 3, "percentile": 94.0},
+        {},
+        "",
+    ),
+    # `ddas_choice: shared`: the task is the nearest mean under one covariance shared by the learned tasks
+    "shared choice: gaussian, block-0 features + token stats": ("hidden0", {**SHARED}, {}, ""),
+    "shared choice: gaussian, block 3 accepts (pooled), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {**POOLED, **SHARED},
+        {},
+        "",
+    ),
+    "shared choice: block 3's 3rd nearest accepts (pooled), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {**POOLED, **SHARED, "neighbours": 3},
+        {},
+        "",
+    ),
+    SHARED_NEIGHBOURS: ("hidden0+3", {**POOLED, **SHARED, "neighbours": 3, "percentile": 94.0}, {}, ""),
 }
 # the variants whose rows after each task and confusion the markdown shows
 DETAILED = (
@@ -128,6 +153,7 @@ DETAILED = (
     TWO_STAGE,
     TWO_STAGE_POOLED,
     NEIGHBOURS,
+    SHARED_NEIGHBOURS,
 )
 
 

@@ -424,6 +424,7 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
         ddas_accept_layer=1,
         ddas_threshold="pooled",
         ddas_neighbours=2,
+        ddas_choice="shared",
     )
     first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
     metrics = run_training(first, tmp_path / "first")
@@ -437,6 +438,7 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
         int(tensors["extra.selector.neighbours"]) == 2
     )  # block 1's columns of each task's fitting inputs kept
     assert tensors["extra.selector.bank"].shape[::2] == (2, (width - 3) // 2 + 3)
+    assert int(tensors["extra.selector.choice_rule"]) == 1  # the task named under one shared covariance
     assert main(["eval", str(tmp_path / "first")]) == 0
     evaluated = json.loads((tmp_path / "first" / "eval-test.json").read_text())
     assert [evaluated["tasks"][t["name"]]["accuracy"] for t in every[:2]] == metrics["accuracy_matrix"][-1]
@@ -447,6 +449,8 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
         run_training(RunConfig.from_dict({**later, "ddas_threshold": "task"}), tmp_path / "other")
     with pytest.raises(ConfigError, match="ddas_neighbours: 2"):
         run_training(RunConfig.from_dict({**later, "ddas_neighbours": 0}), tmp_path / "other")
+    with pytest.raises(ConfigError, match="ddas_choice: shared"):
+        run_training(RunConfig.from_dict({**later, "ddas_choice": "own"}), tmp_path / "other")
     for key, value in (
         ("moe_experts", 10),
         ("adapter_width", 32),
@@ -472,6 +476,9 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
     with pytest.raises(ConfigError, match="ddas_neighbours: .*needs ddas_normalize: gaussian"):
         get_method("moe-adapters").validate(whiten)
     whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_neighbours": 0})
+    with pytest.raises(ConfigError, match="ddas_choice: shared .*needs ddas_normalize: gaussian"):
+        get_method("moe-adapters").validate(whiten)
+    whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_choice": "own"})
     with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         get_method("moe-adapters").validate(whiten)
 

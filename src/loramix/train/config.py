@@ -246,6 +246,12 @@ class RunConfig(BaseModel):
         "`ddas_accept_layer: 3` and `ddas_threshold: pooled`, sends the most unseen inputs to the base; each task "
         "then keeps its fitting features with the adapters.",
     )
+    ddas_choice: Literal["own", "shared"] = Field(
+        "own",
+        description="Auto-selector (gaussian): the task is the likeliest under each task's own Gaussian (own), or "
+        "the nearest mean under one covariance shared by the learned tasks (shared: linear discriminant analysis; "
+        "tells alike tasks apart more often).",
+    )
     ddas_shrinkage: float = Field(
         0.1,
         gt=0,

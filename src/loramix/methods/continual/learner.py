@@ -134,6 +134,7 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
         accept_width=selector_width(backbone, run.ddas_features) if two_stage else 0,
         threshold=run.ddas_threshold,
         neighbours=run.ddas_neighbours,
+        choice=run.ddas_choice,
     )
 
 
@@ -184,6 +185,7 @@ SELECTOR_SETTINGS = (
     "ddas_threshold",
     "ddas_percentile",
     "ddas_neighbours",
+    "ddas_choice",
     "ddas_shrinkage",
 )
 

@@ -115,6 +115,11 @@ class Continual(Method):
                 "ddas_neighbours: acceptance by nearest neighbours leaves the choice of task to the tasks' "
                 f"Gaussians and needs ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_neighbours: 0"
             )
+        if run.ddas_choice == "shared" and run.ddas_normalize != "gaussian":
+            raise ConfigError(
+                "ddas_choice: shared measures distances under the tasks' Gaussian covariances and needs "
+                f"ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_choice: own"
+            )
         if run.ddas_threshold == "pooled" and run.ddas_normalize != "gaussian":
             raise ConfigError(
                 "ddas_threshold: pooled compares the tasks' Gaussian log-likelihoods on one scale and needs "
