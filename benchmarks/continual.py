@@ -54,6 +54,7 @@ def selector_speed(
     accept_layer: int | None = None,
     first_block: int = 0,
     neighbours: int = 0,
+    choice: str = "own",
 ) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
     from `first_block` on): with the auto-selector choosing each input's task (or the base) from its `hidden`
@@ -62,7 +63,8 @@ def selector_speed(
     true task ids; one process, interleaved rounds, the median of per-round ratios. The selector routes inside the
     pass itself where its blocks come no later than the first adapted one (as a continual run does), else from a
     base pass of its own first. `neighbours` k: the k-th nearest of each task's 800 fitting features decides
-    acceptance (pooled threshold), as `ddas_neighbours` with the run's 1000 `ddas_examples` keeps them."""
+    acceptance (pooled threshold), as `ddas_neighbours` with the run's 1000 `ddas_examples` keeps them. `choice`:
+    `ddas_choice` (shared: the task named under one covariance)."""
     import loramix
     from loramix.methods.continual.features import (
         reads_in_pass,
@@ -103,6 +105,7 @@ def selector_speed(
         accept_width=selector_width(model, "hidden") if two_stage else 0,
         neighbours=neighbours,
         threshold="pooled" if neighbours else "task",
+        choice=choice,
     )
     fitted = 1000 if neighbours else 200  # a Gaussian's cost does not depend on how many it was fitted on
     for task in range(tasks):  # fitted on each task's share of a vocabulary
@@ -143,6 +146,7 @@ def selector_speed(
         "ddas_accept_layer": accept_layer,
         "ddas_normalize": selector.normalize,
         **({"ddas_neighbours": neighbours} if neighbours else {}),
+        **({"ddas_choice": choice} if choice != "own" else {}),
         "layers_to_transform": config["layers_to_transform"],
         "in_pass": in_pass,
         "batch": batch,
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cases",
         nargs="+",
         type=int,
-        help="with --speed: only these of its cases, by position (6 and 7: the nearest-neighbour selector)",
+        help="with --speed: only these of its cases, by position (6 and 7: the nearest-neighbour selector; 8 and "
+        "9: the same with the shared choice)",
     )
     parser.add_argument(
         "--set",
@@ -210,14 +215,25 @@ def main(argv: list[str] | None = None) -> int:
                 entry.get("ddas_normalize"),
                 json.dumps(entry.get("layers_to_transform")),
                 entry.get("ddas_neighbours", 0),
+                entry.get("ddas_choice", "own"),
             )
 
-        # (layer, accept_layer, first adapted block, neighbours)
-        cases = ((0, None, 0, 0), (3, None, 0, 0), (0, 3, 0, 0), (3, None, 3, 0), (0, 3, 3, 0), (0, 1, 1, 0))
-        cases += ((0, 3, 0, 3), (0, 3, 3, 3))
+        # (layer, accept_layer, first adapted block, neighbours, choice)
+        cases = tuple(
+            (*c, "own")
+            for c in (
+                (0, None, 0, 0),
+                (3, None, 0, 0),
+                (0, 3, 0, 0),
+                (3, None, 3, 0),
+                (0, 3, 3, 0),
+                (0, 1, 1, 0),
+            )
+        )
+        cases += ((0, 3, 0, 3, "own"), (0, 3, 3, 3, "own"), (0, 3, 0, 3, "shared"), (0, 3, 3, 3, "shared"))
         if args.cases:
             cases = tuple(cases[i] for i in args.cases)
-        for layer, accept_layer, first_block, neighbours in cases:
+        for layer, accept_layer, first_block, neighbours, choice in cases:
             entry = {
                 **selector_speed(
                     15,
@@ -228,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     accept_layer=accept_layer,
                     first_block=first_block,
                     neighbours=neighbours,
+                    choice=choice,
                 ),
                 "threads": args.threads,
                 "device": device_name(torch.device("cpu")),
