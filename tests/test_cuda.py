@@ -52,10 +52,10 @@ def test_batched_features_on_cuda_equal_the_loop_and_the_cpu() -> None:
     torch.testing.assert_close(features.cpu(), cpu, **TOL)
 
 
-@pytest.mark.parametrize("neighbours", [0, 3])
-def test_the_auto_selector_fitted_on_cuda_decides_as_on_the_cpu(neighbours: int) -> None:
-    """Gaussian and nearest-neighbour acceptance: the same tasks fitted and the same inputs routed on either device;
-    a sample near the acceptance boundary may round either way."""
+@pytest.mark.parametrize(("neighbours", "choice"), [(0, "own"), (3, "own"), (3, "shared")])
+def test_the_auto_selector_fitted_on_cuda_decides_as_on_the_cpu(neighbours: int, choice: str) -> None:
+    """Gaussian and nearest-neighbour acceptance, each task's own or one shared covariance choosing: the same tasks
+    fitted and the same inputs routed on either device; a sample near a boundary may round either way."""
     from loramix.routers.selector import AutoSelector
 
     generator = torch.Generator().manual_seed(0)
@@ -63,7 +63,9 @@ def test_the_auto_selector_fitted_on_cuda_decides_as_on_the_cpu(neighbours: int)
     probe = torch.randn(200, 12, generator=generator) * 2.5
     decided = []
     for device in ("cpu", "cuda"):
-        selector = AutoSelector(12, accept_width=6, threshold="pooled", neighbours=neighbours).to(device)
+        selector = AutoSelector(
+            12, accept_width=6, threshold="pooled", neighbours=neighbours, choice=choice
+        ).to(device)
         for features in tasks:
             selector.add_task(features.to(device))
         torch.testing.assert_close(
@@ -71,6 +73,13 @@ def test_the_auto_selector_fitted_on_cuda_decides_as_on_the_cpu(neighbours: int)
             selector.errors_loop(probe.to(device), accept=True).cpu(),
             **TOL,
         )
+        if choice == "shared":
+            torch.testing.assert_close(
+                selector.shared_scores(probe.to(device)).cpu(),
+                selector.shared_scores_loop(probe.to(device)).cpu(),
+                rtol=1e-4,
+                atol=1e-3,
+            )
         decided.append([d.cpu() for d in selector(probe.to(device))])
     (cpu_tasks, cpu_keep), (cuda_tasks, cuda_keep) = decided
     assert (cpu_keep == cuda_keep).float().mean() >= 0.97 and (cpu_tasks == cuda_tasks).float().mean() >= 0.97

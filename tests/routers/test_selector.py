@@ -332,7 +332,10 @@ def test_the_shared_choice_names_alike_tasks_better_from_few_inputs_and_survives
     mixing = torch.randn(40, 40, generator=generator) / 40**0.5
     means = torch.zeros(2, 40)
     means[1, :4] = 0.6
-    draw = lambda n, t: torch.randn(n, 40, generator=generator) @ mixing + means[t]  # noqa: E731
+
+    def draw(n: int, t: int) -> torch.Tensor:
+        return torch.randn(n, 40, generator=generator) @ mixing + means[t]
+
     right = {}
     for choice in ("own", "shared"):
         selector = AutoSelector(40, choice=choice, percentile=100.0)
