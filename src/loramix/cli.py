@@ -148,6 +148,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(
                     f"  auto-selector: {percent(selector.get('own_task_rate'))} of test inputs to their own task"
                 )
+            rows = [
+                r
+                for r in metrics.get("continual", {}).get("selector_rows", [])
+                if r.get("own_task_rate") is not None
+            ]
+            if rows:  # the sequence's means, as the benchmark reports them
+                own = sum(r["own_task_rate"] for r in rows) / len(rows)
+                unseen = [r["base_rate_unlearned"] for r in rows if r.get("base_rate_unlearned") is not None]
+                print(
+                    f"  over the sequence: {percent(own)} of learned tasks' inputs to their own task"
+                    + (
+                        f", {percent(sum(unseen) / len(unseen))} of not yet learned tasks' inputs to the base"
+                        if unseen
+                        else ""
+                    )
+                )
             for task, layers in metrics.get("continual", {}).get("frozen", {}).items():
                 label = known[int(task)] if int(task) < len(known) else task
                 if isinstance(layers, dict):  # per adapted block: every expert frozen so far

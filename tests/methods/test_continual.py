@@ -547,6 +547,12 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     shown = capsys.readouterr().out
     assert "continual: 3 tasks in order sentiment, animals, colors" in shown
     assert "Transfer" in shown and "BWT" in shown and "auto-selector" in shown and "after task 0" in shown
+    rows = [r for r in moe_run["metrics"]["continual"]["selector_rows"] if r["own_task_rate"] is not None]
+    own = sum(r["own_task_rate"] for r in rows) / len(rows)
+    unseen = [r["base_rate_unlearned"] for r in rows if r["base_rate_unlearned"] is not None]
+    assert len(rows) == 3 and len(unseen) == 2  # after each task; unseen ones after the first two only
+    assert f"over the sequence: {100 * own:.1f}% of learned tasks' inputs to their own task" in shown
+    assert f", {100 * sum(unseen) / len(unseen):.1f}% of not yet learned tasks' inputs to the base" in shown
 
 
 def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(
