@@ -30,6 +30,7 @@ from quality import parse_overrides  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method, run_training  # noqa: E402
 from loramix.methods.continual.features import STATS  # noqa: E402
+from loramix.methods.continual.report import selector_rates  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: metrics[k] for k in ("Transfer", "Average", "Last", "BWT") if k in metrics},
             "accuracy_matrix": metrics["accuracy_matrix"],
             "selector_rows": metrics.get("continual", {}).get("selector_rows"),
+            "selector_rates": selector_rates(metrics.get("continual", {}).get("selector_rows") or []),
             "selector": metrics.get("selector"),
             "seconds": round(time.perf_counter() - started, 1),
             "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),

@@ -104,6 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
+    from loramix.methods.continual.report import selector_rates
     from loramix.preflight import finished_adapter
 
     run_dir = Path(args.run_dir)
@@ -148,20 +149,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(
                     f"  auto-selector: {percent(selector.get('own_task_rate'))} of test inputs to their own task"
                 )
-            rows = [
-                r
-                for r in metrics.get("continual", {}).get("selector_rows", [])
-                if r.get("own_task_rate") is not None
-            ]
-            if rows:  # the sequence's means, as the benchmark reports them
-                own = sum(r["own_task_rate"] for r in rows) / len(rows)
-                unseen = [r["base_rate_unlearned"] for r in rows if r.get("base_rate_unlearned") is not None]
+            means = selector_rates(metrics.get("continual", {}).get("selector_rows", []))
+            if means is not None:
+                unseen = means["unseen_base_mean"]
                 print(
-                    f"  over the sequence: {percent(own)} of learned tasks' inputs to their own task"
+                    f"  over the sequence: {percent(means['own_task_mean'])} of learned tasks' inputs to their own "
+                    "task"
                     + (
-                        f", {percent(sum(unseen) / len(unseen))} of not yet learned tasks' inputs to the base"
-                        if unseen
-                        else ""
+                        ""
+                        if unseen is None
+                        else f", {percent(unseen)} of not yet learned tasks' inputs to the base"
                     )
                 )
             for task, layers in metrics.get("continual", {}).get("frozen", {}).items():

@@ -553,6 +553,11 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     assert len(rows) == 3 and len(unseen) == 2  # after each task; unseen ones after the first two only
     assert f"over the sequence: {100 * own:.1f}% of learned tasks' inputs to their own task" in shown
     assert f", {100 * sum(unseen) / len(unseen):.1f}% of not yet learned tasks' inputs to the base" in shown
+    report = (Path(moe_run["dir"]) / "continual.md").read_text()
+    assert (
+        f"Over the sequence: {own:.3f} of learned tasks' inputs to their own task, "
+        f"{sum(unseen) / len(unseen):.3f} of not yet learned tasks' inputs to the base." in report
+    )
 
 
 def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(

@@ -7,6 +7,7 @@ Legend: T tasks, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,22 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from loramix.io.files import atomic_write_bytes
+
+
+def selector_rates(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None] | None:
+    """The auto-selector's rates over a sequence, as its targets are stated: the share of learned tasks' test inputs
+    sent to their own task, meaned over the rows after each task (`own_task_mean`) and after the last
+    (`own_task_last`), and the share of not yet learned tasks' inputs sent to the base, meaned over the rows that
+    have both kinds (`unseen_base_mean`; None when none does); None for no row after a task."""
+    learned = [r for r in rows if r.get("own_task_rate") is not None]
+    if not learned:
+        return None
+    unseen = [r["base_rate_unlearned"] for r in learned if r.get("base_rate_unlearned") is not None]
+    return {
+        "own_task_mean": sum(r["own_task_rate"] for r in learned) / len(learned),
+        "own_task_last": learned[-1]["own_task_rate"],
+        "unseen_base_mean": sum(unseen) / len(unseen) if unseen else None,
+    }
 
 
 def _heatmap(
@@ -103,6 +120,15 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             lines.append(
                 f"| {after} | {'' if own is None else f'{own:.3f}'} | {'' if base is None else f'{base:.3f}'} |"
             )
+        means = selector_rates(rates)
+        if means is not None:
+            unseen = means["unseen_base_mean"]
+            lines += [
+                "",
+                f"Over the sequence: {means['own_task_mean']:.3f} of learned tasks' inputs to their own task"
+                + ("" if unseen is None else f", {unseen:.3f} of not yet learned tasks' inputs to the base")
+                + ".",
+            ]
         lines.append("")
     use = records.get("expert_use", {})
     if use:
