@@ -13,7 +13,12 @@ class ConfigError(LoramixError, ValueError):
 
 
 class InjectionError(LoramixError, ValueError):
-    """A target matched nothing, matched a module kind loramix cannot wrap, or the model is in the wrong state."""
+    """A target matched nothing, matched a module kind loramix cannot wrap, or the model is in the wrong state.
+    `setting` names the adapter setting to change (`targets` unless the error is about another)."""
+
+    def __init__(self, message: str, setting: str = "targets") -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class RoutingError(LoramixError, ValueError):

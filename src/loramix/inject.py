@@ -231,7 +231,7 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
             module = model.get_submodule(config.router_input)
         except AttributeError:
             raise InjectionError(
-                f"router_input {config.router_input!r} is not a module of the model"
+                f"router_input {config.router_input!r} is not a module of the model", "router_input"
             ) from None
         name = config.router_input
     else:
@@ -240,7 +240,9 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
         if module is None:
             first = next((m for m in model.modules() if is_linear(m) or isinstance(m, nn.Conv2d)), None)
             if first is None:
-                raise InjectionError("cannot tell the sample router's input width; set router_input")
+                raise InjectionError(
+                    "cannot tell the sample router's input width; set router_input", "router_input"
+                )
             width = first.in_features if is_linear(first) else first.in_channels
             return "", width
         name = next(n for n, m in model.named_modules() if m is module)
@@ -254,7 +256,7 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
         config_obj = getattr(model, "config", None)
         width = getattr(config_obj, "hidden_size", None)
     if width is None:
-        raise InjectionError(f"cannot tell the output width of router_input {name!r}")
+        raise InjectionError(f"cannot tell the output width of router_input {name!r}", "router_input")
     return name, int(width)
 
 

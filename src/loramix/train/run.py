@@ -84,10 +84,9 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
     try:
         inject(backbone, adapters)
     except InjectionError as exc:  # the targets came from the run config: a config error, named as one
-        key = "router_input" if "router_input" in str(exc) else "targets"
         raise ConfigError(
-            f"the run config's adapter settings do not fit model {run.model!r}: {exc} (set `{key}` in the run "
-            "config)"
+            f"the run config's adapter settings do not fit model {run.model!r}: {exc} (set `{exc.setting}` in the "
+            "run config)"
         ) from None
     heads: Head
     if generative:
