@@ -263,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             r["method"],
             r["seed"],
             r["steps_per_task"],
+            r["lr"],
             json.dumps(r.get("overrides", {})),
             r.get("ddas_stats", 2 if r.get("selector") else None),
         )
 
-    this = {"seed": args.seed, "steps_per_task": args.steps_per_task, "overrides": overrides}
+    this = {"seed": args.seed, "steps_per_task": args.steps_per_task, "lr": args.lr, "overrides": overrides}
     done = {key(r) for r in results} if args.skip_done else set()
     for method in args.methods:
         stats = {"ddas_stats": STATS} if get_method(method).uses_selector else {}
