@@ -37,7 +37,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     check_output_dir(output_dir)
     args.training_into = output_dir
-    if not args.resume and (output_dir / "config.yaml").is_file() and len(list(output_dir.iterdir())) > 1:
+    started = {"config.yaml", "data-files.json"}  # what a run writes before it trains
+    if (
+        not args.resume
+        and (output_dir / "config.yaml").is_file()
+        and {p.name for p in output_dir.iterdir()} - started
+    ):
         print(
             f"loramix: note: {output_dir} holds a run already; this one replaces it once its data has been read "
             "(--resume would continue it)",

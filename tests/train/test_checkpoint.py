@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -458,6 +459,44 @@ def test_a_relative_tasks_dir_is_the_same_config_on_resume(
     monkeypatch.chdir(out)
     assert main(["train", str(config), "--output-dir", str(out), "--resume"]) == 0
     assert not (out / "config-changes.jsonl").exists()
+
+
+def test_a_resume_on_edited_data_is_refused_naming_the_file(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    """A run records its data files' sizes and SHA-256; a resume whose files differ is refused as a changed setting
+    is, naming the task and split, and goes on with --allow-config-change, which records the change."""
+    data = tmp_path / "tasks"
+    shutil.copytree(tasks_dir, data)
+    settings = toys.settings(model_dir, data, method="lora", steps=2)
+    run_training(RunConfig.from_dict(settings), tmp_path / "run")
+    recorded = json.loads((tmp_path / "run" / "data-files.json").read_text())
+    task = toys.TASK_NAMES[0]
+    train = data / task / "train.jsonl"
+    assert recorded[f"{task}.train"]["sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()
+
+    run_training(RunConfig.from_dict(settings), tmp_path / "run", resume=True)  # the same data: no change
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:-1]) + "\n")  # one example fewer
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    says = rf'data {task}\.train \(.*train\.jsonl\) \("\d+ bytes, sha256 \w+" -> "\d+ bytes'
+    with pytest.raises(ConfigError, match=says):
+        run_training(RunConfig.from_dict(settings), tmp_path / "run", resume=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+    run_training(RunConfig.from_dict(settings), tmp_path / "run", resume=True, allow_config_change=True)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "config-changes.jsonl").read_text().splitlines()
+    ]
+    assert list(records[0]["changed"]) == [f"data {task}.train ({train})"]
+
+
+def test_a_run_without_a_list_of_data_files_resumes_without_comparing(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """Runs written before the data was recorded have no `data-files.json`: they resume as before."""
+    settings = toys.settings(model_dir, tasks_dir, method="lora", steps=2)
+    run_training(RunConfig.from_dict(settings), tmp_path)
+    (tmp_path / "data-files.json").unlink()
+    assert run_training(RunConfig.from_dict(settings), tmp_path, resume=True)["history"][-1]["step"] == 2
 
 
 def test_each_process_gets_its_own_random_state_back(tmp_path: Path):

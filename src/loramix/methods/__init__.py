@@ -56,10 +56,14 @@ def run_training(
             "(the run it continues stays as it was): pass another --output-dir"
         )
     if resume:
-        task_specs(run)  # a task spec's own problems, before a changed config is recorded
+        specs = task_specs(run)  # a task spec's own problems, before a changed config is recorded
         check_resumable(method.resume_checkpoints(Path(output_dir)), processes().num_processes)
         check_resume_config(
-            run, Path(output_dir), allow_change=allow_config_change, main_process=processes().is_main_process
+            run,
+            Path(output_dir),
+            specs=specs,
+            allow_change=allow_config_change,
+            main_process=processes().is_main_process,
         )
     earlier: list[Path] = []  # an earlier run's files, replaced by this one once its data has been read
     if not resume and processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():

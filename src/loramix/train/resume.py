@@ -2,13 +2,20 @@
 seed or the method would end somewhere neither config leads to, and then overwrite `config.yaml`, which would no
 longer say how the run was made. So a changed config is refused, naming each key, before anything is written;
 `--allow-config-change` lets it through and appends the changes to `config-changes.jsonl` in the run directory.
+
+The same holds for the data: a run writes the size and SHA-256 of each local file its tasks read to `data-files.json`
+beside its config, and a resume whose files differ (edited, replaced, or a split added or gone) is refused naming
+each, as a changed setting is.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ from loramix.train.config import BOOKKEEPING_KEYS, RunConfig, resolve_paths
 
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config-changes.jsonl"
+DATA_FILE = "data-files.json"
 _ABSENT = object()
 
 
@@ -57,15 +65,69 @@ def _differences(path: str, before: Any, after: Any, changed: dict[str, tuple[An
         changed[path] = (None if before is _ABSENT else before, None if after is _ABSENT else after)
 
 
+def data_files(specs: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Each local file the tasks `specs` read, by `task.split`: its path, size in bytes and SHA-256. (A task read
+    from the Hugging Face hub is named in the config, with its revision, and has no entry.)"""
+    from loramix.data.spec import SPLITS  # here: this module is read before torch loads
+
+    files: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        for split in SPLITS:
+            source = spec.source(split)
+            if isinstance(source, str) and os.path.isfile(source):
+                digest = hashlib.sha256()
+                with open(source, "rb") as handle:
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(chunk)
+                size = os.path.getsize(source)
+                files[f"{spec.name}.{split}"] = {"path": source, "size": size, "sha256": digest.hexdigest()}
+    return files
+
+
+def _data_changes(saved_in: Path, specs: Sequence[Any]) -> dict[str, tuple[Any, Any]]:
+    """The data files that differ from those the run in `saved_in` started with (`data-files.json`; a run written
+    before it existed has none, and nothing to compare), as `data <task>.<split> (<path>)` -> (then, now)."""
+    path = saved_in / DATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(saved, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise CheckpointError(
+            f"{path}: not a readable list of the run's data files, so the data it was started with is unknown; "
+            "delete it to resume without comparing the data, or train into another --output-dir"
+        ) from None
+    now = data_files(specs)
+
+    def described(entry: dict[str, Any] | None) -> str | None:
+        return None if entry is None else f"{entry['size']} bytes, sha256 {entry['sha256'][:12]}"
+
+    return {
+        f"data {key} ({(now.get(key) or saved[key])['path']})": (
+            described(saved.get(key)),
+            described(now.get(key)),
+        )
+        for key in sorted(set(saved) | set(now))
+        if (saved.get(key) or {}).get("sha256") != (now.get(key) or {}).get("sha256")
+    }
+
+
 def check_resume_config(
-    run: RunConfig, output_dir: Path, *, allow_change: bool = False, main_process: bool = True
+    run: RunConfig,
+    output_dir: Path,
+    *,
+    specs: Sequence[Any] = (),
+    allow_change: bool = False,
+    main_process: bool = True,
 ) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume the run in `output_dir` with a config that differs from its `config.yaml` outside
-    bookkeeping (a ConfigError names each key, from what to what), unless `allow_change`: then the changes are
-    appended to `config-changes.jsonl` (by the main process) and returned. Nothing to compare (no `config.yaml`
-    yet, or nothing beside it) is no change."""
+    bookkeeping, or with data files (of the task `specs`) other than it started with: a ConfigError names each
+    key or file, from what to what; unless `allow_change`: then the changes are appended to `config-changes.jsonl`
+    (by the main process) and returned. Nothing to compare (no `config.yaml` yet, or nothing beside it but the
+    list of data files) is no change."""
     path = Path(output_dir) / CONFIG_FILE
-    if not path.is_file() or {p.name for p in path.parent.iterdir()} == {CONFIG_FILE}:
+    if not path.is_file() or {p.name for p in path.parent.iterdir()} <= {CONFIG_FILE, DATA_FILE}:
         return {}  # nothing ran with it: a run stopped after writing its config, before it built the model
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -76,7 +138,7 @@ def check_resume_config(
         ) from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: expected a mapping of keys to values at the top level")
-    changed = config_changes(saved, run, path.parent)
+    changed = config_changes(saved, run, path.parent) | _data_changes(path.parent, specs)
     if not changed:
         return {}
     listing = ", ".join(
@@ -84,8 +146,8 @@ def check_resume_config(
     )
     if not allow_change:
         raise ConfigError(
-            f"{path}: the run being resumed was started with other settings: {listing}. Resume with the config it "
-            f"was started with; or pass --allow-config-change to resume anyway (the changes are recorded in "
+            f"{path}: the run being resumed was started with other settings: {listing}. Resume with the config "
+            f"and data it was started with; or pass --allow-config-change to resume anyway (the changes are recorded in "
             f"{CHANGES_FILE}); or train into another --output-dir. Only "
             f"{', '.join(sorted(BOOKKEEPING_KEYS))} may change freely"
         )

@@ -34,6 +34,7 @@ from loramix.train.config import RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.loop import Trainer
 from loramix.train.model import MultiTaskModel
+from loramix.train.resume import DATA_FILE, data_files
 
 
 def seed_everything(seed: int) -> None:
@@ -180,6 +181,7 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output_dir / "config.yaml", saved)
+        atomic_write_json(output_dir / DATA_FILE, data_files(data.specs))
     except OSError as exc:
         raise ConfigError(
             f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); pass another --output-dir"
