@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         started = time.perf_counter()
-        folder = f"{method}-seed{args.seed}" + "".join(f"-{k}={v}" for k, v in overrides.items())
+        folder = f"{method}-seed{args.seed}-lr{args.lr:g}" + "".join(
+            f"-{k}={v}" for k, v in overrides.items()
+        )
         metrics = run_training(run, args.work / folder)
         entry = {
             "method": method,
