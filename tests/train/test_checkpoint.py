@@ -492,9 +492,13 @@ def test_a_resume_on_edited_data_is_refused_naming_the_file(model_dir: Path, tas
 def test_a_run_without_a_list_of_data_files_resumes_without_comparing(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
-    """Runs written before the data was recorded have no `data-files.json`: they resume as before."""
+    """Runs written before the data was recorded have no `data-files.json`: they resume as before. A damaged one is
+    named, with what to do."""
     settings = toys.settings(model_dir, tasks_dir, method="lora", steps=2)
     run_training(RunConfig.from_dict(settings), tmp_path)
+    (tmp_path / "data-files.json").write_text('{"sentiment.train": {"size": 3}}')
+    with pytest.raises(CheckpointError, match=r"data-files\.json: not a readable list .* delete it"):
+        run_training(RunConfig.from_dict(settings), tmp_path, resume=True)
     (tmp_path / "data-files.json").unlink()
     assert run_training(RunConfig.from_dict(settings), tmp_path, resume=True)["history"][-1]["step"] == 2
 

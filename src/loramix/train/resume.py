@@ -92,12 +92,16 @@ def _data_changes(saved_in: Path, specs: Sequence[Any]) -> dict[str, tuple[Any, 
         return {}
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(saved, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    fields = {"path", "size", "sha256"}
+    if not isinstance(saved, dict) or not all(
+        isinstance(v, dict) and fields <= v.keys() for v in saved.values()
+    ):
         raise CheckpointError(
             f"{path}: not a readable list of the run's data files, so the data it was started with is unknown; "
             "delete it to resume without comparing the data, or train into another --output-dir"
-        ) from None
+        )
     now = data_files(specs)
 
     def described(entry: dict[str, Any] | None) -> str | None:
@@ -147,8 +151,8 @@ def check_resume_config(
     if not allow_change:
         raise ConfigError(
             f"{path}: the run being resumed was started with other settings: {listing}. Resume with the config "
-            f"and data it was started with; or pass --allow-config-change to resume anyway (the changes are recorded in "
-            f"{CHANGES_FILE}); or train into another --output-dir. Only "
+            "and data it was started with; or pass --allow-config-change to resume anyway (the changes are "
+            f"recorded in {CHANGES_FILE}); or train into another --output-dir. Only "
             f"{', '.join(sorted(BOOKKEEPING_KEYS))} may change freely"
         )
     if main_process:
