@@ -29,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loramix.models import check_model_path
     from loramix.preflight import check_method_name, check_output_dir
     from loramix.train.config import RunConfig
+    from loramix.train.resume import CONFIG_FILE, STARTED_FILES
 
     # before torch loads: the config's keys and values, the method's name, the model path and the output folder
     run = RunConfig.from_yaml(args.config, args.set)
@@ -37,11 +38,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or Path("runs") / f"{Path(args.config).stem}-{run.method}")
     check_output_dir(output_dir)
     args.training_into = output_dir
-    started = {"config.yaml", "data-files.json"}  # what a run writes before it trains
     if (
         not args.resume
-        and (output_dir / "config.yaml").is_file()
-        and {p.name for p in output_dir.iterdir()} - started
+        and (output_dir / CONFIG_FILE).is_file()
+        and {p.name for p in output_dir.iterdir()} - STARTED_FILES
     ):
         print(
             f"loramix: note: {output_dir} holds a run already; this one replaces it once its data has been read "

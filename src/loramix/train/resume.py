@@ -11,7 +11,6 @@ each, as a changed setting is.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from loramix.train.config import BOOKKEEPING_KEYS, RunConfig, resolve_paths
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config-changes.jsonl"
 DATA_FILE = "data-files.json"
+STARTED_FILES = frozenset({CONFIG_FILE, DATA_FILE})  # what a run writes before it builds the model
 _ABSENT = object()
 
 
@@ -69,18 +69,19 @@ def data_files(specs: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """Each local file the tasks `specs` read, by `task.split`: its path, size in bytes and SHA-256. (A task read
     from the Hugging Face hub is named in the config, with its revision, and has no entry.)"""
     from loramix.data.spec import SPLITS  # here: this module is read before torch loads
+    from loramix.io.files import sha256_of
 
     files: dict[str, dict[str, Any]] = {}
     for spec in specs:
         for split in SPLITS:
             source = spec.source(split)
             if isinstance(source, str) and os.path.isfile(source):
-                digest = hashlib.sha256()
-                with open(source, "rb") as handle:
-                    for chunk in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(chunk)
                 size = os.path.getsize(source)
-                files[f"{spec.name}.{split}"] = {"path": source, "size": size, "sha256": digest.hexdigest()}
+                files[f"{spec.name}.{split}"] = {
+                    "path": source,
+                    "size": size,
+                    "sha256": sha256_of(Path(source)),
+                }
     return files
 
 
@@ -131,7 +132,7 @@ def check_resume_config(
     (by the main process) and returned. Nothing to compare (no `config.yaml` yet, or nothing beside it but the
     list of data files) is no change."""
     path = Path(output_dir) / CONFIG_FILE
-    if not path.is_file() or {p.name for p in path.parent.iterdir()} <= {CONFIG_FILE, DATA_FILE}:
+    if not path.is_file() or {p.name for p in path.parent.iterdir()} <= STARTED_FILES:
         return {}  # nothing ran with it: a run stopped after writing its config, before it built the model
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
