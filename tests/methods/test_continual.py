@@ -82,13 +82,20 @@ def test_metrics_follow_their_definitions():
     assert metrics["BWT"] == pytest.approx(np.mean([0.7 - 0.9, 0.9 - 0.95]))
 
 
-def test_a_continual_method_needs_steps_per_task_and_label_prompts(model_dir: Path, tasks_dir: Path):
+def test_a_continual_method_needs_steps_per_task_and_label_prompts_by_default(
+    model_dir: Path, tasks_dir: Path
+):
     run = continual_run(model_dir, tasks_dir, "moe-adapters", steps_per_task=None)
     with pytest.raises(ConfigError, match="steps_per_task"):
         get_method(run.method).validate(run)
     run = continual_run(model_dir, tasks_dir, "moe-adapters", head="classification", label_smoothing=0.0)
     with pytest.raises(ConfigError, match="head: method moe-adapters"):
         get_method(run.method).validate(run)
+    settings = continual_run(model_dir, tasks_dir, "moe-adapters").to_dict()
+    del settings["head"]  # left out, a continual sequence scores classes by their texts
+    run = RunConfig.from_dict(settings)
+    assert run.head == "label-prompt"
+    get_method(run.method).validate(run)
 
 
 def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(model_dir: Path):

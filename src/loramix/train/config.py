@@ -103,7 +103,8 @@ class RunConfig(BaseModel):
     pooling: Literal["mean", "cls"] = Field("mean", description="How heads read the encoder output.")
     head: Literal["classification", "label-prompt"] = Field(
         "classification",
-        description="'classification': a weight row per class; 'label-prompt': cosine to each class's encoded text.",
+        description="'classification': a weight row per class; 'label-prompt': cosine to each class's encoded text "
+        "(the default for a continual sequence, `steps_per_task` set: tasks not learned yet are answered zero-shot).",
     )
     label_template: str = Field(
         "{label}", description="label-prompt: the class text of a label ({label}, optionally {task})."
@@ -321,6 +322,9 @@ class RunConfig(BaseModel):
             )
         if self.quantize is not None and self.train_backbone:
             raise ValueError("quantize cannot go with train_backbone: quantized weights do not train")
+        if "head" not in self.model_fields_set and self.steps_per_task is not None:
+            # a continual sequence scores classes by their texts unless told otherwise
+            self.head = "label-prompt"
         if self.head == "classification" and self.label_smoothing > 0:
             raise ValueError("label_smoothing is used only by head 'label-prompt'; remove it or set head")
         return self

@@ -128,7 +128,7 @@ class Continual(Method):
         if run.head != "label-prompt":
             raise ConfigError(
                 f"head: method {self.name} scores classes by their label texts so that tasks not learned yet are "
-                "answered zero-shot by the base model; set head: label-prompt"
+                "answered zero-shot by the base model; set head: label-prompt (its default here) or leave head out"
             )
 
     # ---- hooks ----------------------------------------------------------------------------------------------
