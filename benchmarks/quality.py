@@ -3,8 +3,8 @@
 Every run uses the same steps, batch size, sequence length, subsample and evaluation set. The default budget, 800
 steps of batch 32, is where the methods have converged enough for their ranking to hold (at 150 steps it flips
 with the budget). Results are appended to benchmarks/results/quality.json after each run, keyed by method, seed,
-steps and overrides (so a long run can be stopped and resumed with --skip-done, and the earlier 150- and 400-step
-entries stay readable); each entry records its seconds.
+steps and overrides: a run made again replaces its entry, the others stay (so a long run can be stopped and
+resumed with --skip-done, and the earlier 150- and 400-step entries stay readable); each entry records its seconds.
 
     python benchmarks/quality.py --skip-done          # every method, seeds 0 1 2, 800 steps (many hours on a CPU)
     python benchmarks/quality.py --methods lora mola-grad --seeds 0 --steps 150   # a quick look
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=default_data_dir())
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/loramix-quality"))
-    parser.add_argument("--skip-done", action="store_true", help="keep runs already in --out and skip them")
+    parser.add_argument("--skip-done", action="store_true", help="skip the runs already in --out")
     parser.add_argument(
         "--summary-only", action="store_true", help="print the table of --out's runs at --steps and stop"
     )
@@ -137,11 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise(json.loads(args.out.read_text()), steps=args.steps))
         return 0
     torch.set_num_threads(args.threads)
-    results = json.loads(args.out.read_text()) if args.skip_done and args.out.is_file() else []
-    done = {(r["name"], r["seed"], r["steps"], json.dumps(r.get("overrides", {}))) for r in results}
+    # every run already in --out stays; one run again replaces its entry, and --skip-done skips it instead
+    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+
+    def key(entry: dict) -> tuple:
+        return entry["name"], entry["seed"], entry["steps"], json.dumps(entry.get("overrides", {}))
+
+    done = {key(r) for r in results} if args.skip_done else set()
     for seed in args.seeds:
         for name in args.methods:
-            if (name, seed, args.steps, json.dumps(overrides)) in done:
+            this = (name, seed, args.steps, json.dumps(overrides))
+            if this in done:
                 continue
             settings = {
                 "model": "minilm",
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     elrea_base_fraction=run.elrea_base_fraction,
                     majority_cluster_rate=routing["majority_cluster_rate"],
                 )
-            results.append(entry)
+            results = [r for r in results if key(r) != this] + [entry]
             atomic_write_json(args.out, results)
             print(
                 f"{name} seed {seed}: mean accuracy {entry['mean_accuracy']:.4f} ({entry['seconds']} s)",
