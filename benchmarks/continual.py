@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             entry["overrides"] = overrides
         entry.update(stats)
-        results = [r for r in results if key(r) != key(entry)]
-        results.append(entry)
+        # read again: another run writing to --out meanwhile keeps its entries
+        results = json.loads(args.out.read_text()) if args.out.is_file() else []
+        results = [r for r in results if key(r) != key(entry)] + [entry]
         atomic_write_json(args.out, results)
         print(
             f"{method}: "

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     # every run already in --out stays; one run again replaces its entry, and --skip-done skips it instead
-    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    results = read_results(args.out)
 
     def key(entry: dict) -> tuple:
         return entry["name"], entry["seed"], entry["steps"], json.dumps(entry.get("overrides", {}))
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     elrea_base_fraction=run.elrea_base_fraction,
                     majority_cluster_rate=routing["majority_cluster_rate"],
                 )
-            results = [r for r in results if key(r) != this] + [entry]
+            # read again: another run writing to --out meanwhile keeps its entries
+            results = [r for r in read_results(args.out) if key(r) != this] + [entry]
             atomic_write_json(args.out, results)
             print(
                 f"{name} seed {seed}: mean accuracy {entry['mean_accuracy']:.4f} ({entry['seconds']} s)",
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(summarise(results, steps=args.steps))
     return 0
+
+
+def read_results(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def parse_overrides(pairs: list[str]) -> dict:
