@@ -251,6 +251,41 @@ def test_the_most_used_experts_are_the_ones_frozen(moe_run: dict[str, Any], caps
     assert f"after task 2 (colors): {count} experts frozen over {len(last)} blocks" in capsys.readouterr().out
 
 
+def test_without_routing_to_frozen_experts_a_new_task_trains_only_experts_still_training(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`moe_route_frozen: false`: no input of task t picks an expert frozen before t, and the saved routers keep that
+    rule for `loramix eval` (their `allowed` rows are the experts still training when each task began)."""
+    from loramix.routers import PerTaskRouter
+    from loramix.train.run import load_trained
+
+    run = continual_run(
+        model_dir, tasks_dir, "moe-adapters-task-id", steps_per_task=8, moe_route_frozen=False
+    )
+    metrics = run_training(run, tmp_path)
+    records = metrics["continual"]
+    _, model, _, _ = load_trained(tmp_path)
+    routers = {
+        name: module.router for name, module in model.backbone.named_modules() if hasattr(module, "router")
+    }
+    masked = 0
+    for task in range(1, len(toys.TASK_NAMES)):
+        for name, frozen in records["frozen"][str(task - 1)].items():
+            use = records["expert_use"][str(task)][name]
+            assert sum(use) > 0 and all(use[e] == 0 for e in frozen), (task, name)
+            router = routers[name]
+            assert isinstance(router, PerTaskRouter)
+            assert router.allowed[task].tolist() == [e not in frozen for e in range(router.num_experts)]
+            masked += len(frozen)
+        assert router.allowed[0].all()  # the first task had every expert
+    assert masked > 0
+    from loramix.cli import main
+
+    assert main(["eval", str(tmp_path)]) == 0
+    evaluated = json.loads((tmp_path / "eval-test.json").read_text())
+    assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == metrics["accuracy_matrix"][-1]
+
+
 @pytest.mark.parametrize(
     "method", ["continual-mola-grad", "sequential-lora", "lae", "zero-shot", "moe-adapters-task-id", "joint"]
 )

@@ -191,6 +191,11 @@ class RunConfig(BaseModel):
         2, ge=0, description="moe-adapters: most-used experts per block frozen after a task."
     )
     adapter_width: int = Field(64, ge=1, description="moe-adapters: bottleneck width of each expert.")
+    moe_route_frozen: bool = Field(
+        True,
+        description="moe-adapters: a new task's routers may choose the experts earlier tasks froze (as published); "
+        "false: only the experts still training, while at least top_k are left.",
+    )
     ddas_hidden: int = Field(
         64, ge=1, description="Auto-selector (whiten, l2): width of each task's autoencoder."
     )

@@ -110,6 +110,8 @@ class MoEAdapters(Continual):
             assert isinstance(layer.router, PerTaskRouter)
             if task:
                 layer.router.freeze_tasks(list(range(task)))
+            if not learner.run.moe_route_frozen:
+                keep_to_training_experts(layer.router, task, layer.experts.frozen_experts, info.config.top_k)
         every = [
             n
             for n, layer in zip(info.names, info.layers)
@@ -139,6 +141,15 @@ class MoEAdapters(Continual):
         learner.records["frozen"][str(task)] = frozen
         learner.records["expert_use"][str(task)] = use
         super().end_task(learner, task)
+
+
+@torch.no_grad()
+def keep_to_training_experts(router: PerTaskRouter, task: int, frozen: list[int], top_k: int | None) -> None:
+    """Task `task`'s router chooses among the experts not frozen yet, while at least `top_k` of them are left (else
+    among all); the older tasks' choices are untouched."""
+    if frozen and router.num_experts - len(frozen) >= (top_k or 1):
+        router.allowed[task] = True
+        router.allowed[task, frozen] = False
 
 
 @register_method
