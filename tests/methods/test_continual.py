@@ -256,6 +256,7 @@ def test_without_routing_to_frozen_experts_a_new_task_trains_only_experts_still_
 ):
     """`moe_route_frozen: false`: no input of task t picks an expert frozen before t, and the saved routers keep that
     rule for `loramix eval` (their `allowed` rows are the experts still training when each task began)."""
+    from loramix.cli import main
     from loramix.routers import PerTaskRouter
     from loramix.train.run import load_trained
 
@@ -279,8 +280,6 @@ def test_without_routing_to_frozen_experts_a_new_task_trains_only_experts_still_
             masked += len(frozen)
         assert router.allowed[0].all()  # the first task had every expert
     assert masked > 0
-    from loramix.cli import main
-
     assert main(["eval", str(tmp_path)]) == 0
     evaluated = json.loads((tmp_path / "eval-test.json").read_text())
     assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == metrics["accuracy_matrix"][-1]
