@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from _results import read_results  # noqa: E402
 from _timing import device_name, interleaved, ratio_stats  # noqa: E402
 from quality import parse_overrides  # noqa: E402
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         # experts from block 3 on, and block 1 accepting with the experts from block 1 on: the selector routes
         # inside the pass there
         path = args.out.with_name("continual-speed.json")
-        entries = json.loads(path.read_text()) if path.is_file() else []
+        entries = read_results(path)
 
         def case(entry: dict) -> tuple:
             return (
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(path, entries)
             print(json.dumps(entry), flush=True)
         return 0
-    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    results = read_results(args.out)
 
     def key(r: dict) -> tuple:
         # `ddas_stats`: the token statistics of the auto-selector's feature (entries before it: 2, the log token
@@ -340,9 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             entry["overrides"] = overrides
         entry.update(stats)
-        # read again: another run writing to --out meanwhile keeps its entries
-        results = json.loads(args.out.read_text()) if args.out.is_file() else []
-        results = [r for r in results if key(r) != key(entry)] + [entry]
+        results = [r for r in read_results(args.out) if key(r) != key(entry)] + [entry]
         atomic_write_json(args.out, results)
         print(
             f"{method}: "

@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from _results import read_results  # noqa: E402
 from _timing import device_name  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
@@ -199,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
                     elrea_base_fraction=run.elrea_base_fraction,
                     majority_cluster_rate=routing["majority_cluster_rate"],
                 )
-            # read again: another run writing to --out meanwhile keeps its entries
             results = [r for r in read_results(args.out) if key(r) != this] + [entry]
             atomic_write_json(args.out, results)
             print(
@@ -208,10 +208,6 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(summarise(results, steps=args.steps))
     return 0
-
-
-def read_results(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -76,12 +76,8 @@ def data_files(specs: Sequence[Any]) -> dict[str, dict[str, Any]]:
         for split in SPLITS:
             source = spec.source(split)
             if isinstance(source, str) and os.path.isfile(source):
-                size = os.path.getsize(source)
-                files[f"{spec.name}.{split}"] = {
-                    "path": source,
-                    "size": size,
-                    "sha256": sha256_of(Path(source)),
-                }
+                size, digest = os.path.getsize(source), sha256_of(Path(source))
+                files[f"{spec.name}.{split}"] = {"path": source, "size": size, "sha256": digest}
     return files
 
 

@@ -180,9 +180,8 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
     saved = yaml.safe_dump(run.to_saved_dict(output_dir), sort_keys=False).encode()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            output_dir / DATA_FILE, data_files(data.specs)
-        )  # first: the config marks a run begun
+        # first: the config marks a run begun
+        atomic_write_json(output_dir / DATA_FILE, data_files(data.specs))
         atomic_write_bytes(output_dir / "config.yaml", saved)
     except OSError as exc:
         raise ConfigError(
