@@ -6,6 +6,8 @@ label-prompt head (label smoothing 0.2), so tasks not learned yet are answered z
     python benchmarks/continual.py --methods moe-adapters lae --steps-per-task 30 --max-eval 100
     python benchmarks/continual.py --speed            # DDAS routing vs given task ids on a mixed batch
     python benchmarks/continual.py --methods moe-adapters --set ddas_layer=3   # a run setting changed
+    python benchmarks/continual.py --methods moe-adapters --seed 1   # another seed of the same run
+    python benchmarks/continual.py --summary-only     # the table of --out's runs: mean over seeds (min-max)
 
 Writes benchmarks/results/continual.json (one entry per method: the accuracy matrix, Transfer / Average / Last /
 BWT, the auto-selector's routing rates after each task, seconds), appending after each method (`--skip-done`).
@@ -26,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from _results import read_results  # noqa: E402
 from _timing import device_name, interleaved, ratio_stats  # noqa: E402
-from quality import parse_overrides  # noqa: E402
+from quality import cell, parse_overrides  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method, run_training  # noqa: E402
@@ -162,6 +164,48 @@ def selector_speed(
     }
 
 
+METRICS = ("Transfer", "Average", "Last", "BWT")
+
+
+def setting(entry: dict) -> tuple:
+    """What makes two entries the same run but for the seed: method, rate, steps, samples, overrides, order, and the token
+    statistics of the auto-selector's feature (`ddas_stats`; entries before it: 2, the log token count and a pair
+    flag; since: 3, with a pair's segment lengths), so that both stay apart."""
+    return (
+        entry["method"],
+        entry["lr"],
+        entry["steps_per_task"],
+        entry.get("max_train_examples"),
+        entry.get("max_eval_examples"),
+        json.dumps(entry.get("overrides") or {}, sort_keys=True),
+        json.dumps(entry.get("order", ORDER)),
+        entry.get("ddas_stats", 2 if entry.get("selector") else None),
+    )
+
+
+def summarise(entries: list[dict]) -> str:
+    """A markdown table of the runs in `entries`, one row per setting: Transfer, Average, Last and BWT in points,
+    each the mean over the setting's seeds with its range (min-max), and the seeds. Of entries for the same seed
+    (earlier code's runs, kept in the file), the last counts."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for entry in entries:
+        groups.setdefault(setting(entry), {})[entry["seed"]] = entry
+    lines = [
+        "| method | lr | steps per task | overrides | tasks | Transfer | Average | Last | BWT | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, lr, steps, _, _, overrides, order, _), by_seed in groups.items():
+        runs = [by_seed[seed] for seed in sorted(by_seed)]
+        metrics = [cell([r[k] for r in runs if r.get(k) is not None], digits=2) for k in METRICS]
+        tasks = len(json.loads(order))
+        seeds = " ".join(map(str, sorted(by_seed)))
+        changed = "" if overrides == "{}" else overrides
+        lines.append(
+            f"| {method} | {lr:g} | {steps} | {changed} | {tasks} | " + " | ".join(metrics) + f" | {seeds} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-done", action="store_true", help="keep entries already in --out and skip them"
     )
     parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="print the table of --out's runs (mean over seeds) and stop",
+    )
+    parser.add_argument(
         "--speed", action="store_true", help="only time DDAS routing against given task ids (a mixed batch)"
     )
     parser.add_argument(
@@ -210,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
+    if args.summary_only:
+        print(summarise(read_results(args.out)))
+        return 0
     torch.set_num_threads(args.threads)
     if args.speed:
         # block 0's feature (the default), block 3's, block 3 accepting with both choosing; the last two with the
@@ -266,17 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     results = read_results(args.out)
 
     def key(r: dict) -> tuple:
-        # `ddas_stats`: the token statistics of the auto-selector's feature (entries before it: 2, the log token
-        # count and a pair flag; since: 3, with a pair's segment lengths), so that both stay comparable
-        return (
-            r["method"],
-            r["seed"],
-            r["steps_per_task"],
-            r["lr"],
-            json.dumps(r.get("overrides", {})),
-            r.get("ddas_stats", 2 if r.get("selector") else None),
-            *([] if r.get("order", ORDER) == ORDER else [json.dumps(r["order"])]),
-        )
+        return (*setting(r), r["seed"])
 
     this = {
         "seed": args.seed,
