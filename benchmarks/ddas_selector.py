@@ -8,6 +8,7 @@ tasks 1..t and every task's test inputs are routed. A seen task's inputs should 
                                                                    # the same on six held-out splits: mean, range
     python benchmarks/ddas_selector.py --threads 1 --variants "gaussian, block-0 features + token stats"
     python benchmarks/ddas_selector.py --threads 1 --bound         # what classifiers that see unseen tasks allow
+    python benchmarks/ddas_selector.py --threads 1 --cascade       # a block-0 first stage before the example's
 
 Features: the same train sample `Continual.task_features` takes (`ddas_examples` of the run's training inputs, the
 benchmark's `max_train_examples` 2000, seed 0) and the fixed test sample of `max_eval_examples`, tokenised at the
@@ -245,15 +246,12 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
         full.add_task(pick(task, "train"), seed=seed, **fit_options)
     if change == "ratio":  # without the held-out log-error statistics the selector chooses by err / thr
         full.log_error_stats = full.log_error_stats[:0]
+    full.options = options
     test = torch.cat([pick(task, "test") for task in ORDER])  # (n, d)
     labels = torch.cat([torch.full((len(pick(t, "test")),), i) for i, t in enumerate(ORDER)])
     own_rates, base_rates, rows = [], [], []
     for learned in range(1, len(ORDER) + 1):
-        selector = AutoSelector(full.in_features, **options)
-        selector.load_state(
-            {k: v[:learned] if v.dim() and k != "rule" else v for k, v in full.state().items()}
-        )
-        chosen, keep = selector(test)
+        chosen, keep = learned_only(full, learned)(test)
         seen = labels < learned
         own = float(((chosen == labels) & ~keep)[seen].float().mean())
         base = float(keep[~seen].float().mean()) if (~seen).any() else None
@@ -282,6 +280,83 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
         "acceptance": acceptance,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def fitted(features: dict, variant: tuple, seed: int) -> tuple[Any, str]:
+    """A variant's selector (a value of `VARIANTS`) fitted on all ten tasks in order, and its kind of feature; the
+    selector after task t is its first t tasks (`learned_only`)."""
+    from loramix.routers.selector import AutoSelector
+
+    kind, options, fit_options, _ = variant
+    if kind.startswith("hidden0+"):
+        later = "hidden" + kind.split("+")[1]
+        options = {**options, "accept_width": features[ORDER[0]]["train"][later].shape[1]}
+    selector = AutoSelector(picked(features, ORDER[0], "train", kind).shape[1], **options)
+    for task in ORDER:
+        selector.add_task(picked(features, task, "train", kind), seed=seed, **fit_options)
+    selector.options = options
+    return selector, kind
+
+
+def learned_only(full: Any, learned: int) -> Any:
+    """The selector `full` as it was after its first `learned` tasks."""
+    from loramix.routers.selector import AutoSelector
+
+    selector = AutoSelector(full.in_features, **full.options)
+    selector.load_state({k: v[:learned] if v.dim() and k != "rule" else v for k, v in full.state().items()})
+    return selector
+
+
+CASCADE_FIRST = {  # first stages: block 0 alone, accepting at a lower pooled percentile than the second stage
+    "block 0's Gaussian": {"normalize": "gaussian", "threshold": "pooled", "choice": "shared"},
+    "block 0's 3rd nearest": {
+        "normalize": "gaussian",
+        "threshold": "pooled",
+        "choice": "shared",
+        "neighbours": 3,
+    },
+}
+
+
+def cascade(features: dict, seed: int) -> list[dict[str, Any]]:
+    """A cheaper way to the example config's selector with experts in every block: block 0's features (the
+    embeddings' output, free in the pass) decide the inputs a first stage accepts at a low percentile, which then
+    need no pass through blocks 0-2 of the base model; the others go to the example config's selector. Reported:
+    the rates over the sequence, and the share of the ten learned tasks' test inputs that still need the second
+    stage (the part of that pass inference pays for, about 0.49 of a pass on MiniLM with 22 experts a block)."""
+    second, kind = fitted(features, VARIANTS[SHARED_NEIGHBOURS], seed)
+    test = torch.cat([picked(features, t, "test", kind) for t in ORDER])
+    test0 = torch.cat([picked(features, t, "test", "hidden0") for t in ORDER])
+    labels = torch.cat(
+        [torch.full((len(picked(features, t, "test", kind)),), i) for i, t in enumerate(ORDER)]
+    )
+    out = []
+    for first_name, options in CASCADE_FIRST.items():
+        for percentile in (50.0, 60.0, 70.0, 80.0):
+            first = fitted(features, ("hidden0", {**options, "percentile": percentile}, {}, ""), seed)[0]
+            own, unseen, stage_two = [], [], 0.0
+            for learned in range(1, len(ORDER) + 1):
+                chosen, keep = learned_only(second, learned)(test)
+                early, early_keep = learned_only(first, learned)(test0)
+                accepted = (
+                    ~early_keep
+                )  # the first stage's acceptances stand; the rest take the second's answer
+                chosen, keep = torch.where(accepted, early, chosen), keep & ~accepted
+                seen = labels < learned
+                own.append(float(((chosen == labels) & ~keep)[seen].float().mean()))
+                if (~seen).any():
+                    unseen.append(float(keep[~seen].float().mean()))
+                stage_two = float(early_keep.float().mean())
+            out.append(
+                {
+                    "first_stage": first_name,
+                    "percentile": percentile,
+                    "own_task_mean": float(np.mean(own)),
+                    "unseen_base_mean": float(np.mean(unseen)),
+                    "second_stage_after_ten": stage_two,
+                }
+            )
+    return out
 
 
 def supervised_bound(features: dict, kind: str, model: str, seed: int) -> dict[str, Any]:
@@ -420,9 +495,27 @@ def main(argv: list[str] | None = None) -> int:
         help="only the supervised bound on unseen->base (classifiers that see the unseen tasks); writes "
         "results/ddas-selector-bound.json",
     )
+    parser.add_argument(
+        "--cascade",
+        action="store_true",
+        help="only the example config's selector behind a block-0 first stage; writes "
+        "results/ddas-selector-cascade.json",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     features = task_features(args)
+    if args.cascade:
+        from loramix.io.files import atomic_write_json
+
+        rows = cascade(features, args.seed)
+        for r in rows:
+            print(
+                f"{r['first_stage']} at {r['percentile']:.0f}: own {100 * r['own_task_mean']:.1f}, unseen->base "
+                f"{100 * r['unseen_base_mean']:.1f}, second stage for {100 * r['second_stage_after_ten']:.1f}% "
+                "after ten"
+            )
+        atomic_write_json(args.out.with_name("ddas-selector-cascade.json"), rows)
+        return 0
     if args.bound:
         from loramix.io.files import atomic_write_json
 
