@@ -168,9 +168,9 @@ METRICS = ("Transfer", "Average", "Last", "BWT")
 
 
 def setting(entry: dict) -> tuple:
-    """What makes two entries the same run but for the seed: method, rate, steps, samples, overrides, order, and the token
-    statistics of the auto-selector's feature (`ddas_stats`; entries before it: 2, the log token count and a pair
-    flag; since: 3, with a pair's segment lengths), so that both stay apart."""
+    """What makes two entries the same run but for the seed: method, rate, steps, samples, overrides, order, and
+    the token statistics of the auto-selector's feature (`ddas_stats`; entries before it: 2, the log token count
+    and a pair flag; since: 3, with a pair's segment lengths), so that both stay apart."""
     return (
         entry["method"],
         entry["lr"],

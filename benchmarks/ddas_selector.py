@@ -338,9 +338,8 @@ def cascade(features: dict, seed: int) -> list[dict[str, Any]]:
             for learned in range(1, len(ORDER) + 1):
                 chosen, keep = learned_only(second, learned)(test)
                 early, early_keep = learned_only(first, learned)(test0)
-                accepted = (
-                    ~early_keep
-                )  # the first stage's acceptances stand; the rest take the second's answer
+                # the first stage's acceptances stand; the rest take the second stage's answer
+                accepted = ~early_keep
                 chosen, keep = torch.where(accepted, early, chosen), keep & ~accepted
                 seen = labels < learned
                 own.append(float(((chosen == labels) & ~keep)[seen].float().mean()))
