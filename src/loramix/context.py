@@ -168,6 +168,7 @@ def routing(
     attention_mask: Tensor | None = None,
     keep_base: Tensor | list[bool] | None = None,
     record: bool = True,
+    noise: bool = True,
 ) -> Iterator[RoutingState]:
     """Route every forward pass of `model` inside the block by these side inputs.
 
@@ -175,8 +176,9 @@ def routing(
     `attention_mask` `(n, t)` lets the sample router pool only real tokens (without it, the model call's own
     `attention_mask` keyword serves); `keep_base` `(n,)` bool sends the
     marked samples to the untouched base model (their outputs equal the base model's bit for bit, in the same
-    batched pass). The hooks are removed when the block ends, even on error. A routing block opened inside another
-    on the same model takes over until it ends.
+    batched pass); `noise` False keeps noisy routers to their clean logits in training too. The hooks are removed
+    when the block ends, even on error. A routing block opened inside another on the same model takes over until it
+    ends.
     """
     info = get_info(model)
     config = info.config
@@ -193,7 +195,13 @@ def routing(
         task_ids = torch.as_tensor(task_ids).long()
     if keep_base is not None:
         keep_base = check_keep_base(keep_base, None if task_ids is None else len(task_ids)).to(device)
-    state = RoutingState(task_ids=task_ids, attention_mask=attention_mask, keep_base=keep_base, record=record)  # type: ignore[arg-type]
+    state = RoutingState(
+        task_ids=task_ids,  # type: ignore[arg-type]
+        attention_mask=attention_mask,
+        keep_base=keep_base,  # type: ignore[arg-type]
+        record=record,
+        noise=noise,
+    )
     active = info.active_states
     handles = []
     router = info.model_router

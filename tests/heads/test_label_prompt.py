@@ -29,6 +29,7 @@ from loramix.heads import LabelPromptHead
 from loramix.heads.label_prompt import INITIAL_LOGIT_SCALE, prompt_texts
 from loramix.io import read_checkpoint
 from loramix.methods import run_training
+from loramix.routers.base import LearnedRouter
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import evaluate
 from loramix.train.model import MultiTaskModel
@@ -130,6 +131,28 @@ def test_class_texts_follow_each_samples_route_and_equal_a_per_sample_loop(model
     head.set_learned(None)
     by_task = forward(model, mixed)
     assert not torch.allclose(by_task[~keep], logits[~keep])
+
+
+def test_class_texts_can_skip_the_routers_noise_in_training(model_dir: Path):
+    """Noisy per-task routers (MoE-Adapters) add noise in training. With `texts_noise` off the class texts take the
+    routes inference gives them, by task id and along explicit routes, while `texts_noise` on draws new ones."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    backbone = AutoModel.from_pretrained(model_dir)
+    config = adapter_config("task", rank=4, num_experts=6, top_k=2, dropout=0.0)
+    loramix.inject(backbone, config.model_copy(update={"router": "per-task", "noisy": True}))
+    randomize_adapters(backbone)
+    head = LabelPromptHead(KEYWORDS, tokenizer=tokenizer, texts_noise=False)
+    model = MultiTaskModel(backbone, head).eval()
+    route = torch.tensor([2, 1, 0])
+    clean = head.label_embeddings(model), head.routed_label_embeddings(model, torch.arange(3), route, None)
+    for module in model.modules():  # the routers alone in training: no dropout, only their noise
+        if isinstance(module, LearnedRouter):
+            module.train()
+    torch.manual_seed(0)
+    assert torch.equal(head.label_embeddings(model), clean[0])
+    assert torch.equal(head.routed_label_embeddings(model, torch.arange(3), route, None), clean[1])
+    head.texts_noise = True
+    assert not torch.allclose(head.label_embeddings(model), clean[0])
 
 
 def test_pre_tokenized_class_texts_give_the_same_logits(model_dir: Path):

@@ -62,6 +62,18 @@ def test_noise_only_in_training() -> None:
     assert not torch.equal(router.train()(s, x).weights, router.train()(s, x).weights)
 
 
+def test_a_routing_block_without_noise_routes_by_the_clean_logits_in_training() -> None:
+    """`noise=False` in the routing state (a label-prompt head's class texts with `texts_noise` off): a router in
+    training decides as in eval, while the inputs' blocks stay noisy."""
+    router = trained_router(noisy=True).train()
+    with torch.no_grad():
+        router.noise_weight.normal_()
+    x, quiet = hidden(), RoutingState(task_ids=torch.tensor([0, 1, 2, 0, 1]), noise=False)
+    assert torch.equal(router(quiet, x).weights, router.eval()(quiet, x).weights)
+    noisy = state([0, 1, 2, 0, 1])
+    assert not torch.equal(router.train()(noisy, x).weights, router.eval()(noisy, x).weights)
+
+
 def test_frozen_task_routers_stay_bit_identical_through_adamw() -> None:
     router = trained_router(noisy=True).train()
     router.freeze_tasks([0, 2])

@@ -100,9 +100,11 @@ class LabelPromptHead(Head):
         logit_scale: float = INITIAL_LOGIT_SCALE,
         max_length: int = 64,
         texts_follow_route: bool = True,
+        texts_noise: bool = True,
     ) -> None:
         super().__init__()
         self.texts_follow_route = texts_follow_route  # see `forward`
+        self.texts_noise = texts_noise  # see `label_embeddings`
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.tokenizer, self.max_length, self.label_smoothing = tokenizer, max_length, float(label_smoothing)
@@ -178,7 +180,9 @@ class LabelPromptHead(Head):
     def label_embeddings(self, model: Any, task_ids: Tensor | None = None) -> Tensor:
         """The class texts encoded by `model` (each routed by its own task id), L2-normalised: `(L, d)`. With
         `task_ids`, only the classes of those tasks are encoded (the other rows are zero: their columns are -inf in
-        every logit that reads them), so a batch of one task encodes one task's texts."""
+        every logit that reads them), so a batch of one task encodes one task's texts. With `texts_noise` off,
+        noisy routers route the class texts by their clean logits in training too, as they will at inference: the
+        texts are the classifier's weights, and inputs trained against noisy ones meet others at inference."""
         if model is None or not hasattr(model, "encode"):
             raise ConfigError(
                 "LabelPromptHead encodes its class texts with the model: call it as head(pooled, batch, model) "
@@ -194,7 +198,12 @@ class LabelPromptHead(Head):
         if self.learned is not None:  # tasks the adapters have not learned: their classes come from the base
             known = self.learned.to(route.device)[route]  # (L',)
             route, keep = torch.where(known, route, torch.zeros_like(route)), ~known
-        embedded = model.encode({"input_ids": ids, "attention_mask": mask}, route_ids=route, keep_base=keep)
+        embedded = model.encode(
+            {"input_ids": ids, "attention_mask": mask},
+            route_ids=route,
+            keep_base=keep,
+            noise=self.texts_noise,
+        )
         embedded = F.normalize(embedded.float(), dim=-1)  # (L', d)
         if rows is None:
             return embedded
@@ -225,6 +234,7 @@ class LabelPromptHead(Head):
             {"input_ids": self.label_input_ids[rows], "attention_mask": self.label_attention_mask[rows]},
             route_ids=u_route[:, None].expand_as(valid)[valid],
             keep_base=u_keep[:, None].expand_as(valid)[valid],
+            noise=self.texts_noise,
         )
         embedded = F.normalize(embedded.float(), dim=-1)  # (R, d)
         out = embedded.new_zeros(*valid.shape, embedded.shape[1])  # (U, K, d)

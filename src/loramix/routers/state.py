@@ -22,6 +22,7 @@ class RoutingState:
     keep_base: Tensor | None = None  # (n,) bool: these samples get no expert (bit-exact base output)
     model_gate: Gate | None = None
     record: bool = True
+    noise: bool = True  # noisy routers add their noise in training; off: the clean logits (class texts)
     keep_model_gate: bool = False  # generation: the sample router decides on the prompt, later steps reuse it
     # generation: the same for per-sample layer routers, by layer name
     layer_gates: dict[str, Gate] = field(default_factory=dict)

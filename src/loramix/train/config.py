@@ -117,6 +117,11 @@ class RunConfig(BaseModel):
         description="label-prompt: a sample routed explicitly (by an auto-selector) has its class texts encoded "
         "along its own route; false: by its task's id (the base for tasks not learned yet).",
     )
+    label_texts_noise: bool = Field(
+        True,
+        description="label-prompt: noisy routers (moe-adapters) route the class texts with their training noise, "
+        "as the inputs; false: by their clean logits, as at inference.",
+    )
     # auxiliary losses (weighted in train/step.py only)
     twd_weight: float = Field(1.0, ge=0, description="mola-router: weight of the TwD loss; 0 turns it off.")
     twd_space: Literal["gates", "logits"] = Field(

@@ -35,14 +35,23 @@ class MultiTaskModel(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.heads.outputs(self, batch)
 
-    def encode(self, inputs: dict[str, Tensor], route_ids: Tensor, keep_base: Tensor | None = None) -> Tensor:
-        """Pooled embeddings `(n, d)` of `inputs`, each routed by its id in `route_ids`."""
+    def encode(
+        self,
+        inputs: dict[str, Tensor],
+        route_ids: Tensor,
+        keep_base: Tensor | None = None,
+        *,
+        noise: bool = True,
+    ) -> Tensor:
+        """Pooled embeddings `(n, d)` of `inputs`, each routed by its id in `route_ids` (`noise` False: noisy
+        routers without their training noise)."""
         with routing(
             self.backbone,
             task_ids=route_ids,
             attention_mask=inputs.get("attention_mask"),
             keep_base=keep_base,
             record=False,
+            noise=noise,
         ):
             return self.pooled(inputs)
 

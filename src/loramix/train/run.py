@@ -147,6 +147,7 @@ def label_prompt_head(run: RunConfig, texts: list[list[str]], tokenizer: Any) ->
         label_smoothing=run.label_smoothing,
         max_length=run.max_length,
         texts_follow_route=run.label_texts_follow_route,
+        texts_noise=run.label_texts_noise,
     )
 
 
