@@ -229,24 +229,11 @@ def picked(features: dict, task: str, split: str, kind: str) -> torch.Tensor:
 def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     """One variant over the sequence: an autoencoder per task (each depends on its own task only, so the
     selector after task t is the first t of them), every task's test inputs routed after each task."""
-    from loramix.routers.selector import AutoSelector
-
-    kind, options, fit_options, change = VARIANTS[name]
-
-    def pick(task: str, split: str) -> torch.Tensor:
-        x = picked(features, task, split, kind)
-        return x[:, :-STATS] if change == "no-stats" else x
-
-    if kind.startswith("hidden0+"):
-        later = "hidden" + kind.split("+")[1]
-        options = {**options, "accept_width": features[ORDER[0]]["train"][later].shape[1]}
+    kind, _, fit_options, change = VARIANTS[name]
     started = time.perf_counter()
-    full = AutoSelector(pick(ORDER[0], "train").shape[1], **options)
-    for task in ORDER:
-        full.add_task(pick(task, "train"), seed=seed, **fit_options)
+    full, pick = fitted(features, VARIANTS[name], seed)
     if change == "ratio":  # without the held-out log-error statistics the selector chooses by err / thr
         full.log_error_stats = full.log_error_stats[:0]
-    full.options = options
     test = torch.cat([pick(task, "test") for task in ORDER])  # (n, d)
     labels = torch.cat([torch.full((len(pick(t, "test")),), i) for i, t in enumerate(ORDER)])
     own_rates, base_rates, rows = [], [], []
@@ -269,7 +256,7 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     return {
         "variant": name,
         "features": kind,
-        "options": {**options, **fit_options, **({"change": change} if change else {})},
+        "options": {**full.options, **fit_options, **({"change": change} if change else {})},
         "own_task_mean": float(np.mean(own_rates)),
         "own_task_last": own_rates[-1],
         "own_task_min": min(own_rates),
@@ -282,20 +269,25 @@ def measure(features: dict, name: str, seed: int) -> dict[str, Any]:
     }
 
 
-def fitted(features: dict, variant: tuple, seed: int) -> tuple[Any, str]:
-    """A variant's selector (a value of `VARIANTS`) fitted on all ten tasks in order, and its kind of feature; the
-    selector after task t is its first t tasks (`learned_only`)."""
+def fitted(features: dict, variant: tuple, seed: int) -> tuple[Any, Any]:
+    """A variant's selector (a value of `VARIANTS`) fitted on all ten tasks in order, and the function that picks
+    its feature of a task's split; the selector after task t is its first t tasks (`learned_only`)."""
     from loramix.routers.selector import AutoSelector
 
-    kind, options, fit_options, _ = variant
+    kind, options, fit_options, change = variant
+
+    def pick(task: str, split: str) -> torch.Tensor:
+        x = picked(features, task, split, kind)
+        return x[:, :-STATS] if change == "no-stats" else x
+
     if kind.startswith("hidden0+"):
         later = "hidden" + kind.split("+")[1]
         options = {**options, "accept_width": features[ORDER[0]]["train"][later].shape[1]}
-    selector = AutoSelector(picked(features, ORDER[0], "train", kind).shape[1], **options)
+    selector = AutoSelector(pick(ORDER[0], "train").shape[1], **options)
     for task in ORDER:
-        selector.add_task(picked(features, task, "train", kind), seed=seed, **fit_options)
+        selector.add_task(pick(task, "train"), seed=seed, **fit_options)
     selector.options = options
-    return selector, kind
+    return selector, pick
 
 
 def learned_only(full: Any, learned: int) -> Any:
@@ -324,19 +316,18 @@ def cascade(features: dict, seed: int) -> list[dict[str, Any]]:
     need no pass through blocks 0-2 of the base model; the others go to the example config's selector. Reported:
     the rates over the sequence, and the share of the ten learned tasks' test inputs that still need the second
     stage (the part of that pass inference pays for, about 0.49 of a pass on MiniLM with 22 experts a block)."""
-    second, kind = fitted(features, VARIANTS[SHARED_NEIGHBOURS], seed)
-    test = torch.cat([picked(features, t, "test", kind) for t in ORDER])
+    second, pick = fitted(features, VARIANTS[SHARED_NEIGHBOURS], seed)
+    test = torch.cat([pick(t, "test") for t in ORDER])
     test0 = torch.cat([picked(features, t, "test", "hidden0") for t in ORDER])
-    labels = torch.cat(
-        [torch.full((len(picked(features, t, "test", kind)),), i) for i, t in enumerate(ORDER)]
-    )
+    labels = torch.cat([torch.full((len(pick(t, "test")),), i) for i, t in enumerate(ORDER)])
+    steps = range(1, len(ORDER) + 1)
+    later = [learned_only(second, learned)(test) for learned in steps]  # the second stage's answers, once
     out = []
     for first_name, options in CASCADE_FIRST.items():
         for percentile in (50.0, 60.0, 70.0, 80.0):
             first = fitted(features, ("hidden0", {**options, "percentile": percentile}, {}, ""), seed)[0]
             own, unseen, stage_two = [], [], 0.0
-            for learned in range(1, len(ORDER) + 1):
-                chosen, keep = learned_only(second, learned)(test)
+            for learned, (chosen, keep) in zip(steps, later):
                 early, early_keep = learned_only(first, learned)(test0)
                 # the first stage's acceptances stand; the rest take the second stage's answer
                 accepted = ~early_keep

@@ -143,7 +143,7 @@ class LearnedRouter(Router):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             logits = self.logits(hidden, state).float()  # (n, [t,] e)
             scores = logits
-            if self.noisy and self.training and getattr(state, "noise", True):
+            if self.noisy and self.training and (state is None or state.noise):
                 scores = logits + torch.randn_like(logits) * self.noise_scale(hidden, state)
             probs = torch.softmax(scores / self.temperature, dim=-1)
             if self.top_k is None or self.top_k >= self.num_experts:
