@@ -61,6 +61,12 @@ def tiny_project(root: Path, model_dir: Path, tasks_dir: Path) -> None:
         (data / name / "meta.json").write_text(json.dumps({**meta, "name": name}))
     settings = toys.settings(model_dir, data, method="mola-grad", steps=2, checkpoint_every=2)
     settings |= {"tasks_dir": "../data", "tasks": ["sentiment", "animals", "trec"]}
+    rows = [
+        {"task": name, "text": json.loads(line)["text"]}
+        for name in ("trec", "sentiment")
+        for line in (data / name / "test.jsonl").read_text().splitlines()[:3]
+    ]  # README's predict answers these
+    (root / "inputs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (root / "examples").mkdir()
     (root / "examples" / "ten_tasks_mola_grad.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
@@ -92,6 +98,8 @@ def test_every_command_of_the_command_line_section_runs(
         code = main(argv[1:])
         assert code == 0, f"README: `{line}` exited {code}: {capsys.readouterr().err}"
     assert (tmp_path / "runs" / "x" / "eval-test.json").is_file()
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["task"] for a in answers] == ["trec"] * 3 + ["sentiment"] * 3
     assert (tmp_path / "peft" / "trec" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "peft" / "e2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()

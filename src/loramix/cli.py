@@ -92,6 +92,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from loramix.io import read_checkpoint
+    from loramix.preflight import finished_adapter
+    from loramix.train.config import RunConfig
+    from loramix.train.predict import (
+        collator_for,
+        predict,
+        read_requests,
+        with_input_fields,
+        write_predictions,
+    )
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    run = RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml")
+    tasks = with_input_fields(run, read_checkpoint(finished_adapter(args.run_dir))[0]["metadata"]["tasks"])
+    requests = read_requests(args.input, tasks, args.task)  # every row checked before the model loads
+
+    from loramix.methods import get_method
+    from loramix.models import show_loading_bars
+    from loramix.train.run import load_trained
+
+    show_loading_bars(run.progress)
+    run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
+    collator = collator_for(run, tasks, tokenizer)
+    predictor = get_method(run.method).predictor(Path(args.run_dir), run, model, collator, tasks)
+    batch_size = args.batch_size or run.eval_batch_size
+    write_predictions(predict(requests, predictor, batch_size=batch_size, progress=run.progress), args.out)
+    if args.out is not None:
+        print(f"wrote {len(requests)} predictions to {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from loramix.preflight import check_export_out, check_export_request
 
@@ -332,6 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: test when every task has one, else validation; writes RUN_DIR/eval-SPLIT.json",
     )
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser(
+        "predict",
+        help="answer new inputs with a finished run: one JSON line per row of a JSONL/CSV/TSV file",
+        description="Each row holds its task's input fields, as in the task's training files (text, or "
+        "text_a and text_b, or a generation task's prompt or messages), and names its task in a `task` field "
+        "unless --task names one for every row. Rows of different tasks share batches; each is routed as the "
+        "run's method routes at inference. Writes one JSON line per row, in order: its line, task and "
+        "prediction (a class name, a number or generated text), and for a run with an auto-selector the route "
+        "it took (a task's name, or base).",
+    )
+    p.add_argument("run_dir", help="the output folder of `loramix train`")
+    p.add_argument("input", help="the rows to answer (.jsonl, .csv or .tsv)")
+    p.add_argument("--task", help="the task of every row (default: each row's `task` field)")
+    p.add_argument("--out", help="write the JSON lines here (default: standard output)")
+    p.add_argument("--batch-size", type=int, help="rows a batch (default: the run's eval_batch_size)")
+    p.add_argument("--config", help="the run's config, when its config.yaml is elsewhere")
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser(
         "export",
         help="write tasks' experts as PEFT LoRA adapters (one task, several, or all with a serving manifest)",

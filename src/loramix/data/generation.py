@@ -48,7 +48,7 @@ def to_generation_examples(raw: RawSplit, spec: TaskSpec, *, task: int = 0) -> l
 
 def _example(row: Row, spec: TaskSpec, task: int) -> GenerationExample:
     if spec.messages_field in row.fields and spec.prompt_field not in row.fields:
-        turns = _turns(row, spec.messages_field)
+        turns = chat_turns(row, spec.messages_field)
         return GenerationExample("", turns[-1][1], task, row.location, tuple(turns[:-1]))
     prompt = text_value(row, spec.prompt_field, "prompt_field")
     response = text_value(row, spec.response_field, "response_field")
@@ -59,13 +59,15 @@ def _example(row: Row, spec: TaskSpec, task: int) -> GenerationExample:
     return GenerationExample(prompt, response, task, row.location)
 
 
-def _turns(row: Row, key: str) -> list[tuple[str, str]]:
+def chat_turns(row: Row, key: str, *, answered: bool = True) -> list[tuple[str, str]]:
+    """A chat's `(role, content)` turns, checked; `answered`: the last is the assistant's answer to learn (else
+    the chat so far, to be answered)."""
     value = field_value(row, key, "messages_field")
-    if not isinstance(value, list) or len(value) < 2:
-        raise DataError(
-            f"{row.location}: field {key!r} must be a list of at least two turns (the prompt's and the "
-            f"assistant's answer), got {shown(value)}"
+    if not isinstance(value, list) or len(value) < (2 if answered else 1):
+        what = (
+            "at least two turns (the prompt's and the assistant's answer)" if answered else "the chat's turns"
         )
+        raise DataError(f"{row.location}: field {key!r} must be a list of {what}, got {shown(value)}")
     turns = []
     for number, turn in enumerate(value, 1):
         if not (
@@ -78,7 +80,7 @@ def _turns(row: Row, key: str) -> list[tuple[str, str]]:
                 f"got {shown(turn)}"
             )
         turns.append((turn["role"], turn["content"]))
-    if turns[-1][0] != "assistant" or not turns[-1][1].strip():
+    if answered and (turns[-1][0] != "assistant" or not turns[-1][1].strip()):
         got = f"role {turns[-1][0]!r}" if turns[-1][0] != "assistant" else "an empty answer"
         raise DataError(
             f"{row.location}: the last turn of {key!r} must be the assistant's non-empty answer (the response "

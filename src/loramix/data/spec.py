@@ -202,6 +202,11 @@ class TaskSpec(BaseModel):
     def is_pair(self) -> bool:
         return self.text_pair_field is not None
 
+    def input_fields(self) -> dict[str, str | None]:
+        """The fields a row holds its inputs in (recorded with a run's adapters, for `loramix predict`)."""
+        keys = ("text_field", "text_pair_field", "prompt_field", "messages_field")
+        return {key: getattr(self, key) for key in keys}
+
     def source(self, split: str) -> Source | None:
         """The source of ``split`` ('train', 'validation' or 'test'), or None when the task has none."""
         if split not in SPLITS:

@@ -27,6 +27,7 @@ from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
+from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.resume import CHANGES_FILE
 from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
 from loramix.train.serve_export import export_tasks
@@ -139,6 +140,13 @@ class Method:
         """A finished run's metrics on `split`."""
         check_eval_tasks(run_dir, data)
         return evaluate(model, data, collator, split=split, **eval_options(run))
+
+    def predictor(
+        self, run_dir: Path, run: RunConfig, model: MultiTaskModel, collator: Any, tasks: list[dict]
+    ) -> Predictor:
+        """How a finished run answers new inputs (`loramix predict`), routed as `evaluate` routes them; `tasks` is
+        the saved task metadata, every task the model knows."""
+        return RoutedPredictor(model, collator, tasks, max_new_tokens=run.max_new_tokens)
 
     def export(
         self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace

@@ -261,7 +261,15 @@ def save_run(
 ) -> None:
     """Adapters (with the heads and task metadata), metrics.json and the report. `prior_tasks`: the metadata of
     tasks the model learned in an earlier run (a continued continual run), recorded before this run's."""
-    tasks_meta = [{"name": t.name, "labels": t.label_names, "task_type": t.task_type} for t in data.tasks]
+    tasks_meta = [
+        {
+            "name": t.name,
+            "labels": t.label_names,
+            "task_type": t.task_type,
+            "input_fields": spec.input_fields(),
+        }
+        for t, spec in zip(data.tasks, data.specs)
+    ]
     for meta, spec in zip(tasks_meta, data.specs):
         if spec.is_generation:
             meta["scorer"] = spec.scorer

@@ -45,16 +45,22 @@ class OffsetCollator:
 class Learner:
     """What a continual run carries from task to task: the model, the auto-selector, and the method's records.
     `offset` is the number of tasks learned in an earlier run (`continue_from`): this run's task i is task
-    `offset + i` for the model, its routers, its head and its selector."""
+    `offset + i` for the model, its routers, its head and its selector. Without `data` it only answers: every task
+    it knows was learned before (`loramix predict`)."""
 
     def __init__(
-        self, run: RunConfig, data: MultiTaskData, model: MultiTaskModel, collator: Any, offset: int = 0
+        self,
+        run: RunConfig,
+        data: MultiTaskData | None,
+        model: MultiTaskModel,
+        collator: Any,
+        offset: int = 0,
     ) -> None:
         self.run, self.data, self.model = run, data, model
         self.collator = OffsetCollator(collator, offset) if offset else collator
         self.offset = offset
         self.selector: AutoSelector | None = None
-        self.learned = [True] * offset + [False] * data.num_tasks
+        self.learned = [True] * offset + [False] * (data.num_tasks if data is not None else 0)
         self.records: dict[str, Any] = {"frozen": {}, "expert_use": {}}
         self.prior_tasks: list[dict] = []
         # each task's scores in the latest evaluation (accuracy, macro-F1, n)
@@ -63,7 +69,7 @@ class Learner:
     @property
     def task_names(self) -> list[str]:
         """Every task the model knows, in the order learned: an earlier run's first, then this run's."""
-        return [t["name"] for t in self.prior_tasks] + self.data.task_names
+        return [t["name"] for t in self.prior_tasks] + (self.data.task_names if self.data is not None else [])
 
     @property
     def device(self) -> torch.device:

@@ -46,6 +46,7 @@ from loramix.train.config import RunConfig
 from loramix.train.evaluate import task_scores
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
+from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.run import (
     build_model,
     callbacks_for,
@@ -370,6 +371,28 @@ class Continual(Method):
         if learner.selector is not None:
             metrics["selector"] = self.selector_confusion(learner, split)
         return metrics
+
+    def predictor(
+        self, run_dir: Path, run: RunConfig, model: MultiTaskModel, collator: Any, tasks: list[dict]
+    ) -> Predictor:
+        """Answers routed as `evaluate` routes them; with an auto-selector each answer says where it sent the input
+        (`route`: a learned task's name, or `base` for the untouched base model)."""
+        learner = Learner(run, None, model, collator, offset=len(tasks))
+        learner.prior_tasks = tasks
+        self.mark_learned(learner)
+        if self.uses_selector:
+            learner.selector = saved_selector(read_checkpoint(Path(run_dir) / "adapter")[1], Path(run_dir))
+        names = [meta["name"] for meta in tasks]
+
+        def values(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, list]]:
+            route, keep, predicted = self.route_and_predict(learner, batch)
+            if not self.uses_selector:
+                return predicted, {}
+            return predicted, {
+                "route": ["base" if k else names[r] for r, k in zip(route.tolist(), keep.tolist())]
+            }
+
+        return RoutedPredictor(model, collator, tasks, values=values)
 
     @torch.no_grad()
     def evaluate_all(self, learner: Learner, split: str | None = None) -> list[float]:

@@ -93,7 +93,7 @@ def heads_swapped(model: MultiTaskModel, state: dict[str, torch.Tensor] | None) 
 
 
 @torch.no_grad()
-def _predict(
+def weighted_classes(
     model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
 ) -> torch.Tensor:
     """The classes the bank answers for a collated batch, given each input's expert weights `(n, E)`: the logit
@@ -136,20 +136,7 @@ def evaluate_elrea(
         return _evaluate_generation(model, data, collator, run, centroids, centroid0, split=split, mode=mode)
     model.eval()
     device = next(model.parameters()).device
-    if weights_of is None:
-        featurizer = GradientFeaturizer(
-            model.backbone,
-            projection_dim=run.elrea_feature_dim,
-            seed=run.seed,
-            expert=0,
-            sign_invariant=run.elrea_sign_invariant,
-        )
-
-        def weights_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            with heads_swapped(model, feature_heads):
-                feats = batch_features(model, featurizer, batch, 0, run.elrea_top_labels)
-            return routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
-
+    weights_of = weights_of or gradient_weights(model, run, centroids, centroid0, feature_heads)
     tasks, all_weights, all_tasks = {}, [], []
     for task in data.scored_tasks(split):
         examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
@@ -158,7 +145,7 @@ def evaluate_elrea(
             chunk = examples[start : start + run.eval_batch_size]
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
             weights = weights_of(batch)
-            preds.append(_predict(model, batch, weights, mode or run.elrea_mode).cpu())
+            preds.append(weighted_classes(model, batch, weights, mode or run.elrea_mode).cpu())
             gold.append(batch["labels"].cpu())
             all_weights.append(weights.cpu())
             all_tasks.append(batch["task_ids"].cpu())
@@ -172,10 +159,38 @@ def evaluate_elrea(
     return with_unscored(metrics, data, split), weights_np, tasks_np
 
 
+def gradient_weights(
+    model: MultiTaskModel,
+    run: RunConfig,
+    centroids: torch.Tensor,
+    centroid0: torch.Tensor,
+    feature_heads: dict[str, torch.Tensor] | None,
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Each collated batch's expert weights `(n, C + 1)`: its label-free gradient features on the base adapter,
+    taken with the heads as they were for the training features, against the saved centroids."""
+    featurizer = GradientFeaturizer(
+        model.backbone,
+        projection_dim=run.elrea_feature_dim,
+        seed=run.seed,
+        expert=0,
+        sign_invariant=run.elrea_sign_invariant,
+    )
+
+    def weights_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with heads_swapped(model, feature_heads):
+            feats = batch_features(model, featurizer, batch, 0, run.elrea_top_labels)
+        return routing_weights(feats, centroids, run.elrea_temperature, base_centroid=centroid0)
+
+    return weights_of
+
+
 class ElreaAnswers:
     """ELREA's answers to generation batches: each prompt's experts weighted by its gradient feature (taken on the
     same right-padded batch as the training features), then the ensemble of their logits or the top-1 expert, in
-    teacher forcing and in greedy generation. Keeps the weights it used, for the routing summary."""
+    teacher forcing and in greedy generation. Keeps the weights it used, for the routing summary.
+    `generate` uses the weights of the batch `logits` saw last (`routes_in_logits`)."""
+
+    routes_in_logits = True
 
     def __init__(self, elrea: ElreaModel, collator: Any) -> None:
         self.elrea, self.collator = elrea, collator
@@ -217,6 +232,23 @@ def _evaluate_generation(
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     from loramix.train.generation_eval import evaluate_generation
 
+    answers = elrea_answers(model, collator, run, centroids, centroid0, mode)
+    metrics = evaluate_generation(model, data, collator, split=split, answers=answers, **eval_options(run))
+    weights_np = torch.cat(answers.weights).float().cpu().numpy()
+    tasks_np = torch.cat(answers.task_ids).numpy()
+    metrics["routing"] = {"model": routing_summary(weights_np, tasks_np, data.task_names)}
+    return metrics, weights_np, tasks_np
+
+
+def elrea_answers(
+    model: MultiTaskModel,
+    collator: Any,
+    run: RunConfig,
+    centroids: torch.Tensor,
+    centroid0: torch.Tensor,
+    mode: str | None = None,
+) -> ElreaAnswers:
+    """The bank's answers to generation batches, its experts weighted by each prompt's gradient feature."""
     elrea = ElreaModel(
         model.backbone,
         centroids,
@@ -228,12 +260,7 @@ def _evaluate_generation(
         temperature=run.elrea_temperature,
         mode=mode or run.elrea_mode,  # type: ignore[arg-type]
     )
-    answers = ElreaAnswers(elrea, collator)
-    metrics = evaluate_generation(model, data, collator, split=split, answers=answers, **eval_options(run))
-    weights_np = torch.cat(answers.weights).float().cpu().numpy()
-    tasks_np = torch.cat(answers.task_ids).numpy()
-    metrics["routing"] = {"model": routing_summary(weights_np, tasks_np, data.task_names)}
-    return metrics, weights_np, tasks_np
+    return ElreaAnswers(elrea, collator)
 
 
 def saved_elrea(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

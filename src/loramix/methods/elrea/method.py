@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loramix.config import AdapterConfig
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
@@ -14,13 +16,20 @@ from loramix.inject import get_info
 from loramix.io import export_peft
 from loramix.io.files import atomic_folder, atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks, register_method
-from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea
+from loramix.methods.elrea.evaluate import (
+    elrea_answers,
+    evaluate_elrea,
+    gradient_weights,
+    saved_elrea,
+    weighted_classes,
+)
 from loramix.methods.elrea.pipeline import STAGE_FILE, run_elrea
 from loramix.methods.mola import common
 from loramix.models import resolve_model_path
 from loramix.preflight import EXPORT_NOTE_FILE, is_earlier_export
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
+from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.run import prepare_run
 from loramix.train.serve_export import BASE_FOLDER, write_trained_base
 
@@ -86,6 +95,25 @@ class Elrea(Method):
             model, data, collator, run, centroids, centroid0, split=split, feature_heads=heads
         )
         return metrics
+
+    def predictor(
+        self, run_dir: Path, run: RunConfig, model: MultiTaskModel, collator: Any, tasks: list[dict]
+    ) -> Predictor:
+        """Answers routed by each input's gradient, as `evaluate` routes them; each says its most weighted expert
+        (`expert`: 0 the base adapter, c + 1 cluster c's)."""
+        centroids, centroid0, heads = saved_elrea(run_dir)
+        if any(meta["task_type"] == "generation" for meta in tasks):
+            answers = elrea_answers(model, collator, run, centroids, centroid0)
+            return RoutedPredictor(model, collator, tasks, max_new_tokens=run.max_new_tokens, answers=answers)
+        model.eval()
+        weights_of = gradient_weights(model, run, centroids, centroid0, heads)
+
+        def values(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
+            weights = weights_of(batch)
+            chosen = weighted_classes(model, batch, weights, run.elrea_mode)
+            return chosen, {"expert": weights.argmax(-1).tolist()}
+
+        return RoutedPredictor(model, collator, tasks, values=values)
 
     def export(
         self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace

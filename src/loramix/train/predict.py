@@ -1,0 +1,217 @@
+"""A finished run's answers to new inputs (`loramix predict`).
+
+Each row of a JSONL, CSV or TSV file names its task in a `task` field (or one task is given for every row) and holds
+that task's input fields, as its training files did (`text`, or `text_a` and `text_b`, or a generation task's
+`prompt` or `messages`; a label, if present, is not read). The rows are answered in batches that may mix tasks,
+each routed as the run's method routes at inference (:meth:`loramix.methods.base.Method.predictor`), and written
+one JSON line per row, in the file's order: the row's line, its task and the answer (a class name, a number, or
+generated text), with what the method adds (the continual methods: where the auto-selector sent the input).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramix.data.generation import GenerationExample, chat_turns
+from loramix.data.readers import Example, Row, read_rows, text_value
+from loramix.errors import CheckpointError, ConfigError, DataError
+from loramix.io.files import atomic_write_bytes
+from loramix.models import position_limit
+from loramix.train.generation_eval import RoutedAnswers, fit_positions
+from loramix.train.model import MultiTaskModel
+from loramix.train.step import routed
+
+TASK_FIELD = "task"
+DEFAULT_NEW_TOKENS = 64  # a generation task's answer, unless the run sets max_new_tokens
+
+# A method's answers to one batch: the examples (their `task` is the model's task id) -> one dict per example.
+Predictor = Callable[[Sequence[Any]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One input row: where it came from, its task's name and the example the collator takes."""
+
+    location: str
+    task: str
+    example: Example | GenerationExample
+
+
+def with_input_fields(run: Any, tasks: list[dict]) -> list[dict]:
+    """The tasks' metadata, with the input fields of a run saved before they were recorded taken from its config's
+    task specs (where they can be read)."""
+    if all("input_fields" in meta for meta in tasks):
+        return tasks
+    from loramix.train.run import task_specs
+
+    try:
+        specs = {spec.name: spec for spec in task_specs(run)}
+    except (DataError, OSError):
+        specs = {}
+    return [
+        meta
+        if "input_fields" in meta or meta["name"] not in specs
+        else {**meta, "input_fields": specs[meta["name"]].input_fields()}
+        for meta in tasks
+    ]
+
+
+def read_requests(path: str | Path, tasks: list[dict], task: str | None = None) -> list[Request]:
+    """Every row of `path` as a request of its task (`task`, else the row's `task` field), with file-and-line
+    errors: a missing or unknown task, a missing or non-string input field."""
+    ids = {meta["name"]: i for i, meta in enumerate(tasks)}
+    names = ", ".join(ids)
+    if task is not None and task not in ids:
+        raise ConfigError(f"--task {task!r} is not a task of this run; its tasks are: {names}")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found (the rows to answer)")
+    requests = []
+    for row in read_rows(str(path), split="input").rows:
+        name = task if task is not None else row.fields.get(TASK_FIELD)
+        if name is None:
+            raise DataError(
+                f"{row.location}: no {TASK_FIELD!r} field naming the row's task (or give --task for every row); "
+                f"this run's tasks are: {names}"
+            )
+        if name not in ids:
+            raise DataError(
+                f"{row.location}: task {name!r} is not a task of this run; its tasks are: {names}"
+            )
+        requests.append(Request(row.location, name, _example(row, tasks[ids[name]], ids[name])))
+    return requests
+
+
+def _example(row: Row, meta: dict, task: int) -> Example | GenerationExample:
+    fields = meta.get("input_fields")
+    if fields is None:
+        raise CheckpointError(
+            f"task {meta['name']!r}: the run recorded no input fields for it (saved by an earlier loramix), and "
+            "its config's task specs cannot be read; give `loramix predict` a --config whose tasks can"
+        )
+    if meta["task_type"] == "generation":
+        if fields["messages_field"] in row.fields and fields["prompt_field"] not in row.fields:
+            turns = chat_turns(row, fields["messages_field"], answered=False)
+            return GenerationExample("", "", task, row.location, tuple(turns))
+        prompt = text_value(row, fields["prompt_field"], "prompt_field")
+        if not prompt.strip():
+            raise DataError(f"{row.location}: field {fields['prompt_field']!r} is empty; a prompt needs text")
+        return GenerationExample(prompt, "", task, row.location)
+    text = text_value(row, fields["text_field"], "text_field")
+    pair = fields["text_pair_field"]
+    return Example(text, None if pair is None else text_value(row, pair, "text_pair_field"), 0, task)
+
+
+def answer_values(
+    values: torch.Tensor, examples: Sequence[Example], tasks: list[dict]
+) -> list[dict[str, Any]]:
+    """A head's decisions `(n,)` as answers: the class name (and its index), or the regression value."""
+    answers: list[dict[str, Any]] = []
+    for value, example in zip(values.tolist(), examples):
+        meta = tasks[example.task]
+        if meta["task_type"] == "regression":
+            answers.append({"prediction": float(value)})
+        else:
+            answers.append({"prediction": meta["labels"][int(value)], "label_index": int(value)})
+    return answers
+
+
+class RoutedPredictor:
+    """Answers of a model routed by its own routers (task ids or learned routers), as `loramix eval` scores it:
+    the head's decision for classification and regression, greedy generation for a causal LM's tasks.
+    `values(batch) -> (decisions, extra columns)` replaces the head's routed decision (a continual method's
+    selector and routes, ELREA's gradient routing)."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        collator: Any,
+        tasks: list[dict],
+        *,
+        max_new_tokens: int | None = None,
+        values: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, list]]] | None = None,
+        answers: Any = None,
+    ) -> None:
+        self.model, self.collator, self.tasks = model, collator, tasks
+        self.max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS
+        self.values = values or self.routed_values
+        self.answers = answers or RoutedAnswers(model, collator)
+
+    def routed_values(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
+        with routed(self.model, batch):
+            return self.model.heads.predict(self.model, batch), {}
+
+    @torch.no_grad()
+    def __call__(self, examples: Sequence[Any]) -> list[dict[str, Any]]:
+        device = next(self.model.parameters()).device
+        if isinstance(examples[0], GenerationExample):
+            return self.generate(examples, device)
+        batch = {k: v.to(device) for k, v in self.collator(examples).items()}
+        values, extra = self.values(batch)
+        answers = answer_values(values.cpu(), examples, self.tasks)
+        for key, column in extra.items():
+            for answer, value in zip(answers, column):
+                answer[key] = value
+        return answers
+
+    def generate(self, examples: Sequence[GenerationExample], device: torch.device) -> list[dict[str, Any]]:
+        batch: dict[str, torch.Tensor] = {}
+        if getattr(self.answers, "routes_in_logits", False):
+            # ELREA weighs its experts by the gradient of the prompt's loss, taken on the collated batch
+            batch = {k: v.to(device) for k, v in self.collator(examples).items()}
+            self.answers.logits(batch)
+        prompts = {k: v.to(device) for k, v in self.collator.prompts(examples).items()}
+        prompts, room = fit_positions(prompts, self.max_new_tokens, position_limit(self.model.backbone))
+        generated = self.answers.generate(batch, prompts, room)
+        texts = self.collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [{"prediction": text.strip()} for text in texts]
+
+
+def collator_for(run: Any, tasks: list[dict], tokenizer: Any) -> Any:
+    """The run's collator, built from its saved task metadata (no data files needed)."""
+    from loramix.data import TextCollator
+    from loramix.data.generation import GenerationCollator
+
+    if any(meta["task_type"] == "generation" for meta in tasks):
+        return GenerationCollator(tokenizer, max_length=run.max_length)
+    return TextCollator(tokenizer, max_length=run.max_length)
+
+
+def predict(
+    requests: Sequence[Request], predictor: Predictor, *, batch_size: int, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Every request's answer, in order, `batch_size` rows a batch (rows of different tasks share one), each as
+    `{"line", "task", "prediction", ...}`. Generation rows and the others are batched apart."""
+    results: list[dict[str, Any] | None] = [None] * len(requests)
+    kinds = [
+        [i for i, r in enumerate(requests) if isinstance(r.example, GenerationExample) == generation]
+        for generation in (False, True)
+    ]
+    chunks = [group[s : s + batch_size] for group in kinds for s in range(0, len(group), batch_size)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(chunks), desc="predict", unit="batch", leave=False, disable=None if progress else True
+    )
+    for chunk in chunks:
+        answers = predictor([requests[i].example for i in chunk])
+        for i, answer in zip(chunk, answers):
+            results[i] = {"line": requests[i].location, "task": requests[i].task, **answer}
+        bar.update(1)
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+def write_predictions(results: Sequence[dict[str, Any]], out: str | Path | None) -> None:
+    """One JSON line per result: to `out` (written whole, then renamed into place) or to standard output."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    atomic_write_bytes(Path(out), text.encode())

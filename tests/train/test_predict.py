@@ -1,0 +1,188 @@
+"""`loramix predict` on tiny runs of each kind of method: rows of several tasks answered in shared batches give
+the answers `loramix eval` scores (its accuracy, the auto-selector's confusion matrix, the generated samples), and
+the same answers one row at a time; bad rows are named by file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loramix.cli import main
+from loramix.methods import get_method
+from loramix.train.config import RunConfig
+from loramix.train.predict import collator_for, predict, read_requests, with_input_fields
+from loramix.train.run import load_trained
+from tests.methods.test_continual import specs
+from tests.test_cli import write_config
+from tests.train import toys
+
+TASKS = toys.TASK_NAMES[:2]
+
+
+def rows_of(tasks_dir: Path, names: list[str]) -> list[dict[str, Any]]:
+    """The test rows of `names`, alternating between the tasks, each with its task's name."""
+    per_task = [
+        [
+            {"task": name, **json.loads(line)}
+            for line in (tasks_dir / name / "test.jsonl").read_text().splitlines()
+        ]
+        for name in names
+    ]
+    return [row for group in zip(*per_task) for row in group]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def predicted(run_dir: Path, inputs: Path, out: Path, *extra: str) -> list[dict[str, Any]]:
+    assert main(["predict", str(run_dir), str(inputs), "--out", str(out), *extra]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def one_at_a_time(run_dir: Path, inputs: Path) -> list[dict[str, Any]]:
+    """The reference: every row alone in its batch, through the method's own predictor."""
+    run, model, tokenizer, tasks = load_trained(run_dir)
+    tasks = with_input_fields(run, tasks)
+    predictor = get_method(run.method).predictor(
+        run_dir, run, model, collator_for(run, tasks, tokenizer), tasks
+    )
+    return predict(read_requests(inputs, tasks), predictor, batch_size=1, progress=False)
+
+
+def accuracy(results: list[dict[str, Any]], rows: list[dict[str, Any]], labels: dict[str, list[str]]) -> dict:
+    right: dict[str, list[bool]] = {}
+    for result, row in zip(results, rows):
+        right.setdefault(row["task"], []).append(result["prediction"] == labels[row["task"]][row["label"]])
+    return {task: sum(hits) / len(hits) for task, hits in right.items()}
+
+
+def trained(root: Path, settings: dict[str, Any]) -> Path:
+    config = write_config(root / "run.yaml", settings)
+    assert main(["train", config, "--output-dir", str(root / "run")]) == 0
+    return root / "run"
+
+
+def label_names() -> dict[str, list[str]]:
+    return {name: toys.TASKS[name][2] for name in TASKS}
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("mola-grad", {}),
+        ("mola-router", {}),
+        (
+            "continual-mola-grad",
+            {"head": "label-prompt", "steps_per_task": 50, "lr": 1e-2, "ddas_examples": 40},
+        ),
+        ("elrea", {"elrea_clusters": 2, "elrea_feature_examples": 32, "elrea_feature_dim": 16}),
+    ],
+)
+def test_mixed_batches_answer_as_eval_scores_and_as_one_row_at_a_time(
+    method: str, extra: dict[str, Any], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    settings = {
+        **toys.settings(model_dir, tasks_dir, method=method, steps=40, lr=2e-2),
+        "tasks": TASKS,
+        **extra,
+    }
+    if "steps_per_task" in extra:  # class texts the tiny vocabulary can tell apart ("negative" is not in it)
+        del settings["steps"]
+        settings.update(tasks=specs(tasks_dir)[:2], tasks_dir=None)
+    run_dir = trained(tmp_path, settings)
+    rows = rows_of(tasks_dir, TASKS)
+    inputs = write_rows(tmp_path / "inputs.jsonl", rows)
+    results = predicted(run_dir, inputs, tmp_path / "out.jsonl", "--batch-size", "7")
+
+    assert [r["line"] for r in results] == [f"{inputs}, line {i + 1}" for i in range(len(rows))]
+    assert [r["task"] for r in results] == [row["task"] for row in rows]
+    assert main(["eval", str(run_dir)]) == 0
+    scored = json.loads((run_dir / "eval-test.json").read_text())
+    expected = {name: scored["tasks"][name]["accuracy"] for name in TASKS}
+    assert accuracy(results, rows, label_names()) == pytest.approx(expected)
+    for name in TASKS:  # the run learned: no task answers with one class alone
+        assert len({r["prediction"] for r in results if r["task"] == name}) > 1, (name, expected)
+    assert [r["prediction"] for r in one_at_a_time(run_dir, inputs)] == [r["prediction"] for r in results]
+    if method == "continual-mola-grad":  # where the auto-selector sent each input, as eval counted it
+        names = scored["selector"]["task_names"] + ["base"]
+        confusion = [[0] * len(names) for _ in TASKS]
+        for result, row in zip(results, rows):
+            confusion[TASKS.index(row["task"])][names.index(result["route"])] += 1
+        assert confusion == scored["selector"]["confusion"]
+    if method == "elrea":
+        assert all(0 <= r["expert"] <= 2 for r in results)
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("mola-grad", {}),
+        ("elrea", {"elrea_clusters": 2, "elrea_feature_dim": 16, "elrea_feature_examples": 24}),
+    ],
+)
+def test_generated_answers_are_the_ones_eval_scores(
+    method: str,
+    extra: dict[str, Any],
+    gpt2_dir: Path,
+    gen_tasks_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+):
+    settings = toys.gen_settings(gpt2_dir, gen_tasks_dir, method=method, steps=10, max_new_tokens=6, **extra)
+    run_dir = trained(tmp_path, settings)
+    assert main(["eval", str(run_dir)]) == 0
+    samples = json.loads((run_dir / "eval-test.json").read_text())["tasks"]["sort"]["samples"]
+    test = (gen_tasks_dir / "sort" / "test.jsonl").read_text().splitlines()
+    inputs = tmp_path / "prompts.jsonl"
+    inputs.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n" for line in test))
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(inputs), "--task", "sort", "--batch-size", "8"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # standard output
+    assert len(results) == len(test)
+    assert [r["prediction"] for r in results[: len(samples)]] == [s["generated"] for s in samples]
+
+    chat = {"task": "sort", "messages": [{"role": "user", "content": "cab"}]}
+    answered = predicted(run_dir, write_rows(tmp_path / "chat.jsonl", [chat]), tmp_path / "chat-out.jsonl")
+    assert len(answered) == 1 and isinstance(answered[0]["prediction"], str)
+    bad = write_rows(tmp_path / "bad-chat.jsonl", [chat, {"task": "sort", "messages": [{"role": "user"}]}])
+    assert main(["predict", str(run_dir), str(bad)]) == 3
+    assert "bad-chat.jsonl, line 2: turn 1 of 'messages'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lora_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("predict-lora")
+    return trained(root, {**toys.settings(model_dir, tasks_dir, method="lora", steps=2), "tasks": TASKS})
+
+
+@pytest.mark.parametrize(
+    "rows, argv, words",
+    [
+        ([{"task": TASKS[0], "text": "a"}, {"text": "b"}], [], ["line 2", "no 'task' field"]),
+        ([{"task": "weather", "text": "a"}], [], ["line 1", "'weather' is not a task", TASKS[0]]),
+        ([{"task": TASKS[0], "sentence": "a"}], [], ["line 1", "missing field 'text'", "text_field"]),
+        ([{"text": "a"}], ["--task", "weather"], ["--task 'weather' is not a task"]),
+        ([{"text": "a"}], ["--batch-size", "0"], ["--batch-size must be at least 1"]),
+    ],
+)
+def test_bad_rows_are_named_by_file_and_line(
+    lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: list, argv: list, words: list
+):
+    inputs = write_rows(tmp_path / "bad.jsonl", rows)
+    code = main(["predict", str(lora_run), str(inputs), "--out", str(tmp_path / "out.jsonl"), *argv])
+    err = capsys.readouterr().err
+    assert code in (2, 3) and all(word in err for word in words), err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_run_saved_without_its_input_fields_takes_them_from_its_config(lora_run: Path):
+    run = RunConfig.from_yaml(lora_run / "config.yaml")
+    _, _, _, tasks = load_trained(lora_run)
+    assert [meta["input_fields"]["text_field"] for meta in tasks] == ["text", "text"]
+    older = [{k: v for k, v in meta.items() if k != "input_fields"} for meta in tasks]
+    assert with_input_fields(run, older) == tasks
