@@ -76,10 +76,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.models import show_loading_bars
     from loramix.report import print_table
     from loramix.train.config import RunConfig
-    from loramix.train.run import eval_split, load_trained, make_collator, task_specs
+    from loramix.train.run import eval_split, load_trained, make_collator, on_inference_device, task_specs
 
     show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml").progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
+    on_inference_device(run, model)
     data = MultiTaskData(task_specs(run))
     method = get_method(run.method)
     check_eval_tasks(Path(args.run_dir), data, last_ones=method.continual)  # before the data is batched
@@ -112,10 +113,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from loramix.methods import get_method
     from loramix.models import show_loading_bars
-    from loramix.train.run import load_trained
+    from loramix.train.run import load_trained, on_inference_device
 
     show_loading_bars(run.progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
+    on_inference_device(run, model)
     collator = collator_for(run, tasks, tokenizer)
     predictor = get_method(run.method).predictor(Path(args.run_dir), run, model, collator, tasks)
     batch_size = args.batch_size or run.eval_batch_size

@@ -14,7 +14,7 @@ from loramix.cli import main
 from loramix.methods import get_method
 from loramix.train.config import RunConfig
 from loramix.train.predict import collator_for, predict, read_requests, with_input_fields
-from loramix.train.run import load_trained
+from loramix.train.run import load_trained, on_inference_device
 from tests.methods.test_continual import specs
 from tests.test_cli import write_config
 from tests.train import toys
@@ -47,6 +47,7 @@ def predicted(run_dir: Path, inputs: Path, out: Path, *extra: str) -> list[dict[
 def one_at_a_time(run_dir: Path, inputs: Path) -> list[dict[str, Any]]:
     """The reference: every row alone in its batch, through the method's own predictor."""
     run, model, tokenizer, tasks = load_trained(run_dir)
+    on_inference_device(run, model)  # where `loramix predict` answers
     tasks = with_input_fields(run, tasks)
     predictor = get_method(run.method).predictor(
         run_dir, run, model, collator_for(run, tasks, tokenizer), tasks

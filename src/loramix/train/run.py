@@ -287,6 +287,14 @@ def save_run(
     write_report(output_dir, [metrics])
 
 
+def on_inference_device(run: RunConfig, model: MultiTaskModel) -> MultiTaskModel:
+    """`loramix eval` and `predict` answer on the GPU when there is one, as the trainer's own evaluation does; a
+    quantized base was placed there when it loaded. `CUDA_VISIBLE_DEVICES=` keeps them on the CPU."""
+    if torch.cuda.is_available() and run.quantize is None:
+        model.to(torch.device("cuda"))
+    return model
+
+
 def load_trained(
     run_dir: str | Path, config_path: str | Path | None = None
 ) -> tuple[RunConfig, MultiTaskModel, Any, list[dict]]:
