@@ -139,6 +139,7 @@ class RoutedPredictor:
         answers: Any = None,
     ) -> None:
         self.model, self.collator, self.tasks = model, collator, tasks
+        model.eval()  # no dropout: the same answer for a row every time, as in evaluation
         self.max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS
         self.values = values or self.routed_values
         self.answers = answers or RoutedAnswers(model, collator)

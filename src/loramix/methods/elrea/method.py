@@ -105,7 +105,6 @@ class Elrea(Method):
         if any(meta["task_type"] == "generation" for meta in tasks):
             answers = elrea_answers(model, collator, run, centroids, centroid0)
             return RoutedPredictor(model, collator, tasks, max_new_tokens=run.max_new_tokens, answers=answers)
-        model.eval()
         weights_of = gradient_weights(model, run, centroids, centroid0, heads)
 
         def values(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
