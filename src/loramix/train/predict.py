@@ -26,6 +26,7 @@ from loramix.io.files import atomic_write_bytes
 from loramix.models import position_limit
 from loramix.train.generation_eval import RoutedAnswers, fit_positions
 from loramix.train.model import MultiTaskModel
+from loramix.train.run import task_specs
 from loramix.train.step import routed
 
 TASK_FIELD = "task"
@@ -49,8 +50,6 @@ def with_input_fields(run: Any, tasks: list[dict]) -> list[dict]:
     task specs (where they can be read)."""
     if all("input_fields" in meta for meta in tasks):
         return tasks
-    from loramix.train.run import task_specs
-
     try:
         specs = {spec.name: spec for spec in task_specs(run)}
     except (DataError, OSError):
