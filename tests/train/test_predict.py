@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from loramix.cli import main
-from loramix.methods import get_method
+from loramix.methods import get_method, run_training
 from loramix.train.config import RunConfig
 from loramix.train.predict import collator_for, predict, read_requests, with_input_fields
 from loramix.train.run import load_trained, on_inference_device
-from tests.methods.test_continual import specs
+from tests.methods.test_continual import continued_after_two, specs
 from tests.test_cli import write_config
 from tests.train import toys
 
@@ -187,3 +187,20 @@ def test_a_run_saved_without_its_input_fields_takes_them_from_its_config(lora_ru
     assert [meta["input_fields"]["text_field"] for meta in tasks] == ["text", "text"]
     older = [{k: v for k, v in meta.items() if k != "input_fields"} for meta in tasks]
     assert with_input_fields(run, older) == tasks
+
+
+def test_a_continued_run_answers_its_earlier_tasks_as_the_earlier_run_did(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """The earlier tasks of a run that continued another (`continue_from`) keep their ids and, with their experts
+    and routers frozen, their answers; the new task is answered too."""
+    later = continued_after_two(model_dir, tasks_dir, tmp_path, "moe-adapters-task-id", steps_per_task=20)
+    run_training(later, tmp_path / "later")
+    inputs = write_rows(tmp_path / "inputs.jsonl", rows_of(tasks_dir, TASKS))
+    before = predicted(tmp_path / "first", inputs, tmp_path / "before.jsonl")
+    after = predicted(tmp_path / "later", inputs, tmp_path / "after.jsonl")
+    assert len({r["prediction"] for r in before}) > 2  # both tasks' answers, not one class each
+    assert [r["prediction"] for r in after] == [r["prediction"] for r in before]
+    new = write_rows(tmp_path / "new.jsonl", rows_of(tasks_dir, toys.TASK_NAMES[2:]))
+    answers = predicted(tmp_path / "later", new, tmp_path / "new-out.jsonl")
+    assert {r["prediction"] for r in answers} <= set(toys.TASKS[toys.TASK_NAMES[2]][2])
