@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from loramix.data.generation import GenerationExample, chat_turns
+from loramix.data.collate import TextCollator
+from loramix.data.generation import GenerationCollator, GenerationExample, chat_turns
 from loramix.data.readers import Example, Row, read_rows, text_value
 from loramix.errors import CheckpointError, ConfigError, DataError
 from loramix.io.files import atomic_write_bytes
@@ -175,9 +176,6 @@ class RoutedPredictor:
 
 def collator_for(run: Any, tasks: list[dict], tokenizer: Any) -> Any:
     """The run's collator, built from its saved task metadata (no data files needed)."""
-    from loramix.data import TextCollator
-    from loramix.data.generation import GenerationCollator
-
     if any(meta["task_type"] == "generation" for meta in tasks):
         return GenerationCollator(tokenizer, max_length=run.max_length)
     return TextCollator(tokenizer, max_length=run.max_length)
@@ -187,25 +185,23 @@ def predict(
     requests: Sequence[Request], predictor: Predictor, *, batch_size: int, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Every request's answer, in order, `batch_size` rows a batch (rows of different tasks share one), each as
-    `{"line", "task", "prediction", ...}`. Generation rows and the others are batched apart."""
-    results: list[dict[str, Any] | None] = [None] * len(requests)
-    kinds = [
-        [i for i, r in enumerate(requests) if isinstance(r.example, GenerationExample) == generation]
-        for generation in (False, True)
-    ]
-    chunks = [group[s : s + batch_size] for group in kinds for s in range(0, len(group), batch_size)]
+    `{"line", "task", "prediction", ...}`. (A run's tasks are all classifiers or all generation tasks.)"""
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=len(chunks), desc="predict", unit="batch", leave=False, disable=None if progress else True
-    )
-    for chunk in chunks:
-        answers = predictor([requests[i].example for i in chunk])
-        for i, answer in zip(chunk, answers):
-            results[i] = {"line": requests[i].location, "task": requests[i].task, **answer}
-        bar.update(1)
-    bar.close()
-    return [r for r in results if r is not None]
+    results: list[dict[str, Any]] = []
+    with tqdm(
+        total=-(-len(requests) // batch_size),
+        desc="predict",
+        unit="batch",
+        leave=False,
+        disable=None if progress else True,  # shown on a terminal only
+    ) as bar:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            answers = predictor([request.example for request in chunk])
+            results += [{"line": r.location, "task": r.task, **a} for r, a in zip(chunk, answers)]
+            bar.update(1)
+    return results
 
 
 def write_predictions(results: Sequence[dict[str, Any]], out: str | Path | None) -> None:
