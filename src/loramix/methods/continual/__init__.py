@@ -8,7 +8,8 @@ from loramix.methods.continual.baselines import Lae, SequentialLora, ZeroShot
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.moe_adapters import JointMoEAdapters, MoEAdapters, MoEAdaptersTaskId
 from loramix.methods.continual.mola_grad import ContinualMolaGrad
-from loramix.methods.continual.sequence import Continual, continual_metrics
+from loramix.methods.continual.report import continual_metrics
+from loramix.methods.continual.sequence import Continual
 
 __all__ = [
     "Continual",

@@ -1,5 +1,6 @@
-"""What a continual run shows a reader: `continual.md` beside `report.md`, with the accuracy matrix as a heatmap,
-the auto-selector's confusion matrix (true task x chosen task or the base), each task's expert use in the first and
+"""What a continual run shows a reader: its metrics (Transfer, Average, Last, BWT, the auto-selector's rates, one
+history over the sequence) and `continual.md` beside `report.md`, with the accuracy matrix as a heatmap, the
+auto-selector's confusion matrix (true task x chosen task or the base), each task's expert use in the first and
 last adapted block, and which experts were frozen after which task.
 
 Legend: T tasks, E experts.
@@ -16,6 +17,38 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from loramix.io.files import atomic_write_bytes
+
+
+def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
+    """Transfer, Average, Last and BWT of a `(T + 1, T)` accuracy matrix (row 0 before training, row i after task
+    i; column j is task j):
+
+    - Transfer: the mean over tasks j of their accuracy in the rows before task j is learned (rows 0..j);
+    - Average: the mean of all entries of rows 1..T;
+    - Last: the mean of the last row;
+    - BWT: the mean over j of (last-row accuracy of j - accuracy right after learning j, row j + 1).
+    Tasks whose "before" set is empty do not exist here, since row 0 always precedes.
+    """
+    tasks = matrix.shape[1]
+    transfer = [matrix[: j + 1, j].mean() for j in range(tasks)]
+    bwt = [matrix[-1, j] - matrix[j + 1, j] for j in range(tasks - 1)]  # the last task has no later row
+    return {
+        "Transfer": float(np.mean(transfer)),
+        "Average": float(matrix[1:].mean()),
+        "Last": float(matrix[-1].mean()),
+        "BWT": float(np.mean(bwt)) if bwt else 0.0,
+    }
+
+
+def sequence_history(histories: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The logged steps of every task in the order learned, as one history: each entry with the task it trained
+    (`task`, its index) and its step counted from the start of the sequence."""
+    history, done = [], 0
+    for task in sorted(histories, key=int):
+        steps = histories[task]
+        history += [{**entry, "step": entry["step"] + done, "task": int(task)} for entry in steps]
+        done += max((entry["step"] for entry in steps), default=0)
+    return history
 
 
 def selector_rates(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None] | None:

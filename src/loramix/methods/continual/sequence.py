@@ -39,7 +39,7 @@ from loramix.methods.continual.learner import (
     new_selector,
     saved_selector,
 )
-from loramix.methods.continual.report import write_continual_report
+from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.models import load_backbone
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
@@ -519,17 +519,6 @@ class Continual(Method):
         }
 
 
-def sequence_history(histories: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The logged steps of every task in the order learned, as one history: each entry with the task it trained
-    (`task`, its index) and its step counted from the start of the sequence."""
-    history, done = [], 0
-    for task in sorted(histories, key=int):
-        steps = histories[task]
-        history += [{**entry, "step": entry["step"] + done, "task": int(task)} for entry in steps]
-        done += max((entry["step"] for entry in steps), default=0)
-    return history
-
-
 def every_task_has(data: MultiTaskData, split: str) -> str:
     """`split`, once every task is known to have examples in it: the accuracy matrix scores every task."""
     missing = data.missing(split)
@@ -539,24 +528,3 @@ def every_task_has(data: MultiTaskData, split: str) -> str:
             f"{', '.join(missing)} have none: give them a {split} file"
         )
     return split
-
-
-def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
-    """Transfer, Average, Last and BWT of a `(T + 1, T)` accuracy matrix (row 0 before training, row i after task
-    i; column j is task j):
-
-    - Transfer: the mean over tasks j of their accuracy in the rows before task j is learned (rows 0..j);
-    - Average: the mean of all entries of rows 1..T;
-    - Last: the mean of the last row;
-    - BWT: the mean over j of (last-row accuracy of j - accuracy right after learning j, row j + 1).
-    Tasks whose "before" set is empty do not exist here, since row 0 always precedes.
-    """
-    tasks = matrix.shape[1]
-    transfer = [matrix[: j + 1, j].mean() for j in range(tasks)]
-    bwt = [matrix[-1, j] - matrix[j + 1, j] for j in range(tasks - 1)]  # the last task has no later row
-    return {
-        "Transfer": float(np.mean(transfer)),
-        "Average": float(matrix[1:].mean()),
-        "Last": float(matrix[-1].mean()),
-        "BWT": float(np.mean(bwt)) if bwt else 0.0,
-    }
