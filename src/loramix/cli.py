@@ -97,13 +97,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
     from loramix.preflight import finished_adapter
     from loramix.train.config import RunConfig
-    from loramix.train.predict import (
-        collator_for,
-        predict,
-        read_requests,
-        with_input_fields,
-        write_predictions,
-    )
+    from loramix.train.predict import predict, read_requests, with_input_fields, write_predictions
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {args.batch_size})")
@@ -113,12 +107,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from loramix.methods import get_method
     from loramix.models import show_loading_bars
-    from loramix.train.run import load_trained, on_inference_device
+    from loramix.train.run import collator_of, load_trained, on_inference_device
 
     show_loading_bars(run.progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     on_inference_device(run, model)
-    collator = collator_for(run, tasks, tokenizer)
+    collator = collator_of(run, [meta["task_type"] for meta in tasks], tokenizer)
     predictor = get_method(run.method).predictor(Path(args.run_dir), run, model, collator, tasks)
     batch_size = args.batch_size or run.eval_batch_size
     write_predictions(predict(requests, predictor, batch_size=batch_size, progress=run.progress), args.out)

@@ -13,8 +13,8 @@ import pytest
 from loramix.cli import main
 from loramix.methods import get_method, run_training
 from loramix.train.config import RunConfig
-from loramix.train.predict import collator_for, predict, read_requests, with_input_fields
-from loramix.train.run import load_trained, on_inference_device
+from loramix.train.predict import predict, read_requests, with_input_fields
+from loramix.train.run import collator_of, load_trained, on_inference_device
 from tests.methods.test_continual import continued_after_two, specs
 from tests.test_cli import write_config
 from tests.train import toys
@@ -50,7 +50,7 @@ def one_at_a_time(run_dir: Path, inputs: Path) -> list[dict[str, Any]]:
     on_inference_device(run, model)  # where `loramix predict` answers
     tasks = with_input_fields(run, tasks)
     predictor = get_method(run.method).predictor(
-        run_dir, run, model, collator_for(run, tasks, tokenizer), tasks
+        run_dir, run, model, collator_of(run, [meta["task_type"] for meta in tasks], tokenizer), tasks
     )
     return predict(read_requests(inputs, tasks), predictor, batch_size=1, progress=False)
 

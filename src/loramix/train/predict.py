@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from loramix.data.collate import TextCollator
-from loramix.data.generation import GenerationCollator, GenerationExample, chat_turns
+from loramix.data.generation import GenerationExample, chat_turns
 from loramix.data.readers import Example, Row, read_rows, text_value
 from loramix.errors import CheckpointError, ConfigError, DataError
 from loramix.io.files import atomic_write_bytes
@@ -172,13 +171,6 @@ class RoutedPredictor:
         generated = self.answers.generate(batch, prompts, room)
         texts = self.collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [{"prediction": text.strip()} for text in texts]
-
-
-def collator_for(run: Any, tasks: list[dict], tokenizer: Any) -> Any:
-    """The run's collator, built from its saved task metadata (no data files needed)."""
-    if any(meta["task_type"] == "generation" for meta in tasks):
-        return GenerationCollator(tokenizer, max_length=run.max_length)
-    return TextCollator(tokenizer, max_length=run.max_length)
 
 
 def predict(

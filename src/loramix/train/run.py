@@ -113,13 +113,21 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
     return MultiTaskModel(backbone, heads, pooling=run.pooling), tokenizer
 
 
+def collator_of(
+    run: RunConfig, task_types: Sequence[str], tokenizer: Any
+) -> TextCollator | GenerationCollator:
+    """The batches of tasks of these types: tokenized texts, or prompts with responses for a causal LM."""
+    if "generation" in task_types:
+        return GenerationCollator(tokenizer, max_length=run.max_length)
+    return TextCollator(tokenizer, max_length=run.max_length)
+
+
 def make_collator(run: RunConfig, data: MultiTaskData, tokenizer: Any) -> TextCollator | GenerationCollator:
-    """The batches of this run's tasks: tokenized texts, or prompts with responses for a causal LM (whose rows
-    were checked against `max_length` here: an error names a prompt with no room for its response, a warning
-    counts cut responses)."""
-    if not any(task.task_type == "generation" for task in data.tasks):
-        return TextCollator(tokenizer, max_length=run.max_length)
-    collator = GenerationCollator(tokenizer, max_length=run.max_length)
+    """The batches of this run's tasks (:func:`collator_of`); a causal LM's rows are checked against `max_length`
+    here: an error names a prompt with no room for its response, a warning counts cut responses."""
+    collator = collator_of(run, [task.task_type for task in data.tasks], tokenizer)
+    if not isinstance(collator, GenerationCollator):
+        return collator
     for task in data.tasks:
         for split in ("train", eval_split(data)):
             collator.check(data.examples(split, task.task_id), f"{task.name} ({split})")
@@ -267,12 +275,10 @@ def save_run(
             "labels": t.label_names,
             "task_type": t.task_type,
             "input_fields": spec.input_fields(),
+            **({"scorer": spec.scorer} if spec.is_generation else {}),
         }
         for t, spec in zip(data.tasks, data.specs)
     ]
-    for meta, spec in zip(tasks_meta, data.specs):
-        if spec.is_generation:
-            meta["scorer"] = spec.scorer
     if run.head == "label-prompt":  # the class texts the head encodes; the reload tokenizes them again
         for meta, texts in zip(tasks_meta, label_prompts(run, data)):
             meta["label_prompts"] = texts
