@@ -520,3 +520,28 @@ def test_train_imports_nothing_from_methods() -> None:
                 todo.append(nxt)
         bad = sorted(name for name in reached_from if name.startswith("loramix.methods"))
         assert not bad, f"{start} reaches {bad[0]} (imported by {reached_from[bad[0]]})"
+
+
+@pytest.mark.parametrize(ARGS, [c for c in CASES if c.values[1] == "task"])
+def test_an_expert_copied_from_a_frozen_one_adds_what_it_adds_and_a_frozen_one_is_not_overwritten(
+    layer_type: str, router: str, experts: str
+) -> None:
+    """`copy_expert` reads a frozen expert's kept values, not its parameter (which an optimizer may have moved)."""
+    model, _, _, _ = build(layer_type, router, experts)
+    for layer in get_info(model).layers:
+        bank = layer.experts
+        bank.freeze_experts([0])
+        with torch.no_grad():
+            for name in bank.stacked:
+                param = getattr(bank, name)
+                if param.shape[0] > 1:
+                    param[0].add_(1.0)  # moved under the frozen row: its kept values are what it adds
+        probe = torch.randn(2, TOKENS, bank.in_features, generator=torch.Generator().manual_seed(4))
+        only = [torch.zeros(2, TOKENS, bank.num_experts) for _ in range(2)]
+        only[0][..., 0], only[1][..., 2] = 1.0, 1.0
+        kept = bank.loop_reference(probe, only[0], layer.scaling)
+        assert not torch.equal(bank.loop_reference(probe, only[1], layer.scaling), kept)
+        bank.copy_expert(0, 2)
+        assert torch.equal(bank.loop_reference(probe, only[1], layer.scaling), kept), layer.layer_name
+        with pytest.raises(ConfigError, match="row 0 is frozen"):
+            bank.copy_expert(2, 0)

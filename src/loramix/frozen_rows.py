@@ -90,6 +90,17 @@ class FrozenRows(nn.Module):
         self.frozen_mask &= ~mask
         self._any_frozen = bool(self.frozen_mask.any())
 
+    @torch.no_grad()
+    def copy_row(self, source: int, target: int) -> None:
+        """Give row `target` the values row `source` is used with (its kept ones when frozen); a shared row stays.
+        `target` must not be frozen."""
+        idx = self._check_rows([source, target])
+        if bool(self.frozen_mask[idx[1]]):
+            raise ConfigError(f"row {target} is frozen; unfreeze it before copying into it")
+        for name, value in self.effective().items():
+            if not self._is_shared(name):
+                getattr(self, name)[target] = value[source]
+
     @property
     def frozen_rows(self) -> list[int]:
         return [int(i) for i in torch.arange(self.num_rows)[self.frozen_mask.cpu()]]

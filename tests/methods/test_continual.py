@@ -316,11 +316,57 @@ def test_continual_mola_grad_keeps_learned_tasks_exactly_when_routed_by_task(
         assert np.all(matrix[task + 1 :, task] == matrix[task + 1, task])
 
 
+@pytest.mark.parametrize("expert_init", ["fresh", "previous"])
+def test_continual_mola_grad_starts_a_new_expert_fresh_or_as_the_previous_tasks_and_keeps_earlier_ones(
+    expert_init: str, model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """At the start of task t (t > 0) expert t adds nothing (fresh) or equals expert t-1 as trained (previous);
+    either way experts 0..t-1 stay bit-identical through every later task."""
+    from loramix.methods.continual.mola_grad import ContinualMolaGrad
+
+    starts: dict[int, list[dict[str, torch.Tensor]]] = {}
+    begin = ContinualMolaGrad.begin_task
+
+    def recording(self: ContinualMolaGrad, learner: Learner, task: int) -> None:
+        begin(self, learner, task)
+        starts[task] = [
+            {name: value.detach().clone() for name, value in layer.experts.effective().items()}
+            for layer in get_info(learner.backbone).layers
+        ]
+
+    monkeypatch.setattr(ContinualMolaGrad, "begin_task", recording)
+    run = continual_run(
+        model_dir, tasks_dir, "continual-mola-grad", steps_per_task=4, expert_init=expert_init
+    )
+    run_training(run, tmp_path)
+    last = len(toys.TASK_NAMES) - 1
+    assert sorted(starts) == list(range(last + 1))
+    for task in range(1, last + 1):
+        trained = False
+        for layer, earlier in zip(starts[task], starts[task - 1], strict=True):
+            for name, value in layer.items():
+                if expert_init == "previous":
+                    assert torch.equal(value[task], value[task - 1]), name
+                trained |= not torch.equal(value[task - 1], earlier[name][task - 1])
+                assert torch.equal(value[: task - 1], earlier[name][: task - 1]), name  # frozen before
+            if expert_init == "fresh":
+                assert not layer["B"][task].any()  # a new LoRA expert adds nothing
+        assert trained  # expert t-1 learned its task between the two starts
+
+
 class Interrupted(Exception):
     pass
 
 
+@pytest.mark.parametrize(
+    "method, extra, crash_step",
+    [("moe-adapters", {}, 2), ("continual-mola-grad", {"expert_init": "previous"}, 4)],
+    ids=["moe-adapters-before-a-checkpoint", "continual-mola-grad-copied-expert-after-a-checkpoint"],
+)
 def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupted_one(
+    method: str,
+    extra: dict[str, Any],
+    crash_step: int,
     model_dir: Path,
     tasks_dir: Path,
     tmp_path: Path,
@@ -331,18 +377,16 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
 
     from loramix.train import callbacks
 
-    settings = {"steps_per_task": 6, "dropout": 0.1}
-    straight = run_training(
-        continual_run(model_dir, tasks_dir, "moe-adapters", **settings), tmp_path / "straight"
-    )
-    run = continual_run(model_dir, tasks_dir, "moe-adapters", checkpoint_every=3, **settings)
+    settings = {"steps_per_task": 6, "dropout": 0.1, **extra}
+    straight = run_training(continual_run(model_dir, tasks_dir, method, **settings), tmp_path / "straight")
+    run = continual_run(model_dir, tasks_dir, method, checkpoint_every=3, **settings)
     longer = RunConfig.from_dict({**run.to_dict(), "steps_per_task": 9})
     run_training(longer, tmp_path / "resumed")  # an earlier run in the same folder: a resume must not read it
     checkpoint_step = callbacks.Checkpointer.on_step_end
 
     def crash_inside_task_one(self, trainer, logs):
         checkpoint_step(self, trainer, logs)
-        if trainer.output_dir.name == "task-1" and trainer.step == 2:  # before its first checkpoint
+        if trainer.output_dir.name == "task-1" and trainer.step == crash_step:
             raise Interrupted
 
     with monkeypatch.context() as patch:
@@ -356,7 +400,10 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     resumed = run_training(run, tmp_path / "resumed", resume=True)
     said = capsys.readouterr().err
     assert f"task 1 of 3 is done; resuming with task 2 ({toys.TASK_NAMES[1]})" in said
-    assert "resuming at step" not in said  # task 1 died before its first checkpoint: it starts again
+    if crash_step < 3:  # task 1 died before its first checkpoint: it starts again
+        assert "resuming at step" not in said
+    else:  # it goes on from its checkpoint, which holds the trained copy, not the copy it began as
+        assert "resuming at step 3 of 6" in said
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     rows = straight["continual"]["selector_rows"]
     assert len(rows) == len(toys.TASK_NAMES) + 1 and resumed["continual"]["selector_rows"] == rows

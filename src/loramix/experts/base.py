@@ -77,6 +77,11 @@ class StackedExperts(FrozenRows):
         freeze it with `requires_grad_(False)`)."""
         self.freeze_rows(experts)
 
+    def copy_expert(self, source: int, target: int) -> None:
+        """Start expert `target` as a copy of expert `source` (its kept values when frozen); a shared slice stays
+        shared."""
+        self.copy_row(source, target)
+
     def unfreeze_experts(self, experts: list[int] | Tensor | None = None) -> None:
         """Make experts trainable again, writing their frozen values back into the parameters."""
         self.unfreeze_rows(experts)

@@ -191,6 +191,12 @@ class RunConfig(BaseModel):
         description="Continual methods: a finished continual run whose learned tasks are kept (experts, routers, "
         "selector, class texts); this config's tasks are learned after them, without the earlier tasks' data.",
     )
+    expert_init: Literal["fresh", "previous"] = Field(
+        "fresh",
+        description="continual-mola-grad: a new task's expert starts adding nothing (fresh), or as a copy of the "
+        "previous task's trained expert (previous: what the sequence learned carries forward; earlier experts stay "
+        "frozen, so nothing is forgotten by it).",
+    )
     moe_experts: int = Field(22, ge=2, description="moe-adapters: experts per block.")
     moe_freeze: int = Field(
         2, ge=0, description="moe-adapters: most-used experts per block frozen after a task."

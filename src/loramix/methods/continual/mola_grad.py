@@ -1,7 +1,8 @@
 """Continual MoLA-Grad: one LoRA expert per task, added when its task arrives (:func:`loramix.grow`), trained on
 that task alone and frozen after; at inference the auto-selector (DDAS) picks each input's expert, or the untouched
 base model when the input is unfamiliar. Task gradients never meet, and a later task cannot move an earlier one's
-expert: forgetting comes only from the selector's mistakes."""
+expert: forgetting comes only from the selector's mistakes. With `expert_init: previous` a new expert starts as a
+copy of the previous task's, so what the sequence learned carries forward (the earlier experts stay frozen)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class ContinualMolaGrad(Continual):
         for layer in info.layers:
             if task:
                 layer.experts.freeze_experts(list(range(task)))
+                if learner.run.expert_init == "previous":
+                    layer.experts.copy_expert(task - 1, task)
 
     def end_task(self, learner: Learner, task: int) -> None:
         super().end_task(learner, task)
