@@ -8,8 +8,9 @@ is the model before any training; row i is after task i. A method says what happ
 task id, or not at all). Classes are scored by the label-prompt head, so a task not learned yet is answered by the
 base model from its label names.
 
-Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically); a run that dies inside task
-t reloads the state after task t - 1 and resumes task t from its newest checkpoint (`task-<t>/checkpoints`).
+Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically; :mod:`.state`); a run that
+dies inside task t reloads the state after task t - 1 and resumes task t from its newest checkpoint
+(`task-<t>/checkpoints`). Scoring (the accuracy rows, the selector's confusion) is in :mod:`.scoring`.
 
 Legend: T tasks, n samples, d feature width.
 """
@@ -27,11 +28,12 @@ import torch
 from torch import Tensor
 
 from loramix.data import MultiTaskData, TextCollator
-from loramix.errors import ConfigError, DataError
+from loramix.errors import ConfigError
 from loramix.inject import get_info
-from loramix.io import load, read_checkpoint
+from loramix.io import read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks
+from loramix.methods.continual import state
 from loramix.methods.continual.features import routed_by_selector
 from loramix.methods.continual.learner import (
     Learner,
@@ -40,19 +42,15 @@ from loramix.methods.continual.learner import (
     saved_selector,
 )
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
-from loramix.models import load_backbone
+from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
-from loramix.train.evaluate import task_scores
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.run import (
     build_model,
     callbacks_for,
-    eval_split,
-    label_prompt_head,
-    label_prompts,
     prepare_run,
     save_run,
     seed_everything,
@@ -223,7 +221,8 @@ class Continual(Method):
         done = json.loads(progress.read_text())["done"] if resume and progress.is_file() else -1
         matrix: list[list[float]] = []
         if done >= 0:
-            learner = self.restore(learner, output_dir / f"after-task-{done}")
+            learner = state.restore(learner, output_dir / f"after-task-{done}")
+            self.mark_learned(learner)
             matrix = json.loads(progress.read_text())["matrix"]
             if group.is_main_process and done + 1 < data.num_tasks:
                 finished = (
@@ -238,7 +237,7 @@ class Continual(Method):
         else:
             if resume and group.is_main_process:
                 print(f"loramix: no task of {output_dir} was finished; starting with task 1", file=sys.stderr)
-            matrix.append(self.evaluate_all(learner))
+            matrix.append(accuracy_row(learner, self.route_and_predict))
         tasks = range(data.num_tasks) if self.per_task_steps else [None]
         for task in tasks:
             if task is not None and task <= done:
@@ -246,15 +245,16 @@ class Continual(Method):
             history = self.train_task(learner, task, output_dir, resume)
             if task is None:  # the joint phase: the one row of the matrix after it, its log the run's history
                 learner.records["joint_history"] = history
-                matrix.append(self.evaluate_all(learner))
+                matrix.append(accuracy_row(learner, self.route_and_predict))
                 break
             self.end_task(learner, learner.offset + task)
             learner.learned[learner.offset + task] = True
             self.mark_learned(learner)
             learner.records.setdefault("history", {})[str(learner.offset + task)] = history
-            matrix.append(self.evaluate_all(learner))  # first: its selector row goes into the snapshot
+            # first: its selector row goes into the snapshot
+            matrix.append(accuracy_row(learner, self.route_and_predict))
             if group.is_main_process:  # one writer when several processes train
-                self.snapshot(learner, output_dir / f"after-task-{task}")
+                state.snapshot(learner, output_dir / f"after-task-{task}")
                 atomic_write_json(progress, {"done": task, "matrix": matrix})
             group.wait_for_everyone()
         metrics = self.report(learner, matrix)
@@ -265,7 +265,7 @@ class Continual(Method):
                 data,
                 learner.model,
                 metrics,
-                extra=self.extra_tensors(learner),
+                extra=state.extra_tensors(learner),
                 prior_tasks=learner.prior_tasks,
             )
             write_continual_report(output_dir, metrics)
@@ -273,42 +273,8 @@ class Continual(Method):
         return metrics
 
     def continued(self, run: RunConfig, data: MultiTaskData) -> Learner:
-        """A learner that goes on from the finished continual run `run.continue_from`: its model (experts, routers,
-        frozen state), selector and class texts, with this config's tasks appended after its tasks."""
-        prior = Path(run.continue_from or "")
-        record, tensors = read_checkpoint(prior / "adapter")
-        tasks = record["metadata"].get("tasks") or []
-        missing = [t.get("name") for t in tasks if not t.get("label_prompts")]
-        if not tasks or missing:
-            raise ConfigError(
-                f"continue_from: {prior} is not a finished continual run with label prompts (tasks without them: "
-                f"{missing})"
-            )
-        clash = sorted({t["name"] for t in tasks} & set(data.task_names))
-        if clash:
-            raise ConfigError(f"continue_from: {prior} has learned {clash} already; name only new tasks")
-        backbone, tokenizer = load_backbone(run.model)
-        load(backbone, prior / "adapter")
-        texts = [t["label_prompts"] for t in tasks] + label_prompts(run, data)
-        head = label_prompt_head(run, texts, tokenizer)
-        head.load_state_dict(
-            {k.removeprefix("extra.heads."): v for k, v in tensors.items() if k.startswith("extra.heads.")}
-        )
-        model = MultiTaskModel(backbone, head, pooling=run.pooling)
-        learner = Learner(
-            run, data, model, TextCollator(tokenizer, max_length=run.max_length), offset=len(tasks)
-        )
-        learner.prior_tasks = tasks
-        if self.uses_selector:
-            if not any(k.startswith("extra.selector.") for k in tensors):
-                raise ConfigError(
-                    f"continue_from: {prior} has no auto-selector; continue it with its own method"
-                )
-            learner.selector = saved_selector(tensors, prior, run)
-        metrics_file = prior / "metrics.json"
-        if metrics_file.is_file():
-            learner.records = json.loads(metrics_file.read_text()).get("continual", learner.records)
-        return learner
+        """A learner that goes on from the finished continual run `run.continue_from` (:func:`.state.continued`)."""
+        return state.continued(run, data, selector=self.uses_selector)
 
     def train_task(self, learner: Learner, task: int | None, output_dir: Path, resume: bool) -> list:
         run, data = learner.run, learner.data
@@ -360,7 +326,7 @@ class Continual(Method):
         self.mark_learned(learner)
         if self.uses_selector:
             learner.selector = saved_selector(tensors, Path(run_dir))
-        row = self.evaluate_all(learner, split)
+        row = accuracy_row(learner, self.route_and_predict, split)
         metrics: dict[str, Any] = {
             "tasks": {
                 name: {**learner.scores[name], "accuracy": acc} for name, acc in zip(data.task_names, row)
@@ -369,7 +335,7 @@ class Continual(Method):
             "routing": {},
         }
         if learner.selector is not None:
-            metrics["selector"] = self.selector_confusion(learner, split)
+            metrics["selector"] = selector_confusion(learner, split)
         return metrics
 
     def predictor(
@@ -394,85 +360,6 @@ class Continual(Method):
 
         return RoutedPredictor(model, collator, tasks, values=values)
 
-    @torch.no_grad()
-    def evaluate_all(self, learner: Learner, split: str | None = None) -> list[float]:
-        """Accuracy on every task of the sequence (a fixed sample of each test split), as the method routes."""
-        model, data, run = learner.model, learner.data, learner.run
-        model.eval()
-        split = every_task_has(data, split or eval_split(data))
-        row, own, seen, base, unseen = [], 0, 0, 0, 0
-        learner.scores = {}
-        for task in data.tasks:
-            examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
-            correct, predictions, labels = 0, [], []
-            for batch in learner.batches(examples, run.eval_batch_size):
-                route, keep, predicted = self.route_and_predict(learner, batch)
-                correct += int((predicted == batch["labels"].float()).sum())
-                predictions.append(predicted.cpu())
-                labels.append(batch["labels"].float().cpu())
-                if learner.learned[learner.offset + task.task_id]:
-                    global_id = learner.offset + task.task_id
-                    own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
-                else:
-                    base, unseen = base + int(keep.sum()), unseen + len(keep)
-            row.append(correct / max(len(examples), 1))
-            learner.scores[task.name] = task_scores(
-                torch.cat(predictions).numpy(), torch.cat(labels).numpy(), task.task_type
-            )
-        if self.uses_selector:  # where the selector sent learned and not yet learned tasks' inputs, per row
-            learned = [i for i, done in enumerate(learner.learned) if done]
-            learner.records.setdefault("selector_rows", []).append(
-                {
-                    "after": learner.task_names[learned[-1]] if learned else None,
-                    "own_task_rate": own / seen if seen else None,
-                    "base_rate_unlearned": base / unseen if unseen else None,
-                }
-            )
-        model.train()
-        return row
-
-    # ---- state between tasks -------------------------------------------------------------------------------
-    def extra_tensors(self, learner: Learner, *, head: bool = False) -> dict[str, Tensor]:
-        """The selector's tensors (and the head's, for a snapshot: a finished run's save holds the head already)."""
-        extra = {f"head.{k}": v for k, v in learner.model.heads.state_dict().items()} if head else {}
-        if learner.selector is not None:
-            extra.update({f"selector.{k}": v for k, v in learner.selector.state().items()})
-        return extra
-
-    def snapshot(self, learner: Learner, directory: Path) -> None:
-        """The learner after a task: adapters (with frozen experts and routers), head, selector, records."""
-        from loramix.io import save
-
-        save(
-            learner.backbone,
-            directory / "adapter",
-            metadata={"records": learner.records, "learned": learner.learned},
-            extra_tensors=self.extra_tensors(learner, head=True),
-        )
-
-    def restore(self, learner: Learner, directory: Path) -> Learner:
-        """A fresh model with the adapters, head and selector saved after a task."""
-        record, tensors = read_checkpoint(directory / "adapter")
-        device = learner.device  # the model's now, before its backbone is replaced by one loaded on the CPU
-        backbone, _ = load_backbone(learner.run.model)
-        load(backbone, directory / "adapter")
-        learner.model.backbone = backbone
-        head = {k.removeprefix("extra.head."): v for k, v in tensors.items() if k.startswith("extra.head.")}
-        learner.model.heads.load_state_dict(head)
-        learner.model.to(device)
-        if learner.selector is not None:
-            learner.selector.load_state(
-                {
-                    k.removeprefix("extra.selector."): v
-                    for k, v in tensors.items()
-                    if k.startswith("extra.selector.")
-                }
-            )
-        learner.records = record["metadata"]["records"]
-        learner.learned = record["metadata"]["learned"]
-        self.mark_learned(learner)
-        return learner
-
     # ---- the report ---------------------------------------------------------------------------------------------
     def report(self, learner: Learner, matrix: list[list[float]]) -> dict[str, Any]:
         names = learner.data.task_names
@@ -490,41 +377,7 @@ class Continual(Method):
         )
         metrics["routing"] = {}
         if learner.selector is not None:
-            metrics["selector"] = self.selector_confusion(learner)
+            metrics["selector"] = selector_confusion(learner)
         records = {k: v for k, v in learner.records.items() if k != "joint_history"}  # `history` above
         metrics["continual"] = {**records, "task_names": learner.task_names}
         return metrics
-
-    @torch.no_grad()
-    def selector_confusion(self, learner: Learner, split: str | None = None) -> dict[str, Any]:
-        """Where the auto-selector sends this run's tasks' test inputs once every task is learned:
-        `confusion[task][chosen]`, one column per task the selector knows (earlier runs' first) and a last one for
-        the base model; and the share of inputs sent to their own task."""
-        assert learner.selector is not None
-        data, run, offset = learner.data, learner.run, learner.offset
-        known = learner.selector.num_tasks
-        confusion = np.zeros((data.num_tasks, known + 1), dtype=int)
-        for task in data.tasks:
-            for batch in learner.batches(
-                data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples), 64
-            ):
-                chosen, keep = learner.select(batch)
-                column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
-                np.add.at(confusion[task.task_id], column.numpy(), 1)
-        own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
-        return {
-            "confusion": confusion.tolist(),
-            "own_task_rate": float(own),
-            "task_names": learner.task_names,
-        }
-
-
-def every_task_has(data: MultiTaskData, split: str) -> str:
-    """`split`, once every task is known to have examples in it: the accuracy matrix scores every task."""
-    missing = data.missing(split)
-    if missing:
-        raise DataError(
-            f"a continual run scores every task after every task, on its {split!r} split; task(s) "
-            f"{', '.join(missing)} have none: give them a {split} file"
-        )
-    return split
