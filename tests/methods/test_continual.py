@@ -354,6 +354,31 @@ def test_continual_mola_grad_starts_a_new_expert_fresh_or_as_the_previous_tasks_
         assert trained  # expert t-1 learned its task between the two starts
 
 
+@pytest.mark.parametrize("method", ["continual-mola-grad", "moe-adapters"])
+def test_a_task_s_class_texts_go_through_the_experts_that_learn_it_while_it_trains(
+    method: str, model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """In training the class texts are encoded as evaluation encodes them once the task is learned: along the
+    task's own route, not by the base (which would fit the inputs to classes the run never scores with)."""
+    from loramix.train.model import MultiTaskModel
+
+    calls: list[tuple[list[int], list[bool]]] = []
+    encode = MultiTaskModel.encode
+
+    def recording(self: MultiTaskModel, inputs: dict, route_ids: torch.Tensor, keep_base=None, **kw: Any):
+        if self.training:
+            keep = torch.zeros_like(route_ids, dtype=torch.bool) if keep_base is None else keep_base
+            calls.append((route_ids.tolist(), keep.tolist()))
+        return encode(self, inputs, route_ids, keep_base, **kw)
+
+    monkeypatch.setattr(MultiTaskModel, "encode", recording)
+    run_training(continual_run(model_dir, tasks_dir, method, steps_per_task=2), tmp_path)
+    assert calls  # every training batch encodes its task's class texts
+    routes = {route for ids, _ in calls for route in ids}
+    assert routes == set(range(len(toys.TASK_NAMES)))  # each task's texts, along its own route
+    assert not any(keep for _, kept in calls for keep in kept)  # never by the base
+
+
 class Interrupted(Exception):
     pass
 

@@ -162,9 +162,17 @@ class Continual(Method):
         known = torch.tensor(learner.learned, device=task_ids.device)[task_ids]
         return torch.where(known, task_ids, torch.zeros_like(task_ids)), ~known
 
-    def mark_learned(self, learner: Learner) -> None:
-        """Tell the head which tasks' class texts the adapters may encode (the others: the base model)."""
-        learner.model.heads.set_learned(learner.learned if self.base_for_unlearned else None)
+    def mark_learned(self, learner: Learner, training: int | None = None) -> None:
+        """Tell the head which tasks' class texts the adapters encode (the others': the base model): the learned
+        tasks', and those of task `training` while it trains, through the experts that learn it, as they will be
+        encoded once it is learned (its inputs and its classes are fitted in one embedding space)."""
+        if not self.base_for_unlearned:
+            learner.model.heads.set_learned(None)
+            return
+        learned = list(learner.learned)
+        if training is not None:
+            learned[training] = True
+        learner.model.heads.set_learned(learned)
 
     def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Tensor:
         """Label indices within each sample's task `(n,)`, routed by `route` with `keep` on the base."""
@@ -284,6 +292,7 @@ class Continual(Method):
             examples, ids, folder = data.split("train"), None, output_dir / "joint"
         else:
             self.begin_task(learner, learner.offset + task)
+            self.mark_learned(learner, training=learner.offset + task)
             phase = run.model_copy(update={"steps": run.steps_per_task})
             examples = [e for e in data.split("train") if e.task == task]
             ids, folder = [task] * len(examples), output_dir / f"task-{task}"
