@@ -212,8 +212,9 @@ class LabelPromptHead(Head):
         )
 
     def set_learned(self, learned: Sequence[bool] | None) -> None:
-        """Which tasks the adapters have learned (continual learning): the class texts of the others are encoded
-        by the untouched base model, routed nowhere. None (the default): every task is learned."""
+        """Which tasks' class texts the adapters encode (continual learning: the tasks learned and the one
+        training); the others' are encoded by the untouched base model, routed nowhere. None (the default): every
+        task's."""
         self.learned = None if learned is None else torch.tensor(list(learned), dtype=torch.bool)
 
     def routed_label_embeddings(
