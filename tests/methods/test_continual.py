@@ -1,7 +1,8 @@
 """Continual learning on the tiny tasks: every method runs the sequence and writes its accuracy matrix; MoE-Adapters
 keeps exactly k experts per routed sample, selects routers by task, freezes the most-used experts, and leaves frozen
 experts and old routers bit-identical through later tasks; DDAS-rejected samples get the base output; resuming
-inside a task equals an uninterrupted run; the metrics follow their definitions."""
+inside a task equals an uninterrupted run; a task's class texts go through its experts while it trains; continual
+MoLA-Grad starts a new expert fresh or as the previous one; the metrics follow their definitions."""
 
 from __future__ import annotations
 
