@@ -33,7 +33,6 @@ from loramix.inject import get_info
 from loramix.io import read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks
-from loramix.methods.continual import state
 from loramix.methods.continual.features import routed_by_selector
 from loramix.methods.continual.learner import (
     Learner,
@@ -43,6 +42,7 @@ from loramix.methods.continual.learner import (
 )
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
+from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer, processes
@@ -229,7 +229,7 @@ class Continual(Method):
         done = json.loads(progress.read_text())["done"] if resume and progress.is_file() else -1
         matrix: list[list[float]] = []
         if done >= 0:
-            learner = state.restore(learner, output_dir / f"after-task-{done}")
+            learner = restore(learner, output_dir / f"after-task-{done}")
             self.mark_learned(learner)
             matrix = json.loads(progress.read_text())["matrix"]
             if group.is_main_process and done + 1 < data.num_tasks:
@@ -262,7 +262,7 @@ class Continual(Method):
             # first: its selector row goes into the snapshot
             matrix.append(accuracy_row(learner, self.route_and_predict))
             if group.is_main_process:  # one writer when several processes train
-                state.snapshot(learner, output_dir / f"after-task-{task}")
+                snapshot(learner, output_dir / f"after-task-{task}")
                 atomic_write_json(progress, {"done": task, "matrix": matrix})
             group.wait_for_everyone()
         metrics = self.report(learner, matrix)
@@ -273,7 +273,7 @@ class Continual(Method):
                 data,
                 learner.model,
                 metrics,
-                extra=state.extra_tensors(learner),
+                extra=extra_tensors(learner),
                 prior_tasks=learner.prior_tasks,
             )
             write_continual_report(output_dir, metrics)
@@ -281,8 +281,9 @@ class Continual(Method):
         return metrics
 
     def continued(self, run: RunConfig, data: MultiTaskData) -> Learner:
-        """A learner that goes on from the finished continual run `run.continue_from` (:func:`.state.continued`)."""
-        return state.continued(run, data, selector=self.uses_selector)
+        """A learner that goes on from the finished continual run `run.continue_from`
+        (:func:`.state.continued_learner`)."""
+        return continued_learner(run, data, selector=self.uses_selector)
 
     def train_task(self, learner: Learner, task: int | None, output_dir: Path, resume: bool) -> list:
         run, data = learner.run, learner.data

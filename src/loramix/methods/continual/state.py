@@ -60,7 +60,7 @@ def restore(learner: Learner, directory: Path) -> Learner:
     return learner
 
 
-def continued(run: RunConfig, data: MultiTaskData, *, selector: bool) -> Learner:
+def continued_learner(run: RunConfig, data: MultiTaskData, *, selector: bool) -> Learner:
     """A learner that goes on from the finished continual run `run.continue_from`: its model (experts, routers,
     frozen state), selector (required when `selector`) and class texts, with this config's tasks appended after its
     tasks."""
