@@ -101,11 +101,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    from loramix.methods import get_method
+
     run = RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml")
     tasks = with_input_fields(run, read_checkpoint(finished_adapter(args.run_dir))[0]["metadata"]["tasks"])
-    requests = read_requests(args.input, tasks, args.task)  # every row checked before the model loads
+    # every row checked before the model loads; an auto-selector chooses the task of a row that names none
+    requests = read_requests(args.input, tasks, args.task, any_task=get_method(run.method).uses_selector)
 
-    from loramix.methods import get_method
     from loramix.models import show_loading_bars
     from loramix.train.run import collator_of, load_trained, on_inference_device
 
@@ -369,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unless --task names one for every row. Rows of different tasks share batches; each is routed as the "
         "run's method routes at inference. Writes one JSON line per row, in order: its line, task and "
         "prediction (a class name, a number or generated text), and for a run with an auto-selector the route "
-        "it took (a task's name, or base).",
+        "it took (a task's name, or base). A run with an auto-selector also answers rows that name no task: "
+        "the task is the one it routes the row to (among every task's classes, on the base model, for a row it "
+        "keeps there), with task_given false.",
     )
     p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.add_argument("input", help="the rows to answer (.jsonl, .csv or .tsv)")

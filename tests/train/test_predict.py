@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from loramix.cli import main
 from loramix.methods import get_method, run_training
@@ -204,3 +205,66 @@ def test_a_continued_run_answers_its_earlier_tasks_as_the_earlier_run_did(
     new = write_rows(tmp_path / "new.jsonl", rows_of(tasks_dir, toys.TASK_NAMES[2:]))
     answers = predicted(tmp_path / "later", new, tmp_path / "new-out.jsonl")
     assert {r["prediction"] for r in answers} <= set(toys.TASKS[toys.TASK_NAMES[2]][2])
+
+
+def test_an_auto_selector_answers_rows_that_name_no_task(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A continual run with an auto-selector answers a row without a task: a row the selector routes to a learned
+    task answers as that row naming that task does; a row kept on the base takes the class nearest it among every
+    task's classes, all encoded by the base (checked against a loop over the classes one at a time). Rows that
+    name their task answer as they did, in the same batches."""
+    settings = {
+        **toys.settings(model_dir, tasks_dir, method="continual-mola-grad", lr=1e-2, ddas_examples=40),
+        "head": "label-prompt",
+        "steps_per_task": 50,
+        "tasks": specs(tasks_dir)[:2],
+        "tasks_dir": None,
+    }
+    run_dir = trained(tmp_path, settings)
+    rows = rows_of(tasks_dir, toys.TASK_NAMES)  # the third task was never learned: its inputs go to the base
+    free = [{k: v for k, v in row.items() if k != "task"} for row in rows]
+    named = [row for row in rows if row["task"] in TASKS][:6]
+    results = predicted(run_dir, write_rows(tmp_path / "free.jsonl", named + free), tmp_path / "out.jsonl")
+    given, chosen = results[: len(named)], results[len(named) :]
+    by_task = predicted(run_dir, write_rows(tmp_path / "named.jsonl", named), tmp_path / "named-out.jsonl")
+    assert [{k: v for k, v in r.items() if k != "line"} for r in given] == [
+        {k: v for k, v in r.items() if k != "line"} for r in by_task
+    ]
+    assert all(r["task_given"] is False for r in chosen) and all("task_given" not in r for r in given)
+
+    routed = [(row, r) for row, r in zip(free, chosen) if r["route"] != "base"]
+    kept = [(row, r) for row, r in zip(free, chosen) if r["route"] == "base"]
+    assert routed and kept, [r["route"] for r in chosen]
+    assert all(r["task"] == r["route"] for _, r in routed)
+    as_named = [{"task": r["route"], **row} for row, r in routed]
+    reference = predicted(run_dir, write_rows(tmp_path / "as-named.jsonl", as_named), tmp_path / "ref.jsonl")
+    assert [r["prediction"] for _, r in routed] == [r["prediction"] for r in reference]
+
+    run, model, tokenizer, tasks = load_trained(run_dir)
+    head, collator = model.heads, collator_of(run, ["classification"] * len(tasks), tokenizer)
+    classes = []
+    for row in range(head.label_input_ids.shape[0]):  # every task's class texts, one at a time, on the base
+        text = {
+            "input_ids": head.label_input_ids[row : row + 1],
+            "attention_mask": head.label_attention_mask[row : row + 1],
+        }
+        classes.append(
+            model.encode(text, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), noise=False)
+        )
+    columns = [(meta["name"], label) for meta in tasks for label in meta["labels"]]
+    for row, result in kept:
+        (request,) = read_requests(write_rows(tmp_path / "one.jsonl", [row]), tasks, any_task=True)
+        batch = collator([request.example])
+        with torch.no_grad():
+            pooled = model.encode(
+                batch, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), noise=False
+            )
+        nearest = max(range(len(classes)), key=lambda c: torch.cosine_similarity(pooled, classes[c]).item())
+        assert (result["task"], result["prediction"]) == columns[nearest]
+
+    bad = write_rows(tmp_path / "bad.jsonl", [free[0], {"sentence": "no field of any task"}])
+    assert main(["predict", str(run_dir), str(bad)]) == 3
+    assert (
+        "bad.jsonl, line 2: no 'task' field, and not the input fields of any task" in capsys.readouterr().err
+    )

@@ -289,6 +289,25 @@ class LabelPromptHead(Head):
     def predict(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
         return self.decide(model(batch), batch["task_ids"])
 
+    @torch.no_grad()
+    def base_decision(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """For inputs of no known task, kept on the untouched base model: every task's classes compete, all encoded
+        by the base, and each input takes the task of the class nearest it. `(task ids, label indices within
+        them)`, each `(n,)`; on a task's own classes it decides as :meth:`forward` does for an input kept on the
+        base, whose class texts follow it there."""
+        n, rows = inputs["input_ids"].shape[0], self.label_input_ids.shape[0]
+        device = self.label_input_ids.device
+
+        def base(batch: dict[str, Tensor], count: int) -> Tensor:
+            route = torch.zeros(count, dtype=torch.long, device=device)
+            kept = torch.ones(count, dtype=torch.bool, device=device)
+            return F.normalize(model.encode(batch, route, kept, noise=False).float(), dim=-1)
+
+        classes = base({"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask}, rows)
+        column = (base(inputs, n) @ classes.T).argmax(-1)  # (n,)
+        task = self.label_task_ids[column]
+        return task, (column - self.offsets[task]).float()
+
     def decide(self, logits: Tensor, task_ids: Tensor) -> Tensor:
         """The label index within the sample's task, as float `(n,)` (other tasks' columns are -inf)."""
         return (logits.argmax(-1) - self.offsets[task_ids]).float()

@@ -2,10 +2,12 @@
 
 Each row of a JSONL, CSV or TSV file names its task in a `task` field (or one task is given for every row) and holds
 that task's input fields, as its training files did (`text`, or `text_a` and `text_b`, or a generation task's
-`prompt` or `messages`; a label, if present, is not read). The rows are answered in batches that may mix tasks,
-each routed as the run's method routes at inference (:meth:`loramix.methods.base.Method.predictor`), and written
-one JSON line per row, in the file's order: the row's line, its task and the answer (a class name, a number, or
-generated text), with what the method adds (the continual methods: where the auto-selector sent the input).
+`prompt` or `messages`; a label, if present, is not read). A run whose method chooses each input's task itself (a
+continual run's auto-selector) also answers rows without a task: they hold the input fields of any of its tasks.
+The rows are answered in batches that may mix tasks, each routed as the run's method routes at inference
+(:meth:`loramix.methods.base.Method.predictor`), and written one JSON line per row, in the file's order: the row's
+line, its task and the answer (a class name, a number, or generated text), with what the method adds (the
+continual methods: where the auto-selector sent the input).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from loramix.train.run import task_specs
 from loramix.train.step import routed
 
 TASK_FIELD = "task"
+UNKNOWN_TASK = -1  # the task id of a row that names no task: the method chooses it (its answer says which)
 DEFAULT_NEW_TOKENS = 64  # a generation task's answer, unless the run sets max_new_tokens
 
-# A method's answers to one batch: the examples (their `task` is the model's task id) -> one dict per example.
+# A method's answers to one batch: the examples (their `task` is the model's task id, or UNKNOWN_TASK) -> one dict
+# per example (with `task`, the task's name, where the method chose it).
 Predictor = Callable[[Sequence[Any]], list[dict[str, Any]]]
 
 
@@ -41,7 +45,7 @@ class Request:
     """One input row: where it came from, its task's name and the example the collator takes."""
 
     location: str
-    task: str
+    task: str | None  # None: the row names none, and the method chooses it
     example: Example | GenerationExample
 
 
@@ -62,9 +66,12 @@ def with_input_fields(run: Any, tasks: list[dict]) -> list[dict]:
     ]
 
 
-def read_requests(path: str | Path, tasks: list[dict], task: str | None = None) -> list[Request]:
+def read_requests(
+    path: str | Path, tasks: list[dict], task: str | None = None, *, any_task: bool = False
+) -> list[Request]:
     """Every row of `path` as a request of its task (`task`, else the row's `task` field), with file-and-line
-    errors: a missing or unknown task, a missing or non-string input field."""
+    errors: a missing or unknown task, a missing or non-string input field. With `any_task` (a method that chooses
+    each input's task) a row may name no task, and holds the input fields of one of `tasks`."""
     ids = {meta["name"]: i for i, meta in enumerate(tasks)}
     names = ", ".join(ids)
     if task is not None and task not in ids:
@@ -74,6 +81,9 @@ def read_requests(path: str | Path, tasks: list[dict], task: str | None = None) 
     requests = []
     for row in read_rows(str(path), split="input").rows:
         name = task if task is not None else row.fields.get(TASK_FIELD)
+        if name is None and any_task:
+            requests.append(Request(row.location, None, _any_task_example(row, tasks)))
+            continue
         if name is None:
             raise DataError(
                 f"{row.location}: no {TASK_FIELD!r} field naming the row's task (or give --task for every row); "
@@ -85,6 +95,26 @@ def read_requests(path: str | Path, tasks: list[dict], task: str | None = None) 
             )
         requests.append(Request(row.location, name, _example(row, tasks[ids[name]], ids[name])))
     return requests
+
+
+def _any_task_example(row: Row, tasks: list[dict]) -> Example:
+    """A row without a task, read with the input fields of the first of `tasks` whose fields it holds (sentence
+    pairs first, so that a pair is never read as its first sentence alone)."""
+    layouts = []
+    for meta in tasks:
+        fields = meta.get("input_fields")
+        if meta["task_type"] != "generation" and fields is not None:
+            layout = (fields["text_field"], fields["text_pair_field"])
+            layouts += [] if layout in layouts else [layout]
+    for text, pair in sorted(layouts, key=lambda layout: layout[1] is None):
+        if text in row.fields and (pair is None or pair in row.fields):
+            second = None if pair is None else text_value(row, pair, "text_pair_field")
+            return Example(text_value(row, text, "text_field"), second, 0, UNKNOWN_TASK)
+    expected = " or ".join(text if pair is None else f"{text} and {pair}" for text, pair in layouts)
+    raise DataError(
+        f"{row.location}: no {TASK_FIELD!r} field, and not the input fields of any task of this run ({expected}); "
+        "name the row's task, or give the fields of one"
+    )
 
 
 def _example(row: Row, meta: dict, task: int) -> Example | GenerationExample:
@@ -107,13 +137,12 @@ def _example(row: Row, meta: dict, task: int) -> Example | GenerationExample:
     return Example(text, None if pair is None else text_value(row, pair, "text_pair_field"), 0, task)
 
 
-def answer_values(
-    values: torch.Tensor, examples: Sequence[Example], tasks: list[dict]
-) -> list[dict[str, Any]]:
-    """A head's decisions `(n,)` as answers: the class name (and its index), or the regression value."""
+def answer_values(values: torch.Tensor, task_ids: Sequence[int], tasks: list[dict]) -> list[dict[str, Any]]:
+    """A head's decisions `(n,)` for samples of tasks `task_ids` as answers: the class name (and its index), or the
+    regression value."""
     answers: list[dict[str, Any]] = []
-    for value, example in zip(values.tolist(), examples):
-        meta = tasks[example.task]
+    for value, task in zip(values.tolist(), task_ids):
+        meta = tasks[task]
         if meta["task_type"] == "regression":
             answers.append({"prediction": float(value)})
         else:
@@ -125,7 +154,8 @@ class RoutedPredictor:
     """Answers of a model routed by its own routers (task ids or learned routers), as `loramix eval` scores it:
     the head's decision for classification and regression, greedy generation for a causal LM's tasks.
     `values(batch) -> (decisions, extra columns)` replaces the head's routed decision (a continual method's
-    selector and routes, ELREA's gradient routing)."""
+    selector and routes, ELREA's gradient routing); an extra column `task_ids` gives the task of each decision,
+    which a row without one (UNKNOWN_TASK) takes as its `task`."""
 
     def __init__(
         self,
@@ -154,7 +184,11 @@ class RoutedPredictor:
             return self.generate(examples, device)
         batch = {k: v.to(device) for k, v in self.collator(examples).items()}
         values, extra = self.values(batch)
-        answers = answer_values(values.cpu(), examples, self.tasks)
+        task_ids = extra.pop("task_ids", [example.task for example in examples])
+        answers = answer_values(values.cpu(), task_ids, self.tasks)
+        for answer, example, task in zip(answers, examples, task_ids):
+            if example.task == UNKNOWN_TASK:
+                answer["task"] = self.tasks[task]["name"]
         for key, column in extra.items():
             for answer, value in zip(answers, column):
                 answer[key] = value
@@ -177,7 +211,8 @@ def predict(
     requests: Sequence[Request], predictor: Predictor, *, batch_size: int, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Every request's answer, in order, `batch_size` rows a batch (rows of different tasks share one), each as
-    `{"line", "task", "prediction", ...}`. (A run's tasks are all classifiers or all generation tasks.)"""
+    `{"line", "task", "prediction", ...}`, where a row without a task has the one the method chose and
+    `"task_given": false`. (A run's tasks are all classifiers or all generation tasks.)"""
     from tqdm.auto import tqdm
 
     results: list[dict[str, Any]] = []
@@ -191,7 +226,9 @@ def predict(
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             answers = predictor([request.example for request in chunk])
-            results += [{"line": r.location, "task": r.task, **a} for r, a in zip(chunk, answers)]
+            for request, answer in zip(chunk, answers):
+                given = {} if request.task is not None else {"task_given": False}
+                results.append({"line": request.location, "task": request.task, **answer, **given})
             bar.update(1)
     return results
 

@@ -46,8 +46,8 @@ from loramix.methods.continual.state import continued_learner, extra_tensors, re
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer, processes
-from loramix.train.model import MultiTaskModel
-from loramix.train.predict import Predictor, RoutedPredictor
+from loramix.train.model import MODEL_INPUTS, MultiTaskModel
+from loramix.train.predict import UNKNOWN_TASK, Predictor, RoutedPredictor
 from loramix.train.run import (
     build_model,
     callbacks_for,
@@ -181,20 +181,37 @@ class Continual(Method):
             return learner.model.heads.predict(learner.model, routed)
 
     def route_and_predict(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """`(route ids, keep-base mask, label indices)` of an evaluation batch. Where the selector's blocks come
-        before every adapted one, it routes inside the inference pass itself (:func:`routed_by_selector`: the same
-        routes as a base pass of its own, without that pass); otherwise routing comes first, then the pass."""
+        """`(route ids, keep-base mask, label indices)` of an evaluation batch (see :meth:`answer`)."""
+        route, keep, _, predicted = self.answer(learner, batch)
+        return route, keep, predicted
+
+    def answer(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch. Where the
+        selector's blocks come before every adapted one, it routes inside the inference pass itself
+        (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass); otherwise
+        routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix predict`
+        row that names none) takes the task the auto-selector chose for it; one the selector keeps on the base is
+        answered by the base among every task's classes, and takes the task of the class that wins."""
+        task_ids = batch["task_ids"]
         layers = learner.in_pass_layers() if self.uses_selector else None
         if layers is None:
             route, keep = self.route(learner, batch)
-            return route, keep, self.predict(learner, batch, route, keep)
-        model = learner.model
-        selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
-        with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
-            pooled = model.pooled(batch)
-        routed = {**batch, "route_ids": chosen["route"], "keep_base": chosen["keep"]}
-        logits = model.heads(pooled, routed, model)
-        return chosen["route"], chosen["keep"], model.heads.decide(logits, batch["task_ids"])
+            tasks = chosen_tasks(task_ids, route, keep)
+            predicted = self.predict(learner, {**batch, "task_ids": tasks}, route, keep)
+        else:
+            model = learner.model
+            selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
+            with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
+                pooled = model.pooled(batch)
+            route, keep = chosen["route"], chosen["keep"]
+            tasks = chosen_tasks(task_ids, route, keep)
+            routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
+            predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
+        unknown = (task_ids == UNKNOWN_TASK) & keep
+        if unknown.any():
+            inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}
+            tasks[unknown], predicted[unknown] = learner.model.heads.base_decision(learner.model, inputs)
+        return route, keep, tasks, predicted
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
         examples = learner.data.split("train")
@@ -361,11 +378,12 @@ class Continual(Method):
         names = [meta["name"] for meta in tasks]
 
         def values(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, list]]:
-            route, keep, predicted = self.route_and_predict(learner, batch)
+            route, keep, chosen, predicted = self.answer(learner, batch)
             if not self.uses_selector:
                 return predicted, {}
             return predicted, {
-                "route": ["base" if k else names[r] for r, k in zip(route.tolist(), keep.tolist())]
+                "task_ids": chosen.tolist(),
+                "route": ["base" if k else names[r] for r, k in zip(route.tolist(), keep.tolist())],
             }
 
         return RoutedPredictor(model, collator, tasks, values=values)
@@ -391,3 +409,10 @@ class Continual(Method):
         records = {k: v for k, v in learner.records.items() if k != "joint_history"}  # `history` above
         metrics["continual"] = {**records, "task_names": learner.task_names}
         return metrics
+
+
+def chosen_tasks(task_ids: Tensor, route: Tensor, keep: Tensor) -> Tensor:
+    """Each sample's task: its own, or for a sample of no known task (UNKNOWN_TASK) the learned task the selector
+    routed it to (0 where it kept it on the base, until the base answers it among every task's classes)."""
+    unknown = task_ids == UNKNOWN_TASK
+    return torch.where(unknown, torch.where(keep, torch.zeros_like(route), route), task_ids)
