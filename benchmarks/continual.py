@@ -185,18 +185,30 @@ def setting(entry: dict) -> tuple:
 
 def summarise(entries: list[dict]) -> str:
     """A markdown table of the runs in `entries`, one row per setting: Transfer, Average, Last and BWT in points,
-    each the mean over the setting's seeds with its range (min-max), and the seeds. Of entries for the same seed
+    each the mean over the setting's seeds with its range (min-max), with an auto-selector the accuracy after the
+    last task with no input's task given (entries since it was scored), and the seeds. Of entries for the same seed
     (earlier code's runs, kept in the file), the last counts."""
     groups: dict[tuple, dict[int, dict]] = {}
     for entry in entries:
         groups.setdefault(setting(entry), {})[entry["seed"]] = entry
     lines = [
-        "| method | lr | steps per task | overrides | tasks | Transfer | Average | Last | BWT | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | steps per task | overrides | tasks | Transfer | Average | Last | BWT | Last, task not given "
+        "| seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, lr, steps, _, _, overrides, order, _), by_seed in groups.items():
         runs = [by_seed[seed] for seed in sorted(by_seed)]
         metrics = [cell([r[k] for r in runs if r.get(k) is not None], digits=2) for k in METRICS]
+        metrics.append(
+            cell(
+                [
+                    r["selector"]["task_free_mean"]
+                    for r in runs
+                    if "task_free_mean" in (r.get("selector") or {})
+                ],
+                digits=2,
+            )
+        )
         tasks = len(json.loads(order))
         seeds = " ".join(map(str, sorted(by_seed)))
         changed = "" if overrides == "{}" else overrides

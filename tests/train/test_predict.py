@@ -213,7 +213,7 @@ def test_an_auto_selector_answers_rows_that_name_no_task(
     """A continual run with an auto-selector answers a row without a task: a row the selector routes to a learned
     task answers as that row naming that task does; a row kept on the base takes the class nearest it among every
     task's classes, all encoded by the base (checked against a loop over the classes one at a time). Rows that
-    name their task answer as they did, in the same batches."""
+    name their task answer as they did, in the same batches. `loramix eval` scores the same answers."""
     settings = {
         **toys.settings(model_dir, tasks_dir, method="continual-mola-grad", lr=1e-2, ddas_examples=40),
         "head": "label-prompt",
@@ -262,6 +262,16 @@ def test_an_auto_selector_answers_rows_that_name_no_task(
             )
         nearest = max(range(len(classes)), key=lambda c: torch.cosine_similarity(pooled, classes[c]).item())
         assert (result["task"], result["prediction"]) == columns[nearest]
+
+    assert main(["eval", str(run_dir)]) == 0  # its score with no task given: the share of rows answered right
+    scored = json.loads((run_dir / "eval-test.json").read_text())["selector"]
+    hits: dict[str, list[bool]] = {name: [] for name in TASKS}
+    for row, result in zip(rows, chosen):
+        if row["task"] in TASKS:
+            label = label_names()[row["task"]][row["label"]]
+            hits[row["task"]].append((result["task"], result["prediction"]) == (row["task"], label))
+    assert scored["task_free_accuracy"] == pytest.approx({name: sum(h) / len(h) for name, h in hits.items()})
+    assert 0 < scored["task_free_mean"] <= 1
 
     bad = write_rows(tmp_path / "bad.jsonl", [free[0], {"sentence": "no field of any task"}])
     assert main(["predict", str(run_dir), str(bad)]) == 3

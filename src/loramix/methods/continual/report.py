@@ -127,6 +127,14 @@ def write_continual_report(output_dir: Path, metrics: dict[str, Any]) -> Path:
             f"The auto-selector sent {100 * selector['own_task_rate']:.1f}% of the test inputs to their own task once "
             "every task was learned.",
             "",
+        ]
+        if "task_free_mean" in selector:  # runs saved before it was scored have none
+            lines += [
+                f"Given no input's task (the selector chooses it), {100 * selector['task_free_mean']:.2f}% of the "
+                "test inputs are answered with their own task and class.",
+                "",
+            ]
+        lines += [
             "![selector confusion](selector_confusion.png)",
             "",
         ]

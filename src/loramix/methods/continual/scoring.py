@@ -1,5 +1,6 @@
 """Scoring a continual learner: the accuracy row after each task (every task of the sequence, learned or not, as
-the method routes), and where the auto-selector sends each task's inputs."""
+the method routes), where the auto-selector sends each task's inputs, and how often it answers them right when
+their task is not given."""
 
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ from loramix.data import MultiTaskData
 from loramix.errors import DataError
 from loramix.methods.continual.learner import Learner
 from loramix.train.evaluate import task_scores
+from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.run import eval_split
 
 RouteAndPredict = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
 """`(learner, batch) -> (route ids, keep-base mask, label indices)` of an evaluation batch."""
+Answer = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor]]
+"""`(learner, batch) -> (route ids, keep-base mask, task ids, label indices)`; a task id UNKNOWN_TASK in the batch
+is chosen by the method (:meth:`loramix.methods.continual.sequence.Continual.answer`)."""
 
 
 @torch.no_grad()
@@ -65,26 +70,37 @@ def accuracy_row(
 
 
 @torch.no_grad()
-def selector_confusion(learner: Learner, split: str | None = None) -> dict[str, Any]:
+def selector_confusion(learner: Learner, answer: Answer, split: str | None = None) -> dict[str, Any]:
     """Where the auto-selector sends this run's tasks' test inputs once every task is learned:
     `confusion[task][chosen]`, one column per task the selector knows (earlier runs' first) and a last one for
-    the base model; and the share of inputs sent to their own task."""
+    the base model; the share of inputs sent to their own task; and the share answered right with no input's task
+    given (`task_free_accuracy`, per task, and its mean: the selector's task must be the input's own, or on the
+    base the task of the nearest class among every task's, and the class the right one)."""
     assert learner.selector is not None
-    data, run, offset = learner.data, learner.run, learner.offset
+    model, data, run, offset = learner.model, learner.data, learner.run, learner.offset
     known = learner.selector.num_tasks
     confusion = np.zeros((data.num_tasks, known + 1), dtype=int)
+    right = np.zeros(data.num_tasks)
+    training = model.training
+    model.eval()
     for task in data.tasks:
-        for batch in learner.batches(
-            data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples), 64
-        ):
-            chosen, keep = learner.select(batch)
-            column = torch.where(keep, torch.full_like(chosen, known), chosen).cpu()
+        examples = data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples)
+        for batch in learner.batches(examples, 64):
+            unknown = torch.full_like(batch["task_ids"], UNKNOWN_TASK)
+            route, keep, tasks, predicted = answer(learner, {**batch, "task_ids": unknown})
+            column = torch.where(keep, torch.full_like(route, known), route).cpu()
             np.add.at(confusion[task.task_id], column.numpy(), 1)
+            hit = (tasks == offset + task.task_id) & (predicted == batch["labels"].float())
+            right[task.task_id] += int(hit.sum())
+    model.train(training)
     own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
+    accuracy = right / np.maximum(confusion.sum(1), 1)
     return {
         "confusion": confusion.tolist(),
         "own_task_rate": float(own),
         "task_names": learner.task_names,
+        "task_free_accuracy": dict(zip(data.task_names, accuracy.tolist())),
+        "task_free_mean": float(accuracy.mean()),
     }
 
 

@@ -362,7 +362,7 @@ class Continual(Method):
             "routing": {},
         }
         if learner.selector is not None:
-            metrics["selector"] = selector_confusion(learner, split)
+            metrics["selector"] = selector_confusion(learner, self.answer, split)
         return metrics
 
     def predictor(
@@ -405,7 +405,7 @@ class Continual(Method):
         )
         metrics["routing"] = {}
         if learner.selector is not None:
-            metrics["selector"] = selector_confusion(learner)
+            metrics["selector"] = selector_confusion(learner, self.answer)
         records = {k: v for k, v in learner.records.items() if k != "joint_history"}  # `history` above
         metrics["continual"] = {**records, "task_names": learner.task_names}
         return metrics
