@@ -184,6 +184,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if selector:
                 print(
                     f"  auto-selector: {percent(selector.get('own_task_rate'))} of test inputs to their own task"
+                    + (
+                        f"; with no task given, {percent(selector['task_free_mean'])} answered right"
+                        if "task_free_mean" in selector
+                        else ""
+                    )
                 )
             means = selector_rates(metrics.get("continual", {}).get("selector_rows", []))
             if means is not None:

@@ -650,6 +650,11 @@ def test_loramix_eval_of_a_continual_run_routes_by_the_saved_selector(moe_run: d
     last_row = moe_run["metrics"]["accuracy_matrix"][-1]
     assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == last_row
     assert evaluated["selector"]["confusion"] == moe_run["metrics"]["selector"]["confusion"]
+    free = evaluated["selector"]["task_free_accuracy"]
+    assert free == moe_run["metrics"]["selector"]["task_free_accuracy"]
+    # an input answered right without its task is answered right with it: its route is the same, and on the base
+    # the nearest class among every task's that is one of its own task's is the nearest of its own task's
+    assert all(free[n] <= acc for n, acc in zip(toys.TASK_NAMES, last_row)) and sum(free.values()) > 0
 
 
 def test_loramix_inspect_shows_a_continual_runs_metrics(
@@ -661,6 +666,8 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     shown = capsys.readouterr().out
     assert "continual: 3 tasks in order sentiment, animals, colors" in shown
     assert "Transfer" in shown and "BWT" in shown and "auto-selector" in shown and "after task 0" in shown
+    free = moe_run["metrics"]["selector"]["task_free_mean"]
+    assert f"; with no task given, {100 * free:.1f}% answered right" in shown
     rows = [r for r in moe_run["metrics"]["continual"]["selector_rows"] if r["own_task_rate"] is not None]
     own = sum(r["own_task_rate"] for r in rows) / len(rows)
     unseen = [r["base_rate_unlearned"] for r in rows if r["base_rate_unlearned"] is not None]
@@ -668,6 +675,7 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     assert f"over the sequence: {100 * own:.1f}% of learned tasks' inputs to their own task" in shown
     assert f", {100 * sum(unseen) / len(unseen):.1f}% of not yet learned tasks' inputs to the base" in shown
     report = (Path(moe_run["dir"]) / "continual.md").read_text()
+    assert f"Given no input's task (the selector chooses it), {100 * free:.2f}% of the test inputs" in report
     assert (
         f"Over the sequence: {own:.3f} of learned tasks' inputs to their own task, "
         f"{sum(unseen) / len(unseen):.3f} of not yet learned tasks' inputs to the base." in report
