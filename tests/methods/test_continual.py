@@ -721,7 +721,7 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     examples = [e for t in range(3) for e in learner.data.eval_examples("test", t, 8)]
     batch = next(learner.batches(examples, 24))
     with torch.no_grad():
-        route, keep, predicted = method.route_and_predict(learner, batch)
+        route, keep, _, predicted = method.answer(learner, batch)
         reference_route, reference_keep = learner.select(batch)  # a base pass of its own, then the model's
         reference = method.predict(learner, batch, reference_route, reference_keep)
         with routed_by_selector(learner.backbone, batch, learner.selector, [0, 1]) as chosen:

@@ -18,20 +18,16 @@ from loramix.train.evaluate import task_scores
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.run import eval_split
 
-RouteAndPredict = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
-"""`(learner, batch) -> (route ids, keep-base mask, label indices)` of an evaluation batch."""
 Answer = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor]]
 """`(learner, batch) -> (route ids, keep-base mask, task ids, label indices)`; a task id UNKNOWN_TASK in the batch
 is chosen by the method (:meth:`loramix.methods.continual.sequence.Continual.answer`)."""
 
 
 @torch.no_grad()
-def accuracy_row(
-    learner: Learner, route_and_predict: RouteAndPredict, split: str | None = None
-) -> list[float]:
+def accuracy_row(learner: Learner, answer: Answer, split: str | None = None) -> list[float]:
     """Accuracy on every task of the sequence (a fixed sample of each test split), each batch routed and answered by
-    `route_and_predict`; with an auto-selector, where it sent the learned and the unlearned tasks' inputs is
-    appended to `learner.records["selector_rows"]`."""
+    `answer`; with an auto-selector, where it sent the learned and the unlearned tasks' inputs is appended to
+    `learner.records["selector_rows"]`."""
     model, data, run = learner.model, learner.data, learner.run
     model.eval()
     split = every_task_has(data, split or eval_split(data))
@@ -41,7 +37,7 @@ def accuracy_row(
         examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
         correct, predictions, labels = 0, [], []
         for batch in learner.batches(examples, run.eval_batch_size):
-            route, keep, predicted = route_and_predict(learner, batch)
+            route, keep, _, predicted = answer(learner, batch)
             correct += int((predicted == batch["labels"].float()).sum())
             predictions.append(predicted.cpu())
             labels.append(batch["labels"].float().cpu())

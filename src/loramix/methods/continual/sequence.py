@@ -180,11 +180,6 @@ class Continual(Method):
         with routing_block(learner.model, routed):
             return learner.model.heads.predict(learner.model, routed)
 
-    def route_and_predict(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """`(route ids, keep-base mask, label indices)` of an evaluation batch (see :meth:`answer`)."""
-        route, keep, _, predicted = self.answer(learner, batch)
-        return route, keep, predicted
-
     def answer(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch. Where the
         selector's blocks come before every adapted one, it routes inside the inference pass itself
@@ -262,7 +257,7 @@ class Continual(Method):
         else:
             if resume and group.is_main_process:
                 print(f"loramix: no task of {output_dir} was finished; starting with task 1", file=sys.stderr)
-            matrix.append(accuracy_row(learner, self.route_and_predict))
+            matrix.append(accuracy_row(learner, self.answer))
         tasks = range(data.num_tasks) if self.per_task_steps else [None]
         for task in tasks:
             if task is not None and task <= done:
@@ -270,14 +265,14 @@ class Continual(Method):
             history = self.train_task(learner, task, output_dir, resume)
             if task is None:  # the joint phase: the one row of the matrix after it, its log the run's history
                 learner.records["joint_history"] = history
-                matrix.append(accuracy_row(learner, self.route_and_predict))
+                matrix.append(accuracy_row(learner, self.answer))
                 break
             self.end_task(learner, learner.offset + task)
             learner.learned[learner.offset + task] = True
             self.mark_learned(learner)
             learner.records.setdefault("history", {})[str(learner.offset + task)] = history
             # first: its selector row goes into the snapshot
-            matrix.append(accuracy_row(learner, self.route_and_predict))
+            matrix.append(accuracy_row(learner, self.answer))
             if group.is_main_process:  # one writer when several processes train
                 snapshot(learner, output_dir / f"after-task-{task}")
                 atomic_write_json(progress, {"done": task, "matrix": matrix})
@@ -353,7 +348,7 @@ class Continual(Method):
         self.mark_learned(learner)
         if self.uses_selector:
             learner.selector = saved_selector(tensors, Path(run_dir))
-        row = accuracy_row(learner, self.route_and_predict, split)
+        row = accuracy_row(learner, self.answer, split)
         metrics: dict[str, Any] = {
             "tasks": {
                 name: {**learner.scores[name], "accuracy": acc} for name, acc in zip(data.task_names, row)
