@@ -295,16 +295,18 @@ class LabelPromptHead(Head):
         by the base, and each input takes the task of the class nearest it. `(task ids, label indices within
         them)`, each `(n,)`; on a task's own classes it decides as :meth:`forward` does for an input kept on the
         base, whose class texts follow it there."""
-        n, rows = inputs["input_ids"].shape[0], self.label_input_ids.shape[0]
-        device = self.label_input_ids.device
 
-        def base(batch: dict[str, Tensor], count: int) -> Tensor:
-            route = torch.zeros(count, dtype=torch.long, device=device)
-            kept = torch.ones(count, dtype=torch.bool, device=device)
-            return F.normalize(model.encode(batch, route, kept, noise=False).float(), dim=-1)
+        def base(batch: dict[str, Tensor]) -> Tensor:
+            kept = torch.ones(
+                batch["input_ids"].shape[0], dtype=torch.bool, device=self.label_input_ids.device
+            )
+            return F.normalize(
+                model.encode(batch, torch.zeros_like(kept, dtype=torch.long), kept, noise=False).float(),
+                dim=-1,
+            )
 
-        classes = base({"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask}, rows)
-        column = (base(inputs, n) @ classes.T).argmax(-1)  # (n,)
+        classes = base({"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask})
+        column = (base(inputs) @ classes.T).argmax(-1)  # (n,)
         task = self.label_task_ids[column]
         return task, (column - self.offsets[task]).float()
 

@@ -100,12 +100,13 @@ def read_requests(
 def _any_task_example(row: Row, tasks: list[dict]) -> Example:
     """A row without a task, read with the input fields of the first of `tasks` whose fields it holds (sentence
     pairs first, so that a pair is never read as its first sentence alone)."""
-    layouts = []
-    for meta in tasks:
-        fields = meta.get("input_fields")
-        if meta["task_type"] != "generation" and fields is not None:
-            layout = (fields["text_field"], fields["text_pair_field"])
-            layouts += [] if layout in layouts else [layout]
+    layouts = list(
+        dict.fromkeys(
+            (meta["input_fields"]["text_field"], meta["input_fields"]["text_pair_field"])
+            for meta in tasks
+            if meta["task_type"] != "generation" and meta.get("input_fields") is not None
+        )
+    )
     for text, pair in sorted(layouts, key=lambda layout: layout[1] is None):
         if text in row.fields and (pair is None or pair in row.fields):
             second = None if pair is None else text_value(row, pair, "text_pair_field")
