@@ -44,6 +44,7 @@ METHODS = [
     "moe-adapters",
     "moe-adapters-task-id",
     "continual-mola-grad",
+    "continual-mola-grad-task-id",
     "lae",
     "joint",
 ]

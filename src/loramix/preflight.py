@@ -25,6 +25,7 @@ METHOD_NAMES = (
     "zero-shot",
     "lae",
     "continual-mola-grad",
+    "continual-mola-grad-task-id",
     "moe-adapters",
     "moe-adapters-task-id",
     "joint",

@@ -304,14 +304,13 @@ def test_every_continual_method_runs_the_sequence(
         assert (matrix == matrix[0]).all()
 
 
-def test_continual_mola_grad_keeps_learned_tasks_exactly_when_routed_by_task(
-    model_dir: Path, tasks_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("method", ["continual-mola-grad-task-id", "moe-adapters-task-id"])
+def test_learned_tasks_keep_their_accuracy_exactly_when_routed_by_task(
+    method: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
-    """With the true task id (the selector aside), a task's accuracy never moves once it is learned: its expert is
-    frozen and later experts are other tasks'."""
-    metrics = run_training(
-        continual_run(model_dir, tasks_dir, "moe-adapters-task-id", steps_per_task=8), tmp_path
-    )
+    """With the true task id (the selector aside), a task's accuracy never moves once it is learned: its expert (or
+    its routers and their frozen experts) never train again and later experts are other tasks'."""
+    metrics = run_training(continual_run(model_dir, tasks_dir, method, steps_per_task=8), tmp_path)
     matrix = np.array(metrics["accuracy_matrix"])
     for task in range(matrix.shape[1]):
         assert np.all(matrix[task + 1 :, task] == matrix[task + 1, task])

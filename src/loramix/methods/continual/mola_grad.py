@@ -38,3 +38,10 @@ class ContinualMolaGrad(Continual):
     def end_task(self, learner: Learner, task: int) -> None:
         super().end_task(learner, task)
         learner.records["frozen"][str(task)] = list(range(task + 1))  # its expert never trains again
+
+
+@register_method
+class ContinualMolaGradTaskId(ContinualMolaGrad):
+    name = "continual-mola-grad-task-id"
+    description = "continual-mola-grad routed by the true task id instead of DDAS (tasks not learned yet: the base)"
+    uses_selector = False
