@@ -43,5 +43,7 @@ class ContinualMolaGrad(Continual):
 @register_method
 class ContinualMolaGradTaskId(ContinualMolaGrad):
     name = "continual-mola-grad-task-id"
-    description = "continual-mola-grad routed by the true task id instead of DDAS (tasks not learned yet: the base)"
+    description = (
+        "continual-mola-grad routed by the true task id instead of DDAS (tasks not learned yet: the base)"
+    )
     uses_selector = False
