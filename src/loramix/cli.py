@@ -140,115 +140,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
-    from loramix.methods.continual.report import selector_rates
+    from loramix.methods.continual.report import continual_lines
     from loramix.preflight import finished_adapter
+    from loramix.report.run_summary import adapter_lines, routing_lines, score_lines
 
     run_dir = Path(args.run_dir)
     record, tensors = read_checkpoint(finished_adapter(run_dir))
-    config = record["config"]
-    print(f"run: {run_dir}")
-    print(f"method: {record['metadata'].get('run', {}).get('method', '?')}")
-    print(
-        "adapter config: "
-        + ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v not in (None, [], False))
-    )
-    print(f"adapted layers: {len(record['layers'])} (e.g. {', '.join(record['layers'][:3])})")
-    print(f"tensors: {len(tensors)}, parameters: {sum(t.numel() for t in tensors.values()):,}")
-    tasks = record["metadata"].get("tasks", [])
-    print("tasks: " + ", ".join(f"{t['name']} ({task_kind(t)})" for t in tasks))
+    lines = adapter_lines(run_dir, record, tensors)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        print(f"mean accuracy: {shown(metrics.get('mean_accuracy'))}")
-        for name, scores in metrics.get("tasks", {}).items():
-            if isinstance(scores, dict) and "exact_match" in scores:  # a generation task
-                print(
-                    f"  {name}: exact match {shown(scores['exact_match'])}, F1 {shown(scores['f1'])}, "
-                    f"perplexity {shown(scores['perplexity'])}"
-                )
-        if "accuracy_matrix" in metrics:  # a continual run
-            order = metrics.get("tasks_in_order", [])
-            known = metrics.get("continual", {}).get("task_names") or order
-            earlier = known[: len(known) - len(order)]
-            print(
-                f"continual: {len(order)} task{'s' * (len(order) != 1)} in order {', '.join(order)}"
-                + (f", after {', '.join(earlier)} learned by the runs it continued" if earlier else "")
-            )
-            print(
-                "  "
-                + ", ".join(
-                    f"{k} {shown(metrics[k])}" for k in ("Transfer", "Average", "Last", "BWT") if k in metrics
-                )
-            )
-            selector = metrics.get("selector")
-            if selector:
-                print(
-                    f"  auto-selector: {percent(selector.get('own_task_rate'))} of test inputs to their own task"
-                    + (
-                        f"; with no task given, {percent(selector['task_free_mean'])} answered right"
-                        if "task_free_mean" in selector
-                        else ""
-                    )
-                )
-            means = selector_rates(metrics.get("continual", {}).get("selector_rows", []))
-            if means is not None:
-                unseen = means["unseen_base_mean"]
-                print(
-                    f"  over the sequence: {percent(means['own_task_mean'])} of learned tasks' inputs to their own "
-                    "task"
-                    + (
-                        ""
-                        if unseen is None
-                        else f", {percent(unseen)} of not yet learned tasks' inputs to the base"
-                    )
-                )
-            for task, layers in metrics.get("continual", {}).get("frozen", {}).items():
-                label = known[int(task)] if int(task) < len(known) else task
-                if isinstance(layers, dict):  # per adapted block: every expert frozen so far
-                    count = sum(len(experts) for experts in layers.values())
-                    first = next(iter(layers.values()), [])
-                    frozen = f"{count} experts frozen over {len(layers)} blocks (first block: {first})"
-                else:
-                    frozen = f"experts {layers} frozen"
-                print(f"  after task {task} ({label}): {frozen}")
-        for scope, summary in metrics.get("routing", {}).items():
-            if isinstance(summary, dict) and "purity" in summary:
-                print(
-                    f"routing ({scope}): purity {summary['purity']:.3f}, NMI {summary['nmi']:.3f}, "
-                    f"load {[round(x, 3) for x in summary['load']]}"
-                )
-                majority = [
-                    f"{e}: {t}" for e, t in enumerate(summary.get("expert_task") or []) if t is not None
-                ]
-                if majority:
-                    print(f"  majority task of each expert's top-choice inputs: {', '.join(majority)}")
-                for warning in summary.get("warnings", []):
-                    print(f"  warning: {warning}")
+        lines += score_lines(metrics) + continual_lines(metrics) + routing_lines(metrics)
+    print("\n".join(lines))
     return 0
-
-
-def task_kind(task: dict) -> str:
-    if task.get("task_type") == "generation":
-        return f"generation, scorer {task.get('scorer', 'exact')}"
-    return f"{len(task.get('labels') or [])} labels"
-
-
-def percent(value: object) -> str:
-    """A rate in 0..1 as a percentage (`0.904` -> `90.4%`); anything else as `shown` gives it."""
-    return (
-        f"{100 * value:.1f}%"
-        if isinstance(value, int | float) and not isinstance(value, bool)
-        else shown(value)
-    )
-
-
-def shown(value: object) -> str:
-    """A value for display: floats to 4 significant digits (0.57, not 0.5700000000000001), also inside lists."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(shown(v) for v in value) + "]"
-    return str(value)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -273,6 +177,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
     from pydantic_core import PydanticUndefined
 
+    from loramix.report.run_summary import shown
     from loramix.train.config import RunConfig
 
     word = (args.word or "").lower()

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from loramix.io.files import atomic_write_bytes
+from loramix.report.run_summary import percent, shown
 
 
 def continual_metrics(matrix: np.ndarray) -> dict[str, float]:
@@ -65,6 +66,49 @@ def selector_rates(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]
         "own_task_last": learned[-1]["own_task_rate"],
         "unseen_base_mean": sum(unseen) / len(unseen) if unseen else None,
     }
+
+
+def continual_lines(metrics: dict[str, Any]) -> list[str]:
+    """What `loramix inspect` shows of a continual run's `metrics.json` (none for another run): the order learned,
+    Transfer / Average / Last / BWT, the auto-selector's rates, and which experts were frozen after each task."""
+    if "accuracy_matrix" not in metrics:
+        return []
+    continual = metrics.get("continual", {})
+    order = metrics.get("tasks_in_order", [])
+    known = continual.get("task_names") or order
+    earlier = known[: len(known) - len(order)]
+    lines = [
+        f"continual: {len(order)} task{'s' * (len(order) != 1)} in order {', '.join(order)}"
+        + (f", after {', '.join(earlier)} learned by the runs it continued" if earlier else ""),
+        "  "
+        + ", ".join(
+            f"{k} {shown(metrics[k])}" for k in ("Transfer", "Average", "Last", "BWT") if k in metrics
+        ),
+    ]
+    selector = metrics.get("selector")
+    if selector:
+        task_free = selector.get("task_free_mean")
+        lines.append(
+            f"  auto-selector: {percent(selector.get('own_task_rate'))} of test inputs to their own task"
+            + ("" if task_free is None else f"; with no task given, {percent(task_free)} answered right")
+        )
+    means = selector_rates(continual.get("selector_rows", []))
+    if means is not None:
+        unseen = means["unseen_base_mean"]
+        lines.append(
+            f"  over the sequence: {percent(means['own_task_mean'])} of learned tasks' inputs to their own task"
+            + ("" if unseen is None else f", {percent(unseen)} of not yet learned tasks' inputs to the base")
+        )
+    for task, layers in continual.get("frozen", {}).items():
+        label = known[int(task)] if int(task) < len(known) else task
+        if isinstance(layers, dict):  # per adapted block: every expert frozen so far
+            count = sum(len(experts) for experts in layers.values())
+            first = next(iter(layers.values()), [])
+            frozen = f"{count} experts frozen over {len(layers)} blocks (first block: {first})"
+        else:
+            frozen = f"experts {layers} frozen"
+        lines.append(f"  after task {task} ({label}): {frozen}")
+    return lines
 
 
 def _heatmap(
