@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramix.errors import ConfigError
+from loramix.routers.density import fit_autoencoder, inverse_sqrt, shrunk_gaussian
 
 NORMALIZE = ("l2", "whiten", "gaussian")  # saved by index: append only
 CHOICES = ("own", "shared")  # saved by index: append only
@@ -220,9 +221,7 @@ class AutoSelector(nn.Module):
             return
         whitening = self.whitening.double()
         covariance = torch.linalg.inv(whitening @ whitening).mean(0)  # (d, d)
-        values, vectors = torch.linalg.eigh((covariance + covariance.t()) / 2)
-        values = values.clamp_min(values.max() * 1e-12)
-        self.shared_whitening = (vectors @ torch.diag(values.rsqrt()) @ vectors.t()).to(self.center)
+        self.shared_whitening = inverse_sqrt((covariance + covariance.t()) / 2)[0].to(self.center)
 
     def shared_scores(self, features: Tensor) -> Tensor:
         """`(n, T)`: each input's squared distance to each task's mean under the shared covariance (`shared`)."""
@@ -355,7 +354,7 @@ class AutoSelector(nn.Module):
         order = torch.randperm(features.shape[0], generator=generator)
         cut = max(1, int(round(holdout * features.shape[0])))
         held, fit = features[order[:cut]], features[order[cut:]]
-        center, whitening, log_det = self._whitening(fit)
+        center, whitening, log_det = self._gaussian(fit)
         if self.normalize == "l2":
             held, fit = F.normalize(held, dim=-1), F.normalize(fit, dim=-1)
         else:
@@ -377,7 +376,7 @@ class AutoSelector(nn.Module):
             self.bank_rows = torch.cat([self.bank_rows, self.bank_rows.new_tensor([rows.shape[0]])])
         elif self.accept_width:  # the acceptance columns' own Gaussian sets the threshold
             columns = features[order[cut:], -self.accept_width :]
-            accept_center, accept_whitening, accept_log_det = self._whitening(columns)
+            accept_center, accept_whitening, accept_log_det = self._gaussian(columns)
             z = (features[order[:cut], -self.accept_width :] - accept_center) @ accept_whitening
             held_errors = z.pow(2).sum(-1) + accept_log_det
             new.update(
@@ -390,8 +389,8 @@ class AutoSelector(nn.Module):
             held_errors = held.pow(2).sum(-1) + log_det
             new["log_det"] = log_det
         else:
-            encoder, decoder = self._fit_autoencoder(
-                fit, epochs=epochs, lr=lr, noise=noise, generator=generator
+            encoder, decoder = fit_autoencoder(
+                fit, self.hidden, epochs=epochs, lr=lr, noise=noise, generator=generator
             )
             with torch.no_grad():
                 held_errors = (decoder(torch.tanh(encoder(held))) - held).pow(2).mean(-1).clamp_min(1e-30)
@@ -418,41 +417,10 @@ class AutoSelector(nn.Module):
         self._share()
         return self.num_tasks - 1
 
-    def _fit_autoencoder(
-        self, fit: Tensor, *, epochs: int, lr: float, noise: float, generator: torch.Generator
-    ) -> tuple[nn.Linear, nn.Linear]:
-        encoder, decoder = nn.Linear(self.in_features, self.hidden), nn.Linear(self.hidden, self.in_features)
-        with torch.no_grad():
-            for layer in (encoder, decoder):
-                bound = 1 / layer.in_features**0.5
-                layer.weight.uniform_(-bound, bound, generator=generator)
-                layer.bias.uniform_(-bound, bound, generator=generator)
-        optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
-        for _ in range(epochs):
-            inputs = fit + noise * torch.randn(fit.shape, generator=generator) if noise else fit
-            loss = (decoder(torch.tanh(encoder(inputs))) - fit).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return encoder, decoder
-
-    def _whitening(self, fit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`(mu (d,), W (d, d), log det C)`: the task's mean, the inverse square root of its covariance C, shrunk
-        towards its mean variance (`shrinkage`) so that it stays well conditioned with fewer samples than
-        dimensions, and the log-determinant of that C."""
+    def _gaussian(self, fit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.normalize == "l2":
             return fit.new_zeros(()), fit.new_zeros(()), fit.new_zeros(())
-        fit = fit.double()
-        center = fit.mean(0)
-        covariance = (fit - center).t() @ (fit - center) / fit.shape[0]  # (d, d)
-        floor = covariance.diagonal().mean().clamp_min(1e-12)
-        covariance = (1 - self.shrinkage) * covariance + self.shrinkage * floor * torch.eye(
-            fit.shape[1]
-        ).double()
-        values, vectors = torch.linalg.eigh(covariance)
-        values = values.clamp_min(floor * 1e-6)
-        whitening = vectors @ torch.diag(values.rsqrt()) @ vectors.t()
-        return center.float(), whitening.float(), values.log().sum().float()
+        return shrunk_gaussian(fit, self.shrinkage)
 
     def state(self) -> dict[str, Tensor]:
         """Its tensors, for saving beside the adapters (`load_state` restores them)."""

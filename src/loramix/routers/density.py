@@ -1,0 +1,50 @@
+"""The fitted models behind the auto-selector (:mod:`loramix.routers.selector`): a task's Gaussian, its covariance
+shrunk towards the mean variance so that it stays well conditioned with fewer samples than dimensions, and the
+paper's autoencoder. Legend: n samples, d feature width, h autoencoder width."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def inverse_sqrt(covariance: Tensor, floor: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """`(C^(-1/2), eigenvalues)` of a symmetric `(d, d)` covariance (`eigh` reads its lower triangle), its
+    eigenvalues clamped below at `floor` (by default 1e-12 of the largest)."""
+    values, vectors = torch.linalg.eigh(covariance)
+    values = values.clamp_min(values.max() * 1e-12 if floor is None else floor)
+    return vectors @ torch.diag(values.rsqrt()) @ vectors.t(), values
+
+
+def shrunk_gaussian(fit: Tensor, shrinkage: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`(mu (d,), W (d, d), log det C)` of features `(n, d)`: their mean, the inverse square root of their
+    covariance `C = (1 - a) S + a c I` (`a` = `shrinkage`, `c` their mean variance), and its log-determinant."""
+    fit = fit.double()
+    center = fit.mean(0)
+    covariance = (fit - center).t() @ (fit - center) / fit.shape[0]  # (d, d)
+    floor = covariance.diagonal().mean().clamp_min(1e-12)
+    covariance = (1 - shrinkage) * covariance + shrinkage * floor * torch.eye(fit.shape[1]).double()
+    whitening, values = inverse_sqrt(covariance, floor * 1e-6)
+    return center.float(), whitening.float(), values.log().sum().float()
+
+
+def fit_autoencoder(
+    fit: Tensor, hidden: int, *, epochs: int, lr: float, noise: float, generator: torch.Generator
+) -> tuple[nn.Linear, nn.Linear]:
+    """An autoencoder `d -> h -> d` (tanh) fitted to `fit (n, d)` by full-batch Adam on the mean squared error;
+    `noise`: the standard deviation of Gaussian noise added to its inputs (a denoising autoencoder)."""
+    width = fit.shape[1]
+    encoder, decoder = nn.Linear(width, hidden), nn.Linear(hidden, width)
+    with torch.no_grad():
+        for layer in (encoder, decoder):
+            bound = 1 / layer.in_features**0.5
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.uniform_(-bound, bound, generator=generator)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
+    for _ in range(epochs):
+        inputs = fit + noise * torch.randn(fit.shape, generator=generator) if noise else fit
+        loss = (decoder(torch.tanh(encoder(inputs))) - fit).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return encoder, decoder
