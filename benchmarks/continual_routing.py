@@ -1,0 +1,186 @@
+"""What a continual run's auto-selector costs it, and what its choices would give if mixed. Scores a finished run
+with a selector (`continual-mola-grad`, `moe-adapters`) on its test inputs with the same trained experts, routers and
+head, every input answered through every learned task's route and through the base, then:
+
+- `selector`: the run's own answers (its route, or the base where the selector keeps the input there);
+- `task-id`: each input sent to its own task's route (what the method's `-task-id` variant scores, since training
+  never consults the selector);
+- `base`: every input on the untouched base model;
+- `posterior`: each input the selector accepts answered by the mixture of every learned task's answer (class
+  probabilities), weighted by the selector's posterior over the tasks: `exp(-score / 2)`, normalised, where the
+  score is the Gaussian rule's doubled negative log-likelihood (or squared distance under the shared covariance),
+  so the weights are the tasks' Gaussian (or linear discriminant) posteriors at equal priors. Inputs it keeps on the
+  base stay there. Not what a run does: it needs one pass per route the weights spread over.
+
+It also counts the selector's mistakes and what they cost: inputs routed to another task (how many of them the
+routed, the own and the base answer get right), and seen tasks' inputs kept on the base.
+
+    python benchmarks/continual_routing.py RUN_DIR --out benchmarks/results/continual-routing.json
+
+RUN_DIR is a finished run, e.g. a `benchmarks/continual.py --work` folder. Writes RUN_DIR/routing.json, and adds it
+to the list in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from loramix.data import MultiTaskData  # noqa: E402
+from loramix.io import read_checkpoint  # noqa: E402
+from loramix.io.files import atomic_write_json  # noqa: E402
+from loramix.methods import get_method  # noqa: E402
+from loramix.methods.continual.learner import Learner, saved_selector  # noqa: E402
+from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
+from loramix.train.step import routed as routing_block  # noqa: E402
+
+
+@torch.no_grad()
+def every_route(learner: Learner, batch: dict, task: int) -> torch.Tensor:
+    """`(n, T + 1, L)`: the class probabilities of `task`'s L classes with every input sent through each learned
+    task's route (0..T-1) and through the base (T)."""
+    model, heads = learner.model, learner.model.heads
+    n, tasks = batch["input_ids"].shape[0], learner.selector.num_tasks
+    start, width = int(heads.offsets[task]), int(heads.num_labels[task])
+    answers = []
+    for route in range(tasks + 1):
+        routed = {
+            **batch,
+            "route_ids": torch.full((n,), min(route, tasks - 1), dtype=torch.long, device=learner.device),
+            "keep_base": torch.full((n,), route == tasks, dtype=torch.bool, device=learner.device),
+        }
+        with routing_block(model, routed):
+            logits = heads(model.pooled(routed), routed, model)
+        answers.append(torch.softmax(logits[:, start : start + width].float(), -1))
+    return torch.stack(answers, 1).cpu()
+
+
+@torch.no_grad()
+def collect(learner: Learner, split: str) -> list[dict]:
+    """Per test input: its task and label, the selector's route, keep-base and scores, and `every_route`."""
+    selector, run = learner.selector, learner.run
+    rows = []
+    for task in learner.data.tasks:
+        for batch in learner.batches(
+            learner.data.eval_examples(split, task.task_id, run.max_eval_examples), 50
+        ):
+            features = learner.base_features(batch)
+            route, keep = selector(features)
+            shared = selector.choice == "shared"
+            scores = (
+                selector.shared_scores(features) if shared else selector.scores(selector.errors(features))
+            )
+            answers = every_route(learner, batch, task.task_id)
+            for i in range(len(route)):
+                rows.append(
+                    {
+                        "task": task.task_id,
+                        "label": int(batch["labels"][i]),
+                        "route": int(route[i]),
+                        "keep": bool(keep[i]),
+                        "scores": scores[i].cpu().double().numpy(),
+                        "answers": answers[i].numpy(),
+                    }
+                )
+    return rows
+
+
+def posterior(scores: np.ndarray) -> np.ndarray:
+    """The tasks' posterior at equal priors from doubled negative log-likelihoods: softmax of `-scores / 2`."""
+    weights = np.exp(-(scores - scores.min()) / 2)
+    return weights / weights.sum()
+
+
+def score(rows: list[dict], answer, tasks: int) -> dict:
+    right, count = np.zeros(tasks), np.zeros(tasks)
+    for row in rows:
+        right[row["task"]] += int(np.argmax(answer(row)) == row["label"])
+        count[row["task"]] += 1
+    accuracy = right / np.maximum(count, 1)
+    return {"mean": float(accuracy.mean()), "per_task": accuracy.tolist()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="a JSON list of runs' results to add this one to")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    run, model, tokenizer, _ = load_trained(args.run_dir)
+    model.eval()
+    data = MultiTaskData(task_specs(run))
+    method = get_method(run.method)
+    if not method.uses_selector:
+        parser.error(f"{args.run_dir}: method {run.method} has no auto-selector")
+    learner = Learner(run, data, model, make_collator(run, data, tokenizer))
+    learner.learned = [True] * data.num_tasks
+    method.mark_learned(learner)
+    learner.selector = saved_selector(read_checkpoint(args.run_dir / "adapter")[1], args.run_dir)
+    if learner.selector.normalize != "gaussian":
+        parser.error(f"{args.run_dir}: the posterior needs the gaussian rule's likelihoods")
+    tasks, base = data.num_tasks, data.num_tasks
+    rows = collect(learner, eval_split(data))
+
+    modes = {
+        "selector": lambda r: r["answers"][base if r["keep"] else r["route"]],
+        "task-id": lambda r: r["answers"][r["task"]],
+        "base": lambda r: r["answers"][base],
+        "posterior": lambda r: (
+            r["answers"][base] if r["keep"] else posterior(r["scores"]) @ r["answers"][:tasks]
+        ),
+    }
+    routed_away = [r for r in rows if not r["keep"] and r["route"] != r["task"]]
+    kept = [r for r in rows if r["keep"]]
+
+    def right(group: list[dict], pick) -> int:
+        return sum(int(np.argmax(r["answers"][pick(r)]) == r["label"]) for r in group)
+
+    results = {
+        "run": args.run_dir.name,
+        "method": run.method,
+        "seed": run.seed,
+        "tasks": data.task_names,
+        "modes": {name: score(rows, answer, tasks) for name, answer in modes.items()},
+        "routed_to_another_task": {
+            "inputs": len(routed_away),
+            "right_as_routed": right(routed_away, lambda r: r["route"]),
+            "right_by_own_task": right(routed_away, lambda r: r["task"]),
+            "right_on_base": right(routed_away, lambda r: base),
+        },
+        "kept_on_base": {
+            "inputs": len(kept),
+            "right_on_base": right(kept, lambda r: base),
+            "right_by_own_task": right(kept, lambda r: r["task"]),
+        },
+        "inputs": len(rows),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(args.run_dir / "routing.json", results)
+    if args.out is not None:  # a list of runs: this one replaces an earlier entry of the same run folder
+        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
+        atomic_write_json(args.out, [r for r in earlier if r["run"] != results["run"]] + [results])
+    for name, result in results["modes"].items():
+        print(
+            f"{name:>10}: {100 * result['mean']:.2f}  "
+            + " ".join(f"{100 * a:.0f}" for a in result["per_task"])
+        )
+    print(f"routed to another task: {results['routed_to_another_task']}")
+    print(f"kept on the base: {results['kept_on_base']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
