@@ -185,19 +185,20 @@ def setting(entry: dict) -> tuple:
 
 
 def summarise(entries: list[dict]) -> str:
-    """A markdown table of the runs in `entries`, one row per setting: Transfer, Average, Last and BWT in points,
-    each the mean over the setting's seeds with its range (min-max), with an auto-selector the accuracy after the
-    last task with no input's task given (entries since it was scored), and the seeds. Of entries for the same seed
+    """A markdown table of the runs in `entries`, one row per setting (training examples kept per task among them):
+    Transfer, Average, Last and BWT in points, each the mean over the setting's seeds with its range (min-max), with
+    an auto-selector the accuracy after the last task with no input's task given (entries since it was scored), and
+    the seeds. Of entries for the same seed
     (earlier code's runs, kept in the file), the last counts."""
     groups: dict[tuple, dict[int, dict]] = {}
     for entry in entries:
         groups.setdefault(setting(entry), {})[entry["seed"]] = entry
     lines = [
-        "| method | lr | steps per task | overrides | tasks | Transfer | Average | Last | BWT | Last, task not given "
-        "| seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | steps per task | train examples | overrides | tasks | Transfer | Average | Last | BWT "
+        "| Last, task not given | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (method, lr, steps, _, _, overrides, order, _), by_seed in groups.items():
+    for (method, lr, steps, train, _, overrides, order, _), by_seed in groups.items():
         runs = [by_seed[seed] for seed in sorted(by_seed)]
         metrics = [cell([r[k] for r in runs if r.get(k) is not None], digits=2) for k in METRICS]
         metrics.append(
@@ -214,7 +215,9 @@ def summarise(entries: list[dict]) -> str:
         seeds = " ".join(map(str, sorted(by_seed)))
         changed = "" if overrides == "{}" else overrides
         lines.append(
-            f"| {method} | {lr:g} | {steps} | {changed} | {tasks} | " + " | ".join(metrics) + f" | {seeds} |"
+            f"| {method} | {lr:g} | {steps} | {train} | {changed} | {tasks} | "
+            + " | ".join(metrics)
+            + f" | {seeds} |"
         )
     return "\n".join(lines)
 
