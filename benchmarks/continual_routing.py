@@ -10,7 +10,7 @@ head, every input answered through every learned task's route and through the ba
   probabilities), weighted by the selector's posterior over the tasks: `exp(-score / 2)`, normalised, where the
   score is the Gaussian rule's doubled negative log-likelihood (or squared distance under the shared covariance),
   so the weights are the tasks' Gaussian (or linear discriminant) posteriors at equal priors. Inputs it keeps on the
-  base stay there. Not what a run does: it needs one pass per route the weights spread over.
+  base stay there. What a run with `ddas_mix: posterior` answers.
 
 It also counts the selector's mistakes and what they cost: inputs routed to another task (how many of them the
 routed, the own and the base answer get right), and seen tasks' inputs kept on the base.
@@ -40,6 +40,7 @@ from loramix.io import read_checkpoint  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.learner import Learner, saved_selector  # noqa: E402
+from loramix.methods.continual.mixing import MIN_WEIGHT  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
 from loramix.train.step import routed as routing_block  # noqa: E402
 
@@ -95,8 +96,11 @@ def collect(learner: Learner, split: str) -> list[dict]:
 
 
 def posterior(scores: np.ndarray) -> np.ndarray:
-    """The tasks' posterior at equal priors from doubled negative log-likelihoods: softmax of `-scores / 2`."""
+    """The tasks' posterior at equal priors from doubled negative log-likelihoods: softmax of `-scores / 2`, weights
+    under `MIN_WEIGHT` dropped and the rest renormalised, as `ddas_mix: posterior` mixes."""
     weights = np.exp(-(scores - scores.min()) / 2)
+    weights /= weights.sum()
+    weights[weights < MIN_WEIGHT] = 0.0
     return weights / weights.sum()
 
 

@@ -591,7 +591,10 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
     whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_neighbours": 0})
     with pytest.raises(ConfigError, match="ddas_choice: shared .*needs ddas_normalize: gaussian"):
         get_method("moe-adapters").validate(whiten)
-    whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_choice": "own"})
+    whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_choice": "own", "ddas_mix": "posterior"})
+    with pytest.raises(ConfigError, match="ddas_mix: posterior .*needs ddas_normalize: gaussian"):
+        get_method("moe-adapters").validate(whiten)
+    whiten = RunConfig.from_dict({**whiten.to_dict(), "ddas_mix": "none"})
     with pytest.raises(ConfigError, match="ddas_threshold: pooled"):
         get_method("moe-adapters").validate(whiten)
 

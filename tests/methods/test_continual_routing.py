@@ -55,3 +55,93 @@ def test_the_posterior_weights_are_the_gaussians_at_equal_priors():
     weights = posterior(np.array([0.0, 2 * math.log(3.0), 1e4]))
     assert weights == pytest.approx([0.75, 0.25, 0.0])
     assert posterior(np.array([50.0, 50.0 + 2 * math.log(3.0), 1e4])) == pytest.approx(weights)
+
+
+def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`ddas_mix: posterior` at `loramix eval` (one batched pass over the expanded rows) scores each task as the
+    diagnosis's `posterior` mode (each route's answers computed on their own, then mixed)."""
+    from loramix.cli import main
+
+    settings = {"steps_per_task": 6, "ddas_choice": "shared"}
+    run_training(continual_run(model_dir, tasks_dir, "continual-mola-grad", **settings), tmp_path / "run")
+    config = (tmp_path / "run" / "config.yaml").read_text().replace("ddas_mix: none", "ddas_mix: posterior")
+    assert "ddas_mix: posterior" in config
+    (tmp_path / "mix.yaml").write_text(config)
+    assert main(["eval", str(tmp_path / "run"), "--config", str(tmp_path / "mix.yaml")]) == 0
+    evaluated = json.loads((tmp_path / "run" / "eval-test.json").read_text())
+    threads = str(torch.get_num_threads())
+    assert routing_module().main([str(tmp_path / "run"), "--threads", threads]) == 0
+    result = json.loads((tmp_path / "run" / "routing.json").read_text())
+    mixed = [evaluated["tasks"][name]["accuracy"] for name in result["tasks"]]
+    assert mixed == pytest.approx(result["modes"]["posterior"]["per_task"])
+
+
+def test_posterior_mixing_in_one_pass_equals_a_loop_over_inputs_and_routes(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """The expanded batch's mixture against one input and one route at a time, with experts far apart and weights
+    spread over the tasks (some under MIN_WEIGHT); inputs kept on the base or of no given task keep the hard
+    answer, and a weight all on the chosen route gives the hard answer."""
+    from loramix import adapter_state
+    from loramix.methods import get_method
+    from loramix.methods.continual import Learner
+    from loramix.methods.continual.mixing import MIN_WEIGHT, posterior_answer, posterior_answer_loop
+    from loramix.train.predict import UNKNOWN_TASK
+    from tests.train import toys
+
+    method = get_method("continual-mola-grad")
+    kept: list[Learner] = []
+    original_end = type(method).end_task
+
+    def keep_learner(self, learner: Learner, task: int) -> None:
+        original_end(self, learner, task)
+        kept.append(learner)
+
+    run = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=4, ddas_choice="shared")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(method), "end_task", keep_learner)
+        run_training(run, tmp_path / "run")
+    learner = kept[-1]
+    learner.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts far from zero, so that every route answers differently
+        for param in adapter_state(learner.backbone).values():
+            param.add_(torch.randn(param.shape, generator=generator))
+    examples = [e for t in range(len(toys.TASK_NAMES)) for e in learner.data.eval_examples("test", t, 6)]
+    batch = next(learner.batches(examples, 18))
+    n, tasks = batch["task_ids"].shape[0], learner.selector.num_tasks
+    spread = torch.softmax(torch.randn(n, tasks, generator=generator) * 3, -1)
+    spread[0] = torch.tensor([1 - MIN_WEIGHT / 2, MIN_WEIGHT / 2] + [0.0] * (tasks - 2))
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[1] = True
+    batch["task_ids"][2] = UNKNOWN_TASK
+    route = spread.argmax(-1)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        hard = method.predict(learner, batch, route, keep)
+        patch.setattr(type(learner.selector), "posterior", lambda self, features: spread.clone())
+        mixed = posterior_answer(learner, batch, keep, hard)
+        reference = posterior_answer_loop(learner, batch, keep, hard)
+        patch.setattr(type(learner.selector), "posterior", lambda self, f: torch.eye(tasks)[route])
+        one_hot = posterior_answer(learner, batch, keep, hard)
+    assert torch.equal(mixed, reference)
+    assert mixed[0] == hard[0] and mixed[1] == hard[1] and mixed[2] == hard[2]
+    assert not torch.equal(mixed, hard)  # spread weights change some answers
+    assert torch.equal(one_hot, hard)
+
+
+def test_a_run_that_mixes_scores_its_sequence_as_eval_scores_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`ddas_mix: posterior` through the whole sequence (row 0 has no learned task to mix), its last row what
+    `loramix eval` of the finished run gives."""
+    from loramix.cli import main
+
+    run = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=4, ddas_mix="posterior")
+    metrics = run_training(run, tmp_path)
+    assert main(["eval", str(tmp_path)]) == 0
+    evaluated = json.loads((tmp_path / "eval-test.json").read_text())
+    assert [evaluated["tasks"][name]["accuracy"] for name in metrics["tasks_in_order"]] == pytest.approx(
+        metrics["accuracy_matrix"][-1]
+    )

@@ -354,3 +354,21 @@ def test_the_shared_choice_names_alike_tasks_better_from_few_inputs_and_survives
     assert loaded.choice == "own"
     with pytest.raises(ConfigError, match="choice .*'shared' with the gaussian rule only"):
         AutoSelector(4, normalize="whiten", choice="shared")
+
+
+@pytest.mark.parametrize("choice", ["own", "shared"])
+def test_the_posterior_names_the_task_the_selector_chooses(choice: str):
+    """Each row a distribution over the learned tasks whose argmax is the routed task of every accepted input; the
+    gaussian rule only."""
+    generator = torch.Generator().manual_seed(0)
+    selector = AutoSelector(6, accept_width=3, neighbours=3, threshold="pooled", choice=choice)
+    for task in range(3):
+        selector.add_task(torch.randn(80, 6, generator=generator) + 2 * task)
+    features = torch.randn(60, 6, generator=generator) * 2 + 2
+    task_ids, keep = selector(features)
+    weights = selector.posterior(features)
+    assert weights.shape == (60, 3) and torch.allclose(weights.sum(-1), torch.ones(60))
+    assert (~keep).any() and torch.equal(weights.argmax(-1)[~keep], task_ids[~keep])
+    assert ((weights > 0.05) & (weights < 0.95)).any()  # alike inputs spread their weight
+    with pytest.raises(ConfigError, match="gaussian rule"):
+        AutoSelector(6, hidden=4, normalize="whiten").posterior(features)

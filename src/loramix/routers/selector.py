@@ -307,6 +307,19 @@ class AutoSelector(nn.Module):
         return (errors.clamp_min(1e-30).log() - mean) / std  # (n, T)
 
     @torch.no_grad()
+    def posterior(self, features: Tensor) -> Tensor:
+        """`(n, T)`: each input's posterior over the learned tasks at equal priors (`gaussian` only), from the
+        scores that choose its task: a softmax of minus half the doubled negative log-likelihoods, or of the squared
+        distances under the shared covariance (`shared`), over every learned task. Where acceptance has a stage of
+        its own (`accept_width`, `neighbours`), its argmax is the task `forward` chooses for an accepted input."""
+        if self.normalize != "gaussian":
+            raise ConfigError(f"a posterior over the tasks needs the gaussian rule, not {self.normalize!r}")
+        features = features.to(self.thresholds.device)
+        shared = self.choice == "shared"
+        scores = self.shared_scores(features) if shared else self.scores(self.errors(features))
+        return torch.softmax(-scores.double() / 2, -1).float()
+
+    @torch.no_grad()
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`(task_ids (n,), keep_base (n,) bool)` for features `(n, d)`; with no task learned, all go to the base.
         Among the tasks that accept a sample, the most familiar one (two stages: the most familiar of all learned

@@ -40,6 +40,7 @@ from loramix.methods.continual.learner import (
     new_selector,
     saved_selector,
 )
+from loramix.methods.continual.mixing import posterior_answer
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
@@ -118,6 +119,11 @@ class Continual(Method):
             raise ConfigError(
                 "ddas_choice: shared measures distances under the tasks' Gaussian covariances and needs "
                 f"ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_choice: own"
+            )
+        if run.ddas_mix == "posterior" and run.ddas_normalize != "gaussian":
+            raise ConfigError(
+                "ddas_mix: posterior weighs the routes by the tasks' Gaussian likelihoods and needs "
+                f"ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_mix: none"
             )
         if run.ddas_threshold == "pooled" and run.ddas_normalize != "gaussian":
             raise ConfigError(
@@ -202,6 +208,8 @@ class Continual(Method):
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
             predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
+        if self.uses_selector and learner.run.ddas_mix == "posterior":
+            predicted = posterior_answer(learner, batch, keep, predicted)
         unknown = (task_ids == UNKNOWN_TASK) & keep
         if unknown.any():
             inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}

@@ -1,0 +1,90 @@
+"""Answers mixed by the auto-selector's posterior (`ddas_mix: posterior`): an input of a given task that some learned
+task accepts is answered through every learned task's route, and its class probabilities are the mixture of those
+answers weighted by the selector's posterior over the tasks. Where the selector is sure, one route carries all the
+weight and the answer is the hard route's; where two tasks' inputs look alike (sst2 and subj), both answer. On the
+continual benchmark's seed 0 this recovers about a third of what the hard choice loses against the true task ids
+(`benchmarks/continual_routing.py`).
+
+Routes whose weight is below `MIN_WEIGHT` are dropped and the rest renormalised, so an input costs one row of the
+batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass.
+
+Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from loramix.methods.continual.learner import Learner
+from loramix.train.predict import UNKNOWN_TASK
+from loramix.train.step import routed as routing_block
+
+MIN_WEIGHT = 1e-3
+
+
+def route_weights(learner: Learner, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
+    """`(n, T)`: the posterior of each input to mix (given task, not kept on the base), weights under `MIN_WEIGHT`
+    dropped and the rest renormalised; rows of zeros for the inputs answered as routed."""
+    assert learner.selector is not None
+    selector = learner.selector.to(learner.device)
+    mixed = ~keep & (batch["task_ids"] != UNKNOWN_TASK)
+    if not mixed.any():  # before any task is learned every input is kept on the base
+        return torch.zeros(len(mixed), selector.num_tasks, device=learner.device)
+    weights = selector.posterior(learner.base_features(batch)).to(learner.device)
+    weights = torch.where(weights >= MIN_WEIGHT, weights, torch.zeros_like(weights))
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights * mixed[:, None]
+
+
+def probabilities(learner: Learner, batch: dict[str, Tensor], routes: Tensor) -> Tensor:
+    """`(n, L)`: each input's class probabilities within its task (zero elsewhere), through route `routes` `(n,)`."""
+    model = learner.model
+    routed = {**batch, "route_ids": routes, "keep_base": torch.zeros_like(routes, dtype=torch.bool)}
+    with routing_block(model, routed):
+        logits = model.heads(model.pooled(routed), routed, model)
+    return torch.softmax(logits.float(), -1)  # other tasks' columns are -inf: probability 0
+
+
+@torch.no_grad()
+def posterior_answer(learner: Learner, batch: dict[str, Tensor], keep: Tensor, predicted: Tensor) -> Tensor:
+    """Label indices `(n,)`: `predicted` (the hard route's answers), with each input to mix answered by the
+    posterior mixture of its answers through every learned task's route, in one pass over the expanded rows."""
+    weights = route_weights(learner, batch, keep)
+    sample, route = weights.nonzero(as_tuple=True)  # (m,), (m,)
+    if not len(sample):
+        return predicted
+    n = batch["task_ids"].shape[0]
+    rows = {k: v[sample] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n}
+    answers = probabilities(learner, rows, route)  # (m, L)
+    mixture = torch.zeros(n, answers.shape[1], device=answers.device)
+    mixture.index_add_(0, sample, answers * weights[sample, route][:, None])
+    mixed = weights.sum(-1) > 0
+    decided = learner.model.heads.decide(mixture, batch["task_ids"])
+    return torch.where(mixed, decided, predicted)
+
+
+@torch.no_grad()
+def posterior_answer_loop(
+    learner: Learner, batch: dict[str, Tensor], keep: Tensor, predicted: Tensor
+) -> Tensor:
+    """The same, one input and one route at a time (the tests' reference)."""
+    weights = route_weights(learner, batch, keep)
+    answer = predicted.clone()
+    n = batch["task_ids"].shape[0]
+    for i in range(n):
+        if weights[i].sum() == 0:
+            continue
+        one = {
+            k: v[i : i + 1] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n
+        }
+        mixture = sum(
+            weights[i, t] * probabilities(learner, one, torch.tensor([t], device=learner.device))[0]
+            for t in range(weights.shape[1])
+            if weights[i, t] > 0
+        )
+        task = int(batch["task_ids"][i])
+        start = int(learner.model.heads.offsets[task])
+        width = int(learner.model.heads.num_labels[task])
+        answer[i] = float(torch.argmax(mixture[start : start + width]))
+    return answer
