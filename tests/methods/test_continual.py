@@ -72,6 +72,22 @@ def continual_run(model_dir: Path, tasks_dir: Path, method: str, **overrides: An
     )
 
 
+def trained_learner(run: RunConfig, output_dir: Path) -> tuple[Learner, dict[str, Any]]:
+    """Train `run`; its learner as it is after its last task, and the run's metrics."""
+    method = get_method(run.method)
+    kept: list[Learner] = []
+    original_end = type(method).end_task
+
+    def keep_learner(self, learner: Learner, task: int) -> None:
+        original_end(self, learner, task)
+        kept.append(learner)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(method), "end_task", keep_learner)
+        metrics = run_training(run, output_dir)
+    return kept[-1], metrics
+
+
 def test_metrics_follow_their_definitions():
     matrix = np.array([[0.5, 0.4, 0.3], [0.9, 0.45, 0.35], [0.8, 0.95, 0.3], [0.7, 0.9, 0.99]])
     metrics = continual_metrics(matrix)
@@ -691,25 +707,15 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     from loramix.methods.continual.features import first_adapted_block, routed_by_selector
 
     method = get_method("moe-adapters")
-    kept: list[Learner] = []
-    original_end = type(method).end_task
-
-    def keep_learner(self, learner: Learner, task: int) -> None:
-        original_end(self, learner, task)
-        kept.append(learner)
-
     run = continual_run(
         model_dir, tasks_dir, "moe-adapters", steps_per_task=6, layers_to_transform=[1], ddas_accept_layer=1
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(method), "end_task", keep_learner)
-        metrics = run_training(run, tmp_path / "run")
+    learner, metrics = trained_learner(run, tmp_path / "run")
     assert (
         main(["eval", str(tmp_path / "run")]) == 0
     )  # the saved run places its experts and selects as it did
     evaluated = json.loads((tmp_path / "run" / "eval-test.json").read_text())
     assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == metrics["accuracy_matrix"][-1]
-    learner = kept[-1]
     assert first_adapted_block(learner.backbone) == 1  # block 0 runs as the base model
     assert learner.in_pass_layers() == [0, 1]
     model = learner.model.eval()
@@ -739,12 +745,10 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     assert torch.equal(predicted, reference)
     # with the selector reading a block after an adapted one, routing needs its own pass
     default = continual_run(model_dir, tasks_dir, "moe-adapters", steps_per_task=2, ddas_layer=1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(method), "end_task", keep_learner)
-        run_training(default, tmp_path / "default")
-    assert kept[-1].in_pass_layers() is None
+    every_block, _ = trained_learner(default, tmp_path / "default")
+    assert every_block.in_pass_layers() is None
     with pytest.raises(ConfigError, match="first adapted block is 0"):
-        with routed_by_selector(kept[-1].backbone, batch, kept[-1].selector, [1]):
+        with routed_by_selector(every_block.backbone, batch, every_block.selector, [1]):
             pass
 
 

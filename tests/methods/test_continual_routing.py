@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loramix.methods import run_training
-from tests.methods.test_continual import continual_run
+from tests.methods.test_continual import continual_run, trained_learner
 
 
 def routing_module():
@@ -86,24 +86,13 @@ def test_posterior_mixing_in_one_pass_equals_a_loop_over_inputs_and_routes(
     answer, and a weight all on the chosen route gives the hard answer."""
     from loramix import adapter_state
     from loramix.methods import get_method
-    from loramix.methods.continual import Learner
     from loramix.methods.continual.mixing import MIN_WEIGHT, posterior_answer, posterior_answer_loop
     from loramix.train.predict import UNKNOWN_TASK
     from tests.train import toys
 
     method = get_method("continual-mola-grad")
-    kept: list[Learner] = []
-    original_end = type(method).end_task
-
-    def keep_learner(self, learner: Learner, task: int) -> None:
-        original_end(self, learner, task)
-        kept.append(learner)
-
     run = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=4, ddas_choice="shared")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(method), "end_task", keep_learner)
-        run_training(run, tmp_path / "run")
-    learner = kept[-1]
+    learner, _ = trained_learner(run, tmp_path / "run")
     learner.model.eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # experts far from zero, so that every route answers differently
