@@ -739,6 +739,7 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     assert torch.equal(route, reference_route) and torch.equal(keep, reference_keep)
     assert keep.any() and not keep.all()
     assert torch.equal(chosen["route"], route) and torch.equal(pooled, expected)
+    assert torch.equal(chosen["features"], learner.base_features(batch))  # what ddas_mix weighs routes by
     assert (
         torch.equal(pooled[keep], base[keep]) and not torch.isclose(pooled[~keep], base[~keep]).all(-1).any()
     )

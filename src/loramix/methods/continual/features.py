@@ -215,7 +215,7 @@ def routed_by_selector(
     Example:
         >>> with routed_by_selector(backbone, batch, selector, [0, 3]) as chosen:
         ...     hidden = backbone(**inputs).last_hidden_state
-        >>> chosen["route"], chosen["keep"]
+        >>> chosen["route"], chosen["keep"], chosen["features"]  # what the selector read
     """
     if not reads_in_pass(backbone, layers):
         raise ConfigError(
@@ -242,9 +242,11 @@ def routed_by_selector(
                 reached[index] = args[0] if args else kwargs["hidden_states"]
                 if len(reached) == len(set(layers)) and not chosen:
                     with torch.no_grad():
-                        route, kept = selector(hidden_features(batch, [reached[i] for i in layers], stats))
+                        features = hidden_features(batch, [reached[i] for i in layers], stats)
+                        route, kept = selector(features)
                     state.task_ids, state.keep_base = route.to(keep.device), kept.to(keep.device)
                     chosen["route"], chosen["keep"] = state.task_ids, state.keep_base
+                    chosen["features"] = features
 
             return read_input
 

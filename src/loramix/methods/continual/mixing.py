@@ -6,7 +6,8 @@ continual benchmark's seed 0 this recovers about a third of what the hard choice
 (`benchmarks/continual_routing.py`).
 
 Routes whose weight is below `MIN_WEIGHT` are dropped and the rest renormalised, so an input costs one row of the
-batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass.
+batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass; the posterior reads the features the selector
+read to route the batch.
 
 Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
 """
@@ -23,15 +24,20 @@ from loramix.train.step import routed as routing_block
 MIN_WEIGHT = 1e-3
 
 
-def route_weights(learner: Learner, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
+def route_weights(
+    learner: Learner, batch: dict[str, Tensor], keep: Tensor, features: Tensor | None = None
+) -> Tensor:
     """`(n, T)`: the posterior of each input to mix (given task, not kept on the base), weights under `MIN_WEIGHT`
-    dropped and the rest renormalised; rows of zeros for the inputs answered as routed."""
+    dropped and the rest renormalised; rows of zeros for the inputs answered as routed. `features`: what the
+    selector read for this batch (by default read again from the base model)."""
     assert learner.selector is not None
     selector = learner.selector.to(learner.device)
     mixed = ~keep & (batch["task_ids"] != UNKNOWN_TASK)
     if not mixed.any():  # before any task is learned every input is kept on the base
         return torch.zeros(len(mixed), selector.num_tasks, device=learner.device)
-    weights = selector.posterior(learner.base_features(batch)).to(learner.device)
+    if features is None:
+        features = learner.base_features(batch)
+    weights = selector.posterior(features).to(learner.device)
     weights = torch.where(weights >= MIN_WEIGHT, weights, torch.zeros_like(weights))
     weights = weights / weights.sum(-1, keepdim=True)
     return weights * mixed[:, None]
@@ -47,10 +53,17 @@ def probabilities(learner: Learner, batch: dict[str, Tensor], routes: Tensor) ->
 
 
 @torch.no_grad()
-def posterior_answer(learner: Learner, batch: dict[str, Tensor], keep: Tensor, predicted: Tensor) -> Tensor:
+def posterior_answer(
+    learner: Learner,
+    batch: dict[str, Tensor],
+    keep: Tensor,
+    predicted: Tensor,
+    features: Tensor | None = None,
+) -> Tensor:
     """Label indices `(n,)`: `predicted` (the hard route's answers), with each input to mix answered by the
-    posterior mixture of its answers through every learned task's route, in one pass over the expanded rows."""
-    weights = route_weights(learner, batch, keep)
+    posterior mixture of its answers through every learned task's route, in one pass over the expanded rows;
+    `features` as :func:`route_weights` takes them."""
+    weights = route_weights(learner, batch, keep, features)
     sample, route = weights.nonzero(as_tuple=True)  # (m,), (m,)
     if not len(sample):
         return predicted

@@ -195,8 +195,13 @@ class Continual(Method):
         answered by the base among every task's classes, and takes the task of the class that wins."""
         task_ids = batch["task_ids"]
         layers = learner.in_pass_layers() if self.uses_selector else None
+        features = None  # what the selector read, for `ddas_mix` to weigh the routes by
         if layers is None:
-            route, keep = self.route(learner, batch)
+            if self.uses_selector:
+                features = learner.base_features(batch)
+                route, keep = learner.selector.to(learner.device)(features)  # type: ignore[union-attr]
+            else:
+                route, keep = self.route(learner, batch)
             tasks = chosen_tasks(task_ids, route, keep)
             predicted = self.predict(learner, {**batch, "task_ids": tasks}, route, keep)
         else:
@@ -204,12 +209,12 @@ class Continual(Method):
             selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
             with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
                 pooled = model.pooled(batch)
-            route, keep = chosen["route"], chosen["keep"]
+            route, keep, features = chosen["route"], chosen["keep"], chosen["features"]
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
             predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
         if self.uses_selector and learner.run.ddas_mix == "posterior":
-            predicted = posterior_answer(learner, batch, keep, predicted)
+            predicted = posterior_answer(learner, batch, keep, predicted, features)
         unknown = (task_ids == UNKNOWN_TASK) & keep
         if unknown.any():
             inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}
