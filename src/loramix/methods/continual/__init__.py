@@ -1,7 +1,7 @@
 """Continual learning: tasks learned one after another without the earlier tasks' data (see :mod:`.sequence`).
 
-Methods: `moe-adapters` (and `moe-adapters-task-id`, `joint`), `continual-mola-grad` (and `continual-mola-grad-task-id`), `lae`, and the references
-`zero-shot` and `sequential-lora`.
+Methods: `moe-adapters` (and `moe-adapters-task-id`, `joint`), `continual-mola-grad` (and
+`continual-mola-grad-task-id`), `lae`, and the references `zero-shot` and `sequential-lora`.
 """
 
 from loramix.methods.continual.baselines import Lae, SequentialLora, ZeroShot

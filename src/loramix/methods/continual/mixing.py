@@ -6,8 +6,8 @@ continual benchmark's seed 0 this recovers about a third of what the hard choice
 (`benchmarks/continual_routing.py`).
 
 Routes whose weight is below `MIN_WEIGHT` are dropped and the rest renormalised, so an input costs one row of the
-batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass; the posterior reads the features the selector
-read to route the batch.
+batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass. The posterior
+reads the features the selector read to route the batch.
 
 Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
 """
