@@ -40,28 +40,22 @@ from loramix.io import read_checkpoint  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.learner import Learner, saved_selector  # noqa: E402
-from loramix.methods.continual.mixing import MIN_WEIGHT  # noqa: E402
+from loramix.methods.continual.mixing import MIN_WEIGHT, probabilities  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
-from loramix.train.step import routed as routing_block  # noqa: E402
 
 
 @torch.no_grad()
 def every_route(learner: Learner, batch: dict, task: int) -> torch.Tensor:
     """`(n, T + 1, L)`: the class probabilities of `task`'s L classes with every input sent through each learned
     task's route (0..T-1) and through the base (T)."""
-    model, heads = learner.model, learner.model.heads
+    heads = learner.model.heads
     n, tasks = batch["input_ids"].shape[0], learner.selector.num_tasks
     start, width = int(heads.offsets[task]), int(heads.num_labels[task])
     answers = []
     for route in range(tasks + 1):
-        routed = {
-            **batch,
-            "route_ids": torch.full((n,), min(route, tasks - 1), dtype=torch.long, device=learner.device),
-            "keep_base": torch.full((n,), route == tasks, dtype=torch.bool, device=learner.device),
-        }
-        with routing_block(model, routed):
-            logits = heads(model.pooled(routed), routed, model)
-        answers.append(torch.softmax(logits[:, start : start + width].float(), -1))
+        routes = torch.full((n,), min(route, tasks - 1), dtype=torch.long, device=learner.device)
+        keep = torch.full((n,), route == tasks, dtype=torch.bool, device=learner.device)
+        answers.append(probabilities(learner, batch, routes, keep)[:, start : start + width])
     return torch.stack(answers, 1).cpu()
 
 

@@ -7,7 +7,8 @@ task ids (three seeds; `benchmarks/continual_routing.py` tells where they go).
 
 Routes whose weight is below `MIN_WEIGHT` are dropped and the rest renormalised, so an input costs one row of the
 batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass. The posterior
-reads the features the selector read to route the batch.
+reads the features the selector read to route the batch. Where the selector routes from a base pass of its own, the
+inputs to mix skip the routed pass (:func:`mixed_inputs`); where it routes inside the pass, every input takes it.
 
 Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
 """
@@ -43,10 +44,25 @@ def route_weights(
     return weights * mixed[:, None]
 
 
-def probabilities(learner: Learner, batch: dict[str, Tensor], routes: Tensor) -> Tensor:
-    """`(n, L)`: each input's class probabilities within its task (zero elsewhere), through route `routes` `(n,)`."""
+def batch_rows(batch: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """The batch's per-input tensors at `index` (a bool mask or row indices, repeats allowed)."""
+    n = batch["task_ids"].shape[0]
+    return {k: v[index] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n}
+
+
+def mixed_inputs(learner: Learner, batch: dict[str, Tensor], keep: Tensor, features: Tensor | None) -> Tensor:
+    """`(n,)` bool: the inputs :func:`posterior_answer` answers (given task, not kept on the base)."""
+    return route_weights(learner, batch, keep, features).sum(-1) > 0
+
+
+def probabilities(
+    learner: Learner, batch: dict[str, Tensor], routes: Tensor, keep: Tensor | None = None
+) -> Tensor:
+    """`(n, L)`: each input's class probabilities within its task (zero elsewhere), through route `routes` `(n,)`
+    (on the base where `keep` `(n,)` is set)."""
     model = learner.model
-    routed = {**batch, "route_ids": routes, "keep_base": torch.zeros_like(routes, dtype=torch.bool)}
+    keep = torch.zeros_like(routes, dtype=torch.bool) if keep is None else keep
+    routed = {**batch, "route_ids": routes, "keep_base": keep}
     with routing_block(model, routed):
         logits = model.heads(model.pooled(routed), routed, model)
     return torch.softmax(logits.float(), -1)  # other tasks' columns are -inf: probability 0
@@ -60,16 +76,15 @@ def posterior_answer(
     predicted: Tensor,
     features: Tensor | None = None,
 ) -> Tensor:
-    """Label indices `(n,)`: `predicted` (the hard route's answers), with each input to mix answered by the
-    posterior mixture of its answers through every learned task's route, in one pass over the expanded rows;
-    `features` as :func:`route_weights` takes them."""
+    """Label indices `(n,)`: `predicted` (the hard route's answers; any value for the inputs to mix), with each
+    input to mix answered by the posterior mixture of its answers through every learned task's route, in one pass
+    over the expanded rows; `features` as :func:`route_weights` takes them."""
     weights = route_weights(learner, batch, keep, features)
     sample, route = weights.nonzero(as_tuple=True)  # (m,), (m,)
     if not len(sample):
         return predicted
     n = batch["task_ids"].shape[0]
-    rows = {k: v[sample] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n}
-    answers = probabilities(learner, rows, route)  # (m, L)
+    answers = probabilities(learner, batch_rows(batch, sample), route)  # (m, L)
     mixture = torch.zeros(n, answers.shape[1], device=answers.device)
     mixture.index_add_(0, sample, answers * weights[sample, route][:, None])
     mixed = weights.sum(-1) > 0
@@ -88,9 +103,7 @@ def posterior_answer_loop(
     for i in range(n):
         if weights[i].sum() == 0:
             continue
-        one = {
-            k: v[i : i + 1] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n
-        }
+        one = batch_rows(batch, torch.tensor([i], device=keep.device))
         mixture = sum(
             weights[i, t] * probabilities(learner, one, torch.tensor([t], device=learner.device))[0]
             for t in range(weights.shape[1])

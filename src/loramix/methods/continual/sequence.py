@@ -40,7 +40,7 @@ from loramix.methods.continual.learner import (
     new_selector,
     saved_selector,
 )
-from loramix.methods.continual.mixing import posterior_answer
+from loramix.methods.continual.mixing import batch_rows, mixed_inputs, posterior_answer
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
@@ -195,6 +195,7 @@ class Continual(Method):
         answered by the base among every task's classes, and takes the task of the class that wins."""
         task_ids = batch["task_ids"]
         layers = learner.in_pass_layers() if self.uses_selector else None
+        mix = self.uses_selector and learner.run.ddas_mix == "posterior"
         features = None  # what the selector read, for `ddas_mix` to weigh the routes by
         if layers is None:
             if self.uses_selector:
@@ -203,7 +204,14 @@ class Continual(Method):
             else:
                 route, keep = self.route(learner, batch)
             tasks = chosen_tasks(task_ids, route, keep)
-            predicted = self.predict(learner, {**batch, "task_ids": tasks}, route, keep)
+            if mix:  # the inputs the mixture answers skip the routed pass
+                routed = ~mixed_inputs(learner, batch, keep, features)
+                predicted = torch.zeros(len(keep), device=keep.device)
+                if routed.any():
+                    part = batch_rows({**batch, "task_ids": tasks}, routed)
+                    predicted[routed] = self.predict(learner, part, route[routed], keep[routed])
+            else:
+                predicted = self.predict(learner, {**batch, "task_ids": tasks}, route, keep)
         else:
             model = learner.model
             selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
@@ -213,7 +221,7 @@ class Continual(Method):
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
             predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
-        if self.uses_selector and learner.run.ddas_mix == "posterior":
+        if mix:
             predicted = posterior_answer(learner, batch, keep, predicted, features)
         unknown = (task_ids == UNKNOWN_TASK) & keep
         if unknown.any():
