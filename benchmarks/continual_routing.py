@@ -16,9 +16,13 @@ It also counts the selector's mistakes and what they cost: inputs routed to anot
 routed, the own and the base answer get right), and seen tasks' inputs kept on the base.
 
     python benchmarks/continual_routing.py RUN_DIR --out benchmarks/results/continual-routing.json
+    python benchmarks/continual_routing.py RUN_DIR --speed 9 --out ...   # and what each way of answering costs
 
 RUN_DIR is a finished run, e.g. a `benchmarks/continual.py --work` folder. Writes RUN_DIR/routing.json, and adds it
-to the list in `--out`.
+to the list in `--out`. `--speed ROUNDS` also times the run's own inference on batches of 64 test inputs that mix
+the tasks (a seeded shuffle of 320 of them), as `loramix eval` answers them: routed by the selector, routed by it
+with `ddas_mix: posterior`, and given the true task ids (the `-task-id` method's answer, the baseline); interleaved
+rounds, the median of per-round ratios with its quartiles.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _timing import interleaved, ratio_stats  # noqa: E402
 
 from loramix.data import MultiTaskData  # noqa: E402
 from loramix.io import read_checkpoint  # noqa: E402
@@ -98,6 +103,47 @@ def posterior(scores: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
+def speed(learner: Learner, method, split: str, rounds: int) -> dict:
+    """Inference on mixed-task batches: the selector's answers, with and without `ddas_mix: posterior`, against
+    the true task ids' (the run's `-task-id` variant), each as `Method.answer` gives it; ratios per round."""
+    run = learner.run
+    examples = [
+        e
+        for task in learner.data.tasks
+        for e in learner.data.eval_examples(split, task.task_id, run.max_eval_examples)
+    ]
+    order = np.random.default_rng(0).permutation(len(examples))[:320]
+    batches = list(learner.batches([examples[i] for i in order], 64))
+    by_task_id = get_method(f"{method.name}-task-id")
+    settings = {
+        "selector": run.model_copy(update={"ddas_mix": None}),
+        "mixed": run.model_copy(update={"ddas_mix": "posterior"}),
+    }
+
+    def answering(name: str):
+        @torch.inference_mode()
+        def call() -> None:
+            learner.run = settings.get(name, run)
+            for batch in batches:
+                (by_task_id if name == "task-ids" else method).answer(learner, batch)
+
+        return call
+
+    cases = {name: answering(name) for name in ("task-ids", *settings)}
+    timings = interleaved(cases, device=learner.device, rounds=rounds)
+    learner.run = run
+    return {
+        "inputs": len(order),
+        "batch": 64,
+        "rounds": rounds,
+        "seconds_task_ids": sorted(timings.wall["task-ids"])[rounds // 2],
+        **{
+            f"{name}_vs_task_ids": ratio_stats(timings.wall[name], timings.wall["task-ids"])
+            for name in settings
+        },
+    }
+
+
 def score(rows: list[dict], answer, tasks: int) -> dict:
     right, count = np.zeros(tasks), np.zeros(tasks)
     for row in rows:
@@ -114,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="a JSON list of runs' results to add this one to")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--speed", type=int, metavar="ROUNDS", help="also time the ways of answering (see above)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -166,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": len(rows),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if args.speed:
+        results["speed"] = speed(learner, method, eval_split(data), args.speed)
     atomic_write_json(args.run_dir / "routing.json", results)
     if args.out is not None:  # a list of runs: this one replaces an earlier entry of the same run folder
         earlier = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -177,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"routed to another task: {results['routed_to_another_task']}")
     print(f"kept on the base: {results['kept_on_base']}")
+    if args.speed:
+        print(f"speed: {results['speed']}")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from tests.methods.test_continual import continual_run, trained_learner
 
 def routing_module():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "continual_routing.py"
+    if str(path.parent) not in sys.path:  # it imports its sibling `_timing`, as a script run from there does
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location("continual_routing", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,16 +33,18 @@ def test_the_routing_diagnosis_scores_the_run_and_its_task_id_variant_as_they_sc
 ):
     """Its `selector` mode is the run's last row, `base` its row 0 (nothing learned: every input on the base), and
     `task-id` the last row of the method's `-task-id` variant trained separately: training never consults the
-    selector, so the same experts serve both."""
+    selector, so the same experts serve both. `--speed` times its three ways of answering."""
     settings = {"steps_per_task": 6, "ddas_choice": "shared"}
     metrics = run_training(continual_run(model_dir, tasks_dir, method, **settings), tmp_path / "run")
     by_task = run_training(
         continual_run(model_dir, tasks_dir, f"{method}-task-id", **settings), tmp_path / "id"
     )
     threads = str(torch.get_num_threads())  # main() sets the thread count: keep the suite's
-    assert routing_module().main([str(tmp_path / "run"), "--threads", threads]) == 0
+    assert routing_module().main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     modes = result["modes"]
+    assert result["speed"]["inputs"] > 0 and result["speed"]["seconds_task_ids"] > 0
+    assert all(result["speed"][f"{name}_vs_task_ids"]["ratio_median"] > 0 for name in ("selector", "mixed"))
     assert modes["selector"]["per_task"] == pytest.approx(metrics["accuracy_matrix"][-1])
     assert modes["base"]["per_task"] == pytest.approx(metrics["accuracy_matrix"][0])
     assert modes["task-id"]["per_task"] == pytest.approx(by_task["accuracy_matrix"][-1])
