@@ -7,10 +7,9 @@ head, every input answered through every learned task's route and through the ba
   never consults the selector);
 - `base`: every input on the untouched base model;
 - `posterior`: each input the selector accepts answered by the mixture of every learned task's answer (class
-  probabilities), weighted by the selector's posterior over the tasks: `exp(-score / 2)`, normalised, where the
-  score is the Gaussian rule's doubled negative log-likelihood (or squared distance under the shared covariance),
-  so the weights are the tasks' Gaussian (or linear discriminant) posteriors at equal priors. Inputs it keeps on the
-  base stay there. What a run with `ddas_mix: posterior` answers.
+  probabilities), weighted by the selector's posterior over the tasks (`AutoSelector.posterior`: the tasks'
+  Gaussian, or linear discriminant, posteriors at equal priors), as a run with `ddas_mix: posterior` weighs them,
+  but each route's answers computed on their own. Inputs it keeps on the base stay there.
 
 It also counts the selector's mistakes and what they cost: inputs routed to another task (how many of them the
 routed, the own and the base answer get right), and seen tasks' inputs kept on the base.
@@ -45,7 +44,7 @@ from loramix.io import read_checkpoint  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.learner import Learner, saved_selector  # noqa: E402
-from loramix.methods.continual.mixing import MIN_WEIGHT, probabilities  # noqa: E402
+from loramix.methods.continual.mixing import probabilities, route_weights  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
 
 
@@ -66,7 +65,8 @@ def every_route(learner: Learner, batch: dict, task: int) -> torch.Tensor:
 
 @torch.no_grad()
 def collect(learner: Learner, split: str) -> list[dict]:
-    """Per test input: its task and label, the selector's route, keep-base and scores, and `every_route`."""
+    """Per test input: its task and label, the selector's route and keep-base, the weights `ddas_mix: posterior`
+    gives its routes (`route_weights`: the posterior, small weights dropped; zero when kept), and `every_route`."""
     selector, run = learner.selector, learner.run
     rows = []
     for task in learner.data.tasks:
@@ -75,10 +75,7 @@ def collect(learner: Learner, split: str) -> list[dict]:
         ):
             features = learner.base_features(batch)
             route, keep = selector(features)
-            shared = selector.choice == "shared"
-            scores = (
-                selector.shared_scores(features) if shared else selector.scores(selector.errors(features))
-            )
+            weights = route_weights(learner, batch, keep, features)
             answers = every_route(learner, batch, task.task_id)
             for i in range(len(route)):
                 rows.append(
@@ -87,20 +84,11 @@ def collect(learner: Learner, split: str) -> list[dict]:
                         "label": int(batch["labels"][i]),
                         "route": int(route[i]),
                         "keep": bool(keep[i]),
-                        "scores": scores[i].cpu().double().numpy(),
+                        "weights": weights[i].cpu().double().numpy(),
                         "answers": answers[i].numpy(),
                     }
                 )
     return rows
-
-
-def posterior(scores: np.ndarray) -> np.ndarray:
-    """The tasks' posterior at equal priors from doubled negative log-likelihoods: softmax of `-scores / 2`, weights
-    under `MIN_WEIGHT` dropped and the rest renormalised, as `ddas_mix: posterior` mixes."""
-    weights = np.exp(-(scores - scores.min()) / 2)
-    weights /= weights.sum()
-    weights[weights < MIN_WEIGHT] = 0.0
-    return weights / weights.sum()
 
 
 def speed(learner: Learner, method, split: str, rounds: int) -> dict:
@@ -185,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "selector": lambda r: r["answers"][base if r["keep"] else r["route"]],
         "task-id": lambda r: r["answers"][r["task"]],
         "base": lambda r: r["answers"][base],
-        "posterior": lambda r: (
-            r["answers"][base] if r["keep"] else posterior(r["scores"]) @ r["answers"][:tasks]
-        ),
+        "posterior": lambda r: r["answers"][base] if r["keep"] else r["weights"] @ r["answers"][:tasks],
     }
     routed_away = [r for r in rows if not r["keep"] and r["route"] != r["task"]]
     kept = [r for r in rows if r["keep"]]

@@ -372,3 +372,18 @@ def test_the_posterior_names_the_task_the_selector_chooses(choice: str):
     assert ((weights > 0.05) & (weights < 0.95)).any()  # alike inputs spread their weight
     with pytest.raises(ConfigError, match="gaussian rule"):
         AutoSelector(6, hidden=4, normalize="whiten").posterior(features)
+
+
+def test_the_posterior_is_the_gaussians_at_equal_priors(monkeypatch: pytest.MonkeyPatch):
+    """Scores are doubled negative log-likelihoods: a task 2 log 3 less likely than another gets a third of its
+    weight, a far one none; the weights do not move when every score shifts alike."""
+    generator = torch.Generator().manual_seed(0)
+    selector = AutoSelector(2)
+    for task in range(3):
+        selector.add_task(torch.randn(40, 2, generator=generator) + task)
+    scores = torch.tensor([[0.0, 2 * math.log(3.0), 1e4]])
+    monkeypatch.setattr(selector, "scores", lambda errors: scores)
+    weights = selector.posterior(torch.zeros(1, 2))
+    assert weights[0].tolist() == pytest.approx([0.75, 0.25, 0.0])
+    monkeypatch.setattr(selector, "scores", lambda errors: scores + 50)
+    assert selector.posterior(torch.zeros(1, 2))[0].tolist() == pytest.approx(weights[0].tolist())
