@@ -204,14 +204,14 @@ class Continual(Method):
             else:
                 route, keep = self.route(learner, batch)
             tasks = chosen_tasks(task_ids, route, keep)
-            if mix:  # the inputs the mixture answers skip the routed pass
-                routed = ~mixed_inputs(learner, batch, keep, features)
-                predicted = torch.zeros(len(keep), device=keep.device)
-                if routed.any():
-                    part = batch_rows({**batch, "task_ids": tasks}, routed)
-                    predicted[routed] = self.predict(learner, part, route[routed], keep[routed])
-            else:
-                predicted = self.predict(learner, {**batch, "task_ids": tasks}, route, keep)
+            # the inputs the mixture answers, and those of no given task kept on the base, skip the routed pass
+            skip = (task_ids == UNKNOWN_TASK) & keep
+            if mix:
+                skip |= mixed_inputs(learner, batch, keep, features)
+            predicted = torch.zeros(len(keep), device=keep.device)
+            if not skip.all():
+                part = batch_rows({**batch, "task_ids": tasks}, ~skip)
+                predicted[~skip] = self.predict(learner, part, route[~skip], keep[~skip])
         else:
             model = learner.model
             selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
