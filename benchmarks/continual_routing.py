@@ -21,7 +21,9 @@ RUN_DIR is a finished run, e.g. a `benchmarks/continual.py --work` folder. Write
 to the list in `--out`. `--speed ROUNDS` also times the run's own inference on batches of 64 test inputs that mix
 the tasks (a seeded shuffle of 320 of them), as `loramix eval` answers them: routed by the selector, routed by it
 with `ddas_mix: posterior`, and given the true task ids (the `-task-id` method's answer, the baseline); interleaved
-rounds, the median of per-round ratios with its quartiles.
+rounds, the median of per-round ratios with its quartiles. `--refit` fits the run's selector again with this version
+of the library (checked equal to the saved one): a run saved before the posterior's temperature was calibrated on
+held-out features then mixes as a run of this version would.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from loramix.data import MultiTaskData  # noqa: E402
 from loramix.io import read_checkpoint  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
-from loramix.methods.continual.learner import Learner, saved_selector  # noqa: E402
+from loramix.methods.continual.learner import Learner, new_selector, saved_selector  # noqa: E402
 from loramix.methods.continual.mixing import probabilities, route_weights  # noqa: E402
+from loramix.routers.selector import AutoSelector  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
 
 
@@ -89,6 +92,23 @@ def collect(learner: Learner, split: str) -> list[dict]:
                     }
                 )
     return rows
+
+
+def refit(learner: Learner, method, saved: AutoSelector) -> AutoSelector:
+    """The run's auto-selector fitted again from its training inputs by this version of the library, as the run
+    fitted it after each task (it reads only the base model, so training does not change it): the same tensors, to
+    the bit, as the saved one, which is checked, plus what this version keeps beside them (the held-out features
+    that calibrate the posterior's temperature)."""
+    if learner.offset:
+        raise SystemExit("--refit: a run that continued another refits only with the earlier run's data")
+    learner.selector = new_selector(learner.run, learner.backbone)
+    for task in range(learner.data.num_tasks):
+        learner.selector.add_task(method.task_features(learner, task), seed=learner.run.seed)
+    fitted = learner.selector.state()
+    for key, value in saved.state().items():
+        if not torch.equal(value, fitted[key]):
+            raise SystemExit(f"--refit: the refitted selector's {key} differs from the saved one's")
+    return learner.selector
 
 
 def speed(learner: Learner, method, split: str, rounds: int) -> dict:
@@ -149,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="a JSON list of runs' results to add this one to")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit the run's selector again with this version (checked equal to the saved one) and mix by its "
+        "posterior, calibrated where this version calibrates it",
+    )
+    parser.add_argument(
         "--speed", type=int, metavar="ROUNDS", help="also time the ways of answering (see above)"
     )
     args = parser.parse_args(argv)
@@ -166,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     learner.selector = saved_selector(read_checkpoint(args.run_dir / "adapter")[1], args.run_dir)
     if learner.selector.normalize != "gaussian":
         parser.error(f"{args.run_dir}: the posterior needs the gaussian rule's likelihoods")
+    if args.refit:
+        learner.selector = refit(learner, method, learner.selector)
     tasks, base = data.num_tasks, data.num_tasks
     rows = collect(learner, eval_split(data))
 
@@ -199,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             "right_by_own_task": right(kept, lambda r: r["task"]),
         },
         "inputs": len(rows),
+        "posterior_temperature": float(learner.selector.temperature),
+        "refit": args.refit,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.speed:

@@ -55,7 +55,8 @@ def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     """`ddas_mix: posterior` at `loramix eval` (one batched pass over the expanded rows) scores each task as the
-    diagnosis's `posterior` mode (each route's answers computed on their own, then mixed)."""
+    diagnosis's `posterior` mode (each route's answers computed on their own, then mixed), its selector fitted
+    again by `--refit` (which checks it equal to the saved one)."""
     from loramix.cli import main
 
     settings = {"steps_per_task": 6, "ddas_choice": "shared"}
@@ -66,7 +67,7 @@ def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
     assert main(["eval", str(tmp_path / "run"), "--config", str(tmp_path / "mix.yaml")]) == 0
     evaluated = json.loads((tmp_path / "run" / "eval-test.json").read_text())
     threads = str(torch.get_num_threads())
-    assert routing_module().main([str(tmp_path / "run"), "--threads", threads]) == 0
+    assert routing_module().main([str(tmp_path / "run"), "--threads", threads, "--refit"]) == 0
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     mixed = [evaluated["tasks"][name]["accuracy"] for name in result["tasks"]]
     assert mixed == pytest.approx(result["modes"]["posterior"]["per_task"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix.routers.density import inverse_sqrt, shrunk_gaussian
+from loramix.routers.density import fit_temperature, inverse_sqrt, shrunk_gaussian
 
 
 @pytest.mark.parametrize("shrinkage", [0.0, 0.1, 1.0])
@@ -29,3 +29,19 @@ def test_inverse_sqrt_clamps_a_singular_covariance():
     assert values.tolist() == pytest.approx([4e-12, 1.0, 4.0])
     assert torch.isfinite(whitening).all()
     assert whitening.diagonal()[1:].tolist() == pytest.approx([1.0, 0.5])
+
+
+def test_fit_temperature_finds_the_temperature_the_labels_were_drawn_at_and_the_grid_minimum():
+    """Labels drawn from `softmax(-scores / (2 * 3))`: the fitted temperature is near 3, and it is the minimum of
+    the mean negative log-probability found on a fine grid (the slow reference)."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(20000, 4, generator=generator) * 20
+    labels = torch.multinomial(torch.softmax(-scores / 6, -1), 1, generator=generator)[:, 0]
+    tau = fit_temperature(scores, labels)
+    assert tau == pytest.approx(3.0, rel=0.1)
+    grid = torch.exp(torch.linspace(-2, 4, 3001, dtype=torch.float64))
+    losses = [
+        float(-torch.log_softmax(-scores.double() / (2 * t), -1).gather(1, labels[:, None]).mean())
+        for t in grid
+    ]
+    assert tau == pytest.approx(float(grid[int(torch.tensor(losses).argmin())]), rel=0.01)

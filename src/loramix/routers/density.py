@@ -48,3 +48,30 @@ def fit_autoencoder(
         loss.backward()
         optimizer.step()
     return encoder, decoder
+
+
+def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-2, high: float = 1e3) -> float:
+    """The temperature `tau` in `[low, high]` that makes `softmax(-scores / (2 tau))` the best-calibrated posterior
+    of `labels` `(n,)` on held-out `scores` `(n, T)` (doubled negative log-likelihoods): the minimum of the mean
+    negative log-probability of the true class, which is convex in `1 / tau`, found by golden-section search on
+    `log tau`."""
+    scores, labels = scores.double(), labels.long()
+
+    def loss(log_tau: float) -> float:
+        logits = -scores / (2 * torch.exp(torch.tensor(log_tau, dtype=torch.float64)))
+        return float(-torch.log_softmax(logits, -1).gather(1, labels[:, None]).mean())
+
+    a, b = torch.log(torch.tensor(low)).item(), torch.log(torch.tensor(high)).item()
+    ratio = (5**0.5 - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(60):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return float(torch.exp(torch.tensor((a + b) / 2)))

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramix.errors import ConfigError
-from loramix.routers.density import fit_autoencoder, inverse_sqrt, shrunk_gaussian
+from loramix.routers.density import fit_autoencoder, fit_temperature, inverse_sqrt, shrunk_gaussian
 
 NORMALIZE = ("l2", "whiten", "gaussian")  # saved by index: append only
 CHOICES = ("own", "shared")  # saved by index: append only
@@ -165,6 +165,10 @@ class AutoSelector(nn.Module):
             "pooled_level", torch.tensor(percentile / 100.0 if threshold == "pooled" else 0.0)
         )
         self.register_buffer("held_errors", torch.zeros(0, 0))
+        # `gaussian`: every task's held-out features, zero-padded like `held_errors` (T, m, d), and the temperature
+        # they calibrate the posterior to (1 for a selector saved without them)
+        self.register_buffer("held_features", torch.zeros(0, 0, in_features))
+        self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
         # `shared`: how the task is chosen (saved, by index into CHOICES), and the inverse square root of the mean of
         # the learned tasks' covariances (d, d), derived from their saved whitening when tasks are added or loaded
         self.register_buffer("choice_rule", torch.tensor(CHOICES.index(choice)))
@@ -222,6 +226,21 @@ class AutoSelector(nn.Module):
         whitening = self.whitening.double()
         covariance = torch.linalg.inv(whitening @ whitening).mean(0)  # (d, d)
         self.shared_whitening = inverse_sqrt((covariance + covariance.t()) / 2)[0].to(self.center)
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """Set the posterior's temperature from every learned task's held-out features (`gaussian`, two tasks or
+        more): the one under which their posterior gives their own task the highest mean log-probability. The
+        Gaussians' likelihoods in hundreds of dimensions are far surer than they are right; calibrated on inputs
+        they were not fitted on, the posterior weighs alike tasks' answers by how often the choice between them is
+        right (`ddas_mix: posterior`). Temperature 1 where the features are missing (a selector saved before)."""
+        held = ~self.held_errors.isnan()  # (T, m): which rows are real
+        if self.num_tasks < 2 or self.held_features.shape[:2] != held.shape or not held.any():
+            self.temperature = torch.tensor(1.0, device=self.thresholds.device)
+            return
+        labels = torch.arange(self.num_tasks, device=held.device)[:, None].expand_as(held)[held]
+        scores = self.choice_scores(self.held_features[held])
+        self.temperature = torch.tensor(fit_temperature(scores, labels), device=self.thresholds.device)
 
     def shared_scores(self, features: Tensor) -> Tensor:
         """`(n, T)`: each input's squared distance to each task's mean under the shared covariance (`shared`)."""
@@ -306,18 +325,21 @@ class AutoSelector(nn.Module):
         mean, std = self.log_error_stats.unbind(-1)
         return (errors.clamp_min(1e-30).log() - mean) / std  # (n, T)
 
+    def choice_scores(self, features: Tensor) -> Tensor:
+        """`(n, T)`: the scores that name each input's task (lowest wins): the doubled negative log-likelihoods
+        (`gaussian`), or the squared distances under the shared covariance (`shared`)."""
+        return self.shared_scores(features) if self.choice == "shared" else self.scores(self.errors(features))
+
     @torch.no_grad()
     def posterior(self, features: Tensor) -> Tensor:
-        """`(n, T)`: each input's posterior over the learned tasks at equal priors (`gaussian` only), from the
-        scores that choose its task: a softmax of minus half the doubled negative log-likelihoods, or of the squared
-        distances under the shared covariance (`shared`), over every learned task. Where acceptance has a stage of
-        its own (`accept_width`, `neighbours`), its argmax is the task `forward` chooses for an accepted input."""
+        """`(n, T)`: each input's posterior over the learned tasks at equal priors (`gaussian` only): a softmax of
+        minus half its `choice_scores`, divided by the `temperature` calibrated on the tasks' held-out features
+        (:meth:`_calibrate`). Where acceptance has a stage of its own (`accept_width`, `neighbours`), its argmax is
+        the task `forward` chooses for an accepted input."""
         if self.normalize != "gaussian":
             raise ConfigError(f"a posterior over the tasks needs the gaussian rule, not {self.normalize!r}")
-        features = features.to(self.thresholds.device)
-        shared = self.choice == "shared"
-        scores = self.shared_scores(features) if shared else self.scores(self.errors(features))
-        return torch.softmax(-scores.double() / 2, -1).float()
+        scores = self.choice_scores(features.to(self.thresholds.device))
+        return torch.softmax(-scores.double() / (2 * float(self.temperature)), -1).float()
 
     @torch.no_grad()
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
@@ -329,14 +351,13 @@ class AutoSelector(nn.Module):
             zeros = torch.zeros(n, dtype=torch.long, device=device)
             return zeros, torch.ones(n, dtype=torch.bool, device=device)
         features = features.to(self.thresholds.device)  # where the selector lives
-        shared = self.choice == "shared"
         thresholds = self.acceptance_thresholds()
         if self.accept_width or self.k:  # acceptance has errors of its own
-            scores = self.shared_scores(features) if shared else self.scores(self.errors(features))  # (n, T)
+            scores = self.choice_scores(features)  # (n, T)
             accepted = self.accept_errors(features) <= thresholds  # (n, T)
             return scores.argmin(-1).to(device), ~accepted.any(-1).to(device)
         errors = self.errors(features)  # (n, T)
-        scores = self.shared_scores(features) if shared else self.scores(errors)
+        scores = self.shared_scores(features) if self.choice == "shared" else self.scores(errors)
         accepted = errors <= thresholds  # (n, T)
         task_ids = torch.where(accepted, scores, torch.full_like(scores, math.inf)).argmin(-1)
         task_ids = torch.where(accepted.any(-1), task_ids, scores.argmin(-1))  # (n,)
@@ -422,12 +443,21 @@ class AutoSelector(nn.Module):
         self.held_errors = torch.cat(
             [_pad(self.held_errors, width), _pad(held_errors[None].to(device), width)]
         )
+        if self.normalize == "gaussian":
+            rows = features[order[:cut]][None].to(device)
+            self.held_features = torch.cat(
+                [
+                    F.pad(self.held_features, (0, 0, 0, width - self.held_features.shape[1])),
+                    F.pad(rows, (0, 0, 0, width - cut)),
+                ]
+            )
         for name, value in new.items():
             if name in ("center", "whitening") and self.normalize == "l2":
                 continue
             setattr(self, name, torch.cat([getattr(self, name), value[None].to(device)]))
         self._pool()
         self._share()
+        self._calibrate()
         return self.num_tasks - 1
 
     def _gaussian(self, fit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -462,10 +492,13 @@ class AutoSelector(nn.Module):
                 f"this auto-selector accepts by nearest neighbours but holds fitting features for {banks} of its "
                 f"{tasks} tasks"
             )
+        if "held_features" not in state:  # saved before calibration: the posterior keeps temperature 1
+            state["held_features"] = torch.zeros(state["thresholds"].shape[0], 0, self.in_features)
         for key, value in state.items():
             setattr(self, key, value.to(self.thresholds.device))
         self._pool()
         self._share()
+        self._calibrate()
 
 
 def _pad(rows: Tensor, width: int) -> Tensor:
