@@ -13,9 +13,7 @@ the held-out errors of all learned tasks together, recomputed as tasks are added
 log-likelihoods, so this keeps the inputs where the learned tasks' densities are high, a level set of their mixture
 rather than a region per task: a task with a broad distribution (short chat messages, which resemble many other
 tasks' inputs) accepts less of the space around it than a percentile of its own would give it, and a narrow task
-more. On the ten text tasks, with block 3 deciding acceptance, it sends 78.0% of unseen inputs to the base against
-75.1% at the same rate of seen inputs reaching their own task; with the block-0 feature it gains about a point on
-both (`benchmarks/results/ddas-selector.md`).
+more.
 
 Three rules, chosen by `normalize` (saved with the tensors, so a loaded selector decides as it did when fitted):
 
@@ -41,22 +39,21 @@ from the input's acceptance columns (all, or the last `accept_width`) to its k-t
 task's fitting features, kept for the purpose, instead of by a Gaussian of them; the threshold is a percentile of
 the held-out features' such distances, as above, and the task is still chosen by the Gaussians. No density is
 assumed, so a task whose inputs come in clusters (several lengths, several topics) accepts its clusters rather than
-the ellipsoid around them all. On the ten text tasks, block 3 accepting with k = 3 and the pooled threshold sends
-79.5% of unseen inputs to the base while 90.1% of seen inputs reach their own task (means over six held-out splits),
-against 78.4% and 89.9% for the Gaussian; in the sequence's worst step, 59.5% against 45.0% (the first split;
-`benchmarks/results/ddas-selector-splits.md`). The cost: each task keeps its fitting features (`ddas_examples` times
-0.8 rows of the feature width) and every input is compared with all of them.
+the ellipsoid around them all. The cost: each task keeps its fitting features (`ddas_examples` times 0.8 rows of the
+feature width) and every input is compared with all of them.
 
 One covariance for the choice (`choice="shared"`, `gaussian` only): the task is named by the distance to each
 task's mean under one covariance shared by all learned tasks, the mean of their own (shrunk) covariances, instead of
 by each task's own Gaussian: linear discriminant analysis where the default is quadratic. Acceptance is unchanged
 (among the accepting tasks with one stage, among all learned tasks with two). Each task's covariance is estimated
 from a thousand inputs in hundreds of dimensions, so a single covariance estimated from all of them is the steadier
-measure of which mean an input lies nearest; on the ten text tasks it names the task more often wherever the tasks
-are alike (sst2 and subj, mrpc and rte): block 3 accepting by its 3rd neighbour at the 94th percentile, pooled, sends
-90.2% of seen inputs to their own task against 89.6% with each task's own Gaussian choosing, while 81.2% of unseen
-inputs go to the base (means over six held-out splits; `benchmarks/results/ddas-selector-splits.md`). The shared
+measure of which mean an input lies nearest, wherever the tasks are alike (sst2 and subj, mrpc and rte). The shared
 covariance is recomputed from the tasks' saved ones whenever a task is added or the selector is loaded.
+
+The posterior over the tasks (`posterior`, `gaussian` only; what `ddas_mix: posterior` weighs the routes by) is a
+softmax of the choosing scores at a temperature calibrated on every learned task's held-out features, kept with the
+selector for the purpose. What each rule gives on the ten text tasks: `benchmarks/results/ddas-selector.md` and
+`ddas-selector-splits.md`, summarised in README.md.
 
 Whitening by each task's own statistics is what makes these features tell tasks apart: mean-pooled text features
 of every task share most of their variance, and an input of another task that sits inside t's principal subspace
