@@ -5,6 +5,8 @@ head, every input answered through every learned task's route and through the ba
 - `selector`: the run's own answers (its route, or the base where the selector keeps the input there);
 - `task-id`: each input sent to its own task's route (what the method's `-task-id` variant scores, since training
   never consults the selector);
+- `task-id-if-accepted`: the inputs the selector accepts sent to their own task's route, the others kept on the
+  base: the best any choice among the accepted inputs' routes (any mixture) could give;
 - `base`: every input on the untouched base model;
 - `posterior`: each input the selector accepts answered by the mixture of every learned task's answer (class
   probabilities), weighted by the selector's posterior over the tasks (`AutoSelector.posterior`: the tasks'
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = {
         "selector": lambda r: r["answers"][base if r["keep"] else r["route"]],
         "task-id": lambda r: r["answers"][r["task"]],
+        "task-id-if-accepted": lambda r: r["answers"][base if r["keep"] else r["task"]],
         "base": lambda r: r["answers"][base],
         "posterior": lambda r: r["answers"][base] if r["keep"] else r["weights"] @ r["answers"][:tasks],
     }

@@ -2,12 +2,13 @@
 task accepts is answered through every learned task's route, and its class probabilities are the mixture of those
 answers weighted by the selector's posterior over the tasks. Where the selector is sure, one route carries all the
 weight and the answer is the hard route's; where two tasks' inputs look alike (sst2 and subj), both answer. On the
-continual benchmark it wins back 0.77 of the 3.40 points continual MoLA-Grad's hard choice loses against the true
-task ids (three seeds; `benchmarks/continual_routing.py` tells where they go).
+continual benchmark, at the posterior's calibrated temperature, it wins back 1.20 of the 3.40 points continual
+MoLA-Grad's hard choice loses against the true task ids (three seeds; `benchmarks/continual_routing.py` tells where
+they go).
 
 Routes whose weight is below `MIN_WEIGHT` (5%) are dropped and the rest renormalised, so an input costs one row of
 the batch per route that matters: on the continual benchmark's three seeds of continual MoLA-Grad, at the calibrated
-temperature, 1.43 rows per accepted input against 2.83 with a floor of 0.1%, at the same accuracy to 0.1 point. The
+temperature, 1.41 rows per accepted input against 2.67 with a floor of 0.1%, at the same mean accuracy. The
 batch is expanded to those `(input, route)` rows and run as one pass. The posterior reads the features the selector
 read to route the batch. Where the selector routes from a base pass of its own, the inputs to mix skip the routed
 pass (:func:`mixed_inputs`); where it routes inside the pass, every input takes it.
