@@ -402,7 +402,7 @@ def test_the_temperature_is_calibrated_on_held_out_features_and_saved_with_them(
     """Two alike tasks in 40 dimensions from 60 inputs each: their Gaussians are far surer than they are right, so
     the temperature that fits their held-out fifth lies above 1 and gives those rows a better mean log-probability
     of their own task than temperature 1. The held-out rows are kept (12 a task); a loaded selector has the same
-    temperature, and one saved without them keeps temperature 1."""
+    temperature, and one saved without them keeps temperature 1, also when it learns another task."""
     generator = torch.Generator().manual_seed(0)
     selector = AutoSelector(40)
     for task in range(2):
@@ -425,3 +425,7 @@ def test_the_temperature_is_calibrated_on_held_out_features_and_saved_with_them(
     old = AutoSelector(40)
     old.load_state({k: v for k, v in selector.state().items() if k != "held_features"})
     assert float(old.temperature) == 1.0
+    old.add_task(
+        torch.randn(60, 40, generator=generator) - 0.3
+    )  # its earlier tasks have no held-out rows to pool
+    assert float(old.temperature) == 1.0 and old.held_features.shape[0] == 0

@@ -440,7 +440,9 @@ class AutoSelector(nn.Module):
         self.held_errors = torch.cat(
             [_pad(self.held_errors, width), _pad(held_errors[None].to(device), width)]
         )
-        if self.normalize == "gaussian":
+        if (
+            self.normalize == "gaussian" and self.held_features.shape[0] == self.num_tasks
+        ):  # every earlier task's too
             rows = features[order[:cut]][None].to(device)
             self.held_features = torch.cat(
                 [
@@ -489,8 +491,10 @@ class AutoSelector(nn.Module):
                 f"this auto-selector accepts by nearest neighbours but holds fitting features for {banks} of its "
                 f"{tasks} tasks"
             )
-        if "held_features" not in state:  # saved before calibration: the posterior keeps temperature 1
-            state["held_features"] = torch.zeros(state["thresholds"].shape[0], 0, self.in_features)
+        if (
+            "held_features" not in state
+        ):  # saved before calibration: temperature 1, also after tasks are added
+            state["held_features"] = torch.zeros(0, 0, self.in_features)
         for key, value in state.items():
             setattr(self, key, value.to(self.thresholds.device))
         self._pool()
