@@ -128,7 +128,7 @@ def speed(learner: Learner, method, split: str, rounds: int) -> dict:
     batches = list(learner.batches([examples[i] for i in order], 64))
     by_task_id = get_method(f"{method.name}-task-id")
     settings = {
-        "selector": run.model_copy(update={"ddas_mix": None}),
+        "selector": run.model_copy(update={"ddas_mix": "none"}),
         "mixed": run.model_copy(update={"ddas_mix": "posterior"}),
     }
 
