@@ -4,6 +4,8 @@ paper's autoencoder. Legend: n samples, d feature width, h autoencoder width."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -58,10 +60,10 @@ def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-2, high: flo
     scores, labels = scores.double(), labels.long()
 
     def loss(log_tau: float) -> float:
-        logits = -scores / (2 * torch.exp(torch.tensor(log_tau, dtype=torch.float64)))
+        logits = -scores / (2 * math.exp(log_tau))
         return float(-torch.log_softmax(logits, -1).gather(1, labels[:, None]).mean())
 
-    a, b = torch.log(torch.tensor(low)).item(), torch.log(torch.tensor(high)).item()
+    a, b = math.log(low), math.log(high)
     ratio = (5**0.5 - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
     fc, fd = loss(c), loss(d)
@@ -74,4 +76,4 @@ def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-2, high: flo
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = loss(d)
-    return float(torch.exp(torch.tensor((a + b) / 2)))
+    return math.exp((a + b) / 2)
