@@ -23,7 +23,8 @@ RUN_DIR is a finished run, e.g. a `benchmarks/continual.py --work` folder. Write
 to the list in `--out`. `--speed ROUNDS` also times the run's own inference on batches of 64 test inputs that mix
 the tasks (a seeded shuffle of 320 of them), as `loramix eval` answers them: routed by the selector, routed by it
 with `ddas_mix: posterior`, and given the true task ids (the `-task-id` method's answer, the baseline); interleaved
-rounds, the median of per-round ratios with its quartiles. `--refit` fits the run's selector again with this version
+rounds, the median of per-round ratios with its quartiles. Each way is also timed without the head's inference cache
+(every batch encoding the class texts it needs again), and against that. `--refit` fits the run's selector again with this version
 of the library (checked equal to the saved one): a run saved before the posterior's temperature was calibrated on
 held-out features then mixes as a run of this version would.
 """
@@ -31,6 +32,7 @@ held-out features then mixes as a run of this version would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -131,18 +133,21 @@ def speed(learner: Learner, method, split: str, rounds: int) -> dict:
         "selector": run.model_copy(update={"ddas_mix": "none"}),
         "mixed": run.model_copy(update={"ddas_mix": "posterior"}),
     }
+    heads = learner.model.heads
 
-    def answering(name: str):
+    def answering(name: str, cached: bool = True):
         @torch.inference_mode()
         def call() -> None:
             learner.run = settings.get(name, run)
-            for batch in batches:
-                (by_task_id if name == "task-ids" else method).answer(learner, batch)
+            with heads.inference_cache() if cached else contextlib.nullcontext():
+                for batch in batches:
+                    (by_task_id if name == "task-ids" else method).answer(learner, batch)
 
         return call
 
     cases = {name: answering(name) for name in ("task-ids", *settings)}
-    timings = interleaved(cases, device=learner.device, rounds=rounds)
+    uncached = {f"{name}-uncached": answering(name, cached=False) for name in ("task-ids", *settings)}
+    timings = interleaved(cases | uncached, device=learner.device, rounds=rounds)
     learner.run = run
     return {
         "inputs": len(order),
@@ -152,6 +157,16 @@ def speed(learner: Learner, method, split: str, rounds: int) -> dict:
         **{
             f"{name}_vs_task_ids": ratio_stats(timings.wall[name], timings.wall["task-ids"])
             for name in settings
+        },
+        **{
+            f"{name}_uncached_vs_task_ids_uncached": ratio_stats(
+                timings.wall[f"{name}-uncached"], timings.wall["task-ids-uncached"]
+            )
+            for name in settings
+        },
+        **{
+            f"{name}_vs_uncached": ratio_stats(timings.wall[name], timings.wall[f"{name}-uncached"])
+            for name in ("task-ids", *settings)
         },
     }
 
@@ -199,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.refit:
         learner.selector = refit(learner, method, learner.selector)
     tasks, base = data.num_tasks, data.num_tasks
-    rows = collect(learner, eval_split(data))
+    with learner.model.heads.inference_cache():  # as `loramix eval` answers
+        rows = collect(learner, eval_split(data))
 
     modes = {
         "selector": lambda r: r["answers"][base if r["keep"] else r["route"]],

@@ -133,6 +133,68 @@ def test_class_texts_follow_each_samples_route_and_equal_a_per_sample_loop(model
     assert not torch.allclose(by_task[~keep], logits[~keep])
 
 
+def test_an_inference_cache_encodes_each_routes_class_texts_once_and_changes_no_answer(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Inside `inference_cache` every (task, route, kept on the base) set of class texts is encoded once for the
+    block: a second pass over the same batches encodes only the inputs, and every logit and base decision equals
+    the uncached one. Nothing is kept while training or taking gradients, adding a task empties the cache, and
+    leaving the block drops it."""
+    model, tokenizer = tiny_model(model_dir, KEYWORDS)
+    head = model.heads
+    head.set_learned([True, True, False])  # task 2's texts come from the base
+    plain = toy_batch(tokenizer, [0, 1, 2, 0, 1, 2])
+    routed_batch = toy_batch(tokenizer, [0, 1, 2, 2, 1, 0], seed=1) | {
+        "route_ids": torch.tensor([1, 1, 0, 2, 0, 0]),
+        "keep_base": torch.tensor([False, False, True, False, False, True]),
+    }
+    batches = [plain, routed_batch, toy_batch(tokenizer, [1, 1], seed=2)]
+    encoded: list[int] = []
+    encode = model.encode
+
+    def counting(inputs: dict, route_ids: torch.Tensor, keep_base: Any = None, *, noise: bool = True):
+        encoded.append(inputs["input_ids"].shape[0])
+        return encode(inputs, route_ids, keep_base, noise=noise)
+
+    monkeypatch.setattr(model, "encode", counting)
+    with torch.no_grad():
+        want = [forward(model, batch) for batch in batches]
+        want_base = head.base_decision(model, plain)
+        uncached = sum(encoded)
+        encoded.clear()
+        with head.inference_cache():
+            first = [forward(model, batch) for batch in batches]
+            calls = len(encoded)
+            with head.inference_cache():  # an inner block reuses the outer one's encodings
+                again = [forward(model, batch) for batch in batches]
+            calls_again = len(encoded) - calls
+            base = head.base_decision(model, plain)
+            assert head._cache is not None
+    for got in (first, again):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    assert [torch.equal(a, b) for a, b in zip(base, want_base)] == [True, True]
+    assert calls_again == 0  # the second pass encodes no class text (its inputs are pooled, not encoded)
+    assert sum(encoded) < uncached and head._cache is None
+    # new (task, route, kept) triples: plain (0,0,F) (1,1,F) (2,0,T); the routed batch (0,1,F) (2,2,F) (1,0,F)
+    # (0,0,T); the third batch none; the base decision (1,0,T), and its inputs
+    assert sum(encoded) == (2 + 2 + 3) + (2 + 3 + 2 + 2) + 2 + len(plain["task_ids"])
+
+    encoded.clear()
+    with head.inference_cache():
+        with torch.no_grad():
+            forward(model, plain)
+        cached = sum(encoded)
+        forward(model, plain)  # gradients on: encoded afresh, nothing reused
+        with torch.no_grad():
+            head.train()
+            forward(model, plain)  # training: the same
+            head.eval()
+            assert sum(encoded) == 3 * cached
+            head.add_task(2, label_texts=["red", "green"])
+            assert head._cache == {}
+
+
 def test_class_texts_can_skip_the_routers_noise_in_training(model_dir: Path):
     """Noisy per-task routers (MoE-Adapters) add noise in training. With `texts_noise` off the class texts take the
     routes inference gives them, by task id and along explicit routes, while `texts_noise` on draws new ones."""

@@ -31,7 +31,7 @@ def test_the_routing_diagnosis_scores_the_run_and_its_task_id_variant_as_they_sc
 ):
     """Its `selector` mode is the run's last row, `base` its row 0 (nothing learned: every input on the base), and
     `task-id` the last row of the method's `-task-id` variant trained separately: training never consults the
-    selector, so the same experts serve both. `--speed` times its three ways of answering."""
+    selector, so the same experts serve both. `--speed` times its three ways of answering, with and without the head's cache."""
     settings = {"steps_per_task": 6, "ddas_choice": "shared"}
     metrics = run_training(continual_run(model_dir, tasks_dir, method, **settings), tmp_path / "run")
     by_task = run_training(
@@ -43,6 +43,7 @@ def test_the_routing_diagnosis_scores_the_run_and_its_task_id_variant_as_they_sc
     modes = result["modes"]
     assert result["speed"]["inputs"] > 0 and result["speed"]["seconds_task_ids"] > 0
     assert all(result["speed"][f"{name}_vs_task_ids"]["ratio_median"] > 0 for name in ("selector", "mixed"))
+    assert all(result["speed"][f"{name}_vs_uncached"]["ratio_median"] > 0 for name in ("task-ids", "mixed"))
     assert modes["selector"]["per_task"] == pytest.approx(metrics["accuracy_matrix"][-1])
     assert modes["base"]["per_task"] == pytest.approx(metrics["accuracy_matrix"][0])
     assert modes["task-id"]["per_task"] == pytest.approx(by_task["accuracy_matrix"][-1])

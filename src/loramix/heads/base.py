@@ -10,6 +10,7 @@ Legend: n samples, t tokens, d hidden.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -33,6 +34,11 @@ class Head(nn.Module):
 
     def predict(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def inference_cache(self) -> AbstractContextManager[None]:
+        """A block over many batches (evaluation, prediction) in which the head may keep what it computes from the
+        weights alone and reuse it; the weights must not change inside. By default nothing is kept."""
+        return nullcontext()
 
     def add_task(self, num_labels: int, *, regression: bool = False, **kwargs: Any) -> int:
         """Make room for one more task without touching the others; returns its task id."""

@@ -23,7 +23,8 @@ Legend: n samples, t tokens, d hidden, T tasks, L all tasks' classes together, K
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -188,6 +189,17 @@ class LabelPromptHead(Head):
                 "LabelPromptHead encodes its class texts with the model: call it as head(pooled, batch, model) "
                 "with a MultiTaskModel (model(batch) does this)"
             )
+        if self._reusing():
+            tasks = torch.arange(len(self.num_labels), device=self.offsets.device)
+            tasks = tasks if task_ids is None else task_ids.unique()  # (U,)
+            known = torch.ones_like(tasks, dtype=torch.bool)
+            if self.learned is not None:  # as below: tasks not learned yet are encoded by the base
+                known = self.learned.to(tasks.device)[tasks]
+            block = self._encoded(model, tasks, torch.where(known, tasks, torch.zeros_like(tasks)), ~known)
+            valid = self.own_valid[tasks]  # (U, K)
+            out = block.new_zeros(self.label_input_ids.shape[0], block.shape[-1])  # (L, d)
+            out[self.own_columns[tasks][valid]] = block[valid]
+            return out
         rows = None
         if task_ids is not None:
             rows = self.own[task_ids].any(0).nonzero().squeeze(1)  # (L',) the classes this batch can need
@@ -229,18 +241,60 @@ class LabelPromptHead(Head):
         key = (task_ids.long() * span + routes) * 2 + keep.long()  # (n,)
         unique, inverse = torch.unique(key, return_inverse=True)  # (U,), (n,)
         u_keep, u_route, u_task = (unique % 2).bool(), (unique // 2) % span, unique // 2 // span  # (U,) each
-        valid = self.own_valid[u_task]  # (U, K)
-        rows = self.own_columns[u_task][valid]  # (R,) class rows of every triple, in triple order
+        return self._encoded(model, u_task, u_route, u_keep)[inverse]  # (n, K, d)
+
+    def _encoded(self, model: Any, tasks: Tensor, routes: Tensor, keep: Tensor) -> Tensor:
+        """`(U, K, d)`: the class texts of each (task, route, kept on the base) triple `(U,)` encoded along that
+        route, L2-normalised, zero past the task's class count; inside :meth:`inference_cache` each triple is
+        encoded once for the whole block."""
+        cache = self._cache if self._reusing() else None
+        if cache is None:
+            return self._encode(model, tasks, routes, keep)
+        keys = list(zip(tasks.tolist(), routes.tolist(), keep.tolist()))
+        todo = [i for i, key in enumerate(keys) if key not in cache]
+        if todo:
+            index = torch.tensor(todo, device=tasks.device)
+            encoded = self._encode(model, tasks[index], routes[index], keep[index])
+            cache.update(zip((keys[i] for i in todo), encoded))
+        return torch.stack([cache[key] for key in keys])
+
+    def _encode(self, model: Any, tasks: Tensor, routes: Tensor, keep: Tensor) -> Tensor:
+        """:meth:`_encoded` without the cache: every triple's texts through the model in one pass."""
+        valid = self.own_valid[tasks]  # (U, K)
+        rows = self.own_columns[tasks][valid]  # (R,) class rows of every triple, in triple order
         embedded = model.encode(
             {"input_ids": self.label_input_ids[rows], "attention_mask": self.label_attention_mask[rows]},
-            route_ids=u_route[:, None].expand_as(valid)[valid],
-            keep_base=u_keep[:, None].expand_as(valid)[valid],
+            route_ids=routes[:, None].expand_as(valid)[valid],
+            keep_base=keep[:, None].expand_as(valid)[valid],
             noise=self.texts_noise,
         )
         embedded = F.normalize(embedded.float(), dim=-1)  # (R, d)
         out = embedded.new_zeros(*valid.shape, embedded.shape[1])  # (U, K, d)
         out[valid] = embedded
-        return out[inverse]  # (n, K, d)
+        return out
+
+    _cache: dict[tuple[int, int, bool], Tensor] | None = None
+
+    def _reusing(self) -> bool:
+        """Inside :meth:`inference_cache`, and neither training nor taking gradients (encodings computed under
+        either are never kept or reused)."""
+        return self._cache is not None and not self.training and not torch.is_grad_enabled()
+
+    @contextmanager
+    def inference_cache(self) -> Iterator[None]:
+        """Encode each task's class texts once per route (and once on the base) for the whole block, instead of
+        once per batch: for evaluation and prediction, where the weights do not change. A batch of every task
+        otherwise re-encodes every task's class texts (banking77's 77 among them), and an input mixed over several
+        routes re-encodes its task's texts along each. An inner block shares the outer one's encodings; adding a
+        task empties them."""
+        if self._cache is not None:
+            yield
+            return
+        self._cache = {}
+        try:
+            yield
+        finally:
+            self._cache = None
 
     def forward(self, pooled: Tensor, batch: dict[str, Tensor], model: Any = None) -> Tensor:
         """Logits `(n, L)`: exp(logit_scale) * cosine, with every column outside the sample's task set to -inf.
@@ -305,7 +359,12 @@ class LabelPromptHead(Head):
                 dim=-1,
             )
 
-        classes = base({"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask})
+        if self._reusing():
+            tasks = torch.arange(len(self.num_labels), device=self.offsets.device)
+            kept = torch.ones_like(tasks, dtype=torch.bool)
+            classes = self._encoded(model, tasks, torch.zeros_like(tasks), kept)[self.own_valid]  # (L, d)
+        else:
+            classes = base({"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask})
         column = (base(inputs) @ classes.T).argmax(-1)  # (n,)
         task = self.label_task_ids[column]
         return task, (column - self.offsets[task]).float()
@@ -333,6 +392,8 @@ class LabelPromptHead(Head):
         input_ids, attention_mask, sizes = self._rows(texts, label_inputs, None if texts else [num_labels])
         if sizes != [num_labels]:
             raise ConfigError(f"add_task: num_labels is {num_labels} but {sizes[0]} class texts were given")
+        if self._cache is not None:  # the class layout changes
+            self._cache.clear()
         old_ids, old_mask = self.label_input_ids, self.label_attention_mask
         width = max(old_ids.shape[1], input_ids.shape[1])
         pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0

@@ -64,17 +64,20 @@ def evaluate(
     scored = data.scored_tasks(split)
     chosen = [data.eval_examples(split, task.task_id, max_examples) for task in scored]
     bar = progress_bar(chosen, batch_size, split, progress)
-    for task, examples in zip(scored, chosen):
-        bar.set_postfix(task=task.name)
-        preds, labels = [], []
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-            with routed(model, batch) as state:
-                preds.append(model.heads.predict(model, batch).cpu())
-            labels.append(batch["labels"].cpu())
-            gates.add(state, batch)
-            bar.update(1)
-        tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type)
+    with model.heads.inference_cache():  # class texts encoded once, not per batch
+        for task, examples in zip(scored, chosen):
+            bar.set_postfix(task=task.name)
+            preds, labels = [], []
+            for start in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
+                with routed(model, batch) as state:
+                    preds.append(model.heads.predict(model, batch).cpu())
+                labels.append(batch["labels"].cpu())
+                gates.add(state, batch)
+                bar.update(1)
+            tasks[task.name] = task_scores(
+                torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type
+            )
     bar.close()
     model.train()
     metrics = {

@@ -217,13 +217,16 @@ def predict(
     from tqdm.auto import tqdm
 
     results: list[dict[str, Any]] = []
-    with tqdm(
-        total=-(-len(requests) // batch_size),
-        desc="predict",
-        unit="batch",
-        leave=False,
-        disable=None if progress else True,  # shown on a terminal only
-    ) as bar:
+    with (
+        predictor.model.heads.inference_cache(),
+        tqdm(
+            total=-(-len(requests) // batch_size),
+            desc="predict",
+            unit="batch",
+            leave=False,
+            disable=None if progress else True,  # shown on a terminal only
+        ) as bar,
+    ):
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             answers = predictor([request.example for request in chunk])

@@ -33,23 +33,24 @@ def accuracy_row(learner: Learner, answer: Answer, split: str | None = None) -> 
     split = every_task_has(data, split or eval_split(data))
     row, own, seen, base, unseen = [], 0, 0, 0, 0
     learner.scores = {}
-    for task in data.tasks:
-        examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
-        correct, predictions, labels = 0, [], []
-        for batch in learner.batches(examples, run.eval_batch_size):
-            route, keep, _, predicted = answer(learner, batch)
-            correct += int((predicted == batch["labels"].float()).sum())
-            predictions.append(predicted.cpu())
-            labels.append(batch["labels"].float().cpu())
-            if learner.learned[learner.offset + task.task_id]:
-                global_id = learner.offset + task.task_id
-                own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
-            else:
-                base, unseen = base + int(keep.sum()), unseen + len(keep)
-        row.append(correct / max(len(examples), 1))
-        learner.scores[task.name] = task_scores(
-            torch.cat(predictions).numpy(), torch.cat(labels).numpy(), task.task_type
-        )
+    with model.heads.inference_cache():
+        for task in data.tasks:
+            examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
+            correct, predictions, labels = 0, [], []
+            for batch in learner.batches(examples, run.eval_batch_size):
+                route, keep, _, predicted = answer(learner, batch)
+                correct += int((predicted == batch["labels"].float()).sum())
+                predictions.append(predicted.cpu())
+                labels.append(batch["labels"].float().cpu())
+                if learner.learned[learner.offset + task.task_id]:
+                    global_id = learner.offset + task.task_id
+                    own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
+                else:
+                    base, unseen = base + int(keep.sum()), unseen + len(keep)
+            row.append(correct / max(len(examples), 1))
+            learner.scores[task.name] = task_scores(
+                torch.cat(predictions).numpy(), torch.cat(labels).numpy(), task.task_type
+            )
     if (
         learner.selector is not None
     ):  # where the selector sent learned and not yet learned tasks' inputs, per row
@@ -79,15 +80,16 @@ def selector_confusion(learner: Learner, answer: Answer, split: str | None = Non
     right = np.zeros(data.num_tasks)
     training = model.training
     model.eval()
-    for task in data.tasks:
-        examples = data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples)
-        for batch in learner.batches(examples, 64):
-            unknown = torch.full_like(batch["task_ids"], UNKNOWN_TASK)
-            route, keep, tasks, predicted = answer(learner, {**batch, "task_ids": unknown})
-            column = torch.where(keep, torch.full_like(route, known), route).cpu()
-            np.add.at(confusion[task.task_id], column.numpy(), 1)
-            hit = (tasks == offset + task.task_id) & (predicted == batch["labels"].float())
-            right[task.task_id] += int(hit.sum())
+    with model.heads.inference_cache():
+        for task in data.tasks:
+            examples = data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples)
+            for batch in learner.batches(examples, 64):
+                unknown = torch.full_like(batch["task_ids"], UNKNOWN_TASK)
+                route, keep, tasks, predicted = answer(learner, {**batch, "task_ids": unknown})
+                column = torch.where(keep, torch.full_like(route, known), route).cpu()
+                np.add.at(confusion[task.task_id], column.numpy(), 1)
+                hit = (tasks == offset + task.task_id) & (predicted == batch["labels"].float())
+                right[task.task_id] += int(hit.sum())
     model.train(training)
     own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
     accuracy = right / np.maximum(confusion.sum(1), 1)
