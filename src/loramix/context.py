@@ -73,6 +73,29 @@ def _set_model_gate(state: RoutingState, router: nn.Module, hidden: Tensor | Non
     state.add("model", state.model_gate)
 
 
+def reroute(
+    model: nn.Module,
+    state: RoutingState,
+    task_ids: Tensor,
+    keep_base: Tensor,
+    attention_mask: Tensor | None = None,
+) -> None:
+    """Change the routes of an open routing block in the middle of a pass (an auto-selector that reads the states
+    of blocks that hold no adapted layer): the task ids and keep-base mask, and the mask where given (the pass
+    may go on with other rows than it began with). A model-wide router that reads no input decides its gate again
+    from them; one that reads the input has decided already and cannot be rerouted."""
+    router = get_info(model).model_router
+    if router is not None and router.pools_model_input:
+        raise RoutingError(
+            "a model-wide router that reads the model's input cannot be rerouted during the pass"
+        )
+    state.task_ids, state.keep_base = task_ids, keep_base
+    if attention_mask is not None:
+        state.attention_mask = attention_mask
+    if router is not None:
+        _set_model_gate(state, router, None)
+
+
 def _decides(state: RoutingState, active: list[RoutingState]) -> bool:
     """Whether this block's model-wide router runs now: its block is the innermost open one, and no gate is kept
     from an earlier step (generation decides on the prompt)."""

@@ -700,15 +700,18 @@ def test_loramix_inspect_shows_a_continual_runs_metrics(
     )
 
 
+@pytest.mark.parametrize("method_name", ["moe-adapters", "continual-mola-grad"])
 def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_own(
-    model_dir: Path, tasks_dir: Path, tmp_path: Path
+    method_name: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
+    """Per-layer routers (MoE-Adapters') and a model-wide one (continual MoLA-Grad's, decided again once the
+    selector has chosen) alike."""
     from loramix.cli import main
     from loramix.methods.continual.features import first_adapted_block, routed_by_selector
 
-    method = get_method("moe-adapters")
+    method = get_method(method_name)
     run = continual_run(
-        model_dir, tasks_dir, "moe-adapters", steps_per_task=6, layers_to_transform=[1], ddas_accept_layer=1
+        model_dir, tasks_dir, method_name, steps_per_task=6, layers_to_transform=[1], ddas_accept_layer=1
     )
     learner, metrics = trained_learner(run, tmp_path / "run")
     assert (

@@ -130,3 +130,72 @@ def test_a_run_that_mixes_scores_its_sequence_as_eval_scores_it(
     assert [evaluated["tasks"][name]["accuracy"] for name in metrics["tasks_in_order"]] == pytest.approx(
         metrics["accuracy_matrix"][-1]
     )
+
+
+@pytest.mark.parametrize("method_name", ["continual-mola-grad", "moe-adapters"])
+def test_mixing_inside_the_pass_equals_a_loop_over_inputs_and_routes_and_runs_the_base_blocks_once(
+    method_name: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """With experts only after the selector's block, `ddas_mix: posterior` expands the batch inside the pass: the
+    block before runs once per input, the adapted one once per (input, route) row, and the answers equal the
+    reference (the selector's own base pass, then one input and one route at a time), inputs kept on the base and
+    of no given task included."""
+    from loramix import adapter_state
+    from loramix.methods import get_method
+    from loramix.methods.continual.features import encoder_blocks
+    from loramix.methods.continual.mixing import posterior_answer_loop
+    from loramix.train.predict import UNKNOWN_TASK
+    from tests.train import toys
+
+    method = get_method(method_name)
+    run = continual_run(
+        model_dir,
+        tasks_dir,
+        method_name,
+        steps_per_task=4,
+        layers_to_transform=[1],
+        ddas_accept_layer=1,
+        ddas_choice="shared",
+        ddas_mix="posterior",
+    )
+    learner, _ = trained_learner(run, tmp_path / "run")
+    assert learner.in_pass_layers() == [0, 1]
+    learner.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    far = 10 if method_name == "moe-adapters" else 1  # its adapters scale their output by 0.1
+    with torch.no_grad():  # experts far from zero, so that every route answers differently
+        for param in adapter_state(learner.backbone).values():
+            param.add_(torch.randn(param.shape, generator=generator) * far)
+    examples = [e for t in range(len(toys.TASK_NAMES)) for e in learner.data.eval_examples("test", t, 6)]
+    batch = next(learner.batches(examples, 18))
+    batch["task_ids"][2] = UNKNOWN_TASK
+    n, tasks = batch["task_ids"].shape[0], learner.selector.num_tasks
+    spread = torch.softmax(torch.randn(n, tasks, generator=generator) * 3, -1)
+    rows_out: dict[int, list[int]] = {0: [], 1: []}  # the rows each block's output has, call by call
+    blocks = encoder_blocks(learner.backbone)
+    handles = [
+        blocks[i].register_forward_hook(
+            lambda module, args, output, i=i: rows_out[i].append(
+                (output[0] if isinstance(output, tuple) else output).shape[0]
+            )
+        )
+        for i in (0, 1)
+    ]
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            type(learner.selector), "posterior", lambda self, features: spread[: len(features)].clone()
+        )
+        route, keep, chosen, predicted = method.answer(learner, batch)
+        for handle in handles:
+            handle.remove()
+        reference_route, reference_keep = learner.select(batch)
+        hard = method.predict(learner, {**batch, "task_ids": chosen}, reference_route, reference_keep)
+        reference = posterior_answer_loop(learner, batch, reference_keep, hard)
+    assert torch.equal(route, reference_route) and torch.equal(keep, reference_keep)
+    assert keep.any() and not keep.all()
+    mixed = ~keep & (batch["task_ids"] != UNKNOWN_TASK)
+    # the pass: the base block once per input, the adapted one once per row (later calls encode class texts)
+    assert rows_out[0][0] == n and rows_out[1][0] > n
+    decided = ~(keep & (batch["task_ids"] == UNKNOWN_TASK))  # those take the base's decision among every task
+    assert torch.equal(predicted[decided], reference[decided])
+    assert not torch.equal(predicted[mixed], hard[mixed])  # spread weights change some answers

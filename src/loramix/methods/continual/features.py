@@ -8,7 +8,7 @@ Legend: n samples, t tokens, d feature width.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loramix.blocks import transformer_blocks
-from loramix.context import routing
+from loramix.context import reroute, routing
 from loramix.errors import ConfigError
 from loramix.inject import get_info, is_injected
 from loramix.train.model import MODEL_INPUTS
@@ -201,9 +201,18 @@ def reads_in_pass(backbone: torch.nn.Module, layers: list[int]) -> bool:
     return first is not None and max(layers) <= first
 
 
+Expansion = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+"""`(route, keep, features) -> (input of each row, route of each row, kept on the base)`, each `(m,)`: the rows
+that the pass goes on with after the selector has chosen (:func:`routed_by_selector`)."""
+
+
 @contextlib.contextmanager
 def routed_by_selector(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: Any, layers: list[int]
+    backbone: torch.nn.Module,
+    batch: dict[str, Tensor],
+    selector: Any,
+    layers: list[int],
+    expand: Expansion | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """A routing block in which `selector` routes each input during the forward pass itself, from the states
     entering `layers` (a `hidden` feature, see :func:`hidden_features`). Every block before the last of `layers`
@@ -211,6 +220,11 @@ def routed_by_selector(
     whatever the route, so the selector reads exactly what a separate base pass would give it, and the pass goes on
     through the adapted blocks along the route it chose. Yields a dict that holds `route` and `keep` `(n,)` once
     the pass has reached the last of `layers`.
+
+    `expand`: the pass goes on with the rows it returns instead of the inputs (an input may take several routes:
+    `ddas_mix`), each row from its input's state entering the last of `layers`, so the blocks before it run once
+    per input; every per-input tensor a later block receives (the attention mask) is taken row by row too, and
+    the backbone's output has one row per expanded row (`rows` in the dict).
 
     Example:
         >>> with routed_by_selector(backbone, batch, selector, [0, 3]) as chosen:
@@ -226,7 +240,8 @@ def routed_by_selector(
     blocks = encoder_blocks(backbone)
     stats = selector_stats(selector.in_features, backbone, len(layers) > 1)  # as the selector was fitted
     mask = batch["attention_mask"]
-    keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    n = mask.shape[0]
+    keep = torch.ones(n, dtype=torch.bool, device=mask.device)
     reached: dict[int, Tensor] = {}
     chosen: dict[str, Tensor] = {}
     with routing(
@@ -237,24 +252,47 @@ def routed_by_selector(
         record=False,
     ) as state:
 
+        def choose(features: Tensor) -> None:
+            with torch.no_grad():
+                route, kept = selector(features)
+            chosen["route"], chosen["keep"] = route.to(keep.device), kept.to(keep.device)
+            chosen["features"] = features
+            if expand is None:
+                reroute(backbone, state, chosen["route"], chosen["keep"])
+                return
+            rows, row_route, row_keep = expand(chosen["route"], chosen["keep"], features)
+            chosen["rows"] = rows
+            reroute(
+                backbone, state, row_route, row_keep, None if state.attention_mask is None else mask[rows]
+            )
+
         def hook(index: int) -> Any:
-            def read_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                reached[index] = args[0] if args else kwargs["hidden_states"]
-                if len(reached) == len(set(layers)) and not chosen:
-                    with torch.no_grad():
-                        features = hidden_features(batch, [reached[i] for i in layers], stats)
-                        route, kept = selector(features)
-                    state.task_ids, state.keep_base = route.to(keep.device), kept.to(keep.device)
-                    chosen["route"], chosen["keep"] = state.task_ids, state.keep_base
-                    chosen["features"] = features
+            def read_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+                if index in layers:
+                    reached[index] = args[0] if args else kwargs["hidden_states"]
+                    if len(reached) == len(set(layers)) and not chosen:
+                        choose(hidden_features(batch, [reached[i] for i in layers], stats))
+                if "rows" not in chosen:
+                    return None
+                return _rows(args, chosen["rows"], n), _rows(kwargs, chosen["rows"], n)
 
             return read_input
 
-        handles = [
-            blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in sorted(set(layers))
-        ]
+        hooked = sorted(set(layers) | (set(range(max(layers), len(blocks))) if expand is not None else set()))
+        handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in hooked]
         try:
             yield chosen
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _rows(value: Any, rows: Tensor, n: int) -> Any:
+    """`value` with every tensor of `n` rows (one per input) taken at `rows`, inside tuples, lists and dicts too."""
+    if isinstance(value, Tensor):
+        return value[rows] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, n) for k, v in value.items()}
+    return value

@@ -11,7 +11,9 @@ the batch per route that matters: on the continual benchmark's three seeds of co
 temperature, 1.41 rows per accepted input against 2.67 with a floor of 0.1%, at the same mean accuracy. The
 batch is expanded to those `(input, route)` rows and run as one pass. The posterior reads the features the selector
 read to route the batch. Where the selector routes from a base pass of its own, the inputs to mix skip the routed
-pass (:func:`mixed_inputs`); where it routes inside the pass, every input takes it.
+pass (:func:`mixed_inputs`); where it routes inside the pass (experts only in the blocks after the ones it reads),
+the pass itself expands to the rows at the selector's block (:class:`InPassMixture`): the blocks before it run once
+per input.
 
 Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from loramix.heads.base import pool
 from loramix.methods.continual.learner import Learner
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.step import routed as routing_block
@@ -93,6 +96,48 @@ def posterior_answer(
     mixed = weights.sum(-1) > 0
     decided = learner.model.heads.decide(mixture, batch["task_ids"])
     return torch.where(mixed, decided, predicted)
+
+
+def expanded_rows(weights: Tensor, route: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows of a batch where the inputs to mix (`weights` `(n, T)` from :func:`route_weights`) take every
+    route they weigh and every other input its own `route` (on the base where `keep`): `(input, route, kept on
+    the base, weight)` of each row, each `(m,)`, in input order."""
+    n = len(route)
+    mixed = weights.sum(-1) > 0
+    width = max(weights.shape[1], int(route.max()) + 1 if n else 1)
+    rows = torch.zeros(n, width, device=weights.device)
+    rows[:, : weights.shape[1]] = weights
+    hard = (~mixed).nonzero().squeeze(1)
+    rows[hard, route[hard].to(rows.device)] = 1.0
+    sample, routes = rows.nonzero(as_tuple=True)
+    return sample, routes, keep[sample] & ~mixed[sample], rows[sample, routes]
+
+
+class InPassMixture:
+    """`ddas_mix: posterior` where the selector routes inside the pass (experts only in blocks after the ones it
+    reads): the pass itself goes on with the expanded rows from the selector's block
+    (:func:`~loramix.methods.continual.features.routed_by_selector`'s `expand`), so the blocks before it run once
+    per input and only the adapted ones once per row, instead of a second whole pass over the rows as
+    :func:`posterior_answer` takes. Call it as the expansion, run the backbone, then :meth:`answer`."""
+
+    def __init__(self, learner: Learner, batch: dict[str, Tensor]) -> None:
+        self.learner, self.batch = learner, batch
+
+    def __call__(self, route: Tensor, keep: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        weights = route_weights(self.learner, self.batch, keep, features)
+        self.sample, self.route, self.keep, self.weight = expanded_rows(weights, route, keep)
+        return self.sample, self.route, self.keep
+
+    def answer(self, hidden: Tensor, tasks: Tensor) -> Tensor:
+        """Label indices `(n,)` from the backbone's output over the rows `(m, t, d)` and each input's task:
+        each input's class probabilities mixed over its rows by their weights (one row of weight 1: its answer)."""
+        model, n = self.learner.model, len(tasks)
+        rows = batch_rows({**self.batch, "task_ids": tasks}, self.sample)
+        rows |= {"route_ids": self.route, "keep_base": self.keep}
+        logits = model.heads(pool(hidden, rows.get("attention_mask"), model.pooling), rows, model)  # (m, L)
+        answers = torch.softmax(logits.float(), -1) * self.weight[:, None]
+        mixture = answers.new_zeros(n, answers.shape[1]).index_add_(0, self.sample, answers)
+        return model.heads.decide(mixture, tasks)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from loramix.methods.continual.learner import (
     new_selector,
     saved_selector,
 )
-from loramix.methods.continual.mixing import batch_rows, mixed_inputs, posterior_answer
+from loramix.methods.continual.mixing import InPassMixture, batch_rows, mixed_inputs, posterior_answer
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
@@ -189,8 +189,8 @@ class Continual(Method):
     def answer(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch. Where the
         selector's blocks come before every adapted one, it routes inside the inference pass itself
-        (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass); otherwise
-        routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix predict`
+        (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass; with `ddas_mix`
+        the pass goes on with the mixture's rows from there); otherwise routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix predict`
         row that names none) takes the task the auto-selector chose for it; one the selector keeps on the base is
         answered by the base among every task's classes, and takes the task of the class that wins."""
         task_ids = batch["task_ids"]
@@ -212,17 +212,26 @@ class Continual(Method):
             if not skip.all():
                 part = batch_rows({**batch, "task_ids": tasks}, ~skip)
                 predicted[~skip] = self.predict(learner, part, route[~skip], keep[~skip])
+            if mix:
+                predicted = posterior_answer(learner, batch, keep, predicted, features)
         else:
             model = learner.model
             selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
-            with routed_by_selector(learner.backbone, batch, selector, layers) as chosen:
-                pooled = model.pooled(batch)
-            route, keep, features = chosen["route"], chosen["keep"], chosen["features"]
+            mixture = InPassMixture(learner, batch) if mix else None  # the pass goes on with its rows
+            with routed_by_selector(learner.backbone, batch, selector, layers, mixture) as chosen:
+                if mixture is None:
+                    pooled = model.pooled(batch)
+                else:
+                    hidden = model.backbone(
+                        **{k: batch[k] for k in MODEL_INPUTS if k in batch}
+                    ).last_hidden_state
+            route, keep = chosen["route"], chosen["keep"]
             tasks = chosen_tasks(task_ids, route, keep)
-            routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-            predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
-        if mix:
-            predicted = posterior_answer(learner, batch, keep, predicted, features)
+            if mixture is None:
+                routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
+                predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
+            else:
+                predicted = mixture.answer(hidden, tasks)
         unknown = (task_ids == UNKNOWN_TASK) & keep
         if unknown.any():
             inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}
