@@ -110,7 +110,7 @@ def expanded_rows(weights: Tensor, route: Tensor, keep: Tensor) -> tuple[Tensor,
     hard = (~mixed).nonzero().squeeze(1)
     rows[hard, route[hard].to(rows.device)] = 1.0
     sample, routes = rows.nonzero(as_tuple=True)
-    return sample, routes, keep[sample] & ~mixed[sample], rows[sample, routes]
+    return sample, routes, keep[sample], rows[sample, routes]  # an input to mix is never kept
 
 
 class InPassMixture:
