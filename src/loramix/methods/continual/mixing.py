@@ -89,13 +89,19 @@ def posterior_answer(
     sample, route = weights.nonzero(as_tuple=True)  # (m,), (m,)
     if not len(sample):
         return predicted
-    n = batch["task_ids"].shape[0]
     answers = probabilities(learner, batch_rows(batch, sample), route)  # (m, L)
-    mixture = torch.zeros(n, answers.shape[1], device=answers.device)
-    mixture.index_add_(0, sample, answers * weights[sample, route][:, None])
-    mixed = weights.sum(-1) > 0
-    decided = learner.model.heads.decide(mixture, batch["task_ids"])
-    return torch.where(mixed, decided, predicted)
+    decided = mixed_decision(learner, answers, sample, weights[sample, route], batch["task_ids"])
+    return torch.where(weights.sum(-1) > 0, decided, predicted)
+
+
+def mixed_decision(
+    learner: Learner, answers: Tensor, sample: Tensor, weight: Tensor, task_ids: Tensor
+) -> Tensor:
+    """Label indices `(n,)`: each input's class probabilities, the rows' `answers` `(m, L)` summed into the input
+    `sample` `(m,)` of each row by its `weight` `(m,)`, decided within the input's task `task_ids` `(n,)`."""
+    mixture = answers.new_zeros(len(task_ids), answers.shape[1])
+    mixture.index_add_(0, sample, answers * weight[:, None])
+    return learner.model.heads.decide(mixture, task_ids)
 
 
 def expanded_rows(weights: Tensor, route: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -131,13 +137,12 @@ class InPassMixture:
     def answer(self, hidden: Tensor, tasks: Tensor) -> Tensor:
         """Label indices `(n,)` from the backbone's output over the rows `(m, t, d)` and each input's task:
         each input's class probabilities mixed over its rows by their weights (one row of weight 1: its answer)."""
-        model, n = self.learner.model, len(tasks)
+        model = self.learner.model
         rows = batch_rows({**self.batch, "task_ids": tasks}, self.sample)
         rows |= {"route_ids": self.route, "keep_base": self.keep}
         logits = model.heads(pool(hidden, rows.get("attention_mask"), model.pooling), rows, model)  # (m, L)
-        answers = torch.softmax(logits.float(), -1) * self.weight[:, None]
-        mixture = answers.new_zeros(n, answers.shape[1]).index_add_(0, self.sample, answers)
-        return model.heads.decide(mixture, tasks)
+        answers = torch.softmax(logits.float(), -1)
+        return mixed_decision(self.learner, answers, self.sample, self.weight, tasks)
 
 
 @torch.no_grad()
