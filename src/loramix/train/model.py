@@ -26,11 +26,12 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.backbone, self.heads, self.pooling = backbone, heads, pooling
 
+    def hidden(self, inputs: dict[str, Tensor]) -> Tensor:
+        """The backbone's last hidden state `(n, t, d)` of `inputs`."""
+        return self.backbone(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs}).last_hidden_state
+
     def pooled(self, inputs: dict[str, Tensor]) -> Tensor:
-        hidden = self.backbone(
-            **{k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-        ).last_hidden_state  # (n, t, d)
-        return pool(hidden, inputs.get("attention_mask"), self.pooling)  # (n, d)
+        return pool(self.hidden(inputs), inputs.get("attention_mask"), self.pooling)  # (n, d)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.heads.outputs(self, batch)

@@ -288,9 +288,11 @@ def routed_by_selector(
 
 
 def _rows(value: Any, rows: Tensor, n: int) -> Any:
-    """`value` with every tensor of `n` rows (one per input) taken at `rows`, inside tuples, lists and dicts too."""
+    """`value` with every per-input tensor taken at `rows`, inside tuples, lists and dicts too. A per-input tensor
+    has a batch dimension of `n` and more dimensions after it (states, masks, rotary tables); a vector of `n` is
+    not one (a decoder's `cache_position` holds one entry per token, and a batch may be as long as the text)."""
     if isinstance(value, Tensor):
-        return value[rows] if value.dim() and value.shape[0] == n else value
+        return value[rows] if value.dim() > 1 and value.shape[0] == n else value
     if isinstance(value, (tuple, list)):
         return type(value)(_rows(v, rows, n) for v in value)
     if isinstance(value, dict):

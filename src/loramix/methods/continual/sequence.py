@@ -219,19 +219,16 @@ class Continual(Method):
             selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
             mixture = InPassMixture(learner, batch) if mix else None  # the pass goes on with its rows
             with routed_by_selector(learner.backbone, batch, selector, layers, mixture) as chosen:
-                if mixture is None:
-                    pooled = model.pooled(batch)
-                else:
-                    hidden = model.backbone(
-                        **{k: batch[k] for k in MODEL_INPUTS if k in batch}
-                    ).last_hidden_state
+                output = (
+                    model.pooled(batch) if mixture is None else model.hidden(batch)
+                )  # (n, d) or (m, t, d)
             route, keep = chosen["route"], chosen["keep"]
             tasks = chosen_tasks(task_ids, route, keep)
             if mixture is None:
                 routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-                predicted = model.heads.decide(model.heads(pooled, routed, model), tasks)
+                predicted = model.heads.decide(model.heads(output, routed, model), tasks)
             else:
-                predicted = mixture.answer(hidden, tasks)
+                predicted = mixture.answer(output, tasks)
         unknown = (task_ids == UNKNOWN_TASK) & keep
         if unknown.any():
             inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}

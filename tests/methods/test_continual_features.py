@@ -1,0 +1,73 @@
+"""The auto-selector reading a block's input inside the pass, and the pass going on with expanded rows, on a decoder
+(rotary position tables, a key-value cache) as on the encoders the continual tests train."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+import loramix
+from loramix.context import routing
+from loramix.inject import adapter_state
+from loramix.methods.continual.features import _rows, routed_by_selector, selector_features
+from loramix.routers.selector import AutoSelector
+
+
+def test_a_decoder_goes_on_with_the_expanded_rows_as_a_pass_over_them_would():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    backbone = LlamaModel(config).eval()
+    loramix.inject(
+        backbone, {"num_experts": 2, "rank": 4, "router": "task", "num_tasks": 2, "layers_to_transform": [2]}
+    )
+    with torch.no_grad():  # experts far from zero, so that a row on the wrong route or input shows
+        for param in adapter_state(backbone).values():
+            param.add_(torch.randn(param.shape))
+    selector = AutoSelector(config.hidden_size + 3)
+    for _ in range(2):
+        texts = {
+            "input_ids": torch.randint(0, 64, (40, 6)),
+            "attention_mask": torch.ones(40, 6, dtype=torch.long),
+        }
+        selector.add_task(selector_features(backbone, texts, "hidden", layer=1))
+    n = 6  # as many inputs as tokens: a per-token vector has the batch's length
+    mask = torch.ones(n, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    batch = {"input_ids": torch.randint(0, 64, (n, 6)), "attention_mask": mask}
+    rows, routes = torch.arange(n).repeat_interleave(2), torch.tensor([0, 1] * n)
+    keep = torch.arange(2 * n) % 4 == 3  # some rows on the base
+    seen: list[int] = []
+    hook = backbone.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        with routed_by_selector(backbone, batch, selector, [1], lambda *_: (rows, routes, keep)) as chosen:
+            hidden = backbone(**batch).last_hidden_state
+        hook.remove()
+        with routing(backbone, task_ids=routes, attention_mask=mask[rows], keep_base=keep):
+            expected = backbone(
+                input_ids=batch["input_ids"][rows], attention_mask=mask[rows]
+            ).last_hidden_state
+    assert seen == [n] and torch.equal(chosen["rows"], rows)  # block 0 ran once per input
+    assert hidden.shape == (2 * n, 6, config.hidden_size)
+    torch.testing.assert_close(hidden, expected)
+
+
+def test_only_per_input_tensors_are_taken_row_by_row():
+    rows, n = torch.tensor([0, 0, 2]), 3
+    states, positions, table = torch.randn(n, 4, 2), torch.arange(n), torch.randn(1, 4, 2)
+    taken = _rows(
+        ((states,), {"cache_position": positions, "rotary": (table, states), "flag": True}), rows, n
+    )
+    (state_rows,), kwargs = taken
+    assert torch.equal(state_rows, states[rows]) and torch.equal(kwargs["rotary"][1], states[rows])
+    assert kwargs["cache_position"] is positions and kwargs["rotary"][0] is table and kwargs["flag"] is True
