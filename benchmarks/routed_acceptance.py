@@ -1,0 +1,413 @@
+"""Routed acceptance: could the auto-selector decide inside the one inference pass when experts sit in every block?
+
+The auto-selector of a continual run reads the base model's states entering blocks 0 and 3 (`ddas_layer: 0`,
+`ddas_accept_layer: 3`). With experts only in blocks 3-5 both states come free inside the inference pass
+(`routed_by_selector`); with experts in every block the state entering block 3 differs from the base model's, so a
+base pass through blocks 0-2 must come first, and routing costs about 1.3-1.5x the task ids' pass. This measures,
+on a finished run with experts in every block, a selector that needs no base pass:
+
+- **choose** the task from the state entering block 0 alone (the embeddings' output: the same on every route), by
+  the shared-covariance rule (`ddas_choice: shared`) fitted on the base features of each task's training inputs;
+- **accept** by the state entering block 3 *of the routed pass* itself: its distance to its 3rd nearest neighbour
+  among the chosen task's own training inputs, each taken through that task's expert to block 3, against the pooled
+  94th percentile of those distances on held-out training inputs (`ddas_threshold: pooled`,
+  `ddas_neighbours: 3`, `ddas_percentile: 94`, as the run's selector accepts);
+- inputs it rejects are answered again on the base model (a second pass for them alone).
+
+Every task's expert is frozen after its task, so the final model answers every stage of the sequence as it did
+then: stage k's selector is fitted on tasks 0..k and the accuracy matrix is rebuilt from every test input's answer
+through every route (`continual_routing.every_route`). The run's own selector is rebuilt the same way (`current`)
+and its posterior-mixed matrix is checked against the one the run wrote (`metrics.json`), which validates the
+replay. For each rule: the ZSCL metrics of the hard answer and of the posterior mixture (weights from the choosing
+features; an input is mixed when its chosen route accepts it), how often seen tasks' inputs reach their own task
+and unseen tasks' inputs the base, and, on the final model, inference time on mixed batches of 64 against the true
+task ids, interleaved rounds (the routed-acceptance answer is a prototype built here from the library's pieces).
+
+    python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed 9
+
+RUN_DIR: a `benchmarks/continual.py --methods continual-mola-grad` run folder with experts in every block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _timing import interleaved, ratio_stats  # noqa: E402
+from continual_routing import every_route  # noqa: E402
+
+from loramix.context import reroute, routing  # noqa: E402
+from loramix.data import MultiTaskData  # noqa: E402
+from loramix.io import read_checkpoint  # noqa: E402
+from loramix.io.files import atomic_write_json  # noqa: E402
+from loramix.methods import get_method  # noqa: E402
+from loramix.methods.continual.features import encoder_blocks, hidden_features  # noqa: E402
+from loramix.methods.continual.learner import Learner, new_selector, saved_selector  # noqa: E402
+from loramix.methods.continual.mixing import MIN_WEIGHT  # noqa: E402
+from loramix.methods.continual.report import continual_metrics  # noqa: E402
+from loramix.methods.continual.sequence import chosen_tasks  # noqa: E402
+from loramix.routers.selector import AutoSelector  # noqa: E402
+from loramix.train.model import MODEL_INPUTS  # noqa: E402
+from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
+from loramix.train.step import routed as routing_block  # noqa: E402
+
+CHOOSE, ACCEPT = 0, 3  # the blocks whose input states choose and accept
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def states_entering(
+    learner: Learner, batch: dict, route: torch.Tensor, keep: torch.Tensor
+) -> list[torch.Tensor]:
+    """The states `(n, t, d)` entering blocks CHOOSE and ACCEPT of the pass routed by `route` / `keep`; the pass
+    stops there."""
+    blocks, reached = encoder_blocks(learner.backbone), {}
+
+    def hook(index: int):
+        def read(module, args, kwargs):
+            reached[index] = args[0] if args else kwargs["hidden_states"]
+            if len(reached) == 2:
+                raise _Stop
+
+        return read
+
+    handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in (CHOOSE, ACCEPT)]
+    routed = {**batch, "route_ids": route, "keep_base": keep}
+    try:
+        with routing_block(learner.model, routed):
+            learner.backbone(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [reached[CHOOSE], reached[ACCEPT]]
+
+
+@torch.no_grad()
+def features(learner: Learner, batch: dict, routes: list[int]) -> dict[str, torch.Tensor]:
+    """`choose (n, d+3)`: the base state entering block 0; `current (n, 2d+3)`: the run's selector's feature (base
+    states entering blocks 0 and 3); `accept (n, R, d+3)`: the state entering block 3 through each of `routes`."""
+    n = batch["input_ids"].shape[0]
+    zeros = torch.zeros(n, dtype=torch.long, device=learner.device)
+    base0, base3 = states_entering(learner, batch, zeros, torch.ones_like(zeros, dtype=torch.bool))
+    accept = []
+    for route in routes:
+        _, routed3 = states_entering(learner, batch, zeros + route, torch.zeros_like(zeros, dtype=torch.bool))
+        accept.append(hidden_features(batch, [routed3]))
+    return {
+        "choose": hidden_features(batch, [base0]).cpu(),
+        "current": hidden_features(batch, [base0, base3]).cpu(),
+        "accept": torch.stack(accept, 1).cpu(),
+    }
+
+
+def training_inputs(learner: Learner, task: int) -> list:
+    """The training inputs the run's selector was fitted on for `task` (`Continual.task_features`)."""
+    own = [e for e in learner.data.split("train") if e.task == task]
+    rng = np.random.default_rng(learner.run.seed)
+    chosen = rng.choice(len(own), size=min(len(own), learner.run.ddas_examples), replace=False)
+    return [own[i] for i in sorted(chosen)]
+
+
+def floor(weights: torch.Tensor) -> torch.Tensor:
+    """The posterior's weights as `ddas_mix: posterior` uses them: under MIN_WEIGHT dropped, renormalised."""
+    weights = torch.where(weights >= MIN_WEIGHT, weights, torch.zeros_like(weights))
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def decisions(rule: str, selectors: dict, test: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(route (n,), keep (n,), posterior weights (n, T))` of every test input under `rule`."""
+    if rule == "current":
+        selector = selectors["current"]
+        route, keep = selector(test["current"])
+        return route, keep, floor(selector.posterior(test["current"]))
+    choose, accept = selectors["choose"], selectors["accept"]
+    route = choose.choice_scores(test["choose"]).argmin(-1)
+    tasks = choose.num_tasks
+    own = test["accept"][torch.arange(len(route)), route]  # (n, d+3): through the chosen route
+    errors = accept.accept_errors(own)[torch.arange(len(route)), route]
+    keep = errors > accept.acceptance_thresholds()[route]
+    weights = floor(choose.posterior(test["choose"]))
+    return route, keep, weights[:, :tasks]
+
+
+def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, seen: int) -> dict:
+    """Per task accuracy of the hard and mixed answers, and the routing rates, with `seen` tasks learned."""
+    n, base = len(route), answers.shape[1] - 1
+    hard = answers[torch.arange(n), torch.where(keep, torch.full_like(route, base), route)]
+    mix = torch.einsum("nt,ntl->nl", weights.double(), answers[:, : weights.shape[1]].double())
+    mixed = torch.where(keep[:, None], answers[:, base].double(), mix)
+    rows = {}
+    for name, probs in (("hard", hard), ("mixed", mixed)):
+        right = (probs.argmax(-1) == labels).double()
+        rows[name] = [float(right[task_of == t].mean()) for t in range(tasks)]
+    is_seen = task_of < seen
+    own = (~keep & (route == task_of))[is_seen]
+    unseen_base = keep[~is_seen]
+    rows["own_rate"] = float(own.double().mean()) if is_seen.any() else None
+    rows["unseen_to_base_rate"] = float(unseen_base.double().mean()) if (~is_seen).any() else None
+    return rows
+
+
+@torch.no_grad()
+def routed_acceptance_answer(learner: Learner, batch: dict, selectors: dict) -> torch.Tensor:
+    """A prototype of the answer with routed acceptance: one pass chooses the route at block 0 (inside the pass),
+    reads its own state entering block 3, and finishes; the inputs that state rejects are answered again on the
+    base model. Returns `(route, keep, label indices within each input's task)`, hard routes."""
+    model, choose, accept = learner.model, selectors["choose"], selectors["accept"]
+    blocks, reached = encoder_blocks(learner.backbone), {}
+    mask = batch["attention_mask"]
+    n = mask.shape[0]
+    with routing(
+        learner.backbone,
+        task_ids=torch.zeros(n, dtype=torch.long, device=mask.device),
+        attention_mask=mask,
+        keep_base=torch.ones(n, dtype=torch.bool, device=mask.device),
+        record=False,
+    ) as state:
+
+        def read(index: int):
+            def hook(module, args, kwargs):
+                reached[index] = args[0] if args else kwargs["hidden_states"]
+                if index == CHOOSE:  # the route, chosen inside the pass before block 0's experts run
+                    route = choose.choice_scores(hidden_features(batch, [reached[index]])).argmin(-1)
+                    reached["route"] = route
+                    reroute(learner.backbone, state, route, torch.zeros_like(route, dtype=torch.bool))
+
+            return hook
+
+        handles = [blocks[i].register_forward_pre_hook(read(i), with_kwargs=True) for i in (CHOOSE, ACCEPT)]
+        try:
+            output = model.pooled(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+    route = reached["route"]
+    own = hidden_features(batch, [reached[ACCEPT]])
+    keep = accept.accept_errors(own)[torch.arange(len(route)), route] > accept.acceptance_thresholds()[route]
+    if keep.any():
+        rows = {k: v[keep] for k, v in batch.items() if k in MODEL_INPUTS}
+        on_base = {**rows, "task_ids": route[keep], "route_ids": route[keep], "keep_base": keep[keep]}
+        with routing_block(model, on_base):
+            output = output.clone()
+            output[keep] = model.pooled(on_base)
+    tasks = chosen_tasks(batch["task_ids"], route, keep)
+    routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
+    return route, keep, model.heads.decide(model.heads(output, routed, model), tasks)
+
+
+def prototype_agrees(learner: Learner, selectors: dict, test: dict) -> dict:
+    """How often the prototype's one-pass answer on the final model gives the replay's route, keep-base decision
+    and hard answer (the replay reads each route's states in passes of their own)."""
+    route, keep, _ = decisions("routed", selectors, test)
+    n = len(route)
+    base = test["answers"].shape[1] - 1
+    hard = test["answers"][torch.arange(n), torch.where(keep, torch.full_like(route, base), route)].argmax(-1)
+    got: dict[str, list] = {"route": [], "keep": [], "answer": []}
+    split = eval_split(learner.data)
+    with learner.model.heads.inference_cache():
+        for task in learner.data.tasks:
+            for batch in learner.batches(
+                learner.data.eval_examples(split, task.task_id, learner.run.max_eval_examples), 50
+            ):
+                for key, value in zip(got, routed_acceptance_answer(learner, batch, selectors)):
+                    got[key].append(value.cpu())
+    return {
+        "route": float((torch.cat(got["route"]) == route).double().mean()),
+        "keep": float((torch.cat(got["keep"]) == keep).double().mean()),
+        "answer": float((torch.cat(got["answer"]).long() == hard).double().mean()),
+    }
+
+
+def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
+    """The final model's answers on mixed batches: the run's selector (a base pass first, hard routes), routed
+    acceptance, and the true task ids (the baseline); each within the head's inference cache."""
+    run = learner.run
+    examples = [
+        e
+        for task in learner.data.tasks
+        for e in learner.data.eval_examples(eval_split(learner.data), task.task_id, run.max_eval_examples)
+    ]
+    order = np.random.default_rng(0).permutation(len(examples))[:320]
+    batches = list(learner.batches([examples[i] for i in order], 64))
+    by_task_id = get_method(f"{method.name}-task-id")
+    hard = run.model_copy(update={"ddas_mix": "none"})
+    heads = learner.model.heads
+
+    def case(name: str):
+        @torch.inference_mode()
+        def call() -> None:
+            learner.run = hard
+            with heads.inference_cache():
+                for batch in batches:
+                    if name == "routed-acceptance":
+                        routed_acceptance_answer(learner, batch, selectors)
+                    else:
+                        (by_task_id if name == "task-ids" else method).answer(learner, batch)
+
+        return call
+
+    timings = interleaved(
+        {name: case(name) for name in ("task-ids", "current", "routed-acceptance")},
+        device=learner.device,
+        rounds=rounds,
+    )
+    learner.run = run
+    return {
+        "inputs": len(order),
+        "batch": 64,
+        "rounds": rounds,
+        **{
+            f"{name}_vs_task_ids": ratio_stats(timings.wall[name], timings.wall["task-ids"])
+            for name in ("current", "routed-acceptance")
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="a JSON list of runs' results to add this one to")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--speed", type=int, metavar="ROUNDS", help="also time the ways of answering")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    run, model, tokenizer, _ = load_trained(args.run_dir)
+    model.eval()
+    data = MultiTaskData(task_specs(run))
+    method = get_method(run.method)
+    if run.method != "continual-mola-grad" or run.layers_to_transform is not None:
+        parser.error(f"{args.run_dir}: needs a continual-mola-grad run with experts in every block")
+    if (run.ddas_layer, run.ddas_accept_layer) != (CHOOSE, ACCEPT):
+        parser.error(f"{args.run_dir}: the run's selector reads other blocks than {CHOOSE} and {ACCEPT}")
+    learner = Learner(run, data, model, make_collator(run, data, tokenizer))
+    learner.learned = [True] * data.num_tasks
+    method.mark_learned(learner)
+    learner.selector = saved_selector(read_checkpoint(args.run_dir / "adapter")[1], args.run_dir)
+    tasks = data.num_tasks
+    routes = list(range(tasks))
+    split = eval_split(data)
+
+    test: dict[str, list] = {
+        "choose": [],
+        "current": [],
+        "accept": [],
+        "answers": [],
+        "labels": [],
+        "task": [],
+    }
+    with learner.model.heads.inference_cache():
+        for task in data.tasks:
+            for batch in learner.batches(data.eval_examples(split, task.task_id, run.max_eval_examples), 50):
+                for key, value in features(learner, batch, routes).items():
+                    test[key].append(value)
+                answers = every_route(learner, batch, task.task_id)  # (n, T + 1, L_task)
+                width = max(int(w) for w in learner.model.heads.num_labels)
+                test["answers"].append(torch.nn.functional.pad(answers, (0, width - answers.shape[2])))
+                test["labels"].append(batch["labels"].cpu())
+                test["task"].append(batch["task_ids"].cpu())
+    test = {k: torch.cat(v) for k, v in test.items()}
+    print(f"test features: {time.perf_counter() - started:.0f} s", flush=True)
+
+    selectors = {
+        "current": new_selector(run, learner.backbone),
+        "choose": AutoSelector(test["choose"].shape[1], choice="shared", percentile=run.ddas_percentile),
+        "accept": AutoSelector(
+            test["choose"].shape[1],
+            threshold="pooled",
+            neighbours=run.ddas_neighbours,
+            percentile=run.ddas_percentile,
+        ),
+    }
+    matrices = {f"{rule}-{answer}": [] for rule in ("current", "routed") for answer in ("hard", "mixed")}
+    rates: dict[str, list] = {"current": [], "routed": []}
+    zero = stage_scores(
+        torch.zeros(len(test["task"]), dtype=torch.long),
+        torch.ones(len(test["task"]), dtype=torch.bool),
+        torch.zeros(len(test["task"]), 1),
+        test["answers"],
+        test["labels"],
+        test["task"],
+        tasks,
+        0,
+    )
+    for rows in matrices.values():
+        rows.append(zero["hard"])
+    for task in range(tasks):
+        fit = {"choose": [], "current": [], "accept": []}
+        for batch in learner.batches(training_inputs(learner, task), 64):
+            for key, value in features(learner, batch, [task]).items():
+                fit[key].append(value)
+        fit = {k: torch.cat(v) for k, v in fit.items()}
+        selectors["current"].add_task(fit["current"], seed=run.seed)
+        selectors["choose"].add_task(fit["choose"], seed=run.seed)
+        selectors["accept"].add_task(fit["accept"][:, 0], seed=run.seed)
+        for rule in rates:
+            route, keep, weights = decisions(rule, selectors, test)
+            scores = stage_scores(
+                route, keep, weights, test["answers"], test["labels"], test["task"], tasks, task + 1
+            )
+            matrices[f"{rule}-hard"].append(scores["hard"])
+            matrices[f"{rule}-mixed"].append(scores["mixed"])
+            rates[rule].append({k: scores[k] for k in ("own_rate", "unseen_to_base_rate")})
+        print(f"stage {task}: {rates['current'][-1]} {rates['routed'][-1]}", flush=True)
+
+    replica = selectors["current"].state()
+    if any(not torch.equal(v, replica[k]) for k, v in learner.selector.state().items() if v.numel()):
+        raise SystemExit(f"{args.run_dir}: the rebuilt selector differs from the run's")
+    saved = json.loads((args.run_dir / "metrics.json").read_text())
+    run_matrix = np.array(saved["accuracy_matrix"])
+    results = {
+        "run": args.run_dir.name,
+        "seed": run.seed,
+        "tasks": data.task_names,
+        "metrics": {
+            name: {k: round(100 * v, 2) for k, v in continual_metrics(np.array(rows)).items()}
+            for name, rows in matrices.items()
+        },
+        "matrices": matrices,
+        "rates": rates,
+        "mean_own_rate": {
+            rule: float(np.mean([r["own_rate"] for r in rows])) for rule, rows in rates.items()
+        },
+        "mean_unseen_to_base_rate": {
+            rule: float(np.mean([r["unseen_to_base_rate"] for r in rows[:-1]]))
+            for rule, rows in rates.items()
+        },
+        "replay_vs_run_max_difference": float(np.abs(np.array(matrices["current-mixed"]) - run_matrix).max()),
+    }
+    results["prototype_agrees"] = prototype_agrees(learner, selectors, test)
+    if args.speed:
+        results["speed"] = speed(learner, method, selectors, args.speed)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(args.run_dir / "routed-acceptance.json", results)
+    if args.out is not None:
+        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
+        atomic_write_json(args.out, [r for r in earlier if r["run"] != results["run"]] + [results])
+    for name, values in results["metrics"].items():
+        print(f"{name:>15}: {values}")
+    print(f"own rate {results['mean_own_rate']}, unseen to base {results['mean_unseen_to_base_rate']}")
+    print(f"replay vs run: {results['replay_vs_run_max_difference']}")
+    print(f"prototype agrees with the replay: {results['prototype_agrees']}")
+    if args.speed:
+        print(f"speed: {results['speed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
