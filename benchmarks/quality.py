@@ -10,6 +10,8 @@ resumed with --skip-done, and the earlier 150- and 400-step entries stay readabl
     python benchmarks/quality.py --methods lora mola-grad --seeds 0 --steps 150   # a quick look
     python benchmarks/quality.py --methods elrea --set elrea_base_fraction=0.7 --out /tmp/ablation.json
     python benchmarks/quality.py --summary-only --steps 800     # the table of what is in --out
+    python benchmarks/quality.py --paired mola-grad lora --also benchmarks/results/quality-seeds-3-5.json
+                                                      # A - B per seed, mean and 95% t-interval, over every file
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from _results import read_results  # noqa: E402
 from _timing import device_name  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import run_training  # noqa: E402
@@ -126,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         "--summary-only", action="store_true", help="print the table of --out's runs at --steps and stop"
     )
     parser.add_argument(
+        "--paired",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="print column A's mean accuracy minus column B's, paired by seed, at --steps, and stop (repeatable)",
+    )
+    parser.add_argument(
+        "--also", nargs="+", type=Path, default=[], help="with --paired: more results files read beside --out"
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -136,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     if args.summary_only:
         print(summarise(json.loads(args.out.read_text()), steps=args.steps))
+        return 0
+    if args.paired:
+        everything = [r for path in [args.out, *args.also] for r in json.loads(path.read_text())]
+        for a, b in args.paired:
+            print(paired(everything, a, b, args.steps))
         return 0
     torch.set_num_threads(args.threads)
     # every run already in --out stays; one run again replaces its entry, and --skip-done skips it instead
@@ -258,6 +277,28 @@ def summarise(results: list[dict], steps: int | None = None) -> str:
     seconds = [f"{sum(r['seconds'] for r in runs[n]) / len(runs[n]):.0f}" for n in names]
     lines.append("| seconds per run | " + " | ".join(seconds) + " |")
     return "\n".join(lines)
+
+
+def paired(results: list[dict], a: str, b: str, steps: int = DEFAULT_STEPS) -> str:
+    """Column `a`'s mean accuracy minus column `b`'s on every seed both ran (points), their mean and its 95%
+    t-interval over the seeds."""
+    means: dict[str, dict[int, float]] = {a: {}, b: {}}
+    for entry in results:
+        name = column(entry, steps)
+        if entry["steps"] == steps and name in means:
+            means[name][entry["seed"]] = 100 * entry["mean_accuracy"]
+    seeds = sorted(set(means[a]) & set(means[b]))
+    if not seeds:
+        raise SystemExit(f"--paired: no seed has both {a!r} and {b!r} at {steps} steps")
+    gaps = np.array([means[a][s] - means[b][s] for s in seeds])
+    line = f"{a} - {b}: " + ", ".join(f"{g:+.2f}" for g in gaps) + f" (seeds {' '.join(map(str, seeds))})"
+    if len(gaps) < 2:
+        return line
+    half = stats.t.ppf(0.975, len(gaps) - 1) * gaps.std(ddof=1) / np.sqrt(len(gaps))
+    return (
+        line
+        + f"; mean {gaps.mean():+.2f}, 95% interval {gaps.mean() - half:+.2f} to {gaps.mean() + half:+.2f}"
+    )
 
 
 if __name__ == "__main__":
