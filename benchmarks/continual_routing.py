@@ -171,6 +171,30 @@ def speed(learner: Learner, method, split: str, rounds: int) -> dict:
     }
 
 
+def finished_run(run_dir: Path) -> tuple[Learner, object]:
+    """The learner of a finished continual run with an auto-selector, every task learned, in eval mode, and its
+    method."""
+    run, model, tokenizer, _ = load_trained(run_dir)
+    model.eval()
+    data = MultiTaskData(task_specs(run))
+    method = get_method(run.method)
+    if not method.uses_selector:
+        raise SystemExit(f"{run_dir}: method {run.method} has no auto-selector")
+    learner = Learner(run, data, model, make_collator(run, data, tokenizer))
+    learner.learned = [True] * data.num_tasks
+    method.mark_learned(learner)
+    learner.selector = saved_selector(read_checkpoint(run_dir / "adapter")[1], run_dir)
+    return learner, method
+
+
+def write_results(path: Path, out: Path | None, results: dict) -> None:
+    """`results` to `path`, and into the list in `out` (if given), replacing an earlier entry of the same run."""
+    atomic_write_json(path, results)
+    if out is not None:
+        earlier = json.loads(out.read_text()) if out.exists() else []
+        atomic_write_json(out, [r for r in earlier if r["run"] != results["run"]] + [results])
+
+
 def score(rows: list[dict], answer, tasks: int) -> dict:
     right, count = np.zeros(tasks), np.zeros(tasks)
     for row in rows:
@@ -199,16 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    run, model, tokenizer, _ = load_trained(args.run_dir)
-    model.eval()
-    data = MultiTaskData(task_specs(run))
-    method = get_method(run.method)
-    if not method.uses_selector:
-        parser.error(f"{args.run_dir}: method {run.method} has no auto-selector")
-    learner = Learner(run, data, model, make_collator(run, data, tokenizer))
-    learner.learned = [True] * data.num_tasks
-    method.mark_learned(learner)
-    learner.selector = saved_selector(read_checkpoint(args.run_dir / "adapter")[1], args.run_dir)
+    learner, method = finished_run(args.run_dir)
+    run, data = learner.run, learner.data
     if learner.selector.normalize != "gaussian":
         parser.error(f"{args.run_dir}: the posterior needs the gaussian rule's likelihoods")
     if args.refit:
@@ -254,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.speed:
         results["speed"] = speed(learner, method, eval_split(data), args.speed)
-    atomic_write_json(args.run_dir / "routing.json", results)
-    if args.out is not None:  # a list of runs: this one replaces an earlier entry of the same run folder
-        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
-        atomic_write_json(args.out, [r for r in earlier if r["run"] != results["run"]] + [results])
+    write_results(args.run_dir / "routing.json", args.out, results)
     for name, result in results["modes"].items():
         print(
             f"{name:>10}: {100 * result['mean']:.2f}  "

@@ -42,21 +42,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import interleaved, ratio_stats  # noqa: E402
-from continual_routing import every_route  # noqa: E402
+from continual_routing import every_route, finished_run, write_results  # noqa: E402
 
 from loramix.context import reroute, routing  # noqa: E402
-from loramix.data import MultiTaskData  # noqa: E402
-from loramix.io import read_checkpoint  # noqa: E402
-from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.features import encoder_blocks, hidden_features  # noqa: E402
-from loramix.methods.continual.learner import Learner, new_selector, saved_selector  # noqa: E402
+from loramix.methods.continual.learner import Learner, new_selector  # noqa: E402
 from loramix.methods.continual.mixing import MIN_WEIGHT  # noqa: E402
 from loramix.methods.continual.report import continual_metrics  # noqa: E402
 from loramix.methods.continual.sequence import chosen_tasks  # noqa: E402
 from loramix.routers.selector import AutoSelector  # noqa: E402
 from loramix.train.model import MODEL_INPUTS  # noqa: E402
-from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
+from loramix.train.run import eval_split  # noqa: E402
 from loramix.train.step import routed as routing_block  # noqa: E402
 
 CHOOSE, ACCEPT = 0, 3  # the blocks whose input states choose and accept
@@ -287,18 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    run, model, tokenizer, _ = load_trained(args.run_dir)
-    model.eval()
-    data = MultiTaskData(task_specs(run))
-    method = get_method(run.method)
+    learner, method = finished_run(args.run_dir)
+    run, data = learner.run, learner.data
     if run.method != "continual-mola-grad" or run.layers_to_transform is not None:
         parser.error(f"{args.run_dir}: needs a continual-mola-grad run with experts in every block")
     if (run.ddas_layer, run.ddas_accept_layer) != (CHOOSE, ACCEPT):
         parser.error(f"{args.run_dir}: the run's selector reads other blocks than {CHOOSE} and {ACCEPT}")
-    learner = Learner(run, data, model, make_collator(run, data, tokenizer))
-    learner.learned = [True] * data.num_tasks
-    method.mark_learned(learner)
-    learner.selector = saved_selector(read_checkpoint(args.run_dir / "adapter")[1], args.run_dir)
     tasks = data.num_tasks
     routes = list(range(tasks))
     split = eval_split(data)
@@ -395,10 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         results["speed"] = speed(learner, method, selectors, args.speed)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_json(args.run_dir / "routed-acceptance.json", results)
-    if args.out is not None:
-        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
-        atomic_write_json(args.out, [r for r in earlier if r["run"] != results["run"]] + [results])
+    write_results(args.run_dir / "routed-acceptance.json", args.out, results)
     for name, values in results["metrics"].items():
         print(f"{name:>15}: {values}")
     print(f"own rate {results['mean_own_rate']}, unseen to base {results['mean_unseen_to_base_rate']}")
