@@ -8,20 +8,21 @@ on a finished run with experts in every block, a selector that needs no base pas
 
 - **choose** the task from the state entering block 0 alone (the embeddings' output: the same on every route), by
   the shared-covariance rule (`ddas_choice: shared`) fitted on the base features of each task's training inputs;
-- **accept** by the state entering block 3 *of the routed pass* itself: its distance to its 3rd nearest neighbour
-  among the chosen task's own training inputs, each taken through that task's expert to block 3, against the pooled
-  94th percentile of those distances on held-out training inputs (`ddas_threshold: pooled`,
-  `ddas_neighbours: 3`, `ddas_percentile: 94`, as the run's selector accepts);
+- **accept** by the state entering the acceptance block (`ddas_accept_layer`, 3 here) *of the routed pass*
+  itself: its distance to its 3rd nearest neighbour among the chosen task's own training inputs, each taken through
+  that task's expert to that block, against the pooled 94th percentile of those distances on held-out training
+  inputs (`ddas_threshold: pooled`, `ddas_neighbours: 3`, `ddas_percentile: 94`, as the run's selector accepts);
 - inputs it rejects are answered again on the base model (a second pass for them alone).
 
 Every task's expert is frozen after its task, so the final model answers every stage of the sequence as it did
 then: stage k's selector is fitted on tasks 0..k and the accuracy matrix is rebuilt from every test input's answer
-through every route (`continual_routing.every_route`). The run's own selector is rebuilt the same way (`current`)
-and its posterior-mixed matrix is checked against the one the run wrote (`metrics.json`), which validates the
-replay. For each rule: the ZSCL metrics of the hard answer and of the posterior mixture (weights from the choosing
-features; an input is mixed when its chosen route accepts it), how often seen tasks' inputs reach their own task
-and unseen tasks' inputs the base, and, on the final model, inference time on mixed batches of 64 against the true
-task ids, interleaved rounds (the routed-acceptance answer is a prototype built here from the library's pieces).
+through every route (`continual_routing.every_route`). The run's own selector is rebuilt the same way (`current`),
+and its matrix (mixed or hard, as the run answered) is checked against the one the run wrote (`metrics.json`),
+which validates the replay. For each rule: the ZSCL metrics of the hard answer and of the posterior mixture
+(weights from the choosing features; an input is mixed when its chosen route accepts it), how often seen tasks'
+inputs reach their own task and unseen tasks' inputs the base, and, on the final model, inference time on mixed
+batches of 64 against the true task ids, interleaved rounds (the routed-acceptance answer is a prototype built here
+from the library's pieces, checked to give the replay's routes, base decisions and answers).
 
     python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed 9
 
@@ -56,7 +57,7 @@ from loramix.train.model import MODEL_INPUTS  # noqa: E402
 from loramix.train.run import eval_split  # noqa: E402
 from loramix.train.step import routed as routing_block  # noqa: E402
 
-CHOOSE, ACCEPT = 0, 3  # the blocks whose input states choose and accept
+CHOOSE = 0  # the block whose input state chooses: before every expert, when experts sit in every block
 
 
 class _Stop(Exception):
@@ -67,9 +68,9 @@ class _Stop(Exception):
 def states_entering(
     learner: Learner, batch: dict, route: torch.Tensor, keep: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The states `(n, t, d)` entering blocks CHOOSE and ACCEPT of the pass routed by `route` / `keep`; the pass
-    stops there."""
-    blocks, reached = encoder_blocks(learner.backbone), {}
+    """The states `(n, t, d)` entering block CHOOSE and the run's acceptance block (`ddas_accept_layer`) of the pass
+    routed by `route` / `keep`; the pass stops there."""
+    blocks, reached, accept = encoder_blocks(learner.backbone), {}, learner.run.ddas_accept_layer
 
     def hook(index: int):
         def read(module, args, kwargs):
@@ -79,7 +80,7 @@ def states_entering(
 
         return read
 
-    handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in (CHOOSE, ACCEPT)]
+    handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in (CHOOSE, accept)]
     routed = {**batch, "route_ids": route, "keep_base": keep}
     try:
         with routing_block(learner.model, routed):
@@ -89,13 +90,14 @@ def states_entering(
     finally:
         for handle in handles:
             handle.remove()
-    return [reached[CHOOSE], reached[ACCEPT]]
+    return [reached[CHOOSE], reached[accept]]
 
 
 @torch.no_grad()
 def features(learner: Learner, batch: dict, routes: list[int]) -> dict[str, torch.Tensor]:
     """`choose (n, d+3)`: the base state entering block 0; `current (n, 2d+3)`: the run's selector's feature (base
-    states entering blocks 0 and 3); `accept (n, R, d+3)`: the state entering block 3 through each of `routes`."""
+    states entering blocks 0 and the acceptance block); `accept (n, R, d+3)`: the state entering the acceptance block
+    through each of `routes`."""
     n = batch["input_ids"].shape[0]
     zeros = torch.zeros(n, dtype=torch.long, device=learner.device)
     base0, base3 = states_entering(learner, batch, zeros, torch.ones_like(zeros, dtype=torch.bool))
@@ -159,12 +161,12 @@ def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, see
 
 
 @torch.no_grad()
-def routed_acceptance_answer(learner: Learner, batch: dict, selectors: dict) -> torch.Tensor:
+def routed_acceptance_answer(learner: Learner, batch: dict, selectors: dict) -> tuple[torch.Tensor, ...]:
     """A prototype of the answer with routed acceptance: one pass chooses the route at block 0 (inside the pass),
-    reads its own state entering block 3, and finishes; the inputs that state rejects are answered again on the
-    base model. Returns `(route, keep, label indices within each input's task)`, hard routes."""
+    reads its own state entering the acceptance block, and finishes; the inputs that state rejects are answered
+    again on the base model. Returns `(route, keep, label indices within each input's task)`, hard routes."""
     model, choose, accept = learner.model, selectors["choose"], selectors["accept"]
-    blocks, reached = encoder_blocks(learner.backbone), {}
+    blocks, reached, block = encoder_blocks(learner.backbone), {}, learner.run.ddas_accept_layer
     mask = batch["attention_mask"]
     n = mask.shape[0]
     with routing(
@@ -185,14 +187,14 @@ def routed_acceptance_answer(learner: Learner, batch: dict, selectors: dict) -> 
 
             return hook
 
-        handles = [blocks[i].register_forward_pre_hook(read(i), with_kwargs=True) for i in (CHOOSE, ACCEPT)]
+        handles = [blocks[i].register_forward_pre_hook(read(i), with_kwargs=True) for i in (CHOOSE, block)]
         try:
             output = model.pooled(batch)
         finally:
             for handle in handles:
                 handle.remove()
     route = reached["route"]
-    own = hidden_features(batch, [reached[ACCEPT]])
+    own = hidden_features(batch, [reached[block]])
     keep = accept.accept_errors(own)[torch.arange(len(route)), route] > accept.acceptance_thresholds()[route]
     if keep.any():
         rows = {k: v[keep] for k, v in batch.items() if k in MODEL_INPUTS}
@@ -288,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     run, data = learner.run, learner.data
     if run.method != "continual-mola-grad" or run.layers_to_transform is not None:
         parser.error(f"{args.run_dir}: needs a continual-mola-grad run with experts in every block")
-    if (run.ddas_layer, run.ddas_accept_layer) != (CHOOSE, ACCEPT):
-        parser.error(f"{args.run_dir}: the run's selector reads other blocks than {CHOOSE} and {ACCEPT}")
+    if run.ddas_layer != CHOOSE or run.ddas_accept_layer in (None, CHOOSE):
+        parser.error(
+            f"{args.run_dir}: the run's selector must read block {CHOOSE} and a later acceptance block"
+        )
     tasks = data.num_tasks
     routes = list(range(tasks))
     split = eval_split(data)
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.run_dir}: the rebuilt selector differs from the run's")
     saved = json.loads((args.run_dir / "metrics.json").read_text())
     run_matrix = np.array(saved["accuracy_matrix"])
+    as_run = "current-mixed" if run.ddas_mix == "posterior" else "current-hard"  # how the run answered
     results = {
         "run": args.run_dir.name,
         "seed": run.seed,
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             rule: float(np.mean([r["unseen_to_base_rate"] for r in rows[:-1]]))
             for rule, rows in rates.items()
         },
-        "replay_vs_run_max_difference": float(np.abs(np.array(matrices["current-mixed"]) - run_matrix).max()),
+        "replay_vs_run_max_difference": float(np.abs(np.array(matrices[as_run]) - run_matrix).max()),
     }
     results["prototype_agrees"] = prototype_agrees(learner, selectors, test)
     if args.speed:
