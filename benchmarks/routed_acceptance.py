@@ -100,14 +100,16 @@ def features(learner: Learner, batch: dict, routes: list[int]) -> dict[str, torc
     through each of `routes`."""
     n = batch["input_ids"].shape[0]
     zeros = torch.zeros(n, dtype=torch.long, device=learner.device)
-    base0, base3 = states_entering(learner, batch, zeros, torch.ones_like(zeros, dtype=torch.bool))
+    base0, base_later = states_entering(learner, batch, zeros, torch.ones_like(zeros, dtype=torch.bool))
     accept = []
     for route in routes:
-        _, routed3 = states_entering(learner, batch, zeros + route, torch.zeros_like(zeros, dtype=torch.bool))
-        accept.append(hidden_features(batch, [routed3]))
+        _, routed_later = states_entering(
+            learner, batch, zeros + route, torch.zeros_like(zeros, dtype=torch.bool)
+        )
+        accept.append(hidden_features(batch, [routed_later]))
     return {
         "choose": hidden_features(batch, [base0]).cpu(),
-        "current": hidden_features(batch, [base0, base3]).cpu(),
+        "current": hidden_features(batch, [base0, base_later]).cpu(),
         "accept": torch.stack(accept, 1).cpu(),
     }
 
@@ -134,12 +136,10 @@ def decisions(rule: str, selectors: dict, test: dict) -> tuple[torch.Tensor, tor
         return route, keep, floor(selector.posterior(test["current"]))
     choose, accept = selectors["choose"], selectors["accept"]
     route = choose.choice_scores(test["choose"]).argmin(-1)
-    tasks = choose.num_tasks
     own = test["accept"][torch.arange(len(route)), route]  # (n, d+3): through the chosen route
     errors = accept.accept_errors(own)[torch.arange(len(route)), route]
     keep = errors > accept.acceptance_thresholds()[route]
-    weights = floor(choose.posterior(test["choose"]))
-    return route, keep, weights[:, :tasks]
+    return route, keep, floor(choose.posterior(test["choose"]))
 
 
 def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, seen: int) -> dict:
