@@ -47,9 +47,13 @@ from continual_routing import every_route, finished_run, write_results  # noqa: 
 
 from loramix.context import reroute, routing  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
-from loramix.methods.continual.features import encoder_blocks, hidden_features  # noqa: E402
+from loramix.methods.continual.features import (  # noqa: E402
+    base_hidden_states,
+    encoder_blocks,
+    hidden_features,
+)
 from loramix.methods.continual.learner import Learner, new_selector  # noqa: E402
-from loramix.methods.continual.mixing import MIN_WEIGHT  # noqa: E402
+from loramix.methods.continual.mixing import floored  # noqa: E402
 from loramix.methods.continual.report import continual_metrics  # noqa: E402
 from loramix.methods.continual.sequence import chosen_tasks  # noqa: E402
 from loramix.routers.selector import AutoSelector  # noqa: E402
@@ -60,37 +64,11 @@ from loramix.train.step import routed as routing_block  # noqa: E402
 CHOOSE = 0  # the block whose input state chooses: before every expert, when experts sit in every block
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def states_entering(
-    learner: Learner, batch: dict, route: torch.Tensor, keep: torch.Tensor
-) -> list[torch.Tensor]:
+def states_entering(learner: Learner, batch: dict, route: torch.Tensor | None) -> list[torch.Tensor]:
     """The states `(n, t, d)` entering block CHOOSE and the run's acceptance block (`ddas_accept_layer`) of the pass
-    routed by `route` / `keep`; the pass stops there."""
-    blocks, reached, accept = encoder_blocks(learner.backbone), {}, learner.run.ddas_accept_layer
-
-    def hook(index: int):
-        def read(module, args, kwargs):
-            reached[index] = args[0] if args else kwargs["hidden_states"]
-            if len(reached) == 2:
-                raise _Stop
-
-        return read
-
-    handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in (CHOOSE, accept)]
-    routed = {**batch, "route_ids": route, "keep_base": keep}
-    try:
-        with routing_block(learner.model, routed):
-            learner.backbone(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [reached[CHOOSE], reached[accept]]
+    along `route` (None: the base model); the pass stops there."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return base_hidden_states(learner.backbone, inputs, [CHOOSE, learner.run.ddas_accept_layer], route)
 
 
 @torch.no_grad()
@@ -99,13 +77,10 @@ def features(learner: Learner, batch: dict, routes: list[int]) -> dict[str, torc
     states entering blocks 0 and the acceptance block); `accept (n, R, d+3)`: the state entering the acceptance block
     through each of `routes`."""
     n = batch["input_ids"].shape[0]
-    zeros = torch.zeros(n, dtype=torch.long, device=learner.device)
-    base0, base_later = states_entering(learner, batch, zeros, torch.ones_like(zeros, dtype=torch.bool))
+    base0, base_later = states_entering(learner, batch, None)
     accept = []
     for route in routes:
-        _, routed_later = states_entering(
-            learner, batch, zeros + route, torch.zeros_like(zeros, dtype=torch.bool)
-        )
+        _, routed_later = states_entering(learner, batch, torch.full((n,), route, device=learner.device))
         accept.append(hidden_features(batch, [routed_later]))
     return {
         "choose": hidden_features(batch, [base0]).cpu(),
@@ -114,18 +89,10 @@ def features(learner: Learner, batch: dict, routes: list[int]) -> dict[str, torc
     }
 
 
-def training_inputs(learner: Learner, task: int) -> list:
-    """The training inputs the run's selector was fitted on for `task` (`Continual.task_features`)."""
-    own = [e for e in learner.data.split("train") if e.task == task]
-    rng = np.random.default_rng(learner.run.seed)
-    chosen = rng.choice(len(own), size=min(len(own), learner.run.ddas_examples), replace=False)
-    return [own[i] for i in sorted(chosen)]
-
-
-def floor(weights: torch.Tensor) -> torch.Tensor:
-    """The posterior's weights as `ddas_mix: posterior` uses them: under MIN_WEIGHT dropped, renormalised."""
-    weights = torch.where(weights >= MIN_WEIGHT, weights, torch.zeros_like(weights))
-    return weights / weights.sum(-1, keepdim=True)
+def on_route(answers: torch.Tensor, route: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`(n, L)`: each input's answer along its route, or the base's (the last route) where it is kept there."""
+    base = answers.shape[1] - 1
+    return answers[torch.arange(len(route)), torch.where(keep, torch.full_like(route, base), route)]
 
 
 def decisions(rule: str, selectors: dict, test: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,19 +100,19 @@ def decisions(rule: str, selectors: dict, test: dict) -> tuple[torch.Tensor, tor
     if rule == "current":
         selector = selectors["current"]
         route, keep = selector(test["current"])
-        return route, keep, floor(selector.posterior(test["current"]))
+        return route, keep, floored(selector.posterior(test["current"]))
     choose, accept = selectors["choose"], selectors["accept"]
     route = choose.choice_scores(test["choose"]).argmin(-1)
     own = test["accept"][torch.arange(len(route)), route]  # (n, d+3): through the chosen route
     errors = accept.accept_errors(own)[torch.arange(len(route)), route]
     keep = errors > accept.acceptance_thresholds()[route]
-    return route, keep, floor(choose.posterior(test["choose"]))
+    return route, keep, floored(choose.posterior(test["choose"]))
 
 
 def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, seen: int) -> dict:
     """Per task accuracy of the hard and mixed answers, and the routing rates, with `seen` tasks learned."""
-    n, base = len(route), answers.shape[1] - 1
-    hard = answers[torch.arange(n), torch.where(keep, torch.full_like(route, base), route)]
+    base = answers.shape[1] - 1
+    hard = on_route(answers, route, keep)
     mix = torch.einsum("nt,ntl->nl", weights.double(), answers[:, : weights.shape[1]].double())
     mixed = torch.where(keep[:, None], answers[:, base].double(), mix)
     rows = {}
@@ -211,9 +178,7 @@ def prototype_agrees(learner: Learner, selectors: dict, test: dict) -> dict:
     """How often the prototype's one-pass answer on the final model gives the replay's route, keep-base decision
     and hard answer (the replay reads each route's states in passes of their own)."""
     route, keep, _ = decisions("routed", selectors, test)
-    n = len(route)
-    base = test["answers"].shape[1] - 1
-    hard = test["answers"][torch.arange(n), torch.where(keep, torch.full_like(route, base), route)].argmax(-1)
+    hard = on_route(test["answers"], route, keep).argmax(-1)
     got: dict[str, list] = {"route": [], "keep": [], "answer": []}
     split = eval_split(learner.data)
     with learner.model.heads.inference_cache():
@@ -345,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(zero["hard"])
     for task in range(tasks):
         fit = {"choose": [], "current": [], "accept": []}
-        for batch in learner.batches(training_inputs(learner, task), 64):
+        for batch in learner.batches(method.task_examples(learner, task), 64):
             for key, value in features(learner, batch, [task]).items():
                 fit[key].append(value)
         fit = {k: torch.cat(v) for k, v in fit.items()}

@@ -15,11 +15,11 @@ from loramix.methods import run_training
 from tests.methods.test_continual import continual_run, trained_learner
 
 
-def routing_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "continual_routing.py"
-    if str(path.parent) not in sys.path:  # it imports its sibling `_timing`, as a script run from there does
+def routing_module(name: str = "continual_routing"):
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # it imports its siblings, as a script run from there does
         sys.path.append(str(path.parent))
-    spec = importlib.util.spec_from_file_location("continual_routing", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -217,11 +217,7 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_its_one_pa
         "ddas_mix": "posterior",
     }
     run_training(continual_run(model_dir, tasks_dir, "continual-mola-grad", **settings), tmp_path / "run")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "routed_acceptance.py"
-    routing_module()  # puts benchmarks/ on the path, for its siblings
-    spec = importlib.util.spec_from_file_location("routed_acceptance", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = routing_module("routed_acceptance")
     threads = str(torch.get_num_threads())
     assert module.main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
     result = json.loads((tmp_path / "run" / "routed-acceptance.json").read_text())

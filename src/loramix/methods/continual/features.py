@@ -118,12 +118,16 @@ def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], laye
 
 
 def base_hidden_states(
-    backbone: torch.nn.Module, inputs: dict[str, Tensor], layers: list[int | None]
+    backbone: torch.nn.Module,
+    inputs: dict[str, Tensor],
+    layers: list[int | None],
+    route: Tensor | None = None,
 ) -> list[Tensor]:
     """The base model's hidden states `(n, t, d)` entering each block of `layers` (see `base_hidden_state`), from
-    one forward pass that stops once the last of them exists."""
+    one forward pass that stops once the last of them exists; with `route` `(n,)`, the states of the pass along
+    those experts instead."""
     mask = inputs["attention_mask"]
-    keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)
     blocks = encoder_blocks(backbone) if any(layer is not None for layer in layers) else torch.nn.ModuleList()
     inside = {layer for layer in layers if layer is not None and layer < len(blocks)}
     stop = set(layers) <= inside  # no wanted state is the last one: stop once all exist
@@ -147,7 +151,7 @@ def base_hidden_states(
         on_base = (
             routing(
                 backbone,
-                task_ids=torch.zeros_like(keep, dtype=torch.long),
+                task_ids=torch.zeros_like(keep, dtype=torch.long) if route is None else route,
                 attention_mask=mask,
                 keep_base=keep,
                 record=False,

@@ -44,10 +44,13 @@ def route_weights(
         return torch.zeros(len(mixed), selector.num_tasks, device=learner.device)
     if features is None:
         features = learner.base_features(batch)
-    weights = selector.posterior(features).to(learner.device)
+    return floored(selector.posterior(features).to(learner.device)) * mixed[:, None]
+
+
+def floored(weights: Tensor) -> Tensor:
+    """`(n, T)` posterior weights under `MIN_WEIGHT` dropped and the rest renormalised."""
     weights = torch.where(weights >= MIN_WEIGHT, weights, torch.zeros_like(weights))
-    weights = weights / weights.sum(-1, keepdim=True)
-    return weights * mixed[:, None]
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def batch_rows(batch: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:

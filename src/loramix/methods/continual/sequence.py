@@ -236,12 +236,15 @@ class Continual(Method):
         return route, keep, tasks, predicted
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
-        examples = learner.data.split("train")
-        own = [e for e in examples if e.task == task - learner.offset]
+        feats = [learner.base_features(b) for b in learner.batches(self.task_examples(learner, task), 64)]
+        return torch.cat(feats).cpu()
+
+    def task_examples(self, learner: Learner, task: int) -> list:
+        """The training inputs the auto-selector fits task `task` on: `ddas_examples` of them, seeded."""
+        own = [e for e in learner.data.split("train") if e.task == task - learner.offset]
         rng = np.random.default_rng(learner.run.seed)
         chosen = rng.choice(len(own), size=min(len(own), learner.run.ddas_examples), replace=False)
-        feats = [learner.base_features(b) for b in learner.batches([own[i] for i in sorted(chosen)], 64)]
-        return torch.cat(feats).cpu()
+        return [own[i] for i in sorted(chosen)]
 
     # ---- the schedule ---------------------------------------------------------------------------------------
     def train(
