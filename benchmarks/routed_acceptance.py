@@ -1,10 +1,10 @@
-"""Routed acceptance: could the auto-selector decide inside the one inference pass when experts sit in every block?
+"""Routed acceptance (`ddas_accept_state: route`) replayed on a finished run with experts in every block.
 
 The auto-selector of a continual run reads the base model's states entering blocks 0 and 3 (`ddas_layer: 0`,
 `ddas_accept_layer: 3`). With experts only in blocks 3-5 both states come free inside the inference pass
 (`routed_by_selector`); with experts in every block the state entering block 3 differs from the base model's, so a
-base pass through blocks 0-2 must come first, and routing costs about 1.3-1.5x the task ids' pass. This measures,
-on a finished run with experts in every block, a selector that needs no base pass:
+base pass through blocks 0-2 must come first, and routing costs about 1.3-1.5x the task ids' pass. Routed
+acceptance needs no base pass (`loramix.methods.continual.routed`):
 
 - **choose** the task from the state entering block 0 alone (the embeddings' output: the same on every route), by
   the shared-covariance rule (`ddas_choice: shared`) fitted on the base features of each task's training inputs;
@@ -21,8 +21,9 @@ and its matrix (mixed or hard, as the run answered) is checked against the one t
 which validates the replay. For each rule: the ZSCL metrics of the hard answer and of the posterior mixture
 (weights from the choosing features; an input is mixed when its chosen route accepts it), how often seen tasks'
 inputs reach their own task and unseen tasks' inputs the base, and, on the final model, inference time on mixed
-batches of 64 against the true task ids, interleaved rounds (the routed-acceptance answer is a prototype built here
-from the library's pieces, checked to give the replay's routes, base decisions and answers).
+batches of 64 against the true task ids, interleaved rounds. The library's own answer with routed acceptance (the
+final stage's selector, `method.answer`) is checked to give the replay's routes, base decisions and answers, hard
+and mixed.
 
     python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed 9
 
@@ -45,21 +46,17 @@ import torch  # noqa: E402
 from _timing import interleaved, ratio_stats  # noqa: E402
 from continual_routing import every_route, finished_run, write_results  # noqa: E402
 
-from loramix.context import reroute, routing  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.features import (  # noqa: E402
     base_hidden_states,
-    encoder_blocks,
     hidden_features,
 )
 from loramix.methods.continual.learner import Learner, new_selector  # noqa: E402
 from loramix.methods.continual.mixing import floored  # noqa: E402
 from loramix.methods.continual.report import continual_metrics  # noqa: E402
-from loramix.methods.continual.sequence import chosen_tasks  # noqa: E402
 from loramix.routers.selector import AutoSelector  # noqa: E402
 from loramix.train.model import MODEL_INPUTS  # noqa: E402
 from loramix.train.run import eval_split  # noqa: E402
-from loramix.train.step import routed as routing_block  # noqa: E402
 
 CHOOSE = 0  # the block whose input state chooses: before every expert, when experts sit in every block
 
@@ -101,12 +98,15 @@ def decisions(rule: str, selectors: dict, test: dict) -> tuple[torch.Tensor, tor
         selector = selectors["current"]
         route, keep = selector(test["current"])
         return route, keep, floored(selector.posterior(test["current"]))
-    choose, accept = selectors["choose"], selectors["accept"]
-    route = choose.choice_scores(test["choose"]).argmin(-1)
-    own = test["accept"][torch.arange(len(route)), route]  # (n, d+3): through the chosen route
-    errors = accept.accept_errors(own)[torch.arange(len(route)), route]
-    keep = errors > accept.acceptance_thresholds()[route]
-    return route, keep, floored(choose.posterior(test["choose"]))
+    selector = selectors["routed"]
+    route, keep = selector(routed_features(selector, test))
+    return route, keep, floored(selector.posterior(test["choose"]))
+
+
+def routed_features(selector: AutoSelector, test: dict) -> torch.Tensor:
+    """`(n, 2d+6)`: each input's choice feature, then its acceptance feature through the route chosen on it."""
+    route = selector.choice_scores(test["choose"]).argmin(-1)
+    return torch.cat([test["choose"], test["accept"][torch.arange(len(route)), route]], 1)
 
 
 def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, seen: int) -> dict:
@@ -127,78 +127,46 @@ def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, see
     return rows
 
 
-@torch.no_grad()
-def routed_acceptance_answer(learner: Learner, batch: dict, selectors: dict) -> tuple[torch.Tensor, ...]:
-    """A prototype of the answer with routed acceptance: one pass chooses the route at block 0 (inside the pass),
-    reads its own state entering the acceptance block, and finishes; the inputs that state rejects are answered
-    again on the base model. Returns `(route, keep, label indices within each input's task)`, hard routes."""
-    model, choose, accept = learner.model, selectors["choose"], selectors["accept"]
-    blocks, reached, block = encoder_blocks(learner.backbone), {}, learner.run.ddas_accept_layer
-    mask = batch["attention_mask"]
-    n = mask.shape[0]
-    with routing(
-        learner.backbone,
-        task_ids=torch.zeros(n, dtype=torch.long, device=mask.device),
-        attention_mask=mask,
-        keep_base=torch.ones(n, dtype=torch.bool, device=mask.device),
-        record=False,
-    ) as state:
-
-        def read(index: int):
-            def hook(module, args, kwargs):
-                reached[index] = args[0] if args else kwargs["hidden_states"]
-                if index == CHOOSE:  # the route, chosen inside the pass before block 0's experts run
-                    route = choose.choice_scores(hidden_features(batch, [reached[index]])).argmin(-1)
-                    reached["route"] = route
-                    reroute(learner.backbone, state, route, torch.zeros_like(route, dtype=torch.bool))
-
-            return hook
-
-        handles = [blocks[i].register_forward_pre_hook(read(i), with_kwargs=True) for i in (CHOOSE, block)]
-        try:
-            output = model.pooled(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-    route = reached["route"]
-    own = hidden_features(batch, [reached[block]])
-    keep = accept.accept_errors(own)[torch.arange(len(route)), route] > accept.acceptance_thresholds()[route]
-    if keep.any():
-        rows = {k: v[keep] for k, v in batch.items() if k in MODEL_INPUTS}
-        on_base = {**rows, "task_ids": route[keep], "route_ids": route[keep], "keep_base": keep[keep]}
-        with routing_block(model, on_base):
-            output = output.clone()
-            output[keep] = model.pooled(on_base)
-    tasks = chosen_tasks(batch["task_ids"], route, keep)
-    routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-    return route, keep, model.heads.decide(model.heads(output, routed, model), tasks)
+def answering(learner: Learner, selectors: dict, rule: str, mix: str) -> Learner:
+    """The learner set to answer by `rule`'s final selector (`current` or `routed`), mixed or not."""
+    update = {"ddas_mix": mix, "ddas_accept_state": "route" if rule == "routed" else "base"}
+    learner.run, learner.selector = learner.run.model_copy(update=update), selectors[rule]
+    return learner
 
 
-def prototype_agrees(learner: Learner, selectors: dict, test: dict) -> dict:
-    """How often the prototype's one-pass answer on the final model gives the replay's route, keep-base decision
-    and hard answer (the replay reads each route's states in passes of their own)."""
-    route, keep, _ = decisions("routed", selectors, test)
-    hard = on_route(test["answers"], route, keep).argmax(-1)
-    got: dict[str, list] = {"route": [], "keep": [], "answer": []}
-    split = eval_split(learner.data)
+def library_agrees(learner: Learner, method, selectors: dict, test: dict) -> dict:
+    """How often the library's answer with routed acceptance on the final model (one pass along the chosen route,
+    the rejected inputs again on the base) gives the replay's route, keep-base decision and answer, hard and mixed
+    (the replay reads each route's states in passes of their own)."""
+    route, keep, weights = decisions("routed", selectors, test)
+    replay = {"hard": on_route(test["answers"], route, keep).argmax(-1)}
+    mix = torch.einsum("nt,ntl->nl", weights.double(), test["answers"][:, : weights.shape[1]].double())
+    replay["mixed"] = torch.where(keep[:, None], test["answers"][:, -1].double(), mix).argmax(-1)
+    got: dict[str, list] = {"route": [], "keep": [], "hard": [], "mixed": []}
+    run, split = learner.run, eval_split(learner.data)
     with learner.model.heads.inference_cache():
         for task in learner.data.tasks:
             for batch in learner.batches(
-                learner.data.eval_examples(split, task.task_id, learner.run.max_eval_examples), 50
+                learner.data.eval_examples(split, task.task_id, run.max_eval_examples), 50
             ):
-                for key, value in zip(got, routed_acceptance_answer(learner, batch, selectors)):
-                    got[key].append(value.cpu())
+                for mix, name in (("none", "hard"), ("posterior", "mixed")):
+                    answer = method.answer(answering(learner, selectors, "routed", mix), batch)
+                    got[name].append(answer[3].cpu())
+                got["route"].append(answer[0].cpu())
+                got["keep"].append(answer[1].cpu())
+    learner.run = run
+    got = {k: torch.cat(v) for k, v in got.items()}
     return {
-        "route": float((torch.cat(got["route"]) == route).double().mean()),
-        "keep": float((torch.cat(got["keep"]) == keep).double().mean()),
-        "answer": float((torch.cat(got["answer"]).long() == hard).double().mean()),
+        "route": float((got["route"] == route).double().mean()),
+        "keep": float((got["keep"] == keep).double().mean()),
+        **{name: float((got[name].long() == replay[name]).double().mean()) for name in ("hard", "mixed")},
     }
 
 
 def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
     """The final model's answers on mixed batches: the run's selector (a base pass first, hard routes), routed
     acceptance, and the true task ids (the baseline); each within the head's inference cache."""
-    run = learner.run
+    run, own = learner.run, learner.selector
     examples = [
         e
         for task in learner.data.tasks
@@ -207,19 +175,15 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
     order = np.random.default_rng(0).permutation(len(examples))[:320]
     batches = list(learner.batches([examples[i] for i in order], 64))
     by_task_id = get_method(f"{method.name}-task-id")
-    hard = run.model_copy(update={"ddas_mix": "none"})
     heads = learner.model.heads
 
     def case(name: str):
         @torch.inference_mode()
         def call() -> None:
-            learner.run = hard
+            answering(learner, selectors, "routed" if name == "routed-acceptance" else "current", "none")
             with heads.inference_cache():
                 for batch in batches:
-                    if name == "routed-acceptance":
-                        routed_acceptance_answer(learner, batch, selectors)
-                    else:
-                        (by_task_id if name == "task-ids" else method).answer(learner, batch)
+                    (by_task_id if name == "task-ids" else method).answer(learner, batch)
 
         return call
 
@@ -228,7 +192,7 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
         device=learner.device,
         rounds=rounds,
     )
-    learner.run = run
+    learner.run, learner.selector = run, own
     return {
         "inputs": len(order),
         "batch": 64,
@@ -286,13 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     selectors = {
         "current": new_selector(run, learner.backbone),
-        "choose": AutoSelector(test["choose"].shape[1], choice="shared", percentile=run.ddas_percentile),
-        "accept": AutoSelector(
-            test["choose"].shape[1],
-            threshold="pooled",
-            neighbours=run.ddas_neighbours,
-            percentile=run.ddas_percentile,
-        ),
+        "routed": new_selector(run.model_copy(update={"ddas_accept_state": "route"}), learner.backbone),
     }
     matrices = {f"{rule}-{answer}": [] for rule in ("current", "routed") for answer in ("hard", "mixed")}
     rates: dict[str, list] = {"current": [], "routed": []}
@@ -315,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 fit[key].append(value)
         fit = {k: torch.cat(v) for k, v in fit.items()}
         selectors["current"].add_task(fit["current"], seed=run.seed)
-        selectors["choose"].add_task(fit["choose"], seed=run.seed)
-        selectors["accept"].add_task(fit["accept"][:, 0], seed=run.seed)
+        selectors["routed"].add_task(torch.cat([fit["choose"], fit["accept"][:, 0]], 1), seed=run.seed)
         for rule in rates:
             route, keep, weights = decisions(rule, selectors, test)
             scores = stage_scores(
@@ -352,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "replay_vs_run_max_difference": float(np.abs(np.array(matrices[as_run]) - run_matrix).max()),
     }
-    results["prototype_agrees"] = prototype_agrees(learner, selectors, test)
+    results["library_agrees"] = library_agrees(learner, method, selectors, test)
     if args.speed:
         results["speed"] = speed(learner, method, selectors, args.speed)
     results["seconds"] = round(time.perf_counter() - started, 1)
@@ -361,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>15}: {values}")
     print(f"own rate {results['mean_own_rate']}, unseen to base {results['mean_unseen_to_base_rate']}")
     print(f"replay vs run: {results['replay_vs_run_max_difference']}")
-    print(f"prototype agrees with the replay: {results['prototype_agrees']}")
+    print(f"the library's answer agrees with the replay: {results['library_agrees']}")
     if args.speed:
         print(f"speed: {results['speed']}")
     return 0

@@ -201,12 +201,12 @@ def test_mixing_inside_the_pass_equals_a_loop_over_inputs_and_routes_and_runs_th
     assert not torch.equal(predicted[mixed], hard[mixed])  # spread weights change some answers
 
 
-def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_its_one_pass_prototype_agrees(
+def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_library_s_answer_agrees(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     """`benchmarks/routed_acceptance.py`: the run's own selector, rebuilt stage by stage on the final model, gives
-    the run's accuracy matrix (mixed, as the run answered); the one-pass prototype of routed acceptance gives the
-    replay's routes, base decisions and answers on every test input."""
+    the run's accuracy matrix (mixed, as the run answered); the library's answer with routed acceptance gives the
+    replay's routes, base decisions and answers, hard and mixed, on every test input."""
     settings = {
         "steps_per_task": 4,
         "ddas_layer": 0,
@@ -222,7 +222,7 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_its_one_pa
     assert module.main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
     result = json.loads((tmp_path / "run" / "routed-acceptance.json").read_text())
     assert result["replay_vs_run_max_difference"] == 0.0
-    assert result["prototype_agrees"] == {"route": 1.0, "keep": 1.0, "answer": 1.0}
+    assert result["library_agrees"] == {"route": 1.0, "keep": 1.0, "hard": 1.0, "mixed": 1.0}
     assert set(result["metrics"]) == {"current-hard", "current-mixed", "routed-hard", "routed-mixed"}
     assert all(0 <= rate <= 1 for rate in result["mean_own_rate"].values())
     assert result["speed"]["routed-acceptance_vs_task_ids"]["ratio_median"] > 0

@@ -42,6 +42,13 @@ assumed, so a task whose inputs come in clusters (several lengths, several topic
 the ellipsoid around them all. The cost: each task keeps its fitting features (`ddas_examples` times 0.8 rows of the
 feature width) and every input is compared with all of them.
 
+Routed acceptance (`accept_state="route"`, two stages only): the task is chosen on the leading columns alone (the
+choice block's state: with experts in every block, the embeddings' output, the same on every route), and only the
+chosen task decides acceptance, on the trailing columns read along its own route: each task's acceptance model is
+fitted on its training inputs taken through its own experts, and at inference on the state the pass along the
+chosen route reaches. So no base pass has to run before the routed one; an input the chosen task rejects is
+answered again on the base (:mod:`loramix.methods.continual.sequence`).
+
 One covariance for the choice (`choice="shared"`, `gaussian` only): the task is named by the distance to each
 task's mean under one covariance shared by all learned tasks, the mean of their own (shrunk) covariances, instead of
 by each task's own Gaussian: linear discriminant analysis where the default is quadratic. Acceptance is unchanged
@@ -80,6 +87,7 @@ from loramix.routers.density import fit_autoencoder, fit_temperature, inverse_sq
 NORMALIZE = ("l2", "whiten", "gaussian")  # saved by index: append only
 CHOICES = ("own", "shared")  # saved by index: append only
 THRESHOLDS = ("task", "pooled")
+ACCEPT_STATES = ("base", "route")
 
 
 class AutoSelector(nn.Module):
@@ -105,6 +113,7 @@ class AutoSelector(nn.Module):
         threshold: str = "task",
         neighbours: int = 0,
         choice: str = "own",
+        accept_state: str = "base",
     ) -> None:
         super().__init__()
         if not 0 < percentile <= 100:
@@ -133,6 +142,11 @@ class AutoSelector(nn.Module):
                 f"choice must be one of {CHOICES} ('shared' with the gaussian rule only), got {choice!r} with "
                 f"{normalize!r}"
             )
+        if accept_state not in ACCEPT_STATES or (accept_state == "route" and not accept_width):
+            raise ConfigError(
+                f"accept_state must be one of {ACCEPT_STATES} ('route' with an acceptance stage of its own: "
+                f"accept_width > 0), got {accept_state!r} with accept_width {accept_width}"
+            )
         self.in_features, self.hidden, self.percentile = in_features, hidden, percentile
         self.shrinkage = shrinkage
         self.register_buffer("rule", torch.tensor(NORMALIZE.index(normalize)))  # saved: how it decides
@@ -141,13 +155,18 @@ class AutoSelector(nn.Module):
         self.register_buffer("dec_w", torch.zeros(0, in_features, hidden))  # (T, d, h)
         self.register_buffer("dec_b", torch.zeros(0, in_features))
         self.register_buffer("thresholds", torch.zeros(0))  # (T,)
-        # `whiten` and `gaussian`: each task's mean (T, d) and inverse square root of its covariance (T, d, d)
-        self.register_buffer("center", torch.zeros(0, in_features))
-        self.register_buffer("whitening", torch.zeros(0, in_features, in_features))
+        # two stages: the width a of the acceptance columns (0: one stage); routed acceptance (saved): the choice
+        # reads the leading c = d - a columns only, acceptance the chosen task's model of the trailing a, read along
+        # its route
+        self.register_buffer("accept_columns", torch.tensor(accept_width))
+        self.register_buffer("accept_routed", torch.tensor(accept_state == "route"))
+        # `whiten` and `gaussian`: each task's mean (T, c) and inverse square root of its covariance (T, c, c)
+        width = self.choice_width
+        self.register_buffer("center", torch.zeros(0, width))
+        self.register_buffer("whitening", torch.zeros(0, width, width))
         self.register_buffer("log_error_stats", torch.zeros(0, 2))  # (T, 2): mean, std of log held-out errors
         self.register_buffer("log_det", torch.zeros(0))  # (T,): log det of each covariance; `gaussian` only
-        # two stages: the width a of the acceptance columns (0: one stage), and each task's Gaussian of them
-        self.register_buffer("accept_columns", torch.tensor(accept_width))
+        # two stages: each task's Gaussian of the acceptance columns
         self.register_buffer("accept_center", torch.zeros(0, accept_width))  # (T, a)
         self.register_buffer("accept_whitening", torch.zeros(0, accept_width, accept_width))  # (T, a, a)
         self.register_buffer("accept_log_det", torch.zeros(0))  # (T,)
@@ -186,6 +205,17 @@ class AutoSelector(nn.Module):
     def accept_width(self) -> int:
         """How many trailing feature columns decide acceptance on their own (0: all of them, one stage)."""
         return int(self.accept_columns)
+
+    @property
+    def accept_state(self) -> str:
+        """`route`: acceptance reads the chosen task's route (see the module's docstring); `base`: the features as
+        given."""
+        return ACCEPT_STATES[int(self.accept_routed)]
+
+    @property
+    def choice_width(self) -> int:
+        """How many leading feature columns choose the task (all of them, but with routed acceptance)."""
+        return self.in_features - (self.accept_width if self.accept_state == "route" else 0)
 
     @property
     def k(self) -> int:
@@ -241,7 +271,7 @@ class AutoSelector(nn.Module):
 
     def shared_scores(self, features: Tensor) -> Tensor:
         """`(n, T)`: each input's squared distance to each task's mean under the shared covariance (`shared`)."""
-        x = features.float() @ self.shared_whitening  # (n, d)
+        x = features.float()[:, : self.choice_width] @ self.shared_whitening  # (n, c)
         means = self.center @ self.shared_whitening  # (T, d)
         return (x[:, None] - means).pow(2).sum(-1)
 
@@ -251,7 +281,7 @@ class AutoSelector(nn.Module):
         precision = torch.linalg.inv(torch.stack(covariances).mean(0))
         columns = []
         for center in self.center.double():
-            offset = features.double() - center  # (n, d)
+            offset = features.double()[:, : self.choice_width] - center  # (n, c)
             columns.append(((offset @ precision) * offset).sum(-1))
         return torch.stack(columns, 1).float()
 
@@ -260,6 +290,7 @@ class AutoSelector(nn.Module):
         x = features.float()
         if self.normalize == "l2":
             return F.normalize(x, dim=-1)[:, None]
+        x = x[:, : self.choice_width]
         return torch.einsum("ntd,tde->nte", x[:, None] - self.center, self.whitening)
 
     def errors(self, features: Tensor) -> Tensor:
@@ -303,7 +334,11 @@ class AutoSelector(nn.Module):
                 z = (x[:, -self.accept_width :] - self.accept_center[t]) @ self.accept_whitening[t]
                 columns.append(z.pow(2).sum(-1) + self.accept_log_det[t])
                 continue
-            z = F.normalize(x, dim=-1) if self.normalize == "l2" else (x - self.center[t]) @ self.whitening[t]
+            z = (
+                F.normalize(x, dim=-1)
+                if self.normalize == "l2"
+                else (x[:, : self.choice_width] - self.center[t]) @ self.whitening[t]
+            )
             if self.normalize == "gaussian":
                 columns.append(z.pow(2).sum(-1) + self.log_det[t])
                 continue
@@ -342,13 +377,18 @@ class AutoSelector(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`(task_ids (n,), keep_base (n,) bool)` for features `(n, d)`; with no task learned, all go to the base.
         Among the tasks that accept a sample, the most familiar one (two stages: the most familiar of all learned
-        tasks; `shared`: the nearest under the shared covariance); no task accepts it: the base model."""
+        tasks; `shared`: the nearest under the shared covariance); no task accepts it: the base model. Routed
+        acceptance: the chosen task alone accepts or rejects, on the trailing columns read along its route."""
         n, device = features.shape[0], features.device
         if self.num_tasks == 0:
             zeros = torch.zeros(n, dtype=torch.long, device=device)
             return zeros, torch.ones(n, dtype=torch.bool, device=device)
         features = features.to(self.thresholds.device)  # where the selector lives
         thresholds = self.acceptance_thresholds()
+        if self.accept_state == "route":
+            route = self.choice_scores(features).argmin(-1)  # (n,)
+            errors = self.accept_errors(features).gather(1, route[:, None])[:, 0]
+            return route.to(device), (errors > thresholds[route]).to(device)
         if self.accept_width or self.k:  # acceptance has errors of its own
             scores = self.choice_scores(features)  # (n, T)
             accepted = self.accept_errors(features) <= thresholds  # (n, T)
@@ -384,7 +424,7 @@ class AutoSelector(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(features.shape[0], generator=generator)
         cut = max(1, int(round(holdout * features.shape[0])))
-        held, fit = features[order[:cut]], features[order[cut:]]
+        held, fit = features[order[:cut], : self.choice_width], features[order[cut:], : self.choice_width]
         center, whitening, log_det = self._gaussian(fit)
         if self.normalize == "l2":
             held, fit = F.normalize(held, dim=-1), F.normalize(fit, dim=-1)
@@ -478,6 +518,7 @@ class AutoSelector(nn.Module):
             state["pooled_level"] = torch.tensor(0.0)
             state["held_errors"] = torch.full((state["thresholds"].shape[0], 0), math.nan)
         state.setdefault("choice_rule", torch.tensor(CHOICES.index("own")))  # saved before the shared choice
+        state.setdefault("accept_routed", torch.tensor(False))  # saved before routed acceptance
         if "neighbours" not in state:  # saved before nearest neighbours: its Gaussians accept
             width = int(state.get("accept_columns", torch.tensor(0))) or self.in_features
             state.update(

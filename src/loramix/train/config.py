@@ -242,6 +242,14 @@ class RunConfig(BaseModel):
         "task is then chosen on both blocks' features. 3 sends more unseen inputs to the base at the inference "
         "cost of running 3 blocks. null: block `ddas_layer` decides both.",
     )
+    ddas_accept_state: Literal["base", "route"] = Field(
+        "base",
+        description="Auto-selector with a `ddas_accept_layer`: acceptance reads the base model's state entering "
+        "that block, and the task is chosen on both blocks (base); or the task is chosen on block `ddas_layer` "
+        "alone and acceptance reads the state entering `ddas_accept_layer` of the pass along the chosen task's "
+        "route, compared with that task's training inputs taken through its own experts (route: no base pass "
+        "before the routed one when experts sit in every block; rejected inputs are answered again on the base).",
+    )
     ddas_normalize: Literal["gaussian", "whiten", "l2"] = Field(
         "gaussian",
         description="Auto-selector: each task's Gaussian of its features' mean and shrunk covariance, the most "

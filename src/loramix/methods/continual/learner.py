@@ -24,6 +24,7 @@ from loramix.methods.continual.features import (
     selector_stats,
     selector_width,
 )
+from loramix.methods.continual.routed import routed_pass
 from loramix.routers.selector import AutoSelector
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
@@ -89,26 +90,36 @@ class Learner:
     @torch.no_grad()
     def base_features(self, batch: dict[str, Tensor]) -> Tensor:
         """The auto-selector's feature of each input `(n, d)`, from the untouched base model (see
-        :func:`selector_features`); the second block's too where the selector has an acceptance stage (a run
-        saved before `ddas_accept_layer` existed has none)."""
-        two_stage = self.selector is not None and self.selector.accept_width > 0
-        accept = self.run.ddas_accept_layer if two_stage else None
+        :func:`selector_features`); the second block's too where the selector has an acceptance stage of the base
+        state (a run saved before `ddas_accept_layer` existed has none; routed acceptance reads its own along the
+        route: :mod:`.routed`)."""
+        accept = self.run.ddas_accept_layer if self.two_stage else None
         kind, layer = self.run.ddas_features, self.run.ddas_layer
         return selector_features(self.backbone, batch, kind, layer, accept, self.feature_stats())
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether the selector's features hold the base state entering a second block (`ddas_accept_layer`)."""
+        return self.selector is not None and self.selector.accept_width > 0 and not self.routed_acceptance
+
+    @property
+    def routed_acceptance(self) -> bool:
+        """Whether the selector accepts by the routed pass's own state (`ddas_accept_state: route`)."""
+        return self.selector is not None and self.selector.accept_state == "route"
 
     def feature_stats(self) -> int:
         """The token statistics the selector's `hidden` feature ends with: 3, or 2 for a selector an earlier
         version fitted (see :func:`selector_stats`)."""
-        if self.selector is None or self.run.ddas_features != "hidden":
+        if self.selector is None or self.run.ddas_features != "hidden" or self.routed_acceptance:
             return STATS
-        return selector_stats(self.selector.in_features, self.backbone, self.selector.accept_width > 0)
+        return selector_stats(self.selector.in_features, self.backbone, self.two_stage)
 
     def in_pass_layers(self) -> list[int] | None:
         """The blocks whose input states the auto-selector reads, where it can read them inside the inference pass
         itself (no adapted layer before the last of them: see :func:`routed_by_selector`); else None."""
-        if self.selector is None or self.run.ddas_features != "hidden":
+        if self.selector is None or self.run.ddas_features != "hidden" or self.routed_acceptance:
             return None
-        accept = self.run.ddas_accept_layer if self.selector.accept_width > 0 else None
+        accept = self.run.ddas_accept_layer if self.two_stage else None
         layers = selector_layers(self.run.ddas_layer, accept)
         return layers if reads_in_pass(self.backbone, layers) else None
 
@@ -116,12 +127,15 @@ class Learner:
         """`(task ids, keep-base mask)` the auto-selector gives a batch's inputs, computed beside the model (the
         selector follows it to the accelerator; it is fitted on the CPU)."""
         assert self.selector is not None
+        if self.routed_acceptance:
+            return routed_pass(self, batch)[:2]
         return self.selector.to(self.device)(self.base_features(batch))
 
 
 def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
     """An empty auto-selector for the run's features and rule (`ddas_*`); two stages with a `ddas_accept_layer` of
-    its own."""
+    its own (with routed acceptance, the choice block's feature and the acceptance block's, each with its token
+    statistics)."""
     two_stage = run.ddas_accept_layer not in (None, run.ddas_layer)
     if run.ddas_features == "hidden":
         blocks = len(encoder_blocks(backbone))
@@ -131,16 +145,19 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
                     f"{key}: {getattr(run, key)} is past the model's {blocks} blocks; choose 0 (the embeddings' "
                     f"output) to {blocks} (the last block's)"
                 )
+    routed = two_stage and run.ddas_accept_state == "route"
+    width = selector_width(backbone, run.ddas_features)
     return AutoSelector(
-        selector_width(backbone, run.ddas_features, two_stage),
+        2 * width if routed else selector_width(backbone, run.ddas_features, two_stage),
         hidden=run.ddas_hidden,
         percentile=run.ddas_percentile,
         normalize=run.ddas_normalize,
         shrinkage=run.ddas_shrinkage,
-        accept_width=selector_width(backbone, run.ddas_features) if two_stage else 0,
+        accept_width=width if two_stage else 0,
         threshold=run.ddas_threshold,
         neighbours=run.ddas_neighbours,
         choice=run.ddas_choice,
+        accept_state=run.ddas_accept_state if two_stage else "base",
     )
 
 
@@ -187,6 +204,7 @@ SELECTOR_SETTINGS = (
     "ddas_features",
     "ddas_layer",
     "ddas_accept_layer",
+    "ddas_accept_state",
     "ddas_normalize",
     "ddas_threshold",
     "ddas_percentile",

@@ -42,6 +42,8 @@ from loramix.methods.continual.learner import (
 )
 from loramix.methods.continual.mixing import InPassMixture, batch_rows, mixed_inputs, posterior_answer
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
+from loramix.methods.continual.routed import routed_pass
+from loramix.methods.continual.routed import task_features as routed_task_features
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
 from loramix.train.callbacks import Callback
@@ -109,6 +111,12 @@ class Continual(Method):
             raise ConfigError(
                 "ddas_accept_layer: a second block for the auto-selector needs ddas_features: hidden and "
                 "ddas_normalize: gaussian; set ddas_accept_layer: null"
+            )
+        if run.ddas_accept_state == "route" and run.ddas_accept_layer in (None, run.ddas_layer):
+            raise ConfigError(
+                "ddas_accept_state: route accepts by the state entering ddas_accept_layer along the chosen route "
+                f"and needs a ddas_accept_layer other than ddas_layer ({run.ddas_layer}); set ddas_accept_layer "
+                "(3, say) or ddas_accept_state: base"
             )
         if run.ddas_neighbours and run.ddas_normalize != "gaussian":
             raise ConfigError(
@@ -197,7 +205,17 @@ class Continual(Method):
         layers = learner.in_pass_layers() if self.uses_selector else None
         mix = self.uses_selector and learner.run.ddas_mix == "posterior"
         features = None  # what the selector read, for `ddas_mix` to weigh the routes by
-        if layers is None:
+        if (
+            self.uses_selector and learner.routed_acceptance
+        ):  # one pass along the chosen route (:mod:`.routed`)
+            model = learner.model
+            route, keep, output, features = routed_pass(learner, batch)
+            tasks = chosen_tasks(task_ids, route, keep)
+            routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
+            predicted = model.heads.decide(model.heads(output, routed, model), tasks)
+            if mix:
+                predicted = posterior_answer(learner, batch, keep, predicted, features)
+        elif layers is None:
             if self.uses_selector:
                 features = learner.base_features(batch)
                 route, keep = learner.selector.to(learner.device)(features)  # type: ignore[union-attr]
@@ -236,8 +254,12 @@ class Continual(Method):
         return route, keep, tasks, predicted
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
-        feats = [learner.base_features(b) for b in learner.batches(self.task_examples(learner, task), 64)]
-        return torch.cat(feats).cpu()
+        """What the auto-selector fits task `task` on: its training inputs' base features, or with routed
+        acceptance those of the choice block and the acceptance block's along the task's own route."""
+        batches = learner.batches(self.task_examples(learner, task), 64)
+        if learner.routed_acceptance:
+            return torch.cat([routed_task_features(learner, b, task) for b in batches]).cpu()
+        return torch.cat([learner.base_features(b) for b in batches]).cpu()
 
     def task_examples(self, learner: Learner, task: int) -> list:
         """The training inputs the auto-selector fits task `task` on: `ddas_examples` of them, seeded."""
