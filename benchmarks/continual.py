@@ -60,6 +60,7 @@ def selector_speed(
     first_block: int = 0,
     neighbours: int = 0,
     choice: str = "own",
+    accept_state: str = "base",
 ) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
     from `first_block` on): with the auto-selector choosing each input's task (or the base) from its `hidden`
@@ -69,9 +70,14 @@ def selector_speed(
     pass itself where its blocks come no later than the first adapted one (as a continual run does), else from a
     base pass of its own first. `neighbours` k: the k-th nearest of each task's 800 fitting features decides
     acceptance (pooled threshold), as `ddas_neighbours` with the run's 1000 `ddas_examples` keeps them. `choice`:
-    `ddas_choice` (shared: the task named under one covariance)."""
+    `ddas_choice` (shared: the task named under one covariance). `accept_state` route: `ddas_accept_state: route`,
+    the task chosen on block `layer`'s base feature, acceptance read by the pass along that route at block
+    `accept_layer` (each task's acceptance columns fitted along its own route), rejected inputs passed again on the
+    base."""
     import loramix
     from loramix.methods.continual.features import (
+        base_hidden_states,
+        hidden_features,
         reads_in_pass,
         routed_by_selector,
         selector_features,
@@ -79,6 +85,7 @@ def selector_speed(
         selector_width,
     )
     from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
+    from loramix.methods.continual.routed import routed_hidden
     from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 
@@ -104,18 +111,24 @@ def selector_speed(
     with torch.no_grad():
         for param in loramix.adapter_state(model).values():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    two_stage = accept_layer is not None
+    two_stage, routed = accept_layer is not None, accept_state == "route"
     selector = AutoSelector(
-        selector_width(model, "hidden", two_stage),
+        2 * selector_width(model, "hidden") if routed else selector_width(model, "hidden", two_stage),
         accept_width=selector_width(model, "hidden") if two_stage else 0,
         neighbours=neighbours,
         threshold="pooled" if neighbours else "task",
         choice=choice,
+        accept_state=accept_state,
     )
     fitted = 1000 if neighbours else 200  # a Gaussian's cost does not depend on how many it was fitted on
     for task in range(tasks):  # fitted on each task's share of a vocabulary
         ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (fitted, seq), generator=generator)
         sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if routed:  # the acceptance block's state along the task's own route
+            own = base_hidden_states(model, sample, [accept_layer], torch.full((fitted,), task))
+            features = [selector_features(model, sample, "hidden", layer), hidden_features(sample, own)]
+            selector.add_task(torch.cat(features, -1))
+            continue
         selector.add_task(selector_features(model, sample, "hidden", layer, accept_layer))
     task_ids = torch.arange(batch) % tasks
     input_ids = torch.stack(
@@ -132,10 +145,14 @@ def selector_speed(
             model(**inputs)
 
     layers = selector_layers(layer, accept_layer)
-    in_pass = reads_in_pass(model, layers)
+    in_pass = reads_in_pass(model, layers) and not routed
 
     @torch.inference_mode()
     def selected() -> None:
+        if routed:
+            choice = selector_features(model, inputs, "hidden", layer)
+            routed_hidden(model, inputs, selector, choice, accept_layer)
+            return
         if in_pass:
             with routed_by_selector(model, inputs, selector, layers):
                 model(**inputs)
@@ -152,6 +169,7 @@ def selector_speed(
         "ddas_normalize": selector.normalize,
         **({"ddas_neighbours": neighbours} if neighbours else {}),
         **({"ddas_choice": choice} if choice != "own" else {}),
+        **({"ddas_accept_state": accept_state} if routed else {}),
         "layers_to_transform": config["layers_to_transform"],
         "in_pass": in_pass,
         "batch": batch,
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=int,
         help="with --speed: only these of its cases, by position (6 and 7: the nearest-neighbour selector; 8 and "
-        "9: the same with the shared choice)",
+        "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route)",
     )
     parser.add_argument(
         "--set",
@@ -294,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps(entry.get("layers_to_transform")),
                 entry.get("ddas_neighbours", 0),
                 entry.get("ddas_choice", "own"),
+                entry.get("ddas_accept_state", "base"),
             )
 
-        # (layer, accept_layer, first adapted block, neighbours, choice)
+        # (layer, accept_layer, first adapted block, neighbours, choice, accept_state)
         cases = tuple(
-            (*c, "own")
+            (*c, "own", "base")
             for c in (
                 (0, None, 0, 0),
                 (3, None, 0, 0),
@@ -308,10 +327,19 @@ def main(argv: list[str] | None = None) -> int:
                 (0, 1, 1, 0),
             )
         )
-        cases += ((0, 3, 0, 3, "own"), (0, 3, 3, 3, "own"), (0, 3, 0, 3, "shared"), (0, 3, 3, 3, "shared"))
+        cases += tuple(
+            (*c, "base")
+            for c in (
+                (0, 3, 0, 3, "own"),
+                (0, 3, 3, 3, "own"),
+                (0, 3, 0, 3, "shared"),
+                (0, 3, 3, 3, "shared"),
+            )
+        )
+        cases += ((0, 3, 0, 3, "shared", "route"),)  # routed acceptance, experts in every block
         if args.cases:
             cases = tuple(cases[i] for i in args.cases)
-        for layer, accept_layer, first_block, neighbours, choice in cases:
+        for layer, accept_layer, first_block, neighbours, choice, accept_state in cases:
             entry = {
                 **selector_speed(
                     15,
@@ -323,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     first_block=first_block,
                     neighbours=neighbours,
                     choice=choice,
+                    accept_state=accept_state,
                 ),
                 "threads": args.threads,
                 "device": device_name(torch.device("cpu")),

@@ -21,7 +21,12 @@ def test_a_word_keeps_the_settings_that_name_or_mention_it_the_closest_first(cap
     assert main(["settings", "ddas_accept"]) == 0
     out = capsys.readouterr().out
     listed = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
-    assert listed == ["ddas_accept_layer", "layers_to_transform", "ddas_neighbours"]  # named, then mentioned
+    assert listed == [
+        "ddas_accept_layer",
+        "ddas_accept_state",
+        "layers_to_transform",
+        "ddas_neighbours",
+    ]  # named, then mentioned
     assert main(["settings", "lr"]) == 0
     listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert listed[0] == "lr" and {"router_lr", "head_lr", "backbone_lr"} < set(listed)

@@ -19,7 +19,6 @@ from loramix.methods import get_method
 from loramix.methods.continual.features import hidden_features
 from loramix.methods.continual.learner import Learner, check_continued_settings, new_selector
 from loramix.methods.continual.mixing import posterior_answer_loop
-from loramix.methods.continual.routed import routed_pass
 from loramix.train.config import RunConfig
 from loramix.train.model import MODEL_INPUTS
 from tests.methods.test_continual import continual_run, trained_learner
@@ -91,7 +90,7 @@ def test_routed_acceptance_answers_along_the_chosen_route_and_on_the_base_where_
     batch = next(learner.batches(examples, 24))
     with torch.no_grad():
         route, keep, _, predicted = method.answer(learner, batch)
-        _, _, pooled, features = routed_pass(learner, batch)
+        _, _, pooled, features = learner.routed_pass(batch)
         chosen = learner.selector.choice_scores(features).argmin(-1)
         reference = reference_features(learner, batch, chosen)
         reference_route, reference_keep = learner.selector(reference)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from loramix.data import MultiTaskData
 from loramix.errors import CheckpointError, ConfigError
+from loramix.heads.base import pool
 from loramix.methods.continual.features import (
     STATS,
     encoder_blocks,
@@ -24,7 +25,7 @@ from loramix.methods.continual.features import (
     selector_stats,
     selector_width,
 )
-from loramix.methods.continual.routed import routed_pass
+from loramix.methods.continual.routed import acceptance_features, routed_hidden
 from loramix.routers.selector import AutoSelector
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
@@ -128,8 +129,28 @@ class Learner:
         selector follows it to the accelerator; it is fitted on the CPU)."""
         assert self.selector is not None
         if self.routed_acceptance:
-            return routed_pass(self, batch)[:2]
+            return self.routed_pass(batch)[:2]
         return self.selector.to(self.device)(self.base_features(batch))
+
+    def routed_pass(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`(route (n,), keep (n,), pooled output (n, d), features (n, c + a))` of a batch under routed acceptance
+        (:func:`.routed.routed_hidden`; the choice feature is the base state entering block `ddas_layer`)."""
+        assert self.selector is not None
+        route, keep, hidden, features = routed_hidden(
+            self.backbone,
+            batch,
+            self.selector.to(self.device),
+            self.base_features(batch),
+            self.run.ddas_accept_layer,
+        )
+        return route, keep, pool(hidden, batch.get("attention_mask"), self.model.pooling), features
+
+    def routed_task_features(self, batch: dict[str, Tensor], task: int) -> Tensor:
+        """`(n, c + a)`: what a routed selector fits task `task` on: the choice block's base feature, then the
+        acceptance block's state along the task's own route."""
+        route = torch.full((batch["attention_mask"].shape[0],), task, device=self.device)
+        accept = acceptance_features(self.backbone, batch, self.run.ddas_accept_layer, route)
+        return torch.cat([self.base_features(batch), accept], -1)
 
 
 def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:

@@ -42,8 +42,6 @@ from loramix.methods.continual.learner import (
 )
 from loramix.methods.continual.mixing import InPassMixture, batch_rows, mixed_inputs, posterior_answer
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
-from loramix.methods.continual.routed import routed_pass
-from loramix.methods.continual.routed import task_features as routed_task_features
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
 from loramix.train.callbacks import Callback
@@ -209,7 +207,7 @@ class Continual(Method):
             self.uses_selector and learner.routed_acceptance
         ):  # one pass along the chosen route (:mod:`.routed`)
             model = learner.model
-            route, keep, output, features = routed_pass(learner, batch)
+            route, keep, output, features = learner.routed_pass(batch)
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
             predicted = model.heads.decide(model.heads(output, routed, model), tasks)
@@ -258,7 +256,7 @@ class Continual(Method):
         acceptance those of the choice block and the acceptance block's along the task's own route."""
         batches = learner.batches(self.task_examples(learner, task), 64)
         if learner.routed_acceptance:
-            return torch.cat([routed_task_features(learner, b, task) for b in batches]).cpu()
+            return torch.cat([learner.routed_task_features(b, task) for b in batches]).cpu()
         return torch.cat([learner.base_features(b) for b in batches]).cpu()
 
     def task_examples(self, learner: Learner, task: int) -> list:
