@@ -164,8 +164,9 @@ def library_agrees(learner: Learner, method, selectors: dict, test: dict) -> dic
 
 
 def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
-    """The final model's answers on mixed batches: the run's selector (a base pass first, hard routes), routed
-    acceptance, and the true task ids (the baseline); each within the head's inference cache."""
+    """The final model's answers on mixed batches: the run's selector (a base pass first) and routed acceptance,
+    each hard and mixed by the posterior, against the true task ids (the baseline); each within the head's
+    inference cache."""
     run, own = learner.run, learner.selector
     examples = [
         e
@@ -176,11 +177,17 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
     batches = list(learner.batches([examples[i] for i in order], 64))
     by_task_id = get_method(f"{method.name}-task-id")
     heads = learner.model.heads
+    cases = {  # name: (selector, ddas_mix)
+        "current": ("current", "none"),
+        "routed-acceptance": ("routed", "none"),
+        "current-mixed": ("current", "posterior"),
+        "routed-acceptance-mixed": ("routed", "posterior"),
+    }
 
     def case(name: str):
         @torch.inference_mode()
         def call() -> None:
-            answering(learner, selectors, "routed" if name == "routed-acceptance" else "current", "none")
+            answering(learner, selectors, *cases.get(name, ("current", "none")))
             with heads.inference_cache():
                 for batch in batches:
                     (by_task_id if name == "task-ids" else method).answer(learner, batch)
@@ -188,9 +195,7 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
         return call
 
     timings = interleaved(
-        {name: case(name) for name in ("task-ids", "current", "routed-acceptance")},
-        device=learner.device,
-        rounds=rounds,
+        {name: case(name) for name in ("task-ids", *cases)}, device=learner.device, rounds=rounds
     )
     learner.run, learner.selector = run, own
     return {
@@ -198,8 +203,7 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
         "batch": 64,
         "rounds": rounds,
         **{
-            f"{name}_vs_task_ids": ratio_stats(timings.wall[name], timings.wall["task-ids"])
-            for name in ("current", "routed-acceptance")
+            f"{name}_vs_task_ids": ratio_stats(timings.wall[name], timings.wall["task-ids"]) for name in cases
         },
     }
 

@@ -225,4 +225,7 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
     assert result["library_agrees"] == {"route": 1.0, "keep": 1.0, "hard": 1.0, "mixed": 1.0}
     assert set(result["metrics"]) == {"current-hard", "current-mixed", "routed-hard", "routed-mixed"}
     assert all(0 <= rate <= 1 for rate in result["mean_own_rate"].values())
-    assert result["speed"]["routed-acceptance_vs_task_ids"]["ratio_median"] > 0
+    assert all(
+        result["speed"][f"{name}_vs_task_ids"]["ratio_median"] > 0
+        for name in ("current", "routed-acceptance", "current-mixed", "routed-acceptance-mixed")
+    )

@@ -47,7 +47,7 @@ choice block's state: with experts in every block, the embeddings' output, the s
 chosen task decides acceptance, on the trailing columns read along its own route: each task's acceptance model is
 fitted on its training inputs taken through its own experts, and at inference on the state the pass along the
 chosen route reaches. So no base pass has to run before the routed one; an input the chosen task rejects is
-answered again on the base (:mod:`loramix.methods.continual.sequence`).
+answered again on the base (:mod:`loramix.methods.continual.routed`).
 
 One covariance for the choice (`choice="shared"`, `gaussian` only): the task is named by the distance to each
 task's mean under one covariance shared by all learned tasks, the mean of their own (shrunk) covariances, instead of

@@ -196,17 +196,18 @@ class Continual(Method):
         """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch. Where the
         selector's blocks come before every adapted one, it routes inside the inference pass itself
         (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass; with `ddas_mix`
-        the pass goes on with the mixture's rows from there); otherwise routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix predict`
-        row that names none) takes the task the auto-selector chose for it; one the selector keeps on the base is
-        answered by the base among every task's classes, and takes the task of the class that wins."""
+        the pass goes on with the mixture's rows from there); with routed acceptance the pass follows the route
+        chosen on the choice block and the inputs its acceptance block rejects are passed again on the base
+        (:meth:`Learner.routed_pass`; with `ddas_mix` the accepted ones are then answered over the mixture's rows);
+        otherwise routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix
+        predict` row that names none) takes the task the auto-selector chose for it; one the selector keeps on the
+        base is answered by the base among every task's classes, and takes the task of the class that wins."""
         task_ids = batch["task_ids"]
         layers = learner.in_pass_layers() if self.uses_selector else None
         mix = self.uses_selector and learner.run.ddas_mix == "posterior"
         features = None  # what the selector read, for `ddas_mix` to weigh the routes by
-        if (
-            self.uses_selector and learner.routed_acceptance
-        ):  # one pass along the chosen route (:mod:`.routed`)
-            model = learner.model
+        if self.uses_selector and learner.routed_acceptance:
+            model = learner.model  # one pass along the chosen route, the rejected inputs again on the base
             route, keep, output, features = learner.routed_pass(batch)
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
