@@ -18,9 +18,10 @@ from loramix.errors import ConfigError
 from loramix.methods import get_method
 from loramix.methods.continual.features import hidden_features
 from loramix.methods.continual.learner import Learner, check_continued_settings, new_selector
-from loramix.methods.continual.mixing import posterior_answer_loop
+from loramix.methods.continual.mixing import floored, posterior_answer_loop
 from loramix.train.config import RunConfig
 from loramix.train.model import MODEL_INPUTS
+from loramix.train.predict import UNKNOWN_TASK
 from tests.methods.test_continual import continual_run, trained_learner
 from tests.train import toys
 
@@ -59,6 +60,11 @@ def reference_features(learner: Learner, batch: dict, routes: torch.Tensor) -> t
     return torch.cat(
         [hidden_features(batch, [states(learner, batch, None)[0]]), hidden_features(batch, [mine])], -1
     )
+
+
+def answering(learner: Learner, mix: str) -> Learner:
+    learner.run = learner.run.model_copy(update={"ddas_mix": mix})
+    return learner
 
 
 @pytest.mark.parametrize("method_name", ["continual-mola-grad", "moe-adapters"])
@@ -105,12 +111,22 @@ def test_routed_acceptance_answers_along_the_chosen_route_and_on_the_base_where_
     assert not torch.isclose(pooled[~keep], base[~keep]).all(-1).any()
     assert torch.equal(predicted, expected)
 
-    # mixed by the posterior: the inputs their chosen route accepts are answered through every weighty route
-    learner.run = learner.run.model_copy(update={"ddas_mix": "posterior"})
+    # mixed by the posterior: the inputs their chosen route accepts are answered through every weighty route (a
+    # flatter posterior, so that each input takes several)
+    learner.selector.temperature = torch.tensor(30.0)
+    assert (floored(learner.selector.posterior(features)) > 0).sum(-1).min() > 1
     with torch.no_grad():
-        _, _, _, mixed = method.answer(learner, batch)
+        _, _, _, mixed = method.answer(answering(learner, "posterior"), batch)
         loop = posterior_answer_loop(learner, batch, reference_keep, expected)
     assert torch.equal(mixed, loop)
+    # inputs of no given task take their chosen route's answer, mixed or not (or the base's among every task's)
+    unknown = torch.arange(len(route)) % 3 == 0
+    asked = {**batch, "task_ids": torch.where(unknown, UNKNOWN_TASK, batch["task_ids"])}
+    with torch.no_grad():
+        answers = {mix: method.answer(answering(learner, mix), asked) for mix in ("none", "posterior")}
+    for got, want in zip(answers["posterior"], answers["none"]):
+        assert torch.equal(got[unknown], want[unknown])
+    assert torch.equal(answers["posterior"][3][~unknown], mixed[~unknown])
 
 
 def test_routed_acceptance_needs_an_acceptance_block_and_a_continued_run_keeps_it(

@@ -13,7 +13,9 @@ batch is expanded to those `(input, route)` rows and run as one pass. The poster
 read to route the batch. Where the selector routes from a base pass of its own, the inputs to mix skip the routed
 pass (:func:`mixed_inputs`); where it routes inside the pass (experts only in the blocks after the ones it reads),
 the pass itself expands to the rows at the selector's block (:class:`InPassMixture`): the blocks before it run once
-per input.
+per input. With routed acceptance (`ddas_accept_state: route`) the rows are made before the pass, from the choice
+block's posterior, and the pass over them also reads the acceptance state of each input's chosen route
+(:func:`routed_mixture`).
 
 Legend: n samples, T learned tasks, L classes of every task, m expanded rows.
 """
@@ -24,7 +26,9 @@ import torch
 from torch import Tensor
 
 from loramix.heads.base import pool
+from loramix.methods.continual.features import hidden_features
 from loramix.methods.continual.learner import Learner
+from loramix.methods.continual.routed import on_base, pass_reading
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.step import routed as routing_block
 
@@ -146,6 +150,62 @@ class InPassMixture:
         logits = model.heads(pool(hidden, rows.get("attention_mask"), model.pooling), rows, model)  # (m, L)
         answers = torch.softmax(logits.float(), -1)
         return mixed_decision(self.learner, answers, self.sample, self.weight, tasks)
+
+
+@torch.no_grad()
+def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """`ddas_mix: posterior` with routed acceptance, in one pass over the rows: `(route, keep, label indices)`, each
+    `(n,)`. Every input of a given task takes a row for each route its choice feature's posterior weighs (and
+    always one for the route chosen, the argmax); the pass over the rows reads each row's state entering
+    `ddas_accept_layer`, and the chosen route's row decides acceptance as :meth:`Learner.routed_pass` does. An
+    accepted input is answered by the mixture of its rows' answers; a rejected one again on the base; an input of
+    no given task by its chosen route's row. Equal to the hard routed pass followed by :func:`posterior_answer`
+    (the tests' reference: `posterior_answer_loop`) without the hard pass over the inputs to mix."""
+    assert learner.selector is not None and learner.selector.num_tasks > 0
+    model, selector = learner.model, learner.selector.to(learner.device)
+    choice = learner.base_features(batch)  # (n, c)
+    route = selector.choice_scores(choice).argmin(-1).to(learner.device)
+    n = len(route)
+    given = batch["task_ids"] != UNKNOWN_TASK
+    weights = floored(selector.posterior(choice).to(learner.device)) * given[:, None]  # (n, T)
+    present = weights > 0
+    present[torch.arange(n), route] = True
+    sample, routes = present.nonzero(as_tuple=True)  # (m,), in input order
+    rows = batch_rows(batch, sample)
+    hidden, state = pass_reading(
+        learner.backbone,
+        rows,
+        routes,
+        torch.zeros_like(routes, dtype=torch.bool),
+        learner.run.ddas_accept_layer,
+    )
+    chosen = (routes == route[sample]).nonzero().squeeze(1)  # (n,): each input's row of its chosen route
+    _, keep = selector(torch.cat([choice, hidden_features(batch, [state[chosen]])], -1))
+    tasks = batch["task_ids"].clone()
+    tasks[~given] = route[~given]
+    rows |= {
+        "task_ids": tasks[sample],
+        "route_ids": routes,
+        "keep_base": torch.zeros_like(routes, dtype=torch.bool),
+    }
+    logits = model.heads(pool(hidden, rows.get("attention_mask"), model.pooling), rows, model)  # (m, L)
+    answers = torch.softmax(logits.float(), -1)
+    mixed = weights.sum(-1) > 0
+    predicted = torch.where(
+        mixed,
+        mixed_decision(learner, answers, sample, weights[sample, routes], tasks),
+        model.heads.decide(answers[chosen], tasks),
+    )
+    if keep.any():
+        based = {
+            **batch_rows(batch, keep),
+            "task_ids": tasks[keep],
+            "route_ids": route[keep],
+            "keep_base": keep[keep],
+        }
+        output = pool(on_base(learner.backbone, batch, keep), based.get("attention_mask"), model.pooling)
+        predicted[keep] = model.heads.decide(model.heads(output, based, model), tasks[keep])
+    return route, keep, predicted
 
 
 @torch.no_grad()

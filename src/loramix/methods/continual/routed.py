@@ -36,25 +36,19 @@ def acceptance_features(
 
 
 @torch.no_grad()
-def routed_hidden(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: AutoSelector, choice: Tensor, layer: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`(route (n,), keep (n,), last hidden state (n, t, d), features (n, c + a))` of one batch, given each input's
-    choice feature `choice` `(n, c)`: the pass along the route chosen on it reads its own state entering block
-    `layer` (the last hidden state at or past the last block), and the inputs the chosen task rejects are passed
-    again on the base model alone (their rows the base model's, bit for bit)."""
-    n = choice.shape[0]
-    learned = selector.num_tasks > 0
-    route = selector.choice_scores(choice).argmin(-1) if learned else torch.zeros(n, dtype=torch.long)
-    route = route.to(batch["attention_mask"].device)
-    keep = torch.full((n,), not learned, dtype=torch.bool, device=route.device)
+def pass_reading(
+    backbone: torch.nn.Module, batch: dict[str, Tensor], route: Tensor, keep: Tensor, layer: int | None
+) -> tuple[Tensor, Tensor]:
+    """`(last hidden state, state entering block layer)`, each `(n, t, d)`, of one pass along `route` `(n,)` (on the
+    base where `keep`); the state is the last hidden one at or past the last block, or with no `layer`."""
     blocks, reached = encoder_blocks(backbone), []
 
     def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         reached.append(args[0] if args else kwargs["hidden_states"])
 
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    handle = blocks[layer].register_forward_pre_hook(read, with_kwargs=True) if layer < len(blocks) else None
+    inside = layer is not None and layer < len(blocks)
+    handle = blocks[layer].register_forward_pre_hook(read, with_kwargs=True) if inside else None
     try:
         with routing(
             backbone, task_ids=route, attention_mask=batch["attention_mask"], keep_base=keep, record=False
@@ -63,17 +57,34 @@ def routed_hidden(
     finally:
         if handle is not None:
             handle.remove()
-    features = torch.cat([choice, hidden_features(batch, reached or [hidden])], -1)
+    return hidden, (reached or [hidden])[0]
+
+
+@torch.no_grad()
+def routed_hidden(
+    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: AutoSelector, choice: Tensor, layer: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(route (n,), keep (n,), last hidden state (n, t, d), features (n, c + a))` of one batch, given each input's
+    choice feature `choice` `(n, c)`: the pass along the route chosen on it reads its own state entering block
+    `layer`, and the inputs the chosen task rejects are passed again on the base model alone (their rows the base
+    model's, bit for bit)."""
+    n = choice.shape[0]
+    learned = selector.num_tasks > 0
+    route = selector.choice_scores(choice).argmin(-1) if learned else torch.zeros(n, dtype=torch.long)
+    route = route.to(batch["attention_mask"].device)
+    keep = torch.full((n,), not learned, dtype=torch.bool, device=route.device)
+    hidden, state = pass_reading(backbone, batch, route, keep, layer)
+    features = torch.cat([choice, hidden_features(batch, [state])], -1)
     if learned:
         route, keep = selector(features)
         if keep.any():
-            rows = {k: v[keep] for k, v in inputs.items()}
-            with routing(
-                backbone,
-                task_ids=route[keep],
-                attention_mask=rows["attention_mask"],
-                keep_base=keep[keep],
-                record=False,
-            ):
-                hidden[keep] = backbone(**rows).last_hidden_state.to(hidden)
+            hidden[keep] = on_base(backbone, batch, keep).to(hidden)
     return route, keep, hidden, features
+
+
+def on_base(backbone: torch.nn.Module, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
+    """The base model's last hidden state `(k, t, d)` of the batch's inputs at `rows` (a bool mask), in a pass of
+    their own."""
+    part = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
+    kept = torch.ones(len(part["attention_mask"]), dtype=torch.bool, device=rows.device)
+    return pass_reading(backbone, part, torch.zeros_like(kept, dtype=torch.long), kept, None)[0]

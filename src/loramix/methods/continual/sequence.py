@@ -40,7 +40,13 @@ from loramix.methods.continual.learner import (
     new_selector,
     saved_selector,
 )
-from loramix.methods.continual.mixing import InPassMixture, batch_rows, mixed_inputs, posterior_answer
+from loramix.methods.continual.mixing import (
+    InPassMixture,
+    batch_rows,
+    mixed_inputs,
+    posterior_answer,
+    routed_mixture,
+)
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
 from loramix.methods.continual.state import continued_learner, extra_tensors, restore, snapshot
@@ -198,7 +204,7 @@ class Continual(Method):
         (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass; with `ddas_mix`
         the pass goes on with the mixture's rows from there); with routed acceptance the pass follows the route
         chosen on the choice block and the inputs its acceptance block rejects are passed again on the base
-        (:meth:`Learner.routed_pass`; with `ddas_mix` the accepted ones are then answered over the mixture's rows);
+        (:meth:`Learner.routed_pass`; with `ddas_mix` one pass over the mixture's rows: :func:`routed_mixture`);
         otherwise routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix
         predict` row that names none) takes the task the auto-selector chose for it; one the selector keeps on the
         base is answered by the base among every task's classes, and takes the task of the class that wins."""
@@ -206,14 +212,15 @@ class Continual(Method):
         layers = learner.in_pass_layers() if self.uses_selector else None
         mix = self.uses_selector and learner.run.ddas_mix == "posterior"
         features = None  # what the selector read, for `ddas_mix` to weigh the routes by
-        if self.uses_selector and learner.routed_acceptance:
+        if self.uses_selector and mix and learner.routed_acceptance and learner.selector.num_tasks:  # type: ignore[union-attr]
+            route, keep, predicted = routed_mixture(learner, batch)  # one pass over the mixture's rows
+            tasks = chosen_tasks(task_ids, route, keep)
+        elif self.uses_selector and learner.routed_acceptance:
             model = learner.model  # one pass along the chosen route, the rejected inputs again on the base
-            route, keep, output, features = learner.routed_pass(batch)
+            route, keep, output, _ = learner.routed_pass(batch)
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
             predicted = model.heads.decide(model.heads(output, routed, model), tasks)
-            if mix:
-                predicted = posterior_answer(learner, batch, keep, predicted, features)
         elif layers is None:
             if self.uses_selector:
                 features = learner.base_features(batch)
