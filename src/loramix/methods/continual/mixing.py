@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from loramix.heads.base import pool
-from loramix.methods.continual.features import hidden_features
+from loramix.methods.continual.features import base_hidden_states, hidden_features
 from loramix.methods.continual.learner import Learner
-from loramix.methods.continual.routed import on_base, pass_reading
+from loramix.methods.continual.routed import model_inputs, on_base
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.step import routed as routing_block
 
@@ -172,13 +172,8 @@ def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, 
     present[torch.arange(n), route] = True
     sample, routes = present.nonzero(as_tuple=True)  # (m,), in input order
     rows = batch_rows(batch, sample)
-    hidden, state = pass_reading(
-        learner.backbone,
-        rows,
-        routes,
-        torch.zeros_like(routes, dtype=torch.bool),
-        learner.run.ddas_accept_layer,
-    )
+    layers = [learner.run.ddas_accept_layer, None]
+    state, hidden = base_hidden_states(learner.backbone, model_inputs(rows), layers, routes)
     chosen = (routes == route[sample]).nonzero().squeeze(1)  # (n,): each input's row of its chosen route
     _, keep = selector(torch.cat([choice, hidden_features(batch, [state[chosen]])], -1))
     tasks = batch["task_ids"].clone()

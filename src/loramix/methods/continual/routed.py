@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loramix.context import routing
-from loramix.methods.continual.features import base_hidden_states, encoder_blocks, hidden_features
+from loramix.methods.continual.features import base_hidden_states, hidden_features
 from loramix.routers.selector import AutoSelector
 from loramix.train.model import MODEL_INPUTS
+
+
+def model_inputs(batch: dict[str, Tensor], rows: Tensor | None = None) -> dict[str, Tensor]:
+    """The backbone's inputs of the batch (at `rows`, a bool mask or row indices)."""
+    return {k: batch[k] if rows is None else batch[k][rows] for k in MODEL_INPUTS if k in batch}
 
 
 @torch.no_grad()
@@ -31,34 +35,8 @@ def acceptance_features(
 ) -> Tensor:
     """`(n, a)`: the acceptance columns of each input along `route` `(n,)`: the state entering block `layer` of the
     pass along those experts, pooled, with the token statistics (what a routed selector fits each task's on, along
-    the task's own route)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    return hidden_features(batch, base_hidden_states(backbone, inputs, [layer], route))
-
-
-@torch.no_grad()
-def pass_reading(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], route: Tensor, keep: Tensor, layer: int | None
-) -> tuple[Tensor, Tensor]:
-    """`(last hidden state, state entering block layer)`, each `(n, t, d)`, of one pass along `route` `(n,)` (on the
-    base where `keep`); the state is the last hidden one at or past the last block, or with no `layer`."""
-    blocks, reached = encoder_blocks(backbone), []
-
-    def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        reached.append(args[0] if args else kwargs["hidden_states"])
-
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    inside = layer is not None and layer < len(blocks)
-    handle = blocks[layer].register_forward_pre_hook(read, with_kwargs=True) if inside else None
-    try:
-        with routing(
-            backbone, task_ids=route, attention_mask=batch["attention_mask"], keep_base=keep, record=False
-        ):
-            hidden = backbone(**inputs).last_hidden_state
-    finally:
-        if handle is not None:
-            handle.remove()
-    return hidden, (reached or [hidden])[0]
+    the task's own route); the pass stops there."""
+    return hidden_features(batch, base_hidden_states(backbone, model_inputs(batch), [layer], route))
 
 
 @torch.no_grad()
@@ -68,24 +46,21 @@ def routed_hidden(
     """`(route (n,), keep (n,), last hidden state (n, t, d), features (n, c + a))` of one batch, given each input's
     choice feature `choice` `(n, c)`: the pass along the route chosen on it reads its own state entering block
     `layer`, and the inputs the chosen task rejects are passed again on the base model alone (their rows the base
-    model's, bit for bit)."""
-    n = choice.shape[0]
-    learned = selector.num_tasks > 0
-    route = selector.choice_scores(choice).argmin(-1) if learned else torch.zeros(n, dtype=torch.long)
-    route = route.to(batch["attention_mask"].device)
-    keep = torch.full((n,), not learned, dtype=torch.bool, device=route.device)
-    hidden, state = pass_reading(backbone, batch, route, keep, layer)
+    model's, bit for bit). With no task learned, one pass on the base (and the features are `choice` alone)."""
+    n, device = choice.shape[0], batch["attention_mask"].device
+    if not selector.num_tasks:
+        hidden = on_base(backbone, batch)
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        return torch.zeros(n, dtype=torch.long, device=device), keep, hidden, choice
+    route = selector.choice_scores(choice).argmin(-1).to(device)
+    state, hidden = base_hidden_states(backbone, model_inputs(batch), [layer, None], route)
     features = torch.cat([choice, hidden_features(batch, [state])], -1)
-    if learned:
-        route, keep = selector(features)
-        if keep.any():
-            hidden[keep] = on_base(backbone, batch, keep).to(hidden)
+    route, keep = selector(features)
+    if keep.any():
+        hidden[keep] = on_base(backbone, batch, keep).to(hidden)
     return route, keep, hidden, features
 
 
-def on_base(backbone: torch.nn.Module, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
-    """The base model's last hidden state `(k, t, d)` of the batch's inputs at `rows` (a bool mask), in a pass of
-    their own."""
-    part = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
-    kept = torch.ones(len(part["attention_mask"]), dtype=torch.bool, device=rows.device)
-    return pass_reading(backbone, part, torch.zeros_like(kept, dtype=torch.long), kept, None)[0]
+def on_base(backbone: torch.nn.Module, batch: dict[str, Tensor], rows: Tensor | None = None) -> Tensor:
+    """The base model's last hidden state `(k, t, d)` of the batch's inputs (at `rows`), in a pass of their own."""
+    return base_hidden_states(backbone, model_inputs(batch, rows), [None])[0]
