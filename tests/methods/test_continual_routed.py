@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from loramix import adapter_state
 from loramix.cli import main
@@ -129,8 +130,8 @@ def test_routed_acceptance_answers_along_the_chosen_route_and_on_the_base_where_
     assert torch.equal(answers["posterior"][3][~unknown], mixed[~unknown])
 
 
-def test_routed_acceptance_needs_an_acceptance_block_and_a_continued_run_keeps_it(
-    model_dir: Path, tasks_dir: Path, tmp_path: Path
+def test_routed_acceptance_needs_an_acceptance_block_and_a_continued_or_evaluated_run_keeps_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     method = get_method("continual-mola-grad")
     for layer in (None, 0):
@@ -146,3 +147,7 @@ def test_routed_acceptance_needs_an_acceptance_block_and_a_continued_run_keeps_i
     )
     with pytest.raises(ConfigError, match="ddas_accept_state: route"):
         check_continued_settings(later, tmp_path / "first", selector=True)
+    # evaluated with a config that says otherwise: refused by name, as the saved selector decides how it answers
+    (tmp_path / "otherwise.yaml").write_text(yaml.safe_dump({**first.to_dict(), "ddas_accept_state": "base"}))
+    assert main(["eval", str(tmp_path / "first"), "--config", str(tmp_path / "otherwise.yaml")]) == 2
+    assert "set ddas_accept_state: route" in capsys.readouterr().err

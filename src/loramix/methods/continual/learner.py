@@ -183,8 +183,9 @@ def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:
 
 
 def saved_selector(tensors: dict[str, Tensor], where: Path, run: RunConfig | None = None) -> AutoSelector:
-    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`); with the `run` that goes on
-    from it, fitting its new tasks with that run's percentile and shrinkage (which must be the earlier run's)."""
+    """The auto-selector a continual run saved beside its adapters (`extra.selector.*`); with the `run` that answers
+    by it or goes on from it, checked to accept as that run says and fitting new tasks with its percentile and
+    shrinkage (which must be the earlier run's)."""
     state = {
         k.removeprefix("extra.selector."): v for k, v in tensors.items() if k.startswith("extra.selector.")
     }
@@ -195,6 +196,12 @@ def saved_selector(tensors: dict[str, Tensor], where: Path, run: RunConfig | Non
     options = {} if run is None else {"percentile": run.ddas_percentile, "shrinkage": run.ddas_shrinkage}
     selector = AutoSelector(state["enc_w"].shape[2], hidden=state["enc_w"].shape[1], **options)
     selector.load_state(state)
+    if run is not None and run.ddas_accept_state != selector.accept_state:
+        raise ConfigError(
+            f"ddas_accept_state: {run.ddas_accept_state}, but the auto-selector saved in {where} was fitted to "
+            f"accept by the {selector.accept_state} state, which decides how it answers; set ddas_accept_state: "
+            f"{selector.accept_state}"
+        )
     return selector
 
 

@@ -405,7 +405,7 @@ class Continual(Method):
         learner.prior_tasks = record["metadata"]["tasks"][:offset]
         self.mark_learned(learner)
         if self.uses_selector:
-            learner.selector = saved_selector(tensors, Path(run_dir))
+            learner.selector = saved_selector(tensors, Path(run_dir), run)
         row = accuracy_row(learner, self.answer, split)
         metrics: dict[str, Any] = {
             "tasks": {
@@ -427,7 +427,8 @@ class Continual(Method):
         learner.prior_tasks = tasks
         self.mark_learned(learner)
         if self.uses_selector:
-            learner.selector = saved_selector(read_checkpoint(Path(run_dir) / "adapter")[1], Path(run_dir))
+            tensors = read_checkpoint(Path(run_dir) / "adapter")[1]
+            learner.selector = saved_selector(tensors, Path(run_dir), run)
         names = [meta["name"] for meta in tasks]
 
         def values(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, list]]:
