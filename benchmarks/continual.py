@@ -76,8 +76,6 @@ def selector_speed(
     base."""
     import loramix
     from loramix.methods.continual.features import (
-        base_hidden_states,
-        hidden_features,
         reads_in_pass,
         routed_by_selector,
         selector_features,
@@ -85,7 +83,7 @@ def selector_speed(
         selector_width,
     )
     from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
-    from loramix.methods.continual.routed import routed_hidden
+    from loramix.methods.continual.routed import acceptance_features, routed_hidden
     from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 
@@ -125,8 +123,8 @@ def selector_speed(
         ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (fitted, seq), generator=generator)
         sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if routed:  # the acceptance block's state along the task's own route
-            own = base_hidden_states(model, sample, [accept_layer], torch.full((fitted,), task))
-            features = [selector_features(model, sample, "hidden", layer), hidden_features(sample, own)]
+            own = acceptance_features(model, sample, accept_layer, torch.full((fitted,), task))
+            features = [selector_features(model, sample, "hidden", layer), own]
             selector.add_task(torch.cat(features, -1))
             continue
         selector.add_task(selector_features(model, sample, "hidden", layer, accept_layer))

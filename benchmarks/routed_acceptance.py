@@ -54,8 +54,8 @@ from loramix.methods.continual.features import (  # noqa: E402
 from loramix.methods.continual.learner import Learner, new_selector  # noqa: E402
 from loramix.methods.continual.mixing import floored  # noqa: E402
 from loramix.methods.continual.report import continual_metrics  # noqa: E402
+from loramix.methods.continual.routed import model_inputs  # noqa: E402
 from loramix.routers.selector import AutoSelector  # noqa: E402
-from loramix.train.model import MODEL_INPUTS  # noqa: E402
 from loramix.train.run import eval_split  # noqa: E402
 
 CHOOSE = 0  # the block whose input state chooses: before every expert, when experts sit in every block
@@ -64,8 +64,8 @@ CHOOSE = 0  # the block whose input state chooses: before every expert, when exp
 def states_entering(learner: Learner, batch: dict, route: torch.Tensor | None) -> list[torch.Tensor]:
     """The states `(n, t, d)` entering block CHOOSE and the run's acceptance block (`ddas_accept_layer`) of the pass
     along `route` (None: the base model); the pass stops there."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    return base_hidden_states(learner.backbone, inputs, [CHOOSE, learner.run.ddas_accept_layer], route)
+    layers = [CHOOSE, learner.run.ddas_accept_layer]
+    return base_hidden_states(learner.backbone, model_inputs(batch), layers, route)
 
 
 @torch.no_grad()

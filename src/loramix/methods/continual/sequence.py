@@ -212,10 +212,10 @@ class Continual(Method):
         layers = learner.in_pass_layers() if self.uses_selector else None
         mix = self.uses_selector and learner.run.ddas_mix == "posterior"
         features = None  # what the selector read, for `ddas_mix` to weigh the routes by
-        if self.uses_selector and mix and learner.routed_acceptance and learner.selector.num_tasks:  # type: ignore[union-attr]
+        if mix and learner.routed_acceptance and learner.selector.num_tasks:  # type: ignore[union-attr]
             route, keep, predicted = routed_mixture(learner, batch)  # one pass over the mixture's rows
             tasks = chosen_tasks(task_ids, route, keep)
-        elif self.uses_selector and learner.routed_acceptance:
+        elif learner.routed_acceptance:
             model = learner.model  # one pass along the chosen route, the rejected inputs again on the base
             route, keep, output, _ = learner.routed_pass(batch)
             tasks = chosen_tasks(task_ids, route, keep)
