@@ -23,7 +23,8 @@ which validates the replay. For each rule: the ZSCL metrics of the hard answer a
 inputs reach their own task and unseen tasks' inputs the base, and, on the final model, inference time on mixed
 batches of 64 against the true task ids, interleaved rounds. The library's own answer with routed acceptance (the
 final stage's selector, `method.answer`) is checked to give the replay's routes, base decisions and answers, hard
-and mixed.
+and mixed. Blending (`ddas_mix: blend`: one pass whose layers mix the tasks' experts by the posterior) needs a pass
+of its own, so it is scored on the final model only (the last row, Last), by the library's answer.
 
     python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed 9
 
@@ -163,9 +164,32 @@ def library_agrees(learner: Learner, method, selectors: dict, test: dict) -> dic
     }
 
 
+@torch.no_grad()
+def blended_last(learner: Learner, method, selectors: dict) -> dict:
+    """Each task's accuracy on the final model with every task learned (the last row), answered by the library with
+    `ddas_mix: blend` (one pass whose layers mix the tasks' experts by the posterior) under each selector; blending
+    needs a pass of its own, so the replay's per-route answers cannot give it."""
+    run, split = learner.run, eval_split(learner.data)
+    rows: dict[str, list[float]] = {"current": [], "routed": []}
+    with learner.model.heads.inference_cache():
+        for task in learner.data.tasks:
+            right = dict.fromkeys(rows, 0)
+            examples = learner.data.eval_examples(split, task.task_id, run.max_eval_examples)
+            for batch in learner.batches(examples, 50):
+                for rule in rows:
+                    answer = method.answer(answering(learner, selectors, rule, "blend"), batch)
+                    right[rule] += int((answer[3].cpu().long() == batch["labels"].cpu()).sum())
+            for rule in rows:
+                rows[rule].append(right[rule] / len(examples))
+    learner.run = run
+    return {
+        rule: {"last_row": row, "Last": round(100 * float(np.mean(row)), 2)} for rule, row in rows.items()
+    }
+
+
 def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
     """The final model's answers on mixed batches: the run's selector (a base pass first) and routed acceptance,
-    each hard and mixed by the posterior, against the true task ids (the baseline); each within the head's
+    each hard, mixed by the posterior and blended, against the true task ids (the baseline); each within the head's
     inference cache."""
     run, own = learner.run, learner.selector
     examples = [
@@ -182,6 +206,8 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
         "routed-acceptance": ("routed", "none"),
         "current-mixed": ("current", "posterior"),
         "routed-acceptance-mixed": ("routed", "posterior"),
+        "current-blend": ("current", "blend"),
+        "routed-acceptance-blend": ("routed", "blend"),
     }
 
     def case(name: str):
@@ -314,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay_vs_run_max_difference": float(np.abs(np.array(matrices[as_run]) - run_matrix).max()),
     }
     results["library_agrees"] = library_agrees(learner, method, selectors, test)
+    results["blend"] = blended_last(learner, method, selectors)
     if args.speed:
         results["speed"] = speed(learner, method, selectors, args.speed)
     results["seconds"] = round(time.perf_counter() - started, 1)
@@ -323,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"own rate {results['mean_own_rate']}, unseen to base {results['mean_unseen_to_base_rate']}")
     print(f"replay vs run: {results['replay_vs_run_max_difference']}")
     print(f"the library's answer agrees with the replay: {results['library_agrees']}")
+    print(f"blended, Last: { ({rule: v['Last'] for rule, v in results['blend'].items()}) }")
     if args.speed:
         print(f"speed: {results['speed']}")
     return 0

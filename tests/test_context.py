@@ -270,3 +270,73 @@ def test_a_model_wide_router_whose_input_runs_too_late_says_so() -> None:
     ):
         with loramix.routing(model):
             model(mlp_inputs())
+
+
+# ---- weights over the tasks -------------------------------------------------------------------------------------
+
+
+def adapted_linear() -> torch.nn.Module:
+    """One adapted linear layer and nothing else, so that its output is linear in the experts' mixture."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 6))
+    loramix.inject(model, adapter_config("task", targets=["0"]))
+    randomize_adapters(model)
+    return model.eval()
+
+
+def test_task_weights_mix_the_tasks_experts_in_each_layer() -> None:
+    model, x = adapted_linear(), mlp_inputs()
+    task_ids = torch.tensor([0, 1, 2, 0])
+    weights = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.0, 1.0, 0.0]])
+    with loramix.routing(model, task_ids=task_ids, task_weights=weights) as state:
+        mixed = model(x)
+    assert not state.records[0][1].hard
+    by_task = [model_on(model, x, torch.full((4,), t)) for t in range(3)]
+    for row in range(4):
+        expected = sum(w * by_task[t][row] for t, w in enumerate(weights[row].tolist()))
+        if row == 1:  # a row of zeros: its own task's expert
+            expected = by_task[1][row]
+        torch.testing.assert_close(mixed[row], expected, atol=1e-5, rtol=0)
+
+
+def test_task_weights_of_one_task_each_give_the_hard_gate_bit_for_bit() -> None:
+    model, x = adapted_linear(), mlp_inputs()
+    task_ids = torch.tensor([0, 1, 2, 0])
+    weights = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    with loramix.routing(model, task_ids=task_ids, task_weights=weights) as state:
+        out = model(x)
+    assert state.records[0][1].hard
+    assert torch.equal(out, model_on(model, x, torch.tensor([1, 1, 2, 0])))
+
+
+def test_task_weights_leave_kept_samples_on_the_base_bit_for_bit() -> None:
+    model, x = adapted_linear(), mlp_inputs()
+    weights = torch.tensor([[0.5, 0.5, 0.0]] * 4)
+    keep = torch.tensor([True, False, True, False])
+    zeros = torch.zeros(4, dtype=torch.long)
+    with loramix.routing(model, task_ids=zeros, task_weights=weights, keep_base=keep):
+        out = model(x)
+    with loramix.routing(model, task_ids=zeros, keep_base=torch.ones(4, dtype=torch.bool)):
+        base = model(x)
+    assert torch.equal(out[keep], base[keep])
+    assert not torch.allclose(out[~keep], base[~keep], atol=1e-4)
+
+
+def test_task_weights_need_router_task_and_one_row_per_sample() -> None:
+    model = adapted_mlp("poly")
+    with pytest.raises(loramix.RoutingError, match="task_weights.*'poly'"):
+        with loramix.routing(model, task_ids=torch.zeros(4, dtype=torch.long), task_weights=torch.ones(4, 2)):
+            pass
+    model = adapted_linear()
+    with pytest.raises(loramix.RoutingError, match=r"task_weights must be .*\(4, 3\), got \(4, 4\)"):
+        with loramix.routing(model, task_ids=torch.zeros(4, dtype=torch.long), task_weights=torch.ones(4, 4)):
+            pass
+    with pytest.raises(loramix.RoutingError, match=r"task_weights must be .*\(4, 3\), got \(3, 3\)"):
+        with loramix.routing(model, task_ids=torch.zeros(4, dtype=torch.long), task_weights=torch.ones(3, 3)):
+            pass
+    assert all_hooks(model) == []
+
+
+def model_on(model: torch.nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    with loramix.routing(model, task_ids=task_ids):
+        return model(x)

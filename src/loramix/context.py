@@ -79,17 +79,22 @@ def reroute(
     task_ids: Tensor,
     keep_base: Tensor,
     attention_mask: Tensor | None = None,
+    task_weights: Tensor | None = None,
 ) -> None:
     """Change the routes of an open routing block in the middle of a pass (an auto-selector that reads the states
     of blocks that hold no adapted layer): the task ids and keep-base mask, and the mask where given (the pass
-    may go on with other rows than it began with). A model-wide router that reads no input decides its gate again
-    from them; one that reads the input has decided already and cannot be rerouted."""
+    may go on with other rows than it began with), and the weights over the tasks (see :func:`routing`). A
+    model-wide router that reads no input decides its gate again from them; one that reads the input has decided
+    already and cannot be rerouted."""
     router = get_info(model).model_router
     if router is not None and router.pools_model_input:
         raise RoutingError(
             "a model-wide router that reads the model's input cannot be rerouted during the pass"
         )
     state.task_ids, state.keep_base = task_ids, keep_base
+    state.task_weights = (
+        None if task_weights is None else check_task_weights(model, task_weights, len(task_ids))
+    )
     if attention_mask is not None:
         state.attention_mask = attention_mask
     if router is not None:
@@ -172,6 +177,32 @@ def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
     return task_ids.long()
 
 
+def check_task_weights(model: nn.Module, weights: Tensor, batch: int | None) -> Tensor:
+    """Weights over the tasks `(n, T')` need a model routed by task id alone (router 'task'), one row per sample and
+    at most its T tasks (the tasks after the first T' weigh nothing); returned `(n, T)` on the experts' device."""
+    info = get_info(model)
+    if info.router_class.kind != "task":
+        raise RoutingError(
+            f"task_weights mix the experts of tasks routed by id (router 'task'); this model's router is "
+            f"'{info.config.router}'"
+        )
+    tasks = int(info.config.num_tasks or 0)
+    rows = batch if batch is not None else getattr(weights, "shape", (0,))[0]
+    if (
+        not isinstance(weights, Tensor)
+        or not weights.is_floating_point()
+        or weights.dim() != 2
+        or weights.shape[0] != rows
+        or weights.shape[1] > tasks
+    ):
+        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise RoutingError(
+            f"task_weights must be a float tensor of shape (batch, at most num_tasks) = ({rows}, {tasks}), got {got}"
+        )
+    weights = torch.nn.functional.pad(weights, (0, tasks - weights.shape[1]))
+    return weights.to(info.layers[0].experts.device)
+
+
 def check_keep_base(keep_base: Tensor | list[bool], batch: int | None) -> Tensor:
     keep_base = torch.as_tensor(keep_base)
     if keep_base.dtype != torch.bool or keep_base.dim() != 1:
@@ -192,6 +223,7 @@ def routing(
     keep_base: Tensor | list[bool] | None = None,
     record: bool = True,
     noise: bool = True,
+    task_weights: Tensor | None = None,
 ) -> Iterator[RoutingState]:
     """Route every forward pass of `model` inside the block by these side inputs.
 
@@ -199,7 +231,9 @@ def routing(
     `attention_mask` `(n, t)` lets the sample router pool only real tokens (without it, the model call's own
     `attention_mask` keyword serves); `keep_base` `(n,)` bool sends the
     marked samples to the untouched base model (their outputs equal the base model's bit for bit, in the same
-    batched pass); `noise` False keeps noisy routers to their clean logits in training too. The hooks are removed
+    batched pass); `noise` False keeps noisy routers to their clean logits in training too; `task_weights` `(n, T)`
+    (router 'task' only) mixes each sample's experts by its weights over the tasks, `sum_t w_t B_t A_t x` in every
+    adapted layer, in the same pass (a row of zeros: its task's expert alone). The hooks are removed
     when the block ends, even on error. A routing block opened inside another on the same model takes over until it
     ends.
     """
@@ -218,10 +252,13 @@ def routing(
         task_ids = torch.as_tensor(task_ids).long()
     if keep_base is not None:
         keep_base = check_keep_base(keep_base, None if task_ids is None else len(task_ids)).to(device)
+    if task_weights is not None:
+        task_weights = check_task_weights(model, task_weights, None if task_ids is None else len(task_ids))
     state = RoutingState(
         task_ids=task_ids,  # type: ignore[arg-type]
         attention_mask=attention_mask,
         keep_base=keep_base,  # type: ignore[arg-type]
+        task_weights=task_weights,
         record=record,
         noise=noise,
     )

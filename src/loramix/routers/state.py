@@ -20,6 +20,8 @@ class RoutingState:
     # the mask is the model call's own `attention_mask` (none was given to the block)
     mask_from_forward: bool = False
     keep_base: Tensor | None = None  # (n,) bool: these samples get no expert (bit-exact base output)
+    # (n, T): router 'task' mixes each sample's experts by these weights over the tasks (a row of zeros: its task's)
+    task_weights: Tensor | None = None
     model_gate: Gate | None = None
     record: bool = True
     noise: bool = True  # noisy routers add their noise in training; off: the clean logits (class texts)

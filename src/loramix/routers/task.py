@@ -1,5 +1,10 @@
 """Routing by task id, hard (MoLA-Grad, Zhou et al. 2024, Sec. 3.2): the gradients of tasks never meet.
 
+Given weights over the tasks (`routing(..., task_weights=)`, an auto-selector's posterior at inference:
+`ddas_mix: blend`), each sample's gate mixes its tasks' experts by them instead, as a top-k gate over the experts
+they name; a sample whose row is zero keeps its task's expert, and a batch where no row names two experts keeps
+the hard gate.
+
 Legend: n samples, e experts, T tasks.
 """
 
@@ -65,7 +70,18 @@ class TaskRouter(Router):
 
     def forward(self, state: Any, hidden: Tensor | None) -> Gate:
         experts = self.task_to_expert[self.task_ids(state)]  # (n,)
-        return Gate(weights=F.one_hot(experts, self.num_experts).float(), indices=experts, hard=True)
+        hard = F.one_hot(experts, self.num_experts).float()  # (n, e)
+        weights = getattr(state, "task_weights", None)
+        if weights is None:
+            return Gate(weights=hard, indices=experts, hard=True)
+        mixed = weights.float() @ F.one_hot(self.task_to_expert, self.num_experts).float()  # (n, e)
+        mixed = torch.where(mixed.sum(-1, keepdim=True) > 0, mixed, hard)
+        k = int((mixed > 0).sum(-1).max()) if len(mixed) else 1
+        if k <= 1:  # one expert each: the hard gate of the expert named
+            experts = mixed.argmax(-1)
+            return Gate(weights=F.one_hot(experts, self.num_experts).float(), indices=experts, hard=True)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        return Gate(weights=mixed, indices=mixed.topk(k, -1).indices)
 
     @torch.no_grad()
     def grow(self, num_experts: int, num_tasks: int | None, task_to_expert: list[int] | None = None) -> None:

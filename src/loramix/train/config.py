@@ -277,13 +277,14 @@ class RunConfig(BaseModel):
         "the nearest mean under one covariance shared by the learned tasks (shared: linear discriminant analysis; "
         "tells alike tasks apart more often).",
     )
-    ddas_mix: Literal["none", "posterior"] = Field(
+    ddas_mix: Literal["none", "posterior", "blend"] = Field(
         "none",
         description="Auto-selector (gaussian), at inference: an input of a given task that some learned task "
         "accepts is answered through the route the selector chose (none), or by its answers through every learned "
         "task's route, mixed by the selector's posterior over the tasks (posterior: one more pass for each task "
-        "whose weight is not negligible; inputs kept on the base and inputs of no given task are answered as by "
-        "none).",
+        "whose weight is not negligible), or in one pass whose every adapted layer mixes the tasks' experts by that "
+        "posterior (blend: continual-mola-grad; about the hard route's cost). Inputs kept on the base and inputs of "
+        "no given task are answered as by none.",
     )
     ddas_shrinkage: float = Field(
         0.1,

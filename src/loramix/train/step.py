@@ -27,13 +27,14 @@ def routed(model: torch.nn.Module, batch: dict[str, Tensor]) -> Iterator[Routing
     """A routing block for this batch on the model's backbone (the model wrapped by DDP or not): `route_ids` (or
     the task ids), the mask a sample router pools (`prompt_mask` when the batch has one, so that a generation
     task routes by its prompt alone, as it will when generating; else the attention mask), and `keep_base` when
-    the batch carries one."""
+    the batch carries one, and `task_weights` (experts mixed by weights over the tasks) likewise."""
     backbone = unwrapped(model).backbone
     with routing(
         backbone,
         task_ids=route_of(batch),
         attention_mask=batch.get("prompt_mask", batch.get("attention_mask")),
         keep_base=batch.get("keep_base"),
+        task_weights=batch.get("task_weights"),
     ) as state:
         yield state
 

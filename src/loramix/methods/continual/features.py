@@ -122,10 +122,11 @@ def base_hidden_states(
     inputs: dict[str, Tensor],
     layers: list[int | None],
     route: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> list[Tensor]:
     """The base model's hidden states `(n, t, d)` entering each block of `layers` (see `base_hidden_state`), from
     one forward pass that stops once the last of them exists; with `route` `(n,)`, the states of the pass along
-    those experts instead."""
+    those experts instead (mixed by `weights` over the tasks `(n, T)` where given: `routing`'s `task_weights`)."""
     mask = inputs["attention_mask"]
     keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)
     blocks = encoder_blocks(backbone) if any(layer is not None for layer in layers) else torch.nn.ModuleList()
@@ -155,6 +156,7 @@ def base_hidden_states(
                 attention_mask=mask,
                 keep_base=keep,
                 record=False,
+                task_weights=weights,
             )
             if is_injected(backbone)
             else contextlib.nullcontext()
@@ -206,6 +208,7 @@ def reads_in_pass(backbone: torch.nn.Module, layers: list[int]) -> bool:
 
 
 Expansion = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+Weighing = Callable[[Tensor, Tensor, Tensor], Tensor]  # (route, keep, features) -> weights over the tasks
 """`(route, keep, features) -> (input of each row, route of each row, kept on the base)`, each `(m,)`: the rows
 that the pass goes on with after the selector has chosen (:func:`routed_by_selector`)."""
 
@@ -217,6 +220,7 @@ def routed_by_selector(
     selector: Any,
     layers: list[int],
     expand: Expansion | None = None,
+    weigh: Weighing | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """A routing block in which `selector` routes each input during the forward pass itself, from the states
     entering `layers` (a `hidden` feature, see :func:`hidden_features`). Every block before the last of `layers`
@@ -228,7 +232,8 @@ def routed_by_selector(
     `expand`: the pass goes on with the rows it returns instead of the inputs (an input may take several routes:
     `ddas_mix`), each row from its input's state entering the last of `layers`, so the blocks before it run once
     per input; every per-input tensor a later block receives (the attention mask) is taken row by row too, and
-    the backbone's output has one row per expanded row (`rows` in the dict).
+    the backbone's output has one row per expanded row (`rows` in the dict). `weigh`: the adapted blocks mix the
+    tasks' experts by the weights over the tasks `(n, T)` it returns instead (`ddas_mix: blend`).
 
     Example:
         >>> with routed_by_selector(backbone, batch, selector, [0, 3]) as chosen:
@@ -262,7 +267,8 @@ def routed_by_selector(
             chosen["route"], chosen["keep"] = route.to(keep.device), kept.to(keep.device)
             chosen["features"] = features
             if expand is None:
-                reroute(backbone, state, chosen["route"], chosen["keep"])
+                weights = None if weigh is None else weigh(chosen["route"], chosen["keep"], features)
+                reroute(backbone, state, chosen["route"], chosen["keep"], task_weights=weights)
                 return
             rows, row_route, row_keep = expand(chosen["route"], chosen["keep"], features)
             chosen["rows"] = rows

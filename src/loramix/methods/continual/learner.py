@@ -132,16 +132,20 @@ class Learner:
             return self.routed_pass(batch)[:2]
         return self.selector.to(self.device)(self.base_features(batch))
 
-    def routed_pass(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def routed_pass(
+        self, batch: dict[str, Tensor], choice: Tensor | None = None, weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`(route (n,), keep (n,), pooled output (n, d), features (n, c + a))` of a batch under routed acceptance
-        (:func:`.routed.routed_hidden`; the choice feature is the base state entering block `ddas_layer`)."""
+        (:func:`.routed.routed_hidden`; the choice feature `choice` is the base state entering block `ddas_layer`,
+        read here unless given; `weights` mix the tasks' experts in the pass)."""
         assert self.selector is not None
         route, keep, hidden, features = routed_hidden(
             self.backbone,
             batch,
             self.selector.to(self.device),
-            self.base_features(batch),
+            self.base_features(batch) if choice is None else choice,
             self.run.ddas_accept_layer,
+            weights,
         )
         return route, keep, pool(hidden, batch.get("attention_mask"), self.model.pooling), features
 

@@ -51,6 +51,15 @@ def route_weights(
     return floored(selector.posterior(features).to(learner.device)) * mixed[:, None]
 
 
+def choice_weights(learner: Learner, batch: dict[str, Tensor], choice: Tensor) -> Tensor:
+    """`(n, T)`: with routed acceptance, the posterior of each input of a given task from its choice feature
+    `choice` `(n, c)`, weights under `MIN_WEIGHT` dropped and the rest renormalised; rows of zeros for the inputs
+    of no given task (before the pass, acceptance is not known yet)."""
+    assert learner.selector is not None
+    given = batch["task_ids"] != UNKNOWN_TASK
+    return floored(learner.selector.to(learner.device).posterior(choice).to(learner.device)) * given[:, None]
+
+
 def floored(weights: Tensor) -> Tensor:
     """`(n, T)` posterior weights under `MIN_WEIGHT` dropped and the rest renormalised."""
     weights = torch.where(weights >= MIN_WEIGHT, weights, torch.zeros_like(weights))
@@ -167,7 +176,7 @@ def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, 
     route = selector.choice_scores(choice).argmin(-1).to(learner.device)
     n = len(route)
     given = batch["task_ids"] != UNKNOWN_TASK
-    weights = floored(selector.posterior(choice).to(learner.device)) * given[:, None]  # (n, T)
+    weights = choice_weights(learner, batch, choice)  # (n, T)
     present = weights > 0
     present[torch.arange(n), route] = True
     sample, routes = present.nonzero(as_tuple=True)  # (m,), in input order

@@ -21,6 +21,7 @@ class ContinualMolaGrad(Continual):
     name = "continual-mola-grad"
     description = "one LoRA expert per task, trained when it arrives and frozen after; DDAS picks the expert"
     uses_selector = True
+    blends_experts = True
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         return AdapterConfig(num_experts=1, router="task", num_tasks=1, **common(run))

@@ -41,19 +41,26 @@ def acceptance_features(
 
 @torch.no_grad()
 def routed_hidden(
-    backbone: torch.nn.Module, batch: dict[str, Tensor], selector: AutoSelector, choice: Tensor, layer: int
+    backbone: torch.nn.Module,
+    batch: dict[str, Tensor],
+    selector: AutoSelector,
+    choice: Tensor,
+    layer: int,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`(route (n,), keep (n,), last hidden state (n, t, d), features (n, c + a))` of one batch, given each input's
     choice feature `choice` `(n, c)`: the pass along the route chosen on it reads its own state entering block
     `layer`, and the inputs the chosen task rejects are passed again on the base model alone (their rows the base
-    model's, bit for bit). With no task learned, one pass on the base (and the features are `choice` alone)."""
+    model's, bit for bit). With no task learned, one pass on the base (and the features are `choice` alone).
+    `weights` `(n, T)`: the pass mixes the tasks' experts by them instead (`ddas_mix: blend`); the chosen task
+    still accepts by the state that pass reaches."""
     n, device = choice.shape[0], batch["attention_mask"].device
     if not selector.num_tasks:
         hidden = on_base(backbone, batch)
         keep = torch.ones(n, dtype=torch.bool, device=device)
         return torch.zeros(n, dtype=torch.long, device=device), keep, hidden, choice
     route = selector.choice_scores(choice).argmin(-1).to(device)
-    state, hidden = base_hidden_states(backbone, model_inputs(batch), [layer, None], route)
+    state, hidden = base_hidden_states(backbone, model_inputs(batch), [layer, None], route, weights)
     features = torch.cat([choice, hidden_features(batch, [state])], -1)
     route, keep = selector(features)
     if keep.any():

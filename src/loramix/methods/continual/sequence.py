@@ -43,8 +43,10 @@ from loramix.methods.continual.learner import (
 from loramix.methods.continual.mixing import (
     InPassMixture,
     batch_rows,
+    choice_weights,
     mixed_inputs,
     posterior_answer,
+    route_weights,
     routed_mixture,
 )
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
@@ -73,6 +75,9 @@ class Continual(Method):
         True  # tasks not learned yet (inputs, class texts) go to the base model
     )
     per_task_steps: ClassVar[bool] = True  # False: one joint phase on all tasks (the upper bound)
+    blends_experts: ClassVar[bool] = (
+        False  # `ddas_mix: blend`: each task has one expert of its own in every layer
+    )
 
     def resume_state(self, output_dir: Path) -> list[Path]:
         """The tasks' checkpoints and the state after each task, with the record of how far the sequence got."""
@@ -132,10 +137,15 @@ class Continual(Method):
                 "ddas_choice: shared measures distances under the tasks' Gaussian covariances and needs "
                 f"ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_choice: own"
             )
-        if run.ddas_mix == "posterior" and run.ddas_normalize != "gaussian":
+        if run.ddas_mix != "none" and run.ddas_normalize != "gaussian":
             raise ConfigError(
-                "ddas_mix: posterior weighs the routes by the tasks' Gaussian likelihoods and needs "
+                f"ddas_mix: {run.ddas_mix} weighs the routes by the tasks' Gaussian likelihoods and needs "
                 f"ddas_normalize: gaussian (got {run.ddas_normalize}); set ddas_mix: none"
+            )
+        if run.ddas_mix == "blend" and not self.blends_experts:
+            raise ConfigError(
+                f"ddas_mix: blend mixes each task's own expert in every adapted layer, and method {self.name} routes "
+                "a task through experts its router picks; set ddas_mix: posterior (or none)"
             )
         if run.ddas_threshold == "pooled" and run.ddas_normalize != "gaussian":
             raise ConfigError(
@@ -201,23 +211,28 @@ class Continual(Method):
     def answer(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch. Where the
         selector's blocks come before every adapted one, it routes inside the inference pass itself
-        (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass; with `ddas_mix`
-        the pass goes on with the mixture's rows from there); with routed acceptance the pass follows the route
-        chosen on the choice block and the inputs its acceptance block rejects are passed again on the base
-        (:meth:`Learner.routed_pass`; with `ddas_mix` one pass over the mixture's rows: :func:`routed_mixture`);
-        otherwise routing comes first, then the pass. A sample of no known task (task id UNKNOWN_TASK: a `loramix
-        predict` row that names none) takes the task the auto-selector chose for it; one the selector keeps on the
-        base is answered by the base among every task's classes, and takes the task of the class that wins."""
+        (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass; with `ddas_mix:
+        posterior` the pass goes on with the mixture's rows from there); with routed acceptance the pass follows the
+        route chosen on the choice block and the inputs its acceptance block rejects are passed again on the base
+        (:meth:`Learner.routed_pass`; mixed, one pass over the mixture's rows: :func:`routed_mixture`); otherwise
+        routing comes first, then the pass. With `ddas_mix: blend` each of these passes mixes the tasks' experts by
+        the selector's posterior in its adapted layers (`routing`'s `task_weights`). A sample of no known task (task
+        id UNKNOWN_TASK: a `loramix predict` row that names none) takes the task the auto-selector chose for it; one
+        the selector keeps on the base is answered by the base among every task's classes, and takes the task of the
+        class that wins."""
         task_ids = batch["task_ids"]
         layers = learner.in_pass_layers() if self.uses_selector else None
-        mix = self.uses_selector and learner.run.ddas_mix == "posterior"
+        mode = learner.run.ddas_mix if self.uses_selector else "none"
+        mix, blend = mode == "posterior", mode == "blend"
         features = None  # what the selector read, for `ddas_mix` to weigh the routes by
         if mix and learner.routed_acceptance and learner.selector.num_tasks:  # type: ignore[union-attr]
             route, keep, predicted = routed_mixture(learner, batch)  # one pass over the mixture's rows
             tasks = chosen_tasks(task_ids, route, keep)
         elif learner.routed_acceptance:
             model = learner.model  # one pass along the chosen route, the rejected inputs again on the base
-            route, keep, output, _ = learner.routed_pass(batch)
+            choice = learner.base_features(batch)
+            weights = choice_weights(learner, batch, choice) if blend and learner.selector.num_tasks else None  # type: ignore[union-attr]
+            route, keep, output, _ = learner.routed_pass(batch, choice, weights)
             tasks = chosen_tasks(task_ids, route, keep)
             routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
             predicted = model.heads.decide(model.heads(output, routed, model), tasks)
@@ -232,9 +247,10 @@ class Continual(Method):
             skip = (task_ids == UNKNOWN_TASK) & keep
             if mix:
                 skip |= mixed_inputs(learner, batch, keep, features)
+            weighed = {"task_weights": route_weights(learner, batch, keep, features)} if blend else {}
             predicted = torch.zeros(len(keep), device=keep.device)
             if not skip.all():
-                part = batch_rows({**batch, "task_ids": tasks}, ~skip)
+                part = batch_rows({**batch, "task_ids": tasks, **weighed}, ~skip)
                 predicted[~skip] = self.predict(learner, part, route[~skip], keep[~skip])
             if mix:
                 predicted = posterior_answer(learner, batch, keep, predicted, features)
@@ -242,7 +258,13 @@ class Continual(Method):
             model = learner.model
             selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
             mixture = InPassMixture(learner, batch) if mix else None  # the pass goes on with its rows
-            with routed_by_selector(learner.backbone, batch, selector, layers, mixture) as chosen:
+
+            def weigh(route: Tensor, keep: Tensor, features: Tensor) -> Tensor:
+                return route_weights(learner, batch, keep, features)
+
+            with routed_by_selector(
+                learner.backbone, batch, selector, layers, mixture, weigh if blend else None
+            ) as chosen:
                 output = (
                     model.pooled(batch) if mixture is None else model.hidden(batch)
                 )  # (n, d) or (m, t, d)
