@@ -47,7 +47,9 @@ def blended(name: str, model_dir: Path, tasks_dir: Path, tmp_path: Path) -> tupl
         for param in adapter_state(learner.backbone).values():
             param.add_(torch.randn(param.shape, generator=generator))
     method = get_method("continual-mola-grad")
-    learner.selector = new_selector(learner.run, learner.backbone)  # along the route: through the changed experts
+    learner.selector = new_selector(
+        learner.run, learner.backbone
+    )  # along the route: through the changed experts
     for task in range(len(toys.TASK_NAMES)):
         learner.selector.add_task(method.task_features(learner, task), seed=learner.run.seed)
     learner.selector.temperature = torch.tensor(30.0)  # a flat posterior: every input mixes several experts
