@@ -328,10 +328,10 @@ def test_task_weights_need_router_task_and_one_row_per_sample() -> None:
         with loramix.routing(model, task_ids=torch.zeros(4, dtype=torch.long), task_weights=torch.ones(4, 2)):
             pass
     model = adapted_linear()
-    with pytest.raises(loramix.RoutingError, match=r"task_weights must be .*\(4, 3\), got \(4, 4\)"):
+    with pytest.raises(loramix.RoutingError, match=r"task_weights must have shape .*\(4, 3\), got \(4, 4\)"):
         with loramix.routing(model, task_ids=torch.zeros(4, dtype=torch.long), task_weights=torch.ones(4, 4)):
             pass
-    with pytest.raises(loramix.RoutingError, match=r"task_weights must be .*\(4, 3\), got \(3, 3\)"):
+    with pytest.raises(loramix.RoutingError, match=r"task_weights must have shape .*\(4, 3\), got \(3, 3\)"):
         with loramix.routing(model, task_ids=torch.zeros(4, dtype=torch.long), task_weights=torch.ones(3, 3)):
             pass
     assert all_hooks(model) == []

@@ -177,7 +177,7 @@ def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
     return task_ids.long()
 
 
-def check_task_weights(model: nn.Module, weights: Tensor, batch: int | None) -> Tensor:
+def check_task_weights(model: nn.Module, weights: Tensor, batch: int) -> Tensor:
     """Weights over the tasks `(n, T')` need a model routed by task id alone (router 'task'), one row per sample and
     at most its T tasks (the tasks after the first T' weigh nothing); returned `(n, T)` on the experts' device."""
     info = get_info(model)
@@ -186,18 +186,13 @@ def check_task_weights(model: nn.Module, weights: Tensor, batch: int | None) -> 
             f"task_weights mix the experts of tasks routed by id (router 'task'); this model's router is "
             f"'{info.config.router}'"
         )
-    tasks = int(info.config.num_tasks or 0)
-    rows = batch if batch is not None else getattr(weights, "shape", (0,))[0]
-    if (
-        not isinstance(weights, Tensor)
-        or not weights.is_floating_point()
-        or weights.dim() != 2
-        or weights.shape[0] != rows
-        or weights.shape[1] > tasks
-    ):
-        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+    tasks, rows = int(info.config.num_tasks or 0), batch
+    if not isinstance(weights, Tensor) or not weights.is_floating_point() or weights.dim() != 2:
+        raise RoutingError(f"task_weights must be a 2-d float tensor, got {weights!r:.80}")
+    if weights.shape[0] != rows or weights.shape[1] > tasks:
         raise RoutingError(
-            f"task_weights must be a float tensor of shape (batch, at most num_tasks) = ({rows}, {tasks}), got {got}"
+            f"task_weights must have shape (batch, at most num_tasks) = ({rows}, {tasks}), got "
+            f"{tuple(weights.shape)}"
         )
     weights = torch.nn.functional.pad(weights, (0, tasks - weights.shape[1]))
     return weights.to(info.layers[0].experts.device)
@@ -252,8 +247,8 @@ def routing(
         task_ids = torch.as_tensor(task_ids).long()
     if keep_base is not None:
         keep_base = check_keep_base(keep_base, None if task_ids is None else len(task_ids)).to(device)
-    if task_weights is not None:
-        task_weights = check_task_weights(model, task_weights, None if task_ids is None else len(task_ids))
+    if task_weights is not None:  # router 'task' has its task ids by now (it needs them); others are refused
+        task_weights = check_task_weights(model, task_weights, 0 if task_ids is None else len(task_ids))
     state = RoutingState(
         task_ids=task_ids,  # type: ignore[arg-type]
         attention_mask=attention_mask,

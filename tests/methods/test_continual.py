@@ -88,6 +88,17 @@ def trained_learner(run: RunConfig, output_dir: Path) -> tuple[Learner, dict[str
     return kept[-1], metrics
 
 
+@torch.no_grad()
+def experts_far_apart(
+    backbone: torch.nn.Module, scale: float = 1.0, generator: torch.Generator | None = None
+) -> None:
+    """Add noise of standard deviation `scale` to every adapter weight (from `generator`, by default one seeded 0),
+    so that every route, and a wrong one, shows in the outputs."""
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    for param in adapter_state(backbone).values():
+        param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def test_metrics_follow_their_definitions():
     matrix = np.array([[0.5, 0.4, 0.3], [0.9, 0.45, 0.35], [0.8, 0.95, 0.3], [0.7, 0.9, 0.99]])
     metrics = continual_metrics(matrix)
@@ -722,10 +733,7 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     assert first_adapted_block(learner.backbone) == 1  # block 0 runs as the base model
     assert learner.in_pass_layers() == [0, 1]
     model = learner.model.eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # experts far from zero, so that a wrong route shows in every output
-        for param in adapter_state(learner.backbone).values():
-            param.add_(torch.randn(param.shape, generator=generator))
+    experts_far_apart(learner.backbone)
     learner.selector.thresholds[
         1
     ] = -1.0  # the second task accepts nothing: its inputs go elsewhere or to the base

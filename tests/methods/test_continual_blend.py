@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramix import adapter_state
 from loramix.context import routing
 from loramix.errors import ConfigError
 from loramix.inject import get_info
@@ -21,7 +20,7 @@ from loramix.methods.continual.mixing import batch_rows, choice_weights, route_w
 from loramix.methods.continual.routed import model_inputs
 from loramix.train.config import RunConfig
 from loramix.train.predict import UNKNOWN_TASK
-from tests.methods.test_continual import continual_run, trained_learner
+from tests.methods.test_continual import continual_run, experts_far_apart, trained_learner
 from tests.methods.test_continual_routed import ROUTED
 from tests.train import toys
 
@@ -42,10 +41,7 @@ def blended(name: str, model_dir: Path, tasks_dir: Path, tmp_path: Path) -> tupl
     )
     learner, _ = trained_learner(run, tmp_path / "run")
     learner.model.eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # experts far from zero, so that every mixture answers differently
-        for param in adapter_state(learner.backbone).values():
-            param.add_(torch.randn(param.shape, generator=generator))
+    experts_far_apart(learner.backbone)
     method = get_method("continual-mola-grad")
     learner.selector = new_selector(
         learner.run, learner.backbone

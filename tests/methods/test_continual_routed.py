@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from loramix import adapter_state
 from loramix.cli import main
 from loramix.context import routing
 from loramix.errors import ConfigError
@@ -23,7 +22,7 @@ from loramix.methods.continual.mixing import floored, posterior_answer_loop
 from loramix.train.config import RunConfig
 from loramix.train.model import MODEL_INPUTS
 from loramix.train.predict import UNKNOWN_TASK
-from tests.methods.test_continual import continual_run, trained_learner
+from tests.methods.test_continual import continual_run, experts_far_apart, trained_learner
 from tests.train import toys
 
 ROUTED = {
@@ -81,10 +80,7 @@ def test_routed_acceptance_answers_along_the_chosen_route_and_on_the_base_where_
     assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == metrics["accuracy_matrix"][-1]
 
     model = learner.model.eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # experts far from zero, so that a wrong route shows in every state
-        for param in adapter_state(learner.backbone).values():
-            param.add_(torch.randn(param.shape, generator=generator))
+    experts_far_apart(learner.backbone)
     learner.selector = new_selector(learner.run, learner.backbone)  # fitted again through the changed experts
     for task in range(3):
         fitted = method.task_features(learner, task)

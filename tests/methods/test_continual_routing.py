@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loramix.methods import run_training
-from tests.methods.test_continual import continual_run, trained_learner
+from tests.methods.test_continual import continual_run, experts_far_apart, trained_learner
 
 
 def routing_module(name: str = "continual_routing"):
@@ -80,7 +80,6 @@ def test_posterior_mixing_in_one_pass_equals_a_loop_over_inputs_and_routes(
     """The expanded batch's mixture against one input and one route at a time, with experts far apart and weights
     spread over the tasks (some under MIN_WEIGHT); inputs kept on the base or of no given task keep the hard
     answer, and a weight all on the chosen route gives the hard answer."""
-    from loramix import adapter_state
     from loramix.methods import get_method
     from loramix.methods.continual.mixing import MIN_WEIGHT, posterior_answer, posterior_answer_loop
     from loramix.train.predict import UNKNOWN_TASK
@@ -91,9 +90,7 @@ def test_posterior_mixing_in_one_pass_equals_a_loop_over_inputs_and_routes(
     learner, _ = trained_learner(run, tmp_path / "run")
     learner.model.eval()
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # experts far from zero, so that every route answers differently
-        for param in adapter_state(learner.backbone).values():
-            param.add_(torch.randn(param.shape, generator=generator))
+    experts_far_apart(learner.backbone, generator=generator)
     examples = [e for t in range(len(toys.TASK_NAMES)) for e in learner.data.eval_examples("test", t, 6)]
     batch = next(learner.batches(examples, 18))
     n, tasks = batch["task_ids"].shape[0], learner.selector.num_tasks
@@ -140,7 +137,6 @@ def test_mixing_inside_the_pass_equals_a_loop_over_inputs_and_routes_and_runs_th
     block before runs once per input, the adapted one once per (input, route) row, and the answers equal the
     reference (the selector's own base pass, then one input and one route at a time), inputs kept on the base and
     of no given task included."""
-    from loramix import adapter_state
     from loramix.methods import get_method
     from loramix.methods.continual.features import encoder_blocks
     from loramix.methods.continual.mixing import posterior_answer_loop
@@ -163,9 +159,7 @@ def test_mixing_inside_the_pass_equals_a_loop_over_inputs_and_routes_and_runs_th
     learner.model.eval()
     generator = torch.Generator().manual_seed(0)
     far = 10 if method_name == "moe-adapters" else 1  # its adapters scale their output by 0.1
-    with torch.no_grad():  # experts far from zero, so that every route answers differently
-        for param in adapter_state(learner.backbone).values():
-            param.add_(torch.randn(param.shape, generator=generator) * far)
+    experts_far_apart(learner.backbone, far, generator)
     examples = [e for t in range(len(toys.TASK_NAMES)) for e in learner.data.eval_examples("test", t, 6)]
     batch = next(learner.batches(examples, 18))
     batch["task_ids"][2] = UNKNOWN_TASK

@@ -208,9 +208,10 @@ def reads_in_pass(backbone: torch.nn.Module, layers: list[int]) -> bool:
 
 
 Expansion = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-Weighing = Callable[[Tensor, Tensor, Tensor], Tensor]  # (route, keep, features) -> weights over the tasks
 """`(route, keep, features) -> (input of each row, route of each row, kept on the base)`, each `(m,)`: the rows
 that the pass goes on with after the selector has chosen (:func:`routed_by_selector`)."""
+Weighing = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""`(route, keep, features) -> weights over the tasks (n, T)` that the adapted blocks mix the experts by."""
 
 
 @contextlib.contextmanager

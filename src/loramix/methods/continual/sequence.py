@@ -75,9 +75,8 @@ class Continual(Method):
         True  # tasks not learned yet (inputs, class texts) go to the base model
     )
     per_task_steps: ClassVar[bool] = True  # False: one joint phase on all tasks (the upper bound)
-    blends_experts: ClassVar[bool] = (
-        False  # `ddas_mix: blend`: each task has one expert of its own in every layer
-    )
+    # `ddas_mix: blend` needs each task to have one expert of its own in every adapted layer
+    blends_experts: ClassVar[bool] = False
 
     def resume_state(self, output_dir: Path) -> list[Path]:
         """The tasks' checkpoints and the state after each task, with the record of how far the sequence got."""
