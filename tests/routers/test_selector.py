@@ -324,6 +324,25 @@ def test_the_shared_choice_is_the_distance_under_the_mean_covariance_and_equals_
     )
 
 
+def test_the_shared_choice_fits_wide_features_with_two_threads():
+    """Fitting the shared covariance of three tasks 200 features wide with two CPU threads: the batched LU inverse
+    it once used failed there (MKL's DLASWP error, then bad pivots or no end); the fit must finish and equal the
+    per-task loop."""
+    generator = torch.Generator().manual_seed(0)
+    selector = AutoSelector(200, choice="shared", threshold="pooled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shift in (0.0, 1.0, -1.0):
+            selector.add_task(torch.randn(400, 200, generator=generator) + shift)
+    finally:
+        torch.set_num_threads(threads)
+    probe = torch.randn(20, 200, generator=generator)
+    torch.testing.assert_close(
+        selector.shared_scores(probe), selector.shared_scores_loop(probe), rtol=1e-4, atol=1e-2
+    )
+
+
 def test_the_shared_choice_names_alike_tasks_better_from_few_inputs_and_survives_save_and_load():
     """Two tasks of one covariance in 40 dimensions, their means close, 60 inputs each: each task's own Gaussian,
     estimated from so few, misnames more of their test inputs than the shared one estimated from all of them. A

@@ -246,12 +246,15 @@ class AutoSelector(nn.Module):
 
     def _share(self) -> None:
         """Set the shared covariance's whitening from every learned task's own (`shared` choice only): with
-        `W_t = C_t^(-1/2)`, `C = mean_t (W_t W_t)^(-1)` and `W = C^(-1/2)`."""
+        `W_t = C_t^(-1/2)`, `C = mean_t (W_t^T W_t)^(-1)` and `W = C^(-1/2)`."""
         if self.choice != "shared" or not self.num_tasks:
             self.shared_whitening = self.center.new_zeros(0, self.in_features)
             return
-        whitening = self.whitening.double()
-        covariance = torch.linalg.inv(whitening @ whitening).mean(0)  # (d, d)
+        whitening = self.whitening.double()  # (T, d, d)
+        # C_t from W_t^T W_t by Cholesky: the batched LU inverse fails with two or more MKL threads in torch
+        # 2.13's CPU build (DLASWP errors, then bad pivots or no end)
+        precisions = whitening.transpose(1, 2) @ whitening
+        covariance = torch.cholesky_inverse(torch.linalg.cholesky(precisions)).mean(0)  # (d, d)
         self.shared_whitening = inverse_sqrt((covariance + covariance.t()) / 2)[0].to(self.center)
 
     @torch.no_grad()
