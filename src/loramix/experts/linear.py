@@ -5,6 +5,7 @@ Legend: n samples, t tokens, e experts, r rank, i / o in / out features.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +14,7 @@ from torch.nn.modules import module as _global_hooks
 
 import loramix.experts.ops as ops
 from loramix.experts.layer import AdaptedLayer
-from loramix.experts.lora import LoraExperts, gate_weights, topk_gate
+from loramix.experts.lora import LoraExperts, gate_weights, pair_gate, topk_gate
 
 if TYPE_CHECKING:
     from loramix.routers.state import RoutingState
@@ -60,21 +61,29 @@ class LinearExperts(AdaptedLayer):
         batch = x.shape[0]
         self._check_batch(gate, batch)
         x3 = x.reshape(batch, -1, x.shape[-1])  # (n, t, i)
-        top = topk_gate(x3, A, B, gate)
-        if top is not None and top[0].dim() == 3:  # per-token top-k: base, plus the grouped-GEMM op
+        fused = partial(
+            ops.linear,
+            x3,
+            base.weight,
+            base.bias,
+            A,
+            B,
+            self.scaling,
+            dropout=self.adapter_dropout,
+            input_major=input_major,
+        )
+        top = None if gate.pairs is not None else topk_gate(x3, A, B, gate)
+        if gate.pairs is not None:  # each sample's first expert fused with the base, then the further pairs
+            first, first_weight, pairs, pair_weight = pair_gate(gate)
+            out = fused(gate=first, sample_weight=first_weight)
+            out = ops.add_pairs(out, x3, A, B, pairs, pair_weight, self.scaling, self.adapter_dropout)
+        elif top is not None and top[0].dim() == 3:  # per-token top-k: base, plus the grouped-GEMM op
             out = base(x3) + ops.topk(x3, A, B, *top, self.scaling, self.adapter_dropout)
+        elif top is not None:
+            out = fused(gate=top[1], indices=top[0])
         else:
-            out = ops.linear(
-                x3,
-                base.weight,
-                base.bias,
-                A,
-                B,
-                self.scaling,
-                gate=(gate.indices if gate.hard else gate_weights(gate, batch)) if top is None else top[1],
-                indices=None if top is None else top[0],
-                dropout=self.adapter_dropout,
-                input_major=input_major,
+            out = fused(
+                gate=gate.indices if gate.hard else gate_weights(gate, batch),
                 keep=gate.keep if gate.hard else None,
             )
         return out.reshape(*x.shape[:-1], out.shape[-1])  # (n, ..., o)

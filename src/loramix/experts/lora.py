@@ -104,6 +104,10 @@ class LoraExperts(StackedExperts):
         A, B = A.to(x.dtype), B.to(x.dtype)
         if gate is None:
             return ops.single(x, A, B, scaling, dropout)
+        if gate.pairs is not None:
+            first, first_weight, pairs, pair_weight = pair_gate(gate)
+            out = ops.hard(x, A, B, first, scaling, dropout, sample_weight=first_weight)
+            return ops.add_pairs(out, x, A, B, pairs, pair_weight, scaling, dropout)
         top = topk_gate(x, A, B, gate)
         if top is not None:
             return ops.topk(x, A, B, *top, scaling, dropout)
@@ -137,6 +141,15 @@ def gate_weights(gate: Gate, batch: int) -> Tensor:
     if weights.dim() > 2:
         weights = weights.reshape(batch, -1, weights.shape[-1])  # (n, t, e)
     return weights
+
+
+def pair_gate(gate: Gate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A gate with `pairs` as the ops take it: each sample's first expert `(n,)` and its weight `(n,)`, the
+    further pairs `(p, 2)` and theirs `(p,)`, read from the gate's weights (so that kept samples weigh zero)."""
+    assert gate.indices is not None and gate.pairs is not None
+    first = gate.indices[:, 0]
+    first_weight = gate.weights.gather(-1, first[:, None])[:, 0]
+    return first, first_weight, gate.pairs, gate.weights[gate.pairs[:, 0], gate.pairs[:, 1]]
 
 
 def topk_gate(x3: Tensor, A: Tensor, B: Tensor, gate: Gate) -> tuple[Tensor, Tensor] | None:

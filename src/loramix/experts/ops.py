@@ -6,6 +6,9 @@ All fast ops compute `s * sum_e g_e B_e A_e x` with no Python loop over experts 
 - `single`: one expert, gate of ones (a plain LoRA);
 - `hard`: one expert per sample (a task id): gather each sample's A and B, then `bmm`; in inference with a few
   tokens per sample (decoding), `hard_grouped` instead: rows sorted by expert, two grouped GEMMs, no weight copies;
+- `hard` + `add_pairs`: a per-sample gate whose rows mostly name one expert (the tasks' experts blended by an
+  auto-selector's posterior): each sample's first expert as `hard`, weighed, and only the further (sample, expert)
+  pairs as a second `hard` over copies of their samples' rows;
 - `dense`: a soft or top-k gate per sample `(n, e)` or per token `(n, t, e)`: one stacked matmul into `e*r`
   features, scale by the gate, one matmul back;
 - `topk`: a top-k gate given by its indices, computing only the k chosen experts: per sample, each sample's k
@@ -72,11 +75,19 @@ def _project_dense(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return A_in, Bt  # (r or e*r, o), the transpose of stacked_B(B)
 
 
-def _mix_single(h: Tensor, scaling: float, dropout: Dropout, keep: Tensor | None = None) -> Tensor:
-    """The scaled hidden; `keep` `(n,)` bool zeroes the samples whose output stays the base's."""
+def _mix_single(
+    h: Tensor,
+    scaling: float,
+    dropout: Dropout,
+    keep: Tensor | None = None,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """The scaled hidden; `keep` `(n,)` bool zeroes the samples whose output stays the base's, `sample_weight`
+    `(n,)` weighs each sample's expert."""
     h = dropout(h) * scaling  # (..., r)
-    if keep is not None:
-        h = h * (~keep).to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
+    for factor in (None if keep is None else ~keep, sample_weight):
+        if factor is not None:
+            h = h * factor.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
     return h
 
 
@@ -124,19 +135,46 @@ def hard(
     dropout: Dropout = _identity,
     *,
     keep: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> Tensor:
     """Each sample through its own expert. x `(n, t, i)`, expert_index `(n,)` long; returns `(n, t, o)`.
 
     A shared A (`A.shape[0] == 1`) or B is applied as one plain matmul instead of a gather. `keep` `(n,)` bool
-    marks samples that get exactly zero (their layer output stays the base's).
+    marks samples that get exactly zero (their layer output stays the base's); `sample_weight` `(n,)` scales each
+    sample's expert (a blended gate's first expert, see `add_pairs`).
     """
     if prefers_hard_grouped(x, A, B, keep):
-        y, rows = hard_grouped(x, A, B, expert_index, scaling, dropout)
+        y, rows = hard_grouped(x, A, B, expert_index, scaling, dropout, sample_weight)
         n, t, _ = x.shape
         return x.new_zeros(n * t, B.shape[1]).index_add_(0, rows, y).view(n, t, -1)
     A_in, Bt = _project_hard(A, B, expert_index)
-    h = _mix_single(_times(x, A_in.transpose(-1, -2)), scaling, dropout, keep)  # (n, t, r)
+    h = _mix_single(_times(x, A_in.transpose(-1, -2)), scaling, dropout, keep, sample_weight)  # (n, t, r)
     return _times(h, Bt)  # (n, t, o)
+
+
+def add_pairs(
+    out: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    pairs: Tensor,
+    pair_weight: Tensor,
+    scaling: float,
+    dropout: Dropout = _identity,
+) -> Tensor:
+    """`out[s] += w * s * B_e A_e x[s]` for each (sample s, expert e) of `pairs` `(p, 2)` long, w its
+    `pair_weight` `(p,)`; x `(n, t, i)`, out `(n, t, o)`. The experts a per-sample gate names beyond each sample's
+    first, which `hard` runs with its weight: for a gate whose rows mostly name one expert (an auto-selector's
+    posterior over the tasks, mostly sure), this costs the hard op plus one over the few pairs, where `topk`
+    gathers k experts for every sample, k the most that any row names. Each pair's rows are copied once; `out` is
+    written in place unless autograd records."""
+    if not len(pairs):
+        return out
+    samples, experts = pairs.unbind(1)
+    y = hard(
+        x.index_select(0, samples), A, B, experts, scaling, dropout, sample_weight=pair_weight
+    )  # (p, t, o)
+    return out.index_add(0, samples, y) if torch.is_grad_enabled() else out.index_add_(0, samples, y)
 
 
 def dense(
@@ -177,14 +215,21 @@ def prefers_hard_grouped(x: Tensor, A: Tensor, B: Tensor, keep: Tensor | None = 
 
 
 def hard_grouped(
-    x: Tensor, A: Tensor, B: Tensor, expert_index: Tensor, scaling: float, dropout: Dropout = _identity
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    expert_index: Tensor,
+    scaling: float,
+    dropout: Dropout = _identity,
+    sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`hard` without copying any weights: the samples' token rows sorted by expert, both projections as grouped
     GEMMs over the experts' segments (`torch._grouped_mm`), each used expert's A and B read once, in place.
 
     x `(n, t, i)`, expert_index `(n,)` long; A `(e, r, i)`, B `(e, o, r)`, one per expert. Returns the mixture's
     rows in sorted order `(n*t, o)` and `rows` `(n*t,)`, the flat token index of each: `out.index_add_(0, rows,
-    y)` adds them to a flat `(n*t, o)` output. No host synchronisation; forward only (see `prefers_hard_grouped`).
+    y)` adds them to a flat `(n*t, o)` output. `sample_weight` `(n,)` scales each sample's rows. No host
+    synchronisation; forward only (see `prefers_hard_grouped`).
 
     Example:
         >>> y, rows = hard_grouped(x, A, B, torch.tensor([2, 0, 2]), 2.0)  # x (3, 1, i)
@@ -196,6 +241,8 @@ def hard_grouped(
     ends = (torch.bincount(expert_index, minlength=A.shape[0]).cumsum(0) * t).to(torch.int32)  # (e,)
     x_sorted = x.reshape(n * t, i).index_select(0, rows)  # (n*t, i)
     h = dropout(torch._grouped_mm(x_sorted, A.transpose(1, 2), offs=ends)) * scaling  # (n*t, r)
+    if sample_weight is not None:  # each row weighed as its sample
+        h = h * sample_weight.to(h.dtype).repeat_interleave(t).index_select(0, rows)[:, None]
     return torch._grouped_mm(h, B.transpose(1, 2), offs=ends), rows  # (n*t, o), (n*t,)
 
 
@@ -388,12 +435,14 @@ def linear(
     dropout: Dropout = _identity,
     input_major: bool = False,
     keep: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> Tensor:
     """The base linear map plus the mixture, `x W^T + b + s * sum_e g_e B_e A_e x`, in one pass.
 
     x `(n, t, i)`; `weight` `(o, i)`, or `(i, o)` with `input_major` (Hugging Face `Conv1D`); `gate` None for a
-    plain LoRA (as `single`), a long `(n,)` tensor of expert indices (as `hard`, with its `keep` mask), weights `(n, e)` or `(n, t, e)`
-    (as `dense`), or with `indices` `(n, k)` the per-sample top-k weights `(n, k)` at them (as `topk`). Returns
+    plain LoRA (as `single`), a long `(n,)` tensor of expert indices (as `hard`, with its `keep` mask and
+    `sample_weight`), weights `(n, e)` or `(n, t, e)` (as `dense`), or with `indices` `(n, k)` the per-sample
+    top-k weights `(n, k)` at them (as `topk`). Returns
     `(n, t, o)`: for a contiguous x, the base layer's output bit for bit plus the matching op's mixture.
 
     Example:
@@ -405,7 +454,7 @@ def linear(
             out = torch.addmm(bias, flat_in, weight) if bias is not None else flat_in @ weight
         else:  # what nn.Linear.forward runs
             out = F.linear(flat_in, weight, bias)
-        y, rows = hard_grouped(x, A, B, gate, scaling, dropout)
+        y, rows = hard_grouped(x, A, B, gate, scaling, dropout, sample_weight)
         return out.index_add_(0, rows, y).view(*x.shape[:-1], out.shape[-1])  # (n, t, o)
     if indices is not None:
         A_in, Bt = _project_topk_per_sample(A, B, indices)
@@ -422,7 +471,7 @@ def linear(
         assert gate is not None
         h = _mix_topk_per_sample(h, gate, scaling, dropout)
     elif gate is None or gate.dtype == torch.long:
-        h = _mix_single(h, scaling, dropout, keep)
+        h = _mix_single(h, scaling, dropout, keep, sample_weight)
     else:
         h = _mix_dense(h, gate, max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
     out = _AddProjectOut.apply(base, h, Bt)  # (n*t, o)

@@ -17,6 +17,9 @@ class Gate:
     hard: one expert per sample, applied by gather + bmm instead of the dense op.
     keep: `(n,)` bool, True for samples that get no expert at all: the mixture adds exactly zero, so their output
         is the base model's bit for bit, in the same batched op as the other samples.
+    pairs: for a per-sample top-k gate whose rows may name fewer than k experts: the (sample, expert) pairs with a
+        non-zero weight beyond each sample's first index, `(p, 2)` long. LoRA experts then run `indices[:, 0]` as a
+        hard gate, weighed, and these pairs besides (`ops.add_pairs`); other experts read the top-k gate.
     """
 
     weights: Tensor
@@ -24,6 +27,7 @@ class Gate:
     logits: Tensor | None = None
     hard: bool = False
     keep: Tensor | None = None
+    pairs: Tensor | None = None
 
     @property
     def per_token(self) -> bool:

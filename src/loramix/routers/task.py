@@ -81,7 +81,10 @@ class TaskRouter(Router):
             experts = mixed.argmax(-1)
             return Gate(weights=F.one_hot(experts, self.num_experts).float(), indices=experts, hard=True)
         mixed = mixed / mixed.sum(-1, keepdim=True)
-        return Gate(weights=mixed, indices=mixed.topk(k, -1).indices)
+        indices = mixed.topk(k, -1).indices  # (n, k), each row's heaviest expert first
+        named = mixed.gather(-1, indices[:, 1:]) > 0  # (n, k-1)
+        pairs = torch.stack([named.nonzero()[:, 0], indices[:, 1:][named]], 1)  # (p, 2)
+        return Gate(weights=mixed, indices=indices, pairs=pairs)
 
     @torch.no_grad()
     def grow(self, num_experts: int, num_tasks: int | None, task_to_expert: list[int] | None = None) -> None:
