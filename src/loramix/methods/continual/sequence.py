@@ -10,7 +10,8 @@ base model from its label names.
 
 Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically; :mod:`.state`); a run that
 dies inside task t reloads the state after task t - 1 and resumes task t from its newest checkpoint
-(`task-<t>/checkpoints`). Scoring (the accuracy rows, the selector's confusion) is in :mod:`.scoring`.
+(`task-<t>/checkpoints`). Scoring (the accuracy rows, the selector's confusion) is in :mod:`.scoring`, the ways of
+answering an evaluation batch (by the auto-selector, mixed or blended) in :mod:`.answer`.
 
 Legend: T tasks, n samples, d feature width.
 """
@@ -33,21 +34,12 @@ from loramix.inject import get_info
 from loramix.io import read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks
-from loramix.methods.continual.features import routed_by_selector
+from loramix.methods.continual.answer import Answer, answer
 from loramix.methods.continual.learner import (
     Learner,
     check_continued_settings,
     new_selector,
     saved_selector,
-)
-from loramix.methods.continual.mixing import (
-    InPassMixture,
-    batch_rows,
-    choice_weights,
-    mixed_inputs,
-    posterior_answer,
-    route_weights,
-    routed_mixture,
 )
 from loramix.methods.continual.report import continual_metrics, sequence_history, write_continual_report
 from loramix.methods.continual.scoring import accuracy_row, selector_confusion
@@ -55,8 +47,8 @@ from loramix.methods.continual.state import continued_learner, extra_tensors, re
 from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer, processes
-from loramix.train.model import MODEL_INPUTS, MultiTaskModel
-from loramix.train.predict import UNKNOWN_TASK, Predictor, RoutedPredictor
+from loramix.train.model import MultiTaskModel
+from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.run import (
     build_model,
     callbacks_for,
@@ -207,78 +199,10 @@ class Continual(Method):
         with routing_block(learner.model, routed):
             return learner.model.heads.predict(learner.model, routed)
 
-    def answer(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch. Where the
-        selector's blocks come before every adapted one, it routes inside the inference pass itself
-        (:func:`routed_by_selector`: the same routes as a base pass of its own, without that pass; with `ddas_mix:
-        posterior` the pass goes on with the mixture's rows from there); with routed acceptance the pass follows the
-        route chosen on the choice block and the inputs its acceptance block rejects are passed again on the base
-        (:meth:`Learner.routed_pass`; mixed, one pass over the mixture's rows: :func:`routed_mixture`); otherwise
-        routing comes first, then the pass. With `ddas_mix: blend` each of these passes mixes the tasks' experts by
-        the selector's posterior in its adapted layers (`routing`'s `task_weights`). A sample of no known task (task
-        id UNKNOWN_TASK: a `loramix predict` row that names none) takes the task the auto-selector chose for it; one
-        the selector keeps on the base is answered by the base among every task's classes, and takes the task of the
-        class that wins."""
-        task_ids = batch["task_ids"]
-        layers = learner.in_pass_layers() if self.uses_selector else None
-        mode = learner.run.ddas_mix if self.uses_selector else "none"
-        mix, blend = mode == "posterior", mode == "blend"
-        features = None  # what the selector read, for `ddas_mix` to weigh the routes by
-        if mix and learner.routed_acceptance and learner.selector.num_tasks:  # type: ignore[union-attr]
-            route, keep, predicted = routed_mixture(learner, batch)  # one pass over the mixture's rows
-            tasks = chosen_tasks(task_ids, route, keep)
-        elif learner.routed_acceptance:
-            model = learner.model  # one pass along the chosen route, the rejected inputs again on the base
-            choice = learner.base_features(batch)
-            weights = choice_weights(learner, batch, choice) if blend and learner.selector.num_tasks else None  # type: ignore[union-attr]
-            route, keep, output, _ = learner.routed_pass(batch, choice, weights)
-            tasks = chosen_tasks(task_ids, route, keep)
-            routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-            predicted = model.heads.decide(model.heads(output, routed, model), tasks)
-        elif layers is None:
-            if self.uses_selector:
-                features = learner.base_features(batch)
-                route, keep = learner.selector.to(learner.device)(features)  # type: ignore[union-attr]
-            else:
-                route, keep = self.route(learner, batch)
-            tasks = chosen_tasks(task_ids, route, keep)
-            # the inputs the mixture answers, and those of no given task kept on the base, skip the routed pass
-            skip = (task_ids == UNKNOWN_TASK) & keep
-            if mix:
-                skip |= mixed_inputs(learner, batch, keep, features)
-            weighed = {"task_weights": route_weights(learner, batch, keep, features)} if blend else {}
-            predicted = torch.zeros(len(keep), device=keep.device)
-            if not skip.all():
-                part = batch_rows({**batch, "task_ids": tasks, **weighed}, ~skip)
-                predicted[~skip] = self.predict(learner, part, route[~skip], keep[~skip])
-            if mix:
-                predicted = posterior_answer(learner, batch, keep, predicted, features)
-        else:
-            model = learner.model
-            selector = learner.selector.to(learner.device)  # type: ignore[union-attr]
-            mixture = InPassMixture(learner, batch) if mix else None  # the pass goes on with its rows
-
-            def weigh(route: Tensor, keep: Tensor, features: Tensor) -> Tensor:
-                return route_weights(learner, batch, keep, features)
-
-            with routed_by_selector(
-                learner.backbone, batch, selector, layers, mixture, weigh if blend else None
-            ) as chosen:
-                output = (
-                    model.pooled(batch) if mixture is None else model.hidden(batch)
-                )  # (n, d) or (m, t, d)
-            route, keep = chosen["route"], chosen["keep"]
-            tasks = chosen_tasks(task_ids, route, keep)
-            if mixture is None:
-                routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-                predicted = model.heads.decide(model.heads(output, routed, model), tasks)
-            else:
-                predicted = mixture.answer(output, tasks)
-        unknown = (task_ids == UNKNOWN_TASK) & keep
-        if unknown.any():
-            inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}
-            tasks[unknown], predicted[unknown] = learner.model.heads.base_decision(learner.model, inputs)
-        return route, keep, tasks, predicted
+    def answer(self, learner: Learner, batch: dict[str, Tensor]) -> Answer:
+        """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch, routed by the
+        auto-selector (or the task ids) in the way the run's settings call for (:mod:`.answer`)."""
+        return answer(self, learner, batch)
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
         """What the auto-selector fits task `task` on: its training inputs' base features, or with routed
@@ -484,10 +408,3 @@ class Continual(Method):
         records = {k: v for k, v in learner.records.items() if k != "joint_history"}  # `history` above
         metrics["continual"] = {**records, "task_names": learner.task_names}
         return metrics
-
-
-def chosen_tasks(task_ids: Tensor, route: Tensor, keep: Tensor) -> Tensor:
-    """Each sample's task: its own, or for a sample of no known task (UNKNOWN_TASK) the learned task the selector
-    routed it to (0 where it kept it on the base, until the base answers it among every task's classes)."""
-    unknown = task_ids == UNKNOWN_TASK
-    return torch.where(unknown, torch.where(keep, torch.zeros_like(route), route), task_ids)
