@@ -27,6 +27,7 @@ and mixed. Blending (`ddas_mix: blend`: one pass whose layers mix the tasks' exp
 of its own, so it is scored on the final model only (the last row, Last), by the library's answer.
 
     python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed 9
+    python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed-only 15
 
 RUN_DIR: a `benchmarks/continual.py --methods continual-mola-grad` run folder with experts in every block.
 """
@@ -126,6 +127,35 @@ def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, see
     rows["own_rate"] = float(own.double().mean()) if is_seen.any() else None
     rows["unseen_to_base_rate"] = float(unseen_base.double().mean()) if (~is_seen).any() else None
     return rows
+
+
+def new_selectors(learner: Learner) -> dict[str, AutoSelector]:
+    """The run's selector (`current`) and routed acceptance's (`routed`), with no task learned yet."""
+    run = learner.run
+    return {
+        "current": new_selector(run, learner.backbone),
+        "routed": new_selector(run.model_copy(update={"ddas_accept_state": "route"}), learner.backbone),
+    }
+
+
+def add_task(learner: Learner, method, selectors: dict, task: int) -> None:
+    """Both selectors fitted on task `task`'s training inputs, as the run fitted its own after that task."""
+    fit: dict[str, list] = {"choose": [], "current": [], "accept": []}
+    for batch in learner.batches(method.task_examples(learner, task), 64):
+        for key, value in features(learner, batch, [task]).items():
+            fit[key].append(value)
+    tensors = {k: torch.cat(v) for k, v in fit.items()}
+    selectors["current"].add_task(tensors["current"], seed=learner.run.seed)
+    selectors["routed"].add_task(
+        torch.cat([tensors["choose"], tensors["accept"][:, 0]], 1), seed=learner.run.seed
+    )
+
+
+def check_rebuilt(learner: Learner, selectors: dict, run_dir: Path) -> None:
+    """Stop unless the rebuilt `current` selector is the one the run saved, tensor for tensor."""
+    replica = selectors["current"].state()
+    if any(not torch.equal(v, replica[k]) for k, v in learner.selector.state().items() if v.numel()):
+        raise SystemExit(f"{run_dir}: the rebuilt selector differs from the run's")
 
 
 def answering(learner: Learner, selectors: dict, rule: str, mix: str) -> Learner:
@@ -242,9 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="a JSON list of runs' results to add this one to")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--speed", type=int, metavar="ROUNDS", help="also time the ways of answering")
+    parser.add_argument(
+        "--speed-only",
+        type=int,
+        metavar="ROUNDS",
+        help="only time the ways of answering, with the final selectors alone fitted (minutes, not the replay's "
+        "half hour); the timings replace those of the run's earlier replay (its routed-acceptance.json)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    earlier = args.run_dir / "routed-acceptance.json"
+    if args.speed_only and not earlier.exists():
+        parser.error(f"{args.run_dir}: --speed-only refreshes a replay's timings; replay the run first")
     learner, method = finished_run(args.run_dir)
     run, data = learner.run, learner.data
     if run.method != "continual-mola-grad" or run.layers_to_transform is not None:
@@ -253,6 +293,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"{args.run_dir}: the run's selector must read block {CHOOSE} and a later acceptance block"
         )
+    if args.speed_only:
+        selectors = new_selectors(learner)
+        for task in range(data.num_tasks):
+            add_task(learner, method, selectors, task)
+        check_rebuilt(learner, selectors, args.run_dir)
+        results = {
+            **json.loads(earlier.read_text()),
+            "speed": speed(learner, method, selectors, args.speed_only),
+        }
+        write_results(earlier, args.out, results)
+        print(f"speed: {results['speed']}")
+        return 0
     tasks = data.num_tasks
     routes = list(range(tasks))
     split = eval_split(data)
@@ -278,10 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     test = {k: torch.cat(v) for k, v in test.items()}
     print(f"test features: {time.perf_counter() - started:.0f} s", flush=True)
 
-    selectors = {
-        "current": new_selector(run, learner.backbone),
-        "routed": new_selector(run.model_copy(update={"ddas_accept_state": "route"}), learner.backbone),
-    }
+    selectors = new_selectors(learner)
     matrices = {f"{rule}-{answer}": [] for rule in ("current", "routed") for answer in ("hard", "mixed")}
     rates: dict[str, list] = {"current": [], "routed": []}
     zero = stage_scores(
@@ -297,13 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     for rows in matrices.values():
         rows.append(zero["hard"])
     for task in range(tasks):
-        fit = {"choose": [], "current": [], "accept": []}
-        for batch in learner.batches(method.task_examples(learner, task), 64):
-            for key, value in features(learner, batch, [task]).items():
-                fit[key].append(value)
-        fit = {k: torch.cat(v) for k, v in fit.items()}
-        selectors["current"].add_task(fit["current"], seed=run.seed)
-        selectors["routed"].add_task(torch.cat([fit["choose"], fit["accept"][:, 0]], 1), seed=run.seed)
+        add_task(learner, method, selectors, task)
         for rule in rates:
             route, keep, weights = decisions(rule, selectors, test)
             scores = stage_scores(
@@ -314,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             rates[rule].append({k: scores[k] for k in ("own_rate", "unseen_to_base_rate")})
         print(f"stage {task}: {rates['current'][-1]} {rates['routed'][-1]}", flush=True)
 
-    replica = selectors["current"].state()
-    if any(not torch.equal(v, replica[k]) for k, v in learner.selector.state().items() if v.numel()):
-        raise SystemExit(f"{args.run_dir}: the rebuilt selector differs from the run's")
+    check_rebuilt(learner, selectors, args.run_dir)
     saved = json.loads((args.run_dir / "metrics.json").read_text())
     run_matrix = np.array(saved["accuracy_matrix"])
     as_run = "current-mixed" if run.ddas_mix == "posterior" else "current-hard"  # how the run answered

@@ -223,3 +223,10 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
         result["speed"][f"{name}_vs_task_ids"]["ratio_median"] > 0
         for name in ("current", "routed-acceptance", "current-mixed", "routed-acceptance-mixed")
     )
+    # timings alone, with the final selectors refitted: the replay's other results stay as they were
+    assert module.main([str(tmp_path / "run"), "--threads", threads, "--speed-only", "1"]) == 0
+    again = json.loads((tmp_path / "run" / "routed-acceptance.json").read_text())
+    assert {k: v for k, v in again.items() if k != "speed"} == {
+        k: v for k, v in result.items() if k != "speed"
+    }
+    assert set(again["speed"]) == set(result["speed"])
