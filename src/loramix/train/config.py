@@ -283,8 +283,8 @@ class RunConfig(BaseModel):
         "accepts is answered through the route the selector chose (none), or by its answers through every learned "
         "task's route, mixed by the selector's posterior over the tasks (posterior: one more pass for each task "
         "whose weight is not negligible), or in one pass whose every adapted layer mixes the tasks' experts by that "
-        "posterior (blend: continual-mola-grad; one row per input, slower than the hard route). Inputs kept on the base and inputs of "
-        "no given task are answered as by none.",
+        "posterior (blend: continual-mola-grad; one row per input, a little slower than the hard route). Inputs kept "
+        "on the base and inputs of no given task are answered as by none.",
     )
     ddas_shrinkage: float = Field(
         0.1,
