@@ -2,8 +2,8 @@
 
 Given weights over the tasks (`routing(..., task_weights=)`, an auto-selector's posterior at inference:
 `ddas_mix: blend`), each sample's gate mixes its tasks' experts by them instead, as a top-k gate over the experts
-they name; a sample whose row is zero keeps its task's expert, and a batch where no row names two experts keeps
-the hard gate.
+they name (with the pairs beyond each sample's heaviest expert listed, which LoRA experts run alone); a sample whose
+row is zero keeps its task's expert, and a batch where no row names two experts keeps the hard gate.
 
 Legend: n samples, e experts, T tasks.
 """
