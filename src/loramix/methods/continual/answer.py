@@ -42,9 +42,8 @@ from loramix.methods.continual.mixing import (
 from loramix.train.model import MODEL_INPUTS
 from loramix.train.predict import UNKNOWN_TASK
 
-Answer = tuple[
-    Tensor, Tensor, Tensor, Tensor
-]  # each (n,): route ids, keep-base mask, task ids, label indices
+# each (n,): route ids, keep-base mask, task ids, label indices within the tasks
+Answer = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 class Answering(Protocol):
