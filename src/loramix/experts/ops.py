@@ -171,9 +171,8 @@ def add_pairs(
     if not len(pairs):
         return out
     samples, experts = pairs.unbind(1)
-    y = hard(
-        x.index_select(0, samples), A, B, experts, scaling, dropout, sample_weight=pair_weight
-    )  # (p, t, o)
+    rows = x.index_select(0, samples)  # (p, t, i)
+    y = hard(rows, A, B, experts, scaling, dropout, sample_weight=pair_weight)  # (p, t, o)
     return out.index_add(0, samples, y) if torch.is_grad_enabled() else out.index_add_(0, samples, y)
 
 
