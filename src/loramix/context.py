@@ -186,12 +186,12 @@ def check_task_weights(model: nn.Module, weights: Tensor, batch: int) -> Tensor:
             f"task_weights mix the experts of tasks routed by id (router 'task'); this model's router is "
             f"'{info.config.router}'"
         )
-    tasks, rows = int(info.config.num_tasks or 0), batch
+    tasks = int(info.config.num_tasks or 0)
     if not isinstance(weights, Tensor) or not weights.is_floating_point() or weights.dim() != 2:
         raise RoutingError(f"task_weights must be a 2-d float tensor, got {weights!r:.80}")
-    if weights.shape[0] != rows or weights.shape[1] > tasks:
+    if weights.shape[0] != batch or weights.shape[1] > tasks:
         raise RoutingError(
-            f"task_weights must have shape (batch, at most num_tasks) = ({rows}, {tasks}), got "
+            f"task_weights must have shape (batch, at most num_tasks) = ({batch}, {tasks}), got "
             f"{tuple(weights.shape)}"
         )
     weights = torch.nn.functional.pad(weights, (0, tasks - weights.shape[1]))

@@ -241,7 +241,7 @@ def hard_grouped(
     x_sorted = x.reshape(n * t, i).index_select(0, rows)  # (n*t, i)
     h = dropout(torch._grouped_mm(x_sorted, A.transpose(1, 2), offs=ends)) * scaling  # (n*t, r)
     if sample_weight is not None:  # each row weighed as its sample
-        h = h * sample_weight.to(h.dtype).repeat_interleave(t).index_select(0, rows)[:, None]
+        h = h * sample_weight.to(h.dtype).index_select(0, order).repeat_interleave(t)[:, None]
     return torch._grouped_mm(h, B.transpose(1, 2), offs=ends), rows  # (n*t, o), (n*t,)
 
 
