@@ -25,9 +25,14 @@ batches of 64 against the true task ids, interleaved rounds. The library's own a
 final stage's selector, `method.answer`) is checked to give the replay's routes, base decisions and answers, hard
 and mixed. Blending (`ddas_mix: blend`: one pass whose layers mix the tasks' experts by the posterior) needs a pass
 of its own, so it is scored on the final model only (the last row, Last), by the library's answer.
+`--percentiles` replays both rules again with other acceptance percentiles: how many inputs the selectors keep on
+the base trades unseen tasks' inputs sent there against learned tasks' inputs answered by their experts. The test
+inputs' features and answers through every route, and each task's fitting features, are kept in RUN_DIR
+(`routed-replay.safetensors`, named by the run's weights and settings), so a second replay costs minutes.
 
     python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed 9
     python benchmarks/routed_acceptance.py RUN_DIR --out benchmarks/results/routed-acceptance.json --speed-only 15
+    python benchmarks/routed_acceptance.py RUN_DIR --out ... --percentiles 94 95 96 97 98 99 100
 
 RUN_DIR: a `benchmarks/continual.py --methods continual-mola-grad` run folder with experts in every block.
 """
@@ -35,6 +40,7 @@ RUN_DIR: a `benchmarks/continual.py --methods continual-mola-grad` run folder wi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -47,6 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import interleaved, ratio_stats  # noqa: E402
 from continual_routing import every_route, finished_run, write_results  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.features import (  # noqa: E402
@@ -129,26 +137,42 @@ def stage_scores(route, keep, weights, answers, labels, task_of, tasks: int, see
     return rows
 
 
-def new_selectors(learner: Learner) -> dict[str, AutoSelector]:
-    """The run's selector (`current`) and routed acceptance's (`routed`), with no task learned yet."""
+def new_selectors(learner: Learner, percentile: float | None = None) -> dict[str, AutoSelector]:
+    """The run's selector (`current`) and routed acceptance's (`routed`), with no task learned yet; `percentile`
+    replaces the run's acceptance percentile (`ddas_percentile`) in both."""
     run = learner.run
+    if percentile is not None:
+        run = run.model_copy(update={"ddas_percentile": percentile})
     return {
         "current": new_selector(run, learner.backbone),
         "routed": new_selector(run.model_copy(update={"ddas_accept_state": "route"}), learner.backbone),
     }
 
 
-def add_task(learner: Learner, method, selectors: dict, task: int) -> None:
-    """Both selectors fitted on task `task`'s training inputs, as the run fitted its own after that task."""
-    fit: dict[str, list] = {"choose": [], "current": [], "accept": []}
-    for batch in learner.batches(method.task_examples(learner, task), 64):
-        for key, value in features(learner, batch, [task]).items():
-            fit[key].append(value)
-    tensors = {k: torch.cat(v) for k, v in fit.items()}
-    selectors["current"].add_task(tensors["current"], seed=learner.run.seed)
-    selectors["routed"].add_task(
-        torch.cat([tensors["choose"], tensors["accept"][:, 0]], 1), seed=learner.run.seed
-    )
+def task_fits(learner: Learner, method) -> list[dict[str, torch.Tensor]]:
+    """Each task's fitting features for both selectors, as the run fitted its own after that task: the base
+    features (`current`) and the choosing feature with the acceptance block's state along the task's own route
+    (`routed`)."""
+    fits = []
+    for task in range(learner.data.num_tasks):
+        parts: dict[str, list] = {"choose": [], "current": [], "accept": []}
+        for batch in learner.batches(method.task_examples(learner, task), 64):
+            for key, value in features(learner, batch, [task]).items():
+                parts[key].append(value)
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        fits.append(
+            {
+                "current": tensors["current"],
+                "routed": torch.cat([tensors["choose"], tensors["accept"][:, 0]], 1),
+            }
+        )
+    return fits
+
+
+def add_task(selectors: dict, fit: dict[str, torch.Tensor], seed: int) -> None:
+    """Both selectors fitted on one more task's features (`task_fits`)."""
+    for rule, selector in selectors.items():
+        selector.add_task(fit[rule], seed=seed)
 
 
 def check_rebuilt(learner: Learner, selectors: dict, run_dir: Path) -> None:
@@ -264,6 +288,103 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
     }
 
 
+REPLAY_CACHE = "routed-replay.safetensors"
+
+
+def fingerprint(run_dir: Path) -> str:
+    """What the replay's inputs depend on: the run's saved weights and its settings."""
+    digest = hashlib.sha256()
+    for name in ("adapter/adapters.safetensors", "config.yaml"):
+        digest.update((run_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def test_set(learner: Learner) -> dict[str, torch.Tensor]:
+    """Every test input's selector features (`features`, through every route), its answer through every route and
+    through the base (`answers (n, T + 1, L)`, padded to the widest task), its label and its task."""
+    tasks, split, run = learner.data.num_tasks, eval_split(learner.data), learner.run
+    test: dict[str, list] = {k: [] for k in ("choose", "current", "accept", "answers", "labels", "task")}
+    width = max(int(w) for w in learner.model.heads.num_labels)
+    with learner.model.heads.inference_cache():
+        for task in learner.data.tasks:
+            for batch in learner.batches(
+                learner.data.eval_examples(split, task.task_id, run.max_eval_examples), 50
+            ):
+                for key, value in features(learner, batch, list(range(tasks))).items():
+                    test[key].append(value)
+                answers = every_route(learner, batch, task.task_id)  # (n, T + 1, L_task)
+                test["answers"].append(torch.nn.functional.pad(answers, (0, width - answers.shape[2])))
+                test["labels"].append(batch["labels"].cpu())
+                test["task"].append(batch["task_ids"].cpu())
+    return {k: torch.cat(v) for k, v in test.items()}
+
+
+def replay_inputs(learner: Learner, method, run_dir: Path) -> tuple[dict, list[dict]]:
+    """`test_set` and `task_fits`, computed once and kept in RUN_DIR (a safetensors file named by the run's
+    fingerprint), so that replaying again at other percentiles costs minutes."""
+    cache, key = run_dir / REPLAY_CACHE, fingerprint(run_dir)
+    if cache.exists():
+        with safe_open(cache, "pt") as handle:
+            if (handle.metadata() or {}).get("fingerprint") == key:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                test = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("test.")}
+                fits = [
+                    {rule: tensors[f"fit.{task}.{rule}"] for rule in ("current", "routed")}
+                    for task in range(learner.data.num_tasks)
+                ]
+                return test, fits
+    test, fits = test_set(learner), task_fits(learner, method)
+    tensors = {f"test.{k}": v.contiguous() for k, v in test.items()}
+    tensors.update(
+        {f"fit.{t}.{rule}": v.contiguous() for t, fit in enumerate(fits) for rule, v in fit.items()}
+    )
+    partial = cache.with_suffix(".partial")
+    save_file(tensors, partial, metadata={"fingerprint": key})
+    os.replace(partial, cache)
+    return test, fits
+
+
+def replay(selectors: dict, fits: list[dict], test: dict, seed: int) -> tuple[dict, dict]:
+    """The accuracy matrices (`{rule}-hard`, `{rule}-mixed`) and routing rates of both rules, stage by stage: stage
+    k's selectors fitted on tasks 0..k."""
+    tasks, n = len(fits), len(test["task"])
+    matrices: dict[str, list] = {f"{rule}-{answer}": [] for rule in selectors for answer in ("hard", "mixed")}
+    rates: dict[str, list] = {rule: [] for rule in selectors}
+    on_base = (torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool), torch.zeros(n, 1))
+    zero = stage_scores(*on_base, test["answers"], test["labels"], test["task"], tasks, 0)
+    for rows in matrices.values():
+        rows.append(zero["hard"])
+    for task in range(tasks):
+        add_task(selectors, fits[task], seed)
+        for rule in rates:
+            route, keep, weights = decisions(rule, selectors, test)
+            scores = stage_scores(
+                route, keep, weights, test["answers"], test["labels"], test["task"], tasks, task + 1
+            )
+            matrices[f"{rule}-hard"].append(scores["hard"])
+            matrices[f"{rule}-mixed"].append(scores["mixed"])
+            rates[rule].append({k: scores[k] for k in ("own_rate", "unseen_to_base_rate")})
+    return matrices, rates
+
+
+def summary(matrices: dict, rates: dict) -> dict:
+    """The ZSCL metrics of every matrix (in %) and the mean routing rates (unseen ones over the stages that have
+    unseen tasks)."""
+    return {
+        "metrics": {
+            name: {k: round(100 * v, 2) for k, v in continual_metrics(np.array(rows)).items()}
+            for name, rows in matrices.items()
+        },
+        "mean_own_rate": {
+            rule: float(np.mean([r["own_rate"] for r in rows])) for rule, rows in rates.items()
+        },
+        "mean_unseen_to_base_rate": {
+            rule: float(np.mean([r["unseen_to_base_rate"] for r in rows[:-1]]))
+            for rule, rows in rates.items()
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ROUNDS",
         help="only time the ways of answering, with the final selectors alone fitted (minutes, not the replay's "
         "half hour); the timings replace those of the run's earlier replay (its routed-acceptance.json)",
+    )
+    parser.add_argument(
+        "--percentiles",
+        type=float,
+        nargs="+",
+        metavar="P",
+        help="also replay both rules with each of these acceptance percentiles (ddas_percentile) in place of the "
+        "run's",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -295,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.speed_only:
         selectors = new_selectors(learner)
-        for task in range(data.num_tasks):
-            add_task(learner, method, selectors, task)
+        for fit in task_fits(learner, method):
+            add_task(selectors, fit, run.seed)
         check_rebuilt(learner, selectors, args.run_dir)
         results = {
             **json.loads(earlier.read_text()),
@@ -305,58 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         write_results(earlier, args.out, results)
         print(f"speed: {results['speed']}")
         return 0
-    tasks = data.num_tasks
-    routes = list(range(tasks))
-    split = eval_split(data)
-
-    test: dict[str, list] = {
-        "choose": [],
-        "current": [],
-        "accept": [],
-        "answers": [],
-        "labels": [],
-        "task": [],
-    }
-    with learner.model.heads.inference_cache():
-        for task in data.tasks:
-            for batch in learner.batches(data.eval_examples(split, task.task_id, run.max_eval_examples), 50):
-                for key, value in features(learner, batch, routes).items():
-                    test[key].append(value)
-                answers = every_route(learner, batch, task.task_id)  # (n, T + 1, L_task)
-                width = max(int(w) for w in learner.model.heads.num_labels)
-                test["answers"].append(torch.nn.functional.pad(answers, (0, width - answers.shape[2])))
-                test["labels"].append(batch["labels"].cpu())
-                test["task"].append(batch["task_ids"].cpu())
-    test = {k: torch.cat(v) for k, v in test.items()}
+    test, fits = replay_inputs(learner, method, args.run_dir)
     print(f"test features: {time.perf_counter() - started:.0f} s", flush=True)
-
     selectors = new_selectors(learner)
-    matrices = {f"{rule}-{answer}": [] for rule in ("current", "routed") for answer in ("hard", "mixed")}
-    rates: dict[str, list] = {"current": [], "routed": []}
-    zero = stage_scores(
-        torch.zeros(len(test["task"]), dtype=torch.long),
-        torch.ones(len(test["task"]), dtype=torch.bool),
-        torch.zeros(len(test["task"]), 1),
-        test["answers"],
-        test["labels"],
-        test["task"],
-        tasks,
-        0,
-    )
-    for rows in matrices.values():
-        rows.append(zero["hard"])
-    for task in range(tasks):
-        add_task(learner, method, selectors, task)
-        for rule in rates:
-            route, keep, weights = decisions(rule, selectors, test)
-            scores = stage_scores(
-                route, keep, weights, test["answers"], test["labels"], test["task"], tasks, task + 1
-            )
-            matrices[f"{rule}-hard"].append(scores["hard"])
-            matrices[f"{rule}-mixed"].append(scores["mixed"])
-            rates[rule].append({k: scores[k] for k in ("own_rate", "unseen_to_base_rate")})
-        print(f"stage {task}: {rates['current'][-1]} {rates['routed'][-1]}", flush=True)
-
+    matrices, rates = replay(selectors, fits, test, run.seed)
     check_rebuilt(learner, selectors, args.run_dir)
     saved = json.loads((args.run_dir / "metrics.json").read_text())
     run_matrix = np.array(saved["accuracy_matrix"])
@@ -365,33 +446,32 @@ def main(argv: list[str] | None = None) -> int:
         "run": args.run_dir.name,
         "seed": run.seed,
         "tasks": data.task_names,
-        "metrics": {
-            name: {k: round(100 * v, 2) for k, v in continual_metrics(np.array(rows)).items()}
-            for name, rows in matrices.items()
-        },
+        **summary(matrices, rates),
         "matrices": matrices,
         "rates": rates,
-        "mean_own_rate": {
-            rule: float(np.mean([r["own_rate"] for r in rows])) for rule, rows in rates.items()
-        },
-        "mean_unseen_to_base_rate": {
-            rule: float(np.mean([r["unseen_to_base_rate"] for r in rows[:-1]]))
-            for rule, rows in rates.items()
-        },
         "replay_vs_run_max_difference": float(np.abs(np.array(matrices[as_run]) - run_matrix).max()),
     }
     results["library_agrees"] = library_agrees(learner, method, selectors, test)
     results["blend"] = blended_last(learner, method, selectors)
+    if args.percentiles:
+        results["percentiles"] = {
+            str(p): summary(*replay(new_selectors(learner, p), fits, test, run.seed))
+            for p in args.percentiles
+        }
     if args.speed:
         results["speed"] = speed(learner, method, selectors, args.speed)
+    elif earlier.exists() and "speed" in (kept := json.loads(earlier.read_text())):
+        results["speed"] = kept["speed"]  # the same final model's timings
     results["seconds"] = round(time.perf_counter() - started, 1)
-    write_results(args.run_dir / "routed-acceptance.json", args.out, results)
+    write_results(earlier, args.out, results)
     for name, values in results["metrics"].items():
         print(f"{name:>15}: {values}")
     print(f"own rate {results['mean_own_rate']}, unseen to base {results['mean_unseen_to_base_rate']}")
     print(f"replay vs run: {results['replay_vs_run_max_difference']}")
     print(f"the library's answer agrees with the replay: {results['library_agrees']}")
     print(f"blended, Last: { ({rule: v['Last'] for rule, v in results['blend'].items()}) }")
+    for p, values in results.get("percentiles", {}).items():
+        print(f"percentile {p}: {values}")
     if args.speed:
         print(f"speed: {results['speed']}")
     return 0

@@ -200,7 +200,8 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
 ):
     """`benchmarks/routed_acceptance.py`: the run's own selector, rebuilt stage by stage on the final model, gives
     the run's accuracy matrix (mixed, as the run answered); the library's answer with routed acceptance gives the
-    replay's routes, base decisions and answers, hard and mixed, on every test input."""
+    replay's routes, base decisions and answers, hard and mixed, on every test input; a replay at other acceptance
+    percentiles reads the inputs the first one kept."""
     settings = {
         "steps_per_task": 4,
         "ddas_layer": 0,
@@ -210,7 +211,8 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
         "ddas_choice": "shared",
         "ddas_mix": "posterior",
     }
-    run_training(continual_run(model_dir, tasks_dir, "continual-mola-grad", **settings), tmp_path / "run")
+    run = continual_run(model_dir, tasks_dir, "continual-mola-grad", **settings)
+    run_training(run, tmp_path / "run")
     module = routing_module("routed_acceptance")
     threads = str(torch.get_num_threads())
     assert module.main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
@@ -230,3 +232,14 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
         k: v for k, v in result.items() if k != "speed"
     }
     assert set(again["speed"]) == set(result["speed"])
+    # other percentiles, from the replay's inputs kept in the run's folder: the run's own gives the replay again
+    own = run.ddas_percentile
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "test_set", lambda learner: pytest.fail("the kept replay inputs were not read"))
+        assert module.main([str(tmp_path / "run"), "--threads", threads, "--percentiles", str(own), "50"]) == 0
+    swept = json.loads((tmp_path / "run" / "routed-acceptance.json").read_text())
+    assert swept["percentiles"][str(float(own))]["metrics"] == result["metrics"]
+    assert swept["speed"] == again["speed"]  # kept: the same final model
+    lower = swept["percentiles"]["50.0"]["mean_unseen_to_base_rate"]
+    assert all(lower[rule] >= result["mean_unseen_to_base_rate"][rule] for rule in lower)
+    assert any(lower[rule] > result["mean_unseen_to_base_rate"][rule] for rule in lower)
