@@ -26,7 +26,12 @@ with `ddas_mix: posterior`, and given the true task ids (the `-task-id` method's
 rounds, the median of per-round ratios with its quartiles. Each way is also timed without the head's inference cache
 (every batch encoding the class texts it needs again), and against that. `--refit` fits the run's selector again with this version
 of the library (checked equal to the saved one): a run saved before the posterior's temperature was calibrated on
-held-out features then mixes as a run of this version would.
+held-out features then mixes as a run of this version would. With `--percentile P` the refitted selector accepts up
+to percentile P instead of the run's: training never consults the selector, so the `selector` and `posterior` modes
+are then the last row of the same run trained with `ddas_percentile: P` (rows before it need the models of their
+stages).
+
+    python benchmarks/continual_routing.py RUN_DIR --refit --percentile 99 --out ...
 """
 
 from __future__ import annotations
@@ -98,23 +103,32 @@ def collect(learner: Learner, split: str) -> list[dict]:
     return rows
 
 
-def refit(learner: Learner, method, saved: AutoSelector) -> AutoSelector:
+def refit(learner: Learner, method, saved: AutoSelector, percentile: float | None = None) -> AutoSelector:
     """The run's auto-selector fitted again from its training inputs by this version of the library, as the run
     fitted it after each task (it reads only the base model, so training does not change it): the same tensors, to
     the bit, as the saved one, which is checked, plus what this version keeps beside them (the held-out features
-    that calibrate the posterior's temperature)."""
+    that calibrate the posterior's temperature). With `percentile`, also fitted with that acceptance percentile in
+    place of the run's, which is the one returned."""
     if learner.offset:
         raise SystemExit("--refit: a run that continued another refits only with the earlier run's data")
-    learner.selector = new_selector(learner.run, learner.backbone)
-    for task in range(learner.data.num_tasks):
-        learner.selector.add_task(method.task_features(learner, task), seed=learner.run.seed)
-    fitted = learner.selector.state()
+    features = [method.task_features(learner, task) for task in range(learner.data.num_tasks)]
+
+    def fitted(run) -> AutoSelector:
+        selector = new_selector(run, learner.backbone)
+        for rows in features:
+            selector.add_task(rows, seed=run.seed)
+        return selector
+
+    replica = fitted(learner.run).state()
     for key, value in saved.state().items():
-        if value.numel() == 0 < fitted[key].numel():  # kept by this version only
+        if value.numel() == 0 < replica[key].numel():  # kept by this version only
             continue
-        if not torch.equal(value, fitted[key]):
+        if not torch.equal(value, replica[key]):
             raise SystemExit(f"--refit: the refitted selector's {key} differs from the saved one's")
-    return learner.selector
+    run = (
+        learner.run if percentile is None else learner.run.model_copy(update={"ddas_percentile": percentile})
+    )
+    return fitted(run)
 
 
 def speed(learner: Learner, method, split: str, rounds: int) -> dict:
@@ -218,9 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         "posterior, calibrated where this version calibrates it",
     )
     parser.add_argument(
+        "--percentile",
+        type=float,
+        help="with --refit: the selector accepts up to this percentile (ddas_percentile) instead of the run's; as "
+        "training never consults the selector, this is the last row of a run trained with it",
+    )
+    parser.add_argument(
         "--speed", type=int, metavar="ROUNDS", help="also time the ways of answering (see above)"
     )
     args = parser.parse_args(argv)
+    if args.percentile is not None and not args.refit:
+        parser.error("--percentile refits the selector: give --refit too")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     learner, method = finished_run(args.run_dir)
@@ -228,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if learner.selector.normalize != "gaussian":
         parser.error(f"{args.run_dir}: the posterior needs the gaussian rule's likelihoods")
     if args.refit:
-        learner.selector = refit(learner, method, learner.selector)
+        learner.selector = refit(learner, method, learner.selector, args.percentile)
     tasks, base = data.num_tasks, data.num_tasks
     with learner.model.heads.inference_cache():  # as `loramix eval` answers
         rows = collect(learner, eval_split(data))
@@ -247,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return sum(int(np.argmax(r["answers"][pick(r)]) == r["label"]) for r in group)
 
     results = {
-        "run": args.run_dir.name,
+        # an entry of its own for each percentile the selector is refitted with
+        "run": args.run_dir.name + ("" if args.percentile is None else f" percentile={args.percentile:g}"),
         "method": run.method,
         "seed": run.seed,
         "tasks": data.task_names,
@@ -266,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": len(rows),
         "posterior_temperature": float(learner.selector.temperature),
         "refit": args.refit,
+        "percentile": float(learner.selector.percentile),
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.speed:

@@ -52,6 +52,26 @@ def test_the_routing_diagnosis_scores_the_run_and_its_task_id_variant_as_they_sc
     assert routed_home >= 0 and max(away["right_as_routed"], away["right_by_own_task"]) <= away["inputs"]
 
 
+def test_a_refit_at_another_percentile_gives_the_last_row_of_a_run_trained_with_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`--refit --percentile P`: training never consults the selector, so the run's final model answered by its
+    selector refitted at P scores each task as the last row of the same run trained with `ddas_percentile: P`."""
+    settings = {"steps_per_task": 6, "ddas_choice": "shared", "ddas_threshold": "pooled"}
+    run_training(continual_run(model_dir, tasks_dir, "moe-adapters", **settings), tmp_path / "run")
+    lower = run_training(
+        continual_run(model_dir, tasks_dir, "moe-adapters", **settings, ddas_percentile=40), tmp_path / "low"
+    )
+    threads = str(torch.get_num_threads())
+    module = routing_module()
+    assert module.main([str(tmp_path / "run"), "--threads", threads, "--refit", "--percentile", "40"]) == 0
+    result = json.loads((tmp_path / "run" / "routing.json").read_text())
+    assert result["percentile"] == 40.0 and result["run"].endswith(" percentile=40")
+    assert result["modes"]["selector"]["per_task"] == pytest.approx(lower["accuracy_matrix"][-1])
+    with pytest.raises(SystemExit):  # a percentile refits: without --refit it is refused
+        module.main([str(tmp_path / "run"), "--percentile", "40"])
+
+
 def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
@@ -236,7 +256,9 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
     own = run.ddas_percentile
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "test_set", lambda learner: pytest.fail("the kept replay inputs were not read"))
-        assert module.main([str(tmp_path / "run"), "--threads", threads, "--percentiles", str(own), "50"]) == 0
+        assert (
+            module.main([str(tmp_path / "run"), "--threads", threads, "--percentiles", str(own), "50"]) == 0
+        )
     swept = json.loads((tmp_path / "run" / "routed-acceptance.json").read_text())
     assert swept["percentiles"][str(float(own))]["metrics"] == result["metrics"]
     assert swept["speed"] == again["speed"]  # kept: the same final model
