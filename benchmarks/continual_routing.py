@@ -119,16 +119,16 @@ def refit(learner: Learner, method, saved: AutoSelector, percentile: float | Non
             selector.add_task(rows, seed=run.seed)
         return selector
 
-    replica = fitted(learner.run).state()
+    replica = fitted(learner.run)
+    state = replica.state()
     for key, value in saved.state().items():
-        if value.numel() == 0 < replica[key].numel():  # kept by this version only
+        if value.numel() == 0 < state[key].numel():  # kept by this version only
             continue
-        if not torch.equal(value, replica[key]):
+        if not torch.equal(value, state[key]):
             raise SystemExit(f"--refit: the refitted selector's {key} differs from the saved one's")
-    run = (
-        learner.run if percentile is None else learner.run.model_copy(update={"ddas_percentile": percentile})
-    )
-    return fitted(run)
+    if percentile is None:
+        return replica
+    return fitted(learner.run.model_copy(update={"ddas_percentile": percentile}))
 
 
 def speed(learner: Learner, method, split: str, rounds: int) -> dict:

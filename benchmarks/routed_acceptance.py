@@ -69,6 +69,7 @@ from loramix.routers.selector import AutoSelector  # noqa: E402
 from loramix.train.run import eval_split  # noqa: E402
 
 CHOOSE = 0  # the block whose input state chooses: before every expert, when experts sit in every block
+REPLAY_CACHE = "routed-replay.safetensors"  # the replay's inputs, kept in the run's folder (`replay_inputs`)
 
 
 def states_entering(learner: Learner, batch: dict, route: torch.Tensor | None) -> list[torch.Tensor]:
@@ -288,9 +289,6 @@ def speed(learner: Learner, method, selectors: dict, rounds: int) -> dict:
     }
 
 
-REPLAY_CACHE = "routed-replay.safetensors"
-
-
 def fingerprint(run_dir: Path) -> str:
     """What the replay's inputs depend on: the run's saved weights and its settings."""
     digest = hashlib.sha256()
@@ -299,7 +297,7 @@ def fingerprint(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def test_set(learner: Learner) -> dict[str, torch.Tensor]:
+def eval_inputs(learner: Learner) -> dict[str, torch.Tensor]:
     """Every test input's selector features (`features`, through every route), its answer through every route and
     through the base (`answers (n, T + 1, L)`, padded to the widest task), its label and its task."""
     tasks, split, run = learner.data.num_tasks, eval_split(learner.data), learner.run
@@ -320,7 +318,7 @@ def test_set(learner: Learner) -> dict[str, torch.Tensor]:
 
 
 def replay_inputs(learner: Learner, method, run_dir: Path) -> tuple[dict, list[dict]]:
-    """`test_set` and `task_fits`, computed once and kept in RUN_DIR (a safetensors file named by the run's
+    """`eval_inputs` and `task_fits`, computed once and kept in RUN_DIR (a safetensors file named by the run's
     fingerprint), so that replaying again at other percentiles costs minutes."""
     cache, key = run_dir / REPLAY_CACHE, fingerprint(run_dir)
     if cache.exists():
@@ -333,7 +331,7 @@ def replay_inputs(learner: Learner, method, run_dir: Path) -> tuple[dict, list[d
                     for task in range(learner.data.num_tasks)
                 ]
                 return test, fits
-    test, fits = test_set(learner), task_fits(learner, method)
+    test, fits = eval_inputs(learner), task_fits(learner, method)
     tensors = {f"test.{k}": v.contiguous() for k, v in test.items()}
     tensors.update(
         {f"fit.{t}.{rule}": v.contiguous() for t, fit in enumerate(fits) for rule, v in fit.items()}

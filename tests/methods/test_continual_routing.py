@@ -255,7 +255,9 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
     # other percentiles, from the replay's inputs kept in the run's folder: the run's own gives the replay again
     own = run.ddas_percentile
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "test_set", lambda learner: pytest.fail("the kept replay inputs were not read"))
+        patch.setattr(
+            module, "eval_inputs", lambda learner: pytest.fail("the kept replay inputs were not read")
+        )
         assert (
             module.main([str(tmp_path / "run"), "--threads", threads, "--percentiles", str(own), "50"]) == 0
         )
