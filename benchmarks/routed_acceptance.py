@@ -317,28 +317,35 @@ def eval_inputs(learner: Learner) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in test.items()}
 
 
+def kept_inputs(run_dir: Path, tasks: int) -> tuple[dict, list[dict]] | None:
+    """The replay's inputs kept in RUN_DIR (`replay_inputs`), or None where none were kept for this run's weights
+    and settings."""
+    cache = run_dir / REPLAY_CACHE
+    if not cache.exists():
+        return None
+    with safe_open(cache, "pt") as handle:
+        if (handle.metadata() or {}).get("fingerprint") != fingerprint(run_dir):
+            return None
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    test = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("test.")}
+    fits = [{rule: tensors[f"fit.{task}.{rule}"] for rule in ("current", "routed")} for task in range(tasks)]
+    return test, fits
+
+
 def replay_inputs(learner: Learner, method, run_dir: Path) -> tuple[dict, list[dict]]:
     """`eval_inputs` and `task_fits`, computed once and kept in RUN_DIR (a safetensors file named by the run's
     fingerprint), so that replaying again at other percentiles costs minutes."""
-    cache, key = run_dir / REPLAY_CACHE, fingerprint(run_dir)
-    if cache.exists():
-        with safe_open(cache, "pt") as handle:
-            if (handle.metadata() or {}).get("fingerprint") == key:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-                test = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("test.")}
-                fits = [
-                    {rule: tensors[f"fit.{task}.{rule}"] for rule in ("current", "routed")}
-                    for task in range(learner.data.num_tasks)
-                ]
-                return test, fits
+    kept = kept_inputs(run_dir, learner.data.num_tasks)
+    if kept is not None:
+        return kept
     test, fits = eval_inputs(learner), task_fits(learner, method)
     tensors = {f"test.{k}": v.contiguous() for k, v in test.items()}
     tensors.update(
         {f"fit.{t}.{rule}": v.contiguous() for t, fit in enumerate(fits) for rule, v in fit.items()}
     )
-    partial = cache.with_suffix(".partial")
-    save_file(tensors, partial, metadata={"fingerprint": key})
-    os.replace(partial, cache)
+    partial = (run_dir / REPLAY_CACHE).with_suffix(".partial")
+    save_file(tensors, partial, metadata={"fingerprint": fingerprint(run_dir)})
+    os.replace(partial, run_dir / REPLAY_CACHE)
     return test, fits
 
 
@@ -422,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.speed_only:
         selectors = new_selectors(learner)
-        for fit in task_fits(learner, method):
+        kept = kept_inputs(args.run_dir, data.num_tasks)
+        for fit in task_fits(learner, method) if kept is None else kept[1]:
             add_task(selectors, fit, run.seed)
         check_rebuilt(learner, selectors, args.run_dir)
         results = {
