@@ -317,14 +317,14 @@ def eval_inputs(learner: Learner) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in test.items()}
 
 
-def kept_inputs(run_dir: Path, tasks: int) -> tuple[dict, list[dict]] | None:
+def kept_inputs(run_dir: Path, tasks: int, key: str | None = None) -> tuple[dict, list[dict]] | None:
     """The replay's inputs kept in RUN_DIR (`replay_inputs`), or None where none were kept for this run's weights
-    and settings."""
+    and settings (`key`: the run's `fingerprint`, when already computed)."""
     cache = run_dir / REPLAY_CACHE
     if not cache.exists():
         return None
     with safe_open(cache, "pt") as handle:
-        if (handle.metadata() or {}).get("fingerprint") != fingerprint(run_dir):
+        if (handle.metadata() or {}).get("fingerprint") != (key or fingerprint(run_dir)):
             return None
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     test = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("test.")}
@@ -335,7 +335,8 @@ def kept_inputs(run_dir: Path, tasks: int) -> tuple[dict, list[dict]] | None:
 def replay_inputs(learner: Learner, method, run_dir: Path) -> tuple[dict, list[dict]]:
     """`eval_inputs` and `task_fits`, computed once and kept in RUN_DIR (a safetensors file named by the run's
     fingerprint), so that replaying again at other percentiles costs minutes."""
-    kept = kept_inputs(run_dir, learner.data.num_tasks)
+    key = fingerprint(run_dir)
+    kept = kept_inputs(run_dir, learner.data.num_tasks, key)
     if kept is not None:
         return kept
     test, fits = eval_inputs(learner), task_fits(learner, method)
@@ -344,7 +345,7 @@ def replay_inputs(learner: Learner, method, run_dir: Path) -> tuple[dict, list[d
         {f"fit.{t}.{rule}": v.contiguous() for t, fit in enumerate(fits) for rule, v in fit.items()}
     )
     partial = (run_dir / REPLAY_CACHE).with_suffix(".partial")
-    save_file(tensors, partial, metadata={"fingerprint": fingerprint(run_dir)})
+    save_file(tensors, partial, metadata={"fingerprint": key})
     os.replace(partial, run_dir / REPLAY_CACHE)
     return test, fits
 

@@ -38,6 +38,7 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from loramix.context import masked_mean  # noqa: E402
 from loramix.io.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -94,8 +95,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def mean_pool(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, t, 1)
-    return (hidden * mask).sum(1) / mask.sum(1)
+    return masked_mean(hidden, batch["attention_mask"])
 
 
 def finetuned(args: argparse.Namespace, train: list, test: list) -> list[dict]:
