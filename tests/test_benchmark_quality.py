@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def quality_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    if str(path.parent) not in sys.path:  # it imports its siblings, as a script run from there does
-        sys.path.append(str(path.parent))
-    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import benchmark_script
 
 
 def entry(name: str, seed: int, accuracy: float, steps: int = 800) -> dict:
@@ -25,7 +15,7 @@ def entry(name: str, seed: int, accuracy: float, steps: int = 800) -> dict:
 
 
 def test_paired_gaps_take_the_seeds_both_columns_ran_at_the_budget(tmp_path: Path, capsys):
-    quality = quality_module()
+    quality = benchmark_script("quality")
     first = [entry("a", 0, 0.80), entry("b", 0, 0.79), entry("a", 1, 0.82), entry("b", 1, 0.80)]
     second = [entry("a", 2, 0.81), entry("b", 2, 0.78), entry("a", 3, 0.90), entry("b", 2, 0.10, steps=150)]
     (tmp_path / "one.json").write_text(json.dumps(first))

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-
-def probe_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "task_probe.py"
-    if str(path.parent) not in sys.path:  # it imports its siblings, as a script run from there does
-        sys.path.append(str(path.parent))
-    spec = importlib.util.spec_from_file_location("task_probe_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import benchmark_script
 
 
 def write_task(root: Path, name: str, splits: dict[str, list[str]]) -> None:
@@ -29,7 +19,7 @@ def write_task(root: Path, name: str, splits: dict[str, list[str]]) -> None:
 
 
 def test_shared_inputs_counts_test_inputs_found_in_another_tasks_splits(tmp_path: Path, monkeypatch):
-    probe = probe_module()
+    probe = benchmark_script("task_probe")
     write_task(
         tmp_path,
         "reviews",

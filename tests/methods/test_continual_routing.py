@@ -3,9 +3,7 @@ auto-selector costs from what its experts learned."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,7 @@ import torch
 
 from loramix.methods import run_training
 from tests.methods.test_continual import continual_run, experts_far_apart, trained_learner
-
-
-def routing_module(name: str = "continual_routing"):
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    if str(path.parent) not in sys.path:  # it imports its siblings, as a script run from there does
-        sys.path.append(str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import benchmark_script
 
 
 @pytest.mark.parametrize("method", ["continual-mola-grad", "moe-adapters"])
@@ -38,7 +27,12 @@ def test_the_routing_diagnosis_scores_the_run_and_its_task_id_variant_as_they_sc
         continual_run(model_dir, tasks_dir, f"{method}-task-id", **settings), tmp_path / "id"
     )
     threads = str(torch.get_num_threads())  # main() sets the thread count: keep the suite's
-    assert routing_module().main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
+    assert (
+        benchmark_script("continual_routing").main(
+            [str(tmp_path / "run"), "--threads", threads, "--speed", "1"]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     modes = result["modes"]
     assert result["speed"]["inputs"] > 0 and result["speed"]["seconds_task_ids"] > 0
@@ -63,7 +57,7 @@ def test_a_refit_at_another_percentile_gives_the_last_row_of_a_run_trained_with_
         continual_run(model_dir, tasks_dir, "moe-adapters", **settings, ddas_percentile=40), tmp_path / "low"
     )
     threads = str(torch.get_num_threads())
-    module = routing_module()
+    module = benchmark_script("continual_routing")
     assert module.main([str(tmp_path / "run"), "--threads", threads, "--refit", "--percentile", "40"]) == 0
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     assert result["percentile"] == 40.0 and result["run"].endswith(" percentile=40")
@@ -88,7 +82,10 @@ def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
     assert main(["eval", str(tmp_path / "run"), "--config", str(tmp_path / "mix.yaml")]) == 0
     evaluated = json.loads((tmp_path / "run" / "eval-test.json").read_text())
     threads = str(torch.get_num_threads())
-    assert routing_module().main([str(tmp_path / "run"), "--threads", threads, "--refit"]) == 0
+    assert (
+        benchmark_script("continual_routing").main([str(tmp_path / "run"), "--threads", threads, "--refit"])
+        == 0
+    )
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     mixed = [evaluated["tasks"][name]["accuracy"] for name in result["tasks"]]
     assert mixed == pytest.approx(result["modes"]["posterior"]["per_task"])
@@ -233,7 +230,7 @@ def test_the_routed_acceptance_replay_scores_the_run_as_it_scored_and_the_librar
     }
     run = continual_run(model_dir, tasks_dir, "continual-mola-grad", **settings)
     run_training(run, tmp_path / "run")
-    module = routing_module("routed_acceptance")
+    module = benchmark_script("routed_acceptance")
     threads = str(torch.get_num_threads())
     assert module.main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
     result = json.loads((tmp_path / "run" / "routed-acceptance.json").read_text())

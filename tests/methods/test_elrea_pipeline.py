@@ -20,6 +20,7 @@ from loramix.methods import run_training
 from loramix.methods.elrea import pipeline
 from loramix.train import callbacks
 from loramix.train.config import RunConfig
+from tests.scripts import benchmark_script
 from tests.train import toys
 from tests.train.test_checkpoint import without_timings
 from tests.train.toys import Interrupted
@@ -325,12 +326,7 @@ def test_loramix_export_writes_one_cluster_expert_for_peft(
 def test_the_routing_diagnosis_scores_the_run_as_the_run_scored(runs: list[dict[str, Any]]):
     """`benchmarks/elrea_routing.py`: ELREA's own routing gives the run's own scores; the oracle sends each task to
     one cluster expert; the base mode is the base adapter alone."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "elrea_routing.py"
-    spec = importlib.util.spec_from_file_location("elrea_routing", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("elrea_routing")
     run_dir, metrics = runs[0]["dir"], runs[0]["metrics"]
     mode = RunConfig.from_yaml(run_dir / "config.yaml").elrea_mode
     threads = str(torch.get_num_threads())  # main() sets the thread count: keep the suite's
