@@ -23,9 +23,10 @@ What is measured (ratios are time(candidate) / time(baseline): below 1 is faster
    MixLoRA / MoE-PEFT style), and PEFT mixed batches (`adapter_names`; hard gate, forward only).
 2. Model level, all-MiniLM-L6-v2 (real weights) and a GPT-2-small-shaped model (random weights): one training step
    (forward inside `loramix.routing`, mean of the last hidden state as the loss, backward, AdamW, zero_grad) of
-   `lora`, `mola-grad` and `mola-router` (+ TwD) with E = 8, r = 8 on all linear layers, against PEFT LoRA r = 8
-   with the same dropout, back-propagation through the frozen model alone, the naive loop, X-LoRA (PEFT, the same 8
-   experts, trainable) and the MoLA-code style (one encoder pass per task in the batch).
+   `lora`, `mola-grad` and `mola-router` (+ TwD; dense, and top-1 as `mola-router-top1`) with E = 8, r = 8 on all
+   linear layers, against PEFT LoRA r = 8 with the same dropout, back-propagation through the frozen model alone,
+   the naive loop, X-LoRA (PEFT, the same 8 experts, trainable) and the MoLA-code style (one encoder pass per task
+   in the batch).
 3. Inference: 64 samples from 8 tasks through `mola-grad` in one pass, against PEFT mixed batches and one merged
    model per task run in turn; and a one-task batch against one merged LoRA model.
 4. Peak memory of the training step, each case in a fresh process: RSS on CPU, `max_memory_allocated` on CUDA.
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         command += " --sections " + " ".join(args.sections)
     if args.threads != 2:
         command += f" --threads {args.threads}"
+    if args.cases:
+        command += " --cases " + " ".join(args.cases)
     meta = {
         "device": timing.device_name(device),
         "device_type": device.type,

@@ -131,7 +131,11 @@ def build_xlora(
 def training_step(model: nn.Module, kind: str, batch: Batch, case: str) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    twd = case in ("mola-router", "naive-loop")  # the naive loop runs mola-router's config, TwD included
+    twd = case in (
+        "mola-router",
+        "mola-router-top1",
+        "naive-loop",
+    )  # the naive loop runs mola-router's, TwD too
 
     def step() -> None:
         if kind == "loramix":
@@ -177,6 +181,7 @@ def run_model_section(results: Results, plan: Plan, device: torch.device, dtype:
                 "loramix-lora-d0": ["peft-lora-d0", "frozen"],
                 "mola-grad": ["peft-lora-d0", "peft-lora-d0.1", "frozen", "mola-code-per-task"],
                 "mola-router": ["peft-lora-d0", "peft-lora-d0.1", "frozen", "naive-loop", "xlora"],
+                "mola-router-top1": ["peft-lora-d0", "frozen", "mola-router"],
                 "peft-lora-d0.1": ["frozen"],
                 "peft-lora-d0": ["frozen"],
                 "xlora": ["peft-lora-d0", "frozen"],

@@ -21,6 +21,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "loramix-lora-d0": {"num_experts": 1, "rank": 8, "router": "none", "dropout": 0.0},
     "mola-grad": {"num_experts": 8, "rank": 8, "router": "task", "num_tasks": NUM_TASKS},
     "mola-router": {"num_experts": 8, "rank": 8, "router": "sample"},
+    "mola-router-top1": {"num_experts": 8, "rank": 8, "router": "sample", "top_k": 1},
 }
 
 
@@ -51,11 +52,12 @@ MODEL_CASES = (
     "loramix-lora-d0",
     "mola-grad",
     "mola-router",
+    "mola-router-top1",
     "naive-loop",
     "xlora",
     "mola-code-per-task",
 )
-GPT2_DEFAULT_CASES = ("peft-lora-d0", "loramix-lora-d0", "mola-grad", "mola-router")
+GPT2_DEFAULT_CASES = ("peft-lora-d0", "loramix-lora-d0", "mola-grad", "mola-router", "mola-router-top1")
 MEMORY_CASES = ("frozen", "peft-lora-d0", "loramix-lora-d0", "mola-grad", "mola-router")
 
 
