@@ -27,12 +27,8 @@ def test_the_routing_diagnosis_scores_the_run_and_its_task_id_variant_as_they_sc
         continual_run(model_dir, tasks_dir, f"{method}-task-id", **settings), tmp_path / "id"
     )
     threads = str(torch.get_num_threads())  # main() sets the thread count: keep the suite's
-    assert (
-        benchmark_script("continual_routing").main(
-            [str(tmp_path / "run"), "--threads", threads, "--speed", "1"]
-        )
-        == 0
-    )
+    routing = benchmark_script("continual_routing")
+    assert routing.main([str(tmp_path / "run"), "--threads", threads, "--speed", "1"]) == 0
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     modes = result["modes"]
     assert result["speed"]["inputs"] > 0 and result["speed"]["seconds_task_ids"] > 0
@@ -82,10 +78,8 @@ def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
     assert main(["eval", str(tmp_path / "run"), "--config", str(tmp_path / "mix.yaml")]) == 0
     evaluated = json.loads((tmp_path / "run" / "eval-test.json").read_text())
     threads = str(torch.get_num_threads())
-    assert (
-        benchmark_script("continual_routing").main([str(tmp_path / "run"), "--threads", threads, "--refit"])
-        == 0
-    )
+    routing = benchmark_script("continual_routing")
+    assert routing.main([str(tmp_path / "run"), "--threads", threads, "--refit"]) == 0
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     mixed = [evaluated["tasks"][name]["accuracy"] for name in result["tasks"]]
     assert mixed == pytest.approx(result["modes"]["posterior"]["per_task"])
