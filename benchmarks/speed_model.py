@@ -131,8 +131,8 @@ def build_xlora(
 def training_step(model: nn.Module, kind: str, batch: Batch, case: str) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    # the naive loop runs mola-router's config, TwD included
-    twd = case in ("mola-router", "mola-router-top1", "naive-loop")
+    # every learned router's case adds TwD, as does the naive loop, which runs mola-router's config
+    twd = case == "naive-loop" or METHODS.get(case, {}).get("router") == "sample"
 
     def step() -> None:
         if kind == "loramix":

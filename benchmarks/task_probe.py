@@ -85,17 +85,14 @@ def pooled_layers(
             batch = collate([e for e, _ in inputs[start : start + 64]])
             with torch.no_grad():
                 states = model(**model_inputs(batch), output_hidden_states=True).hidden_states
-            pooled.append(torch.stack([mean_pool(h, batch) for h in states]).numpy())  # (L+1, n, d)
+            mask = batch["attention_mask"]
+            pooled.append(torch.stack([masked_mean(h, mask) for h in states]).numpy())  # (L+1, n, d)
         out += [np.concatenate(pooled, axis=1), np.array([t for _, t in inputs])]
     return tuple(out)
 
 
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
-
-def mean_pool(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-    return masked_mean(hidden, batch["attention_mask"])
 
 
 def finetuned(args: argparse.Namespace, train: list, test: list) -> list[dict]:
@@ -113,7 +110,7 @@ def finetuned(args: argparse.Namespace, train: list, test: list) -> list[dict]:
 
     def logits(inputs: list) -> torch.Tensor:
         batch = collate([e for e, _ in inputs])
-        return head(mean_pool(model(**model_inputs(batch)).last_hidden_state, batch))
+        return head(masked_mean(model(**model_inputs(batch)).last_hidden_state, batch["attention_mask"]))
 
     rows, labels = [], np.array([t for _, t in test])
     for epoch in range(1, args.finetune + 1):
