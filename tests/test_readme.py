@@ -1,5 +1,6 @@
-"""The README's Python example runs as written (offline, with the packaged all-MiniLM-L6-v2), and so does every
-command of its command-line section (on a tiny model)."""
+"""The README's Python example runs as written (offline, with the packaged all-MiniLM-L6-v2), so does every
+command of its command-line section (on a tiny model), and every file of the repository it or the benchmark
+accounts it points to name exists."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from loramix.cli import main
 from loramix.demo import DEMO_SETTINGS
 from tests.train import toys
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# the documents that name files of the repository: README and the benchmark accounts its summaries point to
+DOCUMENTS = [README, *sorted((ROOT / "benchmarks" / "results").glob("*.md"))]
 
 
 def python_blocks() -> list[str]:
@@ -103,3 +107,15 @@ def test_every_command_of_the_command_line_section_runs(
     assert (tmp_path / "peft" / "trec" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "peft" / "e2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_every_repository_file_a_document_names_exists(document):
+    """A moved or renamed script, example, test or result leaves no reader at a path that is gone."""
+    text = document.read_text("utf-8")
+    paths = {
+        name.rstrip(".,;:")
+        for name in re.findall(r"(?<![\w/.])((?:benchmarks|examples|tests|src)/[\w./-]+)", text)
+    }
+    missing = sorted(path for path in paths if not (ROOT / path).exists())
+    assert not missing, f"{document.name} names files that do not exist: {missing}"
