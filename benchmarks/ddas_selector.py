@@ -145,6 +145,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
         "",
     ),
     SHARED_NEIGHBOURS: ("hidden0+3", {**POOLED, **SHARED, "neighbours": 3, "percentile": 94.0}, {}, ""),
+    "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94.5), blocks 0 + 3 choose": (
+        "hidden0+3",
+        {**POOLED, **SHARED, "neighbours": 3, "percentile": 94.5},
+        {},
+        "",
+    ),
     "shared choice: block 1's 3rd nearest accepts (pooled, percentile 94), blocks 0 + 1 choose": (
         "hidden0+1",
         {**POOLED, **SHARED, "neighbours": 3, "percentile": 94.0},
