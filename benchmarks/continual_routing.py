@@ -125,7 +125,10 @@ def refit(learner: Learner, method, saved: AutoSelector, percentile: float | Non
         if value.numel() == 0 < state[key].numel():  # kept by this version only
             continue
         if not torch.equal(value, state[key]):
-            raise SystemExit(f"--refit: the refitted selector's {key} differs from the saved one's")
+            raise SystemExit(
+                f"--refit: the refitted selector's {key} differs from the saved one's (a different --threads than "
+                "the run's changes the fitted floats)"
+            )
     if percentile is None:
         return replica
     return fitted(learner.run.model_copy(update={"ddas_percentile": percentile}))
