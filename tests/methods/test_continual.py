@@ -448,6 +448,9 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     assert (tmp_path / "resumed" / "after-task-0").is_dir() and not (
         tmp_path / "resumed" / "after-task-1"
     ).exists()
+    # a finished task's checkpoints give way to the state after it; the dying task's stay for the resume
+    assert not (tmp_path / "resumed" / "task-0" / "checkpoints").exists()
+    assert (tmp_path / "resumed" / "task-1" / "checkpoints").is_dir() == (crash_step >= 3)
     capsys.readouterr()
     resumed = run_training(run, tmp_path / "resumed", resume=True)
     said = capsys.readouterr().err
@@ -457,6 +460,7 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     else:  # it goes on from its checkpoint, which holds the trained copy, not the copy it began as
         assert "resuming at step 3 of 6" in said
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert not list((tmp_path / "resumed").glob("task-*/checkpoints"))
     rows = straight["continual"]["selector_rows"]
     assert len(rows) == len(toys.TASK_NAMES) + 1 and resumed["continual"]["selector_rows"] == rows
     assert (tmp_path / "resumed" / "continual.md").read_text() == (

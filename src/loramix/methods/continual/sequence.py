@@ -10,7 +10,7 @@ base model from its label names.
 
 Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically; :mod:`.state`); a run that
 dies inside task t reloads the state after task t - 1 and resumes task t from its newest checkpoint
-(`task-<t>/checkpoints`). Scoring (the accuracy rows, the selector's confusion) is in :mod:`.scoring`, the ways of
+(`task-<t>/checkpoints`, removed once the state after task t is saved). Scoring (the accuracy rows, the selector's confusion) is in :mod:`.scoring`, the ways of
 answering an evaluation batch (by the auto-selector, mixed or blended) in :mod:`.answer`.
 
 Legend: T tasks, n samples, d feature width.
@@ -19,6 +19,7 @@ Legend: T tasks, n samples, d feature width.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,6 +280,9 @@ class Continual(Method):
             if group.is_main_process:  # one writer when several processes train
                 snapshot(learner, output_dir / f"after-task-{task}")
                 atomic_write_json(progress, {"done": task, "matrix": matrix})
+                # a resume now starts from the snapshot, so the task's own checkpoints (weights and optimizer
+                # state, hundreds of MB for a MiniLM) are dead weight
+                shutil.rmtree(output_dir / f"task-{task}" / "checkpoints", ignore_errors=True)
             group.wait_for_everyone()
         metrics = self.report(learner, matrix)
         if group.is_main_process:
