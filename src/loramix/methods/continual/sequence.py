@@ -10,8 +10,9 @@ base model from its label names.
 
 Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically; :mod:`.state`); a run that
 dies inside task t reloads the state after task t - 1 and resumes task t from its newest checkpoint
-(`task-<t>/checkpoints`, removed once the state after task t is saved). Scoring (the accuracy rows, the selector's confusion) is in :mod:`.scoring`, the ways of
-answering an evaluation batch (by the auto-selector, mixed or blended) in :mod:`.answer`.
+(`task-<t>/checkpoints`, removed once the state after task t is saved). Scoring (the accuracy rows, the selector's
+confusion) is in :mod:`.scoring`, the ways of answering an evaluation batch (by the auto-selector, mixed or blended)
+in :mod:`.answer`.
 
 Legend: T tasks, n samples, d feature width.
 """
