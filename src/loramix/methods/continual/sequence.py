@@ -61,6 +61,11 @@ from loramix.train.run import (
 from loramix.train.step import routed as routing_block
 
 
+def task_folder(output_dir: Path, task: int) -> Path:
+    """Where task `task` trains: its log and its checkpoints (`checkpoints/`) while it is unfinished."""
+    return output_dir / f"task-{task}"
+
+
 class Continual(Method):
     """Base of continual methods; subclasses give the adapters and override the hooks they need."""
 
@@ -83,7 +88,7 @@ class Continual(Method):
             return output_dir / "joint" / "checkpoints"
         progress = output_dir / "progress.json"
         done = json.loads(progress.read_text())["done"] if progress.is_file() else -1
-        return output_dir / f"task-{done + 1}" / "checkpoints"
+        return task_folder(output_dir, done + 1) / "checkpoints"
 
     def outputs(self, output_dir: Path) -> list[Path]:
         names = ("continual.md", "accuracy_matrix.png", "selector_confusion.png")
@@ -283,7 +288,7 @@ class Continual(Method):
                 atomic_write_json(progress, {"done": task, "matrix": matrix})
                 # a resume now starts from the snapshot, so the task's own checkpoints (weights and optimizer
                 # state, hundreds of MB for a MiniLM) are dead weight
-                shutil.rmtree(output_dir / f"task-{task}" / "checkpoints", ignore_errors=True)
+                shutil.rmtree(task_folder(output_dir, task) / "checkpoints", ignore_errors=True)
             group.wait_for_everyone()
         metrics = self.report(learner, matrix)
         if group.is_main_process:
@@ -316,7 +321,7 @@ class Continual(Method):
             self.mark_learned(learner, training=learner.offset + task)
             phase = run.model_copy(update={"steps": run.steps_per_task})
             examples = [e for e in data.split("train") if e.task == task]
-            ids, folder = [task] * len(examples), output_dir / f"task-{task}"
+            ids, folder = [task] * len(examples), task_folder(output_dir, task)
         label = "all tasks" if task is None else f"task {task + 1}/{data.num_tasks} {data.task_names[task]}"
         callbacks = callbacks_for(phase, folder, tensorboard=False, phase=label)
         callbacks += self.task_callbacks(learner, task)
