@@ -478,12 +478,20 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
 ):
     """The user story: a finished run learns one more task from a config that names only that task; with their
     experts frozen, the earlier tasks' outputs (routed by their task ids) are bit-identical afterwards."""
+    import yaml
+
     import loramix
+    from loramix.cli import main
     from loramix.train.run import load_trained
 
     every = specs(tasks_dir)
     later = continued_after_two(model_dir, tasks_dir, tmp_path, "continual-mola-grad", steps_per_task=6)
-    metrics = run_training(later, tmp_path / "later")
+    config = tmp_path / "more.yaml"  # the new task and the run to continue; every other setting is that run's
+    config.write_text(yaml.safe_dump({"continue_from": "first", "tasks": every[2:]}))
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "later")]) == 0
+    later = RunConfig.from_dict({**later.to_dict(), "continue_from": str((tmp_path / "first").resolve())})
+    assert RunConfig.from_yaml(tmp_path / "later" / "config.yaml") == later
+    metrics = json.loads((tmp_path / "later" / "metrics.json").read_text())
     assert np.array(metrics["accuracy_matrix"]).shape == (2, 1)
     assert len(metrics["selector"]["confusion"][0]) == 3 + 1  # three autoencoders and the base
     names = [spec["name"] for spec in every]
@@ -493,8 +501,6 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
     report = (tmp_path / "later" / "continual.md").read_text()
     assert f"| {names[2]} | " in report and f"| {names[0]} | " in report
     assert f"| {names[1]} | " in report and f"| {names[1]}, this run's tasks | " in report
-    from loramix.cli import main
-
     assert main(["inspect", str(tmp_path / "later")]) == 0
     shown = capsys.readouterr().out
     assert (

@@ -189,7 +189,8 @@ class RunConfig(BaseModel):
     continue_from: str | None = Field(
         None,
         description="Continual methods: a finished continual run whose learned tasks are kept (experts, routers, "
-        "selector, class texts); this config's tasks are learned after them, without the earlier tasks' data.",
+        "selector, class texts); this config's tasks are learned after them, without the earlier tasks' data. "
+        "Every setting a config file leaves out is that run's (its config.yaml).",
     )
     expert_init: Literal["fresh", "previous"] = Field(
         "fresh",
@@ -373,26 +374,16 @@ class RunConfig(BaseModel):
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         """Read a YAML file and apply `key=value` overrides (values parsed as YAML)."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = read_yaml(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        except OSError as exc:  # unreadable: permissions, a folder, an I/O error
-            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-        except (ValueError, RecursionError) as exc:  # a value YAML cannot build (`2020-02-30`), deep nesting
-            raise ConfigError(f"{path}: a value is not valid YAML ({exc or type(exc).__name__})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        data = read_config_file(path)
         relative = resolve_paths(data, path.parent)  # the file's paths, against its folder
         data = apply_overrides(data, overrides or [])
         replaced = {item.partition("=")[0].strip() for item in overrides or []}
         relative = {slot for slot in relative if slot.split(".")[0] not in replaced}
         relative |= resolve_paths(data, Path.cwd())  # a `--set` path, against the folder it was typed in
         where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+        data, relative, earlier = continued_settings(data, relative)
+        if earlier is not None:
+            where += f" (the settings it leaves out from {earlier})"
         run = cls.from_dict(data, where=where)
         run._written_relative = frozenset(relative)
         return run
@@ -422,6 +413,45 @@ class RunConfig(BaseModel):
                 except ValueError:  # no relative path between them (another drive): keep it absolute
                     holder[key] = str(value.resolve())
         return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config file's mapping of keys to values; anything else is refused naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:  # unreadable: permissions, a folder, an I/O error
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # a value YAML cannot build (`2020-02-30`), deep nesting
+        raise ConfigError(f"{path}: a value is not valid YAML ({exc or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def continued_settings(
+    data: dict[str, Any], relative: set[str]
+) -> tuple[dict[str, Any], set[str], Path | None]:
+    """A config that continues a finished run (`continue_from`, its paths resolved) takes every setting it leaves
+    out from that run's saved `config.yaml`, so that naming the new tasks is enough: the earlier run's method, model
+    and selector settings, which a continued run must keep anyway. Its paths are read against the run's folder
+    (and stay relative where it wrote them so); its tasks and its own `continue_from` are not carried over. Returns
+    the settings, the relative path slots and the file read (None where there is none to read: a folder without
+    it is refused by the continual method, naming what it lacks)."""
+    prior = data.get("continue_from")
+    saved = Path(prior) / "config.yaml" if isinstance(prior, str) else None
+    if saved is None or not saved.is_file() or set(RunConfig.model_fields) <= set(data):  # a saved config
+        return data, relative, None
+    earlier = read_config_file(saved)
+    earlier_relative = resolve_paths(earlier, saved.parent)
+    taken = {k: v for k, v in earlier.items() if k not in data and k not in ("tasks", "continue_from")}
+    relative = relative | {slot for slot in earlier_relative if slot.split(".")[0] in taken}
+    return {**data, **taken}, relative, saved
 
 
 def path_slots(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
