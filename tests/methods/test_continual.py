@@ -431,7 +431,7 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
 
     settings = {"steps_per_task": 6, "dropout": 0.1, **extra}
     straight = run_training(continual_run(model_dir, tasks_dir, method, **settings), tmp_path / "straight")
-    run = continual_run(model_dir, tasks_dir, method, checkpoint_every=3, **settings)
+    run = continual_run(model_dir, tasks_dir, method, checkpoint_every=3, keep_task_states=1, **settings)
     longer = RunConfig.from_dict({**run.to_dict(), "steps_per_task": 9})
     run_training(longer, tmp_path / "resumed")  # an earlier run in the same folder: a resume must not read it
     checkpoint_step = callbacks.Checkpointer.on_step_end
@@ -461,6 +461,13 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
         assert "resuming at step 3 of 6" in said
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     assert not list((tmp_path / "resumed").glob("task-*/checkpoints"))
+    # every state after a task is kept by default; with keep_task_states 1, only the newest
+    assert sorted(p.name for p in (tmp_path / "straight").glob("after-task-*")) == [
+        f"after-task-{t}" for t in range(len(toys.TASK_NAMES))
+    ]
+    assert [p.name for p in (tmp_path / "resumed").glob("after-task-*")] == [
+        f"after-task-{len(toys.TASK_NAMES) - 1}"
+    ]
     rows = straight["continual"]["selector_rows"]
     assert len(rows) == len(toys.TASK_NAMES) + 1 and resumed["continual"]["selector_rows"] == rows
     assert (tmp_path / "resumed" / "continual.md").read_text() == (
@@ -668,6 +675,11 @@ def test_continual_settings_on_a_method_that_trains_every_task_at_once_are_refus
     run = RunConfig.from_dict({**toys.settings(model_dir, tasks_dir), "method": "mola-grad", key: value})
     with pytest.raises(ConfigError, match=f"{key}: method mola-grad .*moe-adapters"):
         get_method("mola-grad").validate(run)
+    run = RunConfig.from_dict({**toys.settings(model_dir, tasks_dir), "keep_task_states": 1})
+    with pytest.raises(
+        ConfigError, match="keep_task_states: method lora does not learn tasks one after another"
+    ):
+        get_method("lora").validate(run)
     # a continual baseline without a selector takes the same config as the methods with one
     get_method("moe-adapters-task-id").validate(continual_run(model_dir, tasks_dir, "moe-adapters-task-id"))
 

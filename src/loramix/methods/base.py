@@ -51,10 +51,11 @@ class Method:
         self.check_sequence_and_adapters(run)
 
     def check_sequence_and_adapters(self, run: RunConfig) -> None:
-        """`continue_from`, `steps_per_task` and `ddas_*` only for continual methods; the adapter config this method
+        """`continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the adapter config this method
         builds, as any is checked."""
-        if run.continue_from is not None and not self.continual:
-            raise ConfigError(f"continue_from: method {self.name} does not learn tasks one after another")
+        for key in ("continue_from", "keep_task_states"):
+            if getattr(run, key) is not None and not self.continual:
+                raise ConfigError(f"{key}: method {self.name} does not learn tasks one after another")
         if run.steps_per_task is not None and not self.continual:
             continual = ", ".join(name for name, method in METHODS.items() if method.continual)
             raise ConfigError(

@@ -25,6 +25,7 @@ BOOKKEEPING_KEYS = frozenset(
         "log_every",
         "checkpoint_every",
         "keep_checkpoints",
+        "keep_task_states",
         "threads",
         "eval_batch_size",
         "gradient_checkpointing",
@@ -337,6 +338,13 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = Field(
         2, ge=1, description="Newest checkpoints kept: a resume falls back to an older one if one is damaged."
+    )
+    keep_task_states: int | None = Field(
+        None,
+        ge=1,
+        description="Continual methods: the newest states after a task kept (after-task-<t>/; 173 MB each for "
+        "the MoE-Adapters example); None: every one, the record of the model after each task. A resume needs only "
+        "the newest.",
     )
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -8,7 +8,8 @@ is the model before any training; row i is after task i. A method says what happ
 task id, or not at all). Classes are scored by the label-prompt head, so a task not learned yet is answered by the
 base model from its label names.
 
-Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically; :mod:`.state`); a run that
+Resuming: after each task the model's state is saved (`after-task-<t>/`, atomically; :mod:`.state`; only the newest
+`keep_task_states` of them are kept when it is set); a run that
 dies inside task t reloads the state after task t - 1 and resumes task t from its newest checkpoint
 (`task-<t>/checkpoints`, removed once the state after task t is saved). Scoring (the accuracy rows, the selector's
 confusion) is in :mod:`.scoring`, the ways of answering an evaluation batch (by the auto-selector, mixed or blended)
@@ -289,6 +290,9 @@ class Continual(Method):
                 # a resume now starts from the snapshot, so the task's own checkpoints (weights and optimizer
                 # state, hundreds of MB for a MiniLM) are dead weight
                 shutil.rmtree(task_folder(output_dir, task) / "checkpoints", ignore_errors=True)
+                if run.keep_task_states is not None:  # only the newest few, when asked
+                    for older in range(task + 1 - run.keep_task_states):
+                        shutil.rmtree(output_dir / f"after-task-{older}", ignore_errors=True)
             group.wait_for_everyone()
         metrics = self.report(learner, matrix)
         if group.is_main_process:
