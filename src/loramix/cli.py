@@ -31,6 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loramix.train.config import RunConfig
     from loramix.train.resume import CONFIG_FILE, STARTED_FILES
 
+    if args.continue_from is not None:
+        args.set = [*args.set, f"continue_from={json.dumps(args.continue_from)}"]  # a YAML string, as written
     # before torch loads: the config's keys and values, the method's name, the model path and the output folder
     run = RunConfig.from_yaml(args.config, args.set)
     check_method_name(run.method)
@@ -248,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override config keys (one or several after each --set)",
     )
     p.add_argument("--output-dir", help="where the run goes (default: runs/<config>-<method>)")
+    p.add_argument(
+        "--continue-from",
+        metavar="RUN",
+        help="continual methods: learn the config's tasks after those of the finished run RUN, which gives every "
+        "setting the config leaves out (as --set continue_from=RUN)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the output dir"
     )

@@ -493,9 +493,10 @@ def test_a_new_task_later_without_the_old_data_leaves_the_old_tasks_outputs_unch
 
     every = specs(tasks_dir)
     later = continued_after_two(model_dir, tasks_dir, tmp_path, "continual-mola-grad", steps_per_task=6)
-    config = tmp_path / "more.yaml"  # the new task and the run to continue; every other setting is that run's
-    config.write_text(yaml.safe_dump({"continue_from": "first", "tasks": every[2:]}))
-    assert main(["train", str(config), "--output-dir", str(tmp_path / "later")]) == 0
+    config = tmp_path / "more.yaml"  # the new task alone; every other setting is the continued run's
+    config.write_text(yaml.safe_dump({"tasks": every[2:]}))
+    continued = ["--continue-from", str(tmp_path / "first")]  # or `continue_from: first` in the file
+    assert main(["train", str(config), *continued, "--output-dir", str(tmp_path / "later")]) == 0
     later = RunConfig.from_dict({**later.to_dict(), "continue_from": str((tmp_path / "first").resolve())})
     assert RunConfig.from_yaml(tmp_path / "later" / "config.yaml") == later
     metrics = json.loads((tmp_path / "later" / "metrics.json").read_text())
