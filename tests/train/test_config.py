@@ -50,9 +50,8 @@ def test_a_config_that_continues_a_run_takes_every_setting_it_leaves_out_from_it
     )
     later = RunConfig.from_yaml(more)
     assert later.method == "continual-mola-grad" and later.ddas_percentile == 90.0 and later.seed == 7
-    assert later.lr == 0.05 and later.tasks == [
-        "animals"
-    ]  # its own settings win; the earlier tasks are not taken
+    # its own settings win, and the earlier run's tasks are not taken
+    assert later.lr == 0.05 and later.tasks == ["animals"]
     assert Path(later.tasks_dir) == tasks_dir.resolve()  # read against the earlier run's folder
     assert later.continue_from == str((project / "runs" / "first").resolve())  # not the earlier run's own
     expected = {

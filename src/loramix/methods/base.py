@@ -51,8 +51,8 @@ class Method:
         self.check_sequence_and_adapters(run)
 
     def check_sequence_and_adapters(self, run: RunConfig) -> None:
-        """`continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the adapter config this method
-        builds, as any is checked."""
+        """`continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the
+        adapter config this method builds, as any is checked."""
         for key in ("continue_from", "keep_task_states"):
             if getattr(run, key) is not None and not self.continual:
                 raise ConfigError(f"{key}: method {self.name} does not learn tasks one after another")

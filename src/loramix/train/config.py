@@ -342,9 +342,9 @@ class RunConfig(BaseModel):
     keep_task_states: int | None = Field(
         None,
         ge=1,
-        description="Continual methods: the newest states after a task kept (after-task-<t>/; 129-173 MB each "
-        "for the MoE-Adapters example); None: every one, the record of the model after each task. A resume needs only "
-        "the newest.",
+        description="Continual methods: the newest states after a task kept (after-task-<t>/; 129-173 MB "
+        "each for the MoE-Adapters example); None: every one, the record of the model after each task. A resume "
+        "needs only the newest.",
     )
     progress: bool = Field(True, description="Show a progress bar.")
 
