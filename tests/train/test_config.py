@@ -1,4 +1,5 @@
-"""Run configs read from YAML: a config that continues a finished run takes the settings it leaves out from it."""
+"""Run configs read from YAML and saved with a run: a config that continues a finished run takes the settings it
+leaves out from it; a model folder saved relative stays a path."""
 
 from __future__ import annotations
 
@@ -82,3 +83,14 @@ def test_what_a_continued_config_cannot_take_is_named_with_the_files(earlier: Ru
     (project / "runs" / "first" / "config.yaml").unlink()  # no finished run there: nothing to take
     with pytest.raises(ConfigError, match="tasks lists names but tasks_dir is not set"):
         RunConfig.from_yaml(more)
+
+
+def test_a_model_folder_inside_the_run_folder_is_saved_as_a_path_not_a_hub_name(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "runs" / "x"
+    config = write(tmp_path / "run.yaml", {**toys.settings(model_dir, tasks_dir), "model": "./runs/x/tiny"})
+    saved = RunConfig.from_yaml(config).to_saved_dict(run_dir)
+    assert saved["model"] == "./tiny"
+    again = RunConfig.from_yaml(write(run_dir / "config.yaml", saved))
+    assert Path(again.model) == (run_dir / "tiny").resolve()

@@ -417,9 +417,12 @@ class RunConfig(BaseModel):
             value = Path(holder[key])
             if slot in self._written_relative or not value.is_absolute():
                 try:
-                    holder[key] = os.path.relpath(value.resolve(), Path(folder).resolve())
+                    relative = os.path.relpath(value.resolve(), Path(folder).resolve())
                 except ValueError:  # no relative path between them (another drive): keep it absolute
                     holder[key] = str(value.resolve())
+                    continue
+                # a model below the run folder written `./tiny`, not `tiny`, which would read as a hub name
+                holder[key] = relative if slot != "model" or relative.startswith("..") else f"./{relative}"
         return data
 
 
