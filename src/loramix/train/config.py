@@ -422,7 +422,7 @@ class RunConfig(BaseModel):
                     holder[key] = str(value.resolve())
                     continue
                 # a model below the run folder written `./tiny`, not `tiny`, which would read as a hub name
-                holder[key] = relative if slot != "model" or relative.startswith("..") else f"./{relative}"
+                holder[key] = relative if slot != "model" or model_is_path(relative) else f"./{relative}"
         return data
 
 
@@ -471,9 +471,7 @@ def path_slots(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
     `model` is one only when written as a path (`./tiny-gpt2`, `../models/x`, or absolute), not a hub name."""
     slots = {key: (data, key) for key in ("tasks_dir", "continue_from") if isinstance(data.get(key), str)}
     model = data.get("model")
-    if isinstance(model, str) and (
-        model.startswith(("./", "../", ".\\", "..\\")) or Path(model).is_absolute()
-    ):
+    if isinstance(model, str) and model_is_path(model):
         slots["model"] = (data, "model")
     tasks = data.get("tasks")
     for i, spec in enumerate(tasks if isinstance(tasks, list) else []):
@@ -482,6 +480,11 @@ def path_slots(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
                 if isinstance(spec.get(split), str):
                     slots[f"tasks.{i}.{split}"] = (spec, split)
     return slots
+
+
+def model_is_path(model: str) -> bool:
+    """Whether a `model` value names a folder (`./tiny`, `../models/x`, absolute) rather than a hub model."""
+    return model.startswith(("./", "../", ".\\", "..\\")) or Path(model).is_absolute()
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> set[str]:
