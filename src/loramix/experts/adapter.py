@@ -50,6 +50,7 @@ class AdapterExperts(StackedExperts):
 
     kind = "adapter"
     mergeable = False
+    unread = ("alpha", "rslora", "share", "shared_dropout")  # its scale is `adapter_scale`, its width `rank`
     stacked = ("down", "down_bias", "up", "up_bias")
 
     def __init__(self, in_features: int, out_features: int, *, num_experts: int, width: int) -> None:

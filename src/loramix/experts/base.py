@@ -38,6 +38,8 @@ class StackedExperts(FrozenRows):
     mergeable: ClassVar[bool] = (
         False  # whether a fixed mixture folds into the base weight (merge, PEFT export)
     )
+    # the adapter config's fields this kind never reads (`loramix inspect` leaves them out)
+    unread: ClassVar[tuple[str, ...]] = ("adapter_scale",)
 
     num_experts: int
     in_features: int

@@ -33,9 +33,17 @@ def task_kind(task: dict[str, Any]) -> str:
 
 
 def adapter_lines(run_dir: Path, record: dict[str, Any], tensors: dict[str, Any]) -> list[str]:
-    """The run's adapter, from its checkpoint's `record` and `tensors` (`loramix.io.read_checkpoint`)."""
+    """The run's adapter, from its checkpoint's `record` and `tensors` (`loramix.io.read_checkpoint`); of its
+    config, the set fields its kind of experts reads (an adapter's width is its `rank`, and `alpha` means
+    nothing to it)."""
+    from loramix.experts import EXPERT_KINDS
+
     config = record["config"]
-    settings = ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v not in (None, [], False))
+    kind = EXPERT_KINDS.get(config.get("experts", "lora"))
+    unread = kind.unread if kind is not None else ()
+    settings = ", ".join(
+        f"{k}={shown(v)}" for k, v in config.items() if v not in (None, [], False) and k not in unread
+    )
     tasks = record["metadata"].get("tasks", [])
     return [
         f"run: {run_dir}",

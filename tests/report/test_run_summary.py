@@ -1,0 +1,30 @@
+"""What `loramix inspect` prints of a run's adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loramix.config import AdapterConfig
+from loramix.report.run_summary import adapter_lines
+
+
+def config_line(**config: object) -> str:
+    record = {
+        "config": AdapterConfig(**config).model_dump(),
+        "metadata": {"tasks": [{"name": "a", "labels": ["x", "y"]}]},
+        "layers": ["encoder.layer.0.output.dense"],
+    }
+    lines = adapter_lines(Path("run"), record, {"w": torch.zeros(2, 3)})
+    return next(line for line in lines if line.startswith("adapter config: "))
+
+
+def test_the_config_line_leaves_out_what_the_experts_never_read():
+    """An adapter's scale is `adapter_scale`, not `alpha`; LoRA's is `alpha / rank`, not `adapter_scale`."""
+    adapter = config_line(experts="adapter", rank=64, num_experts=4)
+    assert "rank=64" in adapter and "adapter_scale=0.1" in adapter
+    assert "alpha=" not in adapter and "rslora" not in adapter and "share=" not in adapter
+    lora = config_line(rank=8, alpha=16.0)
+    assert "alpha=16" in lora and "share=none" in lora
+    assert "adapter_scale" not in lora
