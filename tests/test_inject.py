@@ -295,6 +295,25 @@ def test_remove_restores_modules_and_requires_grad(router: str) -> None:
     loramix.inject(model, adapter_config(router))  # and it can be injected again
 
 
+@pytest.mark.parametrize("router", ["task", "sample"])
+def test_disabled_gives_the_base_model_s_outputs_without_running_a_router_or_expert(router: str) -> None:
+    model = tiny_bert()
+    inputs = text_inputs()
+    base = call(model, inputs)
+    loramix.inject(model, adapter_config(router))
+    randomize_adapters(model)
+    ran: list[str] = []
+    for layer in get_info(model).layers:
+        for part in (layer.experts, layer.router):
+            if part is not None:
+                part.register_forward_pre_hook(lambda module, args: ran.append(type(module).__name__))
+    with loramix.disabled(model) as same:
+        assert same is model and torch.equal(call(model, inputs), base)
+    assert not ran
+    adapted, _ = run(model, inputs)  # switched back on
+    assert ran and not torch.allclose(adapted, base)
+
+
 def test_remove_unmerges() -> None:
     model = tiny_mlp()
     weight = model.fc1.weight.detach().clone()

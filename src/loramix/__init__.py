@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from loramix.config import AdapterConfig
     from loramix.context import RoutingState, routing
     from loramix.growth import grow
-    from loramix.inject import InjectionReport, adapter_state, get_info, inject, merge_and_unload, remove
+    from loramix.inject import (
+        InjectionReport,
+        adapter_state,
+        disabled,
+        get_info,
+        inject,
+        merge_and_unload,
+        remove,
+    )
     from loramix.io import export_peft, import_peft, load, save
     from loramix.wrapper import LoramixModel
 
@@ -41,6 +49,7 @@ _LAZY = {
     "grow": "loramix.growth",
     "InjectionReport": "loramix.inject",
     "adapter_state": "loramix.inject",
+    "disabled": "loramix.inject",
     "get_info": "loramix.inject",
     "inject": "loramix.inject",
     "merge_and_unload": "loramix.inject",
@@ -65,6 +74,7 @@ __all__ = [
     "RoutingState",
     "TrainingError",
     "adapter_state",
+    "disabled",
     "export_peft",
     "get_info",
     "grow",

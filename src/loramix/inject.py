@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,27 @@ def get_info(model: nn.Module) -> InjectionInfo:
 
 def is_injected(model: nn.Module) -> bool:
     return getattr(model, INFO_ATTR, None) is not None
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The injected `model` with every adapted layer switched off until the block ends: each returns its base
+    layer's output, and no router or expert runs, so the pass costs what the base model's does (a pass that keeps
+    every sample on the base inside :func:`loramix.routing` gives the same outputs but still runs them).
+
+    Example:
+        >>> with loramix.disabled(model):
+        ...     base_out = model(**inputs)
+    """
+    layers = get_info(model).layers
+    before = [layer.disabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.disabled = True
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
 
 
 def _matches(name: str, pattern: str) -> bool:

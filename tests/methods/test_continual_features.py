@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaModel
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import loramix
 from loramix.context import routing
 from loramix.inject import adapter_state
-from loramix.methods.continual.features import _rows, routed_by_selector, selector_features
+from loramix.methods.continual.features import (
+    _rows,
+    base_hidden_states,
+    routed_by_selector,
+    selector_features,
+)
+from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
 from loramix.routers.selector import AutoSelector
 
 
@@ -71,3 +77,42 @@ def test_only_per_input_tensors_are_taken_row_by_row():
     (state_rows,), kwargs = taken
     assert torch.equal(state_rows, states[rows]) and torch.equal(kwargs["rotary"][1], states[rows])
     assert kwargs["cache_position"] is positions and kwargs["rotary"][0] is table and kwargs["flag"] is True
+
+
+def test_the_base_feature_skips_the_experts_and_equals_a_pass_that_keeps_every_input_on_the_base():
+    """The selector's base pass switches the adapted layers off (`loramix.disabled`): no router or expert runs, and each
+    block's state is the one a pass keeping every input on the base inside a routing block gives, bit for bit (with
+    the experts far from zero, so that a state that went through them would show)."""
+    torch.manual_seed(0)
+    ran: list[int] = []
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+    )
+    for experts in ({"experts": "adapter", "target_regex": MLP_OUTPUTS}, {"targets": ["query", "value"]}):
+        backbone = BertModel(config).eval()
+        loramix.inject(
+            backbone,
+            {**experts, "num_experts": 4, "rank": 4, "router": "per-task", "num_tasks": 2, "top_k": 2},
+        )
+        with torch.no_grad():
+            for param in adapter_state(backbone).values():
+                param.add_(torch.randn(param.shape))
+        mask = torch.ones(5, 7, dtype=torch.long)
+        mask[1, 3:] = 0
+        inputs = {"input_ids": torch.randint(0, 64, (5, 7)), "attention_mask": mask}
+        ran.clear()
+        hooks = [  # LoRA experts run inside the layer's fused op: their router shows the pass reached them
+            part.register_forward_pre_hook(lambda module, args: ran.append(1))
+            for layer in loramix.get_info(backbone).layers
+            for part in (layer.experts, layer.router)
+        ]
+        states = base_hidden_states(backbone, inputs, [1, 2, None])
+        assert not ran
+        keep = torch.ones(5, dtype=torch.bool)
+        with torch.no_grad(), routing(backbone, task_ids=torch.zeros(5, dtype=torch.long), keep_base=keep):
+            reference = backbone(**inputs, output_hidden_states=True)
+        assert ran  # the reference pass ran them, with every input kept on the base
+        for state, expected in zip(states, (*reference.hidden_states[1:3], reference.last_hidden_state)):
+            assert torch.equal(state, expected)
+        for hook in hooks:
+            hook.remove()

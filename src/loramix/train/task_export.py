@@ -38,7 +38,7 @@ from loramix.data import MultiTaskData
 from loramix.errors import ConfigError, DataError
 from loramix.heads import LabelPromptHead, TaskHeads
 from loramix.heads.label_prompt import MAX_LOGIT_SCALE
-from loramix.inject import fixed_gate, get_info
+from loramix.inject import disabled, fixed_gate, get_info
 from loramix.io.export import export_peft, hub_name, mean_gate
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json
 from loramix.preflight import EXPORT_NOTE_FILE, unfolded_error
@@ -152,20 +152,6 @@ def merged(model: MultiTaskModel, task: int, gate: Gate | None) -> Iterator[None
             layer.unmerge()
 
 
-@contextmanager
-def base_only(model: MultiTaskModel) -> Iterator[None]:
-    """The model with every adapted layer switched off (the base model's outputs); switched back on exit."""
-    layers = get_info(model.backbone).layers
-    before = [layer.disabled for layer in layers]
-    try:
-        for layer in layers:
-            layer.disabled = True
-        yield
-    finally:
-        for layer, was in zip(layers, before):
-            layer.disabled = was
-
-
 @torch.no_grad()
 def _outputs(model: MultiTaskModel, batches: Sequence[dict[str, Tensor]]) -> tuple[Tensor, Tensor | None]:
     """Pooled outputs `(n, d)` and the head's decisions `(n,)` (None for a head that cannot decide alone)."""
@@ -193,7 +179,7 @@ def compare(
     routed_pooled, routed_decided = _outputs(model, batches)
     with merged(model, task, gate):
         exported_pooled, exported_decided = _outputs(model, batches)
-    with base_only(model):
+    with disabled(model.backbone):
         base_pooled, _ = _outputs(model, batches)
     error = (exported_pooled - routed_pooled).norm()
     change = (routed_pooled - base_pooled).norm()

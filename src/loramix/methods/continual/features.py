@@ -18,7 +18,7 @@ from torch import Tensor
 from loramix.blocks import transformer_blocks
 from loramix.context import reroute, routing
 from loramix.errors import ConfigError
-from loramix.inject import get_info, is_injected
+from loramix.inject import disabled, get_info, is_injected
 from loramix.train.model import MODEL_INPUTS
 
 # the token statistics a `hidden` feature ends with (2: selectors fitted before the segments' lengths were added)
@@ -59,8 +59,8 @@ def selector_features(
     accept_layer: int | None = None,
     stats: int = STATS,
 ) -> Tensor:
-    """The auto-selector's feature of each input `(n, d)`, always from the untouched base model (every sample kept
-    on the base inside a routing block of its own), mean-pooled over real tokens and L2-normalised:
+    """The auto-selector's feature of each input `(n, d)`, always from the untouched base model (every adapted
+    layer switched off, :func:`loramix.disabled`), mean-pooled over real tokens and L2-normalised:
 
     - `hidden` (the default): the hidden state entering transformer block `layer` (0: the embedding block's
       output), with three token statistics appended (:func:`hidden_features`). Only the first `layer` blocks
@@ -128,7 +128,6 @@ def base_hidden_states(
     one forward pass that stops once the last of them exists; with `route` `(n,)`, the states of the pass along
     those experts instead (mixed by `weights` over the tasks `(n, T)` where given: `routing`'s `task_weights`)."""
     mask = inputs["attention_mask"]
-    keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)
     blocks = encoder_blocks(backbone) if any(layer is not None for layer in layers) else torch.nn.ModuleList()
     inside = {layer for layer in layers if layer is not None and layer < len(blocks)}
     stop = set(layers) <= inside  # no wanted state is the last one: stop once all exist
@@ -149,19 +148,20 @@ def base_hidden_states(
     backbone.eval()  # the base model's feature, without dropout, whatever mode the caller left the model in
     last = None
     try:
-        on_base = (
-            routing(
+        if not is_injected(backbone):
+            along: Any = contextlib.nullcontext()
+        elif route is None:  # the base model's states: no router or expert runs (about half the pass's cost)
+            along = disabled(backbone)
+        else:
+            along = routing(
                 backbone,
-                task_ids=torch.zeros_like(keep, dtype=torch.long) if route is None else route,
+                task_ids=route,
                 attention_mask=mask,
-                keep_base=keep,
+                keep_base=torch.zeros_like(route, dtype=torch.bool),
                 record=False,
                 task_weights=weights,
             )
-            if is_injected(backbone)
-            else contextlib.nullcontext()
-        )
-        with on_base:
+        with along:
             last = backbone(**inputs).last_hidden_state
     except _Reached:
         pass
