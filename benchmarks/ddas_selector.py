@@ -9,6 +9,7 @@ tasks 1..t and every task's test inputs are routed. A seen task's inputs should 
     python benchmarks/ddas_selector.py --threads 1 --variants "gaussian, block-0 features + token stats"
     python benchmarks/ddas_selector.py --threads 1 --bound         # what classifiers that see unseen tasks allow
     python benchmarks/ddas_selector.py --threads 1 --cascade       # a block-0 first stage before the example's
+    python benchmarks/ddas_selector.py --threads 1 --tokens 12 24  # the example's base pass on the first tokens only
 
 Features: the same train sample `Continual.task_features` takes (`ddas_examples` of the run's training inputs, the
 benchmark's `max_train_examples` 2000, seed 0) and the fixed test sample of `max_eval_examples`, tokenised at the
@@ -170,51 +171,61 @@ DETAILED = (
 )
 
 
-@torch.no_grad()
-def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """`features[task][split][kind]`, each `(n, d)`, computed by the library's `selector_features` for every kind
-    of `FEATURES` (cached: one file per task)."""
+def harness_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """`(data, model, collate)`: the ten tasks as a continual run reads them, the frozen MiniLM and its collator."""
     from loramix.data import MultiTaskData, TextCollator
-    from loramix.methods.continual.features import selector_features
     from loramix.models import load_backbone
     from loramix.train.config import RunConfig
     from loramix.train.run import task_specs
 
+    run = RunConfig.from_dict(
+        {
+            "method": "moe-adapters",
+            "model": "minilm",
+            "tasks_dir": str(args.data),
+            "tasks": ORDER,
+            "head": "label-prompt",
+            "steps": 1,
+            "steps_per_task": 1,
+            "max_train_examples": args.max_train,
+            "max_eval_examples": args.max_eval,
+            "max_length": args.max_length,
+            "seed": args.seed,
+        }
+    )
+    model, tokenizer = load_backbone("minilm")
+    model.eval()
+    return MultiTaskData(task_specs(run)), model, TextCollator(tokenizer, max_length=args.max_length)
+
+
+def task_examples(data: Any, name: str, args: argparse.Namespace) -> dict[str, list]:
+    """A task's fitting sample (as `Continual.task_features` draws it) and its fixed test sample."""
+    task = data.task_names.index(name)
+    own = [e for e in data.split("train") if e.task == task]
+    rng = np.random.default_rng(args.seed)
+    chosen = rng.choice(len(own), size=min(len(own), args.train_examples), replace=False)
+    return {
+        "train": [own[i] for i in sorted(chosen)],
+        "test": data.eval_examples("test", task, args.max_eval),
+    }
+
+
+@torch.no_grad()
+def task_features(args: argparse.Namespace) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """`features[task][split][kind]`, each `(n, d)`, computed by the library's `selector_features` for every kind
+    of `FEATURES` (cached: one file per task)."""
+    from loramix.methods.continual.features import selector_features
+
     out: dict[str, Any] = {}
     if any(not (args.cache / f"{t}.pt").is_file() for t in ORDER):
-        run = RunConfig.from_dict(
-            {
-                "method": "moe-adapters",
-                "model": "minilm",
-                "tasks_dir": str(args.data),
-                "tasks": ORDER,
-                "head": "label-prompt",
-                "steps": 1,
-                "steps_per_task": 1,
-                "max_train_examples": args.max_train,
-                "max_eval_examples": args.max_eval,
-                "max_length": args.max_length,
-                "seed": args.seed,
-            }
-        )
-        data = MultiTaskData(task_specs(run))
-        model, tokenizer = load_backbone("minilm")
-        model.eval()
-        collate = TextCollator(tokenizer, max_length=args.max_length)
+        data, model, collate = harness_inputs(args)
     for name in ORDER:
         path = args.cache / f"{name}.pt"
         if path.is_file():
             out[name] = torch.load(path, weights_only=True)
             continue
         started = time.perf_counter()
-        task = data.task_names.index(name)
-        own = [e for e in data.split("train") if e.task == task]
-        rng = np.random.default_rng(args.seed)  # as Continual.task_features draws them
-        chosen = rng.choice(len(own), size=min(len(own), args.train_examples), replace=False)
-        splits = {
-            "train": [own[i] for i in sorted(chosen)],
-            "test": data.eval_examples("test", task, args.max_eval),
-        }
+        splits = task_examples(data, name, args)
         out[name] = {}
         for split, examples in splits.items():
             kinds: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
@@ -361,6 +372,75 @@ def cascade(features: dict, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+TOKENS_VARIANT = "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94.5), blocks 0 + 3 choose"  # the example configs' selector
+
+
+@torch.no_grad()
+def cut_features(
+    args: argparse.Namespace, tokens: list[int]
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """`features[task][split]["hidden<l>@<k>"]`: the state entering block l (2 or 3) of the base model run on each
+    input's first k tokens only, pooled, with the token statistics of the whole input; cached beside the full
+    features (one `<task>-tokens.pt` each, recomputed when it lacks a wanted k)."""
+    from loramix.methods.continual.features import selector_features
+
+    out: dict[str, Any] = {}
+    wanted = {f"hidden{layer}@{k}" for layer in (2, 3) for k in tokens}
+    for name in ORDER:
+        path = args.cache / f"{name}-tokens.pt"
+        if path.is_file():
+            out[name] = torch.load(path, weights_only=True)
+    if all(name in out and wanted <= set(out[name]["test"]) for name in ORDER):
+        return out
+    data, model, collate = harness_inputs(args)
+    for name in ORDER:
+        splits = task_examples(data, name, args)
+        out[name] = {}
+        for split, examples in splits.items():
+            kinds: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(examples), 64):
+                batch = collate(examples[start : start + 64])
+                stats = selector_features(model, batch, "hidden", 0)[:, -STATS:]  # (n, 3), the whole input
+                for k in tokens:
+                    cut = {key: value[:, :k] for key, value in batch.items() if key in PER_TOKEN}
+                    for layer in (2, 3):
+                        pooled = selector_features(model, cut, "hidden", layer)[:, :-STATS]
+                        kinds.setdefault(f"hidden{layer}@{k}", []).append(torch.cat([pooled, stats], 1))
+            out[name][split] = {key: torch.cat(value) for key, value in kinds.items()}
+        args.cache.mkdir(parents=True, exist_ok=True)
+        torch.save(out[name], path)
+    return out
+
+
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def tokens_rates(
+    features: dict, cut: dict, tokens: list[int], splits: int, seed: int
+) -> list[dict[str, Any]]:
+    """The example configs' selector with its acceptance block (3, or 2) read from a base pass over each input's
+    first k tokens only, the rest as before (block 0's state and the token statistics from the whole input; block
+    0 comes free with the pass): the rates over the sequence, mean and range over `splits` held-out splits. That
+    pass costs about k / length of the whole one, 0.49 of a pass through the experts' model at 48 tokens."""
+    out = []
+    for layer in (3, 2):
+        for k in tokens:
+            merged = {
+                task: {
+                    split: {
+                        "hidden0": features[task][split]["hidden0"],
+                        "hidden3": cut[task][split][f"hidden{layer}@{k}"],
+                    }
+                    for split in ("train", "test")
+                }
+                for task in ORDER
+            }
+            runs = [measure(merged, TOKENS_VARIANT, seed + s) for s in range(splits)]
+            own, unseen = ([r[key] for r in runs] for key in ("own_task_mean", "unseen_base_mean"))
+            out.append({"accept_block": layer, "tokens": k, "own_task": own, "unseen_base": unseen})
+    return out
+
+
 def supervised_bound(features: dict, kind: str, model: str, seed: int) -> dict[str, Any]:
     """How well the features could send unseen inputs to the base if the selector knew the unseen tasks: after
     each task t, a classifier trained on both sides (tasks 1..t against t+1..10, their training features, the
@@ -503,9 +583,30 @@ def main(argv: list[str] | None = None) -> int:
         help="only the example config's selector behind a block-0 first stage; writes "
         "results/ddas-selector-cascade.json",
     )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        help="only the example configs' selector with its base pass over each input's first K tokens (block 3, "
+        "then block 2 accepting), over --splits; writes results/ddas-selector-tokens.json",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     features = task_features(args)
+    if args.tokens:
+        from loramix.io.files import atomic_write_json
+
+        rows = tokens_rates(features, cut_features(args, args.tokens), args.tokens, args.splits, args.seed)
+        for r in rows:
+            own, unseen = np.array(r["own_task"]), np.array(r["unseen_base"])
+            print(
+                f"block {r['accept_block']} on {r['tokens']} tokens: own {100 * own.mean():.1f} "
+                f"[{100 * own.min():.1f}, {100 * own.max():.1f}], unseen->base {100 * unseen.mean():.1f} "
+                f"[{100 * unseen.min():.1f}, {100 * unseen.max():.1f}]",
+                flush=True,
+            )
+        atomic_write_json(args.out.with_name("ddas-selector-tokens.json"), rows)
+        return 0
     if args.cascade:
         from loramix.io.files import atomic_write_json
 
