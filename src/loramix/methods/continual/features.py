@@ -148,20 +148,23 @@ def base_hidden_states(
     backbone.eval()  # the base model's feature, without dropout, whatever mode the caller left the model in
     last = None
     try:
-        if not is_injected(backbone):
-            along: Any = contextlib.nullcontext()
-        elif route is None:  # the base model's states: no router or expert runs (about half the pass's cost)
-            along = disabled(backbone)
-        else:
-            along = routing(
+        injected = is_injected(backbone)
+        keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)
+        # a routing block of its own, so that a block open around this call reads nothing of it; on the base, the
+        # adapted layers switched off as well: no router or expert runs (about half the pass's cost)
+        along = (
+            routing(
                 backbone,
-                task_ids=route,
+                task_ids=torch.zeros_like(keep, dtype=torch.long) if route is None else route,
                 attention_mask=mask,
-                keep_base=torch.zeros_like(route, dtype=torch.bool),
+                keep_base=keep,
                 record=False,
                 task_weights=weights,
             )
-        with along:
+            if injected
+            else contextlib.nullcontext()
+        )
+        with along, disabled(backbone) if injected and route is None else contextlib.nullcontext():
             last = backbone(**inputs).last_hidden_state
     except _Reached:
         pass
