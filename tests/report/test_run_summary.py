@@ -20,11 +20,14 @@ def config_line(**config: object) -> str:
     return next(line for line in lines if line.startswith("adapter config: "))
 
 
-def test_the_config_line_leaves_out_what_the_experts_never_read():
-    """An adapter's scale is `adapter_scale`, not `alpha`; LoRA's is `alpha / rank`, not `adapter_scale`."""
+def test_the_config_line_leaves_out_what_the_run_never_reads():
+    """An adapter's scale is `adapter_scale`, not `alpha`; LoRA's is `alpha / rank`, not `adapter_scale`; a `target_regex`
+    chooses the layers instead of `targets`."""
     adapter = config_line(experts="adapter", rank=64, num_experts=4)
     assert "rank=64" in adapter and "adapter_scale=0.1" in adapter
     assert "alpha=" not in adapter and "rslora" not in adapter and "share=" not in adapter
     lora = config_line(rank=8, alpha=16.0)
     assert "alpha=16" in lora and "share=none" in lora
     assert "adapter_scale" not in lora
+    assert "targets=all-linear" in lora
+    assert "targets=" not in config_line(target_regex=r".*\.output\.dense")  # the regex chooses instead

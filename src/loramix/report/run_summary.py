@@ -35,12 +35,12 @@ def task_kind(task: dict[str, Any]) -> str:
 def adapter_lines(run_dir: Path, record: dict[str, Any], tensors: dict[str, Any]) -> list[str]:
     """The run's adapter, from its checkpoint's `record` and `tensors` (`loramix.io.read_checkpoint`); of its
     config, the set fields its kind of experts reads (an adapter's width is its `rank`, and `alpha` means
-    nothing to it)."""
+    nothing to it), and no `targets` where `target_regex` chooses the layers instead."""
     from loramix.experts import EXPERT_KINDS
 
     config = record["config"]
     kind = EXPERT_KINDS.get(config.get("experts", "lora"))
-    unread = kind.unread if kind is not None else ()
+    unread = (kind.unread if kind is not None else ()) + (("targets",) if config.get("target_regex") else ())
     settings = ", ".join(
         f"{k}={shown(v)}" for k, v in config.items() if v not in (None, [], False) and k not in unread
     )
