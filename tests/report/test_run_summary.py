@@ -21,8 +21,8 @@ def config_line(**config: object) -> str:
 
 
 def test_the_config_line_leaves_out_what_the_run_never_reads():
-    """An adapter's scale is `adapter_scale`, not `alpha`; LoRA's is `alpha / rank`, not `adapter_scale`; a `target_regex`
-    chooses the layers instead of `targets`."""
+    """An adapter's scale is `adapter_scale`, not `alpha`; LoRA's is `alpha / rank`, not `adapter_scale`; a
+    `target_regex` chooses the layers instead of `targets`."""
     adapter = config_line(experts="adapter", rank=64, num_experts=4)
     assert "rank=64" in adapter and "adapter_scale=0.1" in adapter
     assert "alpha=" not in adapter and "rslora" not in adapter and "share=" not in adapter
