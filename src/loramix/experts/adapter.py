@@ -34,6 +34,34 @@ if TYPE_CHECKING:
     from loramix.routers.gate import Gate
 
 
+def prefers_grouped(x: Tensor, down: Tensor, up: Tensor) -> bool:
+    """Whether the hard and per-sample top-k gates run as grouped GEMMs (`AdapterExperts._grouped`) instead of
+    the gathers: in inference (nothing to differentiate), on CPU, with no more tokens per sample than the
+    bottleneck is wide (t <= w). The gathers copy each (sample, expert) pair's `w*(i+o)` weights whatever t; the
+    grouped form moves the pair's `t*(i+o)` rows and reads each used expert's weights once. Measured on one CPU
+    thread (i 1536, o 384, 22 experts, 64 samples, top-2): 3.5x faster at w = 128 and 48 tokens, 1.5x at
+    w = 64, 0.74x at w = 64 and 128 tokens."""
+    return (
+        not torch.is_grad_enabled()
+        and x.dim() == 3
+        and x.shape[1] <= down.shape[1]
+        and ops.grouped_mm_ok(x, down, up)
+        and not ops.transforms_active()
+    )
+
+
+def pair_weights(gate: Gate, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`(indices, weights)`, each `(n, k)`, of a hard (k = 1) or per-sample top-k gate: its experts, and the gate
+    at them times the scale, zero for the samples it keeps on the base."""
+    assert gate.indices is not None
+    if not gate.hard:
+        return gate.indices, gate.weights.gather(-1, gate.indices).to(dtype) * scaling
+    weights = torch.full((gate.indices.shape[0], 1), scaling, dtype=dtype, device=gate.indices.device)
+    if gate.keep is not None:
+        weights = weights * (~gate.keep).to(dtype)[:, None]
+    return gate.indices[:, None], weights
+
+
 @register_expert_kind
 class AdapterExperts(StackedExperts):
     """E bottleneck adapters of width w for one layer with `in_features` inputs and `out_features` outputs.
@@ -100,13 +128,17 @@ class AdapterExperts(StackedExperts):
         if gate is None:  # one expert, gate of ones
             h = dropout(F.relu(F.linear(x, down[0], down_bias[0])))  # (..., w)
             return F.linear(h * scaling, up[0], up_bias[0] * scaling)  # (..., o)
-        if gate.hard:
-            return self._hard(x, down, down_bias, up, up_bias, gate, scaling, dropout)
-        if (
+        top = (
             gate.indices is not None
             and gate.indices.dim() == 2
             and 2 * gate.indices.shape[-1] <= self.num_experts
-        ):
+        )
+        if (gate.hard or top) and prefers_grouped(x, down, up):
+            indices, weights = pair_weights(gate, scaling, x.dtype)
+            return self._grouped(x, down, down_bias, up, up_bias, indices, weights, dropout)
+        if gate.hard:
+            return self._hard(x, down, down_bias, up, up_bias, gate, scaling, dropout)
+        if top:
             return self._topk(x, down, down_bias, up, up_bias, gate, scaling, dropout)
         return self._dense(x, down, down_bias, up, up_bias, gate_weights(gate, x.shape[0]), scaling, dropout)
 
@@ -161,6 +193,38 @@ class AdapterExperts(StackedExperts):
         up_k = up[indices].transpose(2, 3).reshape(n, k * width, -1)  # (n, k*w, o)
         bias = torch.bmm(g[:, None, :], up_bias[indices])  # (n, 1, o)
         return torch.baddbmm(bias, h, up_k)  # (n, t, o)
+
+    @staticmethod
+    def _grouped(
+        x: Tensor,
+        down: Tensor,
+        down_bias: Tensor,
+        up: Tensor,
+        up_bias: Tensor,
+        indices: Tensor,
+        weights: Tensor,
+        dropout: ops.Dropout,
+    ) -> Tensor:
+        """The hard and per-sample top-k gates without copying any weights: each (sample, expert) pair's token rows
+        sorted by expert, both projections as grouped GEMMs over the experts' segments (`torch._grouped_mm`, no
+        host synchronisation), each used expert's weights read once, in place, and the rows `index_add`-ed back.
+        `indices` `(n, k)` long, `weights` `(n, k)` the gate there with the scale in it (zero for kept samples,
+        whose output is then exactly zero). Forward only (see :func:`prefers_grouped`)."""
+        n, t, i = x.shape
+        k, width, out = indices.shape[1], down.shape[1], up.shape[1]
+        experts = indices.reshape(-1)  # (n*k,): pair p is sample p // k
+        order = torch.argsort(experts, stable=True)  # (n*k,) pairs grouped by expert
+        expert = experts.index_select(0, order)  # (n*k,)
+        weight = weights.reshape(-1).index_select(0, order).to(x.dtype)  # (n*k,)
+        sample = torch.div(order, k, rounding_mode="floor")
+        rows = (sample[:, None] * t + torch.arange(t, device=x.device)).flatten()  # (n*k*t,) flat token rows
+        ends = (torch.bincount(experts, minlength=down.shape[0]).cumsum(0) * t).to(torch.int32)  # (e,)
+        h = torch._grouped_mm(x.reshape(n * t, i).index_select(0, rows), down.transpose(1, 2), offs=ends)
+        h = F.relu(h.view(n * k, t, width) + down_bias.index_select(0, expert)[:, None, :])  # (n*k, t, w)
+        h = dropout(h) * weight[:, None, None]
+        y = torch._grouped_mm(h.view(-1, width), up.transpose(1, 2), offs=ends).view(n * k, t, out)
+        y = y + (up_bias.index_select(0, expert) * weight[:, None])[:, None, :]  # (n*k, t, o)
+        return x.new_zeros(n * t, out).index_add_(0, rows, y.view(-1, out)).view(n, t, out)
 
     @staticmethod
     def _dense(

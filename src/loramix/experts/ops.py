@@ -208,7 +208,7 @@ def prefers_hard_grouped(x: Tensor, A: Tensor, B: Tensor, keep: Tensor | None = 
         and x.dim() == 3
         and x.shape[1] <= A.shape[1]
         and A.shape[0] == B.shape[0] > 1
-        and _grouped_mm_ok(x, A, B)
+        and grouped_mm_ok(x, A, B)
         and not transforms_active()
     )
 
@@ -245,7 +245,7 @@ def hard_grouped(
     return torch._grouped_mm(h, B.transpose(1, 2), offs=ends), rows  # (n*t, o), (n*t,)
 
 
-def _grouped_mm_ok(x: Tensor, A: Tensor, B: Tensor) -> bool:
+def grouped_mm_ok(x: Tensor, A: Tensor, B: Tensor) -> bool:
     """`torch._grouped_mm` runs on CPU for fp32 and bf16 and needs every row stride a multiple of 16 bytes."""
     align = 16 // x.element_size()
     return (
@@ -273,7 +273,7 @@ def prefers_topk(x: Tensor, A: Tensor, B: Tensor, indices: Tensor) -> bool:
         return False
     if indices.dim() == 2:
         return True
-    return num_experts * rank >= 64 * k and _grouped_mm_ok(x, A, B)
+    return num_experts * rank >= 64 * k and grouped_mm_ok(x, A, B)
 
 
 def _project_topk_per_sample(A: Tensor, B: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
