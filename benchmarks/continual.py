@@ -5,6 +5,7 @@ label-prompt head (label smoothing 0.2), so tasks not learned yet are answered z
     python benchmarks/continual.py                                   # every method (hours on 2 CPU cores)
     python benchmarks/continual.py --methods moe-adapters lae --steps-per-task 30 --max-eval 100
     python benchmarks/continual.py --speed            # DDAS routing vs given task ids on a mixed batch
+    python benchmarks/continual.py --grouped          # the adapters' grouped form vs their gathers, by task id
     python benchmarks/continual.py --methods moe-adapters --set ddas_layer=3   # a run setting changed
     python benchmarks/continual.py --methods moe-adapters --seed 1   # another seed of the same run
     python benchmarks/continual.py --summary-only     # the table of --out's runs: mean over seeds (min-max)
@@ -50,6 +51,81 @@ METHODS = [
 ]
 
 
+def moe_adapters_model(experts: int, width: int, first_block: int = 0) -> tuple[torch.nn.Module, dict]:
+    """MiniLM with MoE-Adapters' experts (`experts` bottleneck adapters of `width` after the MLP of every block
+    from `first_block` on, one top-2 router per task for the ten tasks), every adapter parameter drawn at random
+    so that each shows in the output; and the adapter config."""
+    import loramix
+    from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
+    from loramix.models import load_backbone
+
+    model, _ = load_backbone("minilm")
+    model.eval()
+    config = {
+        "experts": "adapter",
+        "rank": width,
+        "adapter_scale": 0.1,
+        "num_experts": experts,
+        "router": "per-task",
+        "num_tasks": len(ORDER),
+        "top_k": 2,
+        "noisy": True,
+        "target_regex": MLP_OUTPUTS,
+        "layers_to_transform": list(range(first_block, model.config.num_hidden_layers))
+        if first_block
+        else None,
+    }
+    loramix.inject(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in loramix.adapter_state(model).values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return model, config
+
+
+def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int) -> dict:
+    """The inference pass by task id through MoE-Adapters' model (a batch that mixes the ten tasks) with the
+    adapters' grouped form (`loramix.experts.adapter.prefers_grouped`: the pairs' rows sorted by expert, grouped
+    GEMMs) against the same pass with it switched off (each pair's weights gathered, `bmm`); one process,
+    interleaved rounds, the median of per-round ratios."""
+    import loramix
+    import loramix.experts.adapter as adapter
+
+    model, _ = moe_adapters_model(experts, width)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1000, 20000, (batch, seq), generator=generator)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    task_ids = torch.arange(batch) % len(ORDER)
+    grouped = adapter.prefers_grouped
+
+    def by_task(prefers: object) -> object:
+        @torch.inference_mode()
+        def run() -> None:
+            adapter.prefers_grouped = prefers  # type: ignore[assignment]
+            try:
+                with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
+                    model(**inputs)
+            finally:
+                adapter.prefers_grouped = grouped
+
+        return run
+
+    timings = interleaved(
+        {"grouped": by_task(grouped), "gathers": by_task(lambda *_: False)},
+        device=torch.device("cpu"),
+        rounds=rounds,
+    )
+    return {
+        "name": "adapter-grouped-vs-gathers",
+        "experts": experts,
+        "width": width,
+        "batch": batch,
+        "seq": seq,
+        "rounds": rounds,
+        **ratio_stats(timings.wall["grouped"], timings.wall["gathers"]),
+    }
+
+
 def selector_speed(
     rounds: int,
     batch: int,
@@ -82,33 +158,12 @@ def selector_speed(
         selector_layers,
         selector_width,
     )
-    from loramix.methods.continual.moe_adapters import MLP_OUTPUTS
     from loramix.methods.continual.routed import acceptance_features, routed_hidden
-    from loramix.models import load_backbone
     from loramix.routers.selector import AutoSelector
 
     tasks = len(ORDER)
-    model, _ = load_backbone("minilm")
-    model.eval()
-    config = {
-        "experts": "adapter",
-        "rank": 64,
-        "adapter_scale": 0.1,
-        "num_experts": experts,
-        "router": "per-task",
-        "num_tasks": tasks,
-        "top_k": 2,
-        "noisy": True,
-        "target_regex": MLP_OUTPUTS,
-        "layers_to_transform": list(range(first_block, model.config.num_hidden_layers))
-        if first_block
-        else None,
-    }
-    loramix.inject(model, config)
+    model, config = moe_adapters_model(experts, 64, first_block)
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in loramix.adapter_state(model).values():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     two_stage, routed = accept_layer is not None, accept_state == "route"
     selector = AutoSelector(
         2 * selector_width(model, "hidden") if routed else selector_width(model, "hidden", two_stage),
@@ -283,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route)",
     )
     parser.add_argument(
+        "--grouped",
+        action="store_true",
+        help="only time the adapters' grouped form against their gathers, by task id (widths 64 and 128)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -295,6 +355,19 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise(read_results(args.out)))
         return 0
     torch.set_num_threads(args.threads)
+    if args.grouped:
+        path = args.out.with_name("continual-speed.json")
+        entries = [e for e in read_results(path) if e["name"] != "adapter-grouped-vs-gathers"]
+        for width in (64, 128):
+            entry = {
+                **grouped_speed(15, batch=64, seq=args.max_length, experts=22, width=width),
+                "threads": args.threads,
+                "device": device_name(torch.device("cpu")),
+            }
+            entries.append(entry)
+            atomic_write_json(path, entries)
+            print(json.dumps(entry), flush=True)
+        return 0
     if args.speed:
         # block 0's feature (the default), block 3's, block 3 accepting with both choosing; the last two with the
         # experts from block 3 on, and block 1 accepting with the experts from block 1 on: the selector routes
@@ -354,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
                 "device": device_name(torch.device("cpu")),
             }
-            entries = [e for e in entries if case(e) != case(entry)] + [entry]  # the other rules' rows stay
+            entries = [e for e in entries if e["name"] != entry["name"] or case(e) != case(entry)] + [entry]
             atomic_write_json(path, entries)
             print(json.dumps(entry), flush=True)
         return 0
