@@ -7,8 +7,8 @@ inputs it rejects are answered again on the untouched base model, in a second pa
 With experts in every block, the selector of the base state (`ddas_accept_state: base`) reads the base model's
 state entering its acceptance block, so a base pass through the blocks before it runs ahead of the routed one;
 choosing at block 0 (the embeddings' output, the same on every route) and accepting inside the routed pass needs
-none. In the continual speed benchmark (experts in every block) it costs 1.05x the inference by task id against
-1.33x, and on the continual benchmark's three runs (`benchmarks/routed_acceptance.py`) 0.9 points of Last routed
+none. In the continual speed benchmark (experts in every block) it costs 1.06x the inference by task id against
+1.37x, and on the continual benchmark's three runs (`benchmarks/routed_acceptance.py`) 0.9 points of Last routed
 hard and 1.2 mixed (README.md, Continual learning).
 
 Legend: n samples, t tokens, d the model's width, c + a the selector's choice and acceptance columns.
