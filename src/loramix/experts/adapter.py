@@ -10,6 +10,8 @@ loop over experts and no host synchronisation:
 - hard gate: each sample's expert gathered, then two `bmm` (`baddbmm`, the biases as their addends);
 - per-sample top-k gate (k at most half the experts): each sample's k experts gathered into one `k*w`-wide
   adapter, two `bmm`;
+- hard and per-sample top-k gates in inference on CPU, with no more tokens per sample than the width: each
+  (sample, expert) pair's rows sorted by expert and run as grouped GEMMs, no weights copied (`prefers_grouped`);
 - soft gate (or per-token top-k): one stacked matmul into `e*w` hidden features, ReLU, dropout, each expert's hidden scaled
   by its gate, one stacked matmul back. The gate multiplies the whole expert output, up bias included:
   `sum_e g_e (W_up_e h_e + b_up_e) = sum_e W_up_e (g_e h_e) + g @ b_up`.

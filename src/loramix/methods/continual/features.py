@@ -128,6 +128,7 @@ def base_hidden_states(
     one forward pass that stops once the last of them exists; with `route` `(n,)`, the states of the pass along
     those experts instead (mixed by `weights` over the tasks `(n, T)` where given: `routing`'s `task_weights`)."""
     mask = inputs["attention_mask"]
+    keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)
     blocks = encoder_blocks(backbone) if any(layer is not None for layer in layers) else torch.nn.ModuleList()
     inside = {layer for layer in layers if layer is not None and layer < len(blocks)}
     stop = set(layers) <= inside  # no wanted state is the last one: stop once all exist
@@ -148,11 +149,7 @@ def base_hidden_states(
     backbone.eval()  # the base model's feature, without dropout, whatever mode the caller left the model in
     last = None
     try:
-        injected = is_injected(backbone)
-        keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)
-        # a routing block of its own, so that a block open around this call reads nothing of it; on the base, the
-        # adapted layers switched off as well: no router or expert runs (about half the pass's cost)
-        along = (
+        on_base = (
             routing(
                 backbone,
                 task_ids=torch.zeros_like(keep, dtype=torch.long) if route is None else route,
@@ -161,10 +158,15 @@ def base_hidden_states(
                 record=False,
                 task_weights=weights,
             )
-            if injected
+            if is_injected(backbone)
             else contextlib.nullcontext()
         )
-        with along, disabled(backbone) if injected and route is None else contextlib.nullcontext():
+        # on the base the adapted layers are switched off too, so no router or expert runs (about half the pass's
+        # cost); the routing block stays, so that a block open around this call reads nothing of it
+        switched_off = (
+            disabled(backbone) if route is None and is_injected(backbone) else contextlib.nullcontext()
+        )
+        with on_base, switched_off:
             last = backbone(**inputs).last_hidden_state
     except _Reached:
         pass
