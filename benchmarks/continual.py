@@ -149,7 +149,9 @@ def selector_speed(
     `ddas_choice` (shared: the task named under one covariance). `accept_state` route: `ddas_accept_state: route`,
     the task chosen on block `layer`'s base feature, acceptance read by the pass along that route at block
     `accept_layer` (each task's acceptance columns fitted along its own route), rejected inputs passed again on the
-    base."""
+    base. With a base pass of its own, also the pieces of the selector's cost, each against the task ids' pass
+    (`pieces_vs_task_ids`): that pass over each input's whole length and over its first 16 and 24 tokens, and the
+    selector's scoring of the features."""
     import loramix
     from loramix.methods.continual.features import (
         reads_in_pass,
@@ -214,7 +216,22 @@ def selector_speed(
         with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
             model(**inputs)
 
-    timings = interleaved({"ddas": selected, "task-ids": given}, device=torch.device("cpu"), rounds=rounds)
+    cases = {"ddas": selected, "task-ids": given}
+    if not (routed or in_pass):  # the pieces of the selector's own cost: its base pass (on all or the first k
+        # tokens of each input) and its scoring of the features
+        features = selector_features(model, inputs, "hidden", layer, accept_layer)
+        for k in sorted({16, 24, seq}):
+            cut = {key: value[:, :k] for key, value in inputs.items()}
+            cases[f"base-pass-{k}"] = torch.inference_mode()(
+                lambda cut=cut: selector_features(model, cut, "hidden", layer, accept_layer)
+            )
+        cases["scoring"] = torch.inference_mode()(lambda: selector(features))
+    timings = interleaved(cases, device=torch.device("cpu"), rounds=rounds)
+    pieces = {
+        name: ratio_stats(timings.wall[name], timings.wall["task-ids"])["ratio_median"]
+        for name in cases
+        if name not in ("ddas", "task-ids")
+    }
     return {
         "name": "ddas-vs-task-ids",
         "ddas_layer": layer,
@@ -232,6 +249,7 @@ def selector_speed(
         "rounds": rounds,
         "seconds_task_ids": sorted(timings.wall["task-ids"])[rounds // 2],
         **ratio_stats(timings.wall["ddas"], timings.wall["task-ids"]),
+        **({"pieces_vs_task_ids": pieces} if pieces else {}),
         "target": "<= 1.15",
     }
 
