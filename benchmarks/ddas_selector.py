@@ -9,7 +9,6 @@ tasks 1..t and every task's test inputs are routed. A seen task's inputs should 
     python benchmarks/ddas_selector.py --threads 1 --variants "gaussian, block-0 features + token stats"
     python benchmarks/ddas_selector.py --threads 1 --bound         # what classifiers that see unseen tasks allow
     python benchmarks/ddas_selector.py --threads 1 --cascade       # a block-0 first stage before the example's
-    python benchmarks/ddas_selector.py --threads 1 --tokens 12 24  # the example's base pass on the first tokens only
 
 Features: the same train sample `Continual.task_features` takes (`ddas_examples` of the run's training inputs, the
 benchmark's `max_train_examples` 2000, seed 0) and the fixed test sample of `max_eval_examples`, tokenised at the
@@ -61,6 +60,7 @@ SHARED = {"normalize": "gaussian", "choice": "shared"}
 SHARED_NEIGHBOURS = (
     "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94), blocks 0 + 3 choose"
 )
+EXAMPLE = "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94.5), blocks 0 + 3 choose"  # the example configs' selector
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "paper: input embeddings, l2, err/thr": ("embeddings", {"normalize": "l2"}, {}, ""),
     "l2 rule, block-3 features + token stats": ("hidden3", {"normalize": "l2"}, {}, ""),
@@ -146,7 +146,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
         "",
     ),
     SHARED_NEIGHBOURS: ("hidden0+3", {**POOLED, **SHARED, "neighbours": 3, "percentile": 94.0}, {}, ""),
-    "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94.5), blocks 0 + 3 choose": (
+    EXAMPLE: (
         "hidden0+3",
         {**POOLED, **SHARED, "neighbours": 3, "percentile": 94.5},
         {},
@@ -372,75 +372,6 @@ def cascade(features: dict, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-TOKENS_VARIANT = "shared choice: block 3's 3rd nearest accepts (pooled, percentile 94.5), blocks 0 + 3 choose"  # the example configs' selector
-
-
-@torch.no_grad()
-def cut_features(
-    args: argparse.Namespace, tokens: list[int]
-) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """`features[task][split]["hidden<l>@<k>"]`: the state entering block l (2 or 3) of the base model run on each
-    input's first k tokens only, pooled, with the token statistics of the whole input; cached beside the full
-    features (one `<task>-tokens.pt` each, recomputed when it lacks a wanted k)."""
-    from loramix.methods.continual.features import selector_features
-
-    out: dict[str, Any] = {}
-    wanted = {f"hidden{layer}@{k}" for layer in (2, 3) for k in tokens}
-    for name in ORDER:
-        path = args.cache / f"{name}-tokens.pt"
-        if path.is_file():
-            out[name] = torch.load(path, weights_only=True)
-    if all(name in out and wanted <= set(out[name]["test"]) for name in ORDER):
-        return out
-    data, model, collate = harness_inputs(args)
-    for name in ORDER:
-        splits = task_examples(data, name, args)
-        out[name] = {}
-        for split, examples in splits.items():
-            kinds: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(examples), 64):
-                batch = collate(examples[start : start + 64])
-                stats = selector_features(model, batch, "hidden", 0)[:, -STATS:]  # (n, 3), the whole input
-                for k in tokens:
-                    cut = {key: value[:, :k] for key, value in batch.items() if key in PER_TOKEN}
-                    for layer in (2, 3):
-                        pooled = selector_features(model, cut, "hidden", layer)[:, :-STATS]
-                        kinds.setdefault(f"hidden{layer}@{k}", []).append(torch.cat([pooled, stats], 1))
-            out[name][split] = {key: torch.cat(value) for key, value in kinds.items()}
-        args.cache.mkdir(parents=True, exist_ok=True)
-        torch.save(out[name], path)
-    return out
-
-
-PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def tokens_rates(
-    features: dict, cut: dict, tokens: list[int], splits: int, seed: int
-) -> list[dict[str, Any]]:
-    """The example configs' selector with its acceptance block (3, or 2) read from a base pass over each input's
-    first k tokens only, the rest as before (block 0's state and the token statistics from the whole input; block
-    0 comes free with the pass): the rates over the sequence, mean and range over `splits` held-out splits. That
-    pass costs about k / length of the whole one, 0.49 of a pass through the experts' model at 48 tokens."""
-    out = []
-    for layer in (3, 2):
-        for k in tokens:
-            merged = {
-                task: {
-                    split: {
-                        "hidden0": features[task][split]["hidden0"],
-                        "hidden3": cut[task][split][f"hidden{layer}@{k}"],
-                    }
-                    for split in ("train", "test")
-                }
-                for task in ORDER
-            }
-            runs = [measure(merged, TOKENS_VARIANT, seed + s) for s in range(splits)]
-            own, unseen = ([r[key] for r in runs] for key in ("own_task_mean", "unseen_base_mean"))
-            out.append({"accept_block": layer, "tokens": k, "own_task": own, "unseen_base": unseen})
-    return out
-
-
 def supervised_bound(features: dict, kind: str, model: str, seed: int) -> dict[str, Any]:
     """How well the features could send unseen inputs to the base if the selector knew the unseen tasks: after
     each task t, a classifier trained on both sides (tasks 1..t against t+1..10, their training features, the
@@ -548,9 +479,10 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def harness_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every use of the harness's features takes (`harness_inputs`, `task_features`, the splits)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -562,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/loramix-ddas-selector"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
         "--splits",
         type=int,
@@ -570,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also fit each variant on this many held-out splits in all (seeds --seed, --seed + 1, ...) and report "
         "the mean and range of its rates over them",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = harness_parser(__doc__)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ddas-selector.json")
     parser.add_argument(
         "--bound",
@@ -583,30 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only the example config's selector behind a block-0 first stage; writes "
         "results/ddas-selector-cascade.json",
     )
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        nargs="+",
-        help="only the example configs' selector with its base pass over each input's first K tokens (block 3, "
-        "then block 2 accepting), over --splits; writes results/ddas-selector-tokens.json",
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     features = task_features(args)
-    if args.tokens:
-        from loramix.io.files import atomic_write_json
-
-        rows = tokens_rates(features, cut_features(args, args.tokens), args.tokens, args.splits, args.seed)
-        for r in rows:
-            own, unseen = np.array(r["own_task"]), np.array(r["unseen_base"])
-            print(
-                f"block {r['accept_block']} on {r['tokens']} tokens: own {100 * own.mean():.1f} "
-                f"[{100 * own.min():.1f}, {100 * own.max():.1f}], unseen->base {100 * unseen.mean():.1f} "
-                f"[{100 * unseen.min():.1f}, {100 * unseen.max():.1f}]",
-                flush=True,
-            )
-        atomic_write_json(args.out.with_name("ddas-selector-tokens.json"), rows)
-        return 0
     if args.cascade:
         from loramix.io.files import atomic_write_json
 

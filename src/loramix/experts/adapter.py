@@ -160,10 +160,7 @@ class AdapterExperts(StackedExperts):
         is exactly zero in the same batched op."""
         index = gate.indices
         assert index is not None
-        scale = x.new_full((x.shape[0],), scaling)  # (n,)
-        if gate.keep is not None:
-            scale = scale * (~gate.keep).to(x.dtype)
-        scale = scale[:, None, None]  # (n, 1, 1)
+        scale = pair_weights(gate, scaling, x.dtype)[1][:, :, None]  # (n, 1, 1), zero where kept
         h = torch.baddbmm(down_bias[index][:, None, :], x, down[index].transpose(1, 2))  # (n, t, w)
         h = dropout(F.relu(h)) * scale
         bias = up_bias[index][:, None, :] * scale  # (n, 1, o)
@@ -210,14 +207,14 @@ class AdapterExperts(StackedExperts):
         """The hard and per-sample top-k gates without copying any weights: each (sample, expert) pair's token rows
         sorted by expert, both projections as grouped GEMMs over the experts' segments (`torch._grouped_mm`, no
         host synchronisation), each used expert's weights read once, in place, and the rows `index_add`-ed back.
-        `indices` `(n, k)` long, `weights` `(n, k)` the gate there with the scale in it (zero for kept samples,
-        whose output is then exactly zero). Forward only (see :func:`prefers_grouped`)."""
+        `indices` `(n, k)` long, `weights` `(n, k)` in x's dtype: the gate there with the scale in it (zero for
+        kept samples, whose output is then exactly zero). Forward only (see :func:`prefers_grouped`)."""
         n, t, i = x.shape
         k, width, out = indices.shape[1], down.shape[1], up.shape[1]
         experts = indices.reshape(-1)  # (n*k,): pair p is sample p // k
         order = torch.argsort(experts, stable=True)  # (n*k,) pairs grouped by expert
         expert = experts.index_select(0, order)  # (n*k,)
-        weight = weights.reshape(-1).index_select(0, order).to(x.dtype)  # (n*k,)
+        weight = weights.reshape(-1).index_select(0, order)  # (n*k,)
         sample = torch.div(order, k, rounding_mode="floor")
         rows = (sample[:, None] * t + torch.arange(t, device=x.device)).flatten()  # (n*k*t,) flat token rows
         ends = (torch.bincount(experts, minlength=down.shape[0]).cumsum(0) * t).to(torch.int32)  # (e,)
