@@ -137,6 +137,7 @@ def selector_speed(
     neighbours: int = 0,
     choice: str = "own",
     accept_state: str = "base",
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
     from `first_block` on): with the auto-selector choosing each input's task (or the base) from its `hidden`
@@ -164,7 +165,9 @@ def selector_speed(
     from loramix.routers.selector import AutoSelector
 
     tasks = len(ORDER)
+    device = torch.device(device)
     model, config = moe_adapters_model(experts, 64, first_block)
+    model.to(device)
     generator = torch.Generator().manual_seed(0)
     two_stage, routed = accept_layer is not None, accept_state == "route"
     selector = AutoSelector(
@@ -174,13 +177,15 @@ def selector_speed(
         threshold="pooled" if neighbours else "task",
         choice=choice,
         accept_state=accept_state,
-    )
+    ).to(device)
     fitted = 1000 if neighbours else 200  # a Gaussian's cost does not depend on how many it was fitted on
     for task in range(tasks):  # fitted on each task's share of a vocabulary
-        ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (fitted, seq), generator=generator)
+        ids = torch.randint(1000 + 2000 * task, 3000 + 2000 * task, (fitted, seq), generator=generator).to(
+            device
+        )
         sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if routed:  # the acceptance block's state along the task's own route
-            own = acceptance_features(model, sample, accept_layer, torch.full((fitted,), task))
+            own = acceptance_features(model, sample, accept_layer, torch.full((fitted,), task, device=device))
             features = [selector_features(model, sample, "hidden", layer), own]
             selector.add_task(torch.cat(features, -1))
             continue
@@ -191,7 +196,8 @@ def selector_speed(
             torch.randint(1000 + 2000 * t, 3000 + 2000 * t, (seq,), generator=generator)
             for t in task_ids.tolist()
         ]
-    )
+    ).to(device)
+    task_ids = task_ids.to(device)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     @torch.inference_mode()
@@ -226,7 +232,7 @@ def selector_speed(
                 lambda cut=cut: selector_features(model, cut, "hidden", layer, accept_layer)
             )
         cases["scoring"] = torch.inference_mode()(lambda: selector(features))
-    timings = interleaved(cases, device=torch.device("cpu"), rounds=rounds)
+    timings = interleaved(cases, device=device, rounds=rounds, repeat=1 if device.type == "cpu" else 5)
     pieces = {
         name: ratio_stats(timings.wall[name], timings.wall["task-ids"])["ratio_median"]
         for name in cases
@@ -356,6 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route)",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="with --speed: where to time (cuda: written to continual-speed-cuda.json, the model in float32)",
+    )
+    parser.add_argument(
+        "--batches", nargs="+", type=int, default=[64], help="with --speed: the batch sizes to time"
+    )
+    parser.add_argument(
         "--grouped",
         action="store_true",
         help="only time the adapters' grouped form against their gathers, by task id (widths 64 and 128)",
@@ -390,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         # block 0's feature (the default), block 3's, block 3 accepting with both choosing; the last two with the
         # experts from block 3 on, and block 1 accepting with the experts from block 1 on: the selector routes
         # inside the pass there
-        path = args.out.with_name("continual-speed.json")
+        device = torch.device(args.device)
+        path = args.out.with_name(f"continual-speed{'' if device.type == 'cpu' else '-' + device.type}.json")
         entries = read_results(path)
 
         def case(entry: dict) -> tuple:
@@ -402,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry.get("ddas_neighbours", 0),
                 entry.get("ddas_choice", "own"),
                 entry.get("ddas_accept_state", "base"),
+                entry["batch"],
             )
 
         # (layer, accept_layer, first adapted block, neighbours, choice, accept_state)
@@ -428,26 +444,29 @@ def main(argv: list[str] | None = None) -> int:
         cases += ((0, 3, 0, 3, "shared", "route"),)  # routed acceptance, experts in every block
         if args.cases:
             cases = tuple(cases[i] for i in args.cases)
-        for layer, accept_layer, first_block, neighbours, choice, accept_state in cases:
-            entry = {
-                **selector_speed(
-                    15,
-                    batch=64,
-                    seq=args.max_length,
-                    experts=22,
-                    layer=layer,
-                    accept_layer=accept_layer,
-                    first_block=first_block,
-                    neighbours=neighbours,
-                    choice=choice,
-                    accept_state=accept_state,
-                ),
-                "threads": args.threads,
-                "device": device_name(torch.device("cpu")),
-            }
-            entries = [e for e in entries if e["name"] != entry["name"] or case(e) != case(entry)] + [entry]
-            atomic_write_json(path, entries)
-            print(json.dumps(entry), flush=True)
+        for batch in args.batches:
+            for layer, accept_layer, first_block, neighbours, choice, accept_state in cases:
+                entry = {
+                    **selector_speed(
+                        15,
+                        batch=batch,
+                        seq=args.max_length,
+                        experts=22,
+                        layer=layer,
+                        accept_layer=accept_layer,
+                        first_block=first_block,
+                        neighbours=neighbours,
+                        choice=choice,
+                        accept_state=accept_state,
+                        device=device,
+                    ),
+                    "threads": args.threads,
+                    "device": device_name(device),
+                }
+                entries = [e for e in entries if e["name"] != entry["name"] or case(e) != case(entry)]
+                atomic_write_json(path, entries + [entry])
+                entries.append(entry)
+                print(json.dumps(entry), flush=True)
         return 0
     results = read_results(args.out)
 

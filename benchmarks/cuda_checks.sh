@@ -2,18 +2,26 @@
 # Everything that needs a GPU, in one go, each part in its own process under its own time limit, so that a short
 # session on a GPU machine still brings back what finished:
 #
-#     bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS]      # SECONDS: the whole budget (default 570)
+#     bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS [PART...]]   # SECONDS: the whole budget (default 570)
 #
-# 1. tests/test_cuda.py and tests/test_cuda_quantized.py (with the quantized CPU-backend tests beside them);
-# 2. the speed benchmark's CUDA sections, one process each, in this order: generate, layer (the Llama-shaped
-#    d = 4096 points first), model, inference, memory, elrea; each writes OUT_DIR/speed-cuda-SECTION.json and .md
-#    after every point or model, so a section stopped at its limit keeps what it measured;
-# 3. the whole test suite on the GPU, with what time is left (pytest-xdist's -n when it is installed).
+# The parts, in this order (all of them when none is named):
+# - tests: tests/test_cuda.py and tests/test_cuda_quantized.py (with the quantized CPU-backend tests beside them);
+# - speed: the speed benchmark's CUDA sections, one process each, in this order: generate, layer (the
+#   Llama-shaped d = 4096 points first), model, inference, memory, elrea; each writes
+#   OUT_DIR/speed-cuda-SECTION.json and .md after every point or model, so a section stopped at its limit keeps
+#   what it measured;
+# - continual: the continual benchmark's selector against task ids on a mixed batch (benchmarks/continual.py
+#   --speed: the default selector, the example configs' with experts in every block or from block 3 on, routed
+#   acceptance; batches of 64 and 256), written to OUT_DIR/continual-speed-cuda.json after every case;
+# - suite: the whole test suite on the GPU, with what time is left (pytest-xdist's -n when it is installed).
 #
 # Each part's log is OUT_DIR/PART.log; the console shows its last lines. Run from the repository root.
 set -u
 OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS]}
 BUDGET=${2:-570}
+PARTS=("${@:3}")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests speed continual suite)
+wanted() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -34,13 +42,23 @@ part() {  # part NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, a
 
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" ||
   exit 1
-SPEED=(python benchmarks/speed.py --device cuda)
-part cuda-tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_quantized.py \
-  tests/test_quantize.py tests/experts/test_quantized.py
-for section in generate layer model inference memory elrea; do
-  part "speed-$section" 120 "${SPEED[@]}" --sections "$section" --out "$OUT_DIR/speed-cuda-$section.json"
-done
-workers=()
-python -c "import xdist" 2>/dev/null && workers=(-n 8)
-part suite 600 python -m pytest -q -p no:cacheprovider "${workers[@]}"
+if wanted tests; then
+  part cuda-tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_quantized.py \
+    tests/test_quantize.py tests/experts/test_quantized.py
+fi
+if wanted speed; then
+  for section in generate layer model inference memory elrea; do
+    part "speed-$section" 120 python benchmarks/speed.py --device cuda --sections "$section" \
+      --out "$OUT_DIR/speed-cuda-$section.json"
+  done
+fi
+if wanted continual; then
+  part continual-speed 150 python benchmarks/continual.py --speed --device cuda --cases 0 8 9 10 --batches 64 256 \
+    --out "$OUT_DIR/continual.json"
+fi
+if wanted suite; then
+  workers=()
+  python -c "import xdist" 2>/dev/null && workers=(-n 8)
+  part suite 600 python -m pytest -q -p no:cacheprovider "${workers[@]}"
+fi
 echo "== done at ${SECONDS} s"
