@@ -9,6 +9,7 @@ label-prompt head (label smoothing 0.2), so tasks not learned yet are answered z
     python benchmarks/continual.py --methods moe-adapters --set ddas_layer=3   # a run setting changed
     python benchmarks/continual.py --methods moe-adapters --seed 1   # another seed of the same run
     python benchmarks/continual.py --summary-only     # the table of --out's runs: mean over seeds (min-max)
+    python benchmarks/continual.py --summary-only --also results/continual-seeds-*.json --against sequential-lora@2.5e-4
 
 Writes benchmarks/results/continual.json (one entry per method: the accuracy matrix, Transfer / Average / Last /
 BWT, the auto-selector's routing rates after each task, seconds), appending after each method (`--skip-done`).
@@ -317,6 +318,43 @@ def summarise(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(entries: list[dict], reference: str) -> str:
+    """Each setting's Last against the reference's (`METHOD` or `METHOD@LR`) on the same steps, samples and order,
+    seed by seed: the seeds both have, the mean difference in points and a two-sided 95% t-interval over them."""
+    from scipy import stats
+
+    method, _, lr = reference.partition("@")
+    groups: dict[tuple, dict[int, dict]] = {}
+    for entry in entries:
+        groups.setdefault(setting(entry), {})[entry["seed"]] = entry
+    lines = []
+    for key, by_seed in groups.items():
+        refs = [
+            group
+            for other, group in groups.items()
+            if other[0] == method
+            and (not lr or abs(other[1] - float(lr)) < 1e-12)
+            and (other[2], other[3], other[4], other[6]) == (key[2], key[3], key[4], key[6])
+        ]
+        if key[0] == method or not refs:
+            continue
+        if len(refs) > 1:
+            raise SystemExit(
+                f"--against {reference}: {len(refs)} settings of {method} match; name its rate (@LR)"
+            )
+        seeds = sorted(set(by_seed) & set(refs[0]))
+        if len(seeds) < 2:
+            continue
+        gaps = [100 * (by_seed[s]["Last"] - refs[0][s]["Last"]) for s in seeds]
+        mean = sum(gaps) / len(gaps)
+        spread = stats.t.ppf(0.975, len(gaps) - 1) * stats.tstd(gaps) / len(gaps) ** 0.5
+        lines.append(
+            f"{key[0]} {key[1]:g} {key[5]}: Last {mean:+.2f} [{mean - spread:+.2f}, {mean + spread:+.2f}] against "
+            f"{reference} over seeds {' '.join(map(str, seeds))} (by seed {', '.join(f'{g:+.1f}' for g in gaps)})"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -352,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         help="print the table of --out's runs (mean over seeds) and stop",
     )
     parser.add_argument(
+        "--also", nargs="+", type=Path, default=[], help="with --summary-only: other results files to add"
+    )
+    parser.add_argument(
+        "--against",
+        metavar="METHOD[@LR]",
+        help="with --summary-only: also each setting's Last against this method's, paired by seed",
+    )
+    parser.add_argument(
         "--speed", action="store_true", help="only time DDAS routing against given task ids (a mixed batch)"
     )
     parser.add_argument(
@@ -384,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     if args.summary_only:
-        print(summarise(read_results(args.out)))
+        entries = [e for path in (args.out, *args.also) for e in read_results(path)]
+        print(summarise(entries))
+        if args.against:
+            print(paired(entries, args.against))
         return 0
     torch.set_num_threads(args.threads)
     if args.grouped:
