@@ -153,7 +153,7 @@ def selector_speed(
     `accept_layer` (each task's acceptance columns fitted along its own route), rejected inputs passed again on the
     base. With a base pass of its own, also the pieces of the selector's cost, each against the task ids' pass
     (`pieces_vs_task_ids`): that pass over each input's whole length and over its first 16 and 24 tokens, and the
-    selector's scoring of the features."""
+    selector's scoring of the features. On `device` (on a GPU each case runs five times a round)."""
     import loramix
     from loramix.methods.continual.features import (
         reads_in_pass,

@@ -17,7 +17,7 @@
 #
 # Each part's log is OUT_DIR/PART.log; the console shows its last lines. Run from the repository root.
 set -u
-OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS]}
+OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS [PART...]]}
 BUDGET=${2:-570}
 PARTS=("${@:3}")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests speed continual suite)
