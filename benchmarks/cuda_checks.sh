@@ -15,7 +15,8 @@
 #   acceptance; batches of 64 and 256), written to OUT_DIR/continual-speed-cuda.json after every case;
 # - suite: the whole test suite on the GPU, with what time is left (pytest-xdist's -n when it is installed).
 #
-# Each part's log is OUT_DIR/PART.log; the console shows its last lines. Run from the repository root.
+# Each part's log is OUT_DIR/PART.log; the console shows its last lines. Run from the repository root. The
+# interpreter is $PYTHON when set, else `python`, else `python3`.
 set -u
 OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS [PART...]]}
 BUDGET=${2:-570}
@@ -24,6 +25,7 @@ PARTS=("${@:3}")
 wanted() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-$(command -v python || command -v python3)}  # the interpreter with torch: $PYTHON, else python(3)
 
 part() {  # part NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, and never past the budget
   local name=$1 limit=$2
@@ -40,25 +42,25 @@ part() {  # part NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, a
   tail -n 25 "$OUT_DIR/$name.log"
 }
 
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" ||
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" ||
   exit 1
 if wanted tests; then
-  part cuda-tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_quantized.py \
+  part cuda-tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_quantized.py \
     tests/test_quantize.py tests/experts/test_quantized.py
 fi
 if wanted speed; then
   for section in generate layer model inference memory elrea; do
-    part "speed-$section" 120 python benchmarks/speed.py --device cuda --sections "$section" \
+    part "speed-$section" 120 "$PY" benchmarks/speed.py --device cuda --sections "$section" \
       --out "$OUT_DIR/speed-cuda-$section.json"
   done
 fi
 if wanted continual; then
-  part continual-speed 150 python benchmarks/continual.py --speed --device cuda --cases 0 8 9 10 --batches 64 256 \
+  part continual-speed 150 "$PY" benchmarks/continual.py --speed --device cuda --cases 0 8 9 10 --batches 64 256 \
     --out "$OUT_DIR/continual.json"
 fi
 if wanted suite; then
   workers=()
-  python -c "import xdist" 2>/dev/null && workers=(-n 8)
-  part suite 600 python -m pytest -q -p no:cacheprovider "${workers[@]}"
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
+  part suite 600 "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}"
 fi
 echo "== done at ${SECONDS} s"
