@@ -280,15 +280,21 @@ def setting(entry: dict) -> tuple:
     )
 
 
+def by_setting(entries: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """The entries by `setting`, then by seed; of entries for the same seed (earlier code's runs, kept in the
+    file), the last."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for entry in entries:
+        groups.setdefault(setting(entry), {})[entry["seed"]] = entry
+    return groups
+
+
 def summarise(entries: list[dict]) -> str:
     """A markdown table of the runs in `entries`, one row per setting (training examples kept per task among them):
     Transfer, Average, Last and BWT in points, each the mean over the setting's seeds with its range (min-max), with
     an auto-selector the accuracy after the last task with no input's task given (entries since it was scored), and
-    the seeds. Of entries for the same seed
-    (earlier code's runs, kept in the file), the last counts."""
-    groups: dict[tuple, dict[int, dict]] = {}
-    for entry in entries:
-        groups.setdefault(setting(entry), {})[entry["seed"]] = entry
+    the seeds (`by_setting`)."""
+    groups = by_setting(entries)
     lines = [
         "| method | lr | steps per task | train examples | overrides | tasks | Transfer | Average | Last | BWT "
         "| Last, task not given | seeds |",
@@ -324,9 +330,7 @@ def paired(entries: list[dict], reference: str) -> str:
     from scipy import stats
 
     method, _, lr = reference.partition("@")
-    groups: dict[tuple, dict[int, dict]] = {}
-    for entry in entries:
-        groups.setdefault(setting(entry), {})[entry["seed"]] = entry
+    groups = by_setting(entries)
     lines = []
     for key, by_seed in groups.items():
         refs = [

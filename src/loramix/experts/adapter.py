@@ -36,20 +36,12 @@ if TYPE_CHECKING:
     from loramix.routers.gate import Gate
 
 
-def prefers_grouped(x: Tensor, down: Tensor, up: Tensor) -> bool:
-    """Whether the hard and per-sample top-k gates run as grouped GEMMs (`AdapterExperts._grouped`) instead of
-    the gathers: in inference (nothing to differentiate), on CPU, with no more tokens per sample than the
-    bottleneck is wide (t <= w). The gathers copy each (sample, expert) pair's `w*(i+o)` weights whatever t; the
-    grouped form moves the pair's `t*(i+o)` rows and reads each used expert's weights once. Measured on one CPU
-    thread (i 1536, o 384, 22 experts, 64 samples, top-2): 3.5x faster at w = 128 and 48 tokens, 1.5x at
-    w = 64, 0.74x at w = 64 and 128 tokens."""
-    return (
-        not torch.is_grad_enabled()
-        and x.dim() == 3
-        and x.shape[1] <= down.shape[1]
-        and ops.grouped_mm_ok(x, down, up)
-        and not ops.transforms_active()
-    )
+# Whether the hard and per-sample top-k gates run as grouped GEMMs (`AdapterExperts._grouped`) instead of the
+# gathers: the rule of LoRA's hard gate (inference, CPU, t <= w). The gathers copy each (sample, expert) pair's
+# `w*(i+o)` weights whatever t; the grouped form moves the pair's `t*(i+o)` rows and reads each used expert's
+# weights once. Measured on one CPU thread (i 1536, o 384, 22 experts, 64 samples, top-2): 3.5x faster at w = 128
+# and 48 tokens, 1.5x at w = 64, 0.74x at w = 64 and 128 tokens. Kept samples need no mask: their weight is zero.
+prefers_grouped = ops.prefers_hard_grouped
 
 
 def pair_weights(gate: Gate, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -212,12 +204,9 @@ class AdapterExperts(StackedExperts):
         n, t, i = x.shape
         k, width, out = indices.shape[1], down.shape[1], up.shape[1]
         experts = indices.reshape(-1)  # (n*k,): pair p is sample p // k
-        order = torch.argsort(experts, stable=True)  # (n*k,) pairs grouped by expert
+        order, rows, ends = ops.grouped_rows(experts, t, down.shape[0], k)  # pairs grouped by expert
         expert = experts.index_select(0, order)  # (n*k,)
         weight = weights.reshape(-1).index_select(0, order)  # (n*k,)
-        sample = torch.div(order, k, rounding_mode="floor")
-        rows = (sample[:, None] * t + torch.arange(t, device=x.device)).flatten()  # (n*k*t,) flat token rows
-        ends = (torch.bincount(experts, minlength=down.shape[0]).cumsum(0) * t).to(torch.int32)  # (e,)
         h = torch._grouped_mm(x.reshape(n * t, i).index_select(0, rows), down.transpose(1, 2), offs=ends)
         h = F.relu(h.view(n * k, t, width) + down_bias.index_select(0, expert)[:, None, :])  # (n*k, t, w)
         h = dropout(h) * weight[:, None, None]

@@ -235,14 +235,26 @@ def hard_grouped(
         >>> delta = x.new_zeros(3, B.shape[1]).index_add_(0, rows, y).view(3, 1, -1)
     """
     n, t, i = x.shape
-    order = torch.argsort(expert_index, stable=True)  # (n,) samples grouped by expert
-    rows = order if t == 1 else (order[:, None] * t + torch.arange(t, device=x.device)).flatten()  # (n*t,)
-    ends = (torch.bincount(expert_index, minlength=A.shape[0]).cumsum(0) * t).to(torch.int32)  # (e,)
+    order, rows, ends = grouped_rows(expert_index, t, A.shape[0])  # samples grouped by expert
     x_sorted = x.reshape(n * t, i).index_select(0, rows)  # (n*t, i)
     h = dropout(torch._grouped_mm(x_sorted, A.transpose(1, 2), offs=ends)) * scaling  # (n*t, r)
     if sample_weight is not None:  # each row weighed as its sample
         h = h * sample_weight.to(h.dtype).index_select(0, order).repeat_interleave(t)[:, None]
     return torch._grouped_mm(h, B.transpose(1, 2), offs=ends), rows  # (n*t, o), (n*t,)
+
+
+def grouped_rows(
+    expert_index: Tensor, t: int, num_experts: int, per_sample: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The grouped GEMMs' layout of `expert_index` `(m,)`, each entry one (sample, expert) pair, pair p of sample
+    `p // per_sample`: `order` `(m,)` the pairs sorted by expert (stable), `rows` `(m*t,)` the flat token rows
+    `(n*t, ...)` of each sorted pair's sample, and `ends` `(e,)` int32, where each expert's segment of those rows
+    ends (the `offs` of `torch._grouped_mm`)."""
+    order = torch.argsort(expert_index, stable=True)
+    sample = order if per_sample == 1 else torch.div(order, per_sample, rounding_mode="floor")
+    rows = sample if t == 1 else (sample[:, None] * t + torch.arange(t, device=sample.device)).flatten()
+    ends = (torch.bincount(expert_index, minlength=num_experts).cumsum(0) * t).to(torch.int32)
+    return order, rows, ends
 
 
 def grouped_mm_ok(x: Tensor, A: Tensor, B: Tensor) -> bool:
