@@ -66,6 +66,7 @@ def moe_adapters_model(experts: int, width: int, first_block: int = 0) -> tuple[
         "experts": "adapter",
         "rank": width,
         "adapter_scale": 0.1,
+        "dropout": 0.1,  # the method's (`RunConfig.dropout`); it acts in training only
         "num_experts": experts,
         "router": "per-task",
         "num_tasks": len(ORDER),
@@ -84,11 +85,13 @@ def moe_adapters_model(experts: int, width: int, first_block: int = 0) -> tuple[
     return model, config
 
 
-def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int) -> dict:
-    """The inference pass by task id through MoE-Adapters' model (a batch that mixes the ten tasks) with the
-    adapters' grouped form (`loramix.experts.adapter.prefers_grouped`: the pairs' rows sorted by expert, grouped
-    GEMMs) against the same pass with it switched off (each pair's weights gathered, `bmm`); one process,
-    interleaved rounds, the median of per-round ratios."""
+def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int, train: bool = False) -> dict:
+    """MoE-Adapters' model (`moe_adapters_model`) with the adapters' grouped form
+    (`loramix.experts.adapter.prefers_grouped`: the pairs' rows sorted by expert, grouped GEMMs) against the same
+    model with it switched off (each pair's weights gathered, `bmm`). In inference: the pass by task id on a batch
+    that mixes the ten tasks. With `train`: a training step of one task (its noisy top-2 routers, dropout on,
+    forward and backward of the encoder's output into every adapter and router parameter; the head is left out).
+    One process, interleaved rounds, the median of per-round ratios."""
     import loramix
     import loramix.experts.adapter as adapter
 
@@ -96,16 +99,23 @@ def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int) -
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1000, 20000, (batch, seq), generator=generator)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    task_ids = torch.arange(batch) % len(ORDER)
+    task_ids = torch.full((batch,), 3) if train else torch.arange(batch) % len(ORDER)
     grouped = adapter.prefers_grouped
+    if train:
+        model.train()  # as the trainer runs it: the base model's dropout on too
+        trained = [p for p in loramix.adapter_state(model).values() if p.requires_grad]
 
     def by_task(prefers: object) -> object:
-        @torch.inference_mode()
         def run() -> None:
             adapter.prefers_grouped = prefers  # type: ignore[assignment]
             try:
-                with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
-                    model(**inputs)
+                with torch.inference_mode(not train):
+                    with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
+                        out = model(**inputs).last_hidden_state
+                    if train:
+                        for param in trained:
+                            param.grad = None
+                        out.pow(2).mean().backward()
             finally:
                 adapter.prefers_grouped = grouped
 
@@ -117,7 +127,7 @@ def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int) -
         rounds=rounds,
     )
     return {
-        "name": "adapter-grouped-vs-gathers",
+        "name": "adapter-grouped-train-vs-gathers" if train else "adapter-grouped-vs-gathers",
         "experts": experts,
         "width": width,
         "batch": batch,
@@ -422,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grouped",
         action="store_true",
-        help="only time the adapters' grouped form against their gathers, by task id (widths 64 and 128)",
+        help="only time the adapters' grouped form against their gathers, by task id and in a training step "
+        "(widths 64 and 128)",
     )
     parser.add_argument(
         "--set",
@@ -442,16 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.grouped:
         path = args.out.with_name("continual-speed.json")
-        entries = [e for e in read_results(path) if e["name"] != "adapter-grouped-vs-gathers"]
-        for width in (64, 128):
-            entry = {
-                **grouped_speed(15, batch=64, seq=args.max_length, experts=22, width=width),
-                "threads": args.threads,
-                "device": device_name(torch.device("cpu")),
-            }
-            entries.append(entry)
-            atomic_write_json(path, entries)
-            print(json.dumps(entry), flush=True)
+        names = ("adapter-grouped-vs-gathers", "adapter-grouped-train-vs-gathers")
+        entries = [e for e in read_results(path) if e["name"] not in names]
+        for train, batch in ((False, 64), (True, 32)):
+            for width in (64, 128):
+                entry = {
+                    **grouped_speed(15, batch, args.max_length, experts=22, width=width, train=train),
+                    "threads": args.threads,
+                    "device": device_name(torch.device("cpu")),
+                }
+                entries.append(entry)
+                atomic_write_json(path, entries)
+                print(json.dumps(entry), flush=True)
         return 0
     if args.speed:
         # block 0's feature (the default), block 3's, block 3 accepting with both choosing; the last two with the

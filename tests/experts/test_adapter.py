@@ -317,28 +317,67 @@ def test_wrap_around_linears() -> None:
         loramix.merge_and_unload(model, gate=torch.tensor([1.0, 0.0, 0.0]))
 
 
-@pytest.mark.parametrize("kind", ["hard", "hard-keep", "topk-sample"])
-def test_inference_runs_the_grouped_form_and_equals_the_loop_reference(kind: str) -> None:
-    """Without autograd, on CPU, with widths aligned for the grouped GEMM and no more tokens than the bottleneck is
-    wide, the hard and per-sample top-k gates run as grouped GEMMs (no weight copies): the same outputs as the
-    loop reference and as the gathers autograd runs, and exact zeros for the samples kept on the base."""
-    from loramix.experts.adapter import prefers_grouped
-
+def aligned_bank() -> AdapterExperts:
+    """A bank whose widths suit the grouped GEMM (rows of 16 bytes), every parameter non-zero."""
     torch.manual_seed(0)
     bank = AdapterExperts(8, 12, num_experts=E, width=8)
     with torch.no_grad():
         for name in ("down_bias", "up", "up_bias"):
             getattr(bank, name).normal_()
+    return bank
+
+
+@pytest.mark.parametrize("kind", ["hard", "hard-keep", "topk-sample"])
+def test_grouped_form_equals_the_gathers_and_the_loop_reference(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU, with widths aligned for the grouped GEMM and no more tokens than the bottleneck is wide, the hard
+    and per-sample top-k gates run as grouped GEMMs (no weight copies): the same outputs as the loop reference and
+    as the gathers, and exact zeros for the samples kept on the base."""
+    import loramix.experts.adapter as adapter
+
+    bank = aligned_bank()
     x = torch.randn(N, T, 8, generator=torch.Generator().manual_seed(1))
     gate, dense = make_gate(kind)
     assert gate is not None
-    with torch.no_grad():
-        assert prefers_grouped(x, bank.down, bank.up)
-        grouped = bank(x, gate, SCALING, identity)
-        want = bank.loop_reference(x, dense, SCALING)
-    gathered = bank(x, gate, SCALING, identity).detach()  # with autograd: the gathers
+    assert adapter.prefers_grouped(x, bank.down, bank.up)
+    grouped = bank(x, gate, SCALING, identity).detach()
+    want = bank.loop_reference(x, dense, SCALING).detach()
+    monkeypatch.setattr(adapter, "prefers_grouped", lambda *_: False)
+    gathered = bank(x, gate, SCALING, identity).detach()
     torch.testing.assert_close(grouped, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=0)
     if gate.keep is not None:
         assert torch.equal(grouped[gate.keep], torch.zeros_like(grouped[gate.keep]))
-    assert not prefers_grouped(torch.randn(N, 9, 8), bank.down, bank.up)  # more tokens than the width
+    assert not adapter.prefers_grouped(torch.randn(N, 9, 8), bank.down, bank.up)  # more tokens than the width
+
+
+@pytest.mark.parametrize("kind", ["hard", "hard-keep", "topk-sample"])
+def test_grouped_form_trains_as_the_loop_reference(kind: str) -> None:
+    """Training runs the grouped form too: the gradients of the input, of all four parameters and of the gate's
+    weights at its chosen experts (what a top-k router learns from) equal the loop reference's."""
+    import loramix.experts.adapter as adapter
+
+    w = torch.randn(N, T, 12, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fast in (True, False):
+        bank = aligned_bank()
+        x = torch.randn(N, T, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        gate, dense = make_gate(kind)
+        assert gate is not None
+        weights = gate.weights.detach().requires_grad_(True)
+        gate = Gate(weights=weights, indices=gate.indices, hard=gate.hard, keep=gate.keep)
+        if fast:
+            assert adapter.prefers_grouped(x, bank.down, bank.up)  # autograd on, x and the bank needing grads
+            out = bank(x, gate, SCALING, identity)
+        else:
+            out = bank.loop_reference(x, weights if dense.dtype != torch.long else dense, SCALING)
+        (out * w).sum().backward()
+        grads = [x.grad] + [getattr(bank, name).grad for name in bank.stacked]
+        top = weights.grad.gather(-1, gate.indices) if kind.startswith("topk") else None  # (n, k)
+        results.append([out.detach(), *grads, top])
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ loop over experts and no host synchronisation:
 - hard gate: each sample's expert gathered, then two `bmm` (`baddbmm`, the biases as their addends);
 - per-sample top-k gate (k at most half the experts): each sample's k experts gathered into one `k*w`-wide
   adapter, two `bmm`;
-- hard and per-sample top-k gates in inference on CPU, with no more tokens per sample than the width: each
+- hard and per-sample top-k gates on CPU, with no more tokens per sample than the width (training too): each
   (sample, expert) pair's rows sorted by expert and run as grouped GEMMs, no weights copied (`prefers_grouped`);
 - soft gate (or per-token top-k): one stacked matmul into `e*w` hidden features, ReLU, dropout, each expert's hidden scaled
   by its gate, one stacked matmul back. The gate multiplies the whole expert output, up bias included:
@@ -36,12 +36,25 @@ if TYPE_CHECKING:
     from loramix.routers.gate import Gate
 
 
-# Whether the hard and per-sample top-k gates run as grouped GEMMs (`AdapterExperts._grouped`) instead of the
-# gathers: the rule of LoRA's hard gate (inference, CPU, t <= w). The gathers copy each (sample, expert) pair's
-# `w*(i+o)` weights whatever t; the grouped form moves the pair's `t*(i+o)` rows and reads each used expert's
-# weights once. Measured on one CPU thread (i 1536, o 384, 22 experts, 64 samples, top-2): 3.5x faster at w = 128
-# and 48 tokens, 1.5x at w = 64, 0.74x at w = 64 and 128 tokens. Kept samples need no mask: their weight is zero.
-prefers_grouped = ops.prefers_hard_grouped
+def prefers_grouped(x: Tensor, down: Tensor, up: Tensor) -> bool:
+    """Whether the hard and per-sample top-k gates run as grouped GEMMs (`AdapterExperts._grouped`) instead of the
+    gathers: on CPU, with no more tokens per sample than the adapter is wide (t <= w), in training as in inference.
+
+    The gathers copy each (sample, expert) pair's `w*(i+o)` weights whatever t, and their backward scatters the
+    copies' gradients back; the grouped form moves the pair's `t*(i+o)` rows and reads each used expert's weights
+    once, in both directions. Measured on one CPU thread (i 1536, o 384, 22 experts, top-2): inference of one bank
+    (64 samples) 3.5x faster at w = 128 and 48 tokens, 1.5x at w = 64, 0.74x at w = 64 and 128 tokens; a training
+    step of MoE-Adapters' MiniLM (`python benchmarks/continual.py --grouped`) in the table of
+    `benchmarks/results/continual.md`. Unlike LoRA's hard gate (:func:`loramix.experts.ops.prefers_hard_grouped`),
+    whose rank-8 experts move too few numbers for the gathers to cost much, autograd is allowed.
+    """
+    return (
+        x.dim() == 3
+        and x.shape[1] <= down.shape[1]
+        and down.shape[0] > 1
+        and ops.grouped_mm_ok(x, down, up)
+        and not ops.transforms_active()
+    )
 
 
 def pair_weights(gate: Gate, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -200,7 +213,8 @@ class AdapterExperts(StackedExperts):
         sorted by expert, both projections as grouped GEMMs over the experts' segments (`torch._grouped_mm`, no
         host synchronisation), each used expert's weights read once, in place, and the rows `index_add`-ed back.
         `indices` `(n, k)` long, `weights` `(n, k)` in x's dtype: the gate there with the scale in it (zero for
-        kept samples, whose output is then exactly zero). Forward only (see :func:`prefers_grouped`)."""
+        kept samples, whose output is then exactly zero). Autograd runs through it: the gate's weights get their
+        gradient through `weights`, and dropout acts on each pair's `(t, w)` hidden."""
         n, t, i = x.shape
         k, width, out = indices.shape[1], down.shape[1], up.shape[1]
         experts = indices.reshape(-1)  # (n*k,): pair p is sample p // k
