@@ -27,8 +27,7 @@ from tests.train import toys
 
 
 def write_config(path: Path, settings: dict[str, Any]) -> str:
-    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-    return str(path)
+    return str(toys.write_yaml(path, settings))
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from loramix.errors import ConfigError
 from loramix.train.config import RunConfig
 from tests.train import toys
-
-
-def write(path: Path, settings: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-    return path
 
 
 @pytest.fixture
@@ -35,9 +27,9 @@ def earlier(model_dir: Path, tasks_dir: Path, tmp_path: Path) -> RunConfig:
         "seed": 7,
         "continue_from": str(tmp_path / "before"),
     }
-    first = RunConfig.from_yaml(write(project / "first.yaml", settings))
+    first = RunConfig.from_yaml(toys.write_yaml(project / "first.yaml", settings))
     run_dir = project / "runs" / "first"
-    write(run_dir / "config.yaml", first.to_saved_dict(run_dir))
+    toys.write_yaml(run_dir / "config.yaml", first.to_saved_dict(run_dir))
     return first
 
 
@@ -45,7 +37,7 @@ def test_a_config_that_continues_a_run_takes_every_setting_it_leaves_out_from_it
     earlier: RunConfig, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     project = tmp_path / "project"
-    more = write(
+    more = toys.write_yaml(
         project / "configs" / "more.yaml",
         {"continue_from": "../runs/first", "tasks": ["animals"], "lr": 0.05},
     )
@@ -66,18 +58,18 @@ def test_a_config_that_continues_a_run_takes_every_setting_it_leaves_out_from_it
     saved = later.to_saved_dict(project / "runs" / "more")
     assert saved["tasks_dir"] == os.path.relpath(tasks_dir.resolve(), (project / "runs" / "more").resolve())
     # the earlier run named with --set, against the folder the command runs in
-    alone = write(project / "alone.yaml", {"tasks": ["animals"]})
+    alone = toys.write_yaml(project / "alone.yaml", {"tasks": ["animals"]})
     monkeypatch.chdir(project)
     assert RunConfig.from_yaml(alone, ["continue_from=runs/first", "lr=0.05"]) == later
 
 
 def test_what_a_continued_config_cannot_take_is_named_with_the_files(earlier: RunConfig, tmp_path: Path):
     project = tmp_path / "project"
-    no_tasks = write(project / "no-tasks.yaml", {"continue_from": "runs/first"})
+    no_tasks = toys.write_yaml(project / "no-tasks.yaml", {"continue_from": "runs/first"})
     with pytest.raises(ConfigError, match=r"(?s)no-tasks\.yaml .*runs/first/config\.yaml.*tasks is empty"):
         RunConfig.from_yaml(no_tasks)
     (project / "runs" / "first" / "config.yaml").write_text("lr: [1\n", encoding="utf-8")
-    more = write(project / "more.yaml", {"continue_from": "runs/first", "tasks": ["animals"]})
+    more = toys.write_yaml(project / "more.yaml", {"continue_from": "runs/first", "tasks": ["animals"]})
     with pytest.raises(ConfigError, match=r"runs/first/config\.yaml: not valid YAML"):
         RunConfig.from_yaml(more)
     (project / "runs" / "first" / "config.yaml").unlink()  # no finished run there: nothing to take
@@ -89,8 +81,10 @@ def test_a_model_folder_inside_the_run_folder_is_saved_as_a_path_not_a_hub_name(
     model_dir: Path, tasks_dir: Path, tmp_path: Path
 ):
     run_dir = tmp_path / "runs" / "x"
-    config = write(tmp_path / "run.yaml", {**toys.settings(model_dir, tasks_dir), "model": "./runs/x/tiny"})
+    config = toys.write_yaml(
+        tmp_path / "run.yaml", {**toys.settings(model_dir, tasks_dir), "model": "./runs/x/tiny"}
+    )
     saved = RunConfig.from_yaml(config).to_saved_dict(run_dir)
     assert saved["model"] == "./tiny"
-    again = RunConfig.from_yaml(write(run_dir / "config.yaml", saved))
+    again = RunConfig.from_yaml(toys.write_yaml(run_dir / "config.yaml", saved))
     assert Path(again.model) == (run_dir / "tiny").resolve()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+import yaml
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -137,6 +138,13 @@ def tasks_dir(factory: pytest.TempPathFactory) -> Path:
 def settings(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]:
     """A run config dict on the tiny model and the tasks in `data`; `overrides` may replace any key."""
     return {**BASE_SETTINGS, "model": str(model), "tasks_dir": str(data), "tasks": TASK_NAMES, **overrides}
+
+
+def write_yaml(path: Path, settings: dict[str, Any]) -> Path:
+    """`settings` written to `path` as YAML in their own order (its folder made if needed); the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return path
 
 
 # ------------------------------------------------------------------ generation: tiny causal LMs and string tasks
