@@ -28,8 +28,8 @@ EXIT_CODES: list[tuple[type[LoramixError], int]] = [
 def cmd_train(args: argparse.Namespace) -> int:
     from loramix.models import check_model_path
     from loramix.preflight import check_method_name, check_output_dir
-    from loramix.train.config import RunConfig
-    from loramix.train.resume import CONFIG_FILE, STARTED_FILES
+    from loramix.train.config import CONFIG_FILE, RunConfig
+    from loramix.train.resume import STARTED_FILES
 
     if args.continue_from is not None:
         args.set = [*args.set, f"continue_from={json.dumps(args.continue_from)}"]  # a YAML string, as written
@@ -77,10 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.methods.base import check_eval_tasks
     from loramix.models import show_loading_bars
     from loramix.report import print_table
-    from loramix.train.config import RunConfig
+    from loramix.train.config import CONFIG_FILE, RunConfig
     from loramix.train.run import eval_split, load_trained, make_collator, on_inference_device, task_specs
 
-    show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml").progress)
+    show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / CONFIG_FILE).progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     on_inference_device(run, model)
     data = MultiTaskData(task_specs(run))
@@ -98,14 +98,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
     from loramix.preflight import finished_adapter
-    from loramix.train.config import RunConfig
+    from loramix.train.config import CONFIG_FILE, RunConfig
     from loramix.train.predict import predict, read_requests, with_input_fields, write_predictions
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {args.batch_size})")
     from loramix.methods import get_method
 
-    run = RunConfig.from_yaml(args.config or Path(args.run_dir) / "config.yaml")
+    run = RunConfig.from_yaml(args.config or Path(args.run_dir) / CONFIG_FILE)
     tasks = with_input_fields(run, read_checkpoint(finished_adapter(args.run_dir))[0]["metadata"]["tasks"])
     # every row checked before the model loads; an auto-selector chooses the task of a row that names none
     requests = read_requests(args.input, tasks, args.task, any_task=get_method(run.method).uses_selector)

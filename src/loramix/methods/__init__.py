@@ -11,7 +11,7 @@ from loramix.methods import continual, full, mola
 from loramix.methods.base import METHODS, Method, get_method, register_method
 from loramix.methods.elrea.method import Elrea
 from loramix.train.checkpoint import check_resumable
-from loramix.train.config import RunConfig
+from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.loop import processes
 from loramix.train.resume import check_resume_config
 from loramix.train.run import task_specs
@@ -66,6 +66,6 @@ def run_training(
             main_process=processes().is_main_process,
         )
     earlier: list[Path] = []  # an earlier run's files, replaced by this one once its data has been read
-    if not resume and processes().is_main_process and (Path(output_dir) / "config.yaml").is_file():
+    if not resume and processes().is_main_process and (Path(output_dir) / CONFIG_FILE).is_file():
         earlier = [*method.resume_state(Path(output_dir)), *method.outputs(Path(output_dir))]
     return method.train(run, Path(output_dir), resume=resume, replaces=earlier)

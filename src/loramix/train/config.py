@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from loramix.config import BlockIndices, format_validation_error, read_yaml
 from loramix.errors import ConfigError
 
+CONFIG_FILE = "config.yaml"  # the settings a run saves in its folder, read back to resume or continue it
+
 # Keys that change how a run is watched, saved or held in memory, not what it computes (gradient checkpointing
 # gives the same gradients, tests/test_recompute.py): a resumed run may change them freely, and everything else must
 # match the run it resumes (`loramix train --resume --allow-config-change` overrides that).
@@ -455,7 +457,7 @@ def continued_settings(
     the settings, the relative path slots and the file read (None where there is none to read: a folder without
     it is refused by the continual method, naming what it lacks)."""
     prior = data.get("continue_from")
-    saved = Path(prior) / "config.yaml" if isinstance(prior, str) else None
+    saved = Path(prior) / CONFIG_FILE if isinstance(prior, str) else None
     if saved is None or not saved.is_file() or set(RunConfig.model_fields) <= set(data):  # a saved config
         return data, relative, None
     earlier = read_config_file(saved)

@@ -22,9 +22,8 @@ from typing import Any
 import yaml
 
 from loramix.errors import CheckpointError, ConfigError
-from loramix.train.config import BOOKKEEPING_KEYS, RunConfig, resolve_paths
+from loramix.train.config import BOOKKEEPING_KEYS, CONFIG_FILE, RunConfig, resolve_paths
 
-CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config-changes.jsonl"
 DATA_FILE = "data-files.json"
 STARTED_FILES = frozenset({CONFIG_FILE, DATA_FILE})  # what a run writes before it builds the model

@@ -30,7 +30,7 @@ from loramix.preflight import check_output_dir, finished_adapter
 from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
-from loramix.train.config import RunConfig
+from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.loop import Trainer
 from loramix.train.model import MultiTaskModel
@@ -191,7 +191,7 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
         output_dir.mkdir(parents=True, exist_ok=True)
         # first: the config marks a run begun
         atomic_write_json(output_dir / DATA_FILE, data_files(data.specs))
-        atomic_write_bytes(output_dir / "config.yaml", saved)
+        atomic_write_bytes(output_dir / CONFIG_FILE, saved)
     except OSError as exc:
         raise ConfigError(
             f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); pass another --output-dir"
@@ -306,7 +306,7 @@ def load_trained(
 ) -> tuple[RunConfig, MultiTaskModel, Any, list[dict]]:
     """A finished run's config, model (backbone + adapters + heads), tokenizer and task metadata."""
     run_dir = Path(run_dir)
-    run = RunConfig.from_yaml(config_path or run_dir / "config.yaml")
+    run = RunConfig.from_yaml(config_path or run_dir / CONFIG_FILE)
     record, tensors = read_checkpoint(finished_adapter(run_dir))
     trained_with = (record["metadata"].get("run") or {}).get("method")
     if config_path is not None and trained_with not in (None, run.method):

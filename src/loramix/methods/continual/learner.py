@@ -27,7 +27,7 @@ from loramix.methods.continual.features import (
 )
 from loramix.methods.continual.routed import acceptance_features, routed_hidden
 from loramix.routers.selector import AutoSelector
-from loramix.train.config import RunConfig
+from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.model import MultiTaskModel
 
 
@@ -249,7 +249,7 @@ SELECTOR_SETTINGS = (
 def check_continued_settings(run: RunConfig, prior: Path, selector: bool) -> None:
     """A continued run keeps the earlier run's method, the settings its model was built and scored with, and, with
     an auto-selector, the settings that selector was fitted with."""
-    saved = RunConfig.from_yaml(prior / "config.yaml") if (prior / "config.yaml").is_file() else None
+    saved = RunConfig.from_yaml(prior / CONFIG_FILE) if (prior / CONFIG_FILE).is_file() else None
     keys = ("method", *MODEL_SETTINGS, *(SELECTOR_SETTINGS if selector else ()))
     changed = [k for k in keys if saved is not None and _compared(saved, k) != _compared(run, k)]
     if changed:
