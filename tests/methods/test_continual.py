@@ -1,7 +1,7 @@
 """Continual learning on the tiny tasks: every method runs the sequence and writes its accuracy matrix; MoE-Adapters
 keeps exactly k experts per routed sample, selects routers by task, freezes the most-used experts, and leaves frozen
-experts and old routers bit-identical through later tasks; DDAS-rejected samples get the base output; resuming
-inside a task equals an uninterrupted run; a task's class texts go through its experts while it trains; continual
+experts and old routers bit-identical through later tasks (its adapters trained through their gathers or their
+grouped form); DDAS-rejected samples get the base output; resuming inside a task equals an uninterrupted run; a task's class texts go through its experts while it trains; continual
 MoLA-Grad starts a new expert fresh or as the previous one; the metrics follow their definitions."""
 
 from __future__ import annotations
@@ -203,10 +203,8 @@ def test_a_run_whose_selector_reads_two_token_statistics_is_still_evaluated_on_t
         features.selector_stats(7, backbone, False)
 
 
-@pytest.fixture(scope="module")
-def moe_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    run = continual_run(model_dir, tasks_dir, "moe-adapters")
-    output = tmp_path_factory.mktemp("moe")
+def moe_training(run: RunConfig, output: Path) -> dict[str, Any]:
+    """Train a moe-adapters `run` into `output`, keeping a snapshot of its first adapted layer after each task."""
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     method = get_method("moe-adapters")
     original_end = type(method).end_task
@@ -224,6 +222,18 @@ def moe_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathF
         patch.setattr(type(method), "end_task", record_end)
         metrics = run_training(run, output)
     return {"metrics": metrics, "dir": output, "snapshots": snapshots, "run": run}
+
+
+@pytest.fixture(scope="module")
+def moe_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return moe_training(continual_run(model_dir, tasks_dir, "moe-adapters"), tmp_path_factory.mktemp("moe"))
+
+
+def grouped_model_dir(factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with an intermediate width of 40: the adapters after its MLPs read rows of 160 bytes, which
+    the grouped GEMM runs (`loramix.experts.adapter.prefers_grouped`), as on real models; with the adapters at
+    least as wide as the inputs are long (`adapter_width` 16 = `max_length`), they train and answer through it."""
+    return toys.model_dir(factory, intermediate_size=40)
 
 
 def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[str, Any]):
@@ -250,7 +260,10 @@ def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[s
 
 
 def test_frozen_experts_and_old_routers_stay_bit_identical_through_later_tasks(moe_run: dict[str, Any]):
-    snaps = moe_run["snapshots"]
+    check_frozen_snapshots(moe_run["snapshots"])
+
+
+def check_frozen_snapshots(snaps: dict[int, dict[str, Any]]) -> None:
     first, last = snaps[0], snaps[max(snaps)]
     assert len(first["frozen"]) == 2 and set(first["frozen"]) <= set(last["frozen"])
     for name, value in first["experts"].items():
@@ -258,6 +271,34 @@ def test_frozen_experts_and_old_routers_stay_bit_identical_through_later_tasks(m
             assert torch.equal(last["experts"][name][first["frozen"]], value[first["frozen"]]), name
     assert torch.equal(last["router"][0], first["router"][0])  # task 0's router never changed again
     assert not torch.equal(last["router"][-1], torch.zeros_like(last["router"][-1]))  # the last one trained
+
+
+def test_adapters_that_train_through_the_grouped_form_freeze_and_evaluate_as_the_gathered_ones(
+    tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+):
+    """On a model whose widths suit the grouped GEMM, MoE-Adapters trains and answers through it (autograd on and
+    off): frozen experts and old routers still stay bit-identical through later tasks, and `loramix eval` gives
+    back the run's last row."""
+    import loramix.experts.adapter as adapter
+    from loramix.cli import main
+
+    calls = {True: 0, False: 0}
+    grouped = adapter.AdapterExperts._grouped
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls[torch.is_grad_enabled()] += 1
+        return grouped(*args)
+
+    monkeypatch.setattr(adapter.AdapterExperts, "_grouped", staticmethod(counted))
+    model = grouped_model_dir(tmp_path_factory)
+    run = continual_run(model, tasks_dir, "moe-adapters", adapter_width=toys.MAX_LENGTH, dropout=0.1)
+    trained = moe_training(run, tmp_path_factory.mktemp("moe-grouped"))
+    assert calls[True] > 0 and calls[False] > 0  # training and evaluation both ran it
+    check_frozen_snapshots(trained["snapshots"])
+    assert main(["eval", str(trained["dir"])]) == 0
+    evaluated = json.loads((trained["dir"] / "eval-test.json").read_text())
+    last_row = trained["metrics"]["accuracy_matrix"][-1]
+    assert [evaluated["tasks"][n]["accuracy"] for n in toys.TASK_NAMES] == last_row
 
 
 def test_the_most_used_experts_are_the_ones_frozen(moe_run: dict[str, Any], capsys: pytest.CaptureFixture):
@@ -412,8 +453,16 @@ class Interrupted(Exception):
 
 @pytest.mark.parametrize(
     "method, extra, crash_step",
-    [("moe-adapters", {}, 2), ("continual-mola-grad", {"expert_init": "previous"}, 4)],
-    ids=["moe-adapters-before-a-checkpoint", "continual-mola-grad-copied-expert-after-a-checkpoint"],
+    [
+        ("moe-adapters", {}, 2),
+        ("continual-mola-grad", {"expert_init": "previous"}, 4),
+        ("moe-adapters", {"adapter_width": toys.MAX_LENGTH, "grouped": True}, 4),
+    ],
+    ids=[
+        "moe-adapters-before-a-checkpoint",
+        "continual-mola-grad-copied-expert-after-a-checkpoint",
+        "moe-adapters-grouped-after-a-checkpoint",
+    ],
 )
 def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupted_one(
     method: str,
@@ -422,6 +471,7 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
     model_dir: Path,
     tasks_dir: Path,
     tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ):
@@ -429,6 +479,9 @@ def test_a_run_that_dies_inside_a_task_resumes_there_and_ends_as_an_uninterrupte
 
     from loramix.train import callbacks
 
+    extra = dict(extra)
+    if extra.pop("grouped", False):  # adapters trained through the grouped form
+        model_dir = grouped_model_dir(tmp_path_factory)
     settings = {"steps_per_task": 6, "dropout": 0.1, **extra}
     straight = run_training(continual_run(model_dir, tasks_dir, method, **settings), tmp_path / "straight")
     run = continual_run(model_dir, tasks_dir, method, checkpoint_every=3, keep_task_states=1, **settings)

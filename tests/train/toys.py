@@ -103,13 +103,14 @@ def tiny_bert_config(**overrides: Any) -> transformers.BertConfig:
     return transformers.BertConfig(**{**settings, **overrides})
 
 
-def write_model_dir(directory: Path, seed: int = 0) -> Path:
-    """A BertModel and a BertTokenizerFast saved so that `AutoModel/AutoTokenizer.from_pretrained` read them."""
+def write_model_dir(directory: Path, seed: int = 0, **sizes: Any) -> Path:
+    """A BertModel (`sizes` changing `tiny_bert_config`'s) and a BertTokenizerFast saved so that
+    `AutoModel/AutoTokenizer.from_pretrained` read them."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab_file = directory / "vocab.txt"
     vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     torch.manual_seed(seed)
-    transformers.BertModel(tiny_bert_config()).save_pretrained(directory)
+    transformers.BertModel(tiny_bert_config(**sizes)).save_pretrained(directory)
     transformers.BertTokenizerFast(vocab=str(vocab_file)).save_pretrained(directory)
     return directory
 
@@ -119,11 +120,12 @@ def shared_dir(factory: pytest.TempPathFactory, name: str) -> Path:
     return factory.getbasetemp() / name
 
 
-def model_dir(factory: pytest.TempPathFactory) -> Path:
-    """The tiny model directory, written once per session."""
-    directory = shared_dir(factory, "tiny-model")
+def model_dir(factory: pytest.TempPathFactory, **sizes: Any) -> Path:
+    """The tiny model directory, written once per session; `sizes` change `tiny_bert_config`'s (the default
+    intermediate width, 37, keeps the grouped GEMM from running: its rows are not 16 bytes long)."""
+    directory = shared_dir(factory, "-".join(["tiny-model", *(f"{k}{v}" for k, v in sorted(sizes.items()))]))
     if not (directory / "config.json").is_file():
-        write_model_dir(directory)
+        write_model_dir(directory, **sizes)
     return directory
 
 
