@@ -14,6 +14,7 @@ import loramix
 from loramix import AdapterConfig
 from loramix.errors import ConfigError, InjectionError
 from loramix.experts import AdapterExperts, LinearExperts, ParallelExperts
+from loramix.experts.adapter import pair_weights
 from loramix.inject import build_layer, is_injected
 from loramix.kinds import scaling
 from loramix.routers import Gate
@@ -381,3 +382,24 @@ def test_grouped_form_trains_as_the_loop_reference(kind: str) -> None:
             assert got is None
             continue
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["hard", "topk-sample"])
+def test_grouped_form_draws_the_gathers_dropout_mask(kind: str) -> None:
+    """With dropout on, the grouped form draws the same mask as the gathers from the same random state: the same
+    outputs, so a run trains alike through either form."""
+    bank, drop = aligned_bank(), nn.Dropout(0.3).train()
+    x = torch.randn(N, T, 8, generator=torch.Generator().manual_seed(1))
+    gate, _ = make_gate(kind)
+    assert gate is not None
+    down, down_bias, up, up_bias = bank.weights()
+    torch.manual_seed(7)
+    grouped = bank._grouped(x, down, down_bias, up, up_bias, *pair_weights(gate, SCALING, x.dtype), drop)
+    torch.manual_seed(7)
+    gather = bank._hard if kind == "hard" else bank._topk
+    gathered = gather(x, down, down_bias, up, up_bias, gate, SCALING, drop)
+    torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=0)
+    assert not torch.equal(
+        grouped,
+        bank._grouped(x, down, down_bias, up, up_bias, *pair_weights(gate, SCALING, x.dtype), nn.Identity()),
+    )

@@ -69,6 +69,18 @@ def pair_weights(gate: Gate, scaling: float, dtype: torch.dtype) -> tuple[Tensor
     return gate.indices[:, None], weights
 
 
+def _dropped(h: Tensor, dropout: ops.Dropout, order: Tensor, n: int, k: int) -> Tensor:
+    """Dropout on the grouped form's hidden `h` `(n*k, t, w)` (pairs in `order`) with the mask the gathers would
+    draw: drawn over each sample's `(t, k*w)` hidden, as theirs, then laid out as the pairs' rows. The same random
+    numbers give the same mask, so a run trains alike through either form (the floats differ only by rounding)."""
+    if isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and not dropout.training):
+        return h
+    _, t, width = h.shape
+    mask = dropout(h.new_ones(n, t, k * width))  # the gathers' layout: (n, t, k*w)
+    mask = mask.view(n, t, k, width).transpose(1, 2).reshape(n * k, t, width).index_select(0, order)
+    return h * mask
+
+
 @register_expert_kind
 class AdapterExperts(StackedExperts):
     """E bottleneck adapters of width w for one layer with `in_features` inputs and `out_features` outputs.
@@ -214,7 +226,7 @@ class AdapterExperts(StackedExperts):
         host synchronisation), each used expert's weights read once, in place, and the rows `index_add`-ed back.
         `indices` `(n, k)` long, `weights` `(n, k)` in x's dtype: the gate there with the scale in it (zero for
         kept samples, whose output is then exactly zero). Autograd runs through it: the gate's weights get their
-        gradient through `weights`, and dropout acts on each pair's `(t, w)` hidden."""
+        gradient through `weights`, and dropout draws the gathers' mask (:func:`_dropped`)."""
         n, t, i = x.shape
         k, width, out = indices.shape[1], down.shape[1], up.shape[1]
         experts = indices.reshape(-1)  # (n*k,): pair p is sample p // k
@@ -223,7 +235,7 @@ class AdapterExperts(StackedExperts):
         weight = weights.reshape(-1).index_select(0, order)  # (n*k,)
         h = torch._grouped_mm(x.reshape(n * t, i).index_select(0, rows), down.transpose(1, 2), offs=ends)
         h = F.relu(h.view(n * k, t, width) + down_bias.index_select(0, expert)[:, None, :])  # (n*k, t, w)
-        h = dropout(h) * weight[:, None, None]
+        h = _dropped(h, dropout, order, n, k) * weight[:, None, None]
         y = torch._grouped_mm(h.view(-1, width), up.transpose(1, 2), offs=ends).view(n * k, t, out)
         y = y + (up_bias.index_select(0, expert) * weight[:, None])[:, None, :]  # (n*k, t, o)
         return x.new_zeros(n * t, out).index_add_(0, rows, y.view(-1, out)).view(n, t, out)
