@@ -44,9 +44,9 @@ def prefers_grouped(x: Tensor, down: Tensor, up: Tensor) -> bool:
     copies' gradients back; the grouped form moves the pair's `t*(i+o)` rows and reads each used expert's weights
     once, in both directions. Measured on one CPU thread (i 1536, o 384, 22 experts, top-2): inference of one bank
     (64 samples) 3.5x faster at w = 128 and 48 tokens, 1.5x at w = 64, 0.74x at w = 64 and 128 tokens; a training
-    step of MoE-Adapters' MiniLM (`python benchmarks/continual.py --grouped`) in the table of
-    `benchmarks/results/continual.md`. Unlike LoRA's hard gate (:func:`loramix.experts.ops.prefers_hard_grouped`),
-    whose rank-8 experts move too few numbers for the gathers to cost much, autograd is allowed.
+    step of MoE-Adapters' MiniLM (32 inputs of 48 tokens, forward and backward) 0.70x the time at w = 128, 0.88x
+    at w = 64 (`python benchmarks/continual.py --grouped`). So, unlike LoRA's hard gate
+    (:func:`loramix.experts.ops.prefers_hard_grouped`, inference only), it runs with autograd on too.
     """
     return (
         x.dim() == 3
