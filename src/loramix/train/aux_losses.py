@@ -30,44 +30,40 @@ def learned_gates(state: RoutingState) -> list[Gate]:
     return [gate for gate in state.gates() if gate.logits is not None and not gate.hard]
 
 
-class LoadBalance:
+class GateMean:
+    """A term computed on each recorded learned gate and averaged over them; `term(gate, mask)` is the one gate's
+    value, `mask` the attention mask for per-token gates and None for per-sample ones."""
+
+    name = ""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def term(self, gate: Gate, mask: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, state: RoutingState, batch: dict[str, Any]) -> Tensor | None:
+        gates = learned_gates(state)
+        if not gates:
+            return None
+        mask = batch.get("attention_mask")
+        return torch.stack([self.term(g, mask if g.per_token else None) for g in gates]).mean()
+
+
+class LoadBalance(GateMean):
     """Switch-style load balance averaged over every recorded learned gate (Fedus et al. 2022)."""
 
     name = "balance"
 
-    def __init__(self, weight: float) -> None:
-        self.weight = weight
-
-    def __call__(self, state: RoutingState, batch: dict[str, Any]) -> Tensor | None:
-        gates = learned_gates(state)
-        if not gates:
-            return None
-        mask = batch.get("attention_mask")
-        terms = [
-            load_balance_loss(
-                torch.softmax(g.logits.float(), -1),  # type: ignore[union-attr]
-                g.indices,
-                num_experts=g.weights.shape[-1],
-                mask=mask if g.per_token else None,
-            )
-            for g in gates
-        ]
-        return torch.stack(terms).mean()
+    def term(self, gate: Gate, mask: Tensor | None) -> Tensor:
+        probs = torch.softmax(gate.logits.float(), -1)  # type: ignore[union-attr]
+        return load_balance_loss(probs, gate.indices, num_experts=gate.weights.shape[-1], mask=mask)
 
 
-class ZLoss:
+class ZLoss(GateMean):
     """The router z-loss (Zoph et al. 2022) averaged over every recorded learned gate."""
 
     name = "z"
 
-    def __init__(self, weight: float) -> None:
-        self.weight = weight
-
-    def __call__(self, state: RoutingState, batch: dict[str, Any]) -> Tensor | None:
-        gates = learned_gates(state)
-        if not gates:
-            return None
-        mask = batch.get("attention_mask")
-        return torch.stack(
-            [router_z_loss(g.logits, mask=mask if g.per_token else None) for g in gates]  # type: ignore[arg-type]
-        ).mean()
+    def term(self, gate: Gate, mask: Tensor | None) -> Tensor:
+        return router_z_loss(gate.logits, mask=mask)  # type: ignore[arg-type]
