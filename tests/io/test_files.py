@@ -3,6 +3,7 @@ and never unpickle."""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -43,8 +44,10 @@ def test_failed_atomic_write_keeps_old_file_and_no_temp(
 
     with monkeypatch.context() as patch:
         if stage == "write":
-            real_fdopen = os.fdopen
-            patch.setattr(files.os, "fdopen", lambda fd, mode: _FailingHandle(real_fdopen(fd, mode)))
+            # the module's own `open`, ahead of the builtin it calls
+            patch.setattr(
+                files, "open", lambda name, mode: _FailingHandle(builtins.open(name, mode)), raising=False
+            )
         else:
             patch.setattr(files.os, stage, boom)
         with pytest.raises(OSError, match="crash in"):
