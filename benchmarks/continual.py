@@ -5,7 +5,7 @@ label-prompt head (label smoothing 0.2), so tasks not learned yet are answered z
     python benchmarks/continual.py                                   # every method (hours on 2 CPU cores)
     python benchmarks/continual.py --methods moe-adapters lae --steps-per-task 30 --max-eval 100
     python benchmarks/continual.py --speed            # DDAS routing vs given task ids on a mixed batch
-    python benchmarks/continual.py --grouped          # the adapters' grouped form vs their gathers, by task id
+    python benchmarks/continual.py --grouped          # the adapters' grouped form vs their gathers: time, error
     python benchmarks/continual.py --methods moe-adapters --set ddas_layer=3   # a run setting changed
     python benchmarks/continual.py --methods moe-adapters --seed 1   # another seed of the same run
     python benchmarks/continual.py --summary-only     # the table of --out's runs: mean over seeds (min-max)
@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from _results import read_results  # noqa: E402
 from _timing import device_name  # noqa: E402
-from continual_speed import grouped_speed, selector_speed  # noqa: E402
+from continual_speed import grouped_precision, grouped_speed, selector_speed  # noqa: E402
 from quality import cell, parse_overrides  # noqa: E402
 
 from loramix.io.files import atomic_write_json  # noqa: E402
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grouped",
         action="store_true",
-        help="only time the adapters' grouped form against their gathers, by task id and in a training step "
-        "(widths 64 and 128)",
+        help="only time the adapters' grouped form against their gathers, by task id and in a training step, "
+        "and give each form's error against float64 (widths 64 and 128)",
     )
     parser.add_argument(
         "--set",
@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.grouped:
         path = args.out.with_name("continual-speed.json")
-        names = ("adapter-grouped-vs-gathers", "adapter-grouped-train-vs-gathers")
+        names = (
+            "adapter-grouped-vs-gathers",
+            "adapter-grouped-train-vs-gathers",
+            "adapter-grouped-precision",
+        )
         here = device_name(torch.device("cpu"))  # another processor's rows are kept
         entries = [e for e in read_results(path) if e["name"] not in names or e["device"] != here]
         for train, batch in ((False, 64), (True, 32)):
@@ -248,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 entries.append(entry)
                 atomic_write_json(path, entries)
                 print(json.dumps(entry), flush=True)
+        for width in (64, 128):
+            entry = {**grouped_precision(32, args.max_length, 22, width), "device": here}
+            entries.append(entry)
+            atomic_write_json(path, entries)
+            print(json.dumps(entry), flush=True)
         return 0
     if args.speed:
         # block 0's feature (the default), block 3's, block 3 accepting with both choosing; the last two with the

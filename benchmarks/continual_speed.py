@@ -95,6 +95,56 @@ def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int, t
     }
 
 
+def grouped_precision(batch: int, seq: int, experts: int, width: int) -> dict:
+    """How far each form's floats fall from float64's on MoE-Adapters' model (`moe_adapters_model`, by task id,
+    one task's top-2 routers, the model in eval mode with autograd on, so that the training path runs without
+    dropout's draws): the relative error (norm of the difference over the norm of the reference) of the encoder's
+    output and of the gradient of a random projection of it into every adapter and router parameter, for the
+    grouped form and for the gathers in float32, against the gathers in float64 (the grouped GEMM takes float32 and
+    bfloat16 only), and of the grouped form against the gathers. Equal errors mean the grouped form trains as
+    precisely as the gathers; it changes only which roundings happen."""
+    import loramix
+    import loramix.experts.adapter as adapter
+
+    grouped = adapter.prefers_grouped
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1000, 20000, (batch, seq), generator=generator)
+    mask = torch.ones_like(input_ids)
+    task_ids = torch.full((batch,), 3)
+
+    def answer(dtype: torch.dtype, prefers: object) -> tuple[torch.Tensor, torch.Tensor]:
+        model, _ = moe_adapters_model(experts, width)
+        model.to(dtype)
+        params = [p for p in loramix.adapter_state(model).values() if p.requires_grad]
+        adapter.prefers_grouped = prefers  # type: ignore[assignment]
+        try:
+            with loramix.routing(model, task_ids=task_ids, attention_mask=mask):
+                out = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+            grads = torch.autograd.grad((out * projection).sum(), params, allow_unused=True)
+        finally:
+            adapter.prefers_grouped = grouped
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+        return out.detach().double(), flat.double()
+
+    def error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        return {
+            name: ((a - b).norm() / b.norm()).item() for name, a, b in zip(("output", "gradients"), got, want)
+        }
+
+    want = answer(torch.float64, lambda *_: False)
+    got = {"grouped": answer(torch.float32, grouped), "gathers": answer(torch.float32, lambda *_: False)}
+    return {
+        "name": "adapter-grouped-precision",
+        "experts": experts,
+        "width": width,
+        "batch": batch,
+        "seq": seq,
+        "relative_error_vs_float64": {form: error(answer_, want) for form, answer_ in got.items()},
+        "relative_difference_grouped_vs_gathers": error(got["grouped"], got["gathers"]),
+    }
+
+
 def selector_speed(
     rounds: int,
     batch: int,
