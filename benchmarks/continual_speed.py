@@ -140,7 +140,7 @@ def grouped_precision(batch: int, seq: int, experts: int, width: int) -> dict:
         "width": width,
         "batch": batch,
         "seq": seq,
-        "relative_error_vs_float64": {form: error(answer_, want) for form, answer_ in got.items()},
+        "relative_error_vs_float64": {form: error(values, want) for form, values in got.items()},
         "relative_difference_grouped_vs_gathers": error(got["grouped"], got["gathers"]),
     }
 
