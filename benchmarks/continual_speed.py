@@ -4,6 +4,9 @@ on a batch that mixes the tasks. Ratios of interleaved rounds in one process (`_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from _timing import interleaved, ratio_stats
 
@@ -43,6 +46,20 @@ def moe_adapters_model(experts: int, width: int, first_block: int = 0) -> tuple[
     return model, config
 
 
+@contextmanager
+def adapter_form(grouped: bool) -> Iterator[None]:
+    """The adapters' grouped form where its rule (`loramix.experts.adapter.prefers_grouped`) takes it, or, with
+    `grouped` False, the gathers everywhere, for the block."""
+    import loramix.experts.adapter as adapter
+
+    rule = adapter.prefers_grouped
+    adapter.prefers_grouped = rule if grouped else (lambda *_: False)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        adapter.prefers_grouped = rule
+
+
 def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int, train: bool = False) -> dict:
     """MoE-Adapters' model (`moe_adapters_model`) with the adapters' grouped form
     (`loramix.experts.adapter.prefers_grouped`: the pairs' rows sorted by expert, grouped GEMMs) against the same
@@ -51,36 +68,30 @@ def grouped_speed(rounds: int, batch: int, seq: int, experts: int, width: int, t
     forward and backward of the encoder's output into every adapter and router parameter; the head is left out).
     One process, interleaved rounds, the median of per-round ratios."""
     import loramix
-    import loramix.experts.adapter as adapter
 
     model, _ = moe_adapters_model(experts, width)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1000, 20000, (batch, seq), generator=generator)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     task_ids = torch.full((batch,), 3) if train else torch.arange(batch) % TASKS
-    grouped = adapter.prefers_grouped
     if train:
         model.train()  # as the trainer runs it: the base model's dropout on too
         trained = [p for p in loramix.adapter_state(model).values() if p.requires_grad]
 
-    def by_task(prefers: object) -> object:
+    def by_task(grouped: bool) -> object:
         def run() -> None:
-            adapter.prefers_grouped = prefers  # type: ignore[assignment]
-            try:
-                with torch.inference_mode(not train):
-                    with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
-                        out = model(**inputs).last_hidden_state
-                    if train:
-                        for param in trained:
-                            param.grad = None
-                        out.pow(2).mean().backward()
-            finally:
-                adapter.prefers_grouped = grouped
+            with adapter_form(grouped), torch.inference_mode(not train):
+                with loramix.routing(model, task_ids=task_ids, attention_mask=inputs["attention_mask"]):
+                    out = model(**inputs).last_hidden_state
+                if train:
+                    for param in trained:
+                        param.grad = None
+                    out.pow(2).mean().backward()
 
         return run
 
     timings = interleaved(
-        {"grouped": by_task(grouped), "gathers": by_task(lambda *_: False)},
+        {"grouped": by_task(True), "gathers": by_task(False)},
         device=torch.device("cpu"),
         rounds=rounds,
     )
@@ -104,26 +115,18 @@ def grouped_precision(batch: int, seq: int, experts: int, width: int) -> dict:
     bfloat16 only), and of the grouped form against the gathers. Equal errors mean the grouped form trains as
     precisely as the gathers; it changes only which roundings happen."""
     import loramix
-    import loramix.experts.adapter as adapter
 
-    grouped = adapter.prefers_grouped
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1000, 20000, (batch, seq), generator=generator)
     mask = torch.ones_like(input_ids)
     task_ids = torch.full((batch,), 3)
 
-    def answer(dtype: torch.dtype, prefers: object) -> tuple[torch.Tensor, torch.Tensor]:
-        model, _ = moe_adapters_model(experts, width)
-        model.to(dtype)
+    def answer(model: torch.nn.Module, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         params = [p for p in loramix.adapter_state(model).values() if p.requires_grad]
-        adapter.prefers_grouped = prefers  # type: ignore[assignment]
-        try:
-            with loramix.routing(model, task_ids=task_ids, attention_mask=mask):
-                out = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        with adapter_form(grouped), loramix.routing(model, task_ids=task_ids, attention_mask=mask):
+            out = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
             grads = torch.autograd.grad((out * projection).sum(), params, allow_unused=True)
-        finally:
-            adapter.prefers_grouped = grouped
         flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
         return out.detach().double(), flat.double()
 
@@ -132,8 +135,9 @@ def grouped_precision(batch: int, seq: int, experts: int, width: int) -> dict:
             name: ((a - b).norm() / b.norm()).item() for name, a, b in zip(("output", "gradients"), got, want)
         }
 
-    want = answer(torch.float64, lambda *_: False)
-    got = {"grouped": answer(torch.float32, grouped), "gathers": answer(torch.float32, lambda *_: False)}
+    model = moe_adapters_model(experts, width)[0]
+    want = answer(moe_adapters_model(experts, width)[0].double(), grouped=False)
+    got = {"grouped": answer(model, grouped=True), "gathers": answer(model, grouped=False)}
     return {
         "name": "adapter-grouped-precision",
         "experts": experts,
