@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix.routers.density import fit_temperature, inverse_sqrt, shrunk_gaussian
+from loramix.routers.density import (
+    fit_temperature,
+    inverse_sqrt,
+    kth_nearest,
+    kth_nearest_loop,
+    shared_whitening,
+    shrunk_gaussian,
+)
 
 
 @pytest.mark.parametrize("shrinkage", [0.0, 0.1, 1.0])
@@ -45,3 +52,28 @@ def test_fit_temperature_finds_the_temperature_the_labels_were_drawn_at_and_the_
         for t in grid
     ]
     assert tau == pytest.approx(float(grid[int(torch.tensor(losses).argmin())]), rel=0.01)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_kth_nearest_skips_the_padding_and_equals_the_loop(k: int):
+    """Three tasks with 7, 4 and 5 fitting rows padded to 7 with zeros: the padding is never a neighbour (an input
+    at the origin would otherwise find it at distance 0), and the batched distances equal one task and one input
+    at a time."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.tensor([7, 4, 5])
+    bank = torch.randn(3, 7, 5, generator=generator) + 3
+    bank[torch.arange(7) >= rows[:, None]] = 0.0
+    x = torch.cat([torch.zeros(1, 5), torch.randn(6, 5, generator=generator) + 3])
+    distances = kth_nearest(x, bank, rows, k)
+    assert distances.shape == (7, 3) and (distances[0] > 1).all()
+    torch.testing.assert_close(distances, kth_nearest_loop(x, bank, rows, k))
+
+
+def test_shared_whitening_whitens_the_mean_covariance():
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.randn(3, 4, 4, generator=generator, dtype=torch.float64)
+    covariances = factors @ factors.transpose(1, 2) + torch.eye(4, dtype=torch.float64)
+    whitening = torch.stack([inverse_sqrt(c)[0] for c in covariances])
+    shared = shared_whitening(whitening)
+    identity = shared @ covariances.mean(0) @ shared
+    torch.testing.assert_close(identity, torch.eye(4, dtype=torch.float64))

@@ -1,6 +1,7 @@
 """The fitted models behind the auto-selector (:mod:`loramix.routers.selector`): a task's Gaussian, its covariance
-shrunk towards the mean variance so that it stays well conditioned with fewer samples than dimensions, and the
-paper's autoencoder. Legend: n samples, d feature width, h autoencoder width."""
+shrunk towards the mean variance so that it stays well conditioned with fewer samples than dimensions, one
+covariance shared by all tasks, the distance to a task's k-th nearest fitting feature, and the paper's autoencoder.
+Legend: n samples, d feature width, h autoencoder width, T tasks, m fitting rows per task."""
 
 from __future__ import annotations
 
@@ -28,6 +29,35 @@ def shrunk_gaussian(fit: Tensor, shrinkage: float) -> tuple[Tensor, Tensor, Tens
     covariance = (1 - shrinkage) * covariance + shrinkage * floor * torch.eye(fit.shape[1]).double()
     whitening, values = inverse_sqrt(covariance, floor * 1e-6)
     return center.float(), whitening.float(), values.log().sum().float()
+
+
+def shared_whitening(whitening: Tensor) -> Tensor:
+    """`W (d, d)`, the inverse square root of the mean of the tasks' covariances, from their own inverse square
+    roots `W_t (T, d, d)`: `C = mean_t (W_t^T W_t)^(-1)`, `W = C^(-1/2)`, in float64."""
+    whitening = whitening.double()
+    # C_t from W_t^T W_t by Cholesky: the batched LU inverse fails with two or more MKL threads in torch 2.13's CPU
+    # build (DLASWP errors, then bad pivots or no end)
+    precisions = whitening.transpose(1, 2) @ whitening
+    covariance = torch.cholesky_inverse(torch.linalg.cholesky(precisions)).mean(0)
+    return inverse_sqrt((covariance + covariance.t()) / 2)[0]
+
+
+def kth_nearest(x: Tensor, bank: Tensor, rows: Tensor, k: int) -> Tensor:
+    """`(n, T)`: the distance from each of `x (n, a)` to its k-th nearest among each task's fitting rows, `bank
+    (T, m, a)` zero-padded past each task's `rows (T,)` real ones."""
+    distances = torch.cdist(x[None].expand(bank.shape[0], -1, -1), bank)  # (T, n, m)
+    padding = torch.arange(bank.shape[1], device=x.device) >= rows[:, None]  # (T, m)
+    distances = distances.masked_fill(padding[:, None], math.inf)
+    return distances.topk(k, dim=-1, largest=False).values[..., -1].t()
+
+
+def kth_nearest_loop(x: Tensor, bank: Tensor, rows: Tensor, k: int) -> Tensor:
+    """The same distances, one task and one input at a time, by sorting (the tests' reference)."""
+    columns = []
+    for t in range(bank.shape[0]):
+        fitting = bank[t, : rows[t]]  # (m_t, a)
+        columns.append(torch.stack([(one - fitting).pow(2).sum(-1).sqrt().sort().values[k - 1] for one in x]))
+    return torch.stack(columns, 1)
 
 
 def fit_autoencoder(

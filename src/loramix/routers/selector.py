@@ -82,10 +82,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramix.errors import ConfigError
-from loramix.routers.density import fit_autoencoder, fit_temperature, inverse_sqrt, shrunk_gaussian
+from loramix.routers.density import (
+    fit_autoencoder,
+    fit_temperature,
+    kth_nearest,
+    kth_nearest_loop,
+    shared_whitening,
+    shrunk_gaussian,
+)
+from loramix.routers.selector_formats import CHOICES, NORMALIZE, upgrade
 
-NORMALIZE = ("l2", "whiten", "gaussian")  # saved by index: append only
-CHOICES = ("own", "shared")  # saved by index: append only
 THRESHOLDS = ("task", "pooled")
 ACCEPT_STATES = ("base", "route")
 
@@ -250,12 +256,7 @@ class AutoSelector(nn.Module):
         if self.choice != "shared" or not self.num_tasks:
             self.shared_whitening = self.center.new_zeros(0, self.in_features)
             return
-        whitening = self.whitening.double()  # (T, d, d)
-        # C_t from W_t^T W_t by Cholesky: the batched LU inverse fails with two or more MKL threads in torch
-        # 2.13's CPU build (DLASWP errors, then bad pivots or no end)
-        precisions = whitening.transpose(1, 2) @ whitening
-        covariance = torch.cholesky_inverse(torch.linalg.cholesky(precisions)).mean(0)  # (d, d)
-        self.shared_whitening = inverse_sqrt((covariance + covariance.t()) / 2)[0].to(self.center)
+        self.shared_whitening = shared_whitening(self.whitening).to(self.center)
 
     @torch.no_grad()
     def _calibrate(self) -> None:
@@ -311,11 +312,7 @@ class AutoSelector(nn.Module):
         columns to their k-th nearest among each task's fitting rows; with two stages, each task's negative
         log-likelihood (doubled, up to a constant) of the last `accept_width` columns; else `errors`."""
         if self.k:
-            x = features.float()[:, -self.bank.shape[2] :]
-            distances = torch.cdist(x[None].expand(self.num_tasks, -1, -1), self.bank)  # (T, n, m)
-            padding = torch.arange(self.bank.shape[1], device=x.device) >= self.bank_rows[:, None]  # (T, m)
-            distances = distances.masked_fill(padding[:, None], math.inf)
-            return distances.topk(self.k, dim=-1, largest=False).values[..., -1].t()  # (n, T)
+            return kth_nearest(features.float()[:, -self.bank.shape[2] :], self.bank, self.bank_rows, self.k)
         if not self.accept_width:
             return self.errors(features)
         x = features.float()[:, -self.accept_width :]
@@ -329,9 +326,8 @@ class AutoSelector(nn.Module):
         columns = []
         for t in range(self.num_tasks):
             if accept and self.k:
-                rows = self.bank[t, : self.bank_rows[t]]  # (m_t, a)
-                distances = (x[:, None, -rows.shape[1] :] - rows).pow(2).sum(-1).sqrt()  # (n, m_t)
-                columns.append(distances.sort(-1).values[:, self.k - 1])
+                bank, rows = self.bank[t : t + 1], self.bank_rows[t : t + 1]
+                columns.append(kth_nearest_loop(x[:, -bank.shape[2] :], bank, rows, self.k)[:, 0])
                 continue
             if accept and self.accept_width:
                 z = (x[:, -self.accept_width :] - self.accept_center[t]) @ self.accept_whitening[t]
@@ -512,33 +508,9 @@ class AutoSelector(nn.Module):
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
 
     def load_state(self, state: dict[str, Tensor]) -> None:
-        """Restore `state()`; a selector saved before the `whiten` rule existed (no `rule` tensor) decides by `l2`."""
-        state = dict(state)
-        if "rule" not in state:
-            state["rule"] = torch.tensor(NORMALIZE.index("l2"))
-            state["log_error_stats"] = torch.zeros(0, 2)
-        if "pooled_level" not in state:  # saved before pooled thresholds: each task's own, no held-out errors
-            state["pooled_level"] = torch.tensor(0.0)
-            state["held_errors"] = torch.full((state["thresholds"].shape[0], 0), math.nan)
-        state.setdefault("choice_rule", torch.tensor(CHOICES.index("own")))  # saved before the shared choice
-        state.setdefault("accept_routed", torch.tensor(False))  # saved before routed acceptance
-        if "neighbours" not in state:  # saved before nearest neighbours: its Gaussians accept
-            width = int(state.get("accept_columns", torch.tensor(0))) or self.in_features
-            state.update(
-                neighbours=torch.tensor(0),
-                bank=torch.zeros(0, 0, width),
-                bank_rows=torch.zeros(0, dtype=torch.long),
-            )
-        tasks, banks = state["thresholds"].shape[0], state["bank_rows"].shape[0]
-        if int(state["neighbours"]) and banks != tasks:
-            raise ConfigError(
-                f"this auto-selector accepts by nearest neighbours but holds fitting features for {banks} of its "
-                f"{tasks} tasks"
-            )
-        if (
-            "held_features" not in state
-        ):  # saved before calibration: temperature 1, also after tasks are added
-            state["held_features"] = torch.zeros(0, 0, self.in_features)
+        """Restore `state()`, one saved by an earlier version included (:func:`selector_formats.upgrade`: it
+        decides as it did when saved)."""
+        state = upgrade(state, self.in_features)
         for key, value in state.items():
             setattr(self, key, value.to(self.thresholds.device))
         self._pool()
