@@ -19,8 +19,12 @@ from tests.train import toys
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-# the documents that name files of the repository: README and the benchmark accounts its summaries point to
-DOCUMENTS = [README, *sorted((ROOT / "benchmarks" / "results").glob("*.md"))]
+# the documents that name files of the repository: README, the pages it points to and the benchmark accounts
+DOCUMENTS = [
+    README,
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "benchmarks" / "results").glob("*.md")),
+]
 
 
 def python_blocks() -> list[str]:
@@ -123,7 +127,7 @@ def test_every_repository_file_a_document_names_exists(document):
     text = document.read_text("utf-8")
     paths = {
         name.rstrip(".,;:")
-        for name in re.findall(r"(?<![\w/.])((?:benchmarks|examples|tests|src)/[\w./-]+)", text)
+        for name in re.findall(r"(?<![\w/.])((?:benchmarks|docs|examples|tests|src)/[\w./-]+)", text)
     }
     missing = sorted(path for path in paths if not (ROOT / path).exists())
     assert not missing, f"{document.name} names files that do not exist: {missing}"

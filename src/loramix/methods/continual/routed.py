@@ -9,7 +9,7 @@ state entering its acceptance block, so a base pass through the blocks before it
 choosing at block 0 (the embeddings' output, the same on every route) and accepting inside the routed pass needs
 none. In the continual speed benchmark (experts in every block) it costs 1.06x the inference by task id against
 1.37x, and on the continual benchmark's three runs (`benchmarks/routed_acceptance.py`) 0.9 points of Last routed
-hard and 1.2 mixed (README.md, Continual learning).
+hard and 1.2 mixed (`benchmarks/results/continual.md`).
 
 Legend: n samples, t tokens, d the model's width, c + a the selector's choice and acceptance columns.
 """
