@@ -328,11 +328,8 @@ def topk(
         h = _mix_topk_per_sample(torch.bmm(x, A_in.transpose(1, 2)), weights, scaling, dropout)  # (n, t, k*r)
         return torch.bmm(h, Bt)  # (n, t, o)
     n, t, i = x.shape
-    num_experts, k = A.shape[0], indices.shape[-1]
-    experts = indices.reshape(-1)  # (n*t*k,): pair p is token p // k
-    order = torch.argsort(experts, stable=True)  # pairs grouped by expert
-    tokens = torch.div(order, k, rounding_mode="floor")  # (n*t*k,)
-    ends = torch.bincount(experts, minlength=num_experts).cumsum(0).to(torch.int32)  # (e,) segment ends
+    # each (token, expert) pair a row of one token: pair p is token p // k; sorted by expert
+    order, tokens, ends = grouped_rows(indices.reshape(-1), 1, A.shape[0], indices.shape[-1])
     rows = x.reshape(n * t, i)[tokens]  # (n*t*k, i)
     h = torch._grouped_mm(rows, A.transpose(1, 2), offs=ends)  # (n*t*k, r)
     h = dropout(h) * scaling * weights.reshape(-1)[order].to(h.dtype)[:, None]
