@@ -33,10 +33,10 @@ if TYPE_CHECKING:
         disabled,
         get_info,
         inject,
-        merge_and_unload,
         remove,
     )
     from loramix.io import export_peft, import_peft, load, save
+    from loramix.merge import merge_and_unload
     from loramix.wrapper import LoramixModel
 
 __version__ = "0.1.0"
@@ -52,7 +52,7 @@ _LAZY = {
     "disabled": "loramix.inject",
     "get_info": "loramix.inject",
     "inject": "loramix.inject",
-    "merge_and_unload": "loramix.inject",
+    "merge_and_unload": "loramix.merge",
     "remove": "loramix.inject",
     "export_peft": "loramix.io",
     "import_peft": "loramix.io",

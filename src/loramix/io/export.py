@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from loramix.context import routing
 from loramix.errors import CheckpointError, InjectionError
 from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
-from loramix.inject import InjectionReport, _matches, check_task_or_gate, fixed_gate, get_info, inject
+from loramix.inject import InjectionReport, _matches, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from loramix.merge import check_task_or_gate, fixed_gate
 from loramix.models import ALIASES, resolve_model_path
 from loramix.routers import router_class
 

@@ -38,9 +38,10 @@ import torch
 
 from loramix.data import MultiTaskData
 from loramix.errors import ConfigError
-from loramix.inject import get_info, merge_and_unload, remove
+from loramix.inject import get_info, remove
 from loramix.io.export import serving_commands
 from loramix.io.files import atomic_folder, atomic_write_bytes
+from loramix.merge import merge_and_unload
 from loramix.models import resolve_model_path
 from loramix.preflight import MANIFEST_FILE, MANIFEST_FORMAT, is_earlier_export
 from loramix.train.config import RunConfig

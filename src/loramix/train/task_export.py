@@ -38,9 +38,10 @@ from loramix.data import MultiTaskData
 from loramix.errors import ConfigError, DataError
 from loramix.heads import LabelPromptHead, TaskHeads
 from loramix.heads.label_prompt import MAX_LOGIT_SCALE
-from loramix.inject import disabled, fixed_gate, get_info
+from loramix.inject import disabled, get_info
 from loramix.io.export import export_peft, hub_name, mean_gate
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json
+from loramix.merge import fixed_gate
 from loramix.preflight import EXPORT_NOTE_FILE, unfolded_error
 from loramix.train.config import RunConfig
 from loramix.train.model import MODEL_INPUTS, MultiTaskModel
