@@ -12,6 +12,7 @@ import transformers
 from torch import Tensor, nn
 
 import loramix
+from loramix.experts import AdaptedLayer
 from loramix.inject import get_info
 
 transformers.logging.set_verbosity_error()
@@ -180,6 +181,11 @@ def run(
     with loramix.routing(model, task_ids=task_ids, attention_mask=mask) as state:
         out = call(model, inputs)
     return out, state
+
+
+def adapted_names(model: nn.Module) -> list[str]:
+    """The names of the modules loramix wrapped."""
+    return [name for name, module in model.named_modules() if isinstance(module, AdaptedLayer)]
 
 
 @torch.no_grad()

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import loramix
-from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts, LinearExperts
+from loramix.experts import Conv1DExperts, Conv2dExperts, LinearExperts
 from loramix.inject import adapter_state, get_info
 from tests.models import (
     ROUTERS,
     SHARES,
+    adapted_names,
     adapter_config,
     call,
     cnn_inputs,
@@ -29,10 +30,6 @@ from tests.models import (
 )
 
 BERT_LAYERS = [f"encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
-
-
-def adapted_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, AdaptedLayer)]
 
 
 # ---- what gets matched ----------------------------------------------------------------------------------------

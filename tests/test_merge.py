@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import loramix
-from loramix.experts import AdaptedLayer
 from loramix.inject import get_info
 from tests.models import (
     SHARES,
+    adapted_names,
     adapter_config,
     call,
     cnn_inputs,
@@ -23,10 +22,6 @@ from tests.models import (
     tiny_gpt2,
     tiny_mlp,
 )
-
-
-def adapted_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, AdaptedLayer)]
 
 
 @pytest.mark.parametrize("router", ["task", "poly"])
