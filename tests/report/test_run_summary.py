@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from loramix.config import AdapterConfig
-from loramix.report.run_summary import adapter_lines
+from loramix.report.run_summary import adapter_lines, score_lines
 
 
 def config_line(**config: object) -> str:
@@ -31,3 +31,14 @@ def test_the_config_line_leaves_out_what_the_run_never_reads():
     assert "adapter_scale" not in lora
     assert "targets=all-linear" in lora
     assert "targets=" not in config_line(target_regex=r".*\.output\.dense")  # the regex chooses instead
+
+
+def test_the_scores_name_the_best_evaluation_during_training_and_whether_it_was_kept():
+    best = {"step": 300, "mean_accuracy": 0.8125, "split": "validation", "kept": True}
+    lines = score_lines({"mean_accuracy": 0.8125, "best_eval": best})
+    assert lines[1] == (
+        "best evaluation during training: step 300, mean accuracy 0.8125 on validation; the weights the run ended "
+        "with (keep_best)"
+    )
+    assert score_lines({"mean_accuracy": 0.8, "best_eval": {**best, "kept": False}})[1].endswith("; not kept")
+    assert len(score_lines({"mean_accuracy": 0.8})) == 1

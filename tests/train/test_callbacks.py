@@ -1,5 +1,6 @@
 """`JsonlLogger` keeps `metrics.jsonl` one line per step when a run resumes from a checkpoint; callbacks see the
-gates of every step."""
+gates of every step; evaluations during training (`eval_every`) log each task's scores and change no weight, also
+across a resume, and methods that cannot evaluate on the way, or data without the split, are refused first."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from loramix.data import MultiTaskData, TextCollator
-from loramix.methods import get_method
-from loramix.train.callbacks import Callback, JsonlLogger
+from loramix.errors import ConfigError, DataError
+from loramix.methods import get_method, run_training
+from loramix.train.callbacks import Callback, JsonlLogger, PeriodicEvaluation, eval_scalars
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer
 from loramix.train.run import build_model, task_specs
@@ -68,3 +72,173 @@ def test_callbacks_see_every_steps_gates(model_dir: Path, tasks_dir: Path, tmp_p
     trainer = Trainer(run, model, data, TextCollator(tokenizer), output_dir=tmp_path, callbacks=[counter])
     trainer.train()
     assert counter.counts is not None and int(counter.counts.sum()) == 3 * 8  # one expert per sample per step
+
+
+def adapters(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter" / "adapters.safetensors")
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k != "samples_per_s"} for entry in history]
+
+
+def test_evaluating_during_training_logs_every_tasks_scores_and_changes_no_weight(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    # dropout draws from the random state an evaluation must leave as it found it
+    settings = toys.settings(
+        model_dir, tasks_dir, method="mola-router", steps=7, log_every=2, dropout=0.2, eval_split="test"
+    )
+    plain = run_training(RunConfig.from_dict(settings), tmp_path / "plain")
+    watched = run_training(RunConfig.from_dict({**settings, "eval_every": 3}), tmp_path / "watched")
+
+    a, b = adapters(tmp_path / "plain"), adapters(tmp_path / "watched")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+    assert watched["tasks"] == plain["tasks"]
+    logged = [json.loads(line) for line in (tmp_path / "watched" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [2, 3, 4, 6, 7]  # the losses' steps and the evaluations'
+    evaluated = [entry for entry in logged if "eval" in entry]
+    assert [entry["step"] for entry in evaluated] == [3, 6, 7]  # every third step and the last
+    assert "loss" not in evaluated[0]  # step 3 logs no loss, only its evaluation
+    assert without_timings(watched["history"]) == without_timings(logged)
+    last = evaluated[-1]["eval"]
+    assert last["split"] == "test" and set(last["tasks"]) == set(toys.TASK_NAMES)
+    # the last step's evaluation scores the model the run ends with, on the same inputs as the final one
+    for name, scores in watched["tasks"].items():
+        assert last["tasks"][name] == {k: v for k, v in scores.items() if k != "n"}
+    assert last["mean_accuracy"] == watched["mean_accuracy"]
+    assert 0 <= last["purity"] <= 1
+    assert eval_scalars(last)["eval/animals/accuracy"] == last["tasks"]["animals"]["accuracy"]
+    assert "evaluation.png" in (tmp_path / "watched" / "report.md").read_text()
+    assert (tmp_path / "watched" / "plots" / "evaluation.png").is_file()
+    assert not (tmp_path / "plain" / "plots" / "evaluation.png").exists()
+
+
+def test_a_run_that_evaluates_on_the_way_resumes_exactly(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    settings = toys.settings(
+        model_dir, tasks_dir, method="mola-grad", steps=8, dropout=0.2, eval_every=3, eval_split="test"
+    )
+    straight = run_training(RunConfig.from_dict(settings), tmp_path / "straight")
+    run = RunConfig.from_dict({**settings, "checkpoint_every": 4})
+    toys.crash_at(monkeypatch, 5, run_training, run, tmp_path / "resumed")
+    resumed = run_training(run, tmp_path / "resumed", resume=True)
+
+    a, b = adapters(tmp_path / "straight"), adapters(tmp_path / "resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert without_timings(resumed["history"]) == without_timings(straight["history"])
+    logged = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged if "eval" in line] == [3, 6, 8]
+
+
+def test_evaluating_during_training_is_refused_where_it_cannot_run(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    for method in ("elrea", "moe-adapters"):
+        extra = {"steps_per_task": 2} if method == "moe-adapters" else {}
+        run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method=method, eval_every=2, **extra))
+        with pytest.raises(ConfigError, match="eval_every: method"):
+            get_method(method).validate(run)
+    # the tiny tasks have no validation split, the default eval_split: refused before anything is trained
+    run = RunConfig.from_dict(toys.settings(model_dir, tasks_dir, method="lora", eval_every=2))
+    with pytest.raises(DataError, match="eval_every: no task has a 'validation' split"):
+        run_training(run, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def scripted_scores(monkeypatch: pytest.MonkeyPatch, scores: dict[int, float]) -> None:
+    """Evaluations during training score `scores[step]` (mean accuracy), whatever the weights; the final one is
+    real."""
+    real = PeriodicEvaluation.on_step_end
+
+    def on_step_end(self, trainer, logs):  # type: ignore[no-untyped-def]
+        self.evaluate = lambda model: {"mean_accuracy": scores[trainer.step], "tasks": {}}
+        real(self, trainer, logs)
+
+    monkeypatch.setattr(PeriodicEvaluation, "on_step_end", on_step_end)
+
+
+def checkpoint_weights(folder: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(folder / "checkpoints" / f"step-{step:06d}" / "weights.safetensors")
+
+
+def test_keep_best_ends_the_run_with_the_best_evaluations_weights(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    scripted_scores(monkeypatch, {2: 0.5, 4: 0.9, 6: 0.7, 8: 0.9})  # a tie later does not replace the best
+    settings = toys.settings(
+        model_dir,
+        tasks_dir,
+        method="mola-router",
+        steps=8,
+        checkpoint_every=4,
+        eval_every=2,
+        eval_split="test",
+    )
+    metrics = run_training(RunConfig.from_dict({**settings, "keep_best": True}), tmp_path / "best")
+    assert metrics["best_eval"] == {"step": 4, "mean_accuracy": 0.9, "split": "test", "kept": True}
+    # the checkpoint at step 4 holds that step's weights; the one written when training ends, those it ends with
+    at_4, at_end = checkpoint_weights(tmp_path / "best", 4), checkpoint_weights(tmp_path / "best", 8)
+    assert all(torch.equal(at_4[name], at_end[name]) for name in at_4)
+    assert not (tmp_path / "best" / "best").exists()  # the adapter holds them now
+
+    last = run_training(RunConfig.from_dict(settings), tmp_path / "last")
+    assert last["best_eval"]["kept"] is False
+    at_4, at_end = checkpoint_weights(tmp_path / "last", 4), checkpoint_weights(tmp_path / "last", 8)
+    assert not all(torch.equal(at_4[name], at_end[name]) for name in at_4)
+
+
+def test_keep_best_resumes_to_the_same_weights_when_a_later_best_replaced_the_checkpoints(
+    model_dir: Path,
+    tasks_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    scripted_scores(monkeypatch, {2: 0.5, 4: 0.6, 6: 0.9, 8: 0.1})
+    settings = toys.settings(
+        model_dir,
+        tasks_dir,
+        method="mola-grad",
+        steps=8,
+        dropout=0.2,
+        checkpoint_every=4,
+        eval_every=2,
+        eval_split="test",
+        keep_best=True,
+    )
+    run = RunConfig.from_dict(settings)
+    straight = run_training(run, tmp_path / "straight")
+    # stopped at step 7: the checkpoint at step 4 names step 4's weights, which step 6's have replaced
+    toys.crash_at(monkeypatch, 7, run_training, run, tmp_path / "resumed")
+    assert [p.name for p in (tmp_path / "resumed" / "best").iterdir()] == ["step-000006.safetensors"]
+    resumed = run_training(run, tmp_path / "resumed", resume=True)
+    assert "best evaluation before the checkpoint (step 4) are gone" in capsys.readouterr().err
+    assert resumed["best_eval"]["step"] == straight["best_eval"]["step"] == 6
+    a, b = adapters(tmp_path / "straight"), adapters(tmp_path / "resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert resumed["tasks"] == straight["tasks"]
+
+
+def test_keep_best_without_eval_every_is_refused():
+    with pytest.raises(ConfigError, match="keep_best chooses among the evaluations during training"):
+        RunConfig.from_dict({"tasks_dir": "data", "tasks": ["a"], "keep_best": True})
+
+
+def test_keep_best_is_refused_where_no_task_has_an_accuracy(model_dir: Path, tmp_path: Path):
+    rows = "".join(json.dumps({"text": f"film {i}", "label": i / 4}) + "\n" for i in range(8))
+    (tmp_path / "score.jsonl").write_text(rows)
+    spec = {"name": "score", "train": str(tmp_path / "score.jsonl"), "test": str(tmp_path / "score.jsonl")}
+    settings = {**toys.settings(model_dir, tmp_path, method="lora"), "tasks_dir": None}
+    run = RunConfig.from_dict(
+        {
+            **settings,
+            "tasks": [{**spec, "task_type": "regression"}],
+            "eval_every": 2,
+            "keep_best": True,
+            "eval_split": "test",
+        }
+    )
+    with pytest.raises(ConfigError, match="keep_best ranks evaluations by mean accuracy"):
+        run_training(run, tmp_path / "run")

@@ -445,6 +445,21 @@ def test_a_changed_task_spec_is_named_by_its_field():
     }
 
 
+def test_the_evaluations_during_training_may_change_on_resume_unless_they_choose_the_weights():
+    """`eval_every` and `eval_split` only watch a run, unless `keep_best` picks its weights among them."""
+    from loramix.train.resume import config_changes
+
+    spec = {"name": "a", "train": "/data/a.jsonl"}
+    saved = RunConfig.from_dict({"tasks": [spec], "eval_every": 10}).to_dict()
+    assert config_changes(saved, RunConfig.from_dict({"tasks": [spec], "eval_every": 5}), Path("/")) == {}
+    saved = RunConfig.from_dict({"tasks": [spec], "eval_every": 10, "keep_best": True}).to_dict()
+    now = RunConfig.from_dict({"tasks": [spec], "eval_every": 5, "keep_best": True, "eval_split": "test"})
+    assert config_changes(saved, now, Path("/")) == {
+        "eval_every": (10, 5),
+        "eval_split": ("validation", "test"),
+    }
+
+
 def test_a_relative_tasks_dir_is_the_same_config_on_resume(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -1,6 +1,7 @@
 """`loramix train` under `torchrun` with two CPU processes (gloo): the model wrapped for distributed training
-trains, every method's forward reaches the routing hooks inside the wrapper, only the main process writes, and a
-resumed run ends bitwise where the uninterrupted one does."""
+trains, every method's forward reaches the routing hooks inside the wrapper, only the main process writes (the
+evaluations during training and the best one's weights included), and a resumed run ends bitwise where the
+uninterrupted one does."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def test_two_processes_train_and_one_writes(method: str, model_dir: Path, tasks_
         elrea_feature_dim=256,
         elrea_base_fraction=0.5,
     )
+    if method == "mola-router":  # evaluations on the way, and the best one's weights kept
+        config.update(eval_every=4, eval_split="test", keep_best=True)
     out = tmp_path / "run"
     done = launch(config, out, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,6 +65,11 @@ def test_two_processes_train_and_one_writes(method: str, model_dir: Path, tasks_
         assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
     if method == "elrea":
         assert len(metrics["clusters"]["sizes"]) == 3
+    else:
+        evaluated = [json.loads(line) for line in lines if '"eval"' in line]
+        assert [entry["step"] for entry in evaluated] == [4, 8, 12]
+        best = max(evaluated, key=lambda entry: entry["eval"]["mean_accuracy"])  # the first of equals
+        assert metrics["best_eval"]["step"] == best["step"] and not (out / "best").exists()
     adapters = load_file(out / "adapter" / "adapters.safetensors")
     assert any(name.endswith(".B") and bool(t.abs().max() > 0) for name, t in adapters.items())
 

@@ -231,3 +231,19 @@ def test_a_max_length_past_the_position_table_is_refused_before_training(
     with pytest.raises(ConfigError, match="max_length: 100 tokens, but model .* has 64 positions"):
         run_training(RunConfig.from_dict(settings), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_generation_tasks_are_scored_during_training_by_their_answers(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    settings = toys.gen_settings(gpt2_dir, gen_tasks_dir, method="mola-grad", steps=4, eval_every=2)
+    metrics = run_training(RunConfig.from_dict({**settings, "eval_split": "test"}), tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [entry["eval"] for entry in logged if "eval" in entry][-1]
+    assert set(last["tasks"]) == set(toys.GEN_TASKS)
+    for name, scores in metrics[
+        "tasks"
+    ].items():  # the scores without the sample answers and the scorer's name
+        assert last["tasks"][name] == {
+            k: v for k, v in scores.items() if isinstance(v, (int, float)) and k != "n"
+        }

@@ -29,7 +29,7 @@ from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
 from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.resume import CHANGES_FILE
-from loramix.train.run import eval_split, prepare_run, task_specs, train_one_phase
+from loramix.train.run import BEST_FOLDER, eval_split, prepare_run, task_specs, train_one_phase
 from loramix.train.serve_export import export_tasks
 from loramix.train.task_export import fixed_gate_note
 
@@ -41,6 +41,8 @@ class Method:
     description: ClassVar[str] = ""
     continual: ClassVar[bool] = False  # learns tasks one after another (`steps_per_task`, `continue_from`)
     uses_selector: ClassVar[bool] = False  # an auto-selector (DDAS, `ddas_*`) routes at inference
+    # its training can be scored on the way (`eval_every`): a method whose evaluation is the shared one
+    evaluates_during_training: ClassVar[bool] = True
 
     def validate(self, run: RunConfig) -> None:
         """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
@@ -53,6 +55,11 @@ class Method:
     def check_sequence_and_adapters(self, run: RunConfig) -> None:
         """`continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the
         adapter config this method builds, as any is checked."""
+        if run.eval_every and not self.evaluates_during_training:
+            raise ConfigError(
+                f"eval_every: method {self.name} is scored only as its own schedule scores it (after each task, or "
+                "once its phases end), not during training; remove eval_every"
+            )
         for key in ("continue_from", "keep_task_states"):
             if getattr(run, key) is not None and not self.continual:
                 raise ConfigError(f"{key}: method {self.name} does not learn tasks one after another")
@@ -88,7 +95,7 @@ class Method:
     def resume_state(self, output_dir: Path) -> list[Path]:
         """What `--resume` reads in `output_dir`: a fresh run there removes it first, so that a later resume cannot
         continue an earlier run's checkpoints."""
-        return [output_dir / "checkpoints"]
+        return [output_dir / "checkpoints", output_dir / BEST_FOLDER]
 
     def resume_checkpoints(self, output_dir: Path) -> Path:
         """The checkpoint folder `--resume` will load from (its trainer's refusals are checked before anything is

@@ -125,6 +125,43 @@ def _curve_lines(plots: Path, curves: Sequence[tuple[str, Sequence[Mapping[str, 
     return lines
 
 
+def _eval_series(history: Sequence[Mapping[str, Any]], read: Any) -> tuple[list[float], list[float]]:
+    """`read(entry)` of each evaluation during training (`eval` in a logged step) that has it, by step."""
+    steps, values = [], []
+    for entry in history:
+        value = number(read(entry["eval"])) if isinstance(entry.get("eval"), Mapping) else None
+        step = number(entry.get("step"))
+        if value is not None and step is not None:
+            steps.append(step)
+            values.append(value)
+    return steps, values
+
+
+def _eval_lines(plots: Path, curves: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> list[str]:
+    """The evaluations during training (`eval_every`), where a run made some: the mean score, the routing purity
+    where a router routes, and each task's score, one line per method."""
+    entries = [entry["eval"] for _, h in curves for entry in h if isinstance(entry.get("eval"), Mapping)]
+    if not entries:
+        return []
+    means = [k for k in dict.fromkeys(k for e in entries for k in e) if k.startswith("mean_")]
+    score = means[0].removeprefix("mean_") if means else "accuracy"
+    tasks = list(dict.fromkeys(task for e in entries for task in e.get("tasks") or {}))
+    reads: list[tuple[str, Any]] = [(f"mean {score}", lambda e: e.get(f"mean_{score}"))]
+    if any(e.get("purity") is not None for e in entries):
+        reads.append(("routing purity", lambda e: e.get("purity")))
+    reads += [(task, lambda e, t=task: (e.get("tasks") or {}).get(t, {}).get(score)) for task in tasks]
+    panels = [(title, [(m, *_eval_series(h, read)) for m, h in curves]) for title, read in reads]
+    plot_curves(plots / "evaluation.png", panels, f"evaluation during training ({score})", smooth=False)
+    split = entries[0].get("split", "?")
+    return [
+        "![evaluation during training](plots/evaluation.png)",
+        "",
+        f"Each point scores the model at that step on the {split} split (`eval_every`), on the same inputs of each "
+        "task at every step.",
+        "",
+    ]
+
+
 def _slug(name: str, taken: set[str]) -> str:
     """A file-name-safe, unique version of a method name."""
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "method"
@@ -294,6 +331,7 @@ def write_report(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> Path:
         curves = [(method, result.get("history") or []) for method, result in zip(methods, results)]
         curves = [(method, history) for method, history in curves if history]
         lines += _curve_lines(plots, curves)
+        lines += _eval_lines(plots, curves)
 
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -126,10 +126,12 @@ def running_mean(values: Sequence[float], window: int = SMOOTHING_WINDOW) -> lis
     return means
 
 
-def plot_curves(path: Path, panels: Sequence[tuple[str, Sequence[Series]]], title: str) -> Figure:
+def plot_curves(
+    path: Path, panels: Sequence[tuple[str, Sequence[Series]]], title: str, *, smooth: bool = True
+) -> Figure:
     """One panel per `(panel title, series)`, one colour per method (the same in every panel): each logged value
-    as a faint dot, its running mean as a line; a log scale when a panel spans more than two decades. Returns the
-    figure (saved to `path`)."""
+    as a faint dot, its running mean as a line (`smooth`; otherwise the values themselves, joined, each marked); a
+    log scale when a panel spans more than two decades. Returns the figure (saved to `path`)."""
     columns = min(len(panels), 3)
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(4.6 * columns, 3.2 * rows))
@@ -147,8 +149,11 @@ def plot_curves(path: Path, panels: Sequence[tuple[str, Sequence[Series]]], titl
             if not values:
                 continue
             colour = colours[method]
-            axes.plot(steps, values, linestyle="none", marker=".", markersize=3, alpha=0.25, color=colour)
-            axes.plot(steps, running_mean(values), label=method, linewidth=1.4, color=colour)
+            if smooth:
+                axes.plot(steps, values, linestyle="none", marker=".", markersize=3, alpha=0.25, color=colour)
+                axes.plot(steps, running_mean(values), label=method, linewidth=1.4, color=colour)
+            else:
+                axes.plot(steps, values, label=method, marker="o", markersize=3, linewidth=1.2, color=colour)
             drawn += values
         positive = [value for value in drawn if value > 0]
         if positive and len(positive) == len(drawn) and max(positive) / min(positive) > 100:

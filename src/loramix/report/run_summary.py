@@ -56,8 +56,16 @@ def adapter_lines(run_dir: Path, record: dict[str, Any], tensors: dict[str, Any]
 
 
 def score_lines(metrics: dict[str, Any]) -> list[str]:
-    """The mean accuracy, and each generation task's exact match, F1 and perplexity."""
+    """The mean accuracy, the best evaluation during training (`eval_every`), and each generation task's exact
+    match, F1 and perplexity."""
     lines = [f"mean accuracy: {shown(metrics.get('mean_accuracy'))}"]
+    best = metrics.get("best_eval")
+    if isinstance(best, dict):
+        kept = "the weights the run ended with (keep_best)" if best.get("kept") else "not kept"
+        lines.append(
+            f"best evaluation during training: step {best.get('step')}, mean accuracy "
+            f"{shown(best.get('mean_accuracy'))} on {best.get('split')}; {kept}"
+        )
     for name, scores in metrics.get("tasks", {}).items():
         if isinstance(scores, dict) and "exact_match" in scores:
             lines.append(

@@ -4,12 +4,144 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from loramix.errors import DataWarning
+from loramix.io.files import atomic_save_tensors, read_tensors
+from loramix.train.checkpoint import check_trainable, restore_trainable, trainable_state
 from loramix.train.loop import Callback, Trainer  # the trainer defines the hooks; these are its callbacks
 
-__all__ = ["Callback", "Checkpointer", "JsonlLogger", "ProgressBar", "TensorBoardLogger"]
+__all__ = [
+    "Callback",
+    "Checkpointer",
+    "JsonlLogger",
+    "PeriodicEvaluation",
+    "ProgressBar",
+    "TensorBoardLogger",
+    "eval_scalars",
+]
+
+
+class PeriodicEvaluation(Callback):
+    """Scores every task on `split` each `every` steps and at the last step, as `evaluate(model)` does, and puts the
+    scores in that step's log under `eval` (before the other callbacks see it: it comes first in their list), so
+    that `metrics.jsonl`, TensorBoard, the history and the report carry them:
+    `{"split", "mean_accuracy", ..., "purity", "tasks": {task: {"accuracy": ..., ...}}}`.
+
+    Training is the same with or without it: `evaluate` puts the model back in training mode, and every random
+    generator goes back to the state it had, so a run's adapters are bit for bit those of a run that does not
+    evaluate on the way (`tests/train/test_callbacks.py`)."""
+
+    def __init__(
+        self,
+        every: int,
+        split: str,
+        evaluate: Callable[[Any], Mapping[str, Any]],
+        *,
+        keep_best_in: Path | None = None,
+    ) -> None:
+        """`keep_best_in`: a folder where the trainable weights of the evaluation with the best mean accuracy so
+        far are kept (one file, `step-NNNNNN.safetensors`, written atomically), put back into the model when
+        training ends. None: the run ends with its last step's weights."""
+        self.every, self.split, self.evaluate = every, split, evaluate
+        self.keep_best_in = keep_best_in
+        self.best: dict[str, Any] | None = None  # {"step", "mean_accuracy"} of the best evaluation so far
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if trainer.step % self.every and trainer.step != trainer.run.steps:
+            return
+        began = time.perf_counter()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        states = random.getstate(), np.random.get_state()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)  # the tasks left out were named when the run began
+            metrics = self.evaluate(model)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        trainer.untimed += time.perf_counter() - began
+        logs["eval"] = entry = eval_entry(self.split, metrics)
+        if not trainer.history or trainer.history[-1] is not logs:  # a step that logs no loss
+            trainer.history.append(logs)
+        score = entry.get("mean_accuracy")
+        if score is not None and (self.best is None or score > self.best["mean_accuracy"]):
+            self.best = {"step": trainer.step, "mean_accuracy": score}
+            if self.keep_best_in is not None and trainer.accelerator.is_main_process:
+                path = self.best_file(trainer.step)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_tensors(path, trainable_state(trainer.checkpoint_modules))
+                for other in self.keep_best_in.glob("step-*.safetensors"):
+                    if other != path:
+                        other.unlink(missing_ok=True)
+
+    def best_file(self, step: int) -> Path:
+        assert self.keep_best_in is not None
+        return self.keep_best_in / f"step-{step:06d}.safetensors"
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """With `keep_best_in`, the best evaluation's weights back into the model (every process reads them)."""
+        if self.keep_best_in is None or self.best is None:
+            return
+        trainer.accelerator.wait_for_everyone()
+        path = self.best_file(self.best["step"])
+        weights = read_tensors(path)
+        check_trainable(trainer.checkpoint_modules, weights, path)
+        restore_trainable(trainer.checkpoint_modules, weights)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The best evaluation before the checkpoint; forgotten, with a warning, where its weights are gone (a
+        later best replaced them before the run stopped: a resumed run finds that one again as it goes on)."""
+        self.best = state.get("best")
+        if self.keep_best_in is not None and self.best is not None:
+            if not self.best_file(self.best["step"]).is_file():
+                print(
+                    f"loramix: warning: the weights of the best evaluation before the checkpoint (step "
+                    f"{self.best['step']}) are gone from {self.keep_best_in}; keep_best chooses among the "
+                    "evaluations from here on",
+                    file=sys.stderr,
+                )
+                self.best = None
+
+
+def eval_entry(split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """What a log keeps of an evaluation's metrics: the split, the means, the routing purity (where a router
+    routes) and each task's scores without their counts."""
+    routing = metrics.get("routing") or {}
+    summary = routing.get("model") or routing.get("aggregate") or {}
+    entry: dict[str, Any] = {"split": split}
+    entry.update({key: value for key, value in metrics.items() if key.startswith("mean_")})
+    if summary.get("purity") is not None:
+        entry["purity"] = summary["purity"]
+    entry["tasks"] = {
+        name: {key: value for key, value in scores.items() if key != "n" and _is_score(value)}
+        for name, scores in (metrics.get("tasks") or {}).items()
+    }
+    return entry
+
+
+def _is_score(value: Any) -> bool:
+    """A number to log, not a count flag, a scorer's name or a generation task's sample answers."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def eval_scalars(entry: Mapping[str, Any]) -> dict[str, float]:
+    """An `eval` log entry as flat scalars: `eval/mean_accuracy`, `eval/purity`, `eval/<task>/<score>`."""
+    scalars = {f"eval/{key}": value for key, value in entry.items() if _is_score(value)}
+    for task, scores in (entry.get("tasks") or {}).items():
+        scalars.update({f"eval/{task}/{key}": value for key, value in scores.items() if _is_score(value)})
+    return {key: float(value) for key, value in scalars.items()}
 
 
 class ProgressBar(Callback):
@@ -18,6 +150,7 @@ class ProgressBar(Callback):
 
     def __init__(self, desc: str | None = None) -> None:
         self.desc = desc
+        self.postfix: dict[str, str] = {}
 
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -33,9 +166,18 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         self.bar.update(1)
         if "loss" in logs:
-            self.bar.set_postfix(
+            self.postfix.update(
                 loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", sps=f"{logs['samples_per_s']:.0f}"
             )
+        means = {
+            k: v
+            for k, v in (logs.get("eval") or {}).items()
+            if k.startswith("mean_") and isinstance(v, (int, float))
+        }
+        if means:  # the evaluation's first mean: accuracy for classifiers, exact match for generation
+            self.postfix["eval"] = f"{next(iter(means.values())):.3f}"
+        if "loss" in logs or means:
+            self.bar.set_postfix(self.postfix)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()
@@ -56,7 +198,7 @@ class JsonlLogger(Callback):
                 self.path.write_text("".join(kept), encoding="utf-8")
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if "loss" in logs and trainer.accelerator.is_main_process:
+        if ("loss" in logs or "eval" in logs) and trainer.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(logs) + "\n")
@@ -82,10 +224,12 @@ class TensorBoardLogger(Callback):
             self.writer = SummaryWriter(str(log_dir))
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if self.writer is not None and "loss" in logs:
-            for key, value in logs.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, logs["step"])
+        if self.writer is None:
+            return
+        scalars = {k: v for k, v in logs.items() if k != "step" and isinstance(v, (int, float))}
+        scalars.update(eval_scalars(logs.get("eval") or {}))
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, logs["step"])
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.writer is not None:

@@ -52,6 +52,35 @@ def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     }
 
 
+def _named_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    return {
+        f"{prefix}.{name}": p for prefix, module in modules.items() for name, p in module.named_parameters()
+    }
+
+
+def check_trainable(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A `CheckpointError` naming `path` where `weights` (a :func:`trainable_state`) do not fit `modules`."""
+    params = _named_parameters(modules)
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: tensors for parameters this run does not have: {', '.join(unknown[:5])}"
+        )
+    for name, value in weights.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: '{name}' has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
+            )
+
+
+def restore_trainable(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    """Copy a :func:`trainable_state` back into `modules`' parameters (checked by :func:`check_trainable`)."""
+    params = _named_parameters(modules)
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's random state: the CPU generator's, and the current GPU's when there is one."""
     state = {"torch": torch.get_rng_state()}
@@ -256,19 +285,7 @@ def load_training_checkpoint(
     state = read_json(path / "state.json")
     _check_processes(path, state, processes)
     weights = read_tensors(path / "weights.safetensors")
-    params = {
-        f"{prefix}.{name}": p for prefix, module in modules.items() for name, p in module.named_parameters()
-    }
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise CheckpointError(
-            f"{path}: tensors for parameters this run does not have: {', '.join(unknown[:5])}"
-        )
-    for name, value in weights.items():
-        if params[name].shape != value.shape:
-            raise CheckpointError(
-                f"{path}: '{name}' has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
-            )
+    check_trainable(modules, weights, path)
     optimizer_file = path / "optimizer.pt"
     try:
         saved = torch.load(optimizer_file, weights_only=True, map_location="cpu")
@@ -288,9 +305,7 @@ def load_training_checkpoint(
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
         raise CheckpointError(f"{optimizer_file}: cannot restore the optimizer ({_reason(exc)})") from None
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    restore_trainable(modules, weights)
     torch.set_rng_state(rng[own])
     cuda = own.replace("torch", "cuda")
     if cuda in rng and torch.cuda.is_available():

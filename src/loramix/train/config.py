@@ -10,13 +10,21 @@ import string
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from loramix.config import BlockIndices, format_validation_error, read_yaml
+from loramix.config import BlockIndices, format_validation_error
 from loramix.errors import ConfigError
+from loramix.train.config_files import (
+    CONFIG_FILE,
+    apply_overrides,
+    continued_settings,
+    model_is_path,
+    path_slots,
+    read_config_file,
+    resolve_paths,
+)
 
-CONFIG_FILE = "config.yaml"  # the settings a run saves in its folder, read back to resume or continue it
+__all__ = ["BOOKKEEPING_KEYS", "CONFIG_FILE", "MAX_LR", "RunConfig"]
 
 # Keys that change how a run is watched, saved or held in memory, not what it computes (gradient checkpointing
 # gives the same gradients, tests/test_recompute.py): a resumed run may change them freely, and everything else must
@@ -31,6 +39,8 @@ BOOKKEEPING_KEYS = frozenset(
         "threads",
         "eval_batch_size",
         "gradient_checkpointing",
+        "eval_every",
+        "eval_split",
     }
 )
 
@@ -334,6 +344,25 @@ class RunConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
     seed: int = Field(0, ge=0, description="Seed for data order, initialisation and dropout.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    # evaluation during training (eval_every and eval_split are bookkeeping unless keep_best, which changes the result)
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Steps between evaluations during training, each task scored on `eval_split` (at most "
+        "max_eval_examples each), logged to metrics.jsonl and TensorBoard and drawn in the report; the last step "
+        "is evaluated too. 0: only the evaluation at the end. Training itself is unchanged.",
+    )
+    keep_best: bool = Field(
+        False,
+        description="With eval_every: end the run with the weights of the evaluation with the best mean accuracy "
+        "(the earliest of equal ones), not the last step's; the final evaluation and the saved adapter are "
+        "that state's, and metrics.json's `best_eval` names its step.",
+    )
+    eval_split: Literal["validation", "test"] = Field(
+        "validation",
+        description="The split of the evaluations during training (`eval_every`); tasks without it are left out "
+        "of them, and a run where no task has it stops before training.",
+    )
     # bookkeeping
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation.")
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
@@ -364,6 +393,8 @@ class RunConfig(BaseModel):
                 f"label_template must contain {{label}} and no field but {{task}}, without format specs or "
                 f"conversions (got {self.label_template!r})"
             )
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best chooses among the evaluations during training: set eval_every too")
         if self.quantize is not None and self.train_backbone:
             raise ValueError("quantize cannot go with train_backbone: quantized weights do not train")
         if "head" not in self.model_fields_set and self.steps_per_task is not None:
@@ -391,7 +422,7 @@ class RunConfig(BaseModel):
         relative = {slot for slot in relative if slot.split(".")[0] not in replaced}
         relative |= resolve_paths(data, Path.cwd())  # a `--set` path, against the folder it was typed in
         where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
-        data, relative, earlier = continued_settings(data, relative)
+        data, relative, earlier = continued_settings(data, relative, cls.model_fields)
         if earlier is not None:
             where += f" (the settings it leaves out from {earlier})"
         run = cls.from_dict(data, where=where)
@@ -428,77 +459,6 @@ class RunConfig(BaseModel):
         return data
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A YAML config file's mapping of keys to values; anything else is refused naming the file."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = read_yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:  # unreadable: permissions, a folder, an I/O error
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:  # a value YAML cannot build (`2020-02-30`), deep nesting
-        raise ConfigError(f"{path}: a value is not valid YAML ({exc or type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return data
-
-
-def continued_settings(
-    data: dict[str, Any], relative: set[str]
-) -> tuple[dict[str, Any], set[str], Path | None]:
-    """A config that continues a finished run (`continue_from`, its paths resolved) takes every setting it leaves
-    out from that run's saved `config.yaml`, so that naming the new tasks is enough: the earlier run's method, model
-    and selector settings, which a continued run must keep anyway. Its paths are read against the run's folder
-    (and stay relative where it wrote them so); its tasks and its own `continue_from` are not carried over. Returns
-    the settings, the relative path slots and the file read (None where there is none to read: a folder without
-    it is refused by the continual method, naming what it lacks)."""
-    prior = data.get("continue_from")
-    saved = Path(prior) / CONFIG_FILE if isinstance(prior, str) else None
-    if saved is None or not saved.is_file() or set(RunConfig.model_fields) <= set(data):  # a saved config
-        return data, relative, None
-    earlier = read_config_file(saved)
-    earlier_relative = resolve_paths(earlier, saved.parent)
-    taken = {k: v for k, v in earlier.items() if k not in data and k not in ("tasks", "continue_from")}
-    relative = relative | {slot for slot in earlier_relative if slot.split(".")[0] in taken}
-    return {**data, **taken}, relative, saved
-
-
-def path_slots(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
-    """Where a config dict holds a file or folder path, by name (`tasks_dir`, `continue_from`, `tasks.2.test`,
-    `model`): `(the dict holding it, its key)`. A task spec's split given as a Hugging Face dataset is no path, and
-    `model` is one only when written as a path (`./tiny-gpt2`, `../models/x`, or absolute), not a hub name."""
-    slots = {key: (data, key) for key in ("tasks_dir", "continue_from") if isinstance(data.get(key), str)}
-    model = data.get("model")
-    if isinstance(model, str) and model_is_path(model):
-        slots["model"] = (data, "model")
-    tasks = data.get("tasks")
-    for i, spec in enumerate(tasks if isinstance(tasks, list) else []):
-        if isinstance(spec, dict):
-            for split in ("train", "validation", "test"):
-                if isinstance(spec.get(split), str):
-                    slots[f"tasks.{i}.{split}"] = (spec, split)
-    return slots
-
-
-def model_is_path(model: str) -> bool:
-    """Whether a `model` value names a folder (`./tiny`, `../models/x`, absolute) rather than a hub model."""
-    return model.startswith(("./", "../", ".\\", "..\\")) or Path(model).is_absolute()
-
-
-def resolve_paths(data: dict[str, Any], base: Path) -> set[str]:
-    """Resolve `data`'s relative paths against `base` in place; returns the names of those that were relative."""
-    relative = set()
-    for slot, (holder, key) in path_slots(data).items():
-        if not Path(holder[key]).is_absolute():
-            holder[key] = str((base / holder[key]).resolve())
-            relative.add(slot)
-    return relative
-
-
 def _plain_template(template: str) -> bool:
     """Whether `template` names `{label}` (and maybe `{task}`) and nothing else: no other field, no format spec
     or conversion (a width such as `{label:>9999999999}` would build a string of that size when filled)."""
@@ -511,16 +471,3 @@ def _plain_template(template: str) -> bool:
     named = [name for name, _, _ in fields if name is not None]
     plain = all(not spec and conversion is None for name, spec, conversion in fields if name is not None)
     return plain and "label" in named and set(named) <= {"label", "task"}
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = dict(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            data[key.strip()] = yaml.safe_load(raw)
-        except (yaml.YAMLError, ValueError, RecursionError) as exc:
-            raise ConfigError(f"--set {key}: value is not valid YAML ({exc or type(exc).__name__})") from None
-    return data

@@ -151,6 +151,8 @@ class Trainer:
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
         self.aux_modules.to(self.accelerator.device)
         self.step, self.history, self.last_checkpoint = 0, [], None
+        # seconds callbacks spent outside training (evaluations), left out of samples_per_s
+        self.untimed = 0.0
 
     @property
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
@@ -286,7 +288,7 @@ class Trainer:
             self.step += 1
             logs: dict[str, Any] = {"step": self.step}
             if self.step % run.log_every == 0 or self.step == run.steps:
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - started - self.untimed
                 logs.update(
                     loss=sums["loss"], lr=self.scheduler.get_last_lr()[0], samples_per_s=seen / elapsed
                 )

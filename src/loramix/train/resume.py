@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from loramix.errors import CheckpointError, ConfigError
-from loramix.train.config import BOOKKEEPING_KEYS, CONFIG_FILE, RunConfig, resolve_paths
+from loramix.train.config import BOOKKEEPING_KEYS, CONFIG_FILE, RunConfig
+from loramix.train.config_files import resolve_paths
 
 CHANGES_FILE = "config-changes.jsonl"
 DATA_FILE = "data-files.json"
@@ -42,7 +43,9 @@ def config_changes(
     resolve_paths(saved, saved_in or Path.cwd())
     resolve_paths(now, Path.cwd())
     changed: dict[str, tuple[Any, Any]] = {}
-    for key in sorted((set(saved) | set(now)) - BOOKKEEPING_KEYS):
+    # with keep_best, which steps are evaluated (and on what) decides the weights the run ends with
+    free = BOOKKEEPING_KEYS - ({"eval_every", "eval_split"} if run.keep_best else set())
+    for key in sorted((set(saved) | set(now)) - free):
         before = saved.get(key, defaults.get(key, _ABSENT))
         after = now.get(key, _ABSENT)
         _differences(key, before, after, changed)

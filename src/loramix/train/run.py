@@ -29,7 +29,13 @@ from loramix.models import check_model_path, check_positions, load_backbone
 from loramix.preflight import check_output_dir, finished_adapter
 from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
-from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
+from loramix.train.callbacks import (
+    Checkpointer,
+    JsonlLogger,
+    PeriodicEvaluation,
+    ProgressBar,
+    TensorBoardLogger,
+)
 from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.loop import Trainer
@@ -128,8 +134,9 @@ def make_collator(run: RunConfig, data: MultiTaskData, tokenizer: Any) -> TextCo
     collator = collator_of(run, [task.task_type for task in data.tasks], tokenizer)
     if not isinstance(collator, GenerationCollator):
         return collator
+    splits = dict.fromkeys(["train", eval_split(data)] + ([run.eval_split] if run.eval_every else []))
     for task in data.tasks:
-        for split in ("train", eval_split(data)):
+        for split in splits:
             collator.check(data.examples(split, task.task_id), f"{task.name} ({split})")
     return collator
 
@@ -181,6 +188,13 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
             f"no task has a 'test' or 'validation' split, and a run is scored on one when it ends (tasks: "
             f"{', '.join(data.task_names)}); give at least one task a `test:` file"
         )
+    if run.eval_every and len(data.missing(run.eval_split)) == data.num_tasks:
+        raise DataError(
+            f"eval_every: no task has a {run.eval_split!r} split to evaluate on during training (tasks: "
+            f"{', '.join(data.task_names)}); give tasks a `{run.eval_split}:` file, or set eval_split"
+        )
+    if run.keep_best and all(task.task_type == "regression" for task in data.tasks):
+        raise ConfigError("keep_best ranks evaluations by mean accuracy, and every task here is a regression")
     for path in replaces:
         if path.is_dir():
             shutil.rmtree(path)
@@ -200,16 +214,39 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
 
 
 def callbacks_for(
-    run: RunConfig, output_dir: Path, *, tensorboard: bool = True, phase: str | None = None
+    run: RunConfig,
+    output_dir: Path,
+    *,
+    tensorboard: bool = True,
+    phase: str | None = None,
+    evaluation: PeriodicEvaluation | None = None,
 ) -> list:
     """The callbacks of one training phase: the log, checkpoints, TensorBoard, and a progress bar labelled by the
-    method and `phase` (such as `task 2/10 trec`)."""
+    method and `phase` (such as `task 2/10 trec`); `evaluation` first, so that the others see its scores."""
     callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
     if tensorboard:
         callbacks.insert(1, TensorBoardLogger(output_dir / "tensorboard"))
     if run.progress:
         callbacks.insert(0, ProgressBar(f"{run.method}: {phase}" if phase else None))
-    return callbacks
+    return ([evaluation] if evaluation is not None else []) + callbacks
+
+
+BEST_FOLDER = "best"  # `keep_best`: the best evaluation's weights while the run trains
+
+
+def periodic_evaluation(
+    run: RunConfig, data: MultiTaskData, collator: Any, output_dir: Path
+) -> PeriodicEvaluation | None:
+    """The evaluations during training that `eval_every` asks for (None: none), scored as the final one is."""
+    if not run.eval_every:
+        return None
+    options = {**eval_options(run), "progress": False}
+    return PeriodicEvaluation(
+        run.eval_every,
+        run.eval_split,
+        lambda model: evaluate(model, data, collator, split=run.eval_split, **options),
+        keep_best_in=output_dir / BEST_FOLDER if run.keep_best else None,
+    )
 
 
 def train_one_phase(
@@ -229,6 +266,7 @@ def train_one_phase(
     if prepare_model is not None:
         prepare_model(model)
     collator = make_collator(run, data, tokenizer)
+    evaluation = periodic_evaluation(run, data, collator, output_dir)
     trainer = Trainer(
         run,
         model,
@@ -236,7 +274,7 @@ def train_one_phase(
         collator,
         output_dir=output_dir,
         aux_losses=make_aux_losses(),
-        callbacks=callbacks_for(run, output_dir),
+        callbacks=callbacks_for(run, output_dir, evaluation=evaluation),
     )
     if resume and not trainer.resume():
         print(
@@ -252,9 +290,12 @@ def train_one_phase(
         **{**eval_options(run), "progress": run.progress and trainer.accelerator.is_main_process},
     )
     metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
+    if evaluation is not None and evaluation.best is not None:
+        metrics["best_eval"] = {**evaluation.best, "split": run.eval_split, "kept": run.keep_best}
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:  # one writer when several processes train
         save_run(output_dir, run, data, model, metrics)
+        shutil.rmtree(output_dir / BEST_FOLDER, ignore_errors=True)  # the adapter holds those weights now
     return metrics
 
 

@@ -71,6 +71,7 @@ class Continual(Method):
     """Base of continual methods; subclasses give the adapters and override the hooks they need."""
 
     continual = True
+    evaluates_during_training = False  # every task is scored after each task instead (the accuracy matrix)
     base_for_unlearned: ClassVar[bool] = (
         True  # tasks not learned yet (inputs, class texts) go to the base model
     )
