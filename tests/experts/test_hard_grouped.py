@@ -1,4 +1,4 @@
-"""The decoding form of the hard gate (`ops.hard_grouped`: rows sorted by expert, grouped GEMMs, no weight copies)
+"""The decoding form of the hard gate (`grouped.hard_grouped`: rows sorted by expert, grouped GEMMs, no weight copies)
 against `ops.loop_reference`, alone, inside `ops.hard` and inside the fused `ops.linear`; and the cases where the
 gather + `bmm` form must run instead."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loramix.experts import ops
+from loramix.experts import grouped, ops
 from tests.experts.test_ops import make_weights
 
 SCALING = 1.7
@@ -34,8 +34,8 @@ def test_hard_grouped_equals_loop_reference(shape: tuple[int, ...]) -> None:
     n, t, _, o, _, _ = shape
     want = ops.loop_reference(x, A, B, experts, SCALING)
     with torch.no_grad():
-        assert ops.prefers_hard_grouped(x, A, B)
-        y, rows = ops.hard_grouped(x, A, B, experts, SCALING)
+        assert grouped.prefers_hard_grouped(x, A, B)
+        y, rows = grouped.hard_grouped(x, A, B, experts, SCALING)
         got = x.new_zeros(n * t, o).index_add_(0, rows, y).view(n, t, o)
         through_hard = ops.hard(x, A, B, experts, SCALING)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -67,7 +67,7 @@ def test_bf16_grouped_close_to_fp32_reference() -> None:
     x, A, B, experts = inputs(8, 1, 16, 24, 4, 8)
     want = ops.loop_reference(x, A, B, experts, SCALING)
     with torch.no_grad():
-        assert ops.prefers_hard_grouped(x.bfloat16(), A.bfloat16(), B.bfloat16())
+        assert grouped.prefers_hard_grouped(x.bfloat16(), A.bfloat16(), B.bfloat16())
         got = ops.hard(x.bfloat16(), A.bfloat16(), B.bfloat16(), experts, SCALING)
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= 3e-2 * want.abs().max()
@@ -75,13 +75,13 @@ def test_bf16_grouped_close_to_fp32_reference() -> None:
 
 def test_gather_form_runs_where_the_grouped_one_does_not_apply() -> None:
     x, A, B, experts = inputs(4, 1, 8, 12, 3, 4)
-    assert not ops.prefers_hard_grouped(x, A, B)  # autograd on: training keeps the fused gather form
+    assert not grouped.prefers_hard_grouped(x, A, B)  # autograd on: training keeps the fused gather form
     with torch.no_grad():
-        assert ops.prefers_hard_grouped(x, A, B)
-        assert not ops.prefers_hard_grouped(x, A, B, keep=torch.tensor([True, False, False, True]))
-        assert not ops.prefers_hard_grouped(x.expand(4, 5, 8), A, B)  # t > r: prefill, gathers amortised
-        assert not ops.prefers_hard_grouped(x, A[:1], B)  # shared A: one plain matmul already
-        assert not ops.prefers_hard_grouped(x[..., :7], A[..., :7], B)  # rows not 16-byte aligned
+        assert grouped.prefers_hard_grouped(x, A, B)
+        assert not grouped.prefers_hard_grouped(x, A, B, keep=torch.tensor([True, False, False, True]))
+        assert not grouped.prefers_hard_grouped(x.expand(4, 5, 8), A, B)  # t > r: prefill, gathers amortised
+        assert not grouped.prefers_hard_grouped(x, A[:1], B)  # shared A: one plain matmul already
+        assert not grouped.prefers_hard_grouped(x[..., :7], A[..., :7], B)  # rows not 16-byte aligned
         keep = torch.tensor([True, False, False, True])
         kept = ops.hard(x, A, B, experts, SCALING, keep=keep)
     assert torch.equal(kept[keep], torch.zeros_like(kept[keep]))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import loramix.experts.grouped as grouped
 import loramix.experts.ops as ops
 from loramix.errors import ConfigError
 from loramix.experts.base import StackedExperts, register_expert_kind
@@ -46,14 +47,14 @@ def prefers_grouped(x: Tensor, down: Tensor, up: Tensor) -> bool:
     (64 samples) 3.5x faster at w = 128 and 48 tokens, 1.5x at w = 64, 0.74x at w = 64 and 128 tokens; a training
     step of MoE-Adapters' MiniLM (32 inputs of 48 tokens, forward and backward) 0.70x the time at w = 128, 0.88x
     at w = 64 (`python benchmarks/continual.py --grouped`). So, unlike LoRA's hard gate
-    (:func:`loramix.experts.ops.prefers_hard_grouped`, inference only), it runs with autograd on too.
+    (:func:`loramix.experts.grouped.prefers_hard_grouped`, inference only), it runs with autograd on too.
     """
     return (
         x.dim() == 3
         and x.shape[1] <= down.shape[1]
         and down.shape[0] > 1
-        and ops.grouped_mm_ok(x, down, up)
-        and not ops.transforms_active()
+        and grouped.grouped_mm_ok(x, down, up)
+        and not grouped.transforms_active()
     )
 
 
@@ -69,7 +70,7 @@ def pair_weights(gate: Gate, scaling: float, dtype: torch.dtype) -> tuple[Tensor
     return gate.indices[:, None], weights
 
 
-def _dropped(h: Tensor, dropout: ops.Dropout, order: Tensor, n: int, k: int) -> Tensor:
+def _dropped(h: Tensor, dropout: grouped.Dropout, order: Tensor, n: int, k: int) -> Tensor:
     """Dropout on the grouped form's hidden `h` `(n*k, t, w)` (pairs in `order`) with the mask the gathers would
     draw: drawn over each sample's `(t, k*w)` hidden, as theirs, then laid out as the pairs' rows. The same random
     numbers give the same mask, so a run trains alike through either form (the floats differ only by rounding)."""
@@ -141,7 +142,7 @@ class AdapterExperts(StackedExperts):
         values = [effective[name] if dtype is None else effective[name].to(dtype) for name in self.stacked]
         return tuple(values)  # type: ignore[return-value]
 
-    def forward(self, x: Tensor, gate: Gate | None, scaling: float, dropout: ops.Dropout) -> Tensor:
+    def forward(self, x: Tensor, gate: Gate | None, scaling: float, dropout: grouped.Dropout) -> Tensor:
         """`s * sum_e g_e E_e(x)` by the op that fits the gate: x `(..., i)` without a gate, else `(n, t, i)`."""
         down, down_bias, up, up_bias = self.weights(x.dtype)
         if gate is None:  # one expert, gate of ones
@@ -170,7 +171,7 @@ class AdapterExperts(StackedExperts):
         up_bias: Tensor,
         gate: Gate,
         scaling: float,
-        dropout: ops.Dropout,
+        dropout: grouped.Dropout,
     ) -> Tensor:
         """Each sample through its own expert, gathered by `gate.indices` `(n,)`: an expert gets gradient only from
         the samples routed to it. Samples in `gate.keep` are multiplied by zero (hidden and bias), so their output
@@ -192,7 +193,7 @@ class AdapterExperts(StackedExperts):
         up_bias: Tensor,
         gate: Gate,
         scaling: float,
-        dropout: ops.Dropout,
+        dropout: grouped.Dropout,
     ) -> Tensor:
         """A per-sample top-k gate: each sample's k experts gathered into one `k*w`-wide adapter, two `bmm`; the
         other experts cost nothing (the dense op computes all e). Kept samples have zero weights: exactly zero."""
@@ -219,7 +220,7 @@ class AdapterExperts(StackedExperts):
         up_bias: Tensor,
         indices: Tensor,
         weights: Tensor,
-        dropout: ops.Dropout,
+        dropout: grouped.Dropout,
     ) -> Tensor:
         """The hard and per-sample top-k gates without copying any weights: each (sample, expert) pair's token rows
         sorted by expert, both projections as grouped GEMMs over the experts' segments (`torch._grouped_mm`, no
@@ -230,7 +231,7 @@ class AdapterExperts(StackedExperts):
         n, t, i = x.shape
         k, width, out = indices.shape[1], down.shape[1], up.shape[1]
         experts = indices.reshape(-1)  # (n*k,): pair p is sample p // k
-        order, rows, ends = ops.grouped_rows(experts, t, down.shape[0], k)  # pairs grouped by expert
+        order, rows, ends = grouped.grouped_rows(experts, t, down.shape[0], k)  # pairs grouped by expert
         expert = experts.index_select(0, order)  # (n*k,)
         weight = weights.reshape(-1).index_select(0, order)  # (n*k,)
         h = torch._grouped_mm(x.reshape(n * t, i).index_select(0, rows), down.transpose(1, 2), offs=ends)
@@ -249,7 +250,7 @@ class AdapterExperts(StackedExperts):
         up_bias: Tensor,
         weights: Tensor,
         scaling: float,
-        dropout: ops.Dropout,
+        dropout: grouped.Dropout,
     ) -> Tensor:
         """A gate over all experts, per sample `(n, e)` or per token `(n, t, e)` (a top-k gate is one with zeros):
         one matmul into the `e*w` stacked hidden, one back. Rows of zero weight (kept samples) give exactly

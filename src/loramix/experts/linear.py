@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _global_hooks
 
+import loramix.experts.grouped as grouped
 import loramix.experts.ops as ops
 from loramix.experts.layer import AdaptedLayer
 from loramix.experts.lora import LoraExperts, gate_weights, pair_gate, topk_gate
@@ -104,7 +105,7 @@ class LinearExperts(AdaptedLayer):
             and x.dim() >= 2
             and x.is_contiguous()
             and not torch.is_autocast_enabled(x.device.type)
-            and not ops.transforms_active()
+            and not grouped.transforms_active()
         )
 
     def _add_to_base_weight(self, delta: Tensor) -> None:

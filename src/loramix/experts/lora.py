@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import loramix.experts.grouped as grouped
 import loramix.experts.ops as ops
 from loramix.errors import ConfigError
 from loramix.experts.base import StackedExperts, register_expert_kind
@@ -98,7 +99,7 @@ class LoraExperts(StackedExperts):
                 B = F.dropout(B, self.shared_dropout, training=True)
         return A, B
 
-    def forward(self, x: Tensor, gate: Gate | None, scaling: float, dropout: ops.Dropout) -> Tensor:
+    def forward(self, x: Tensor, gate: Gate | None, scaling: float, dropout: grouped.Dropout) -> Tensor:
         """`s * sum_e g_e B_e A_e x` by the op that fits the gate: x `(..., i)` without a gate, else `(n, t, i)`."""
         A, B = self.weights()
         A, B = A.to(x.dtype), B.to(x.dtype)

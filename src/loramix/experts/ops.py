@@ -5,7 +5,8 @@ Legend: n samples, t tokens, e experts, r rank, i / o in / out features.
 All fast ops compute `s * sum_e g_e B_e A_e x` with no Python loop over experts and no host synchronisation:
 - `single`: one expert, gate of ones (a plain LoRA);
 - `hard`: one expert per sample (a task id): gather each sample's A and B, then `bmm`; in inference with a few
-  tokens per sample (decoding), `hard_grouped` instead: rows sorted by expert, two grouped GEMMs, no weight copies;
+  tokens per sample (decoding), `grouped.hard_grouped` instead: rows sorted by expert, two grouped GEMMs, no
+  weight copies;
 - `hard` + `add_pairs`: a per-sample gate whose rows mostly name one expert (the tasks' experts blended by an
   auto-selector's posterior): each sample's first expert as `hard`, weighed, and only the further (sample, expert)
   pairs as a second `hard` over copies of their samples' rows;
@@ -13,7 +14,7 @@ All fast ops compute `s * sum_e g_e B_e A_e x` with no Python loop over experts 
   features, scale by the gate, one matmul back;
 - `topk`: a top-k gate given by its indices, computing only the k chosen experts: per sample, each sample's k
   experts gathered into one rank-k*r LoRA (`bmm`); per token, the (token, expert) pairs sorted by expert and run as
-  one grouped GEMM (`torch._grouped_mm`). `prefers_topk` says when that beats `dense` (large e*r next to k*r).
+  one grouped GEMM (`grouped.topk_per_token`). `prefers_topk` says when that beats `dense` (large e*r next to k*r).
 Scaling and dropout act on the r-dimensional hidden, which is e*r wide at most, never on x.
 `loop_reference` is the obvious per-expert loop; the tests hold every fast op equal to it.
 
@@ -25,17 +26,19 @@ third of what a plain LoRA costs on top of its base layer (`benchmarks/speed.py`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Dropout = Callable[[Tensor], Tensor]
-
-
-def _identity(h: Tensor) -> Tensor:
-    return h
+from loramix.experts.grouped import (
+    Dropout,
+    grouped_mm_ok,
+    hard_grouped,
+    identity,
+    prefers_hard_grouped,
+    topk_per_token,
+    transforms_active,
+)
 
 
 def stacked_B(B: Tensor) -> Tensor:
@@ -119,7 +122,7 @@ def _times(h: Tensor, W: Tensor) -> Tensor:
     return h @ W if W.dim() == 2 else torch.bmm(h, W)
 
 
-def single(x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: Dropout = _identity) -> Tensor:
+def single(x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: Dropout = identity) -> Tensor:
     """One expert with a gate of ones: `s * B A x`. x `(..., i)`, A `(1, r, i)`, B `(1, o, r)`."""
     A_in, Bt = _project_single(A, B)
     h = _mix_single(x @ A_in.t(), scaling, dropout)  # (..., r)
@@ -132,7 +135,7 @@ def hard(
     B: Tensor,
     expert_index: Tensor,
     scaling: float,
-    dropout: Dropout = _identity,
+    dropout: Dropout = identity,
     *,
     keep: Tensor | None = None,
     sample_weight: Tensor | None = None,
@@ -160,7 +163,7 @@ def add_pairs(
     pairs: Tensor,
     pair_weight: Tensor,
     scaling: float,
-    dropout: Dropout = _identity,
+    dropout: Dropout = identity,
 ) -> Tensor:
     """`out[s] += w * s * B_e A_e x[s]` for each (sample s, expert e) of `pairs` `(p, 2)` long, w its
     `pair_weight` `(p,)`; x `(n, t, i)`, out `(n, t, o)`. The experts a per-sample gate names beyond each sample's
@@ -177,7 +180,7 @@ def add_pairs(
 
 
 def dense(
-    x: Tensor, A: Tensor, B: Tensor, gate: Tensor, scaling: float, dropout: Dropout = _identity
+    x: Tensor, A: Tensor, B: Tensor, gate: Tensor, scaling: float, dropout: Dropout = identity
 ) -> Tensor:
     """A gate per sample `(n, e)` or per token `(n, t, e)` over all experts. x `(n, t, i)`; returns `(n, t, o)`.
 
@@ -188,91 +191,6 @@ def dense(
     h = x @ A_in.t()  # (n, t, r or e*r)
     h = _mix_dense(h, gate, max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
     return h @ Bt  # (n, t, o)
-
-
-def prefers_hard_grouped(x: Tensor, A: Tensor, B: Tensor, keep: Tensor | None = None) -> bool:
-    """Whether `hard_grouped` should run instead of the gather + `bmm` form: in inference (nothing to
-    differentiate), on CPU, with a few tokens per sample (t <= r: decoding, one new token per step), one A and
-    one B per expert, and no keep-base mask.
-
-    Why: the gather copies each sample's `(r, i)` and `(r, o)` weights, r*(i+o) numbers per sample whatever t,
-    and transposes B's; the grouped form moves t*(i+o) (the sample's rows in and out) and reads each used
-    expert's weights once, where they are. Measured on the 48 linear layers of GPT-2 small at t = 1, 16 samples
-    over 16 experts, r = 8, one CPU thread: the experts added 33% to the base layers' time, against 48% with the
-    `index_select` gathers and 59% with the indexing gathers before them. (Reading 16 experts' A and B is itself
-    about 20% more bytes than the base weights, so that is the floor here.)
-    """
-    return (
-        not torch.is_grad_enabled()
-        and keep is None
-        and x.dim() == 3
-        and x.shape[1] <= A.shape[1]
-        and A.shape[0] == B.shape[0] > 1
-        and grouped_mm_ok(x, A, B)
-        and not transforms_active()
-    )
-
-
-def hard_grouped(
-    x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    expert_index: Tensor,
-    scaling: float,
-    dropout: Dropout = _identity,
-    sample_weight: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """`hard` without copying any weights: the samples' token rows sorted by expert, both projections as grouped
-    GEMMs over the experts' segments (`torch._grouped_mm`), each used expert's A and B read once, in place.
-
-    x `(n, t, i)`, expert_index `(n,)` long; A `(e, r, i)`, B `(e, o, r)`, one per expert. Returns the mixture's
-    rows in sorted order `(n*t, o)` and `rows` `(n*t,)`, the flat token index of each: `out.index_add_(0, rows,
-    y)` adds them to a flat `(n*t, o)` output. `sample_weight` `(n,)` scales each sample's rows. No host
-    synchronisation; forward only (see `prefers_hard_grouped`).
-
-    Example:
-        >>> y, rows = hard_grouped(x, A, B, torch.tensor([2, 0, 2]), 2.0)  # x (3, 1, i)
-        >>> delta = x.new_zeros(3, B.shape[1]).index_add_(0, rows, y).view(3, 1, -1)
-    """
-    n, t, i = x.shape
-    order, rows, ends = grouped_rows(expert_index, t, A.shape[0])  # samples grouped by expert
-    x_sorted = x.reshape(n * t, i).index_select(0, rows)  # (n*t, i)
-    h = dropout(torch._grouped_mm(x_sorted, A.transpose(1, 2), offs=ends)) * scaling  # (n*t, r)
-    if sample_weight is not None:  # each row weighed as its sample
-        h = h * sample_weight.to(h.dtype).index_select(0, order).repeat_interleave(t)[:, None]
-    return torch._grouped_mm(h, B.transpose(1, 2), offs=ends), rows  # (n*t, o), (n*t,)
-
-
-def grouped_rows(
-    expert_index: Tensor, t: int, num_experts: int, per_sample: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The grouped GEMMs' layout of `expert_index` `(m,)`, each entry one (sample, expert) pair, pair p of sample
-    `p // per_sample`: `order` `(m,)` the pairs sorted by expert (stable), `rows` `(m*t,)` the flat token rows
-    `(n*t, ...)` of each sorted pair's sample, and `ends` `(e,)` int32, where each expert's segment of those rows
-    ends (the `offs` of `torch._grouped_mm`)."""
-    order = torch.argsort(expert_index, stable=True)
-    sample = order if per_sample == 1 else torch.div(order, per_sample, rounding_mode="floor")
-    rows = sample if t == 1 else (sample[:, None] * t + torch.arange(t, device=sample.device)).flatten()
-    ends = (torch.bincount(expert_index, minlength=num_experts).cumsum(0) * t).to(torch.int32)
-    return order, rows, ends
-
-
-def grouped_mm_ok(x: Tensor, A: Tensor, B: Tensor) -> bool:
-    """`torch._grouped_mm` runs on CPU for fp32 and bf16 and needs every row stride a multiple of 16 bytes."""
-    align = 16 // x.element_size()
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and all(size % align == 0 for size in (x.shape[-1], A.shape[1], B.shape[1]))
-    )
-
-
-def transforms_active() -> bool:
-    """Whether a `torch.func` transform (vmap, grad, ...) is running: the fused nodes and the grouped GEMM are
-    not written for them, so the plain ops run instead."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active is not None and active())
 
 
 def prefers_topk(x: Tensor, A: Tensor, B: Tensor, indices: Tensor) -> bool:
@@ -309,7 +227,7 @@ def topk(
     indices: Tensor,
     weights: Tensor,
     scaling: float,
-    dropout: Dropout = _identity,
+    dropout: Dropout = identity,
 ) -> Tensor:
     """Only the k chosen experts: `s * sum_j w_j B_{e_j} A_{e_j} x`. x `(n, t, i)`; `indices` long and `weights`
     the gate at them, `(n, k)` per sample or `(n, t, k)` per token; returns `(n, t, o)`. Equal to `dense` with
@@ -327,14 +245,7 @@ def topk(
         A_in, Bt = _project_topk_per_sample(A, B, indices)
         h = _mix_topk_per_sample(torch.bmm(x, A_in.transpose(1, 2)), weights, scaling, dropout)  # (n, t, k*r)
         return torch.bmm(h, Bt)  # (n, t, o)
-    n, t, i = x.shape
-    # each (token, expert) pair a row of one token: pair p is token p // k; sorted by expert
-    order, tokens, ends = grouped_rows(indices.reshape(-1), 1, A.shape[0], indices.shape[-1])
-    rows = x.reshape(n * t, i)[tokens]  # (n*t*k, i)
-    h = torch._grouped_mm(rows, A.transpose(1, 2), offs=ends)  # (n*t*k, r)
-    h = dropout(h) * scaling * weights.reshape(-1)[order].to(h.dtype)[:, None]
-    y = torch._grouped_mm(h, B.transpose(1, 2), offs=ends)  # (n*t*k, o)
-    return x.new_zeros(n * t, B.shape[1]).index_add(0, tokens, y).view(n, t, B.shape[1])
+    return topk_per_token(x, A, B, indices, weights, scaling, dropout)
 
 
 # ---- the base layer and the mixture in one pass ----------------------------------------------------------------
@@ -440,7 +351,7 @@ def linear(
     *,
     gate: Tensor | None = None,
     indices: Tensor | None = None,
-    dropout: Dropout = _identity,
+    dropout: Dropout = identity,
     input_major: bool = False,
     keep: Tensor | None = None,
     sample_weight: Tensor | None = None,
