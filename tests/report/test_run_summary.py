@@ -41,4 +41,6 @@ def test_the_scores_name_the_best_evaluation_during_training_and_whether_it_was_
         "with (keep_best)"
     )
     assert score_lines({"mean_accuracy": 0.8, "best_eval": {**best, "kept": False}})[1].endswith("; not kept")
+    stopped = score_lines({"mean_accuracy": 0.8, "best_eval": {**best, "stopped_at": 500}})[1]
+    assert stopped.endswith("(keep_best); training stopped early at step 500")
     assert len(score_lines({"mean_accuracy": 0.8})) == 1

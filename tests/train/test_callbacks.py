@@ -181,7 +181,7 @@ def test_keep_best_ends_the_run_with_the_best_evaluations_weights(
     # the checkpoint at step 4 holds that step's weights; the one written when training ends, those it ends with
     at_4, at_end = checkpoint_weights(tmp_path / "best", 4), checkpoint_weights(tmp_path / "best", 8)
     assert all(torch.equal(at_4[name], at_end[name]) for name in at_4)
-    assert not (tmp_path / "best" / "best").exists()  # the adapter holds them now
+    assert [p.name for p in (tmp_path / "best" / "best").iterdir()] == ["step-000004.safetensors"]
 
     last = run_training(RunConfig.from_dict(settings), tmp_path / "last")
     assert last["best_eval"]["kept"] is False
@@ -222,7 +222,7 @@ def test_keep_best_resumes_to_the_same_weights_when_a_later_best_replaced_the_ch
 
 
 def test_keep_best_without_eval_every_is_refused():
-    with pytest.raises(ConfigError, match="keep_best chooses among the evaluations during training"):
+    with pytest.raises(ConfigError, match="keep_best reads the evaluations during training"):
         RunConfig.from_dict({"tasks_dir": "data", "tasks": ["a"], "keep_best": True})
 
 
@@ -242,3 +242,41 @@ def test_keep_best_is_refused_where_no_task_has_an_accuracy(model_dir: Path, tmp
     )
     with pytest.raises(ConfigError, match="keep_best ranks evaluations by mean accuracy"):
         run_training(run, tmp_path / "run")
+
+
+def test_eval_patience_stops_training_after_evaluations_that_do_not_beat_the_best(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # steps 6 and 8 do not beat step 4: with a patience of two, training stops at step 8 of 12
+    scripted_scores(monkeypatch, {2: 0.5, 4: 0.6, 6: 0.6, 8: 0.55, 10: 0.9, 12: 0.9})
+    settings = toys.settings(
+        model_dir,
+        tasks_dir,
+        method="mola-grad",
+        steps=12,
+        checkpoint_every=4,
+        eval_every=2,
+        eval_split="test",
+        eval_patience=2,
+        keep_best=True,
+    )
+    run = RunConfig.from_dict(settings)
+    metrics = run_training(run, tmp_path)
+    assert metrics["best_eval"] == {
+        "step": 4,
+        "mean_accuracy": 0.6,
+        "split": "test",
+        "kept": True,
+        "stopped_at": 8,
+    }
+    assert metrics["history"][-1]["step"] == 8
+    at_4, at_end = checkpoint_weights(tmp_path, 4), checkpoint_weights(tmp_path, 8)
+    assert all(torch.equal(at_4[name], at_end[name]) for name in at_4)  # the best evaluation's weights kept
+    saved = adapters(tmp_path)
+    # a resume of the stopped run trains no further: it scores and saves the same weights again
+    again = run_training(run, tmp_path, resume=True)
+    assert again["history"][-1]["step"] == 8 and again["best_eval"] == metrics["best_eval"]
+    assert again["tasks"] == metrics["tasks"]
+    assert all(torch.equal(saved[name], tensor) for name, tensor in adapters(tmp_path).items())
+    with pytest.raises(ConfigError, match="eval_patience reads the evaluations during training"):
+        RunConfig.from_dict({**settings, "eval_every": 0, "keep_best": False})

@@ -446,7 +446,8 @@ def test_a_changed_task_spec_is_named_by_its_field():
 
 
 def test_the_evaluations_during_training_may_change_on_resume_unless_they_choose_the_weights():
-    """`eval_every` and `eval_split` only watch a run, unless `keep_best` picks its weights among them."""
+    """`eval_every` and `eval_split` only watch a run, unless `keep_best` picks its weights among them or
+    `eval_patience` its last step."""
     from loramix.train.resume import config_changes
 
     spec = {"name": "a", "train": "/data/a.jsonl"}
@@ -458,6 +459,9 @@ def test_the_evaluations_during_training_may_change_on_resume_unless_they_choose
         "eval_every": (10, 5),
         "eval_split": ("validation", "test"),
     }
+    saved = RunConfig.from_dict({"tasks": [spec], "eval_every": 10, "eval_patience": 3}).to_dict()
+    now = RunConfig.from_dict({"tasks": [spec], "eval_every": 5, "eval_patience": 3})
+    assert config_changes(saved, now, Path("/")) == {"eval_every": (10, 5)}
 
 
 def test_a_relative_tasks_dir_is_the_same_config_on_resume(

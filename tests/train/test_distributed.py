@@ -69,7 +69,8 @@ def test_two_processes_train_and_one_writes(method: str, model_dir: Path, tasks_
         evaluated = [json.loads(line) for line in lines if '"eval"' in line]
         assert [entry["step"] for entry in evaluated] == [4, 8, 12]
         best = max(evaluated, key=lambda entry: entry["eval"]["mean_accuracy"])  # the first of equals
-        assert metrics["best_eval"]["step"] == best["step"] and not (out / "best").exists()
+        assert metrics["best_eval"]["step"] == best["step"]
+        assert [p.name for p in (out / "best").iterdir()] == [f"step-{best['step']:06d}.safetensors"]
     adapters = load_file(out / "adapter" / "adapters.safetensors")
     assert any(name.endswith(".B") and bool(t.abs().max() > 0) for name, t in adapters.items())
 

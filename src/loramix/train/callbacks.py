@@ -48,13 +48,21 @@ class PeriodicEvaluation(Callback):
         evaluate: Callable[[Any], Mapping[str, Any]],
         *,
         keep_best_in: Path | None = None,
+        patience: int | None = None,
     ) -> None:
         """`keep_best_in`: a folder where the trainable weights of the evaluation with the best mean accuracy so
         far are kept (one file, `step-NNNNNN.safetensors`, written atomically), put back into the model when
-        training ends. None: the run ends with its last step's weights."""
+        training ends. None: the run ends with its last step's weights. `patience`: training stops once that many
+        evaluations in a row have not beaten the best (early stopping)."""
         self.every, self.split, self.evaluate = every, split, evaluate
-        self.keep_best_in = keep_best_in
+        self.keep_best_in, self.patience = keep_best_in, patience
         self.best: dict[str, Any] | None = None  # {"step", "mean_accuracy"} of the best evaluation so far
+        self.since_best = 0  # evaluations since the best
+        self.stopped_at: int | None = None  # the step where patience ran out
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """A run that stopped early stays stopped when it is resumed (to finish its evaluation and save)."""
+        trainer.stop_requested = self.stopped_at is not None
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if trainer.step % self.every and trainer.step != trainer.run.steps:
@@ -73,8 +81,9 @@ class PeriodicEvaluation(Callback):
         if not trainer.history or trainer.history[-1] is not logs:  # a step that logs no loss
             trainer.history.append(logs)
         score = entry.get("mean_accuracy")
+        self.since_best += 1
         if score is not None and (self.best is None or score > self.best["mean_accuracy"]):
-            self.best = {"step": trainer.step, "mean_accuracy": score}
+            self.best, self.since_best = {"step": trainer.step, "mean_accuracy": score}, 0
             if self.keep_best_in is not None and trainer.accelerator.is_main_process:
                 path = self.best_file(trainer.step)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +91,19 @@ class PeriodicEvaluation(Callback):
                 for other in self.keep_best_in.glob("step-*.safetensors"):
                     if other != path:
                         other.unlink(missing_ok=True)
+        if (
+            self.patience is not None
+            and self.since_best >= self.patience
+            and trainer.step < trainer.run.steps
+        ):
+            self.stopped_at, trainer.stop_requested = trainer.step, True
+            if trainer.accelerator.is_main_process:
+                print(
+                    f"\nloramix: stopping early at step {trainer.step}: {self.since_best} evaluations without beating "
+                    f"the best mean accuracy ({self.best['mean_accuracy'] if self.best else None}, step "
+                    f"{self.best['step'] if self.best else None})",
+                    file=sys.stderr,
+                )
 
     def best_file(self, step: int) -> Path:
         assert self.keep_best_in is not None
@@ -98,12 +120,13 @@ class PeriodicEvaluation(Callback):
         restore_trainable(trainer.checkpoint_modules, weights)
 
     def state_dict(self) -> dict[str, Any] | None:
-        return {"best": self.best}
+        return {"best": self.best, "since_best": self.since_best, "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The best evaluation before the checkpoint; forgotten, with a warning, where its weights are gone (a
         later best replaced them before the run stopped: a resumed run finds that one again as it goes on)."""
-        self.best = state.get("best")
+        self.best, self.since_best = state.get("best"), state.get("since_best", 0)
+        self.stopped_at = state.get("stopped_at")
         if self.keep_best_in is not None and self.best is not None:
             if not self.best_file(self.best["step"]).is_file():
                 print(

@@ -344,7 +344,8 @@ class RunConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
     seed: int = Field(0, ge=0, description="Seed for data order, initialisation and dropout.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
-    # evaluation during training (eval_every and eval_split are bookkeeping unless keep_best, which changes the result)
+    # evaluation during training (eval_every and eval_split are bookkeeping unless keep_best or eval_patience
+    # make the evaluations decide where the run ends)
     eval_every: int = Field(
         0,
         ge=0,
@@ -357,6 +358,13 @@ class RunConfig(BaseModel):
         description="With eval_every: end the run with the weights of the evaluation with the best mean accuracy "
         "(the earliest of equal ones), not the last step's; the final evaluation and the saved adapter are "
         "that state's, and metrics.json's `best_eval` names its step.",
+    )
+    eval_patience: int | None = Field(
+        None,
+        ge=1,
+        description="With eval_every: stop training early once this many evaluations in a row have not beaten the "
+        "best mean accuracy; the run then evaluates and saves as at its end (with keep_best, the best "
+        "evaluation's weights). None: train every step.",
     )
     eval_split: Literal["validation", "test"] = Field(
         "validation",
@@ -393,8 +401,9 @@ class RunConfig(BaseModel):
                 f"label_template must contain {{label}} and no field but {{task}}, without format specs or "
                 f"conversions (got {self.label_template!r})"
             )
-        if self.keep_best and not self.eval_every:
-            raise ValueError("keep_best chooses among the evaluations during training: set eval_every too")
+        for key in ("keep_best", "eval_patience"):
+            if getattr(self, key) and not self.eval_every:
+                raise ValueError(f"{key} reads the evaluations during training: set eval_every too")
         if self.quantize is not None and self.train_backbone:
             raise ValueError("quantize cannot go with train_backbone: quantized weights do not train")
         if "head" not in self.model_fields_set and self.steps_per_task is not None:

@@ -153,6 +153,7 @@ class Trainer:
         self.step, self.history, self.last_checkpoint = 0, [], None
         # seconds callbacks spent outside training (evaluations), left out of samples_per_s
         self.untimed = 0.0
+        self.stop_requested = False  # a callback ends training before `run.steps` (early stopping)
 
     @property
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
@@ -258,7 +259,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         started, seen = time.perf_counter(), 0
-        while self.step < run.steps:
+        while self.step < run.steps and not self.stop_requested:
             sums: dict[str, float] = {}
             for micro in range(run.grad_accum):
                 batch = next(batches)

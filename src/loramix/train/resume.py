@@ -43,8 +43,9 @@ def config_changes(
     resolve_paths(saved, saved_in or Path.cwd())
     resolve_paths(now, Path.cwd())
     changed: dict[str, tuple[Any, Any]] = {}
-    # with keep_best, which steps are evaluated (and on what) decides the weights the run ends with
-    free = BOOKKEEPING_KEYS - ({"eval_every", "eval_split"} if run.keep_best else set())
+    # with keep_best or eval_patience, which steps are evaluated (and on what) decides where the run ends
+    chosen = run.keep_best or run.eval_patience is not None
+    free = BOOKKEEPING_KEYS - ({"eval_every", "eval_split"} if chosen else set())
     for key in sorted((set(saved) | set(now)) - free):
         before = saved.get(key, defaults.get(key, _ABSENT))
         after = now.get(key, _ABSENT)

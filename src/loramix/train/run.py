@@ -193,8 +193,11 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
             f"eval_every: no task has a {run.eval_split!r} split to evaluate on during training (tasks: "
             f"{', '.join(data.task_names)}); give tasks a `{run.eval_split}:` file, or set eval_split"
         )
-    if run.keep_best and all(task.task_type == "regression" for task in data.tasks):
-        raise ConfigError("keep_best ranks evaluations by mean accuracy, and every task here is a regression")
+    chooser = "keep_best" if run.keep_best else "eval_patience" if run.eval_patience else None
+    if chooser and all(task.task_type == "regression" for task in data.tasks):
+        raise ConfigError(
+            f"{chooser} ranks evaluations by mean accuracy, and every task here is a regression"
+        )
     for path in replaces:
         if path.is_dir():
             shutil.rmtree(path)
@@ -231,7 +234,7 @@ def callbacks_for(
     return ([evaluation] if evaluation is not None else []) + callbacks
 
 
-BEST_FOLDER = "best"  # `keep_best`: the best evaluation's weights while the run trains
+BEST_FOLDER = "best"  # `keep_best`: the best evaluation's weights, kept beside the checkpoints for a resume
 
 
 def periodic_evaluation(
@@ -246,6 +249,7 @@ def periodic_evaluation(
         run.eval_split,
         lambda model: evaluate(model, data, collator, split=run.eval_split, **options),
         keep_best_in=output_dir / BEST_FOLDER if run.keep_best else None,
+        patience=run.eval_patience,
     )
 
 
@@ -292,10 +296,11 @@ def train_one_phase(
     metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
     if evaluation is not None and evaluation.best is not None:
         metrics["best_eval"] = {**evaluation.best, "split": run.eval_split, "kept": run.keep_best}
+        if evaluation.stopped_at is not None:
+            metrics["best_eval"]["stopped_at"] = evaluation.stopped_at
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:  # one writer when several processes train
         save_run(output_dir, run, data, model, metrics)
-        shutil.rmtree(output_dir / BEST_FOLDER, ignore_errors=True)  # the adapter holds those weights now
     return metrics
 
 
