@@ -38,11 +38,10 @@ from loramix.methods.elrea.ensemble import base_centroid
 from loramix.methods.elrea.evaluate import FEATURE_HEADS, evaluate_elrea, featurize
 from loramix.methods.elrea.features import GradientFeaturizer, adam_state_by_name
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
-from loramix.train.callbacks import Checkpointer, JsonlLogger, ProgressBar
 from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
-from loramix.train.run import build_model, eval_split, make_collator, save_run
+from loramix.train.run import build_model, callbacks_for, eval_split, make_collator, save_run
 
 STAGE_FILE = "clusters.safetensors"
 
@@ -149,9 +148,7 @@ def _trainer(
     run: RunConfig, model, data, collator, output_dir: Path, steps: int, label: str, **kwargs
 ) -> Trainer:
     phase = run.model_copy(update={"steps": steps})
-    callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
-    if run.progress:
-        callbacks.insert(0, ProgressBar(f"elrea: {label}"))
+    callbacks = callbacks_for(run, output_dir, tensorboard=False, phase=label)
     return Trainer(phase, model, data, collator, output_dir=output_dir, callbacks=callbacks, **kwargs)
 
 
