@@ -80,17 +80,7 @@ class PeriodicEvaluation(Callback):
         logs["eval"] = entry = eval_entry(self.split, metrics)
         if not trainer.history or trainer.history[-1] is not logs:  # a step that logs no loss
             trainer.history.append(logs)
-        score = entry.get("mean_accuracy")
-        self.since_best += 1
-        if score is not None and (self.best is None or score > self.best["mean_accuracy"]):
-            self.best, self.since_best = {"step": trainer.step, "mean_accuracy": score}, 0
-            if self.keep_best_in is not None and trainer.accelerator.is_main_process:
-                path = self.best_file(trainer.step)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_save_tensors(path, trainable_state(trainer.checkpoint_modules))
-                for other in self.keep_best_in.glob("step-*.safetensors"):
-                    if other != path:
-                        other.unlink(missing_ok=True)
+        self.consider(trainer, entry.get("mean_accuracy"))
         if (
             self.patience is not None
             and self.since_best >= self.patience
@@ -98,12 +88,26 @@ class PeriodicEvaluation(Callback):
         ):
             self.stopped_at, trainer.stop_requested = trainer.step, True
             if trainer.accelerator.is_main_process:
+                assert self.best is not None  # an evaluation without a score never runs out of patience
                 print(
                     f"\nloramix: stopping early at step {trainer.step}: {self.since_best} evaluations without beating "
-                    f"the best mean accuracy ({self.best['mean_accuracy'] if self.best else None}, step "
-                    f"{self.best['step'] if self.best else None})",
+                    f"the best mean accuracy, {self.best['mean_accuracy']:.4f} at step {self.best['step']}",
                     file=sys.stderr,
                 )
+
+    def consider(self, trainer: Trainer, score: float | None) -> None:
+        """This step's mean accuracy against the best so far; a new best's weights into `keep_best_in`."""
+        self.since_best += 1
+        if score is None or (self.best is not None and score <= self.best["mean_accuracy"]):
+            return
+        self.best, self.since_best = {"step": trainer.step, "mean_accuracy": score}, 0
+        if self.keep_best_in is not None and trainer.accelerator.is_main_process:
+            path = self.best_file(trainer.step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_tensors(path, trainable_state(trainer.checkpoint_modules))
+            for other in self.keep_best_in.glob("step-*.safetensors"):
+                if other != path:
+                    other.unlink(missing_ok=True)
 
     def best_file(self, step: int) -> Path:
         assert self.keep_best_in is not None
