@@ -88,7 +88,7 @@ class PeriodicEvaluation(Callback):
         ):
             self.stopped_at, trainer.stop_requested = trainer.step, True
             if trainer.accelerator.is_main_process:
-                assert self.best is not None  # an evaluation without a score never runs out of patience
+                assert self.best is not None  # only evaluations with a score count
                 print(
                     f"\nloramix: stopping early at step {trainer.step}: {self.since_best} evaluations without beating "
                     f"the best mean accuracy, {self.best['mean_accuracy']:.4f} at step {self.best['step']}",
@@ -96,9 +96,12 @@ class PeriodicEvaluation(Callback):
                 )
 
     def consider(self, trainer: Trainer, score: float | None) -> None:
-        """This step's mean accuracy against the best so far; a new best's weights into `keep_best_in`."""
+        """This step's mean accuracy against the best so far; a new best's weights into `keep_best_in`. An
+        evaluation without one (no classification task has the split) does not count."""
+        if score is None:
+            return
         self.since_best += 1
-        if score is None or (self.best is not None and score <= self.best["mean_accuracy"]):
+        if self.best is not None and score <= self.best["mean_accuracy"]:
             return
         self.best, self.since_best = {"step": trainer.step, "mean_accuracy": score}, 0
         if self.keep_best_in is not None and trainer.accelerator.is_main_process:
