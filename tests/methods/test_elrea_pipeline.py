@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 import loramix
 from loramix.errors import CheckpointError, ConfigError
 from loramix.io import read_checkpoint
-from loramix.methods import run_training
+from loramix.methods import get_method, run_training
 from loramix.methods.elrea import pipeline
 from loramix.train import callbacks
 from loramix.train.config import RunConfig
@@ -359,3 +359,25 @@ def test_a_resume_is_checked_against_the_phase_it_will_load(tmp_path: Path):
     assert elrea.resume_checkpoints(tmp_path) == tmp_path / "base" / "checkpoints"
     (tmp_path / pipeline.STAGE_FILE).write_bytes(b"")  # the base phase and the clusters are done
     assert elrea.resume_checkpoints(tmp_path) == tmp_path / "experts" / "checkpoints"
+
+
+def test_evaluations_during_training_watch_both_phases_and_change_nothing(
+    runs: list[dict[str, Any]], model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    settings = {**elrea_settings(model_dir, tasks_dir), "eval_every": 5, "eval_split": "test"}
+    metrics = run_training(RunConfig.from_dict(settings), tmp_path)
+    plain = runs[0]["dir"] / "adapter" / "adapters.safetensors"
+    a, b = load_file(plain), load_file(tmp_path / "adapter" / "adapters.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+    assert metrics["tasks"] == runs[0]["metrics"]["tasks"]
+    # the base adapter's 5 steps, then the experts' 15, counted on from the base's in the run's history
+    evaluated = [h for h in metrics["history"] if "eval" in h]
+    assert [h["step"] for h in evaluated] == [5, 10, 15, 20]
+    logged = (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged if '"eval"' in line] == [5]
+    # the experts' last evaluation scores the bank as the final one does: by gradient routing, on the same inputs
+    last = evaluated[-1]["eval"]
+    for name, scores in metrics["tasks"].items():
+        assert last["tasks"][name] == {k: v for k, v in scores.items() if k != "n"}
+    with pytest.raises(ConfigError, match="keep_best: method elrea trains two phases"):
+        get_method("elrea").validate(RunConfig.from_dict({**settings, "keep_best": True}))

@@ -41,7 +41,7 @@ class Method:
     description: ClassVar[str] = ""
     continual: ClassVar[bool] = False  # learns tasks one after another (`steps_per_task`, `continue_from`)
     uses_selector: ClassVar[bool] = False  # an auto-selector (DDAS, `ddas_*`) routes at inference
-    # its training can be scored on the way (`eval_every`): a method whose evaluation is the shared one
+    # its training can be scored on the way (`eval_every`)
     evaluates_during_training: ClassVar[bool] = True
 
     def validate(self, run: RunConfig) -> None:
@@ -57,8 +57,8 @@ class Method:
         adapter config this method builds, as any is checked."""
         if run.eval_every and not self.evaluates_during_training:
             raise ConfigError(
-                f"eval_every: method {self.name} is scored only as its own schedule scores it (after each task, or "
-                "once its phases end), not during training; remove eval_every"
+                f"eval_every: method {self.name} is scored only as its own schedule scores it (every task after "
+                "each task it learns), not during training; remove eval_every"
             )
         for key in ("continue_from", "keep_task_states"):
             if getattr(run, key) is not None and not self.continual:

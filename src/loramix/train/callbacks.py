@@ -37,8 +37,8 @@ class PeriodicEvaluation(Callback):
     that `metrics.jsonl`, TensorBoard, the history and the report carry them:
     `{"split", "mean_accuracy", ..., "purity", "tasks": {task: {"accuracy": ..., ...}}}`.
 
-    Training is the same with or without it: `evaluate` puts the model back in training mode, and every random
-    generator goes back to the state it had, so a run's adapters are bit for bit those of a run that does not
+    Training is the same with or without it: the model goes back to training mode and every random generator to
+    the state it had, so a run's adapters are bit for bit those of a run that does not
     evaluate on the way (`tests/train/test_callbacks.py`)."""
 
     def __init__(
@@ -76,6 +76,7 @@ class PeriodicEvaluation(Callback):
             metrics = self.evaluate(model)
         random.setstate(states[0])
         np.random.set_state(states[1])
+        trainer.model.train()
         trainer.untimed += time.perf_counter() - began
         logs["eval"] = entry = eval_entry(self.split, metrics)
         if not trainer.history or trainer.history[-1] is not logs:  # a step that logs no loss

@@ -38,10 +38,15 @@ from loramix.train.serve_export import BASE_FOLDER, write_trained_base
 class Elrea(Method):
     name = "elrea"
     description = "a base LoRA, then one expert per gradient cluster, routed by gradient similarity (ELREA)"
-    evaluates_during_training = False  # its answers need the centroids, which exist only after the base phase
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
+        for key in ("keep_best", "eval_patience"):
+            if getattr(run, key):
+                raise ConfigError(
+                    f"{key}: method elrea trains two phases, whose evaluations score different models (the base "
+                    "adapter, then the experts routed by gradient); `eval_every` alone watches both"
+                )
         if run.head != "classification":
             raise ConfigError(
                 f"head: elrea featurizes the per-task classification heads' gradients; {run.head!r} is not supported"

@@ -38,10 +38,18 @@ from loramix.methods.elrea.ensemble import base_centroid
 from loramix.methods.elrea.evaluate import FEATURE_HEADS, evaluate_elrea, featurize
 from loramix.methods.elrea.features import GradientFeaturizer, adam_state_by_name
 from loramix.methods.elrea.model import BASE_CENTROID, CENTROIDS, expand_to_bank
+from loramix.train.callbacks import PeriodicEvaluation
 from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
-from loramix.train.run import build_model, callbacks_for, eval_split, make_collator, save_run
+from loramix.train.run import (
+    build_model,
+    callbacks_for,
+    eval_split,
+    make_collator,
+    periodic_evaluation,
+    save_run,
+)
 
 STAGE_FILE = "clusters.safetensors"
 
@@ -145,10 +153,18 @@ def settings(run: RunConfig) -> dict[str, Any]:
 
 
 def _trainer(
-    run: RunConfig, model, data, collator, output_dir: Path, steps: int, label: str, **kwargs
+    run: RunConfig,
+    model,
+    data,
+    collator,
+    output_dir: Path,
+    steps: int,
+    label: str,
+    evaluation: PeriodicEvaluation | None = None,
+    **kwargs,
 ) -> Trainer:
     phase = run.model_copy(update={"steps": steps})
-    callbacks = callbacks_for(run, output_dir, tensorboard=False, phase=label)
+    callbacks = callbacks_for(run, output_dir, tensorboard=False, phase=label, evaluation=evaluation)
     return Trainer(phase, model, data, collator, output_dir=output_dir, callbacks=callbacks, **kwargs)
 
 
@@ -180,7 +196,11 @@ def _base_stage(
     resume: bool,
 ) -> Stage:
     """Steps 1-3: the base adapter, the features of a seeded sample of training examples, their clusters."""
-    trainer = _trainer(run, model, data, collator, output_dir / "base", base_steps, "1/3 base adapter")
+    # the base adapter alone, scored as any one-LoRA run is (`eval_every`)
+    evaluation = periodic_evaluation(run, data, collator, output_dir / "base")
+    trainer = _trainer(
+        run, model, data, collator, output_dir / "base", base_steps, "1/3 base adapter", evaluation
+    )
     if resume:
         trainer.resume()
     train = data.split("train")
@@ -263,6 +283,23 @@ def run_elrea(
     train = data.split("train")
     examples = [train[i] for i in stage.chosen]
     routes = [int(c) + 1 for c in stage.labels]
+    centroid0 = base_centroid(stage.features)
+    evaluation = None
+    if run.eval_every:  # the bank as it answers at the end: each input routed by its gradient
+        evaluation = PeriodicEvaluation(
+            run.eval_every,
+            run.eval_split,
+            lambda bank: evaluate_elrea(
+                bank,
+                data,
+                collator,
+                run,
+                stage.centroids,
+                centroid0,
+                split=run.eval_split,
+                feature_heads=stage.heads_state,
+            )[0],
+        )
     # Clusters are a partition of the data, not tasks to rebalance: each expert draws its share of the examples.
     expert_trainer = _trainer(
         run.model_copy(update={"sampling": "proportional", "lr": run.elrea_expert_lr or run.lr}),
@@ -272,6 +309,7 @@ def run_elrea(
         output_dir / "experts",
         run.steps - base_steps,
         f"3/3 {n_clusters} experts",
+        evaluation,
         train_examples=list(zip(examples, routes)),
         sampler_ids=[r - 1 for r in routes],
     )
@@ -280,7 +318,6 @@ def run_elrea(
     history = stage.history + [{**h, "step": h["step"] + base_steps} for h in expert_trainer.train()]
     model = expert_trainer.accelerator.unwrap_model(expert_trainer.model)
     # 5. ensemble inference
-    centroid0 = base_centroid(stage.features)
     metrics, weights, test_tasks = evaluate_elrea(
         model,
         data,
