@@ -259,6 +259,57 @@ def test_no_auxiliary_panel_for_methods_without_auxiliary_losses(tmp_path):
     assert not (tmp_path / "plots" / "aux_losses.png").exists()
 
 
+def two_tasks(a: float, b: float) -> dict:
+    return {"sst2": {"accuracy": a, "macro_f1": a}, "trec": {"accuracy": b, "macro_f1": b}}
+
+
+def test_evaluations_during_training_are_drawn_as_they_were_scored(tmp_path, monkeypatch):
+    """Each evaluation a point on a line (no running mean: each is the score of the same inputs), one panel for
+    the mean, one for the routing purity where a router routes, one per task."""
+    figures = {}
+    real = report_module.plot_curves
+
+    def keep(path, panels, title, **options):
+        figures[path.name] = real(path, panels, title, **options)
+        return figures[path.name]
+
+    monkeypatch.setattr(report_module, "plot_curves", keep)
+    scored = [
+        {"step": 5, "loss": 1.0},
+        {
+            "step": 10,
+            "loss": 0.8,
+            "eval": {
+                "split": "validation",
+                "mean_accuracy": 0.6,
+                "purity": 0.5,
+                "tasks": two_tasks(0.7, 0.5),
+            },
+        },
+        {
+            "step": 20,
+            "loss": 0.5,
+            "eval": {
+                "split": "validation",
+                "mean_accuracy": 0.8,
+                "purity": 0.9,
+                "tasks": two_tasks(0.9, 0.7),
+            },
+        },
+    ]
+    text = write_report(tmp_path, [{"method": "mola-router", "history": scored}]).read_text()
+    assert "![evaluation during training](plots/evaluation.png)" in text
+    assert "on the validation split (`eval_every`)" in text
+    panels = [axes for axes in figures["evaluation.png"].axes if axes.lines]
+    assert [axes.get_title() for axes in panels] == ["mean accuracy", "routing purity", "sst2", "trec"]
+    for axes, values in zip(panels, ([0.6, 0.8], [0.5, 0.9], [0.7, 0.9], [0.5, 0.7])):
+        (line,) = axes.lines
+        assert list(line.get_xdata()) == [10, 20] and list(line.get_ydata()) == values
+
+    plain = write_report(tmp_path / "plain", [{"method": "lora", "history": scored[:1]}]).read_text()
+    assert "evaluation" not in plain and not (tmp_path / "plain" / "plots" / "evaluation.png").exists()
+
+
 def test_a_generation_task_s_row_names_what_its_accuracy_counts():
     results = [
         {"method": "lora", "tasks": {"add": {"accuracy": 0.5, "scorer": "number"}, "sst2": {"accuracy": 0.8}}}
