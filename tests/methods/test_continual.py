@@ -239,6 +239,7 @@ def grouped_model_dir(factory: pytest.TempPathFactory) -> Path:
 def test_moe_adapters_writes_the_accuracy_matrix_and_its_metrics(moe_run: dict[str, Any]):
     metrics, tasks = moe_run["metrics"], len(toys.TASK_NAMES)
     matrix = np.array(metrics["accuracy_matrix"])
+    assert metrics["split"] == "test"  # what every row scored
     for name, accuracy in zip(toys.TASK_NAMES, matrix[-1]):  # the last row, with macro-F1 and n as other runs
         scores = metrics["tasks"][name]
         assert set(scores) == {"accuracy", "macro_f1", "n"} and scores["accuracy"] == accuracy

@@ -86,7 +86,7 @@ def runs(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 def test_elrea_runs_end_to_end(runs: list[dict[str, Any]]):
     metrics, run_dir = runs[0]["metrics"], runs[0]["dir"]
-    assert metrics["method"] == "elrea"
+    assert metrics["method"] == "elrea" and metrics["split"] == "test"
     assert list(metrics["tasks"]) == toys.TASK_NAMES
     for scores in metrics["tasks"].values():
         assert set(scores) == {"accuracy", "macro_f1", "n"} and scores["n"] == 24

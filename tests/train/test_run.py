@@ -62,7 +62,7 @@ def test_every_method_learns_and_writes_its_run(
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert {"method", "tasks", "mean_accuracy", "routing"} <= set(saved)
-    assert saved["method"] == method
+    assert saved["method"] == method and saved["split"] == "test"  # the split the scores are of
     assert list(metrics["tasks"]) == toys.TASK_NAMES
     for scores in saved["tasks"].values():
         assert set(scores) == {"accuracy", "macro_f1", "n"}

@@ -286,14 +286,15 @@ def train_one_phase(
         )
     history = trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
+    split = eval_split(data)
     metrics = evaluate(
         model,
         data,
         collator,
-        split=eval_split(data),
+        split=split,
         **{**eval_options(run), "progress": run.progress and trainer.accelerator.is_main_process},
     )
-    metrics = {"method": run.method, "seed": run.seed, **metrics, "history": history}
+    metrics = {"method": run.method, "seed": run.seed, "split": split, **metrics, "history": history}
     if evaluation is not None and evaluation.best is not None:
         metrics["best_eval"] = {**evaluation.best, "split": run.eval_split, "kept": run.keep_best}
         if evaluation.stopped_at is not None:

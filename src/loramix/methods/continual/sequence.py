@@ -55,6 +55,7 @@ from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.run import (
     build_model,
     callbacks_for,
+    eval_split,
     prepare_run,
     save_run,
     seed_everything,
@@ -406,6 +407,7 @@ class Continual(Method):
     def report(self, learner: Learner, matrix: list[list[float]]) -> dict[str, Any]:
         names = learner.data.task_names
         metrics: dict[str, Any] = {"method": self.name, "seed": learner.run.seed, "tasks_in_order": names}
+        metrics["split"] = eval_split(learner.data)  # what every row of the matrix scored
         metrics["accuracy_matrix"] = matrix
         metrics.update(
             continual_metrics(np.array(matrix))

@@ -334,6 +334,7 @@ def run_elrea(
     metrics.update(
         method="elrea",
         seed=run.seed,
+        split=eval_split(data),
         history=history,
         ari=float(adjusted_rand_score(true_tasks, stage.labels)),
         nmi=float(normalized_mutual_info_score(true_tasks, stage.labels)),
