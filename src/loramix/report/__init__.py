@@ -127,14 +127,12 @@ def _curve_lines(plots: Path, curves: Sequence[tuple[str, Sequence[Mapping[str, 
 
 def _eval_series(history: Sequence[Mapping[str, Any]], read: Any) -> tuple[list[float], list[float]]:
     """`read(entry)` of each evaluation during training (`eval` in a logged step) that has it, by step."""
-    steps, values = [], []
-    for entry in history:
-        value = number(read(entry["eval"])) if isinstance(entry.get("eval"), Mapping) else None
-        step = number(entry.get("step"))
-        if value is not None and step is not None:
-            steps.append(step)
-            values.append(value)
-    return steps, values
+    scored = [
+        {"step": entry.get("step"), "value": read(entry["eval"])}
+        for entry in history
+        if isinstance(entry.get("eval"), Mapping)
+    ]
+    return _series(scored, "value")
 
 
 def _eval_lines(plots: Path, curves: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> list[str]:
