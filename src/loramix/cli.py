@@ -78,10 +78,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.models import show_loading_bars
     from loramix.report import print_table
     from loramix.train.config import CONFIG_FILE, RunConfig
+    from loramix.train.loop import processes
     from loramix.train.run import eval_split, load_trained, make_collator, on_inference_device, task_specs
 
+    group = (
+        processes()
+    )  # one, or those torchrun / accelerate launch started: each scores its share of the batches
     show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / CONFIG_FILE).progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
+    run = run.model_copy(update={"progress": run.progress and group.is_main_process})
     on_inference_device(run, model)
     data = MultiTaskData(task_specs(run))
     method = get_method(run.method)
@@ -90,8 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     collator = make_collator(run, data, tokenizer)
     metrics = method.evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
-    atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
-    print(print_table([metrics]))
+    if group.is_main_process:  # one writer
+        atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
+        print(print_table([metrics]))
     return 0
 
 

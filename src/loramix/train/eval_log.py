@@ -8,12 +8,12 @@ on.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from loramix.report.routing_stats import per_layer_summary, routing_summary
+from loramix.train.shards import gather_lists
 
 
 def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -43,6 +43,16 @@ class GateLog:
             target = self.model if name == "model" else self.layers.setdefault(name, [])
             target.append(weights.float().cpu())
 
+    def gather(self) -> None:
+        """Every process's log, in process order (a collective, after each scored its share of the batches:
+        :mod:`loramix.train.shards`); nothing to do with one process."""
+        self.task_ids = gather_lists(self.task_ids)
+        self.model = gather_lists(self.model)
+        layers: dict[str, list[torch.Tensor]] = {}
+        for name, gates in gather_lists(list(self.layers.items())):
+            layers.setdefault(name, []).extend(gates)
+        self.layers = layers
+
     def summary(self, task_names: list[str]) -> dict[str, Any]:
         if not self.task_ids:
             return {}
@@ -59,13 +69,13 @@ class GateLog:
         return routing
 
 
-def progress_bar(chosen: list[list[Any]], batch_size: int, split: str, progress: bool) -> Any:
-    """A bar over the batches of every task's chosen examples, on stderr; shown only when stderr is a terminal
-    and `progress` is on (tqdm's own check decides the first)."""
+def progress_bar(batches: int, split: str, progress: bool) -> Any:
+    """A bar over this many batches, on stderr; shown only when stderr is a terminal and `progress` is on (tqdm's
+    own check decides the first)."""
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=sum(math.ceil(len(examples) / batch_size) for examples in chosen),
+        total=batches,
         desc=f"eval {split}",
         unit="batch",
         dynamic_ncols=True,

@@ -14,6 +14,7 @@ from loramix.train.config import RunConfig
 from loramix.train.eval_log import GateLog, progress_bar, with_unscored
 from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
 from loramix.train.model import MultiTaskModel
+from loramix.train.shards import EvalBatches
 from loramix.train.step import routed
 
 
@@ -43,7 +44,10 @@ def evaluate(
     tasks are scored by their generated text instead (:func:`~loramix.train.generation_eval.evaluate_generation`,
     which `max_new_tokens` goes to).
 
-    `progress`: a bar over the batches on stderr, shown only when stderr is a terminal (False: never)."""
+    `progress`: a bar over the batches on stderr, shown only when stderr is a terminal (False: never).
+
+    Under several processes each scores its share of the batches and all of them get the whole result
+    (:mod:`loramix.train.shards`): every process must call it."""
     gates = GateLog()
     if any(task.task_type == "generation" for task in data.tasks):
         metrics = evaluate_generation(
@@ -57,27 +61,30 @@ def evaluate(
             progress=progress,
             answers=RoutedAnswers(model, collator, gates),
         )
+        gates.gather()
         return {**metrics, "routing": gates.summary(data.task_names)}
     model.eval()
     device = next(model.parameters()).device
-    tasks: dict[str, Any] = {}
     scored = data.scored_tasks(split)
-    chosen = [data.eval_examples(split, task.task_id, max_examples) for task in scored]
-    bar = progress_bar(chosen, batch_size, split, progress)
+    batches = EvalBatches(
+        [data.eval_examples(split, task.task_id, max_examples) for task in scored], batch_size
+    )
+    bar = progress_bar(len(batches), split, progress)
+
+    def score(_: int, examples: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(device) for k, v in collator(examples).items()}
+        with routed(model, batch) as state:
+            preds = model.heads.predict(model, batch).cpu()
+        gates.add(state, batch)
+        return preds, batch["labels"].cpu()
+
     with model.heads.inference_cache():  # class texts encoded once, not per batch
-        for task, examples in zip(scored, chosen):
-            bar.set_postfix(task=task.name)
-            preds, labels = [], []
-            for start in range(0, len(examples), batch_size):
-                batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-                with routed(model, batch) as state:
-                    preds.append(model.heads.predict(model, batch).cpu())
-                labels.append(batch["labels"].cpu())
-                gates.add(state, batch)
-                bar.update(1)
-            tasks[task.name] = task_scores(
-                torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type
-            )
+        results = batches.map(score, bar, [task.name for task in scored])
+    gates.gather()
+    tasks: dict[str, Any] = {}
+    for task, parts in zip(scored, results):
+        preds, labels = zip(*parts)
+        tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(labels).numpy(), task.task_type)
     bar.close()
     model.train()
     metrics = {

@@ -27,6 +27,7 @@ from loramix.losses.language_model import token_nll
 from loramix.models import position_limit
 from loramix.train.eval_log import progress_bar, with_unscored
 from loramix.train.model import MultiTaskModel
+from loramix.train.shards import EvalBatches
 from loramix.train.step import routed
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -135,50 +136,50 @@ def evaluate_generation(
         data.eval_examples(split, task.task_id, max_examples)  # type: ignore[misc]
         for task in scored
     ]
-    limit = position_limit(model.backbone)
-    bar = progress_bar(chosen, batch_size, split, progress)
-    tasks: dict[str, Any] = {}
-    for task, examples in zip(scored, chosen):
-        spec = data.specs[task.task_id]
-        bar.set_postfix(task=task.name)
+    specs = [data.specs[task.task_id] for task in scored]
+    for task, spec, examples in zip(scored, specs, chosen):
         warn_unscorable(task.name, spec.scorer, spec.labels or (), [e.response for e in examples])
-        longest = max((len(collator.token_ids(e)[1]) for e in examples), default=1)
-        new_tokens = max_new_tokens or longest + EXTRA_TOKENS
-        nll, count, right, exact, f1s, samples = 0.0, 0, 0, 0, [], []
-        for start in range(0, len(examples), batch_size):
-            part = examples[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collator(part).items()}
-            total, tokens = token_nll(answers.logits(batch), batch["lm_labels"])
-            nll, count = nll + float(total.sum()), count + int(tokens.sum())
-            prompts = {k: v.to(device) for k, v in collator.prompts(part).items()}
-            prompts, room = fit_positions(prompts, new_tokens, limit)
-            generated = answers.generate(batch, prompts, room)
-            texts = collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for example, text in zip(part, texts):
-                text = text.strip()
-                right += score(text, example.response, spec.scorer, spec.labels or ())
-                exact += normalize(text) == normalize(example.response)
-                f1s.append(token_f1(text, example.response))
-                if len(samples) < SAMPLES_KEPT:
-                    samples.append(
-                        {
-                            "prompt": collator.prompt_text(example),
-                            "reference": example.response,
-                            "generated": text,
-                        }
-                    )
-            bar.update(1)
+    new_tokens = [
+        max_new_tokens or max((len(collator.token_ids(e)[1]) for e in examples), default=1) + EXTRA_TOKENS
+        for examples in chosen
+    ]
+    limit = position_limit(model.backbone)
+    batches = EvalBatches(chosen, batch_size)
+    bar = progress_bar(len(batches), split, progress)
+
+    def answer(task: int, part: Any) -> tuple[float, int, list[str]]:
+        """A batch's summed response-token loss, its number of response tokens, and each row's generated text."""
+        batch = {k: v.to(device) for k, v in collator(part).items()}
+        total, tokens = token_nll(answers.logits(batch), batch["lm_labels"])
+        prompts = {k: v.to(device) for k, v in collator.prompts(part).items()}
+        prompts, room = fit_positions(prompts, new_tokens[task], limit)
+        generated = answers.generate(batch, prompts, room)
+        texts = collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return float(total.sum()), int(tokens.sum()), [text.strip() for text in texts]
+
+    results = batches.map(answer, bar, [task.name for task in scored])
+    tasks: dict[str, Any] = {}
+    for task, spec, examples, parts in zip(scored, specs, chosen, results):
+        texts = [text for _, _, batch_texts in parts for text in batch_texts]
+        nll, count = sum(part[0] for part in parts), sum(part[1] for part in parts)
         n = len(examples)
         loss = nll / max(count, 1)
         tasks[task.name] = {
-            "accuracy": right / max(n, 1),
+            "accuracy": sum(
+                score(t, e.response, spec.scorer, spec.labels or ()) for t, e in zip(texts, examples)
+            )
+            / max(n, 1),
             "scorer": spec.scorer,  # what `accuracy` counts: exact answers, the first number, or the label word
-            "exact_match": exact / max(n, 1),
-            "f1": sum(f1s) / max(n, 1),
+            "exact_match": sum(normalize(t) == normalize(e.response) for t, e in zip(texts, examples))
+            / max(n, 1),
+            "f1": sum(token_f1(t, e.response) for t, e in zip(texts, examples)) / max(n, 1),
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
             "n": n,
-            "samples": samples,
+            "samples": [
+                {"prompt": collator.prompt_text(e), "reference": e.response, "generated": t}
+                for t, e in zip(texts[:SAMPLES_KEPT], examples)
+            ],
         }
     bar.close()
     model.train()

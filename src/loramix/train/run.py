@@ -38,7 +38,7 @@ from loramix.train.callbacks import (
 )
 from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.evaluate import eval_options, evaluate
-from loramix.train.loop import Trainer
+from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.resume import DATA_FILE, data_files
 
@@ -341,10 +341,11 @@ def save_run(
 
 
 def on_inference_device(run: RunConfig, model: MultiTaskModel) -> MultiTaskModel:
-    """`loramix eval` and `predict` answer on the GPU when there is one, as the trainer's own evaluation does; a
-    quantized base was placed there when it loaded. `CUDA_VISIBLE_DEVICES=` keeps them on the CPU."""
+    """`loramix eval` and `predict` answer on the GPU when there is one (this process's, where `torchrun` or
+    `accelerate launch` started several), as the trainer's own evaluation does; a quantized base was placed there
+    when it loaded. `CUDA_VISIBLE_DEVICES=` keeps them on the CPU."""
     if torch.cuda.is_available() and run.quantize is None:
-        model.to(torch.device("cuda"))
+        model.to(processes().device)
     return model
 
 

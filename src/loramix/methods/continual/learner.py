@@ -84,9 +84,11 @@ class Learner:
 
     def batches(self, examples: list, batch_size: int) -> Any:
         for start in range(0, len(examples), batch_size):
-            yield {
-                k: v.to(self.device) for k, v in self.collator(examples[start : start + batch_size]).items()
-            }
+            yield self.collated(examples[start : start + batch_size])
+
+    def collated(self, examples: Any) -> dict[str, Tensor]:
+        """These examples as one batch, on the model's device."""
+        return {k: v.to(self.device) for k, v in self.collator(examples).items()}
 
     @torch.no_grad()
     def base_features(self, batch: dict[str, Tensor]) -> Tensor:

@@ -17,6 +17,7 @@ from loramix.methods.continual.learner import Learner
 from loramix.train.evaluate import task_scores
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.run import eval_split
+from loramix.train.shards import EvalBatches
 
 Answer = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor]]
 """`(learner, batch) -> (route ids, keep-base mask, task ids, label indices)`; a task id UNKNOWN_TASK in the batch
@@ -31,26 +32,27 @@ def accuracy_row(learner: Learner, answer: Answer, split: str | None = None) -> 
     model, data, run = learner.model, learner.data, learner.run
     model.eval()
     split = every_task_has(data, split or eval_split(data))
+    chosen = [data.eval_examples(split, task.task_id, run.max_eval_examples) for task in data.tasks]
+    batches = EvalBatches(chosen, run.eval_batch_size)
+
+    def score(_: int, examples: Any) -> tuple[Tensor, ...]:
+        batch = learner.collated(examples)
+        route, keep, _, predicted = answer(learner, batch)
+        return route.cpu(), keep.cpu(), predicted.cpu(), batch["labels"].float().cpu()
+
+    with model.heads.inference_cache():
+        results = batches.map(score)
     row, own, seen, base, unseen = [], 0, 0, 0, 0
     learner.scores = {}
-    with model.heads.inference_cache():
-        for task in data.tasks:
-            examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
-            correct, predictions, labels = 0, [], []
-            for batch in learner.batches(examples, run.eval_batch_size):
-                route, keep, _, predicted = answer(learner, batch)
-                correct += int((predicted == batch["labels"].float()).sum())
-                predictions.append(predicted.cpu())
-                labels.append(batch["labels"].float().cpu())
-                if learner.learned[learner.offset + task.task_id]:
-                    global_id = learner.offset + task.task_id
-                    own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
-                else:
-                    base, unseen = base + int(keep.sum()), unseen + len(keep)
-            row.append(correct / max(len(examples), 1))
-            learner.scores[task.name] = task_scores(
-                torch.cat(predictions).numpy(), torch.cat(labels).numpy(), task.task_type
-            )
+    for task, examples, parts in zip(data.tasks, chosen, results):
+        route, keep, predicted, labels = (torch.cat(column) for column in zip(*parts))
+        row.append(int((predicted == labels).sum()) / max(len(examples), 1))
+        learner.scores[task.name] = task_scores(predicted.numpy(), labels.numpy(), task.task_type)
+        global_id = learner.offset + task.task_id
+        if learner.learned[global_id]:
+            own, seen = own + int(((route == global_id) & ~keep).sum()), seen + len(keep)
+        else:
+            base, unseen = base + int(keep.sum()), unseen + len(keep)
     if (
         learner.selector is not None
     ):  # where the selector sent learned and not yet learned tasks' inputs, per row
@@ -80,16 +82,24 @@ def selector_confusion(learner: Learner, answer: Answer, split: str | None = Non
     right = np.zeros(data.num_tasks)
     training = model.training
     model.eval()
+    chosen = [
+        data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples)
+        for task in data.tasks
+    ]
+
+    def score(task: int, examples: Any) -> tuple[Tensor, Tensor]:
+        batch = learner.collated(examples)
+        unknown = torch.full_like(batch["task_ids"], UNKNOWN_TASK)
+        route, keep, tasks, predicted = answer(learner, {**batch, "task_ids": unknown})
+        hit = (tasks == offset + data.tasks[task].task_id) & (predicted == batch["labels"].float())
+        return torch.where(keep, torch.full_like(route, known), route).cpu(), hit.cpu()
+
     with model.heads.inference_cache():
-        for task in data.tasks:
-            examples = data.eval_examples(split or eval_split(data), task.task_id, run.max_eval_examples)
-            for batch in learner.batches(examples, 64):
-                unknown = torch.full_like(batch["task_ids"], UNKNOWN_TASK)
-                route, keep, tasks, predicted = answer(learner, {**batch, "task_ids": unknown})
-                column = torch.where(keep, torch.full_like(route, known), route).cpu()
-                np.add.at(confusion[task.task_id], column.numpy(), 1)
-                hit = (tasks == offset + task.task_id) & (predicted == batch["labels"].float())
-                right[task.task_id] += int(hit.sum())
+        results = EvalBatches(chosen, 64).map(score)
+    for task, parts in zip(data.tasks, results):
+        for column, hit in parts:
+            np.add.at(confusion[task.task_id], column.numpy(), 1)
+            right[task.task_id] += int(hit.sum())
     model.train(training)
     own = sum(confusion[i, offset + i] for i in range(data.num_tasks)) / max(confusion.sum(), 1)
     accuracy = right / np.maximum(confusion.sum(1), 1)

@@ -30,6 +30,7 @@ from loramix.train.config import RunConfig
 from loramix.train.eval_log import with_unscored
 from loramix.train.evaluate import eval_options, mean_accuracy, task_scores
 from loramix.train.model import MultiTaskModel
+from loramix.train.shards import EvalBatches, gather_lists
 
 FEATURE_HEADS = "elrea.feature_heads"
 
@@ -44,13 +45,15 @@ def featurize(
     top_labels: int = 1,
 ) -> torch.Tensor:
     """Label-free gradient features `(n, k)` of `examples` (the loss against the model's own predicted labels; the
-    task id only picks the head), routed to `expert` when the model is a bank."""
+    task id only picks the head), routed to `expert` when the model is a bank. Under several processes each takes
+    its share of the batches and all get every feature (:mod:`loramix.train.shards`)."""
     device = next(model.parameters()).device
-    feats = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
-        feats.append(batch_features(model, featurizer, batch, expert, top_labels).cpu())
-    return torch.cat(feats)
+
+    def features(_: int, part: Any) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in collator(part).items()}
+        return batch_features(model, featurizer, batch, expert, top_labels).cpu()
+
+    return torch.cat(EvalBatches([examples], batch_size).map(features)[0])
 
 
 def batch_features(
@@ -137,20 +140,25 @@ def evaluate_elrea(
     model.eval()
     device = next(model.parameters()).device
     weights_of = weights_of or gradient_weights(model, run, centroids, centroid0, feature_heads)
-    tasks, all_weights, all_tasks = {}, [], []
-    for task in data.scored_tasks(split):
-        examples = data.eval_examples(split, task.task_id, run.max_eval_examples)
-        preds, gold = [], []
-        for start in range(0, len(examples), run.eval_batch_size):
-            chunk = examples[start : start + run.eval_batch_size]
-            batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            weights = weights_of(batch)
-            preds.append(weighted_classes(model, batch, weights, mode or run.elrea_mode).cpu())
-            gold.append(batch["labels"].cpu())
-            all_weights.append(weights.cpu())
-            all_tasks.append(batch["task_ids"].cpu())
+    scored = data.scored_tasks(split)
+    batches = EvalBatches(
+        [data.eval_examples(split, task.task_id, run.max_eval_examples) for task in scored],
+        run.eval_batch_size,
+    )
+
+    def score(_: int, chunk: Any) -> tuple[torch.Tensor, ...]:
+        batch = {k: v.to(device) for k, v in collator(chunk).items()}
+        weights = weights_of(batch)
+        preds = weighted_classes(model, batch, weights, mode or run.elrea_mode)
+        return preds.cpu(), batch["labels"].cpu(), weights.cpu(), batch["task_ids"].cpu()
+
+    results = batches.map(score)
+    tasks = {}
+    for task, parts in zip(scored, results):
+        preds, gold, _, _ = zip(*parts)
         tasks[task.name] = task_scores(torch.cat(preds).numpy(), torch.cat(gold).numpy(), task.task_type)
-    weights_np, tasks_np = torch.cat(all_weights).numpy(), torch.cat(all_tasks).numpy()
+    weights_np = torch.cat([part[2] for parts in results for part in parts]).numpy()
+    tasks_np = torch.cat([part[3] for parts in results for part in parts]).numpy()
     metrics = {
         "tasks": tasks,
         "mean_accuracy": mean_accuracy(tasks),
@@ -234,8 +242,8 @@ def _evaluate_generation(
 
     answers = elrea_answers(model, collator, run, centroids, centroid0, mode)
     metrics = evaluate_generation(model, data, collator, split=split, answers=answers, **eval_options(run))
-    weights_np = torch.cat(answers.weights).float().cpu().numpy()
-    tasks_np = torch.cat(answers.task_ids).numpy()
+    weights_np = torch.cat(gather_lists([w.float().cpu() for w in answers.weights])).numpy()
+    tasks_np = torch.cat(gather_lists(answers.task_ids)).numpy()
     metrics["routing"] = {"model": routing_summary(weights_np, tasks_np, data.task_names)}
     return metrics, weights_np, tasks_np
 
