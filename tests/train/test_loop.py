@@ -1,7 +1,9 @@
-"""The loop stops on a non-finite loss with a message that names the step and the last good checkpoint."""
+"""The loop stops on a non-finite loss with a message that names the step and the last good checkpoint, and its
+learning rates follow the warm-up and the schedule the run names."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from loramix.errors import TrainingError
 from loramix.heads import TaskHeads
 from loramix.methods import run_training
 from loramix.train.config import RunConfig
+from loramix.train.loop import warmup_schedule
 from tests.train import toys
 
 
@@ -74,3 +77,33 @@ def test_a_diverging_run_exits_with_code_5(
     assert 2 <= step <= 6
     assert match.group(3).endswith(f"step-{step - 1:06d}")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("decay", "after"),
+    [
+        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+        ("linear", lambda p: 1 - p),
+        ("constant", lambda p: 1.0),
+    ],
+)
+def test_the_schedule_warms_up_then_decays_as_named(decay: str, after):
+    total, warmup = 20, 4
+    assert [warmup_schedule(s, total, warmup, decay) for s in range(warmup)] == [0.25, 0.5, 0.75, 1.0]
+    for step in range(warmup, total + 3):  # past the last step it stays at the end's value
+        progress = min((step - warmup) / (total - warmup), 1.0)
+        assert warmup_schedule(step, total, warmup, decay) == pytest.approx(after(progress))
+
+
+@pytest.mark.parametrize("decay", ["linear", "constant"])
+def test_a_run_logs_the_learning_rate_of_its_schedule(
+    decay: str, model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    settings = toys.settings(
+        model_dir, tasks_dir, method="lora", steps=8, warmup_ratio=0.25, log_every=1, lr_schedule=decay
+    )
+    history = run_training(RunConfig.from_dict(settings), tmp_path)["history"]
+    # the rate logged after step s is the one step s + 1 will use
+    expected = [settings["lr"] * warmup_schedule(step, 8, 2, decay) for step in range(1, 9)]
+    assert [h["lr"] for h in history] == pytest.approx(expected)
+    assert expected[-1] == (0.0 if decay == "linear" else settings["lr"])

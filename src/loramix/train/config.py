@@ -333,7 +333,12 @@ class RunConfig(BaseModel):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(
-        0.06, ge=0, lt=1, description="Linear warm-up share of steps, then cosine decay."
+        0.06, ge=0, lt=1, description="Linear warm-up share of steps, then lr_schedule's decay."
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="After the warm-up, every learning rate follows a cosine to 0 at the last step, a straight "
+        "line to 0, or stays constant.",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null turns it off.")
     sampling: Literal["proportional", "uniform", "temperature"] = Field(

@@ -53,12 +53,17 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0."""
+def warmup_schedule(step: int, total: int, warmup: int, decay: str = "cosine") -> float:
+    """The learning rate's factor at `step` (from 0) of `total`: a linear warm-up to 1 over `warmup` steps, then a
+    cosine or a straight line to 0 at the last step, or 1 throughout (`decay`: cosine, linear or constant)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    progress = min((step - warmup) / max(1, total - warmup), 1.0)
+    if decay == "constant":
+        return 1.0
+    if decay == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def parameter_groups(run: RunConfig, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -127,7 +132,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=run.weight_decay)
         warmup = max(1, int(run.warmup_ratio * run.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, run.steps, warmup)
+            self.optimizer, lambda s: warmup_schedule(s, run.steps, warmup, run.lr_schedule)
         )
         self.sampler = TaskBalancedSampler(
             data.task_ids("train") if sampler_ids is None else sampler_ids,
