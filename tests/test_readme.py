@@ -119,6 +119,7 @@ def test_every_command_of_the_command_line_section_runs(
     assert (tmp_path / "peft" / "trec" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "peft" / "e2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()
+    assert "### elrea" in (tmp_path / "runs" / "cmp" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)

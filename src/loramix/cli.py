@@ -163,6 +163,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from loramix.preflight import check_output_dir
+    from loramix.report import print_table, write_report
+    from loramix.report.compare import check_report_folder, legend, read_runs
+
+    if args.out:
+        check_output_dir(args.out, "--out")
+        check_report_folder(args.out, args.run_dirs)
+    results = read_runs(args.run_dirs, args.split)
+    print(print_table(results))
+    print("\n".join(legend(results)))
+    if args.out:
+        print(f"wrote {write_report(Path(args.out), results)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from loramix.preflight import check_output_dir
 
@@ -361,6 +377,14 @@ nothing half-written, and an earlier export in DIR is replaced only by a complet
     p = sub.add_parser("inspect", help="show a run's config, experts and routing summary")
     p.add_argument("run_dir", help="the output folder of `loramix train`")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("compare", help="finished runs side by side: per-task scores, one column a run")
+    p.add_argument("run_dirs", nargs="+", help="output folders of `loramix train`")
+    p.add_argument(
+        "--split",
+        help="compare on this split (each run's eval-SPLIT.json; default: the split each run scored)",
+    )
+    p.add_argument("--out", help="also write a report comparing them (report.md and plots/) into this folder")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser(
         "demo",
         help="lora vs mola-grad vs mola-router on built-in synthetic tasks (offline)",
