@@ -148,6 +148,19 @@ def test_generated_answers_are_the_ones_eval_scores(
     assert len(results) == len(test)
     assert [r["prediction"] for r in results[: len(samples)]] == [s["generated"] for s in samples]
 
+    shorter = predicted(run_dir, inputs, tmp_path / "short.jsonl", "--task", "sort", "--max-new-tokens", "2")
+    greedy = [r["prediction"] for r in results]
+    assert all(len(r["prediction"]) <= 2 for r in shorter) and any(len(text) > 2 for text in greedy)
+    # greedy: the shorter answers begin the longer ones (at most 2 characters: a token is one, or none)
+    assert all(text.startswith(r["prediction"]) for r, text in zip(shorter, greedy))
+    sample = ["--task", "sort", "--sample", "--temperature", "5", "--seed", "3"]
+    if method == "elrea":  # the ensemble decodes greedily
+        assert main(["predict", str(run_dir), str(inputs), *sample]) == 2
+        assert "decodes greedily" in capsys.readouterr().err
+    else:
+        first, again = (predicted(run_dir, inputs, tmp_path / f"s{i}.jsonl", *sample) for i in range(2))
+        assert first == again and [r["prediction"] for r in first] != greedy  # seeded, and not greedy
+
     chat = {"task": "sort", "messages": [{"role": "user", "content": "cab"}]}
     answered = predicted(run_dir, write_rows(tmp_path / "chat.jsonl", [chat]), tmp_path / "chat-out.jsonl")
     assert len(answered) == 1 and isinstance(answered[0]["prediction"], str)
@@ -170,6 +183,17 @@ def lora_run(model_dir: Path, tasks_dir: Path, tmp_path_factory: pytest.TempPath
         ([{"task": TASKS[0], "sentence": "a"}], [], ["line 1", "missing field 'text'", "text_field"]),
         ([{"text": "a"}], ["--task", "weather"], ["--task 'weather' is not a task"]),
         ([{"text": "a"}], ["--batch-size", "0"], ["--batch-size must be at least 1"]),
+        ([{"text": "a"}], ["--task", TASKS[0], "--top-p", "0.5"], ["--top-p: only with --sample"]),
+        (
+            [{"text": "a"}],
+            ["--task", TASKS[0], "--sample", "--temperature", "0"],
+            ["--temperature must be above 0"],
+        ),
+        (
+            [{"text": "a"}],
+            ["--task", TASKS[0], "--sample"],
+            ["apply to generation tasks", "answer with a class"],
+        ),
     ],
 )
 def test_bad_rows_are_named_by_file_and_line(

@@ -43,15 +43,16 @@ class LanguageModelHead(Head):
         max_new_tokens: int,
         pad_token_id: int,
         eos_token_id: int | None,
+        sampling: dict[str, Any] | None = None,
     ) -> Tensor:
-        """The new tokens `(n, k)` of greedy decoding (padded after a row's EOS), for a batch made by
+        """The new tokens `(n, k)` of greedy decoding, or of sampling with `sampling`'s `generate` options
+        (`do_sample`, `temperature`, `top_p`), padded after a row's EOS, for a batch made by
         `GenerationCollator.prompts`. Run it inside a routing block whose `keep_model_gate` is set, so that a
         sample router decides once, on the prompt."""
         out = model.backbone.generate(
             **{k: prompts[k] for k in LM_INPUTS},
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
+            **{"do_sample": False, "num_beams": 1, **(sampling or {})},
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
         )

@@ -98,7 +98,11 @@ class RoutedAnswers:
         return logits
 
     def generate(
-        self, batch: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor], max_new_tokens: int
+        self,
+        batch: dict[str, torch.Tensor],
+        prompts: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        sampling: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         with routed(self.model, prompts) as state:
             state.keep_model_gate = True
@@ -108,6 +112,7 @@ class RoutedAnswers:
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.collator.pad_id,
                 eos_token_id=self.collator.tokenizer.eos_token_id,
+                sampling=sampling,
             )
 
 

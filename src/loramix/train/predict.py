@@ -153,7 +153,8 @@ def answer_values(values: torch.Tensor, task_ids: Sequence[int], tasks: list[dic
 
 class RoutedPredictor:
     """Answers of a model routed by its own routers (task ids or learned routers), as `loramix eval` scores it:
-    the head's decision for classification and regression, greedy generation for a causal LM's tasks.
+    the head's decision for classification and regression, greedy generation for a causal LM's tasks (or sampled,
+    with `sampling`: `{"do_sample": True, "temperature": ..., "top_p": ...}`, and `max_new_tokens` tokens at most).
     `values(batch) -> (decisions, extra columns)` replaces the head's routed decision (a continual method's
     selector and routes, ELREA's gradient routing); an extra column `task_ids` gives the task of each decision,
     which a row without one (UNKNOWN_TASK) takes as its `task`."""
@@ -171,6 +172,7 @@ class RoutedPredictor:
         self.model, self.collator, self.tasks = model, collator, tasks
         model.eval()  # no dropout: the same answer for a row every time, as in evaluation
         self.max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS
+        self.sampling: dict[str, Any] = {}  # generate options that sample instead of decoding greedily
         self.values = values or self.routed_values
         self.answers = answers or RoutedAnswers(model, collator)
 
@@ -203,7 +205,7 @@ class RoutedPredictor:
             self.answers.logits(batch)
         prompts = {k: v.to(device) for k, v in self.collator.prompts(examples).items()}
         prompts, room = fit_positions(prompts, self.max_new_tokens, position_limit(self.model.backbone))
-        generated = self.answers.generate(batch, prompts, room)
+        generated = self.answers.generate(batch, prompts, room, self.sampling or None)
         texts = self.collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [{"prediction": text.strip()} for text in texts]
 

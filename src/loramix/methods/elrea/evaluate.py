@@ -214,8 +214,14 @@ class ElreaAnswers:
         return self.elrea.logits(inputs, weights=weights)
 
     def generate(
-        self, batch: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor], max_new_tokens: int
+        self,
+        batch: dict[str, torch.Tensor],
+        prompts: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        sampling: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        """Greedy, or sampled with `sampling`'s `generate` options where the bank routes each prompt to one expert
+        (`elrea_mode: top1`; the ensemble decodes greedily and refuses them)."""
         out = self.elrea.generate(
             prompts["input_ids"],
             prompts["attention_mask"],
@@ -223,6 +229,7 @@ class ElreaAnswers:
             max_new_tokens=max_new_tokens,
             pad_token_id=self.collator.pad_id,
             eos_token_id=self.collator.tokenizer.eos_token_id,
+            **(sampling or {}),
         )
         return out[:, prompts["input_ids"].shape[1] :]
 
