@@ -120,6 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     requests = read_requests(args.input, tasks, args.task, any_task=get_method(run.method).uses_selector)
 
     from loramix.models import show_loading_bars
+    from loramix.train.loop import processes
     from loramix.train.run import collator_of, load_trained, on_inference_device
 
     show_loading_bars(run.progress)
@@ -140,9 +141,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
     batch_size = args.batch_size or run.eval_batch_size
-    write_predictions(predict(requests, predictor, batch_size=batch_size, progress=run.progress), args.out)
-    if args.out is not None:
-        print(f"wrote {len(requests)} predictions to {args.out}", file=sys.stderr)
+    main = (
+        processes().is_main_process
+    )  # one, or those torchrun / accelerate launch started: each answers a share
+    answers = predict(requests, predictor, batch_size=batch_size, progress=run.progress and main)
+    if main:  # one writer
+        write_predictions(answers, args.out)
+        if args.out is not None:
+            print(f"wrote {len(requests)} predictions to {args.out}", file=sys.stderr)
     return 0
 
 

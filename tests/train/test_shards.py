@@ -1,8 +1,8 @@
 """Evaluation split among processes (`loramix.train.shards`): each process takes a contiguous run of the batches one
 process would score, and the gathered results are those of one process, task by task, batch by batch. Under
 `torchrun` with two CPU processes, `loramix eval` gives the same file as one process, bit for bit, for a learned
-router, ELREA's gradient routing, a continual run's auto-selector and generation tasks, while each process scores
-only its share."""
+router, ELREA's gradient routing, a continual run's auto-selector and generation tasks, and so does `loramix
+predict`, while each process does only its share."""
 
 from __future__ import annotations
 
@@ -70,24 +70,26 @@ def counted(self, chosen, batch_size):
     original(self, chosen, batch_size)
     seen.append([len(self.plan), len(self.mine)])
 shards.EvalBatches.__init__ = counted
-out, runs = sys.argv[1], sys.argv[2:]
+out, commands = sys.argv[1], json.loads(sys.argv[2])
 counts = {}
-for run in runs:
+for name, argv in commands:
     seen.clear()
-    assert cli.main(["eval", run]) == 0
-    counts[run] = list(seen)
-    if os.environ["RANK"] == "0":
-        os.replace(os.path.join(run, "eval-test.json"), os.path.join(out, os.path.basename(run) + ".json"))
+    argv = [arg.replace("OUT", out) for arg in argv]
+    assert cli.main(argv) == 0
+    counts[name] = list(seen)
+    if argv[0] == "eval" and os.environ["RANK"] == "0":
+        os.replace(os.path.join(argv[1], "eval-test.json"), os.path.join(out, name + ".json"))
 with open(os.path.join(out, "counts-" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump(counts, f)
 """
 
 
-def evaluate_in_processes(processes: int, runs: list[Path], out: Path) -> dict[int, dict]:
-    """`loramix eval` of each run by `processes` CPU processes under torchrun; each run's file lands in `out`.
-    Returns, per process, each run's `[batches in all, batches scored here]` per evaluation."""
+def in_processes(processes: int, commands: list[tuple[str, list[str]]], out: Path) -> dict[int, dict]:
+    """Each `loramix` command (its name, its arguments; OUT stands for `out`) run in turn by `processes` CPU
+    processes under torchrun; an eval's file lands in `out/<name>.json`. Returns, per process, each command's
+    `[batches in all, batches done here]` per evaluation."""
     out.mkdir()
-    script = out / "evaluate.py"
+    script = out / "commands.py"
     script.write_text(SCRIPT)
     command = [
         sys.executable,
@@ -99,18 +101,19 @@ def evaluate_in_processes(processes: int, runs: list[Path], out: Path) -> dict[i
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [*command, str(script), str(out), *map(str, runs)],
+        [*command, str(script), str(out), json.dumps(commands)],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("mean") == len(runs)  # one table a run: only the main process prints
+    evals = sum(argv[0] == "eval" for _, argv in commands)
+    assert done.stdout.count("mean") == evals  # one table an evaluation: only the main process prints
     return {rank: json.loads((out / f"counts-{rank}.json").read_text()) for rank in range(processes)}
 
 
-def test_loramix_eval_under_two_processes_scores_each_batch_once_and_as_one_process(
+def test_eval_and_predict_under_two_processes_do_each_batch_once_and_answer_as_one_process(
     model_dir: Path, tasks_dir: Path, gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
 ):
     from tests.methods.test_continual import continual_run
@@ -133,16 +136,30 @@ def test_loramix_eval_under_two_processes_scores_each_batch_once_and_as_one_proc
     for name, config in configs.items():
         run_training(RunConfig.from_dict({k: v for k, v in config.items() if v is not None}), tmp_path / name)
         runs.append(tmp_path / name)
-    alone = evaluate_in_processes(1, runs, tmp_path / "one")
-    split = evaluate_in_processes(2, runs, tmp_path / "two")
-    for run in runs:
-        one = json.loads((tmp_path / "one" / f"{run.name}.json").read_text())
-        two = json.loads((tmp_path / "two" / f"{run.name}.json").read_text())
-        assert two == one, run.name
-        counts = alone[0][str(run)]
+    rows = [
+        {"task": task, "text": f"the {word} near the {word}"}
+        for task in toys.TASK_NAMES
+        for word in toys.SHARED
+    ]
+    inputs = tmp_path / "rows.jsonl"
+    inputs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    commands = [(run.name, ["eval", str(run)]) for run in runs]
+    commands.append(
+        ("predict", ["predict", str(runs[0]), str(inputs), "--batch-size", "5", "--out", "OUT/answers.jsonl"])
+    )
+    alone = in_processes(1, commands, tmp_path / "one")
+    split = in_processes(2, commands, tmp_path / "two")
+    for name, _ in commands:
+        if name == "predict":
+            one, two = ((tmp_path / n / "answers.jsonl").read_text() for n in ("one", "two"))
+            assert len(one.splitlines()) == len(rows)
+        else:
+            one, two = (json.loads((tmp_path / n / f"{name}.json").read_text()) for n in ("one", "two"))
+        assert two == one, name
+        counts = alone[0][name]
         assert counts and all(total == mine > 1 for total, mine in counts)  # more than one batch to share
         for evaluation, (total, _) in enumerate(counts):
-            mine = [split[rank][str(run)][evaluation] for rank in (0, 1)]
+            mine = [split[rank][name][evaluation] for rank in (0, 1)]
             assert [m[0] for m in mine] == [total, total]
             assert mine[0][1] + mine[1][1] == total and min(mine[0][1], mine[1][1]) >= total // 2
     assert json.loads((tmp_path / "one" / "mola-router.json").read_text())[

@@ -29,6 +29,7 @@ from loramix.models import position_limit
 from loramix.train.generation_eval import RoutedAnswers, fit_positions
 from loramix.train.model import MultiTaskModel
 from loramix.train.run import task_specs
+from loramix.train.shards import EvalBatches
 from loramix.train.step import routed
 
 TASK_FIELD = "task"
@@ -215,28 +216,31 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Every request's answer, in order, `batch_size` rows a batch (rows of different tasks share one), each as
     `{"line", "task", "prediction", ...}`, where a row without a task has the one the method chose and
-    `"task_given": false`. (A run's tasks are all classifiers or all generation tasks.)"""
+    `"task_given": false`. (A run's tasks are all classifiers or all generation tasks.) Under several processes
+    each answers its share of the batches and all get every answer (:mod:`loramix.train.shards`)."""
     from tqdm.auto import tqdm
 
-    results: list[dict[str, Any]] = []
+    batches = EvalBatches([requests], batch_size)
+
+    def respond(_: int, chunk: Sequence[Request]) -> list[dict[str, Any]]:
+        answers = predictor([request.example for request in chunk])
+        return [
+            {
+                "line": request.location,
+                "task": request.task,
+                **answer,
+                **({} if request.task is not None else {"task_given": False}),
+            }
+            for request, answer in zip(chunk, answers)
+        ]
+
     with (
         predictor.model.heads.inference_cache(),
         tqdm(
-            total=-(-len(requests) // batch_size),
-            desc="predict",
-            unit="batch",
-            leave=False,
-            disable=None if progress else True,  # shown on a terminal only
+            total=len(batches), desc="predict", unit="batch", leave=False, disable=None if progress else True
         ) as bar,
     ):
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start : start + batch_size]
-            answers = predictor([request.example for request in chunk])
-            for request, answer in zip(chunk, answers):
-                given = {} if request.task is not None else {"task_given": False}
-                results.append({"line": request.location, "task": request.task, **answer, **given})
-            bar.update(1)
-    return results
+        return [row for part in batches.map(respond, bar)[0] for row in part]
 
 
 def write_predictions(results: Sequence[dict[str, Any]], out: str | Path | None) -> None:
