@@ -44,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.training_into = output_dir
     if (
         not args.resume
+        and not args.dry_run
         and (output_dir / CONFIG_FILE).is_file()
         and {p.name for p in output_dir.iterdir()} - STARTED_FILES
     ):
@@ -53,13 +54,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    from loramix.methods import load_run_config, run_training
+    from loramix.methods import load_run_config, plan, run_training
     from loramix.models import show_loading_bars
     from loramix.report import print_table
     from loramix.train.loop import processes
 
     run = load_run_config(args.config, args.set)  # and the method's own checks (its registry needs torch)
     show_loading_bars(run.progress)
+    if args.dry_run:
+        print("\n".join(plan(run)))
+        print(f"dry run: nothing trained or written (the run would go to {output_dir})")
+        return 0
     metrics = run_training(run, output_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     if not processes().is_main_process:  # under `accelerate launch` / `torchrun`: one report
         return 0

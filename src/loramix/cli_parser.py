@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", help="where the run goes (default: runs/<config>-<method>)")
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read the config, the data and the model, print the plan (tasks, examples, epochs, trainable "
+        "parameters) and stop: nothing is trained or written",
+    )
+    p.add_argument(
         "--continue-from",
         metavar="RUN",
         help="continual methods: learn the config's tasks after those of the finished run RUN, which gives every "

@@ -22,6 +22,7 @@ __all__ = [
     "Method",
     "get_method",
     "load_run_config",
+    "plan",
     "continual",
     "full",
     "mola",
@@ -69,3 +70,31 @@ def run_training(
     if not resume and processes().is_main_process and (Path(output_dir) / CONFIG_FILE).is_file():
         earlier = [*method.resume_state(Path(output_dir)), *method.outputs(Path(output_dir))]
     return method.train(run, Path(output_dir), resume=resume, replaces=earlier)
+
+
+def plan(run: RunConfig) -> list[str]:
+    """What `loramix train --dry-run` prints: the run's plan (:mod:`loramix.train.plan`) from its config, its data
+    and its model as built with the method's adapters before any training (ELREA: the base adapter; a continual
+    method: the whole bank). Nothing is written. A continued run's model is the earlier run's and is not built."""
+    from loramix.data import MultiTaskData
+    from loramix.models import check_model_path
+    from loramix.train.plan import plan_lines
+    from loramix.train.run import build_model
+
+    method = get_method(run.method)
+    method.validate(run)
+    check_model_path(run.model)
+    data = MultiTaskData(task_specs(run))
+    model = None
+    if run.continue_from is None:
+        model, _ = build_model(run, data, method.adapter_config(run, data.num_tasks))
+    if not method.continual:
+        return plan_lines(run, data, model, run.steps)
+    per_task = getattr(method, "per_task_steps", True)
+    steps = run.steps_per_task if per_task else run.steps_per_task * data.num_tasks
+    lines = plan_lines(run, data, model, steps, one_at_a_time=per_task)
+    return (
+        lines
+        if model is not None
+        else [*lines, f"parameters: those of {run.continue_from}, with the new tasks'"]
+    )

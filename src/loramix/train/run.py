@@ -40,6 +40,7 @@ from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
+from loramix.train.plan import announce, plan_lines
 from loramix.train.resume import DATA_FILE, data_files
 
 
@@ -269,6 +270,8 @@ def train_one_phase(
     model, tokenizer = build_model(run, data, adapters)
     if prepare_model is not None:
         prepare_model(model)
+    if run.progress:
+        announce(plan_lines(run, data, model, run.steps))
     collator = make_collator(run, data, tokenizer)
     evaluation = periodic_evaluation(run, data, collator, output_dir)
     trainer = Trainer(

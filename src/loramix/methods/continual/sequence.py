@@ -51,6 +51,7 @@ from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
+from loramix.train.plan import announce, plan_lines
 from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.run import (
     build_model,
@@ -245,6 +246,9 @@ class Continual(Method):
         else:
             model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
             learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
+        if run.progress:  # the bank's parameters before the first task (the experts still free)
+            steps = run.steps_per_task if self.per_task_steps else run.steps_per_task * data.num_tasks
+            announce(plan_lines(run, data, learner.model, steps, one_at_a_time=self.per_task_steps))
         group = processes()
         learner.model.to(group.device)  # row 0 is evaluated where the tasks will train
         self.mark_learned(learner)

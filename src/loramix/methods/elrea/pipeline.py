@@ -42,6 +42,7 @@ from loramix.train.callbacks import PeriodicEvaluation
 from loramix.train.config import BOOKKEEPING_KEYS, RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
+from loramix.train.plan import announce, plan_lines
 from loramix.train.run import (
     build_model,
     callbacks_for,
@@ -262,6 +263,8 @@ def run_elrea(
     run: RunConfig, data: MultiTaskData, output_dir: Path, adapters: AdapterConfig, *, resume: bool = False
 ) -> dict[str, Any]:
     model, tokenizer = build_model(run, data, adapters)
+    if run.progress:  # the base adapter's parameters; the experts come after the clustering
+        announce(plan_lines(run, data, model, run.steps))
     collator = make_collator(run, data, tokenizer)
     group = processes()
     base_steps = max(1, round(run.elrea_base_fraction * run.steps))
