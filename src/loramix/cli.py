@@ -222,8 +222,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
         check_report_folder(args.out, args.run_dirs)
     results = read_runs(args.run_dirs, args.split)
-    print(print_table(results))
-    print("\n".join(legend(results)))
+    if args.over_seeds:
+        from loramix.report.seeds import columns_of, paired_lines, seed_table
+
+        columns = columns_of(args.run_dirs, results)
+        print("\n".join([*seed_table(columns), "", *paired_lines(columns)]).rstrip())
+    else:
+        print(print_table(results))
+        print("\n".join(legend(results)))
     if args.out:
         print(f"wrote {write_report(Path(args.out), results)}")
     return 0

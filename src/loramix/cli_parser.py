@@ -152,6 +152,12 @@ nothing half-written, and an earlier export in DIR is replaced only by a complet
         "--split",
         help="compare on this split (each run's eval-SPLIT.json; default: the split each run scored)",
     )
+    p.add_argument(
+        "--over-seeds",
+        action="store_true",
+        help="runs whose configs differ only in their seed make one column: the mean over seeds with the lowest "
+        "and highest, and each column against the first paired by seed (the mean difference, its 95%% interval)",
+    )
     p.add_argument("--out", help="also write a report comparing them (report.md and plots/) into this folder")
     p = sub.add_parser(
         "demo",

@@ -104,3 +104,38 @@ def test_the_report_does_not_replace_a_runs_own(tmp_path: Path, capsys: pytest.C
     assert main(["compare", str(a), "--out", str(a)]) == 2
     assert "is the folder of run" in capsys.readouterr().err
     assert not (a / "report.md").exists()
+
+
+def test_over_seeds_makes_a_column_a_setting_and_pairs_them_by_seed(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    runs = {}
+    for name, extra in {"lora": {}, "mola-grad": {"method": "mola-grad"}, "lora-r2": {"rank": 2}}.items():
+        for seed in (0, 1, 2) if name != "lora-r2" else (1,):
+            settings = toys.settings(model_dir, tasks_dir, steps=3, seed=seed, **{"method": "lora", **extra})
+            runs[name, seed] = tmp_path / f"{name}-{seed}"
+            run_training(RunConfig.from_dict(settings), runs[name, seed])
+    assert main(["compare", *map(str, runs.values()), "--over-seeds"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[1:] == ["lora", "(rank=4)", "mola-grad", "(rank=4)", "lora", "(rank=2)"]
+    means = {
+        key: json.loads((run / "metrics.json").read_text())["mean_accuracy"] for key, run in runs.items()
+    }
+    lora = [means["lora", s] for s in (0, 1, 2)]
+    mean_row = next(line for line in printed if line.startswith("mean "))
+    assert f"{sum(lora) / 3:.3f} ({min(lora):.3f}-{max(lora):.3f})" in mean_row
+    assert mean_row.split()[-1] == f"{means['lora-r2', 1]:.3f}"  # one seed: no range
+    assert next(line for line in printed if line.startswith("seeds")).split()[1:] == ["0", "1", "2"] * 2 + [
+        "1"
+    ]
+    # the paired difference against the first column, by hand
+    gaps = [means["mola-grad", s] - means["lora", s] for s in (0, 1, 2)]
+    mean = sum(gaps) / 3
+    half = 4.302652729749464 * (sum((g - mean) ** 2 for g in gaps) / 2) ** 0.5 / 3**0.5  # t(0.975, 2 df)
+    paired = next(line for line in printed if line.startswith("mola-grad (rank=4) - lora (rank=4)"))
+    assert f"mean {mean:+.4f}, 95% interval {mean - half:+.4f} to {mean + half:+.4f} over 3 seeds" in paired
+    one = next(line for line in printed if line.startswith("lora (rank=2) - lora (rank=4)"))
+    assert one.endswith(f"{means['lora-r2', 1] - means['lora', 1]:+.4f} (seed 1); one seed, no interval")
+    twice = [str(runs["lora", 0]), str(runs["lora", 0]) + "/."]
+    assert main(["compare", *twice, "--over-seeds"]) == 2
+    assert "have the same settings and seed 0" in capsys.readouterr().err
