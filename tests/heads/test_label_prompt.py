@@ -352,7 +352,7 @@ def test_the_run_config_names_the_head_and_checks_its_settings(model_dir: Path, 
         ({"head": "label-prompt", "label_smoothing": 1.0}, "label_smoothing"),
         ({"head": "label-prompt", "label_template": "a news article"}, "label_template"),
         ({"head": "label-prompt", "label_template": "{label} {topic}"}, "label_template"),
-        ({"label_smoothing": 0.1}, "label_smoothing is used only by head 'label-prompt'"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
     ]:
         with pytest.raises(ConfigError, match=match):
             RunConfig.from_dict({**base, **bad})

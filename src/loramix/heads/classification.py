@@ -18,8 +18,20 @@ from loramix.heads.base import Head
 class TaskHeads(Head):
     """Classification heads (`num_labels[task]` outputs) and regression heads (one output) in one matrix."""
 
-    def __init__(self, hidden: int, num_labels: list[int], regression: list[bool] | None = None) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        num_labels: list[int],
+        regression: list[bool] | None = None,
+        *,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """`label_smoothing`: the share of a classification target spread evenly over the task's own classes (never
+        over another task's columns)."""
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         self.proj = nn.Linear(hidden, sum(num_labels))
         self._layout(list(num_labels), list(regression or [False] * len(num_labels)))
 
@@ -67,6 +79,11 @@ class TaskHeads(Head):
         is_reg = self.regression[task_ids]  # (n,)
         targets = torch.where(is_reg, offsets, offsets + labels.long().clamp_min(0))
         ce = F.cross_entropy(logits, targets, reduction="none")  # (n,)
+        if self.label_smoothing:
+            own = self.own[task_ids]  # (n, L)
+            log_probs = logits.float().log_softmax(-1).masked_fill(~own, 0.0)
+            uniform = -log_probs.sum(-1) / self.sizes[task_ids]  # mean over the task's own classes
+            ce = (1.0 - self.label_smoothing) * ce + self.label_smoothing * uniform
         if not self.has_regression:
             return ce
         value = logits.masked_fill(~self.own[task_ids], 0.0).gather(1, offsets[:, None]).squeeze(1)

@@ -123,7 +123,11 @@ class RunConfig(BaseModel):
         "{label}", description="label-prompt: the class text of a label ({label}, optionally {task})."
     )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=1, description="label-prompt: label smoothing over the task's own classes."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Label smoothing: the share of each classification target spread evenly over its task's own "
+        "classes (both heads; regression and generation tasks have none).",
     )
     label_texts_follow_route: bool = Field(
         True,
@@ -414,8 +418,6 @@ class RunConfig(BaseModel):
         if "head" not in self.model_fields_set and self.steps_per_task is not None:
             # a continual sequence scores classes by their texts unless told otherwise
             self.head = "label-prompt"
-        if self.head == "classification" and self.label_smoothing > 0:
-            raise ValueError("label_smoothing is used only by head 'label-prompt'; remove it or set head")
         return self
 
     @classmethod

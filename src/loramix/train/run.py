@@ -82,6 +82,11 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
     """The backbone with these adapters, plus the run's head (`run.head`) over every task; and the tokenizer.
     A run of generation tasks loads the causal LM, whose own output layer is the head."""
     generative = is_generative(run, [t.task_type for t in data.tasks])
+    if generative and run.label_smoothing:
+        raise ConfigError(
+            "label_smoothing: generation tasks train on their answers' next-token loss, which it does not change; "
+            "remove it"
+        )
     backbone, tokenizer = load_backbone(
         run.model,
         causal_lm=generative,
@@ -116,7 +121,7 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
     else:
         hidden = backbone.config.hidden_size
         regression = [t.task_type == "regression" for t in data.tasks]
-        heads = TaskHeads(hidden, data.num_labels, regression)
+        heads = TaskHeads(hidden, data.num_labels, regression, label_smoothing=run.label_smoothing)
     return MultiTaskModel(backbone, heads, pooling=run.pooling), tokenizer
 
 
