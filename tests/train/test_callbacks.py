@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -145,13 +146,19 @@ def test_evaluating_during_training_is_refused_where_it_cannot_run(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def scripted_scores(monkeypatch: pytest.MonkeyPatch, scores: dict[int, float]) -> None:
-    """Evaluations during training score `scores[step]` (mean accuracy), whatever the weights; the final one is
-    real."""
+def scripted_scores(
+    monkeypatch: pytest.MonkeyPatch, scores: dict[int, float], metric: str = "accuracy"
+) -> None:
+    """Evaluations during training score `scores[step]` (one task's `metric`, and the mean accuracy where that is
+    the metric), whatever the weights; the final one is real."""
     real = PeriodicEvaluation.on_step_end
 
+    def scored(step: int) -> dict:
+        mean = {"mean_accuracy": scores[step]} if metric == "accuracy" else {}
+        return {**mean, "tasks": {"t": {metric: scores[step], "n": 4}}}
+
     def on_step_end(self, trainer, logs):  # type: ignore[no-untyped-def]
-        self.evaluate = lambda model: {"mean_accuracy": scores[trainer.step], "tasks": {}}
+        self.evaluate = lambda model: scored(trainer.step)  # called on the evaluated steps only
         real(self, trainer, logs)
 
     monkeypatch.setattr(PeriodicEvaluation, "on_step_end", on_step_end)
@@ -175,7 +182,15 @@ def test_keep_best_ends_the_run_with_the_best_evaluations_weights(
         eval_split="test",
     )
     metrics = run_training(RunConfig.from_dict({**settings, "keep_best": True}), tmp_path / "best")
-    assert metrics["best_eval"] == {"step": 4, "mean_accuracy": 0.9, "split": "test", "kept": True}
+    best = {
+        "step": 4,
+        "metric": "accuracy",
+        "score": 0.9,
+        "mean_accuracy": 0.9,
+        "split": "test",
+        "kept": True,
+    }
+    assert metrics["best_eval"] == best
     # the checkpoint at step 4 holds that step's weights; the one written when training ends, those it ends with
     at_4, at_end = checkpoint_weights(tmp_path / "best", 4), checkpoint_weights(tmp_path / "best", 8)
     assert all(torch.equal(at_4[name], at_end[name]) for name in at_4)
@@ -224,22 +239,49 @@ def test_keep_best_without_eval_every_is_refused():
         RunConfig.from_dict({"tasks_dir": "data", "tasks": ["a"], "keep_best": True})
 
 
-def test_keep_best_is_refused_where_no_task_has_an_accuracy(model_dir: Path, tmp_path: Path):
+def regression_settings(model_dir: Path, folder: Path, **overrides: Any) -> dict[str, Any]:
+    """One regression task on the tiny model, scored on its training rows."""
     rows = "".join(json.dumps({"text": f"film {i}", "label": i / 4}) + "\n" for i in range(8))
-    (tmp_path / "score.jsonl").write_text(rows)
-    spec = {"name": "score", "train": str(tmp_path / "score.jsonl"), "test": str(tmp_path / "score.jsonl")}
-    settings = {**toys.settings(model_dir, tmp_path, method="lora"), "tasks_dir": None}
-    run = RunConfig.from_dict(
-        {
-            **settings,
-            "tasks": [{**spec, "task_type": "regression"}],
-            "eval_every": 2,
-            "keep_best": True,
-            "eval_split": "test",
-        }
+    (folder / "score.jsonl").write_text(rows)
+    spec = {"name": "score", "train": str(folder / "score.jsonl"), "test": str(folder / "score.jsonl")}
+    settings = {**toys.settings(model_dir, folder, method="lora"), "tasks_dir": None}
+    return {**settings, "tasks": [{**spec, "task_type": "regression"}], **overrides}
+
+
+def test_a_regression_run_ranks_its_evaluations_by_squared_error_lowest_first(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    chosen = {"eval_every": 2, "keep_best": True, "eval_split": "test"}
+    run = RunConfig.from_dict(regression_settings(model_dir, tmp_path, **chosen))
+    with pytest.raises(ConfigError, match=r"eval_metric: accuracy is a score of .*\(mse for regression\)"):
+        run_training(run, tmp_path / "refused")
+    scripted_scores(
+        monkeypatch, {2: 0.5, 4: 0.2, 6: 0.3, 8: 0.2}, metric="mse"
+    )  # a later tie does not replace
+    settings = regression_settings(model_dir, tmp_path, steps=8, eval_metric="mse", **chosen)
+    metrics = run_training(RunConfig.from_dict(settings), tmp_path / "run")
+    assert metrics["best_eval"] == {
+        "step": 4,
+        "metric": "mse",
+        "score": 0.2,
+        "mean_accuracy": None,
+        "split": "test",
+        "kept": True,
+    }
+    assert [p.name for p in (tmp_path / "run" / "best").iterdir()] == ["step-000004.safetensors"]
+
+
+def test_eval_metric_ranks_by_macro_f1_and_reads_only_the_evaluations(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    scripted_scores(monkeypatch, {2: 0.4, 4: 0.3}, metric="macro_f1")
+    settings = toys.settings(
+        model_dir, tasks_dir, method="lora", steps=4, eval_every=2, eval_split="test", eval_metric="macro_f1"
     )
-    with pytest.raises(ConfigError, match="keep_best ranks evaluations by mean accuracy"):
-        run_training(run, tmp_path / "run")
+    metrics = run_training(RunConfig.from_dict(settings), tmp_path)
+    assert (metrics["best_eval"]["step"], metrics["best_eval"]["metric"]) == (2, "macro_f1")
+    with pytest.raises(ConfigError, match="eval_metric reads the evaluations during training"):
+        RunConfig.from_dict({**settings, "eval_every": 0})
 
 
 def test_eval_patience_stops_training_after_evaluations_that_do_not_beat_the_best(
@@ -262,6 +304,8 @@ def test_eval_patience_stops_training_after_evaluations_that_do_not_beat_the_bes
     metrics = run_training(run, tmp_path)
     assert metrics["best_eval"] == {
         "step": 4,
+        "metric": "accuracy",
+        "score": 0.6,
         "mean_accuracy": 0.6,
         "split": "test",
         "kept": True,
@@ -278,3 +322,11 @@ def test_eval_patience_stops_training_after_evaluations_that_do_not_beat_the_bes
     assert all(torch.equal(saved[name], tensor) for name, tensor in adapters(tmp_path).items())
     with pytest.raises(ConfigError, match="eval_patience reads the evaluations during training"):
         RunConfig.from_dict({**settings, "eval_every": 0, "keep_best": False})
+
+
+def test_a_best_saved_before_eval_metric_reads_as_ranked_by_accuracy():
+    evaluation = PeriodicEvaluation(2, "test", lambda model: {})
+    evaluation.load_state_dict(
+        {"best": {"step": 4, "mean_accuracy": 0.7}, "since_best": 1, "stopped_at": None}
+    )
+    assert evaluation.best == {"step": 4, "mean_accuracy": 0.7, "metric": "accuracy", "score": 0.7}

@@ -63,9 +63,10 @@ def score_lines(metrics: dict[str, Any]) -> list[str]:
     if isinstance(best, dict):
         kept = "the weights the run ended with (keep_best)" if best.get("kept") else "not kept"
         stopped = f"; training stopped early at step {best['stopped_at']}" if best.get("stopped_at") else ""
+        metric = best.get("metric", "accuracy")  # runs saved before eval_metric ranked by accuracy
         lines.append(
-            f"best evaluation during training: step {best.get('step')}, mean accuracy "
-            f"{shown(best.get('mean_accuracy'))} on {best.get('split')}; {kept}{stopped}"
+            f"best evaluation during training: step {best.get('step')}, mean {metric} "
+            f"{shown(best.get('score', best.get('mean_accuracy')))} on {best.get('split')}; {kept}{stopped}"
         )
     for name, scores in metrics.get("tasks", {}).items():
         if isinstance(scores, dict) and "exact_match" in scores:

@@ -31,6 +31,24 @@ __all__ = [
 ]
 
 
+# The scores an evaluation can be ranked by (`eval_metric`): the kinds of task that have each. Lower is better for
+# the regression's squared error, higher for the rest.
+METRIC_TASKS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("classification", "generation"),
+    "macro_f1": ("classification",),
+    "f1": ("generation",),
+    "exact_match": ("generation",),
+    "mse": ("regression",),
+}
+LOWER_IS_BETTER = frozenset({"mse"})
+
+
+def mean_score(entry: Mapping[str, Any], metric: str) -> float | None:
+    """The mean of `metric` over an evaluation entry's tasks that have it; None when none has."""
+    values = [scores[metric] for scores in (entry.get("tasks") or {}).values() if metric in scores]
+    return float(np.mean(values)) if values else None
+
+
 class PeriodicEvaluation(Callback):
     """Scores every task on `split` each `every` steps and at the last step, as `evaluate(model)` does, and puts the
     scores in that step's log under `eval` (before the other callbacks see it: it comes first in their list), so
@@ -49,14 +67,17 @@ class PeriodicEvaluation(Callback):
         *,
         keep_best_in: Path | None = None,
         patience: int | None = None,
+        metric: str = "accuracy",
     ) -> None:
-        """`keep_best_in`: a folder where the trainable weights of the evaluation with the best mean accuracy so
-        far are kept (one file, `step-NNNNNN.safetensors`, written atomically), put back into the model when
-        training ends. None: the run ends with its last step's weights. `patience`: training stops once that many
-        evaluations in a row have not beaten the best (early stopping)."""
-        self.every, self.split, self.evaluate = every, split, evaluate
+        """`metric` ranks the evaluations by its mean over the tasks (:data:`METRIC_TASKS`). `keep_best_in`: a
+        folder where the trainable weights of the best evaluation so far are kept (one file,
+        `step-NNNNNN.safetensors`, written atomically), put back into the model when training ends. None: the run
+        ends with its last step's weights. `patience`: training stops once that many evaluations in a row have not
+        beaten the best (early stopping)."""
+        self.every, self.split, self.evaluate, self.metric = every, split, evaluate, metric
         self.keep_best_in, self.patience = keep_best_in, patience
-        self.best: dict[str, Any] | None = None  # {"step", "mean_accuracy"} of the best evaluation so far
+        # {"step", "metric", "score", "mean_accuracy"} of the best evaluation so far
+        self.best: dict[str, Any] | None = None
         self.since_best = 0  # evaluations since the best
         self.stopped_at: int | None = None  # the step where patience ran out
 
@@ -81,7 +102,7 @@ class PeriodicEvaluation(Callback):
         logs["eval"] = entry = eval_entry(self.split, metrics)
         if not trainer.history or trainer.history[-1] is not logs:  # a step that logs no loss
             trainer.history.append(logs)
-        self.consider(trainer, entry.get("mean_accuracy"))
+        self.consider(trainer, mean_score(entry, self.metric), entry.get("mean_accuracy"))
         if (
             self.patience is not None
             and self.since_best >= self.patience
@@ -92,19 +113,25 @@ class PeriodicEvaluation(Callback):
                 assert self.best is not None  # only evaluations with a score count
                 print(
                     f"\nloramix: stopping early at step {trainer.step}: {self.since_best} evaluations without beating "
-                    f"the best mean accuracy, {self.best['mean_accuracy']:.4f} at step {self.best['step']}",
+                    f"the best mean {self.metric}, {self.best['score']:.4f} at step {self.best['step']}",
                     file=sys.stderr,
                 )
 
-    def consider(self, trainer: Trainer, score: float | None) -> None:
-        """This step's mean accuracy against the best so far; a new best's weights into `keep_best_in`. An
-        evaluation without one (no classification task has the split) does not count."""
+    def consider(self, trainer: Trainer, score: float | None, accuracy: float | None = None) -> None:
+        """This step's mean `metric` against the best so far (strictly better: the earliest of equal ones stays); a
+        new best's weights into `keep_best_in`. An evaluation without one (no task with the metric has the split)
+        does not count. `accuracy`: its mean accuracy, recorded beside."""
         if score is None:
             return
         self.since_best += 1
-        if self.best is not None and score <= self.best["mean_accuracy"]:
-            return
-        self.best, self.since_best = {"step": trainer.step, "mean_accuracy": score}, 0
+        if self.best is not None:
+            better = (
+                score < self.best["score"] if self.metric in LOWER_IS_BETTER else score > self.best["score"]
+            )
+            if not better:
+                return
+        self.best = {"step": trainer.step, "metric": self.metric, "score": score, "mean_accuracy": accuracy}
+        self.since_best = 0
         if self.keep_best_in is not None and trainer.accelerator.is_main_process:
             path = self.best_file(trainer.step)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +161,8 @@ class PeriodicEvaluation(Callback):
         """The best evaluation before the checkpoint; forgotten, with a warning, where its weights are gone (a
         later best replaced them before the run stopped: a resumed run finds that one again as it goes on)."""
         self.best, self.since_best = state.get("best"), state.get("since_best", 0)
+        if self.best is not None and "score" not in self.best:  # saved before eval_metric: ranked by accuracy
+            self.best = {**self.best, "metric": "accuracy", "score": self.best["mean_accuracy"]}
         self.stopped_at = state.get("stopped_at")
         if self.keep_best_in is not None and self.best is not None:
             if not self.best_file(self.best["step"]).is_file():

@@ -41,6 +41,7 @@ BOOKKEEPING_KEYS = frozenset(
         "gradient_checkpointing",
         "eval_every",
         "eval_split",
+        "eval_metric",
     }
 )
 
@@ -353,7 +354,7 @@ class RunConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
     seed: int = Field(0, ge=0, description="Seed for data order, initialisation and dropout.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
-    # evaluation during training (eval_every and eval_split are bookkeeping unless keep_best or eval_patience
+    # evaluation during training (eval_every, eval_split and eval_metric are bookkeeping unless keep_best or eval_patience
     # make the evaluations decide where the run ends)
     eval_every: int = Field(
         0,
@@ -364,16 +365,22 @@ class RunConfig(BaseModel):
     )
     keep_best: bool = Field(
         False,
-        description="With eval_every: end the run with the weights of the evaluation with the best mean accuracy "
-        "(the earliest of equal ones), not the last step's; the final evaluation and the saved adapter are "
+        description="With eval_every: end the run with the weights of the evaluation with the best mean "
+        "eval_metric (the earliest of equal ones), not the last step's; the final evaluation and the saved adapter are "
         "that state's, and metrics.json's `best_eval` names its step.",
     )
     eval_patience: int | None = Field(
         None,
         ge=1,
         description="With eval_every: stop training early once this many evaluations in a row have not beaten the "
-        "best mean accuracy; the run then evaluates and saves as at its end (with keep_best, the best "
+        "best mean eval_metric; the run then evaluates and saves as at its end (with keep_best, the best "
         "evaluation's weights). None: train every step.",
+    )
+    eval_metric: Literal["accuracy", "macro_f1", "f1", "exact_match", "mse"] = Field(
+        "accuracy",
+        description="With eval_every: the score whose mean over the tasks that have it ranks the evaluations, for "
+        "keep_best, eval_patience and best_eval: accuracy (classification and generation), macro_f1 "
+        "(classification), f1 or exact_match (generation), mse (regression; lower is better).",
     )
     eval_split: Literal["validation", "test"] = Field(
         "validation",
@@ -410,8 +417,8 @@ class RunConfig(BaseModel):
                 f"label_template must contain {{label}} and no field but {{task}}, without format specs or "
                 f"conversions (got {self.label_template!r})"
             )
-        for key in ("keep_best", "eval_patience"):
-            if getattr(self, key) and not self.eval_every:
+        for key in ("keep_best", "eval_patience", "eval_metric"):
+            if getattr(self, key) not in (False, None, "accuracy") and not self.eval_every:
                 raise ValueError(f"{key} reads the evaluations during training: set eval_every too")
         if self.quantize is not None and self.train_backbone:
             raise ValueError("quantize cannot go with train_backbone: quantized weights do not train")

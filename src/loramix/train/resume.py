@@ -45,7 +45,7 @@ def config_changes(
     changed: dict[str, tuple[Any, Any]] = {}
     # with keep_best or eval_patience, which steps are evaluated (and on what) decides where the run ends
     chosen = run.keep_best or run.eval_patience is not None
-    free = BOOKKEEPING_KEYS - ({"eval_every", "eval_split"} if chosen else set())
+    free = BOOKKEEPING_KEYS - ({"eval_every", "eval_split", "eval_metric"} if chosen else set())
     for key in sorted((set(saved) | set(now)) - free):
         before = saved.get(key, defaults.get(key, _ABSENT))
         after = now.get(key, _ABSENT)

@@ -30,6 +30,7 @@ from loramix.preflight import check_output_dir, finished_adapter
 from loramix.report import write_report
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.callbacks import (
+    METRIC_TASKS,
     Checkpointer,
     JsonlLogger,
     PeriodicEvaluation,
@@ -199,10 +200,12 @@ def prepare_run(run: RunConfig, output_dir: Path, *, replaces: Sequence[Path] = 
             f"eval_every: no task has a {run.eval_split!r} split to evaluate on during training (tasks: "
             f"{', '.join(data.task_names)}); give tasks a `{run.eval_split}:` file, or set eval_split"
         )
-    chooser = "keep_best" if run.keep_best else "eval_patience" if run.eval_patience else None
-    if chooser and all(task.task_type == "regression" for task in data.tasks):
+    if run.eval_every and not any(task.task_type in METRIC_TASKS[run.eval_metric] for task in data.tasks):
+        kinds = sorted({task.task_type for task in data.tasks})
         raise ConfigError(
-            f"{chooser} ranks evaluations by mean accuracy, and every task here is a regression"
+            f"eval_metric: {run.eval_metric} is a score of {' and '.join(METRIC_TASKS[run.eval_metric])} tasks, "
+            f"and the tasks here are {' and '.join(kinds)}; choose one of theirs"
+            + (" (mse for regression)" if "regression" in kinds else "")
         )
     for path in replaces:
         if path.is_dir():
@@ -256,6 +259,7 @@ def periodic_evaluation(
         lambda model: evaluate(model, data, collator, split=run.eval_split, **options),
         keep_best_in=output_dir / BEST_FOLDER if run.keep_best else None,
         patience=run.eval_patience,
+        metric=run.eval_metric,
     )
 
 

@@ -302,6 +302,7 @@ def run_elrea(
                 split=run.eval_split,
                 feature_heads=stage.heads_state,
             )[0],
+            metric=run.eval_metric,
         )
     # Clusters are a partition of the data, not tasks to rebalance: each expert draws its share of the examples.
     expert_trainer = _trainer(
