@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps there), with task_given false.",
     )
     p.add_argument("run_dir", help="the output folder of `loramix train`")
-    p.add_argument("input", help="the rows to answer (.jsonl, .csv or .tsv)")
+    p.add_argument("input", help="the rows to answer (.jsonl, .csv, .tsv or .parquet)")
     p.add_argument("--task", help="the task of every row (default: each row's `task` field)")
     p.add_argument("--out", help="write the JSON lines here (default: standard output)")
     p.add_argument("--batch-size", type=int, help="rows a batch (default: the run's eval_batch_size)")

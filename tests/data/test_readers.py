@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -318,3 +319,50 @@ def test_hugging_face_source_without_datasets_says_how_to_install(monkeypatch: p
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ConfigError, match=r"pip install 'loramix\[hub\]'"):  # one line, no traceback
         read_rows(HFSource(hf_dataset="glue", config="sst2"))
+
+
+def write_parquet(
+    path: Path, columns: dict[str, list], class_names: dict[str, list[str]] | None = None
+) -> Path:
+    """A Parquet file of `columns`; `class_names` go into the schema as a Hugging Face dataset saves its
+    `ClassLabel` features."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    if class_names is not None:
+        features = {name: {"_type": "ClassLabel", "names": names} for name, names in class_names.items()}
+        features.update(
+            {name: {"_type": "Value", "dtype": "string"} for name in columns if name not in features}
+        )
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, path)
+    return path
+
+
+def test_parquet_rows_and_the_class_names_a_hugging_face_dataset_saved(tmp_path: Path):
+    saved = write_parquet(
+        tmp_path / "train.parquet",
+        {"sentence": ["fine", "awful", "ok"], "label": [1, 0, 1]},
+        {"label": ["neg", "pos"]},
+    )
+    data = MultiTaskData([TaskSpec(name="sst2", train=str(saved), text_field="sentence")])
+    assert data.label_names == [["neg", "pos"]]
+    assert [(e.text, e.label) for e in data.split("train")] == [("fine", 1), ("awful", 0), ("ok", 1)]
+    plain = write_parquet(tmp_path / "plain.parquet", {"text": ["a", "b"], "label": ["yes", "no"]})
+    assert MultiTaskData([TaskSpec(name="t", train=str(plain))]).label_names == [
+        ["no", "yes"]
+    ]  # from the rows
+    bad = write_parquet(tmp_path / "bad.parquet", {"text": ["a", None], "label": [0, 1]})
+    with pytest.raises(DataError, match=r"bad.parquet, row 2: field 'text'"):
+        read(TaskSpec(name="t", train=str(bad)))
+
+
+def test_a_damaged_parquet_file_or_no_pyarrow_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    damaged = tmp_path / "train.parquet"
+    damaged.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"train.parquet: not a readable Parquet file"):
+        read_rows(str(damaged))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes the import fail
+    with pytest.raises(ConfigError, match=r"pip install 'loramix\[parquet\]'"):
+        read_rows(str(damaged))

@@ -68,13 +68,16 @@ def read_rows(source: Source, *, split: str = "train") -> RawSplit:
         if not path.is_file():
             raise DataError(f"{path}: file not found ({split} split)")
         suffix = path.suffix.lower()
-        text = _decode(path)
         if suffix in (".jsonl", ".json"):
-            raw = RawSplit(str(path), _json_lines(path, text))
+            raw = RawSplit(str(path), _json_lines(path, _decode(path)))
         elif suffix in (".csv", ".tsv"):
-            raw = RawSplit(str(path), _table(path, text, "\t" if suffix == ".tsv" else ","))
+            raw = RawSplit(str(path), _table(path, _decode(path), "\t" if suffix == ".tsv" else ","))
+        elif suffix == ".parquet":
+            raw = _parquet(path)
         else:
-            raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json (lines), .csv or .tsv")
+            raise DataError(
+                f"{path}: unknown file type {suffix!r}; use .jsonl, .json (lines), .csv, .tsv or .parquet"
+            )
     if not raw.rows:
         raise DataError(f"{raw.name}: no examples (the {split} split is empty)")
     return raw
@@ -235,6 +238,42 @@ def _table(path: Path, text: str, delimiter: str) -> list[Row]:
     except csv.Error as exc:
         raise DataError(f"{path}, line {start}: malformed {path.suffix[1:].upper()} ({exc})") from None
     return rows
+
+
+def _parquet(path: Path) -> RawSplit:
+    """A Parquet file's rows (`row N` counts from 1), with the class names a Hugging Face dataset saved in its
+    schema (a `ClassLabel` column's names), as a hub split gives them."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(
+            f"{path}: reading Parquet files needs the `pyarrow` package: pip install 'loramix[parquet]' (or write "
+            "the data as .jsonl or .csv)"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several kinds for a damaged or foreign file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    rows = [Row(f"{path}, row {i}", record) for i, record in enumerate(table.to_pylist(), start=1)]
+    return RawSplit(str(path), rows, _hf_class_names(table.schema.metadata or {}))
+
+
+def _hf_class_names(metadata: dict[bytes, bytes]) -> dict[str, list[str]]:
+    """`{column: class names}` of the `ClassLabel` features a Hugging Face dataset records in a Parquet schema's
+    `huggingface` metadata; empty when there is none, or it is not what that library writes."""
+    try:
+        features = json.loads(metadata.get(b"huggingface", b"{}"))["info"]["features"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    return {
+        name: [str(n) for n in feature["names"]]
+        for name, feature in features.items()
+        if isinstance(feature, dict)
+        and feature.get("_type") == "ClassLabel"
+        and isinstance(feature.get("names"), list)
+    }
 
 
 def _read_hf(source: HFSource, split: str) -> RawSplit:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loramix.config import format_validation_error, read_yaml
 from loramix.errors import ConfigError, DataError
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 SPLITS = ("train", "validation", "test")
 
 
@@ -46,7 +46,7 @@ class TaskSpec(BaseModel):
     """One task: its data sources, which fields hold the text and the label, and its label names.
 
     Sources are a path (``.jsonl`` / ``.json`` with one JSON object per line, ``.csv``, ``.tsv`` with a header
-    row; chosen by suffix) or an :class:`HFSource` (a dict ``{"hf_dataset": ..., "config": ..., "split": ...}``).
+    row, ``.parquet`` with the optional ``pyarrow``; chosen by suffix) or an :class:`HFSource` (a dict ``{"hf_dataset": ..., "config": ..., "split": ...}``).
 
     Example:
         >>> spec = TaskSpec(name="mrpc", train="mrpc/train.jsonl", test="mrpc/test.jsonl",
