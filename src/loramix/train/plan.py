@@ -78,7 +78,12 @@ def plan_lines(
         how = f"one after another, {steps:,} steps of {batch} samples each"
     else:
         how = f"{steps:,} steps of {batch} samples ({steps * batch:,} in all), {run.sampling} task sampling"
-    lines = [f"{run.method} on {run.model}: {data.num_tasks} task(s), {how}"]
+    scored = (
+        f"; evaluations score at most {run.max_eval_examples:,} examples a task"
+        if run.max_eval_examples
+        else ""
+    )
+    lines = [f"{run.method} on {run.model}: {data.num_tasks} task(s), {how}{scored}"]
     lines += ["  " + line for line in task_lines(run, data, steps, one_at_a_time)]
     return [*lines, parameter_line(model)] if model is not None else lines
 
