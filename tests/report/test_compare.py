@@ -43,6 +43,7 @@ def test_two_trained_runs_print_side_by_side_and_write_one_report(
     assert main(["compare", *map(str, runs), "--out", str(tmp_path / "both")]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split() == ["task", "lora/run", "mola-grad/run"]
+    assert [line.split()[0] for line in printed.splitlines()[2:5]] == toys.TASK_NAMES  # the config's order
     for run in runs:
         metrics = json.loads((run / "metrics.json").read_text())
         for task, scores in metrics["tasks"].items():

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from loramix.errors import CheckpointError, ConfigError
 
 METRICS_FILE = "metrics.json"
@@ -41,6 +43,17 @@ def labels_of(run_dirs: Sequence[str | Path]) -> list[str]:
     return [str(run) for run in run_dirs]  # the same folder named twice
 
 
+def in_run_order(folder: Path, tasks: dict[str, Any]) -> dict[str, Any]:
+    """A run's task scores in the order its config lists the tasks (the JSON files keep their keys sorted); as
+    they are where the config cannot be read."""
+    try:
+        listed = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))["tasks"]
+        order = [task["name"] if isinstance(task, dict) else str(task) for task in listed]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return tasks
+    return {**{name: tasks[name] for name in order if name in tasks}, **tasks}
+
+
 def read_runs(run_dirs: Sequence[str | Path], split: str | None = None) -> list[dict[str, Any]]:
     """One result a run, as the report and the tables take them: its scores (`metrics.json`, or `eval-<split>.json`
     with `split`), its history, `method` its column name and `trained_method` the method that trained it."""
@@ -64,6 +77,7 @@ def read_runs(run_dirs: Sequence[str | Path], split: str | None = None) -> list[
                 **{
                     k: v for k, v in scores.items() if k != "continual"
                 },  # its own report holds the sequence's
+                "tasks": in_run_order(folder, scores["tasks"]),
                 "history": metrics.get("history") or [],
                 "method": label,
                 "trained_method": metrics.get("method"),
