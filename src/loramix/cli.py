@@ -88,9 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loramix.train.loop import processes
     from loramix.train.run import eval_split, load_trained, make_collator, on_inference_device, task_specs
 
-    group = (
-        processes()
-    )  # one, or those torchrun / accelerate launch started: each scores its share of the batches
+    # one process, or those torchrun / accelerate launch started: each scores its share of the batches
+    group = processes()
     show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / CONFIG_FILE).progress)
     run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
     run = run.model_copy(update={"progress": run.progress and group.is_main_process})
@@ -146,9 +145,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
     batch_size = args.batch_size or run.eval_batch_size
-    main = (
-        processes().is_main_process
-    )  # one, or those torchrun / accelerate launch started: each answers a share
+    # one process, or those torchrun / accelerate launch started: each answers its share of the batches
+    main = processes().is_main_process
     answers = predict(requests, predictor, batch_size=batch_size, progress=run.progress and main)
     if main:  # one writer
         write_predictions(answers, args.out)
@@ -163,7 +161,9 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if not args.sample:
         given = [
-            flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)) if value
+            flag
+            for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p))
+            if value is not None
         ]
         if given:
             raise ConfigError(

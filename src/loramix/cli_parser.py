@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser(
         "predict",
-        help="answer new inputs with a finished run: one JSON line per row of a JSONL/CSV/TSV file",
+        help="answer new inputs with a finished run: one JSON line per row of a JSONL/CSV/TSV/Parquet file",
         description="Each row holds its task's input fields, as in the task's training files (text, or "
         "text_a and text_b, or a generation task's prompt or messages), and names its task in a `task` field "
         "unless --task names one for every row. Rows of different tasks share batches; each is routed as the "
