@@ -132,6 +132,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     on_inference_device(run, model)
     collator = collator_of(run, [meta["task_type"] for meta in tasks], tokenizer)
     predictor = get_method(run.method).predictor(Path(args.run_dir), run, model, collator, tasks)
+    if args.scores:
+        if get_method(run.method).continual:
+            raise ConfigError(
+                f"--scores: a {run.method} run answers through its auto-selector's routes and its own rules, which "
+                "give a class, not a probability; leave out --scores"
+            )
+        if all(meta["task_type"] != "classification" for meta in tasks):
+            raise ConfigError(
+                "--scores: a score is a class's probability, and this run has no classification task"
+            )
+        predictor.scores = True  # type: ignore[attr-defined]
     if args.max_new_tokens is not None or sampling:
         classifiers = [meta["name"] for meta in tasks if meta["task_type"] != "generation"]
         if classifiers:

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows a batch (default: the run's eval_batch_size)")
     p.add_argument("--config", help="the run's config, when its config.yaml is elsewhere")
     p.add_argument(
+        "--scores",
+        action="store_true",
+        help="classification: add each answer's score, the probability of its class among its task's classes "
+        "(not for continual runs)",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=int,
         help="generation tasks: tokens an answer may take (default: the run's max_new_tokens, else 64)",

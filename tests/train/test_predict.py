@@ -16,6 +16,7 @@ from loramix.methods import get_method, run_training
 from loramix.train.config import RunConfig
 from loramix.train.predict import predict, read_requests, with_input_fields
 from loramix.train.run import collator_of, load_trained, on_inference_device
+from loramix.train.step import routed
 from tests.methods.test_continual import continued_after_two, specs
 from tests.test_cli import write_config
 from tests.train import toys
@@ -45,14 +46,16 @@ def predicted(run_dir: Path, inputs: Path, out: Path, *extra: str) -> list[dict[
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def one_at_a_time(run_dir: Path, inputs: Path) -> list[dict[str, Any]]:
-    """The reference: every row alone in its batch, through the method's own predictor."""
+def one_at_a_time(run_dir: Path, inputs: Path, scores: bool = False) -> list[dict[str, Any]]:
+    """The reference: every row alone in its batch, through the method's own predictor (with each class's score,
+    `scores`)."""
     run, model, tokenizer, tasks = load_trained(run_dir)
     on_inference_device(run, model)  # where `loramix predict` answers
     tasks = with_input_fields(run, tasks)
     predictor = get_method(run.method).predictor(
         run_dir, run, model, collator_of(run, [meta["task_type"] for meta in tasks], tokenizer), tasks
     )
+    predictor.scores = scores  # type: ignore[attr-defined]
     return predict(read_requests(inputs, tasks), predictor, batch_size=1, progress=False)
 
 
@@ -118,6 +121,28 @@ def test_mixed_batches_answer_as_eval_scores_and_as_one_row_at_a_time(
         assert confusion == scored["selector"]["confusion"]
     if method == "elrea":
         assert all(0 <= r["expert"] <= 2 for r in results)
+
+    if method == "continual-mola-grad":  # its answers come from routes and rules, not one softmax
+        assert main(["predict", str(run_dir), str(inputs), "--scores"]) == 2
+        return
+    with_scores = predicted(run_dir, inputs, tmp_path / "scores.jsonl", "--batch-size", "7", "--scores")
+    assert [r["prediction"] for r in with_scores] == [r["prediction"] for r in results]
+    alone = one_at_a_time(run_dir, inputs, scores=True)
+    for got, single, row in zip(with_scores, alone, rows):
+        assert (
+            1 / len(toys.TASKS[row["task"]][2]) <= got["score"] <= 1
+        )  # the largest of the task's probabilities
+        assert got["score"] == pytest.approx(single["score"], abs=1e-5)
+    if method == "mola-grad":  # the softmax over the task's own classes, by hand
+        run, model, tokenizer, tasks = load_trained(run_dir)
+        collate = collator_of(run, [meta["task_type"] for meta in tasks], tokenizer)
+        requests = read_requests(inputs, with_input_fields(run, tasks))
+        for request, got in zip(requests[:6], with_scores):
+            batch = collate([request.example])
+            with torch.no_grad(), routed(model.eval(), batch):
+                logits = model(batch)[0]
+            own = logits[torch.isfinite(logits)]
+            assert got["score"] == pytest.approx(float(own.softmax(-1).max()), abs=1e-5)
 
 
 @pytest.mark.parametrize(

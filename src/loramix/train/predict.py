@@ -152,6 +152,12 @@ def answer_values(values: torch.Tensor, task_ids: Sequence[int], tasks: list[dic
     return answers
 
 
+def class_scores(logits: torch.Tensor) -> list[float]:
+    """Each row's highest probability `(n,)`, the softmax of logits that are -inf outside the row's task: the
+    probability of the class the head decides on, among its task's classes."""
+    return logits.float().softmax(-1).amax(-1).tolist()
+
+
 class RoutedPredictor:
     """Answers of a model routed by its own routers (task ids or learned routers), as `loramix eval` scores it:
     the head's decision for classification and regression, greedy generation for a causal LM's tasks (or sampled,
@@ -174,12 +180,16 @@ class RoutedPredictor:
         model.eval()  # no dropout: the same answer for a row every time, as in evaluation
         self.max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS
         self.sampling: dict[str, Any] = {}  # generate options that sample instead of decoding greedily
+        self.scores = False  # a classification answer's `score`: its class's probability among its task's
         self.values = values or self.routed_values
         self.answers = answers or RoutedAnswers(model, collator)
 
     def routed_values(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
         with routed(self.model, batch):
-            return self.model.heads.predict(self.model, batch), {}
+            if not self.scores:
+                return self.model.heads.predict(self.model, batch), {}
+            logits = self.model(batch)  # what the head's decision reads (-inf outside each sample's task)
+        return self.model.heads.decide(logits, batch["task_ids"]), {"score": class_scores(logits)}
 
     @torch.no_grad()
     def __call__(self, examples: Sequence[Any]) -> list[dict[str, Any]]:
@@ -194,8 +204,9 @@ class RoutedPredictor:
             if example.task == UNKNOWN_TASK:
                 answer["task"] = self.tasks[task]["name"]
         for key, column in extra.items():
-            for answer, value in zip(answers, column):
-                answer[key] = value
+            for answer, value, task in zip(answers, column, task_ids):
+                if key != "score" or self.tasks[task]["task_type"] != "regression":  # a number has no class
+                    answer[key] = value
         return answers
 
     def generate(self, examples: Sequence[GenerationExample], device: torch.device) -> list[dict[str, Any]]:

@@ -101,6 +101,15 @@ def weighted_classes(
 ) -> torch.Tensor:
     """The classes the bank answers for a collated batch, given each input's expert weights `(n, E)`: the logit
     ensemble, or the top-1 expert (`mode`)."""
+    return model.heads.decide(weighted_logits(model, batch, weights, mode), batch["task_ids"])
+
+
+@torch.no_grad()
+def weighted_logits(
+    model: MultiTaskModel, batch: dict[str, torch.Tensor], weights: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """The logits `(n, L)` the bank's answer is decided on (-inf outside each input's task), as
+    :func:`weighted_classes` takes them."""
 
     def forward(inputs: dict[str, torch.Tensor], route_ids: torch.Tensor) -> torch.Tensor:
         with routing(model.backbone, task_ids=route_ids, attention_mask=inputs["attention_mask"]):
@@ -108,9 +117,7 @@ def weighted_classes(
         return logits.masked_fill(torch.isinf(logits), 0.0)  # other tasks' columns; masked again below
 
     logits = ensemble_logits(forward, batch, weights, mode=mode)  # type: ignore[arg-type]
-    return model.heads.decide(
-        logits.masked_fill(~model.heads.own[batch["task_ids"]], float("-inf")), batch["task_ids"]
-    )
+    return logits.masked_fill(~model.heads.own[batch["task_ids"]], float("-inf"))
 
 
 def evaluate_elrea(

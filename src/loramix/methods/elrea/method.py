@@ -21,7 +21,7 @@ from loramix.methods.elrea.evaluate import (
     evaluate_elrea,
     gradient_weights,
     saved_elrea,
-    weighted_classes,
+    weighted_logits,
 )
 from loramix.methods.elrea.pipeline import STAGE_FILE, run_elrea
 from loramix.methods.mola import common
@@ -29,7 +29,7 @@ from loramix.models import resolve_model_path
 from loramix.preflight import EXPORT_NOTE_FILE, is_earlier_export
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
-from loramix.train.predict import Predictor, RoutedPredictor
+from loramix.train.predict import Predictor, RoutedPredictor, class_scores
 from loramix.train.run import prepare_run
 from loramix.train.serve_export import BASE_FOLDER, write_trained_base
 
@@ -112,13 +112,18 @@ class Elrea(Method):
             answers = elrea_answers(model, collator, run, centroids, centroid0)
             return RoutedPredictor(model, collator, tasks, max_new_tokens=run.max_new_tokens, answers=answers)
         weights_of = gradient_weights(model, run, centroids, centroid0, heads)
+        predictor = RoutedPredictor(model, collator, tasks)
 
         def values(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
             weights = weights_of(batch)
-            chosen = weighted_classes(model, batch, weights, run.elrea_mode)
-            return chosen, {"expert": weights.argmax(-1).tolist()}
+            logits = weighted_logits(model, batch, weights, run.elrea_mode)
+            extra: dict[str, list] = {"expert": weights.argmax(-1).tolist()}
+            if predictor.scores:
+                extra["score"] = class_scores(logits)
+            return model.heads.decide(logits, batch["task_ids"]), extra
 
-        return RoutedPredictor(model, collator, tasks, values=values)
+        predictor.values = values
+        return predictor
 
     def export(
         self, run: RunConfig, model: MultiTaskModel, tasks: list[dict], args: argparse.Namespace
