@@ -225,16 +225,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from loramix.compare.runs import check_report_folder, legend, read_runs
     from loramix.preflight import check_output_dir
     from loramix.report import print_table, write_report
-    from loramix.report.compare import check_report_folder, legend, read_runs
 
     if args.out:
         check_output_dir(args.out, "--out")
         check_report_folder(args.out, args.run_dirs)
     results = read_runs(args.run_dirs, args.split)
     if args.over_seeds:
-        from loramix.report.seeds import columns_of, paired_lines, seed_table
+        from loramix.compare.seeds import columns_of, paired_lines, seed_table
 
         columns = columns_of(args.run_dirs, results)
         print("\n".join([*seed_table(columns), "", *paired_lines(columns)]).rstrip())

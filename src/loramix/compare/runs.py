@@ -1,4 +1,4 @@
-"""`loramix compare`: finished runs side by side, one column a run, as the demo compares its methods.
+"""Finished runs side by side, one column a run, as the demo compares its methods.
 
 Each run's scores come from its `metrics.json` (the split training's own evaluation scored), or from the
 `eval-<split>.json` that `loramix eval RUN --split SPLIT` wrote when a split is asked for; its training curves from
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from loramix.errors import CheckpointError, ConfigError
+from loramix.train.config import CONFIG_FILE
 
 METRICS_FILE = "metrics.json"
 
@@ -47,7 +48,7 @@ def in_run_order(folder: Path, tasks: dict[str, Any]) -> dict[str, Any]:
     """A run's task scores in the order its config lists the tasks (the JSON files keep their keys sorted); as
     they are where the config cannot be read."""
     try:
-        listed = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))["tasks"]
+        listed = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))["tasks"]
         order = [task["name"] if isinstance(task, dict) else str(task) for task in listed]
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return tasks
