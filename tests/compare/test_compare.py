@@ -84,8 +84,8 @@ def test_runs_scored_on_different_splits_are_not_compared(tmp_path: Path, capsys
     ("content", "message"),
     [
         (None, "not found; was this folder written by `loramix train`"),
-        ("{", "not readable as JSON"),
-        ("[]", "not the scores of a loramix run"),
+        ("{", "not valid JSON"),
+        ("[]", "expected a JSON object at the top level"),
     ],
 )
 def test_a_folder_without_readable_scores_is_named(

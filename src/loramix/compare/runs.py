@@ -8,7 +8,6 @@ name. Scores of different splits are not put side by side.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,19 @@ from typing import Any
 import yaml
 
 from loramix.errors import CheckpointError, ConfigError
+from loramix.io.files import read_json
 from loramix.train.config import CONFIG_FILE
 
 METRICS_FILE = "metrics.json"
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A run's JSON file, or a CheckpointError naming it and saying what would write it."""
+def read_scores(path: Path, what: str) -> dict[str, Any]:
+    """A run's scores file (:func:`loramix.io.files.read_json`), or a CheckpointError naming it: where it is
+    missing, what would write it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; {what}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path}: not readable as JSON ({error})") from None
-    if not isinstance(value, dict) or not isinstance(value.get("tasks"), dict):
+    value = read_json(path)
+    if not isinstance(value.get("tasks"), dict):
         raise CheckpointError(f"{path}: not the scores of a loramix run (no 'tasks' mapping)")
     return value
 
@@ -63,13 +61,13 @@ def read_runs(run_dirs: Sequence[str | Path], split: str | None = None) -> list[
     results = []
     for run, label in zip(run_dirs, labels_of(run_dirs)):
         folder = Path(run)
-        metrics = read_json(
+        metrics = read_scores(
             folder / METRICS_FILE,
             "was this folder written by `loramix train`, and did the run finish? (it writes metrics.json last)",
         )
         scores = metrics
         if split is not None and metrics.get("split") != split:
-            scores = read_json(
+            scores = read_scores(
                 folder / f"eval-{split}.json",
                 f"score the run on that split first: loramix eval {run} --split {split}",
             )

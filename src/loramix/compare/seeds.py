@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from loramix.errors import CheckpointError, ConfigError
-from loramix.report.tables import task_names
+from loramix.report.tables import aligned, task_names
 from loramix.train.config import BOOKKEEPING_KEYS, CONFIG_FILE, RunConfig
 
 IGNORED = BOOKKEEPING_KEYS | {"seed"}  # what may differ between the runs of one column
@@ -104,13 +104,7 @@ def seed_table(columns: Sequence[Column]) -> list[str]:
             cells.append(spread(values))
         rows.append(["mean" if task is None else task, *cells])
     rows.append(["seeds", *(" ".join(map(str, sorted(c.runs))) for c in columns)])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
-
-    rule = line(["-" * w for w in widths])
-    return [line(header), rule, *(line(row) for row in rows[:-2]), rule, *(line(row) for row in rows[-2:])]
+    return aligned([header, *rows], rules_before=(1, len(rows) - 1))
 
 
 def paired_lines(columns: Sequence[Column]) -> list[str]:

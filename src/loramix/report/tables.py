@@ -123,13 +123,22 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> str:
         for label, values in zip(rows, grid)
     ]
     body[-1] = [body[-1][0]] + [f"{cell} {note}" if note else cell for cell, note in zip(body[-1][1:], notes)]
-    widths = [max(len(row[column]) for row in [header, *body]) for column in range(len(header))]
-    widths = [widths[0]] + [max(width, 6) for width in widths[1:]]
+    return "\n".join(aligned([header, *body], rules_before=(1, len(body)), min_width=6))
+
+
+def aligned(
+    rows: Sequence[Sequence[str]], *, rules_before: Sequence[int] = (), min_width: int = 0
+) -> list[str]:
+    """Rows of cells as fixed-width lines, two spaces apart: the first column left-aligned, the others
+    right-aligned and at least `min_width` wide; a rule of dashes before each row whose index is in
+    `rules_before`."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    widths = [widths[0], *(max(width, min_width) for width in widths[1:])]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            [cells[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:])]
-        )
+        return "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
 
     rule = line(["-" * width for width in widths])
-    return "\n".join([line(header), rule, *(line(row) for row in body[:-1]), rule, line(body[-1])])
+    return [
+        text for i, row in enumerate(rows) for text in ([rule] if i in rules_before else []) + [line(row)]
+    ]

@@ -14,6 +14,7 @@ from torch import nn
 
 from loramix.data import MultiTaskData
 from loramix.data.sampling import task_probabilities
+from loramix.report.tables import aligned
 from loramix.roles import ROLES, parameters_by_role
 from loramix.train.config import RunConfig
 
@@ -47,12 +48,7 @@ def task_lines(run: RunConfig, data: MultiTaskData, steps: int, one_at_a_time: b
         counts = [f"{task.sizes[s]:,}" if task.sizes.get(s) else "-" for s in SPLITS]
         epochs = f"{samples * share / size:.2f}" if size else "-"
         rows.append([task.name, *counts, kind, "-" if one_at_a_time else f"{share:.3f}", epochs])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
-
-    return [line(header), *(line(row) for row in rows)]
+    return aligned([header, *rows])
 
 
 def parameter_line(model: nn.Module) -> str:
