@@ -78,7 +78,6 @@ def plan(run: RunConfig) -> list[str]:
     method: the whole bank). Nothing is written. A continued run's model is the earlier run's and is not built."""
     from loramix.data import MultiTaskData
     from loramix.models import check_model_path
-    from loramix.train.plan import plan_lines
     from loramix.train.run import build_model
 
     method = get_method(run.method)
@@ -88,13 +87,7 @@ def plan(run: RunConfig) -> list[str]:
     model = None
     if run.continue_from is None:
         model, _ = build_model(run, data, method.adapter_config(run, data.num_tasks))
-    if not method.continual:
-        return plan_lines(run, data, model, run.steps)
-    per_task = getattr(method, "per_task_steps", True)
-    steps = run.steps_per_task if per_task else run.steps_per_task * data.num_tasks
-    lines = plan_lines(run, data, model, steps, one_at_a_time=per_task)
-    return (
-        lines
-        if model is not None
-        else [*lines, f"parameters: those of {run.continue_from}, with the new tasks'"]
-    )
+    lines = method.plan(run, data, model)
+    if model is None:
+        lines.append(f"parameters: those of {run.continue_from}, with the new tasks'")
+    return lines

@@ -27,6 +27,7 @@ from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
+from loramix.train.plan import plan_lines
 from loramix.train.predict import Predictor, RoutedPredictor
 from loramix.train.resume import CHANGES_FILE
 from loramix.train.run import BEST_FOLDER, eval_split, prepare_run, task_specs, train_one_phase
@@ -91,6 +92,10 @@ class Method:
 
     def adapter_config(self, run: RunConfig, num_tasks: int) -> AdapterConfig:
         raise NotImplementedError
+
+    def plan(self, run: RunConfig, data: MultiTaskData, model: Any) -> list[str]:
+        """The run's plan (:mod:`loramix.train.plan`): every task trained together for `steps`."""
+        return plan_lines(run, data, model, run.steps)
 
     def resume_state(self, output_dir: Path) -> list[Path]:
         """What `--resume` reads in `output_dir`: a fresh run there removes it first, so that a later resume cannot

@@ -230,6 +230,12 @@ class Continual(Method):
         chosen = rng.choice(len(own), size=min(len(own), learner.run.ddas_examples), replace=False)
         return [own[i] for i in sorted(chosen)]
 
+    def plan(self, run: RunConfig, data: MultiTaskData, model: Any) -> list[str]:
+        """Each task alone for `steps_per_task` steps (the joint baseline: all of them together, as many in all)."""
+        if self.per_task_steps:
+            return plan_lines(run, data, model, run.steps_per_task, one_at_a_time=True)  # type: ignore[arg-type]
+        return plan_lines(run, data, model, run.steps_per_task * data.num_tasks)  # type: ignore[operator]
+
     # ---- the schedule ---------------------------------------------------------------------------------------
     def train(
         self, run: RunConfig, output_dir: Path, *, resume: bool = False, replaces: Sequence[Path] = ()
@@ -247,8 +253,7 @@ class Continual(Method):
             model, tokenizer = build_model(run, data, self.adapter_config(run, data.num_tasks))
             learner = Learner(run, data, model, TextCollator(tokenizer, max_length=run.max_length))
         if run.progress:  # the bank's parameters before the first task (the experts still free)
-            steps = run.steps_per_task if self.per_task_steps else run.steps_per_task * data.num_tasks
-            announce(plan_lines(run, data, learner.model, steps, one_at_a_time=self.per_task_steps))
+            announce(self.plan(run, data, learner.model))
         group = processes()
         learner.model.to(group.device)  # row 0 is evaluated where the tasks will train
         self.mark_learned(learner)
