@@ -53,3 +53,12 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
         return hidden.mean(1)
     weights = attention_mask.to(hidden.dtype)[..., None]  # (n, t, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def smoothed(nll: Tensor, log_probs: Tensor, own: Tensor, smoothing: float) -> Tensor:
+    """Cross-entropy `nll` `(n,)` with label smoothing: `(1 - smoothing) * nll` plus `smoothing` times the mean of
+    `-log_probs` `(n, K)` over each row's own classes (`own`, a boolean mask of them); `nll` itself at 0."""
+    if not smoothing:
+        return nll
+    uniform = -log_probs.masked_fill(~own, 0.0).sum(-1) / own.sum(-1)
+    return (1.0 - smoothing) * nll + smoothing * uniform

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loramix.heads.base import Head
+from loramix.heads.base import Head, smoothed
 
 
 class TaskHeads(Head):
@@ -79,11 +79,8 @@ class TaskHeads(Head):
         is_reg = self.regression[task_ids]  # (n,)
         targets = torch.where(is_reg, offsets, offsets + labels.long().clamp_min(0))
         ce = F.cross_entropy(logits, targets, reduction="none")  # (n,)
-        if self.label_smoothing:
-            own = self.own[task_ids]  # (n, L)
-            log_probs = logits.float().log_softmax(-1).masked_fill(~own, 0.0)
-            uniform = -log_probs.sum(-1) / self.sizes[task_ids]  # mean over the task's own classes
-            ce = (1.0 - self.label_smoothing) * ce + self.label_smoothing * uniform
+        if self.label_smoothing:  # spread over the sample's own task's classes
+            ce = smoothed(ce, logits.float().log_softmax(-1), self.own[task_ids], self.label_smoothing)
         if not self.has_regression:
             return ce
         value = logits.masked_fill(~self.own[task_ids], 0.0).gather(1, offsets[:, None]).squeeze(1)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramix.errors import ConfigError
-from loramix.heads.base import Head
+from loramix.heads.base import Head, smoothed
 
 # CLIP's initial temperature: logits = exp(s) * cosine with s = log(1 / 0.07) (a scale of about 14.3), learned and
 # clamped to at most 100 as CLIP does, so that training cannot make the softmax arbitrarily sharp.
@@ -335,10 +335,7 @@ class LabelPromptHead(Head):
         log_probs = own.masked_fill(~valid, float("-inf")).log_softmax(-1)  # (n, K)
         target = labels.long().clamp_min(0)[:, None]
         nll = -log_probs.gather(1, target).squeeze(1)  # (n,)
-        if self.label_smoothing == 0.0:
-            return nll
-        uniform = -log_probs.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1)  # (n,)
-        return (1.0 - self.label_smoothing) * nll + self.label_smoothing * uniform
+        return smoothed(nll, log_probs, valid, self.label_smoothing)
 
     def predict(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
         return self.decide(model(batch), batch["task_ids"])
