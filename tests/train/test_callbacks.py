@@ -16,7 +16,13 @@ from safetensors.torch import load_file
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError, DataError
 from loramix.methods import get_method, run_training
-from loramix.train.callbacks import Callback, JsonlLogger, PeriodicEvaluation, eval_scalars
+from loramix.train.callbacks import (
+    Callback,
+    JsonlLogger,
+    PeriodicEvaluation,
+    ProgressBar,
+    eval_scalars,
+)
 from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer
 from loramix.train.run import build_model, task_specs
@@ -50,6 +56,27 @@ def test_a_log_without_later_steps_is_left_alone(tmp_path: Path):
     assert path.read_text() == text
     JsonlLogger(tmp_path / "new.jsonl").on_train_start(fake_trainer(0))
     assert not (tmp_path / "new.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "metric, shown",
+    [("accuracy", {"eval_accuracy": "0.700"}), ("macro_f1", {"eval_macro_f1": "0.300"}), ("mse", {})],
+)
+def test_the_progress_bar_shows_the_mean_of_the_runs_eval_metric(metric: str, shown: dict[str, str]):
+    bar = ProgressBar()
+    trainer = SimpleNamespace(
+        step=0,
+        run=SimpleNamespace(steps=4, method="lora", eval_metric=metric),
+        accelerator=SimpleNamespace(is_main_process=False),  # no bar drawn
+    )
+    bar.on_train_start(trainer)
+    entry = {
+        "mean_accuracy": 0.7,
+        "tasks": {"a": {"accuracy": 0.6, "macro_f1": 0.2}, "b": {"accuracy": 0.8, "macro_f1": 0.4}},
+    }
+    bar.on_step_end(trainer, {"step": 1, "loss": 1.0, "lr": 1e-3, "samples_per_s": 10.0, "eval": entry})
+    assert {k: v for k, v in bar.postfix.items() if k.startswith("eval")} == shown  # no task has mse
+    bar.on_train_end(trainer)
 
 
 class ExpertUse(Callback):

@@ -229,14 +229,13 @@ class ProgressBar(Callback):
             self.postfix.update(
                 loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", sps=f"{logs['samples_per_s']:.0f}"
             )
-        means = {
-            k: v
-            for k, v in (logs.get("eval") or {}).items()
-            if k.startswith("mean_") and isinstance(v, (int, float))
-        }
-        if means:  # the evaluation's first mean: accuracy for classifiers, exact match for generation
-            self.postfix["eval"] = f"{next(iter(means.values())):.3f}"
-        if "loss" in logs or means:
+        entry = logs.get("eval")
+        if entry:  # the mean of the score the run ranks its evaluations by (`eval_metric`)
+            metric = trainer.run.eval_metric
+            score = mean_score(entry, metric)
+            if score is not None:
+                self.postfix[f"eval_{metric}"] = f"{score:.3f}"
+        if "loss" in logs or entry:
             self.bar.set_postfix(self.postfix)
 
     def on_train_end(self, trainer: Trainer) -> None:
