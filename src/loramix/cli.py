@@ -142,7 +142,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--scores: a score is a class's probability, and this run has no classification task"
             )
-        predictor.scores = True  # type: ignore[attr-defined]
+        predictor.scores = True
     if args.max_new_tokens is not None or sampling:
         classifiers = [meta["name"] for meta in tasks if meta["task_type"] != "generation"]
         if classifiers:
@@ -150,11 +150,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"--max-new-tokens and --sample apply to generation tasks; this run's tasks {classifiers} answer "
                 "with a class or a number"
             )
-        predictor.max_new_tokens = args.max_new_tokens or predictor.max_new_tokens  # type: ignore[attr-defined]
-        predictor.sampling = sampling  # type: ignore[attr-defined]
-        import torch
-
-        torch.manual_seed(args.seed)
+        predictor.max_new_tokens = args.max_new_tokens or predictor.max_new_tokens
+        predictor.sampling, predictor.seed = sampling, args.seed
     batch_size = args.batch_size or run.eval_batch_size
     # one process, or those torchrun / accelerate launch started: each answers its share of the batches
     main = processes().is_main_process

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="with --sample: the seed (the same file, batch size, seed and processes give the same answers)",
+        help="with --sample: the seed (the same file, batch size and seed give the same answers, however many "
+        "processes share the batches)",
     )
     p = sub.add_parser(
         "export",

@@ -2,7 +2,7 @@
 process would score, and the gathered results are those of one process, task by task, batch by batch. Under
 `torchrun` with two CPU processes, `loramix eval` gives the same file as one process, bit for bit, for a learned
 router, ELREA's gradient routing, a continual run's auto-selector and generation tasks, and so does `loramix
-predict`, while each process does only its share."""
+predict`, sampled answers too, while each process does only its share."""
 
 from __future__ import annotations
 
@@ -144,15 +144,40 @@ def test_eval_and_predict_under_two_processes_do_each_batch_once_and_answer_as_o
     inputs = tmp_path / "rows.jsonl"
     inputs.write_text("".join(json.dumps(row) + "\n" for row in rows))
     commands = [(run.name, ["eval", str(run)]) for run in runs]
-    commands.append(
-        ("predict", ["predict", str(runs[0]), str(inputs), "--batch-size", "5", "--out", "OUT/answers.jsonl"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"task": task, "prompt": word}) + "\n"
+            for task in toys.GEN_TASKS
+            for word in ("abc", "cab", "bca", "acb")
+        )
     )
+    sample = ["--sample", "--temperature", "5", "--seed", "3", "--max-new-tokens", "4"]
+    commands += [
+        (
+            "predict",
+            ["predict", str(runs[0]), str(inputs), "--batch-size", "5", "--out", "OUT/predict.jsonl"],
+        ),
+        (
+            "sampled",
+            [
+                "predict",
+                str(runs[3]),
+                str(prompts),
+                "--batch-size",
+                "3",
+                *sample,
+                "--out",
+                "OUT/sampled.jsonl",
+            ],
+        ),
+    ]
     alone = in_processes(1, commands, tmp_path / "one")
     split = in_processes(2, commands, tmp_path / "two")
-    for name, _ in commands:
-        if name == "predict":
-            one, two = ((tmp_path / n / "answers.jsonl").read_text() for n in ("one", "two"))
-            assert len(one.splitlines()) == len(rows)
+    for name, argv in commands:
+        if argv[0] == "predict":
+            one, two = ((tmp_path / n / f"{name}.jsonl").read_text() for n in ("one", "two"))
+            assert len(one.splitlines()) == len(Path(argv[2]).read_text().splitlines())
         else:
             one, two = (json.loads((tmp_path / n / f"{name}.json").read_text()) for n in ("one", "two"))
         assert two == one, name

@@ -28,7 +28,7 @@ from loramix.train.config import RunConfig
 from loramix.train.evaluate import eval_options, evaluate
 from loramix.train.model import MultiTaskModel
 from loramix.train.plan import plan_lines
-from loramix.train.predict import Predictor, RoutedPredictor
+from loramix.train.predict import RoutedPredictor
 from loramix.train.resume import CHANGES_FILE
 from loramix.train.run import BEST_FOLDER, eval_split, prepare_run, task_specs, train_one_phase
 from loramix.train.serve_export import export_tasks
@@ -156,7 +156,7 @@ class Method:
 
     def predictor(
         self, run_dir: Path, run: RunConfig, model: MultiTaskModel, collator: Any, tasks: list[dict]
-    ) -> Predictor:
+    ) -> RoutedPredictor:
         """How a finished run answers new inputs (`loramix predict`), routed as `evaluate` routes them; `tasks` is
         the saved task metadata, every task the model knows."""
         return RoutedPredictor(model, collator, tasks, max_new_tokens=run.max_new_tokens)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,6 @@ from loramix.train.step import routed
 TASK_FIELD = "task"
 UNKNOWN_TASK = -1  # the task id of a row that names no task: the method chooses it (its answer says which)
 DEFAULT_NEW_TOKENS = 64  # a generation task's answer, unless the run sets max_new_tokens
-
-# A method's answers to one batch: the examples (their `task` is the model's task id, or UNKNOWN_TASK) -> one dict
-# per example (with `task`, the task's name, where the method chose it).
-Predictor = Callable[[Sequence[Any]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -158,6 +155,12 @@ def class_scores(logits: torch.Tensor) -> list[float]:
     return logits.float().softmax(-1).amax(-1).tolist()
 
 
+def batch_seed(seed: int, location: str) -> int:
+    """The seed of a sampled batch: `seed` and the batch's first row (its file and line), mixed by CRC-32, so that
+    a batch's answers are the same however many processes share the batches."""
+    return zlib.crc32(f"{seed}:{location}".encode())
+
+
 class RoutedPredictor:
     """Answers of a model routed by its own routers (task ids or learned routers), as `loramix eval` scores it:
     the head's decision for classification and regression, greedy generation for a causal LM's tasks (or sampled,
@@ -180,6 +183,7 @@ class RoutedPredictor:
         model.eval()  # no dropout: the same answer for a row every time, as in evaluation
         self.max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS
         self.sampling: dict[str, Any] = {}  # generate options that sample instead of decoding greedily
+        self.seed = 0  # with `sampling`: each batch draws from a generator seeded by this and its first row
         self.scores = False  # a classification answer's `score`: its class's probability among its task's
         self.values = values or self.routed_values
         self.answers = answers or RoutedAnswers(model, collator)
@@ -217,13 +221,15 @@ class RoutedPredictor:
             self.answers.logits(batch)
         prompts = {k: v.to(device) for k, v in self.collator.prompts(examples).items()}
         prompts, room = fit_positions(prompts, self.max_new_tokens, position_limit(self.model.backbone))
+        if self.sampling:  # the batch's draws, whichever process answers it and whatever came before
+            torch.manual_seed(batch_seed(self.seed, examples[0].location))
         generated = self.answers.generate(batch, prompts, room, self.sampling or None)
         texts = self.collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [{"prediction": text.strip()} for text in texts]
 
 
 def predict(
-    requests: Sequence[Request], predictor: Predictor, *, batch_size: int, progress: bool = True
+    requests: Sequence[Request], predictor: RoutedPredictor, *, batch_size: int, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Every request's answer, in order, `batch_size` rows a batch (rows of different tasks share one), each as
     `{"line", "task", "prediction", ...}`, where a row without a task has the one the method chose and

@@ -52,7 +52,7 @@ from loramix.train.config import RunConfig
 from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.plan import announce, plan_lines
-from loramix.train.predict import Predictor, RoutedPredictor
+from loramix.train.predict import RoutedPredictor
 from loramix.train.run import (
     build_model,
     callbacks_for,
@@ -390,7 +390,7 @@ class Continual(Method):
 
     def predictor(
         self, run_dir: Path, run: RunConfig, model: MultiTaskModel, collator: Any, tasks: list[dict]
-    ) -> Predictor:
+    ) -> RoutedPredictor:
         """Answers routed as `evaluate` routes them; with an auto-selector each answer says where it sent the input
         (`route`: a learned task's name, or `base` for the untouched base model)."""
         learner = Learner(run, None, model, collator, offset=len(tasks))

@@ -29,7 +29,7 @@ from loramix.models import resolve_model_path
 from loramix.preflight import EXPORT_NOTE_FILE, is_earlier_export
 from loramix.train.config import RunConfig
 from loramix.train.model import MultiTaskModel
-from loramix.train.predict import Predictor, RoutedPredictor, class_scores
+from loramix.train.predict import RoutedPredictor, class_scores
 from loramix.train.run import prepare_run
 from loramix.train.serve_export import BASE_FOLDER, write_trained_base
 
@@ -104,7 +104,7 @@ class Elrea(Method):
 
     def predictor(
         self, run_dir: Path, run: RunConfig, model: MultiTaskModel, collator: Any, tasks: list[dict]
-    ) -> Predictor:
+    ) -> RoutedPredictor:
         """Answers routed by each input's gradient, as `evaluate` routes them; each says its most weighted expert
         (`expert`: 0 the base adapter, c + 1 cluster c's)."""
         centroids, centroid0, heads = saved_elrea(run_dir)
