@@ -64,6 +64,7 @@ def test_train_eval_inspect_export_end_to_end(
     evaluated = json.loads((run_dir / "eval-test.json").read_text())
     assert evaluated["split"] == "test"
     assert evaluated["tasks"] == metrics["tasks"]  # the saved model scores what the trained one scored
+    assert list(evaluated["tasks"]) == ["sentiment", "animals", "colors"]  # in the config's order
     capsys.readouterr()
 
     assert main(["inspect", str(run_dir)]) == 0

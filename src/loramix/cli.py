@@ -102,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = method.evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
     if group.is_main_process:  # one writer
-        atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics)
+        atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics, sort_keys=False)
         print(print_table([metrics]))
     return 0
 

@@ -100,8 +100,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+def atomic_write_json(path: Path, obj: Any, *, sort_keys: bool = True) -> None:
+    """`obj` as indented JSON, atomically: its keys sorted (the same text however the dict was built), or with
+    `sort_keys=False` in their own order (a report's tasks as the run's config lists them)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_save_tensors(

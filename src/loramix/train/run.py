@@ -348,7 +348,7 @@ def save_run(
         metadata={"tasks": tasks_meta, "run": run.to_dict(), "pooling": run.pooling},
         extra_tensors={**{f"heads.{k}": v for k, v in model.heads.state_dict().items()}, **(extra or {})},
     )
-    atomic_write_json(output_dir / "metrics.json", metrics)
+    atomic_write_json(output_dir / "metrics.json", metrics, sort_keys=False)  # tasks in config order
     write_report(output_dir, [metrics])
 
 
