@@ -41,11 +41,16 @@ def test_batches_have_batch_size_valid_indices_and_default_length():
         ("proportional", [0.6, 0.3, 0.1]),
         ("uniform", [1 / 3, 1 / 3, 1 / 3]),
         ("temperature", list(np.sqrt(SIZES) / np.sqrt(SIZES).sum())),
+        ("uniform-weighted", [1 / 6, 2 / 6, 3 / 6]),  # the factors 1, 2, 3 alone
+        ("proportional-weighted", [600 / 1300, 600 / 1300, 100 / 1300]),  # 600 x 1, 300 x 2, 100 x 1
     ],
 )
 @pytest.mark.parametrize("single_task_batches", [False, True])
 def test_task_frequencies_follow_the_mode(mode: str, expected: list[float], single_task_batches: bool):
     options = {"batch_size": 4, "num_batches": 20_000, "single_task_batches": single_task_batches}
+    mode, _, weighted = mode.partition("-")
+    if weighted:
+        options["weights"] = [1.0, 2.0, 3.0] if mode == "uniform" else [1.0, 2.0, 1.0]
     batches = list(sampler(mode=mode, temperature=2.0, **options))  # 20k task draws at least: std <= 0.0035
     counts = np.bincount(TASK_OF[np.concatenate(batches)], minlength=3)
     np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.015)
@@ -117,6 +122,10 @@ def test_task_probabilities():
     np.testing.assert_allclose(task_probabilities([900, 100], "temperature", temperature=2.0), [0.75, 0.25])
     np.testing.assert_allclose(task_probabilities([900, 100], "temperature", temperature=1.0), [0.9, 0.1])
     np.testing.assert_allclose(task_probabilities([5, 0, 5], "uniform"), [0.5, 0.0, 0.5])
+    np.testing.assert_allclose(task_probabilities([900, 100], "uniform", weights=[1, 3]), [0.25, 0.75])
+    weighted = task_probabilities([900, 100], "temperature", temperature=2.0, weights=[1, 3])
+    np.testing.assert_allclose(weighted, [0.5, 0.5])  # 30 x 1 against 10 x 3
+    np.testing.assert_allclose(task_probabilities([5, 0, 5], "uniform", weights=[1, 9, 3]), [0.25, 0.0, 0.75])
 
 
 def test_tasks_without_examples_are_never_drawn():
@@ -134,6 +143,8 @@ def test_tasks_without_examples_are_never_drawn():
         ({"mode": "temperature", "temperature": 0.0}, ConfigError, "temperature"),
         ({"num_batches": 0}, ConfigError, "num_batches"),
         ({"num_tasks": 2}, DataError, "task id 2 is outside 0..1"),
+        ({"weights": [1.0, 2.0]}, ConfigError, "one positive factor a task, 3 in all"),
+        ({"weights": [1.0, 0.0, 1.0]}, ConfigError, "one positive factor a task"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], error: type[Exception], message: str):

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from loramix.cli import main
-from loramix.errors import TrainingError
+from loramix.data import MultiTaskData, TextCollator
+from loramix.errors import ConfigError, TrainingError
 from loramix.heads import TaskHeads
-from loramix.methods import run_training
+from loramix.methods import get_method, run_training
+from loramix.train.callbacks import Callback
 from loramix.train.config import RunConfig
-from loramix.train.loop import warmup_schedule
+from loramix.train.loop import Trainer, warmup_schedule
+from loramix.train.run import build_model, task_specs
 from tests.train import toys
 
 
@@ -107,3 +112,37 @@ def test_a_run_logs_the_learning_rate_of_its_schedule(
     expected = [settings["lr"] * warmup_schedule(step, 8, 2, decay) for step in range(1, 9)]
     assert [h["lr"] for h in history] == pytest.approx(expected)
     assert expected[-1] == (0.0 if decay == "linear" else settings["lr"])
+
+
+class TaskCounts(Callback):
+    """How many samples of each task the trainer's batches held."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+
+    def on_batch_end(self, trainer, batch, result) -> None:
+        self.counts.update(batch["task_ids"].tolist())
+
+
+def test_sampling_weights_set_how_often_each_task_is_drawn(model_dir: Path, tasks_dir: Path, tmp_path: Path):
+    weights = {"colors": 6.0}  # uniform sampling: colors 6/8 of the samples, the other two 1/8 each
+    run = RunConfig.from_dict(
+        toys.settings(
+            model_dir, tasks_dir, steps=25, batch_size=16, sampling="uniform", sampling_weights=weights
+        )
+    )
+    data = MultiTaskData(task_specs(run))
+    model, tokenizer = build_model(run, data, get_method("lora").adapter_config(run, data.num_tasks))
+    counter = TaskCounts()
+    trainer = Trainer(run, model, data, TextCollator(tokenizer), output_dir=tmp_path, callbacks=[counter])
+    np.testing.assert_allclose(trainer.sampler.probabilities, [1 / 8, 1 / 8, 6 / 8])
+    trainer.train()
+    share = counter.counts[toys.TASK_NAMES.index("colors")] / (25 * 16)
+    assert abs(share - 6 / 8) < 0.07  # 400 draws: a standard deviation of 0.022 (against 1/3 unweighted)
+
+
+def test_sampling_weights_must_name_the_runs_tasks(model_dir: Path, tasks_dir: Path):
+    with pytest.raises(ConfigError, match="sampling_weights names 'colours', not a task of this run"):
+        RunConfig.from_dict(toys.settings(model_dir, tasks_dir, sampling_weights={"colours": 2}))
+    with pytest.raises(ConfigError, match="gives 'colors' the factor 0.0; a factor must be above 0"):
+        RunConfig.from_dict(toys.settings(model_dir, tasks_dir, sampling_weights={"colors": 0}))

@@ -34,6 +34,8 @@ def test_the_task_table_counts_examples_shares_and_passes(model_dir: Path, tmp_p
     # 9 steps of 16 samples, 216 training examples: colors draws 24/216 of them, 16 in all, 0.67 passes
     assert rows["colors"] == ["24", "-", "6", "3", "0.111", "0.67"]
     assert rows["sentiment"] == ["96", "-", "24", "2", "0.444", "0.67"]
+    weighted = run.model_copy(update={"sampling_weights": {"colors": 4.0}})  # 24 x 4: as often as the others
+    assert [columns(task_lines(weighted, data, steps=9))[t][4] for t in toys.TASK_NAMES] == ["0.333"] * 3
     alone = columns(task_lines(run, data, steps=9, one_at_a_time=True))  # each task trains alone for 9 steps
     assert alone["colors"][-2:] == ["-", "6.00"] and alone["animals"][-2:] == ["-", "1.50"]
 

@@ -5,6 +5,9 @@ Task t is drawn with probability p_t:
     uniform        p_t ∝ 1              (small tasks repeat, large ones are seen partly)
     temperature    p_t ∝ n_t ** (1/T)   (T = 1 is proportional, T → ∞ is uniform; T2T/mT5 style, T ≈ 2..5)
 
+times a factor w_t per task where one is given (weights; 1 otherwise), before normalising: w = (2, 1) draws the
+first task twice as often as the mode alone would, relative to the second.
+
 Each task serves examples from its own shuffled stream without replacement and reshuffles when the stream runs
 out. The batches of an epoch are a pure function of (seed, epoch), so a run resumed after k batches gets the
 same remaining batches as one that was never interrupted.
@@ -51,6 +54,7 @@ class TaskBalancedSampler(torch.utils.data.Sampler[list[int]]):
         single_task_batches: bool = False,
         seed: int = 0,
         num_tasks: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -80,7 +84,7 @@ class TaskBalancedSampler(torch.utils.data.Sampler[list[int]]):
         self.num_batches = num_batches if num_batches is not None else max(1, ids.size // batch_size)
         order = np.argsort(ids, kind="stable")
         self._groups = np.split(order, np.cumsum(np.bincount(ids, minlength=num_tasks))[:-1])
-        self.probabilities = task_probabilities([len(g) for g in self._groups], mode, temperature)
+        self.probabilities = task_probabilities([len(g) for g in self._groups], mode, temperature, weights)
         self.epoch = 0
         self._start = 0  # batches of self.epoch to skip on the next pass (set by load_state_dict)
         self._consumed = 0
@@ -141,24 +145,38 @@ class TaskBalancedSampler(torch.utils.data.Sampler[list[int]]):
             yield [index for task in np.flatnonzero(row) for index in streams[task].take(int(row[task]))]
 
 
-def task_probabilities(sizes: Sequence[int], mode: SamplingMode, temperature: float = 2.0) -> np.ndarray:
-    """p_t for tasks of ``sizes`` examples; tasks without examples get 0.
+def task_probabilities(
+    sizes: Sequence[int],
+    mode: SamplingMode,
+    temperature: float = 2.0,
+    weights: Sequence[float] | None = None,
+) -> np.ndarray:
+    """p_t for tasks of ``sizes`` examples, each times its factor in ``weights`` (one a task, positive) before
+    normalising; tasks without examples get 0.
 
     Example:
         >>> task_probabilities([900, 100], "temperature", temperature=2.0)   # array([0.75, 0.25])
+        >>> task_probabilities([900, 100], "uniform", weights=[1, 3])        # array([0.25, 0.75])
     """
     counts = np.asarray(sizes, dtype=np.float64)
     if mode == "proportional":
-        weights = counts
+        shares = counts
     elif mode == "uniform":
-        weights = (counts > 0).astype(np.float64)
+        shares = (counts > 0).astype(np.float64)
     elif mode == "temperature":
-        weights = counts ** (1.0 / temperature)
+        shares = counts ** (1.0 / temperature)
     else:
         raise ConfigError(f"mode must be one of {', '.join(_MODES)} (got {mode!r})")
-    if weights.sum() <= 0:
+    if weights is not None:
+        factors = np.asarray(weights, dtype=np.float64)
+        if factors.shape != counts.shape or not (factors > 0).all():
+            raise ConfigError(
+                f"weights: one positive factor a task, {len(counts)} in all (got {list(weights)})"
+            )
+        shares = shares * factors
+    if shares.sum() <= 0:
         raise DataError("no task has any examples to sample")
-    return weights / weights.sum()
+    return shares / shares.sum()
 
 
 class _Stream:

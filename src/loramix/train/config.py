@@ -350,6 +350,11 @@ class RunConfig(BaseModel):
         "temperature", description="Task mixing."
     )
     sampling_temperature: float = Field(2.0, gt=0, description="T of temperature sampling (p ~ n^(1/T)).")
+    sampling_weights: dict[str, float] | None = Field(
+        None,
+        description="Task name -> a factor on how often the task is drawn, applied to `sampling`'s shares before "
+        "they are renormalised (tasks not named: 1). With sampling: uniform, the shares are the factors' own.",
+    )
     single_task_batches: bool = Field(False, description="One task per batch instead of mixed batches.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast through accelerate.")
     seed: int = Field(0, ge=0, description="Seed for data order, initialisation and dropout.")
@@ -412,6 +417,17 @@ class RunConfig(BaseModel):
             raise ValueError("tasks lists names but tasks_dir is not set")
         if not names_only and not all(isinstance(t, dict) for t in self.tasks):
             raise ValueError("tasks must be all names or all specs, not a mix")
+        names = [t if isinstance(t, str) else t.get("name") for t in self.tasks]
+        for name, factor in (self.sampling_weights or {}).items():
+            if name not in names:
+                raise ValueError(
+                    f"sampling_weights names {name!r}, not a task of this run; its tasks are: "
+                    f"{', '.join(map(str, names))}"
+                )
+            if not factor > 0:
+                raise ValueError(
+                    f"sampling_weights gives {name!r} the factor {factor}; a factor must be above 0"
+                )
         if not _plain_template(self.label_template):
             raise ValueError(
                 f"label_template must contain {{label}} and no field but {{task}}, without format specs or "
@@ -454,6 +470,10 @@ class RunConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def sampling_factors(self, names: list[str]) -> list[float]:
+        """Each task's `sampling_weights` factor (1 where it names none), for the tasks `names` in order."""
+        return [float((self.sampling_weights or {}).get(name, 1.0)) for name in names]
 
     def __eq__(self, other: object) -> bool:
         """Configs with the same settings are equal; how a path was written (relative to which file) does not

@@ -141,6 +141,8 @@ class Trainer:
             temperature=run.sampling_temperature,
             single_task_batches=run.single_task_batches,
             seed=run.seed,
+            # the factors are the tasks'; ids given in their place (a phase's own partition) draw as they are
+            weights=run.sampling_factors(data.task_names) if sampler_ids is None else None,
         )
         examples = data.split("train") if train_examples is None else train_examples
         # One batch per process per step, in an order a resumed run can enter part-way (see train/batches.py).

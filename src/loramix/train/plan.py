@@ -38,7 +38,9 @@ def task_lines(run: RunConfig, data: MultiTaskData, steps: int, one_at_a_time: b
     shares = (
         [1.0] * len(sizes)
         if one_at_a_time
-        else task_probabilities(sizes, run.sampling, run.sampling_temperature)
+        else task_probabilities(
+            sizes, run.sampling, run.sampling_temperature, run.sampling_factors(data.task_names)
+        )
     )
     samples = steps * run.batch_size * run.grad_accum
     header = ["task", *SPLITS, "classes", "share", "epochs"]
