@@ -15,6 +15,7 @@ from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.loop import processes
 from loramix.train.resume import check_resume_config
 from loramix.train.run import task_specs
+from loramix.train.trackers import chosen_trackers
 
 __all__ = [
     "METHODS",
@@ -46,6 +47,7 @@ def run_training(
     changes are recorded in the run directory); this is checked before anything is written."""
     method = get_method(run.method)
     method.validate(run)
+    chosen_trackers(run.report_to)  # a tracker named but not installed, before any work
     if allow_config_change and not resume:
         raise ConfigError(
             "--allow-config-change applies only to a resume: pass --resume too, or leave it out"
@@ -82,6 +84,7 @@ def plan(run: RunConfig) -> list[str]:
 
     method = get_method(run.method)
     method.validate(run)
+    chosen_trackers(run.report_to)  # a tracker named but not installed, before any work
     check_model_path(run.model)
     data = MultiTaskData(task_specs(run))
     model = None

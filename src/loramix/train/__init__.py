@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from loramix.train.config import RunConfig
 
 if TYPE_CHECKING:
-    from loramix.train.callbacks import Callback, Checkpointer, JsonlLogger, ProgressBar, TensorBoardLogger
+    from loramix.train.callbacks import Callback, Checkpointer, JsonlLogger, ProgressBar
     from loramix.train.loop import Trainer
     from loramix.train.model import MultiTaskModel
     from loramix.train.step import compute_loss
+    from loramix.train.trackers import Trackers
 
 # name -> the module that defines it
 _LAZY = {
@@ -23,7 +24,7 @@ _LAZY = {
     "Checkpointer": "loramix.train.callbacks",
     "JsonlLogger": "loramix.train.callbacks",
     "ProgressBar": "loramix.train.callbacks",
-    "TensorBoardLogger": "loramix.train.callbacks",
+    "Trackers": "loramix.train.trackers",
     "Trainer": "loramix.train.loop",
     "MultiTaskModel": "loramix.train.model",
     "compute_loss": "loramix.train.step",
@@ -37,7 +38,7 @@ __all__ = [
     "ProgressBar",
     "RunConfig",
     "Trainer",
-    "TensorBoardLogger",
+    "Trackers",
     "compute_loss",
 ]
 

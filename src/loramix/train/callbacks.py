@@ -26,7 +26,6 @@ __all__ = [
     "JsonlLogger",
     "PeriodicEvaluation",
     "ProgressBar",
-    "TensorBoardLogger",
     "eval_scalars",
 ]
 
@@ -269,30 +268,6 @@ def _logged_step(line: str) -> float:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-class TensorBoardLogger(Callback):
-    """Scalars to TensorBoard when `tensorboard` is installed; silently nothing otherwise."""
-
-    def __init__(self, log_dir: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.writer = None
-        else:
-            self.writer = SummaryWriter(str(log_dir))
-
-    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        scalars = {k: v for k, v in logs.items() if k != "step" and isinstance(v, (int, float))}
-        scalars.update(eval_scalars(logs.get("eval") or {}))
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, logs["step"])
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 class Checkpointer(Callback):

@@ -26,6 +26,8 @@ from loramix.train.config_files import (
 
 __all__ = ["BOOKKEEPING_KEYS", "CONFIG_FILE", "MAX_LR", "RunConfig"]
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # `report_to` (train/trackers.py)
+
 # Keys that change how a run is watched, saved or held in memory, not what it computes (gradient checkpointing
 # gives the same gradients, tests/test_recompute.py): a resumed run may change them freely, and everything else must
 # match the run it resumes (`loramix train --resume --allow-config-change` overrides that).
@@ -42,6 +44,7 @@ BOOKKEEPING_KEYS = frozenset(
         "eval_every",
         "eval_split",
         "eval_metric",
+        "report_to",
     }
 )
 
@@ -407,6 +410,11 @@ class RunConfig(BaseModel):
         "needs only the newest.",
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    report_to: list[Tracker] | None = Field(
+        None,
+        description="Experiment trackers that each logged step and evaluation go to, through accelerate: "
+        "tensorboard, wandb, mlflow (each must be installed). None: TensorBoard where it is installed; []: none.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

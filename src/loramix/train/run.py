@@ -35,7 +35,6 @@ from loramix.train.callbacks import (
     JsonlLogger,
     PeriodicEvaluation,
     ProgressBar,
-    TensorBoardLogger,
 )
 from loramix.train.config import CONFIG_FILE, RunConfig
 from loramix.train.evaluate import eval_options, evaluate
@@ -43,6 +42,7 @@ from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.plan import announce, plan_lines
 from loramix.train.resume import DATA_FILE, data_files
+from loramix.train.trackers import Trackers, chosen_trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -229,15 +229,15 @@ def callbacks_for(
     run: RunConfig,
     output_dir: Path,
     *,
-    tensorboard: bool = True,
     phase: str | None = None,
     evaluation: PeriodicEvaluation | None = None,
 ) -> list:
-    """The callbacks of one training phase: the log, checkpoints, TensorBoard, and a progress bar labelled by the
-    method and `phase` (such as `task 2/10 trec`); `evaluation` first, so that the others see its scores."""
-    callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), Checkpointer(run.checkpoint_every)]
-    if tensorboard:
-        callbacks.insert(1, TensorBoardLogger(output_dir / "tensorboard"))
+    """The callbacks of one training phase: the log, checkpoints, the experiment trackers (`report_to`; a phase's
+    tracker run is named by the run's folder and the phase's) and a progress bar labelled by the method and `phase`
+    (such as `task 2/10 trec`); `evaluation` first, so that the others see its scores."""
+    name = output_dir.name if phase is None else f"{output_dir.parent.name}/{output_dir.name}"
+    trackers = Trackers(chosen_trackers(run.report_to), name, output_dir, run.to_dict())
+    callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), trackers, Checkpointer(run.checkpoint_every)]
     if run.progress:
         callbacks.insert(0, ProgressBar(f"{run.method}: {phase}" if phase else None))
     return ([evaluation] if evaluation is not None else []) + callbacks

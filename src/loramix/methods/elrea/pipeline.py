@@ -165,7 +165,7 @@ def _trainer(
     **kwargs,
 ) -> Trainer:
     phase = run.model_copy(update={"steps": steps})
-    callbacks = callbacks_for(run, output_dir, tensorboard=False, phase=label, evaluation=evaluation)
+    callbacks = callbacks_for(run, output_dir, phase=label, evaluation=evaluation)
     return Trainer(phase, model, data, collator, output_dir=output_dir, callbacks=callbacks, **kwargs)
 
 
