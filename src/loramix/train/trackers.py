@@ -3,8 +3,7 @@ scores, sent to TensorBoard, Weights & Biases or MLflow through accelerate's tra
 only.
 
 One training phase is one tracker run, named by the run's folder (and, for a method that trains in phases, the
-phase's folder: ELREA's `base` and `experts`, a continual sequence's `task-<t>`), with the run's settings as its
-hyperparameters. TensorBoard writes into the phase's folder (`tensorboard/<name>`); W&B and MLflow write where
+phase's own folder), with the run's settings as its hyperparameters. TensorBoard writes into the phase's folder (`tensorboard/<name>`); W&B and MLflow write where
 their own settings send them (`WANDB_MODE`, `MLFLOW_TRACKING_URI`, ...), in the project (experiment) `loramix`
 unless `WANDB_PROJECT` (`MLFLOW_EXPERIMENT_NAME`) names another. A resumed phase starts a new W&B or MLflow run
 from the step it resumes at; TensorBoard's events from that step on are dropped first, as `metrics.jsonl`'s lines
@@ -59,9 +58,8 @@ def hyperparameters(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Trackers(Callback):
-    """Sends each step's logs to the trackers `names` (accelerate's names: `tensorboard`, `wandb`, `mlflow`, ...),
-    as one run named `name`, on the main process. `folder`: where the local ones write (TensorBoard: its
-    `tensorboard/` subfolder)."""
+    """Sends each step's logs to the trackers `names` (`tensorboard`, `wandb`, `mlflow`) as one run named `name`,
+    from the main process; TensorBoard writes into `folder`'s `tensorboard/`."""
 
     def __init__(self, names: Sequence[str], name: str, folder: Path, settings: Mapping[str, Any]) -> None:
         self.names, self.name, self.folder, self.settings = list(names), name, Path(folder), settings
