@@ -94,7 +94,7 @@ def test_task_ids_select_experts_per_sample() -> None:
     assert not torch.allclose(other[0], mixed[0], atol=1e-4)
 
 
-# ---- hooks ----------------------------------------------------------------------------------------------------
+# ---- hooks and open blocks -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("router", ["none", "task", "poly", "token", "sample"])
@@ -102,10 +102,10 @@ def test_hooks_are_removed_after_the_block(router: str) -> None:
     model = adapted_mlp(router)
     layers = get_info(model).layers
     task_ids = torch.arange(4) % 2
-    with loramix.routing(model, task_ids=task_ids):
-        assert all(layer._forward_pre_hooks for layer in layers)
+    with loramix.routing(model, task_ids=task_ids) as state:
+        assert all(layer.open_routing() is state for layer in layers)  # every layer reads the open block
         model(mlp_inputs())
-    assert all(not layer._forward_pre_hooks for layer in layers)
+    assert all(layer.open_routing() is None for layer in layers)
     assert all_hooks(model) == []
 
 
@@ -114,11 +114,11 @@ def test_hooks_are_removed_when_the_block_raises(router: str) -> None:
     model = adapted_mlp(router)
     layers = get_info(model).layers
     with pytest.raises(KeyError, match="boom"):
-        with loramix.routing(model, task_ids=torch.arange(4) % 3):
-            assert all(layer._forward_pre_hooks for layer in layers)
+        with loramix.routing(model, task_ids=torch.arange(4) % 3) as state:
+            assert all(layer.open_routing() is state for layer in layers)
             model(mlp_inputs())
             raise KeyError("boom")
-    assert all(not layer._forward_pre_hooks for layer in layers)
+    assert all(layer.open_routing() is None for layer in layers)
     assert all_hooks(model) == []
     # a forward that fails inside the model (inputs of the wrong width) cleans up too
     with pytest.raises(RuntimeError):

@@ -1,5 +1,6 @@
 """The routing context: side inputs (task ids, the attention mask, the model-wide gate) reach every adapted layer
-through forward pre-hooks that are installed for one call and always removed. No globals.
+through the model's list of open routing blocks, which each layer reads (the innermost wins), and through forward
+hooks (the call's own mask, the model-wide router) installed for one block and always removed. No globals.
 
 Example:
     >>> with loramix.routing(model, task_ids=batch["task_ids"]) as state:
@@ -21,14 +22,6 @@ from loramix.errors import RoutingError
 from loramix.inject import get_info
 from loramix.recompute import route_checkpoints
 from loramix.routers.state import RoutingState
-
-
-def _pass_state(
-    state: RoutingState, active: list[RoutingState], module: nn.Module, args: tuple, kwargs: dict
-) -> tuple[tuple, dict]:
-    if active and active[-1] is state:  # an inner routing block on the same model wins while it is open
-        kwargs["routing"] = state
-    return args, kwargs
 
 
 def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
@@ -274,11 +267,8 @@ def routing(
             else:
                 hook = partial(_run_router_on_output, state, active, router)
                 handles.append(source.register_forward_hook(hook, with_kwargs=True))
-        for layer in info.layers:
-            handles.append(
-                layer.register_forward_pre_hook(partial(_pass_state, state, active), with_kwargs=True)
-            )
-        handles.append(route_checkpoints(model, active))  # recomputed blocks route as their first forward
+        # recomputed blocks route as their first forward
+        handles.append(route_checkpoints(info.routed_modules(model), active))
         output_hook = contiguous_output_layer(model)
         if output_hook is not None:
             handles.append(output_hook)

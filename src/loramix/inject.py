@@ -75,6 +75,17 @@ class InjectionInfo:
             return None
         return model.get_submodule(self.router_input)
 
+    def routed_modules(self, model: nn.Module) -> list[nn.Module]:
+        """`model` and every module on the way to an adapted layer or to the router's input module: those whose
+        forward a routed pass runs through, and so the blocks whose activation checkpointing must route."""
+        found = {id(model): model}
+        for name in [*self.names, *([self.router_input] if self.router_input else [])]:
+            module = model
+            for part in name.split("."):  # `_modules` lookups: get_submodule costs 15x more per step
+                module = module._modules[part]  # type: ignore[assignment]
+                found.setdefault(id(module), module)
+        return list(found.values())
+
 
 @dataclass
 class InjectionReport:
@@ -342,7 +353,10 @@ def inject(
             raise InjectionError(f"modules_to_save entry {target!r} matched no module")
         for module in hits:
             module.requires_grad_(True)
-    setattr(model, INFO_ATTR, InjectionInfo(config, layers, names, original, router_input))
+    info = InjectionInfo(config, layers, names, original, router_input)
+    for layer in layers:  # each reads the innermost routing block open on the model from this one list
+        layer.routing_states = info.active_states
+    setattr(model, INFO_ATTR, info)
     report.adapter_parameters = sum(p.numel() for n, p in adapter_state(model).items())
     report.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_parameters = sum(p.numel() for p in model.parameters())

@@ -22,7 +22,7 @@ non-reentrant form, transformers' default since version 5.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
@@ -141,11 +141,11 @@ class _Unwrap:
         self.wrapped = []
 
 
-def route_checkpoints(model: nn.Module, active: list[RoutingState]) -> _Unwrap:
-    """Wrap the checkpoint function of every block of `model` that has one (and is not wrapped by an outer open
+def route_checkpoints(modules: Iterable[nn.Module], active: list[RoutingState]) -> _Unwrap:
+    """Wrap the checkpoint function of every one of `modules` that has one (and is not wrapped by an outer open
     routing block already); `remove()` on the result undoes it."""
     wrapped = []
-    for module in model.modules():
+    for module in modules:
         original = vars(module).get(CHECKPOINT_ATTR)
         if original is None or isinstance(original, RoutedCheckpoint):
             continue

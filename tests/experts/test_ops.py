@@ -177,3 +177,41 @@ def test_stacked_B_layout() -> None:
     assert stacked.shape == (5, 6)
     for e in range(3):
         assert torch.equal(stacked[:, e * 2 : (e + 1) * 2], B[e])
+
+
+@pytest.mark.parametrize("kind", ["single", *GATE_KINDS])
+@pytest.mark.parametrize("input_major", [False, True], ids=["linear", "conv1d"])
+def test_fused_linear_without_a_graph_skips_the_custom_nodes_and_equals_their_forward(
+    kind: str, input_major: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ops.linear` with nothing to record (no_grad, or frozen weights) runs the custom nodes' forward as plain
+    functions: the same output, bit for bit, as the recorded form; with a gradient to take it records them."""
+    n, t, i, o, e, r = 3, 4, 6, 5, 3, 2
+    A, B = make_weights(e, r, i, o, "none")
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(n, t, i, generator=generator)
+    weight = torch.randn((i, o) if input_major else (o, i), generator=generator)
+    bias = torch.randn(o, generator=generator)
+    options: dict = {"input_major": input_major}
+    if kind == "single":
+        A, B = A[:1], B[:1]
+    elif kind == "hard":
+        options |= {"gate": make_gate(kind, n, t, e), "keep": torch.tensor([False, True, False])}
+    elif kind == "topk":
+        weights, indices = (
+            torch.softmax(torch.randn(n, 2, generator=generator), -1),
+            torch.tensor([[0, 2]] * n),
+        )
+        options |= {"gate": weights, "indices": indices}
+    else:
+        options |= {"gate": make_gate(kind, n, t, e)}
+    recorded = ops.linear(x, weight, bias, A.requires_grad_(), B, SCALING, **options)  # A trains: recorded
+    assert recorded.grad_fn is not None
+    applied = []
+    for node in (ops._BaseAndProjectIn, ops._AddProjectOut):
+        monkeypatch.setattr(node, "apply", lambda *args, node=node: applied.append(node) or None)
+    with torch.no_grad():
+        plain = ops.linear(x, weight, bias, A, B, SCALING, **options)
+    frozen = ops.linear(x, weight, bias, A.detach(), B, SCALING, **options)  # grad on, nothing to train
+    assert not applied and frozen.grad_fn is None
+    assert torch.equal(plain, recorded.detach()) and torch.equal(frozen, recorded.detach())

@@ -55,6 +55,8 @@ class AdaptedLayer(nn.Module):
         self.adapter_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged_gate: Tensor | None = None
         self.disabled = False
+        # the model's open routing blocks, innermost last (`loramix.routing`; the injected model's list)
+        self.routing_states: list[RoutingState] = []
         weight = next((p for p in base_layer.parameters()), None)
         if weight is not None:
             self.experts.to(device=weight.device)
@@ -62,14 +64,21 @@ class AdaptedLayer(nn.Module):
                 self.router.to(device=weight.device)
 
     # ---- routing -------------------------------------------------------------------------------------------
+    def open_routing(self, routing: RoutingState | None = None) -> RoutingState | None:
+        """The routing state of this call: `routing` where the call passes one, else the innermost routing block
+        open on the model (None outside any)."""
+        if routing is not None:
+            return routing
+        return self.routing_states[-1] if self.routing_states else None
+
     def gate(self, x: Tensor, routing: RoutingState | None) -> Gate | None:
         """The gate for this call: None for a plain LoRA (a hard gate on its one expert when samples are kept on
         the base), the layer's own router's, or the model-wide one; with the routing state's keep-base mask
-        applied. A block that activation checkpointing recomputes in backward gets no state from the routing
-        block's hooks: it reads the state its first forward had (`loramix.recompute`) and records nothing."""
+        applied. The state is `routing` where the call passes one, else the innermost routing block open on the
+        model. A block that activation checkpointing recomputes in backward after the routing block has ended
+        reads the state its first forward had (`loramix.recompute`); a recomputation records nothing."""
         checkpointed, recomputing = checkpointed_routing()
-        if routing is None:
-            routing = checkpointed
+        routing = self.open_routing(routing) or checkpointed
         if self.gate_source == "none":
             keep = None if routing is None else routing.keep_base
             if keep is None:

@@ -251,6 +251,26 @@ def topk(
 # ---- the base layer and the mixture in one pass ----------------------------------------------------------------
 
 
+def base_and_project_in(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, input_major: bool):
+    """`(x W^T + b, x A^T)`: the forward of :class:`_BaseAndProjectIn`, which autograd records."""
+    flat_in = x.view(-1, x.shape[-1])  # (n*t, i)
+    if input_major:  # what Conv1D.forward runs
+        base = torch.addmm(bias, flat_in, weight) if bias is not None else flat_in @ weight
+    else:  # what nn.Linear.forward runs on a contiguous input
+        base = F.linear(flat_in, weight, bias)
+    h = flat_in @ A.t() if A.dim() == 2 else torch.bmm(x, A.transpose(1, 2))
+    return base, h
+
+
+def add_project_out(base: Tensor, h: Tensor, Bt: Tensor) -> Tensor:
+    """`base += h Bt` in place: the forward of :class:`_AddProjectOut`, which autograd records."""
+    if Bt.dim() == 2:
+        base.addmm_(h.reshape(-1, h.shape[-1]), Bt)
+    else:
+        base.view(*h.shape[:-1], Bt.shape[2]).baddbmm_(h, Bt)
+    return base
+
+
 class _BaseAndProjectIn(torch.autograd.Function):
     """`(x W^T + b, x A^T)` from one node, so that backward writes both input gradients into one buffer.
 
@@ -265,13 +285,7 @@ class _BaseAndProjectIn(torch.autograd.Function):
         ctx.input_major, ctx.has_bias = input_major, bias is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, A)
-        flat_in = x.view(-1, x.shape[-1])  # (n*t, i)
-        if input_major:  # what Conv1D.forward runs
-            base = torch.addmm(bias, flat_in, weight) if bias is not None else flat_in @ weight
-        else:  # what nn.Linear.forward runs on a contiguous input
-            base = F.linear(flat_in, weight, bias)
-        h = flat_in @ A.t() if A.dim() == 2 else torch.bmm(x, A.transpose(1, 2))
-        return base, h
+        return base_and_project_in(x, weight, bias, A, input_major)
 
     @staticmethod
     def backward(ctx, grad_base, grad_h):  # type: ignore[override]
@@ -314,12 +328,8 @@ class _AddProjectOut(torch.autograd.Function):
     def forward(ctx, base, h, Bt):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, Bt)
-        if Bt.dim() == 2:
-            base.addmm_(h.reshape(-1, h.shape[-1]), Bt)
-        else:
-            base.view(*h.shape[:-1], Bt.shape[2]).baddbmm_(h, Bt)
         ctx.mark_dirty(base)
-        return base
+        return add_project_out(base, h, Bt)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -384,7 +394,13 @@ def linear(
     else:
         A_in, Bt = _project_dense(A, B)
     x = x.contiguous()
-    base, h = _BaseAndProjectIn.apply(x, weight, bias, A_in, input_major)  # (n*t, o), (n*t or n, [t,] r)
+    # without a graph to record (inference, frozen weights and input) the same forward runs without the custom
+    # nodes, whose own cost is what a launch-bound GPU pass pays
+    records = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, A_in, Bt, gate, sample_weight)
+    )
+    both = _BaseAndProjectIn.apply if records else base_and_project_in
+    base, h = both(x, weight, bias, A_in, input_major)  # (n*t, o), (n*t or n, [t,] r)
     h = h.view(*x.shape[:-1], h.shape[-1])  # (n, t, r or e*r)
     if indices is not None:
         assert gate is not None
@@ -393,7 +409,7 @@ def linear(
         h = _mix_single(h, scaling, dropout, keep, sample_weight)
     else:
         h = _mix_dense(h, gate, max(A.shape[0], B.shape[0]), _shared(A, B), scaling, dropout)
-    out = _AddProjectOut.apply(base, h, Bt)  # (n*t, o)
+    out = (_AddProjectOut.apply if records else add_project_out)(base, h, Bt)  # (n*t, o)
     return out.view(*x.shape[:-1], out.shape[-1])  # (n, t, o)
 
 

@@ -198,7 +198,7 @@ class GradientFeaturizer:
         if layer.merged_gate is not None or layer.disabled:
             raise InjectionError(f"layer '{layer.layer_name}' is merged or disabled: unmerge/enable it first")
         if self.num_experts > 1:
-            state = kwargs.get("routing")
+            state = layer.open_routing(kwargs.get("routing"))
             gate = None if state is None else state.model_gate
             if gate is None or gate.indices is None or bool((gate.indices != self.expert).any()):
                 raise RoutingError(
