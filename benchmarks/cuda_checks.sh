@@ -6,6 +6,8 @@
 #
 # The parts, in this order (all of them when none is named):
 # - tests: tests/test_cuda.py and tests/test_cuda_quantized.py (with the quantized CPU-backend tests beside them);
+# - overhead: what each adapted layer adds on a GPU, fused with its base or not (benchmarks/overhead.py at
+#   MiniLM's shape, 32 x 128 tokens, width 384), written to OUT_DIR/overhead-cuda.json;
 # - speed: the speed benchmark's CUDA sections, one process each, in this order: generate, layer (the
 #   Llama-shaped d = 4096 points first), model, inference, memory, elrea; each writes
 #   OUT_DIR/speed-cuda-SECTION.json and .md after every point or model, so a section stopped at its limit keeps
@@ -21,7 +23,7 @@ set -u
 OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS [PART...]]}
 BUDGET=${2:-570}
 PARTS=("${@:3}")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests speed continual suite)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests overhead speed continual suite)
 wanted() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -47,6 +49,10 @@ part() {  # part NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, a
 if wanted tests; then
   part cuda-tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_quantized.py \
     tests/test_quantize.py tests/experts/test_quantized.py
+fi
+if wanted overhead; then
+  part overhead 90 "$PY" benchmarks/overhead.py --device cuda --hidden 384 --tokens 128 --batch 32 --rounds 10 \
+    --out "$OUT_DIR/overhead-cuda.json"
 fi
 if wanted speed; then
   for section in generate layer model inference memory elrea; do

@@ -1,0 +1,193 @@
+"""What loramix adds per adapted layer where the arithmetic costs nothing: the regime of a GPU running a small
+model, where a pass is the sum of its kernel launches and the Python that issues them.
+
+A BERT of hidden width 64, 6 blocks, batch 8 x 16 tokens, LoRA or experts of rank 8 on every linear layer (36
+layers): each case's time minus the plain (or frozen) model's, per adapted layer, and its ratio to PEFT's one LoRA
+timed in the same rounds (interleaved, medians of per-round ratios; `_timing.py`). Cases:
+- inference (`torch.inference_mode`): the plain model, PEFT, loramix's one LoRA, mola-grad with one task's batch
+  and with a batch of eight tasks, mola-router;
+- training step (forward, backward, AdamW): the frozen model's backprop, PEFT, the same loramix cases;
+- `-unfused`: the same loramix case with the base layer and the mixture run apart (`base(x) + delta(x)`, plain
+  autograd) instead of fused in one pair of custom autograd nodes (`experts/ops.py: linear`).
+
+    python benchmarks/overhead.py --threads 1        # writes benchmarks/results/overhead.json
+    python benchmarks/overhead.py --device cuda --hidden 384 --tokens 128 --batch 32   # MiniLM's shape on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing as timing  # noqa: E402
+
+import loramix  # noqa: E402
+from loramix.experts.linear import LinearExperts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+CONFIGS = {
+    "lora": {"num_experts": 1, "rank": 8, "router": "none"},
+    "mola-grad": {"num_experts": 8, "rank": 8, "router": "task", "num_tasks": 8},
+    "mola-router": {"num_experts": 8, "rank": 8, "router": "sample"},
+}
+
+
+def unfused(call: Callable[[], object]) -> Callable[[], object]:
+    """`call` with every adapted linear layer running its base and its mixture apart."""
+    fusable = LinearExperts._fusable
+
+    def run() -> object:
+        LinearExperts._fusable = lambda self, x: False  # type: ignore[method-assign]
+        try:
+            return call()
+        finally:
+            LinearExperts._fusable = fusable  # type: ignore[method-assign]
+
+    return run
+
+
+def build(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> Callable[[], torch.nn.Module]:
+    config = transformers.BertConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=2 * args.hidden,
+        vocab_size=1000,
+    )
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return transformers.BertModel(config, add_pooling_layer=False).to(device, dtype)
+
+    return base
+
+
+def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, train: bool) -> dict:
+    base = build(args, device, dtype)
+    ids = torch.randint(0, 1000, (args.batch, args.tokens), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    one_task = torch.zeros(args.batch, dtype=torch.long, device=device)
+    mixed = torch.arange(args.batch, device=device) % 8
+
+    def model(kind: str) -> torch.nn.Module:
+        made = base()
+        if kind == "peft":
+            made = peft.get_peft_model(made, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        elif kind != "plain":
+            loramix.inject(made, CONFIGS[kind])
+            with torch.no_grad():  # trained-looking experts
+                for layer in loramix.get_info(made).layers:
+                    layer.experts.B.normal_(std=0.02)
+        return made.train(train)
+
+    def call(made: torch.nn.Module, task_ids: torch.Tensor | None, routed: bool) -> Callable[[], object]:
+        if train:
+            params = [p for p in made.parameters() if p.requires_grad]
+            if not params:  # the frozen model: back-propagate through it all the same
+                made.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+            optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)
+
+        def forward() -> torch.Tensor:
+            if routed:
+                with loramix.routing(made, task_ids=task_ids, record=train):
+                    return made(**inputs).last_hidden_state
+            return made(**inputs).last_hidden_state
+
+        def step() -> object:
+            if not train:
+                with torch.inference_mode():
+                    return forward()
+            forward().float().pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return None
+
+        return step
+
+    plain = model("plain")
+    if train:
+        plain.requires_grad_(False)
+    mola = model("mola-grad")
+    made = {
+        "plain" if not train else "frozen": call(plain, None, False),
+        "peft": call(model("peft"), None, False),
+        "lora": call(model("lora"), None, False),
+        "mola-grad-one-task": call(mola, one_task, True),
+        "mola-grad-mixed": call(mola, mixed, True),
+        "mola-router": call(model("mola-router"), None, True),
+    }
+    for name in ("lora", "mola-grad-mixed", "mola-router"):
+        made[f"{name}-unfused"] = unfused(made[name])
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    entries = []
+    for train in (False, True):
+        made = cases(args, device, dtype, train)
+        baseline = "frozen" if train else "plain"
+        probe = timing.time_once(made["mola-router"], device)
+        timings = timing.interleaved(
+            made, device=device, rounds=args.rounds, warmup=2, repeat=timing.repeat_for(probe, 0.1)
+        )
+        layers = 36
+        for name in made:
+            entry = {
+                "mode": "training step" if train else "inference",
+                "case": name,
+                "ms": round(timings.median_ms(name), 3),
+                "us_per_layer_over_" + baseline: round(
+                    1e3 * (timings.median_ms(name) - timings.median_ms(baseline)) / layers, 1
+                ),
+                "vs_peft": timings.ratio(name, "peft"),
+            }
+            entries.append(entry)
+            print(
+                f"{entry['mode']:14s} {name:24s} {entry['ms']:8.3f} ms  "
+                f"{entry['us_per_layer_over_' + baseline]:7.1f} us/layer over {baseline:6s} "
+                f"{entry['vs_peft']['ratio_median']:.2f}x PEFT [{entry['vs_peft']['ratio_q25']:.2f}, "
+                f"{entry['vs_peft']['ratio_q75']:.2f}]",
+                flush=True,
+            )
+    meta = {
+        "device": timing.device_name(device),
+        "threads": args.threads,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": {"hidden": args.hidden, "tokens": args.tokens, "batch": args.batch, "blocks": 6},
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "load_average": timing.load_average(),
+    }
+    out = args.out or ROOT / "results" / "overhead.json"
+    out.write_text(json.dumps({"meta": meta, "entries": entries}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
