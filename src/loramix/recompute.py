@@ -4,9 +4,10 @@ Activation (gradient) checkpointing runs a block's forward again during backward
 passed the side inputs has usually ended and its hooks are gone. Hugging Face models checkpoint each block through
 the function in the block's `_gradient_checkpointing_func` attribute (set by `gradient_checkpointing_enable`), so
 while a routing block is open that function is wrapped: what it checkpoints is bound to the open block's routing
-state, and runs with that state current, both the first time and when it is recomputed. An adapted layer that
-gets no state from a hook reads the current one (:func:`checkpointed_routing`), and a recomputation records
-nothing: the routers' decisions were recorded once, by the first forward.
+state, and runs with that state pushed onto the model's list of open routing blocks, both the first time and when
+it is recomputed, so that every adapted layer in it reads that state (the one its first forward read, even where
+backward runs after the routing block has ended or inside another). A recomputation runs with the state's
+`recomputing` set and records nothing: the routers' decisions were recorded once, by the first forward.
 
 Everything a recomputed layer reads is the state's: the task ids, the keep-base mask and the model-wide gate, the
 very tensor the first forward used (computed outside the checkpointed block, e.g. on the embeddings). A router that
@@ -24,7 +25,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -38,29 +38,23 @@ if TYPE_CHECKING:
 
 CHECKPOINT_ATTR = "_gradient_checkpointing_func"  # where transformers keeps a block's checkpoint function
 
-# the routing state of the checkpointed block running now, and whether this run is its recomputation
-_current: ContextVar[tuple[RoutingState, bool] | None] = ContextVar(
-    "loramix_checkpointed_routing", default=None
-)
-
-
-def checkpointed_routing() -> tuple[RoutingState | None, bool]:
-    """The routing state bound to the checkpointed block running now (None outside one), and whether this run is
-    the block's recomputation in backward (whose gates must not be recorded again)."""
-    current = _current.get()
-    return (None, False) if current is None else current
-
 
 @contextmanager
-def _current_state(state: RoutingState, recomputing: bool) -> Iterator[None]:
-    token = _current.set((state, recomputing))
+def _pushed(active: list[RoutingState], state: RoutingState, recomputing: bool) -> Iterator[None]:
+    """`state` on top of the model's open routing blocks while a checkpointed block runs, marked as recomputing
+    or not."""
+    before = state.recomputing
+    state.recomputing = recomputing
+    active.append(state)
     try:
         yield
     finally:
-        _current.reset(token)
+        active.pop()
+        state.recomputing = before
 
 
 def _run_routed(
+    active: list[RoutingState],
     state: RoutingState,
     grad_outside: bool,
     runs: list[int],
@@ -85,7 +79,7 @@ def _run_routed(
             "checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
         )
     recorded = len(state.records)
-    with _current_state(state, recomputing):
+    with _pushed(active, state, recomputing):
         out = function(*args, **kwargs)
     # A router that pooled a module inside the block ran in the first forward; its recomputation would not run it
     # again once the routing block has ended (and reentrant checkpointing ran it without gradients).
@@ -121,7 +115,9 @@ class RoutedCheckpoint:
         if not self.active:
             return self.original(function, *args, **kwargs)
         refused: list[str] = []
-        routed = partial(_run_routed, self.active[-1], torch.is_grad_enabled(), [0], refused, function)
+        routed = partial(
+            _run_routed, self.active, self.active[-1], torch.is_grad_enabled(), [0], refused, function
+        )
         out = self.original(routed, *args, **kwargs)
         if refused:
             raise RoutingError(refused[0])

@@ -88,10 +88,12 @@ def grouped_rows(
 
 
 def grouped_mm_ok(x: Tensor, A: Tensor, B: Tensor) -> bool:
-    """`torch._grouped_mm` runs on CPU for fp32 and bf16 and needs every row stride a multiple of 16 bytes."""
+    """`torch._grouped_mm` runs on CPU for fp32 and bf16 and needs every row stride a multiple of 16 bytes. Not
+    while `torch.compile` traces: its shape function takes bf16 alone, and the gathers trace into the graph."""
     align = 16 // x.element_size()
     return (
         hasattr(torch, "_grouped_mm")
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and all(size % align == 0 for size in (x.shape[-1], A.shape[1], B.shape[1]))

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from loramix.errors import InjectionError, RoutingError
 from loramix.experts.base import StackedExperts
-from loramix.recompute import checkpointed_routing
 from loramix.routers.base import Router
 from loramix.routers.gate import Gate
 
@@ -75,10 +74,10 @@ class AdaptedLayer(nn.Module):
         """The gate for this call: None for a plain LoRA (a hard gate on its one expert when samples are kept on
         the base), the layer's own router's, or the model-wide one; with the routing state's keep-base mask
         applied. The state is `routing` where the call passes one, else the innermost routing block open on the
-        model. A block that activation checkpointing recomputes in backward after the routing block has ended
-        reads the state its first forward had (`loramix.recompute`); a recomputation records nothing."""
-        checkpointed, recomputing = checkpointed_routing()
-        routing = self.open_routing(routing) or checkpointed
+        model; a block that activation checkpointing recomputes in backward reads the state its first forward had
+        (`loramix.recompute` puts it on top), and a recomputation records nothing."""
+        routing = self.open_routing(routing)
+        recomputing = routing is not None and routing.recomputing
         if self.gate_source == "none":
             keep = None if routing is None else routing.keep_base
             if keep is None:

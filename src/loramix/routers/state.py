@@ -29,6 +29,8 @@ class RoutingState:
     # generation: the same for per-sample layer routers, by layer name
     layer_gates: dict[str, Gate] = field(default_factory=dict)
     records: list[tuple[str, Gate]] = field(default_factory=list)
+    # activation checkpointing is running a block's forward again in backward: nothing is recorded again
+    recomputing: bool = False
 
     def add(self, name: str, gate: Gate) -> None:
         if self.record:
