@@ -6,7 +6,7 @@
 #
 # The parts, in this order (all of them when none is named):
 # - tests: tests/test_cuda.py and tests/test_cuda_quantized.py (with the quantized CPU-backend tests beside them);
-# - overhead: what each adapted layer adds on a GPU, fused with its base or not (benchmarks/overhead.py at
+# - overhead: what each adapted layer adds on a GPU, fused with its base or not, eager and compiled (overhead.py at
 #   MiniLM's shape, 32 x 128 tokens, width 384), written to OUT_DIR/overhead-cuda.json;
 # - speed: the speed benchmark's CUDA sections, one process each, in this order: generate, layer (the
 #   Llama-shaped d = 4096 points first), model, inference, memory, elrea; each writes
@@ -51,7 +51,7 @@ if wanted tests; then
     tests/test_quantize.py tests/experts/test_quantized.py
 fi
 if wanted overhead; then
-  part overhead 90 "$PY" benchmarks/overhead.py --device cuda --hidden 384 --tokens 128 --batch 32 --rounds 10 \
+  part overhead 180 "$PY" benchmarks/overhead.py --device cuda --hidden 384 --tokens 128 --batch 32 --rounds 10 --compile \
     --out "$OUT_DIR/overhead-cuda.json"
 fi
 if wanted speed; then

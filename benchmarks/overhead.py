@@ -8,9 +8,10 @@ timed in the same rounds (interleaved, medians of per-round ratios; `_timing.py`
   and with a batch of eight tasks, mola-router;
 - training step (forward, backward, AdamW): the frozen model's backprop, PEFT, the same loramix cases;
 - `-unfused`: the same loramix case with the base layer and the mixture run apart (`base(x) + delta(x)`, plain
-  autograd) instead of fused in one pair of custom autograd nodes (`experts/ops.py: linear`).
+  autograd) instead of fused in one pair of custom autograd nodes (`experts/ops.py: linear`);
+- `-compiled` (with `--compile`): the model under `torch.compile` (inductor), PEFT's too.
 
-    python benchmarks/overhead.py --threads 1        # writes benchmarks/results/overhead.json
+    python benchmarks/overhead.py --threads 1 --compile   # writes benchmarks/results/overhead.json
     python benchmarks/overhead.py --device cuda --hidden 384 --tokens 128 --batch 32   # MiniLM's shape on a GPU
 """
 
@@ -91,7 +92,10 @@ def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tr
                     layer.experts.B.normal_(std=0.02)
         return made.train(train)
 
-    def call(made: torch.nn.Module, task_ids: torch.Tensor | None, routed: bool) -> Callable[[], object]:
+    def call(
+        made: torch.nn.Module, task_ids: torch.Tensor | None, routed: bool, compiled: bool = False
+    ) -> Callable[[], object]:
+        runner = torch.compile(made) if compiled else made
         if train:
             params = [p for p in made.parameters() if p.requires_grad]
             if not params:  # the frozen model: back-propagate through it all the same
@@ -101,8 +105,8 @@ def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tr
         def forward() -> torch.Tensor:
             if routed:
                 with loramix.routing(made, task_ids=task_ids, record=train):
-                    return made(**inputs).last_hidden_state
-            return made(**inputs).last_hidden_state
+                    return runner(**inputs).last_hidden_state
+            return runner(**inputs).last_hidden_state
 
         def step() -> object:
             if not train:
@@ -118,17 +122,22 @@ def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tr
     plain = model("plain")
     if train:
         plain.requires_grad_(False)
-    mola = model("mola-grad")
+    models = {name: model(name) for name in ("peft", "lora", "mola-grad", "mola-router")}
     made = {
         "plain" if not train else "frozen": call(plain, None, False),
-        "peft": call(model("peft"), None, False),
-        "lora": call(model("lora"), None, False),
-        "mola-grad-one-task": call(mola, one_task, True),
-        "mola-grad-mixed": call(mola, mixed, True),
-        "mola-router": call(model("mola-router"), None, True),
+        "peft": call(models["peft"], None, False),
+        "lora": call(models["lora"], None, False),
+        "mola-grad-one-task": call(models["mola-grad"], one_task, True),
+        "mola-grad-mixed": call(models["mola-grad"], mixed, True),
+        "mola-router": call(models["mola-router"], None, True),
     }
     for name in ("lora", "mola-grad-mixed", "mola-router"):
         made[f"{name}-unfused"] = unfused(made[name])
+    if args.compile:  # each model compiled whole by torch.compile (inductor), PEFT's too
+        made["peft-compiled"] = call(models["peft"], None, False, compiled=True)
+        made["lora-compiled"] = call(models["lora"], None, False, compiled=True)
+        made["mola-grad-mixed-compiled"] = call(models["mola-grad"], mixed, True, compiled=True)
+        made["mola-router-compiled"] = call(models["mola-router"], None, True, compiled=True)
     return made
 
 
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--compile", action="store_true", help="also each model under torch.compile")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
