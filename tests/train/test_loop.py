@@ -146,3 +146,41 @@ def test_sampling_weights_must_name_the_runs_tasks(model_dir: Path, tasks_dir: P
         RunConfig.from_dict(toys.settings(model_dir, tasks_dir, sampling_weights={"colours": 2}))
     with pytest.raises(ConfigError, match="gives 'colors' the factor 0.0; a factor must be above 0"):
         RunConfig.from_dict(toys.settings(model_dir, tasks_dir, sampling_weights={"colors": 0}))
+
+
+def test_a_compiled_run_trains_as_the_eager_one(
+    tasks_dir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    """Without dropout (a compiled graph draws its own random numbers), the same losses and scores."""
+    model_dir = toys.model_dir(tmp_path_factory, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    settings = toys.settings(model_dir, tasks_dir, method="mola-router", steps=6, log_every=1, dropout=0.0)
+    from torch._dynamo.utils import counters
+
+    eager = run_training(RunConfig.from_dict(settings), tmp_path / "eager")
+    counters.clear()
+    compiled = run_training(RunConfig.from_dict({**settings, "compile": True}), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 1  # it did run compiled
+    losses = [[entry["loss"] for entry in metrics["history"]] for metrics in (eager, compiled)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)  # inductor's kernels round otherwise, no more
+    assert compiled["tasks"] == eager["tasks"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "elrea"}, "compile: method elrea runs its model in ways torch.compile"),
+        ({"method": "moe-adapters", "steps_per_task": 2}, "compile: method moe-adapters"),
+    ],
+)
+def test_compile_is_refused_where_it_is_not_tested(
+    model_dir: Path, tasks_dir: Path, tmp_path, overrides, message
+):
+    run = RunConfig.from_dict({**toys.settings(model_dir, tasks_dir), "compile": True, **overrides})
+    with pytest.raises(ConfigError, match=message):
+        run_training(run, tmp_path / "run")
+
+
+def test_compile_is_refused_for_generation_tasks(gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path):
+    run = RunConfig.from_dict({**toys.gen_settings(gpt2_dir, gen_tasks_dir, steps=2), "compile": True})
+    with pytest.raises(ConfigError, match="compile: generation tasks decode with `generate`"):
+        run_training(run, tmp_path / "run")

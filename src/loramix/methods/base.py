@@ -44,6 +44,8 @@ class Method:
     uses_selector: ClassVar[bool] = False  # an auto-selector (DDAS, `ddas_*`) routes at inference
     # its training can be scored on the way (`eval_every`)
     evaluates_during_training: ClassVar[bool] = True
+    # its model may run compiled (`compile`): one forward per step, without hooks or transforms of its own
+    compiles: ClassVar[bool] = True
 
     def validate(self, run: RunConfig) -> None:
         """Raise ConfigError, naming the key, when `run` asks for something this method cannot do. Runs at the door,
@@ -56,6 +58,11 @@ class Method:
     def check_sequence_and_adapters(self, run: RunConfig) -> None:
         """`continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the
         adapter config this method builds, as any is checked."""
+        if run.compile and not self.compiles:
+            raise ConfigError(
+                f"compile: method {self.name} runs its model in ways torch.compile is not tested with here "
+                "(gradient transforms, hooks inside blocks); remove compile"
+            )
         if run.eval_every and not self.evaluates_during_training:
             raise ConfigError(
                 f"eval_every: method {self.name} is scored only as its own schedule scores it (every task after "

@@ -117,6 +117,12 @@ class RunConfig(BaseModel):
         description="Recompute each block's activations in backward (transformers' non-reentrant activation "
         "checkpointing): less memory for about a third more compute; routing is unchanged.",
     )
+    compile: bool = Field(
+        False,
+        description="Run the adapted model's forward through torch.compile while it trains and is scored (one "
+        "graph for every router; the first steps compile). Not for generation tasks, elrea or the continual "
+        "methods.",
+    )
     pooling: Literal["mean", "cls"] = Field("mean", description="How heads read the encoder output.")
     head: Literal["classification", "label-prompt"] = Field(
         "classification",

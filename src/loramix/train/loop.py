@@ -155,6 +155,8 @@ class Trainer:
             collate_fn=collator,
             generator=torch.Generator().manual_seed(run.seed),
         )
+        if run.compile:  # in place: the parameters and their names stay the module's, for checkpoints
+            model.backbone.compile()
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
         self.aux_modules.to(self.accelerator.device)
         self.step, self.history, self.last_checkpoint = 0, [], None

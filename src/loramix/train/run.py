@@ -83,6 +83,10 @@ def build_model(run: RunConfig, data: MultiTaskData, adapters: AdapterConfig) ->
     """The backbone with these adapters, plus the run's head (`run.head`) over every task; and the tokenizer.
     A run of generation tasks loads the causal LM, whose own output layer is the head."""
     generative = is_generative(run, [t.task_type for t in data.tasks])
+    if generative and run.compile:
+        raise ConfigError(
+            "compile: generation tasks decode with `generate`, which is not compiled here; remove it"
+        )
     if generative and run.label_smoothing:
         raise ConfigError(
             "label_smoothing: generation tasks train on their answers' next-token loss, which it does not change; "

@@ -74,6 +74,7 @@ class Continual(Method):
 
     continual = True
     evaluates_during_training = False  # every task is scored after each task instead (the accuracy matrix)
+    compiles = False  # the auto-selector hooks blocks and passes the model several ways
     base_for_unlearned: ClassVar[bool] = (
         True  # tasks not learned yet (inputs, class texts) go to the base model
     )

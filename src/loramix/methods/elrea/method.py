@@ -38,6 +38,7 @@ from loramix.train.serve_export import BASE_FOLDER, write_trained_base
 class Elrea(Method):
     name = "elrea"
     description = "a base LoRA, then one expert per gradient cluster, routed by gradient similarity (ELREA)"
+    compiles = False  # per-example gradients through torch.func
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
