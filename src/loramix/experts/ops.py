@@ -251,7 +251,9 @@ def topk(
 # ---- the base layer and the mixture in one pass ----------------------------------------------------------------
 
 
-def base_and_project_in(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, input_major: bool):
+def base_and_project_in(
+    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, input_major: bool
+) -> tuple[Tensor, Tensor]:
     """`(x W^T + b, x A^T)`: the forward of :class:`_BaseAndProjectIn`, which autograd records."""
     flat_in = x.view(-1, x.shape[-1])  # (n*t, i)
     if input_major:  # what Conv1D.forward runs
