@@ -3,11 +3,11 @@ scores, sent to TensorBoard, Weights & Biases or MLflow through accelerate's tra
 only.
 
 One training phase is one tracker run, named by the run's folder (and, for a method that trains in phases, the
-phase's own folder), with the run's settings as its hyperparameters. TensorBoard writes into the phase's folder (`tensorboard/<name>`); W&B and MLflow write where
-their own settings send them (`WANDB_MODE`, `MLFLOW_TRACKING_URI`, ...), in the project (experiment) `loramix`
-unless `WANDB_PROJECT` (`MLFLOW_EXPERIMENT_NAME`) names another. A resumed phase starts a new W&B or MLflow run
-from the step it resumes at; TensorBoard's events from that step on are dropped first, as `metrics.jsonl`'s lines
-are.
+phase's own folder), with the run's settings as its hyperparameters. TensorBoard writes into the phase's folder
+(`tensorboard/<name>`); W&B and MLflow write where their own settings send them (`WANDB_MODE`,
+`MLFLOW_TRACKING_URI`, ...), in the project (experiment) `loramix` unless `WANDB_PROJECT` (`MLFLOW_EXPERIMENT_NAME`)
+names another. A resumed phase starts a new W&B or MLflow run from the step it resumes at; TensorBoard's events
+from that step on are dropped first, as `metrics.jsonl`'s lines are.
 """
 
 from __future__ import annotations
