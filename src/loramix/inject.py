@@ -58,6 +58,7 @@ class InjectionInfo:
     original_requires_grad: dict[str, bool]
     router_input: str | None = None  # module whose output the sample router pools; "" means the model's input
     active_states: list[Any] = field(default_factory=list)  # open routing blocks, innermost last
+    routed: list[nn.Module] | None = field(default=None, repr=False)  # `routed_modules`, found once
 
     @property
     def router_class(self) -> type[Router]:
@@ -77,14 +78,17 @@ class InjectionInfo:
 
     def routed_modules(self, model: nn.Module) -> list[nn.Module]:
         """`model` and every module on the way to an adapted layer or to the router's input module: those whose
-        forward a routed pass runs through, and so the blocks whose activation checkpointing must route."""
-        found = {id(model): model}
-        for name in [*self.names, *([self.router_input] if self.router_input else [])]:
-            module = model
-            for part in name.split("."):  # `_modules` lookups: get_submodule costs 15x more per step
-                module = module._modules[part]  # type: ignore[assignment]
-                found.setdefault(id(module), module)
-        return list(found.values())
+        forward a routed pass runs through, and so the blocks whose activation checkpointing must route. Found
+        once: only injection and its undo replace modules, and the undo drops this record."""
+        if self.routed is None:
+            found = {id(model): model}
+            for name in [*self.names, *([self.router_input] if self.router_input else [])]:
+                module = model
+                for part in name.split("."):
+                    module = module._modules[part]  # type: ignore[assignment]
+                    found.setdefault(id(module), module)
+            self.routed = list(found.values())
+        return self.routed
 
 
 @dataclass

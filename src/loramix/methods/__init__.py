@@ -39,15 +39,22 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     return run
 
 
+def checked_method(run: RunConfig) -> Method:
+    """The method `run` names, once it has checked the run, and the trackers the run names are installed: what
+    can be refused before any data or model is read."""
+    method = get_method(run.method)
+    method.validate(run)
+    chosen_trackers(run.report_to)
+    return method
+
+
 def run_training(
     run: RunConfig, output_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False
 ) -> dict[str, Any]:
     """Train, evaluate and save one run into `output_dir` with the method it names; returns its metrics. A resume
     must keep the config the run was started with, but for bookkeeping, unless `allow_config_change` (then the
     changes are recorded in the run directory); this is checked before anything is written."""
-    method = get_method(run.method)
-    method.validate(run)
-    chosen_trackers(run.report_to)  # a tracker named but not installed, before any work
+    method = checked_method(run)
     if allow_config_change and not resume:
         raise ConfigError(
             "--allow-config-change applies only to a resume: pass --resume too, or leave it out"
@@ -82,9 +89,7 @@ def plan(run: RunConfig) -> list[str]:
     from loramix.models import check_model_path
     from loramix.train.run import build_model
 
-    method = get_method(run.method)
-    method.validate(run)
-    chosen_trackers(run.report_to)  # a tracker named but not installed, before any work
+    method = checked_method(run)
     check_model_path(run.model)
     data = MultiTaskData(task_specs(run))
     model = None

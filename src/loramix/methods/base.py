@@ -56,8 +56,9 @@ class Method:
         self.check_sequence_and_adapters(run)
 
     def check_sequence_and_adapters(self, run: RunConfig) -> None:
-        """`continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the
-        adapter config this method builds, as any is checked."""
+        """What every method checks: `compile` and `eval_every` only where the method can run them;
+        `continue_from`, `keep_task_states`, `steps_per_task` and `ddas_*` only for continual methods; the adapter
+        config this method builds, as any is checked."""
         if run.compile and not self.compiles:
             raise ConfigError(
                 f"compile: method {self.name} runs its model in ways torch.compile is not tested with here "

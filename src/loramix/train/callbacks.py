@@ -27,6 +27,7 @@ __all__ = [
     "PeriodicEvaluation",
     "ProgressBar",
     "eval_scalars",
+    "step_scalars",
 ]
 
 
@@ -201,6 +202,13 @@ def eval_scalars(entry: Mapping[str, Any]) -> dict[str, float]:
     for task, scores in (entry.get("tasks") or {}).items():
         scalars.update({f"eval/{task}/{key}": value for key, value in scores.items() if _is_score(value)})
     return {key: float(value) for key, value in scalars.items()}
+
+
+def step_scalars(logs: Mapping[str, Any]) -> dict[str, float]:
+    """A step's log entry as flat scalars: its numbers (loss, lr, samples/s, auxiliary losses) and its
+    evaluation's (`eval_scalars`)."""
+    scalars = {key: float(value) for key, value in logs.items() if key != "step" and _is_score(value)}
+    return {**scalars, **eval_scalars(logs.get("eval") or {})}
 
 
 class ProgressBar(Callback):

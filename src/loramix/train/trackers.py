@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loramix.errors import ConfigError
-from loramix.train.callbacks import Callback, eval_scalars
+from loramix.train.callbacks import Callback, step_scalars
 
 if TYPE_CHECKING:
     from loramix.train.loop import Trainer
@@ -95,12 +95,7 @@ class Trackers(Callback):
         raise ConfigError(f"report_to: no tracker {kind!r}; choose from tensorboard, wandb, mlflow")
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        scalars = {
-            k: float(v)
-            for k, v in logs.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        scalars.update(eval_scalars(logs.get("eval") or {}))
+        scalars = step_scalars(logs) if self.trackers else {}  # a step that logs nothing sends nothing
         if scalars:
             for tracker in self.trackers:
                 tracker.log(scalars, step=logs["step"])
