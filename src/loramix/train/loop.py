@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 import sys
 import time
@@ -82,8 +84,24 @@ def parameter_groups(run: RunConfig, model: torch.nn.Module) -> list[dict[str, A
 
 def processes() -> PartialState:
     """This process's place among those `accelerate launch` or `torchrun` started (one, without them). CPU-only
-    machines must say so: without `cpu=True` accelerate leaves several CPU processes unaware of each other."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    machines must say so: without `cpu=True` accelerate leaves several CPU processes unaware of each other. Among
+    several, the process group is ended when the process exits."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1:
+        _end_group_at_exit()
+    return state
+
+
+@functools.cache
+def _end_group_at_exit() -> None:
+    """Destroy the process group before the interpreter tears down: left to the group's destructor, its threads
+    may still be joinable then, and a process can abort ("terminate called without an active exception")."""
+
+    def end() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(end)
 
 
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
