@@ -3,13 +3,18 @@ tokens, and the routing decisions are recorded."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import loramix
-from loramix.context import masked_mean
+from loramix.context import masked_mean, single_task
+from loramix.experts import linear, lora
 from loramix.inject import get_info
+from loramix.routers.gate import Gate
 from tests.models import (
+    BATCH,
     FEATURES,
     adapter_config,
     call,
@@ -20,6 +25,7 @@ from tests.models import (
     text_inputs,
     tiny_bert,
     tiny_cnn,
+    tiny_gpt2,
     tiny_mlp,
 )
 
@@ -92,6 +98,76 @@ def test_task_ids_select_experts_per_sample() -> None:
         torch.testing.assert_close(mixed[row], alone[row], atol=1e-6, rtol=0)
     other, _ = run(model, x, task_ids=torch.tensor([0, 0, 1, 2]))
     assert not torch.allclose(other[0], mixed[0], atol=1e-4)
+
+
+def _spy_one_expert(chosen: list[int], real, A, B, expert: int):
+    chosen.append(expert)
+    return real(A, B, expert)
+
+
+@pytest.mark.parametrize(
+    ("experts", "share", "model_of"),
+    [
+        ("lora", "none", tiny_bert),
+        ("lora", "A", tiny_bert),
+        ("lora", "B", tiny_bert),
+        ("lora", "none", partial(tiny_gpt2, dropout=0.0)),
+        ("adapter", "none", tiny_bert),
+    ],
+)
+def test_a_one_task_batch_runs_its_expert_alone_as_the_gathers_would(experts, share, model_of, monkeypatch):
+    """Every sample of task 1 (expert 2 by task_to_expert): the layers slice that expert instead of gathering it
+    per sample, with the same outputs and gradients as the gathered path (the reference, with the shortcut off)."""
+    config = adapter_config("task", share, experts=experts, task_to_expert=[0, 2, 1], dropout=0.0)
+    inputs = text_inputs()
+    results = []
+    for shortcut in (True, False):
+        model = model_of(seed=0)
+        loramix.inject(model, config)
+        if experts == "lora":
+            randomize_adapters(model)
+        else:  # an adapter's up-projection starts at zero
+            torch.manual_seed(2)
+            for layer in get_info(model).layers:
+                torch.nn.init.normal_(layer.experts.up, std=0.3)
+        if not shortcut:
+            monkeypatch.setattr(Gate, "single_expert", lambda gate: None)
+        chosen: list[int] = []
+        spy = partial(_spy_one_expert, chosen, lora.one_expert)
+        monkeypatch.setattr(linear, "one_expert", spy)  # the fused layers' shortcut
+        monkeypatch.setattr(lora, "one_expert", spy)  # the others'
+        with loramix.routing(model, task_ids=torch.full((BATCH,), 1)) as state:
+            out = call(model, inputs)
+        out.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+        monkeypatch.undo()
+        if shortcut:
+            assert state.one_task == 1 and state.model_gate.expert == 2
+            assert chosen == ([] if experts == "adapter" else [2] * len(get_info(model).layers))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+        if name.endswith((".B", ".up")) and share != "B":  # only expert 2 learns
+            assert grads[name][2].abs().sum() > 0 and grads[name][[0, 1]].abs().sum() == 0
+
+
+def test_one_task_is_known_only_for_equal_ids_on_the_host_and_without_kept_samples() -> None:
+    model = adapted_mlp("task").eval()
+    x = mlp_inputs()
+    assert single_task(torch.tensor([1, 1, 1])) == 1 and single_task(torch.tensor([1, 0, 1])) is None
+    assert single_task(torch.tensor([], dtype=torch.long)) is None
+    assert single_task(torch.tensor([2, 2], device="meta")) is None
+    with loramix.routing(model, task_ids=torch.tensor([2, 0, 2, 2])) as state:
+        assert state.one_task is None and state.model_gate.expert is None
+    with loramix.routing(model, task_ids=[2, 2, 2, 2], keep_base=[False, True, False, False]) as state:
+        kept = model(x)
+        assert state.model_gate.expert == 2 and state.model_gate.single_expert() is None
+    with loramix.disabled(model):
+        base = model(x)
+    assert torch.equal(kept[1], base[1])
 
 
 # ---- hooks and open blocks -----------------------------------------------------------------------------------

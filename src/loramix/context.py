@@ -84,7 +84,7 @@ def reroute(
         raise RoutingError(
             "a model-wide router that reads the model's input cannot be rerouted during the pass"
         )
-    state.task_ids, state.keep_base = task_ids, keep_base
+    state.task_ids, state.keep_base, state.one_task = task_ids, keep_base, single_task(task_ids)
     state.task_weights = (
         None if task_weights is None else check_task_weights(model, task_weights, len(task_ids))
     )
@@ -153,6 +153,15 @@ def contiguous_output_layer(model: nn.Module) -> Any | None:
     get_output = getattr(model, "get_output_embeddings", None)
     layer = get_output() if callable(get_output) else None
     return layer.register_forward_pre_hook(_contiguous_input) if isinstance(layer, nn.Linear) else None
+
+
+def single_task(task_ids: Tensor) -> int | None:
+    """The one task id of a non-empty batch whose ids are all equal and on the CPU; None otherwise (ids on an
+    accelerator are not read: that would wait for the device)."""
+    if task_ids.device.type != "cpu" or not task_ids.numel():
+        return None
+    first = int(task_ids[0])
+    return first if bool((task_ids == first).all()) else None
 
 
 def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
@@ -228,6 +237,7 @@ def routing(
     info = get_info(model)
     config = info.config
     device = info.layers[0].experts.device
+    one_task = None
     if info.router_class.needs_task_ids:
         if task_ids is None:
             raise RoutingError(
@@ -235,7 +245,9 @@ def routing(
                 "use loramix.routing(model, task_ids=...) or pass task_ids= to the wrapped model"
             )
         assert config.num_tasks is not None
-        task_ids = check_task_ids(task_ids, config.num_tasks).to(device, non_blocking=True)
+        task_ids = check_task_ids(task_ids, config.num_tasks)
+        one_task = single_task(task_ids)
+        task_ids = task_ids.to(device, non_blocking=True)
     elif task_ids is not None:
         task_ids = torch.as_tensor(task_ids).long()
     if keep_base is not None:
@@ -244,6 +256,7 @@ def routing(
         task_weights = check_task_weights(model, task_weights, 0 if task_ids is None else len(task_ids))
     state = RoutingState(
         task_ids=task_ids,  # type: ignore[arg-type]
+        one_task=one_task,
         attention_mask=attention_mask,
         keep_base=keep_base,  # type: ignore[arg-type]
         task_weights=task_weights,

@@ -6,7 +6,8 @@ Legend: n samples, t tokens, e experts, w bottleneck width (`config.rank`), i / 
 The ReLU sits between the two projections, so a mixture does not fold into one weight (no merge, no PEFT export),
 and each expert's hidden must be computed on its own. Every gate still runs as a few batched ops with no Python
 loop over experts and no host synchronisation:
-- no gate: expert 0 as two `F.linear`;
+- no gate: expert 0 as two `F.linear`; a hard gate whose samples all take one expert known on the host
+  (`Gate.single_expert`): that expert, likewise;
 - hard gate: each sample's expert gathered, then two `bmm` (`baddbmm`, the biases as their addends);
 - per-sample top-k gate (k at most half the experts): each sample's k experts gathered into one `k*w`-wide
   adapter, two `bmm`;
@@ -145,9 +146,11 @@ class AdapterExperts(StackedExperts):
     def forward(self, x: Tensor, gate: Gate | None, scaling: float, dropout: grouped.Dropout) -> Tensor:
         """`s * sum_e g_e E_e(x)` by the op that fits the gate: x `(..., i)` without a gate, else `(n, t, i)`."""
         down, down_bias, up, up_bias = self.weights(x.dtype)
-        if gate is None:  # one expert, gate of ones
-            h = dropout(F.relu(F.linear(x, down[0], down_bias[0])))  # (..., w)
-            return F.linear(h * scaling, up[0], up_bias[0] * scaling)  # (..., o)
+        expert = 0 if gate is None else gate.single_expert()
+        if expert is not None:  # one expert for every sample, gate of ones
+            h = dropout(F.relu(F.linear(x, down[expert], down_bias[expert])))  # (..., w)
+            return F.linear(h * scaling, up[expert], up_bias[expert] * scaling)  # (..., o)
+        assert gate is not None
         top = (
             gate.indices is not None
             and gate.indices.dim() == 2

@@ -15,7 +15,7 @@ from torch.nn.modules import module as _global_hooks
 import loramix.experts.grouped as grouped
 import loramix.experts.ops as ops
 from loramix.experts.layer import AdaptedLayer
-from loramix.experts.lora import LoraExperts, gate_weights, pair_gate, topk_gate
+from loramix.experts.lora import LoraExperts, gate_weights, one_expert, pair_gate, topk_gate
 
 if TYPE_CHECKING:
     from loramix.routers.state import RoutingState
@@ -48,6 +48,10 @@ class LinearExperts(AdaptedLayer):
         A, B = A.to(x.dtype), B.to(x.dtype)
         base = self.base_layer
         input_major = not isinstance(base, nn.Linear)
+        expert = None if gate is None else gate.single_expert()
+        if expert is not None:  # every sample on one expert: that expert as one LoRA, no per-sample gathers
+            self._check_batch(gate, x.shape[0])  # type: ignore[arg-type]
+            A, B, gate = *one_expert(A, B, expert), None
         if gate is None:
             return ops.linear(
                 x,

@@ -103,6 +103,9 @@ class LoraExperts(StackedExperts):
         """`s * sum_e g_e B_e A_e x` by the op that fits the gate: x `(..., i)` without a gate, else `(n, t, i)`."""
         A, B = self.weights()
         A, B = A.to(x.dtype), B.to(x.dtype)
+        expert = None if gate is None else gate.single_expert()
+        if expert is not None:
+            A, B, gate = *one_expert(A, B, expert), None
         if gate is None:
             return ops.single(x, A, B, scaling, dropout)
         if gate.pairs is not None:
@@ -134,6 +137,13 @@ class LoraExperts(StackedExperts):
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
             f"share={self.share}"
         )
+
+
+def one_expert(A: Tensor, B: Tensor, expert: int) -> tuple[Tensor, Tensor]:
+    """Expert `expert`'s `(A (1, r, i), B (1, o, r))`, views of the bank (a shared matrix as it is)."""
+    return (A if A.shape[0] == 1 else A[expert : expert + 1]), (
+        B if B.shape[0] == 1 else B[expert : expert + 1]
+    )
 
 
 def gate_weights(gate: Gate, batch: int) -> Tensor:

@@ -16,6 +16,9 @@ class RoutingState:
     """What one forward pass needs to route, and what its routers decided."""
 
     task_ids: Tensor | None = None
+    # the task id of every sample where they are one and known on the host (the ids were given on the CPU): a
+    # router by task then names one expert for the whole batch, which the layers slice instead of gathering
+    one_task: int | None = None
     attention_mask: Tensor | None = None
     # the mask is the model call's own `attention_mask` (none was given to the block)
     mask_from_forward: bool = False

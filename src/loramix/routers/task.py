@@ -73,7 +73,9 @@ class TaskRouter(Router):
         hard = F.one_hot(experts, self.num_experts).float()  # (n, e)
         weights = getattr(state, "task_weights", None)
         if weights is None:
-            return Gate(weights=hard, indices=experts, hard=True)
+            one_task = getattr(state, "one_task", None)
+            expert = None if one_task is None else self.host_mapping()[one_task]
+            return Gate(weights=hard, indices=experts, hard=True, expert=expert)
         mixed = weights.float() @ F.one_hot(self.task_to_expert, self.num_experts).float()  # (n, e)
         mixed = torch.where(mixed.sum(-1, keepdim=True) > 0, mixed, hard)
         k = int((mixed > 0).sum(-1).max()) if len(mixed) else 1
@@ -85,6 +87,15 @@ class TaskRouter(Router):
         named = mixed.gather(-1, indices[:, 1:]) > 0  # (n, k-1)
         pairs = torch.stack([named.nonzero()[:, 0], indices[:, 1:][named]], 1)  # (p, 2)
         return Gate(weights=mixed, indices=indices, pairs=pairs)
+
+    def host_mapping(self) -> list[int]:
+        """`task_to_expert` as a list, read from the device once per change of the buffer (a new tensor, or an
+        in-place write such as loading a state dict)."""
+        mapping = self.task_to_expert
+        held = getattr(self, "_host", None)
+        if held is None or held[0] is not mapping or held[1] != mapping._version:
+            held = self._host = (mapping, mapping._version, mapping.tolist())
+        return held[2]
 
     @torch.no_grad()
     def grow(self, num_experts: int, num_tasks: int | None, task_to_expert: list[int] | None = None) -> None:
