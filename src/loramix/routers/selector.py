@@ -27,40 +27,20 @@ Three rules, chosen by `normalize` (saved with the tensors, so a loaded selector
 - `l2`: the paper's rule: autoencoders on L2-normalised features, `task = argmin_t err_t / thr_t`, base if that
   ratio is above 1.
 
-Two stages (`accept_width`, `gaussian` only): acceptance and choice may read different features. The last
-`accept_width` columns of the features (for example a deeper block's pooled state) get a Gaussian of their own per
-task, and only those decide whether some learned task accepts an input; an accepted input then goes to the task most
-likely under the Gaussians of all the columns, whether or not that task accepted it. On the ten text tasks the
-block-3 state tells a familiar input from a new one better than the block-0 state, and both together name the task
-best (`benchmarks/results/ddas-selector.md`).
-
-Nearest neighbours (`neighbours` k, `gaussian` only): whether a task accepts an input is decided by the distance
-from the input's acceptance columns (all, or the last `accept_width`) to its k-th nearest neighbour among that
-task's fitting features, kept for the purpose, instead of by a Gaussian of them; the threshold is a percentile of
-the held-out features' such distances, as above, and the task is still chosen by the Gaussians. No density is
-assumed, so a task whose inputs come in clusters (several lengths, several topics) accepts its clusters rather than
-the ellipsoid around them all. The cost: each task keeps its fitting features (`ddas_examples` times 0.8 rows of the
-feature width) and every input is compared with all of them.
-
-Routed acceptance (`accept_state="route"`, two stages only): the task is chosen on the leading columns alone (the
-choice block's state: with experts in every block, the embeddings' output, the same on every route), and only the
-chosen task decides acceptance, on the trailing columns read along its own route: each task's acceptance model is
-fitted on its training inputs taken through its own experts, and at inference on the state the pass along the
-chosen route reaches. So no base pass has to run before the routed one; an input the chosen task rejects is
-answered again on the base (:mod:`loramix.methods.continual.routed`).
-
-One covariance for the choice (`choice="shared"`, `gaussian` only): the task is named by the distance to each
-task's mean under one covariance shared by all learned tasks, the mean of their own (shrunk) covariances, instead of
-by each task's own Gaussian: linear discriminant analysis where the default is quadratic. Acceptance is unchanged
-(among the accepting tasks with one stage, among all learned tasks with two). Each task's covariance is estimated
-from a thousand inputs in hundreds of dimensions, so a single covariance estimated from all of them is the steadier
-measure of which mean an input lies nearest, wherever the tasks are alike (sst2 and subj, mrpc and rte). The shared
-covariance is recomputed from the tasks' saved ones whenever a task is added or the selector is loaded.
-
-The posterior over the tasks (`posterior`, `gaussian` only; what `ddas_mix: posterior` weighs the routes by) is a
-softmax of the choosing scores at a temperature calibrated on every learned task's held-out features, kept with the
-selector for the purpose. What each rule gives on the ten text tasks: `benchmarks/results/ddas-selector.md` and
-`ddas-selector-splits.md`, summarised in README.md.
+Options, each described in full in `docs/auto-selector.md` with what it costs at inference:
+- two stages (`accept_width`, `gaussian` only): the last `accept_width` feature columns (a deeper block's state)
+  get a Gaussian of their own per task and alone decide whether some task accepts; the task is then the likeliest
+  under the Gaussians of all columns, among all learned tasks;
+- nearest neighbours (`neighbours` k): a task accepts by the distance to the k-th nearest of its own fitting
+  features (kept for the purpose) instead of by its Gaussian; the threshold is the same percentile rule;
+- routed acceptance (`accept_state="route"`, two stages): the task is chosen on the leading columns, and only the
+  chosen task accepts, on trailing columns read along its own route (fitted on its inputs through its own experts;
+  :mod:`loramix.methods.continual.routed`);
+- one covariance for the choice (`choice="shared"`): the nearest task mean under the mean of the tasks' shrunk
+  covariances (linear discriminant analysis where the default is quadratic), recomputed when a task is added or
+  the selector is loaded;
+- the posterior over the tasks (`posterior`): a softmax of the choosing scores at a temperature fitted on every
+  learned task's held-out features.
 
 Whitening by each task's own statistics is what makes these features tell tasks apart: mean-pooled text features
 of every task share most of their variance, and an input of another task that sits inside t's principal subspace
@@ -90,10 +70,7 @@ from loramix.routers.density import (
     shared_whitening,
     shrunk_gaussian,
 )
-from loramix.routers.selector_formats import CHOICES, NORMALIZE, upgrade
-
-THRESHOLDS = ("task", "pooled")
-ACCEPT_STATES = ("base", "route")
+from loramix.routers.selector_formats import ACCEPT_STATES, CHOICES, NORMALIZE, check_options, upgrade
 
 
 class AutoSelector(nn.Module):
@@ -122,37 +99,17 @@ class AutoSelector(nn.Module):
         accept_state: str = "base",
     ) -> None:
         super().__init__()
-        if not 0 < percentile <= 100:
-            raise ConfigError(f"percentile must lie in (0, 100], got {percentile}")
-        if normalize not in NORMALIZE:
-            raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-        if not 0 < shrinkage <= 1:
-            raise ConfigError(f"shrinkage must lie in (0, 1], got {shrinkage}")
-        if accept_width and (normalize != "gaussian" or not 0 < accept_width < in_features):
-            raise ConfigError(
-                f"accept_width {accept_width}: a separate acceptance stage needs the gaussian rule and fewer "
-                f"columns than the {in_features} features"
-            )
-        if threshold not in THRESHOLDS or (threshold == "pooled" and normalize != "gaussian"):
-            raise ConfigError(
-                f"threshold must be one of {THRESHOLDS} ('pooled' with the gaussian rule only), got {threshold!r} "
-                f"with {normalize!r}"
-            )
-        if neighbours < 0 or (neighbours and normalize != "gaussian"):
-            raise ConfigError(
-                f"neighbours {neighbours}: acceptance by the k-th nearest neighbour needs k >= 0 and the gaussian "
-                f"rule, which chooses the task (got {normalize!r})"
-            )
-        if choice not in CHOICES or (choice == "shared" and normalize != "gaussian"):
-            raise ConfigError(
-                f"choice must be one of {CHOICES} ('shared' with the gaussian rule only), got {choice!r} with "
-                f"{normalize!r}"
-            )
-        if accept_state not in ACCEPT_STATES or (accept_state == "route" and not accept_width):
-            raise ConfigError(
-                f"accept_state must be one of {ACCEPT_STATES} ('route' with an acceptance stage of its own: "
-                f"accept_width > 0), got {accept_state!r} with accept_width {accept_width}"
-            )
+        check_options(
+            in_features,
+            percentile=percentile,
+            normalize=normalize,
+            shrinkage=shrinkage,
+            accept_width=accept_width,
+            threshold=threshold,
+            neighbours=neighbours,
+            choice=choice,
+            accept_state=accept_state,
+        )
         self.in_features, self.hidden, self.percentile = in_features, hidden, percentile
         self.shrinkage = shrinkage
         self.register_buffer("rule", torch.tensor(NORMALIZE.index(normalize)))  # saved: how it decides
