@@ -247,7 +247,12 @@ ROW = '{"text": "a good film", "label": 1}\n'
 ROW_NO = '{"text": "a bad film", "label": 0}\n'
 BAD = [
     # 2: config and usage
-    Bad("unknown-key", lambda s: s.train(s.config(stepz=3)), 2, ["run.yaml", "stepz", "not permitted"]),
+    Bad(
+        "unknown-key",
+        lambda s: s.train(s.config(stepz=3)),
+        2,
+        ["run.yaml", "stepz: not a key of this config (got 3). Did you mean 'steps'?"],
+    ),
     Bad("wrong-type", lambda s: s.train(s.config(steps="many")), 2, ["steps", "valid integer", "'many'"]),
     Bad("negative-steps", lambda s: s.train(s.config(steps=-1)), 2, ["steps", "greater than or equal to 1"]),
     Bad("unknown-method", lambda s: s.train(s.config(method="magic")), 2, ["method", "'mola-grad'", "magic"]),

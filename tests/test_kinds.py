@@ -24,6 +24,8 @@ BAD = {
         "is not one of: none, per-task, poly, sample, task, token",
     ),
     "unknown expert kind": ({"experts": "dora"}, "experts", "is not one of: lora, adapter"),
+    "mistyped router": ({"router": "tokn"}, "router", r"is not one of: .*\. Did you mean 'token'\?"),
+    "mistyped expert kind": ({"experts": "adaptor"}, "experts", r"\. Did you mean 'adapter'\?"),
     "plain LoRA with experts": ({"router": "none", "num_experts": 3}, "router", "needs num_experts=1"),
     "task router without tasks": ({"router": "task", "num_experts": 2}, "router", "needs num_tasks"),
     "task map too short": (

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, did_you_mean
 
 ShareKind = Literal["none", "A", "B"]
 
@@ -176,7 +176,10 @@ def format_validation_error(exc: ValidationError, where: str, fields: Iterable[s
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         field = ".".join(str(p) for p in err["loc"])
-        lines.append(problem_line(field, err["msg"].removeprefix("Value error, ") + shown, fields))
+        message = err["msg"].removeprefix("Value error, ") + shown
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            message = f"not a key of this config{shown}{did_you_mean(str(err['loc'][0]), fields)}"
+        lines.append(problem_line(field, message, fields))
     return "\n".join(lines)
 
 

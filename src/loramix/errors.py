@@ -3,6 +3,9 @@ wrong and how to fix it."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class LoramixError(Exception):
     """Base class for every error loramix raises on purpose."""
@@ -40,3 +43,10 @@ class TrainingError(LoramixError, RuntimeError):
 class DataWarning(UserWarning):
     """Data that loads but is probably not what was meant (a class with no train example); the message names the
     file and the labels. Turn it into an error with `warnings.simplefilter("error", DataWarning)`."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`. Did you mean 'x'?`, naming the known names closest to a mistyped one (at most two), or nothing: the end of
+    an error message."""
+    close = difflib.get_close_matches(name, [k for k in known if not k.startswith("_")], n=2, cutoff=0.7)
+    return f". Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

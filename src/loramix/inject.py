@@ -17,7 +17,7 @@ from torch import nn
 
 from loramix.blocks import transformer_blocks
 from loramix.config import AdapterConfig
-from loramix.errors import InjectionError
+from loramix.errors import InjectionError, did_you_mean
 from loramix.experts import (
     AdaptedLayer,
     Conv1DExperts,
@@ -267,7 +267,9 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
             module = model.get_submodule(config.router_input)
         except AttributeError:
             raise InjectionError(
-                f"router_input {config.router_input!r} is not a module of the model", "router_input"
+                f"router_input {config.router_input!r} is not a module of the model"
+                f"{did_you_mean(config.router_input, (n for n, _ in model.named_modules()))}",
+                "router_input",
             ) from None
         name = config.router_input
     else:

@@ -8,7 +8,7 @@ that builds from a config (`inject`, `grow`, `load`) before it touches a model.
 from __future__ import annotations
 
 from loramix.config import AdapterConfig, problem_line
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, did_you_mean
 from loramix.experts.base import EXPERT_KINDS
 from loramix.routers.base import ROUTERS
 
@@ -24,8 +24,10 @@ def check_kinds(config: AdapterConfig, where: str = "adapter config") -> Adapter
     """
     if config.router not in ROUTERS:
         problem = f"router {config.router!r} is not one of: {', '.join(ROUTERS)}"
+        problem += did_you_mean(config.router, ROUTERS)
     elif config.experts not in EXPERT_KINDS:
         problem = f"experts {config.experts!r} is not one of: {', '.join(EXPERT_KINDS)}"
+        problem += did_you_mean(config.experts, EXPERT_KINDS)
     else:
         try:
             ROUTERS[config.router].check_config(config)

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from loramix.errors import CheckpointError, ConfigError
+from loramix.errors import CheckpointError, ConfigError, did_you_mean
 
 # The registered methods' names, read before torch loads so that a misspelt method answers at once;
 # tests/test_cli.py holds this tuple equal to `loramix.methods.METHODS`.
@@ -38,7 +38,9 @@ def check_method_name(name: str) -> None:
     """An unknown method, named with the known ones (the message `loramix.methods.get_method` gives)."""
     if name not in METHOD_NAMES:
         allowed = ", ".join(repr(m) for m in METHOD_NAMES)
-        raise ConfigError(f"method: {name!r} is not a method; the methods are: {allowed}")
+        raise ConfigError(
+            f"method: {name!r} is not a method; the methods are: {allowed}{did_you_mean(name, METHOD_NAMES)}"
+        )
 
 
 def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
@@ -84,7 +86,9 @@ def select_tasks(
         )
     for task in requested:
         if task not in names:
-            raise ConfigError(f"--task {task!r} is not a task of this run; its tasks are: {listed}")
+            raise ConfigError(
+                f"--task {task!r} is not a task of this run; its tasks are: {listed}{did_you_mean(task, names)}"
+            )
     return list(dict.fromkeys(requested))
 
 

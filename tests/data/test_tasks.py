@@ -28,7 +28,10 @@ def rows(count: int, labels: tuple[object, ...] = (0, 1)) -> list[dict[str, obje
         ({"train": "a.jsonl", "task_type": "ranking"}, "task_type"),
         ({"train": "a.jsonl", "text_field": "label"}, "must differ"),
         ({"train": "a.jsonl", "max_train_examples": 0}, "max_train_examples"),
-        ({"train": "a.jsonl", "textfield": "x"}, "textfield: Extra inputs are not permitted"),
+        (
+            {"train": "a.jsonl", "textfield": "x"},
+            "textfield: not a key of this config (got 'x'). Did you mean 'text_field' or 'text_pair_field'?",
+        ),
         ({"train": {"hf_dataset": "glue", "subset": "sst2"}}, "subset"),
         ({}, "train: Field required"),
     ],
@@ -37,6 +40,12 @@ def test_bad_specs_name_the_field(fields: dict[str, object], message: str):
     with pytest.raises(ConfigError) as info:
         TaskSpec.from_dict({"name": "t", **fields})
     assert message in str(info.value)
+
+
+def test_an_unknown_key_like_no_known_one_gets_no_suggestion():
+    with pytest.raises(ConfigError) as info:
+        TaskSpec.from_dict({"name": "t", "train": "a.jsonl", "zzz": 1})
+    assert str(info.value).endswith("zzz: not a key of this config (got 1)")
 
 
 def test_integer_label_names_are_the_names_integer_labels_get():
@@ -138,7 +147,7 @@ def test_load_task_specs_resolves_paths_against_the_spec_file(tmp_path: Path, js
     assert MultiTaskData([spec]).sizes("train") == [4]
     json_file = tmp_path / "tasks.json"
     json_file.write_text(json.dumps([{"name": "a", "train": "a.jsonl", "colour": "red"}]), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"task 1 of 1 \(a\)(.|\n)*colour: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"task 1 of 1 \(a\)(.|\n)*colour: not a key"):
         load_task_specs(json_file)
     assert load_task_specs([{"name": "b", "train": "b.csv"}])[0].train == "b.csv"
     spec_file.write_text("tasks:\n  - name: a\n    train: a.jsonl\n    train: b.jsonl\n", encoding="utf-8")
@@ -168,8 +177,10 @@ def test_tasks_from_directory_reads_meta_and_splits(tmp_path: Path):
     data = MultiTaskData(tasks_from_directory(tmp_path, ["alpha", "zeta"], max_train_examples=4))
     assert data.sizes("train") == [4, 4]
     assert data.split("test")[0].text_pair == "b"
-    with pytest.raises(DataError, match=r"unknown tasks \['beta'\]; available: zeta, alpha"):
-        tasks_from_directory(tmp_path, ["beta"])
+    with pytest.raises(DataError, match=r"unknown tasks \['nope'\]; available: zeta, alpha$"):
+        tasks_from_directory(tmp_path, ["nope"])
+    with pytest.raises(DataError, match=r"unknown tasks \['zeda'\]; .*\. Did you mean 'zeta'\?$"):
+        tasks_from_directory(tmp_path, ["zeda"])
 
 
 def test_real_shared_data_counts_match_the_index():

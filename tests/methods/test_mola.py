@@ -7,6 +7,7 @@ import pytest
 from loramix.errors import ConfigError
 from loramix.kinds import scaling
 from loramix.methods import METHODS, get_method
+from loramix.preflight import check_method_name
 from loramix.train.config import RunConfig
 
 
@@ -33,8 +34,12 @@ def test_every_method_is_registered_and_an_unknown_one_is_named():
         "token-router",
         "elrea",
     }
-    with pytest.raises(ConfigError, match="'magic' is not a method.*'mola-grad'"):
+    with pytest.raises(ConfigError, match="'magic' is not a method.*'mola-grad'") as info:
         get_method("magic")
+    assert "Did you mean" not in str(info.value)
+    for check in (get_method, check_method_name):  # after torch loads, and at the door before it does
+        with pytest.raises(ConfigError, match=r"'mola-gard' is not a method.*\. Did you mean 'mola-grad'\?$"):
+            check("mola-gard")
 
 
 def test_mola_grad_routes_each_task_to_its_own_expert():

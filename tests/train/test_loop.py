@@ -142,7 +142,9 @@ def test_sampling_weights_set_how_often_each_task_is_drawn(model_dir: Path, task
 
 
 def test_sampling_weights_must_name_the_runs_tasks(model_dir: Path, tasks_dir: Path):
-    with pytest.raises(ConfigError, match="sampling_weights names 'colours', not a task of this run"):
+    with pytest.raises(
+        ConfigError, match=r"names 'colours', not a task of this run.*Did you mean 'colors'\?"
+    ):
         RunConfig.from_dict(toys.settings(model_dir, tasks_dir, sampling_weights={"colours": 2}))
     with pytest.raises(ConfigError, match="gives 'colors' the factor 0.0; a factor must be above 0"):
         RunConfig.from_dict(toys.settings(model_dir, tasks_dir, sampling_weights={"colors": 0}))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.data.spec import HFSource, Source, TaskSpec
-from loramix.errors import ConfigError, DataError
+from loramix.errors import ConfigError, DataError, did_you_mean
 
 _INTEGER = re.compile(r"[+-]?\d+")
 # Classes inferred from integer labels run 0..max: a stray id like 10**12 must be an error, not a task that size.
@@ -345,7 +345,9 @@ def _class_index(row: Row, value: Any, index_of: Mapping[str, int], *, by_index:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, str):
-        raise DataError(f"{row.location}: unknown label {value!r}; the task's labels are: {known}")
+        raise DataError(
+            f"{row.location}: unknown label {value!r}; the task's labels are: {known}{did_you_mean(value, index_of)}"
+        )
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{row.location}: label must be an integer index or a label name, got {shown(value)}")
     if not by_index and str(value) in index_of:

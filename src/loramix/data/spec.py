@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loramix.config import format_validation_error, read_yaml
-from loramix.errors import ConfigError, DataError
+from loramix.errors import ConfigError, DataError, did_you_mean
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 SPLITS = ("train", "validation", "test")
@@ -287,7 +287,10 @@ def tasks_from_directory(
     chosen = list(available if names is None else names)
     unknown = [name for name in chosen if name not in available]
     if unknown:
-        raise DataError(f"{root}: unknown tasks {unknown}; available: {', '.join(available) or '(none)'}")
+        hint = did_you_mean(unknown[0], available) if len(unknown) == 1 else ""
+        raise DataError(
+            f"{root}: unknown tasks {unknown}; available: {', '.join(available) or '(none)'}{hint}"
+        )
     return [_spec_from_folder(root / name, max_train_examples, seed) for name in chosen]
 
 

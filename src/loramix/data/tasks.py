@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from loramix.data.generation import to_generation_examples
 from loramix.data.readers import Example, RawSplit, infer_label_names, read_rows, to_examples
 from loramix.data.spec import SPLITS, TaskSpec
-from loramix.errors import ConfigError, DataError, DataWarning
+from loramix.errors import ConfigError, DataError, DataWarning, did_you_mean
 
 MAX_LABELS_SHOWN = 20  # in a warning about labels without examples
 
@@ -112,7 +112,9 @@ class MultiTaskData:
         for task in self.tasks:
             if task.name == name:
                 return task.task_id
-        raise DataError(f"unknown task {name!r}; tasks: {', '.join(self.task_names)}")
+        raise DataError(
+            f"unknown task {name!r}; tasks: {', '.join(self.task_names)}{did_you_mean(name, self.task_names)}"
+        )
 
     def has_split(self, split: str) -> bool:
         """Whether any task has examples in ``split``."""

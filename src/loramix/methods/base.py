@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from loramix.config import AdapterConfig, format_validation_error
 from loramix.data import MultiTaskData, TextCollator
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, did_you_mean
 from loramix.io.checkpoint import CONFIG_FILE
 from loramix.io.files import read_json
 from loramix.kinds import check_kinds
@@ -271,4 +271,6 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         allowed = ", ".join(repr(m) for m in METHODS)
-        raise ConfigError(f"method: {name!r} is not a method; the methods are: {allowed}") from None
+        raise ConfigError(
+            f"method: {name!r} is not a method; the methods are: {allowed}{did_you_mean(name, METHODS)}"
+        ) from None

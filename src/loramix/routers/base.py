@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loramix.errors import ConfigError, RoutingError
+from loramix.errors import ConfigError, RoutingError, did_you_mean
 from loramix.routers.gate import Gate
 
 if TYPE_CHECKING:
@@ -180,4 +180,6 @@ def router_class(kind: str) -> type[Router]:
     try:
         return ROUTERS[kind]
     except KeyError:
-        raise ConfigError(f"unknown router {kind!r}; the router kinds are: {', '.join(ROUTERS)}") from None
+        raise ConfigError(
+            f"unknown router {kind!r}; the router kinds are: {', '.join(ROUTERS)}{did_you_mean(kind, ROUTERS)}"
+        ) from None

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from loramix.config import BlockIndices, format_validation_error
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, did_you_mean
 from loramix.train.config_files import (
     CONFIG_FILE,
     apply_overrides,
@@ -436,7 +436,7 @@ class RunConfig(BaseModel):
             if name not in names:
                 raise ValueError(
                     f"sampling_weights names {name!r}, not a task of this run; its tasks are: "
-                    f"{', '.join(map(str, names))}"
+                    f"{', '.join(map(str, names))}{did_you_mean(name, map(str, names))}"
                 )
             if not factor > 0:
                 raise ValueError(

@@ -24,7 +24,7 @@ import torch
 
 from loramix.data.generation import GenerationExample, chat_turns
 from loramix.data.readers import Example, Row, read_rows, text_value
-from loramix.errors import CheckpointError, ConfigError, DataError
+from loramix.errors import CheckpointError, ConfigError, DataError, did_you_mean
 from loramix.io.files import atomic_write_bytes
 from loramix.models import position_limit
 from loramix.train.generation_eval import RoutedAnswers, fit_positions
@@ -73,7 +73,9 @@ def read_requests(
     ids = {meta["name"]: i for i, meta in enumerate(tasks)}
     names = ", ".join(ids)
     if task is not None and task not in ids:
-        raise ConfigError(f"--task {task!r} is not a task of this run; its tasks are: {names}")
+        raise ConfigError(
+            f"--task {task!r} is not a task of this run; its tasks are: {names}{did_you_mean(task, ids)}"
+        )
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (the rows to answer)")
     requests = []
@@ -90,6 +92,7 @@ def read_requests(
         if name not in ids:
             raise DataError(
                 f"{row.location}: task {name!r} is not a task of this run; its tasks are: {names}"
+                f"{did_you_mean(str(name), ids)}"
             )
         requests.append(Request(row.location, name, _example(row, tasks[ids[name]], ids[name])))
     return requests
