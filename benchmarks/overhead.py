@@ -78,8 +78,10 @@ def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tr
     base = build(args, device, dtype)
     ids = torch.randint(0, 1000, (args.batch, args.tokens), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    one_task = torch.zeros(args.batch, dtype=torch.long, device=device)
-    mixed = torch.arange(args.batch, device=device) % 8
+    # task ids on the CPU, as a caller builds them (the routing block moves them): a one-task batch is then known
+    # as one without reading the device, and runs its expert as one LoRA (`Gate.single_expert`)
+    one_task = torch.zeros(args.batch, dtype=torch.long)
+    mixed = torch.arange(args.batch) % 8
 
     def model(kind: str) -> torch.nn.Module:
         made = base()

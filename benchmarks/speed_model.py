@@ -239,8 +239,10 @@ def run_inference_section(results: Results, plan: Plan, device: torch.device, dt
     adapter_names = [str(int(t)) for t in mixed.task_ids]
 
     def mola_pass(batch: Batch) -> Callable[[], object]:
+        task_ids = batch.task_ids.cpu()  # as a caller gives them: a one-task batch is then known as one
+
         def call() -> object:
-            with torch.inference_mode(), loramix.routing(mola, task_ids=batch.task_ids, record=False):
+            with torch.inference_mode(), loramix.routing(mola, task_ids=task_ids, record=False):
                 return mola(**batch.inputs).last_hidden_state
 
         return call
