@@ -207,7 +207,7 @@ def library_agrees(learner: Learner, method, selectors: dict, test: dict) -> dic
             ):
                 for mix, name in (("none", "hard"), ("posterior", "mixed")):
                     answer = method.answer(answering(learner, selectors, "routed", mix), batch)
-                    got[name].append(answer[3].cpu())
+                    got[name].append(answer[3].labels.cpu())
                 got["route"].append(answer[0].cpu())
                 got["keep"].append(answer[1].cpu())
     learner.run = run
@@ -233,7 +233,7 @@ def blended_last(learner: Learner, method, selectors: dict) -> dict:
             for batch in learner.batches(examples, 50):
                 for rule in rows:
                     answer = method.answer(answering(learner, selectors, rule, "blend"), batch)
-                    right[rule] += int((answer[3].cpu().long() == batch["labels"].cpu()).sum())
+                    right[rule] += int((answer[3].labels.cpu().long() == batch["labels"].cpu()).sum())
             for rule in rows:
                 rows[rule].append(right[rule] / len(examples))
     learner.run = run

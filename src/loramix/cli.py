@@ -133,11 +133,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     collator = collator_of(run, [meta["task_type"] for meta in tasks], tokenizer)
     predictor = get_method(run.method).predictor(Path(args.run_dir), run, model, collator, tasks)
     if args.scores:
-        if get_method(run.method).continual:
-            raise ConfigError(
-                f"--scores: a {run.method} run answers through its auto-selector's routes and its own rules, which "
-                "give a class, not a probability; leave out --scores"
-            )
         if all(meta["task_type"] != "classification" for meta in tasks):
             raise ConfigError(
                 "--scores: a score is a class's probability, and this run has no classification task"

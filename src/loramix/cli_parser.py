@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scores",
         action="store_true",
         help="classification: add each answer's score, the probability of its class among its task's classes "
-        "(not for continual runs)",
+        "(a continual run's: as its route or its mixture of routes gives it; for a row of no task kept on the "
+        "base, among every task's classes)",
     )
     p.add_argument(
         "--max-new-tokens",

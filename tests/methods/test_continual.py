@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import loramix
 from loramix import adapter_state
 from loramix.errors import ConfigError
 from loramix.inject import get_info
@@ -86,6 +87,14 @@ def trained_learner(run: RunConfig, output_dir: Path) -> tuple[Learner, dict[str
         patch.setattr(type(method), "end_task", keep_learner)
         metrics = run_training(run, output_dir)
     return kept[-1], metrics
+
+
+def same_answers(got, want, rows=slice(None)) -> None:
+    """Two answers `(labels, scores)` agree at `rows`: the same labels, and the same probabilities up to the order
+    of sums; every score a probability."""
+    assert torch.equal(got.labels[rows], want.labels[rows])
+    torch.testing.assert_close(got.scores[rows], want.scores[rows].to(got.scores), atol=1e-6, rtol=1e-5)
+    assert ((got.scores > 0) & (got.scores <= 1 + 1e-6)).all()
 
 
 @torch.no_grad()
@@ -371,6 +380,39 @@ def test_every_continual_method_runs_the_sequence(
     assert matrix.shape == (tasks + 1, tasks)
     if method == "zero-shot":
         assert (matrix == matrix[0]).all()
+
+
+def test_lae_answers_by_the_larger_of_its_two_adapters_probabilities_and_scores_with_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """LAE's answer is the class with the highest probability under either adapter (the online, expert 0, or the
+    offline EMA, expert 1), and its score is that probability: each adapter's softmax computed here by routing every
+    sample to it."""
+    method = get_method("lae")
+    learner, _ = trained_learner(
+        continual_run(model_dir, tasks_dir, "lae", steps_per_task=6), tmp_path / "run"
+    )
+    model = learner.model.eval()
+    experts_far_apart(learner.backbone)  # the two adapters answer differently
+    examples = [e for t in range(len(toys.TASK_NAMES)) for e in learner.data.eval_examples("test", t, 8)]
+    batch = next(learner.batches(examples, 24))
+    n = batch["task_ids"].shape[0]
+    with torch.no_grad():
+        answer = method.predict(learner, batch, batch["task_ids"], torch.zeros(n, dtype=torch.bool))
+        router = get_info(learner.backbone).model_router
+        mapping, adapters = router.task_to_expert.clone(), []
+        for expert in (0, 1):  # every task to this adapter
+            router.task_to_expert.fill_(expert)
+            with loramix.routing(learner.backbone, task_ids=batch["task_ids"]):
+                adapters.append(torch.softmax(model(batch).float(), -1))  # (n, L), zero outside each task
+        router.task_to_expert.copy_(mapping)
+    either = torch.maximum(*adapters)
+    offsets = model.heads.offsets[batch["task_ids"]]
+    assert torch.equal(answer.labels, (either.argmax(-1) - offsets).float())
+    torch.testing.assert_close(answer.scores, either.amax(-1))
+    chosen = either.argmax(-1, keepdim=True)
+    per_adapter = torch.cat([p.gather(1, chosen) for p in adapters], 1)  # (n, 2)
+    assert (per_adapter.argmax(-1) == 0).any() and (per_adapter.argmax(-1) == 1).any()  # each wins somewhere
 
 
 @pytest.mark.parametrize("method", ["continual-mola-grad-task-id", "moe-adapters-task-id"])
@@ -831,7 +873,7 @@ def test_the_selector_routes_inside_the_pass_exactly_as_in_a_base_pass_of_its_ow
     assert (
         torch.equal(pooled[keep], base[keep]) and not torch.isclose(pooled[~keep], base[~keep]).all(-1).any()
     )
-    assert torch.equal(predicted, reference)
+    same_answers(predicted, reference)
     # with the selector reading a block after an adapted one, routing needs its own pass
     default = continual_run(model_dir, tasks_dir, "moe-adapters", steps_per_task=2, ddas_layer=1)
     every_block, _ = trained_learner(default, tmp_path / "default")

@@ -14,13 +14,14 @@ from loramix.context import routing
 from loramix.errors import ConfigError
 from loramix.inject import get_info
 from loramix.methods import get_method
+from loramix.methods.continual.decided import Decided
 from loramix.methods.continual.features import base_hidden_states, hidden_features
 from loramix.methods.continual.learner import Learner, new_selector
 from loramix.methods.continual.mixing import batch_rows, choice_weights, route_weights
 from loramix.methods.continual.routed import model_inputs
 from loramix.train.config import RunConfig
 from loramix.train.predict import UNKNOWN_TASK
-from tests.methods.test_continual import continual_run, experts_far_apart, trained_learner
+from tests.methods.test_continual import continual_run, experts_far_apart, same_answers, trained_learner
 from tests.methods.test_continual_routed import ROUTED
 from tests.train import toys
 
@@ -93,10 +94,8 @@ def test_the_blended_pass_equals_each_input_with_its_mixture_of_deltas_merged(
     assert not torch.allclose(mixed, hard, atol=1e-3)
 
 
-def reference_answer(
-    learner: Learner, method, batch: dict
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(route, keep, label indices)`, one input at a time: the selector's decision and posterior weights on it
+def reference_answer(learner: Learner, method, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Decided]:
+    """`(route, keep, (label indices, their probabilities))`, one input at a time: the selector's decision and posterior weights on it
     alone, its answer through the predicting pass with those weights (on the base where it is kept). Along the
     route, the chosen task accepts by the state the blended pass reaches."""
     routes, keeps, answers = [], [], []
@@ -118,7 +117,7 @@ def reference_answer(
         )
         routes.append(route)
         keeps.append(keep)
-    return torch.cat(routes), torch.cat(keeps), torch.cat(answers)
+    return torch.cat(routes), torch.cat(keeps), Decided(*(torch.cat(column) for column in zip(*answers)))
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -138,10 +137,11 @@ def test_blending_answers_as_one_input_at_a_time_and_a_sure_posterior_as_the_har
         hard = method.answer(learner, batch)
     assert torch.equal(route, reference_route) and torch.equal(keep, reference_keep)
     assert not keep.all()
-    torch.testing.assert_close(predicted, reference.to(predicted))
-    assert not torch.equal(predicted[~keep], hard[3][~keep])  # the mixture changes some answers
-    for got, want in zip(sure, hard):
+    same_answers(predicted, reference)
+    assert not torch.equal(predicted.labels[~keep], hard[3].labels[~keep])  # the mixture changes some answers
+    for got, want in zip(sure[:3], hard[:3]):
         assert torch.equal(got, want)
+    same_answers(sure[3], hard[3])
 
 
 def test_blending_needs_one_expert_per_task():

@@ -5,6 +5,7 @@ the same answers one row at a time; bad rows are named by file and line."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,6 @@ def test_mixed_batches_answer_as_eval_scores_and_as_one_row_at_a_time(
     if method == "elrea":
         assert all(0 <= r["expert"] <= 2 for r in results)
 
-    if method == "continual-mola-grad":  # its answers come from routes and rules, not one softmax
-        assert main(["predict", str(run_dir), str(inputs), "--scores"]) == 2
-        return
     with_scores = predicted(run_dir, inputs, tmp_path / "scores.jsonl", "--batch-size", "7", "--scores")
     assert [r["prediction"] for r in with_scores] == [r["prediction"] for r in results]
     alone = one_at_a_time(run_dir, inputs, scores=True)
@@ -287,8 +285,15 @@ def test_an_auto_selector_answers_rows_that_name_no_task(
     assert routed and kept, [r["route"] for r in chosen]
     assert all(r["task"] == r["route"] for _, r in routed)
     as_named = [{"task": r["route"], **row} for row, r in routed]
-    reference = predicted(run_dir, write_rows(tmp_path / "as-named.jsonl", as_named), tmp_path / "ref.jsonl")
+    named_file = write_rows(tmp_path / "as-named.jsonl", as_named)
+    reference = predicted(run_dir, named_file, tmp_path / "ref.jsonl", "--scores")
     assert [r["prediction"] for _, r in routed] == [r["prediction"] for r in reference]
+    scored_free = predicted(run_dir, tmp_path / "free.jsonl", tmp_path / "scored.jsonl", "--scores")
+    assert [r["prediction"] for r in scored_free] == [r["prediction"] for r in results]
+    routed_scores = [
+        r["score"] for r, free_row in zip(scored_free[len(named) :], chosen) if free_row["route"] != "base"
+    ]
+    assert routed_scores == pytest.approx([r["score"] for r in reference], abs=1e-5)
 
     run, model, tokenizer, tasks = load_trained(run_dir)
     head, collator = model.heads, collator_of(run, ["classification"] * len(tasks), tokenizer)
@@ -309,8 +314,13 @@ def test_an_auto_selector_answers_rows_that_name_no_task(
             pooled = model.encode(
                 batch, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), noise=False
             )
-        nearest = max(range(len(classes)), key=lambda c: torch.cosine_similarity(pooled, classes[c]).item())
+        cosines = torch.cat([torch.cosine_similarity(pooled, one) for one in classes])
+        nearest = int(cosines.argmax())
         assert (result["task"], result["prediction"]) == columns[nearest]
+        # its score: the nearest class's probability among every task's, at the head's logit scale
+        probability = torch.softmax(head.logit_scale.clamp(max=math.log(100.0)).exp() * cosines, -1)[nearest]
+        score = scored_free[len(named) + free.index(row)]["score"]
+        assert score == pytest.approx(float(probability), abs=1e-5) and score >= 1 / len(classes)
 
     assert main(["eval", str(run_dir)]) == 0  # its score with no task given: the share of rows answered right
     scored = json.loads((run_dir / "eval-test.json").read_text())["selector"]

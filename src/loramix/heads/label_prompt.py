@@ -341,11 +341,11 @@ class LabelPromptHead(Head):
         return self.decide(model(batch), batch["task_ids"])
 
     @torch.no_grad()
-    def base_decision(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def base_decision(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """For inputs of no known task, kept on the untouched base model: every task's classes compete, all encoded
         by the base, and each input takes the task of the class nearest it. `(task ids, label indices within
-        them)`, each `(n,)`; on a task's own classes it decides as :meth:`forward` does for an input kept on the
-        base, whose class texts follow it there."""
+        them, the class's probability among every task's)`, each `(n,)`; on a task's own classes it decides as
+        :meth:`forward` does for an input kept on the base, whose class texts follow it there."""
 
         def base(batch: dict[str, Tensor]) -> Tensor:
             kept = torch.ones(
@@ -362,9 +362,12 @@ class LabelPromptHead(Head):
             classes = self._encoded(model, tasks, torch.zeros_like(tasks), kept)[self.own_valid]  # (L, d)
         else:
             classes = base({"input_ids": self.label_input_ids, "attention_mask": self.label_attention_mask})
-        column = (base(inputs) @ classes.T).argmax(-1)  # (n,)
+        similarity = base(inputs) @ classes.T  # (n, L)
+        column = similarity.argmax(-1)  # (n,)
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        score = torch.softmax(scale * similarity, -1).amax(-1)  # the nearest class's: softmax is monotone
         task = self.label_task_ids[column]
-        return task, (column - self.offsets[task]).float()
+        return task, (column - self.offsets[task]).float(), score
 
     def decide(self, logits: Tensor, task_ids: Tensor) -> Tensor:
         """The label index within the sample's task, as float `(n,)` (other tasks' columns are -inf)."""

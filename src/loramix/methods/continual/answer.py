@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from loramix.methods.continual import decided
+from loramix.methods.continual.decided import Decided
 from loramix.methods.continual.features import routed_by_selector
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.mixing import (
@@ -42,8 +44,8 @@ from loramix.methods.continual.mixing import (
 from loramix.train.model import MODEL_INPUTS
 from loramix.train.predict import UNKNOWN_TASK
 
-# each (n,): route ids, keep-base mask, task ids, label indices within the tasks
-Answer = tuple[Tensor, Tensor, Tensor, Tensor]
+# each (n,): route ids, keep-base mask, task ids; then the label indices within the tasks and their probabilities
+Answer = tuple[Tensor, Tensor, Tensor, Decided]
 
 
 class Answering(Protocol):
@@ -53,12 +55,12 @@ class Answering(Protocol):
 
     def route(self, learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]: ...
 
-    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Tensor: ...
+    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Decided: ...
 
 
 def answer(method: Answering, learner: Learner, batch: dict[str, Tensor]) -> Answer:
-    """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch, by the way the
-    run's settings call for (see the module's text)."""
+    """`(route ids, keep-base mask, task ids, (label indices within them, their probabilities))` of an evaluation
+    batch, by the way the run's settings call for (see the module's text)."""
     mode = learner.run.ddas_mix if method.uses_selector else "none"
     if learner.routed_acceptance:
         if mode == "posterior" and learner.selector.num_tasks:  # type: ignore[union-attr]
@@ -74,7 +76,9 @@ def answer(method: Answering, learner: Learner, batch: dict[str, Tensor]) -> Ans
     unknown = (batch["task_ids"] == UNKNOWN_TASK) & keep
     if unknown.any():
         inputs = {k: v[unknown] for k, v in batch.items() if k in MODEL_INPUTS}
-        tasks[unknown], predicted[unknown] = learner.model.heads.base_decision(learner.model, inputs)
+        tasks[unknown], predicted.labels[unknown], predicted.scores[unknown] = (
+            learner.model.heads.base_decision(learner.model, inputs)
+        )
     return route, keep, tasks, predicted
 
 
@@ -88,7 +92,7 @@ def along_route(learner: Learner, batch: dict[str, Tensor], blend: bool) -> Answ
     route, keep, output, _ = learner.routed_pass(batch, choice, weights)
     tasks = chosen_tasks(batch["task_ids"], route, keep)
     routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-    return route, keep, tasks, model.heads.decide(model.heads(output, routed, model), tasks)
+    return route, keep, tasks, decided.from_logits(model.heads, model.heads(output, routed, model), tasks)
 
 
 def in_pass(learner: Learner, batch: dict[str, Tensor], layers: list[int], mode: str) -> Answer:
@@ -110,7 +114,7 @@ def in_pass(learner: Learner, batch: dict[str, Tensor], layers: list[int], mode:
     if mixture is not None:
         return route, keep, tasks, mixture.answer(output, tasks)
     routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-    return route, keep, tasks, model.heads.decide(model.heads(output, routed, model), tasks)
+    return route, keep, tasks, decided.from_logits(model.heads, model.heads(output, routed, model), tasks)
 
 
 def base_pass_first(method: Answering, learner: Learner, batch: dict[str, Tensor], mode: str) -> Answer:
@@ -129,10 +133,11 @@ def base_pass_first(method: Answering, learner: Learner, batch: dict[str, Tensor
     if mode == "posterior":
         skip |= mixed_inputs(learner, batch, keep, features)
     weighed = {"task_weights": route_weights(learner, batch, keep, features)} if mode == "blend" else {}
-    predicted = torch.zeros(len(keep), device=keep.device)
+    predicted = decided.empty(len(keep), keep.device)
     if not skip.all():
         part = batch_rows({**batch, "task_ids": tasks, **weighed}, ~skip)
-        predicted[~skip] = method.predict(learner, part, route[~skip], keep[~skip])
+        for column, value in zip(predicted, method.predict(learner, part, route[~skip], keep[~skip])):
+            column[~skip] = value.to(column)
     if mode == "posterior":
         predicted = posterior_answer(learner, batch, keep, predicted, features)
     return route, keep, tasks, predicted

@@ -18,6 +18,8 @@ from loramix.data import MultiTaskData
 from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
+from loramix.methods.continual import decided
+from loramix.methods.continual.decided import Decided
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.sequence import Continual
 from loramix.methods.mola import common
@@ -100,8 +102,9 @@ class Lae(EverythingAdapted):
             "offline (EMA) adapters' softmaxes, which no single LoRA computes; not exact"
         )
 
-    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Tensor:
-        """`argmax max(softmax(online), softmax(offline))` within each sample's task."""
+    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Decided:
+        """`argmax max(softmax(online), softmax(offline))` within each sample's task, and that maximum (the surer
+        adapter's probability of the class)."""
         router = get_info(learner.backbone).model_router
         assert router is not None
         mapping = router.task_to_expert.clone()
@@ -114,4 +117,4 @@ class Lae(EverythingAdapted):
                 probs.append(torch.softmax(logits.float(), -1))
         finally:
             router.task_to_expert.copy_(mapping)
-        return heads.decide(torch.maximum(*probs), batch["task_ids"])
+        return decided.from_probabilities(heads, torch.maximum(*probs), batch["task_ids"])

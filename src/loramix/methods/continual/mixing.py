@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from loramix.heads.base import pool
+from loramix.methods.continual import decided
+from loramix.methods.continual.decided import Decided
 from loramix.methods.continual.features import base_hidden_states, hidden_features
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.routed import model_inputs, on_base
@@ -95,29 +97,30 @@ def posterior_answer(
     learner: Learner,
     batch: dict[str, Tensor],
     keep: Tensor,
-    predicted: Tensor,
+    predicted: Decided,
     features: Tensor | None = None,
-) -> Tensor:
-    """Label indices `(n,)`: `predicted` (the hard route's answers; any value for the inputs to mix), with each
-    input to mix answered by the posterior mixture of its answers through every learned task's route, in one pass
-    over the expanded rows; `features` as :func:`route_weights` takes them."""
+) -> Decided:
+    """Label indices and their probabilities, each `(n,)`: `predicted` (the hard route's answers; any value for
+    the inputs to mix), with each input to mix answered by the posterior mixture of its answers through every
+    learned task's route, in one pass over the expanded rows; `features` as :func:`route_weights` takes them."""
     weights = route_weights(learner, batch, keep, features)
     sample, route = weights.nonzero(as_tuple=True)  # (m,), (m,)
     if not len(sample):
         return predicted
     answers = probabilities(learner, batch_rows(batch, sample), route)  # (m, L)
-    decided = mixed_decision(learner, answers, sample, weights[sample, route], batch["task_ids"])
-    return torch.where(weights.sum(-1) > 0, decided, predicted)
+    mixed = mixed_decision(learner, answers, sample, weights[sample, route], batch["task_ids"])
+    return decided.where(weights.sum(-1) > 0, mixed, predicted)
 
 
 def mixed_decision(
     learner: Learner, answers: Tensor, sample: Tensor, weight: Tensor, task_ids: Tensor
-) -> Tensor:
-    """Label indices `(n,)`: each input's class probabilities, the rows' `answers` `(m, L)` summed into the input
-    `sample` `(m,)` of each row by its `weight` `(m,)`, decided within the input's task `task_ids` `(n,)`."""
+) -> Decided:
+    """Label indices and their probabilities `(n,)`: each input's class probabilities, the rows' `answers`
+    `(m, L)` summed into the input `sample` `(m,)` of each row by its `weight` `(m,)`, decided within the input's
+    task `task_ids` `(n,)`."""
     mixture = answers.new_zeros(len(task_ids), answers.shape[1])
     mixture.index_add_(0, sample, answers * weight[:, None])
-    return learner.model.heads.decide(mixture, task_ids)
+    return decided.from_probabilities(learner.model.heads, mixture, task_ids)
 
 
 def expanded_rows(weights: Tensor, route: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -150,8 +153,8 @@ class InPassMixture:
         self.sample, self.route, self.keep, self.weight = expanded_rows(weights, route, keep)
         return self.sample, self.route, self.keep
 
-    def answer(self, hidden: Tensor, tasks: Tensor) -> Tensor:
-        """Label indices `(n,)` from the backbone's output over the rows `(m, t, d)` and each input's task:
+    def answer(self, hidden: Tensor, tasks: Tensor) -> Decided:
+        """Label indices and their probabilities `(n,)` from the backbone's output over the rows `(m, t, d)` and each input's task:
         each input's class probabilities mixed over its rows by their weights (one row of weight 1: its answer)."""
         model = self.learner.model
         rows = batch_rows({**self.batch, "task_ids": tasks}, self.sample)
@@ -162,9 +165,9 @@ class InPassMixture:
 
 
 @torch.no_grad()
-def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """`ddas_mix: posterior` with routed acceptance, in one pass over the rows: `(route, keep, label indices)`, each
-    `(n,)`. Every input of a given task takes a row for each route its choice feature's posterior weighs (and
+def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Decided]:
+    """`ddas_mix: posterior` with routed acceptance, in one pass over the rows: `(route, keep, (label indices,
+    their probabilities))`, each `(n,)`. Every input of a given task takes a row for each route its choice feature's posterior weighs (and
     always one for the route chosen, the argmax); the pass over the rows reads each row's state entering
     `ddas_accept_layer`, and the chosen route's row decides acceptance as :meth:`Learner.routed_pass` does. An
     accepted input is answered by the mixture of its rows' answers; a rejected one again on the base; an input of
@@ -195,10 +198,10 @@ def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, 
     logits = model.heads(pool(hidden, rows.get("attention_mask"), model.pooling), rows, model)  # (m, L)
     answers = torch.softmax(logits.float(), -1)
     mixed = weights.sum(-1) > 0
-    predicted = torch.where(
+    predicted = decided.where(
         mixed,
         mixed_decision(learner, answers, sample, weights[sample, routes], tasks),
-        model.heads.decide(answers[chosen], tasks),
+        decided.from_probabilities(model.heads, answers[chosen], tasks),
     )
     if keep.any():
         based = {
@@ -208,17 +211,19 @@ def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, 
             "keep_base": keep[keep],
         }
         output = pool(on_base(learner.backbone, batch, keep), based.get("attention_mask"), model.pooling)
-        predicted[keep] = model.heads.decide(model.heads(output, based, model), tasks[keep])
+        logits = model.heads(output, based, model)
+        for column, value in zip(predicted, decided.from_logits(model.heads, logits, tasks[keep])):
+            column[keep] = value.to(column)
     return route, keep, predicted
 
 
 @torch.no_grad()
 def posterior_answer_loop(
-    learner: Learner, batch: dict[str, Tensor], keep: Tensor, predicted: Tensor
-) -> Tensor:
+    learner: Learner, batch: dict[str, Tensor], keep: Tensor, predicted: Decided
+) -> Decided:
     """The same, one input and one route at a time (the tests' reference)."""
     weights = route_weights(learner, batch, keep)
-    answer = predicted.clone()
+    answer, score = (column.clone() for column in predicted)
     n = batch["task_ids"].shape[0]
     for i in range(n):
         if weights[i].sum() == 0:
@@ -233,4 +238,5 @@ def posterior_answer_loop(
         start = int(learner.model.heads.offsets[task])
         width = int(learner.model.heads.num_labels[task])
         answer[i] = float(torch.argmax(mixture[start : start + width]))
-    return answer
+        score[i] = mixture[start : start + width].max()
+    return Decided(answer, score)

@@ -13,15 +13,16 @@ from torch import Tensor
 
 from loramix.data import MultiTaskData
 from loramix.errors import DataError
+from loramix.methods.continual.decided import Decided
 from loramix.methods.continual.learner import Learner
 from loramix.train.evaluate import task_scores
 from loramix.train.predict import UNKNOWN_TASK
 from loramix.train.run import eval_split
 from loramix.train.shards import EvalBatches
 
-Answer = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor]]
-"""`(learner, batch) -> (route ids, keep-base mask, task ids, label indices)`; a task id UNKNOWN_TASK in the batch
-is chosen by the method (:meth:`loramix.methods.continual.sequence.Continual.answer`)."""
+Answer = Callable[[Learner, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Decided]]
+"""`(learner, batch) -> (route ids, keep-base mask, task ids, (label indices, their probabilities))`; a task id
+UNKNOWN_TASK in the batch is chosen by the method (:meth:`loramix.methods.continual.sequence.Continual.answer`)."""
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def accuracy_row(learner: Learner, answer: Answer, split: str | None = None) -> 
     def score(_: int, examples: Any) -> tuple[Tensor, ...]:
         batch = learner.collated(examples)
         route, keep, _, predicted = answer(learner, batch)
-        return route.cpu(), keep.cpu(), predicted.cpu(), batch["labels"].float().cpu()
+        return route.cpu(), keep.cpu(), predicted.labels.cpu(), batch["labels"].float().cpu()
 
     with model.heads.inference_cache():
         results = batches.map(score)
@@ -91,7 +92,7 @@ def selector_confusion(learner: Learner, answer: Answer, split: str | None = Non
         batch = learner.collated(examples)
         unknown = torch.full_like(batch["task_ids"], UNKNOWN_TASK)
         route, keep, tasks, predicted = answer(learner, {**batch, "task_ids": unknown})
-        hit = (tasks == offset + data.tasks[task].task_id) & (predicted == batch["labels"].float())
+        hit = (tasks == offset + data.tasks[task].task_id) & (predicted.labels == batch["labels"].float())
         return torch.where(keep, torch.full_like(route, known), route).cpu(), hit.cpu()
 
     with model.heads.inference_cache():

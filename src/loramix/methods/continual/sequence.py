@@ -37,7 +37,9 @@ from loramix.inject import get_info
 from loramix.io import read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks
+from loramix.methods.continual import decided
 from loramix.methods.continual.answer import Answer, answer
+from loramix.methods.continual.decided import Decided
 from loramix.methods.continual.learner import (
     Learner,
     check_continued_settings,
@@ -205,15 +207,17 @@ class Continual(Method):
             learned[training] = True
         learner.model.heads.set_learned(learned)
 
-    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Tensor:
-        """Label indices within each sample's task `(n,)`, routed by `route` with `keep` on the base."""
+    def predict(self, learner: Learner, batch: dict[str, Tensor], route: Tensor, keep: Tensor) -> Decided:
+        """Label indices within each sample's task and their probabilities, each `(n,)`, routed by `route` with
+        `keep` on the base."""
         routed = {**batch, "route_ids": route, "keep_base": keep}
         with routing_block(learner.model, routed):
-            return learner.model.heads.predict(learner.model, routed)
+            logits = learner.model(routed)
+        return decided.from_logits(learner.model.heads, logits, batch["task_ids"])
 
     def answer(self, learner: Learner, batch: dict[str, Tensor]) -> Answer:
-        """`(route ids, keep-base mask, task ids, label indices within them)` of an evaluation batch, routed by the
-        auto-selector (or the task ids) in the way the run's settings call for (:mod:`.answer`)."""
+        """`(route ids, keep-base mask, task ids, (label indices within them, their probabilities))` of an
+        evaluation batch, routed by the auto-selector (or the task ids) in the way the run's settings call for (:mod:`.answer`)."""
         return answer(self, learner, batch)
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
@@ -401,17 +405,18 @@ class Continual(Method):
             tensors = read_checkpoint(Path(run_dir) / "adapter")[1]
             learner.selector = saved_selector(tensors, Path(run_dir), run)
         names = [meta["name"] for meta in tasks]
+        predictor = RoutedPredictor(model, collator, tasks)
 
         def values(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, list]]:
-            route, keep, chosen, predicted = self.answer(learner, batch)
-            if not self.uses_selector:
-                return predicted, {}
-            return predicted, {
-                "task_ids": chosen.tolist(),
-                "route": ["base" if k else names[r] for r, k in zip(route.tolist(), keep.tolist())],
-            }
+            route, keep, chosen, (labels, scores) = self.answer(learner, batch)
+            extra = {"score": scores.tolist()} if predictor.scores else {}
+            if self.uses_selector:
+                extra["task_ids"] = chosen.tolist()
+                extra["route"] = ["base" if k else names[r] for r, k in zip(route.tolist(), keep.tolist())]
+            return labels, extra
 
-        return RoutedPredictor(model, collator, tasks, values=values)
+        predictor.values = values
+        return predictor
 
     # ---- the report ---------------------------------------------------------------------------------------------
     def report(self, learner: Learner, matrix: list[list[float]]) -> dict[str, Any]:
