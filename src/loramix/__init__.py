@@ -35,7 +35,7 @@ if TYPE_CHECKING:
         inject,
         remove,
     )
-    from loramix.io import export_peft, import_peft, load, save
+    from loramix.io import export_peft, import_peft, load, push_to_hub, save
     from loramix.merge import merge_and_unload
     from loramix.wrapper import LoramixModel
 
@@ -57,6 +57,7 @@ _LAZY = {
     "export_peft": "loramix.io",
     "import_peft": "loramix.io",
     "load": "loramix.io",
+    "push_to_hub": "loramix.io",
     "save": "loramix.io",
     "LoramixModel": "loramix.wrapper",
 }
@@ -82,6 +83,7 @@ __all__ = [
     "load",
     "inject",
     "merge_and_unload",
+    "push_to_hub",
     "remove",
     "routing",
     "save",

@@ -1,6 +1,7 @@
-"""Files: save and load adapters, exchange with PEFT."""
+"""Files: save and load adapters (in a folder or on the Hugging Face Hub), exchange with PEFT."""
 
-from loramix.io.checkpoint import load, read_checkpoint, save
+from loramix.io.checkpoint import read_checkpoint, save
 from loramix.io.export import export_peft, import_peft
+from loramix.io.hub import load, push_to_hub
 
-__all__ = ["export_peft", "import_peft", "load", "read_checkpoint", "save"]
+__all__ = ["export_peft", "import_peft", "load", "push_to_hub", "read_checkpoint", "save"]

@@ -23,7 +23,7 @@ from loramix.errors import CheckpointError, ConfigError, DataError, InjectionErr
 from loramix.heads import Head, LabelPromptHead, LanguageModelHead, TaskHeads
 from loramix.heads.label_prompt import prompt_texts
 from loramix.inject import inject
-from loramix.io import load, read_checkpoint, save
+from loramix.io.checkpoint import load, read_checkpoint, save
 from loramix.io.files import atomic_write_bytes, atomic_write_json
 from loramix.models import check_model_path, check_positions, load_backbone
 from loramix.preflight import check_output_dir, finished_adapter

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from loramix.data import MultiTaskData, TextCollator
 from loramix.errors import ConfigError
-from loramix.io import load, read_checkpoint, save
+from loramix.io.checkpoint import load, read_checkpoint, save
 from loramix.methods.continual.learner import Learner, saved_selector
 from loramix.models import load_backbone
 from loramix.train.config import RunConfig

@@ -243,7 +243,7 @@ class ElreaModel:
     @classmethod
     def load(cls, model: nn.Module, directory: str | Path, *, feature_loss: FeatureLoss) -> ElreaModel:
         """Rebuild a saved ELREA model on an untouched copy of the base model."""
-        from loramix.io import load, read_checkpoint
+        from loramix.io.checkpoint import load, read_checkpoint
 
         directory = Path(directory)
         record, tensors = read_checkpoint(directory)

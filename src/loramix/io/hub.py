@@ -1,0 +1,126 @@
+"""Adapters on the Hugging Face Hub: `loramix.push_to_hub` uploads a save (the JSON record, the safetensors and a
+model card), and `loramix.load` takes a Hub repository's id where it takes a folder.
+
+Only the save's own files are uploaded and fetched (`FILES`): no pickle, no code.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from loramix.errors import CheckpointError
+from loramix.io import checkpoint
+from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save
+
+CARD_FILE = "README.md"
+FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
+    """The folder of a save: `source` itself where it is one (or any local path), else the files of the Hub
+    repository it names (`owner/name`, at `revision`), fetched into the Hub's cache."""
+    path = Path(source)
+    if path.exists() or not _REPO_ID.fullmatch(str(source)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=FILES))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(
+            f"{source}: no such adapter folder here, and the Hugging Face Hub repository of that name could not "
+            f"be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ) from None
+
+
+def load(
+    model: nn.Module,
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    router_network: nn.Module | None = None,
+) -> nn.Module:
+    """Inject the adapters saved in `source` into an untouched `model` and load their weights; returns the model.
+    `source` is a folder written by :func:`loramix.save`, or the id of a Hub repository that holds one (at
+    `revision`: a branch, tag or commit).
+
+    Example:
+        >>> model = loramix.load(AutoModel.from_pretrained(name), "runs/mola")
+        >>> model = loramix.load(AutoModel.from_pretrained(name), "me/minilm-mola-grad")
+    """
+    return checkpoint.load(model, adapter_folder(source, revision), router_network=router_network)
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload loramix adapters",
+    token: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Save the model's adapters (as :func:`loramix.save` does) with a model card, and upload them to the Hub
+    repository `repo_id` (created if needed, `private` as asked); returns the commit's address. Load them back with
+    `loramix.load(base_model, repo_id)`.
+
+    Example:
+        >>> loramix.push_to_hub(model, "me/minilm-mola-grad")
+    """
+    if not _REPO_ID.fullmatch(repo_id):
+        raise CheckpointError(f"repo_id {repo_id!r}: a Hub repository is named 'owner/name'")
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as folder:
+        save(model, folder, metadata=metadata)
+        (Path(folder) / CARD_FILE).write_text(model_card(model, repo_id), encoding="utf-8")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message,
+            allow_patterns=FILES,
+        )
+    return str(getattr(commit, "commit_url", commit))
+
+
+def model_card(model: nn.Module, repo_id: str) -> str:
+    """A README for the Hub: what the adapters are and how to load them (the base model named where its config
+    names one on the Hub)."""
+    from loramix.inject import get_info
+
+    info = get_info(model)
+    config = info.config
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    on_hub = bool(_REPO_ID.fullmatch(name)) and not Path(name).exists()
+    front = ["---", "library_name: loramix", "tags:", "- loramix", "- lora", "- mixture-of-experts"]
+    front += [f"base_model: {name}", "---"] if on_hub else ["---"]
+    base = f"AutoModel.from_pretrained({name!r})" if on_hub else "base_model"
+    lines = [
+        *front,
+        "",
+        f"# {repo_id}",
+        "",
+        f"loramix adapters{f' for `{name}`' if on_hub else ''}: {config.num_experts} expert(s) of kind "
+        f"'{config.experts}', rank {config.rank}, router '{config.router}', on {len(info.layers)} layers.",
+        "",
+        "```python",
+        "import loramix",
+        "from transformers import AutoModel",
+        "",
+        *([] if on_hub else ["base_model = ...  # the model the adapters were trained on, untouched"]),
+        f"model = loramix.load({base}, {repo_id!r})",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
