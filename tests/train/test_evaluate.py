@@ -3,6 +3,7 @@ terminal (a log file)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 from pathlib import Path
@@ -103,3 +104,29 @@ def test_a_task_without_a_test_split_is_left_out_of_the_scores_by_name(
     continual = continual_run(model_dir, tasks_dir, "continual-mola-grad", tasks=specs, steps_per_task=2)
     with pytest.raises(DataError, match=f"{first} have none"):
         run_training(continual, tmp_path / "continual")
+
+
+def test_evaluation_routes_each_batch_by_its_ids_as_collated_so_one_task_batches_are_known(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each evaluation batch holds one task's examples; its ids reach the routing block from the host, as collated
+    (not read back from the device the batch moved to), so its layers run that task's expert as one LoRA."""
+    from loramix.train import evaluate
+    from loramix.train.step import routed
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(toys.settings(model_dir, tasks_dir, method="mola-grad", steps=1)))
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 0
+    states = []
+
+    @contextlib.contextmanager
+    def spying(model, batch, host_ids=None):
+        assert host_ids is not None and host_ids.device.type == "cpu"
+        with routed(model, batch, host_ids) as state:
+            states.append(state)
+            yield state
+
+    monkeypatch.setattr(evaluate, "routed", spying)
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert len(states) == 3 and [s.one_task for s in states] == [0, 1, 2]  # three tasks, a batch each
+    assert all(s.model_gate.single_expert() == s.one_task for s in states)

@@ -44,3 +44,22 @@ def test_a_batch_with_keep_base_sends_those_samples_to_the_base_model_bit_for_bi
             mixed = backbone(**inputs).last_hidden_state
     assert torch.equal(mixed[keep], base[keep])
     assert not torch.allclose(mixed[~keep], base[~keep])
+
+
+def test_route_ids_given_on_the_host_route_as_the_batch_s_and_name_a_one_task_batch():
+    """`routed(model, batch, host_ids)` routes by the host's copy of the batch's ids (the batch's own are not read:
+    here they are on the meta device, which no value can be read from), and knows a one-task batch as one."""
+    from loramix.train.step import routed
+
+    backbone = tiny_bert()
+    loramix.inject(backbone, {"num_experts": 3, "router": "task", "num_tasks": 3, "rank": 2})
+    randomize_adapters(backbone)
+    model = MultiTaskModel(backbone, TaskHeads(32, [2, 3, 2])).eval()
+    inputs = text_inputs(4)
+    host = torch.tensor([1, 1, 1, 1])
+    with torch.no_grad():
+        with routed(model, {**inputs, "task_ids": host.to("meta")}, host) as state:
+            out = backbone(**inputs).last_hidden_state
+        with loramix.routing(backbone, task_ids=host):
+            expected = backbone(**inputs).last_hidden_state
+    assert state.one_task == 1 and torch.equal(out, expected)

@@ -13,7 +13,7 @@ from loramix.data import MultiTaskData
 from loramix.train.config import RunConfig
 from loramix.train.eval_log import GateLog, progress_bar, with_unscored
 from loramix.train.generation_eval import RoutedAnswers, evaluate_generation
-from loramix.train.model import MultiTaskModel
+from loramix.train.model import MultiTaskModel, route_of
 from loramix.train.shards import EvalBatches
 from loramix.train.step import routed
 
@@ -72,8 +72,9 @@ def evaluate(
     bar = progress_bar(len(batches), split, progress)
 
     def score(_: int, examples: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = {k: v.to(device) for k, v in collator(examples).items()}
-        with routed(model, batch) as state:
+        collated = collator(examples)  # one task's examples (EvalBatches)
+        batch = {k: v.to(device) for k, v in collated.items()}
+        with routed(model, batch, route_of(collated)) as state:
             preds = model.heads.predict(model, batch).cpu()
         gates.add(state, batch)
         return preds, batch["labels"].cpu()

@@ -23,15 +23,19 @@ class StepResult:
 
 
 @contextmanager
-def routed(model: torch.nn.Module, batch: dict[str, Tensor]) -> Iterator[RoutingState]:
+def routed(
+    model: torch.nn.Module, batch: dict[str, Tensor], host_ids: Tensor | None = None
+) -> Iterator[RoutingState]:
     """A routing block for this batch on the model's backbone (the model wrapped by DDP or not): `route_ids` (or
     the task ids), the mask a sample router pools (`prompt_mask` when the batch has one, so that a generation
     task routes by its prompt alone, as it will when generating; else the attention mask), and `keep_base` when
-    the batch carries one, and `task_weights` (experts mixed by weights over the tasks) likewise."""
+    the batch carries one, and `task_weights` (experts mixed by weights over the tasks) likewise. `host_ids`: the
+    same route ids as collated, on the CPU, so that a batch of one task is known as one without reading the
+    device (its layers then run that task's expert as one LoRA)."""
     backbone = unwrapped(model).backbone
     with routing(
         backbone,
-        task_ids=route_of(batch),
+        task_ids=route_of(batch) if host_ids is None else host_ids,
         attention_mask=batch.get("prompt_mask", batch.get("attention_mask")),
         keep_base=batch.get("keep_base"),
         task_weights=batch.get("task_weights"),
