@@ -28,7 +28,7 @@ from loramix.errors import CheckpointError, ConfigError, DataError, did_you_mean
 from loramix.io.files import atomic_write_bytes
 from loramix.models import position_limit
 from loramix.train.generation_eval import RoutedAnswers, fit_positions
-from loramix.train.model import MultiTaskModel
+from loramix.train.model import MultiTaskModel, route_of
 from loramix.train.run import task_specs
 from loramix.train.shards import EvalBatches
 from loramix.train.step import routed
@@ -189,10 +189,12 @@ class RoutedPredictor:
         self.seed = 0  # with `sampling`: each batch draws from a generator seeded by this and its first row
         self.scores = False  # a classification answer's `score`: its class's probability among its task's
         self.values = values or self.routed_values
+        # while a batch is answered: its route ids as collated, on the CPU
+        self.host_ids: torch.Tensor | None = None
         self.answers = answers or RoutedAnswers(model, collator)
 
     def routed_values(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
-        with routed(self.model, batch):
+        with routed(self.model, batch, self.host_ids):
             if not self.scores:
                 return self.model.heads.predict(self.model, batch), {}
             logits = self.model(batch)  # what the head's decision reads (-inf outside each sample's task)
@@ -203,8 +205,13 @@ class RoutedPredictor:
         device = next(self.model.parameters()).device
         if isinstance(examples[0], GenerationExample):
             return self.generate(examples, device)
-        batch = {k: v.to(device) for k, v in self.collator(examples).items()}
-        values, extra = self.values(batch)
+        collated = self.collator(examples)
+        batch = {k: v.to(device) for k, v in collated.items()}
+        self.host_ids = route_of(collated)  # for `routed_values`: a one-task batch known without the device
+        try:
+            values, extra = self.values(batch)
+        finally:
+            self.host_ids = None
         task_ids = extra.pop("task_ids", [example.task for example in examples])
         answers = answer_values(values.cpu(), task_ids, self.tasks)
         for answer, example, task in zip(answers, examples, task_ids):
