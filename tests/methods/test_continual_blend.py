@@ -95,9 +95,9 @@ def test_the_blended_pass_equals_each_input_with_its_mixture_of_deltas_merged(
 
 
 def reference_answer(learner: Learner, method, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Decided]:
-    """`(route, keep, (label indices, their probabilities))`, one input at a time: the selector's decision and posterior weights on it
-    alone, its answer through the predicting pass with those weights (on the base where it is kept). Along the
-    route, the chosen task accepts by the state the blended pass reaches."""
+    """`(route, keep, (label indices, their probabilities))`, one input at a time: the selector's decision and
+    posterior weights on it alone, its answer through the predicting pass with those weights (on the base where it
+    is kept). Along the route, the chosen task accepts by the state the blended pass reaches."""
     routes, keeps, answers = [], [], []
     for i in range(batch["task_ids"].shape[0]):
         one = batch_rows(batch, torch.tensor([i]))

@@ -154,8 +154,9 @@ class InPassMixture:
         return self.sample, self.route, self.keep
 
     def answer(self, hidden: Tensor, tasks: Tensor) -> Decided:
-        """Label indices and their probabilities `(n,)` from the backbone's output over the rows `(m, t, d)` and each input's task:
-        each input's class probabilities mixed over its rows by their weights (one row of weight 1: its answer)."""
+        """Label indices and their probabilities `(n,)` from the backbone's output over the rows `(m, t, d)` and
+        each input's task: each input's class probabilities mixed over its rows by their weights (one row of weight
+        1: its answer)."""
         model = self.learner.model
         rows = batch_rows({**self.batch, "task_ids": tasks}, self.sample)
         rows |= {"route_ids": self.route, "keep_base": self.keep}
@@ -167,12 +168,13 @@ class InPassMixture:
 @torch.no_grad()
 def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Decided]:
     """`ddas_mix: posterior` with routed acceptance, in one pass over the rows: `(route, keep, (label indices,
-    their probabilities))`, each `(n,)`. Every input of a given task takes a row for each route its choice feature's posterior weighs (and
-    always one for the route chosen, the argmax); the pass over the rows reads each row's state entering
-    `ddas_accept_layer`, and the chosen route's row decides acceptance as :meth:`Learner.routed_pass` does. An
-    accepted input is answered by the mixture of its rows' answers; a rejected one again on the base; an input of
-    no given task by its chosen route's row. Equal to the hard routed pass followed by :func:`posterior_answer`
-    (the tests' reference: `posterior_answer_loop`) without the hard pass over the inputs to mix."""
+    their probabilities))`, each `(n,)`. Every input of a given task takes a row for each route its choice
+    feature's posterior weighs (and always one for the route chosen, the argmax); the pass over the rows reads
+    each row's state entering `ddas_accept_layer`, and the chosen route's row decides acceptance as
+    :meth:`Learner.routed_pass` does. An accepted input is answered by the mixture of its rows' answers; a rejected
+    one again on the base; an input of no given task by its chosen route's row. Equal to the hard routed pass
+    followed by :func:`posterior_answer` (the tests' reference: `posterior_answer_loop`) without the hard pass over
+    the inputs to mix."""
     assert learner.selector is not None and learner.selector.num_tasks > 0
     model, selector = learner.model, learner.selector.to(learner.device)
     choice = learner.base_features(batch)  # (n, c)

@@ -217,7 +217,8 @@ class Continual(Method):
 
     def answer(self, learner: Learner, batch: dict[str, Tensor]) -> Answer:
         """`(route ids, keep-base mask, task ids, (label indices within them, their probabilities))` of an
-        evaluation batch, routed by the auto-selector (or the task ids) in the way the run's settings call for (:mod:`.answer`)."""
+        evaluation batch, routed by the auto-selector (or the task ids) in the way the run's settings call for
+        (:mod:`.answer`)."""
         return answer(self, learner, batch)
 
     def task_features(self, learner: Learner, task: int) -> Tensor:
