@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -771,3 +772,16 @@ def test_the_light_list_of_method_names_is_the_registry():
     from loramix.preflight import METHOD_NAMES
 
     assert sorted(METHOD_NAMES) == sorted(METHODS)
+
+
+def test_bitsandbytes_note_about_an_optional_kernel_is_dropped_and_its_other_messages_kept(caplog):
+    assert main(["settings", "steps"]) == 0
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "offline"
+        )
+        logger.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+    assert main(["settings", "steps"]) == 0
+    assert len(logger.filters) == 1  # added once, however many commands run

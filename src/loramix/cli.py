@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -343,8 +344,21 @@ def show_warning(
         print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
 
 
+class _OptionalKernelNote(logging.Filter):
+    """Drops bitsandbytes' note, logged when it is imported on a CPU with `kernels` installed, that an optional
+    4-bit kernel could not be fetched from the Hub: it falls back to its own CPU kernel, and the note (every command
+    that imports PEFT printed it) suggests installing what is installed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+_KERNEL_NOTE = _OptionalKernelNote()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNEL_NOTE)  # added once
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
