@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +91,35 @@ def test_references_that_the_scorer_cannot_read_are_warned_of():
         warnings.simplefilter("error")
         warn_unscorable("qa", "label", ("yes", "no"), ["yes", "No."])
         warn_unscorable("free", "exact", (), ["anything"])
+
+
+def test_generation_evaluation_routes_each_batch_by_its_ids_as_collated(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Teacher-forced logits and generation alike route each evaluation batch (one task's examples) by its ids as
+    collated on the host: the batch is known as one task, and decoding runs that task's expert as one LoRA."""
+    from loramix.cli import main
+    from loramix.train import generation_eval
+    from loramix.train.step import routed
+    from tests.test_cli import write_config
+    from tests.train import toys
+
+    settings = toys.gen_settings(gpt2_dir, gen_tasks_dir, method="mola-grad", steps=1, max_new_tokens=3)
+    assert (
+        main(["train", write_config(tmp_path / "run.yaml", settings), "--output-dir", str(tmp_path / "run")])
+        == 0
+    )
+    states = []
+
+    @contextlib.contextmanager
+    def spying(model, batch, host_ids=None):
+        assert host_ids is not None and host_ids.device.type == "cpu"
+        with routed(model, batch, host_ids) as state:
+            states.append(state)
+            yield state
+
+    monkeypatch.setattr(generation_eval, "routed", spying)
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert states and all(s.one_task is not None for s in states)
+    assert all(s.model_gate.single_expert() == s.one_task for s in states)
+    assert {s.one_task for s in states} == set(range(len(toys.GEN_TASKS)))

@@ -26,7 +26,7 @@ from loramix.errors import DataWarning
 from loramix.losses.language_model import token_nll
 from loramix.models import position_limit
 from loramix.train.eval_log import progress_bar, with_unscored
-from loramix.train.model import MultiTaskModel
+from loramix.train.model import MultiTaskModel, route_of
 from loramix.train.shards import EvalBatches
 from loramix.train.step import routed
 
@@ -85,13 +85,14 @@ def score(prediction: str, reference: str, scorer: str, labels: Sequence[str] = 
 class RoutedAnswers:
     """How a routed multi-task model answers: teacher-forced logits and greedy continuations, each row under its
     own routing (a sample router decides once, on the prompt). `gates` (optional) collects the routing of each
-    teacher-forced batch. Other ways to answer (ELREA's gradient-routed experts) give the same two methods."""
+    teacher-forced batch. Other ways to answer (ELREA's gradient-routed experts) give the same two methods.
+    `host_ids`: the batch's route ids as collated, on the CPU (see :func:`loramix.train.step.routed`)."""
 
     def __init__(self, model: MultiTaskModel, collator: GenerationCollator, gates: Any = None) -> None:
         self.model, self.collator, self.gates = model, collator, gates
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with routed(self.model, batch) as state:
+    def logits(self, batch: dict[str, torch.Tensor], host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        with routed(self.model, batch, host_ids) as state:
             logits = self.model(batch)
         if self.gates is not None:
             self.gates.add(state, batch)
@@ -103,8 +104,9 @@ class RoutedAnswers:
         prompts: dict[str, torch.Tensor],
         max_new_tokens: int,
         sampling: dict[str, Any] | None = None,
+        host_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        with routed(self.model, prompts) as state:
+        with routed(self.model, prompts, host_ids) as state:
             state.keep_model_gate = True
             return self.model.heads.generate(
                 self.model,
@@ -154,11 +156,12 @@ def evaluate_generation(
 
     def answer(task: int, part: Any) -> tuple[float, int, list[str]]:
         """A batch's summed response-token loss, its number of response tokens, and each row's generated text."""
-        batch = {k: v.to(device) for k, v in collator(part).items()}
-        total, tokens = token_nll(answers.logits(batch), batch["lm_labels"])
+        collated = collator(part)  # one task's examples (EvalBatches): its ids known on the host
+        batch = {k: v.to(device) for k, v in collated.items()}
+        total, tokens = token_nll(answers.logits(batch, host_ids=route_of(collated)), batch["lm_labels"])
         prompts = {k: v.to(device) for k, v in collator.prompts(part).items()}
         prompts, room = fit_positions(prompts, new_tokens[task], limit)
-        generated = answers.generate(batch, prompts, room)
+        generated = answers.generate(batch, prompts, room, host_ids=route_of(collated))
         texts = collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return float(total.sum()), int(tokens.sum()), [text.strip() for text in texts]
 

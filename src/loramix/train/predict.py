@@ -229,11 +229,14 @@ class RoutedPredictor:
             # ELREA weighs its experts by the gradient of the prompt's loss, taken on the collated batch
             batch = {k: v.to(device) for k, v in self.collator(examples).items()}
             self.answers.logits(batch)
-        prompts = {k: v.to(device) for k, v in self.collator.prompts(examples).items()}
+        collated = self.collator.prompts(examples)
+        prompts = {k: v.to(device) for k, v in collated.items()}
         prompts, room = fit_positions(prompts, self.max_new_tokens, position_limit(self.model.backbone))
         if self.sampling:  # the batch's draws, whichever process answers it and whatever came before
             torch.manual_seed(batch_seed(self.seed, examples[0].location))
-        generated = self.answers.generate(batch, prompts, room, self.sampling or None)
+        generated = self.answers.generate(
+            batch, prompts, room, self.sampling or None, host_ids=route_of(collated)
+        )
         texts = self.collator.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [{"prediction": text.strip()} for text in texts]
 

@@ -212,7 +212,9 @@ class ElreaAnswers:
         self.weights: list[torch.Tensor] = []
         self.task_ids: list[torch.Tensor] = []
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, batch: dict[str, torch.Tensor], host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The ensemble's logits, its experts weighed by each input's gradient (`host_ids` unused: the gradient
+        routes)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.enable_grad():
             weights = self.elrea.weights({**inputs, "prompt_mask": batch["prompt_mask"]})
@@ -226,9 +228,10 @@ class ElreaAnswers:
         prompts: dict[str, torch.Tensor],
         max_new_tokens: int,
         sampling: dict[str, Any] | None = None,
+        host_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy, or sampled with `sampling`'s `generate` options where the bank routes each prompt to one expert
-        (`elrea_mode: top1`; the ensemble decodes greedily and refuses them)."""
+        (`elrea_mode: top1`; the ensemble decodes greedily and refuses them). `host_ids` unused."""
         out = self.elrea.generate(
             prompts["input_ids"],
             prompts["attention_mask"],
