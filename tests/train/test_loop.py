@@ -186,3 +186,26 @@ def test_compile_is_refused_for_generation_tasks(gpt2_dir: Path, gen_tasks_dir: 
     run = RunConfig.from_dict({**toys.gen_settings(gpt2_dir, gen_tasks_dir, steps=2), "compile": True})
     with pytest.raises(ConfigError, match="compile: generation tasks decode with `generate`"):
         run_training(run, tmp_path / "run")
+
+
+def test_the_methods_own_gradients_are_averaged_over_the_processes_where_some_process_has_one():
+    """`Trainer.average_aux_gradients` with a stand-in for two processes whose sum is twice this one's: a parameter
+    with a gradient gets the mean, one without a gradient in any process keeps none."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from loramix.train.loop import Trainer
+
+    aux = torch.nn.ModuleList([torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)])
+    aux[0].weight.grad = torch.ones(2, 3)
+    aux[0].bias.grad = torch.full((2,), 3.0)
+    stand_in = SimpleNamespace(
+        aux_modules=aux,
+        accelerator=SimpleNamespace(reduce=lambda flat, reduction: flat * 2, num_processes=2),
+    )
+    Trainer.average_aux_gradients(stand_in)
+    assert torch.equal(aux[0].weight.grad, torch.ones(2, 3)) and torch.equal(
+        aux[0].bias.grad, torch.full((2,), 3.0)
+    )
+    assert aux[1].weight.grad is None and aux[1].bias.grad is None

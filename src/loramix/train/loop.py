@@ -268,11 +268,12 @@ class Trainer:
             + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         )
         flat = self.accelerator.reduce(flat, reduction="sum")
+        present = (flat[: len(params)] > 0).tolist()  # some process has a gradient for it (one read)
         offset = len(params)
-        for index, p in enumerate(params):
+        for p, has in zip(params, present):
             grad = flat[offset : offset + p.numel()].view_as(p) / self.accelerator.num_processes
             offset += p.numel()
-            if bool(flat[index] > 0):  # some process has a gradient for it
+            if has:
                 p.grad = grad.to(p.dtype).clone()
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
