@@ -209,3 +209,28 @@ def test_the_methods_own_gradients_are_averaged_over_the_processes_where_some_pr
         aux[0].bias.grad, torch.full((2,), 3.0)
     )
     assert aux[1].weight.grad is None and aux[1].bias.grad is None
+
+
+def test_each_logged_loss_is_the_mean_of_its_steps_micro_batch_losses_and_parts(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """With gradient accumulation, every step's logged loss and TwD part are the means of its micro-batches' (read
+    from the device once a step)."""
+    from loramix.train import loop
+
+    seen: list[dict[str, float]] = []
+    original = loop.compute_loss
+
+    def recording(model, batch, aux_losses=()):
+        result = original(model, batch, aux_losses)
+        seen.append({"loss": float(result.loss), **{k: float(v) for k, v in result.parts.items()}})
+        return result
+
+    monkeypatch.setattr(loop, "compute_loss", recording)
+    settings = toys.settings(model_dir, tasks_dir, method="mola-router", steps=3, grad_accum=2, log_every=1)
+    history = run_training(RunConfig.from_dict(settings), tmp_path)["history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3] and len(seen) == 6
+    for entry, first, second in zip(logged, seen[0::2], seen[1::2]):
+        assert entry["loss"] == 0.0 + first["loss"] / 2 + second["loss"] / 2
+        assert entry["twd_loss"] == 0.0 + first["twd"] / 2 + second["twd"] / 2

@@ -288,7 +288,8 @@ class Trainer:
             cb.on_train_start(self)
         started, seen = time.perf_counter(), 0
         while self.step < run.steps and not self.stop_requested:
-            sums: dict[str, float] = {}
+            # each micro-batch's loss and its parts, read from the device once a step
+            recorded: list[tuple[str, torch.Tensor]] = []
             for micro in range(run.grad_accum):
                 batch = next(batches)
                 result = compute_loss(model, batch, self.aux_losses)
@@ -297,11 +298,16 @@ class Trainer:
                         self.accelerator.backward(result.loss / run.grad_accum)
                 else:
                     self.accelerator.backward(result.loss / run.grad_accum)
-                for key, value in {"loss": result.loss, **result.parts}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / run.grad_accum
+                recorded += [
+                    (key, part.detach()) for key, part in {"loss": result.loss, **result.parts}.items()
+                ]
                 seen += batch["task_ids"].shape[0]
                 for cb in self.callbacks:
                     cb.on_batch_end(self, batch, result)
+            sums: dict[str, float] = {}
+            values = torch.stack([part.float().reshape(()) for _, part in recorded]).tolist()
+            for (key, _), value in zip(recorded, values):
+                sums[key] = sums.get(key, 0.0) + value / run.grad_accum
             if not math.isfinite(sums["loss"]):
                 last = self.last_checkpoint or "none written yet"
                 raise TrainingError(
