@@ -3,7 +3,6 @@ terminal (a log file)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import sys
 from pathlib import Path
@@ -112,21 +111,11 @@ def test_evaluation_routes_each_batch_by_its_ids_as_collated_so_one_task_batches
     """Each evaluation batch holds one task's examples; its ids reach the routing block from the host, as collated
     (not read back from the device the batch moved to), so its layers run that task's expert as one LoRA."""
     from loramix.train import evaluate
-    from loramix.train.step import routed
 
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(toys.settings(model_dir, tasks_dir, method="mola-grad", steps=1)))
     assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 0
-    states = []
-
-    @contextlib.contextmanager
-    def spying(model, batch, host_ids=None):
-        assert host_ids is not None and host_ids.device.type == "cpu"
-        with routed(model, batch, host_ids) as state:
-            states.append(state)
-            yield state
-
-    monkeypatch.setattr(evaluate, "routed", spying)
+    states = toys.host_routed_states(monkeypatch, evaluate)
     assert main(["eval", str(tmp_path / "run")]) == 0
     assert len(states) == 3 and [s.one_task for s in states] == [0, 1, 2]  # three tasks, a batch each
     assert all(s.model_gate.single_expert() == s.one_task for s in states)

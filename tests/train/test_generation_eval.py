@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -100,7 +99,6 @@ def test_generation_evaluation_routes_each_batch_by_its_ids_as_collated(
     collated on the host: the batch is known as one task, and decoding runs that task's expert as one LoRA."""
     from loramix.cli import main
     from loramix.train import generation_eval
-    from loramix.train.step import routed
     from tests.test_cli import write_config
     from tests.train import toys
 
@@ -109,16 +107,7 @@ def test_generation_evaluation_routes_each_batch_by_its_ids_as_collated(
         main(["train", write_config(tmp_path / "run.yaml", settings), "--output-dir", str(tmp_path / "run")])
         == 0
     )
-    states = []
-
-    @contextlib.contextmanager
-    def spying(model, batch, host_ids=None):
-        assert host_ids is not None and host_ids.device.type == "cpu"
-        with routed(model, batch, host_ids) as state:
-            states.append(state)
-            yield state
-
-    monkeypatch.setattr(generation_eval, "routed", spying)
+    states = toys.host_routed_states(monkeypatch, generation_eval)
     assert main(["eval", str(tmp_path / "run")]) == 0
     assert states and all(s.one_task is not None for s in states)
     assert all(s.model_gate.single_expert() == s.one_task for s in states)

@@ -345,7 +345,6 @@ def test_rows_of_one_task_reach_the_routing_block_as_one_task_from_the_host(
 ):
     """Each batch's task ids reach the routing block as collated, on the CPU: rows all of one task (`--task`) are
     known as one, and their layers run that task's expert as one LoRA; mixed rows are not."""
-    import contextlib
 
     from loramix.train import predict as predict_module
 
@@ -353,16 +352,7 @@ def test_rows_of_one_task_reach_the_routing_block_as_one_task_from_the_host(
         tmp_path, {**toys.settings(model_dir, tasks_dir, method="mola-grad", steps=1), "tasks": TASKS}
     )
     rows = rows_of(tasks_dir, TASKS)
-    states = []
-
-    @contextlib.contextmanager
-    def spying(model, batch, host_ids=None):
-        assert host_ids is not None and host_ids.device.type == "cpu"
-        with routed(model, batch, host_ids) as state:
-            states.append(state)
-            yield state
-
-    monkeypatch.setattr(predict_module, "routed", spying)
+    states = toys.host_routed_states(monkeypatch, predict_module)
     one = [{k: v for k, v in row.items() if k != "task"} for row in rows if row["task"] == TASKS[1]]
     predicted(
         run_dir, write_rows(tmp_path / "one.jsonl", one), tmp_path / "one-out.jsonl", "--task", TASKS[1]

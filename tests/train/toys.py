@@ -7,8 +7,10 @@ and its label is one keyword in the sentence, so a few dozen steps learn it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +210,21 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int, train: Any, *args: Any,
         patch.setattr(callbacks.Checkpointer, "on_step_end", crash)
         with pytest.raises(Interrupted):
             train(*args, **kwargs)
+
+
+def host_routed_states(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Any]:
+    """Replace `module.routed` by a wrapper that asserts each batch's route ids come from the host (as collated, on
+    the CPU) and keeps the routing state of every batch; returns the list it fills."""
+    from loramix.train.step import routed
+
+    states: list[Any] = []
+
+    @contextlib.contextmanager
+    def spying(model: Any, batch: Any, host_ids: Any = None) -> Iterator[Any]:
+        assert host_ids is not None and host_ids.device.type == "cpu"
+        with routed(model, batch, host_ids) as state:
+            states.append(state)
+            yield state
+
+    monkeypatch.setattr(module, "routed", spying)
+    return states
