@@ -223,7 +223,8 @@ def test_each_logged_loss_is_the_mean_of_its_steps_micro_batch_losses_and_parts(
 
     def recording(model, batch, aux_losses=()):
         result = original(model, batch, aux_losses)
-        seen.append({"loss": float(result.loss), **{k: float(v) for k, v in result.parts.items()}})
+        parts = {"loss": result.loss, **result.parts}
+        seen.append({k: float(v.detach()) for k, v in parts.items()})
         return result
 
     monkeypatch.setattr(loop, "compute_loss", recording)
