@@ -42,20 +42,20 @@ def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
 
 def load(
     model: nn.Module,
-    source: str | Path,
+    directory: str | Path,
     *,
     revision: str | None = None,
     router_network: nn.Module | None = None,
 ) -> nn.Module:
-    """Inject the adapters saved in `source` into an untouched `model` and load their weights; returns the model.
-    `source` is a folder written by :func:`loramix.save`, or the id of a Hub repository that holds one (at
+    """Inject the adapters saved in `directory` into an untouched `model` and load their weights; returns the
+    model. `directory` is a folder written by :func:`loramix.save`, or the id of a Hub repository that holds one (at
     `revision`: a branch, tag or commit).
 
     Example:
         >>> model = loramix.load(AutoModel.from_pretrained(name), "runs/mola")
         >>> model = loramix.load(AutoModel.from_pretrained(name), "me/minilm-mola-grad")
     """
-    return checkpoint.load(model, adapter_folder(source, revision), router_network=router_network)
+    return checkpoint.load(model, adapter_folder(directory, revision), router_network=router_network)
 
 
 def push_to_hub(
