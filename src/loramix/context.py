@@ -155,28 +155,37 @@ def contiguous_output_layer(model: nn.Module) -> Any | None:
     return layer.register_forward_pre_hook(_contiguous_input) if isinstance(layer, nn.Linear) else None
 
 
-def single_task(task_ids: Tensor) -> int | None:
-    """The one task id of a non-empty batch whose ids are all equal and on the CPU; None otherwise (ids on an
-    accelerator are not read: that would wait for the device)."""
+def host_range(task_ids: Tensor) -> tuple[int, int] | None:
+    """`(lowest, highest)` of task ids on the CPU; None for none, or for ids on an accelerator (reading them would
+    wait for the device)."""
     if task_ids.device.type != "cpu" or not task_ids.numel():
         return None
-    first = int(task_ids[0])
-    return first if bool((task_ids == first).all()) else None
+    low, high = task_ids.aminmax()
+    return int(low), int(high)
 
 
-def check_task_ids(task_ids: Tensor, num_tasks: int) -> Tensor:
-    """Task ids must be a 1-d integer tensor inside 0..num_tasks-1 (checked where it costs no device sync)."""
+def single_task(task_ids: Tensor) -> int | None:
+    """The one task id of a batch whose ids are all equal and on the CPU; None otherwise."""
+    return _only(host_range(task_ids))
+
+
+def _only(span: tuple[int, int] | None) -> int | None:
+    return span[0] if span is not None and span[0] == span[1] else None
+
+
+def check_task_ids(task_ids: Tensor, num_tasks: int) -> tuple[Tensor, int | None]:
+    """Task ids must be a 1-d integer tensor inside 0..num_tasks-1 (checked where it costs no device sync); returns
+    them as long, and the batch's one task where its ids are one and on the CPU (:func:`single_task`)."""
     if not isinstance(task_ids, Tensor):
         task_ids = torch.as_tensor(task_ids)
     if task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise RoutingError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
     if task_ids.dim() != 1:
         raise RoutingError(f"task_ids must have shape (batch,), got {tuple(task_ids.shape)}")
-    if task_ids.device.type == "cpu" and task_ids.numel():
-        low, high = int(task_ids.min()), int(task_ids.max())
-        if low < 0 or high >= num_tasks:
-            raise RoutingError(f"task_ids must lie in 0..{num_tasks - 1}, got values from {low} to {high}")
-    return task_ids.long()
+    span = host_range(task_ids)
+    if span is not None and (span[0] < 0 or span[1] >= num_tasks):
+        raise RoutingError(f"task_ids must lie in 0..{num_tasks - 1}, got values from {span[0]} to {span[1]}")
+    return task_ids.long(), _only(span)
 
 
 def check_task_weights(model: nn.Module, weights: Tensor, batch: int) -> Tensor:
@@ -245,8 +254,7 @@ def routing(
                 "use loramix.routing(model, task_ids=...) or pass task_ids= to the wrapped model"
             )
         assert config.num_tasks is not None
-        task_ids = check_task_ids(task_ids, config.num_tasks)
-        one_task = single_task(task_ids)
+        task_ids, one_task = check_task_ids(task_ids, config.num_tasks)
         task_ids = task_ids.to(device, non_blocking=True)
     elif task_ids is not None:
         task_ids = torch.as_tensor(task_ids).long()

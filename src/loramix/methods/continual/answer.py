@@ -28,8 +28,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from loramix.methods.continual import decided
-from loramix.methods.continual.decided import Decided
+from loramix.methods.continual.decided import Decided, fill, from_logits, unanswered
 from loramix.methods.continual.features import routed_by_selector
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.mixing import (
@@ -92,7 +91,7 @@ def along_route(learner: Learner, batch: dict[str, Tensor], blend: bool) -> Answ
     route, keep, output, _ = learner.routed_pass(batch, choice, weights)
     tasks = chosen_tasks(batch["task_ids"], route, keep)
     routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-    return route, keep, tasks, decided.from_logits(model.heads, model.heads(output, routed, model), tasks)
+    return route, keep, tasks, from_logits(model.heads, model.heads(output, routed, model), tasks)
 
 
 def in_pass(learner: Learner, batch: dict[str, Tensor], layers: list[int], mode: str) -> Answer:
@@ -114,7 +113,7 @@ def in_pass(learner: Learner, batch: dict[str, Tensor], layers: list[int], mode:
     if mixture is not None:
         return route, keep, tasks, mixture.answer(output, tasks)
     routed = {**batch, "task_ids": tasks, "route_ids": route, "keep_base": keep}
-    return route, keep, tasks, decided.from_logits(model.heads, model.heads(output, routed, model), tasks)
+    return route, keep, tasks, from_logits(model.heads, model.heads(output, routed, model), tasks)
 
 
 def base_pass_first(method: Answering, learner: Learner, batch: dict[str, Tensor], mode: str) -> Answer:
@@ -133,11 +132,10 @@ def base_pass_first(method: Answering, learner: Learner, batch: dict[str, Tensor
     if mode == "posterior":
         skip |= mixed_inputs(learner, batch, keep, features)
     weighed = {"task_weights": route_weights(learner, batch, keep, features)} if mode == "blend" else {}
-    predicted = decided.empty(len(keep), keep.device)
+    predicted = unanswered(len(keep), keep.device)
     if not skip.all():
         part = batch_rows({**batch, "task_ids": tasks, **weighed}, ~skip)
-        for column, value in zip(predicted, method.predict(learner, part, route[~skip], keep[~skip])):
-            column[~skip] = value.to(column)
+        fill(predicted, ~skip, method.predict(learner, part, route[~skip], keep[~skip]))
     if mode == "posterior":
         predicted = posterior_answer(learner, batch, keep, predicted, features)
     return route, keep, tasks, predicted

@@ -18,8 +18,7 @@ from loramix.data import MultiTaskData
 from loramix.growth import grow
 from loramix.inject import get_info
 from loramix.methods.base import register_method
-from loramix.methods.continual import decided
-from loramix.methods.continual.decided import Decided
+from loramix.methods.continual.decided import Decided, from_probabilities
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.sequence import Continual
 from loramix.methods.mola import common
@@ -117,4 +116,4 @@ class Lae(EverythingAdapted):
                 probs.append(torch.softmax(logits.float(), -1))
         finally:
             router.task_to_expert.copy_(mapping)
-        return decided.from_probabilities(heads, torch.maximum(*probs), batch["task_ids"])
+        return from_probabilities(heads, torch.maximum(*probs), batch["task_ids"])

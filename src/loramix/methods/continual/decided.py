@@ -32,11 +32,17 @@ def from_probabilities(heads: Any, probabilities: Tensor, task_ids: Tensor) -> D
     return Decided(heads.decide(probabilities, task_ids), probabilities.amax(-1))
 
 
-def empty(n: int, device: torch.device) -> Decided:
-    """`n` answers to fill in: labels and scores zero."""
+def unanswered(n: int, device: torch.device) -> Decided:
+    """`n` answers to fill in (:func:`fill`): labels and scores zero."""
     return Decided(torch.zeros(n, device=device), torch.zeros(n, device=device))
 
 
-def where(condition: Tensor, chosen: Decided, other: Decided) -> Decided:
+def fill(answers: Decided, rows: Tensor, part: Decided) -> None:
+    """Write `part`'s answers into `answers` at `rows` (a bool mask), in place."""
+    for column, value in zip(answers, part):
+        column[rows] = value.to(column)
+
+
+def either(condition: Tensor, chosen: Decided, other: Decided) -> Decided:
     """`chosen` where `condition` `(n,)` holds, else `other`."""
     return Decided(*(torch.where(condition, a, b.to(a)) for a, b in zip(chosen, other)))

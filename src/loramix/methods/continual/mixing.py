@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from loramix.heads.base import pool
-from loramix.methods.continual import decided
-from loramix.methods.continual.decided import Decided
+from loramix.methods.continual.decided import Decided, either, fill, from_logits, from_probabilities
 from loramix.methods.continual.features import base_hidden_states, hidden_features
 from loramix.methods.continual.learner import Learner
 from loramix.methods.continual.routed import model_inputs, on_base
@@ -109,7 +108,7 @@ def posterior_answer(
         return predicted
     answers = probabilities(learner, batch_rows(batch, sample), route)  # (m, L)
     mixed = mixed_decision(learner, answers, sample, weights[sample, route], batch["task_ids"])
-    return decided.where(weights.sum(-1) > 0, mixed, predicted)
+    return either(weights.sum(-1) > 0, mixed, predicted)
 
 
 def mixed_decision(
@@ -120,7 +119,7 @@ def mixed_decision(
     task `task_ids` `(n,)`."""
     mixture = answers.new_zeros(len(task_ids), answers.shape[1])
     mixture.index_add_(0, sample, answers * weight[:, None])
-    return decided.from_probabilities(learner.model.heads, mixture, task_ids)
+    return from_probabilities(learner.model.heads, mixture, task_ids)
 
 
 def expanded_rows(weights: Tensor, route: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -200,10 +199,10 @@ def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, 
     logits = model.heads(pool(hidden, rows.get("attention_mask"), model.pooling), rows, model)  # (m, L)
     answers = torch.softmax(logits.float(), -1)
     mixed = weights.sum(-1) > 0
-    predicted = decided.where(
+    predicted = either(
         mixed,
         mixed_decision(learner, answers, sample, weights[sample, routes], tasks),
-        decided.from_probabilities(model.heads, answers[chosen], tasks),
+        from_probabilities(model.heads, answers[chosen], tasks),
     )
     if keep.any():
         based = {
@@ -214,8 +213,7 @@ def routed_mixture(learner: Learner, batch: dict[str, Tensor]) -> tuple[Tensor, 
         }
         output = pool(on_base(learner.backbone, batch, keep), based.get("attention_mask"), model.pooling)
         logits = model.heads(output, based, model)
-        for column, value in zip(predicted, decided.from_logits(model.heads, logits, tasks[keep])):
-            column[keep] = value.to(column)
+        fill(predicted, keep, from_logits(model.heads, logits, tasks[keep]))
     return route, keep, predicted
 
 

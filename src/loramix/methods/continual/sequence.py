@@ -37,9 +37,8 @@ from loramix.inject import get_info
 from loramix.io import read_checkpoint
 from loramix.io.files import atomic_write_json
 from loramix.methods.base import Method, check_eval_tasks
-from loramix.methods.continual import decided
 from loramix.methods.continual.answer import Answer, answer
-from loramix.methods.continual.decided import Decided
+from loramix.methods.continual.decided import Decided, from_logits
 from loramix.methods.continual.learner import (
     Learner,
     check_continued_settings,
@@ -213,7 +212,7 @@ class Continual(Method):
         routed = {**batch, "route_ids": route, "keep_base": keep}
         with routing_block(learner.model, routed):
             logits = learner.model(routed)
-        return decided.from_logits(learner.model.heads, logits, batch["task_ids"])
+        return from_logits(learner.model.heads, logits, batch["task_ids"])
 
     def answer(self, learner: Learner, batch: dict[str, Tensor]) -> Answer:
         """`(route ids, keep-base mask, task ids, (label indices within them, their probabilities))` of an
