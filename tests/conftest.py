@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import settings
 
+from tests.hub import FakeHub
 from tests.train import toys
 
 # Every tensor in these tests is tiny: thread start-up costs more than the maths (10-100x on small CPUs).
@@ -44,3 +45,15 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gen_tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return toys.gen_tasks_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    """The Hub's client replaced by a folder per repository (`tests.hub.FakeHub`)."""
+    import huggingface_hub
+
+    fake = FakeHub(tmp_path / "hub")
+    for name in ("create_repo", "upload_folder", "create_commit"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, getattr(fake, name))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    return fake

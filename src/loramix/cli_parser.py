@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+RUN_HELP = (
+    "the output folder of `loramix train`, or a Hugging Face Hub repository that `loramix push` wrote "
+    "(owner/name, or owner/name@revision)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("word", nargs="?", help="show only the keys whose name or description contains this word")
     p = sub.add_parser("eval", help="evaluate a finished run on its tasks")
-    p.add_argument("run_dir", help="the output folder of `loramix train`")
+    p.add_argument("run_dir", help=RUN_HELP)
     p.add_argument("--config", help="evaluate with another config (e.g. other data)")
     p.add_argument(
         "--split",
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the task is the one it routes the row to (among every task's classes, on the base model, for a row it "
         "keeps there), with task_given false.",
     )
-    p.add_argument("run_dir", help="the output folder of `loramix train`")
+    p.add_argument("run_dir", help=RUN_HELP)
     p.add_argument("input", help="the rows to answer (.jsonl, .csv, .tsv or .parquet)")
     p.add_argument("--task", help="the task of every row (default: each row's `task` field)")
     p.add_argument("--out", help="write the JSON lines here (default: standard output)")
@@ -134,7 +139,7 @@ and reports (and the manifest records per task); a generation task is refused. D
 or an earlier export: it is written whole beside its place and renamed into it, so an error leaves
 nothing half-written, and an earlier export in DIR is replaced only by a complete one.""",
     )
-    p.add_argument("run_dir", help="the output folder of `loramix train`")
+    p.add_argument("run_dir", help=RUN_HELP)
     p.add_argument(
         "--task",
         action="append",
@@ -152,10 +157,26 @@ nothing half-written, and an earlier export in DIR is replaced only by a complet
     )
     p.add_argument("--expert", type=int, help="ELREA runs: the expert to export (0: the base adapter)")
     p.add_argument("--out", required=True, help="the folder to write the adapters (and manifest) into")
-    p = sub.add_parser("inspect", help="show a run's config, experts and routing summary")
+    p = sub.add_parser(
+        "push",
+        help="upload a finished run to a Hugging Face Hub repository, for predict, inspect, export and eval there",
+        description="Upload a finished run (config.yaml, adapter/ with its heads and task metadata, metrics, report "
+        "and plots; never its checkpoints) with a model card, in one commit, to a Hub repository (created if "
+        "needed; log in with `hf auth login` or set HF_TOKEN). Then `loramix predict|inspect|export|eval|compare "
+        "owner/name` (or owner/name@revision) read it from the Hub.",
+    )
     p.add_argument("run_dir", help="the output folder of `loramix train`")
+    p.add_argument("repo_id", help="the Hub repository, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", help="the commit message (default: Upload loramix run RUN_DIR's name)")
+    p = sub.add_parser("inspect", help="show a run's config, experts and routing summary")
+    p.add_argument("run_dir", help=RUN_HELP)
     p = sub.add_parser("compare", help="finished runs side by side: per-task scores, one column a run")
-    p.add_argument("run_dirs", nargs="+", help="output folders of `loramix train`")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        help="output folders of `loramix train`, or Hub repositories `loramix push` wrote",
+    )
     p.add_argument(
         "--split",
         help="compare on this split (each run's eval-SPLIT.json; default: the split each run scored)",

@@ -31,6 +31,12 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def written_as_path(name: str) -> bool:
+    """Whether a `model` is written as a local path (absolute, `./`, `../`, `~`, or deeper than `org/name`) rather
+    than as a hub name."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or len(Path(name).parts) > 2
+
+
 def check_model_path(name: str) -> None:
     """Refuse, before any data is read or torch is imported, a `model` that names a local path which cannot be a
     model: a path that does not exist, a file, a folder without `config.json`. A bare or `org/name` hub name that
@@ -38,9 +44,8 @@ def check_model_path(name: str) -> None:
     if name in ALIASES:
         return
     path = Path(name).expanduser()
-    looks_local = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2
     if not path.exists():
-        if looks_local:
+        if written_as_path(name):
             raise ConfigError(
                 f"model: {name!r}: no such folder; point `model` at a folder that save_pretrained wrote (with "
                 "config.json, the weights and the tokenizer files) or at a hub name"

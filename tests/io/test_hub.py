@@ -4,56 +4,18 @@ folder wins over a repository of the same name, and a repository that cannot be 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Any
 
-import huggingface_hub
 import pytest
 import torch
-from huggingface_hub.utils import LocalEntryNotFoundError
 
 import loramix
 from loramix.errors import CheckpointError
 from loramix.io.hub import FILES
+from tests.hub import FakeHub
 from tests.io.toys import randomize_adapters, tiny_bert
 
 CONFIG = {"router": "task", "num_experts": 2, "num_tasks": 2, "rank": 4}
-
-
-class FakeHub:
-    """The Hub's client calls loramix makes, against a folder per repository."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.created, self.fetched = root, [], []
-
-    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False) -> None:
-        self.created.append((repo_id, private, exist_ok))
-
-    def upload_folder(self, *, repo_id: str, folder_path: str, allow_patterns: list[str], **_: Any) -> str:
-        target = self.root / repo_id
-        target.mkdir(parents=True, exist_ok=True)
-        for path in Path(folder_path).iterdir():
-            if path.name in allow_patterns:
-                shutil.copy(path, target / path.name)
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    def snapshot_download(
-        self, repo_id: str, *, revision: str | None = None, allow_patterns: list[str]
-    ) -> str:
-        self.fetched.append((repo_id, revision, allow_patterns))
-        if not (self.root / repo_id).is_dir():
-            raise LocalEntryNotFoundError(f"{repo_id} is not in the cache and the Hub cannot be reached")
-        return str(self.root / repo_id)
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-    fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake.create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake.upload_folder)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
-    return fake
 
 
 def adapted() -> torch.nn.Module:

@@ -53,13 +53,16 @@ def in_run_order(folder: Path, tasks: dict[str, Any]) -> dict[str, Any]:
     return {**{name: tasks[name] for name in order if name in tasks}, **tasks}
 
 
-def read_runs(run_dirs: Sequence[str | Path], split: str | None = None) -> list[dict[str, Any]]:
+def read_runs(
+    run_dirs: Sequence[str | Path], split: str | None = None, labels: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """One result a run, as the report and the tables take them: its scores (`metrics.json`, or `eval-<split>.json`
-    with `split`), its history, `method` its column name and `trained_method` the method that trained it."""
+    with `split`), its history, `method` its column name (`labels`, else `labels_of` the folders) and
+    `trained_method` the method that trained it."""
     if not run_dirs:
         raise ConfigError("compare: name at least one run folder")
     results = []
-    for run, label in zip(run_dirs, labels_of(run_dirs)):
+    for run, label in zip(run_dirs, labels or labels_of(run_dirs)):
         folder = Path(run)
         metrics = read_scores(
             folder / METRICS_FILE,

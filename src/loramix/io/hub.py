@@ -6,7 +6,6 @@ Only the save's own files are uploaded and fetched (`FILES`): no pickle, no code
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,28 +15,38 @@ from torch import nn
 from loramix.errors import CheckpointError
 from loramix.io import checkpoint
 from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save
+from loramix.preflight import REPO_ID, check_repo_id, hub_reference
 
 CARD_FILE = "README.md"
 FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def fetch(
+    source: str | Path, patterns: list[str], revision: str | None = None, what: str = "adapter folder"
+) -> Path:
+    """The folder `source` names: itself where it is local (or not a Hub reference), else the files of the Hub
+    repository it names that match `patterns`, fetched into the Hub's cache (`revision` where `source` names
+    none). A repository that cannot be read is named in the error, with the Hub's reason."""
+    reference = hub_reference(source)
+    if reference is None:
+        return Path(source)
+    repo, revision = reference[0], reference[1] or revision
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(
+            f"{source}: no such {what} here, and the Hugging Face Hub repository of that name could not be "
+            f"read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ) from None
 
 
 def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
     """The folder of a save: `source` itself where it is one (or any local path), else the files of the Hub
     repository it names (`owner/name`, at `revision`), fetched into the Hub's cache."""
-    path = Path(source)
-    if path.exists() or not _REPO_ID.fullmatch(str(source)):
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(source), revision=revision, allow_patterns=FILES))
-    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(
-            f"{source}: no such adapter folder here, and the Hugging Face Hub repository of that name could not "
-            f"be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
-        ) from None
+    return fetch(source, FILES, revision)
 
 
 def load(
@@ -75,8 +84,7 @@ def push_to_hub(
     Example:
         >>> loramix.push_to_hub(model, "me/minilm-mola-grad")
     """
-    if not _REPO_ID.fullmatch(repo_id):
-        raise CheckpointError(f"repo_id {repo_id!r}: a Hub repository is named 'owner/name'")
+    check_repo_id(repo_id, "repo_id")
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as folder:
@@ -102,7 +110,7 @@ def model_card(model: nn.Module, repo_id: str) -> str:
     info = get_info(model)
     config = info.config
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    on_hub = bool(_REPO_ID.fullmatch(name)) and not Path(name).exists()
+    on_hub = bool(REPO_ID.fullmatch(name)) and not Path(name).exists()
     front = ["---", "library_name: loramix", "tags:", "- loramix", "- lora", "- mixture-of-experts"]
     front += [f"base_model: {name}", "---"] if on_hub else ["---"]
     base = f"AutoModel.from_pretrained({name!r})" if on_hub else "base_model"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loramix.errors import ConfigError
+from loramix.errors import CheckpointError, ConfigError
 from loramix.methods import continual, full, mola
 from loramix.methods.base import METHODS, Method, get_method, register_method
 from loramix.methods.elrea.method import Elrea
@@ -24,6 +24,7 @@ __all__ = [
     "get_method",
     "load_run_config",
     "plan",
+    "push_run",
     "continual",
     "full",
     "mola",
@@ -78,7 +79,36 @@ def run_training(
     earlier: list[Path] = []  # an earlier run's files, replaced by this one once its data has been read
     if not resume and processes().is_main_process and (Path(output_dir) / CONFIG_FILE).is_file():
         earlier = [*method.resume_state(Path(output_dir)), *method.outputs(Path(output_dir))]
-    return method.train(run, Path(output_dir), resume=resume, replaces=earlier)
+    metrics = method.train(run, Path(output_dir), resume=resume, replaces=earlier)
+    if run.push_to_hub is not None and processes().is_main_process:
+        print(f"uploaded to {push_run(output_dir, run.push_to_hub, private=run.hub_private)}")
+    return metrics
+
+
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload the finished run in `run_dir` to the Hub repository `repo_id` (:mod:`loramix.train.share`): its
+    config and what its method says a finished run holds (`Method.outputs`), with a model card; returns the
+    commit's address. `loramix predict|inspect|export repo_id` use it from there."""
+    from loramix.preflight import finished_adapter
+    from loramix.train.share import upload_run
+
+    run_dir = Path(run_dir)
+    finished_adapter(run_dir)  # a run stopped before its end is told how to finish
+    if not (run_dir / "adapter").is_dir():
+        raise CheckpointError(
+            f"{run_dir}: no run folder that `loramix train` finished (no adapter/, no config.yaml)"
+        )
+    method = get_method(RunConfig.from_yaml(run_dir / CONFIG_FILE).method)
+    return upload_run(
+        run_dir, repo_id, method.outputs(run_dir), private=private, message=message, token=token
+    )
 
 
 def plan(run: RunConfig) -> list[str]:

@@ -6,11 +6,20 @@ Every field is documented once, here; a wrong key or value names the key and wha
 from __future__ import annotations
 
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loramix.config import BlockIndices, format_validation_error
 from loramix.errors import ConfigError, did_you_mean
@@ -45,6 +54,8 @@ BOOKKEEPING_KEYS = frozenset(
         "eval_split",
         "eval_metric",
         "report_to",
+        "push_to_hub",
+        "hub_private",
     }
 )
 
@@ -421,6 +432,21 @@ class RunConfig(BaseModel):
         description="Experiment trackers that each logged step and evaluation go to, through accelerate: "
         "tensorboard, wandb, mlflow (each must be installed). None: TensorBoard where it is installed; []: none.",
     )
+    push_to_hub: str | None = Field(
+        None,
+        description="A Hugging Face Hub repository, owner/name, that the finished run is uploaded to (as `loramix "
+        "push` does: config, adapters, metrics, report and a model card; created if needed). None: not uploaded.",
+    )
+    hub_private: bool | None = Field(
+        None, description="With push_to_hub: create the repository private (None: the Hub's default)."
+    )
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repository(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            raise ValueError(f"{value!r} is no Hub repository: one is named owner/name")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
