@@ -348,15 +348,12 @@ def fetch_runs(args: argparse.Namespace) -> None:
     args.from_hub = None
     if args.command == "push":
         return
-    from loramix.preflight import hub_reference
+    from loramix.remote import fetch_run, hub_reference
 
     if getattr(args, "run_dir", None) is not None and hub_reference(args.run_dir) is not None:
-        from loramix.train.share import fetch_run
-
         args.from_hub, args.run_dir = args.run_dir, str(fetch_run(args.run_dir))
     if getattr(args, "run_dirs", None):
         from loramix.compare.runs import labels_of
-        from loramix.train.share import fetch_run
 
         args.run_labels = labels_of(args.run_dirs)  # a repository's column is named as its name reads
         args.run_dirs = [str(fetch_run(d)) for d in args.run_dirs]

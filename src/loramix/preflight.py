@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from loramix.errors import CheckpointError, ConfigError, did_you_mean
-
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # a Hugging Face Hub repository: owner/name
 
 # The registered methods' names, read before torch loads so that a misspelt method answers at once;
 # tests/test_cli.py holds this tuple equal to `loramix.methods.METHODS`.
@@ -164,21 +161,3 @@ def check_export_out(path: str | Path, flag: str = "--out") -> None:
             f"{flag} {path} holds files that are not a loramix export; pass a new or empty folder (an export is "
             "written beside it and renamed into place whole, replacing only an earlier export)"
         )
-
-
-def hub_reference(source: str | Path) -> tuple[str, str | None] | None:
-    """`(repo_id, revision)` where `source` names a Hub repository (`owner/name`, or `owner/name@revision`) and no
-    local path: None for a path that exists, for one whose folder exists (`runs/x` with `runs/` here is a local
-    path, mistyped), and for anything not of that form."""
-    text = str(source)
-    repo, _, revision = text.partition("@")
-    path = Path(text)
-    if not REPO_ID.fullmatch(repo) or path.exists() or path.parent.is_dir():
-        return None
-    return repo, revision or None
-
-
-def check_repo_id(repo_id: str, field: str) -> None:
-    """Refuse, naming `field`, a Hub repository id that is not `owner/name`."""
-    if not REPO_ID.fullmatch(repo_id):
-        raise CheckpointError(f"{field} {repo_id!r}: a Hub repository is named 'owner/name'")

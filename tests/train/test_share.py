@@ -13,7 +13,8 @@ import pytest
 from huggingface_hub.utils import HfHubHTTPError
 
 from loramix.cli import main
-from loramix.train.share import RUN_PATTERNS
+from loramix.io import read_checkpoint
+from loramix.remote import RUN_PATTERNS
 from tests.hub import FakeHub
 from tests.methods.test_continual import specs
 from tests.test_cli import write_config
@@ -108,6 +109,16 @@ def test_push_to_hub_uploads_a_continual_run_at_the_end_of_training(
     )  # rows that name no task: the auto-selector routes them
     here = predicted(run_dir, inputs, in_tmp / "here.jsonl")
     assert predicted(Path("me/sequence"), inputs, in_tmp / "there.jsonl") == here
+
+    # someone else takes the published sequence up with a task of their own, without its data
+    fetched = len(hub.fetched)
+    new = write_config(in_tmp / "new.yaml", {"tasks": [specs(tasks_dir)[2]], "ddas_examples": 16})
+    assert main(["train", new, "--continue-from", "me/sequence", "--output-dir", str(in_tmp / "more")]) == 0
+    learned = read_checkpoint(in_tmp / "more" / "adapter")[0]["metadata"]["tasks"]
+    assert [task["name"] for task in learned] == toys.TASK_NAMES[:3]
+    assert hub.fetched[fetched:] and all(
+        f == ("me/sequence", None, RUN_PATTERNS) for f in hub.fetched[fetched:]
+    )
 
 
 def test_a_failed_upload_keeps_the_run_and_says_how_to_push_it_again(

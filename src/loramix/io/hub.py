@@ -12,35 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from loramix.errors import CheckpointError
 from loramix.io import checkpoint
 from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save
-from loramix.preflight import REPO_ID, check_repo_id, hub_reference
+from loramix.remote import REPO_ID, check_repo_id, fetch
 
 CARD_FILE = "README.md"
 FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
-
-
-def fetch(
-    source: str | Path, patterns: list[str], revision: str | None = None, what: str = "adapter folder"
-) -> Path:
-    """The folder `source` names: itself where it is local (or not a Hub reference), else the files of the Hub
-    repository it names that match `patterns`, fetched into the Hub's cache (`revision` where `source` names
-    none). A repository that cannot be read is named in the error, with the Hub's reason."""
-    reference = hub_reference(source)
-    if reference is None:
-        return Path(source)
-    repo, revision = reference[0], reference[1] or revision
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
-    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(
-            f"{source}: no such {what} here, and the Hugging Face Hub repository of that name could not be "
-            f"read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
-        ) from None
 
 
 def adapter_folder(source: str | Path, revision: str | None = None) -> Path:

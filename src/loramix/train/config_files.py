@@ -12,6 +12,7 @@ import yaml
 
 from loramix.config import read_yaml
 from loramix.errors import ConfigError
+from loramix.remote import fetch_run, hub_reference
 
 CONFIG_FILE = "config.yaml"  # the settings a run saves in its folder, read back to resume or continue it
 
@@ -79,10 +80,14 @@ def model_is_path(model: str) -> bool:
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> set[str]:
-    """Resolve `data`'s relative paths against `base` in place; returns the names of those that were relative."""
+    """Resolve `data`'s relative paths against `base` in place; returns the names of those that were relative. A
+    `continue_from` that names a Hub repository (`owner/name[@revision]`, no folder here) becomes the folder its
+    run is fetched into."""
     relative = set()
     for slot, (holder, key) in path_slots(data).items():
-        if not Path(holder[key]).is_absolute():
+        if slot == "continue_from" and hub_reference(holder[key], base) is not None:
+            holder[key] = str(fetch_run(holder[key], base))
+        elif not Path(holder[key]).is_absolute():
             holder[key] = str((base / holder[key]).resolve())
             relative.add(slot)
     return relative

@@ -2,8 +2,8 @@
 method says a finished run is (its config, adapters with heads and task metadata, metrics, report and plots) with a
 model card, in one commit; `loramix predict|inspect|export|eval|compare owner/name` fetch it back.
 
-Only files of safe kinds travel either way (`RUN_PATTERNS`: YAML, JSON, safetensors, Markdown, PNG): never a
-checkpoint's optimizer state, which is a pickle, and nothing to execute.
+Only files of safe kinds travel either way (`loramix.remote.RUN_PATTERNS`: YAML, JSON, safetensors, Markdown, PNG):
+never a checkpoint's optimizer state, which is a pickle, and nothing to execute.
 """
 
 from __future__ import annotations
@@ -14,20 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from loramix.errors import LoramixError
-from loramix.io.hub import CARD_FILE, fetch
+from loramix.io.hub import CARD_FILE
 from loramix.models import ALIASES, written_as_path
-from loramix.preflight import check_repo_id
+from loramix.remote import RUN_PATTERNS, check_repo_id
 from loramix.train.config_files import CONFIG_FILE
 
-RUN_PATTERNS = ["*.yaml", "*.json", "*.jsonl", "*.safetensors", "*.md", "*.png"]
 # what the card's front matter names as the base model, for the aliases loramix resolves itself
 _ALIAS_ON_HUB = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-def fetch_run(source: str) -> Path:
-    """The run folder `source` names: a local folder, or a Hub repository (`owner/name[@revision]`) that `loramix
-    push` wrote, fetched into the Hub's cache."""
-    return fetch(source, RUN_PATTERNS, what="run folder")
 
 
 def shared_files(run_dir: Path, outputs: list[Path]) -> list[Path]:
