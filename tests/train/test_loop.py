@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from loramix.cli import main
@@ -221,8 +222,8 @@ def test_each_logged_loss_is_the_mean_of_its_steps_micro_batch_losses_and_parts(
     seen: list[dict[str, float]] = []
     original = loop.compute_loss
 
-    def recording(model, batch, aux_losses=()):
-        result = original(model, batch, aux_losses)
+    def recording(model, batch, aux_losses=(), host_ids=None):
+        result = original(model, batch, aux_losses, host_ids)
         parts = {"loss": result.loss, **result.parts}
         seen.append({k: float(v.detach()) for k, v in parts.items()})
         return result
@@ -235,3 +236,27 @@ def test_each_logged_loss_is_the_mean_of_its_steps_micro_batch_losses_and_parts(
     for entry, first, second in zip(logged, seen[0::2], seen[1::2]):
         assert entry["loss"] == 0.0 + first["loss"] / 2 + second["loss"] / 2
         assert entry["twd_loss"] == 0.0 + first["twd"] / 2 + second["twd"] / 2
+
+
+def test_a_training_batch_is_routed_by_its_ids_as_collated_so_a_one_task_batch_runs_one_expert(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The trainer reads each batch's route ids on the host before it moves the batch to the device, so that with
+    `single_task_batches` every step's routing knows its one task (on a GPU, ids moved first could not be read
+    without waiting for the device). The move is replaced by one whose ids claim to be on an accelerator."""
+    from loramix.train import loop, step
+
+    class OnAccelerator(torch.Tensor):
+        @property
+        def device(self) -> torch.device:  # type: ignore[override]
+            return torch.device("cuda")
+
+    def to_accelerator(batch, device):
+        return {k: v.as_subclass(OnAccelerator) if k == "task_ids" else v for k, v in batch.items()}
+
+    monkeypatch.setattr(loop, "send_to_device", to_accelerator)
+    states = toys.host_routed_states(monkeypatch, step)
+    settings = toys.settings(model_dir, tasks_dir, method="mola-grad", steps=4, single_task_batches=True)
+    run_training(RunConfig.from_dict(settings), tmp_path)
+    training = states[:4]  # then the final evaluation's batches
+    assert len(training) == 4 and all(state.one_task is not None for state in training)

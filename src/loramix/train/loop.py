@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, send_to_device
 from torch.utils.data import DataLoader
 
 from loramix.data import MultiTaskData, TaskBalancedSampler
@@ -32,7 +32,7 @@ from loramix.train.checkpoint import (
     save_training_checkpoint,
 )
 from loramix.train.config import RunConfig
-from loramix.train.model import MultiTaskModel
+from loramix.train.model import MultiTaskModel, route_of
 from loramix.train.step import StepResult, compute_loss
 
 
@@ -175,7 +175,10 @@ class Trainer:
         )
         if run.compile:  # in place: the parameters and their names stay the module's, for checkpoints
             model.backbone.compile()
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, self.optimizer, loader)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        # batches stay on the host until the step moves them: their route ids are read there first, so that a
+        # one-task batch (`single_task_batches`) runs its expert as one LoRA without waiting for the device
+        self.loader = self.accelerator.prepare_data_loader(loader, device_placement=False)
         self.aux_modules.to(self.accelerator.device)
         self.step, self.history, self.last_checkpoint = 0, [], None
         # seconds callbacks spent outside training (evaluations), left out of samples_per_s
@@ -291,8 +294,9 @@ class Trainer:
             # each micro-batch's loss and its parts, read from the device once a step
             recorded: list[tuple[str, torch.Tensor]] = []
             for micro in range(run.grad_accum):
-                batch = next(batches)
-                result = compute_loss(model, batch, self.aux_losses)
+                collated = next(batches)
+                batch = send_to_device(collated, self.accelerator.device)
+                result = compute_loss(model, batch, self.aux_losses, route_of(collated))
                 if micro < run.grad_accum - 1:
                     with self.accelerator.no_sync(model):
                         self.accelerator.backward(result.loss / run.grad_accum)

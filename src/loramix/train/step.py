@@ -43,18 +43,25 @@ def routed(
         yield state
 
 
-def forward_routed(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, RoutingState]:
-    """Run the model (a :class:`MultiTaskModel`, wrapped or not) with the batch routed to every adapted layer."""
-    with routed(model, batch) as state:
+def forward_routed(
+    model: torch.nn.Module, batch: dict[str, Tensor], host_ids: Tensor | None = None
+) -> tuple[Tensor, RoutingState]:
+    """Run the model (a :class:`MultiTaskModel`, wrapped or not) with the batch routed to every adapted layer
+    (`host_ids`: see :func:`routed`)."""
+    with routed(model, batch, host_ids) as state:
         logits = model(batch)
     return logits, state
 
 
 def compute_loss(
-    model: torch.nn.Module, batch: dict[str, Tensor], aux_losses: Sequence[AuxLoss] = ()
+    model: torch.nn.Module,
+    batch: dict[str, Tensor],
+    aux_losses: Sequence[AuxLoss] = (),
+    host_ids: Tensor | None = None,
 ) -> StepResult:
-    """The head's task loss plus `sum(term.weight * term(state, batch))` over the method's auxiliary terms."""
-    logits, state = forward_routed(model, batch)
+    """The head's task loss plus `sum(term.weight * term(state, batch))` over the method's auxiliary terms
+    (`host_ids`: the batch's route ids as collated, on the CPU; see :func:`routed`)."""
+    logits, state = forward_routed(model, batch, host_ids)
     task_loss = unwrapped(model).heads.loss(logits, batch)
     parts = {"task": task_loss}
     total = task_loss
