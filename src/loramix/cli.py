@@ -103,10 +103,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = method.evaluate(Path(args.run_dir), run, model, data, collator, split)
     metrics = {"method": run.method, "split": split, **metrics}
     if group.is_main_process:  # one writer
+        print(print_table([metrics]))
         if args.from_hub is None:
             atomic_write_json(Path(args.run_dir) / f"eval-{split}.json", metrics, sort_keys=False)
-        print(print_table([metrics]))
-        if args.from_hub is not None:
+        else:  # its folder is the Hub's cache
             print(f"(a run from the Hub, {args.from_hub}: scores printed, no eval-{split}.json written)")
     return 0
 
@@ -206,9 +206,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from loramix.methods import push_run
 
-    print(
-        f"uploaded {args.run_dir} to {push_run(args.run_dir, args.repo_id, private=args.private or None, message=args.message)}"
-    )
+    address = push_run(args.run_dir, args.repo_id, private=args.private or None, message=args.message)
+    print(f"uploaded {args.run_dir} to {address}")
     return 0
 
 
