@@ -106,3 +106,31 @@ def test_router_input_reaches_the_adapter_config():
     assert (
         adapter_config(run(method="mola-router", router_input="embeddings"), 3).router_input == "embeddings"
     )
+
+
+def test_in_your_own_loop_twd_on_the_model_gate_is_mola_routers_term():
+    """README's route to MoLA-Router's loss outside `loramix train`: `twd_loss` on the routing block's model-wide
+    gate (`state.model_gate.logits`) with the run's defaults equals the term the trainer adds, and trains the
+    router."""
+    import torch
+
+    import loramix
+    from loramix.losses import twd_loss
+    from tests.models import tiny_bert
+
+    model = tiny_bert()
+    settings = run(method="mola-router")
+    loramix.inject(model, adapter_config(settings, 3))
+    terms = {
+        term.name: term
+        for term in get_method("mola-router").aux_losses(settings, adapter_config(settings, 3))
+    }
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    batch = {"input_ids": torch.randint(5, 90, (6, 7), generator=torch.Generator().manual_seed(0))}
+    with loramix.routing(model, task_ids=ids) as state:
+        model(**batch)
+    own = twd_loss(state.model_gate.logits, ids, space="gates", tau=0.1)
+    assert torch.equal(own, terms["twd"](state, {"task_ids": ids, **batch}))
+    own.backward()
+    router = loramix.get_info(model).model_router
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters())
