@@ -243,7 +243,7 @@ def test_a_training_batch_is_routed_by_its_ids_as_collated_so_a_one_task_batch_r
 ):
     """The trainer reads each batch's route ids on the host before it moves the batch to the device, so that with
     `single_task_batches` every step's routing knows its one task (on a GPU, ids moved first could not be read
-    without waiting for the device). The move is replaced by one whose ids claim to be on an accelerator."""
+    without waiting for the device). On a CPU the move is replaced by one whose ids claim to be on an accelerator."""
     from loramix.train import loop, step
 
     class OnAccelerator(torch.Tensor):
@@ -251,8 +251,13 @@ def test_a_training_batch_is_routed_by_its_ids_as_collated_so_a_one_task_batch_r
         def device(self) -> torch.device:  # type: ignore[override]
             return torch.device("cuda")
 
+    move = loop.send_to_device
+
     def to_accelerator(batch, device):
-        return {k: v.as_subclass(OnAccelerator) if k == "task_ids" else v for k, v in batch.items()}
+        batch = move(batch, device)  # on a GPU, the real move
+        if batch["task_ids"].device.type == "cpu":
+            batch["task_ids"] = batch["task_ids"].as_subclass(OnAccelerator)
+        return batch
 
     monkeypatch.setattr(loop, "send_to_device", to_accelerator)
     states = toys.host_routed_states(monkeypatch, step)
