@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     )
     from loramix.io import export_peft, import_peft, load, push_to_hub, save
     from loramix.merge import merge_and_unload
+    from loramix.runs import TrainedRun, open_run
     from loramix.wrapper import LoramixModel
 
 __version__ = "0.1.0"
@@ -60,6 +61,8 @@ _LAZY = {
     "push_to_hub": "loramix.io",
     "save": "loramix.io",
     "LoramixModel": "loramix.wrapper",
+    "TrainedRun": "loramix.runs",
+    "open_run": "loramix.runs",
 }
 
 __all__ = [
@@ -74,6 +77,7 @@ __all__ = [
     "RoutingError",
     "RoutingState",
     "TrainingError",
+    "TrainedRun",
     "adapter_state",
     "disabled",
     "export_peft",
@@ -83,6 +87,7 @@ __all__ = [
     "load",
     "inject",
     "merge_and_unload",
+    "open_run",
     "push_to_hub",
     "remove",
     "routing",

@@ -115,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from loramix.io import read_checkpoint
     from loramix.preflight import finished_adapter
     from loramix.train.config import CONFIG_FILE, RunConfig
-    from loramix.train.predict import predict, read_requests, with_input_fields, write_predictions
+    from loramix.train.predict import check_options, read_requests, with_input_fields, write_predictions
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {args.batch_size})")
@@ -124,37 +124,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run = RunConfig.from_yaml(args.config or Path(args.run_dir) / CONFIG_FILE)
     tasks = with_input_fields(run, read_checkpoint(finished_adapter(args.run_dir))[0]["metadata"]["tasks"])
-    # every row checked before the model loads; an auto-selector chooses the task of a row that names none
+    # every row and option checked before the model loads; an auto-selector chooses the task of a row that names none
     requests = read_requests(args.input, tasks, args.task, any_task=get_method(run.method).uses_selector)
+    check_options(
+        tasks,
+        scores=args.scores,
+        generation=args.max_new_tokens is not None or bool(sampling),
+        names=("--scores", "--max-new-tokens and --sample"),
+    )
 
     from loramix.models import show_loading_bars
+    from loramix.runs import TrainedRun
     from loramix.train.loop import processes
-    from loramix.train.run import collator_of, load_trained, on_inference_device
 
     show_loading_bars(run.progress)
-    run, model, tokenizer, _ = load_trained(args.run_dir, args.config)
-    on_inference_device(run, model)
-    collator = collator_of(run, [meta["task_type"] for meta in tasks], tokenizer)
-    predictor = get_method(run.method).predictor(Path(args.run_dir), run, model, collator, tasks)
-    if args.scores:
-        if all(meta["task_type"] != "classification" for meta in tasks):
-            raise ConfigError(
-                "--scores: a score is a class's probability, and this run has no classification task"
-            )
-        predictor.scores = True
-    if args.max_new_tokens is not None or sampling:
-        classifiers = [meta["name"] for meta in tasks if meta["task_type"] != "generation"]
-        if classifiers:
-            raise ConfigError(
-                f"--max-new-tokens and --sample apply to generation tasks; this run's tasks {classifiers} answer "
-                "with a class or a number"
-            )
-        predictor.max_new_tokens = args.max_new_tokens or predictor.max_new_tokens
-        predictor.sampling, predictor.seed = sampling, args.seed
-    batch_size = args.batch_size or run.eval_batch_size
+    trained = TrainedRun(args.run_dir, args.config)
     # one process, or those torchrun / accelerate launch started: each answers its share of the batches
     main = processes().is_main_process
-    answers = predict(requests, predictor, batch_size=batch_size, progress=run.progress and main)
+    answers = trained.answer(
+        requests,
+        scores=args.scores,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        progress=run.progress and main,
+    )
     if main:  # one writer
         write_predictions(answers, args.out)
         if args.out is not None:

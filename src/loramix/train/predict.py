@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,24 @@ def read_requests(
     """Every row of `path` as a request of its task (`task`, else the row's `task` field), with file-and-line
     errors: a missing or unknown task, a missing or non-string input field. With `any_task` (a method that chooses
     each input's task) a row may name no task, and holds the input fields of one of `tasks`."""
-    ids = {meta["name"]: i for i, meta in enumerate(tasks)}
-    names = ", ".join(ids)
-    if task is not None and task not in ids:
+    if task is not None and task not in (ids := [meta["name"] for meta in tasks]):
         raise ConfigError(
-            f"--task {task!r} is not a task of this run; its tasks are: {names}{did_you_mean(task, ids)}"
+            f"--task {task!r} is not a task of this run; its tasks are: {', '.join(ids)}{did_you_mean(task, ids)}"
         )
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (the rows to answer)")
+    return requests_of(read_rows(str(path), split="input").rows, tasks, task, any_task=any_task)
+
+
+def requests_of(
+    rows: Iterable[Row], tasks: list[dict], task: str | None = None, *, any_task: bool = False
+) -> list[Request]:
+    """Rows as requests of their tasks (`task`, else each row's `task` field), checked as :func:`read_requests`
+    checks a file's, each error naming the row's location."""
+    ids = {meta["name"]: i for i, meta in enumerate(tasks)}
+    names = ", ".join(ids)
     requests = []
-    for row in read_rows(str(path), split="input").rows:
+    for row in rows:
         name = task if task is not None else row.fields.get(TASK_FIELD)
         if name is None and any_task:
             requests.append(Request(row.location, None, _any_task_example(row, tasks)))
@@ -137,6 +145,27 @@ def _example(row: Row, meta: dict, task: int) -> Example | GenerationExample:
     text = text_value(row, fields["text_field"], "text_field")
     pair = fields["text_pair_field"]
     return Example(text, None if pair is None else text_value(row, pair, "text_pair_field"), 0, task)
+
+
+def check_options(
+    tasks: list[dict],
+    *,
+    scores: bool,
+    generation: bool,
+    names: tuple[str, str] = ("scores", "max_new_tokens and sampling"),
+) -> None:
+    """Refuse answering options the run's tasks cannot take: `scores` (a class's probability) without a
+    classification task, and generation options (`generation`: any given) for tasks that answer with a class or a
+    number; `names` are the options as the caller spells them."""
+    if scores and all(meta["task_type"] != "classification" for meta in tasks):
+        raise ConfigError(
+            f"{names[0]}: a score is a class's probability, and this run has no classification task"
+        )
+    classifiers = [meta["name"] for meta in tasks if meta["task_type"] != "generation"]
+    if generation and classifiers:
+        raise ConfigError(
+            f"{names[1]} apply to generation tasks; this run's tasks {classifiers} answer with a class or a number"
+        )
 
 
 def answer_values(values: torch.Tensor, task_ids: Sequence[int], tasks: list[dict]) -> list[dict[str, Any]]:
