@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, did_you_mean
 
 
 def open_run(source: str | Path, *, config: str | Path | None = None) -> TrainedRun:
@@ -74,8 +74,6 @@ class TrainedRun:
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1 (got {batch_size})")
         if task is not None and task not in self.task_names:
-            from loramix.errors import did_you_mean
-
             raise ConfigError(
                 f"task {task!r} is not a task of this run; its tasks are: {', '.join(self.task_names)}"
                 f"{did_you_mean(task, self.task_names)}"
