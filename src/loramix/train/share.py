@@ -119,17 +119,27 @@ def run_card(run_dir: Path, repo_id: str) -> str:
         "Answer new rows (a JSONL file, each row naming its `task`), or look inside:",
         "",
         "```bash",
-        "pip install loramix",
+        "pip install " + ("'loramix[minilm]'" if model == "minilm" else "loramix"),
         f"loramix predict {repo_id} rows.jsonl --out answers.jsonl",
         f"loramix inspect {repo_id}",
         f"loramix export {repo_id} --all-tasks --out peft/   # each task's adapter for PEFT and multi-LoRA serving",
+        "```",
+        "",
+        "or in Python:",
+        "",
+        "```python",
+        "import loramix",
+        "",
+        f"run = loramix.open_run({repo_id!r})",
+        "print(run.task_names)",
+        'answers = run.predict([{"task": run.task_names[0], "text": "..."}])',
         "```",
         "",
     ]
     if base is None:
         lines += [
             f"The base model was a local folder (`model: {model}` in config.yaml): pass a config naming yours "
-            f"with `--config`.",
+            f"with `--config` (`config=` in `open_run`).",
             "",
         ]
     if (run_dir / "report.md").is_file():
