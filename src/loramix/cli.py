@@ -214,7 +214,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     record, tensors = read_checkpoint(finished_adapter(run_dir))
-    lines = adapter_lines(run_dir, record, tensors)
+    shown = run_dir if args.from_hub is None else f"{args.from_hub} (from the Hugging Face Hub, in {run_dir})"
+    lines = adapter_lines(shown, record, tensors)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())

@@ -72,7 +72,8 @@ def test_a_pushed_run_answers_from_the_hub_as_it_does_here(
 
     capsys.readouterr()
     assert main(["inspect", "me/run"]) == 0
-    assert "method: mola-grad" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "method: mola-grad" in out and out.startswith("run: me/run (from the Hugging Face Hub, in ")
     assert main(["export", "me/run", "--task", TASKS[0], "--out", str(in_tmp / "peft")]) == 0
     assert (in_tmp / "peft" / "adapter_model.safetensors").is_file()
     assert main(["eval", "me/run"]) == 0

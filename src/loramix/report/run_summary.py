@@ -32,10 +32,11 @@ def task_kind(task: dict[str, Any]) -> str:
     return f"{len(task.get('labels') or [])} labels"
 
 
-def adapter_lines(run_dir: Path, record: dict[str, Any], tensors: dict[str, Any]) -> list[str]:
-    """The run's adapter, from its checkpoint's `record` and `tensors` (`loramix.io.read_checkpoint`); of its
-    config, the set fields its kind of experts reads (an adapter's width is its `rank`, and `alpha` means
-    nothing to it), and no `targets` where `target_regex` chooses the layers instead."""
+def adapter_lines(run: str | Path, record: dict[str, Any], tensors: dict[str, Any]) -> list[str]:
+    """The run's adapter (`run`: how to name the run), from its checkpoint's `record` and `tensors`
+    (`loramix.io.read_checkpoint`); of its config, the set fields its kind of experts reads (an adapter's width is
+    its `rank`, and `alpha` means nothing to it), and no `targets` where `target_regex` chooses the layers
+    instead."""
     from loramix.experts import EXPERT_KINDS
 
     config = record["config"]
@@ -46,7 +47,7 @@ def adapter_lines(run_dir: Path, record: dict[str, Any], tensors: dict[str, Any]
     )
     tasks = record["metadata"].get("tasks", [])
     return [
-        f"run: {run_dir}",
+        f"run: {run}",
         f"method: {record['metadata'].get('run', {}).get('method', '?')}",
         f"adapter config: {settings}",
         f"adapted layers: {len(record['layers'])} (e.g. {', '.join(record['layers'][:3])})",
