@@ -198,6 +198,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loramix.models import show_loading_bars
+    from loramix.serve import RunServer
+    from loramix.train.config import CONFIG_FILE, RunConfig
+
+    show_loading_bars(RunConfig.from_yaml(args.config or Path(args.run_dir) / CONFIG_FILE).progress)
+    from loramix.runs import TrainedRun
+
+    run = TrainedRun(args.run_dir, args.config)
+    try:
+        server = RunServer((args.host, args.port), run)
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        raise ConfigError(
+            f"--host {args.host} --port {args.port}: cannot listen there ({exc.strerror or exc})"
+        ) from None
+    host, port = server.server_address[:2]
+    print(
+        f"serving {args.from_hub or args.run_dir} on http://{host}:{port} (POST /predict, GET /tasks); Ctrl-C stops"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from loramix.methods import push_run
 
@@ -329,6 +357,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "export": cmd_export,
+    "serve": cmd_serve,
     "push": cmd_push,
     "inspect": cmd_inspect,
     "compare": cmd_compare,

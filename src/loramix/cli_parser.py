@@ -158,6 +158,18 @@ nothing half-written, and an earlier export in DIR is replaced only by a complet
     p.add_argument("--expert", type=int, help="ELREA runs: the expert to export (0: the base adapter)")
     p.add_argument("--out", required=True, help="the folder to write the adapters (and manifest) into")
     p = sub.add_parser(
+        "serve",
+        help="answer rows over HTTP with a finished run (POST /predict, GET /tasks, GET /health)",
+        description='Load a finished run once and answer JSON requests: POST /predict with {"rows": [...]} '
+        "(rows as `loramix predict` reads them; options task, scores, batch_size, max_new_tokens, sampling, seed) "
+        'returns {"answers": [...]}; GET /tasks lists the run\'s tasks. One process; requests are answered one '
+        'at a time, each request\'s rows in shared batches. A bad request gets 400 with {"error": ...}.',
+    )
+    p.add_argument("run_dir", help=RUN_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: a free one)")
+    p.add_argument("--config", help="the run's config, when its config.yaml is elsewhere")
+    p = sub.add_parser(
         "push",
         help="upload a finished run to a Hugging Face Hub repository, for predict, inspect, export and eval there",
         description="Upload a finished run (config.yaml, adapter/ with its heads and task metadata, metrics, report "
