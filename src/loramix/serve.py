@@ -27,13 +27,13 @@ from loramix.runs import TrainedRun
 
 MAX_BODY = 16 * 1024 * 1024  # bytes a request may send
 # the options a request may give beside its rows (`TrainedRun.predict`'s), with their JSON types
-OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "task": str,
-    "scores": bool,
-    "batch_size": int,
-    "max_new_tokens": int,
-    "sampling": dict,
-    "seed": int,
+OPTIONS: dict[str, tuple[type, str]] = {
+    "task": (str, "a string"),
+    "scores": (bool, "true or false"),
+    "batch_size": (int, "an integer"),
+    "max_new_tokens": (int, "an integer"),
+    "sampling": (dict, "an object"),
+    "seed": (int, "an integer"),
 }
 
 
@@ -62,9 +62,9 @@ class RunServer(ThreadingHTTPServer):
             raise LoramixError(f"row {bad[0]}: a row is a JSON object of its task's input fields")
         options = {k: request[k] for k in OPTIONS if request.get(k) is not None}
         for key, value in options.items():
-            kind = OPTIONS[key]
+            kind, described = OPTIONS[key]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise LoramixError(f"{key}: must be {_json_kind(kind)} (got {json.dumps(value)})")
+                raise LoramixError(f"{key}: must be {described} (got {json.dumps(value)})")
         with self.lock:
             return {"answers": self.run.predict(request["rows"], **options)}
 
@@ -74,10 +74,6 @@ class RunServer(ThreadingHTTPServer):
             "method": self.run.config.method,
             "tasks": [{k: meta[k] for k in keys if k in meta} for meta in self.run.tasks],
         }
-
-
-def _json_kind(kind: type | tuple[type, ...]) -> str:
-    return {str: "a string", bool: "true or false", int: "an integer", dict: "an object"}[kind]  # type: ignore[index]
 
 
 class _Handler(BaseHTTPRequestHandler):
