@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loramix.errors import ConfigError, did_you_mean
+from loramix.errors import ConfigError
 
 
 def open_run(source: str | Path, *, config: str | Path | None = None) -> TrainedRun:
@@ -69,15 +69,11 @@ class TrainedRun:
         and `sampling` (`generate` options, e.g. `{"do_sample": True, "top_p": 0.9}`, drawn from `seed` and each
         batch's first row): generation tasks only. Bad rows are refused naming their row."""
         from loramix.data.readers import Row
-        from loramix.train.predict import check_options, requests_of
+        from loramix.train.predict import check_options, check_task, requests_of
 
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1 (got {batch_size})")
-        if task is not None and task not in self.task_names:
-            raise ConfigError(
-                f"task {task!r} is not a task of this run; its tasks are: {', '.join(self.task_names)}"
-                f"{did_you_mean(task, self.task_names)}"
-            )
+        check_task(task, self.tasks)
         check_options(self.tasks, scores=scores, generation=max_new_tokens is not None or bool(sampling))
         listed = [Row(f"row {i}", dict(row)) for i, row in enumerate(rows, 1)]
         requests = requests_of(listed, self.tasks, task, any_task=self.method.uses_selector)

@@ -70,13 +70,20 @@ def read_requests(
     """Every row of `path` as a request of its task (`task`, else the row's `task` field), with file-and-line
     errors: a missing or unknown task, a missing or non-string input field. With `any_task` (a method that chooses
     each input's task) a row may name no task, and holds the input fields of one of `tasks`."""
-    if task is not None and task not in (ids := [meta["name"] for meta in tasks]):
-        raise ConfigError(
-            f"--task {task!r} is not a task of this run; its tasks are: {', '.join(ids)}{did_you_mean(task, ids)}"
-        )
+    check_task(task, tasks, "--task")
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (the rows to answer)")
     return requests_of(read_rows(str(path), split="input").rows, tasks, task, any_task=any_task)
+
+
+def check_task(task: str | None, tasks: list[dict], option: str = "task") -> None:
+    """Refuse a task given for every row (`option`, as the caller spells it) that is not one of the run's."""
+    names = [meta["name"] for meta in tasks]
+    if task is not None and task not in names:
+        raise ConfigError(
+            f"{option} {task!r} is not a task of this run; its tasks are: {', '.join(names)}"
+            f"{did_you_mean(task, names)}"
+        )
 
 
 def requests_of(
