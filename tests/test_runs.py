@@ -4,6 +4,7 @@ bad rows and options refused naming the row or the option."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,26 @@ def test_an_auto_selector_chooses_the_task_of_a_row_that_names_none(
     answers = loramix.open_run(run_dir).predict(rows)
     assert without_lines(answers) == without_lines(from_file)
     assert all(a["task_given"] is False and a["task"] in TASKS and "route" in a for a in answers)
+
+
+def test_a_generation_run_answers_greedily_as_the_command_and_samples_by_its_seed(
+    gpt2_dir: Path, gen_tasks_dir: Path, tmp_path: Path
+):
+    settings = toys.gen_settings(gpt2_dir, gen_tasks_dir, method="mola-grad", steps=10, max_new_tokens=6)
+    run_dir = trained(tmp_path, settings)
+    prompts = [
+        {"prompt": json.loads(line)["prompt"]}
+        for line in (gen_tasks_dir / "sort" / "test.jsonl").read_text().splitlines()
+    ]
+    inputs = write_rows(tmp_path / "prompts.jsonl", prompts)
+    from_file = predicted(run_dir, inputs, tmp_path / "out.jsonl", "--task", "sort")
+    run = loramix.open_run(run_dir)
+    greedy = run.predict(prompts, task="sort")
+    assert without_lines(greedy) == without_lines(from_file)
+    assert all(len(a["prediction"]) <= 2 for a in run.predict(prompts, task="sort", max_new_tokens=2))
+    sampling = {"do_sample": True, "temperature": 5.0}
+    first, again = (run.predict(prompts, task="sort", sampling=sampling, seed=3) for _ in range(2))
+    assert first == again and [a["prediction"] for a in first] != [a["prediction"] for a in greedy]
+    assert run.predict(prompts, task="sort") == greedy  # a sampled call leaves the next one greedy
+    with pytest.raises(ConfigError, match="scores: a score is a class's probability"):
+        run.predict(prompts, task="sort", scores=True)
