@@ -215,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     host, port = server.server_address[:2]
     print(
-        f"serving {args.from_hub or args.run_dir} on http://{host}:{port} (POST /predict, GET /tasks); Ctrl-C stops"
+        f"serving {args.from_hub or args.run_dir} on http://{host}:{port} (POST /predict, GET /tasks); Ctrl-C stops",
+        flush=True,  # seen at once where standard output is a pipe (a log, a supervisor)
     )
     try:
         server.serve_forever()
