@@ -33,7 +33,7 @@ from loramix.experts import AdaptedLayer, Conv1DExperts, Conv2dExperts
 from loramix.inject import InjectionReport, _matches, get_info, inject
 from loramix.io.files import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from loramix.merge import check_task_or_gate, fixed_gate
-from loramix.models import ALIASES, resolve_model_path
+from loramix.models import ALIASES, resolve_model_path, written_as_path
 from loramix.routers import router_class
 
 PEFT_PREFIX = "base_model.model."
@@ -64,6 +64,18 @@ def hub_name(name: str) -> str:
             continue
         if copy.resolve() == path.resolve():
             return HUB_NAMES[alias]
+    return name
+
+
+def hub_model(name: str, folder: Path | None = None) -> str | None:
+    """The Hugging Face Hub name a model `name` loads from on another machine: a built-in alias's (or its offline
+    copy's) hub name, or `name` itself where it is written as a hub name and is no folder (read against `folder`);
+    None for a local model or an alias that has no hub name."""
+    if not name or (name in ALIASES and name not in HUB_NAMES):
+        return None
+    name = hub_name(name)
+    if written_as_path(name) or ((folder or Path()) / name).exists():
+        return None
     return name
 
 

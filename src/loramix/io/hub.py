@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from loramix.io import checkpoint
 from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save
-from loramix.remote import REPO_ID, check_repo_id, fetch
+from loramix.io.checkpoint import load as load_folder
+from loramix.io.export import hub_model
+from loramix.remote import check_repo_id, fetch
 
 CARD_FILE = "README.md"
 FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
@@ -41,7 +42,7 @@ def load(
         >>> model = loramix.load(AutoModel.from_pretrained(name), "runs/mola")
         >>> model = loramix.load(AutoModel.from_pretrained(name), "me/minilm-mola-grad")
     """
-    return checkpoint.load(model, adapter_folder(directory, revision), router_network=router_network)
+    return load_folder(model, adapter_folder(directory, revision), router_network=router_network)
 
 
 def push_to_hub(
@@ -86,24 +87,23 @@ def model_card(model: nn.Module, repo_id: str) -> str:
 
     info = get_info(model)
     config = info.config
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    on_hub = bool(REPO_ID.fullmatch(name)) and not Path(name).exists()
+    name = hub_model(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     front = ["---", "library_name: loramix", "tags:", "- loramix", "- lora", "- mixture-of-experts"]
-    front += [f"base_model: {name}", "---"] if on_hub else ["---"]
-    base = f"AutoModel.from_pretrained({name!r})" if on_hub else "base_model"
+    front += [f"base_model: {name}", "---"] if name else ["---"]
+    base = f"AutoModel.from_pretrained({name!r})" if name else "base_model"
     lines = [
         *front,
         "",
         f"# {repo_id}",
         "",
-        f"loramix adapters{f' for `{name}`' if on_hub else ''}: {config.num_experts} expert(s) of kind "
+        f"loramix adapters{f' for `{name}`' if name else ''}: {config.num_experts} expert(s) of kind "
         f"'{config.experts}', rank {config.rank}, router '{config.router}', on {len(info.layers)} layers.",
         "",
         "```python",
         "import loramix",
         "from transformers import AutoModel",
         "",
-        *([] if on_hub else ["base_model = ...  # the model the adapters were trained on, untouched"]),
+        *([] if name else ["base_model = ...  # the model the adapters were trained on, untouched"]),
         f"model = loramix.load({base}, {repo_id!r})",
         "```",
         "",

@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from loramix.errors import LoramixError
+from loramix.io.export import hub_model
 from loramix.io.hub import CARD_FILE
-from loramix.models import ALIASES, written_as_path
 from loramix.remote import RUN_PATTERNS, check_repo_id
 from loramix.train.config_files import CONFIG_FILE
-
-# what the card's front matter names as the base model, for the aliases loramix resolves itself
-_ALIAS_ON_HUB = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def shared_files(run_dir: Path, outputs: list[Path]) -> list[Path]:
@@ -86,12 +83,7 @@ def base_model_on_hub(run_dir: Path) -> str | None:
     None where it is a local folder."""
     from loramix.train.config_files import read_config_file
 
-    name = str(read_config_file(run_dir / CONFIG_FILE).get("model", ""))
-    if name in _ALIAS_ON_HUB:
-        return _ALIAS_ON_HUB[name]
-    if not name or name in ALIASES or written_as_path(name) or (run_dir / name).exists():
-        return None
-    return name
+    return hub_model(str(read_config_file(run_dir / CONFIG_FILE).get("model", "")), run_dir)
 
 
 def run_card(run_dir: Path, repo_id: str) -> str:
