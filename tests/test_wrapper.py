@@ -87,6 +87,18 @@ def test_the_wrapped_model_inside_a_routing_block_routes_by_that_block_s_task_id
     )
 
 
+def test_the_wrapped_model_inside_a_routing_block_records_its_gates_there() -> None:
+    # a trainer opens the block to read the router's gates for its losses; the wrapper adds no block of its own
+    model = adapted_gpt2("sample")
+    wrapped = LoramixModel(model)
+    ids = prompt()
+    with loramix.routing(model) as state:
+        logits = wrapped(input_ids=ids).logits
+    assert state.model_gate is not None and state.model_gate.weights.shape == (2, 2)
+    with torch.no_grad():
+        assert torch.equal(logits, wrapped(input_ids=ids).logits)
+
+
 def test_missing_task_ids_raise_routing_error() -> None:
     wrapped = LoramixModel(adapted_gpt2("task"))
     with pytest.raises(RoutingError, match="task_ids"):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from loramix.config import AdapterConfig
     from loramix.context import RoutingState, routing
     from loramix.growth import grow
+    from loramix.hf_trainer import LoramixTrainer, aux_losses_for
     from loramix.inject import (
         InjectionReport,
         adapter_state,
@@ -48,6 +49,8 @@ _LAZY = {
     "RoutingState": "loramix.context",
     "routing": "loramix.context",
     "grow": "loramix.growth",
+    "LoramixTrainer": "loramix.hf_trainer",
+    "aux_losses_for": "loramix.hf_trainer",
     "InjectionReport": "loramix.inject",
     "adapter_state": "loramix.inject",
     "disabled": "loramix.inject",
@@ -74,11 +77,13 @@ __all__ = [
     "InjectionReport",
     "LoramixError",
     "LoramixModel",
+    "LoramixTrainer",
     "RoutingError",
     "RoutingState",
     "TrainingError",
     "TrainedRun",
     "adapter_state",
+    "aux_losses_for",
     "disabled",
     "export_peft",
     "get_info",

@@ -33,7 +33,9 @@ class LoramixModel(nn.Module):
         return active[-1].task_ids if task_ids is None and active else task_ids
 
     def forward(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
-        task_ids = self._task_ids(task_ids)
+        if task_ids is None and get_info(self.model).active_states:
+            # the block open around the call routes it and records its gates (a trainer's losses read them there)
+            return self.model(*args, **kwargs)
         with routing(self.model, task_ids=task_ids, attention_mask=kwargs.get("attention_mask")):
             return self.model(*args, **kwargs)
 

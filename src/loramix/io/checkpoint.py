@@ -144,29 +144,50 @@ def load(model: nn.Module, directory: str | Path, *, router_network: nn.Module |
     config = config_of(record, directory / CONFIG_FILE)
     inject(model, config, router_network=router_network)
     try:
-        info = get_info(model)
-        if record.get("layers") != info.names:
-            missing = sorted(set(record.get("layers", [])) - set(info.names))
-            raise CheckpointError(
-                f"{directory / CONFIG_FILE}: the adapters were saved for other layers than this model has"
-                + (f" (not found here: {', '.join(missing[:5])})" if missing else "")
-            )
-        load_tensors(
-            model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, directory / WEIGHTS_FILE
-        )
-        for name, experts in record.get("frozen_experts", {}).items():
-            info.layers[info.names.index(name)].experts.freeze_experts(experts)
-        for name, rows in record.get("frozen_routers", {}).items():
-            router = info.layers[info.names.index(name)].router
-            if not isinstance(router, FrozenRows):
-                raise CheckpointError(
-                    f"{directory / CONFIG_FILE}: layer '{name}' has no router whose rows freeze"
-                )
-            router.freeze_rows(rows)
+        restore(model, directory, record, tensors)
     except BaseException:
         remove(model)  # a load that fails leaves the model as it was, so the caller can retry or fall back
         raise
     return model
+
+
+def load_into(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a save into a model that already carries the same adapters (a training run resumed from its
+    checkpoint, the best checkpoint restored at its end); returns the model. Adapters of another config are
+    refused, naming the file."""
+    directory = Path(directory)
+    record, tensors = read_checkpoint(directory)
+    if config_of(record, directory / CONFIG_FILE) != get_info(model).config:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: saved with other adapter settings than this model carries"
+        )
+    restore(model, directory, record, tensors)
+    return model
+
+
+def restore(
+    model: nn.Module, directory: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Copy a verified save's tensors into the model's adapters and freeze what was frozen."""
+    info = get_info(model)
+    if record.get("layers") != info.names:
+        missing = sorted(set(record.get("layers", [])) - set(info.names))
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: the adapters were saved for other layers than this model has"
+            + (f" (not found here: {', '.join(missing[:5])})" if missing else "")
+        )
+    load_tensors(
+        model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, directory / WEIGHTS_FILE
+    )
+    for name, experts in record.get("frozen_experts", {}).items():
+        info.layers[info.names.index(name)].experts.freeze_experts(experts)
+    for name, rows in record.get("frozen_routers", {}).items():
+        router = info.layers[info.names.index(name)].router
+        if not isinstance(router, FrozenRows):
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE}: layer '{name}' has no router whose rows freeze"
+            )
+        router.freeze_rows(rows)
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from loramix.config import AdapterConfig
 from loramix.context import RoutingState
-from loramix.errors import ConfigError
+from loramix.errors import ConfigError, TrainingError
 from loramix.losses import TwDProjection, twd_loss
 from loramix.methods.base import Method, register_method
 from loramix.train.aux_losses import AuxLoss, LoadBalance, ZLoss, learned_gates
@@ -128,6 +128,11 @@ class TwD(nn.Module):
         gates = learned_gates(state)
         if not gates:
             return None
+        if batch.get("task_ids") is None:
+            raise TrainingError(
+                "TwD compares the router's outputs between tasks: each sample's task id is needed (a 'task_ids' "
+                "column in the batch), also where the router itself reads none"
+            )
         gate = gates[0] if state.model_gate is None else state.model_gate
         return twd_loss(
             gate.logits,  # type: ignore[arg-type]

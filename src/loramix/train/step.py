@@ -62,7 +62,16 @@ def compute_loss(
     """The head's task loss plus `sum(term.weight * term(state, batch))` over the method's auxiliary terms
     (`host_ids`: the batch's route ids as collated, on the CPU; see :func:`routed`)."""
     logits, state = forward_routed(model, batch, host_ids)
-    task_loss = unwrapped(model).heads.loss(logits, batch)
+    total, parts = with_aux_losses(unwrapped(model).heads.loss(logits, batch), aux_losses, state, batch)
+    return StepResult(loss=total, parts=parts, logits=logits, state=state)
+
+
+def with_aux_losses(
+    task_loss: Tensor, aux_losses: Sequence[AuxLoss], state: RoutingState, batch: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`task_loss + sum(term.weight * term(state, batch))` over the terms with a positive weight and a value on
+    this batch, and the raw parts (`task` and each term's name) for logging. Every trainer, `loramix train`'s and
+    :class:`loramix.LoramixTrainer`, adds the terms here."""
     parts = {"task": task_loss}
     total = task_loss
     for term in aux_losses:
@@ -72,4 +81,4 @@ def compute_loss(
         if value is not None:
             parts[term.name] = value
             total = total + term.weight * value
-    return StepResult(loss=total, parts=parts, logits=logits, state=state)
+    return total, parts

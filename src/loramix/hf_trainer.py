@@ -1,0 +1,183 @@
+"""Training with Hugging Face `Trainer`: :class:`LoramixTrainer` routes each batch by its `task_ids` column, adds
+the router's auxiliary losses as `loramix train` does, and saves and resumes the adapters alone.
+
+Example:
+    >>> loramix.inject(model, {"num_experts": 4, "router": "sample"})
+    >>> trainer = loramix.LoramixTrainer(model=model, args=TrainingArguments("out"), train_dataset=rows)
+    >>> trainer.train()  # rows: input_ids, attention_mask, labels and task_ids; MoLA-Router's TwD is added
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+from torch import Tensor, nn
+from transformers import Trainer
+from transformers.utils import can_return_loss, find_labels
+
+from loramix.context import routing
+from loramix.errors import ConfigError, did_you_mean
+from loramix.inject import get_info
+from loramix.io.checkpoint import load_into, save
+from loramix.methods import get_method
+from loramix.train.aux_losses import AuxLoss
+from loramix.train.config import RunConfig
+from loramix.train.step import with_aux_losses
+from loramix.wrapper import LoramixModel
+
+# the method whose auxiliary losses `loramix train` adds for a model-wide or per-token learned router
+ROUTER_METHODS = {"sample": "mola-router", "token": "token-router"}
+# the run-config keys that set those losses
+AUX_KEYS = ("twd_weight", "twd_space", "twd_temperature", "balance_weight", "z_loss_weight")
+
+
+def aux_losses_for(model: nn.Module, **settings: Any) -> list[AuxLoss]:
+    """The auxiliary loss terms `loramix train` adds for the adapters injected into `model`, by their router:
+    MoLA-Router's TwD (and load balance and z-loss, off by default) for router 'sample', load balance and z-loss
+    for router 'token', none for the others. `settings` are run-config keys of these terms (`twd_weight`,
+    `twd_space`, `twd_temperature`, `balance_weight`, `z_loss_weight`), checked as a run config checks them."""
+    config = get_info(model).config
+    name = ROUTER_METHODS.get(config.router)
+    run = RunConfig.model_construct(method=name or "lora")
+    for key, value in settings.items():
+        if key not in AUX_KEYS:
+            raise ConfigError(
+                f"{key}: not a setting of the auxiliary losses (those are {', '.join(AUX_KEYS)})"
+                f"{did_you_mean(key, AUX_KEYS)}"
+            )
+        field = RunConfig.model_fields[key]
+        try:
+            value = TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+        except ValidationError as exc:
+            raise ConfigError(f"{key}: {exc.errors()[0]['msg']} (got {value!r})") from None
+        setattr(run, key, value)
+    if name is None:
+        if settings:
+            raise ConfigError(
+                f"{', '.join(settings)}: router '{config.router}' trains with no auxiliary loss to set"
+            )
+        return []
+    return get_method(name).aux_losses(run, config)
+
+
+class LoramixTrainer(Trainer):
+    """A Hugging Face `Trainer` for a model with loramix adapters (injected, or wrapped in :class:`LoramixModel`).
+
+    - Each batch's `task_ids` column routes it (`loramix.routing`); the rest goes to the model as `Trainer` sends it,
+      and `remove_unused_columns` keeps `task_ids` and the model's own inputs.
+    - `aux_losses`: the terms added to the model's loss in training; by default those of :func:`aux_losses_for`
+      (MoLA-Router's TwD for a model-wide router), set by `aux_settings` (e.g. `{"twd_weight": 0.5}`); `[]` adds
+      none. They are added as `loramix train` adds them, to each micro-batch's own mean loss (the model is then not
+      given `num_items_in_batch`). `loss` logs the sum, `task_loss` the model's own and `<name>_loss` each term's
+      raw value. Evaluation reports the model's loss alone.
+    - Saves (checkpoints, `save_model`) hold the adapters, the modules saved with them and any trainable backbone
+      weight, as `loramix.save` writes them (`loramix.load(base_model, folder)` reads them); `resume_from_checkpoint`
+      and `load_best_model_at_end` load them back. The frozen base model is never written.
+
+    Not supported: DeepSpeed and FSDP (use `accelerate launch` for several GPUs), auxiliary terms with parameters
+    of their own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *args: Any,
+        aux_losses: Sequence[AuxLoss] | None = None,
+        aux_settings: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ConfigError("LoramixTrainer: pass the model with loramix adapters injected (model=...)")
+        wrapped = model if isinstance(model, LoramixModel) else LoramixModel(model)
+        self.injected = wrapped.model
+        if aux_losses is not None and aux_settings:
+            raise ConfigError(
+                "LoramixTrainer: aux_settings set the default terms; with aux_losses given, set those"
+            )
+        terms = (
+            list(aux_losses)
+            if aux_losses is not None
+            else aux_losses_for(self.injected, **(aux_settings or {}))
+        )
+        owning = [
+            t.name for t in terms if isinstance(t, nn.Module) and any(p.requires_grad for p in t.parameters())
+        ]
+        if owning:
+            raise ConfigError(
+                f"LoramixTrainer: the auxiliary terms {', '.join(owning)} have parameters of their own (TwD's "
+                "projection), which this trainer does not optimize or save; train them with `loramix train`"
+            )
+        self.aux_losses = [t for t in terms if t.weight > 0]
+        self.aux_logs: dict[str, list[Tensor]] = {}
+        super().__init__(wrapped, *args, **kwargs)
+        # the labels and whether a loss comes back, read from the model inside the wrapper as from a bare one
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(self.injected))
+        self.can_return_loss = can_return_loss(type(self.injected))
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ConfigError(
+                "LoramixTrainer: DeepSpeed and FSDP are not supported (their saves hold the whole model); "
+                "train on several GPUs with `accelerate launch` (data parallel)"
+            )
+        if self.aux_losses:
+            if self.compute_loss_func is not None:
+                raise ConfigError(
+                    "LoramixTrainer: compute_loss_func scales its loss for gradient accumulation, the auxiliary "
+                    "terms per micro-batch; pass aux_losses=[] to use it, or subclass and add the terms yourself"
+                )
+            self.model_accepts_loss_kwargs = False  # each micro-batch's loss its own mean, as the terms are
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the wrapper's forward takes **kwargs: name the inputs of the model inside it, and the task ids
+        if self._signature_columns is None:
+            columns = list(inspect.signature(self.injected.forward).parameters)
+            self._signature_columns = [*columns, "task_ids", "label", "label_ids", *self.label_names]
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        inputs = dict(inputs)
+        task_ids = inputs.pop("task_ids", None)
+        mask = inputs.get("attention_mask")
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        with routing(self.injected, task_ids=task_ids, attention_mask=mask) as state:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if model.training and self.aux_losses:
+            batch = {"attention_mask": mask, "task_ids": task_ids}
+            loss, parts = with_aux_losses(loss, self.aux_losses, state, batch)
+            for name, value in parts.items():
+                self.aux_logs.setdefault(name, []).append(value.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs gain the mean of the model's loss and each auxiliary term since the last log (this process's
+        batches)."""
+        if "loss" in logs and self.aux_logs:
+            for name, values in self.aux_logs.items():
+                logs[f"{name}_loss"] = round(float(torch.stack(values).float().mean()), 6)
+            self.aux_logs.clear()
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        save(self.injected, folder)
+        processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_into(self.injected, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_into(self.injected, self.state.best_model_checkpoint)

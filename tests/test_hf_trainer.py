@@ -1,0 +1,261 @@
+"""LoramixTrainer: Hugging Face `Trainer` on a model with loramix adapters, its losses equal to a hand-written step,
+its saves the adapters alone, a resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+import loramix
+from loramix import ConfigError, LoramixTrainer, RoutingError, TrainingError
+from loramix.inject import adapter_state
+from loramix.losses import twd_loss
+from loramix.methods.mola import TwD
+from loramix.train.aux_losses import LoadBalance, ZLoss
+
+NUM_TASKS = 3
+
+
+def classifier(router: str | None = "sample", **settings: Any) -> nn.Module:
+    """A tiny BERT classifier (the same weights at every call), with adapters routed by `router` (None: none)."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForSequenceClassification(config)
+    if router is None:
+        return model
+    if router == "task":
+        settings = {"num_tasks": NUM_TASKS, **settings}
+    loramix.inject(
+        model,
+        {
+            "num_experts": NUM_TASKS,
+            "rank": 4,
+            "router": router,
+            "modules_to_save": ["classifier"],
+            **settings,
+        },
+    )
+    return model
+
+
+def rows(n: int = 48, tasks: int = NUM_TASKS, labels: bool = True) -> list[dict[str, Any]]:
+    """Rows as a dataset gives them: the model's inputs, the task id, and a text column the model takes no input
+    for (the trainer must drop it and keep `task_ids`)."""
+    out = []
+    for i in range(n):
+        task = i % tasks
+        row = {
+            "input_ids": [2, 5 + task * 15 + i % 7, 9 + task * 15 + i % 5, 3],
+            "attention_mask": [1, 1, 1, 1],
+            "task_ids": task,
+            "text": f"row {i}",
+        }
+        if labels:
+            row["labels"] = (i // tasks) % 3
+        out.append(row)
+    return out
+
+
+def arguments(folder: Path, **kwargs: Any) -> TrainingArguments:
+    settings = {
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "report_to": [],
+        "use_cpu": True,
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        **kwargs,
+    }
+    return TrainingArguments(str(folder), **settings)
+
+
+def batch_of(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor([row[key] for row in items]) for key in items[0] if key != "text"}
+
+
+def test_the_loss_and_gradients_equal_a_hand_written_mola_router_step(tmp_path: Path) -> None:
+    model = classifier("sample")
+    trainer = LoramixTrainer(model=model, args=arguments(tmp_path))
+    batch = batch_of(rows(8))
+    ids = batch["task_ids"]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "task_ids"}
+    with loramix.routing(model, task_ids=ids) as state:  # MoLA-Router's TwD with the run config's defaults
+        out = model(**inputs)
+    expected = out.loss + 1.0 * twd_loss(state.model_gate.logits, ids, space="gates", tau=0.1)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    router = [name for name in got if ".model_router." in name]
+    assert router and any(got[name].abs().sum() > 0 for name in router)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(got[name], param.grad, atol=1e-6), name
+
+
+def test_training_drops_unused_columns_keeps_task_ids_and_logs_each_loss(tmp_path: Path) -> None:
+    model = classifier("sample")
+    trainer = LoramixTrainer(model=model, args=arguments(tmp_path), train_dataset=rows())
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        assert {"task_loss", "twd_loss"} <= set(entry)
+        assert entry["loss"] == pytest.approx(entry["task_loss"] + entry["twd_loss"], abs=1e-3)
+
+
+def test_task_routed_training_leaves_an_unused_task_s_expert_untouched(tmp_path: Path) -> None:
+    model = classifier("task")
+    before = {name: value.clone() for name, value in adapter_state(model).items()}
+    trainer = LoramixTrainer(model=model, args=arguments(tmp_path), train_dataset=rows(tasks=2))
+    assert trainer.aux_losses == []
+    trainer.train()
+    experts = {name: value for name, value in adapter_state(model).items() if name.endswith(".experts.B")}
+    assert experts
+    for name, value in experts.items():
+        assert torch.equal(value[2], before[name][2]), name  # task 2 had no rows
+        assert not torch.equal(value[0], before[name][0]) and not torch.equal(value[1], before[name][1]), name
+
+
+def test_evaluate_and_predict_route_each_row_by_its_task(tmp_path: Path) -> None:
+    model = classifier("task")
+    trainer = LoramixTrainer(model=model, args=arguments(tmp_path), train_dataset=rows())
+    trainer.train()
+    test = rows(12)
+    metrics = trainer.evaluate(test)
+    predictions = trainer.predict(rows(12, labels=False)).predictions
+    model.eval()
+    batches = [batch_of(test[i : i + 8]) for i in (0, 8)]
+    losses, logits = [], []
+    with torch.no_grad():
+        for batch in batches:
+            with loramix.routing(model, task_ids=batch.pop("task_ids")):
+                out = model(**batch)
+            losses.append(out.loss * len(batch["labels"]))
+            logits.append(out.logits)
+    assert metrics["eval_loss"] == pytest.approx(float(sum(losses) / 12), abs=1e-5)
+    assert torch.allclose(torch.as_tensor(predictions), torch.cat(logits), atol=1e-5)
+
+
+def test_checkpoints_hold_the_adapters_alone_and_a_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    whole = classifier("sample")
+    LoramixTrainer(
+        model=whole,
+        args=arguments(tmp_path / "whole", save_strategy="steps", save_steps=3),
+        train_dataset=rows(),
+    ).train()
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    assert {"loramix_config.json", "adapters.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert not (checkpoint / "model.safetensors").exists()
+    saved = load_file(str(checkpoint / "adapters.safetensors"))
+    assert saved and not any("encoder.layer.0.attention.self.query.weight" == name for name in saved)
+    assert all(".experts." in name or "router" in name or "classifier" in name for name in saved)
+
+    resumed = classifier("sample")  # the same base model, other adapters: the checkpoint must replace them
+    with torch.no_grad():
+        for value in adapter_state(resumed).values():
+            value.add_(0.1)
+    trainer = LoramixTrainer(
+        model=resumed, args=arguments(tmp_path / "whole", save_strategy="no"), train_dataset=rows()
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in adapter_state(whole).items():
+        assert torch.allclose(adapter_state(resumed)[name], value, atol=1e-6), name
+
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    loaded = loramix.load(classifier(None), final)
+    batch = batch_of(rows(6))
+    ids = batch.pop("task_ids")
+    with torch.no_grad():
+        with loramix.routing(resumed.eval(), task_ids=ids):
+            expected = resumed(**batch).logits
+        with loramix.routing(loaded.eval(), task_ids=ids):
+            got = loaded(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path: Path) -> None:
+    model = classifier("task")
+    args = arguments(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer = LoramixTrainer(model=model, args=args, train_dataset=rows(), eval_dataset=rows(12))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    saved = load_file(str(best / "adapters.safetensors"))
+    for name, value in adapter_state(model).items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_aux_losses_for_each_router() -> None:
+    twd, balance, z = loramix.aux_losses_for(classifier("sample"))
+    assert isinstance(twd, TwD) and (twd.weight, twd.space, twd.temperature) == (1.0, "gates", 0.1)
+    assert isinstance(balance, LoadBalance) and balance.weight == 0.0
+    assert isinstance(z, ZLoss) and z.weight == 0.0
+    twd = loramix.aux_losses_for(classifier("sample"), twd_weight=0.5, twd_temperature=0.2)[0]
+    assert (twd.weight, twd.temperature) == (0.5, 0.2)
+    balance = loramix.aux_losses_for(classifier("token", top_k=1))[0]
+    assert isinstance(balance, LoadBalance) and balance.weight == 0.01
+    assert loramix.aux_losses_for(classifier("task")) == []
+
+
+def test_bad_settings_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="twd_wieght: not a setting .* Did you mean 'twd_weight'"):
+        LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), aux_settings={"twd_wieght": 1})
+    with pytest.raises(ConfigError, match="twd_temperature: .*greater than 0.*got -1"):
+        loramix.aux_losses_for(classifier("sample"), twd_temperature=-1)
+    with pytest.raises(ConfigError, match="balance_weight: router 'task' trains with no auxiliary loss"):
+        loramix.aux_losses_for(classifier("task"), balance_weight=0.1)
+    with pytest.raises(ConfigError, match="aux_losses given"):
+        LoramixTrainer(
+            model=classifier("sample"),
+            args=arguments(tmp_path),
+            aux_losses=[],
+            aux_settings={"twd_weight": 1},
+        )
+    projection = TwD(1.0, NUM_TASKS, projection=True, space="logits")
+    with pytest.raises(ConfigError, match="twd .*parameters of their own"):
+        LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), aux_losses=[projection])
+    with pytest.raises(ConfigError, match="compute_loss_func"):
+        LoramixTrainer(
+            model=classifier("sample"), args=arguments(tmp_path), compute_loss_func=lambda *a, **k: 0.0
+        )
+
+
+def test_missing_task_ids_are_named(tmp_path: Path) -> None:
+    untasked = [{k: v for k, v in row.items() if k != "task_ids"} for row in rows()]
+    trainer = LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), train_dataset=untasked)
+    with pytest.raises(TrainingError, match="TwD .*'task_ids'"):
+        trainer.train()
+    trainer = LoramixTrainer(model=classifier("task"), args=arguments(tmp_path), train_dataset=untasked)
+    with pytest.raises(RoutingError, match="task_ids"):
+        trainer.train()
