@@ -18,6 +18,7 @@ from loramix.inject import adapter_state
 from loramix.losses import twd_loss
 from loramix.methods.mola import TwD
 from loramix.train.aux_losses import LoadBalance, ZLoss
+from tests import models
 
 NUM_TASKS = 3
 
@@ -280,3 +281,23 @@ def test_router_lr_puts_the_routers_in_a_group_of_their_own(tmp_path: Path) -> N
     assert trainer.optimizer.param_groups[-1]["lr"] < 3e-3
     with pytest.raises(ConfigError, match="router_lr"):
         LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), router_lr=0)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_causal_lm_s_loss_is_its_shifted_routed_loss(tmp_path: Path, smoothing: float) -> None:
+    model = models.tiny_gpt2(lm_head=True)
+    loramix.inject(model, {"num_experts": 2, "rank": 4, "router": "task", "num_tasks": 2})
+    with torch.no_grad():
+        for value in adapter_state(model).values():
+            value.normal_(std=0.3)
+    trainer = LoramixTrainer(model=model, args=arguments(tmp_path, label_smoothing_factor=smoothing))
+    ids = torch.randint(0, 99, (4, 6), generator=torch.Generator().manual_seed(0))
+    tasks = torch.tensor([0, 1, 1, 0])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": ids, "task_ids": tasks})
+    with loramix.routing(model, task_ids=tasks):
+        logits = model(input_ids=ids).logits
+    expected = nn.functional.cross_entropy(  # the next token, as the model's own loss
+        logits[:, :-1].reshape(-1, 99), ids[:, 1:].reshape(-1), label_smoothing=smoothing
+    )
+    assert torch.allclose(loss, expected, atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_loss, find_labels
 
 from loramix.context import routing
@@ -35,6 +37,8 @@ from loramix.wrapper import LoramixModel
 ROUTER_METHODS = {"sample": "mola-router", "token": "token-router"}
 # the run-config keys that set those losses
 AUX_KEYS = ("twd_weight", "twd_space", "twd_temperature", "balance_weight", "z_loss_weight")
+# the models whose labels `Trainer`'s label smoother shifts
+CAUSAL_LMS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def aux_losses_for(model: nn.Module, **settings: Any) -> list[AuxLoss]:
@@ -66,6 +70,11 @@ def aux_losses_for(model: nn.Module, **settings: Any) -> list[AuxLoss]:
     return get_method(name).aux_losses(run, config)
 
 
+def shifted(smoother: Any, outputs: Any, labels: Tensor, shift_labels: bool = False, **kwargs: Any) -> Tensor:
+    """A label smoother called on a causal LM's outputs, its labels shifted as `Trainer` shifts a bare one's."""
+    return smoother(outputs, labels, shift_labels=True, **kwargs)
+
+
 class LoramixTrainer(Trainer):
     """A Hugging Face `Trainer` for a model with loramix adapters (injected, or wrapped in :class:`LoramixModel`).
 
@@ -82,8 +91,9 @@ class LoramixTrainer(Trainer):
       weight, as `loramix.save` writes them (`loramix.load(base_model, folder)` reads them); `resume_from_checkpoint`
       and `load_best_model_at_end` load them back. The frozen base model is never written.
 
-    Not supported: DeepSpeed and FSDP (use `accelerate launch` for several GPUs), auxiliary terms with parameters
-    of their own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms.
+    Not supported: DeepSpeed and FSDP (their saves hold the whole model), auxiliary terms with parameters of their
+    own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms. Several
+    processes (`accelerate launch`, data parallel) are `Trainer`'s own and have not been run with it here.
     """
 
     def __init__(
@@ -126,10 +136,13 @@ class LoramixTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = find_labels(type(self.injected))
         self.can_return_loss = can_return_loss(type(self.injected))
+        if self.label_smoother is not None and type(self.injected).__name__ in CAUSAL_LMS:
+            # `Trainer` shifts a causal LM's labels by the name of the model it holds, here the wrapper's
+            self.label_smoother = partial(shifted, self.label_smoother)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ConfigError(
                 "LoramixTrainer: DeepSpeed and FSDP are not supported (their saves hold the whole model); "
-                "train on several GPUs with `accelerate launch` (data parallel)"
+                "train on several GPUs data parallel (`accelerate launch`), or with `loramix train`"
             )
         if self.aux_losses:
             if self.compute_loss_func is not None:
