@@ -17,6 +17,8 @@ from loramix import ConfigError, LoramixTrainer, RoutingError, TrainingError
 from loramix.inject import adapter_state
 from loramix.losses import twd_loss
 from loramix.methods.mola import TwD
+from loramix.models import load_backbone
+from loramix.tiny_lm import char_tokenizer, write_tiny_lm
 from loramix.train.aux_losses import LoadBalance, ZLoss
 from tests import models
 
@@ -301,3 +303,44 @@ def test_a_causal_lm_s_loss_is_its_shifted_routed_loss(tmp_path: Path, smoothing
         logits[:, :-1].reshape(-1, 99), ids[:, 1:].reshape(-1), label_smoothing=smoothing
     )
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_a_quantized_base_trains_its_experts(bits: str, tmp_path: Path) -> None:
+    """Trainer refuses a quantized model without adapters it recognises; loramix's are trainable adapters too."""
+    pytest.importorskip("bitsandbytes")
+    folder = write_tiny_lm(tmp_path / "lm", "llama", hidden_size=64, num_layers=2)
+    model, _ = load_backbone(str(folder), causal_lm=True, quantize=bits)
+    loramix.inject(model, {"num_experts": 2, "num_tasks": 2, "router": "task", "rank": 4, "alpha": 8})
+    tokenizer = char_tokenizer()
+    texts = ["the cat sat on the mat", "a dog ran in the park", "red green blue", "one two three four"] * 4
+    lm_rows = [{**tokenizer(text), "task_ids": i % 2} for i, text in enumerate(texts)]
+    for row in lm_rows:
+        row["labels"] = list(row["input_ids"])
+    args = arguments(tmp_path / "out", per_device_train_batch_size=4, max_steps=12, learning_rate=2e-2)
+    trainer = LoramixTrainer(model=model, args=args, train_dataset=lm_rows, data_collator=pad_lm(tokenizer))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.9 * losses[0], losses
+    trainer.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "adapters.safetensors"))
+    assert set(adapter_state(model)) <= set(saved)
+    assert all(".experts." in name or ".model_router." in name for name in saved)  # no quantized base weight
+
+
+def pad_lm(tokenizer: Any) -> Any:
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        pad = tokenizer.pad_token_id
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([item[key] + [value] * (longest - len(item[key])) for item in items])
+
+        return {
+            "input_ids": padded("input_ids", pad),
+            "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", -100),
+            "task_ids": torch.tensor([item["task_ids"] for item in items]),
+        }
+
+    return collate

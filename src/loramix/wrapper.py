@@ -22,6 +22,10 @@ class LoramixModel(nn.Module):
         >>> out = wrapped(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 2]))
     """
 
+    # transformers' Trainer refuses to fine-tune a quantized model unless it carries trainable adapters, which it
+    # knows by this flag (PEFT's, set where adapters are attached); the wrapped model's experts are such adapters
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         get_info(model)  # fail early on a model without adapters
