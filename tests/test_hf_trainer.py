@@ -344,3 +344,15 @@ def pad_lm(tokenizer: Any) -> Any:
         }
 
     return collate
+
+
+def test_gradient_checkpointing_trains_the_same_adapters(tmp_path: Path) -> None:
+    trained = []
+    for checkpointing in (False, True):
+        model = classifier("sample")
+        args = arguments(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, max_steps=3)
+        LoramixTrainer(model=model, args=args, train_dataset=rows()).train()
+        trained.append(adapter_state(model))
+    assert trained[0].keys() == trained[1].keys()
+    for name, value in trained[0].items():
+        assert torch.allclose(trained[1][name], value, atol=1e-6), name
