@@ -356,3 +356,24 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path: Path) -> None
     assert trained[0].keys() == trained[1].keys()
     for name, value in trained[0].items():
         assert torch.allclose(trained[1][name], value, atol=1e-6), name
+
+
+def test_compute_metrics_gets_each_row_s_task_with_label_names(tmp_path: Path) -> None:
+    def per_task(prediction: Any) -> dict[str, float]:
+        labels, tasks = prediction.label_ids
+        right = prediction.predictions.argmax(-1) == labels
+        return {f"accuracy_{t}": float(right[tasks == t].mean()) for t in range(NUM_TASKS)}
+
+    model = classifier("task")
+    args = arguments(tmp_path, label_names=["labels", "task_ids"])
+    trainer = LoramixTrainer(model=model, args=args, train_dataset=rows(), compute_metrics=per_task)
+    trainer.train()
+    test = rows(24)
+    metrics = trainer.evaluate(test)
+    batch = batch_of(test)
+    tasks = batch.pop("task_ids")
+    with torch.no_grad(), loramix.routing(model.eval(), task_ids=tasks):
+        right = model(**batch).logits.argmax(-1) == batch["labels"]
+    for t in range(NUM_TASKS):
+        assert metrics[f"eval_accuracy_{t}"] == pytest.approx(float(right[tasks == t].float().mean()))
+    assert "eval_loss" in metrics
