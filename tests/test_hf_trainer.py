@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from torch.utils.data import SequentialSampler
+from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
 
 import loramix
 from loramix import ConfigError, LoramixTrainer, RoutingError, TrainingError
@@ -377,3 +378,36 @@ def test_compute_metrics_gets_each_row_s_task_with_label_names(tmp_path: Path) -
     for t in range(NUM_TASKS):
         assert metrics[f"eval_accuracy_{t}"] == pytest.approx(float(right[tasks == t].float().mean()))
     assert "eval_loss" in metrics
+
+
+class InOrder(LoramixTrainer):
+    """Rows in their order, so that a test knows each micro-batch."""
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        return SequentialSampler(self.train_dataset)
+
+
+def test_gradient_accumulation_averages_each_micro_batch_s_loss_with_its_twd(tmp_path: Path) -> None:
+    model = classifier("sample")
+    grads: dict[str, torch.Tensor] = {}
+
+    class Keep(TrainerCallback):
+        def on_pre_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    data = rows(8)
+    args = arguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1)
+    args.max_grad_norm = 0.0
+    InOrder(model=model, args=args, train_dataset=data, callbacks=[Keep()]).train()
+
+    reference = classifier("sample")
+    for half in (data[:4], data[4:]):
+        batch = batch_of(half)
+        ids = batch.pop("task_ids")
+        with loramix.routing(reference, task_ids=ids) as state:
+            out = reference(**batch)
+        ((out.loss + twd_loss(state.model_gate.logits, ids, space="gates", tau=0.1)) / 2).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6), name
