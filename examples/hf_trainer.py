@@ -83,7 +83,7 @@ def main() -> None:
             "rank": 8,
             "router": "sample",
             "top_k": 1,
-            "router_input": "bert.embeddings",  # a BERT-style encoder's embedding block
+            "router_input": "embeddings",  # a BERT-style encoder's embedding block
             "modules_to_save": ["classifier"],
         },
     )

@@ -381,3 +381,25 @@ def test_sample_router_can_pool_a_conv_layers_output():
         out = model(cnn_inputs())
     assert out.shape[0] == cnn_inputs().shape[0]
     assert state.model_gate is not None and state.model_gate.weights.shape[-1] == 3
+
+
+def test_router_input_may_end_one_module_s_name():
+    """`embeddings` is `bert.embeddings` in a BERT classifier as it is `embeddings` in the encoder alone: the
+    run config's router settings serve both."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    model = BertForSequenceClassification(config)
+    settings = {"num_experts": 2, "rank": 2, "router": "sample", "router_input": "embeddings"}
+    loramix.inject(model, settings)
+    assert get_info(model).router_input == "bert.embeddings"
+    assert get_info(model).router_source(model) is model.bert.embeddings
+    ambiguous = BertForSequenceClassification(config)
+    with pytest.raises(loramix.InjectionError, match="'dense' ends the names of .* modules .*full name"):
+        loramix.inject(ambiguous, {**settings, "router_input": "dense"})
+    with pytest.raises(
+        loramix.InjectionError, match="'embedings' is not a module.*Did you mean 'bert.embeddings'"
+    ):
+        loramix.inject(ambiguous, {**settings, "router_input": "embedings"})

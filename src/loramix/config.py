@@ -99,7 +99,10 @@ class AdapterConfig(BaseModel):
     router_hidden: int = Field(64, ge=1, description="Hidden width of the sample router's MLP.")
     router_input: str | None = Field(
         None,
-        description="Module whose output the sample router pools; default: the model's input embeddings.",
+        description=(
+            "Module whose output the sample router pools (its name, or the end of one module's name: 'embeddings' "
+            "is 'bert.embeddings' in a BERT classifier); default: the model's input embeddings."
+        ),
     )
     train_backbone: bool = Field(
         False, description="Train the base weights jointly (MoLA does); else frozen."

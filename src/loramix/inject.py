@@ -258,20 +258,32 @@ def _inside_blocks(
     return kept
 
 
+def _router_input_module(model: nn.Module, wanted: str) -> tuple[str, nn.Module]:
+    """The module `router_input` names: its full name, or the one module whose name ends with it (`embeddings`
+    is `bert.embeddings` in a BERT classifier, as a target's suffix names its modules)."""
+    names = dict(model.named_modules())
+    if wanted in names:
+        return wanted, names[wanted]
+    ending = [name for name in names if name.endswith(f".{wanted}")]
+    if len(ending) == 1:
+        return ending[0], names[ending[0]]
+    if ending:
+        raise InjectionError(
+            f"router_input {wanted!r} ends the names of {len(ending)} modules ({', '.join(ending[:4])}); give the "
+            "full name of one",
+            "router_input",
+        )
+    raise InjectionError(
+        f"router_input {wanted!r} is not a module of the model{did_you_mean(wanted, names)}", "router_input"
+    )
+
+
 def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str | None, int | None]:
     """Where a model-wide router that pools the input looks, and its width."""
     if not router_class(config.router).pools_model_input:
         return None, None
     if config.router_input is not None:
-        try:
-            module = model.get_submodule(config.router_input)
-        except AttributeError:
-            raise InjectionError(
-                f"router_input {config.router_input!r} is not a module of the model"
-                f"{did_you_mean(config.router_input, (n for n, _ in model.named_modules()))}",
-                "router_input",
-            ) from None
-        name = config.router_input
+        name, module = _router_input_module(model, config.router_input)
     else:
         get_in = getattr(model, "get_input_embeddings", None)
         module = get_in() if callable(get_in) else None
