@@ -1,6 +1,8 @@
 """MoLA-Router trained by Hugging Face `Trainer` (`loramix.LoramixTrainer`) on real tasks, with and without TwD.
 
-One classifier head over the tasks' labels side by side (sst2's 2, then trec's 6, ...); each task is scored by the
+The model is the encoder, mean-pooled (as sentence-transformers pools all-MiniLM-L6-v2; its BERT pooler output is a
+poor input: a linear probe on frozen features reaches 0.32 on trec from the pooler, 0.88 from the mean), under one
+classifier head over the tasks' labels side by side (sst2's 2, then trec's 6, ...); each task is scored by the
 argmax over its own labels. The router sees no task id: the `task_ids` column only groups samples for TwD. The
 script prints each task's accuracy and the routing purity on the test rows (the share of samples whose top expert
 serves mostly their task; README "Quality" explains it).
@@ -21,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import loramix
 from loramix.report.routing_stats import routing_summary
@@ -35,6 +39,25 @@ def read(folder: Path, split: str, limit: int) -> list[dict]:
     return rows[:limit]
 
 
+class MeanPooledClassifier(nn.Module):
+    """An encoder whose mean-pooled output feeds a linear head; `labels` give the cross-entropy loss, as a
+    Hugging Face classifier returns it."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(
+        self, input_ids, attention_mask, token_type_ids=None, labels=None
+    ) -> SequenceClassifierOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        logits = self.head((hidden * mask).sum(1) / mask.sum(1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a Hub name or folder (default: the offline MiniLM)")
@@ -45,6 +68,7 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=2000, help="per task")
     parser.add_argument("--test-rows", type=int, default=300, help="per task")
     parser.add_argument("--twd-weight", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/hf-trainer"))
@@ -75,7 +99,7 @@ def main() -> None:
         return [{**r, **{k: v[i] for k, v in tokens.items()}} for i, r in enumerate(rows)]
 
     torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=sum(sizes))
+    model = MeanPooledClassifier(AutoModel.from_pretrained(args.model), sum(sizes))
     loramix.inject(
         model,
         {
@@ -84,7 +108,8 @@ def main() -> None:
             "router": "sample",
             "top_k": 1,
             "router_input": "embeddings",  # a BERT-style encoder's embedding block
-            "modules_to_save": ["classifier"],
+            "exclude": ["head"],
+            "modules_to_save": ["head"],
         },
     )
     trainer = loramix.LoramixTrainer(
@@ -94,7 +119,7 @@ def main() -> None:
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=64,
-            learning_rate=5e-4,
+            learning_rate=args.lr,
             warmup_steps=args.steps // 20,
             logging_steps=max(1, args.steps // 10),
             save_strategy="no",

@@ -403,3 +403,39 @@ def test_router_input_may_end_one_module_s_name():
         loramix.InjectionError, match="'embedings' is not a module.*Did you mean 'bert.embeddings'"
     ):
         loramix.inject(ambiguous, {**settings, "router_input": "embedings"})
+
+
+def test_router_input_width_inside_a_model_without_config():
+    """A user's module around an encoder has no `config`: the block's width comes from the block itself."""
+    from transformers import BertConfig, BertModel
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            config = BertConfig(
+                vocab_size=64,
+                hidden_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            )
+            self.encoder = BertModel(config)
+            self.head = nn.Linear(24, 3)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(input_ids=input_ids).last_hidden_state.mean(1))
+
+    model = Pooled()
+    settings = {
+        "num_experts": 2,
+        "rank": 2,
+        "router": "sample",
+        "router_input": "embeddings",
+        "exclude": ["head"],
+    }
+    loramix.inject(model, settings)
+    assert get_info(model).router_input == "encoder.embeddings"
+    assert get_info(model).model_router.network[1].in_features == 24
+    with loramix.routing(model) as state:
+        model(torch.randint(0, 64, (3, 5)))
+    assert state.model_gate.weights.shape == (3, 2)

@@ -302,9 +302,14 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
         (getattr(module, a) for a in ("out_features", "out_channels", "embedding_dim") if hasattr(module, a)),
         None,
     )
+    if (
+        width is None
+    ):  # a block (BERT's embeddings): its config's width, the model's, or its last layer norm's
+        configs = (getattr(module, "config", None), getattr(model, "config", None))
+        width = next((c.hidden_size for c in configs if hasattr(c, "hidden_size")), None)
     if width is None:
-        config_obj = getattr(model, "config", None)
-        width = getattr(config_obj, "hidden_size", None)
+        norms = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
+        width = norms[-1].normalized_shape[-1] if norms else None
     if width is None:
         raise InjectionError(f"cannot tell the output width of router_input {name!r}", "router_input")
     return name, int(width)
