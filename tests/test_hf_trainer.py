@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import SequentialSampler
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import loramix
 from loramix import ConfigError, LoramixTrainer, RoutingError, TrainingError
@@ -27,19 +27,9 @@ NUM_TASKS = 3
 
 
 def classifier(router: str | None = "sample", **settings: Any) -> nn.Module:
-    """A tiny BERT classifier (the same weights at every call), with adapters routed by `router` (None: none)."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForSequenceClassification(config)
+    """A tiny BERT classifier without dropout (the same weights at every call), with adapters routed by `router`
+    (None: none)."""
+    model = models.tiny_bert(num_labels=3)
     if router is None:
         return model
     if router == "task":

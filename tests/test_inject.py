@@ -386,17 +386,12 @@ def test_sample_router_can_pool_a_conv_layers_output():
 def test_router_input_may_end_one_module_s_name():
     """`embeddings` is `bert.embeddings` in a BERT classifier as it is `embeddings` in the encoder alone: the
     run config's router settings serve both."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    model = BertForSequenceClassification(config)
+    model = tiny_bert(num_labels=3)
     settings = {"num_experts": 2, "rank": 2, "router": "sample", "router_input": "embeddings"}
     loramix.inject(model, settings)
     assert get_info(model).router_input == "bert.embeddings"
     assert get_info(model).router_source(model) is model.bert.embeddings
-    ambiguous = BertForSequenceClassification(config)
+    ambiguous = tiny_bert(num_labels=3)
     with pytest.raises(loramix.InjectionError, match="'dense' ends the names of .* modules .*full name"):
         loramix.inject(ambiguous, {**settings, "router_input": "dense"})
     with pytest.raises(
@@ -407,19 +402,11 @@ def test_router_input_may_end_one_module_s_name():
 
 def test_router_input_width_inside_a_model_without_config():
     """A user's module around an encoder has no `config`: the block's width comes from the block itself."""
-    from transformers import BertConfig, BertModel
 
     class Pooled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            config = BertConfig(
-                vocab_size=64,
-                hidden_size=24,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=32,
-            )
-            self.encoder = BertModel(config)
+            self.encoder = tiny_bert(hidden_size=24, num_hidden_layers=1)
             self.head = nn.Linear(24, 3)
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -437,5 +424,5 @@ def test_router_input_width_inside_a_model_without_config():
     assert get_info(model).router_input == "encoder.embeddings"
     assert get_info(model).model_router.network[1].in_features == 24
     with loramix.routing(model) as state:
-        model(torch.randint(0, 64, (3, 5)))
+        model(torch.randint(0, 99, (3, 5)))
     assert state.model_gate.weights.shape == (3, 2)
