@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import loramix
 from loramix import ConfigError, LoramixTrainer, RoutingError, TrainingError
@@ -401,3 +402,29 @@ def test_gradient_accumulation_averages_each_micro_batch_s_loss_with_its_twd(tmp
     assert grads.keys() == expected.keys()
     for name, grad in expected.items():
         assert torch.allclose(grads[name], grad, atol=1e-6), name
+
+
+class MeanPooled(nn.Module):
+    """A user's model around an encoder: a forward without `**kwargs`, a loss from `labels`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = models.tiny_bert()
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+        logits = self.head(
+            self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(1)
+        )
+        return SequenceClassifierOutput(loss=nn.functional.cross_entropy(logits, labels), logits=logits)
+
+
+@pytest.mark.parametrize("router", ["task", "sample"])
+def test_a_model_whose_forward_takes_no_loss_keywords_trains(tmp_path: Path, router: str) -> None:
+    model = MeanPooled()
+    settings = {"num_tasks": NUM_TASKS} if router == "task" else {}
+    loramix.inject(model, {"num_experts": NUM_TASKS, "router": router, "exclude": ["head"], **settings})
+    trainer = LoramixTrainer(model=model, args=arguments(tmp_path), train_dataset=rows())
+    assert not trainer.model_accepts_loss_kwargs
+    trainer.train()
+    assert trainer.state.global_step == 6

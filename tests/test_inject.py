@@ -400,28 +400,35 @@ def test_router_input_may_end_one_module_s_name():
         loramix.inject(ambiguous, {**settings, "router_input": "embedings"})
 
 
-def test_router_input_width_inside_a_model_without_config():
-    """A user's module around an encoder has no `config`: the block's width comes from the block itself."""
+class Pooled(nn.Module):
+    """A user's module around a Hugging Face encoder, without a `config` or `get_input_embeddings` of its own."""
 
-    class Pooled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = tiny_bert(hidden_size=24, num_hidden_layers=1)
-            self.head = nn.Linear(24, 3)
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = tiny_bert(hidden_size=24, num_hidden_layers=1)
+        self.head = nn.Linear(24, 3)
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.encoder(input_ids=input_ids).last_hidden_state.mean(1))
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids=input_ids).last_hidden_state.mean(1))
 
+
+@pytest.mark.parametrize(
+    ("router_input", "read"),
+    [("embeddings", "encoder.embeddings"), (None, "encoder.embeddings.word_embeddings")],
+)
+def test_a_sample_router_inside_a_model_without_config(router_input: str | None, read: str):
+    """The block's width comes from the block itself; by default the router reads the encoder's input
+    embeddings (the model's own input is token ids)."""
     model = Pooled()
     settings = {
         "num_experts": 2,
         "rank": 2,
         "router": "sample",
-        "router_input": "embeddings",
+        "router_input": router_input,
         "exclude": ["head"],
     }
     loramix.inject(model, settings)
-    assert get_info(model).router_input == "encoder.embeddings"
+    assert get_info(model).router_input == read
     assert get_info(model).model_router.network[1].in_features == 24
     with loramix.routing(model) as state:
         model(torch.randint(0, 99, (3, 5)))

@@ -70,6 +70,15 @@ def aux_losses_for(model: nn.Module, **settings: Any) -> list[AuxLoss]:
     return get_method(name).aux_losses(run, config)
 
 
+def accepts_loss_kwargs(model: nn.Module) -> bool:
+    """Whether `Trainer` would give this model, unwrapped, `num_items_in_batch` (by its flag, else its forward's
+    `**kwargs`)."""
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def shifted(smoother: Any, outputs: Any, labels: Tensor, shift_labels: bool = False, **kwargs: Any) -> Tensor:
     """A label smoother called on a causal LM's outputs, its labels shifted as `Trainer` shifts a bare one's."""
     return smoother(outputs, labels, shift_labels=True, **kwargs)
@@ -144,13 +153,16 @@ class LoramixTrainer(Trainer):
                 "LoramixTrainer: DeepSpeed and FSDP are not supported (their saves hold the whole model); "
                 "train on several GPUs data parallel (`accelerate launch`), or with `loramix train`"
             )
-        if self.aux_losses:
-            if self.compute_loss_func is not None:
-                raise ConfigError(
-                    "LoramixTrainer: compute_loss_func scales its loss for gradient accumulation, the auxiliary "
-                    "terms per micro-batch; pass aux_losses=[] to use it, or subclass and add the terms yourself"
-                )
-            self.model_accepts_loss_kwargs = False  # each micro-batch's loss its own mean, as the terms are
+        if self.aux_losses and self.compute_loss_func is not None:
+            raise ConfigError(
+                "LoramixTrainer: compute_loss_func scales its loss for gradient accumulation, the auxiliary "
+                "terms per micro-batch; pass aux_losses=[] to use it, or subclass and add the terms yourself"
+            )
+        # `Trainer` read the wrapper's forward, which takes any keyword: ask the model inside whether it takes
+        # `num_items_in_batch`; with auxiliary terms, each micro-batch's loss is its own mean, as the terms are
+        self.model_accepts_loss_kwargs = (
+            self.model_accepts_loss_kwargs and accepts_loss_kwargs(self.injected) and not self.aux_losses
+        )
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """`Trainer`'s optimizer, with the routers' parameters in a group of their own at `router_lr` when set."""

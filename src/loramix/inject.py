@@ -278,6 +278,20 @@ def _router_input_module(model: nn.Module, wanted: str) -> tuple[str, nn.Module]
     )
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embeddings, or those of the first module inside it that has them (a Hugging Face encoder
+    inside a user's module); None where none has."""
+    for module in model.modules():
+        get_in = getattr(module, "get_input_embeddings", None)
+        try:
+            found = get_in() if callable(get_in) else None
+        except NotImplementedError:
+            found = None
+        if isinstance(found, nn.Module):
+            return found
+    return None
+
+
 def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str | None, int | None]:
     """Where a model-wide router that pools the input looks, and its width."""
     if not router_class(config.router).pools_model_input:
@@ -285,8 +299,7 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
     if config.router_input is not None:
         name, module = _router_input_module(model, config.router_input)
     else:
-        get_in = getattr(model, "get_input_embeddings", None)
-        module = get_in() if callable(get_in) else None
+        module = _input_embeddings(model)
         if module is None:
             first = next((m for m in model.modules() if is_linear(m) or isinstance(m, nn.Conv2d)), None)
             if first is None:
