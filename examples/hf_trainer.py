@@ -1,7 +1,7 @@
 """MoLA-Router trained by Hugging Face `Trainer` (`loramix.LoramixTrainer`) on real tasks, with and without TwD.
 
-The model is the encoder, mean-pooled (as sentence-transformers pools all-MiniLM-L6-v2; its BERT pooler output is a
-poor input: a linear probe on frozen features reaches 0.32 on trec from the pooler, 0.88 from the mean), under one
+The model is the encoder, mean-pooled (as sentence-transformers pools all-MiniLM-L6-v2; its BERT pooler output, which
+`AutoModelForSequenceClassification` reads, is a poor input for a classifier of this encoder), under one
 classifier head over the tasks' labels side by side (sst2's 2, then trec's 6, ...); each task is scored by the
 argmax over its own labels. The router sees no task id: the `task_ids` column only groups samples for TwD. The
 script prints each task's accuracy and the routing purity on the test rows (the share of samples whose top expert
