@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import SequentialSampler
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import loramix
@@ -428,3 +428,34 @@ def test_a_model_whose_forward_takes_no_loss_keywords_trains(tmp_path: Path, rou
     assert not trainer.model_accepts_loss_kwargs
     trainer.train()
     assert trainer.state.global_step == 6
+
+
+class RoutedSeq2Seq(loramix.LoramixTrainerMixin, Seq2SeqTrainer):
+    """The mixin on another `Trainer` subclass, as a user puts it on TRL's `SFTTrainer`."""
+
+
+def test_the_mixin_on_seq2seq_trainer_generates_each_row_by_its_task(tmp_path: Path) -> None:
+    model = models.tiny_gpt2(lm_head=True)
+    model.config.pad_token_id = model.generation_config.pad_token_id = 0
+    loramix.inject(model, {"num_experts": 2, "rank": 4, "router": "task", "num_tasks": 2})
+    with torch.no_grad():
+        for value in adapter_state(model).values():
+            value.normal_(std=0.5)
+    prompts = torch.randint(1, 99, (4, 5), generator=torch.Generator().manual_seed(0))
+    tasks = [0, 1, 1, 0]
+    lm_rows = [{"input_ids": p.tolist(), "labels": p.tolist(), "task_ids": t} for p, t in zip(prompts, tasks)]
+    args = Seq2SeqTrainingArguments(
+        str(tmp_path), per_device_eval_batch_size=4, predict_with_generate=True, report_to=[], use_cpu=True
+    )
+    trainer = RoutedSeq2Seq(model=model, args=args, train_dataset=lm_rows)
+    trainer.train()  # one epoch of one batch, routed
+    generated = trainer.predict(lm_rows, max_new_tokens=3, do_sample=False).predictions
+    expected = loramix.LoramixModel(model.eval()).generate(
+        input_ids=prompts, task_ids=torch.tensor(tasks), max_new_tokens=3, do_sample=False
+    )
+    swapped = loramix.LoramixModel(model).generate(
+        input_ids=prompts, task_ids=1 - torch.tensor(tasks), max_new_tokens=3, do_sample=False
+    )
+    generated = torch.as_tensor(generated)  # padded to the generation config's max_length
+    assert torch.equal(generated[:, : expected.shape[1]], expected) and not generated[:, expected.shape[1] :].any()
+    assert not torch.equal(expected, swapped)  # the rows' tasks decide what they generate

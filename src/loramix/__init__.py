@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from loramix.config import AdapterConfig
     from loramix.context import RoutingState, routing
     from loramix.growth import grow
-    from loramix.hf_trainer import LoramixTrainer, aux_losses_for
+    from loramix.hf_trainer import LoramixTrainer, LoramixTrainerMixin, aux_losses_for
     from loramix.inject import (
         InjectionReport,
         adapter_state,
@@ -50,6 +50,7 @@ _LAZY = {
     "routing": "loramix.context",
     "grow": "loramix.growth",
     "LoramixTrainer": "loramix.hf_trainer",
+    "LoramixTrainerMixin": "loramix.hf_trainer",
     "aux_losses_for": "loramix.hf_trainer",
     "InjectionReport": "loramix.inject",
     "adapter_state": "loramix.inject",
@@ -78,6 +79,7 @@ __all__ = [
     "LoramixError",
     "LoramixModel",
     "LoramixTrainer",
+    "LoramixTrainerMixin",
     "RoutingError",
     "RoutingState",
     "TrainingError",

@@ -84,8 +84,10 @@ def shifted(smoother: Any, outputs: Any, labels: Tensor, shift_labels: bool = Fa
     return smoother(outputs, labels, shift_labels=True, **kwargs)
 
 
-class LoramixTrainer(Trainer):
-    """A Hugging Face `Trainer` for a model with loramix adapters (injected, or wrapped in :class:`LoramixModel`).
+class LoramixTrainerMixin:
+    """What makes a Hugging Face `Trainer` (or a subclass: `Seq2SeqTrainer`, TRL's `SFTTrainer`) train a model with
+    loramix adapters, injected or wrapped in :class:`LoramixModel`: put it first among the bases,
+    `class MyTrainer(LoramixTrainerMixin, SFTTrainer)`. :class:`LoramixTrainer` is it on `Trainer`.
 
     - Each batch's `task_ids` column routes it (`loramix.routing`); the rest goes to the model as `Trainer` sends it,
       and `remove_unused_columns` keeps `task_ids` and the model's own inputs.
@@ -228,3 +230,11 @@ class LoramixTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         load_into(self.injected, self.state.best_model_checkpoint)
+
+
+class LoramixTrainer(LoramixTrainerMixin, Trainer):
+    """Hugging Face `Trainer` for a model with loramix adapters; see :class:`LoramixTrainerMixin`.
+
+    Example:
+        >>> trainer = loramix.LoramixTrainer(model=model, args=TrainingArguments("out"), train_dataset=rows)
+    """
