@@ -457,5 +457,8 @@ def test_the_mixin_on_seq2seq_trainer_generates_each_row_by_its_task(tmp_path: P
         input_ids=prompts, task_ids=1 - torch.tensor(tasks), max_new_tokens=3, do_sample=False
     )
     generated = torch.as_tensor(generated)  # padded to the generation config's max_length
-    assert torch.equal(generated[:, : expected.shape[1]], expected) and not generated[:, expected.shape[1] :].any()
+    assert (
+        torch.equal(generated[:, : expected.shape[1]], expected)
+        and not generated[:, expected.shape[1] :].any()
+    )
     assert not torch.equal(expected, swapped)  # the rows' tasks decide what they generate
