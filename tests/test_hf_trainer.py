@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import SequentialSampler
@@ -15,7 +16,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallba
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import loramix
-from loramix import ConfigError, LoramixTrainer, RoutingError, TrainingError
+from loramix import ConfigError, DataError, LoramixTrainer, RoutingError, TrainingError
 from loramix.inject import adapter_state
 from loramix.losses import twd_loss
 from loramix.methods.mola import TwD
@@ -462,3 +463,53 @@ def test_the_mixin_on_seq2seq_trainer_generates_each_row_by_its_task(tmp_path: P
         and not generated[:, expected.shape[1] :].any()
     )
     assert not torch.equal(expected, swapped)  # the rows' tasks decide what they generate
+
+
+def test_task_ids_reach_the_step_past_a_collator_that_keeps_only_what_it_knows(tmp_path: Path) -> None:
+    """TRL's language-model collator builds its batch from the inputs it knows; the task ids go around it."""
+
+    def known_only(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "attention_mask", "labels")
+        }
+
+    model = classifier("task")
+    trainer = LoramixTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=rows(), data_collator=known_only
+    )
+    trainer.train()  # a task router without its ids would stop with a RoutingError
+    batch = trainer.data_collator(rows(3))
+    assert batch["task_ids"].tolist() == [0, 1, 2]
+    with pytest.raises(DataError, match=r"examples \[1\] of a batch have no task_ids"):
+        trainer.data_collator([rows(3)[0], {k: v for k, v in rows(3)[1].items() if k != "task_ids"}])
+    untasked = [{k: v for k, v in row.items() if k != "task_ids"} for row in rows(3)]
+    assert "task_ids" not in trainer.data_collator(untasked)  # nothing to add
+
+
+def test_the_mixin_on_trl_s_sft_trainer(tmp_path: Path) -> None:
+    trl = pytest.importorskip("trl", reason="TRL is not a dependency; run where it is installed")
+    datasets = pytest.importorskip("datasets")
+
+    class RoutedSFT(loramix.LoramixTrainerMixin, trl.SFTTrainer):
+        pass
+
+    folder = write_tiny_lm(tmp_path / "lm", "gpt2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    loramix.inject(model, {"num_experts": 2, "rank": 4, "router": "task", "num_tasks": 2})
+    before = {name: value.clone() for name, value in adapter_state(model).items()}
+    texts = [
+        {"text": ["the cat sat on the mat", "a dog ran far"][i % 2], "task_ids": i % 2} for i in range(16)
+    ]
+    args = trl.SFTConfig(
+        str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    trainer = RoutedSFT(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(texts), processing_class=tokenizer
+    )
+    trainer.train()
+    for name, value in adapter_state(model).items():
+        if name.endswith("experts.B"):
+            assert not torch.equal(value[0], before[name][0]) and not torch.equal(
+                value[1], before[name][1]
+            ), name

@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import can_return_loss, find_labels
 
 from loramix.context import routing
-from loramix.errors import ConfigError, did_you_mean
+from loramix.errors import ConfigError, DataError, did_you_mean
 from loramix.inject import get_info
 from loramix.io.checkpoint import load_into, save
 from loramix.methods import get_method
@@ -77,6 +77,26 @@ def accepts_loss_kwargs(model: nn.Module) -> bool:
         return bool(model.accepts_loss_kwargs)
     parameters = inspect.signature(model.forward).parameters.values()
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+class TaskIdsCollator:
+    """Runs the trainer's own collator and, where it kept only the inputs it knows (TRL's language-model collator
+    does), adds the examples' `task_ids` to its batch as one tensor."""
+
+    def __init__(self, collator: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        if "task_ids" in batch or not examples or not isinstance(examples[0], Mapping):
+            return batch
+        if "task_ids" not in examples[0]:
+            return batch
+        missing = [i for i, example in enumerate(examples) if example.get("task_ids") is None]
+        if missing:
+            raise DataError(f"examples {missing[:5]} of a batch have no task_ids where the others have")
+        batch["task_ids"] = torch.tensor([int(example["task_ids"]) for example in examples])
+        return batch
 
 
 def shifted(smoother: Any, outputs: Any, labels: Tensor, shift_labels: bool = False, **kwargs: Any) -> Tensor:
@@ -143,6 +163,7 @@ class LoramixTrainerMixin:
         self.router_lr = router_lr
         self.aux_logs: dict[str, list[Tensor]] = {}
         super().__init__(wrapped, *args, **kwargs)
+        self.data_collator = TaskIdsCollator(self.data_collator)
         # the labels and whether a loss comes back, read from the model inside the wrapper as from a bare one
         if self.args.label_names is None:
             self.label_names = find_labels(type(self.injected))
