@@ -88,9 +88,8 @@ class TaskIdsCollator:
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
         batch = self.collator(examples)
-        if "task_ids" in batch or not examples or not isinstance(examples[0], Mapping):
-            return batch
-        if "task_ids" not in examples[0]:
+        first = examples[0] if examples else None
+        if "task_ids" in batch or not isinstance(first, Mapping) or "task_ids" not in first:
             return batch
         missing = [i for i, example in enumerate(examples) if example.get("task_ids") is None]
         if missing:
