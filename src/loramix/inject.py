@@ -315,9 +315,8 @@ def _resolve_router_input(model: nn.Module, config: AdapterConfig) -> tuple[str 
         (getattr(module, a) for a in ("out_features", "out_channels", "embedding_dim") if hasattr(module, a)),
         None,
     )
-    if (
-        width is None
-    ):  # a block (BERT's embeddings): its config's width, the model's, or its last layer norm's
+    # a block (BERT's embeddings): its config's width, the model's, or its last layer norm's
+    if width is None:
         configs = (getattr(module, "config", None), getattr(model, "config", None))
         width = next((c.hidden_size for c in configs if hasattr(c, "hidden_size")), None)
     if width is None:

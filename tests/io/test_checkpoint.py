@@ -83,6 +83,23 @@ def test_frozen_experts_stay_frozen_after_load(tmp_path: Path) -> None:
     assert torch.count_nonzero(grad_A[0]) > 0 and torch.count_nonzero(grad_A[2]) > 0
 
 
+def test_load_into_restores_a_model_that_carries_the_same_adapters(tmp_path: Path) -> None:
+    """A resumed trainer's path: the adapters are already injected; a save of other settings is refused."""
+    model, fresh = adapted_bert("task")
+    for layer in loramix.get_info(model).layers:
+        layer.experts.freeze_experts([1])
+    expected = outputs(model)
+    loramix.save(model, tmp_path / "a")
+    loramix.inject(fresh, loramix.get_info(model).config)
+    randomize_adapters(fresh)  # other values, which the load replaces
+    assert checkpoint.load_into(fresh, tmp_path / "a") is fresh
+    assert torch.equal(outputs(fresh), expected)
+    assert all(layer.experts.frozen_experts == [1] for layer in loramix.get_info(fresh).layers)
+    other, _ = adapted_bert("task", rank=2)
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE}: saved with other adapter settings"):
+        checkpoint.load_into(other, tmp_path / "a")
+
+
 def test_modules_to_save_round_trip(tmp_path: Path) -> None:
     model, fresh = adapted_bert("sample", modules_to_save=["pooler"])
     with torch.no_grad():
