@@ -9,6 +9,8 @@ are what the benchmark reports. A slow round slows both sides of its ratio.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import random
@@ -19,8 +21,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import transformers
 
 
 def load_average() -> float:
@@ -166,3 +170,42 @@ def run_probe(args: list[str], timeout: float = 600) -> dict[str, float] | None:
         print(f"  memory probe failed ({done.returncode}): {done.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(lines[-1])
+
+
+def bert_config(args: argparse.Namespace, **extra: object) -> transformers.BertConfig:
+    """The small-BERT benchmarks' model: six blocks of width `--hidden`, four heads, a vocabulary of 1,000."""
+    return transformers.BertConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=2 * args.hidden,
+        vocab_size=1000,
+        **extra,
+    )
+
+
+def shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the small-BERT benchmarks (`overhead.py`, `trainer_step.py`): threads, device, the model's
+    width, the batch's shape, and the timed rounds."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=15)
+
+
+def write_shape_results(
+    out: Path, args: argparse.Namespace, device: torch.device, entries: list[dict], **versions: str
+) -> None:
+    """Write a small-BERT benchmark's entries with what they ran on (device, threads, shape, versions, load)."""
+    meta = {
+        "device": device_name(device),
+        "threads": args.threads,
+        "shape": {"hidden": args.hidden, "tokens": args.tokens, "batch": args.batch, "blocks": 6},
+        "torch": torch.__version__,
+        **versions,
+        "load_average": load_average(),
+    }
+    out.write_text(json.dumps({"meta": meta, "entries": entries}, indent=2) + "\n")
+    print(f"wrote {out}")

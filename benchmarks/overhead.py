@@ -18,7 +18,6 @@ timed in the same rounds (interleaved, medians of per-round ratios; `_timing.py`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,13 +58,7 @@ def unfused(call: Callable[[], object]) -> Callable[[], object]:
 def build(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> Callable[[], torch.nn.Module]:
-    config = transformers.BertConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        intermediate_size=2 * args.hidden,
-        vocab_size=1000,
-    )
+    config = timing.bert_config(args)
 
     def base() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -147,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=15)
+    timing.shape_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="also each model under torch.compile")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -186,18 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{entry['vs_peft']['ratio_q75']:.2f}]",
                 flush=True,
             )
-    meta = {
-        "device": timing.device_name(device),
-        "threads": args.threads,
-        "dtype": str(dtype).removeprefix("torch."),
-        "shape": {"hidden": args.hidden, "tokens": args.tokens, "batch": args.batch, "blocks": 6},
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "load_average": timing.load_average(),
-    }
     out = args.out or ROOT / "results" / "overhead.json"
-    out.write_text(json.dumps({"meta": meta, "entries": entries}, indent=2) + "\n")
-    print(f"wrote {out}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    timing.write_shape_results(out, args, device, entries, dtype=dtype_name, peft=peft.__version__)
     return 0
 
 

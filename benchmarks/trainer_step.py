@@ -16,7 +16,6 @@ Interleaved rounds, medians of per-round ratios to `peft` (`_timing.py`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -43,15 +42,7 @@ CONFIGS = {
 
 def classifier(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        intermediate_size=2 * args.hidden,
-        vocab_size=1000,
-        num_labels=4,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return transformers.BertForSequenceClassification(timing.bert_config(args, num_labels=4))
 
 
 def cases(args: argparse.Namespace, folder: Path) -> dict[str, Callable[[], object]]:
@@ -96,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=15)
+    timing.shape_arguments(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,18 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             f"[{stats['ratio_q25']:.2f}, {stats['ratio_q75']:.2f}]",
             flush=True,
         )
-    meta = {
-        "device": timing.device_name(device),
-        "threads": args.threads,
-        "shape": {"hidden": args.hidden, "tokens": args.tokens, "batch": args.batch, "blocks": 6},
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "load_average": timing.load_average(),
-    }
     out = args.out or ROOT / "results" / "trainer-step.json"
-    out.write_text(json.dumps({"meta": meta, "entries": entries}, indent=2) + "\n")
-    print(f"wrote {out}")
+    timing.write_shape_results(
+        out, args, device, entries, transformers=transformers.__version__, peft=peft.__version__
+    )
     return 0
 
 
