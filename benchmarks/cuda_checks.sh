@@ -8,6 +8,8 @@
 # - tests: tests/test_cuda.py and tests/test_cuda_quantized.py (with the quantized CPU-backend tests beside them);
 # - overhead: what each adapted layer adds on a GPU, fused with its base or not, eager and compiled (overhead.py at
 #   MiniLM's shape, 32 x 128 tokens, width 384), written to OUT_DIR/overhead-cuda.json;
+# - trainer: a Hugging Face Trainer step with LoramixTrainer against PEFT under the plain Trainer (trainer_step.py
+#   at MiniLM's shape, float32), written to OUT_DIR/trainer-step-cuda.json (not yet run on a GPU);
 # - speed: the speed benchmark's CUDA sections, one process each, in this order: generate, layer (the
 #   Llama-shaped d = 4096 points first), model, inference, memory, elrea; each writes
 #   OUT_DIR/speed-cuda-SECTION.json and .md after every point or model, so a section stopped at its limit keeps
@@ -23,7 +25,7 @@ set -u
 OUT_DIR=${1:?usage: bash benchmarks/cuda_checks.sh OUT_DIR [SECONDS [PART...]]}
 BUDGET=${2:-570}
 PARTS=("${@:3}")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests overhead speed continual suite)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests overhead trainer speed continual suite)
 wanted() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -53,6 +55,10 @@ fi
 if wanted overhead; then
   part overhead 180 "$PY" benchmarks/overhead.py --device cuda --hidden 384 --tokens 128 --batch 32 --rounds 10 --compile \
     --out "$OUT_DIR/overhead-cuda.json"
+fi
+if wanted trainer; then
+  part trainer-step 90 "$PY" benchmarks/trainer_step.py --device cuda --hidden 384 --tokens 128 --batch 32 --rounds 10 \
+    --out "$OUT_DIR/trainer-step-cuda.json"
 fi
 if wanted speed; then
   for section in generate layer model inference memory elrea; do
