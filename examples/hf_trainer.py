@@ -11,7 +11,8 @@ serves mostly their task; README "Quality" explains it).
     python examples/hf_trainer.py --twd-weight 0      # the same without TwD
     python examples/hf_trainer.py --model bert-base-uncased --tasks-dir my_tasks --tasks a b
 
-Tasks are folders with `train.jsonl` and `test.jsonl` of `{"text": ..., "label": <int>}` rows (as ../shared/data).
+Tasks are folders with `train.jsonl` and `test.jsonl` of `{"text": ..., "label": <int>}` rows and a `meta.json` giving
+`num_labels` (as ../shared/data).
 """
 
 from __future__ import annotations
