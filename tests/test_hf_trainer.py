@@ -3,6 +3,10 @@ its saves the adapters alone, a resume equal to an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -513,3 +517,29 @@ def test_the_mixin_on_trl_s_sft_trainer(tmp_path: Path) -> None:
             assert not torch.equal(value[0], before[name][0]) and not torch.equal(
                 value[1], before[name][1]
             ), name
+
+
+@pytest.mark.parametrize("router", ["task", "sample"])
+def test_two_processes_train_the_same_adapters_and_one_writes(tmp_path: Path, router: str) -> None:
+    """Data parallel under `torchrun` (two CPU processes, gloo): an expert no sample reaches, TwD outside the
+    wrapped forward, and the saves of the main process alone."""
+    out = tmp_path / "run"
+    worker = Path(__file__).resolve().parent / "hf_trainer_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU processes, even on a GPU
+    done = subprocess.run(
+        [*command, str(worker), router, str(out)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0] == states[1]  # the processes' adapters were kept in step
+    saved = load_file(str(out / "final" / "adapters.safetensors"))
+    for name, value in states[0].items():
+        assert torch.equal(saved[name], torch.tensor(value)), name
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
+    fresh = classifier(router)
+    changed = [name for name, value in adapter_state(fresh).items() if not torch.equal(value, saved[name])]
+    assert changed  # it trained

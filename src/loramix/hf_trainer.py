@@ -122,8 +122,8 @@ class LoramixTrainerMixin:
       and `load_best_model_at_end` load them back. The frozen base model is never written.
 
     Not supported: DeepSpeed and FSDP (their saves hold the whole model), auxiliary terms with parameters of their
-    own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms. Several
-    processes (`accelerate launch`, data parallel) are `Trainer`'s own and have not been run with it here.
+    own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms. Data
+    parallel training (`torchrun`, `accelerate launch`) is `Trainer`'s own; two CPU processes are tested.
     """
 
     def __init__(
