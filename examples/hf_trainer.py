@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=300, help="per task")
     parser.add_argument("--twd-weight", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--head-lr", type=float, default=2e-3, help="the head's (loramix train's head_lr)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/hf-trainer"))
@@ -131,6 +132,7 @@ def main() -> None:
         processing_class=tokenizer,
         aux_settings={"twd_weight": args.twd_weight},
         router_lr=3e-3,
+        head_lr=args.head_lr,
     )
     trainer.train()
 

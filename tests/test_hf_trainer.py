@@ -261,25 +261,30 @@ def test_missing_task_ids_are_named(tmp_path: Path) -> None:
         trainer.train()
 
 
-def test_router_lr_puts_the_routers_in_a_group_of_their_own(tmp_path: Path) -> None:
+def test_router_lr_and_head_lr_give_their_parameters_groups_of_their_own(tmp_path: Path) -> None:
     model = classifier("sample")
-    trainer = LoramixTrainer(
-        model=model, args=arguments(tmp_path, weight_decay=0.01), train_dataset=rows(), router_lr=3e-3
-    )
+    args = arguments(tmp_path, weight_decay=0.01)
+    trainer = LoramixTrainer(model=model, args=args, train_dataset=rows(), router_lr=3e-3, head_lr=2e-3)
     optimizer = trainer.create_optimizer()
-    routers = {id(p) for name, p in model.named_parameters() if ".model_router." in name}
+    kind = {id(p): "router" for name, p in model.named_parameters() if ".model_router." in name}
+    kind.update({id(p): "head" for p in model.classifier.parameters()})  # the config's modules_to_save
     trainable = [p for p in model.parameters() if p.requires_grad]
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
     assert sorted(map(id, grouped)) == sorted(map(id, trainable))  # each trainable parameter once
+    lrs = {"router": 3e-3, "head": 2e-3, "other": 1e-2}
     for group in optimizer.param_groups:
-        in_router = {id(p) in routers for p in group["params"]}
-        assert len(in_router) == 1
-        assert group["lr"] == (3e-3 if in_router == {True} else 1e-2)
+        kinds = {kind.get(id(p), "other") for p in group["params"]}
+        assert len(kinds) == 1 and group["lr"] == lrs[kinds.pop()]
     assert {g["weight_decay"] for g in optimizer.param_groups if g["lr"] == 3e-3} == {0.0, 0.01}
-    trainer.train()  # the schedule runs over every group
-    assert trainer.optimizer.param_groups[-1]["lr"] < 3e-3
-    with pytest.raises(ConfigError, match="router_lr"):
-        LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), router_lr=0)
+    assert {g["weight_decay"] for g in optimizer.param_groups if g["lr"] == 2e-3} == {0.0, 0.01}
+    scheduler = trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    optimizer.step()
+    scheduler.step()  # the schedule scales every group alike
+    factor = {g["lr"] / g["initial_lr"] for g in optimizer.param_groups}
+    assert len({round(f, 9) for f in factor}) == 1 and 0 < factor.pop() < 1
+    for key in ("router_lr", "head_lr"):
+        with pytest.raises(ConfigError, match=key):
+            LoramixTrainer(model=classifier("sample"), args=arguments(tmp_path), **{key: 0})
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

@@ -98,6 +98,19 @@ class TaskIdsCollator:
         return batch
 
 
+def own_groups(optimizer: torch.optim.Optimizer, chosen: set[int], lr: float) -> None:
+    """Move the parameters whose ids are `chosen` out of the optimizer's groups into groups of their own at `lr`,
+    one per weight decay they had; groups left empty are dropped (a fresh optimizer: no state moves)."""
+    moved: list[tuple[nn.Parameter, float]] = []
+    for group in optimizer.param_groups:
+        moved += [(p, group.get("weight_decay", 0.0)) for p in group["params"] if id(p) in chosen]
+        group["params"] = [p for p in group["params"] if id(p) not in chosen]
+    for decay in sorted({d for _, d in moved}):
+        params = [p for p, d in moved if d == decay]
+        optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": decay})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+
+
 def shifted(smoother: Any, outputs: Any, labels: Tensor, shift_labels: bool = False, **kwargs: Any) -> Tensor:
     """A label smoother called on a causal LM's outputs, its labels shifted as `Trainer` shifts a bare one's."""
     return smoother(outputs, labels, shift_labels=True, **kwargs)
@@ -115,8 +128,8 @@ class LoramixTrainerMixin:
       none. They are added as `loramix train` adds them, to each micro-batch's own mean loss (the model is then not
       given `num_items_in_batch`). `loss` logs the sum, `task_loss` the model's own and `<name>_loss` each term's
       raw value. Evaluation reports the model's loss alone.
-    - `router_lr`: the routers' learning rate (as `loramix train`'s), in an optimizer group of their own; unset,
-      they train at `args.learning_rate`.
+    - `router_lr` and `head_lr`: the learning rates of the routers and of the adapter config's `modules_to_save`
+      (a classifier head), as `loramix train`'s, each in optimizer groups of their own; unset, `args.learning_rate`.
     - Saves (checkpoints, `save_model`) hold the adapters, the modules saved with them and any trainable backbone
       weight, as `loramix.save` writes them (`loramix.load(base_model, folder)` reads them); `resume_from_checkpoint`
       and `load_best_model_at_end` load them back. The frozen base model is never written.
@@ -133,6 +146,7 @@ class LoramixTrainerMixin:
         aux_losses: Sequence[AuxLoss] | None = None,
         aux_settings: dict[str, Any] | None = None,
         router_lr: float | None = None,
+        head_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
@@ -157,9 +171,10 @@ class LoramixTrainerMixin:
                 "projection), which this trainer does not optimize or save; train them with `loramix train`"
             )
         self.aux_losses = [t for t in terms if t.weight > 0]
-        if router_lr is not None and not router_lr > 0:
-            raise ConfigError(f"router_lr: a learning rate is positive (got {router_lr!r})")
-        self.router_lr = router_lr
+        for key, lr in (("router_lr", router_lr), ("head_lr", head_lr)):
+            if lr is not None and not lr > 0:
+                raise ConfigError(f"{key}: a learning rate is positive (got {lr!r})")
+        self.router_lr, self.head_lr = router_lr, head_lr
         self.aux_logs: dict[str, list[Tensor]] = {}
         super().__init__(wrapped, *args, **kwargs)
         self.data_collator = TaskIdsCollator(self.data_collator)
@@ -187,18 +202,22 @@ class LoramixTrainerMixin:
         )
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        """`Trainer`'s optimizer, with the routers' parameters in a group of their own at `router_lr` when set."""
+        """`Trainer`'s optimizer, with the routers' parameters in groups of their own at `router_lr` and those of the
+        adapter config's `modules_to_save` at `head_lr`, where set (each keeping its weight decay)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.router_lr is not None:
-            routers = {id(p) for p in parameters_by_role(self.injected)["router"]}
-            moved: list[tuple[nn.Parameter, float]] = []
-            for group in optimizer.param_groups:
-                moved += [(p, group.get("weight_decay", 0.0)) for p in group["params"] if id(p) in routers]
-                group["params"] = [p for p in group["params"] if id(p) not in routers]
-            for decay in sorted({d for _, d in moved}):
-                params = [p for p, d in moved if d == decay]
-                optimizer.add_param_group({"params": params, "lr": self.router_lr, "weight_decay": decay})
-            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        config = get_info(self.injected).config
+        saved = [
+            p
+            for name, module in self.injected.named_modules()
+            if any(name == t or name.endswith(f".{t}") for t in config.modules_to_save)
+            for p in module.parameters()
+        ]
+        for lr, params in (
+            (self.router_lr, parameters_by_role(self.injected)["router"]),
+            (self.head_lr, saved),
+        ):
+            if lr is not None:
+                own_groups(optimizer, {id(p) for p in params}, lr)
         return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
