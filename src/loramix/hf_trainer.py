@@ -24,7 +24,7 @@ from transformers.utils import can_return_loss, find_labels
 
 from loramix.context import routing
 from loramix.errors import ConfigError, DataError, did_you_mean
-from loramix.inject import get_info
+from loramix.inject import get_info, saved_modules
 from loramix.io.checkpoint import load_into, save
 from loramix.methods import get_method
 from loramix.roles import parameters_by_role
@@ -205,12 +205,8 @@ class LoramixTrainerMixin:
         """`Trainer`'s optimizer, with the routers' parameters in groups of their own at `router_lr` and those of the
         adapter config's `modules_to_save` at `head_lr`, where set (each keeping its weight decay)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        config = get_info(self.injected).config
         saved = [
-            p
-            for name, module in self.injected.named_modules()
-            if any(name == t or name.endswith(f".{t}") for t in config.modules_to_save)
-            for p in module.parameters()
+            p for m in saved_modules(self.injected, get_info(self.injected).config) for p in m.parameters()
         ]
         for lr, params in (
             (self.router_lr, parameters_by_role(self.injected)["router"]),

@@ -155,6 +155,18 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def saved_modules(model: nn.Module, config: AdapterConfig) -> list[nn.Module]:
+    """The modules `config.modules_to_save` names (each entry a module's name or its end), trained beside the
+    adapters; an entry that names none is refused."""
+    found = []
+    for target in config.modules_to_save:
+        hits = [m for n, m in model.named_modules() if _matches(n, target)]
+        if not hits:
+            raise InjectionError(f"modules_to_save entry {target!r} matched no module")
+        found += hits
+    return found
+
+
 def _output_head_name(model: nn.Module) -> str | None:
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -264,7 +276,7 @@ def _router_input_module(model: nn.Module, wanted: str) -> tuple[str, nn.Module]
     names = dict(model.named_modules())
     if wanted in names:
         return wanted, names[wanted]
-    ending = [name for name in names if name.endswith(f".{wanted}")]
+    ending = [name for name in names if _matches(name, wanted)]
     if len(ending) == 1:
         return ending[0], names[ending[0]]
     if ending:
@@ -382,12 +394,8 @@ def inject(
                 p.requires_grad_(True)
     if router is not None:
         router.requires_grad_(True)
-    for target in config.modules_to_save:
-        hits = [m for n, m in model.named_modules() if _matches(n, target)]
-        if not hits:
-            raise InjectionError(f"modules_to_save entry {target!r} matched no module")
-        for module in hits:
-            module.requires_grad_(True)
+    for module in saved_modules(model, config):
+        module.requires_grad_(True)
     info = InjectionInfo(config, layers, names, original, router_input)
     for layer in layers:  # each reads the innermost routing block open on the model from this one list
         layer.routing_states = info.active_states

@@ -6,7 +6,6 @@ Every field is documented once, here; a wrong key or value names the key and wha
 from __future__ import annotations
 
 import os
-import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from pydantic import (
 
 from loramix.config import BlockIndices, format_validation_error
 from loramix.errors import ConfigError, did_you_mean
+from loramix.remote import REPO_ID
 from loramix.train.config_files import (
     CONFIG_FILE,
     apply_overrides,
@@ -444,7 +444,7 @@ class RunConfig(BaseModel):
     @field_validator("push_to_hub")
     @classmethod
     def _repository(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        if value is not None and not REPO_ID.fullmatch(value):
             raise ValueError(f"{value!r} is no Hub repository: one is named owner/name")
         return value
 
