@@ -4,9 +4,11 @@ it in place of the real one. Uploads and fetches keep only the files their patte
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import RepoUrl
 from huggingface_hub.utils import LocalEntryNotFoundError, filter_repo_objects
 
 
@@ -14,18 +16,43 @@ class FakeHub:
     """`create_repo`, `upload_folder`, `create_commit` and `snapshot_download` against `root/<owner>/<name>/`."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.created, self.fetched, self.commits = root, [], [], []
+        self.root, self.created, self.fetched, self.commits, self.uploads = root, [], [], [], []
         self.refuse: Exception | None = None  # raised by the next upload, as a Hub that refuses it would
 
-    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False) -> None:
+    def create_repo(
+        self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False, **_: Any
+    ) -> RepoUrl:
         self.created.append((repo_id, private, exist_ok))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, *, repo_id: str, folder_path: str, allow_patterns: list[str], **_: Any) -> str:
+    def upload_folder(
+        self,
+        *,
+        repo_id: str,
+        folder_path: str,
+        allow_patterns: list[str] | None = None,
+        ignore_patterns: list[str] | None = None,
+        path_in_repo: str | None = None,
+        run_as_future: bool = False,
+        **_: Any,
+    ) -> str | Future:
+        """The folder's files the patterns keep, under `path_in_repo`; as a finished `Future` when run as one
+        (Hugging Face `Trainer` pushes its checkpoints so)."""
         source = Path(folder_path)
         relative = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
-        for name in filter_repo_objects(relative, allow_patterns=allow_patterns):
-            self._write(repo_id, name, (source / name).read_bytes())
-        return f"https://huggingface.co/{repo_id}/commit/0"
+        for name in filter_repo_objects(
+            relative, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
+            self._write(
+                repo_id, f"{path_in_repo}/{name}" if path_in_repo else name, (source / name).read_bytes()
+            )
+        self.uploads.append((repo_id, path_in_repo))
+        url = f"https://huggingface.co/{repo_id}/commit/0"
+        if not run_as_future:
+            return url
+        done: Future = Future()
+        done.set_result(url)
+        return done
 
     def create_commit(self, repo_id: str, operations: list[Any], *, commit_message: str, **_: Any) -> str:
         if self.refuse is not None:

@@ -197,6 +197,39 @@ def test_checkpoints_hold_the_adapters_alone_and_a_resume_equals_an_uninterrupte
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_pushes_hold_the_newest_adapters_under_a_loramix_card(tmp_path: Path, hub: Any) -> None:
+    model = classifier("task")
+    args = arguments(
+        tmp_path / "out",
+        save_strategy="steps",
+        save_steps=3,
+        push_to_hub=True,
+        hub_model_id="me/run",
+        hub_strategy="every_save",
+    )
+    trainer = LoramixTrainer(model=model, args=args, train_dataset=rows())
+    trainer.train()
+    # each checkpoint was pushed from the output folder, which Trainer fills with the model files it knows by name
+    assert hub.uploads == [("me/run", None)] * 2
+    newest = load_file(str(tmp_path / "out" / "checkpoint-6" / "adapters.safetensors"))
+    pushed = load_file(str(hub.root / "me" / "run" / "adapters.safetensors"))
+    assert pushed.keys() == newest.keys() and all(torch.equal(pushed[k], newest[k]) for k in newest)
+
+    trainer.push_to_hub()
+    card = (hub.root / "me" / "run" / "README.md").read_text()
+    assert "library_name: loramix" in card and "- loramix" in card
+    assert "model = loramix.load(base_model, 'me/run')" in card and "## Training hyperparameters" in card
+    loaded = loramix.load(classifier(None), "me/run")
+    batch = batch_of(rows(6))
+    ids = batch.pop("task_ids")
+    with torch.no_grad():
+        with loramix.routing(model.eval(), task_ids=ids):
+            expected = model(**batch).logits
+        with loramix.routing(loaded.eval(), task_ids=ids):
+            got = loaded(**batch).logits
+    assert torch.equal(got, expected)
+
+
 def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path: Path) -> None:
     model = classifier("task")
     args = arguments(

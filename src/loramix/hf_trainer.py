@@ -20,12 +20,15 @@ from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import HubStrategy
 from transformers.utils import can_return_loss, find_labels
 
 from loramix.context import routing
 from loramix.errors import ConfigError, DataError, did_you_mean
 from loramix.inject import get_info, saved_modules
-from loramix.io.checkpoint import load_into, save
+from loramix.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_into, save
+from loramix.io.files import atomic_write_bytes
+from loramix.io.hub import CARD_FILE, trainer_card
 from loramix.methods import get_method
 from loramix.roles import parameters_by_role
 from loramix.train.aux_losses import AuxLoss
@@ -133,6 +136,8 @@ class LoramixTrainerMixin:
     - Saves (checkpoints, `save_model`) hold the adapters, the modules saved with them and any trainable backbone
       weight, as `loramix.save` writes them (`loramix.load(base_model, folder)` reads them); `resume_from_checkpoint`
       and `load_best_model_at_end` load them back. The frozen base model is never written.
+    - The Hub (`push_to_hub=True`, `trainer.push_to_hub()`): each push holds the newest save's adapters, and the
+      model card is `Trainer`'s with `library_name: loramix` and how to load them (`loramix.load(base, repo_id)`).
 
     Not supported: DeepSpeed and FSDP (their saves hold the whole model), auxiliary terms with parameters of their
     own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms. Data
@@ -259,6 +264,28 @@ class LoramixTrainerMixin:
         processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(folder)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # `Trainer` copies the checkpoint's model files it knows by name into `output_dir` and uploads that folder:
+        # the adapters' files are copied too, or the push would not hold them
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):  # the record, which names the weights' digest, last
+                source = Path(checkpoint_folder) / name
+                if source.is_file():
+                    atomic_write_bytes(Path(self.args.output_dir) / name, source.read_bytes())
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        super().create_model_card(*args, **kwargs)
+        card = Path(self.args.output_dir) / CARD_FILE
+        if self.is_world_process_zero() and card.is_file():
+            repo_id = (
+                getattr(self, "hub_model_id", None)
+                or kwargs.get("model_name")
+                or Path(self.args.output_dir).name
+            )
+            text = trainer_card(self.injected, repo_id, card.read_text(encoding="utf-8"))
+            atomic_write_bytes(card, text.encode("utf-8"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_into(self.injected, resume_from_checkpoint)

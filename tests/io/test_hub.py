@@ -11,7 +11,7 @@ import torch
 
 import loramix
 from loramix.errors import CheckpointError
-from loramix.io.hub import FILES
+from loramix.io.hub import FILES, trainer_card
 from tests.hub import FakeHub
 from tests.io.toys import randomize_adapters, tiny_bert
 
@@ -79,3 +79,25 @@ def test_a_missing_folder_or_repository_is_named(hub: FakeHub, tmp_path: Path):
     with pytest.raises(CheckpointError, match="a Hub repository is named 'owner/name'"):
         loramix.push_to_hub(adapted(), "no-owner")
     assert hub.created == []
+
+
+def test_a_trainer_s_card_becomes_a_loramix_card_with_how_to_load_before_its_first_section():
+    model = adapted()
+    theirs = (
+        "---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\nlicense: mit\n---\n\n# run\n\n"
+        "Fine-tuned.\n\n## Training procedure\n\n- learning_rate: 0.01\n"
+    )
+    card = trainer_card(model, "me/run", theirs)
+    front, text = card.split("---\n")[1:3]
+    assert "library_name: loramix" in front and "transformers" not in front and "license: mit" in front
+    assert front.index("- loramix") < front.index("- generated_from_trainer")
+    assert "base_model" not in front  # built from a config: no Hub name
+    assert text.index("Fine-tuned.") < text.index("## Loading") < text.index("## Training procedure")
+    assert "model = loramix.load(base_model, 'me/run')" in text and text.endswith("- learning_rate: 0.01\n")
+
+    model.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    card = trainer_card(model, "me/run", "Text alone.")
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert card.index("Text alone.") < card.index("## Loading")
+    named = "---\nbase_model: other/model\n---\nText."
+    assert "base_model: other/model" in trainer_card(model, "me/run", named)

@@ -83,19 +83,54 @@ def push_to_hub(
 def model_card(model: nn.Module, repo_id: str) -> str:
     """A README for the Hub: what the adapters are and how to load them (the base model named where its config
     names one on the Hub)."""
+    name = base_name(model)
+    front = ["---", *card_metadata(name).to_yaml().splitlines(), "---"]
+    return "\n".join([*front, "", f"# {repo_id}", "", *usage(model, repo_id), ""])
+
+
+def trainer_card(model: nn.Module, repo_id: str, card: str) -> str:
+    """Hugging Face `Trainer`'s model card `card` as loramix's: its metadata with `library_name: loramix` and
+    loramix's tags (and the base model where it names none), and how to load the adapters before its first
+    section."""
+    from huggingface_hub import ModelCard
+
+    theirs = ModelCard(card)
+    ours = card_metadata(base_name(model))
+    data = theirs.data
+    data.library_name = ours.library_name
+    data.tags = list(dict.fromkeys([*ours.tags, *(data.tags or [])]))
+    if ours.base_model and not data.base_model:
+        data.base_model = ours.base_model
+    text = theirs.text.strip()
+    section = "\n".join(["## Loading", "", *usage(model, repo_id), "", ""])
+    cut = text.find("\n## ") + 1  # before the card's first section, else at its end
+    text = text[:cut] + section + text[cut:] if cut else f"{text}\n\n{section}"
+    return "\n".join(["---", data.to_yaml(), "---", "", text.rstrip(), ""])
+
+
+def base_name(model: nn.Module) -> str:
+    """The Hub name of the model the adapters were injected into ('' where its config names none)."""
+    return hub_model(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+
+def card_metadata(name: str) -> Any:
+    """A loramix card's metadata (`huggingface_hub.ModelCardData`): the library, its tags, the base model."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        library_name="loramix", tags=["loramix", "lora", "mixture-of-experts"], base_model=name or None
+    )
+
+
+def usage(model: nn.Module, repo_id: str) -> list[str]:
+    """What the adapters are, and the lines of Python that load them."""
     from loramix.inject import get_info
 
     info = get_info(model)
     config = info.config
-    name = hub_model(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    front = ["---", "library_name: loramix", "tags:", "- loramix", "- lora", "- mixture-of-experts"]
-    front += [f"base_model: {name}", "---"] if name else ["---"]
+    name = base_name(model)
     base = f"AutoModel.from_pretrained({name!r})" if name else "base_model"
-    lines = [
-        *front,
-        "",
-        f"# {repo_id}",
-        "",
+    return [
         f"loramix adapters{f' for `{name}`' if name else ''}: {config.num_experts} expert(s) of kind "
         f"'{config.experts}', rank {config.rank}, router '{config.router}', on {len(info.layers)} layers.",
         "",
@@ -106,6 +141,4 @@ def model_card(model: nn.Module, repo_id: str) -> str:
         *([] if name else ["base_model = ...  # the model the adapters were trained on, untouched"]),
         f"model = loramix.load({base}, {repo_id!r})",
         "```",
-        "",
     ]
-    return "\n".join(lines)
