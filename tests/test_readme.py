@@ -148,3 +148,13 @@ def test_every_repository_file_a_document_names_exists(document):
     }
     missing = sorted(path for path in paths if not (ROOT / path).exists())
     assert not missing, f"{document.name} names files that do not exist: {missing}"
+
+
+def test_the_contents_line_links_every_section_by_its_anchor():
+    text = README.read_text()
+    contents = re.search(r"^\*\*Contents:\*\* (.+)$", text, flags=re.M).group(1)
+    links = re.findall(r"\[([^\]]+)\]\(#([^)]+)\)", contents)
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    # the anchor a Markdown renderer gives a heading: lower case, punctuation dropped, spaces to hyphens
+    anchors = [re.sub(r"[^\w\- ]", "", s.lower()).replace(" ", "-") for s in sections]
+    assert [anchor for _, anchor in links] == anchors
