@@ -21,7 +21,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import loramix
 from loramix import ConfigError, DataError, LoramixTrainer, RoutingError, TrainingError
-from loramix.inject import adapter_state
+from loramix.inject import adapter_state, get_info
 from loramix.losses import twd_loss
 from loramix.methods.mola import TwD
 from loramix.models import load_backbone
@@ -228,6 +228,67 @@ def test_pushes_hold_the_newest_adapters_under_a_loramix_card(tmp_path: Path, hu
         with loramix.routing(loaded.eval(), task_ids=ids):
             got = loaded(**batch).logits
     assert torch.equal(got, expected)
+
+
+def test_model_init_trains_as_the_model_passed_in_and_a_trial_s_model_brings_its_own_terms(
+    tmp_path: Path,
+) -> None:
+    transformers.set_seed(0)  # as `Trainer` seeds before each `model_init` call
+    passed = classifier("sample")
+    LoramixTrainer(model=passed, args=arguments(tmp_path / "passed"), train_dataset=rows()).train()
+    trainer = LoramixTrainer(
+        model_init=lambda trial: classifier(trial or "sample"),
+        args=arguments(tmp_path / "init"),
+        train_dataset=rows(),
+    )
+    trainer.train()  # `Trainer` makes the model again here
+    assert [t.name for t in trainer.aux_losses] == ["twd"] and not trainer.model_accepts_loss_kwargs
+    for name, value in adapter_state(passed).items():
+        assert torch.allclose(adapter_state(trainer.injected)[name], value, atol=1e-6), name
+
+    task_routed = trainer.call_model_init(
+        "task"
+    )  # a search's trial: its model and its terms replace the last
+    assert task_routed.model is trainer.injected and get_info(trainer.injected).config.router == "task"
+    assert trainer.aux_losses == [] and trainer.model_accepts_loss_kwargs
+    with pytest.raises(ConfigError, match="model_init"):
+        LoramixTrainer(args=arguments(tmp_path / "none"))
+
+
+def test_a_hyperparameter_search_gives_each_trial_its_model_and_terms(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")  # not a dependency: run where it is installed
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    routers: list[tuple[str, tuple[str, ...]]] = []
+
+    def pick(
+        trial: Any,
+    ) -> str:  # the trial's router (asked here, as `Trainer` builds the model before hp_space)
+        return trial.suggest_categorical("router", ["task", "sample"])
+
+    class Seen(TrainerCallback):  # each trial's router and terms, as its training starts
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            routers.append(
+                (get_info(trainer.injected).config.router, tuple(t.name for t in trainer.aux_losses))
+            )
+
+    trainer = LoramixTrainer(
+        model_init=lambda trial: classifier("task" if trial is None else pick(trial)),
+        args=arguments(tmp_path, eval_strategy="no"),
+        train_dataset=rows(),
+        eval_dataset=rows(12),
+        callbacks=[Seen()],
+    )
+    best = trainer.hyperparameter_search(
+        hp_space=lambda trial: {"router": pick(trial)},
+        backend="optuna",
+        n_trials=4,
+        direction="minimize",
+        sampler=optuna.samplers.GridSampler({"router": ["task", "sample"]}),
+    )
+    assert sorted(set(routers)) == [("sample", ("twd",)), ("task", ())]
+    assert (
+        best.hyperparameters["router"] in ("task", "sample") and best.objective == best.objective
+    )  # not NaN
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path: Path) -> None:

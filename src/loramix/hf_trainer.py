@@ -138,6 +138,8 @@ class LoramixTrainerMixin:
       and `load_best_model_at_end` load them back. The frozen base model is never written.
     - The Hub (`push_to_hub=True`, `trainer.push_to_hub()`): each push holds the newest save's adapters, and the
       model card is `Trainer`'s with `library_name: loramix` and how to load them (`loramix.load(base, repo_id)`).
+    - `model_init` (a hyperparameter search's trials): each model it returns is wrapped and brings its router's
+      auxiliary terms, as a model passed in does.
 
     Not supported: DeepSpeed and FSDP (their saves hold the whole model), auxiliary terms with parameters of their
     own (TwD's projection; train it with `loramix train`), and `compute_loss_func` beside auxiliary terms. Data
@@ -154,34 +156,24 @@ class LoramixTrainerMixin:
         head_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if model is None:
-            raise ConfigError("LoramixTrainer: pass the model with loramix adapters injected (model=...)")
-        wrapped = model if isinstance(model, LoramixModel) else LoramixModel(model)
-        self.injected = wrapped.model
+        if model is None and kwargs.get("model_init") is None:
+            raise ConfigError(
+                "LoramixTrainer: pass the model with loramix adapters injected (model=...), or a model_init that "
+                "returns one"
+            )
         if aux_losses is not None and aux_settings:
             raise ConfigError(
                 "LoramixTrainer: aux_settings set the default terms; with aux_losses given, set those"
             )
-        terms = (
-            list(aux_losses)
-            if aux_losses is not None
-            else aux_losses_for(self.injected, **(aux_settings or {}))
-        )
-        owning = [
-            t.name for t in terms if isinstance(t, nn.Module) and any(p.requires_grad for p in t.parameters())
-        ]
-        if owning:
-            raise ConfigError(
-                f"LoramixTrainer: the auxiliary terms {', '.join(owning)} have parameters of their own (TwD's "
-                "projection), which this trainer does not optimize or save; train them with `loramix train`"
-            )
-        self.aux_losses = [t for t in terms if t.weight > 0]
         for key, lr in (("router_lr", router_lr), ("head_lr", head_lr)):
             if lr is not None and not lr > 0:
                 raise ConfigError(f"{key}: a learning rate is positive (got {lr!r})")
         self.router_lr, self.head_lr = router_lr, head_lr
         self.aux_logs: dict[str, list[Tensor]] = {}
+        self.aux_spec = (aux_losses, aux_settings or {})
+        wrapped = None if model is None else self.adopt(model)  # with model_init, `Trainer` calls it
         super().__init__(wrapped, *args, **kwargs)
+        self.accepts_by_trainer = self.model_accepts_loss_kwargs
         self.data_collator = TaskIdsCollator(self.data_collator)
         # the labels and whether a loss comes back, read from the model inside the wrapper as from a bare one
         if self.args.label_names is None:
@@ -195,6 +187,29 @@ class LoramixTrainerMixin:
                 "LoramixTrainer: DeepSpeed and FSDP are not supported (their saves hold the whole model); "
                 "train on several GPUs data parallel (`accelerate launch`), or with `loramix train`"
             )
+        self.settle()
+
+    def adopt(self, model: nn.Module) -> LoramixModel:
+        """Take `model` (adapters injected) as the one to train, wrapped, with the auxiliary terms its router trains
+        with (the ones given, or `aux_losses_for` it)."""
+        wrapped = model if isinstance(model, LoramixModel) else LoramixModel(model)
+        self.injected = wrapped.model
+        given, settings = self.aux_spec
+        terms = list(given) if given is not None else aux_losses_for(self.injected, **settings)
+        owning = [
+            t.name for t in terms if isinstance(t, nn.Module) and any(p.requires_grad for p in t.parameters())
+        ]
+        if owning:
+            raise ConfigError(
+                f"LoramixTrainer: the auxiliary terms {', '.join(owning)} have parameters of their own (TwD's "
+                "projection), which this trainer does not optimize or save; train them with `loramix train`"
+            )
+        self.aux_losses = [t for t in terms if t.weight > 0]
+        return wrapped
+
+    def settle(self) -> None:
+        """What depends on the model and its terms beside `Trainer`'s own setup: a `compute_loss_func` refused
+        beside auxiliary terms, and whether the model is given `num_items_in_batch`."""
         if self.aux_losses and self.compute_loss_func is not None:
             raise ConfigError(
                 "LoramixTrainer: compute_loss_func scales its loss for gradient accumulation, the auxiliary "
@@ -203,8 +218,16 @@ class LoramixTrainerMixin:
         # `Trainer` read the wrapper's forward, which takes any keyword: ask the model inside whether it takes
         # `num_items_in_batch`; with auxiliary terms, each micro-batch's loss is its own mean, as the terms are
         self.model_accepts_loss_kwargs = (
-            self.model_accepts_loss_kwargs and accepts_loss_kwargs(self.injected) and not self.aux_losses
+            self.accepts_by_trainer and accepts_loss_kwargs(self.injected) and not self.aux_losses
         )
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """`model_init`'s model (as `Trainer` makes one at the start and at each `train`, a hyperparameter search's
+        trial included), adopted as a model passed in is."""
+        wrapped = self.adopt(super().call_model_init(trial))
+        if hasattr(self, "accepts_by_trainer"):  # a new model after `Trainer`'s setup
+            self.settle()
+        return wrapped
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """`Trainer`'s optimizer, with the routers' parameters in groups of their own at `router_lr` and those of the
