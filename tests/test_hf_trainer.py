@@ -115,10 +115,13 @@ def test_the_loss_and_gradients_equal_a_hand_written_mola_router_step(tmp_path: 
             assert torch.allclose(got[name], param.grad, atol=1e-6), name
 
 
-def test_training_drops_unused_columns_keeps_task_ids_and_logs_each_loss(tmp_path: Path) -> None:
+def test_training_drops_unused_columns_keeps_task_ids_and_logs_each_loss(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
     model = classifier("sample")
     trainer = LoramixTrainer(model=model, args=arguments(tmp_path), train_dataset=rows())
     trainer.train()
+    assert not [w for w in recwarn if "auxiliary loss" in str(w.message)]  # the trainer adds it
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3
     for entry in logged:

@@ -134,3 +134,23 @@ def test_wrapped_model_trains_only_the_experts() -> None:
     trainable = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all(".experts." in n for n in trainable)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+@pytest.mark.parametrize("router", ["sample", "token", "task"])
+def test_training_a_learned_router_through_the_wrapper_alone_warns_once_that_no_aux_loss_is_added(
+    router: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    wrapped = LoramixModel(adapted_gpt2(router))
+    ids = prompt()
+    with torch.no_grad():
+        wrapped(input_ids=ids, task_ids=TASK_IDS)  # evaluation: nothing to warn of
+    wrapped.train()
+    with loramix.routing(wrapped.model, task_ids=TASK_IDS):  # a block of the caller's, who adds what it wants
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert not [w for w in recwarn if "auxiliary loss" in str(w.message)]
+    for _ in range(2):
+        wrapped(input_ids=ids, labels=ids, task_ids=TASK_IDS).loss.backward()
+    warned = [str(w.message) for w in recwarn if "auxiliary loss" in str(w.message)]
+    assert len(warned) == (0 if router == "task" else 1)
+    if warned:
+        assert f"router '{router}'" in warned[0] and "LoramixTrainer" in warned[0]

@@ -4,12 +4,17 @@ calls `model(**batch)`, such as Hugging Face `Trainer` and `generate()`, routes 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from loramix.context import routing
 from loramix.inject import get_info
+
+# the learned routers that train with an auxiliary loss of their own (`loramix train` and `LoramixTrainer` add it)
+AUX_TERMS = {"sample": "MoLA-Router's TwD", "token": "load balance"}
 
 
 class LoramixModel(nn.Module):
@@ -30,6 +35,7 @@ class LoramixModel(nn.Module):
         super().__init__()
         get_info(model)  # fail early on a model without adapters
         self.model = model
+        self.warned = False  # that training through it adds no auxiliary loss (once)
 
     def _task_ids(self, task_ids: Tensor | None) -> Tensor | None:
         """The given task ids, else those of a `loramix.routing` block already open around the call."""
@@ -40,8 +46,23 @@ class LoramixModel(nn.Module):
         if task_ids is None and get_info(self.model).active_states:
             # the block open around the call routes it and records its gates (a trainer's losses read them there)
             return self.model(*args, **kwargs)
+        if self.training and torch.is_grad_enabled() and not self.warned:
+            self._warn_without_aux_loss()
         with routing(self.model, task_ids=task_ids, attention_mask=kwargs.get("attention_mask")):
             return self.model(*args, **kwargs)
+
+    def _warn_without_aux_loss(self) -> None:
+        """Training a learned router through the wrapper alone (a plain `Trainer`) leaves out the loss it trains
+        with; without TwD MoLA-Router's router does not follow the tasks."""
+        self.warned = True
+        router = get_info(self.model).config.router
+        if router in AUX_TERMS:
+            warnings.warn(
+                f"LoramixModel: router '{router}' trains with an auxiliary loss ({AUX_TERMS[router]}) that this "
+                "wrapper does not add to the model's loss; train with loramix.LoramixTrainer, which adds it, or "
+                "open loramix.routing yourself and add it to your loss",
+                stacklevel=3,
+            )
 
     def generate(self, *args: Any, task_ids: Tensor | None = None, **kwargs: Any) -> Any:
         """Generate with each sequence routed by its task; the sample router decides once, on the prompt."""
