@@ -233,6 +233,37 @@ def test_pushes_hold_the_newest_adapters_under_a_loramix_card(tmp_path: Path, hu
     assert torch.equal(got, expected)
 
 
+def test_a_run_resumes_from_the_last_checkpoint_it_pushed(tmp_path: Path, hub: Any) -> None:
+    whole = classifier("sample")
+    args = arguments(tmp_path / "whole", save_strategy="steps", save_steps=3)
+    LoramixTrainer(model=whole, args=args, train_dataset=rows()).train()
+
+    class Stop(TrainerCallback):  # the run dies after its first checkpoint
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            control.should_training_stop = state.global_step == 3
+
+    args = arguments(
+        tmp_path / "pushed",
+        save_strategy="steps",
+        save_steps=3,
+        push_to_hub=True,
+        hub_model_id="me/run",
+        hub_strategy="checkpoint",
+    )
+    LoramixTrainer(model=classifier("sample"), args=args, train_dataset=rows(), callbacks=[Stop()]).train()
+    last = hub.root / "me" / "run" / "last-checkpoint"  # the checkpoint folder, pushed whole beside the model
+    assert {"adapters.safetensors", "loramix_config.json", "trainer_state.json"} <= {
+        p.name for p in last.iterdir()
+    }
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 3
+
+    resumed = classifier("sample")  # elsewhere: a fresh model, the run's settings, the pushed checkpoint
+    trainer = LoramixTrainer(model=resumed, args=arguments(tmp_path / "resumed"), train_dataset=rows())
+    trainer.train(resume_from_checkpoint=str(last))
+    for name, value in adapter_state(whole).items():
+        assert torch.allclose(adapter_state(resumed)[name], value, atol=1e-6), name
+
+
 def test_model_init_trains_as_the_model_passed_in_and_a_trial_s_model_brings_its_own_terms(
     tmp_path: Path,
 ) -> None:
