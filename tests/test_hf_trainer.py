@@ -92,6 +92,26 @@ def batch_of(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([row[key] for row in items]) for key in items[0] if key != "text"}
 
 
+def routed_logits(model: nn.Module) -> torch.Tensor:
+    """The model's logits on six rows, each routed by its task, in evaluation."""
+    batch = batch_of(rows(6))
+    ids = batch.pop("task_ids")
+    with torch.no_grad(), loramix.routing(model.eval(), task_ids=ids):
+        return model(**batch).logits
+
+
+def pushing(folder: Path, strategy: str) -> TrainingArguments:
+    """Arguments that checkpoint every 3 steps and push to the Hub repository `me/run` as `strategy` says."""
+    return arguments(
+        folder,
+        save_strategy="steps",
+        save_steps=3,
+        push_to_hub=True,
+        hub_model_id="me/run",
+        hub_strategy=strategy,
+    )
+
+
 def test_the_loss_and_gradients_equal_a_hand_written_mola_router_step(tmp_path: Path) -> None:
     model = classifier("sample")
     trainer = LoramixTrainer(model=model, args=arguments(tmp_path))
@@ -190,27 +210,12 @@ def test_checkpoints_hold_the_adapters_alone_and_a_resume_equals_an_uninterrupte
     final = tmp_path / "final"
     trainer.save_model(str(final))
     loaded = loramix.load(classifier(None), final)
-    batch = batch_of(rows(6))
-    ids = batch.pop("task_ids")
-    with torch.no_grad():
-        with loramix.routing(resumed.eval(), task_ids=ids):
-            expected = resumed(**batch).logits
-        with loramix.routing(loaded.eval(), task_ids=ids):
-            got = loaded(**batch).logits
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(routed_logits(loaded), routed_logits(resumed), atol=1e-6)
 
 
 def test_pushes_hold_the_newest_adapters_under_a_loramix_card(tmp_path: Path, hub: Any) -> None:
     model = classifier("task")
-    args = arguments(
-        tmp_path / "out",
-        save_strategy="steps",
-        save_steps=3,
-        push_to_hub=True,
-        hub_model_id="me/run",
-        hub_strategy="every_save",
-    )
-    trainer = LoramixTrainer(model=model, args=args, train_dataset=rows())
+    trainer = LoramixTrainer(model=model, args=pushing(tmp_path / "out", "every_save"), train_dataset=rows())
     trainer.train()
     # each checkpoint was pushed from the output folder, which Trainer fills with the model files it knows by name
     assert hub.uploads == [("me/run", None)] * 2
@@ -223,14 +228,7 @@ def test_pushes_hold_the_newest_adapters_under_a_loramix_card(tmp_path: Path, hu
     assert "library_name: loramix" in card and "- loramix" in card
     assert "model = loramix.load(base_model, 'me/run')" in card and "## Training hyperparameters" in card
     loaded = loramix.load(classifier(None), "me/run")
-    batch = batch_of(rows(6))
-    ids = batch.pop("task_ids")
-    with torch.no_grad():
-        with loramix.routing(model.eval(), task_ids=ids):
-            expected = model(**batch).logits
-        with loramix.routing(loaded.eval(), task_ids=ids):
-            got = loaded(**batch).logits
-    assert torch.equal(got, expected)
+    assert torch.equal(routed_logits(loaded), routed_logits(model))
 
 
 def test_a_run_resumes_from_the_last_checkpoint_it_pushed(tmp_path: Path, hub: Any) -> None:
@@ -242,14 +240,7 @@ def test_a_run_resumes_from_the_last_checkpoint_it_pushed(tmp_path: Path, hub: A
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             control.should_training_stop = state.global_step == 3
 
-    args = arguments(
-        tmp_path / "pushed",
-        save_strategy="steps",
-        save_steps=3,
-        push_to_hub=True,
-        hub_model_id="me/run",
-        hub_strategy="checkpoint",
-    )
+    args = pushing(tmp_path / "pushed", "checkpoint")
     LoramixTrainer(model=classifier("sample"), args=args, train_dataset=rows(), callbacks=[Stop()]).train()
     last = hub.root / "me" / "run" / "last-checkpoint"  # the checkpoint folder, pushed whole beside the model
     assert {"adapters.safetensors", "loramix_config.json", "trainer_state.json"} <= {
