@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=int,
         help="with --speed: only these of its cases, by position (6 and 7: the nearest-neighbour selector; 8 and "
-        "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route)",
+        "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route; 11-13: case 8 with "
+        "its own pass in bfloat16, on the first 24 tokens, and both: ddas_precision, ddas_tokens)",
     )
     parser.add_argument(
         "--device",
@@ -275,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
                 entry.get("ddas_neighbours", 0),
                 entry.get("ddas_choice", "own"),
                 entry.get("ddas_accept_state", "base"),
+                entry.get("ddas_tokens"),
+                entry.get("ddas_precision", "float32"),
                 entry["batch"],
             )
 
-        # (layer, accept_layer, first adapted block, neighbours, choice, accept_state)
+        # (layer, accept_layer, first adapted block, neighbours, choice, accept_state, tokens, precision)
         cases = tuple(
-            (*c, "own", "base")
+            (*c, "own", "base", None, "float32")
             for c in (
                 (0, None, 0, 0),
                 (3, None, 0, 0),
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         cases += tuple(
-            (*c, "base")
+            (*c, "base", None, "float32")
             for c in (
                 (0, 3, 0, 3, "own"),
                 (0, 3, 3, 3, "own"),
@@ -299,11 +302,16 @@ def main(argv: list[str] | None = None) -> int:
                 (0, 3, 3, 3, "shared"),
             )
         )
-        cases += ((0, 3, 0, 3, "shared", "route"),)  # routed acceptance, experts in every block
+        # routed acceptance, experts in every block
+        cases += ((0, 3, 0, 3, "shared", "route", None, "float32"),)
+        # case 8's own pass made cheaper: in bfloat16, on the first 24 tokens, and both
+        cheaper = ((None, "bfloat16"), (24, "float32"), (24, "bfloat16"))
+        cases += tuple((0, 3, 0, 3, "shared", "base", *pass_settings) for pass_settings in cheaper)
         if args.cases:
             cases = tuple(cases[i] for i in args.cases)
         for batch in args.batches:
-            for layer, accept_layer, first_block, neighbours, choice, accept_state in cases:
+            for layer, accept_layer, first_block, neighbours, choice, accept_state, *pass_settings in cases:
+                tokens, precision = pass_settings
                 entry = {
                     **selector_speed(
                         15,
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         neighbours=neighbours,
                         choice=choice,
                         accept_state=accept_state,
+                        tokens=tokens,
+                        precision=precision,
                         device=device,
                     ),
                     "threads": args.threads,

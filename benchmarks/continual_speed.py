@@ -160,6 +160,8 @@ def selector_speed(
     neighbours: int = 0,
     choice: str = "own",
     accept_state: str = "base",
+    tokens: int | None = None,
+    precision: str = "float32",
     device: str | torch.device = "cpu",
 ) -> dict:
     """Inference on a batch that mixes the ten tasks through MoE-Adapters' model (per-task routers in every block
@@ -173,8 +175,10 @@ def selector_speed(
     `ddas_choice` (shared: the task named under one covariance). `accept_state` route: `ddas_accept_state: route`,
     the task chosen on block `layer`'s base feature, acceptance read by the pass along that route at block
     `accept_layer` (each task's acceptance columns fitted along its own route), rejected inputs passed again on the
-    base. With a base pass of its own, also the pieces of the selector's cost, each against the task ids' pass
-    (`pieces_vs_task_ids`): that pass over each input's whole length and over its first 16 and 24 tokens, and the
+    base. `tokens`, `precision`: the selector's own base pass over each input's first `tokens` tokens, in
+    `precision` (`ddas_tokens`, `ddas_precision`), when fitted and when choosing. With a base pass of its own over the
+    whole input, also the pieces of the selector's cost, each against the task ids' pass (`pieces_vs_task_ids`):
+    that pass (in `precision`) over each input's whole length and over its first 16 and 24 tokens, and the
     selector's scoring of the features. On `device` (on a GPU each case runs five times a round)."""
     import loramix
     from loramix.methods.continual.features import (
@@ -189,6 +193,8 @@ def selector_speed(
 
     tasks = TASKS
     device = torch.device(device)
+    # the selector's own pass, when fitted and when choosing
+    cheap = {"tokens": tokens, "precision": precision}
     model, config = moe_adapters_model(experts, 64, first_block)
     model.to(device)
     generator = torch.Generator().manual_seed(0)
@@ -212,7 +218,7 @@ def selector_speed(
             features = [selector_features(model, sample, "hidden", layer), own]
             selector.add_task(torch.cat(features, -1))
             continue
-        selector.add_task(selector_features(model, sample, "hidden", layer, accept_layer))
+        selector.add_task(selector_features(model, sample, "hidden", layer, accept_layer, **cheap))
     task_ids = torch.arange(batch) % tasks
     input_ids = torch.stack(
         [
@@ -229,7 +235,7 @@ def selector_speed(
             model(**inputs)
 
     layers = selector_layers(layer, accept_layer)
-    in_pass = reads_in_pass(model, layers) and not routed
+    in_pass = reads_in_pass(model, layers) and not routed and tokens is None and precision == "float32"
 
     @torch.inference_mode()
     def selected() -> None:
@@ -241,18 +247,19 @@ def selector_speed(
             with routed_by_selector(model, inputs, selector, layers):
                 model(**inputs)
             return
-        chosen, keep = selector(selector_features(model, inputs, "hidden", layer, accept_layer))
+        chosen, keep = selector(selector_features(model, inputs, "hidden", layer, accept_layer, **cheap))
         with loramix.routing(model, task_ids=chosen, keep_base=keep, attention_mask=inputs["attention_mask"]):
             model(**inputs)
 
     cases = {"ddas": selected, "task-ids": given}
-    if not (routed or in_pass):  # the pieces of the selector's own cost: its base pass (on all or the first k
-        # tokens of each input) and its scoring of the features
-        features = selector_features(model, inputs, "hidden", layer, accept_layer)
+    if not (routed or in_pass or tokens):
+        # the pieces of the selector's own cost: its base pass (on all or the first k tokens of each input, in its
+        # precision) and its scoring of the features
+        features = selector_features(model, inputs, "hidden", layer, accept_layer, precision=precision)
         for k in sorted({16, 24, seq}):
             cut = {key: value[:, :k] for key, value in inputs.items()}
             cases[f"base-pass-{k}"] = torch.inference_mode()(
-                lambda cut=cut: selector_features(model, cut, "hidden", layer, accept_layer)
+                lambda cut=cut: selector_features(model, cut, "hidden", layer, accept_layer, **cheap)
             )
         cases["scoring"] = torch.inference_mode()(lambda: selector(features))
     timings = interleaved(cases, device=device, rounds=rounds, repeat=1 if device.type == "cpu" else 5)
@@ -269,6 +276,8 @@ def selector_speed(
         **({"ddas_neighbours": neighbours} if neighbours else {}),
         **({"ddas_choice": choice} if choice != "own" else {}),
         **({"ddas_accept_state": accept_state} if routed else {}),
+        **({"ddas_tokens": tokens} if tokens else {}),
+        **({"ddas_precision": precision} if precision != "float32" else {}),
         "layers_to_transform": config["layers_to_transform"],
         "in_pass": in_pass,
         "batch": batch,

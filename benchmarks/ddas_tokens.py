@@ -44,13 +44,18 @@ def cut_features(
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """`features[task][split]["hidden<l>@<k>"]`: the state entering block l (2 or 3) of the base model run on each
     input's first k tokens only, pooled, with the token statistics of the whole input; cached beside the full
-    features (one `<task>-tokens.pt` each, recomputed when it lacks a wanted k)."""
+    features (one `<task>-tokens.pt` each, `<task>-tokens-bf16.pt` with `--precision bfloat16`, recomputed when it
+    lacks a wanted k)."""
     out: dict[str, Any] = {}
     wanted = {f"hidden{layer}@{k}" for layer in (2, 3) for k in tokens}
+    low = args.precision == "bfloat16"
+
+    def cached(name: str) -> Path:
+        return args.cache / f"{name}-tokens{'-bf16' if low else ''}.pt"
+
     for name in ORDER:
-        path = args.cache / f"{name}-tokens.pt"
-        if path.is_file():
-            out[name] = torch.load(path, weights_only=True)
+        if cached(name).is_file():
+            out[name] = torch.load(cached(name), weights_only=True)
     if all(name in out and wanted <= set(out[name]["test"]) for name in ORDER):
         return out
     data, model, collate = harness_inputs(args)
@@ -65,11 +70,12 @@ def cut_features(
                 for k in tokens:
                     cut = {key: value[:, :k] for key, value in batch.items() if key in PER_TOKEN}
                     for layer in (2, 3):
-                        pooled = selector_features(model, cut, "hidden", layer)[:, :-STATS]
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+                            pooled = selector_features(model, cut, "hidden", layer)[:, :-STATS]
                         kinds.setdefault(f"hidden{layer}@{k}", []).append(torch.cat([pooled, stats], 1))
             out[name][split] = {key: torch.cat(value) for key, value in kinds.items()}
         args.cache.mkdir(parents=True, exist_ok=True)
-        torch.save(out[name], path)
+        torch.save(out[name], cached(name))
     return out
 
 
@@ -102,6 +108,12 @@ def tokens_rates(
 def main(argv: list[str] | None = None) -> int:
     parser = harness_parser(__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[12, 16, 24, 32, 48])
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the cut pass's precision (bfloat16: under autocast, as `ddas_precision: bfloat16` runs it)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ddas-selector-tokens.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -740,6 +740,43 @@ def test_a_two_stage_pooled_neighbour_selector_run_evaluates_and_continues_only_
         get_method("moe-adapters").validate(whiten)
 
 
+def test_a_selector_on_a_cut_bfloat16_base_pass_is_fitted_and_chooses_on_that_pass_and_continues_only_with_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`ddas_tokens` and `ddas_precision` make the selector's own base pass cheaper: it is fitted on that pass, the
+    saved run chooses by it again (its evaluation gives the last row), and a continued run keeps both settings."""
+    from loramix.cli import main
+    from loramix.methods.continual.features import selector_features
+    from loramix.methods.continual.learner import new_selector
+
+    every = specs(tasks_dir)
+    cheap = {"ddas_layer": 1, "ddas_tokens": 3, "ddas_precision": "bfloat16"}
+    first = continual_run(model_dir, tasks_dir, "continual-mola-grad", steps_per_task=6, **cheap)
+    first = RunConfig.from_dict({**first.to_dict(), "tasks": every[:2]})
+    learner, metrics = trained_learner(first, tmp_path / "first")
+    examples = [e for t in range(2) for e in learner.data.eval_examples("test", t, 8)]
+    batch = next(learner.batches(examples, 16))
+    own = selector_features(learner.backbone, batch, "hidden", 1, tokens=3, precision="bfloat16")
+    assert torch.equal(learner.base_features(batch), own)
+    assert not torch.allclose(own, selector_features(learner.backbone, batch, "hidden", 1), atol=1e-3)
+    refit = new_selector(first, learner.backbone)
+    method = get_method(first.method)
+    for task in range(2):
+        refit.add_task(method.task_features(learner, task), seed=first.seed)
+    for key, value in learner.selector.state().items():
+        assert torch.equal(refit.state()[key], value), key
+    assert main(["eval", str(tmp_path / "first")]) == 0
+    evaluated = json.loads((tmp_path / "first" / "eval-test.json").read_text())
+    assert [evaluated["tasks"][t["name"]]["accuracy"] for t in every[:2]] == metrics["accuracy_matrix"][-1]
+    later = {**first.to_dict(), "tasks": every[2:], "continue_from": str(tmp_path / "first")}
+    for key, value in (("ddas_tokens", None), ("ddas_precision", "float32")):
+        with pytest.raises(ConfigError, match=f"other settings: set {key}: "):
+            run_training(RunConfig.from_dict({**later, key: value}), tmp_path / "other")
+    in_pass = RunConfig.from_dict({**first.to_dict(), "layers_to_transform": [1]})
+    with pytest.raises(ConfigError, match="ddas_tokens, ddas_precision: with no expert before block 1"):
+        get_method("moe-adapters").validate(in_pass)
+
+
 def test_a_resume_is_checked_against_the_checkpoints_it_will_load_only(tmp_path: Path):
     """The first unfinished task's (a finished task's checkpoints are never read again), or the joint phase's."""
     (tmp_path / "progress.json").write_text(json.dumps({"done": 1, "matrix": []}))

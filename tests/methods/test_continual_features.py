@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import loramix
 from loramix.context import routing
+from loramix.errors import ConfigError
 from loramix.inject import adapter_state
 from loramix.methods.continual.features import (
     _rows,
@@ -116,3 +118,53 @@ def test_the_base_feature_skips_the_experts_and_equals_a_pass_that_keeps_every_i
             assert torch.equal(state, expected)
         for hook in hooks:
             hook.remove()
+
+
+def test_a_cut_pass_reads_each_input_s_first_tokens_after_the_embeddings_and_the_rest_of_the_whole_input():
+    """`tokens` k: the states entering later blocks are a pass over the first k tokens alone, pooled over the real
+    ones among them; block 0's state (the embeddings' output) and the token statistics read the whole input."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+    )
+    backbone = BertModel(config).eval()
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 3:] = 0  # shorter than the cut: its padding stays out of the pool
+    mask[2, 6:] = 0
+    batch = {"input_ids": torch.randint(0, 64, (4, 9)), "attention_mask": mask}
+    batch["token_type_ids"] = (torch.arange(9) >= 5).long().expand(4, 9) * mask
+    width = config.hidden_size
+    cut = selector_features(backbone, batch, "hidden", 0, accept_layer=2, tokens=5)
+    whole = selector_features(backbone, batch, "hidden", 0, accept_layer=2)
+    first = {key: value[:, :5] for key, value in batch.items()}
+    torch.testing.assert_close(cut[:, :width], whole[:, :width])  # block 0, whole input
+    torch.testing.assert_close(cut[:, -3:], whole[:, -3:])  # the statistics, whole input
+    torch.testing.assert_close(
+        cut[:, width:-3], selector_features(backbone, first, "hidden", 2)[:, :width]
+    )  # block 2 over the first five tokens
+    assert not torch.allclose(cut[:, width:-3], whole[:, width:-3])
+    assert torch.equal(selector_features(backbone, batch, "hidden", 0, accept_layer=2, tokens=9), whole)
+    left = {**batch, "attention_mask": mask.flip(1)}
+    with pytest.raises(ConfigError, match="ddas_tokens: .*padded on the right"):
+        selector_features(backbone, left, "hidden", 2, tokens=5)
+
+
+def test_a_bfloat16_pass_runs_the_blocks_in_bfloat16_and_keeps_the_features_close_to_float32():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+    )
+    backbone = BertModel(config).eval()
+    loramix.inject(backbone, {"num_experts": 2, "rank": 4, "router": "task", "num_tasks": 2})
+    batch = {"input_ids": torch.randint(0, 64, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
+    seen: list[torch.dtype] = []
+    hook = backbone.encoder.layer[1].attention.self.query.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
+    low = selector_features(backbone, batch, "hidden", 0, accept_layer=2, precision="bfloat16")
+    high = selector_features(backbone, batch, "hidden", 0, accept_layer=2)
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.float32] and low.dtype == torch.float32
+    assert not torch.equal(low, high)
+    torch.testing.assert_close(low, high, atol=2e-2, rtol=0)
+    assert torch.nn.functional.cosine_similarity(low, high).min() > 0.999

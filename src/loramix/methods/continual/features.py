@@ -58,6 +58,8 @@ def selector_features(
     layer: int = 3,
     accept_layer: int | None = None,
     stats: int = STATS,
+    tokens: int | None = None,
+    precision: str = "float32",
 ) -> Tensor:
     """The auto-selector's feature of each input `(n, d)`, always from the untouched base model (every adapted
     layer switched off, :func:`loramix.disabled`), mean-pooled over real tokens and L2-normalised:
@@ -71,15 +73,43 @@ def selector_features(
       later of the two (the selector's acceptance reads the last `d + 3` columns, see
       `AutoSelector(accept_width=...)`);
     - `embeddings`: the input embedding lookup alone (nearly free);
-    - `encoder`: the encoder's last hidden state (one more forward pass)."""
+    - `encoder`: the encoder's last hidden state (one more forward pass).
+
+    Two ways to make the base pass cheaper (`ddas_tokens`, `ddas_precision`), each read the same way when the
+    selector is fitted and when it chooses: `tokens` k runs the blocks on each input's first k tokens only (the
+    embeddings' output, block 0's state, and the token statistics still read the whole input: they cost nothing);
+    `precision` bfloat16 runs the pass under autocast (on a CPU with bfloat16 instructions about half the time of
+    float32; the features are pooled in float32)."""
     mask = batch["attention_mask"]
     if kind == "embeddings":
         return _pool(backbone.get_input_embeddings()(batch["input_ids"]), mask)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    layers = selector_layers(layer, accept_layer) if kind == "hidden" else [None]
+    with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        states = _base_states(backbone, inputs, layers, tokens)
     if kind != "hidden":
-        return _pool(base_hidden_state(backbone, inputs, None), mask)
-    states = base_hidden_states(backbone, inputs, selector_layers(layer, accept_layer))
+        return _pool(states[0], mask[:, : states[0].shape[1]])
     return hidden_features(batch, states, stats)
+
+
+def _base_states(
+    backbone: torch.nn.Module, inputs: dict[str, Tensor], layers: list[int | None], tokens: int | None
+) -> list[Tensor]:
+    """`base_hidden_states` of `layers`, those after the embeddings' output (block 0's input) over each input's
+    first `tokens` tokens only where given (`(n, min(t, tokens), d)`)."""
+    later = [layer for layer in layers if layer != 0]
+    if tokens is None or tokens >= inputs["attention_mask"].shape[1] or not later:
+        return base_hidden_states(backbone, inputs, layers)
+    if not bool(inputs["attention_mask"][:, 0].all()):
+        raise ConfigError(
+            "ddas_tokens: the auto-selector reads each input's first tokens and needs inputs padded on the right "
+            "(a tokenizer with padding_side='right'); set ddas_tokens: null"
+        )
+    cut = {key: value[:, :tokens] for key, value in inputs.items()}
+    states = dict(zip(later, base_hidden_states(backbone, cut, later)))
+    if 0 in layers:
+        states[0] = base_hidden_states(backbone, inputs, [0])[0]
+    return [states[layer] for layer in layers]
 
 
 def selector_layers(layer: int, accept_layer: int | None = None) -> list[int]:
@@ -100,7 +130,7 @@ def hidden_features(batch: dict[str, Tensor], states: list[Tensor], stats: int =
     pairs of two like sentences; a long premise and a short hypothesis) where the pooled states do not. `stats=2`:
     the log token count and a sentence-pair flag, as selectors fitted before the segments' lengths read."""
     mask = batch["attention_mask"]
-    pooled = torch.cat([_pool(h, mask) for h in states], -1)  # (n, k*d)
+    pooled = torch.cat([_pool(h, mask[:, : h.shape[1]]) for h in states], -1)  # (n, k*d); a state may be cut
     count = mask.float().sum(1).clamp_min(1.0)  # (n,)
     segment = batch.get("token_type_ids")
     second = (segment * mask).sum(1).float() if segment is not None else torch.zeros_like(count)  # (n,)

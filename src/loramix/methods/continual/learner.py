@@ -97,8 +97,17 @@ class Learner:
         state (a run saved before `ddas_accept_layer` existed has none; routed acceptance reads its own along the
         route: :mod:`.routed`)."""
         accept = self.run.ddas_accept_layer if self.two_stage else None
-        kind, layer = self.run.ddas_features, self.run.ddas_layer
-        return selector_features(self.backbone, batch, kind, layer, accept, self.feature_stats())
+        run = self.run
+        return selector_features(
+            self.backbone,
+            batch,
+            run.ddas_features,
+            run.ddas_layer,
+            accept,
+            self.feature_stats(),
+            tokens=run.ddas_tokens,
+            precision=run.ddas_precision,
+        )
 
     @property
     def two_stage(self) -> bool:
@@ -119,8 +128,11 @@ class Learner:
 
     def in_pass_layers(self) -> list[int] | None:
         """The blocks whose input states the auto-selector reads, where it can read them inside the inference pass
-        itself (no adapted layer before the last of them: see :func:`routed_by_selector`); else None."""
-        if self.selector is None or self.run.ddas_features != "hidden" or self.routed_acceptance:
+        itself (no adapted layer before the last of them: see :func:`routed_by_selector`); else None. A selector
+        fitted on a cheaper pass of its own (`ddas_tokens`, `ddas_precision`) reads that pass here too."""
+        run = self.run
+        own_pass = run.ddas_tokens is not None or run.ddas_precision != "float32"
+        if self.selector is None or run.ddas_features != "hidden" or self.routed_acceptance or own_pass:
             return None
         accept = self.run.ddas_accept_layer if self.two_stage else None
         layers = selector_layers(self.run.ddas_layer, accept)
@@ -239,6 +251,8 @@ SELECTOR_SETTINGS = (
     "ddas_layer",
     "ddas_accept_layer",
     "ddas_accept_state",
+    "ddas_tokens",
+    "ddas_precision",
     "ddas_normalize",
     "ddas_threshold",
     "ddas_percentile",

@@ -131,6 +131,13 @@ class Continual(Method):
                 f"and needs a ddas_accept_layer other than ddas_layer ({run.ddas_layer}); set ddas_accept_layer "
                 "(3, say) or ddas_accept_state: base"
             )
+        if (run.ddas_tokens is not None or run.ddas_precision != "float32") and run.layers_to_transform:
+            last = max(run.ddas_layer, run.ddas_accept_layer or 0)
+            if run.ddas_features == "hidden" and min(run.layers_to_transform) >= last:
+                raise ConfigError(
+                    f"ddas_tokens, ddas_precision: with no expert before block {last}, the auto-selector reads the "
+                    "answer pass itself at no cost, and these settings would give it a pass of its own; remove them"
+                )
         if run.ddas_neighbours and run.ddas_normalize != "gaussian":
             raise ConfigError(
                 "ddas_neighbours: acceptance by nearest neighbours leaves the choice of task to the tasks' "
