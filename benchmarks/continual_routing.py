@@ -29,9 +29,11 @@ of the library (checked equal to the saved one): a run saved before the posterio
 held-out features then mixes as a run of this version would. With `--percentile P` the refitted selector accepts up
 to percentile P instead of the run's: training never consults the selector, so the `selector` and `posterior` modes
 are then the last row of the same run trained with `ddas_percentile: P` (rows before it need the models of their
-stages).
+stages). `--with KEY=VALUE ...` does the same for other selector settings (its own pass's `ddas_tokens` and
+`ddas_precision`, say).
 
     python benchmarks/continual_routing.py RUN_DIR --refit --percentile 99 --out ...
+    python benchmarks/continual_routing.py RUN_DIR --refit --with ddas_tokens=null ddas_precision=float32 --out ...
 """
 
 from __future__ import annotations
@@ -48,13 +50,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from _timing import interleaved, ratio_stats  # noqa: E402
 
 from loramix.data import MultiTaskData  # noqa: E402
 from loramix.io import read_checkpoint  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
-from loramix.methods.continual.learner import Learner, new_selector, saved_selector  # noqa: E402
+from loramix.methods.continual.learner import (  # noqa: E402
+    SELECTOR_SETTINGS,
+    Learner,
+    new_selector,
+    saved_selector,
+)
 from loramix.methods.continual.mixing import probabilities, route_weights  # noqa: E402
 from loramix.routers.selector import AutoSelector  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
@@ -103,20 +111,21 @@ def collect(learner: Learner, split: str) -> list[dict]:
     return rows
 
 
-def refit(learner: Learner, method, saved: AutoSelector, percentile: float | None = None) -> AutoSelector:
+def refit(learner: Learner, method, saved: AutoSelector, changes: dict | None = None) -> AutoSelector:
     """The run's auto-selector fitted again from its training inputs by this version of the library, as the run
     fitted it after each task (it reads only the base model, so training does not change it): the same tensors, to
     the bit, as the saved one, which is checked, plus what this version keeps beside them (the held-out features
-    that calibrate the posterior's temperature). With `percentile`, also fitted with that acceptance percentile in
-    place of the run's, which is the one returned."""
+    that calibrate the posterior's temperature). With `changes` (selector settings: `ddas_percentile`, or
+    `ddas_tokens` and `ddas_precision`, which change its features too), also fitted with them in place of the
+    run's, which is the one returned; the learner then chooses with them (its `run` changed)."""
     if learner.offset:
         raise SystemExit("--refit: a run that continued another refits only with the earlier run's data")
-    features = [method.task_features(learner, task) for task in range(learner.data.num_tasks)]
 
     def fitted(run) -> AutoSelector:
+        learner.run = run
         selector = new_selector(run, learner.backbone)
-        for rows in features:
-            selector.add_task(rows, seed=run.seed)
+        for task in range(learner.data.num_tasks):
+            selector.add_task(method.task_features(learner, task), seed=run.seed)
         return selector
 
     replica = fitted(learner.run)
@@ -129,9 +138,9 @@ def refit(learner: Learner, method, saved: AutoSelector, percentile: float | Non
                 f"--refit: the refitted selector's {key} differs from the saved one's (a different --threads than "
                 "the run's changes the fitted floats)"
             )
-    if percentile is None:
+    if not changes:
         return replica
-    return fitted(learner.run.model_copy(update={"ddas_percentile": percentile}))
+    return fitted(learner.run.model_copy(update=changes))
 
 
 def speed(learner: Learner, method, split: str, rounds: int) -> dict:
@@ -241,11 +250,28 @@ def main(argv: list[str] | None = None) -> int:
         "training never consults the selector, this is the last row of a run trained with it",
     )
     parser.add_argument(
+        "--with",
+        dest="changes",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --refit: other selector settings (ddas_tokens=null, ddas_precision=float32, ...) in place of the "
+        "run's, as --percentile",
+    )
+    parser.add_argument(
         "--speed", type=int, metavar="ROUNDS", help="also time the ways of answering (see above)"
     )
     args = parser.parse_args(argv)
-    if args.percentile is not None and not args.refit:
-        parser.error("--percentile refits the selector: give --refit too")
+    changes = {"ddas_percentile": args.percentile} if args.percentile is not None else {}
+    for pair in args.changes:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SELECTOR_SETTINGS:
+            parser.error(
+                f"--with {pair!r}: expected KEY=VALUE with KEY one of {', '.join(SELECTOR_SETTINGS)}"
+            )
+        changes[key] = yaml.safe_load(value)
+    if changes and not args.refit:
+        parser.error("--percentile and --with refit the selector: give --refit too")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     learner, method = finished_run(args.run_dir)
@@ -253,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if learner.selector.normalize != "gaussian":
         parser.error(f"{args.run_dir}: the posterior needs the gaussian rule's likelihoods")
     if args.refit:
-        learner.selector = refit(learner, method, learner.selector, args.percentile)
+        learner.selector = refit(learner, method, learner.selector, changes)
     tasks, base = data.num_tasks, data.num_tasks
     with learner.model.heads.inference_cache():  # as `loramix eval` answers
         rows = collect(learner, eval_split(data))
@@ -272,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         return sum(int(np.argmax(r["answers"][pick(r)]) == r["label"]) for r in group)
 
     results = {
-        # an entry of its own for each percentile the selector is refitted with
-        "run": args.run_dir.name + ("" if args.percentile is None else f" percentile={args.percentile:g}"),
+        # an entry of its own for each setting the selector is refitted with
+        "run": args.run_dir.name
+        + "".join(
+            f" {k.removeprefix('ddas_')}={f'{v:g}' if isinstance(v, float) else v}"
+            for k, v in changes.items()
+        ),
         "method": run.method,
         "seed": run.seed,
         "tasks": data.task_names,

@@ -58,8 +58,52 @@ def test_a_refit_at_another_percentile_gives_the_last_row_of_a_run_trained_with_
     result = json.loads((tmp_path / "run" / "routing.json").read_text())
     assert result["percentile"] == 40.0 and result["run"].endswith(" percentile=40")
     assert result["modes"]["selector"]["per_task"] == pytest.approx(lower["accuracy_matrix"][-1])
-    with pytest.raises(SystemExit):  # a percentile refits: without --refit it is refused
-        module.main([str(tmp_path / "run"), "--percentile", "40"])
+    for alone in (["--percentile", "40"], ["--with", "ddas_percentile=40"]):
+        with pytest.raises(SystemExit):  # these refit: without --refit they are refused
+            module.main([str(tmp_path / "run"), *alone])
+
+
+def test_a_refit_with_another_pass_of_its_own_gives_the_selector_and_last_row_of_a_run_trained_with_it(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+):
+    """`--refit --with ddas_tokens=K ddas_precision=bfloat16` (and back): the selector fitted on the other pass is
+    the one a run trained with it saved, tensor for tensor, and chooses on that pass; the experts are the run's."""
+    from loramix.io import read_checkpoint
+
+    settings = {"steps_per_task": 6, "ddas_choice": "shared", "ddas_layer": 1}
+    full = run_training(continual_run(model_dir, tasks_dir, "moe-adapters", **settings), tmp_path / "full")
+    cheap = {"ddas_tokens": 2, "ddas_precision": "bfloat16"}
+    cut = run_training(
+        continual_run(model_dir, tasks_dir, "moe-adapters", **settings, **cheap), tmp_path / "cut"
+    )
+    saved = {
+        name: {
+            k.removeprefix("extra.selector."): v
+            for k, v in read_checkpoint(tmp_path / name / "adapter")[1].items()
+            if k.startswith("extra.selector.")
+        }
+        for name in ("full", "cut")
+    }
+    assert not torch.allclose(saved["full"]["center"], saved["cut"]["center"], atol=1e-3)  # other features
+    threads = str(torch.get_num_threads())
+    module = benchmark_script("continual_routing")
+    for run, other, metrics, changes in (
+        ("full", "cut", cut, {"ddas_tokens": 2, "ddas_precision": "bfloat16"}),
+        ("cut", "full", full, {"ddas_tokens": None, "ddas_precision": "float32"}),
+    ):
+        learner, method = module.finished_run(tmp_path / run)
+        state = module.refit(learner, method, learner.selector, changes).state()
+        for key, value in saved[other].items():
+            assert value.numel() == 0 or torch.equal(state[key], value), key
+        given = [f"{k}={'null' if v is None else v}" for k, v in changes.items()]
+        assert module.main([str(tmp_path / run), "--threads", threads, "--refit", "--with", *given]) == 0
+        result = json.loads((tmp_path / run / "routing.json").read_text())
+        assert result["run"].endswith(
+            f" tokens={changes['ddas_tokens']} precision={changes['ddas_precision']}"
+        )
+        assert result["modes"]["selector"]["per_task"] == pytest.approx(metrics["accuracy_matrix"][-1])
+    with pytest.raises(SystemExit):  # not a selector setting
+        module.main([str(tmp_path / "full"), "--refit", "--with", "lr=1"])
 
 
 def test_posterior_mixing_answers_as_the_routing_diagnosis_mixes(
