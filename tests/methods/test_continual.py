@@ -772,9 +772,13 @@ def test_a_selector_on_a_cut_bfloat16_base_pass_is_fitted_and_chooses_on_that_pa
     for key, value in (("ddas_tokens", None), ("ddas_precision", "float32")):
         with pytest.raises(ConfigError, match=f"other settings: set {key}: "):
             run_training(RunConfig.from_dict({**later, key: value}), tmp_path / "other")
-    in_pass = RunConfig.from_dict({**first.to_dict(), "layers_to_transform": [1]})
-    with pytest.raises(ConfigError, match="ddas_tokens, ddas_precision: with no expert before block 1"):
-        get_method("moe-adapters").validate(in_pass)
+    for no_pass, why in (
+        ({"layers_to_transform": [1]}, "reads the answer pass itself .* no expert before block 1"),
+        ({"ddas_layer": 0}, "reads the answer pass itself .* no expert before block 0"),
+        ({"ddas_features": "embeddings"}, "reads the input embeddings"),
+    ):
+        with pytest.raises(ConfigError, match=f"ddas_tokens, ddas_precision: the auto-selector {why}"):
+            get_method("moe-adapters").validate(RunConfig.from_dict({**first.to_dict(), **no_pass}))
 
 
 def test_a_resume_is_checked_against_the_checkpoints_it_will_load_only(tmp_path: Path):

@@ -295,7 +295,7 @@ class RunConfig(BaseModel):
         description="Auto-selector (`ddas_features: hidden` or `encoder`): its own base pass runs the blocks on "
         "each input's first `ddas_tokens` tokens only, when fitted and when choosing (block 0's state and the token "
         "statistics still read the whole input). 24, with the example configs' selector: about half the pass's "
-        "cost, the same rates on the selector benchmark. null: the whole input.",
+        "cost, rates within half a point on the selector benchmark. null: the whole input.",
     )
     ddas_precision: Literal["float32", "bfloat16"] = Field(
         "float32",

@@ -101,6 +101,23 @@ class Continual(Method):
         pictures = sorted(output_dir.glob("expert_use_*.png"))
         return [*super().outputs(output_dir), *(output_dir / n for n in names), *pictures]
 
+    @staticmethod
+    def _check_own_pass(run: RunConfig) -> None:
+        """`ddas_tokens` and `ddas_precision` make the selector's own base pass cheaper: refused where it has none."""
+        last = max(run.ddas_layer, run.ddas_accept_layer or 0)
+        if run.ddas_features == "embeddings":
+            why = "reads the input embeddings, which no pass computes"
+        elif run.ddas_features == "hidden" and (
+            last == 0 or (run.layers_to_transform and min(run.layers_to_transform) >= last)
+        ):
+            why = f"reads the answer pass itself at no cost, with no expert before block {last}"
+        else:
+            return
+        raise ConfigError(
+            f"ddas_tokens, ddas_precision: the auto-selector {why}, and these settings would give it a pass of "
+            "its own; remove them"
+        )
+
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
         if run.continue_from is not None:
@@ -131,13 +148,8 @@ class Continual(Method):
                 f"and needs a ddas_accept_layer other than ddas_layer ({run.ddas_layer}); set ddas_accept_layer "
                 "(3, say) or ddas_accept_state: base"
             )
-        if (run.ddas_tokens is not None or run.ddas_precision != "float32") and run.layers_to_transform:
-            last = max(run.ddas_layer, run.ddas_accept_layer or 0)
-            if run.ddas_features == "hidden" and min(run.layers_to_transform) >= last:
-                raise ConfigError(
-                    f"ddas_tokens, ddas_precision: with no expert before block {last}, the auto-selector reads the "
-                    "answer pass itself at no cost, and these settings would give it a pass of its own; remove them"
-                )
+        if run.ddas_tokens is not None or run.ddas_precision != "float32":
+            self._check_own_pass(run)
         if run.ddas_neighbours and run.ddas_normalize != "gaussian":
             raise ConfigError(
                 "ddas_neighbours: acceptance by nearest neighbours leaves the choice of task to the tasks' "
