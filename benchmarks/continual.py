@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=int,
         help="with --speed: only these of its cases, by position (6 and 7: the nearest-neighbour selector; 8 and "
-        "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route; 11-13: case 8 with "
-        "its own pass in bfloat16, on the first 24 tokens, and both: ddas_precision, ddas_tokens)",
+        "9: the same with the shared choice; 10: routed acceptance, ddas_accept_state: route; 11-14: case 8 with "
+        "its own pass in bfloat16, on the first 24 tokens, both, and both on 32 tokens: ddas_precision, ddas_tokens)",
     )
     parser.add_argument(
         "--device",
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         # routed acceptance, experts in every block
         cases += ((0, 3, 0, 3, "shared", "route", None, "float32"),)
-        # case 8's own pass made cheaper: in bfloat16, on the first 24 tokens, and both
-        cheaper = ((None, "bfloat16"), (24, "float32"), (24, "bfloat16"))
+        # case 8's own pass made cheaper: in bfloat16, on the first 24 tokens, both, and both on 32 tokens
+        cheaper = ((None, "bfloat16"), (24, "float32"), (24, "bfloat16"), (32, "bfloat16"))
         cases += tuple((0, 3, 0, 3, "shared", "base", *pass_settings) for pass_settings in cheaper)
         if args.cases:
             cases = tuple(cases[i] for i in args.cases)
