@@ -33,9 +33,7 @@ from ddas_selector import (  # noqa: E402
 )
 
 from loramix.io.files import atomic_write_json  # noqa: E402
-from loramix.methods.continual.features import STATS, selector_features  # noqa: E402
-
-PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids")
+from loramix.methods.continual.features import selector_features  # noqa: E402
 
 
 @torch.no_grad()
@@ -48,10 +46,9 @@ def cut_features(
     lacks a wanted k)."""
     out: dict[str, Any] = {}
     wanted = {f"hidden{layer}@{k}" for layer in (2, 3) for k in tokens}
-    low = args.precision == "bfloat16"
 
     def cached(name: str) -> Path:
-        return args.cache / f"{name}-tokens{'-bf16' if low else ''}.pt"
+        return args.cache / f"{name}-tokens{'-bf16' if args.precision == 'bfloat16' else ''}.pt"
 
     for name in ORDER:
         if cached(name).is_file():
@@ -66,13 +63,12 @@ def cut_features(
             kinds: dict[str, list[torch.Tensor]] = {}
             for start in range(0, len(examples), 64):
                 batch = collate(examples[start : start + 64])
-                stats = selector_features(model, batch, "hidden", 0)[:, -STATS:]  # (n, 3), the whole input
-                for k in tokens:
-                    cut = {key: value[:, :k] for key, value in batch.items() if key in PER_TOKEN}
+                for k in tokens:  # the library's cut pass (`ddas_tokens`): the statistics of the whole input
                     for layer in (2, 3):
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
-                            pooled = selector_features(model, cut, "hidden", layer)[:, :-STATS]
-                        kinds.setdefault(f"hidden{layer}@{k}", []).append(torch.cat([pooled, stats], 1))
+                        cut = selector_features(
+                            model, batch, "hidden", layer, tokens=k, precision=args.precision
+                        )
+                        kinds.setdefault(f"hidden{layer}@{k}", []).append(cut)
             out[name][split] = {key: torch.cat(value) for key, value in kinds.items()}
         args.cache.mkdir(parents=True, exist_ok=True)
         torch.save(out[name], cached(name))

@@ -136,7 +136,7 @@ def test_a_continual_method_needs_steps_per_task_and_label_prompts_by_default(
 
 
 def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(model_dir: Path):
-    from loramix.methods.continual.features import base_hidden_state, encoder_blocks, selector_features
+    from loramix.methods.continual.features import base_hidden_states, encoder_blocks, selector_features
     from loramix.models import load_backbone
 
     backbone, tokenizer = load_backbone(str(model_dir))
@@ -146,7 +146,7 @@ def test_the_selector_feature_stops_at_its_block_and_equals_the_full_forward(mod
         reference = backbone(**inputs, output_hidden_states=True).hidden_states
     for layer in (0, 1, 2, None):
         torch.testing.assert_close(
-            base_hidden_state(backbone, inputs, layer), reference[-1 if layer is None else layer]
+            base_hidden_states(backbone, inputs, [layer])[0], reference[-1 if layer is None else layer]
         )
     assert not any(module._forward_pre_hooks for module in backbone.modules())
     features = selector_features(backbone, inputs, "hidden", 1)

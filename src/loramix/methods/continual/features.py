@@ -88,7 +88,7 @@ def selector_features(
     with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         states = _base_states(backbone, inputs, layers, tokens)
     if kind != "hidden":
-        return _pool(states[0], mask[:, : states[0].shape[1]])
+        return _pool(states[0], mask)
     return hidden_features(batch, states, stats)
 
 
@@ -118,8 +118,9 @@ def selector_layers(layer: int, accept_layer: int | None = None) -> list[int]:
 
 
 def _pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean over real tokens, in float32, L2-normalised: `(n, t, d) -> (n, d)`."""
-    weights = mask.float()[..., None]  # (n, t, 1)
+    """Mean over real tokens, in float32, L2-normalised: `(n, t, d) -> (n, d)`; a state of each input's first
+    tokens only (`ddas_tokens`) reads the mask over those."""
+    weights = mask[:, : hidden.shape[1]].float()[..., None]  # (n, t, 1)
     return F.normalize((hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)
 
 
@@ -130,7 +131,7 @@ def hidden_features(batch: dict[str, Tensor], states: list[Tensor], stats: int =
     pairs of two like sentences; a long premise and a short hypothesis) where the pooled states do not. `stats=2`:
     the log token count and a sentence-pair flag, as selectors fitted before the segments' lengths read."""
     mask = batch["attention_mask"]
-    pooled = torch.cat([_pool(h, mask[:, : h.shape[1]]) for h in states], -1)  # (n, k*d); a state may be cut
+    pooled = torch.cat([_pool(h, mask) for h in states], -1)  # (n, k*d)
     count = mask.float().sum(1).clamp_min(1.0)  # (n,)
     segment = batch.get("token_type_ids")
     second = (segment * mask).sum(1).float() if segment is not None else torch.zeros_like(count)  # (n,)
@@ -141,12 +142,6 @@ def hidden_features(batch: dict[str, Tensor], states: list[Tensor], stats: int =
     return torch.cat([pooled, count.log()[:, None], first[:, None], second.clamp_min(1.0).log()[:, None]], -1)
 
 
-def base_hidden_state(backbone: torch.nn.Module, inputs: dict[str, Tensor], layer: int | None) -> Tensor:
-    """The base model's hidden state `(n, t, d)` entering block `layer` (None, or at least the number of blocks:
-    the last hidden state), in eval mode; a hook stops the forward pass there, so the later blocks never run."""
-    return base_hidden_states(backbone, inputs, [layer])[0]
-
-
 def base_hidden_states(
     backbone: torch.nn.Module,
     inputs: dict[str, Tensor],
@@ -154,8 +149,9 @@ def base_hidden_states(
     route: Tensor | None = None,
     weights: Tensor | None = None,
 ) -> list[Tensor]:
-    """The base model's hidden states `(n, t, d)` entering each block of `layers` (see `base_hidden_state`), from
-    one forward pass that stops once the last of them exists; with `route` `(n,)`, the states of the pass along
+    """The base model's hidden states `(n, t, d)` entering each block of `layers` (None, or at least the number of
+    blocks: the last hidden state), in eval mode, from one forward pass that stops once the last of them exists (a
+    hook stops it there, so the later blocks never run); with `route` `(n,)`, the states of the pass along
     those experts instead (mixed by `weights` over the tasks `(n, T)` where given: `routing`'s `task_weights`)."""
     mask = inputs["attention_mask"]
     keep = torch.full((mask.shape[0],), route is None, dtype=torch.bool, device=mask.device)

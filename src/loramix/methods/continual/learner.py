@@ -131,8 +131,12 @@ class Learner:
         itself (no adapted layer before the last of them: see :func:`routed_by_selector`); else None. A selector
         fitted on a cheaper pass of its own (`ddas_tokens`, `ddas_precision`) reads that pass here too."""
         run = self.run
-        own_pass = run.ddas_tokens is not None or run.ddas_precision != "float32"
-        if self.selector is None or run.ddas_features != "hidden" or self.routed_acceptance or own_pass:
+        if (
+            self.selector is None
+            or run.ddas_features != "hidden"
+            or self.routed_acceptance
+            or cheaper_pass(run)
+        ):
             return None
         accept = self.run.ddas_accept_layer if self.two_stage else None
         layers = selector_layers(self.run.ddas_layer, accept)
@@ -169,6 +173,11 @@ class Learner:
         route = torch.full((batch["attention_mask"].shape[0],), task, device=self.device)
         accept = acceptance_features(self.backbone, batch, self.run.ddas_accept_layer, route)
         return torch.cat([self.base_features(batch), accept], -1)
+
+
+def cheaper_pass(run: RunConfig) -> bool:
+    """Whether the run makes the auto-selector's own base pass cheaper (`ddas_tokens`, `ddas_precision`)."""
+    return run.ddas_tokens is not None or run.ddas_precision != "float32"
 
 
 def new_selector(run: RunConfig, backbone: torch.nn.Module) -> AutoSelector:

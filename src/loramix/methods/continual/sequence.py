@@ -41,6 +41,7 @@ from loramix.methods.continual.answer import Answer, answer
 from loramix.methods.continual.decided import Decided, from_logits
 from loramix.methods.continual.learner import (
     Learner,
+    cheaper_pass,
     check_continued_settings,
     new_selector,
     saved_selector,
@@ -148,7 +149,7 @@ class Continual(Method):
                 f"and needs a ddas_accept_layer other than ddas_layer ({run.ddas_layer}); set ddas_accept_layer "
                 "(3, say) or ddas_accept_state: base"
             )
-        if run.ddas_tokens is not None or run.ddas_precision != "float32":
+        if cheaper_pass(run):
             self._check_own_pass(run)
         if run.ddas_neighbours and run.ddas_normalize != "gaussian":
             raise ConfigError(
