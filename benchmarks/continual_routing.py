@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -51,11 +50,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from _results import write_results  # noqa: E402
 from _timing import interleaved, ratio_stats  # noqa: E402
 
 from loramix.data import MultiTaskData  # noqa: E402
 from loramix.io import read_checkpoint  # noqa: E402
-from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.learner import (  # noqa: E402
     SELECTOR_SETTINGS,
@@ -211,14 +210,6 @@ def finished_run(run_dir: Path) -> tuple[Learner, object]:
     method.mark_learned(learner)
     learner.selector = saved_selector(read_checkpoint(run_dir / "adapter")[1], run_dir)
     return learner, method
-
-
-def write_results(path: Path, out: Path | None, results: dict) -> None:
-    """`results` to `path`, and into the list in `out` (if given), replacing an earlier entry of the same run."""
-    atomic_write_json(path, results)
-    if out is not None:
-        earlier = json.loads(out.read_text()) if out.exists() else []
-        atomic_write_json(out, [r for r in earlier if r["run"] != results["run"]] + [results])
 
 
 def score(rows: list[dict], answer, tasks: int) -> dict:

@@ -5,7 +5,7 @@ and with the answering settings `--with` changes, so the second matrix is what t
 answering that way. Only settings that answer, not ones that train or fit the selector, can change: `ddas_mix`
 (`none` routes hard where the run mixed answers by the selector's posterior, or the reverse).
 
-    python benchmarks/continual_stages.py RUN_DIR --with ddas_mix=none --out benchmarks/results/continual-stages.json
+    python benchmarks/continual_stages.py RUN_DIR --with ddas_mix=none [--out FILE]
 
 Row 0 (the model before any task) is scored on the untouched base with nothing learned, as the run scores it.
 Prints both matrices' Transfer / Average / Last / BWT and the selector's rates over the rows; writes them to
@@ -26,9 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from _results import write_results  # noqa: E402
 
 from loramix.data import MultiTaskData  # noqa: E402
-from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
 from loramix.methods.continual.learner import Learner, new_selector  # noqa: E402
 from loramix.methods.continual.report import continual_metrics, selector_rates  # noqa: E402
@@ -37,9 +37,8 @@ from loramix.methods.continual.state import restore  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
 from loramix.train.run import load_trained, make_collator, task_specs  # noqa: E402
 
-ANSWERING = (
-    "ddas_mix",
-)  # settings read only when answering: training and the selector's fit never consult them
+# settings read only when answering: training and the selector's fit never consult them
+ANSWERING = ("ddas_mix",)
 
 
 def stage_matrix(learner: Learner, method, run_dir: Path, run: RunConfig) -> tuple[list[list[float]], list]:
@@ -55,10 +54,7 @@ def stage_matrix(learner: Learner, method, run_dir: Path, run: RunConfig) -> tup
     matrix = [accuracy_row(learner, method.answer)]
     rows = list(learner.records.get("selector_rows", []))
     for task in range(tasks):
-        state = run_dir / f"after-task-{task}"
-        if not (state / "adapter").is_dir():
-            raise SystemExit(f"{state}: not kept (the run's keep_task_states); every stage's state is needed")
-        restore(learner, state)
+        restore(learner, run_dir / f"after-task-{task}")
         method.mark_learned(learner)
         learner.records = {}
         matrix.append(accuracy_row(learner, method.answer))
@@ -99,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     data = MultiTaskData(task_specs(run))
     method = get_method(run.method)
+    missing = [
+        t for t in range(data.num_tasks) if not (args.run_dir / f"after-task-{t}" / "adapter").is_dir()
+    ]
+    if missing:
+        names = ", ".join(f"after-task-{t}" for t in missing)
+        raise SystemExit(f"{args.run_dir}: {names} not kept (keep_task_states); every task's state is needed")
     learner = Learner(run, data, model, make_collator(run, data, tokenizer))
     recorded = json.loads((args.run_dir / "progress.json").read_text())["matrix"]
     own = stage_matrix(learner, method, args.run_dir, run)
@@ -118,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "changed": summary(*other),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    atomic_write_json(args.run_dir / "stages.json", results)
-    if args.out is not None:
-        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
-        atomic_write_json(args.out, [r for r in earlier if r["run"] != results["run"]] + [results])
+    write_results(args.run_dir / "stages.json", args.out, results)
     for name in ("own", "changed"):
         entry = results[name]
         rates = entry.get("selector_rates") or {}

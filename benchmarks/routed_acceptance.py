@@ -51,8 +51,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _results import write_results  # noqa: E402
 from _timing import interleaved, ratio_stats  # noqa: E402
-from continual_routing import every_route, finished_run, write_results  # noqa: E402
+from continual_routing import every_route, finished_run  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
