@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from loramix.io.files import atomic_write_json
+from loramix.train.evaluate import mean_accuracy
 
 
 def read_results(path: Path) -> list[dict]:
@@ -20,3 +22,15 @@ def write_results(path: Path, out: Path | None, results: dict) -> None:
     atomic_write_json(path, results)
     if out is not None:
         atomic_write_json(out, [r for r in read_results(out) if r["run"] != results["run"]] + [results])
+
+
+def routing_scores(mode: str, tasks: dict[str, dict], started: float) -> dict:
+    """One way of routing a finished run's test inputs, scored (`tasks`: an evaluation's per-task scores): the mean
+    accuracy, each task's accuracy and the seconds since `started`; the mean printed."""
+    scores = {
+        "mean_accuracy": mean_accuracy(tasks),
+        "tasks": {name: task["accuracy"] for name, task in tasks.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"{mode}: mean accuracy {100 * scores['mean_accuracy']:.2f}", flush=True)
+    return scores

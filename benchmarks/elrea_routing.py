@@ -29,12 +29,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _results import routing_scores  # noqa: E402
 
 from loramix.data import MultiTaskData  # noqa: E402
 from loramix.inject import get_info  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods.elrea.evaluate import evaluate_elrea, saved_elrea  # noqa: E402
-from loramix.train.evaluate import mean_accuracy  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
 
 MODES = ("base", "oracle", "top1", "ensemble")
@@ -86,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             mode=mode_used,
             weights_of=weights_of,
         )
-        tasks = metrics["tasks"]
-        results[mode] = {
-            "mean_accuracy": mean_accuracy(tasks),
-            "tasks": {name: scores["accuracy"] for name, scores in tasks.items()},
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        print(f"{mode}: mean accuracy {100 * results[mode]['mean_accuracy']:.2f}", flush=True)
+        results[mode] = routing_scores(mode, metrics["tasks"], started)
     results["majority_expert"] = dict(zip(data.task_names, majority))
     atomic_write_json(out_path, results)
     return 0

@@ -29,13 +29,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _results import routing_scores  # noqa: E402
 
 from loramix.data import MultiTaskData  # noqa: E402
 from loramix.errors import ConfigError  # noqa: E402
 from loramix.inject import get_info  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import get_method  # noqa: E402
-from loramix.train.evaluate import mean_accuracy  # noqa: E402
 from loramix.train.run import eval_split, load_trained, make_collator, task_specs  # noqa: E402
 
 MODES = ("own", "oracle")
@@ -82,19 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.run_dir / "routing.json"
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     method = get_method(run.method)
-    for mode in [
-        mode for mode in MODES if mode in args.modes
-    ]:  # `oracle` replaces the router's scores for good
+    # `own` first: `oracle` replaces the router's scores for good
+    modes = [mode for mode in MODES if mode in args.modes]
+    for mode in modes:
         started = time.perf_counter()
         if mode == "oracle":
             route_by_task(router, majority)
         tasks = method.evaluate(args.run_dir, run, model, data, collator, split)["tasks"]
-        results[mode] = {
-            "mean_accuracy": mean_accuracy(tasks),
-            "tasks": {name: scores["accuracy"] for name, scores in tasks.items()},
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        print(f"{mode}: mean accuracy {100 * results[mode]['mean_accuracy']:.2f}", flush=True)
+        results[mode] = routing_scores(mode, tasks, started)
     results["majority_expert"] = dict(zip(data.task_names, majority))
     atomic_write_json(out_path, results)
     return 0
