@@ -79,6 +79,23 @@ def test_the_progress_bar_shows_the_mean_of_the_runs_eval_metric(metric: str, sh
     bar.on_train_end(trainer)
 
 
+def test_the_progress_bar_shows_a_learned_routers_purity_on_the_training_batches():
+    bar = ProgressBar()
+    trainer = SimpleNamespace(
+        step=0,
+        run=SimpleNamespace(steps=4, method="mola-router", eval_metric="accuracy"),
+        accelerator=SimpleNamespace(is_main_process=False),
+    )
+    bar.on_train_start(trainer)
+    bar.on_step_end(trainer, {"step": 1, "loss": 1.0, "lr": 1e-3, "samples_per_s": 10.0})
+    assert "purity" not in bar.postfix
+    bar.on_step_end(
+        trainer, {"step": 2, "loss": 1.0, "lr": 1e-3, "samples_per_s": 10.0, "route_purity": 0.8125}
+    )
+    assert bar.postfix["purity"] == "0.81"
+    bar.on_train_end(trainer)
+
+
 class ExpertUse(Callback):
     """Counts how often each expert is chosen, from the gates each step's result carries."""
 

@@ -71,6 +71,10 @@ def test_two_processes_train_and_one_writes(method: str, model_dir: Path, tasks_
         best = max(evaluated, key=lambda entry: entry["eval"]["mean_accuracy"])  # the first of equals
         assert metrics["best_eval"]["step"] == best["step"]
         assert [p.name for p in (out / "best").iterdir()] == [f"step-{best['step']:06d}.safetensors"]
+        # the router's choices on the training batches of both processes, counted once
+        routed = json.loads((out / "routing-train.json").read_text())["routers"]["model"]["counts"]
+        assert sum(map(sum, routed)) == STEPS * config["batch_size"] * 2
+        assert all(0 < json.loads(line)["route_purity"] <= 1 for line in lines if '"loss"' in line)
     adapters = load_file(out / "adapter" / "adapters.safetensors")
     assert any(name.endswith(".B") and bool(t.abs().max() > 0) for name, t in adapters.items())
 
@@ -95,6 +99,7 @@ def test_two_processes_resume_exactly(model_dir: Path, tasks_dir: Path, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     straight = json.loads((out / "metrics.json").read_text())
     adapters = load_file(out / "adapter" / "adapters.safetensors")
+    routed = (out / "routing-train.json").read_text()
 
     # back to step 3 (epoch 1, in the middle of it): the later checkpoints and everything after go
     checkpoints = out / "checkpoints"
@@ -112,6 +117,7 @@ def test_two_processes_resume_exactly(model_dir: Path, tasks_dir: Path, tmp_path
     assert [{k: v for k, v in h.items() if k not in timings} for h in resumed["history"]] == [
         {k: v for k, v in h.items() if k not in timings} for h in straight["history"]
     ]
+    assert (out / "routing-train.json").read_text() == routed
     again = load_file(out / "adapter" / "adapters.safetensors")
     different = [name for name in adapters if not torch.equal(adapters[name], again[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

@@ -236,6 +236,8 @@ class ProgressBar(Callback):
             self.postfix.update(
                 loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", sps=f"{logs['samples_per_s']:.0f}"
             )
+            if "route_purity" in logs:  # the learned routers' training choices (routing_log.py)
+                self.postfix["purity"] = f"{logs['route_purity']:.2f}"
         entry = logs.get("eval")
         if entry:  # the mean of the score the run ranks its evaluations by (`eval_metric`)
             metric = trainer.run.eval_metric

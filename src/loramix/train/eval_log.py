@@ -24,6 +24,17 @@ def _token_mean(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (weights * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def sample_gates(state: Any, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Each learned router's gates on this batch as `(n, e)` per sample, named by its layer or `model` (per-token
+    gates averaged over the real tokens; a task's hard gate is given, not learned, and left out)."""
+    mask = batch.get("prompt_mask", batch.get("attention_mask"))
+    return [
+        (name, _token_mean(gate.weights, mask) if gate.per_token else gate.weights)
+        for name, gate in state.records
+        if not gate.hard
+    ]
+
+
 class GateLog:
     """What the learned routers did on evaluated batches: `add(state, batch)` after each routed forward,
     `summary(task_names)` at the end (the routing part of the metrics; empty for hard, task-given gates)."""
@@ -34,12 +45,10 @@ class GateLog:
         self.task_ids: list[torch.Tensor] = []
 
     def add(self, state: Any, batch: dict[str, torch.Tensor]) -> None:
-        learned = [(name, g) for name, g in state.records if not g.hard]
+        learned = sample_gates(state, batch)
         if learned:
             self.task_ids.append(batch["task_ids"].cpu())
-        mask = batch.get("prompt_mask", batch.get("attention_mask"))
-        for name, gate in learned:
-            weights = _token_mean(gate.weights, mask) if gate.per_token else gate.weights
+        for name, weights in learned:
             target = self.model if name == "model" else self.layers.setdefault(name, [])
             target.append(weights.float().cpu())
 

@@ -42,6 +42,7 @@ from loramix.train.loop import Trainer, processes
 from loramix.train.model import MultiTaskModel
 from loramix.train.plan import announce, plan_lines
 from loramix.train.resume import DATA_FILE, data_files
+from loramix.train.routing_log import RoutingLog
 from loramix.train.trackers import Trackers, chosen_trackers
 
 
@@ -235,15 +236,23 @@ def callbacks_for(
     *,
     phase: str | None = None,
     evaluation: PeriodicEvaluation | None = None,
+    task_names: list[str] | None = None,
 ) -> list:
-    """The callbacks of one training phase: the log, checkpoints, the experiment trackers (`report_to`; a phase's
-    tracker run is named by the run's folder and the phase's) and a progress bar labelled by the method and `phase`
-    (such as `task 2/10 trec`); `evaluation` first, so that the others see its scores."""
+    """The callbacks of one training phase: the learned routers' choices on the training batches, the log,
+    checkpoints, the experiment trackers (`report_to`; a phase's tracker run is named by the run's folder and the
+    phase's) and a progress bar labelled by the method and `phase` (such as `task 2/10 trec`); `evaluation` first,
+    so that the others see its scores. `task_names`: the name of each task id in the batches, where they are not
+    the trainer's data's tasks (:class:`RoutingLog`)."""
     name = output_dir.name if phase is None else f"{output_dir.parent.name}/{output_dir.name}"
     trackers = Trackers(chosen_trackers(run.report_to), name, output_dir, run.to_dict())
-    callbacks = [JsonlLogger(output_dir / "metrics.jsonl"), trackers, Checkpointer(run.checkpoint_every)]
+    callbacks = [
+        RoutingLog(output_dir, task_names),
+        JsonlLogger(output_dir / "metrics.jsonl"),
+        trackers,
+        Checkpointer(run.checkpoint_every),
+    ]
     if run.progress:
-        callbacks.insert(0, ProgressBar(f"{run.method}: {phase}" if phase else None))
+        callbacks.insert(1, ProgressBar(f"{run.method}: {phase}" if phase else None))
     return ([evaluation] if evaluation is not None else []) + callbacks
 
 

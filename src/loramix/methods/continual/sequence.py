@@ -363,7 +363,7 @@ class Continual(Method):
             examples = [e for e in data.split("train") if e.task == task]
             ids, folder = [task] * len(examples), task_folder(output_dir, task)
         label = "all tasks" if task is None else f"task {task + 1}/{data.num_tasks} {data.task_names[task]}"
-        callbacks = callbacks_for(phase, folder, phase=label)
+        callbacks = callbacks_for(phase, folder, phase=label, task_names=learner.task_names)
         callbacks += self.task_callbacks(learner, task)
         trainer = Trainer(
             phase,
