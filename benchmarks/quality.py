@@ -36,6 +36,7 @@ from scipy import stats  # noqa: E402
 from loramix.io.files import atomic_write_json  # noqa: E402
 from loramix.methods import run_training  # noqa: E402
 from loramix.train.config import RunConfig  # noqa: E402
+from loramix.train.routing_log import ROUTING_TRAIN_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ["sst2", "subj", "trec", "sms_spam", "ag_news", "emotion", "cola", "banking77", "mrpc", "rte"]
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             if summary:
                 entry["routing_purity"] = summary["purity"]
                 entry["routing_probe_accuracy"] = summary.get("probe_accuracy")
+            trained = args.work / f"{name}-seed{seed}" / ROUTING_TRAIN_FILE
+            if trained.is_file():  # a learned router's choices on the training batches
+                entry["train_routing"] = train_routing(json.loads(trained.read_text()))
             if run.method == "elrea":
                 entry.update(
                     ari=metrics["ari"],
@@ -227,6 +231,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(summarise(results, steps=args.steps))
     return 0
+
+
+def train_routing(written: dict) -> dict:
+    """What a run's `routing-train.json` says in brief: the purity of its routers' choices on the training batches
+    (the mean over routers) and, for a model-wide router, each expert's task and share of samples from others."""
+    routers = written["routers"]
+    brief: dict = {"purity": float(np.mean([r["purity"] for r in routers.values()]))}
+    if "model" in routers:
+        brief["experts"] = routers["model"]["experts"]
+    return brief
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -1,4 +1,5 @@
-"""`benchmarks/quality.py --paired`: the per-seed gaps between two columns, their mean and 95% t-interval."""
+"""`benchmarks/quality.py --paired`: the per-seed gaps between two columns, their mean and 95% t-interval; what a
+run keeps of its router's choices on the training batches."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def test_paired_gaps_take_the_seeds_both_columns_ran_at_the_budget(tmp_path: Pat
     assert line.endswith(f"; mean {sum(gaps) / 3:+.2f}, 95% interval {2 - half:+.2f} to {2 + half:+.2f}")
     with pytest.raises(SystemExit, match="no seed has both"):
         quality.paired(first, "a", "c")
+
+
+def test_a_runs_training_routing_is_kept_in_brief():
+    quality = benchmark_script("quality")
+    experts = [{"samples": 4, "task": "a", "other_tasks": 0.25}]
+    model = {"model": {"counts": [[3], [1]], "purity": 0.75, "experts": experts}}
+    assert quality.train_routing({"task_names": ["a", "b"], "routers": model}) == {
+        "purity": 0.75,
+        "experts": experts,
+    }
+    layers = {"l0": {**model["model"], "purity": 0.5}, "l1": {**model["model"], "purity": 1.0}}
+    assert quality.train_routing({"task_names": ["a", "b"], "routers": layers}) == {"purity": 0.75}
