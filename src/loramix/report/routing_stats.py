@@ -100,8 +100,15 @@ def _purity(argmax: np.ndarray, task_ids: np.ndarray, num_experts: int) -> tuple
     num_tasks = int(task_ids.max()) + 1
     counts = np.zeros((num_experts, num_tasks), dtype=np.int64)  # (e, t)
     np.add.at(counts, (argmax, task_ids), 1)
+    return count_purity(counts)
+
+
+def count_purity(counts: np.ndarray) -> tuple[float, list[int | None]]:
+    """`_purity` from the counts `(e, t)` of samples of each task whose top expert is each expert (NaN for no
+    sample): each expert mapped to the task it took most samples of."""
     expert_task = [int(row.argmax()) if row.sum() > 0 else None for row in counts]
-    return float(counts.max(axis=1).sum() / len(task_ids)), expert_task
+    total = counts.sum()
+    return float(counts.max(axis=1).sum() / total) if total else math.nan, expert_task
 
 
 def _normalised_entropy(gates: np.ndarray) -> float | None:

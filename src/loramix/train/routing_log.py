@@ -16,12 +16,14 @@ Routers that send each task to its own expert (task ids) log nothing: their choi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loramix.io.files import atomic_write_json
+from loramix.report.routing_stats import count_purity
 from loramix.train.eval_log import sample_gates
 from loramix.train.loop import Callback, Trainer, sum_over_processes
 from loramix.train.step import StepResult
@@ -31,21 +33,21 @@ ROUTING_TRAIN_FILE = "routing-train.json"
 
 def purity(counts: torch.Tensor) -> float | None:
     """Share of the counted samples whose expert's most frequent task is their own; `counts` is `(t, e)`."""
-    total = int(counts.sum())
-    return int(counts.max(dim=0).values.sum()) / total if total else None
+    score, _ = count_purity(counts.T.numpy())
+    return None if math.isnan(score) else score
 
 
 def experts_summary(counts: torch.Tensor, task_names: list[str]) -> list[dict[str, Any]]:
     """Each expert's samples, the task it took most of, and the share that came from the other tasks."""
+    _, expert_task = count_purity(counts.T.numpy())
     out = []
-    for column in counts.T.tolist():
+    for column, task in zip(counts.T.tolist(), expert_task):
         samples = sum(column)
-        top = max(range(len(column)), key=column.__getitem__)
         out.append(
             {
                 "samples": samples,
-                "task": task_names[top] if samples else None,
-                "other_tasks": 1 - column[top] / samples if samples else None,
+                "task": None if task is None else task_names[task],
+                "other_tasks": None if task is None else 1 - column[task] / samples,
             }
         )
     return out
@@ -69,22 +71,22 @@ class RoutingLog(Callback):
         self.task_names = list(self.task_names or trainer.data.task_names)
 
     def on_batch_end(self, trainer: Trainer, batch: dict[str, Any], result: StepResult) -> None:
-        task_ids = batch["task_ids"].cpu()
+        """Counted where the gates are: the step's counts are read to the host once, when it ends."""
         for name, gates in sample_gates(result.state, batch):
-            chosen = gates.detach().argmax(-1).cpu()
+            chosen = gates.detach().argmax(-1)
             counts = self.step.get(name)
             if counts is None:
-                counts = self.step[name] = torch.zeros(
-                    len(self.task_names), gates.shape[-1], dtype=torch.long
-                )
+                shape = (len(self.task_names), gates.shape[-1])
+                counts = self.step[name] = torch.zeros(shape, dtype=torch.long, device=gates.device)
+            task_ids = batch["task_ids"].to(chosen.device)
             counts.index_put_((task_ids, chosen), torch.ones_like(chosen), accumulate=True)
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if self.step:  # one collective for every router; every process has the same routers
+        if self.step:  # one collective and one read for every router; every process has the same routers
             names = list(self.step)
-            summed = sum_over_processes(torch.cat([self.step[name].flatten() for name in names]))
+            summed = sum_over_processes(torch.cat([self.step[name].flatten() for name in names])).cpu()
             for name, counts in zip(names, summed.split([self.step[name].numel() for name in names])):
-                counts = counts.view_as(self.step[name])
+                counts = counts.view(self.step[name].shape)
                 for table in (self.recent, self.total):
                     table[name] = table[name] + counts if name in table else counts
             self.step = {}
